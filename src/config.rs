@@ -1,0 +1,103 @@
+//! The configuration file (`--config`, default `/etc/stratafs/config.toml`).
+//!
+//! Read once by the binary and handed to the stages that need it. A missing file at the default
+//! path means defaults; a missing file named explicitly, an unknown key or a bad value is an
+//! error naming the file. See `docs/configuration.md` for every key.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::registry::{HostConfig, RegistrySettings};
+
+/// Default location of the configuration file.
+pub const DEFAULT_CONFIG: &str = "/etc/stratafs/config.toml";
+
+/// A configuration file that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Registry client settings (timeouts, retries, size caps).
+    #[serde(default)]
+    pub registry: RegistrySettings,
+    /// Per-registry settings keyed by `host[:port]` as written in image names (`docker.io`).
+    #[serde(default)]
+    pub hosts: BTreeMap<String, HostConfig>,
+}
+
+impl Config {
+    /// Loads `path`; when `explicit` is false a missing file yields the defaults.
+    pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                return Ok(Config::default())
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        Config::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    /// Parses configuration text.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_hosts_and_rejects_unknown_keys() {
+        let c = Config::parse(
+            r#"
+            [registry]
+            request_timeout_secs = 5
+            [hosts."docker.io"]
+            mirrors = ["https://mirror.example.com", "http://10.0.0.1:5000"]
+            [hosts."my.registry:5000"]
+            plain_http = true
+            ca_certs = ["/etc/ssl/extra.pem"]
+            skip_verify = true
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.registry.request_timeout_secs, 5);
+        assert_eq!(
+            c.registry.max_manifest_bytes,
+            8 << 20,
+            "defaults fill the rest"
+        );
+        assert_eq!(c.hosts["docker.io"].mirrors.len(), 2);
+        assert!(c.hosts["my.registry:5000"].plain_http);
+        let err = Config::parse("[hosts.\"x\"]\nmirror = []").unwrap_err();
+        assert!(err.contains("mirror"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("none.toml");
+        assert!(Config::load(&missing, false).is_ok());
+        let err = Config::load(&missing, true).unwrap_err().to_string();
+        assert!(err.contains("none.toml"), "{err}");
+    }
+}

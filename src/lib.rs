@@ -1,0 +1,27 @@
+//! stratafs: a lazy container-image filesystem.
+//!
+//! The pipeline, stage by stage (each module's docs state its contract):
+//!
+//! 1. [`reference`] — parse and normalise image names (`alpine` → `docker.io/library/alpine:latest`).
+//! 2. [`registry`] — the only module that speaks HTTP: resolve tags, fetch manifests, configs and
+//!    blob ranges, with mirrors, authentication, retries and digest verification.
+//! 3. [`store`] — metadata on disk: a content store by digest, the image store (name → record)
+//!    and ChainID records, all written crash-safely.
+//! 4. `layer` — per-format index of where each file's bytes live in a layer blob (planned).
+//! 5. `cache` — verified chunks on disk plus an in-memory LRU, single-flight (planned).
+//! 6. `tree` — the merged view of a chain of layers by ChainID (planned).
+//! 7. `fs` / `fuse` / `snapshotter` — filesystem logic, the FUSE adapter and the containerd
+//!    remote snapshotter (planned).
+//!
+//! [`pull`] ties stages 1–3 together: it resolves a reference, picks the platform, verifies and
+//! stores manifests and config, computes ChainIDs — and downloads no layer data.
+//! Shared vocabulary lives in [`image`] (media types, platforms, layer records, ChainIDs),
+//! [`digest`] and [`config`] (the configuration file).
+
+pub mod config;
+pub mod digest;
+pub mod image;
+pub mod pull;
+pub mod reference;
+pub mod registry;
+pub mod store;

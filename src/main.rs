@@ -1,0 +1,226 @@
+//! The `stratafs` command line. Parses arguments, loads the config, and calls the library.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use stratafs::config::{Config, DEFAULT_CONFIG};
+use stratafs::image::{ImageRecord, Platform};
+use stratafs::reference::Reference;
+use stratafs::registry::RegistryClient;
+use stratafs::store::{Store, StoreError, DEFAULT_ROOT};
+
+#[derive(Parser)]
+#[command(name = "stratafs", version, about = "Lazy container-image filesystem")]
+struct Cli {
+    /// Store directory.
+    #[arg(long, global = true, env = "STRATAFS_ROOT", default_value = DEFAULT_ROOT)]
+    root: PathBuf,
+    /// Configuration file (registry hosts, mirrors, TLS, timeouts).
+    #[arg(long, global = true, env = "STRATAFS_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive).
+    #[arg(long, global = true, env = "STRATAFS_LOG", default_value = "warn")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Resolve an image and store its manifests and config (no layer data is downloaded).
+    Pull {
+        /// Platform os/arch[/variant] (default: this machine's).
+        #[arg(long)]
+        platform: Option<String>,
+        /// Use plain HTTP for the registry.
+        #[arg(long)]
+        plain_http: bool,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Image reference, e.g. docker.io/library/alpine:3.20.
+        reference: String,
+    },
+    /// List pulled images.
+    Images {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a pulled image's record, manifest and config as JSON.
+    Inspect { reference: String },
+    /// Remove a pulled image and the metadata no other image uses.
+    Rmi { reference: String },
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log_level)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(cli).await {
+        eprintln!("stratafs: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let config = match &cli.config {
+        Some(path) => Config::load(path, true)?,
+        None => Config::load(DEFAULT_CONFIG.as_ref(), false)?,
+    };
+    let store = Store::open(&cli.root)
+        .with_context(|| format!("opening store {}", cli.root.display()))?;
+    match cli.command {
+        Command::Pull {
+            platform,
+            plain_http,
+            json,
+            reference,
+        } => {
+            let reference: Reference = reference.parse()?;
+            let platform = match platform {
+                Some(p) => Platform::parse(&p)?,
+                None => Platform::host(),
+            };
+            let client = RegistryClient::new(config.registry, config.hosts, plain_http);
+            let spinner = progress_spinner();
+            let started = Instant::now();
+            let record = stratafs::pull::pull(&client, &store, &reference, &platform, &|msg| {
+                if let Some(s) = &spinner {
+                    s.set_message(msg.to_string());
+                }
+            })
+            .await;
+            if let Some(s) = spinner {
+                s.finish_and_clear();
+            }
+            let record = record?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&pull_json(&record))?);
+            } else {
+                print_pull(&record);
+                eprintln!(
+                    "metadata fetched in {} HTTP requests, {} ms; no layer data downloaded",
+                    client.requests_sent(),
+                    started.elapsed().as_millis()
+                );
+            }
+        }
+        Command::Images { json } => {
+            let images = store.images.list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&images)?);
+            } else {
+                println!("{:<50} {:<20} {:<14} {:>10}  UPDATED", "NAME", "DIGEST", "PLATFORM", "SIZE");
+                for i in images {
+                    println!(
+                        "{:<50} {:<20} {:<14} {:>10}  {}",
+                        i.name,
+                        short(&i.target.digest.to_string()),
+                        i.platform.to_string(),
+                        human_size(i.layers_size()),
+                        i.updated_at.format("%Y-%m-%d %H:%M:%S")
+                    );
+                }
+            }
+        }
+        Command::Inspect { reference } => {
+            let record = find_image(&store, &reference)?;
+            let manifest: serde_json::Value =
+                serde_json::from_slice(&store.content.get(&record.manifest.digest)?)?;
+            let image_config: serde_json::Value =
+                serde_json::from_slice(&store.content.get(&record.config.digest)?)?;
+            let out = serde_json::json!({
+                "record": record,
+                "manifest": manifest,
+                "config": image_config,
+            });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        Command::Rmi { reference } => {
+            let name = find_image(&store, &reference)?.name;
+            store.remove_image(&name)?;
+            println!("removed {name}");
+        }
+    }
+    Ok(())
+}
+
+/// The stored image for a reference given on the command line (normalised first).
+fn find_image(store: &Store, reference: &str) -> Result<ImageRecord> {
+    let name = reference.parse::<Reference>()?.to_string();
+    Ok(store
+        .images
+        .get(&name)?
+        .ok_or(StoreError::ImageNotFound(name))?)
+}
+
+fn pull_json(r: &ImageRecord) -> serde_json::Value {
+    serde_json::json!({
+        "name": r.name,
+        "digest": r.target.digest,
+        "media_type": r.target.media_type,
+        "manifest": r.manifest.digest,
+        "platform": r.platform.to_string(),
+        "config": r.config.digest,
+        "chain_id": r.chain_id(),
+        "layers": r.layers.iter().map(|l| serde_json::json!({
+            "digest": l.digest,
+            "media_type": l.media_type,
+            "size": l.size,
+            "diff_id": l.diff_id,
+            "chain_id": l.chain_id,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_pull(r: &ImageRecord) {
+    println!("{}", r.name);
+    println!("  digest:   {}", r.target.digest);
+    if r.manifest.digest != r.target.digest {
+        println!("  manifest: {}", r.manifest.digest);
+    }
+    println!("  platform: {}", r.platform);
+    println!("  config:   {}", r.config.digest);
+    println!("  layers:   {} ({} compressed)", r.layers.len(), human_size(r.layers_size()));
+    for (i, l) in r.layers.iter().enumerate() {
+        println!("    {:>2}  {}  {:>10}", i + 1, l.digest, human_size(l.size));
+        println!("        chain {}", l.chain_id);
+    }
+}
+
+fn progress_spinner() -> Option<indicatif::ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let s = indicatif::ProgressBar::new_spinner();
+    s.enable_steady_tick(std::time::Duration::from_millis(100));
+    Some(s)
+}
+
+fn short(digest: &str) -> String {
+    digest.chars().take(19).collect()
+}
+
+fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}

@@ -1,0 +1,292 @@
+//! The registry client: the only module that speaks HTTP.
+//!
+//! Second stage of the pipeline. Given a [`Reference`], it resolves tags, fetches manifests,
+//! indexes and configs (size-capped, every byte checked against its digest) and, for later
+//! stages, blob ranges. Requests go to the host's mirrors in order and then to the origin
+//! ([`hosts`]); authentication follows the registry's challenges ([`auth`]): anonymous or
+//! credentialed bearer tokens cached per scope and refreshed on 401 and 403, or HTTP Basic.
+//! Connection errors, timeouts, 5xx and 429 are retried with exponential backoff for a bounded
+//! time; every other failure becomes a [`RegistryError`] naming the reference or registry.
+
+mod auth;
+mod hosts;
+mod transport;
+
+use std::collections::BTreeMap;
+
+use oci_spec::image::Digest;
+
+pub use hosts::{HostConfig, RegistrySettings};
+
+use crate::image::media;
+use crate::reference::Reference;
+
+/// A registry failure. Messages name the reference, registry, host or digest concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{reference}: not found in registry {registry}")]
+    NotFound { reference: String, registry: String },
+    #[error("unauthorized: registry {registry} refused access to {reference}: {detail}")]
+    Unauthorized {
+        registry: String,
+        reference: String,
+        detail: String,
+    },
+    #[error("denied: registry {registry} does not allow pulling {reference}")]
+    Denied { registry: String, reference: String },
+    #[error("tls error talking to {host}: {detail}")]
+    Tls { host: String, detail: String },
+    #[error("cannot resolve registry host {host}: {detail}")]
+    Dns { host: String, detail: String },
+    #[error("cannot connect to registry {host}: {detail}")]
+    Connect { host: String, detail: String },
+    #[error("timed out talking to registry {host} ({url})")]
+    Timeout { host: String, url: String },
+    #[error("registry {host} answered {status} for {url}: {detail}")]
+    Status {
+        host: String,
+        url: String,
+        status: u16,
+        detail: String,
+    },
+    #[error("{what} of {reference} is larger than the limit of {limit} bytes")]
+    TooLarge {
+        what: String,
+        reference: String,
+        limit: u64,
+    },
+    #[error("{what} of {reference} failed verification: {source}")]
+    Digest {
+        what: String,
+        reference: String,
+        source: crate::digest::DigestError,
+    },
+    #[error("{reference} is a Docker schema 1 manifest, which is obsolete and unsupported; push the image again with a current client or convert it (skopeo copy --format v2s2)")]
+    Schema1 { reference: String },
+    #[error("authentication with {0}")]
+    Auth(String),
+    #[error("registry configuration: {0}")]
+    Config(String),
+}
+
+/// A manifest or index as fetched: its media type, digest and verified bytes.
+#[derive(Clone, Debug)]
+pub struct Fetched {
+    pub media_type: String,
+    pub digest: Digest,
+    pub data: Vec<u8>,
+}
+
+/// Talks to OCI/Docker registries on behalf of every other stage.
+pub struct RegistryClient {
+    settings: RegistrySettings,
+    hosts: BTreeMap<String, HostConfig>,
+    force_plain_http: bool,
+    transport: transport::Transport,
+}
+
+impl RegistryClient {
+    /// A client with the given settings and per-host configuration; `force_plain_http` makes
+    /// every origin plain HTTP (the `--plain-http` flag).
+    pub fn new(
+        settings: RegistrySettings,
+        hosts: BTreeMap<String, HostConfig>,
+        force_plain_http: bool,
+    ) -> Self {
+        RegistryClient {
+            transport: transport::Transport::new(settings.clone(), hosts.clone()),
+            settings,
+            hosts,
+            force_plain_http,
+        }
+    }
+
+    /// HTTP requests sent so far (including token requests and retries).
+    pub fn requests_sent(&self) -> u64 {
+        self.transport.requests_sent()
+    }
+
+    /// Fetches the manifest or index a reference names (its digest if pinned, else its tag).
+    /// A pinned digest must match the bytes received; otherwise the digest is computed from
+    /// them and checked against the registry's `Docker-Content-Digest` header.
+    pub async fn resolve(&self, reference: &Reference) -> Result<Fetched, RegistryError> {
+        let target = reference.manifest_reference();
+        self.fetch_manifest_at(reference, &target, reference.digest())
+            .await
+    }
+
+    /// Fetches the manifest or index `digest` from the repository of `reference`.
+    pub async fn fetch_manifest(
+        &self,
+        reference: &Reference,
+        digest: &Digest,
+    ) -> Result<Fetched, RegistryError> {
+        self.fetch_manifest_at(reference, digest.as_ref(), Some(digest))
+            .await
+    }
+
+    async fn fetch_manifest_at(
+        &self,
+        reference: &Reference,
+        target: &str,
+        pinned: Option<&Digest>,
+    ) -> Result<Fetched, RegistryError> {
+        let what = format!("manifest {target}");
+        let endpoints = self.endpoints(reference)?;
+        let body = self
+            .transport
+            .get_small(
+                &endpoints,
+                &transport::Request {
+                    reference,
+                    path: format!("manifests/{target}"),
+                    accept: Some(media::MANIFEST_ACCEPT),
+                    subject: subject(reference, &what, pinned.is_some()),
+                },
+                self.settings.max_manifest_bytes,
+                &what,
+            )
+            .await?;
+        let verify_err = |source| RegistryError::Digest {
+            what: what.clone(),
+            reference: reference.to_string(),
+            source,
+        };
+        let digest = match pinned {
+            Some(d) => {
+                crate::digest::verify(d, &body.data).map_err(verify_err)?;
+                d.clone()
+            }
+            None => {
+                let computed = crate::digest::sha256(&body.data);
+                if let Some(header) = body.content_digest.as_deref() {
+                    let header = crate::digest::parse(header).map_err(verify_err)?;
+                    crate::digest::verify(&header, &body.data).map_err(verify_err)?;
+                }
+                computed
+            }
+        };
+        let media_type = detect_media_type(&body.data, body.content_type.as_deref());
+        if media::is_schema1(&media_type) {
+            return Err(RegistryError::Schema1 {
+                reference: reference.to_string(),
+            });
+        }
+        Ok(Fetched {
+            media_type,
+            digest,
+            data: body.data,
+        })
+    }
+
+    /// Fetches a small blob (a config) by digest, capped and verified.
+    pub async fn fetch_blob(
+        &self,
+        reference: &Reference,
+        digest: &Digest,
+    ) -> Result<Vec<u8>, RegistryError> {
+        let what = format!("blob {digest}");
+        let endpoints = self.endpoints(reference)?;
+        let body = self
+            .transport
+            .get_small(
+                &endpoints,
+                &transport::Request {
+                    reference,
+                    path: format!("blobs/{digest}"),
+                    accept: None,
+                    subject: subject(reference, &what, false),
+                },
+                self.settings.max_manifest_bytes,
+                &what,
+            )
+            .await?;
+        crate::digest::verify(digest, &body.data).map_err(|source| RegistryError::Digest {
+            what,
+            reference: reference.to_string(),
+            source,
+        })?;
+        Ok(body.data)
+    }
+
+    fn endpoints(&self, reference: &Reference) -> Result<Vec<hosts::Endpoint>, RegistryError> {
+        hosts::endpoints(
+            &self.hosts,
+            reference.registry(),
+            reference.api_host(),
+            self.force_plain_http,
+        )
+    }
+}
+
+/// What an error about `what` should name: the reference itself when the request is for the
+/// manifest the reference names, else the object and the reference.
+fn subject(reference: &Reference, what: &str, pinned_by_reference: bool) -> String {
+    let is_reference_target = what == format!("manifest {}", reference.manifest_reference());
+    if is_reference_target && (pinned_by_reference || reference.digest().is_none()) {
+        reference.to_string()
+    } else {
+        format!("{what} of {reference}")
+    }
+}
+
+/// The media type of a manifest-like document: its own `mediaType` field, else the
+/// `Content-Type` header, else a guess from its shape.
+fn detect_media_type(data: &[u8], content_type: Option<&str>) -> String {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Probe {
+        media_type: Option<String>,
+        schema_version: Option<u32>,
+        manifests: Option<serde_json::Value>,
+        config: Option<serde_json::Value>,
+        fs_layers: Option<serde_json::Value>,
+    }
+    let probe: Option<Probe> = serde_json::from_slice(data).ok();
+    if let Some(mt) = probe.as_ref().and_then(|p| p.media_type.clone()) {
+        return mt;
+    }
+    let header = content_type
+        .map(|c| c.split(';').next().unwrap_or_default().trim().to_string())
+        .filter(|c| !c.is_empty() && c != "application/json" && c != "text/plain");
+    if let Some(h) = header {
+        return h;
+    }
+    match probe {
+        Some(p) if p.schema_version == Some(1) || p.fs_layers.is_some() => {
+            media::DOCKER_SCHEMA1.into()
+        }
+        Some(p) if p.manifests.is_some() => media::OCI_INDEX.into(),
+        Some(p) if p.config.is_some() => media::OCI_MANIFEST.into(),
+        _ => content_type.unwrap_or("application/octet-stream").into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn media_type_detection_order() {
+        let doc = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
+        assert_eq!(
+            detect_media_type(doc, Some(media::DOCKER_MANIFEST)),
+            media::OCI_INDEX
+        );
+        let bare = br#"{"schemaVersion":2,"config":{},"layers":[]}"#;
+        assert_eq!(
+            detect_media_type(bare, Some(media::DOCKER_MANIFEST)),
+            media::DOCKER_MANIFEST
+        );
+        assert_eq!(
+            detect_media_type(bare, Some("application/json")),
+            media::OCI_MANIFEST
+        );
+        let s1 = br#"{"schemaVersion":1,"fsLayers":[]}"#;
+        assert_eq!(detect_media_type(s1, None), media::DOCKER_SCHEMA1);
+        assert_eq!(
+            detect_media_type(br#"{"manifests":[]}"#, None),
+            media::OCI_INDEX
+        );
+    }
+}

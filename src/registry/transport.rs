@@ -1,0 +1,520 @@
+//! One GET to a registry, done properly: endpoint order, authorization, retries, fallback from
+//! HTTPS to HTTP for loopback registries, and errors mapped to [`RegistryError`].
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::{Client, Response, StatusCode};
+
+use super::auth::{parse_challenges, AuthCache, Challenge, Credentials, HostAuth, TokenResponse};
+use super::hosts::{Endpoint, HostConfig, RegistrySettings};
+use super::RegistryError;
+use crate::reference::Reference;
+
+const USER_AGENT: &str = concat!("stratafs/", env!("CARGO_PKG_VERSION"));
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// What to GET from a repository.
+pub(crate) struct Request<'a> {
+    pub reference: &'a Reference,
+    /// Path below `/v2/<repository>/`.
+    pub path: String,
+    pub accept: Option<&'static str>,
+    /// What errors name (`docker.io/library/alpine:3` or `blob sha256:… of …`).
+    pub subject: String,
+}
+
+/// A small response body with the headers that matter for verification.
+pub(crate) struct Body {
+    pub data: Vec<u8>,
+    pub content_type: Option<String>,
+    pub content_digest: Option<String>,
+}
+
+/// Shared HTTP state: clients per host (TLS settings differ), auth state, counters.
+pub(crate) struct Transport {
+    settings: RegistrySettings,
+    hosts: BTreeMap<String, HostConfig>,
+    clients: Mutex<HashMap<String, Client>>,
+    auth: AuthCache,
+    plain_http_hosts: Mutex<HashSet<String>>,
+    requests: AtomicU64,
+}
+
+impl Transport {
+    pub(crate) fn new(settings: RegistrySettings, hosts: BTreeMap<String, HostConfig>) -> Self {
+        Transport {
+            settings,
+            hosts,
+            clients: Mutex::default(),
+            auth: AuthCache::default(),
+            plain_http_hosts: Mutex::default(),
+            requests: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn requests_sent(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// GETs a small document (at most `cap` bytes) from the first endpoint that has it.
+    /// Mirrors that fail are skipped; the origin's error is final.
+    pub(crate) async fn get_small(
+        &self,
+        endpoints: &[Endpoint],
+        req: &Request<'_>,
+        cap: u64,
+        what: &str,
+    ) -> Result<Body, RegistryError> {
+        let mut last = None;
+        for ep in endpoints {
+            match self.get_small_from(ep, req, cap, what).await {
+                Ok(body) => return Ok(body),
+                Err(e) if ep.is_mirror => {
+                    tracing::warn!(mirror = %ep.base, error = %e, "mirror failed, trying the next host");
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| RegistryError::Config("no endpoints".into())))
+    }
+
+    async fn get_small_from(
+        &self,
+        ep: &Endpoint,
+        req: &Request<'_>,
+        cap: u64,
+        what: &str,
+    ) -> Result<Body, RegistryError> {
+        let mut body_retries = 2;
+        loop {
+            let resp = self.send(ep, req, None).await?;
+            let url = resp.url().to_string();
+            let headers = resp.headers().clone();
+            match read_capped(resp, cap).await {
+                Ok(Some(data)) => {
+                    return Ok(Body {
+                        data,
+                        content_type: header(&headers, CONTENT_TYPE.as_str()),
+                        content_digest: header(&headers, "docker-content-digest"),
+                    })
+                }
+                Ok(None) => {
+                    return Err(RegistryError::TooLarge {
+                        what: what.to_string(),
+                        reference: req.reference.to_string(),
+                        limit: cap,
+                    })
+                }
+                Err(_) if body_retries > 0 && !ep.is_mirror => body_retries -= 1,
+                Err(e) => return Err(map_reqwest(&ep.host, &url, e)),
+            }
+        }
+    }
+
+    /// Sends the request to one endpoint and returns its successful (2xx) response.
+    pub(crate) async fn send(
+        &self,
+        ep: &Endpoint,
+        req: &Request<'_>,
+        range: Option<(u64, u64)>,
+    ) -> Result<Response, RegistryError> {
+        let repo = req.reference.repository();
+        let scope = format!("repository:{repo}:pull");
+        let deadline = Instant::now() + Duration::from_secs(self.settings.retry_max_elapsed_secs);
+        let retry = !ep.is_mirror;
+        let mut backoff = Duration::from_millis(100);
+        let mut auth_renewed = false;
+        let mut base = if self.plain_http_hosts.lock().unwrap().contains(&ep.host) {
+            format!("http://{}", ep.host)
+        } else {
+            ep.base.clone()
+        };
+        loop {
+            let url = format!("{base}/v2/{repo}/{}", req.path);
+            let mut builder = self
+                .client(&ep.host)?
+                .get(&url)
+                .timeout(Duration::from_secs(self.settings.request_timeout_secs));
+            if ep.is_mirror {
+                builder = builder.query(&[("ns", req.reference.registry())]);
+            }
+            if let Some(accept) = req.accept {
+                builder = builder.header(ACCEPT, accept);
+            }
+            if let Some((start, end)) = range {
+                builder = builder.header(reqwest::header::RANGE, format!("bytes={start}-{end}"));
+            }
+            if let Some(auth) = self.authorization(ep, req, &scope).await? {
+                builder = builder.header(AUTHORIZATION, auth);
+            }
+            self.requests.fetch_add(1, Ordering::Relaxed);
+            let resp = match builder.send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    let err = map_reqwest(&ep.host, &url, e);
+                    if ep.http_fallback && base.starts_with("https://") {
+                        tracing::info!(host = %ep.host, error = %err, "no TLS on loopback registry, using plain HTTP");
+                        base = format!("http://{}", ep.host);
+                        self.plain_http_hosts
+                            .lock()
+                            .unwrap()
+                            .insert(ep.host.clone());
+                        continue;
+                    }
+                    let transient = matches!(
+                        err,
+                        RegistryError::Connect { .. } | RegistryError::Timeout { .. }
+                    );
+                    if retry && transient && Instant::now() + backoff < deadline {
+                        tracing::debug!(error = %err, ?backoff, "retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        continue;
+                    }
+                    return Err(err);
+                }
+            };
+            let status = resp.status();
+            if status.is_success() {
+                return Ok(resp);
+            }
+            match status {
+                StatusCode::UNAUTHORIZED => {
+                    let detail = if auth_renewed {
+                        "credentials or token rejected".to_string()
+                    } else {
+                        auth_renewed = true;
+                        match self.handle_challenge(ep, &scope, resp.headers()) {
+                            Ok(()) => continue,
+                            Err(detail) => detail,
+                        }
+                    };
+                    return Err(RegistryError::Unauthorized {
+                        registry: ep.host.clone(),
+                        reference: req.subject.clone(),
+                        detail,
+                    });
+                }
+                StatusCode::FORBIDDEN => {
+                    if !auth_renewed
+                        && matches!(self.auth.scheme(&ep.host), Some(HostAuth::Bearer { .. }))
+                    {
+                        // The token may have been revoked or its scope changed: get a new one.
+                        auth_renewed = true;
+                        self.auth.forget_token(&ep.host, &scope);
+                        continue;
+                    }
+                    return Err(RegistryError::Denied {
+                        registry: ep.host.clone(),
+                        reference: req.subject.clone(),
+                    });
+                }
+                StatusCode::NOT_FOUND => {
+                    return Err(RegistryError::NotFound {
+                        reference: req.subject.clone(),
+                        registry: ep.host.clone(),
+                    })
+                }
+                s if retry && (s == StatusCode::TOO_MANY_REQUESTS || s.is_server_error()) => {
+                    let wait = retry_after(resp.headers()).unwrap_or(backoff);
+                    if Instant::now() + wait < deadline {
+                        tracing::debug!(status = %s, ?wait, "retrying");
+                        tokio::time::sleep(wait).await;
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        continue;
+                    }
+                    return Err(status_error(ep, &url, resp).await);
+                }
+                _ => return Err(status_error(ep, &url, resp).await),
+            }
+        }
+    }
+
+    /// Records how the host wants to be authenticated; the next attempt uses it.
+    /// Returns why authentication is impossible otherwise.
+    fn handle_challenge(
+        &self,
+        ep: &Endpoint,
+        scope: &str,
+        headers: &HeaderMap,
+    ) -> Result<(), String> {
+        let challenges: Vec<Challenge> = headers
+            .get_all(reqwest::header::WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(parse_challenges)
+            .collect();
+        let bearer = challenges.iter().find_map(|c| match c {
+            Challenge::Bearer { realm, service, .. } => Some((realm.clone(), service.clone())),
+            Challenge::Basic => None,
+        });
+        if let Some((realm, service)) = bearer {
+            self.auth.forget_token(&ep.host, scope);
+            self.auth
+                .set_scheme(&ep.host, HostAuth::Bearer { realm, service });
+            return Ok(());
+        }
+        if challenges.contains(&Challenge::Basic) {
+            return match self.auth.credentials(&ep.host) {
+                Some(Credentials::Basic { .. }) => {
+                    self.auth.set_scheme(&ep.host, HostAuth::Basic);
+                    Ok(())
+                }
+                _ => Err(format!(
+                    "no credentials for {} in the Docker config (run `docker login {}`)",
+                    ep.host, ep.host
+                )),
+            };
+        }
+        Err("the registry sent no usable WWW-Authenticate challenge".into())
+    }
+
+    /// The `Authorization` header for a request, fetching a token if the host needs one.
+    async fn authorization(
+        &self,
+        ep: &Endpoint,
+        req: &Request<'_>,
+        scope: &str,
+    ) -> Result<Option<String>, RegistryError> {
+        match self.auth.scheme(&ep.host) {
+            None => Ok(None),
+            Some(HostAuth::Basic) => Ok(match self.auth.credentials(&ep.host) {
+                Some(Credentials::Basic { username, password }) => {
+                    Some(basic(&username, &password))
+                }
+                _ => None,
+            }),
+            Some(HostAuth::Bearer { realm, service }) => {
+                if let Some(t) = self.auth.token(&ep.host, scope) {
+                    return Ok(Some(format!("Bearer {t}")));
+                }
+                let token = self
+                    .fetch_token(ep, req, &realm, service.as_deref(), scope)
+                    .await?;
+                Ok(Some(format!("Bearer {token}")))
+            }
+        }
+    }
+
+    async fn fetch_token(
+        &self,
+        ep: &Endpoint,
+        req: &Request<'_>,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<String, RegistryError> {
+        let realm_host = realm
+            .split("://")
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .ok_or_else(|| {
+                RegistryError::Auth(format!("invalid token realm {realm:?} from {}", ep.host))
+            })?;
+        let client = self.client(realm_host)?;
+        let mut params = vec![("scope", scope)];
+        if let Some(s) = service {
+            params.push(("service", s));
+        }
+        let credentials = self.auth.credentials(&ep.host);
+        let builder = match &credentials {
+            Some(Credentials::IdentityToken(t)) => {
+                params.extend([
+                    ("grant_type", "refresh_token"),
+                    ("refresh_token", t.as_str()),
+                    ("client_id", "stratafs"),
+                ]);
+                client.post(realm).form(&params)
+            }
+            Some(Credentials::Basic { username, password }) => client
+                .get(realm)
+                .query(&params)
+                .header(AUTHORIZATION, basic(username, password)),
+            None => client.get(realm).query(&params),
+        };
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let resp = builder
+            .timeout(Duration::from_secs(self.settings.request_timeout_secs))
+            .send()
+            .await
+            .map_err(|e| map_reqwest(realm_host, realm, e))?;
+        let status = resp.status();
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            return Err(RegistryError::Unauthorized {
+                registry: ep.host.clone(),
+                reference: req.subject.clone(),
+                detail: match credentials {
+                    Some(_) => format!("token service {realm} rejected the credentials"),
+                    None => format!(
+                        "token service {realm} refused anonymous access (run `docker login {}`)",
+                        ep.host
+                    ),
+                },
+            });
+        }
+        if !status.is_success() {
+            return Err(RegistryError::Auth(format!(
+                "token service {realm} answered {status}"
+            )));
+        }
+        let data = resp
+            .bytes()
+            .await
+            .map_err(|e| map_reqwest(realm_host, realm, e))?;
+        let parsed: TokenResponse = serde_json::from_slice(&data).map_err(|e| {
+            RegistryError::Auth(format!("token service {realm} sent invalid JSON: {e}"))
+        })?;
+        let (token, ttl) = parsed.into_token(realm)?;
+        self.auth.set_token(&ep.host, scope, token.clone(), ttl);
+        Ok(token)
+    }
+
+    /// The HTTP client for `host`, built once with that host's TLS settings.
+    fn client(&self, host: &str) -> Result<Client, RegistryError> {
+        if let Some(c) = self.clients.lock().unwrap().get(host) {
+            return Ok(c.clone());
+        }
+        let config = self.hosts.get(host).cloned().unwrap_or_default();
+        let mut builder = Client::builder()
+            .user_agent(USER_AGENT)
+            .connect_timeout(Duration::from_secs(self.settings.connect_timeout_secs))
+            .danger_accept_invalid_certs(config.skip_verify);
+        for path in &config.ca_certs {
+            let pem = std::fs::read(path).map_err(|e| {
+                RegistryError::Config(format!("ca_certs {} for {host}: {e}", path.display()))
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                RegistryError::Config(format!("ca_certs {} for {host}: {e}", path.display()))
+            })?;
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let client = builder
+            .build()
+            .map_err(|e| RegistryError::Config(format!("http client for {host}: {e}")))?;
+        self.clients
+            .lock()
+            .unwrap()
+            .insert(host.to_string(), client.clone());
+        Ok(client)
+    }
+}
+
+fn basic(username: &str, password: &str) -> String {
+    use base64::Engine;
+    let raw = format!("{username}:{password}");
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    )
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let secs: u64 = header(headers, RETRY_AFTER.as_str())?.trim().parse().ok()?;
+    Some(Duration::from_secs(secs).min(MAX_BACKOFF * 2))
+}
+
+/// Reads a body of at most `cap` bytes; `None` if it is larger.
+async fn read_capped(mut resp: Response, cap: u64) -> Result<Option<Vec<u8>>, reqwest::Error> {
+    if resp.content_length().is_some_and(|l| l > cap) {
+        return Ok(None);
+    }
+    let mut data = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        if (data.len() + chunk.len()) as u64 > cap {
+            return Ok(None);
+        }
+        data.extend_from_slice(&chunk);
+    }
+    Ok(Some(data))
+}
+
+/// An error for an unexpected status, with the registry's own error message when it sent one.
+async fn status_error(ep: &Endpoint, url: &str, resp: Response) -> RegistryError {
+    #[derive(serde::Deserialize)]
+    struct Errors {
+        errors: Vec<ErrorItem>,
+    }
+    #[derive(serde::Deserialize)]
+    struct ErrorItem {
+        code: Option<String>,
+        message: Option<String>,
+    }
+    let status = resp.status().as_u16();
+    let body = read_capped(resp, 64 << 10)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let detail = match serde_json::from_slice::<Errors>(&body) {
+        Ok(e) => e
+            .errors
+            .iter()
+            .map(|i| {
+                format!(
+                    "{}: {}",
+                    i.code.as_deref().unwrap_or("?"),
+                    i.message.as_deref().unwrap_or("")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        Err(_) => String::from_utf8_lossy(&body[..body.len().min(200)])
+            .trim()
+            .to_string(),
+    };
+    RegistryError::Status {
+        host: ep.host.clone(),
+        url: url.to_string(),
+        status,
+        detail,
+    }
+}
+
+/// Classifies a transport error: DNS, TLS, timeout or connection.
+pub(crate) fn map_reqwest(host: &str, url: &str, e: reqwest::Error) -> RegistryError {
+    if e.is_timeout() {
+        return RegistryError::Timeout {
+            host: host.to_string(),
+            url: url.to_string(),
+        };
+    }
+    let mut chain = Vec::new();
+    let mut source: Option<&dyn std::error::Error> = Some(&e);
+    while let Some(s) = source {
+        chain.push(s.to_string());
+        source = s.source();
+    }
+    let detail = chain.last().cloned().unwrap_or_default();
+    let all = chain.join(": ").to_ascii_lowercase();
+    let host = host.to_string();
+    if all.contains("dns error") || all.contains("failed to lookup address") {
+        RegistryError::Dns { host, detail }
+    } else if [
+        "certificate",
+        "tls",
+        "handshake",
+        "corrupt message",
+        "invalid peer",
+    ]
+    .iter()
+    .any(|k| all.contains(k))
+    {
+        RegistryError::Tls { host, detail }
+    } else {
+        RegistryError::Connect { host, detail }
+    }
+}

@@ -1,0 +1,165 @@
+//! The metadata store on disk, after the registry stage: what `pull` keeps and everything later
+//! stages read to present an image.
+//!
+//! Layout under the root (containerd's model):
+//! - `content/blobs/<alg>/<hex>`: small blobs by digest (indexes, manifests, configs), verified
+//!   on write and on read;
+//! - `images/<sha256(name)>.json`: the image store, name → [`ImageRecord`];
+//! - `chains/<hex>.json`: ChainID → [`ChainRecord`] (the layer on top and its parent chain);
+//! - `tmp/`: files being written; `lock`: a file lock.
+//!
+//! Every file is written to `tmp/`, fsynced and renamed into place, so a crash leaves either the
+//! old file or the new one. A pull fetches and verifies everything before it writes anything, then
+//! commits under the shared lock: blobs, chains, and the image record last. Removal takes the
+//! lock exclusively and collects blobs and chains no image references.
+
+mod content;
+mod images;
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub use content::ContentStore;
+pub use images::{ChainRecord, ImageStore};
+
+use crate::image::ImageRecord;
+
+/// Default store root.
+pub const DEFAULT_ROOT: &str = "/var/lib/stratafs";
+
+/// A store failure; messages name the path, digest or image concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store i/o on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("corrupt store entry {path}: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("blob {0} is not in the content store")]
+    BlobNotFound(oci_spec::image::Digest),
+    #[error("image {0} is not in the store (pull it first)")]
+    ImageNotFound(String),
+    #[error(transparent)]
+    Digest(#[from] crate::digest::DigestError),
+}
+
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The stratafs store at one root directory.
+#[derive(Clone, Debug)]
+pub struct Store {
+    root: PathBuf,
+    pub content: ContentStore,
+    pub images: ImageStore,
+}
+
+/// A held store lock (shared or exclusive); released on drop.
+pub struct StoreLock(#[allow(dead_code)] File);
+
+impl Store {
+    /// Opens (creating if needed) the store at `root`.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Store, StoreError> {
+        let root = root.into();
+        for dir in ["content/blobs", "images", "chains", "tmp"] {
+            let p = root.join(dir);
+            fs::create_dir_all(&p).map_err(io_err(&p))?;
+        }
+        let tmp = root.join("tmp");
+        Ok(Store {
+            content: ContentStore::new(root.join("content/blobs"), tmp.clone()),
+            images: ImageStore::new(root.join("images"), root.join("chains"), tmp),
+            root,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn lock(&self, exclusive: bool) -> Result<StoreLock, StoreError> {
+        let path = self.root.join("lock");
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        if exclusive {
+            file.lock()
+        } else {
+            file.lock_shared()
+        }
+        .map_err(io_err(&path))?;
+        Ok(StoreLock(file))
+    }
+
+    /// Lock held while adding content (many writers at once).
+    pub fn lock_shared(&self) -> Result<StoreLock, StoreError> {
+        self.lock(false)
+    }
+
+    /// Lock held while removing content (alone).
+    pub fn lock_exclusive(&self) -> Result<StoreLock, StoreError> {
+        self.lock(true)
+    }
+
+    /// Removes the image `name` and collects content no remaining image references.
+    pub fn remove_image(&self, name: &str) -> Result<ImageRecord, StoreError> {
+        let _lock = self.lock_exclusive()?;
+        let record = self.images.remove(name)?;
+        self.collect_garbage_locked()?;
+        Ok(record)
+    }
+
+    /// Deletes blobs and chain records that no image references. Caller holds the exclusive lock.
+    fn collect_garbage_locked(&self) -> Result<(), StoreError> {
+        let mut blobs = HashSet::new();
+        let mut chains = HashSet::new();
+        for image in self.images.list()? {
+            blobs.extend([
+                image.target.digest,
+                image.manifest.digest,
+                image.config.digest,
+            ]);
+            chains.extend(image.layers.into_iter().map(|l| l.chain_id));
+        }
+        for digest in self.content.list()? {
+            if !blobs.contains(&digest) {
+                self.content.delete(&digest)?;
+            }
+        }
+        for chain in self.images.list_chains()? {
+            if !chains.contains(&chain) {
+                self.images.delete_chain(&chain)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes `data` to `dest` atomically: a temp file in `tmp_dir`, fsync, rename, fsync of the
+/// destination directory. `tmp_dir` must be on the same filesystem as `dest`.
+pub(crate) fn write_atomic(tmp_dir: &Path, dest: &Path, data: &[u8]) -> Result<(), StoreError> {
+    let mut tmp = tempfile::NamedTempFile::new_in(tmp_dir).map_err(io_err(tmp_dir))?;
+    tmp.write_all(data).map_err(io_err(tmp.path()))?;
+    tmp.as_file().sync_all().map_err(io_err(tmp.path()))?;
+    tmp.persist(dest).map_err(|e| StoreError::Io {
+        path: dest.to_path_buf(),
+        source: e.error,
+    })?;
+    if let Some(dir) = dest.parent() {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(dir))?;
+    }
+    Ok(())
+}
