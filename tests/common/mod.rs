@@ -1,0 +1,52 @@
+//! Shared integration-test harness for `stratafs`.
+//!
+//! * [`registry`]: a real `docker-registry` (CNCF distribution 2.8) process
+//!   per test, with access-log parsing.
+//! * [`image`]: deterministic, pure-Rust construction of layers, image
+//!   configs, manifests and indexes.
+//! * [`push`]: pushing (and fetching) blobs and manifests over the
+//!   registry HTTP API.
+//! * [`token`]: an in-process token issuer for the registry's `auth.token`
+//!   mode.
+//!
+//! Each test file includes this with `mod common;`; not every test uses
+//! every helper, hence the blanket `dead_code` allowance (and the
+//! `unused_imports` allowance on the re-exports).
+#![allow(dead_code)]
+
+pub mod image;
+pub mod push;
+pub mod registry;
+pub mod token;
+
+#[allow(unused_imports)]
+pub use image::{
+    compress, docker_media_type, oci_media_type, Compression, Entry, EntryKind, Image,
+    ImageBuilder, Index, IndexBuilder, Layer, LayerBuilder, ManifestFlavour, Platform,
+    DOCKER_CONFIG, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_CONFIG, OCI_INDEX, OCI_MANIFEST,
+};
+#[allow(unused_imports)]
+pub use push::{
+    get_blob, get_manifest, get_manifest_accept, push_blob, push_image, push_index, push_manifest,
+    request, Auth, Response, HARNESS_UA, MANIFEST_ACCEPT,
+};
+#[allow(unused_imports)]
+pub use registry::{parse_access_line, AccessEntry, Registry, RegistryOpts};
+#[allow(unused_imports)]
+pub use token::{Grant, TokenAuthConfig, TokenRequest, TokenServer, TokenServerOpts};
+
+use sha2::{Digest, Sha256};
+use std::net::TcpListener;
+
+/// `"sha256:<hex>"` digest of `bytes`.
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// A loopback TCP port that was free a moment ago (bind to port 0, read the
+/// port, release it). Callers must tolerate the rare race with another
+/// process grabbing it.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local_addr").port()
+}
