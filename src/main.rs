@@ -76,8 +76,8 @@ async fn run(cli: Cli) -> Result<()> {
         Some(path) => Config::load(path, true)?,
         None => Config::load(DEFAULT_CONFIG.as_ref(), false)?,
     };
-    let store = Store::open(&cli.root)
-        .with_context(|| format!("opening store {}", cli.root.display()))?;
+    let store =
+        Store::open(&cli.root).with_context(|| format!("opening store {}", cli.root.display()))?;
     match cli.command {
         Command::Pull {
             platform,
@@ -119,12 +119,15 @@ async fn run(cli: Cli) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&images)?);
             } else {
-                println!("{:<50} {:<20} {:<14} {:>10}  UPDATED", "NAME", "DIGEST", "PLATFORM", "SIZE");
+                println!(
+                    "{:<50} {:<20} {:<14} {:>10}  UPDATED",
+                    "NAME", "DIGEST", "PLATFORM", "SIZE"
+                );
                 for i in images {
                     println!(
                         "{:<50} {:<20} {:<14} {:>10}  {}",
                         i.name,
-                        short(&i.target.digest.to_string()),
+                        short(i.target.digest.as_ref()),
                         i.platform.to_string(),
                         human_size(i.layers_size()),
                         i.updated_at.format("%Y-%m-%d %H:%M:%S")
@@ -190,7 +193,11 @@ fn print_pull(r: &ImageRecord) {
     }
     println!("  platform: {}", r.platform);
     println!("  config:   {}", r.config.digest);
-    println!("  layers:   {} ({} compressed)", r.layers.len(), human_size(r.layers_size()));
+    println!(
+        "  layers:   {} ({} compressed)",
+        r.layers.len(),
+        human_size(r.layers_size())
+    );
     for (i, l) in r.layers.iter().enumerate() {
         println!("    {:>2}  {}  {:>10}", i + 1, l.digest, human_size(l.size));
         println!("        chain {}", l.chain_id);

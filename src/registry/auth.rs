@@ -34,8 +34,7 @@ pub(crate) fn parse_challenges(header: &str) -> Vec<Challenge> {
         rest = rest[scheme_end..].trim_start();
         let mut params = HashMap::new();
         // key=value or key="quoted, value" pairs until a token not followed by '='.
-        loop {
-            let Some(eq) = rest.find('=') else { break };
+        while let Some(eq) = rest.find('=') {
             let key = rest[..eq].trim();
             if key.is_empty() || key.contains(|c: char| c.is_whitespace() || c == ',') {
                 break;

@@ -59,7 +59,7 @@ pub enum RegistryError {
     Digest {
         what: String,
         reference: String,
-        source: crate::digest::DigestError,
+        source: Box<crate::digest::DigestError>,
     },
     #[error("{reference} is a Docker schema 1 manifest, which is obsolete and unsupported; push the image again with a current client or convert it (skopeo copy --format v2s2)")]
     Schema1 { reference: String },
@@ -150,7 +150,7 @@ impl RegistryClient {
         let verify_err = |source| RegistryError::Digest {
             what: what.clone(),
             reference: reference.to_string(),
-            source,
+            source: Box::new(source),
         };
         let digest = match pinned {
             Some(d) => {
@@ -204,7 +204,7 @@ impl RegistryClient {
         crate::digest::verify(digest, &body.data).map_err(|source| RegistryError::Digest {
             what,
             reference: reference.to_string(),
-            source,
+            source: Box::new(source),
         })?;
         Ok(body.data)
     }
