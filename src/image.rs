@@ -55,11 +55,14 @@ pub enum Compression {
 
 impl Compression {
     /// The compression of a layer media type, or `None` when it is not a layer type we know.
-    /// Covers OCI (incl. non-distributable) and Docker (incl. foreign) layer types.
+    /// Covers OCI (incl. non-distributable) and Docker (incl. foreign) layer types, with the
+    /// Docker tar and zstd names containerd also recognises.
     pub fn of_layer(media_type: &str) -> Option<Compression> {
         match media_type {
             "application/vnd.oci.image.layer.v1.tar"
-            | "application/vnd.oci.image.layer.nondistributable.v1.tar" => Some(Compression::None),
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar"
+            | "application/vnd.docker.image.rootfs.diff.tar"
+            | "application/vnd.docker.image.rootfs.foreign.diff.tar" => Some(Compression::None),
             "application/vnd.oci.image.layer.v1.tar+gzip"
             | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
             | "application/vnd.docker.image.rootfs.diff.tar.gzip"
@@ -67,7 +70,9 @@ impl Compression {
                 Some(Compression::Gzip)
             }
             "application/vnd.oci.image.layer.v1.tar+zstd"
-            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => {
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"
+            | "application/vnd.docker.image.rootfs.diff.tar.zstd"
+            | "application/vnd.docker.image.rootfs.foreign.diff.tar.zstd" => {
                 Some(Compression::Zstd)
             }
             _ => None,

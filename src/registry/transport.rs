@@ -128,7 +128,9 @@ impl Transport {
         let deadline = Instant::now() + Duration::from_secs(self.settings.retry_max_elapsed_secs);
         let retry = !ep.is_mirror;
         let mut backoff = Duration::from_millis(100);
-        let mut auth_renewed = false;
+        // Each is done at most once per request: answer a 401 challenge, renew a token on 403.
+        let mut challenge_answered = false;
+        let mut token_renewed = false;
         let mut base = if self.plain_http_hosts.lock().unwrap().contains(&ep.host) {
             format!("http://{}", ep.host)
         } else {
@@ -185,10 +187,10 @@ impl Transport {
             }
             match status {
                 StatusCode::UNAUTHORIZED => {
-                    let detail = if auth_renewed {
+                    let detail = if challenge_answered {
                         "credentials or token rejected".to_string()
                     } else {
-                        auth_renewed = true;
+                        challenge_answered = true;
                         match self.handle_challenge(ep, &scope, resp.headers()) {
                             Ok(()) => continue,
                             Err(detail) => detail,
@@ -201,11 +203,11 @@ impl Transport {
                     });
                 }
                 StatusCode::FORBIDDEN => {
-                    if !auth_renewed
+                    if !token_renewed
                         && matches!(self.auth.scheme(&ep.host), Some(HostAuth::Bearer { .. }))
                     {
                         // The token may have been revoked or its scope changed: get a new one.
-                        auth_renewed = true;
+                        token_renewed = true;
                         self.auth.forget_token(&ep.host, &scope);
                         continue;
                     }

@@ -14,11 +14,14 @@
 //! `unused_imports` allowance on the re-exports).
 #![allow(dead_code)]
 
+pub mod cli;
 pub mod image;
 pub mod push;
 pub mod registry;
 pub mod token;
 
+#[allow(unused_imports)]
+pub use cli::Stratafs;
 #[allow(unused_imports)]
 pub use image::{
     compress, docker_media_type, oci_media_type, Compression, Entry, EntryKind, Image,

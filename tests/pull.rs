@@ -1,0 +1,533 @@
+//! `stratafs pull` against the real CNCF distribution registry: tags and digests, OCI and Docker
+//! media types, platform selection, failures that change nothing, auth, mirrors, and proof that
+//! no layer byte is downloaded.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use sha2::{Digest as _, Sha256};
+
+const STRATAFS_UA: &str = "stratafs/";
+
+/// A three-layer image with one layer of each compression.
+fn three_layers(seed: &str) -> ImageBuilder {
+    let base = LayerBuilder::new()
+        .dir("etc", 0o755)
+        .file("etc/os-release", format!("ID={seed}\n").as_bytes(), 0o644)
+        .build(Compression::Gzip);
+    let mid = LayerBuilder::new()
+        .dir("usr/bin", 0o755)
+        .file("usr/bin/tool", &vec![1u8; 300_000], 0o755)
+        .build(Compression::Zstd);
+    let top = LayerBuilder::new()
+        .file("app.txt", seed.as_bytes(), 0o644)
+        .build(Compression::None);
+    ImageBuilder::new()
+        .cmd(&["/bin/sh"])
+        .layer(base)
+        .layer(mid)
+        .layer(top)
+}
+
+/// ChainIDs computed independently of the library.
+fn expected_chains(diff_ids: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for d in diff_ids {
+        let next = match out.last() {
+            None => d.clone(),
+            Some(p) => format!("sha256:{}", hex::encode(Sha256::digest(format!("{p} {d}")))),
+        };
+        out.push(next);
+    }
+    out
+}
+
+/// Checks `pull --json` output against the image that was pushed.
+fn assert_pulled(json: &Value, name: &str, target_digest: &str, image: &Image) {
+    assert_eq!(json["name"], name);
+    assert_eq!(json["digest"], target_digest);
+    assert_eq!(json["manifest"], image.manifest_digest.as_str());
+    assert_eq!(json["config"], image.config_digest.as_str());
+    let p = &image.platform;
+    let mut platform = format!("{}/{}", p.os, p.architecture);
+    if let Some(v) = &p.variant {
+        platform = format!("{platform}/{v}");
+    }
+    assert_eq!(json["platform"], platform.as_str());
+    let layers = json["layers"].as_array().expect("layers array");
+    assert_eq!(layers.len(), image.layers.len());
+    let diff_ids: Vec<String> = image.layers.iter().map(|l| l.diff_id.clone()).collect();
+    for ((got, want), chain) in layers
+        .iter()
+        .zip(&image.layers)
+        .zip(expected_chains(&diff_ids))
+    {
+        assert_eq!(got["digest"], want.digest.as_str());
+        assert_eq!(got["media_type"], want.media_type.as_str());
+        assert_eq!(got["size"], want.size());
+        assert_eq!(got["diff_id"], want.diff_id.as_str());
+        assert_eq!(got["chain_id"], chain.as_str());
+    }
+}
+
+/// Requests stratafs (not the harness) sent, since `mark`.
+fn stratafs_requests(reg: &Registry, mark: usize) -> Vec<AccessEntry> {
+    reg.access_log_since(mark)
+        .into_iter()
+        .filter(|e| e.user_agent.starts_with(STRATAFS_UA))
+        .collect()
+}
+
+/// Asserts that none of `image`'s layer blobs was requested.
+fn assert_no_layer_requests(log: &[AccessEntry], image: &Image) {
+    for layer in &image.layers {
+        let hits: Vec<_> = log
+            .iter()
+            .filter(|e| e.path.contains(&layer.digest))
+            .collect();
+        assert!(
+            hits.is_empty(),
+            "layer {} was requested: {hits:?}",
+            layer.digest
+        );
+    }
+}
+
+#[test]
+fn pull_by_tag_stores_metadata_and_downloads_no_layer_bytes() {
+    let reg = Registry::start(RegistryOpts::default());
+    let image = three_layers("tag").build(ManifestFlavour::Oci);
+    reg.push_image("team/app", "v1", &image, &Auth::None);
+    let cli = Stratafs::new();
+    let mark = reg.log_mark();
+
+    let reference = format!("{}/team/app:v1", reg.addr());
+    let json = cli.pull_json(&reference, &[]);
+    assert_pulled(&json, &reference, &image.manifest_digest, &image);
+    assert_eq!(json["chain_id"], json["layers"][2]["chain_id"]);
+
+    let log = stratafs_requests(&reg, mark);
+    assert_no_layer_requests(&log, &image);
+    let blob_bytes: u64 = log
+        .iter()
+        .filter(|e| e.path.contains("/blobs/"))
+        .map(|e| e.bytes)
+        .sum();
+    assert_eq!(
+        blob_bytes,
+        image.config_size(),
+        "only the config blob is read: {log:?}"
+    );
+    assert_eq!(log.len(), 2, "one manifest GET and one config GET: {log:?}");
+
+    // The store has the record, and inspect/images read it back.
+    let images: Value = serde_json::from_str(&cli.ok(&["images", "--json"])).unwrap();
+    assert_eq!(images.as_array().unwrap().len(), 1);
+    assert_eq!(images[0]["name"], reference.as_str());
+    let inspect: Value = serde_json::from_str(&cli.ok(&["inspect", &reference])).unwrap();
+    assert_eq!(
+        inspect["config"]["rootfs"]["diff_ids"][1],
+        image.layers[1].diff_id.as_str()
+    );
+    assert_eq!(inspect["manifest"]["layers"].as_array().unwrap().len(), 3);
+    let text = cli.ok(&["pull", &reference]);
+    assert!(text.contains(&image.layers[0].digest), "{text}");
+    assert!(text.contains("linux/amd64"), "{text}");
+}
+
+#[test]
+fn docker_schema2_and_digest_references() {
+    let reg = Registry::start(RegistryOpts::default());
+    let image = three_layers("docker").build(ManifestFlavour::Docker);
+    assert_eq!(image.manifest_media_type, DOCKER_MANIFEST);
+    reg.push_image("lib/dock", "latest", &image, &Auth::None);
+    let cli = Stratafs::new();
+
+    let by_tag = format!("{}/lib/dock", reg.addr());
+    let json = cli.pull_json(&by_tag, &[]);
+    assert_pulled(
+        &json,
+        &format!("{by_tag}:latest"),
+        &image.manifest_digest,
+        &image,
+    );
+    assert_eq!(json["media_type"], DOCKER_MANIFEST);
+    assert_eq!(
+        json["layers"][0]["media_type"],
+        docker_media_type(Compression::Gzip)
+    );
+
+    let by_digest = format!("{}/lib/dock@{}", reg.addr(), image.manifest_digest);
+    let json = cli.pull_json(&by_digest, &[]);
+    assert_pulled(&json, &by_digest, &image.manifest_digest, &image);
+
+    let both = format!("{}/lib/dock:latest@{}", reg.addr(), image.manifest_digest);
+    assert_pulled(
+        &cli.pull_json(&both, &[]),
+        &both,
+        &image.manifest_digest,
+        &image,
+    );
+
+    let images: Value = serde_json::from_str(&cli.ok(&["images", "--json"])).unwrap();
+    assert_eq!(
+        images.as_array().unwrap().len(),
+        3,
+        "three names, one image"
+    );
+}
+
+#[test]
+fn index_resolves_to_the_wanted_platform() {
+    for flavour in [ManifestFlavour::Oci, ManifestFlavour::Docker] {
+        let reg = Registry::start(RegistryOpts::default());
+        let amd = three_layers("amd").build(flavour);
+        let arm = three_layers("arm")
+            .arch("arm64")
+            .variant("v8")
+            .build(flavour);
+        let armv7 = three_layers("armv7")
+            .arch("arm")
+            .variant("v7")
+            .build(flavour);
+        let index = IndexBuilder::new(flavour)
+            .image(arm.clone())
+            .image(armv7.clone())
+            .image(amd.clone())
+            .build();
+        reg.push_index("multi", "1", &index, &Auth::None);
+        let cli = Stratafs::new();
+        let reference = format!("{}/multi:1", reg.addr());
+        let mark = reg.log_mark();
+
+        let json = cli.pull_json(&reference, &[]);
+        assert_pulled(&json, &reference, &index.digest, &amd);
+        assert_eq!(json["media_type"], index.media_type.as_str());
+        let log = stratafs_requests(&reg, mark);
+        for other in [&arm, &armv7] {
+            assert!(
+                !log.iter().any(|e| e.path.contains(&other.manifest_digest)),
+                "fetched another platform's manifest: {log:?}"
+            );
+        }
+        assert_no_layer_requests(&log, &amd);
+
+        let json = cli.pull_json(&reference, &["--platform", "linux/arm64"]);
+        assert_pulled(&json, &reference, &index.digest, &arm);
+        let json = cli.pull_json(&reference, &["--platform", "linux/arm/v7"]);
+        assert_pulled(&json, &reference, &index.digest, &armv7);
+
+        let before = cli.store_snapshot();
+        let err = cli.fail(&["pull", "--platform", "linux/s390x", &reference]);
+        assert!(
+            err.contains("linux/s390x") && err.contains("linux/arm64/v8"),
+            "{err}"
+        );
+        assert!(err.contains(&reference), "{err}");
+        assert_eq!(
+            before,
+            cli.store_snapshot(),
+            "failed pull changed the store"
+        );
+    }
+}
+
+#[test]
+fn not_found_and_invalid_references_fail_clearly_and_change_nothing() {
+    let reg = Registry::start(RegistryOpts::default());
+    let image = three_layers("nf").build(ManifestFlavour::Oci);
+    reg.push_image("here", "v1", &image, &Auth::None);
+    let cli = Stratafs::new();
+    cli.ok(&["pull", &format!("{}/here:v1", reg.addr())]);
+    let before = cli.store_snapshot();
+
+    let missing_tag = format!("{}/here:v2", reg.addr());
+    let err = cli.fail(&["pull", &missing_tag]);
+    assert!(
+        err.contains("not found") && err.contains(&missing_tag),
+        "{err}"
+    );
+    let missing_repo = format!("{}/nowhere:v1", reg.addr());
+    let err = cli.fail(&["pull", &missing_repo]);
+    assert!(
+        err.contains("not found") && err.contains(&missing_repo),
+        "{err}"
+    );
+    let err = cli.fail(&["pull", "Upper/Case"]);
+    assert!(
+        err.contains("invalid reference") && err.contains("lowercase"),
+        "{err}"
+    );
+    let err = cli.fail(&["inspect", &missing_tag]);
+    assert!(
+        err.contains("not in the store") && err.contains(&missing_tag),
+        "{err}"
+    );
+    let err = cli.fail(&["rmi", &missing_tag]);
+    assert!(err.contains(&missing_tag), "{err}");
+    assert_eq!(before, cli.store_snapshot());
+}
+
+/// Rewrites one byte of a blob in the registry's storage, keeping its length.
+fn corrupt_in_registry(reg: &Registry, digest: &str) {
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    let path = reg
+        .data_dir()
+        .join("docker/registry/v2/blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+        .join("data");
+    let mut data = std::fs::read(&path).unwrap();
+    let i = data
+        .iter()
+        .position(|&b| b == b'2')
+        .expect("a '2' to change");
+    data[i] = b'3';
+    std::fs::write(&path, data).unwrap();
+}
+
+#[test]
+fn corrupted_manifest_and_config_are_rejected() {
+    let reg = Registry::start(RegistryOpts::default());
+    let image = three_layers("corrupt").build(ManifestFlavour::Oci);
+    reg.push_image("bad", "manifest", &image, &Auth::None);
+    let other = three_layers("corrupt-config").build(ManifestFlavour::Oci);
+    reg.push_image("bad", "config", &other, &Auth::None);
+    corrupt_in_registry(&reg, &image.manifest_digest);
+    corrupt_in_registry(&reg, &other.config_digest);
+    let cli = Stratafs::new();
+    let before = cli.store_snapshot();
+
+    for reference in [
+        format!("{}/bad:manifest", reg.addr()),
+        format!("{}/bad@{}", reg.addr(), image.manifest_digest),
+    ] {
+        let err = cli.fail(&["pull", &reference]);
+        assert!(err.contains("failed verification"), "{err}");
+        assert!(
+            err.contains(&image.manifest_digest),
+            "names the digest: {err}"
+        );
+    }
+    let err = cli.fail(&["pull", &format!("{}/bad:config", reg.addr())]);
+    assert!(
+        err.contains("failed verification") && err.contains(&other.config_digest),
+        "{err}"
+    );
+    assert_eq!(
+        before,
+        cli.store_snapshot(),
+        "nothing stored from corrupt content"
+    );
+}
+
+#[test]
+fn basic_auth_with_docker_credentials() {
+    let reg = Registry::start(RegistryOpts {
+        htpasswd: Some(("alice".into(), "s3cret".into())),
+        ..Default::default()
+    });
+    let image = three_layers("basic").build(ManifestFlavour::Oci);
+    reg.push_image("private/app", "v1", &image, &Auth::basic("alice", "s3cret"));
+    let reference = format!("{}/private/app:v1", reg.addr());
+
+    let cli = Stratafs::new();
+    let err = cli.fail(&["pull", &reference]);
+    assert!(
+        err.contains("unauthorized") && err.contains(&reg.addr()),
+        "{err}"
+    );
+    assert!(err.contains("docker login"), "says how to fix it: {err}");
+
+    cli.set_docker_login(&reg.addr(), "alice", "wrong");
+    let err = cli.fail(&["pull", &reference]);
+    assert!(
+        err.contains("unauthorized") && err.contains("rejected"),
+        "{err}"
+    );
+
+    cli.set_docker_login(&reg.addr(), "alice", "s3cret");
+    let mark = reg.log_mark();
+    let json = cli.pull_json(&reference, &[]);
+    assert_pulled(&json, &reference, &image.manifest_digest, &image);
+    assert_no_layer_requests(&stratafs_requests(&reg, mark), &image);
+}
+
+#[test]
+fn bearer_token_flow_with_the_registry_token_auth() {
+    let tokens = TokenServer::start(TokenServerOpts::default());
+    let reg = Registry::start(RegistryOpts {
+        token: Some(tokens.auth_config()),
+        ..Default::default()
+    });
+    let image = three_layers("token").build(ManifestFlavour::Oci);
+    let push = Auth::Bearer(tokens.push_pull_token("org/app"));
+    reg.push_image("org/app", "v1", &image, &push);
+    let reference = format!("{}/org/app:v1", reg.addr());
+    let cli = Stratafs::new();
+
+    let before = tokens.token_requests();
+    let mark = reg.log_mark();
+    let json = cli.pull_json(&reference, &[]);
+    assert_pulled(&json, &reference, &image.manifest_digest, &image);
+    let requests = tokens.requests();
+    let ours = &requests[before..];
+    assert_eq!(ours.len(), 1, "one token serves the whole pull: {ours:?}");
+    assert_eq!(ours[0].scopes, ["repository:org/app:pull"]);
+    assert_eq!(ours[0].service.as_deref(), Some("stratafs-test-registry"));
+    assert!(ours[0].user.is_none(), "anonymous token request");
+    let log = stratafs_requests(&reg, mark);
+    assert_eq!(log.iter().filter(|e| e.status == 401).count(), 1, "{log:?}");
+    assert_no_layer_requests(&log, &image);
+
+    // A token service that grants nothing: a clear unauthorized error.
+    tokens.set_grant(Grant::Nothing);
+    let err = cli.fail(&["pull", &reference]);
+    assert!(
+        err.contains("unauthorized") && err.contains(&reg.addr()),
+        "{err}"
+    );
+}
+
+#[test]
+fn bearer_token_service_with_credentials() {
+    let tokens = TokenServer::start(TokenServerOpts {
+        credentials: Some(("bob".into(), "pw".into())),
+        ..Default::default()
+    });
+    let reg = Registry::start(RegistryOpts {
+        token: Some(tokens.auth_config()),
+        ..Default::default()
+    });
+    let image = three_layers("token-creds").build(ManifestFlavour::Docker);
+    reg.push_image(
+        "org/app",
+        "v1",
+        &image,
+        &Auth::Bearer(tokens.push_pull_token("org/app")),
+    );
+    let reference = format!("{}/org/app:v1", reg.addr());
+    let cli = Stratafs::new();
+
+    let err = cli.fail(&["pull", &reference]);
+    assert!(
+        err.contains("unauthorized") && err.contains("anonymous"),
+        "{err}"
+    );
+    cli.set_docker_login(&reg.addr(), "bob", "pw");
+    assert_pulled(
+        &cli.pull_json(&reference, &[]),
+        &reference,
+        &image.manifest_digest,
+        &image,
+    );
+    let last = tokens.requests().pop().unwrap();
+    assert_eq!(last.user.as_deref(), Some("bob"));
+}
+
+#[test]
+fn mirror_is_tried_first_and_origin_is_the_fallback() {
+    let origin = Registry::start(RegistryOpts::default());
+    let image = three_layers("mirror").build(ManifestFlavour::Oci);
+    origin.push_image("mirrored/app", "v1", &image, &Auth::None);
+    let mirror = Registry::start(RegistryOpts {
+        proxy_remote: Some(origin.url()),
+        ..Default::default()
+    });
+    let mut cli = Stratafs::new();
+    cli.set_config(&format!(
+        "[hosts.\"{}\"]\nmirrors = [\"{}\"]\n",
+        origin.addr(),
+        mirror.url()
+    ));
+    let reference = format!("{}/mirrored/app:v1", origin.addr());
+
+    let (origin_mark, mirror_mark) = (origin.log_mark(), mirror.log_mark());
+    assert_pulled(
+        &cli.pull_json(&reference, &[]),
+        &reference,
+        &image.manifest_digest,
+        &image,
+    );
+    let via_mirror = stratafs_requests(&mirror, mirror_mark);
+    assert!(
+        via_mirror
+            .iter()
+            .any(|e| e.path == "/v2/mirrored/app/manifests/v1" && e.status == 200),
+        "manifest came from the mirror: {via_mirror:?}"
+    );
+    assert!(
+        via_mirror
+            .iter()
+            .any(|e| e.path.ends_with(&image.config_digest) && e.status == 200),
+        "{via_mirror:?}"
+    );
+    assert!(
+        stratafs_requests(&origin, origin_mark).is_empty(),
+        "stratafs did not talk to the origin itself"
+    );
+    assert_no_layer_requests(&origin.access_log_since(origin_mark), &image);
+
+    // With the mirror down, the origin answers.
+    mirror.stop();
+    let origin_mark = origin.log_mark();
+    assert_pulled(
+        &cli.pull_json(&reference, &[]),
+        &reference,
+        &image.manifest_digest,
+        &image,
+    );
+    assert!(!stratafs_requests(&origin, origin_mark).is_empty());
+}
+
+#[test]
+fn concurrent_pulls_of_one_reference_both_succeed_and_rmi_collects() {
+    let reg = Registry::start(RegistryOpts::default());
+    let a = three_layers("a").build(ManifestFlavour::Oci);
+    let b = three_layers("b").build(ManifestFlavour::Oci);
+    reg.push_image("pair", "a", &a, &Auth::None);
+    reg.push_image("pair", "b", &b, &Auth::None);
+    let cli = Stratafs::new();
+    let ref_a = format!("{}/pair:a", reg.addr());
+    let ref_b = format!("{}/pair:b", reg.addr());
+
+    let children: Vec<_> = (0..4)
+        .map(|_| {
+            cli.command()
+                .args(["pull", "--json", &ref_a])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_pulled(&json, &ref_a, &a.manifest_digest, &a);
+    }
+    cli.ok(&["pull", &ref_b]);
+    let root = cli.root();
+    let blob = |d: &str| {
+        root.join("content/blobs/sha256")
+            .join(d.strip_prefix("sha256:").unwrap())
+    };
+    assert!(blob(&a.config_digest).is_file() && blob(&b.config_digest).is_file());
+    // The gzip base layer differs (ID=a vs ID=b), so every chain differs too.
+    let chains = std::fs::read_dir(root.join("chains")).unwrap().count();
+    assert_eq!(chains, 6);
+
+    assert!(cli.ok(&["rmi", &ref_a]).contains(&ref_a));
+    assert!(!blob(&a.config_digest).exists() && !blob(&a.manifest_digest).exists());
+    assert!(blob(&b.config_digest).is_file(), "b's content kept");
+    assert_eq!(std::fs::read_dir(root.join("chains")).unwrap().count(), 3);
+    let images: Value = serde_json::from_str(&cli.ok(&["images", "--json"])).unwrap();
+    assert_eq!(images[0]["name"], ref_b.as_str());
+    assert_eq!(std::fs::read_dir(root.join("tmp")).unwrap().count(), 0);
+}
