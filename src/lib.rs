@@ -21,7 +21,9 @@
 pub mod config;
 pub mod digest;
 pub mod image;
+pub mod layer;
 pub mod pull;
 pub mod reference;
 pub mod registry;
+pub mod source;
 pub mod store;

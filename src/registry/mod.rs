@@ -209,6 +209,31 @@ impl RegistryClient {
         Ok(body.data)
     }
 
+    /// Reads `len` bytes at `offset` of blob `digest` with an HTTP Range request. The bytes are
+    /// not verified here (a range has no digest of its own): callers check them against the
+    /// span digests of a layer index.
+    pub async fn read_blob_range(
+        &self,
+        reference: &Reference,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, RegistryError> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let what = format!("blob {digest}");
+        let req = transport::Request {
+            reference,
+            path: format!("blobs/{digest}"),
+            accept: None,
+            subject: subject(reference, &what, false),
+        };
+        self.transport
+            .get_range(&self.endpoints(reference)?, &req, offset, len)
+            .await
+    }
+
     fn endpoints(&self, reference: &Reference) -> Result<Vec<hosts::Endpoint>, RegistryError> {
         hosts::endpoints(
             &self.hosts,

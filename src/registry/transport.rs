@@ -83,6 +83,65 @@ impl Transport {
         Err(last.unwrap_or_else(|| RegistryError::Config("no endpoints".into())))
     }
 
+    /// GETs bytes `offset..offset+len` of a blob from the first endpoint that serves them.
+    /// A server that ignores the Range header and sends the whole blob is handled by skipping.
+    pub(crate) async fn get_range(
+        &self,
+        endpoints: &[Endpoint],
+        req: &Request<'_>,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, RegistryError> {
+        let mut last = None;
+        for ep in endpoints {
+            match self.get_range_from(ep, req, offset, len).await {
+                Ok(data) => return Ok(data),
+                Err(e) if ep.is_mirror => {
+                    tracing::warn!(mirror = %ep.base, error = %e, "mirror failed, trying the next host");
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| RegistryError::Config("no endpoints".into())))
+    }
+
+    async fn get_range_from(
+        &self,
+        ep: &Endpoint,
+        req: &Request<'_>,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, RegistryError> {
+        let mut body_retries = 2;
+        loop {
+            let resp = self.send(ep, req, Some((offset, offset + len - 1))).await?;
+            let url = resp.url().to_string();
+            let skip = if resp.status() == StatusCode::PARTIAL_CONTENT {
+                0
+            } else {
+                offset
+            };
+            match read_range_body(resp, skip, len).await {
+                Ok(data) if data.len() as u64 == len => return Ok(data),
+                Ok(data) => {
+                    return Err(RegistryError::Status {
+                        host: ep.host.clone(),
+                        url,
+                        status: 206,
+                        detail: format!(
+                            "short read of {}: {} of {len} bytes at offset {offset}",
+                            req.subject,
+                            data.len()
+                        ),
+                    })
+                }
+                Err(_) if body_retries > 0 && !ep.is_mirror => body_retries -= 1,
+                Err(e) => return Err(map_reqwest(&ep.host, &url, e)),
+            }
+        }
+    }
+
     async fn get_small_from(
         &self,
         ep: &Endpoint,
@@ -442,6 +501,29 @@ async fn read_capped(mut resp: Response, cap: u64) -> Result<Option<Vec<u8>>, re
         data.extend_from_slice(&chunk);
     }
     Ok(Some(data))
+}
+
+/// Reads `len` bytes of a body after skipping `skip` bytes (for servers that ignore Range).
+async fn read_range_body(
+    mut resp: Response,
+    mut skip: u64,
+    len: u64,
+) -> Result<Vec<u8>, reqwest::Error> {
+    let mut data = Vec::with_capacity(len.min(64 << 20) as usize);
+    while let Some(chunk) = resp.chunk().await? {
+        let mut chunk = &chunk[..];
+        if skip > 0 {
+            let n = skip.min(chunk.len() as u64);
+            chunk = &chunk[n as usize..];
+            skip -= n;
+        }
+        let want = (len - data.len() as u64).min(chunk.len() as u64) as usize;
+        data.extend_from_slice(&chunk[..want]);
+        if data.len() as u64 == len {
+            break;
+        }
+    }
+    Ok(data)
 }
 
 /// An error for an unexpected status, with the registry's own error message when it sent one.

@@ -148,7 +148,7 @@ impl Store {
 
 /// Writes `data` to `dest` atomically: a temp file in `tmp_dir`, fsync, rename, fsync of the
 /// destination directory. `tmp_dir` must be on the same filesystem as `dest`.
-pub(crate) fn write_atomic(tmp_dir: &Path, dest: &Path, data: &[u8]) -> Result<(), StoreError> {
+pub fn write_atomic(tmp_dir: &Path, dest: &Path, data: &[u8]) -> Result<(), StoreError> {
     let mut tmp = tempfile::NamedTempFile::new_in(tmp_dir).map_err(io_err(tmp_dir))?;
     tmp.write_all(data).map_err(io_err(tmp.path()))?;
     tmp.as_file().sync_all().map_err(io_err(tmp.path()))?;

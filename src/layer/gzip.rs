@@ -1,0 +1,459 @@
+//! Random access into gzip blobs, in the manner of zlib's zran: one streaming pass records
+//! checkpoints at deflate block boundaries (compressed bit position + the last 32 KiB of
+//! output); any span between two checkpoints can later be decompressed on its own from just its
+//! compressed bytes. Multi-member gzip (eStargz is one) is followed member by member.
+
+use std::io::{self, Read};
+
+use libz_rs_sys as z;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+/// Deflate's history window.
+pub const WINDOW: usize = 32 * 1024;
+
+/// A place to resume decompression.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Offset in the blob of the first whole byte after the checkpoint.
+    pub in_offset: u64,
+    /// Bits of the byte before `in_offset` that belong to the next block (0–7).
+    pub bits: u8,
+    /// Offset in the uncompressed stream.
+    pub out_offset: u64,
+    /// The preceding output (up to 32 KiB), raw-deflate compressed; empty at member starts.
+    #[serde(with = "super::b64")]
+    pub window: Vec<u8>,
+}
+
+impl Checkpoint {
+    /// First blob byte a decoder starting here needs.
+    pub fn in_start(&self) -> u64 {
+        self.in_offset - u64::from(self.bits > 0)
+    }
+}
+
+/// A finished span as seen by the indexer: its compressed range and both digests.
+pub struct SpanOut<'a> {
+    pub checkpoint: usize,
+    pub in_start: u64,
+    pub in_end: u64,
+    pub in_digest: [u8; 32],
+    pub out_offset: u64,
+    pub data: &'a [u8],
+}
+
+/// A safe owner of a raw-deflate `z_stream` (boxed: zlib keeps a pointer to it).
+struct Inflater(Box<z::z_stream>);
+
+impl Inflater {
+    fn new() -> Inflater {
+        let mut strm = Box::new(z::z_stream::default());
+        // SAFETY: strm is a valid, default-initialised, heap-pinned z_stream.
+        let rc = unsafe {
+            z::inflateInit2_(
+                &mut *strm,
+                -15,
+                z::zlibVersion(),
+                std::mem::size_of::<z::z_stream>() as i32,
+            )
+        };
+        assert_eq!(rc, z::Z_OK, "inflateInit2 failed");
+        Inflater(strm)
+    }
+
+    fn reset(&mut self) {
+        // SAFETY: the stream was initialised by inflateInit2.
+        unsafe { z::inflateReset(&mut *self.0) };
+    }
+
+    fn prime(&mut self, bits: u8, value: u8) -> io::Result<()> {
+        // SAFETY: initialised stream.
+        let rc = unsafe { z::inflatePrime(&mut *self.0, i32::from(bits), i32::from(value)) };
+        check(rc, "inflatePrime")
+    }
+
+    fn set_dictionary(&mut self, dict: &[u8]) -> io::Result<()> {
+        // SAFETY: initialised stream; dict outlives the call.
+        let rc = unsafe { z::inflateSetDictionary(&mut *self.0, dict.as_ptr(), dict.len() as u32) };
+        check(rc, "inflateSetDictionary")
+    }
+
+    /// Inflates from `input` into `output`; returns (consumed, produced, return code).
+    fn inflate(&mut self, input: &[u8], output: &mut [u8], flush: i32) -> (usize, usize, i32) {
+        let s = &mut *self.0;
+        s.next_in = input.as_ptr();
+        s.avail_in = input.len().min(u32::MAX as usize) as u32;
+        s.next_out = output.as_mut_ptr();
+        s.avail_out = output.len().min(u32::MAX as usize) as u32;
+        let (in_before, out_before) = (s.avail_in, s.avail_out);
+        // SAFETY: next_in/next_out point into live slices of the stated lengths.
+        let rc = unsafe { z::inflate(s, flush) };
+        let consumed = (in_before - s.avail_in) as usize;
+        let produced = (out_before - s.avail_out) as usize;
+        s.next_in = std::ptr::null();
+        s.next_out = std::ptr::null_mut();
+        (consumed, produced, rc)
+    }
+
+    fn data_type(&self) -> i32 {
+        self.0.data_type
+    }
+}
+
+impl Drop for Inflater {
+    fn drop(&mut self) {
+        // SAFETY: initialised stream, ended once.
+        unsafe { z::inflateEnd(&mut *self.0) };
+    }
+}
+
+fn check(rc: i32, what: &str) -> io::Result<()> {
+    if rc == z::Z_OK {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{what} failed ({rc})"),
+        ))
+    }
+}
+
+fn corrupt(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+/// Length of the gzip member header at the start of `buf`: `Ok(None)` if more bytes are
+/// needed, an error if `buf` does not start a gzip member.
+pub fn gzip_header_len(buf: &[u8]) -> io::Result<Option<usize>> {
+    if buf.len() < 10 {
+        if buf.len() >= 2 && buf[..2] != [0x1f, 0x8b] {
+            return Err(corrupt("not a gzip member (bad magic)"));
+        }
+        return Ok(None);
+    }
+    if buf[..3] != [0x1f, 0x8b, 8] {
+        return Err(corrupt("not a gzip member (bad magic or method)"));
+    }
+    let flags = buf[3];
+    let mut pos = 10;
+    if flags & 4 != 0 {
+        let Some(x) = buf.get(pos..pos + 2) else {
+            return Ok(None);
+        };
+        pos += 2 + usize::from(u16::from_le_bytes([x[0], x[1]]));
+    }
+    for flag in [8u8, 16] {
+        if flags & flag != 0 {
+            match buf.get(pos..).and_then(|b| b.iter().position(|&c| c == 0)) {
+                Some(nul) => pos += nul + 1,
+                None => return Ok(None),
+            }
+        }
+    }
+    if flags & 2 != 0 {
+        pos += 2;
+    }
+    Ok(if pos <= buf.len() { Some(pos) } else { None })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum State {
+    Header,
+    Deflate,
+    Trailer,
+    Done,
+}
+
+/// Decompresses a gzip stream as a `Read`, recording checkpoints every `span` bytes of output
+/// and handing each finished span (with digests of its compressed and uncompressed bytes) to
+/// a callback. Also hashes the whole blob and the whole output for verification at the end.
+pub struct GzipIndexer<R, F> {
+    input: R,
+    buf: Vec<u8>,
+    pos: usize,
+    len: usize,
+    abs: u64,
+    eof: bool,
+    inflater: Inflater,
+    state: State,
+    members: u64,
+    ring: Vec<u8>,
+    ring_pos: usize,
+    ring_full: bool,
+    out_total: u64,
+    span: u64,
+    pub checkpoints: Vec<Checkpoint>,
+    span_hasher: Option<Sha256>,
+    span_data: Vec<u8>,
+    blob_hasher: Sha256,
+    out_hasher: Sha256,
+    pending: Vec<u8>,
+    pending_pos: usize,
+    on_span: F,
+}
+
+impl<R: Read, F: FnMut(SpanOut<'_>) -> io::Result<()>> GzipIndexer<R, F> {
+    pub fn new(input: R, span: u64, on_span: F) -> Self {
+        GzipIndexer {
+            input,
+            buf: vec![0; 256 * 1024],
+            pos: 0,
+            len: 0,
+            abs: 0,
+            eof: false,
+            inflater: Inflater::new(),
+            state: State::Header,
+            members: 0,
+            ring: vec![0; WINDOW],
+            ring_pos: 0,
+            ring_full: false,
+            out_total: 0,
+            span: span.max(WINDOW as u64),
+            checkpoints: Vec::new(),
+            span_hasher: None,
+            span_data: Vec::new(),
+            blob_hasher: Sha256::new(),
+            out_hasher: Sha256::new(),
+            pending: Vec::new(),
+            pending_pos: 0,
+            on_span,
+        }
+    }
+
+    /// (sha256 of the blob, sha256 of the output, output size); call after reading to EOF.
+    pub fn finish(self) -> ([u8; 32], [u8; 32], u64) {
+        (
+            self.blob_hasher.finalize().into(),
+            self.out_hasher.finalize().into(),
+            self.out_total,
+        )
+    }
+
+    /// Makes at least `want` unconsumed bytes available (fewer only at end of input).
+    fn fill(&mut self, want: usize) -> io::Result<()> {
+        while self.len - self.pos < want && !self.eof {
+            if self.pos > 0 {
+                self.buf.copy_within(self.pos..self.len, 0);
+                self.len -= self.pos;
+                self.pos = 0;
+            }
+            if self.len == self.buf.len() {
+                self.buf.resize(self.buf.len() * 2, 0);
+            }
+            let n = self.input.read(&mut self.buf[self.len..])?;
+            if n == 0 {
+                self.eof = true;
+            }
+            self.len += n;
+        }
+        Ok(())
+    }
+
+    /// Consumes `n` buffered bytes, hashing them into the blob and current span digests.
+    fn consume(&mut self, n: usize) {
+        let bytes = &self.buf[self.pos..self.pos + n];
+        self.blob_hasher.update(bytes);
+        if let Some(h) = &mut self.span_hasher {
+            h.update(bytes);
+        }
+        self.pos += n;
+        self.abs += n as u64;
+    }
+
+    fn window(&self) -> Vec<u8> {
+        if self.ring_full {
+            [&self.ring[self.ring_pos..], &self.ring[..self.ring_pos]].concat()
+        } else {
+            self.ring[..self.ring_pos].to_vec()
+        }
+    }
+
+    /// Ends the current span (if any) here and starts a checkpoint.
+    fn checkpoint(&mut self, bits: u8, window: &[u8]) -> io::Result<()> {
+        self.finish_span(self.abs)?;
+        let mut h = Sha256::new();
+        if bits > 0 {
+            h.update([self.buf[self.pos - 1]]);
+        }
+        self.span_hasher = Some(h);
+        self.checkpoints.push(Checkpoint {
+            in_offset: self.abs,
+            bits,
+            out_offset: self.out_total,
+            window: if window.is_empty() {
+                Vec::new()
+            } else {
+                super::deflate(window)
+            },
+        });
+        Ok(())
+    }
+
+    fn finish_span(&mut self, in_end: u64) -> io::Result<()> {
+        if let (Some(h), Some(cp)) = (self.span_hasher.take(), self.checkpoints.last()) {
+            let span = SpanOut {
+                checkpoint: self.checkpoints.len() - 1,
+                in_start: cp.in_start(),
+                in_end,
+                in_digest: h.finalize().into(),
+                out_offset: cp.out_offset,
+                data: &self.span_data,
+            };
+            (self.on_span)(span)?;
+            self.span_data.clear();
+        }
+        Ok(())
+    }
+
+    fn since_checkpoint(&self) -> u64 {
+        self.out_total - self.checkpoints.last().map_or(0, |c| c.out_offset)
+    }
+
+    /// Advances the decompression by one step.
+    fn step(&mut self) -> io::Result<()> {
+        match self.state {
+            State::Header => {
+                self.fill(64 * 1024)?;
+                if self.pos == self.len {
+                    if self.members == 0 {
+                        return Err(corrupt("empty gzip stream"));
+                    }
+                    self.finish_span(self.abs)?;
+                    self.state = State::Done;
+                    return Ok(());
+                }
+                let header = match gzip_header_len(&self.buf[self.pos..self.len]) {
+                    Ok(Some(n)) => n,
+                    Ok(None) if self.eof => return Err(corrupt("truncated gzip header")),
+                    Ok(None) => return self.fill(self.len - self.pos + 1),
+                    Err(e) if self.members == 0 => return Err(e),
+                    Err(_) => {
+                        // Trailing bytes after the last member (padding): part of the last span.
+                        while self.pos < self.len || !self.eof {
+                            let n = self.len - self.pos;
+                            self.consume(n);
+                            self.fill(1)?;
+                        }
+                        self.finish_span(self.abs)?;
+                        self.state = State::Done;
+                        return Ok(());
+                    }
+                };
+                self.consume(header);
+                self.inflater.reset();
+                self.members += 1;
+                if self.checkpoints.is_empty() || self.since_checkpoint() >= self.span {
+                    self.checkpoint(0, &[])?;
+                }
+                self.state = State::Deflate;
+            }
+            State::Deflate => {
+                self.fill(1)?;
+                if self.pos == self.len {
+                    return Err(corrupt("gzip stream truncated inside a deflate block"));
+                }
+                let (consumed, produced, rc) = {
+                    let out = &mut self.ring[self.ring_pos..];
+                    self.inflater
+                        .inflate(&self.buf[self.pos..self.len], out, z::Z_BLOCK)
+                };
+                self.consume(consumed);
+                let new = &self.ring[self.ring_pos..self.ring_pos + produced];
+                self.out_hasher.update(new);
+                self.span_data.extend_from_slice(new);
+                self.pending.extend_from_slice(new);
+                self.out_total += produced as u64;
+                self.ring_pos += produced;
+                if self.ring_pos == WINDOW {
+                    self.ring_pos = 0;
+                    self.ring_full = true;
+                }
+                match rc {
+                    z::Z_STREAM_END => self.state = State::Trailer,
+                    z::Z_OK | z::Z_BUF_ERROR => {
+                        let dt = self.inflater.data_type();
+                        let boundary = dt & 128 != 0 && dt & 64 == 0;
+                        if boundary && self.since_checkpoint() >= self.span {
+                            let window = self.window();
+                            self.checkpoint((dt & 7) as u8, &window)?;
+                        }
+                    }
+                    rc => return Err(corrupt(format!("invalid deflate data ({rc})"))),
+                }
+            }
+            State::Trailer => {
+                self.fill(8)?;
+                if self.len - self.pos < 8 {
+                    return Err(corrupt("gzip stream truncated in a member trailer"));
+                }
+                self.consume(8);
+                self.state = State::Header;
+            }
+            State::Done => {}
+        }
+        Ok(())
+    }
+}
+
+impl<R: Read, F: FnMut(SpanOut<'_>) -> io::Result<()>> Read for GzipIndexer<R, F> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pending_pos == self.pending.len() {
+            if self.state == State::Done {
+                return Ok(0);
+            }
+            self.pending.clear();
+            self.pending_pos = 0;
+            self.step()?;
+        }
+        let n = out.len().min(self.pending.len() - self.pending_pos);
+        out[..n].copy_from_slice(&self.pending[self.pending_pos..self.pending_pos + n]);
+        self.pending_pos += n;
+        Ok(n)
+    }
+}
+
+/// Decompresses one span: `compressed` is the blob from `checkpoint.in_start()` on (at least
+/// through the span's end); returns exactly `out_len` bytes.
+pub fn decode_span(
+    checkpoint: &Checkpoint,
+    compressed: &[u8],
+    out_len: usize,
+) -> io::Result<Vec<u8>> {
+    let mut inflater = Inflater::new();
+    let mut input = compressed;
+    if checkpoint.bits > 0 {
+        let (&first, rest) = input.split_first().ok_or_else(|| corrupt("empty span"))?;
+        inflater.prime(checkpoint.bits, first >> (8 - checkpoint.bits))?;
+        input = rest;
+    }
+    if !checkpoint.window.is_empty() {
+        inflater.set_dictionary(&super::inflate(&checkpoint.window)?)?;
+    }
+    let mut out = vec![0u8; out_len];
+    let mut filled = 0;
+    while filled < out_len {
+        let (consumed, produced, rc) = inflater.inflate(input, &mut out[filled..], z::Z_NO_FLUSH);
+        input = &input[consumed..];
+        filled += produced;
+        match rc {
+            z::Z_STREAM_END if filled < out_len => {
+                // The span runs on into the next gzip member.
+                let trailer = input
+                    .get(8..)
+                    .ok_or_else(|| corrupt("span ends in a gzip trailer"))?;
+                let header = gzip_header_len(trailer)?
+                    .ok_or_else(|| corrupt("span ends in a gzip header"))?;
+                input = &trailer[header..];
+                inflater.reset();
+            }
+            z::Z_STREAM_END => {}
+            z::Z_OK | z::Z_BUF_ERROR if consumed == 0 && produced == 0 => {
+                return Err(corrupt("span data ends early"))
+            }
+            z::Z_OK | z::Z_BUF_ERROR => {}
+            rc => return Err(corrupt(format!("invalid deflate data in span ({rc})"))),
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,577 @@
+//! Layer indexes: for each layer blob, every entry's metadata and where its bytes live.
+//!
+//! Fourth stage of the pipeline, between the store and the cache. A [`LayerIndex`] is built by
+//! one streaming pass over a blob ([`build_index`]) and persisted by blob digest
+//! ([`IndexStore`]). It splits the uncompressed tar stream into spans; each span says how to get
+//! its bytes from the blob ([`Fetch`]) and carries the sha256 of its uncompressed bytes, so no
+//! byte is served unverified:
+//! - uncompressed tar: a span is the same byte range of the blob;
+//! - gzip: a span starts at a zran checkpoint ([`gzip`]); its compressed range has its own digest;
+//! - zstd: spans are only in the cache, filled by the streaming pass (no random access yet).
+//!
+//! The pass verifies the whole blob digest and the diff_id before the index is returned, so an
+//! index built here is trusted.
+
+pub mod gzip;
+pub mod tar;
+
+use std::io::{self, Read};
+use std::path::PathBuf;
+
+use oci_spec::image::Digest;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use crate::image::Compression;
+pub use tar::{Entry, Kind};
+
+/// Index format version; indexes of other versions are rebuilt.
+pub const INDEX_VERSION: u32 = 1;
+/// Default uncompressed bytes per span.
+pub const DEFAULT_SPAN: u64 = 1 << 20;
+
+/// A layer that could not be indexed or read.
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    #[error("layer {blob}: {detail}")]
+    Corrupt { blob: Digest, detail: String },
+    #[error("layer {blob}: {what} mismatch: expected {expected}, got {actual}")]
+    Mismatch {
+        blob: Digest,
+        what: &'static str,
+        expected: Digest,
+        actual: Digest,
+    },
+    #[error("layer index {path}: {detail}")]
+    Store { path: PathBuf, detail: String },
+}
+
+/// How to obtain a span's bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "fetch")]
+pub enum Fetch {
+    /// The same bytes at `in_start..in_end` of the blob (uncompressed layers).
+    Range { in_start: u64, in_end: u64 },
+    /// Decompress `in_start..in_end` from gzip checkpoint `checkpoint`; the compressed bytes
+    /// hash to `in_digest`.
+    Gzip {
+        checkpoint: u32,
+        in_start: u64,
+        in_end: u64,
+        in_digest: Digest,
+    },
+    /// Only in the cache (filled by streaming the whole layer).
+    Cached,
+}
+
+/// A piece of the uncompressed tar stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Span {
+    pub out_offset: u64,
+    pub out_len: u64,
+    /// sha256 of the uncompressed bytes: the cache key and the check on every fetch.
+    pub digest: Digest,
+    #[serde(flatten)]
+    pub fetch: Fetch,
+}
+
+/// Everything needed to read a layer lazily.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LayerIndex {
+    pub version: u32,
+    pub blob: Digest,
+    pub diff_id: Digest,
+    pub compression: Compression,
+    pub blob_size: u64,
+    /// Size of the uncompressed tar stream.
+    pub size: u64,
+    pub entries: Vec<Entry>,
+    pub spans: Vec<Span>,
+    pub checkpoints: Vec<gzip::Checkpoint>,
+}
+
+impl LayerIndex {
+    /// Index of the span containing uncompressed offset `offset`.
+    pub fn span_at(&self, offset: u64) -> Option<usize> {
+        let i = self.spans.partition_point(|s| s.out_offset <= offset);
+        let i = i.checked_sub(1)?;
+        (offset < self.spans[i].out_offset + self.spans[i].out_len).then_some(i)
+    }
+
+    /// Whether every span can be fetched from the blob (not cache-only).
+    pub fn random_access(&self) -> bool {
+        !self.spans.iter().any(|s| s.fetch == Fetch::Cached)
+    }
+}
+
+/// Builds the index of a layer from its compressed blob, read once from start to end.
+/// `on_span(digest, data)` receives every span's verified-later bytes (to fill the cache); the
+/// index is returned only if the blob digest and the diff_id match.
+pub fn build_index(
+    blob: impl Read,
+    compression: Compression,
+    blob_digest: &Digest,
+    diff_id: &Digest,
+    blob_size: u64,
+    span: u64,
+    on_span: &mut dyn FnMut(&Digest, &[u8]) -> io::Result<()>,
+) -> Result<LayerIndex, LayerError> {
+    let corrupt = |detail: String| LayerError::Corrupt {
+        blob: blob_digest.clone(),
+        detail,
+    };
+    let limit = blob_size.saturating_mul(1100).max(1 << 30);
+    let mut spans = Vec::new();
+    let (entries, blob_hash, out_hash, size, checkpoints) = match compression {
+        Compression::Gzip => {
+            let mut indexer = gzip::GzipIndexer::new(blob, span, |s: gzip::SpanOut<'_>| {
+                let digest = crate::digest::sha256(s.data);
+                on_span(&digest, s.data)?;
+                spans.push(Span {
+                    out_offset: s.out_offset,
+                    out_len: s.data.len() as u64,
+                    digest,
+                    fetch: Fetch::Gzip {
+                        checkpoint: s.checkpoint as u32,
+                        in_start: s.in_start,
+                        in_end: s.in_end,
+                        in_digest: crate::digest::from_hex("sha256", &hex::encode(s.in_digest)),
+                    },
+                });
+                Ok(())
+            });
+            let entries = tar::read_entries(&mut indexer, limit).map_err(corrupt)?;
+            io::copy(&mut indexer, &mut io::sink()).map_err(|e| corrupt(e.to_string()))?;
+            let checkpoints = std::mem::take(&mut indexer.checkpoints);
+            let (b, o, size) = indexer.finish();
+            (entries, b, o, size, checkpoints)
+        }
+        Compression::None | Compression::Zstd => {
+            let mut hashed_blob = HashingReader::new(blob);
+            let identity = compression == Compression::None;
+            let (entries, out_hash, size) = {
+                let decoded: Box<dyn Read + '_> = if identity {
+                    Box::new(&mut hashed_blob)
+                } else {
+                    Box::new(
+                        zstd::stream::read::Decoder::new(&mut hashed_blob)
+                            .map_err(|e| corrupt(e.to_string()))?,
+                    )
+                };
+                let mut spanner = Spanner::new(decoded, span, |out_offset, data: &[u8]| {
+                    let digest = crate::digest::sha256(data);
+                    on_span(&digest, data)?;
+                    let fetch = if identity {
+                        Fetch::Range {
+                            in_start: out_offset,
+                            in_end: out_offset + data.len() as u64,
+                        }
+                    } else {
+                        Fetch::Cached
+                    };
+                    spans.push(Span {
+                        out_offset,
+                        out_len: data.len() as u64,
+                        digest,
+                        fetch,
+                    });
+                    Ok(())
+                });
+                let entries = tar::read_entries(&mut spanner, limit).map_err(corrupt)?;
+                io::copy(&mut spanner, &mut io::sink()).map_err(|e| corrupt(e.to_string()))?;
+                let (h, size) = spanner.finish().map_err(|e| corrupt(e.to_string()))?;
+                (entries, h, size)
+            };
+            // zstd may stop before trailing bytes (padding, skippable frames): hash them too.
+            io::copy(&mut hashed_blob, &mut io::sink()).map_err(|e| corrupt(e.to_string()))?;
+            (entries, hashed_blob.finish(), out_hash, size, Vec::new())
+        }
+    };
+    let check = |what, expected: &Digest, actual: [u8; 32]| {
+        let actual = crate::digest::from_hex("sha256", &hex::encode(actual));
+        if &actual == expected {
+            Ok(())
+        } else {
+            Err(LayerError::Mismatch {
+                blob: blob_digest.clone(),
+                what,
+                expected: expected.clone(),
+                actual,
+            })
+        }
+    };
+    check("blob digest", blob_digest, blob_hash)?;
+    check("diff_id", diff_id, out_hash)?;
+    Ok(LayerIndex {
+        version: INDEX_VERSION,
+        blob: blob_digest.clone(),
+        diff_id: diff_id.clone(),
+        compression,
+        blob_size,
+        size,
+        entries,
+        spans,
+        checkpoints,
+    })
+}
+
+/// A reader that hashes what passes through it.
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> HashingReader<R> {
+    fn new(inner: R) -> Self {
+        HashingReader {
+            inner,
+            hasher: Sha256::new(),
+        }
+    }
+    fn finish(self) -> [u8; 32] {
+        self.hasher.finalize().into()
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Passes an uncompressed stream through, cutting it into fixed-size spans for a callback and
+/// hashing all of it (the diff_id).
+struct Spanner<R, F> {
+    inner: R,
+    span: u64,
+    offset: u64,
+    current: Vec<u8>,
+    hasher: Sha256,
+    on_span: F,
+}
+
+impl<R: Read, F: FnMut(u64, &[u8]) -> io::Result<()>> Spanner<R, F> {
+    fn new(inner: R, span: u64, on_span: F) -> Self {
+        Spanner {
+            inner,
+            span,
+            offset: 0,
+            current: Vec::new(),
+            hasher: Sha256::new(),
+            on_span,
+        }
+    }
+
+    fn emit(&mut self) -> io::Result<()> {
+        if !self.current.is_empty() {
+            (self.on_span)(self.offset, &self.current)?;
+            self.offset += self.current.len() as u64;
+            self.current.clear();
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> io::Result<([u8; 32], u64)> {
+        self.emit()?;
+        Ok((self.hasher.finalize().into(), self.offset))
+    }
+}
+
+impl<R: Read, F: FnMut(u64, &[u8]) -> io::Result<()>> Read for Spanner<R, F> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let room = (self.span - self.current.len() as u64) as usize;
+        let want = buf.len().min(room);
+        let n = self.inner.read(&mut buf[..want])?;
+        self.hasher.update(&buf[..n]);
+        self.current.extend_from_slice(&buf[..n]);
+        if self.current.len() as u64 == self.span {
+            self.emit()?;
+        }
+        Ok(n)
+    }
+}
+
+/// Layer indexes on disk: `<root>/layers/<blob hex>.json`.
+#[derive(Clone, Debug)]
+pub struct IndexStore {
+    dir: PathBuf,
+    tmp: PathBuf,
+}
+
+impl IndexStore {
+    pub fn new(root: &std::path::Path) -> IndexStore {
+        IndexStore {
+            dir: root.join("layers"),
+            tmp: root.join("tmp"),
+        }
+    }
+
+    fn path(&self, blob: &Digest) -> PathBuf {
+        self.dir.join(format!("{}.json", blob.digest()))
+    }
+
+    /// The stored index for `blob`, if there is a current-version one.
+    pub fn get(&self, blob: &Digest) -> Result<Option<LayerIndex>, LayerError> {
+        let path = self.path(blob);
+        let data = match std::fs::read(&path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(LayerError::Store {
+                    path,
+                    detail: e.to_string(),
+                })
+            }
+        };
+        let index: LayerIndex = serde_json::from_slice(&data).map_err(|e| LayerError::Store {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        Ok((index.version == INDEX_VERSION && &index.blob == blob).then_some(index))
+    }
+
+    pub fn put(&self, index: &LayerIndex) -> Result<(), LayerError> {
+        let path = self.path(&index.blob);
+        let store_err = |detail: String| LayerError::Store {
+            path: path.clone(),
+            detail,
+        };
+        std::fs::create_dir_all(&self.dir).map_err(|e| store_err(e.to_string()))?;
+        let data = serde_json::to_vec(index).expect("index serializes");
+        crate::store::write_atomic(&self.tmp, &path, &data).map_err(|e| store_err(e.to_string()))
+    }
+}
+
+/// Raw-deflate compression for checkpoint windows.
+pub(crate) fn deflate(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(data).expect("in-memory write");
+    enc.finish().expect("in-memory write")
+}
+
+pub(crate) fn inflate(data: &[u8]) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    flate2::read::DeflateDecoder::new(data).read_to_end(&mut out)?;
+    Ok(out)
+}
+
+pub(crate) mod b64 {
+    //! Bytes as base64 strings in JSON.
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A tar with `n` files of pseudo-random, partly compressible content.
+    fn sample_tar(n: usize) -> Vec<u8> {
+        let mut b = ::tar::Builder::new(Vec::new());
+        let mut seed = 7u64;
+        for i in 0..n {
+            let len = (i * 7919) % 150_000 + 1;
+            let data: Vec<u8> = (0..len)
+                .map(|j| {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    if j % 3 == 0 {
+                        (seed >> 56) as u8
+                    } else {
+                        b'a' + (j % 26) as u8
+                    }
+                })
+                .collect();
+            let mut h = ::tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, format!("dir/file-{i}"), &data[..])
+                .unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    fn index(
+        blob: &[u8],
+        tar: &[u8],
+        c: Compression,
+        span: u64,
+    ) -> (LayerIndex, Vec<(Digest, Vec<u8>)>) {
+        let mut chunks = Vec::new();
+        let idx = build_index(
+            blob,
+            c,
+            &crate::digest::sha256(blob),
+            &crate::digest::sha256(tar),
+            blob.len() as u64,
+            span,
+            &mut |d, data| {
+                chunks.push((d.clone(), data.to_vec()));
+                Ok(())
+            },
+        )
+        .unwrap();
+        (idx, chunks)
+    }
+
+    /// Decodes every span from the blob alone and checks it against the tar.
+    fn check_all_spans(idx: &LayerIndex, blob: &[u8], tar: &[u8]) {
+        assert_eq!(idx.size, tar.len() as u64);
+        let mut covered = 0;
+        for span in &idx.spans {
+            assert_eq!(span.out_offset, covered, "spans are contiguous");
+            let want = &tar[span.out_offset as usize..(span.out_offset + span.out_len) as usize];
+            let got = match &span.fetch {
+                Fetch::Gzip {
+                    checkpoint,
+                    in_start,
+                    in_end,
+                    in_digest,
+                } => {
+                    let comp = &blob[*in_start as usize..*in_end as usize];
+                    crate::digest::verify(in_digest, comp).unwrap();
+                    gzip::decode_span(
+                        &idx.checkpoints[*checkpoint as usize],
+                        comp,
+                        span.out_len as usize,
+                    )
+                    .unwrap()
+                }
+                Fetch::Range { in_start, in_end } => {
+                    blob[*in_start as usize..*in_end as usize].to_vec()
+                }
+                Fetch::Cached => continue,
+            };
+            assert!(got == want, "span at {} differs", span.out_offset);
+            crate::digest::verify(&span.digest, &got).unwrap();
+            covered += span.out_len;
+        }
+        if idx.random_access() {
+            assert_eq!(covered, tar.len() as u64);
+        }
+    }
+
+    #[test]
+    fn gzip_spans_decode_independently() {
+        let tar = sample_tar(60);
+        let blob = gzip(&tar);
+        let (idx, chunks) = index(&blob, &tar, Compression::Gzip, 256 * 1024);
+        assert!(
+            idx.checkpoints.len() > 5,
+            "{} checkpoints",
+            idx.checkpoints.len()
+        );
+        assert_eq!(idx.entries.len(), 60);
+        assert_eq!(chunks.len(), idx.spans.len());
+        check_all_spans(&idx, &blob, &tar);
+        // Entries point at their data.
+        let e = &idx.entries[17];
+        let start = e.offset as usize;
+        assert_eq!(e.path, "dir/file-17");
+        assert_eq!(e.size, ((17 * 7919) % 150_000 + 1) as u64);
+        assert!(tar[start..start + 3].iter().all(|_| true));
+        assert!(idx.span_at(e.offset).is_some());
+        assert!(idx.span_at(idx.size).is_none());
+    }
+
+    #[test]
+    fn multi_member_gzip_is_followed_across_members() {
+        let tar = sample_tar(40);
+        // One gzip member per 100 KiB of tar, as eStargz does per file.
+        let blob: Vec<u8> = tar.chunks(100 * 1024).flat_map(gzip).collect();
+        let (idx, _) = index(&blob, &tar, Compression::Gzip, 64 * 1024);
+        assert_eq!(idx.entries.len(), 40);
+        check_all_spans(&idx, &blob, &tar);
+    }
+
+    #[test]
+    fn tar_and_zstd_layers() {
+        let tar = sample_tar(20);
+        let (idx, _) = index(&tar, &tar, Compression::None, 128 * 1024);
+        assert!(idx.random_access());
+        check_all_spans(&idx, &tar, &tar);
+        let blob = zstd::encode_all(&tar[..], 3).unwrap();
+        let (idx, chunks) = index(&blob, &tar, Compression::Zstd, 128 * 1024);
+        assert!(!idx.random_access());
+        let joined: Vec<u8> = chunks.into_iter().flat_map(|(_, d)| d).collect();
+        assert!(joined == tar);
+    }
+
+    #[test]
+    fn wrong_digests_and_corruption_are_detected() {
+        let tar = sample_tar(10);
+        let blob = gzip(&tar);
+        let wrong = crate::digest::sha256(b"other");
+        let err = build_index(
+            &blob[..],
+            Compression::Gzip,
+            &wrong,
+            &crate::digest::sha256(&tar),
+            0,
+            65536,
+            &mut |_, _| Ok(()),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("blob digest mismatch"), "{err}");
+        let err = build_index(
+            &blob[..],
+            Compression::Gzip,
+            &crate::digest::sha256(&blob),
+            &wrong,
+            0,
+            65536,
+            &mut |_, _| Ok(()),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("diff_id mismatch"), "{err}");
+        let err = build_index(
+            &blob[..blob.len() / 2],
+            Compression::Gzip,
+            &wrong,
+            &wrong,
+            0,
+            65536,
+            &mut |_, _| Ok(()),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("truncated"), "{err}");
+        // A flipped byte inside a span fails its compressed digest.
+        let (idx, _) = index(&blob, &tar, Compression::Gzip, 65536);
+        if let Fetch::Gzip {
+            in_start,
+            in_end,
+            in_digest,
+            ..
+        } = &idx.spans[1].fetch
+        {
+            let mut comp = blob[*in_start as usize..*in_end as usize].to_vec();
+            comp[10] ^= 1;
+            assert!(crate::digest::verify(in_digest, &comp).is_err());
+        } else {
+            panic!("gzip span expected");
+        }
+    }
+}

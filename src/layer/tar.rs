@@ -1,0 +1,228 @@
+//! Tar entries of a layer: metadata plus where each file's bytes start in the uncompressed
+//! stream. Paths are cleaned the way containerd does (`..` cannot climb above the root,
+//! leading `/` and `./` are dropped); whiteouts and opaque markers are recorded as such.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+
+use serde::{Deserialize, Serialize};
+
+/// What an entry is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "type")]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink {
+        target: String,
+    },
+    /// A hard link to `target` (a path in this layer or below).
+    Hardlink {
+        target: String,
+    },
+    Char {
+        major: u32,
+        minor: u32,
+    },
+    Block {
+        major: u32,
+        minor: u32,
+    },
+    Fifo,
+    /// `.wh.NAME`: hides `path` from lower layers.
+    Whiteout,
+    /// `.wh..wh..opq`: `path` (a directory) hides its lower contents.
+    Opaque,
+}
+
+/// One entry of a layer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Cleaned path without leading `/` ("" is the root directory).
+    pub path: String,
+    #[serde(flatten)]
+    pub kind: Kind,
+    /// Permission bits including setuid, setgid and sticky.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub mtime: i64,
+    /// Offset of the file's data in the uncompressed tar stream.
+    pub offset: u64,
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        with = "xattr_map"
+    )]
+    pub xattrs: BTreeMap<String, Vec<u8>>,
+}
+
+const WHITEOUT_PREFIX: &str = ".wh.";
+const OPAQUE: &str = ".wh..wh..opq";
+
+/// Cleans a tar path: drops `/`, `.` and empty components, and resolves `..` without ever
+/// leaving the root. Fails on NUL bytes.
+pub fn clean_path(raw: &str) -> Result<String, String> {
+    if raw.contains('\0') {
+        return Err(format!("entry name {raw:?} contains a NUL byte"));
+    }
+    let mut parts: Vec<&str> = Vec::new();
+    for c in raw.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    Ok(parts.join("/"))
+}
+
+/// Reads every entry of a tar stream. `limit` bounds each entry's declared size (a hostile
+/// layer cannot claim more data than the stream has).
+pub fn read_entries(reader: impl Read, limit: u64) -> Result<Vec<Entry>, String> {
+    let mut archive = tar::Archive::new(reader);
+    let mut out = Vec::new();
+    let entries = archive.entries().map_err(|e| e.to_string())?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| format!("reading tar entry: {e}"))?;
+        let raw_path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let path = clean_path(&raw_path)?;
+        let header = entry.header();
+        let size = entry.size();
+        if size > limit {
+            return Err(format!(
+                "entry {raw_path:?} claims {size} bytes, more than the layer holds"
+            ));
+        }
+        let link = || -> Result<String, String> {
+            let l = entry
+                .link_name_bytes()
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default();
+            Ok(l)
+        };
+        let device = |h: &tar::Header| -> (u32, u32) {
+            (
+                h.device_major().ok().flatten().unwrap_or(0),
+                h.device_minor().ok().flatten().unwrap_or(0),
+            )
+        };
+        let name = path.rsplit('/').next().unwrap_or("");
+        let parent = path.rsplit_once('/').map_or("", |(p, _)| p);
+        let (path, kind) = if name == OPAQUE {
+            (parent.to_string(), Kind::Opaque)
+        } else if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
+            let hidden_path = if parent.is_empty() {
+                hidden.to_string()
+            } else {
+                format!("{parent}/{hidden}")
+            };
+            (hidden_path, Kind::Whiteout)
+        } else {
+            let et = header.entry_type();
+            let kind = match et {
+                tar::EntryType::Regular
+                | tar::EntryType::Continuous
+                | tar::EntryType::GNUSparse => Kind::File,
+                tar::EntryType::Directory => Kind::Dir,
+                tar::EntryType::Symlink => Kind::Symlink { target: link()? },
+                tar::EntryType::Link => Kind::Hardlink {
+                    target: clean_path(&link()?)?,
+                },
+                tar::EntryType::Char => {
+                    let (major, minor) = device(header);
+                    Kind::Char { major, minor }
+                }
+                tar::EntryType::Block => {
+                    let (major, minor) = device(header);
+                    Kind::Block { major, minor }
+                }
+                tar::EntryType::Fifo => Kind::Fifo,
+                tar::EntryType::XGlobalHeader => continue,
+                other => {
+                    return Err(format!(
+                        "entry {raw_path:?} has unsupported tar type {other:?}"
+                    ))
+                }
+            };
+            (path, kind)
+        };
+        if matches!(kind, Kind::Whiteout) && path.is_empty() {
+            return Err(format!("whiteout {raw_path:?} names the root"));
+        }
+        let mut xattrs = BTreeMap::new();
+        if let Some(exts) = entry.pax_extensions().map_err(|e| e.to_string())? {
+            for ext in exts {
+                let ext = ext.map_err(|e| e.to_string())?;
+                if let Some(name) = ext.key().ok().and_then(|k| k.strip_prefix("SCHILY.xattr.")) {
+                    xattrs.insert(name.to_string(), ext.value_bytes().to_vec());
+                }
+            }
+        }
+        let header = entry.header();
+        out.push(Entry {
+            mode: header.mode().map_err(|e| e.to_string())? & 0o7777,
+            // Blank numeric fields read as 0, as Go's archive/tar (containerd) reads them.
+            uid: header.uid().unwrap_or(0) as u32,
+            gid: header.gid().unwrap_or(0) as u32,
+            mtime: header.mtime().unwrap_or(0) as i64,
+            size: if kind == Kind::File { size } else { 0 },
+            offset: entry.raw_file_position(),
+            path,
+            kind,
+            xattrs,
+        });
+    }
+    Ok(out)
+}
+
+mod xattr_map {
+    //! xattr values are bytes: serialised as base64.
+    use std::collections::BTreeMap;
+
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        m: &BTreeMap<String, Vec<u8>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let e = base64::engine::general_purpose::STANDARD;
+        m.iter()
+            .map(|(k, v)| (k.clone(), e.encode(v)))
+            .collect::<BTreeMap<_, _>>()
+            .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, Vec<u8>>, D::Error> {
+        let e = base64::engine::general_purpose::STANDARD;
+        BTreeMap::<String, String>::deserialize(d)?
+            .into_iter()
+            .map(|(k, v)| {
+                e.decode(v)
+                    .map(|v| (k, v))
+                    .map_err(serde::de::Error::custom)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_cleaned_like_containerd() {
+        assert_eq!(clean_path("./etc/passwd").unwrap(), "etc/passwd");
+        assert_eq!(clean_path("/abs/x").unwrap(), "abs/x");
+        assert_eq!(clean_path("../../etc/shadow").unwrap(), "etc/shadow");
+        assert_eq!(clean_path("a/b/../../../c").unwrap(), "c");
+        assert_eq!(clean_path("./").unwrap(), "");
+        assert!(clean_path("a\0b").is_err());
+    }
+}

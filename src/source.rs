@@ -1,0 +1,227 @@
+//! Blob sources: where the bytes of a layer blob come from.
+//!
+//! The seam between the registry and the layer/cache stages. A [`BlobSource`] knows a blob's
+//! size and reads byte ranges of it; it verifies nothing (callers check ranges against span
+//! digests). Implementations: [`RegistrySource`] (HTTP Range requests), [`FileSource`] (a local
+//! file, e.g. a downloaded blob) and [`FaultySource`] (wraps another and injects faults, for
+//! tests). No registry types appear in the layer or cache signatures; they see only this trait.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use oci_spec::image::Digest;
+
+use crate::reference::Reference;
+use crate::registry::RegistryClient;
+
+/// A failed read, naming the blob.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+    #[error("reading {what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("read of {len} bytes at {offset} is outside blob {digest} of {size} bytes")]
+    OutOfRange {
+        digest: Digest,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+    #[error("injected fault: {0}")]
+    Injected(String),
+}
+
+/// A boxed future, so the trait stays object safe.
+pub type ReadFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<u8>, SourceError>> + Send + 'a>>;
+
+/// Random access to one blob.
+pub trait BlobSource: Send + Sync {
+    /// The blob's size in bytes.
+    fn size(&self) -> u64;
+    /// Reads exactly `len` bytes at `offset`.
+    fn read_range(&self, offset: u64, len: u64) -> ReadFuture<'_>;
+}
+
+fn check_range(digest: &Digest, size: u64, offset: u64, len: u64) -> Result<(), SourceError> {
+    if offset.checked_add(len).is_none_or(|end| end > size) {
+        return Err(SourceError::OutOfRange {
+            digest: digest.clone(),
+            offset,
+            len,
+            size,
+        });
+    }
+    Ok(())
+}
+
+/// A blob in a registry, read with HTTP Range requests.
+pub struct RegistrySource {
+    client: Arc<RegistryClient>,
+    reference: Reference,
+    digest: Digest,
+    size: u64,
+    fetched: AtomicU64,
+}
+
+impl RegistrySource {
+    /// `size` comes from the manifest's descriptor, so no request is needed to learn it.
+    pub fn new(
+        client: Arc<RegistryClient>,
+        reference: Reference,
+        digest: Digest,
+        size: u64,
+    ) -> Self {
+        RegistrySource {
+            client,
+            reference,
+            digest,
+            size,
+            fetched: AtomicU64::new(0),
+        }
+    }
+
+    /// Bytes read from the registry so far.
+    pub fn bytes_fetched(&self) -> u64 {
+        self.fetched.load(Ordering::Relaxed)
+    }
+}
+
+impl BlobSource for RegistrySource {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_range(&self, offset: u64, len: u64) -> ReadFuture<'_> {
+        Box::pin(async move {
+            check_range(&self.digest, self.size, offset, len)?;
+            let data = self
+                .client
+                .read_blob_range(&self.reference, &self.digest, offset, len)
+                .await?;
+            self.fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
+            Ok(data)
+        })
+    }
+}
+
+/// A blob in a local file.
+pub struct FileSource {
+    path: PathBuf,
+    digest: Digest,
+    size: u64,
+}
+
+impl FileSource {
+    pub fn open(path: impl Into<PathBuf>, digest: Digest) -> Result<Self, SourceError> {
+        let path = path.into();
+        let size = std::fs::metadata(&path)
+            .map_err(|source| SourceError::Io {
+                what: path.display().to_string(),
+                source,
+            })?
+            .len();
+        Ok(FileSource { path, digest, size })
+    }
+}
+
+impl BlobSource for FileSource {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_range(&self, offset: u64, len: u64) -> ReadFuture<'_> {
+        Box::pin(async move {
+            check_range(&self.digest, self.size, offset, len)?;
+            let path = self.path.clone();
+            tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt;
+                let file = std::fs::File::open(&path)?;
+                let mut buf = vec![0u8; len as usize];
+                file.read_exact_at(&mut buf, offset)?;
+                Ok(buf)
+            })
+            .await
+            .expect("blocking read task")
+            .map_err(|source| SourceError::Io {
+                what: self.path.display().to_string(),
+                source,
+            })
+        })
+    }
+}
+
+/// Faults a [`FaultySource`] injects.
+#[derive(Clone, Debug, Default)]
+pub struct Faults {
+    /// Flip the byte at this blob offset in every read that covers it.
+    pub flip_byte_at: Option<u64>,
+    /// Fail every read while set.
+    pub fail: bool,
+    /// Pretend the blob ends here: reads past it fail.
+    pub truncate_at: Option<u64>,
+}
+
+/// Wraps a source and injects [`Faults`]; counts reads and bytes.
+pub struct FaultySource<S> {
+    inner: S,
+    faults: Mutex<Faults>,
+    reads: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl<S: BlobSource> FaultySource<S> {
+    pub fn new(inner: S) -> Self {
+        FaultySource {
+            inner,
+            faults: Mutex::default(),
+            reads: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+        }
+    }
+
+    pub fn set_faults(&self, faults: Faults) {
+        *self.faults.lock().unwrap() = faults;
+    }
+
+    /// (reads, bytes) served so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.reads.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl<S: BlobSource> BlobSource for FaultySource<S> {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn read_range(&self, offset: u64, len: u64) -> ReadFuture<'_> {
+        Box::pin(async move {
+            let faults = self.faults.lock().unwrap().clone();
+            if faults.fail {
+                return Err(SourceError::Injected("source unavailable".into()));
+            }
+            if faults.truncate_at.is_some_and(|t| offset + len > t) {
+                return Err(SourceError::Injected("blob truncated".into()));
+            }
+            let mut data = self.inner.read_range(offset, len).await?;
+            if let Some(at) = faults.flip_byte_at {
+                if (offset..offset + len).contains(&at) {
+                    data[(at - offset) as usize] ^= 0xff;
+                }
+            }
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            self.bytes.fetch_add(len, Ordering::Relaxed);
+            Ok(data)
+        })
+    }
+}
