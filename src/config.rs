@@ -36,6 +36,66 @@ pub struct Config {
     /// Per-registry settings keyed by `host[:port]` as written in image names (`docker.io`).
     #[serde(default)]
     pub hosts: BTreeMap<String, HostConfig>,
+    /// The chunk cache.
+    #[serde(default)]
+    pub cache: CacheSettings,
+}
+
+/// `[cache]` in the config file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSettings {
+    /// Most disk space for cached chunks (`10GiB`, `500M`, bytes); none means no cap.
+    #[serde(deserialize_with = "size_opt")]
+    pub max_size: Option<u64>,
+    /// Chunks (of about 1 MiB) kept in memory.
+    pub memory_chunks: usize,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings {
+            max_size: None,
+            memory_chunks: 64,
+        }
+    }
+}
+
+fn size_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Size::deserialize(d)? {
+        Size::Bytes(b) => Ok(Some(b)),
+        Size::Text(t) => parse_size(&t).map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
+/// Parses `123`, `64K`, `500M`, `10G`, `1T` (binary units; `KiB`/`KB`/`k` all mean 1024).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num.parse().map_err(|_| format!("invalid size {text:?}"))?;
+    let shift = match unit
+        .trim()
+        .to_ascii_lowercase()
+        .trim_end_matches("ib")
+        .trim_end_matches('b')
+    {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        "t" => 40,
+        _ => return Err(format!("invalid size unit in {text:?} (use K, M, G or T)")),
+    };
+    Ok((value * (1u64 << shift) as f64) as u64)
 }
 
 impl Config {
@@ -68,6 +128,25 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_and_cache_settings() {
+        assert_eq!(parse_size("123").unwrap(), 123);
+        assert_eq!(parse_size("64K").unwrap(), 65536);
+        assert_eq!(parse_size("1.5GiB").unwrap(), 3 << 29);
+        assert_eq!(parse_size("10 MB").unwrap(), 10 << 20);
+        assert!(parse_size("10X").is_err());
+        let c = Config::parse("[cache]\nmax_size = \"2G\"").unwrap();
+        assert_eq!(c.cache.max_size, Some(2 << 30));
+        assert_eq!(
+            Config::parse("[cache]\nmax_size = 42")
+                .unwrap()
+                .cache
+                .max_size,
+            Some(42)
+        );
+        assert_eq!(Config::default().cache.max_size, None);
+    }
 
     #[test]
     fn parses_hosts_and_rejects_unknown_keys() {

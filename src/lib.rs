@@ -18,8 +18,10 @@
 //! Shared vocabulary lives in [`image`] (media types, platforms, layer records, ChainIDs),
 //! [`digest`] and [`config`] (the configuration file).
 
+pub mod cache;
 pub mod config;
 pub mod digest;
+pub mod fs;
 pub mod image;
 pub mod layer;
 pub mod pull;
@@ -27,3 +29,4 @@ pub mod reference;
 pub mod registry;
 pub mod source;
 pub mod store;
+pub mod tree;

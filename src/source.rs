@@ -225,3 +225,66 @@ impl<S: BlobSource> BlobSource for FaultySource<S> {
         })
     }
 }
+
+/// A blocking `Read` over a whole blob, fetched front to back in `chunk`-sized ranges with up
+/// to `parallel` requests in flight. Runs on a blocking thread; the fetches run on `handle`.
+pub struct SequentialReader {
+    source: Arc<dyn BlobSource>,
+    handle: tokio::runtime::Handle,
+    next: u64,
+    chunk: u64,
+    parallel: usize,
+    inflight: std::collections::VecDeque<tokio::task::JoinHandle<Result<Vec<u8>, SourceError>>>,
+    current: Vec<u8>,
+    pos: usize,
+}
+
+impl SequentialReader {
+    pub fn new(
+        source: Arc<dyn BlobSource>,
+        handle: tokio::runtime::Handle,
+        chunk: u64,
+        parallel: usize,
+    ) -> Self {
+        SequentialReader {
+            source,
+            handle,
+            next: 0,
+            chunk: chunk.max(1),
+            parallel: parallel.max(1),
+            inflight: Default::default(),
+            current: Vec::new(),
+            pos: 0,
+        }
+    }
+}
+
+impl std::io::Read for SequentialReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos == self.current.len() {
+            let size = self.source.size();
+            while self.inflight.len() < self.parallel && self.next < size {
+                let (offset, len) = (self.next, self.chunk.min(size - self.next));
+                self.next += len;
+                let source = self.source.clone();
+                self.inflight.push_back(
+                    self.handle
+                        .spawn(async move { source.read_range(offset, len).await }),
+                );
+            }
+            let Some(next) = self.inflight.pop_front() else {
+                return Ok(0);
+            };
+            self.current = self
+                .handle
+                .block_on(next)
+                .map_err(std::io::Error::other)?
+                .map_err(std::io::Error::other)?;
+            self.pos = 0;
+        }
+        let n = buf.len().min(self.current.len() - self.pos);
+        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}

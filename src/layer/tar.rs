@@ -82,7 +82,51 @@ pub fn clean_path(raw: &str) -> Result<String, String> {
 
 /// Reads every entry of a tar stream. `limit` bounds each entry's declared size (a hostile
 /// layer cannot claim more data than the stream has).
+///
+/// Some writers (umoci 0.4's `insert`, seen here) end the stream right after the last file's
+/// data, without its block padding and the end-of-archive blocks. That is accepted when every
+/// entry's data lies inside the stream; a stream cut inside an entry's data is an error.
 pub fn read_entries(reader: impl Read, limit: u64) -> Result<Vec<Entry>, String> {
+    let mut padded = PaddedAtEof {
+        inner: reader,
+        real: 0,
+        zeros: 0,
+    };
+    let entries = read_entries_strict(&mut padded, limit)?;
+    if let Some(e) = entries.iter().find(|e| e.offset + e.size > padded.real) {
+        return Err(format!(
+            "tar stream truncated: entry {:?} needs bytes up to {} but the stream has {}",
+            e.path,
+            e.offset + e.size,
+            padded.real
+        ));
+    }
+    Ok(entries)
+}
+
+/// Yields zeros (up to one padding block and the end-of-archive blocks) after `inner` ends,
+/// counting the real bytes.
+struct PaddedAtEof<R> {
+    inner: R,
+    real: u64,
+    zeros: u64,
+}
+
+impl<R: Read> Read for PaddedAtEof<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            self.real += n as u64;
+            return Ok(n);
+        }
+        let n = buf.len().min((3 * 512 - self.zeros) as usize);
+        buf[..n].fill(0);
+        self.zeros += n as u64;
+        Ok(n)
+    }
+}
+
+fn read_entries_strict(reader: impl Read, limit: u64) -> Result<Vec<Entry>, String> {
     let mut archive = tar::Archive::new(reader);
     let mut out = Vec::new();
     let entries = archive.entries().map_err(|e| e.to_string())?;

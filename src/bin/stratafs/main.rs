@@ -1,5 +1,7 @@
 //! The `stratafs` command line. Parses arguments, loads the config, and calls the library.
 
+mod lazy;
+
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -53,6 +55,72 @@ enum Command {
     Inspect { reference: String },
     /// Remove a pulled image and the metadata no other image uses.
     Rmi { reference: String },
+    /// List a directory of an image (pulling its metadata if needed).
+    Ls {
+        /// Long listing: mode, links, owner, size, time, link target.
+        #[arg(short, long)]
+        long: bool,
+        #[command(flatten)]
+        image: ImageArgs,
+        /// Directory or file in the image (default /).
+        #[arg(default_value = "/")]
+        path: String,
+    },
+    /// Print a file of an image, fetching only the bytes it needs.
+    Cat {
+        #[command(flatten)]
+        image: ImageArgs,
+        path: String,
+    },
+    /// Layer indexes.
+    #[command(subcommand)]
+    Index(IndexCommand),
+    /// The chunk cache.
+    #[command(subcommand)]
+    Cache(CacheCommand),
+}
+
+#[derive(clap::Args)]
+struct ImageArgs {
+    /// Platform os/arch[/variant] (default: this machine's).
+    #[arg(long)]
+    platform: Option<String>,
+    /// Use plain HTTP for the registry.
+    #[arg(long)]
+    plain_http: bool,
+    reference: String,
+}
+
+#[derive(Subcommand)]
+enum IndexCommand {
+    /// Stream each layer once to build its index (and fill the cache).
+    Build {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        image: ImageArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Chunks and bytes cached, layer indexes kept.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove least recently used chunks down to a size (default: the configured cap, else 0).
+    Prune {
+        #[arg(long)]
+        max_size: Option<String>,
+    },
+}
+
+fn platform(p: &Option<String>) -> Result<Platform> {
+    Ok(match p {
+        Some(p) => Platform::parse(p)?,
+        None => Platform::host(),
+    })
 }
 
 #[tokio::main]
@@ -66,6 +134,13 @@ async fn main() {
         .with_writer(std::io::stderr)
         .init();
     if let Err(e) = run(cli).await {
+        let broken_pipe = e
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe);
+        if broken_pipe {
+            // The reader of our output went away (`stratafs ls … | head`): not an error.
+            std::process::exit(0);
+        }
         eprintln!("stratafs: error: {e:#}");
         std::process::exit(1);
     }
@@ -86,10 +161,7 @@ async fn run(cli: Cli) -> Result<()> {
             reference,
         } => {
             let reference: Reference = reference.parse()?;
-            let platform = match platform {
-                Some(p) => Platform::parse(&p)?,
-                None => Platform::host(),
-            };
+            let platform = self::platform(&platform)?;
             let client = RegistryClient::new(config.registry, config.hosts, plain_http);
             let spinner = progress_spinner();
             let started = Instant::now();
@@ -152,6 +224,35 @@ async fn run(cli: Cli) -> Result<()> {
             let name = find_image(&store, &reference)?.name;
             store.remove_image(&name)?;
             println!("removed {name}");
+        }
+        Command::Ls { long, image, path } => {
+            let ctx = lazy::Context::new(store, &config, image.plain_http)?;
+            lazy::ls(
+                &ctx,
+                &image.reference,
+                &path,
+                long,
+                &platform(&image.platform)?,
+            )
+            .await?;
+        }
+        Command::Cat { image, path } => {
+            let ctx = lazy::Context::new(store, &config, image.plain_http)?;
+            lazy::cat(&ctx, &image.reference, &path, &platform(&image.platform)?).await?;
+        }
+        Command::Index(IndexCommand::Build { json, image }) => {
+            let ctx = lazy::Context::new(store, &config, image.plain_http)?;
+            lazy::index_build(&ctx, &image.reference, &platform(&image.platform)?, json).await?;
+        }
+        Command::Cache(CacheCommand::Stats { json }) => {
+            lazy::cache_stats(&lazy::Context::new(store, &config, false)?, json)?;
+        }
+        Command::Cache(CacheCommand::Prune { max_size }) => {
+            let max = match max_size {
+                Some(s) => stratafs::config::parse_size(&s).map_err(anyhow::Error::msg)?,
+                None => config.cache.max_size.unwrap_or(0),
+            };
+            lazy::cache_prune(&lazy::Context::new(store, &config, false)?, max)?;
         }
     }
     Ok(())

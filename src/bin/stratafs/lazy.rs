@@ -1,0 +1,207 @@
+//! Commands that read image contents lazily: `ls`, `cat`, `index build`, `cache stats|prune`.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+use stratafs::cache::{Cache, DiskChunks};
+use stratafs::config::Config;
+use stratafs::fs::{ImageView, Layers};
+use stratafs::image::{ImageRecord, Platform};
+use stratafs::reference::Reference;
+use stratafs::registry::RegistryClient;
+use stratafs::store::Store;
+use stratafs::tree::FileType;
+
+/// What the lazy commands share: the store, a registry client, the cache and layer access.
+pub struct Context {
+    pub store: Store,
+    pub client: Arc<RegistryClient>,
+    pub chunks: Arc<DiskChunks>,
+    pub layers: Layers,
+}
+
+impl Context {
+    pub fn new(store: Store, config: &Config, plain_http: bool) -> Result<Context> {
+        let client = Arc::new(RegistryClient::new(
+            config.registry.clone(),
+            config.hosts.clone(),
+            plain_http,
+        ));
+        let chunks = Arc::new(DiskChunks::open(store.root()).context("opening the chunk cache")?);
+        let cache = Arc::new(Cache::new(chunks.clone(), config.cache.memory_chunks));
+        let layers = Layers::new(store.root(), client.clone(), cache);
+        Ok(Context {
+            store,
+            client,
+            chunks,
+            layers,
+        })
+    }
+
+    /// The stored image for `reference`, pulling its metadata first if needed.
+    pub async fn image(&self, reference: &str, platform: &Platform) -> Result<ImageRecord> {
+        let reference: Reference = reference.parse()?;
+        if let Some(r) = self.store.images.get(&reference.to_string())? {
+            return Ok(r);
+        }
+        Ok(stratafs::pull::pull(&self.client, &self.store, &reference, platform, &|_| {}).await?)
+    }
+
+    pub async fn view(&self, reference: &str, platform: &Platform) -> Result<ImageView> {
+        let image = self.image(reference, platform).await?;
+        Ok(ImageView::open(&self.layers, &image).await?)
+    }
+}
+
+pub async fn ls(
+    ctx: &Context,
+    reference: &str,
+    path: &str,
+    long: bool,
+    platform: &Platform,
+) -> Result<()> {
+    let view = ctx.view(reference, platform).await?;
+    let id = view.lookup(path)?;
+    let node = view.tree.node(id);
+    let entries: Vec<(String, usize)> = if node.file_type == FileType::Dir {
+        node.children.iter().map(|(n, c)| (n.clone(), *c)).collect()
+    } else {
+        vec![(node.name.clone(), id)]
+    };
+    let mut out = std::io::stdout().lock();
+    for (name, child) in entries {
+        let n = view.tree.node(child);
+        if !long {
+            writeln!(out, "{name}")?;
+            continue;
+        }
+        let (kind, size) = match &n.file_type {
+            FileType::File => ('-', n.size.to_string()),
+            FileType::Dir => ('d', n.size.to_string()),
+            FileType::Symlink(_) => ('l', n.size.to_string()),
+            FileType::Char(ma, mi) => ('c', format!("{ma}, {mi}")),
+            FileType::Block(ma, mi) => ('b', format!("{ma}, {mi}")),
+            FileType::Fifo => ('p', "0".into()),
+        };
+        let when = chrono::DateTime::from_timestamp(n.mtime, 0)
+            .unwrap_or_default()
+            .format("%Y-%m-%d %H:%M");
+        let target = match &n.file_type {
+            FileType::Symlink(t) => format!(" -> {t}"),
+            _ => String::new(),
+        };
+        writeln!(
+            out,
+            "{kind}{} {:>3} {:>5} {:>5} {:>10} {when} {name}{target}",
+            mode_string(n.mode),
+            n.nlink,
+            n.uid,
+            n.gid,
+            size
+        )?;
+    }
+    Ok(())
+}
+
+pub async fn cat(ctx: &Context, reference: &str, path: &str, platform: &Platform) -> Result<()> {
+    let view = ctx.view(reference, platform).await?;
+    let id = view.lookup(path)?;
+    let size = view.tree.node(id).size;
+    let mut out = std::io::stdout().lock();
+    let mut offset = 0;
+    const STEP: u64 = 4 << 20;
+    loop {
+        let data = view.read(id, offset, STEP).await?;
+        out.write_all(&data)?;
+        offset += data.len() as u64;
+        if data.is_empty() || offset >= size {
+            break;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+pub async fn index_build(
+    ctx: &Context,
+    reference: &str,
+    platform: &Platform,
+    json: bool,
+) -> Result<()> {
+    let image = ctx.image(reference, platform).await?;
+    let mut reports = Vec::new();
+    for layer in &image.layers {
+        let (_, report) = ctx.layers.index(&image, layer).await?;
+        if !json {
+            println!(
+                "{}  {:>6} entries  {:>5} spans  {:>4} checkpoints  {:>10} -> {:>10} bytes  {}",
+                report.blob,
+                report.entries,
+                report.spans,
+                report.checkpoints,
+                report.blob_size,
+                report.size,
+                if report.built {
+                    format!(
+                        "built in {:.2}s ({:.0} MB/s compressed)",
+                        report.seconds,
+                        report.blob_size as f64 / report.seconds.max(1e-9) / 1e6
+                    )
+                } else {
+                    "already indexed".into()
+                }
+            );
+        }
+        reports.push(serde_json::json!({
+            "digest": report.blob, "built": report.built, "entries": report.entries,
+            "spans": report.spans, "checkpoints": report.checkpoints,
+            "blob_size": report.blob_size, "size": report.size, "seconds": report.seconds,
+        }));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    }
+    Ok(())
+}
+
+pub fn cache_stats(ctx: &Context, json: bool) -> Result<()> {
+    let (chunks, bytes) = ctx.chunks.usage()?;
+    let indexes = count_files(&ctx.store.root().join("layers"));
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "chunks": chunks, "bytes": bytes, "layer_indexes": indexes })
+        );
+    } else {
+        println!("chunks: {chunks}\nbytes: {bytes}\nlayer indexes: {indexes}");
+    }
+    Ok(())
+}
+
+pub fn cache_prune(ctx: &Context, max_size: u64) -> Result<()> {
+    let (removed, freed) = ctx.chunks.prune(max_size)?;
+    println!("removed {removed} chunks, freed {freed} bytes");
+    Ok(())
+}
+
+fn count_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+}
+
+fn mode_string(mode: u32) -> String {
+    let mut s = String::with_capacity(9);
+    for (shift, special, special_char) in [(6, 0o4000, 's'), (3, 0o2000, 's'), (0, 0o1000, 't')] {
+        let bits = (mode >> shift) & 7;
+        s.push(if bits & 4 != 0 { 'r' } else { '-' });
+        s.push(if bits & 2 != 0 { 'w' } else { '-' });
+        s.push(match (bits & 1 != 0, mode & special != 0) {
+            (true, true) => special_char,
+            (false, true) => special_char.to_ascii_uppercase(),
+            (true, false) => 'x',
+            (false, false) => '-',
+        });
+    }
+    s
+}

@@ -1,0 +1,322 @@
+//! The chunk cache: verified, uncompressed spans of layers, on disk and in memory.
+//!
+//! Fifth stage of the pipeline. Chunks are content-addressed by the sha256 of their bytes, so
+//! every image that uses a layer (or the same bytes in another layer) shares them. On disk a
+//! chunk is written to a temp file and renamed into place — a crash leaves no half-written
+//! chunk under a chunk's name — and it is verified again whenever it is loaded, so a damaged
+//! file is dropped and fetched again rather than served. In memory an LRU keeps hot chunks;
+//! concurrent misses on one chunk cause one fetch (single-flight).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use oci_spec::image::Digest;
+
+/// Where chunks persist. Implementations need not verify; [`Cache`] does.
+pub trait ChunkStore: Send + Sync {
+    /// The stored bytes for `digest`, if any.
+    fn get(&self, digest: &Digest) -> std::io::Result<Option<Vec<u8>>>;
+    /// Stores `data` under `digest` atomically.
+    fn put(&self, digest: &Digest, data: &[u8]) -> std::io::Result<()>;
+    /// Whether `digest` is stored (without reading it).
+    fn contains(&self, digest: &Digest) -> bool;
+    /// Drops `digest` (absent is fine).
+    fn remove(&self, digest: &Digest) -> std::io::Result<()>;
+}
+
+/// Chunks as files `<dir>/<hex>`, written through `<tmp>`.
+pub struct DiskChunks {
+    dir: PathBuf,
+    tmp: PathBuf,
+}
+
+impl DiskChunks {
+    /// The chunk directory of a store root (`<root>/cache/chunks`).
+    pub fn open(root: &std::path::Path) -> std::io::Result<DiskChunks> {
+        let dir = root.join("cache/chunks");
+        let tmp = root.join("tmp");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::create_dir_all(&tmp)?;
+        Ok(DiskChunks { dir, tmp })
+    }
+
+    fn path(&self, digest: &Digest) -> PathBuf {
+        self.dir.join(digest.digest())
+    }
+
+    /// (chunks, bytes) on disk.
+    pub fn usage(&self) -> std::io::Result<(u64, u64)> {
+        let files = self.files()?;
+        Ok((files.len() as u64, files.iter().map(|f| f.1).sum()))
+    }
+
+    /// Removes least recently used chunks until at most `max_bytes` remain; returns
+    /// (chunks removed, bytes freed). Safe while images are mounted: a removed chunk is
+    /// fetched again when it is next read.
+    pub fn prune(&self, max_bytes: u64) -> std::io::Result<(u64, u64)> {
+        let mut files = self.files()?;
+        files.sort_by_key(|f| f.2);
+        let mut total: u64 = files.iter().map(|f| f.1).sum();
+        let (mut removed, mut freed) = (0, 0);
+        for (path, size, _) in files {
+            if total <= max_bytes {
+                break;
+            }
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    total -= size;
+                    removed += 1;
+                    freed += size;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => total -= size,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((removed, freed))
+    }
+
+    fn files(&self) -> std::io::Result<Vec<(PathBuf, u64, std::time::SystemTime)>> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let meta = match entry.metadata() {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            out.push((entry.path(), meta.len(), meta.modified()?));
+        }
+        Ok(out)
+    }
+}
+
+impl ChunkStore for DiskChunks {
+    fn get(&self, digest: &Digest) -> std::io::Result<Option<Vec<u8>>> {
+        let path = self.path(digest);
+        match std::fs::read(&path) {
+            Ok(d) => {
+                // The modification time orders eviction: least recently used first.
+                let _ = std::fs::File::open(&path)
+                    .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                Ok(Some(d))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn put(&self, digest: &Digest, data: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        let path = self.path(digest);
+        if path.exists() {
+            return Ok(());
+        }
+        // No fsync: a chunk lost or damaged by a crash fails verification and is fetched again.
+        let mut tmp = tempfile::NamedTempFile::new_in(&self.tmp)?;
+        tmp.write_all(data)?;
+        tmp.persist(path).map_err(|e| e.error)?;
+        Ok(())
+    }
+
+    fn contains(&self, digest: &Digest) -> bool {
+        self.path(digest).exists()
+    }
+
+    fn remove(&self, digest: &Digest) -> std::io::Result<()> {
+        match std::fs::remove_file(self.path(digest)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Why a chunk could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("chunk cache i/o for {digest}: {source}")]
+    Io {
+        digest: Digest,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Fetch(String),
+}
+
+/// Counters of what the cache did.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    pub memory_hits: AtomicU64,
+    pub disk_hits: AtomicU64,
+    pub fetches: AtomicU64,
+    pub corrupt_dropped: AtomicU64,
+}
+
+/// Memory LRU over a [`ChunkStore`], with single-flight fetching.
+pub struct Cache {
+    store: Arc<dyn ChunkStore>,
+    memory: Mutex<lru::LruCache<Digest, Arc<Vec<u8>>>>,
+    flights: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+    pub stats: CacheStats,
+}
+
+impl Cache {
+    /// A cache keeping up to `memory_chunks` chunks in memory.
+    pub fn new(store: Arc<dyn ChunkStore>, memory_chunks: usize) -> Cache {
+        Cache {
+            store,
+            memory: Mutex::new(lru::LruCache::new(
+                NonZeroUsize::new(memory_chunks.max(1)).expect("non-zero"),
+            )),
+            flights: Mutex::default(),
+            stats: CacheStats::default(),
+        }
+    }
+
+    /// Whether the chunk is in memory or on disk.
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.memory.lock().unwrap().contains(digest) || self.store.contains(digest)
+    }
+
+    /// Adds a chunk whose bytes the caller has verified against `digest`.
+    pub fn insert(&self, digest: &Digest, data: Arc<Vec<u8>>) -> Result<(), CacheError> {
+        self.store
+            .put(digest, &data)
+            .map_err(|source| CacheError::Io {
+                digest: digest.clone(),
+                source,
+            })?;
+        self.memory.lock().unwrap().put(digest.clone(), data);
+        Ok(())
+    }
+
+    /// Stores a chunk on disk only (used while streaming a whole layer).
+    pub fn insert_cold(&self, digest: &Digest, data: &[u8]) -> Result<(), CacheError> {
+        self.store
+            .put(digest, data)
+            .map_err(|source| CacheError::Io {
+                digest: digest.clone(),
+                source,
+            })
+    }
+
+    /// The chunk from memory or disk, verified; `None` if absent (or damaged, which is dropped).
+    pub fn lookup(&self, digest: &Digest) -> Result<Option<Arc<Vec<u8>>>, CacheError> {
+        if let Some(d) = self.memory.lock().unwrap().get(digest) {
+            self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(Some(d.clone()));
+        }
+        let io = |source| CacheError::Io {
+            digest: digest.clone(),
+            source,
+        };
+        let Some(data) = self.store.get(digest).map_err(io)? else {
+            return Ok(None);
+        };
+        if crate::digest::verify(digest, &data).is_err() {
+            tracing::warn!(%digest, "dropping damaged cache chunk");
+            self.stats.corrupt_dropped.fetch_add(1, Ordering::Relaxed);
+            self.store.remove(digest).map_err(io)?;
+            return Ok(None);
+        }
+        self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
+        let data = Arc::new(data);
+        self.memory
+            .lock()
+            .unwrap()
+            .put(digest.clone(), data.clone());
+        Ok(Some(data))
+    }
+
+    /// The chunk, fetched by `fetch` on a miss — once, however many callers miss at the same
+    /// time. `fetch` must return bytes it has verified against `digest`.
+    pub async fn get_or_fetch<F, Fut>(
+        &self,
+        digest: &Digest,
+        fetch: F,
+    ) -> Result<Arc<Vec<u8>>, CacheError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Vec<u8>, CacheError>>,
+    {
+        if let Some(d) = self.lookup(digest)? {
+            return Ok(d);
+        }
+        let flight = self
+            .flights
+            .lock()
+            .unwrap()
+            .entry(digest.clone())
+            .or_default()
+            .clone();
+        let _guard = flight.lock().await;
+        let result = async {
+            if let Some(d) = self.lookup(digest)? {
+                return Ok(d);
+            }
+            self.stats.fetches.fetch_add(1, Ordering::Relaxed);
+            let data = Arc::new(fetch().await?);
+            self.insert(digest, data.clone())?;
+            Ok(data)
+        }
+        .await;
+        self.flights.lock().unwrap().remove(digest);
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn single_flight_and_damage_detection() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(DiskChunks::open(dir.path()).unwrap());
+        let cache = Arc::new(Cache::new(store.clone(), 2));
+        let data = b"chunk bytes".to_vec();
+        let digest = crate::digest::sha256(&data);
+        let calls = Arc::new(AtomicU64::new(0));
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let (cache, calls, data, digest) =
+                    (cache.clone(), calls.clone(), data.clone(), digest.clone());
+                tokio::spawn(async move {
+                    cache
+                        .get_or_fetch(&digest, || async {
+                            calls.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            Ok(data)
+                        })
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(*t.await.unwrap(), b"chunk bytes");
+        }
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "one fetch for eight readers"
+        );
+
+        // A damaged file on disk is dropped, not served.
+        let fresh = Cache::new(store.clone(), 2);
+        std::fs::write(
+            dir.path().join("cache/chunks").join(digest.digest()),
+            b"chunk bytez",
+        )
+        .unwrap();
+        assert!(fresh.lookup(&digest).unwrap().is_none());
+        assert!(!store.contains(&digest));
+        assert_eq!(fresh.stats.corrupt_dropped.load(Ordering::Relaxed), 1);
+        // A temp file left by a crash is never looked at as a chunk.
+        std::fs::write(dir.path().join("tmp/.tmpXYZ"), b"partial").unwrap();
+        assert!(fresh.lookup(&digest).unwrap().is_none());
+    }
+}

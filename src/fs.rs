@@ -1,0 +1,214 @@
+//! Filesystem logic over a pulled image: open its layers, merge them, read files lazily.
+//!
+//! Seventh stage of the pipeline, with no FUSE types (the FUSE adapter and the CLI's `ls`/`cat`
+//! sit on top). [`Layers`] finds each layer's index — stored, or built by streaming the blob
+//! once from the registry with parallel range requests, which also fills the chunk cache — and
+//! [`ImageView`] presents the merged [`Tree`] with reads served by [`LayerReader`]s.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::cache::{Cache, CacheError};
+use crate::image::{Compression, ImageRecord, LayerRecord};
+use crate::layer::reader::LayerReader;
+use crate::layer::{build_index, IndexStore, LayerError, LayerIndex, DEFAULT_SPAN};
+use crate::reference::Reference;
+use crate::registry::RegistryClient;
+use crate::source::{BlobSource, RegistrySource, SequentialReader};
+use crate::tree::{FileType, NodeId, Tree, TreeError};
+
+/// Range size and parallelism of a whole-layer streaming pass.
+const STREAM_CHUNK: u64 = 4 << 20;
+const STREAM_PARALLEL: usize = 4;
+
+/// A failure to present or read an image; messages name the image, layer or path.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error(transparent)]
+    Layer(#[from] LayerError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error("{image}: {source}")]
+    Tree { image: String, source: TreeError },
+    #[error("{image}: unsupported layer media type {media_type}")]
+    Unsupported { image: String, media_type: String },
+    #[error("{image}: no such file or directory: /{path}")]
+    NotFound { image: String, path: String },
+    #[error("{image}: /{path} is not a regular file")]
+    NotAFile { image: String, path: String },
+    #[error("invalid image name {0}")]
+    Name(String),
+}
+
+/// How one layer's index was obtained.
+#[derive(Clone, Debug)]
+pub struct IndexReport {
+    pub blob: String,
+    pub built: bool,
+    pub entries: usize,
+    pub spans: usize,
+    pub checkpoints: usize,
+    pub blob_size: u64,
+    pub size: u64,
+    pub seconds: f64,
+}
+
+/// Access to layer indexes, blob sources and the cache for every image in a store.
+pub struct Layers {
+    indexes: IndexStore,
+    cache: Arc<Cache>,
+    client: Arc<RegistryClient>,
+    span: u64,
+}
+
+impl Layers {
+    pub fn new(root: &std::path::Path, client: Arc<RegistryClient>, cache: Arc<Cache>) -> Layers {
+        Layers {
+            indexes: IndexStore::new(root),
+            cache,
+            client,
+            span: DEFAULT_SPAN,
+        }
+    }
+
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.cache
+    }
+
+    /// Where the bytes of `layer` come from: the registry the image was pulled from.
+    pub fn source(
+        &self,
+        image: &ImageRecord,
+        layer: &LayerRecord,
+    ) -> Result<Arc<RegistrySource>, FsError> {
+        let reference: Reference = image
+            .name
+            .parse()
+            .map_err(|_| FsError::Name(image.name.clone()))?;
+        Ok(Arc::new(RegistrySource::new(
+            self.client.clone(),
+            reference,
+            layer.digest.clone(),
+            layer.size,
+        )))
+    }
+
+    /// The index of `layer`: from the index store, or built by streaming the blob once.
+    pub async fn index(
+        &self,
+        image: &ImageRecord,
+        layer: &LayerRecord,
+    ) -> Result<(Arc<LayerIndex>, IndexReport), FsError> {
+        let started = Instant::now();
+        let (index, built) = match self.indexes.get(&layer.digest)? {
+            Some(i) => (i, false),
+            None => (self.build(image, layer).await?, true),
+        };
+        let report = IndexReport {
+            blob: layer.digest.to_string(),
+            built,
+            entries: index.entries.len(),
+            spans: index.spans.len(),
+            checkpoints: index.checkpoints.len(),
+            blob_size: index.blob_size,
+            size: index.size,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        Ok((Arc::new(index), report))
+    }
+
+    /// Streams the blob once: builds and stores the index, and caches every span.
+    pub async fn build(
+        &self,
+        image: &ImageRecord,
+        layer: &LayerRecord,
+    ) -> Result<LayerIndex, FsError> {
+        let compression =
+            Compression::of_layer(&layer.media_type).ok_or_else(|| FsError::Unsupported {
+                image: image.name.clone(),
+                media_type: layer.media_type.clone(),
+            })?;
+        let source: Arc<dyn BlobSource> = self.source(image, layer)?;
+        let reader = SequentialReader::new(
+            source,
+            tokio::runtime::Handle::current(),
+            STREAM_CHUNK,
+            STREAM_PARALLEL,
+        );
+        let (cache, layer, span) = (self.cache.clone(), layer.clone(), self.span);
+        let index = tokio::task::spawn_blocking(move || {
+            build_index(
+                reader,
+                compression,
+                &layer.digest,
+                &layer.diff_id,
+                layer.size,
+                span,
+                &mut |digest, data| {
+                    cache
+                        .insert_cold(digest, data)
+                        .map_err(std::io::Error::other)
+                },
+            )
+        })
+        .await
+        .expect("index build task")?;
+        self.indexes.put(&index)?;
+        Ok(index)
+    }
+}
+
+/// A pulled image presented as one tree.
+pub struct ImageView {
+    pub name: String,
+    pub tree: Tree,
+    readers: Vec<LayerReader>,
+}
+
+impl ImageView {
+    /// Opens `image`: every layer's index (built if missing), merged base first.
+    pub async fn open(layers: &Layers, image: &ImageRecord) -> Result<ImageView, FsError> {
+        let mut readers = Vec::with_capacity(image.layers.len());
+        for layer in &image.layers {
+            let (index, _) = layers.index(image, layer).await?;
+            let source: Arc<dyn BlobSource> = layers.source(image, layer)?;
+            readers.push(LayerReader::new(index, source, layers.cache.clone()));
+        }
+        let tree =
+            Tree::build(readers.iter().map(|r| &r.index().entries[..])).map_err(|source| {
+                FsError::Tree {
+                    image: image.name.clone(),
+                    source,
+                }
+            })?;
+        Ok(ImageView {
+            name: image.name.clone(),
+            tree,
+            readers,
+        })
+    }
+
+    /// The node at `path`, or a not-found error naming it.
+    pub fn lookup(&self, path: &str) -> Result<NodeId, FsError> {
+        self.tree.lookup(path).ok_or_else(|| FsError::NotFound {
+            image: self.name.clone(),
+            path: path.trim_start_matches('/').to_string(),
+        })
+    }
+
+    /// Reads up to `len` bytes at `offset` of regular file `node`.
+    pub async fn read(&self, node: NodeId, offset: u64, len: u64) -> Result<Vec<u8>, FsError> {
+        let n = self.tree.node(node);
+        let Some((layer, data_offset)) = n.data.filter(|_| n.file_type == FileType::File) else {
+            return Err(FsError::NotAFile {
+                image: self.name.clone(),
+                path: self.tree.path(node),
+            });
+        };
+        if offset >= n.size {
+            return Ok(Vec::new());
+        }
+        let len = len.min(n.size - offset);
+        Ok(self.readers[layer].read(data_offset + offset, len).await?)
+    }
+}
