@@ -10,16 +10,12 @@ use std::time::Instant;
 
 use crate::cache::{Cache, CacheError};
 use crate::image::{Compression, ImageRecord, LayerRecord};
-use crate::layer::reader::LayerReader;
-use crate::layer::{build_index, IndexStore, LayerError, LayerIndex, DEFAULT_SPAN};
+use crate::layer::reader::{stream_index, LayerReader, StreamSpec};
+use crate::layer::{IndexStore, LayerError, LayerIndex, DEFAULT_SPAN};
 use crate::reference::Reference;
 use crate::registry::RegistryClient;
-use crate::source::{BlobSource, RegistrySource, SequentialReader};
+use crate::source::{BlobSource, RegistrySource};
 use crate::tree::{FileType, NodeId, Tree, TreeError};
-
-/// Range size and parallelism of a whole-layer streaming pass.
-const STREAM_CHUNK: u64 = 4 << 20;
-const STREAM_PARALLEL: usize = 4;
 
 /// A failure to present or read an image; messages name the image, layer or path.
 #[derive(Debug, thiserror::Error)]
@@ -129,30 +125,14 @@ impl Layers {
                 media_type: layer.media_type.clone(),
             })?;
         let source: Arc<dyn BlobSource> = self.source(image, layer)?;
-        let reader = SequentialReader::new(
-            source,
-            tokio::runtime::Handle::current(),
-            STREAM_CHUNK,
-            STREAM_PARALLEL,
-        );
-        let (cache, layer, span) = (self.cache.clone(), layer.clone(), self.span);
-        let index = tokio::task::spawn_blocking(move || {
-            build_index(
-                reader,
-                compression,
-                &layer.digest,
-                &layer.diff_id,
-                layer.size,
-                span,
-                &mut |digest, data| {
-                    cache
-                        .insert_cold(digest, data)
-                        .map_err(std::io::Error::other)
-                },
-            )
-        })
-        .await
-        .expect("index build task")?;
+        let spec = StreamSpec {
+            compression,
+            blob: layer.digest.clone(),
+            diff_id: layer.diff_id.clone(),
+            blob_size: layer.size,
+            span: self.span,
+        };
+        let index = stream_index(source, spec, self.cache.clone()).await?;
         self.indexes.put(&index)?;
         Ok(index)
     }

@@ -237,6 +237,8 @@ pub struct SequentialReader {
     inflight: std::collections::VecDeque<tokio::task::JoinHandle<Result<Vec<u8>, SourceError>>>,
     current: Vec<u8>,
     pos: usize,
+    /// The first error: every later read fails too, so no reader mistakes a gap for the end.
+    failed: Option<String>,
 }
 
 impl SequentialReader {
@@ -255,12 +257,16 @@ impl SequentialReader {
             inflight: Default::default(),
             current: Vec::new(),
             pos: 0,
+            failed: None,
         }
     }
 }
 
 impl std::io::Read for SequentialReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if let Some(e) = &self.failed {
+            return Err(std::io::Error::other(e.clone()));
+        }
         if self.pos == self.current.len() {
             let size = self.source.size();
             while self.inflight.len() < self.parallel && self.next < size {
@@ -275,11 +281,18 @@ impl std::io::Read for SequentialReader {
             let Some(next) = self.inflight.pop_front() else {
                 return Ok(0);
             };
-            self.current = self
-                .handle
-                .block_on(next)
-                .map_err(std::io::Error::other)?
-                .map_err(std::io::Error::other)?;
+            let result = match self.handle.block_on(next) {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match result {
+                Ok(data) => self.current = data,
+                Err(e) => {
+                    self.inflight.drain(..).for_each(|t| t.abort());
+                    self.failed = Some(e.clone());
+                    return Err(std::io::Error::other(e));
+                }
+            }
             self.pos = 0;
         }
         let n = buf.len().min(self.current.len() - self.pos);

@@ -167,7 +167,7 @@ enum State {
 
 /// Decompresses a gzip stream as a `Read`, recording checkpoints every `span` bytes of output
 /// and handing each finished span (with digests of its compressed and uncompressed bytes) to
-/// a callback. Also hashes the whole blob and the whole output for verification at the end.
+/// a callback. Also hashes the whole output (the diff_id) for verification at the end.
 pub struct GzipIndexer<R, F> {
     input: R,
     buf: Vec<u8>,
@@ -186,7 +186,6 @@ pub struct GzipIndexer<R, F> {
     pub checkpoints: Vec<Checkpoint>,
     span_hasher: Option<Sha256>,
     span_data: Vec<u8>,
-    blob_hasher: Sha256,
     out_hasher: Sha256,
     pending: Vec<u8>,
     pending_pos: usize,
@@ -213,7 +212,6 @@ impl<R: Read, F: FnMut(SpanOut<'_>) -> io::Result<()>> GzipIndexer<R, F> {
             checkpoints: Vec::new(),
             span_hasher: None,
             span_data: Vec::new(),
-            blob_hasher: Sha256::new(),
             out_hasher: Sha256::new(),
             pending: Vec::new(),
             pending_pos: 0,
@@ -221,13 +219,9 @@ impl<R: Read, F: FnMut(SpanOut<'_>) -> io::Result<()>> GzipIndexer<R, F> {
         }
     }
 
-    /// (sha256 of the blob, sha256 of the output, output size); call after reading to EOF.
-    pub fn finish(self) -> ([u8; 32], [u8; 32], u64) {
-        (
-            self.blob_hasher.finalize().into(),
-            self.out_hasher.finalize().into(),
-            self.out_total,
-        )
+    /// (sha256 of the output, output size); call after reading to EOF.
+    pub fn finish(self) -> ([u8; 32], u64) {
+        (self.out_hasher.finalize().into(), self.out_total)
     }
 
     /// Makes at least `want` unconsumed bytes available (fewer only at end of input).
@@ -250,10 +244,9 @@ impl<R: Read, F: FnMut(SpanOut<'_>) -> io::Result<()>> GzipIndexer<R, F> {
         Ok(())
     }
 
-    /// Consumes `n` buffered bytes, hashing them into the blob and current span digests.
+    /// Consumes `n` buffered bytes, hashing them into the current span's digest.
     fn consume(&mut self, n: usize) {
         let bytes = &self.buf[self.pos..self.pos + n];
-        self.blob_hasher.update(bytes);
         if let Some(h) = &mut self.span_hasher {
             h.update(bytes);
         }

@@ -117,13 +117,57 @@ pub fn build_index(
     span: u64,
     on_span: &mut dyn FnMut(&Digest, &[u8]) -> io::Result<()>,
 ) -> Result<LayerIndex, LayerError> {
-    let corrupt = |detail: String| LayerError::Corrupt {
+    let limit = blob_size.saturating_mul(1100).max(1 << 30);
+    let mut hashed = HashingReader::new(blob);
+    let mut spans = Vec::new();
+    let decoded = decode_stream(&mut hashed, compression, span, limit, &mut spans, on_span);
+    // Hash whatever the decoder left unread (trailing bytes, or all the rest after a failure):
+    // a blob that does not match its digest is reported as such, whatever broke first.
+    let drained = io::copy(&mut hashed, &mut io::sink()).is_ok();
+    let blob_hash = crate::digest::from_hex("sha256", &hex::encode(hashed.finish()));
+    let mismatch = |what, expected: &Digest, actual: Digest| LayerError::Mismatch {
+        blob: blob_digest.clone(),
+        what,
+        expected: expected.to_string(),
+        actual: actual.to_string(),
+    };
+    if drained && &blob_hash != blob_digest {
+        return Err(mismatch("blob digest", blob_digest, blob_hash));
+    }
+    let (entries, out_hash, size, checkpoints) = decoded.map_err(|detail| LayerError::Corrupt {
         blob: blob_digest.clone(),
         detail,
-    };
-    let limit = blob_size.saturating_mul(1100).max(1 << 30);
-    let mut spans = Vec::new();
-    let (entries, blob_hash, out_hash, size, checkpoints) = match compression {
+    })?;
+    let out_hash = crate::digest::from_hex("sha256", &hex::encode(out_hash));
+    if &out_hash != diff_id {
+        return Err(mismatch("diff_id", diff_id, out_hash));
+    }
+    Ok(LayerIndex {
+        version: INDEX_VERSION,
+        blob: blob_digest.clone(),
+        diff_id: diff_id.clone(),
+        compression,
+        blob_size,
+        size,
+        entries,
+        spans,
+        checkpoints,
+    })
+}
+
+type Decoded = (Vec<Entry>, [u8; 32], u64, Vec<gzip::Checkpoint>);
+
+/// Decompresses `blob`, parses its tar entries and cuts it into spans (pushed to `spans`,
+/// each handed to `on_span`). Returns (entries, sha256 of the output, output size, checkpoints).
+fn decode_stream(
+    blob: impl Read,
+    compression: Compression,
+    span: u64,
+    limit: u64,
+    spans: &mut Vec<Span>,
+    on_span: &mut dyn FnMut(&Digest, &[u8]) -> io::Result<()>,
+) -> Result<Decoded, String> {
+    match compression {
         Compression::Gzip => {
             let mut indexer = gzip::GzipIndexer::new(blob, span, |s: gzip::SpanOut<'_>| {
                 let digest = crate::digest::sha256(s.data);
@@ -141,79 +185,44 @@ pub fn build_index(
                 });
                 Ok(())
             });
-            let entries = tar::read_entries(&mut indexer, limit).map_err(corrupt)?;
-            io::copy(&mut indexer, &mut io::sink()).map_err(|e| corrupt(e.to_string()))?;
+            let entries = tar::read_entries(&mut indexer, limit)?;
+            io::copy(&mut indexer, &mut io::sink()).map_err(|e| e.to_string())?;
             let checkpoints = std::mem::take(&mut indexer.checkpoints);
-            let (b, o, size) = indexer.finish();
-            (entries, b, o, size, checkpoints)
+            let (out_hash, size) = indexer.finish();
+            Ok((entries, out_hash, size, checkpoints))
         }
         Compression::None | Compression::Zstd => {
-            let mut hashed_blob = HashingReader::new(blob);
             let identity = compression == Compression::None;
-            let (entries, out_hash, size) = {
-                let decoded: Box<dyn Read + '_> = if identity {
-                    Box::new(&mut hashed_blob)
-                } else {
-                    Box::new(
-                        zstd::stream::read::Decoder::new(&mut hashed_blob)
-                            .map_err(|e| corrupt(e.to_string()))?,
-                    )
-                };
-                let mut spanner = Spanner::new(decoded, span, |out_offset, data: &[u8]| {
-                    let digest = crate::digest::sha256(data);
-                    on_span(&digest, data)?;
-                    let fetch = if identity {
-                        Fetch::Range {
-                            in_start: out_offset,
-                            in_end: out_offset + data.len() as u64,
-                        }
-                    } else {
-                        Fetch::Cached
-                    };
-                    spans.push(Span {
-                        out_offset,
-                        out_len: data.len() as u64,
-                        digest,
-                        fetch,
-                    });
-                    Ok(())
-                });
-                let entries = tar::read_entries(&mut spanner, limit).map_err(corrupt)?;
-                io::copy(&mut spanner, &mut io::sink()).map_err(|e| corrupt(e.to_string()))?;
-                let (h, size) = spanner.finish().map_err(|e| corrupt(e.to_string()))?;
-                (entries, h, size)
+            let decoded: Box<dyn Read + '_> = if identity {
+                Box::new(blob)
+            } else {
+                Box::new(zstd::stream::read::Decoder::new(blob).map_err(|e| e.to_string())?)
             };
-            // zstd may stop before trailing bytes (padding, skippable frames): hash them too.
-            io::copy(&mut hashed_blob, &mut io::sink()).map_err(|e| corrupt(e.to_string()))?;
-            (entries, hashed_blob.finish(), out_hash, size, Vec::new())
+            let mut spanner = Spanner::new(decoded, span, |out_offset, data: &[u8]| {
+                let digest = crate::digest::sha256(data);
+                on_span(&digest, data)?;
+                let fetch = if identity {
+                    Fetch::Range {
+                        in_start: out_offset,
+                        in_end: out_offset + data.len() as u64,
+                    }
+                } else {
+                    Fetch::Cached
+                };
+                spans.push(Span {
+                    out_offset,
+                    out_len: data.len() as u64,
+                    digest,
+                    fetch,
+                });
+                Ok(())
+            });
+            let entries = tar::read_entries(&mut spanner, limit)?;
+            io::copy(&mut spanner, &mut io::sink()).map_err(|e| e.to_string())?;
+            let (out_hash, size) = spanner.finish().map_err(|e| e.to_string())?;
+            Ok((entries, out_hash, size, Vec::new()))
         }
-    };
-    let check = |what, expected: &Digest, actual: [u8; 32]| {
-        let actual = crate::digest::from_hex("sha256", &hex::encode(actual));
-        if &actual == expected {
-            Ok(())
-        } else {
-            Err(LayerError::Mismatch {
-                blob: blob_digest.clone(),
-                what,
-                expected: expected.to_string(),
-                actual: actual.to_string(),
-            })
-        }
-    };
-    check("blob digest", blob_digest, blob_hash)?;
-    check("diff_id", diff_id, out_hash)?;
-    Ok(LayerIndex {
-        version: INDEX_VERSION,
-        blob: blob_digest.clone(),
-        diff_id: diff_id.clone(),
-        compression,
-        blob_size,
-        size,
-        entries,
-        spans,
-        checkpoints,
-    })
+    }
 }
 
 /// A reader that hashes what passes through it.
@@ -558,17 +567,35 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("diff_id mismatch"), "{err}");
+        let half = &blob[..blob.len() / 2];
         let err = build_index(
-            &blob[..blob.len() / 2],
+            half,
             Compression::Gzip,
-            &wrong,
+            &crate::digest::sha256(&blob),
             &wrong,
             0,
             65536,
             &mut |_, _| Ok(()),
         )
         .unwrap_err();
-        assert!(err.to_string().contains("truncated"), "{err}");
+        assert!(
+            err.to_string().contains("blob digest mismatch"),
+            "cut in transit: {err}"
+        );
+        let err = build_index(
+            half,
+            Compression::Gzip,
+            &crate::digest::sha256(half),
+            &wrong,
+            0,
+            65536,
+            &mut |_, _| Ok(()),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("truncated"),
+            "published truncated: {err}"
+        );
         // A flipped byte inside a span fails its compressed digest.
         let (idx, _) = index(&blob, &tar, Compression::Gzip, 65536);
         if let Fetch::Gzip {

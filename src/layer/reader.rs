@@ -7,9 +7,55 @@
 
 use std::sync::Arc;
 
-use super::{gzip, Fetch, LayerIndex};
+use super::{build_index, gzip, Fetch, LayerError, LayerIndex, DEFAULT_SPAN};
 use crate::cache::{Cache, CacheError};
-use crate::source::BlobSource;
+use crate::image::Compression;
+use crate::source::{BlobSource, SequentialReader};
+
+/// Range size and parallelism of a whole-layer streaming pass.
+const STREAM_CHUNK: u64 = 4 << 20;
+const STREAM_PARALLEL: usize = 4;
+
+/// What a streaming pass needs to know about the layer.
+pub struct StreamSpec {
+    pub compression: Compression,
+    pub blob: oci_spec::image::Digest,
+    pub diff_id: oci_spec::image::Digest,
+    pub blob_size: u64,
+    pub span: u64,
+}
+
+/// Streams a whole blob once (parallel range requests), builds its index — verified against the
+/// blob digest and diff_id — and puts every span into the cache on the way.
+pub async fn stream_index(
+    source: Arc<dyn BlobSource>,
+    spec: StreamSpec,
+    cache: Arc<Cache>,
+) -> Result<LayerIndex, LayerError> {
+    let reader = SequentialReader::new(
+        source,
+        tokio::runtime::Handle::current(),
+        STREAM_CHUNK,
+        STREAM_PARALLEL,
+    );
+    tokio::task::spawn_blocking(move || {
+        build_index(
+            reader,
+            spec.compression,
+            &spec.blob,
+            &spec.diff_id,
+            spec.blob_size,
+            spec.span,
+            &mut |digest, data| {
+                cache
+                    .insert_cold(digest, data)
+                    .map_err(std::io::Error::other)
+            },
+        )
+    })
+    .await
+    .expect("index build task")
+}
 
 /// Upper bound on the bytes one coalesced range request fetches.
 const MAX_COALESCED: u64 = 16 << 20;
@@ -19,6 +65,7 @@ pub struct LayerReader {
     index: Arc<LayerIndex>,
     source: Arc<dyn BlobSource>,
     cache: Arc<Cache>,
+    restreaming: tokio::sync::Mutex<()>,
 }
 
 impl LayerReader {
@@ -27,6 +74,7 @@ impl LayerReader {
             index,
             source,
             cache,
+            restreaming: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -61,6 +109,9 @@ impl LayerReader {
         let span = &self.index.spans[i];
         self.cache
             .get_or_fetch(&span.digest, || async move {
+                if span.fetch == Fetch::Cached {
+                    return self.restream(i).await;
+                }
                 let last = self.missing_run_end(i, until);
                 let mut spans = self.fetch_run(i, last).await?;
                 let first = spans.remove(0);
@@ -71,6 +122,35 @@ impl LayerReader {
                 Ok(first)
             })
             .await
+    }
+
+    /// For layers without random access: streams the whole layer again (once, however many
+    /// readers miss) to refill the cache, then returns span `i`.
+    async fn restream(&self, i: usize) -> Result<Vec<u8>, CacheError> {
+        let digest = &self.index.spans[i].digest;
+        let _one_at_a_time = self.restreaming.lock().await;
+        if let Some(d) = self.cache.lookup(digest)? {
+            return Ok((*d).clone());
+        }
+        let index = &self.index;
+        tracing::info!(blob = %index.blob, "span evicted from a layer without random access: streaming it again");
+        let spec = StreamSpec {
+            compression: index.compression,
+            blob: index.blob.clone(),
+            diff_id: index.diff_id.clone(),
+            blob_size: index.blob_size,
+            span: index.spans.first().map_or(DEFAULT_SPAN, |s| s.out_len),
+        };
+        stream_index(self.source.clone(), spec, self.cache.clone())
+            .await
+            .map_err(|e| CacheError::Fetch(e.to_string()))?;
+        match self.cache.lookup(digest)? {
+            Some(d) => Ok((*d).clone()),
+            None => Err(CacheError::Fetch(format!(
+                "layer {}: span at {} is missing after streaming the layer again",
+                index.blob, self.index.spans[i].out_offset
+            ))),
+        }
     }
 
     /// The last span of the run of uncached, fetchable spans starting at `i` that a read
@@ -138,7 +218,7 @@ impl LayerReader {
                         .expect("decode task")
                         .map_err(|e| bad("decompression", &e))?
                 }
-                Fetch::Cached => unreachable!("filtered above"),
+                Fetch::Cached => unreachable!("cache-only spans are streamed, not fetched"),
             };
             crate::digest::verify(&span.digest, &data)
                 .map_err(|e| bad("uncompressed bytes", &e))?;
