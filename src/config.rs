@@ -39,6 +39,26 @@ pub struct Config {
     /// The chunk cache.
     #[serde(default)]
     pub cache: CacheSettings,
+    /// Layer indexes.
+    #[serde(default)]
+    pub index: IndexSettings,
+}
+
+/// `[index]` in the config file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IndexSettings {
+    /// Use layer indexes published in the registry (`stratafs index push`). They are as
+    /// trustworthy as the push rights to the repository: every byte served is checked against
+    /// the index's digests, but an index from a hostile pusher could describe a different
+    /// tree built from the layer's bytes. Set to false to build every index locally.
+    pub published: bool,
+}
+
+impl Default for IndexSettings {
+    fn default() -> Self {
+        IndexSettings { published: true }
+    }
 }
 
 /// `[cache]` in the config file.

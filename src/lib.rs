@@ -24,6 +24,7 @@ pub mod digest;
 pub mod fs;
 pub mod image;
 pub mod layer;
+pub mod publish;
 pub mod pull;
 pub mod reference;
 pub mod registry;

@@ -386,3 +386,78 @@ fn damaged_cache_files_and_crash_leftovers_are_not_trusted() {
     let (requests, _) = served(&reg, mark);
     assert!(requests > 0, "damaged chunks were fetched again");
 }
+
+/// Bytes stratafs read of one blob since `mark`, and how many requests.
+fn served_blob(reg: &Registry, mark: usize, digest: &str) -> (usize, u64) {
+    let log: Vec<_> = reg
+        .access_log_since(mark)
+        .into_iter()
+        .filter(|e| {
+            e.path.ends_with(digest) && e.method == "GET" && e.user_agent.starts_with("stratafs/")
+        })
+        .collect();
+    (log.len(), log.iter().map(|e| e.bytes).sum())
+}
+
+#[test]
+fn published_indexes_make_the_first_read_lazy() {
+    let reg = Registry::start(RegistryOpts::default());
+    let (image, files) = large_layer();
+    let layer = image.layers[0].digest.clone();
+    reg.push_image("lazy/published", "v1", &image, &Auth::None);
+    let reference = format!("{}/lazy/published:v1", reg.addr());
+
+    // One machine builds the index (one streaming pass) and publishes it.
+    let publisher = Stratafs::new();
+    let out = publisher.ok(&["index", "push", &reference]);
+    assert!(out.contains("pushed indexes of 1 layers"), "{out}");
+    let hex = image.manifest_digest.strip_prefix("sha256:").unwrap();
+    let tag = reg.get_manifest("lazy/published", &format!("sha256-{hex}"), &Auth::None);
+    assert_eq!(tag.status, 200, "referrers tag index exists");
+    assert!(
+        tag.text().contains("application/vnd.stratafs.index.v1"),
+        "{}",
+        tag.text()
+    );
+    // Pushing again replaces nothing and duplicates nothing.
+    publisher.ok(&["index", "push", &reference]);
+    let tag = reg.get_manifest("lazy/published", &format!("sha256-{hex}"), &Auth::None);
+    assert_eq!(
+        tag.text()
+            .matches("application/vnd.stratafs.index.v1")
+            .count(),
+        1,
+        "{}",
+        tag.text()
+    );
+
+    // Another machine pulls: it finds the index, and a read costs one range request.
+    let user = Stratafs::new();
+    let mark = reg.log_mark();
+    let out = user.ok(&["pull", &reference]);
+    assert!(
+        out.contains("published indexes found for 1 of 1 layers"),
+        "{out}"
+    );
+    assert_eq!(
+        served_blob(&reg, mark, &layer),
+        (0, 0),
+        "pull reads no layer data"
+    );
+    let (path, content) = &files[123];
+    assert!(cat(&user, &reference, path) == *content);
+    let (requests, bytes) = served_blob(&reg, mark, &layer);
+    assert_eq!(requests, 1, "one range request");
+    assert!(
+        bytes * 4 < image.layers[0].size(),
+        "{bytes} of {}",
+        image.layers[0].size()
+    );
+
+    // With published indexes turned off, the layer is streamed whole instead.
+    let mut strict = Stratafs::new();
+    strict.set_config("[index]\npublished = false\n");
+    let mark = reg.log_mark();
+    assert!(cat(&strict, &reference, path) == *content);
+    assert_eq!(served_blob(&reg, mark, &layer).1, image.layers[0].size());
+}

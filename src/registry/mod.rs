@@ -10,6 +10,7 @@
 
 mod auth;
 mod hosts;
+mod push;
 mod transport;
 
 use std::collections::BTreeMap;
@@ -137,12 +138,12 @@ impl RegistryClient {
             .transport
             .get_small(
                 &endpoints,
-                &transport::Request {
+                &transport::Request::get(
                     reference,
-                    path: format!("manifests/{target}"),
-                    accept: Some(media::MANIFEST_ACCEPT),
-                    subject: subject(reference, &what, pinned.is_some()),
-                },
+                    format!("manifests/{target}"),
+                    Some(media::MANIFEST_ACCEPT),
+                    subject(reference, &what, pinned.is_some()),
+                ),
                 self.settings.max_manifest_bytes,
                 &what,
             )
@@ -191,15 +192,40 @@ impl RegistryClient {
             .transport
             .get_small(
                 &endpoints,
-                &transport::Request {
+                &transport::Request::get(
                     reference,
-                    path: format!("blobs/{digest}"),
-                    accept: None,
-                    subject: subject(reference, &what, false),
-                },
+                    format!("blobs/{digest}"),
+                    None,
+                    subject(reference, &what, false),
+                ),
                 self.settings.max_manifest_bytes,
                 &what,
             )
+            .await?;
+        crate::digest::verify(digest, &body.data).map_err(|source| RegistryError::Digest {
+            what,
+            reference: reference.to_string(),
+            source: Box::new(source),
+        })?;
+        Ok(body.data)
+    }
+
+    /// Fetches a published layer index blob (larger than a config: up to 256 MiB), verified.
+    pub async fn fetch_index_blob(
+        &self,
+        reference: &Reference,
+        digest: &Digest,
+    ) -> Result<Vec<u8>, RegistryError> {
+        let what = format!("blob {digest}");
+        let req = transport::Request::get(
+            reference,
+            format!("blobs/{digest}"),
+            None,
+            subject(reference, &what, false),
+        );
+        let body = self
+            .transport
+            .get_small(&self.endpoints(reference)?, &req, 256 << 20, &what)
             .await?;
         crate::digest::verify(digest, &body.data).map_err(|source| RegistryError::Digest {
             what,
@@ -223,12 +249,12 @@ impl RegistryClient {
             return Ok(Vec::new());
         }
         let what = format!("blob {digest}");
-        let req = transport::Request {
+        let req = transport::Request::get(
             reference,
-            path: format!("blobs/{digest}"),
-            accept: None,
-            subject: subject(reference, &what, false),
-        };
+            format!("blobs/{digest}"),
+            None,
+            subject(reference, &what, false),
+        );
         self.transport
             .get_range(&self.endpoints(reference)?, &req, offset, len)
             .await

@@ -20,11 +20,43 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// What to GET from a repository.
 pub(crate) struct Request<'a> {
     pub reference: &'a Reference,
-    /// Path below `/v2/<repository>/`.
+    /// Path below `/v2/<repository>/`, or an absolute path (`/v2/…`, as in an upload
+    /// `Location`), or a full URL.
     pub path: String,
     pub accept: Option<&'static str>,
     /// What errors name (`docker.io/library/alpine:3` or `blob sha256:… of …`).
     pub subject: String,
+    pub method: reqwest::Method,
+    pub body: Option<(Vec<u8>, String)>,
+}
+
+impl<'a> Request<'a> {
+    /// A GET of `path` below the repository.
+    pub(crate) fn get(
+        reference: &'a Reference,
+        path: String,
+        accept: Option<&'static str>,
+        subject: String,
+    ) -> Self {
+        Request {
+            reference,
+            path,
+            accept,
+            subject,
+            method: reqwest::Method::GET,
+            body: None,
+        }
+    }
+
+    fn url(&self, base: &str) -> String {
+        if self.path.starts_with("http://") || self.path.starts_with("https://") {
+            self.path.clone()
+        } else if self.path.starts_with('/') {
+            format!("{base}{}", self.path)
+        } else {
+            format!("{base}/v2/{}/{}", self.reference.repository(), self.path)
+        }
+    }
 }
 
 /// A small response body with the headers that matter for verification.
@@ -183,7 +215,12 @@ impl Transport {
         range: Option<(u64, u64)>,
     ) -> Result<Response, RegistryError> {
         let repo = req.reference.repository();
-        let scope = format!("repository:{repo}:pull");
+        let actions = if req.method == reqwest::Method::GET || req.method == reqwest::Method::HEAD {
+            "pull"
+        } else {
+            "pull,push"
+        };
+        let scope = format!("repository:{repo}:{actions}");
         let deadline = Instant::now() + Duration::from_secs(self.settings.retry_max_elapsed_secs);
         let retry = !ep.is_mirror;
         let mut backoff = Duration::from_millis(100);
@@ -196,11 +233,16 @@ impl Transport {
             ep.base.clone()
         };
         loop {
-            let url = format!("{base}/v2/{repo}/{}", req.path);
+            let url = req.url(&base);
             let mut builder = self
                 .client(&ep.host)?
-                .get(&url)
+                .request(req.method.clone(), &url)
                 .timeout(Duration::from_secs(self.settings.request_timeout_secs));
+            if let Some((body, content_type)) = &req.body {
+                builder = builder
+                    .header(CONTENT_TYPE, content_type.as_str())
+                    .body(body.clone());
+            }
             if ep.is_mirror {
                 builder = builder.query(&[("ns", req.reference.registry())]);
             }

@@ -16,6 +16,7 @@ use stratafs::tree::FileType;
 
 /// What the lazy commands share: the store, a registry client, the cache and layer access.
 pub struct Context {
+    pub config: Config,
     pub store: Store,
     pub client: Arc<RegistryClient>,
     pub chunks: Arc<DiskChunks>,
@@ -33,6 +34,7 @@ impl Context {
         let cache = Arc::new(Cache::new(chunks.clone(), config.cache.memory_chunks));
         let layers = Layers::new(store.root(), client.clone(), cache);
         Ok(Context {
+            config: config.clone(),
             store,
             client,
             chunks,
@@ -46,7 +48,26 @@ impl Context {
         if let Some(r) = self.store.images.get(&reference.to_string())? {
             return Ok(r);
         }
-        Ok(stratafs::pull::pull(&self.client, &self.store, &reference, platform, &|_| {}).await?)
+        let image =
+            stratafs::pull::pull(&self.client, &self.store, &reference, platform, &|_| {}).await?;
+        self.fetch_published(&image).await;
+        Ok(image)
+    }
+
+    /// Stores the published indexes of `image`'s layers, if allowed and any exist (best effort:
+    /// without them, layers are indexed by streaming). Returns how many were stored.
+    pub async fn fetch_published(&self, image: &ImageRecord) -> usize {
+        if !self.config.index.published {
+            return 0;
+        }
+        let indexes = stratafs::layer::IndexStore::new(self.store.root());
+        match stratafs::publish::fetch_indexes(&self.client, &indexes, image).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(image = %image.name, error = %e, "published indexes unavailable");
+                0
+            }
+        }
     }
 
     pub async fn view(&self, reference: &str, platform: &Platform) -> Result<ImageView> {
@@ -163,6 +184,22 @@ pub async fn index_build(
     if json {
         println!("{}", serde_json::to_string_pretty(&reports)?);
     }
+    Ok(())
+}
+
+pub async fn index_push(ctx: &Context, reference: &str, platform: &Platform) -> Result<()> {
+    let image = ctx.image(reference, platform).await?;
+    let mut indexes = Vec::new();
+    for layer in &image.layers {
+        let (index, _) = ctx.layers.index(&image, layer).await?;
+        indexes.push((*index).clone());
+    }
+    let digest = stratafs::publish::push_indexes(&ctx.client, &image, &indexes).await?;
+    println!(
+        "pushed indexes of {} layers as {digest} (referrer of {})",
+        indexes.len(),
+        image.manifest.digest
+    );
     Ok(())
 }
 

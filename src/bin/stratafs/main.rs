@@ -11,7 +11,6 @@ use clap::{Parser, Subcommand};
 use stratafs::config::{Config, DEFAULT_CONFIG};
 use stratafs::image::{ImageRecord, Platform};
 use stratafs::reference::Reference;
-use stratafs::registry::RegistryClient;
 use stratafs::store::{Store, StoreError, DEFAULT_ROOT};
 
 #[derive(Parser)]
@@ -100,6 +99,11 @@ enum IndexCommand {
         #[command(flatten)]
         image: ImageArgs,
     },
+    /// Publish the image's layer indexes to its registry (as a referrer of its manifest).
+    Push {
+        #[command(flatten)]
+        image: ImageArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -162,26 +166,34 @@ async fn run(cli: Cli) -> Result<()> {
         } => {
             let reference: Reference = reference.parse()?;
             let platform = self::platform(&platform)?;
-            let client = RegistryClient::new(config.registry, config.hosts, plain_http);
+            let ctx = lazy::Context::new(store, &config, plain_http)?;
             let spinner = progress_spinner();
             let started = Instant::now();
-            let record = stratafs::pull::pull(&client, &store, &reference, &platform, &|msg| {
-                if let Some(s) = &spinner {
-                    s.set_message(msg.to_string());
-                }
-            })
-            .await;
+            let record =
+                stratafs::pull::pull(&ctx.client, &ctx.store, &reference, &platform, &|msg| {
+                    if let Some(s) = &spinner {
+                        s.set_message(msg.to_string());
+                    }
+                })
+                .await;
             if let Some(s) = spinner {
                 s.finish_and_clear();
             }
             let record = record?;
+            let published = ctx.fetch_published(&record).await;
             if json {
                 println!("{}", serde_json::to_string_pretty(&pull_json(&record))?);
             } else {
                 print_pull(&record);
+                if published > 0 {
+                    println!(
+                        "  published indexes found for {published} of {} layers",
+                        record.layers.len()
+                    );
+                }
                 eprintln!(
                     "metadata fetched in {} HTTP requests, {} ms; no layer data downloaded",
-                    client.requests_sent(),
+                    ctx.client.requests_sent(),
                     started.elapsed().as_millis()
                 );
             }
@@ -239,6 +251,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Cat { image, path } => {
             let ctx = lazy::Context::new(store, &config, image.plain_http)?;
             lazy::cat(&ctx, &image.reference, &path, &platform(&image.platform)?).await?;
+        }
+        Command::Index(IndexCommand::Push { image }) => {
+            let ctx = lazy::Context::new(store, &config, image.plain_http)?;
+            lazy::index_push(&ctx, &image.reference, &platform(&image.platform)?).await?;
         }
         Command::Index(IndexCommand::Build { json, image }) => {
             let ctx = lazy::Context::new(store, &config, image.plain_http)?;
