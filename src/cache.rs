@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use oci_spec::image::Digest;
@@ -28,20 +28,40 @@ pub trait ChunkStore: Send + Sync {
     fn remove(&self, digest: &Digest) -> std::io::Result<()>;
 }
 
-/// Chunks as files `<dir>/<hex>`, written through `<tmp>`.
+/// Chunks as files `<dir>/<hex>`, written through `<tmp>`, optionally capped in size.
 pub struct DiskChunks {
     dir: PathBuf,
     tmp: PathBuf,
+    cap: Option<u64>,
+    /// Bytes on disk as far as this process knows (`UNKNOWN` until first needed).
+    usage: Arc<AtomicU64>,
+    pruning: Arc<AtomicBool>,
 }
 
+const UNKNOWN: u64 = u64::MAX;
+
 impl DiskChunks {
-    /// The chunk directory of a store root (`<root>/cache/chunks`).
+    /// The chunk directory of a store root (`<root>/cache/chunks`), uncapped.
     pub fn open(root: &std::path::Path) -> std::io::Result<DiskChunks> {
         let dir = root.join("cache/chunks");
         let tmp = root.join("tmp");
         std::fs::create_dir_all(&dir)?;
         std::fs::create_dir_all(&tmp)?;
-        Ok(DiskChunks { dir, tmp })
+        Ok(DiskChunks {
+            dir,
+            tmp,
+            cap: None,
+            usage: Arc::new(AtomicU64::new(UNKNOWN)),
+            pruning: Arc::default(),
+        })
+    }
+
+    /// Caps the cache at `max_bytes`: when a write takes it over, least recently used chunks
+    /// are removed in the background down to 90% of the cap. Works while images are mounted:
+    /// an evicted chunk is fetched again when next read.
+    pub fn with_cap(mut self, max_bytes: Option<u64>) -> DiskChunks {
+        self.cap = max_bytes;
+        self
     }
 
     fn path(&self, digest: &Digest) -> PathBuf {
@@ -50,48 +70,85 @@ impl DiskChunks {
 
     /// (chunks, bytes) on disk.
     pub fn usage(&self) -> std::io::Result<(u64, u64)> {
-        let files = self.files()?;
+        let files = list_chunks(&self.dir)?;
         Ok((files.len() as u64, files.iter().map(|f| f.1).sum()))
     }
 
     /// Removes least recently used chunks until at most `max_bytes` remain; returns
-    /// (chunks removed, bytes freed). Safe while images are mounted: a removed chunk is
-    /// fetched again when it is next read.
+    /// (chunks removed, bytes freed).
     pub fn prune(&self, max_bytes: u64) -> std::io::Result<(u64, u64)> {
-        let mut files = self.files()?;
-        files.sort_by_key(|f| f.2);
-        let mut total: u64 = files.iter().map(|f| f.1).sum();
-        let (mut removed, mut freed) = (0, 0);
-        for (path, size, _) in files {
-            if total <= max_bytes {
-                break;
-            }
-            match std::fs::remove_file(&path) {
-                Ok(()) => {
-                    total -= size;
-                    removed += 1;
-                    freed += size;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => total -= size,
-                Err(e) => return Err(e),
-            }
-        }
+        let (removed, freed, left) = prune_dir(&self.dir, max_bytes)?;
+        self.usage.store(left, Ordering::Relaxed);
         Ok((removed, freed))
     }
 
-    fn files(&self) -> std::io::Result<Vec<(PathBuf, u64, std::time::SystemTime)>> {
-        let mut out = Vec::new();
-        for entry in std::fs::read_dir(&self.dir)? {
-            let entry = entry?;
-            let meta = match entry.metadata() {
-                Ok(m) => m,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e),
-            };
-            out.push((entry.path(), meta.len(), meta.modified()?));
+    /// Accounts for `added` bytes and starts a background prune if over the cap.
+    fn account(&self, added: u64) {
+        let Some(cap) = self.cap else { return };
+        if self.usage.load(Ordering::Relaxed) == UNKNOWN {
+            let total = list_chunks(&self.dir).map_or(0, |f| f.iter().map(|c| c.1).sum());
+            let _ =
+                self.usage
+                    .compare_exchange(UNKNOWN, total, Ordering::Relaxed, Ordering::Relaxed);
+        } else {
+            self.usage.fetch_add(added, Ordering::Relaxed);
         }
-        Ok(out)
+        if self.usage.load(Ordering::Relaxed) > cap && !self.pruning.swap(true, Ordering::AcqRel) {
+            let (dir, usage, pruning) =
+                (self.dir.clone(), self.usage.clone(), self.pruning.clone());
+            std::thread::spawn(move || {
+                match prune_dir(&dir, cap / 10 * 9) {
+                    Ok((removed, freed, left)) => {
+                        tracing::debug!(removed, freed, left, "cache pruned to its cap");
+                        usage.store(left, Ordering::Relaxed);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cache prune failed"),
+                }
+                pruning.store(false, Ordering::Release);
+            });
+        }
     }
+}
+
+/// Chunk files with size and modification time.
+fn list_chunks(
+    dir: &std::path::Path,
+) -> std::io::Result<Vec<(PathBuf, u64, std::time::SystemTime)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = match entry.metadata() {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        out.push((entry.path(), meta.len(), meta.modified()?));
+    }
+    Ok(out)
+}
+
+/// Removes the least recently used chunks of `dir` until at most `max_bytes` remain.
+/// Returns (removed, freed, bytes left).
+fn prune_dir(dir: &std::path::Path, max_bytes: u64) -> std::io::Result<(u64, u64, u64)> {
+    let mut files = list_chunks(dir)?;
+    files.sort_by_key(|f| f.2);
+    let mut total: u64 = files.iter().map(|f| f.1).sum();
+    let (mut removed, mut freed) = (0, 0);
+    for (path, size, _) in files {
+        if total <= max_bytes {
+            break;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                total -= size;
+                removed += 1;
+                freed += size;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => total -= size,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((removed, freed, total))
 }
 
 impl ChunkStore for DiskChunks {
@@ -119,6 +176,7 @@ impl ChunkStore for DiskChunks {
         let mut tmp = tempfile::NamedTempFile::new_in(&self.tmp)?;
         tmp.write_all(data)?;
         tmp.persist(path).map_err(|e| e.error)?;
+        self.account(data.len() as u64);
         Ok(())
     }
 

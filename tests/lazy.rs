@@ -461,3 +461,42 @@ fn published_indexes_make_the_first_read_lazy() {
     assert!(cat(&strict, &reference, path) == *content);
     assert_eq!(served_blob(&reg, mark, &layer).1, image.layers[0].size());
 }
+
+#[test]
+fn the_cache_cap_holds_while_reading_and_evicted_chunks_come_back() {
+    let reg = Registry::start(RegistryOpts::default());
+    let (image, files) = large_layer();
+    reg.push_image("lazy/capped", "v1", &image, &Auth::None);
+    let reference = format!("{}/lazy/capped:v1", reg.addr());
+    let mut cli = Stratafs::new();
+    cli.set_config("[cache]\nmax_size = \"3M\"\nmemory_chunks = 1\n");
+    let cap = 3u64 << 20;
+
+    cli.ok(&["index", "build", &reference]);
+    for (p, content) in files.iter().step_by(7) {
+        assert!(cat(&cli, &reference, p) == *content, "{p}");
+    }
+    // Pruning runs in the background: wait for it to settle under the cap.
+    let stats = || -> serde_json::Value {
+        serde_json::from_str(&cli.ok(&["cache", "stats", "--json"])).unwrap()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while stats()["bytes"].as_u64().unwrap() > cap && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let s = stats();
+    assert!(s["bytes"].as_u64().unwrap() <= cap, "{s}");
+    let layer = &s["layers"][0];
+    assert_eq!(layer["indexed"], true);
+    assert_eq!(layer["complete"], false, "{s}");
+    assert!(layer["cached_spans"].as_u64().unwrap() < layer["spans"].as_u64().unwrap());
+    // Everything still reads correctly.
+    let mark = reg.log_mark();
+    for (p, content) in files.iter().step_by(3) {
+        assert!(cat(&cli, &reference, p) == *content, "{p}");
+    }
+    assert!(
+        served(&reg, mark).0 > 0,
+        "evicted chunks were fetched again"
+    );
+}

@@ -1,7 +1,6 @@
 //! Commands that read image contents lazily: `ls`, `cat`, `index build`, `cache stats|prune`.
 
 use std::io::Write;
-use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
@@ -30,7 +29,11 @@ impl Context {
             config.hosts.clone(),
             plain_http,
         ));
-        let chunks = Arc::new(DiskChunks::open(store.root()).context("opening the chunk cache")?);
+        let chunks = Arc::new(
+            DiskChunks::open(store.root())
+                .context("opening the chunk cache")?
+                .with_cap(config.cache.max_size),
+        );
         let cache = Arc::new(Cache::new(chunks.clone(), config.cache.memory_chunks));
         let layers = Layers::new(store.root(), client.clone(), cache);
         Ok(Context {
@@ -204,15 +207,81 @@ pub async fn index_push(ctx: &Context, reference: &str, platform: &Platform) -> 
 }
 
 pub fn cache_stats(ctx: &Context, json: bool) -> Result<()> {
+    use stratafs::cache::ChunkStore;
     let (chunks, bytes) = ctx.chunks.usage()?;
-    let indexes = count_files(&ctx.store.root().join("layers"));
+    let indexes = stratafs::layer::IndexStore::new(ctx.store.root());
+    // One row per layer blob of any pulled image.
+    let mut layers: std::collections::BTreeMap<String, (Vec<String>, u64)> = Default::default();
+    for image in ctx.store.images.list()? {
+        for layer in &image.layers {
+            let row = layers
+                .entry(layer.digest.to_string())
+                .or_insert((Vec::new(), layer.size));
+            row.0.push(image.name.clone());
+        }
+    }
+    let mut rows = Vec::new();
+    for (digest, (images, blob_size)) in layers {
+        let index = indexes.get(&stratafs::digest::parse(&digest)?)?;
+        let (spans, cached_spans, size, cached_bytes) = match &index {
+            Some(i) => {
+                let cached: Vec<_> = i
+                    .spans
+                    .iter()
+                    .filter(|s| ctx.chunks.contains(&s.digest))
+                    .collect();
+                (
+                    i.spans.len(),
+                    cached.len(),
+                    i.size,
+                    cached.iter().map(|s| s.out_len).sum::<u64>(),
+                )
+            }
+            None => (0, 0, 0, 0),
+        };
+        rows.push(serde_json::json!({
+            "digest": digest,
+            "images": images,
+            "blob_size": blob_size,
+            "indexed": index.is_some(),
+            "size": size,
+            "spans": spans,
+            "cached_spans": cached_spans,
+            "cached_bytes": cached_bytes,
+            "complete": index.is_some() && cached_spans == spans,
+        }));
+    }
     if json {
+        let out = serde_json::json!({
+            "chunks": chunks, "bytes": bytes, "max_size": ctx.config.cache.max_size, "layers": rows,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    let cap = ctx
+        .config
+        .cache
+        .max_size
+        .map_or("none".to_string(), |c| c.to_string());
+    println!("cache: {chunks} chunks, {bytes} bytes (cap: {cap})");
+    println!(
+        "{:<71} {:>8} {:>12} {:>12}  STATE",
+        "LAYER", "SPANS", "CACHED", "SIZE"
+    );
+    for r in rows {
+        let state = match (r["indexed"].as_bool(), r["complete"].as_bool()) {
+            (Some(false), _) => "not indexed",
+            (_, Some(true)) => "complete",
+            _ => "partial",
+        };
         println!(
-            "{}",
-            serde_json::json!({ "chunks": chunks, "bytes": bytes, "layer_indexes": indexes })
+            "{:<71} {:>3}/{:<4} {:>12} {:>12}  {state}",
+            r["digest"].as_str().unwrap_or(""),
+            r["cached_spans"],
+            r["spans"],
+            r["cached_bytes"],
+            r["size"]
         );
-    } else {
-        println!("chunks: {chunks}\nbytes: {bytes}\nlayer indexes: {indexes}");
     }
     Ok(())
 }
@@ -221,10 +290,6 @@ pub fn cache_prune(ctx: &Context, max_size: u64) -> Result<()> {
     let (removed, freed) = ctx.chunks.prune(max_size)?;
     println!("removed {removed} chunks, freed {freed} bytes");
     Ok(())
-}
-
-fn count_files(dir: &Path) -> usize {
-    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
 }
 
 fn mode_string(mode: u32) -> String {
