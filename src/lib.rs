@@ -7,14 +7,17 @@
 //!    blob ranges, with mirrors, authentication, retries and digest verification.
 //! 3. [`store`] — metadata on disk: a content store by digest, the image store (name → record)
 //!    and ChainID records, all written crash-safely.
-//! 4. `layer` — per-format index of where each file's bytes live in a layer blob (planned).
-//! 5. `cache` — verified chunks on disk plus an in-memory LRU, single-flight (planned).
-//! 6. `tree` — the merged view of a chain of layers by ChainID (planned).
-//! 7. `fs` / `fuse` / `snapshotter` — filesystem logic, the FUSE adapter and the containerd
-//!    remote snapshotter (planned).
+//! 4. [`layer`] — per-layer index of where each file's bytes live in the blob (tar entries,
+//!    spans with digests, gzip checkpoints), and lazy reads by span. Blobs are reached through
+//!    the [`source::BlobSource`] seam.
+//! 5. [`cache`] — verified chunks on disk plus an in-memory LRU, single-flight, size-capped.
+//! 6. [`tree`] — the merged view of a chain of layers with OCI overlay semantics.
+//! 7. [`fs`] — filesystem logic over a pulled image (no FUSE types). The FUSE adapter and the
+//!    containerd remote snapshotter are planned.
 //!
 //! [`pull`] ties stages 1–3 together: it resolves a reference, picks the platform, verifies and
-//! stores manifests and config, computes ChainIDs — and downloads no layer data.
+//! stores manifests and config, computes ChainIDs — and downloads no layer data. [`publish`]
+//! shares layer indexes through the registry as OCI referrers.
 //! Shared vocabulary lives in [`image`] (media types, platforms, layer records, ChainIDs),
 //! [`digest`] and [`config`] (the configuration file).
 
