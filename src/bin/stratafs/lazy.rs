@@ -129,19 +129,28 @@ pub async fn ls(
     Ok(())
 }
 
-pub async fn cat(ctx: &Context, reference: &str, path: &str, platform: &Platform) -> Result<()> {
+pub async fn cat(ctx: &Context, reference: &str, paths: &[String], platform: &Platform) -> Result<()> {
     let view = ctx.view(reference, platform).await?;
-    let id = view.lookup(path)?;
-    let size = view.tree.node(id).size;
     let mut out = std::io::stdout().lock();
-    let mut offset = 0;
-    const STEP: u64 = 4 << 20;
-    loop {
-        let data = view.read(id, offset, STEP).await?;
-        out.write_all(&data)?;
-        offset += data.len() as u64;
-        if data.is_empty() || offset >= size {
-            break;
+    for path in paths {
+        let id = view.lookup(path)?;
+        if view.tree.node(id).file_type != FileType::File {
+            return Err(stratafs::fs::FsError::NotAFile {
+                image: view.name.clone(),
+                path: view.tree.path(id),
+            }
+            .into());
+        }
+        let size = view.tree.node(id).size;
+        let mut offset = 0;
+        const STEP: u64 = 4 << 20;
+        while offset < size {
+            let data = view.read(id, offset, STEP).await?;
+            if data.is_empty() {
+                break;
+            }
+            out.write_all(&data)?;
+            offset += data.len() as u64;
         }
     }
     out.flush()?;

@@ -65,11 +65,12 @@ enum Command {
         #[arg(default_value = "/")]
         path: String,
     },
-    /// Print a file of an image, fetching only the bytes it needs.
+    /// Print files of an image, fetching only the bytes they need.
     Cat {
         #[command(flatten)]
         image: ImageArgs,
-        path: String,
+        #[arg(required = true)]
+        paths: Vec<String>,
     },
     /// Layer indexes.
     #[command(subcommand)]
@@ -248,9 +249,9 @@ async fn run(cli: Cli) -> Result<()> {
             )
             .await?;
         }
-        Command::Cat { image, path } => {
+        Command::Cat { image, paths } => {
             let ctx = lazy::Context::new(store, &config, image.plain_http)?;
-            lazy::cat(&ctx, &image.reference, &path, &platform(&image.platform)?).await?;
+            lazy::cat(&ctx, &image.reference, &paths, &platform(&image.platform)?).await?;
         }
         Command::Index(IndexCommand::Push { image }) => {
             let ctx = lazy::Context::new(store, &config, image.plain_http)?;
