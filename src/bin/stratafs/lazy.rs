@@ -129,29 +129,50 @@ pub async fn ls(
     Ok(())
 }
 
+/// Files up to this size are read concurrently (whole, in memory); larger ones are streamed.
+const CONCURRENT_MAX_SIZE: u64 = 4 << 20;
+/// Reads in flight at once.
+const CONCURRENT_READS: usize = 8;
+
 pub async fn cat(ctx: &Context, reference: &str, paths: &[String], platform: &Platform) -> Result<()> {
-    let view = ctx.view(reference, platform).await?;
+    let view = Arc::new(ctx.view(reference, platform).await?);
+    let limit = Arc::new(tokio::sync::Semaphore::new(CONCURRENT_READS));
+    let mut queued = std::collections::VecDeque::new();
     let mut out = std::io::stdout().lock();
     for path in paths {
         let id = view.lookup(path)?;
-        if view.tree.node(id).file_type != FileType::File {
+        let node = view.tree.node(id);
+        if node.file_type != FileType::File {
             return Err(stratafs::fs::FsError::NotAFile {
                 image: view.name.clone(),
                 path: view.tree.path(id),
             }
             .into());
         }
-        let size = view.tree.node(id).size;
+        if node.size <= CONCURRENT_MAX_SIZE {
+            // Small files are fetched concurrently; output stays in argument order.
+            let (view, limit, size) = (view.clone(), limit.clone(), node.size);
+            queued.push_back(tokio::spawn(async move {
+                let _permit = limit.acquire_owned().await.expect("semaphore open");
+                view.read(id, 0, size).await
+            }));
+            continue;
+        }
+        while let Some(task) = queued.pop_front() {
+            out.write_all(&task.await??)?;
+        }
         let mut offset = 0;
-        const STEP: u64 = 4 << 20;
-        while offset < size {
-            let data = view.read(id, offset, STEP).await?;
+        while offset < node.size {
+            let data = view.read(id, offset, CONCURRENT_MAX_SIZE).await?;
             if data.is_empty() {
                 break;
             }
             out.write_all(&data)?;
             offset += data.len() as u64;
         }
+    }
+    while let Some(task) = queued.pop_front() {
+        out.write_all(&task.await??)?;
     }
     out.flush()?;
     Ok(())
