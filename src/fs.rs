@@ -1,7 +1,8 @@
 //! Filesystem logic over a pulled image: open its layers, merge them, read files lazily.
 //!
 //! Seventh stage of the pipeline, with no FUSE types (the FUSE adapter and the CLI's `ls`/`cat`
-//! sit on top). [`Layers`] finds each layer's index — stored, or built by streaming the blob
+//! sit on top). [`Layers`] finds each layer's index — stored, read from an eStargz TOC (gzip
+//! layers annotated with their TOC digest: two range reads), or built by streaming the blob
 //! once from the registry with parallel range requests, which also fills the chunk cache — and
 //! [`ImageView`] presents the merged [`Tree`] with reads served by [`LayerReader`]s.
 
@@ -10,8 +11,9 @@ use std::time::Instant;
 
 use crate::cache::{Cache, CacheError};
 use crate::image::{Compression, ImageRecord, LayerRecord};
+use crate::layer::estargz::{estargz_index, TOC_DIGEST_ANNOTATION};
 use crate::layer::reader::{stream_index, LayerReader, StreamSpec};
-use crate::layer::{IndexStore, LayerError, LayerIndex, DEFAULT_SPAN};
+use crate::layer::{IndexFormat, IndexStore, LayerError, LayerIndex, DEFAULT_SPAN};
 use crate::reference::Reference;
 use crate::registry::RegistryClient;
 use crate::source::{BlobSource, RegistrySource};
@@ -41,6 +43,7 @@ pub enum FsError {
 pub struct IndexReport {
     pub blob: String,
     pub built: bool,
+    pub format: IndexFormat,
     pub entries: usize,
     pub spans: usize,
     pub checkpoints: usize,
@@ -89,7 +92,8 @@ impl Layers {
         )))
     }
 
-    /// The index of `layer`: from the index store, or built by streaming the blob once.
+    /// The index of `layer`: from the index store, from its eStargz TOC, or built by
+    /// streaming the blob once.
     pub async fn index(
         &self,
         image: &ImageRecord,
@@ -98,11 +102,15 @@ impl Layers {
         let started = Instant::now();
         let (index, built) = match self.indexes.get(&layer.digest)? {
             Some(i) => (i, false),
-            None => (self.build(image, layer).await?, true),
+            None => match self.estargz(image, layer).await? {
+                Some(i) => (i, true),
+                None => (self.build(image, layer).await?, true),
+            },
         };
         let report = IndexReport {
             blob: layer.digest.to_string(),
             built,
+            format: index.format,
             entries: index.entries.len(),
             spans: index.spans.len(),
             checkpoints: index.checkpoints.len(),
@@ -111,6 +119,36 @@ impl Layers {
             seconds: started.elapsed().as_secs_f64(),
         };
         Ok((Arc::new(index), report))
+    }
+
+    /// The index of an eStargz layer from its footer and TOC, stored; `None` if the layer is
+    /// not gzip with a TOC digest annotation or its blob is not eStargz. Unannotated layers are
+    /// streamed instead, since their TOC could not be verified (see `layer::estargz`).
+    async fn estargz(
+        &self,
+        image: &ImageRecord,
+        layer: &LayerRecord,
+    ) -> Result<Option<LayerIndex>, FsError> {
+        let annotation = layer.annotations.get(TOC_DIGEST_ANNOTATION);
+        let Some(annotation) = annotation
+            .filter(|_| Compression::of_layer(&layer.media_type) == Some(Compression::Gzip))
+        else {
+            return Ok(None);
+        };
+        let toc_digest = match crate::digest::parse(annotation) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(blob = %layer.digest, "ignoring {TOC_DIGEST_ANNOTATION}: {e}");
+                return Ok(None);
+            }
+        };
+        let source = self.source(image, layer)?;
+        let index = estargz_index(&*source, &layer.digest, &layer.diff_id, Some(&toc_digest));
+        let Some(index) = index.await? else {
+            return Ok(None);
+        };
+        self.indexes.put(&index)?;
+        Ok(Some(index))
     }
 
     /// Streams the blob once: builds and stores the index, and caches every span.

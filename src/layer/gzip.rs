@@ -450,3 +450,22 @@ pub fn decode_span(
     }
     Ok(out)
 }
+
+/// Decompresses the start of one gzip member (an eStargz chunk): `compressed` begins with the
+/// member's header; skips `skip` bytes of output and returns the next `out_len` exactly.
+pub fn decode_member(compressed: &[u8], skip: usize, out_len: usize) -> io::Result<Vec<u8>> {
+    let header =
+        gzip_header_len(compressed)?.ok_or_else(|| corrupt("truncated gzip member header"))?;
+    let start = Checkpoint {
+        in_offset: 0,
+        bits: 0,
+        out_offset: 0,
+        window: Vec::new(),
+    };
+    let total = skip
+        .checked_add(out_len)
+        .ok_or_else(|| corrupt("member span too large"))?;
+    let mut out = decode_span(&start, &compressed[header..], total)?;
+    out.drain(..skip);
+    Ok(out)
+}

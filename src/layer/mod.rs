@@ -11,7 +11,11 @@
 //!
 //! The pass verifies the whole blob digest and the diff_id before the index is returned, so an
 //! index built here is trusted.
+//!
+//! eStargz layers can instead be indexed from their table of contents ([`estargz`]): two range
+//! reads, one span per file chunk ([`Fetch::Member`]) in a virtual address space of file data.
 
+pub mod estargz;
 pub mod gzip;
 pub mod reader;
 pub mod tar;
@@ -27,7 +31,7 @@ use crate::image::Compression;
 pub use tar::{Entry, Kind};
 
 /// Index format version; indexes of other versions are rebuilt.
-pub const INDEX_VERSION: u32 = 1;
+pub const INDEX_VERSION: u32 = 2;
 /// Default uncompressed bytes per span.
 pub const DEFAULT_SPAN: u64 = 1 << 20;
 
@@ -45,6 +49,12 @@ pub enum LayerError {
     },
     #[error("layer index {path}: {detail}")]
     Store { path: PathBuf, detail: String },
+    #[error("layer {blob}: reading {what}: {detail}")]
+    Read {
+        blob: Digest,
+        what: &'static str,
+        detail: String,
+    },
 }
 
 /// How to obtain a span's bytes.
@@ -63,6 +73,31 @@ pub enum Fetch {
     },
     /// Only in the cache (filled by streaming the whole layer).
     Cached,
+    /// `in_start` starts a gzip member (header included) that ends by `in_end`: inflating it,
+    /// skipping `skip` bytes of output, gives the span (eStargz chunks).
+    Member {
+        in_start: u64,
+        in_end: u64,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        skip: u64,
+    },
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// How an index was built.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IndexFormat {
+    /// One pass over the whole blob ([`build_index`]), verified against the blob digest and
+    /// diff_id; spans are tar ranges, gzip checkpoint spans (zran) or cache-only (zstd).
+    #[default]
+    Stream,
+    /// From an eStargz TOC ([`estargz`]): verified against the TOC digest annotation, spans in
+    /// a virtual address space; blob digest and diff_id unchecked.
+    Estargz,
 }
 
 /// A piece of the uncompressed tar stream.
@@ -84,11 +119,17 @@ pub struct LayerIndex {
     pub diff_id: Digest,
     pub compression: Compression,
     pub blob_size: u64,
-    /// Size of the uncompressed tar stream.
+    /// Size of the uncompressed tar stream (for eStargz: of the virtual address space).
     pub size: u64,
     pub entries: Vec<Entry>,
     pub spans: Vec<Span>,
     pub checkpoints: Vec<gzip::Checkpoint>,
+    #[serde(default)]
+    pub format: IndexFormat,
+    /// eStargz prefetch landmark: the files whose data lies before this offset are the ones
+    /// to prefetch (`Some(0)`: none). `None`: no landmark.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefetch_end: Option<u64>,
 }
 
 impl LayerIndex {
@@ -152,6 +193,8 @@ pub fn build_index(
         entries,
         spans,
         checkpoints,
+        format: IndexFormat::Stream,
+        prefetch_end: None,
     })
 }
 
@@ -473,7 +516,7 @@ mod tests {
                 Fetch::Range { in_start, in_end } => {
                     blob[*in_start as usize..*in_end as usize].to_vec()
                 }
-                Fetch::Cached => continue,
+                Fetch::Cached | Fetch::Member { .. } => continue,
             };
             assert!(got == want, "span at {} differs", span.out_offset);
             crate::digest::verify(&span.digest, &got).unwrap();

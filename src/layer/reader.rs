@@ -3,7 +3,8 @@
 //! A read maps to the spans that cover it. Spans already cached are served from the cache;
 //! runs of adjacent missing spans are fetched with one range request, each span's compressed
 //! bytes checked against its digest, decompressed from its checkpoint and checked again before
-//! it is cached or served.
+//! it is cached or served. eStargz chunks ([`Fetch::Member`]) are inflated from their gzip
+//! member's start and checked against their chunk digest.
 
 use std::sync::Arc;
 
@@ -39,7 +40,16 @@ pub async fn stream_index(
         STREAM_PARALLEL,
     );
     tokio::task::spawn_blocking(move || {
-        build_index(
+        // Spans are written to the cache by a second thread, so disk writes overlap
+        // decompression; the bounded channel keeps memory to a few spans.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(oci_spec::image::Digest, Vec<u8>)>(4);
+        let writer = std::thread::spawn(move || -> Result<(), CacheError> {
+            for (digest, data) in rx {
+                cache.insert_cold(&digest, &data)?;
+            }
+            Ok(())
+        });
+        let built = build_index(
             reader,
             spec.compression,
             &spec.blob,
@@ -47,11 +57,18 @@ pub async fn stream_index(
             spec.blob_size,
             spec.span,
             &mut |digest, data| {
-                cache
-                    .insert_cold(digest, data)
-                    .map_err(std::io::Error::other)
+                tx.send((digest.clone(), data.to_vec()))
+                    .map_err(|_| std::io::Error::other("cache writer stopped"))
             },
-        )
+        );
+        drop(tx);
+        let written = writer.join().expect("cache writer thread");
+        let index = built?;
+        written.map_err(|e| LayerError::Corrupt {
+            blob: index.blob.clone(),
+            detail: format!("caching spans: {e}"),
+        })?;
+        Ok(index)
     })
     .await
     .expect("index build task")
@@ -186,7 +203,8 @@ impl LayerReader {
                 })
             })
             .collect::<Result<_, _>>()?;
-        let base = ranges[0].0;
+        // Spans are in blob order; the minimum still guards against an index that is not.
+        let base = ranges.iter().map(|r| r.0).min().unwrap_or(0);
         let end = ranges.iter().map(|r| r.1).max().unwrap_or(base);
         let bytes = self
             .source
@@ -218,6 +236,14 @@ impl LayerReader {
                         .expect("decode task")
                         .map_err(|e| bad("decompression", &e))?
                 }
+                Fetch::Member { skip, .. } => {
+                    let (raw, len) = (raw.to_vec(), span.out_len as usize);
+                    let skip = *skip as usize;
+                    tokio::task::spawn_blocking(move || gzip::decode_member(&raw, skip, len))
+                        .await
+                        .expect("decode task")
+                        .map_err(|e| bad("decompression", &e))?
+                }
                 Fetch::Cached => unreachable!("cache-only spans are streamed, not fetched"),
             };
             crate::digest::verify(&span.digest, &data)
@@ -232,6 +258,9 @@ fn fetch_range(fetch: &Fetch) -> Option<(u64, u64)> {
     match fetch {
         Fetch::Range { in_start, in_end }
         | Fetch::Gzip {
+            in_start, in_end, ..
+        }
+        | Fetch::Member {
             in_start, in_end, ..
         } => Some((*in_start, *in_end)),
         Fetch::Cached => None,

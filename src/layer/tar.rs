@@ -7,6 +7,8 @@ use std::io::Read;
 
 use serde::{Deserialize, Serialize};
 
+use super::estargz::{NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_NAME};
+
 /// What an entry is.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase", tag = "type")]
@@ -78,6 +80,25 @@ pub fn clean_path(raw: &str) -> Result<String, String> {
         }
     }
     Ok(parts.join("/"))
+}
+
+/// For a whiteout (`.wh.NAME`) or opaque marker (`.wh..wh..opq`) at cleaned `path`: the path
+/// it applies to and its kind; `None` for other entries. A whiteout of the root is an error.
+pub(crate) fn whiteout(path: &str) -> Result<Option<(String, Kind)>, String> {
+    let name = path.rsplit('/').next().unwrap_or("");
+    let parent = path.rsplit_once('/').map_or("", |(p, _)| p);
+    if name == OPAQUE {
+        return Ok(Some((parent.to_string(), Kind::Opaque)));
+    }
+    let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) else {
+        return Ok(None);
+    };
+    let hidden_path = match (parent, hidden) {
+        ("", "") => return Err(format!("whiteout {path:?} names the root")),
+        ("", hidden) => hidden.to_string(),
+        (parent, hidden) => format!("{parent}/{hidden}"),
+    };
+    Ok(Some((hidden_path, Kind::Whiteout)))
 }
 
 /// Reads every entry of a tar stream. `limit` bounds each entry's declared size (a hostile
@@ -154,17 +175,13 @@ fn read_entries_strict(reader: impl Read, limit: u64) -> Result<Vec<Entry>, Stri
                 h.device_minor().ok().flatten().unwrap_or(0),
             )
         };
-        let name = path.rsplit('/').next().unwrap_or("");
-        let parent = path.rsplit_once('/').map_or("", |(p, _)| p);
-        let (path, kind) = if name == OPAQUE {
-            (parent.to_string(), Kind::Opaque)
-        } else if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
-            let hidden_path = if parent.is_empty() {
-                hidden.to_string()
-            } else {
-                format!("{parent}/{hidden}")
-            };
-            (hidden_path, Kind::Whiteout)
+        // eStargz artifacts are not image content; hidden as stargz-snapshotter hides them,
+        // so a streamed index and a TOC-built one show the same tree.
+        if [TOC_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK].contains(&path.as_str()) {
+            continue;
+        }
+        let (path, kind) = if let Some(marker) = whiteout(&path)? {
+            marker
         } else {
             let et = header.entry_type();
             let kind = match et {
@@ -194,9 +211,6 @@ fn read_entries_strict(reader: impl Read, limit: u64) -> Result<Vec<Entry>, Stri
             };
             (path, kind)
         };
-        if matches!(kind, Kind::Whiteout) && path.is_empty() {
-            return Err(format!("whiteout {raw_path:?} names the root"));
-        }
         let mut xattrs = BTreeMap::new();
         if let Some(exts) = entry.pax_extensions().map_err(|e| e.to_string())? {
             for ext in exts {

@@ -134,7 +134,12 @@ const CONCURRENT_MAX_SIZE: u64 = 4 << 20;
 /// Reads in flight at once.
 const CONCURRENT_READS: usize = 8;
 
-pub async fn cat(ctx: &Context, reference: &str, paths: &[String], platform: &Platform) -> Result<()> {
+pub async fn cat(
+    ctx: &Context,
+    reference: &str,
+    paths: &[String],
+    platform: &Platform,
+) -> Result<()> {
     let view = Arc::new(ctx.view(reference, platform).await?);
     let limit = Arc::new(tokio::sync::Semaphore::new(CONCURRENT_READS));
     let mut queued = std::collections::VecDeque::new();
