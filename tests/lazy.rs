@@ -500,3 +500,30 @@ fn the_cache_cap_holds_while_reading_and_evicted_chunks_come_back() {
         "evicted chunks were fetched again"
     );
 }
+
+#[test]
+fn a_complete_layer_is_served_from_disk_with_the_registry_down() {
+    let reg = Registry::start(RegistryOpts::default());
+    let (image, expected) = tricky_image(ManifestFlavour::Oci);
+    reg.push_image("lazy/offline", "v1", &image, &Auth::None);
+    let reference = format!("{}/lazy/offline:v1", reg.addr());
+    let mut cli = Stratafs::new();
+    cli.set_config("[registry]\nretry_max_elapsed_secs = 1\nconnect_timeout_secs = 1\n");
+    cli.ok(&["index", "build", &reference]);
+    let stats: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["cache", "stats", "--json"])).unwrap();
+    assert!(
+        stats["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["complete"] == true),
+        "{stats}"
+    );
+
+    reg.stop();
+    for (path, content) in &expected {
+        assert!(cat(&cli, &reference, path) == *content, "{path} offline");
+    }
+    assert_eq!(ls(&cli, &reference, "/etc"), ["os-release"]);
+}
