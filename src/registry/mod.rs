@@ -186,28 +186,8 @@ impl RegistryClient {
         reference: &Reference,
         digest: &Digest,
     ) -> Result<Vec<u8>, RegistryError> {
-        let what = format!("blob {digest}");
-        let endpoints = self.endpoints(reference)?;
-        let body = self
-            .transport
-            .get_small(
-                &endpoints,
-                &transport::Request::get(
-                    reference,
-                    format!("blobs/{digest}"),
-                    None,
-                    subject(reference, &what, false),
-                ),
-                self.settings.max_manifest_bytes,
-                &what,
-            )
-            .await?;
-        crate::digest::verify(digest, &body.data).map_err(|source| RegistryError::Digest {
-            what,
-            reference: reference.to_string(),
-            source: Box::new(source),
-        })?;
-        Ok(body.data)
+        self.fetch_blob_capped(reference, digest, self.settings.max_manifest_bytes)
+            .await
     }
 
     /// Fetches a published layer index blob (larger than a config: up to 256 MiB), verified.
@@ -215,6 +195,15 @@ impl RegistryClient {
         &self,
         reference: &Reference,
         digest: &Digest,
+    ) -> Result<Vec<u8>, RegistryError> {
+        self.fetch_blob_capped(reference, digest, 256 << 20).await
+    }
+
+    async fn fetch_blob_capped(
+        &self,
+        reference: &Reference,
+        digest: &Digest,
+        cap: u64,
     ) -> Result<Vec<u8>, RegistryError> {
         let what = format!("blob {digest}");
         let req = transport::Request::get(
@@ -225,7 +214,7 @@ impl RegistryClient {
         );
         let body = self
             .transport
-            .get_small(&self.endpoints(reference)?, &req, 256 << 20, &what)
+            .get_small(&self.endpoints(reference)?, &req, cap, &what)
             .await?;
         crate::digest::verify(digest, &body.data).map_err(|source| RegistryError::Digest {
             what,

@@ -4,7 +4,7 @@
 use oci_spec::image::Digest;
 use reqwest::Method;
 
-use super::transport::Request;
+use super::transport::{first_endpoint, Request};
 use super::{RegistryClient, RegistryError};
 use crate::reference::Reference;
 
@@ -30,15 +30,7 @@ impl RegistryClient {
     /// Sends a read request to the mirrors, then the origin; the origin's answer is final.
     async fn first_send(&self, req: &Request<'_>) -> Result<reqwest::Response, RegistryError> {
         let endpoints = self.endpoints(req.reference)?;
-        for ep in &endpoints {
-            match self.transport.send(ep, req, None).await {
-                Err(e) if ep.is_mirror => {
-                    tracing::debug!(mirror = %ep.base, error = %e, "mirror failed")
-                }
-                result => return result,
-            }
-        }
-        unreachable!("the origin is always the last endpoint")
+        first_endpoint(&endpoints, |ep| self.transport.send(ep, req, None)).await
     }
 
     /// Uploads `data` as a blob of the repository of `reference` unless it is there already.

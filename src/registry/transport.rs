@@ -101,18 +101,7 @@ impl Transport {
         cap: u64,
         what: &str,
     ) -> Result<Body, RegistryError> {
-        let mut last = None;
-        for ep in endpoints {
-            match self.get_small_from(ep, req, cap, what).await {
-                Ok(body) => return Ok(body),
-                Err(e) if ep.is_mirror => {
-                    tracing::warn!(mirror = %ep.base, error = %e, "mirror failed, trying the next host");
-                    last = Some(e);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| RegistryError::Config("no endpoints".into())))
+        first_endpoint(endpoints, |ep| self.get_small_from(ep, req, cap, what)).await
     }
 
     /// GETs bytes `offset..offset+len` of a blob from the first endpoint that serves them.
@@ -124,18 +113,7 @@ impl Transport {
         offset: u64,
         len: u64,
     ) -> Result<Vec<u8>, RegistryError> {
-        let mut last = None;
-        for ep in endpoints {
-            match self.get_range_from(ep, req, offset, len).await {
-                Ok(data) => return Ok(data),
-                Err(e) if ep.is_mirror => {
-                    tracing::warn!(mirror = %ep.base, error = %e, "mirror failed, trying the next host");
-                    last = Some(e);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| RegistryError::Config("no endpoints".into())))
+        first_endpoint(endpoints, |ep| self.get_range_from(ep, req, offset, len)).await
     }
 
     async fn get_range_from(
@@ -507,6 +485,30 @@ impl Transport {
             .insert(host.to_string(), client.clone());
         Ok(client)
     }
+}
+
+/// Runs `attempt` on each endpoint in order until one succeeds. A mirror's failure moves on to
+/// the next endpoint; the origin (always last) has the final word.
+pub(crate) async fn first_endpoint<'a, T, F, Fut>(
+    endpoints: &'a [Endpoint],
+    attempt: F,
+) -> Result<T, RegistryError>
+where
+    F: Fn(&'a Endpoint) -> Fut,
+    Fut: std::future::Future<Output = Result<T, RegistryError>>,
+{
+    let mut last = None;
+    for ep in endpoints {
+        match attempt(ep).await {
+            Ok(v) => return Ok(v),
+            Err(e) if ep.is_mirror => {
+                tracing::warn!(mirror = %ep.base, error = %e, "mirror failed, trying the next host");
+                last = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| RegistryError::Config("no endpoints".into())))
 }
 
 fn basic(username: &str, password: &str) -> String {
