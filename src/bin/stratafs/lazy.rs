@@ -225,6 +225,18 @@ pub async fn index_build(
     Ok(())
 }
 
+pub async fn index_verify(ctx: &Context, reference: &str, platform: &Platform) -> Result<()> {
+    let image = ctx.image(reference, platform).await?;
+    for layer in &image.layers {
+        let r = ctx.layers.verify(&image, layer).await?;
+        println!(
+            "{}  {:?} index matches the layer: {} entries, {} files ({} bytes) compared",
+            r.blob, r.format, r.entries, r.files, r.bytes
+        );
+    }
+    Ok(())
+}
+
 pub async fn index_push(ctx: &Context, reference: &str, platform: &Platform) -> Result<()> {
     let image = ctx.image(reference, platform).await?;
     let mut indexes = Vec::new();

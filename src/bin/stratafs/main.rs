@@ -100,6 +100,12 @@ enum IndexCommand {
         #[command(flatten)]
         image: ImageArgs,
     },
+    /// Check the indexes the image is served with (published, eStargz TOC or stored) against
+    /// its layers, streamed once; a mismatching index is replaced.
+    Verify {
+        #[command(flatten)]
+        image: ImageArgs,
+    },
     /// Publish the image's layer indexes to its registry (as a referrer of its manifest).
     Push {
         #[command(flatten)]
@@ -252,6 +258,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Cat { image, paths } => {
             let ctx = lazy::Context::new(store, &config, image.plain_http)?;
             lazy::cat(&ctx, &image.reference, &paths, &platform(&image.platform)?).await?;
+        }
+        Command::Index(IndexCommand::Verify { image }) => {
+            let ctx = lazy::Context::new(store, &config, image.plain_http)?;
+            lazy::index_verify(&ctx, &image.reference, &platform(&image.platform)?).await?;
         }
         Command::Index(IndexCommand::Push { image }) => {
             let ctx = lazy::Context::new(store, &config, image.plain_http)?;
