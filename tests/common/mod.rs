@@ -8,6 +8,8 @@
 //!   registry HTTP API.
 //! * [`token`]: an in-process token issuer for the registry's `auth.token`
 //!   mode.
+//! * [`containerd`]: a private `containerd` per test, driven with `ctr` /
+//!   `ctr-remote`.
 //!
 //! Each test file includes this with `mod common;`; not every test uses
 //! every helper, hence the blanket `dead_code` allowance (and the
@@ -15,6 +17,7 @@
 #![allow(dead_code)]
 
 pub mod cli;
+pub mod containerd;
 pub mod image;
 pub mod push;
 pub mod registry;
@@ -22,6 +25,8 @@ pub mod token;
 
 #[allow(unused_imports)]
 pub use cli::Stratafs;
+#[allow(unused_imports)]
+pub use containerd::{Containerd, ContainerdOpts};
 #[allow(unused_imports)]
 pub use image::{
     compress, docker_media_type, oci_media_type, Compression, Entry, EntryKind, Image,
