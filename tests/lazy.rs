@@ -540,21 +540,36 @@ fn index_verify_catches_a_hostile_published_index() {
     publisher.ok(&["index", "push", &reference]);
     let honest = Stratafs::new();
     let out = honest.ok(&["index", "verify", &reference]);
-    assert!(out.contains("index matches the layer") && out.contains("400 files"), "{out}");
+    assert!(
+        out.contains("index matches the layer") && out.contains("400 files"),
+        "{out}"
+    );
 
     // A hostile publisher maps files/f001 onto the bytes of files/f002.
     let layer_hex = image.layers[0].digest.strip_prefix("sha256:").unwrap();
     let path = publisher.root().join(format!("layers/{layer_hex}.json"));
     let mut index: stratafs::layer::LayerIndex =
         serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    let target = index.entries.iter().find(|e| e.path == "files/f002").unwrap().offset;
-    index.entries.iter_mut().find(|e| e.path == "files/f001").unwrap().offset = target;
+    let target = index
+        .entries
+        .iter()
+        .find(|e| e.path == "files/f002")
+        .unwrap()
+        .offset;
+    index
+        .entries
+        .iter_mut()
+        .find(|e| e.path == "files/f001")
+        .unwrap()
+        .offset = target;
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let store = Store::open(publisher.root()).unwrap();
         let record = store.images.get(&reference).unwrap().unwrap();
         let client = RegistryClient::new(Default::default(), BTreeMap::new(), true);
-        stratafs::publish::push_indexes(&client, &record, &[index]).await.unwrap();
+        stratafs::publish::push_indexes(&client, &record, &[index])
+            .await
+            .unwrap();
     });
 
     // A victim reads the wrong bytes: every span checks out, but the tree is a lie...
@@ -563,8 +578,14 @@ fn index_verify_catches_a_hostile_published_index() {
     assert!(wrong != files[1].1, "the hostile index is in use");
     // ...until verify compares it with the layer, replaces it, and says so.
     let err = victim.fail(&["index", "verify", &reference]);
-    assert!(err.contains("does not match the layer") && err.contains("files/f001"), "{err}");
+    assert!(
+        err.contains("does not match the layer") && err.contains("files/f001"),
+        "{err}"
+    );
     assert!(err.contains(&image.layers[0].digest), "{err}");
-    assert!(cat(&victim, &reference, "/files/f001") == files[1].1, "served correctly after verify");
+    assert!(
+        cat(&victim, &reference, "/files/f001") == files[1].1,
+        "served correctly after verify"
+    );
     victim.ok(&["index", "verify", &reference]);
 }
