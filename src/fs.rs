@@ -6,6 +6,7 @@
 //! once from the registry with parallel range requests, which also fills the chunk cache — and
 //! [`ImageView`] presents the merged [`Tree`] with reads served by [`LayerReader`]s.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -60,6 +61,9 @@ pub struct Layers {
     cache: Arc<Cache>,
     client: Arc<RegistryClient>,
     span: u64,
+    /// Bytes read from the registry per blob since the last [`Layers::save_fetched`].
+    fetched: std::sync::Mutex<std::collections::HashMap<String, Arc<AtomicU64>>>,
+    fetched_dir: std::path::PathBuf,
 }
 
 impl Layers {
@@ -69,7 +73,30 @@ impl Layers {
             cache,
             client,
             span: DEFAULT_SPAN,
+            fetched: Default::default(),
+            fetched_dir: root.join("cache/fetched"),
         }
+    }
+
+    /// Adds the bytes read from the registry since the last call to the per-blob totals kept
+    /// under `<root>/cache/fetched/` (what `cache stats` reports).
+    pub fn save_fetched(&self) -> std::io::Result<()> {
+        let counters: Vec<(String, u64)> = self
+            .fetched
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(blob, c)| (blob.clone(), c.swap(0, Ordering::Relaxed)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        std::fs::create_dir_all(&self.fetched_dir)?;
+        for (blob, n) in counters {
+            let total = fetched_total(&self.fetched_dir, &blob) + n;
+            let tmp = self.fetched_dir.join(format!(".{blob}.tmp"));
+            std::fs::write(&tmp, total.to_string())?;
+            std::fs::rename(&tmp, self.fetched_dir.join(&blob))?;
+        }
+        Ok(())
     }
 
     pub fn cache(&self) -> &Arc<Cache> {
@@ -86,11 +113,19 @@ impl Layers {
             .name
             .parse()
             .map_err(|_| FsError::Name(image.name.clone()))?;
+        let counter = self
+            .fetched
+            .lock()
+            .unwrap()
+            .entry(layer.digest.digest().to_string())
+            .or_default()
+            .clone();
         Ok(Arc::new(RegistrySource::new(
             self.client.clone(),
             reference,
             layer.digest.clone(),
             layer.size,
+            counter,
         )))
     }
 
@@ -219,6 +254,14 @@ impl Layers {
         }
         Ok(report)
     }
+}
+
+/// Bytes of blob `hex` read from the registry so far, as saved under `dir`.
+pub fn fetched_total(dir: &std::path::Path, hex: &str) -> u64 {
+    std::fs::read_to_string(dir.join(hex))
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// What [`Layers::verify`] compared.

@@ -67,23 +67,25 @@ pub struct RegistrySource {
     reference: Reference,
     digest: Digest,
     size: u64,
-    fetched: AtomicU64,
+    fetched: Arc<AtomicU64>,
 }
 
 impl RegistrySource {
     /// `size` comes from the manifest's descriptor, so no request is needed to learn it.
+    /// Bytes read are added to `fetched` (shared by every source of one blob).
     pub fn new(
         client: Arc<RegistryClient>,
         reference: Reference,
         digest: Digest,
         size: u64,
+        fetched: Arc<AtomicU64>,
     ) -> Self {
         RegistrySource {
             client,
             reference,
             digest,
             size,
-            fetched: AtomicU64::new(0),
+            fetched,
         }
     }
 

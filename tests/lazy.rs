@@ -247,6 +247,13 @@ fn a_small_read_from_a_large_layer_fetches_one_span() {
     assert!(cat(&cli, &reference, path) == *content);
     let (requests, bytes) = served(&reg, mark);
     assert_eq!(requests, 1, "one range request");
+    let stats: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["cache", "stats", "--json"])).unwrap();
+    assert_eq!(
+        stats["layers"][0]["fetched_bytes"].as_u64().unwrap(),
+        blob_size + bytes,
+        "stats count the streaming pass and the range read: {stats}"
+    );
     let per_span = blob_size / spans;
     assert!(
         bytes <= 2 * per_span,

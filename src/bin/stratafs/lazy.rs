@@ -79,6 +79,15 @@ impl Context {
     }
 }
 
+impl Drop for Context {
+    /// Whatever the command did, the bytes it fetched are added to the per-layer totals.
+    fn drop(&mut self) {
+        if let Err(e) = self.layers.save_fetched() {
+            tracing::warn!(error = %e, "could not save fetched-byte counts");
+        }
+    }
+}
+
 pub async fn ls(
     ctx: &Context,
     reference: &str,
@@ -296,6 +305,10 @@ pub fn cache_stats(ctx: &Context, json: bool) -> Result<()> {
             "cached_spans": cached_spans,
             "cached_bytes": cached_bytes,
             "complete": index.is_some() && cached_spans == spans,
+            "fetched_bytes": stratafs::fs::fetched_total(
+                &ctx.store.root().join("cache/fetched"),
+                digest.trim_start_matches("sha256:"),
+            ),
         }));
     }
     if json {
@@ -322,12 +335,12 @@ pub fn cache_stats(ctx: &Context, json: bool) -> Result<()> {
             _ => "partial",
         };
         println!(
-            "{:<71} {:>3}/{:<4} {:>12} {:>12}  {state}",
+            "{:<71} {:>9} {:>12} {:>12} {:>12}  {state}",
             r["digest"].as_str().unwrap_or(""),
-            r["cached_spans"],
-            r["spans"],
+            format!("{}/{}", r["cached_spans"], r["spans"]),
             r["cached_bytes"],
-            r["size"]
+            r["size"],
+            r["fetched_bytes"]
         );
     }
     Ok(())
