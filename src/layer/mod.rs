@@ -156,12 +156,49 @@ pub fn build_index(
     diff_id: &Digest,
     blob_size: u64,
     span: u64,
-    on_span: &mut dyn FnMut(&Digest, &[u8]) -> io::Result<()>,
+    on_span: &mut (dyn FnMut(&Digest, &[u8]) -> io::Result<()> + Send),
 ) -> Result<LayerIndex, LayerError> {
     let limit = blob_size.saturating_mul(1100).max(1 << 30);
     let mut hashed = HashingReader::new(blob);
     let mut spans = Vec::new();
-    let decoded = decode_stream(&mut hashed, compression, span, limit, &mut spans, on_span);
+    // Spans are hashed and handed to `on_span` (the cache) on a second thread, so that work
+    // overlaps decompression; the bounded channel keeps memory to a few spans.
+    let (decoded, digests) = std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let worker = scope.spawn(move || -> io::Result<Vec<Digest>> {
+            let mut digests = Vec::new();
+            for data in rx {
+                let digest = crate::digest::sha256(&data);
+                on_span(&digest, &data)?;
+                digests.push(digest);
+            }
+            Ok(digests)
+        });
+        let decoded = decode_stream(
+            &mut hashed,
+            compression,
+            span,
+            limit,
+            &mut spans,
+            &mut |data| {
+                tx.send(data.to_vec())
+                    .map_err(|_| io::Error::other("span worker stopped"))
+            },
+        );
+        drop(tx);
+        (decoded, worker.join().expect("span worker thread"))
+    });
+    let decoded = match (decoded, digests) {
+        (Ok(d), Ok(digests)) if digests.len() == spans.len() => {
+            for (span, digest) in spans.iter_mut().zip(digests) {
+                span.digest = digest;
+            }
+            Ok(d)
+        }
+        (Ok(_), Ok(_)) => Err("span count mismatch".to_string()),
+        (_, Err(e)) => Err(format!("handling spans: {e}")),
+        (Err(e), Ok(_)) => Err(e),
+    };
     // Hash whatever the decoder left unread (trailing bytes, or all the rest after a failure):
     // a blob that does not match its digest is reported as such, whatever broke first.
     let drained = io::copy(&mut hashed, &mut io::sink()).is_ok();
@@ -200,25 +237,26 @@ pub fn build_index(
 
 type Decoded = (Vec<Entry>, [u8; 32], u64, Vec<gzip::Checkpoint>);
 
-/// Decompresses `blob`, parses its tar entries and cuts it into spans (pushed to `spans`,
-/// each handed to `on_span`). Returns (entries, sha256 of the output, output size, checkpoints).
+/// Decompresses `blob`, parses its tar entries and cuts it into spans (pushed to `spans` with a
+/// placeholder digest, their bytes handed to `emit` in order). Returns (entries, sha256 of the
+/// output, output size, checkpoints).
 fn decode_stream(
     blob: impl Read,
     compression: Compression,
     span: u64,
     limit: u64,
     spans: &mut Vec<Span>,
-    on_span: &mut dyn FnMut(&Digest, &[u8]) -> io::Result<()>,
+    emit: &mut dyn FnMut(&[u8]) -> io::Result<()>,
 ) -> Result<Decoded, String> {
+    let placeholder = || crate::digest::sha256(b"");
     match compression {
         Compression::Gzip => {
             let mut indexer = gzip::GzipIndexer::new(blob, span, |s: gzip::SpanOut<'_>| {
-                let digest = crate::digest::sha256(s.data);
-                on_span(&digest, s.data)?;
+                emit(s.data)?;
                 spans.push(Span {
                     out_offset: s.out_offset,
                     out_len: s.data.len() as u64,
-                    digest,
+                    digest: placeholder(),
                     fetch: Fetch::Gzip {
                         checkpoint: s.checkpoint as u32,
                         in_start: s.in_start,
@@ -242,8 +280,7 @@ fn decode_stream(
                 Box::new(zstd::stream::read::Decoder::new(blob).map_err(|e| e.to_string())?)
             };
             let mut spanner = Spanner::new(decoded, span, |out_offset, data: &[u8]| {
-                let digest = crate::digest::sha256(data);
-                on_span(&digest, data)?;
+                emit(data)?;
                 let fetch = if identity {
                     Fetch::Range {
                         in_start: out_offset,
@@ -255,7 +292,7 @@ fn decode_stream(
                 spans.push(Span {
                     out_offset,
                     out_len: data.len() as u64,
-                    digest,
+                    digest: placeholder(),
                     fetch,
                 });
                 Ok(())

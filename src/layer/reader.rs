@@ -40,16 +40,7 @@ pub async fn stream_index(
         STREAM_PARALLEL,
     );
     tokio::task::spawn_blocking(move || {
-        // Spans are written to the cache by a second thread, so disk writes overlap
-        // decompression; the bounded channel keeps memory to a few spans.
-        let (tx, rx) = std::sync::mpsc::sync_channel::<(oci_spec::image::Digest, Vec<u8>)>(4);
-        let writer = std::thread::spawn(move || -> Result<(), CacheError> {
-            for (digest, data) in rx {
-                cache.insert_cold(&digest, &data)?;
-            }
-            Ok(())
-        });
-        let built = build_index(
+        build_index(
             reader,
             spec.compression,
             &spec.blob,
@@ -57,18 +48,11 @@ pub async fn stream_index(
             spec.blob_size,
             spec.span,
             &mut |digest, data| {
-                tx.send((digest.clone(), data.to_vec()))
-                    .map_err(|_| std::io::Error::other("cache writer stopped"))
+                cache
+                    .insert_cold(digest, data)
+                    .map_err(std::io::Error::other)
             },
-        );
-        drop(tx);
-        let written = writer.join().expect("cache writer thread");
-        let index = built?;
-        written.map_err(|e| LayerError::Corrupt {
-            blob: index.blob.clone(),
-            detail: format!("caching spans: {e}"),
-        })?;
-        Ok(index)
+        )
     })
     .await
     .expect("index build task")
