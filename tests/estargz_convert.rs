@@ -100,13 +100,6 @@ fn tar_contents(blob: &[u8]) -> (Vec<String>, serde_json::Value) {
     (names, toc)
 }
 
-fn ls(cli: &Stratafs, reference: &str, path: &str) -> Vec<String> {
-    cli.ok(&["ls", reference, path])
-        .lines()
-        .map(str::to_string)
-        .collect()
-}
-
 #[test]
 fn images_converted_by_ctr_remote_read_back_exactly() {
     if let Some(why) = Containerd::unavailable() {
@@ -261,9 +254,9 @@ fn images_converted_by_ctr_remote_read_back_exactly() {
     assert!(big_line.contains(&format!(" {BIG} ")), "{big_line}");
 
     // The whiteout applies; eStargz metadata is not part of the filesystem.
-    assert_eq!(ls(&cli, &dst, "/etc"), ["added", "hello"]);
-    assert_eq!(ls(&cli, &dst, "/usr/bin"), ["big", "tool"]);
-    let root = ls(&cli, &dst, "/");
+    assert_eq!(cli.ls(&dst, "/etc"), ["added", "hello"]);
+    assert_eq!(cli.ls(&dst, "/usr/bin"), ["big", "tool"]);
+    let root = cli.ls(&dst, "/");
     // If this fails, stratafs shows eStargz's metadata entries as files (a stratafs bug, not a
     // test problem): `stargz.index.json` and the prefetch landmarks must be hidden.
     assert_eq!(

@@ -81,23 +81,6 @@ fn tricky_image(flavour: ManifestFlavour) -> (Image, BTreeMap<String, Vec<u8>>) 
     (image, expected)
 }
 
-fn cat(cli: &Stratafs, reference: &str, path: &str) -> Vec<u8> {
-    let out = cli.run(&["cat", reference, path]);
-    assert!(
-        out.status.success(),
-        "cat {path}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
-fn ls(cli: &Stratafs, reference: &str, path: &str) -> Vec<String> {
-    cli.ok(&["ls", reference, path])
-        .lines()
-        .map(str::to_string)
-        .collect()
-}
-
 #[test]
 fn every_file_reads_back_exactly_in_each_format() {
     for flavour in [ManifestFlavour::Oci, ManifestFlavour::Docker] {
@@ -108,21 +91,21 @@ fn every_file_reads_back_exactly_in_each_format() {
         let reference = format!("{}/lazy/tricky:v1", reg.addr());
 
         for (path, content) in &expected {
-            assert!(cat(&cli, &reference, path) == *content, "{path} differs");
+            assert!(cli.cat(&reference, path) == *content, "{path} differs");
         }
         // Overlay semantics as seen by ls.
         assert_eq!(
-            ls(&cli, &reference, "/etc"),
+            cli.ls(&reference, "/etc"),
             ["os-release"],
             "whiteout hides etc/gone"
         );
         assert_eq!(
-            ls(&cli, &reference, "/data"),
+            cli.ls(&reference, "/data"),
             ["only-upper"],
             "opaque dir hides data/lower"
         );
         assert_eq!(
-            ls(&cli, &reference, "/"),
+            cli.ls(&reference, "/"),
             ["bin", "data", "etc", "names", "plain.bin", "usr"]
         );
         let long = cli.ok(&["ls", "-l", &reference, "/"]);
@@ -244,7 +227,7 @@ fn a_small_read_from_a_large_layer_fetches_one_span() {
     cli.ok(&["cache", "prune", "--max-size", "0"]);
     let (path, content) = &files[200];
     let mark = reg.log_mark();
-    assert!(cat(&cli, &reference, path) == *content);
+    assert!(cli.cat(&reference, path) == *content);
     let (requests, bytes) = served(&reg, mark);
     assert_eq!(requests, 1, "one range request");
     let stats: serde_json::Value =
@@ -264,7 +247,7 @@ fn a_small_read_from_a_large_layer_fetches_one_span() {
 
     // Read again: served from the cache, nothing fetched.
     let mark = reg.log_mark();
-    assert!(cat(&cli, &reference, path) == *content);
+    assert!(cli.cat(&reference, path) == *content);
     assert_eq!(served(&reg, mark), (0, 0));
 }
 
@@ -340,7 +323,7 @@ fn corrupt_or_truncated_blobs_are_never_served() {
     );
     std::fs::write(&path, &original).unwrap();
     assert!(
-        cat(&cli, &reference, &files[0].0) == files[0].1,
+        cli.cat(&reference, &files[0].0) == files[0].1,
         "intact again"
     );
 }
@@ -365,7 +348,7 @@ fn registry_down_gives_an_error_then_reads_work_when_it_is_back() {
         "bounded"
     );
     reg.restart();
-    assert!(cat(&cli, &reference, &files[10].0) == files[10].1);
+    assert!(cli.cat(&reference, &files[10].0) == files[10].1);
 }
 
 #[test]
@@ -388,7 +371,7 @@ fn damaged_cache_files_and_crash_leftovers_are_not_trusted() {
 
     let mark = reg.log_mark();
     for (p, content) in files.iter().step_by(50) {
-        assert!(cat(&cli, &reference, p) == *content, "{p}");
+        assert!(cli.cat(&reference, p) == *content, "{p}");
     }
     let (requests, _) = served(&reg, mark);
     assert!(requests > 0, "damaged chunks were fetched again");
@@ -452,7 +435,7 @@ fn published_indexes_make_the_first_read_lazy() {
         "pull reads no layer data"
     );
     let (path, content) = &files[123];
-    assert!(cat(&user, &reference, path) == *content);
+    assert!(user.cat(&reference, path) == *content);
     let (requests, bytes) = served_blob(&reg, mark, &layer);
     assert_eq!(requests, 1, "one range request");
     assert!(
@@ -465,7 +448,7 @@ fn published_indexes_make_the_first_read_lazy() {
     let mut strict = Stratafs::new();
     strict.set_config("[index]\npublished = false\n");
     let mark = reg.log_mark();
-    assert!(cat(&strict, &reference, path) == *content);
+    assert!(strict.cat(&reference, path) == *content);
     assert_eq!(served_blob(&reg, mark, &layer).1, image.layers[0].size());
 }
 
@@ -481,7 +464,7 @@ fn the_cache_cap_holds_while_reading_and_evicted_chunks_come_back() {
 
     cli.ok(&["index", "build", &reference]);
     for (p, content) in files.iter().step_by(7) {
-        assert!(cat(&cli, &reference, p) == *content, "{p}");
+        assert!(cli.cat(&reference, p) == *content, "{p}");
     }
     // Pruning runs in the background: wait for it to settle under the cap.
     let stats = || -> serde_json::Value {
@@ -500,7 +483,7 @@ fn the_cache_cap_holds_while_reading_and_evicted_chunks_come_back() {
     // Everything still reads correctly.
     let mark = reg.log_mark();
     for (p, content) in files.iter().step_by(3) {
-        assert!(cat(&cli, &reference, p) == *content, "{p}");
+        assert!(cli.cat(&reference, p) == *content, "{p}");
     }
     assert!(
         served(&reg, mark).0 > 0,
@@ -530,9 +513,9 @@ fn a_complete_layer_is_served_from_disk_with_the_registry_down() {
 
     reg.stop();
     for (path, content) in &expected {
-        assert!(cat(&cli, &reference, path) == *content, "{path} offline");
+        assert!(cli.cat(&reference, path) == *content, "{path} offline");
     }
-    assert_eq!(ls(&cli, &reference, "/etc"), ["os-release"]);
+    assert_eq!(cli.ls(&reference, "/etc"), ["os-release"]);
 }
 
 #[test]
@@ -581,7 +564,7 @@ fn index_verify_catches_a_hostile_published_index() {
 
     // A victim reads the wrong bytes: every span checks out, but the tree is a lie...
     let victim = Stratafs::new();
-    let wrong = cat(&victim, &reference, "/files/f001");
+    let wrong = victim.cat(&reference, "/files/f001");
     assert!(wrong != files[1].1, "the hostile index is in use");
     // ...until verify compares it with the layer, replaces it, and says so.
     let err = victim.fail(&["index", "verify", &reference]);
@@ -591,7 +574,7 @@ fn index_verify_catches_a_hostile_published_index() {
     );
     assert!(err.contains(&image.layers[0].digest), "{err}");
     assert!(
-        cat(&victim, &reference, "/files/f001") == files[1].1,
+        victim.cat(&reference, "/files/f001") == files[1].1,
         "served correctly after verify"
     );
     victim.ok(&["index", "verify", &reference]);

@@ -205,13 +205,7 @@ impl RegistryClient {
         digest: &Digest,
         cap: u64,
     ) -> Result<Vec<u8>, RegistryError> {
-        let what = format!("blob {digest}");
-        let req = transport::Request::get(
-            reference,
-            format!("blobs/{digest}"),
-            None,
-            subject(reference, &what, false),
-        );
+        let (what, req) = blob_request(reference, digest);
         let body = self
             .transport
             .get_small(&self.endpoints(reference)?, &req, cap, &what)
@@ -237,13 +231,7 @@ impl RegistryClient {
         if len == 0 {
             return Ok(Vec::new());
         }
-        let what = format!("blob {digest}");
-        let req = transport::Request::get(
-            reference,
-            format!("blobs/{digest}"),
-            None,
-            subject(reference, &what, false),
-        );
+        let (_, req) = blob_request(reference, digest);
         self.transport
             .get_range(&self.endpoints(reference)?, &req, offset, len)
             .await
@@ -257,6 +245,18 @@ impl RegistryClient {
             self.force_plain_http,
         )
     }
+}
+
+/// A GET of blob `digest` and what errors about it call it.
+fn blob_request<'a>(reference: &'a Reference, digest: &Digest) -> (String, transport::Request<'a>) {
+    let what = format!("blob {digest}");
+    let req = transport::Request::get(
+        reference,
+        format!("blobs/{digest}"),
+        None,
+        subject(reference, &what, false),
+    );
+    (what, req)
 }
 
 /// What an error about `what` should name: the reference itself when the request is for the

@@ -93,6 +93,25 @@ impl Stratafs {
         String::from_utf8(out.stderr).unwrap()
     }
 
+    /// `cat REF PATH`: the file's bytes (fails the test if the command fails).
+    pub fn cat(&self, reference: &str, path: &str) -> Vec<u8> {
+        let out = self.run(&["cat", reference, path]);
+        assert!(
+            out.status.success(),
+            "cat {path}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+
+    /// `ls REF PATH`: the names listed.
+    pub fn ls(&self, reference: &str, path: &str) -> Vec<String> {
+        self.ok(&["ls", reference, path])
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
     /// `pull --json`, parsed.
     pub fn pull_json(&self, reference: &str, extra: &[&str]) -> serde_json::Value {
         let mut args = vec!["pull", "--json"];
