@@ -551,3 +551,102 @@ fn concurrent_pulls_of_one_reference_both_succeed_and_rmi_collects() {
     assert_eq!(images[0]["name"], ref_b.as_str());
     assert_eq!(std::fs::read_dir(root.join("tmp")).unwrap().count(), 0);
 }
+
+#[test]
+fn tls_registry_needs_its_ca_or_skip_verify() {
+    let origin = Registry::start(RegistryOpts::default());
+    let image = three_layers("tls").build(ManifestFlavour::Oci);
+    origin.push_image("secure/app", "v1", &image, &Auth::None);
+    let certs_dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(certs_dir.path());
+    // A pull-through cache serving HTTPS with a certificate from the test CA.
+    let tls = Registry::start(RegistryOpts {
+        proxy_remote: Some(origin.url()),
+        tls: Some(ca.server.clone()),
+        ..Default::default()
+    });
+    let reference = format!("{}/secure/app:v1", tls.addr());
+
+    // Not trusted: a TLS error naming the registry, and no downgrade to plain HTTP.
+    let mut cli = Stratafs::new();
+    let err = cli.fail(&["pull", &reference]);
+    assert!(
+        err.contains("tls error") && err.contains(&tls.addr()),
+        "{err}"
+    );
+    assert!(err.contains("certificate"), "{err}");
+
+    // Trusted through the host's ca_certs.
+    cli.set_config(&format!(
+        "[hosts.\"{}\"]\nca_certs = [\"{}\"]\n",
+        tls.addr(),
+        ca.ca_cert.display()
+    ));
+    let mark = tls.log_mark();
+    assert_pulled(
+        &cli.pull_json(&reference, &[]),
+        &reference,
+        &image.manifest_digest,
+        &image,
+    );
+    assert!(
+        stratafs_requests(&tls, mark)
+            .iter()
+            .any(|e| e.path == "/v2/secure/app/manifests/v1"),
+        "pulled over TLS from the TLS registry"
+    );
+
+    // Or accepted blindly with skip_verify.
+    let mut blind = Stratafs::new();
+    blind.set_config(&format!("[hosts.\"{}\"]\nskip_verify = true\n", tls.addr()));
+    assert_pulled(
+        &blind.pull_json(&reference, &[]),
+        &reference,
+        &image.manifest_digest,
+        &image,
+    );
+
+    // A ca_certs file that does not exist is a clear configuration error.
+    let mut broken = Stratafs::new();
+    broken.set_config(&format!(
+        "[hosts.\"{}\"]\nca_certs = [\"/nonexistent/ca.pem\"]\n",
+        tls.addr()
+    ));
+    let err = broken.fail(&["pull", &reference]);
+    assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+}
+
+#[test]
+fn http_proxy_from_the_environment_is_used() {
+    let reg = Registry::start(RegistryOpts::default());
+    let image = three_layers("proxy").build(ManifestFlavour::Oci);
+    reg.push_image("proxied/app", "v1", &image, &Auth::None);
+    let proxy = ForwardProxy::start();
+    let cli = Stratafs::new();
+    let reference = format!("{}/proxied/app:v1", reg.addr());
+    let out = cli
+        .command()
+        .env("HTTP_PROXY", proxy.url())
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .args(["pull", "--plain-http", "--json", &reference])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_pulled(&json, &reference, &image.manifest_digest, &image);
+    let through = proxy.requests();
+    let manifest = format!("GET http://{}/v2/proxied/app/manifests/v1", reg.addr());
+    assert!(
+        through.contains(&manifest),
+        "manifest went through the proxy: {through:?}"
+    );
+    assert!(
+        through.iter().any(|r| r.ends_with(&image.config_digest)),
+        "{through:?}"
+    );
+}

@@ -238,7 +238,11 @@ impl Transport {
                 Ok(r) => r,
                 Err(e) => {
                     let err = map_reqwest(&ep.host, &url, e);
-                    if ep.http_fallback && base.starts_with("https://") {
+                    // A server that does not speak TLS gets plain HTTP; one whose certificate
+                    // is not trusted gets a TLS error, not a downgrade.
+                    let untrusted = matches!(&err, RegistryError::Tls { detail, .. }
+                        if detail.to_ascii_lowercase().contains("certificate"));
+                    if ep.http_fallback && base.starts_with("https://") && !untrusted {
                         tracing::info!(host = %ep.host, error = %err, "no TLS on loopback registry, using plain HTTP");
                         base = format!("http://{}", ep.host);
                         self.plain_http_hosts

@@ -19,6 +19,7 @@
 pub mod cli;
 pub mod containerd;
 pub mod image;
+pub mod proxy;
 pub mod push;
 pub mod registry;
 pub mod token;
@@ -34,12 +35,14 @@ pub use image::{
     DOCKER_CONFIG, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_CONFIG, OCI_INDEX, OCI_MANIFEST,
 };
 #[allow(unused_imports)]
+pub use proxy::ForwardProxy;
+#[allow(unused_imports)]
 pub use push::{
     get_blob, get_manifest, get_manifest_accept, push_blob, push_image, push_index, push_manifest,
     request, Auth, Response, HARNESS_UA, MANIFEST_ACCEPT,
 };
 #[allow(unused_imports)]
-pub use registry::{parse_access_line, AccessEntry, Registry, RegistryOpts};
+pub use registry::{parse_access_line, AccessEntry, Registry, RegistryOpts, TestCa, TlsFiles};
 #[allow(unused_imports)]
 pub use token::{Grant, TokenAuthConfig, TokenRequest, TokenServer, TokenServerOpts};
 

@@ -33,6 +33,56 @@ pub struct RegistryOpts {
     pub token: Option<TokenAuthConfig>,
     /// Run as a pull-through cache of this upstream registry URL.
     pub proxy_remote: Option<String>,
+    /// Serve HTTPS with this certificate and key (see [`TestCa`]).
+    pub tls: Option<TlsFiles>,
+}
+
+/// A server certificate and key (PEM files) for a TLS registry.
+#[derive(Clone, Debug, Default)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A throwaway certificate authority that signs a server certificate for 127.0.0.1/localhost.
+pub struct TestCa {
+    /// The CA certificate (PEM), to give clients as an extra trusted CA.
+    pub ca_cert: PathBuf,
+    /// The server certificate and key signed by the CA.
+    pub server: TlsFiles,
+}
+
+impl TestCa {
+    /// Writes a CA and a server certificate for `127.0.0.1` and `localhost` into `dir`.
+    pub fn new(dir: &Path) -> TestCa {
+        let ca_key = rcgen::KeyPair::generate().expect("CA key");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "stratafs test CA");
+        let ca = ca_params.self_signed(&ca_key).expect("self-sign CA");
+        let server_key = rcgen::KeyPair::generate().expect("server key");
+        let mut params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("server params");
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        let server = params
+            .signed_by(&server_key, &ca, &ca_key)
+            .expect("sign server cert");
+        let files = TestCa {
+            ca_cert: dir.join("ca.pem"),
+            server: TlsFiles {
+                cert: dir.join("server.pem"),
+                key: dir.join("server.key"),
+            },
+        };
+        fs::write(&files.ca_cert, ca.pem()).unwrap();
+        fs::write(&files.server.cert, server.pem()).unwrap();
+        fs::write(&files.server.key, server_key.serialize_pem()).unwrap();
+        files
+    }
 }
 
 /// One parsed access-log line.
@@ -57,6 +107,7 @@ pub struct AccessEntry {
 pub struct Registry {
     dir: tempfile::TempDir,
     port: u16,
+    tls: bool,
     child: Mutex<Option<Child>>,
     baseline: Mutex<usize>,
 }
@@ -77,6 +128,7 @@ impl Registry {
         let mut reg = Registry {
             dir,
             port: 0,
+            tls: opts.tls.is_some(),
             child: Mutex::new(None),
             baseline: Mutex::new(0),
         };
@@ -100,9 +152,10 @@ impl Registry {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` (`https://` when serving TLS).
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// The port the registry listens on.
@@ -281,10 +334,17 @@ impl Registry {
             if let Some(status) = exited {
                 return Err(format!("exited with {status}\n{}", self.log_contents()));
             }
-            match probe.get(&url).call() {
-                Ok(r) if r.status() == 200 => return Ok(()),
-                Err(ureq::Error::Status(401, _)) => return Ok(()),
-                _ => {}
+            if self.tls {
+                // The test CA is not in the probe's roots: listening is ready enough.
+                if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                    return Ok(());
+                }
+            } else {
+                match probe.get(&url).call() {
+                    Ok(r) if r.status() == 200 => return Ok(()),
+                    Err(ureq::Error::Status(401, _)) => return Ok(()),
+                    _ => {}
+                }
             }
             if Instant::now() > deadline {
                 self.stop();
@@ -366,6 +426,13 @@ fn config_yaml(dir: &Path, port: u16, auth: &str, opts: &RegistryOpts) -> String
          http:\n  addr: 127.0.0.1:{port}\n  secret: stratafs-test-secret\n",
         dir.join("data").display()
     );
+    if let Some(tls) = &opts.tls {
+        y.push_str(&format!(
+            "  tls:\n    certificate: {}\n    key: {}\n",
+            tls.cert.display(),
+            tls.key.display()
+        ));
+    }
     y.push_str(auth);
     if let Some(remote) = &opts.proxy_remote {
         y.push_str(&format!("proxy:\n  remoteurl: {remote}\n"));
