@@ -6,6 +6,7 @@
 //! it is cached or served. eStargz chunks ([`Fetch::Member`]) are inflated from their gzip
 //! member's start and checked against their chunk digest.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::{build_index, gzip, Fetch, LayerError, LayerIndex, DEFAULT_SPAN};
@@ -58,6 +59,9 @@ pub async fn stream_index(
     .expect("index build task")
 }
 
+/// Spans fetched ahead of a sequential reader.
+const READAHEAD: usize = 4;
+
 /// Upper bound on the bytes one coalesced range request fetches.
 const MAX_COALESCED: u64 = 16 << 20;
 
@@ -67,6 +71,8 @@ pub struct LayerReader {
     source: Arc<dyn BlobSource>,
     cache: Arc<Cache>,
     restreaming: tokio::sync::Mutex<()>,
+    /// The last span of the previous fetch, to spot sequential misses (`usize::MAX`: none).
+    last_fetched: std::sync::atomic::AtomicUsize,
 }
 
 impl LayerReader {
@@ -76,6 +82,7 @@ impl LayerReader {
             source,
             cache,
             restreaming: tokio::sync::Mutex::new(()),
+            last_fetched: std::sync::atomic::AtomicUsize::new(usize::MAX),
         }
     }
 
@@ -113,7 +120,17 @@ impl LayerReader {
                 if span.fetch == Fetch::Cached {
                     return self.restream(i).await;
                 }
+                // A miss right after the previous fetch means a sequential reader: fetch
+                // READAHEAD more spans with this request.
+                let previous = self.last_fetched.load(Ordering::Relaxed);
+                let until = if previous != usize::MAX && i == previous + 1 {
+                    let ahead = (i + READAHEAD).min(self.index.spans.len() - 1);
+                    until.max(self.index.spans[ahead].out_offset + 1)
+                } else {
+                    until
+                };
                 let last = self.missing_run_end(i, until);
+                self.last_fetched.store(last, Ordering::Relaxed);
                 let mut spans = self.fetch_run(i, last).await?;
                 let first = spans.remove(0);
                 for (j, data) in (i + 1..=last).zip(spans) {
@@ -248,5 +265,107 @@ fn fetch_range(fetch: &Fetch) -> Option<(u64, u64)> {
             in_start, in_end, ..
         } => Some((*in_start, *in_end)),
         Fetch::Cached => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::DiskChunks;
+    use crate::source::{FaultySource, FileSource};
+    use std::io::Write;
+
+    /// A gzip layer holding one 2 MiB file, indexed with 64 KiB spans, read through a counting
+    /// source.
+    fn setup(
+        dir: &std::path::Path,
+    ) -> (LayerReader, Arc<FaultySource<FileSource>>, u64, u64, usize) {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let data: Vec<u8> = (0..2usize << 20)
+            .map(|i| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                // Half random, half text: compressible like real files, with many deflate blocks.
+                if i % 2 == 0 {
+                    (x >> 56) as u8
+                } else {
+                    b'a' + (i % 23) as u8
+                }
+            })
+            .collect();
+        let mut b = ::tar::Builder::new(Vec::new());
+        let mut h = ::tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "big", &data[..]).unwrap();
+        let tar = b.into_inner().unwrap();
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(&tar).unwrap();
+        let blob = e.finish().unwrap();
+        let digest = crate::digest::sha256(&blob);
+        let index = build_index(
+            &blob[..],
+            Compression::Gzip,
+            &digest,
+            &crate::digest::sha256(&tar),
+            blob.len() as u64,
+            64 << 10,
+            &mut |_, _| Ok(()),
+        )
+        .unwrap();
+        let path = dir.join("blob");
+        std::fs::write(&path, &blob).unwrap();
+        let source = Arc::new(FaultySource::new(FileSource::open(&path, digest).unwrap()));
+        let cache = Arc::new(Cache::new(Arc::new(DiskChunks::open(dir).unwrap()), 1024));
+        let (offset, size, spans) = (
+            index.entries[0].offset,
+            index.entries[0].size,
+            index.spans.len(),
+        );
+        let reader = LayerReader::new(Arc::new(index), source.clone(), cache);
+        (reader, source, offset, size, spans)
+    }
+
+    #[tokio::test]
+    async fn sequential_misses_read_ahead_and_random_ones_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let (reader, source, offset, size, spans) = setup(dir.path());
+        assert!(spans >= 12, "{spans} spans");
+        // A FUSE-like sequential reader: 16 KiB at a time.
+        let mut pos = 0;
+        while pos < size {
+            let got = reader.read(offset + pos, 16 << 10).await.unwrap();
+            pos += got.len() as u64;
+        }
+        let (sequential_reads, _) = source.counts();
+        assert!(
+            (sequential_reads as usize) * 3 < spans,
+            "{sequential_reads} range reads for {spans} spans"
+        );
+
+        // Scattered single-span reads on a fresh cache fetch one span each, nothing ahead.
+        let dir = tempfile::tempdir().unwrap();
+        let (reader, source, _, _, spans) = setup(dir.path());
+        for k in [spans - 2, 3, spans / 2, 7, 1] {
+            let at = reader.index().spans[k].out_offset + 100;
+            reader.read(at, 10).await.unwrap();
+        }
+        let (reads, bytes) = source.counts();
+        assert_eq!(reads, 5);
+        let max_span = reader
+            .index()
+            .spans
+            .iter()
+            .map(|s| match s.fetch {
+                Fetch::Gzip {
+                    in_start, in_end, ..
+                } => in_end - in_start,
+                _ => 0,
+            })
+            .max()
+            .unwrap();
+        assert!(bytes <= 5 * max_span, "{bytes} bytes");
     }
 }
