@@ -133,15 +133,6 @@ impl Reference {
     pub fn name(&self) -> String {
         format!("{}/{}", self.registry, self.repository)
     }
-
-    /// The same name pinned to `digest` (tag dropped).
-    pub fn with_digest(&self, digest: Digest) -> Reference {
-        Reference {
-            digest: Some(digest),
-            tag: None,
-            ..self.clone()
-        }
-    }
 }
 
 impl fmt::Display for Reference {

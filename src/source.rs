@@ -88,11 +88,6 @@ impl RegistrySource {
             fetched,
         }
     }
-
-    /// Bytes read from the registry so far.
-    pub fn bytes_fetched(&self) -> u64 {
-        self.fetched.load(Ordering::Relaxed)
-    }
 }
 
 impl BlobSource for RegistrySource {
