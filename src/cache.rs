@@ -289,6 +289,24 @@ impl Cache {
         Ok(Some(data))
     }
 
+    /// The chunk's bytes, verified, without promoting it in (or adding it to) the memory LRU:
+    /// for whole-layer scans that should not evict hot chunks.
+    pub fn peek(&self, digest: &Digest) -> Result<Option<Arc<Vec<u8>>>, CacheError> {
+        if let Some(d) = self.memory.lock().unwrap().peek(digest) {
+            return Ok(Some(d.clone()));
+        }
+        let io = |source| CacheError::Io {
+            digest: digest.clone(),
+            source,
+        };
+        Ok(self
+            .store
+            .get(digest)
+            .map_err(io)?
+            .filter(|data| crate::digest::verify(digest, data).is_ok())
+            .map(Arc::new))
+    }
+
     /// The chunk, fetched by `fetch` on a miss — once, however many callers miss at the same
     /// time. `fetch` must return bytes it has verified against `digest`.
     pub async fn get_or_fetch<F, Fut>(

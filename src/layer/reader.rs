@@ -9,7 +9,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::{build_index, gzip, Fetch, LayerError, LayerIndex, DEFAULT_SPAN};
+use super::{build_index, gzip, Fetch, IndexFormat, LayerError, LayerIndex, DEFAULT_SPAN};
 use crate::cache::{Cache, CacheError};
 use crate::image::Compression;
 use crate::source::{BlobSource, SequentialReader};
@@ -73,7 +73,15 @@ pub struct LayerReader {
     restreaming: tokio::sync::Mutex<()>,
     /// The last span of the previous fetch, to spot sequential misses (`usize::MAX`: none).
     last_fetched: std::sync::atomic::AtomicUsize,
+    /// Whole-layer check: UNCHECKED until every span is cached, then VERIFIED or WRONG.
+    completeness: std::sync::atomic::AtomicU8,
+    /// Fetches this reader made (a read that fetched may have completed the layer).
+    fetches: std::sync::atomic::AtomicU64,
 }
+
+const UNCHECKED: u8 = 0;
+const VERIFIED: u8 = 1;
+const WRONG: u8 = 2;
 
 impl LayerReader {
     pub fn new(index: Arc<LayerIndex>, source: Arc<dyn BlobSource>, cache: Arc<Cache>) -> Self {
@@ -83,6 +91,8 @@ impl LayerReader {
             cache,
             restreaming: tokio::sync::Mutex::new(()),
             last_fetched: std::sync::atomic::AtomicUsize::new(usize::MAX),
+            completeness: std::sync::atomic::AtomicU8::new(UNCHECKED),
+            fetches: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -92,6 +102,18 @@ impl LayerReader {
 
     /// Reads up to `len` bytes at uncompressed offset `offset` (fewer at the end of the stream).
     pub async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, CacheError> {
+        if self.completeness.load(Ordering::Relaxed) == WRONG {
+            return Err(self.wrong_index());
+        }
+        let fetches_before = self.fetches.load(Ordering::Relaxed);
+        let out = self.read_spans(offset, len).await?;
+        if self.fetches.load(Ordering::Relaxed) != fetches_before {
+            self.check_complete().await?;
+        }
+        Ok(out)
+    }
+
+    async fn read_spans(&self, offset: u64, len: u64) -> Result<Vec<u8>, CacheError> {
         let end = (offset + len).min(self.index.size);
         let mut out = Vec::with_capacity((end.saturating_sub(offset)) as usize);
         let mut pos = offset;
@@ -117,6 +139,7 @@ impl LayerReader {
         let span = &self.index.spans[i];
         self.cache
             .get_or_fetch(&span.digest, || async move {
+                self.fetches.fetch_add(1, Ordering::Relaxed);
                 if span.fetch == Fetch::Cached {
                     return self.restream(i).await;
                 }
@@ -140,6 +163,52 @@ impl LayerReader {
                 Ok(first)
             })
             .await
+    }
+
+    /// Once every span of a layer indexed as its tar stream is cached, hashes them in order
+    /// and compares the result with the layer's diff_id (from the verified config). Every span
+    /// was checked against the index already; this checks the index against the layer — a
+    /// published index whose spans do not add up to the layer is caught here, and the reader
+    /// refuses further reads.
+    async fn check_complete(&self) -> Result<(), CacheError> {
+        let index = &self.index;
+        if index.format != IndexFormat::Stream
+            || self.completeness.load(Ordering::Relaxed) != UNCHECKED
+            || !index.spans.iter().all(|s| self.cache.contains(&s.digest))
+        {
+            return Ok(());
+        }
+        let (index, cache) = (self.index.clone(), self.cache.clone());
+        let matches = tokio::task::spawn_blocking(move || -> Result<Option<bool>, CacheError> {
+            let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+            for span in &index.spans {
+                match cache.peek(&span.digest)? {
+                    Some(data) => sha2::Digest::update(&mut hasher, &*data),
+                    None => return Ok(None), // evicted meanwhile: check another time
+                }
+            }
+            let actual = hex::encode(sha2::Digest::finalize(hasher));
+            Ok(Some(actual == index.diff_id.digest()))
+        })
+        .await
+        .expect("completeness check task")?;
+        match matches {
+            Some(true) => self.completeness.store(VERIFIED, Ordering::Relaxed),
+            Some(false) => {
+                self.completeness.store(WRONG, Ordering::Relaxed);
+                tracing::error!(blob = %self.index.blob, "complete layer does not match its diff_id");
+                return Err(self.wrong_index());
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    fn wrong_index(&self) -> CacheError {
+        CacheError::Fetch(format!(
+            "layer {}: all of it is cached, but its bytes do not hash to its diff_id {}: the index it is read with is wrong (run `stratafs index verify`)",
+            self.index.blob, self.index.diff_id
+        ))
     }
 
     /// For layers without random access: streams the whole layer again (once, however many
@@ -326,6 +395,28 @@ mod tests {
         );
         let reader = LayerReader::new(Arc::new(index), source.clone(), cache);
         (reader, source, offset, size, spans)
+    }
+
+    #[tokio::test]
+    async fn a_complete_layer_is_checked_against_its_diff_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let (honest, _, offset, size, _) = setup(dir.path());
+        let all = honest.read(offset, size).await.unwrap();
+        assert_eq!(all.len() as u64, size);
+        assert_eq!(honest.completeness.load(Ordering::Relaxed), VERIFIED);
+
+        // The same spans under an index that claims another diff_id: reading the last span
+        // completes the layer, the check fails, and the reader refuses to go on.
+        let dir = tempfile::tempdir().unwrap();
+        let (reader, source, offset, size, _) = setup(dir.path());
+        let mut lying = (*reader.index).clone();
+        lying.diff_id = crate::digest::sha256(b"some other layer");
+        let cache = reader.cache.clone();
+        let reader = LayerReader::new(Arc::new(lying), source, cache);
+        let err = reader.read(offset, size).await.unwrap_err().to_string();
+        assert!(err.contains("do not hash to its diff_id"), "{err}");
+        let err = reader.read(offset, 10).await.unwrap_err().to_string();
+        assert!(err.contains("index verify"), "{err}");
     }
 
     #[tokio::test]
