@@ -110,10 +110,27 @@ impl DiskChunks {
     }
 }
 
-/// Chunk files with size and modification time.
+/// Chunk files with size and modification time, and the whole files assembled from chunks
+/// for FUSE passthrough in the sibling directory `files` (see [`FILES_DIR`]), which count
+/// towards the cap and are evicted alike.
 fn list_chunks(
     dir: &std::path::Path,
 ) -> std::io::Result<Vec<(PathBuf, u64, std::time::SystemTime)>> {
+    let mut out = list_dir(dir)?;
+    if let Some(files) = dir.parent().map(|p| p.join(FILES_DIR)) {
+        match list_dir(&files) {
+            Ok(f) => out.extend(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// Directory (beside `chunks`) of whole files assembled from verified chunks.
+pub const FILES_DIR: &str = "files";
+
+fn list_dir(dir: &std::path::Path) -> std::io::Result<Vec<(PathBuf, u64, std::time::SystemTime)>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;

@@ -35,6 +35,11 @@ pub enum FsError {
     NotFound { image: String, path: String },
     #[error("{image}: /{path} is not a regular file")]
     NotAFile { image: String, path: String },
+    #[error("local copy {path}: {source}")]
+    Local {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid image name {0}")]
     Name(String),
     #[error("layer {blob}: the index it was served with does not match the layer ({detail}); replaced by an index built from the layer")]
@@ -64,6 +69,7 @@ pub struct Layers {
     /// Bytes read from the registry per blob since the last [`Layers::save_fetched`].
     fetched: std::sync::Mutex<std::collections::HashMap<String, Arc<AtomicU64>>>,
     fetched_dir: std::path::PathBuf,
+    files_dir: std::path::PathBuf,
 }
 
 impl Layers {
@@ -75,6 +81,7 @@ impl Layers {
             span: DEFAULT_SPAN,
             fetched: Default::default(),
             fetched_dir: root.join("cache/fetched"),
+            files_dir: root.join("cache").join(crate::cache::FILES_DIR),
         }
     }
 
@@ -336,6 +343,7 @@ pub struct ImageView {
     pub name: String,
     pub tree: Tree,
     readers: Vec<LayerReader>,
+    files_dir: std::path::PathBuf,
 }
 
 impl ImageView {
@@ -358,6 +366,7 @@ impl ImageView {
             name: image.name.clone(),
             tree,
             readers,
+            files_dir: layers.files_dir.clone(),
         })
     }
 
@@ -383,5 +392,58 @@ impl ImageView {
         }
         let len = len.min(n.size - offset);
         Ok(self.readers[layer].read(data_offset + offset, len).await?)
+    }
+}
+
+impl ImageView {
+    /// The layer readers, base first.
+    pub fn readers(&self) -> &[LayerReader] {
+        &self.readers
+    }
+
+    /// A local file with exactly the contents of regular file `node`, if every byte of it is
+    /// cached: assembled once from verified chunks (written to a temp file, synced, renamed
+    /// into `<root>/cache/files/`, so a file under its final name is always complete). `None`
+    /// when some bytes are not cached; this never fetches. The FUSE driver hands such files to
+    /// the kernel (passthrough) so warm reads skip the daemon.
+    pub async fn local_copy(&self, node: NodeId) -> Result<Option<std::path::PathBuf>, FsError> {
+        let n = self.tree.node(node);
+        let Some((layer, offset)) = n.data.filter(|_| n.file_type == FileType::File) else {
+            return Ok(None);
+        };
+        let reader = &self.readers[layer];
+        let name = format!("{}-{offset}-{}", reader.index().blob.digest(), n.size);
+        let path = self.files_dir.join(name);
+        let io = |e: std::io::Error| FsError::Local {
+            path: path.clone(),
+            source: e,
+        };
+        match std::fs::metadata(&path) {
+            Ok(m) if m.len() == n.size => return Ok(Some(path)),
+            Ok(_) => {
+                tracing::warn!(path = %path.display(), "dropping a local copy of the wrong size");
+                let _ = std::fs::remove_file(&path);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
+        }
+        if !reader.is_cached(offset, n.size) {
+            return Ok(None);
+        }
+        std::fs::create_dir_all(&self.files_dir).map_err(io)?;
+        let mut tmp = tempfile::NamedTempFile::new_in(&self.files_dir).map_err(io)?;
+        const STEP: u64 = 4 << 20;
+        let mut done = 0;
+        while done < n.size {
+            let data = reader.read(offset + done, STEP.min(n.size - done)).await?;
+            if data.is_empty() {
+                return Err(io(std::io::Error::other("layer ended before the file")));
+            }
+            std::io::Write::write_all(&mut tmp, &data).map_err(io)?;
+            done += data.len() as u64;
+        }
+        tmp.as_file().sync_all().map_err(io)?;
+        tmp.persist(&path).map_err(|e| io(e.error))?;
+        Ok(Some(path))
     }
 }

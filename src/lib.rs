@@ -25,6 +25,7 @@ pub mod cache;
 pub mod config;
 pub mod digest;
 pub mod fs;
+pub mod fuse;
 pub mod image;
 pub mod layer;
 pub mod publish;

@@ -59,6 +59,8 @@ pub struct TreeError {
 #[derive(Clone, Debug)]
 pub struct Tree {
     nodes: Vec<Node>,
+    /// Live node per inode number (`usize::MAX`: none); index 0 is unused.
+    inos: Vec<NodeId>,
 }
 
 impl Tree {
@@ -66,6 +68,7 @@ impl Tree {
     pub fn build<'a>(layers: impl IntoIterator<Item = &'a [Entry]>) -> Result<Tree, TreeError> {
         let mut tree = Tree {
             nodes: vec![dir_node("", ROOT, 0o755)],
+            inos: Vec::new(),
         };
         for (layer, entries) in layers.into_iter().enumerate() {
             for e in entries {
@@ -99,6 +102,19 @@ impl Tree {
 
     pub fn node(&self, id: NodeId) -> &Node {
         &self.nodes[id]
+    }
+
+    /// A live node with inode number `ino` (for hard links, any of its names).
+    pub fn by_ino(&self, ino: u64) -> Option<NodeId> {
+        self.inos
+            .get(ino as usize)
+            .copied()
+            .filter(|&id| id != usize::MAX)
+    }
+
+    /// Inodes in the tree (hard links count once).
+    pub fn inodes(&self) -> usize {
+        self.inos.iter().filter(|&&id| id != usize::MAX).count()
     }
 
     /// The node at `path` (`""` or `/` is the root).
@@ -269,6 +285,10 @@ impl Tree {
                 names[&n.ino]
             };
             self.nodes[id].nlink = nlink;
+        }
+        self.inos = vec![usize::MAX; self.nodes.len() + 1];
+        for &id in &live {
+            self.inos[self.nodes[id].ino as usize] = id;
         }
         debug_assert!(live.iter().all(|&id| !self.nodes[id].removed));
     }

@@ -100,6 +100,24 @@ impl LayerReader {
         &self.index
     }
 
+    /// Whether every span holding bytes `offset..offset + len` is cached (memory or disk), so
+    /// reading them needs no network.
+    pub fn is_cached(&self, offset: u64, len: u64) -> bool {
+        let end = (offset + len).min(self.index.size);
+        let mut pos = offset;
+        while pos < end {
+            let Some(i) = self.index.span_at(pos) else {
+                return false;
+            };
+            let span = &self.index.spans[i];
+            if !self.cache.contains(&span.digest) {
+                return false;
+            }
+            pos = (span.out_offset + span.out_len).max(pos + 1);
+        }
+        true
+    }
+
     /// Reads up to `len` bytes at uncompressed offset `offset` (fewer at the end of the stream).
     pub async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, CacheError> {
         if self.completeness.load(Ordering::Relaxed) == WRONG {

@@ -311,9 +311,15 @@ pub fn cache_stats(ctx: &Context, json: bool) -> Result<()> {
             ),
         }));
     }
+    let mounts = crate::mount::mounts(ctx.store.root());
     if json {
+        let mounts: Vec<_> = mounts
+            .iter()
+            .map(|m| serde_json::json!({"mountpoint": m.mountpoint, "image": m.image, "pid": m.pid, "layers": m.layers}))
+            .collect();
         let out = serde_json::json!({
             "chunks": chunks, "bytes": bytes, "max_size": ctx.config.cache.max_size, "layers": rows,
+            "mounts": mounts,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
@@ -325,10 +331,10 @@ pub fn cache_stats(ctx: &Context, json: bool) -> Result<()> {
         .map_or("none".to_string(), |c| c.to_string());
     println!("cache: {chunks} chunks, {bytes} bytes (cap: {cap})");
     println!(
-        "{:<71} {:>8} {:>12} {:>12}  STATE",
-        "LAYER", "SPANS", "CACHED", "SIZE"
+        "{:<71} {:>9} {:>12} {:>12} {:>12}  STATE",
+        "LAYER", "SPANS", "CACHED", "SIZE", "FETCHED"
     );
-    for r in rows {
+    for r in &rows {
         let state = match (r["indexed"].as_bool(), r["complete"].as_bool()) {
             (Some(false), _) => "not indexed",
             (_, Some(true)) => "complete",
@@ -342,6 +348,23 @@ pub fn cache_stats(ctx: &Context, json: bool) -> Result<()> {
             r["size"],
             r["fetched_bytes"]
         );
+    }
+    for m in mounts {
+        println!(
+            "\nmounted at {}: {} (daemon pid {})",
+            m.mountpoint.display(),
+            m.image,
+            m.pid
+        );
+        for layer in &m.layers {
+            let Some(r) = rows.iter().find(|r| r["digest"] == layer.as_str()) else {
+                continue;
+            };
+            println!(
+                "  {layer}  fetched {} of {} blob bytes; {} of {} bytes cached",
+                r["fetched_bytes"], r["blob_size"], r["cached_bytes"], r["size"]
+            );
+        }
     }
     Ok(())
 }

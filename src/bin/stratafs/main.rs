@@ -1,6 +1,7 @@
 //! The `stratafs` command line. Parses arguments, loads the config, and calls the library.
 
 mod lazy;
+mod mount;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -71,6 +72,35 @@ enum Command {
         image: ImageArgs,
         #[arg(required = true)]
         paths: Vec<String>,
+    },
+    /// Mount an image read-only at a directory; only the bytes read are fetched.
+    Mount {
+        /// Platform os/arch[/variant] (default: this machine's).
+        #[arg(long)]
+        platform: Option<String>,
+        /// Use plain HTTP for the registry.
+        #[arg(long)]
+        plain_http: bool,
+        /// Serve from this process instead of a background daemon.
+        #[arg(long)]
+        foreground: bool,
+        /// Report readiness on stdout (used when starting the daemon).
+        #[arg(long, hide = true)]
+        notify: bool,
+        /// Mount options, comma-separated: allow_other, suid, dev, noexec, read_timeout=SECS,
+        /// nopassthrough, threads=N; also root=DIR, config=FILE, platform=P, plain_http.
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+        /// Image reference, e.g. docker.io/library/python:3.12.
+        reference: String,
+        mountpoint: PathBuf,
+    },
+    /// Unmount an image mounted with `stratafs mount` and stop its daemon.
+    Umount {
+        /// Detach even while busy (processes keep what they have open).
+        #[arg(long)]
+        lazy: bool,
+        mountpoint: PathBuf,
     },
     /// Layer indexes.
     #[command(subcommand)]
@@ -143,6 +173,7 @@ async fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     if let Err(e) = run(cli).await {
         let broken_pipe = e
@@ -157,7 +188,22 @@ async fn main() {
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
+async fn run(mut cli: Cli) -> Result<()> {
+    if let Command::Mount {
+        options,
+        platform,
+        plain_http,
+        ..
+    } = &mut cli.command
+    {
+        mount::take_global_options(
+            options,
+            &mut cli.root,
+            &mut cli.config,
+            platform,
+            plain_http,
+        );
+    }
     let config = match &cli.config {
         Some(path) => Config::load(path, true)?,
         None => Config::load(DEFAULT_CONFIG.as_ref(), false)?,
@@ -258,6 +304,37 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Cat { image, paths } => {
             let ctx = lazy::Context::new(store, &config, image.plain_http)?;
             lazy::cat(&ctx, &image.reference, &paths, &platform(&image.platform)?).await?;
+        }
+        Command::Mount {
+            platform,
+            plain_http,
+            foreground,
+            notify,
+            options,
+            reference,
+            mountpoint,
+        } => {
+            let args = mount::MountArgs {
+                platform,
+                plain_http,
+                foreground,
+                notify,
+                options,
+                reference,
+                mountpoint,
+            };
+            let root = cli.root.clone();
+            mount::mount(
+                &root,
+                cli.config.as_deref(),
+                &cli.log_level,
+                || lazy::Context::new(store, &config, plain_http),
+                args,
+            )
+            .await?;
+        }
+        Command::Umount { lazy, mountpoint } => {
+            mount::umount(&cli.root, &mountpoint, lazy)?;
         }
         Command::Index(IndexCommand::Verify { image }) => {
             let ctx = lazy::Context::new(store, &config, image.plain_http)?;

@@ -1,0 +1,419 @@
+//! `stratafs mount` and `stratafs umount`: the daemon that serves one image at one mountpoint.
+//!
+//! `mount` checks its arguments, then (unless `--foreground`) starts itself again as a
+//! detached daemon whose log goes to `<root>/logs/`, and returns once the daemon reports that
+//! the mount answers — or prints the daemon's error. The daemon opens the image (pulling its
+//! metadata if needed), mounts it, records itself under `<root>/run/mounts/`, and serves until
+//! it is unmounted or gets SIGTERM/SIGINT, when it unmounts cleanly. A mountpoint left dead by
+//! a killed daemon is detached by the next `mount` or `umount` of it.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use stratafs::fs::ImageView;
+use stratafs::fuse::{self, MountOptions, MountState};
+
+use crate::lazy::Context;
+
+/// `stratafs mount` arguments (see `Command::Mount`).
+pub struct MountArgs {
+    pub platform: Option<String>,
+    pub plain_http: bool,
+    pub foreground: bool,
+    pub notify: bool,
+    pub options: Vec<String>,
+    pub reference: String,
+    pub mountpoint: PathBuf,
+}
+
+/// What a daemon records about itself, for `umount`, `cache stats` and humans.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct MountRecord {
+    pub mountpoint: PathBuf,
+    pub image: String,
+    pub chain_id: String,
+    pub pid: u32,
+    pub layers: Vec<String>,
+}
+
+/// Options of `-o` lists that are not mount options but global settings: `root=`, `config=`,
+/// `platform=`, `plain_http` (so mount(8) and fstab can pass them). Removes and applies them.
+pub fn take_global_options(
+    options: &mut Vec<String>,
+    root: &mut PathBuf,
+    config: &mut Option<PathBuf>,
+    platform: &mut Option<String>,
+    plain_http: &mut bool,
+) {
+    let all: Vec<String> = options
+        .drain(..)
+        .flat_map(|o| o.split(',').map(str::to_string).collect::<Vec<_>>())
+        .filter(|o| !o.is_empty())
+        .collect();
+    for o in all {
+        match o.split_once('=') {
+            Some(("root", v)) => *root = PathBuf::from(v),
+            Some(("config", v)) => *config = Some(PathBuf::from(v)),
+            Some(("platform", v)) => *platform = Some(v.to_string()),
+            None if o == "plain_http" => *plain_http = true,
+            _ => options.push(o),
+        }
+    }
+}
+
+fn parse_options(options: &[String]) -> Result<MountOptions> {
+    let mut parsed = MountOptions::default();
+    for o in options {
+        parsed.apply(o)?;
+    }
+    Ok(parsed)
+}
+
+/// An absolute mountpoint path, without resolving symlinks in the last component (a dead
+/// mount cannot be stat'ed).
+fn absolute(path: &Path) -> Result<PathBuf> {
+    let abs = std::path::absolute(path).with_context(|| format!("{}", path.display()))?;
+    match (abs.parent(), abs.file_name()) {
+        (Some(parent), Some(name)) => Ok(parent
+            .canonicalize()
+            .with_context(|| format!("{}", parent.display()))?
+            .join(name)),
+        _ => Ok(abs),
+    }
+}
+
+/// Detaches a dead stratafs mount at `mountpoint` if there is one; errors if a live one is.
+fn repair_or_refuse(mountpoint: &Path) -> Result<()> {
+    match fuse::mount_state(mountpoint) {
+        MountState::None => Ok(()),
+        MountState::Live => bail!("{} is already mounted", mountpoint.display()),
+        MountState::Dead => {
+            eprintln!(
+                "{}: its daemon is gone (transport endpoint is not connected); detaching it",
+                mountpoint.display()
+            );
+            fuse::unmount(mountpoint, true)?;
+            Ok(())
+        }
+    }
+}
+
+pub async fn mount(
+    root: &Path,
+    config_path: Option<&Path>,
+    log_level: &str,
+    ctx: impl FnOnce() -> Result<Context>,
+    args: MountArgs,
+) -> Result<()> {
+    let options = parse_options(&args.options)?;
+    let mountpoint = absolute(&args.mountpoint)?;
+    if args.notify {
+        // The daemon: its own session, so the terminal's signals do not reach it.
+        let _ = nix::unistd::setsid();
+    } else {
+        repair_or_refuse(&mountpoint)?;
+    }
+    if !mountpoint.is_dir() {
+        bail!("{}: not a directory", mountpoint.display());
+    }
+    if !args.foreground {
+        return spawn_daemon(root, config_path, log_level, &args, &mountpoint);
+    }
+    let result = serve(ctx()?, &args, &options, &mountpoint).await;
+    if let (true, Err(e)) = (args.notify, &result) {
+        println!("error: {e:#}");
+    }
+    result
+}
+
+/// Starts `stratafs … mount --foreground` detached and waits for it to report.
+fn spawn_daemon(
+    root: &Path,
+    config_path: Option<&Path>,
+    log_level: &str,
+    args: &MountArgs,
+    mountpoint: &Path,
+) -> Result<()> {
+    let root = std::path::absolute(root)?;
+    let logs = root.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("{}", logs.display()))?;
+    let log_path = logs.join(format!("mount-{}.log", escape(mountpoint)));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("{}", log_path.display()))?;
+    let exe = std::env::current_exe().context("finding the stratafs binary")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--root")
+        .arg(&root)
+        .arg("--log-level")
+        .arg(log_level);
+    if let Some(c) = config_path {
+        cmd.arg("--config").arg(std::path::absolute(c)?);
+    }
+    cmd.args(["mount", "--foreground", "--notify"]);
+    if let Some(p) = &args.platform {
+        cmd.args(["--platform", p]);
+    }
+    if args.plain_http {
+        cmd.arg("--plain-http");
+    }
+    if !args.options.is_empty() {
+        cmd.arg("-o").arg(args.options.join(","));
+    }
+    cmd.arg(&args.reference).arg(mountpoint);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .current_dir("/");
+    let mut child = cmd.spawn().context("starting the mount daemon")?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap_or_default();
+        if let Some(rest) = line.strip_prefix("ready ") {
+            println!(
+                "{rest} (daemon pid {}, log {})",
+                child.id(),
+                log_path.display()
+            );
+            return Ok(());
+        }
+        if let Some(e) = line.strip_prefix("error: ") {
+            let _ = child.wait();
+            bail!("{e}");
+        }
+    }
+    let status = child.wait()?;
+    bail!(
+        "the mount daemon exited ({status}) before the mount answered; see {}",
+        log_path.display()
+    )
+}
+
+/// The daemon proper: open, mount, serve until unmounted or signalled.
+async fn serve(
+    ctx: Context,
+    args: &MountArgs,
+    options: &MountOptions,
+    mountpoint: &Path,
+) -> Result<()> {
+    let platform = crate::platform(&args.platform)?;
+    let started = Instant::now();
+    let image = ctx.image(&args.reference, &platform).await?;
+    let view = Arc::new(ImageView::open(&ctx.layers, &image).await?);
+    let mut mounted = fuse::mount(
+        view.clone(),
+        tokio::runtime::Handle::current(),
+        mountpoint,
+        options,
+    )?;
+    // The mount answers once the kernel can stat its root through us.
+    let probe = mountpoint.to_path_buf();
+    let answered = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || std::fs::metadata(probe)),
+    )
+    .await;
+    if !matches!(answered, Ok(Ok(Ok(_)))) {
+        let _ = fuse::unmount(mountpoint, true);
+        mounted.join();
+        bail!("{}: the new mount does not answer", mountpoint.display());
+    }
+    let record = MountRecord {
+        mountpoint: mountpoint.to_path_buf(),
+        image: image.name.clone(),
+        chain_id: image.chain_id().map(|c| c.to_string()).unwrap_or_default(),
+        pid: std::process::id(),
+        layers: image.layers.iter().map(|l| l.digest.to_string()).collect(),
+    };
+    let record_path = record_path(ctx.store.root(), mountpoint);
+    if let Err(e) = write_record(&record_path, &record) {
+        tracing::warn!(error = %e, "cannot record the mount");
+    }
+    let message = format!(
+        "mounted {} at {} ({} layers, {} inodes) in {} ms",
+        image.name,
+        mountpoint.display(),
+        image.layers.len(),
+        view.tree.inodes(),
+        started.elapsed().as_millis()
+    );
+    tracing::info!("{message}");
+    if args.notify {
+        println!("ready {message}");
+        // Nothing more for the parent: it may be gone, so stdout must not be the pipe.
+        if let Ok(null) = std::fs::File::create("/dev/null") {
+            let _ = nix::unistd::dup2_stdout(&null);
+        }
+    } else {
+        println!("{message}");
+    }
+    wait_for_end(&ctx, &mut mounted, mountpoint).await;
+    let _ = std::fs::remove_file(&record_path);
+    tracing::info!("unmounted {}", mountpoint.display());
+    Ok(())
+}
+
+/// Serves until the session ends (unmounted from outside) or a signal asks to stop; saves
+/// the fetched-byte counters every few seconds.
+async fn wait_for_end(ctx: &Context, mounted: &mut fuse::Mounted, mountpoint: &Path) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut last_save = Instant::now();
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = tick.tick() => {
+                if mounted.finished() {
+                    mounted.join();
+                    return;
+                }
+                if last_save.elapsed() > Duration::from_secs(5) {
+                    let _ = ctx.layers.save_fetched();
+                    last_save = Instant::now();
+                }
+            }
+        }
+    }
+    tracing::info!("signalled: unmounting {}", mountpoint.display());
+    if let Err(e) = fuse::unmount(mountpoint, false) {
+        tracing::warn!(error = %e, "unmount failed; detaching lazily");
+        let _ = fuse::unmount(mountpoint, true);
+    }
+    // The session ends when the kernel drops the connection.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !mounted.finished() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if mounted.finished() {
+        mounted.join();
+    }
+}
+
+/// `stratafs umount [--lazy] MOUNTPOINT`.
+pub fn umount(root: &Path, mountpoint: &Path, lazy: bool) -> Result<()> {
+    let mountpoint = absolute(mountpoint)?;
+    let daemon = find_daemon(&mountpoint);
+    match fuse::mount_state(&mountpoint) {
+        MountState::None => bail!("{}: not mounted", mountpoint.display()),
+        MountState::Dead => {
+            fuse::unmount(&mountpoint, true)?;
+            println!(
+                "{}: detached a dead mount (its daemon was gone)",
+                mountpoint.display()
+            );
+        }
+        MountState::Live => {
+            fuse::unmount(&mountpoint, lazy)?;
+            println!("unmounted {}", mountpoint.display());
+        }
+    }
+    let _ = std::fs::remove_file(record_path(root, &mountpoint));
+    if let Some(pid) = daemon {
+        // The daemon exits once the kernel drops the connection; wait for it (bounded).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if alive(pid) && !lazy {
+            tracing::warn!(pid, "daemon still running after unmount; sending SIGTERM");
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+    Ok(())
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie still has /proc/PID; its state is Z.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// The pid of the daemon serving `mountpoint`, from the processes' command lines.
+pub fn find_daemon(mountpoint: &Path) -> Option<u32> {
+    let want = mountpoint.as_os_str().as_encoded_bytes();
+    let me = std::process::id();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_daemon = args.iter().any(|a| *a == b"--foreground")
+            && args.iter().any(|a| *a == b"mount")
+            && args.iter().rev().find(|a| !a.is_empty()) == Some(&want);
+        if is_daemon && alive(pid) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// Live mounts recorded under `<root>/run/mounts/`.
+pub fn mounts(root: &Path) -> Vec<MountRecord> {
+    let Ok(dir) = std::fs::read_dir(root.join("run/mounts")) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| std::fs::read(e.path()).ok())
+        .filter_map(|b| serde_json::from_slice::<MountRecord>(&b).ok())
+        .filter(|r| alive(r.pid))
+        .collect()
+}
+
+fn record_path(root: &Path, mountpoint: &Path) -> PathBuf {
+    root.join("run/mounts")
+        .join(format!("{}.json", escape(mountpoint)))
+}
+
+fn write_record(path: &Path, record: &MountRecord) -> std::io::Result<()> {
+    std::fs::create_dir_all(path.parent().expect("record dir"))?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(record)?)?;
+    std::fs::rename(tmp, path)
+}
+
+/// A mountpoint as a file name: `/mnt/py` → `mnt-py`.
+fn escape(mountpoint: &Path) -> String {
+    let s: String = mountpoint
+        .to_string_lossy()
+        .trim_start_matches('/')
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    if s.is_empty() {
+        "root".into()
+    } else {
+        s
+    }
+}

@@ -1,0 +1,744 @@
+//! The FUSE adapter: an [`ImageView`] served read-only to the kernel through `fuser`.
+//!
+//! Last stage of the pipeline, and thin: it converts tree nodes to FUSE attributes, answers
+//! metadata (lookup, getattr, readdir(plus), readlink, xattrs, statfs) from memory on the
+//! dispatch threads, and hands every read's `Reply` to a tokio task, so the dispatch loop never
+//! waits for the network. A read that cannot be served within the read timeout gets EIO and
+//! the reason is logged. Files whose bytes are all cached are opened with FUSE passthrough to
+//! a local copy (kernel ≥ 6.9), so warm reads do not go through the daemon at all.
+//!
+//! [`mount`] mounts with mount(2) itself (type `fuse.stratafs`, the image name as source),
+//! so `/proc/mounts` and `findmnt` show what is mounted; it needs CAP_SYS_ADMIN.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, UNIX_EPOCH};
+
+use fuser::{
+    BackingId, Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+
+use crate::fs::{FsError, ImageView};
+use crate::tree::{FileType, Node, NodeId, ROOT};
+
+/// The kernel may cache names and attributes for this long: the tree never changes.
+const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Largest read and readahead the kernel is asked to use.
+const MAX_READAHEAD: u32 = 4 << 20;
+
+/// A mount that could not be made or ended.
+#[derive(Debug, thiserror::Error)]
+pub enum FuseError {
+    #[error("{mountpoint}: {detail}")]
+    Mount { mountpoint: PathBuf, detail: String },
+    #[error("invalid mount option {option:?}: {detail}")]
+    Option { option: String, detail: String },
+}
+
+/// How an image is mounted (the `-o` options that concern the kernel and the driver).
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// Let users other than root use the mount (`allow_other`).
+    pub allow_other: bool,
+    /// Honour setuid/setgid bits (`suid`; a container rootfs needs it). Default: nosuid.
+    pub suid: bool,
+    /// Honour device files (`dev`). Default: nodev.
+    pub dev: bool,
+    /// Allow execution (`exec`, default; `noexec` forbids it).
+    pub exec: bool,
+    /// How long a read may wait for the registry before it fails with EIO.
+    pub read_timeout: Duration,
+    /// Open fully cached files with FUSE passthrough when the kernel supports it.
+    pub passthrough: bool,
+    /// FUSE dispatch threads.
+    pub threads: usize,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            allow_other: false,
+            suid: false,
+            dev: false,
+            exec: true,
+            read_timeout: Duration::from_secs(60),
+            passthrough: true,
+            threads: 4,
+        }
+    }
+}
+
+impl MountOptions {
+    /// Applies one option of a comma-separated `-o` list.
+    pub fn apply(&mut self, option: &str) -> Result<(), FuseError> {
+        let bad = |detail: &str| FuseError::Option {
+            option: option.to_string(),
+            detail: detail.to_string(),
+        };
+        let (key, value) = match option.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (option, None),
+        };
+        match (key, value) {
+            ("ro" | "atime" | "noatime" | "relatime" | "default_permissions", None) => {}
+            ("rw", None) => return Err(bad("stratafs mounts are read-only")),
+            ("allow_other", None) => self.allow_other = true,
+            ("suid", None) => self.suid = true,
+            ("nosuid", None) => self.suid = false,
+            ("dev", None) => self.dev = true,
+            ("nodev", None) => self.dev = false,
+            ("exec", None) => self.exec = true,
+            ("noexec", None) => self.exec = false,
+            ("passthrough", None) => self.passthrough = true,
+            ("nopassthrough", None) => self.passthrough = false,
+            ("read_timeout", Some(v)) => {
+                let secs: f64 = v
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| *s > 0.0 && s.is_finite())
+                    .ok_or_else(|| bad("expected a positive number of seconds"))?;
+                self.read_timeout = Duration::from_secs_f64(secs);
+            }
+            ("threads", Some(v)) => {
+                self.threads = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=64).contains(n))
+                    .ok_or_else(|| bad("expected 1 to 64"))?;
+            }
+            _ => return Err(bad("unknown option")),
+        }
+        Ok(())
+    }
+}
+
+/// The filesystem the kernel talks to.
+pub struct StrataFs {
+    view: Arc<ImageView>,
+    runtime: tokio::runtime::Handle,
+    options: MountOptions,
+    /// Set in `init` when the kernel accepted FUSE passthrough.
+    passthrough: AtomicBool,
+    /// Open files per inode. The kernel wants every open of an inode in one mode: all
+    /// passthrough (sharing one backing id) or all through the daemon.
+    opens: Arc<Mutex<HashMap<u64, Opens>>>,
+    next_fh: AtomicU64,
+    reads: AtomicU64,
+}
+
+impl StrataFs {
+    pub fn new(
+        view: Arc<ImageView>,
+        runtime: tokio::runtime::Handle,
+        options: MountOptions,
+    ) -> StrataFs {
+        StrataFs {
+            view,
+            runtime,
+            options,
+            passthrough: AtomicBool::new(false),
+            opens: Arc::default(),
+            next_fh: AtomicU64::new(1),
+            reads: AtomicU64::new(0),
+        }
+    }
+
+    fn node(&self, ino: INodeNo) -> Result<NodeId, Errno> {
+        self.view.tree.by_ino(ino.0).ok_or(Errno::ENOENT)
+    }
+
+    fn attr(&self, id: NodeId) -> FileAttr {
+        attr_of(self.view.tree.node(id))
+    }
+}
+
+/// FUSE attributes of a node: what the unpacked image would show.
+fn attr_of(n: &Node) -> FileAttr {
+    let (kind, rdev, size) = match &n.file_type {
+        FileType::File => (fuser::FileType::RegularFile, 0, n.size),
+        FileType::Dir => (fuser::FileType::Directory, 0, 4096),
+        FileType::Symlink(t) => (fuser::FileType::Symlink, 0, t.len() as u64),
+        FileType::Char(ma, mi) => (fuser::FileType::CharDevice, encode_dev(*ma, *mi), 0),
+        FileType::Block(ma, mi) => (fuser::FileType::BlockDevice, encode_dev(*ma, *mi), 0),
+        FileType::Fifo => (fuser::FileType::NamedPipe, 0, 0),
+    };
+    let time = if n.mtime >= 0 {
+        UNIX_EPOCH + Duration::from_secs(n.mtime as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(n.mtime.unsigned_abs())
+    };
+    FileAttr {
+        ino: INodeNo(n.ino),
+        size,
+        blocks: size.div_ceil(4096) * 8,
+        atime: time,
+        mtime: time,
+        ctime: time,
+        crtime: time,
+        kind,
+        perm: (n.mode & 0o7777) as u16,
+        nlink: n.nlink,
+        uid: n.uid,
+        gid: n.gid,
+        rdev,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+/// Linux's `new_encode_dev`: the device number layout `stat` reports.
+fn encode_dev(major: u32, minor: u32) -> u32 {
+    (minor & 0xff) | ((major & 0xfff) << 8) | ((minor & !0xff) << 12)
+}
+
+fn errno_of(e: &FsError) -> Errno {
+    match e {
+        FsError::NotFound { .. } => Errno::ENOENT,
+        FsError::NotAFile { .. } => Errno::EISDIR,
+        _ => Errno::EIO,
+    }
+}
+
+impl Filesystem for StrataFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        for flag in [
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_CACHE_SYMLINKS,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_MAX_PAGES,
+            InitFlags::FUSE_SPLICE_READ,
+        ] {
+            if config.add_capabilities(flag).is_err() {
+                tracing::debug!(?flag, "kernel lacks FUSE capability");
+            }
+        }
+        if let Err(nearest) = config.set_max_readahead(MAX_READAHEAD) {
+            let _ = config.set_max_readahead(nearest);
+        }
+        let _ = config.set_max_background(64);
+        if self.options.passthrough {
+            // Depth 1: backing files are on a plain filesystem, and overlayfs may still stack
+            // on this mount (the snapshotter does).
+            let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            self.passthrough.store(ok, Ordering::Relaxed);
+            if !ok {
+                tracing::info!(
+                    "kernel without FUSE passthrough: cached files are read through the daemon"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let parent = match self.node(parent) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let child = name
+            .to_str()
+            .and_then(|name| self.view.tree.child(parent, name));
+        match child {
+            Some(id) => reply.entry_with_ttls(&TTL, &TTL, &self.attr(id), Generation(0)),
+            None => {
+                // Inode 0 with a TTL: the kernel caches the negative entry (the tree never
+                // changes), sparing the daemon repeated misses (PATH and import searches).
+                let mut attr = self.attr(ROOT);
+                attr.ino = INodeNo(0);
+                reply.entry_with_ttls(&TTL, &TTL, &attr, Generation(0))
+            }
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.node(ino) {
+            Ok(id) => reply.attr(&TTL, &self.attr(id)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.node(ino).map(|id| &self.view.tree.node(id).file_type) {
+            Ok(FileType::Symlink(target)) => reply.data(target.as_bytes()),
+            Ok(_) => reply.error(Errno::EINVAL),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let id = match self.node(ino) {
+            Ok(id) => id,
+            Err(e) => return reply.error(e),
+        };
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        let fh = FileHandle(self.next_fh.fetch_add(1, Ordering::Relaxed));
+        if !self.passthrough.load(Ordering::Relaxed) {
+            return reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE);
+        }
+        {
+            let mut opens = self.opens.lock().unwrap();
+            if let Some(o) = opens.get_mut(&ino.0) {
+                o.count += 1;
+                return o.reply(reply, fh);
+            }
+        }
+        // Looking for (or assembling) a local copy reads the disk: not on the dispatch thread.
+        let view = self.view.clone();
+        let opens = self.opens.clone();
+        self.runtime.spawn(async move {
+            let local = if view.tree.node(id).size == 0 {
+                None
+            } else {
+                match view.local_copy(id).await {
+                    Ok(local) => local,
+                    Err(e) => {
+                        tracing::warn!(path = %view.tree.path(id), error = %e, "no local copy");
+                        None
+                    }
+                }
+            };
+            let mut opens = opens.lock().unwrap();
+            if let Some(o) = opens.get_mut(&ino.0) {
+                // Opened meanwhile: follow that open's mode.
+                o.count += 1;
+                return o.reply(reply, fh);
+            }
+            let backing = local.and_then(|path| {
+                let file = std::fs::File::open(&path)
+                    .map_err(|e| tracing::warn!(path = %path.display(), error = %e, "cannot open local copy"))
+                    .ok()?;
+                reply
+                    .open_backing(&file)
+                    .map_err(|e| tracing::info!(error = %e, "passthrough refused"))
+                    .ok()
+            });
+            let o = Opens { count: 1, backing };
+            o.reply(reply, fh);
+            opens.insert(ino.0, o);
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        let id = match self.node(ino) {
+            Ok(id) => id,
+            Err(e) => return reply.error(e),
+        };
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        let view = self.view.clone();
+        let timeout = self.options.read_timeout;
+        self.runtime.spawn(async move {
+            match tokio::time::timeout(timeout, view.read(id, offset, size.into())).await {
+                Ok(Ok(data)) => reply.data(&data),
+                Ok(Err(e)) => {
+                    tracing::error!(path = %view.tree.path(id), offset, size, error = %e, "read failed");
+                    reply.error(errno_of(&e));
+                }
+                Err(_) => {
+                    tracing::error!(
+                        path = %view.tree.path(id), offset, size,
+                        "read failed: no data within the read timeout of {timeout:?}"
+                    );
+                    reply.error(Errno::EIO);
+                }
+            }
+        });
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: fuser::LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let mut opens = self.opens.lock().unwrap();
+        if let Some(o) = opens.get_mut(&ino.0) {
+            o.count -= 1;
+            if o.count == 0 {
+                opens.remove(&ino.0); // closes the backing id, if any
+            }
+        }
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.node(ino) {
+            Ok(_) => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let entries = match self.dir_entries(ino) {
+            Ok(e) => e,
+            Err(e) => return reply.error(e),
+        };
+        for (i, (name, id)) in entries.into_iter().enumerate().skip(offset as usize) {
+            let attr = self.attr(id);
+            if reply.add(attr.ino, i as u64 + 1, attr.kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let entries = match self.dir_entries(ino) {
+            Ok(e) => e,
+            Err(e) => return reply.error(e),
+        };
+        for (i, (name, id)) in entries.into_iter().enumerate().skip(offset as usize) {
+            let attr = self.attr(id);
+            if reply.add(attr.ino, i as u64 + 1, name, &TTL, &attr, Generation(0)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let tree = &self.view.tree;
+        let bytes: u64 = tree
+            .walk()
+            .into_iter()
+            .map(|id| tree.node(id).size.div_ceil(4096))
+            .sum();
+        reply.statfs(bytes, 0, 0, tree.inodes() as u64, 0, 4096, 255, 4096);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let id = match self.node(ino) {
+            Ok(id) => id,
+            Err(e) => return reply.error(e),
+        };
+        let value = name
+            .to_str()
+            .and_then(|name| self.view.tree.node(id).xattrs.get(name));
+        match value {
+            None => reply.error(Errno::ENODATA),
+            Some(v) => xattr_reply(reply, size, v),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let id = match self.node(ino) {
+            Ok(id) => id,
+            Err(e) => return reply.error(e),
+        };
+        let mut names = Vec::new();
+        for name in self.view.tree.node(id).xattrs.keys() {
+            names.extend_from_slice(name.as_bytes());
+            names.push(0);
+        }
+        xattr_reply(reply, size, &names);
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        // The kernel checks modes (default_permissions); only writes are refused here.
+        match self.node(ino) {
+            Ok(_) if mask.contains(fuser::AccessFlags::W_OK) => reply.error(Errno::EROFS),
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+}
+
+impl StrataFs {
+    /// `.`, `..` and the children of directory `ino`, in a stable order.
+    fn dir_entries(&self, ino: INodeNo) -> Result<Vec<(String, NodeId)>, Errno> {
+        let id = self.node(ino)?;
+        let n = self.view.tree.node(id);
+        if n.file_type != FileType::Dir {
+            return Err(Errno::ENOTDIR);
+        }
+        let mut out = vec![(".".to_string(), id), ("..".to_string(), n.parent)];
+        out.extend(n.children.iter().map(|(name, c)| (name.clone(), *c)));
+        Ok(out)
+    }
+}
+
+/// The open handles of one inode and, when they are passthrough, their backing file.
+struct Opens {
+    count: u32,
+    backing: Option<BackingId>,
+}
+
+impl Opens {
+    fn reply(&self, reply: ReplyOpen, fh: FileHandle) {
+        match &self.backing {
+            // Passthrough allows no caching flags: the kernel caches the backing file itself.
+            Some(id) => reply.opened_passthrough(fh, FopenFlags::empty(), id),
+            None => reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE),
+        }
+    }
+}
+
+fn xattr_reply(reply: ReplyXattr, size: u32, value: &[u8]) {
+    if size == 0 {
+        reply.size(value.len() as u32);
+    } else if (size as usize) < value.len() {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(value);
+    }
+}
+
+/// A live mount: the session threads and a way to end them.
+pub struct Mounted {
+    pub mountpoint: PathBuf,
+    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+/// Mounts `view` at `mountpoint` and starts serving it on `options.threads` threads.
+pub fn mount(
+    view: Arc<ImageView>,
+    runtime: tokio::runtime::Handle,
+    mountpoint: &Path,
+    options: &MountOptions,
+) -> Result<Mounted, FuseError> {
+    let fail = |detail: String| FuseError::Mount {
+        mountpoint: mountpoint.to_path_buf(),
+        detail,
+    };
+    let fd: OwnedFd = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .map_err(|e| {
+            fail(format!(
+                "cannot open /dev/fuse: {e} (is the fuse module loaded?)"
+            ))
+        })?
+        .into();
+    let mut data = format!(
+        "fd={},rootmode=40000,user_id=0,group_id=0,default_permissions",
+        fd.as_raw_fd()
+    );
+    if options.allow_other {
+        data.push_str(",allow_other");
+    }
+    use nix::mount::MsFlags;
+    let mut flags = MsFlags::MS_RDONLY | MsFlags::MS_NOATIME;
+    if !options.suid {
+        flags |= MsFlags::MS_NOSUID;
+    }
+    if !options.dev {
+        flags |= MsFlags::MS_NODEV;
+    }
+    if !options.exec {
+        flags |= MsFlags::MS_NOEXEC;
+    }
+    nix::mount::mount(
+        Some(view.name.as_str()),
+        mountpoint,
+        Some("fuse.stratafs"),
+        flags,
+        Some(data.as_str()),
+    )
+    .map_err(|e| match e {
+        nix::errno::Errno::EPERM => fail("mounting needs root (CAP_SYS_ADMIN)".into()),
+        e => fail(format!("mount(2) failed: {e}")),
+    })?;
+    let acl = if options.allow_other {
+        fuser::SessionACL::All
+    } else {
+        fuser::SessionACL::Owner
+    };
+    let mut config = fuser::Config::default();
+    config.n_threads = Some(options.threads);
+    config.clone_fd = true;
+    config.acl = acl;
+    let fs = StrataFs::new(view, runtime, options.clone());
+    let session = fuser::Session::from_fd(fs, fd, acl, config).map_err(|e| {
+        let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
+        fail(format!("FUSE handshake failed: {e}"))
+    })?;
+    let thread = std::thread::Builder::new()
+        .name("fuse-session".into())
+        .spawn(move || session.run())
+        .map_err(|e| fail(format!("cannot start the session: {e}")))?;
+    Ok(Mounted {
+        mountpoint: mountpoint.to_path_buf(),
+        thread: Some(thread),
+    })
+}
+
+impl Mounted {
+    /// Unmounts (if still mounted) and waits for the session to end.
+    pub fn unmount(mut self) -> Result<(), FuseError> {
+        let result = unmount(&self.mountpoint, false);
+        self.join();
+        result
+    }
+
+    /// Waits for the session to end (after an unmount from elsewhere).
+    pub fn join(&mut self) {
+        if let Some(t) = self.thread.take() {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "FUSE session ended with an error"),
+                Err(_) => tracing::error!("FUSE session thread panicked"),
+            }
+        }
+    }
+
+    /// Whether the session has ended (unmounted from elsewhere).
+    pub fn finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+}
+
+/// Unmounts `mountpoint`; `lazy` detaches it even while busy or dead.
+pub fn unmount(mountpoint: &Path, lazy: bool) -> Result<(), FuseError> {
+    let flags = if lazy {
+        nix::mount::MntFlags::MNT_DETACH
+    } else {
+        nix::mount::MntFlags::empty()
+    };
+    match nix::mount::umount2(mountpoint, flags) {
+        Ok(()) | Err(nix::errno::Errno::EINVAL) => Ok(()),
+        Err(nix::errno::Errno::EBUSY) => Err(FuseError::Mount {
+            mountpoint: mountpoint.to_path_buf(),
+            detail: "busy: a process still uses it (close it, or unmount with --lazy)".into(),
+        }),
+        Err(e) => Err(FuseError::Mount {
+            mountpoint: mountpoint.to_path_buf(),
+            detail: format!("umount(2) failed: {e}"),
+        }),
+    }
+}
+
+/// The state of a path as a mountpoint.
+#[derive(Debug, PartialEq, Eq)]
+pub enum MountState {
+    /// Not a stratafs mount.
+    None,
+    /// A stratafs mount that answers.
+    Live,
+    /// A FUSE mount whose daemon is gone ("transport endpoint is not connected").
+    Dead,
+}
+
+/// Looks `mountpoint` up in /proc/self/mountinfo and probes it.
+pub fn mount_state(mountpoint: &Path) -> MountState {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let want = mountpoint.to_string_lossy();
+    let mounted = info.lines().any(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let sep = fields.iter().position(|f| *f == "-");
+        let fstype = sep.and_then(|i| fields.get(i + 1)).copied().unwrap_or("");
+        fields.get(4).map(|p| unescape(p)).as_deref() == Some(want.as_ref())
+            && fstype.starts_with("fuse")
+    });
+    if !mounted {
+        return MountState::None;
+    }
+    // Opening the directory asks the daemon (attributes may be cached by the kernel).
+    match std::fs::read_dir(mountpoint) {
+        Err(e) if e.raw_os_error() == Some(nix::libc::ENOTCONN) => MountState::Dead,
+        _ => MountState::Live,
+    }
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space).
+fn unescape(s: &str) -> String {
+    let mut out = Vec::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push(u8::from_str_radix(&s[i + 1..i + 4], 8).unwrap_or(b'?'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_parse() {
+        let mut o = MountOptions::default();
+        for opt in [
+            "ro",
+            "allow_other",
+            "suid",
+            "dev",
+            "read_timeout=2.5",
+            "threads=8",
+        ] {
+            o.apply(opt).unwrap();
+        }
+        assert!(o.allow_other && o.suid && o.dev);
+        assert_eq!(o.read_timeout, Duration::from_millis(2500));
+        assert_eq!(o.threads, 8);
+        assert!(o.apply("rw").unwrap_err().to_string().contains("read-only"));
+        assert!(o.apply("bogus").is_err());
+        assert!(o.apply("read_timeout=0").is_err());
+    }
+
+    #[test]
+    fn device_numbers_and_mountinfo_escapes() {
+        assert_eq!(encode_dev(1, 3), 0x103);
+        assert_eq!(encode_dev(8, 0x1234), 0x120_0834);
+        assert_eq!(unescape("/mnt/a\\040b"), "/mnt/a b");
+    }
+}
