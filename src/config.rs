@@ -42,6 +42,41 @@ pub struct Config {
     /// Layer indexes.
     #[serde(default)]
     pub index: IndexSettings,
+    /// FUSE mounts (defaults for `stratafs mount -o`).
+    #[serde(default)]
+    pub mount: MountSettings,
+}
+
+/// `[mount]` in the config file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MountSettings {
+    /// Seconds a read may wait for the registry before it fails with EIO.
+    pub read_timeout_secs: f64,
+    /// FUSE dispatch threads per mount.
+    pub threads: usize,
+    /// Open fully cached files with FUSE passthrough (kernel ≥ 6.9).
+    pub passthrough: bool,
+    /// Fetch the rest of the image's layers in the background while mounted.
+    pub background_fetch: bool,
+    /// Cap on background fetching, compressed bytes per second (`20M`); unset: no cap.
+    #[serde(deserialize_with = "size_opt")]
+    pub background_bandwidth: Option<u64>,
+    /// Seconds after mounting before background fetching starts.
+    pub background_delay_secs: f64,
+}
+
+impl Default for MountSettings {
+    fn default() -> Self {
+        MountSettings {
+            read_timeout_secs: 60.0,
+            threads: 4,
+            passthrough: true,
+            background_fetch: true,
+            background_bandwidth: None,
+            background_delay_secs: 2.0,
+        }
+    }
 }
 
 /// `[index]` in the config file.

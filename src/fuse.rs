@@ -129,7 +129,8 @@ pub struct StrataFs {
     /// passthrough (sharing one backing id) or all through the daemon.
     opens: Arc<Mutex<HashMap<u64, Opens>>>,
     next_fh: AtomicU64,
-    reads: AtomicU64,
+    /// Reads served so far (the background fetcher yields while this moves).
+    reads: Arc<AtomicU64>,
 }
 
 impl StrataFs {
@@ -145,7 +146,7 @@ impl StrataFs {
             passthrough: AtomicBool::new(false),
             opens: Arc::default(),
             next_fh: AtomicU64::new(1),
-            reads: AtomicU64::new(0),
+            reads: Arc::default(),
         }
     }
 
@@ -536,6 +537,8 @@ fn xattr_reply(reply: ReplyXattr, size: u32, value: &[u8]) {
 /// A live mount: the session threads and a way to end them.
 pub struct Mounted {
     pub mountpoint: PathBuf,
+    /// Reads served so far.
+    pub reads: Arc<AtomicU64>,
     thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
 }
 
@@ -599,6 +602,7 @@ pub fn mount(
     config.clone_fd = true;
     config.acl = acl;
     let fs = StrataFs::new(view, runtime, options.clone());
+    let reads = fs.reads.clone();
     let session = fuser::Session::from_fd(fs, fd, acl, config).map_err(|e| {
         let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
         fail(format!("FUSE handshake failed: {e}"))
@@ -609,6 +613,7 @@ pub fn mount(
         .map_err(|e| fail(format!("cannot start the session: {e}")))?;
     Ok(Mounted {
         mountpoint: mountpoint.to_path_buf(),
+        reads,
         thread: Some(thread),
     })
 }

@@ -28,6 +28,7 @@ pub mod fs;
 pub mod fuse;
 pub mod image;
 pub mod layer;
+pub mod prefetch;
 pub mod publish;
 pub mod pull;
 pub mod reference;

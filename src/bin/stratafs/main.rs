@@ -326,6 +326,7 @@ async fn run(mut cli: Cli) -> Result<()> {
             let root = cli.root.clone();
             mount::mount(
                 &root,
+                &config.mount,
                 cli.config.as_deref(),
                 &cli.log_level,
                 || lazy::Context::new(store, &config, plain_http),

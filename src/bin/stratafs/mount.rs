@@ -65,12 +65,34 @@ pub fn take_global_options(
     }
 }
 
-fn parse_options(options: &[String]) -> Result<MountOptions> {
-    let mut parsed = MountOptions::default();
+fn parse_options(
+    settings: &stratafs::config::MountSettings,
+    options: &[String],
+) -> Result<MountOptions> {
+    let mut parsed = MountOptions {
+        read_timeout: Duration::try_from_secs_f64(settings.read_timeout_secs)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .context("config: mount.read_timeout_secs must be a positive number")?,
+        threads: settings.threads.clamp(1, 64),
+        passthrough: settings.passthrough,
+        ..MountOptions::default()
+    };
     for o in options {
-        parsed.apply(o)?;
+        if !matches!(o.as_str(), "background" | "nobackground") {
+            parsed.apply(o)?;
+        }
     }
     Ok(parsed)
+}
+
+/// `-o background` / `-o nobackground`, the last one given (else the config decides).
+fn background_option(options: &[String]) -> Option<bool> {
+    options.iter().rev().find_map(|o| match o.as_str() {
+        "background" => Some(true),
+        "nobackground" => Some(false),
+        _ => None,
+    })
 }
 
 /// An absolute mountpoint path, without resolving symlinks in the last component (a dead
@@ -104,12 +126,13 @@ fn repair_or_refuse(mountpoint: &Path) -> Result<()> {
 
 pub async fn mount(
     root: &Path,
+    settings: &stratafs::config::MountSettings,
     config_path: Option<&Path>,
     log_level: &str,
     ctx: impl FnOnce() -> Result<Context>,
     args: MountArgs,
 ) -> Result<()> {
-    let options = parse_options(&args.options)?;
+    let options = parse_options(settings, &args.options)?;
     let mountpoint = absolute(&args.mountpoint)?;
     if args.notify {
         // The daemon: its own session, so the terminal's signals do not reach it.
@@ -253,7 +276,24 @@ async fn serve(
     } else {
         println!("{message}");
     }
+    let background = background_option(&args.options)
+        .unwrap_or(ctx.config.mount.background_fetch)
+        .then(|| {
+            let settings = stratafs::prefetch::PrefetchSettings {
+                bandwidth: ctx.config.mount.background_bandwidth,
+                delay: Duration::from_secs_f64(ctx.config.mount.background_delay_secs.max(0.0)),
+                cache_cap: ctx.config.cache.max_size,
+            };
+            tokio::spawn(stratafs::prefetch::prefetch(
+                view.clone(),
+                mounted.reads.clone(),
+                settings,
+            ))
+        });
     wait_for_end(&ctx, &mut mounted, mountpoint).await;
+    if let Some(task) = background {
+        task.abort();
+    }
     let _ = std::fs::remove_file(&record_path);
     tracing::info!("unmounted {}", mountpoint.display());
     Ok(())
