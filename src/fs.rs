@@ -307,7 +307,8 @@ async fn compare(
     for ((path, x), (_, y)) in a.iter().zip(&b) {
         let same = x.path == y.path
             && x.kind == y.kind
-            && (x.mode, x.uid, x.gid, x.size, x.mtime) == (y.mode, y.uid, y.gid, y.size, y.mtime)
+            && (x.mode, x.uid, x.gid, x.size) == (y.mode, y.uid, y.gid, y.size)
+            && (x.mtime, x.mtime_nsec) == (y.mtime, y.mtime_nsec)
             && x.xattrs == y.xattrs;
         if !same {
             return Err(format!("entry /{path} differs: index {x:?}, layer {y:?}"));

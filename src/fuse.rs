@@ -131,7 +131,14 @@ pub struct StrataFs {
     next_fh: AtomicU64,
     /// Reads served so far (the background fetcher yields while this moves).
     reads: Arc<AtomicU64>,
+    /// Open files (handles) whose last read timed out, and when: the kernel retries a failed
+    /// readahead through the same handle at once with a smaller read, which then fails at
+    /// once rather than waiting again. A new open waits for the registry again.
+    timed_out: Arc<Mutex<HashMap<u64, std::time::Instant>>>,
 }
+
+/// How long after a read timed out further reads through that handle fail at once.
+const TIMEOUT_MEMORY: Duration = Duration::from_secs(2);
 
 impl StrataFs {
     pub fn new(
@@ -147,6 +154,7 @@ impl StrataFs {
             opens: Arc::default(),
             next_fh: AtomicU64::new(1),
             reads: Arc::default(),
+            timed_out: Arc::default(),
         }
     }
 
@@ -170,9 +178,10 @@ fn attr_of(n: &Node) -> FileAttr {
         FileType::Fifo => (fuser::FileType::NamedPipe, 0, 0),
     };
     let time = if n.mtime >= 0 {
-        UNIX_EPOCH + Duration::from_secs(n.mtime as u64)
+        UNIX_EPOCH + Duration::new(n.mtime as u64, n.mtime_nsec)
     } else {
         UNIX_EPOCH - Duration::from_secs(n.mtime.unsigned_abs())
+            + Duration::from_nanos(n.mtime_nsec.into())
     };
     FileAttr {
         ino: INodeNo(n.ino),
@@ -332,7 +341,7 @@ impl Filesystem for StrataFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
@@ -344,8 +353,18 @@ impl Filesystem for StrataFs {
             Err(e) => return reply.error(e),
         };
         self.reads.fetch_add(1, Ordering::Relaxed);
+        let recent_timeout = self
+            .timed_out
+            .lock()
+            .unwrap()
+            .get(&fh.0)
+            .is_some_and(|t| t.elapsed() < TIMEOUT_MEMORY);
+        if recent_timeout {
+            return reply.error(Errno::EIO);
+        }
         let view = self.view.clone();
         let timeout = self.options.read_timeout;
+        let timed_out = self.timed_out.clone();
         self.runtime.spawn(async move {
             match tokio::time::timeout(timeout, view.read(id, offset, size.into())).await {
                 Ok(Ok(data)) => reply.data(&data),
@@ -358,6 +377,10 @@ impl Filesystem for StrataFs {
                         path = %view.tree.path(id), offset, size,
                         "read failed: no data within the read timeout of {timeout:?}"
                     );
+                    let mut t = timed_out.lock().unwrap();
+                    t.retain(|_, at| at.elapsed() < TIMEOUT_MEMORY);
+                    t.insert(fh.0, std::time::Instant::now());
+                    drop(t);
                     reply.error(Errno::EIO);
                 }
             }

@@ -37,6 +37,7 @@ pub struct Node {
     pub uid: u32,
     pub gid: u32,
     pub mtime: i64,
+    pub mtime_nsec: u32,
     pub size: u64,
     pub xattrs: BTreeMap<String, Vec<u8>>,
     /// (layer index, offset of the data in that layer's tar stream), for regular files.
@@ -158,7 +159,8 @@ impl Tree {
         if e.path.is_empty() {
             if e.kind == Kind::Dir {
                 let root = &mut self.nodes[ROOT];
-                (root.mode, root.uid, root.gid, root.mtime) = (e.mode, e.uid, e.gid, e.mtime);
+                (root.mode, root.uid, root.gid) = (e.mode, e.uid, e.gid);
+                (root.mtime, root.mtime_nsec) = (e.mtime, e.mtime_nsec);
                 root.xattrs = e.xattrs.clone();
             }
             return Ok(());
@@ -168,7 +170,8 @@ impl Tree {
         if let Some(existing) = self.child(parent, name) {
             if e.kind == Kind::Dir && self.nodes[existing].file_type == FileType::Dir {
                 let n = &mut self.nodes[existing];
-                (n.mode, n.uid, n.gid, n.mtime) = (e.mode, e.uid, e.gid, e.mtime);
+                (n.mode, n.uid, n.gid) = (e.mode, e.uid, e.gid);
+                (n.mtime, n.mtime_nsec) = (e.mtime, e.mtime_nsec);
                 n.xattrs = e.xattrs.clone();
                 return Ok(());
             }
@@ -183,6 +186,7 @@ impl Tree {
             uid: e.uid,
             gid: e.gid,
             mtime: e.mtime,
+            mtime_nsec: e.mtime_nsec,
             size: 0,
             xattrs: e.xattrs.clone(),
             data: None,
@@ -303,6 +307,7 @@ fn dir_node(name: &str, parent: NodeId, mode: u32) -> Node {
         uid: 0,
         gid: 0,
         mtime: 0,
+        mtime_nsec: 0,
         size: 0,
         xattrs: BTreeMap::new(),
         data: None,
@@ -326,6 +331,7 @@ mod tests {
             gid: 0,
             size: 3,
             mtime: 0,
+            mtime_nsec: 0,
             offset: 512,
             xattrs: BTreeMap::new(),
         }

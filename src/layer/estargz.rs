@@ -515,7 +515,9 @@ fn entry_of(e: &TocEntry, path: String, kind: Kind, offset: u64) -> Result<Entry
         .map(|(k, v)| b64.decode(v).map(|v| (k.clone(), v)))
         .collect::<Result<_, _>>()
         .map_err(|err| Unusable::Corrupt(format!("xattrs of {:?}: {err}", e.name)))?;
-    let mtime = chrono::DateTime::parse_from_rfc3339(&e.modtime).map_or(0, |t| t.timestamp());
+    // The TOC's modtime is RFC 3339; converters usually write whole seconds.
+    let (mtime, mtime_nsec) = chrono::DateTime::parse_from_rfc3339(&e.modtime)
+        .map_or((0, 0), |t| (t.timestamp(), t.timestamp_subsec_nanos()));
     Ok(Entry {
         path,
         mode: (e.mode & 0o7777) as u32,
@@ -523,6 +525,7 @@ fn entry_of(e: &TocEntry, path: String, kind: Kind, offset: u64) -> Result<Entry
         gid: e.gid,
         size: if kind == Kind::File { e.size } else { 0 },
         mtime,
+        mtime_nsec,
         offset,
         xattrs,
         kind,

@@ -31,7 +31,7 @@ use crate::image::Compression;
 pub use tar::{Entry, Kind};
 
 /// Index format version; indexes of other versions are rebuilt.
-pub const INDEX_VERSION: u32 = 2;
+pub const INDEX_VERSION: u32 = 3;
 /// Default uncompressed bytes per span.
 pub const DEFAULT_SPAN: u64 = 1 << 20;
 

@@ -50,6 +50,9 @@ pub struct Entry {
     pub gid: u32,
     pub size: u64,
     pub mtime: i64,
+    /// Nanoseconds of the modification time (from a PAX `mtime` record).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub mtime_nsec: u32,
     /// Offset of the file's data in the uncompressed tar stream.
     pub offset: u64,
     #[serde(
@@ -58,6 +61,28 @@ pub struct Entry {
         with = "xattr_map"
     )]
     pub xattrs: BTreeMap<String, Vec<u8>>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// A PAX time (`1700000000.123456789`, `-1.5`) as whole seconds and nanoseconds (floored, as
+/// `stat` shows times before 1970).
+fn pax_time(value: &str) -> Option<(i64, u32)> {
+    let (whole, frac) = value.split_once('.').unwrap_or((value, ""));
+    let negative = whole.starts_with('-');
+    let secs: i64 = whole.parse().ok()?;
+    if !frac.chars().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let digits: String = frac.chars().chain(std::iter::repeat('0')).take(9).collect();
+    let nanos: u32 = digits.parse().ok()?;
+    if negative && nanos > 0 {
+        Some((secs - 1, 1_000_000_000 - nanos))
+    } else {
+        Some((secs, nanos))
+    }
 }
 
 const WHITEOUT_PREFIX: &str = ".wh.";
@@ -212,21 +237,27 @@ fn read_entries_strict(reader: impl Read, limit: u64) -> Result<Vec<Entry>, Stri
             (path, kind)
         };
         let mut xattrs = BTreeMap::new();
+        let mut pax_mtime = None;
         if let Some(exts) = entry.pax_extensions().map_err(|e| e.to_string())? {
             for ext in exts {
                 let ext = ext.map_err(|e| e.to_string())?;
-                if let Some(name) = ext.key().ok().and_then(|k| k.strip_prefix("SCHILY.xattr.")) {
+                let key = ext.key().ok();
+                if let Some(name) = key.and_then(|k| k.strip_prefix("SCHILY.xattr.")) {
                     xattrs.insert(name.to_string(), ext.value_bytes().to_vec());
+                } else if key == Some("mtime") {
+                    pax_mtime = ext.value().ok().and_then(pax_time);
                 }
             }
         }
         let header = entry.header();
+        let (mtime, mtime_nsec) = pax_mtime.unwrap_or((header.mtime().unwrap_or(0) as i64, 0));
         out.push(Entry {
             mode: header.mode().map_err(|e| e.to_string())? & 0o7777,
             // Blank numeric fields read as 0, as Go's archive/tar (containerd) reads them.
             uid: header.uid().unwrap_or(0) as u32,
             gid: header.gid().unwrap_or(0) as u32,
-            mtime: header.mtime().unwrap_or(0) as i64,
+            mtime,
+            mtime_nsec,
             size: if kind == Kind::File { size } else { 0 },
             offset: entry.raw_file_position(),
             path,
@@ -235,6 +266,19 @@ fn read_entries_strict(reader: impl Read, limit: u64) -> Result<Vec<Entry>, Stri
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+#[test]
+fn pax_times() {
+    assert_eq!(
+        pax_time("1700000000.123456789"),
+        Some((1_700_000_000, 123_456_789))
+    );
+    assert_eq!(pax_time("1700000000.5"), Some((1_700_000_000, 500_000_000)));
+    assert_eq!(pax_time("1700000000"), Some((1_700_000_000, 0)));
+    assert_eq!(pax_time("-1.25"), Some((-2, 750_000_000)));
+    assert_eq!(pax_time("x"), None);
 }
 
 mod xattr_map {

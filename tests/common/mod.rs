@@ -23,6 +23,7 @@ pub mod proxy;
 pub mod push;
 pub mod registry;
 pub mod token;
+pub mod tricky;
 
 #[allow(unused_imports)]
 pub use cli::Stratafs;

@@ -1,0 +1,726 @@
+//! FUSE mounts under stress and failure, against a real registry and real mounts (root, /dev/fuse):
+//! 64 concurrent readers get exact bytes and all finish; a SIGKILLed daemon turns reads into
+//! errors (not hangs) and the dead mount is repaired by `stratafs umount` or the next
+//! `stratafs mount`; a read that cannot be fetched fails with EIO after `read_timeout`; and real
+//! programs run from a mounted image under `chroot`.
+
+mod common;
+#[path = "mount_support/mod.rs"]
+mod mount_support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use mount_support::*;
+
+type Files = Arc<Vec<(String, Vec<u8>)>>;
+
+/// A few hundred files of varied sizes (empty to 2.5 MB) in nested directories, one gzip layer.
+fn many_files_image() -> (Image, Vec<(String, Vec<u8>)>) {
+    let mut dirs = BTreeSet::new();
+    let mut files = Vec::new();
+    for i in 0..320usize {
+        let size = match i % 10 {
+            0..=5 => (i * 97) % 5000,
+            6 | 7 => 10_000 + (i * 1237) % 100_000,
+            8 => 200_000 + (i * 7919) % 400_000,
+            _ if i % 30 == 9 => 1_000_000 + (i * 104_729) % 1_500_000,
+            _ => 50_000 + (i * 31) % 50_000,
+        };
+        let dir = if i % 7 == 0 {
+            format!("d{:02}/sub", i % 12)
+        } else {
+            format!("d{:02}", i % 12)
+        };
+        dirs.insert(format!("d{:02}", i % 12));
+        dirs.insert(dir.clone());
+        files.push((format!("{dir}/f{i:03}"), bytes(1000 + i as u64, size)));
+    }
+    let mut layer = LayerBuilder::new();
+    for d in &dirs {
+        layer = layer.dir(d, 0o755);
+    }
+    for (path, content) in &files {
+        layer = layer.file(path, content, 0o644);
+    }
+    let image = ImageBuilder::new()
+        .layer(layer.build(Compression::Gzip))
+        .build(ManifestFlavour::Oci);
+    (image, files)
+}
+
+/// A registry serving the many-files image, and a store that knows its layer index but has an
+/// empty chunk cache, so reads through a mount go to the registry.
+struct Served {
+    reg: Registry,
+    cli: Stratafs,
+    reference: String,
+    files: Files,
+}
+
+fn serve(name: &str) -> Served {
+    let reg = Registry::start(RegistryOpts::default());
+    let (image, files) = many_files_image();
+    reg.push_image(&format!("robust/{name}"), "v1", &image, &Auth::None);
+    let reference = format!("{}/robust/{name}:v1", reg.addr());
+    let cli = Stratafs::new();
+    cli.ok(&["index", "build", &reference]);
+    cli.ok(&["cache", "prune", "--max-size", "0"]);
+    Served {
+        reg,
+        cli,
+        reference,
+        files: Arc::new(files),
+    }
+}
+
+/// `stratafs mount [-o OPTS] REF DIR`; asserts it succeeds and the mount is there.
+fn mount(cli: &Stratafs, reference: &str, dir: &Path, opts: &[&str]) {
+    let mut cmd = cli.command();
+    cmd.arg("mount");
+    if !opts.is_empty() {
+        cmd.arg("-o").arg(opts.join(","));
+    }
+    cmd.arg(reference).arg(dir);
+    let out = run(&mut cmd, MOUNT_TIMEOUT);
+    assert!(
+        out.status.success(),
+        "stratafs mount {reference} {}: {}",
+        dir.display(),
+        show(&out)
+    );
+    assert!(
+        wait_mounted(dir, Duration::from_secs(5)).is_some(),
+        "stratafs mount succeeded but no fuse.stratafs mount on {}: {:?}",
+        dir.display(),
+        mount_at(dir)
+    );
+}
+
+/// `stratafs umount DIR`; asserts it succeeds, the mount is gone and so is its daemon.
+fn umount(cli: &Stratafs, dir: &Path) {
+    let daemons = daemon_pids(dir);
+    let out = run(
+        cli.command().arg("umount").arg(dir),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "stratafs umount: {}", show(&out));
+    assert!(
+        mount_at(dir).is_none(),
+        "still mounted after stratafs umount: {:?}",
+        mount_at(dir)
+    );
+    assert!(
+        wait_gone(&daemons, Duration::from_secs(10)),
+        "daemon {daemons:?} still running 10 s after stratafs umount"
+    );
+}
+
+/// Index of the first differing byte, for messages.
+fn first_difference(got: &[u8], want: &[u8]) -> String {
+    match got.iter().zip(want).position(|(a, b)| a != b) {
+        Some(i) => format!("first difference at byte {i}"),
+        None => format!("length {} instead of {}", got.len(), want.len()),
+    }
+}
+
+/// Whole-file read through the mount, compared; `Err` describes a mismatch or an I/O error.
+fn check_file(mnt: &Path, path: &str, want: &[u8]) -> Result<(), String> {
+    match std::fs::read(mnt.join(path)) {
+        Ok(got) if got == want => Ok(()),
+        Ok(got) => Err(format!(
+            "{path}: wrong bytes, {}",
+            first_difference(&got, want)
+        )),
+        Err(e) => Err(format!("{path}: {e}")),
+    }
+}
+
+/// One of the 64 readers: 40 random operations, each checked against the expected bytes.
+fn reader(t: usize, mnt: &Path, files: &Files, shared: &std::fs::File) -> Result<u64, String> {
+    let mut rng = Rng::new(t as u64 + 7);
+    let mut read = 0u64;
+    let (shared_path, shared_content) = files.iter().max_by_key(|(_, c)| c.len()).expect("files");
+    for _ in 0..40 {
+        let (path, content) = &files[rng.below(files.len() as u64) as usize];
+        let full = mnt.join(path);
+        match rng.below(5) {
+            0 => {
+                check_file(mnt, path, content)?;
+                read += content.len() as u64;
+            }
+            1 | 2 => {
+                let f = std::fs::File::open(&full).map_err(|e| format!("open {path}: {e}"))?;
+                let off = rng.below(content.len() as u64 + 1) as usize;
+                let len = (rng.below(300_000) as usize + 1).min(content.len() - off);
+                let mut buf = vec![0u8; len];
+                f.read_exact_at(&mut buf, off as u64)
+                    .map_err(|e| format!("{path} at {off}+{len}: {e}"))?;
+                if buf != content[off..off + len] {
+                    return Err(format!(
+                        "{path} at {off}+{len}: wrong bytes, {}",
+                        first_difference(&buf, &content[off..off + len])
+                    ));
+                }
+                // Past the end: nothing.
+                let mut tail = [0u8; 16];
+                let n = f
+                    .read_at(&mut tail, content.len() as u64)
+                    .map_err(|e| format!("{path} at EOF: {e}"))?;
+                if n != 0 {
+                    return Err(format!("{path}: {n} bytes read past the end"));
+                }
+                read += len as u64;
+            }
+            3 => {
+                let meta = std::fs::metadata(&full).map_err(|e| format!("stat {path}: {e}"))?;
+                if meta.len() != content.len() as u64 || !meta.is_file() {
+                    return Err(format!("stat {path}: {meta:?}"));
+                }
+                let (dir, name) = path.rsplit_once('/').unwrap();
+                let names: Vec<String> = std::fs::read_dir(mnt.join(dir))
+                    .map_err(|e| format!("readdir {dir}: {e}"))?
+                    .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| format!("readdir {dir}: {e}"))?;
+                if !names.iter().any(|n| n == name) {
+                    return Err(format!("readdir {dir}: {name} missing from {names:?}"));
+                }
+            }
+            _ => {
+                // One file handle shared by all readers, read at random offsets.
+                let off = rng.below(shared_content.len() as u64) as usize;
+                let len = (rng.below(200_000) as usize + 1).min(shared_content.len() - off);
+                let mut buf = vec![0u8; len];
+                shared
+                    .read_exact_at(&mut buf, off as u64)
+                    .map_err(|e| format!("shared {shared_path} at {off}+{len}: {e}"))?;
+                if buf != shared_content[off..off + len] {
+                    return Err(format!(
+                        "shared {shared_path} at {off}+{len}: wrong bytes, {}",
+                        first_difference(&buf, &shared_content[off..off + len])
+                    ));
+                }
+                read += len as u64;
+            }
+        }
+    }
+    Ok(read)
+}
+
+#[test]
+fn sixty_four_concurrent_readers_get_exact_bytes_and_all_finish() {
+    const READERS: usize = 64;
+    const BOUND: Duration = Duration::from_secs(300);
+    let s = serve("concurrent");
+    let guard = MountGuard::new(Some(s.cli.root()));
+    mount(&s.cli, &s.reference, &guard.dir, &[]);
+
+    let biggest = &s.files.iter().max_by_key(|(_, c)| c.len()).unwrap().0;
+    let shared = Arc::new(std::fs::File::open(guard.path(biggest)).expect("open shared file"));
+    let mark = s.reg.log_mark();
+    let (tx, rx) = mpsc::channel();
+    let started = Instant::now();
+    for t in 0..READERS {
+        let (tx, mnt, files, shared) = (
+            tx.clone(),
+            guard.dir.clone(),
+            s.files.clone(),
+            shared.clone(),
+        );
+        thread::spawn(move || {
+            let _ = tx.send((t, reader(t, &mnt, &files, &shared)));
+        });
+    }
+    drop(tx);
+    let mut failures = Vec::new();
+    let mut total = 0u64;
+    for finished in 0..READERS {
+        let left = (started + BOUND).saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((_, Ok(n))) => total += n,
+            Ok((t, Err(e))) => failures.push(format!("reader {t}: {e}")),
+            Err(_) => panic!(
+                "only {finished} of {READERS} readers finished within {BOUND:?}: deadlock or hang \
+                 in the FUSE driver (failures so far: {failures:#?})"
+            ),
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert!(total > 10_000_000, "{total} bytes read");
+    // The cache started empty: the readers' misses went to the registry, concurrently.
+    let fetches = s
+        .reg
+        .access_log_since(mark)
+        .iter()
+        .filter(|e| e.path.contains("/blobs/") && e.user_agent.starts_with("stratafs/"))
+        .count();
+    assert!(fetches > 0, "no blob range was fetched");
+    eprintln!(
+        "{READERS} readers read {total} bytes in {:?} ({fetches} range requests)",
+        started.elapsed()
+    );
+    drop(shared);
+    umount(&s.cli, &guard.dir);
+}
+
+/// How a looping reader ended (the fields are read through `Debug`, in failure messages).
+#[derive(Debug)]
+#[allow(dead_code)]
+enum ReaderEnd {
+    /// An I/O error: errno and message.
+    Error(Option<i32>, String),
+    /// A read returned bytes that differ from the file's: never acceptable.
+    WrongBytes(String),
+    /// Told to stop while still reading successfully.
+    Stopped,
+}
+
+/// `n` readers reading random whole files in a loop until an error (or `stop`); `progress`
+/// counts checked reads.
+fn looping_readers(
+    n: usize,
+    mnt: &Path,
+    files: &Files,
+    stop: &Arc<AtomicBool>,
+    progress: &Arc<AtomicUsize>,
+) -> mpsc::Receiver<(usize, ReaderEnd)> {
+    let (tx, rx) = mpsc::channel();
+    for t in 0..n {
+        let (tx, mnt, files, stop, progress) = (
+            tx.clone(),
+            mnt.to_path_buf(),
+            files.clone(),
+            stop.clone(),
+            progress.clone(),
+        );
+        thread::spawn(move || {
+            let mut rng = Rng::new(1000 + t as u64);
+            let end = loop {
+                if stop.load(Ordering::SeqCst) {
+                    break ReaderEnd::Stopped;
+                }
+                let (path, want) = &files[rng.below(files.len() as u64) as usize];
+                match std::fs::read(mnt.join(path)) {
+                    Ok(got) if got == *want => {
+                        progress.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(got) => {
+                        break ReaderEnd::WrongBytes(format!(
+                            "{path}: {}",
+                            first_difference(&got, want)
+                        ))
+                    }
+                    Err(e) => break ReaderEnd::Error(e.raw_os_error(), format!("{path}: {e}")),
+                }
+            };
+            let _ = tx.send((t, end));
+        });
+    }
+    rx
+}
+
+/// Kills the daemon of `dir` with SIGKILL while `n` readers are reading, and checks every
+/// reader ends with an error (not a hang, never wrong bytes). Returns with the mount dead.
+fn kill_daemon_mid_read(s: &Served, dir: &Path) {
+    let pids = daemon_pids(dir);
+    assert!(
+        !pids.is_empty(),
+        "no stratafs process has {} in its command line",
+        dir.display()
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(AtomicUsize::new(0));
+    const N: usize = 16;
+    let rx = looping_readers(N, dir, &s.files, &stop, &progress);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while progress.load(Ordering::SeqCst) < 40 {
+        if Instant::now() > deadline {
+            stop.store(true, Ordering::SeqCst);
+            panic!(
+                "readers made only {} reads in 120 s before the kill",
+                progress.load(Ordering::SeqCst)
+            );
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    for &pid in &pids {
+        kill(pid, "KILL");
+    }
+    let killed = Instant::now();
+    assert!(
+        wait_gone(&pids, Duration::from_secs(10)),
+        "daemon {pids:?} survived SIGKILL"
+    );
+    let mut ends = Vec::new();
+    for _ in 0..N {
+        let left = (killed + Duration::from_secs(60)).saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(end) => ends.push(end),
+            Err(_) => {
+                stop.store(true, Ordering::SeqCst);
+                panic!(
+                    "{} of {N} readers still blocked 60 s after the daemon was killed: {ends:#?}",
+                    N - ends.len()
+                );
+            }
+        }
+    }
+    let still_mounted = mount_at(dir).is_some();
+    for (t, end) in &ends {
+        match end {
+            ReaderEnd::Error(Some(errno), _) if [ENOTCONN, EIO, ECONNABORTED].contains(errno) => {}
+            // A driver that unmounts itself when its daemon dies leaves an empty directory.
+            ReaderEnd::Error(Some(2), _) if !still_mounted => {}
+            other => panic!("reader {t} after the daemon was killed: {other:?}"),
+        }
+    }
+    eprintln!(
+        "{} reads before the kill; readers ended with {:?}",
+        progress.load(Ordering::SeqCst),
+        ends.iter().map(|(_, e)| e).collect::<Vec<_>>()
+    );
+    if still_mounted {
+        // The classic dead FUSE mount: every access fails with ENOTCONN, immediately.
+        let d = dir.to_path_buf();
+        let r = within(Duration::from_secs(20), move || {
+            std::fs::read_dir(&d).map(|_| ())
+        })
+        .expect("readdir of the dead mount hangs");
+        let e = r.expect_err("readdir of a dead mount succeeded");
+        assert_eq!(e.raw_os_error(), Some(ENOTCONN), "{e}");
+    }
+}
+
+/// A sample of files (every 9th, plus the biggest) read back exactly through the mount.
+fn check_sample(dir: &Path, files: &Files) {
+    let mut sample: Vec<&(String, Vec<u8>)> = files.iter().step_by(9).collect();
+    sample.push(files.iter().max_by_key(|(_, c)| c.len()).unwrap());
+    let (d, sample): (PathBuf, Vec<(String, Vec<u8>)>) =
+        (dir.to_path_buf(), sample.into_iter().cloned().collect());
+    let result = within(Duration::from_secs(180), move || {
+        sample
+            .iter()
+            .map(|(p, c)| check_file(&d, p, c))
+            .collect::<Result<Vec<()>, String>>()
+    })
+    .expect("reading the sample hangs (180 s)");
+    result.unwrap();
+}
+
+#[test]
+fn killed_daemon_fails_reads_and_stratafs_umount_repairs_the_mount() {
+    let s = serve("kill-umount");
+    let guard = MountGuard::new(Some(s.cli.root()));
+    mount(&s.cli, &s.reference, &guard.dir, &[]);
+    kill_daemon_mid_read(&s, &guard.dir);
+
+    if mount_at(&guard.dir).is_some() {
+        let out = run(
+            s.cli.command().arg("umount").arg(&guard.dir),
+            Duration::from_secs(60),
+        );
+        assert!(
+            out.status.success(),
+            "stratafs umount of a dead mount: {}",
+            show(&out)
+        );
+    }
+    assert!(
+        mount_at(&guard.dir).is_none(),
+        "dead mount still there after stratafs umount: {:?}",
+        mount_at(&guard.dir)
+    );
+    let entries: Vec<_> = std::fs::read_dir(&guard.dir)
+        .expect("the mountpoint is a plain directory again")
+        .collect();
+    assert!(entries.is_empty(), "{entries:?}");
+
+    // The next mount works and serves the right bytes.
+    mount(&s.cli, &s.reference, &guard.dir, &[]);
+    check_sample(&guard.dir, &s.files);
+    umount(&s.cli, &guard.dir);
+}
+
+#[test]
+fn killed_daemon_is_replaced_by_the_next_mount() {
+    let s = serve("kill-remount");
+    let guard = MountGuard::new(Some(s.cli.root()));
+    mount(&s.cli, &s.reference, &guard.dir, &[]);
+    kill_daemon_mid_read(&s, &guard.dir);
+
+    // `stratafs mount` on the dead mountpoint repairs it and mounts again.
+    mount(&s.cli, &s.reference, &guard.dir, &[]);
+    let on_dir: Vec<MountInfo> = mounts()
+        .into_iter()
+        .filter(|m| m.mountpoint == guard.dir)
+        .collect();
+    assert_eq!(
+        on_dir.len(),
+        1,
+        "the dead mount was not replaced, the new one is stacked on it: {on_dir:#?}"
+    );
+    check_sample(&guard.dir, &s.files);
+    umount(&s.cli, &guard.dir);
+}
+
+#[test]
+fn a_read_that_cannot_be_fetched_fails_with_eio_after_read_timeout() {
+    let s = serve("timeout");
+    let guard = MountGuard::new(Some(s.cli.root()));
+    mount(&s.cli, &s.reference, &guard.dir, &["read_timeout=3"]);
+    let (path, want) = s
+        .files
+        .iter()
+        .find(|(_, c)| c.len() > 500_000)
+        .unwrap()
+        .clone();
+
+    s.reg.stop();
+    // Metadata is local: stat still answers.
+    let meta = std::fs::metadata(guard.path(&path)).expect("stat with the registry down");
+    assert_eq!(meta.len(), want.len() as u64);
+
+    let started = Instant::now();
+    let p = guard.path(&path);
+    let result = within(Duration::from_secs(60), move || std::fs::read(p))
+        .expect("read still blocked 60 s after the registry stopped (read_timeout=3)");
+    let elapsed = started.elapsed();
+    match result {
+        Ok(got) => panic!(
+            "read {} bytes with the registry stopped and an empty cache",
+            got.len()
+        ),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(EIO), "{path}: {e}"),
+    }
+    // The kernel retries a failed readahead at once with a one-page read; the driver fails
+    // that at once (the file's read just timed out), so EIO comes after one timeout. Beyond
+    // that plus a margin, something waits twice or hangs.
+    assert!(
+        elapsed < Duration::from_secs(3 + 2),
+        "EIO only after {elapsed:?} with read_timeout=3"
+    );
+    eprintln!("EIO after {elapsed:?}");
+
+    // The mount is still alive: once the registry is back, the same file reads exactly.
+    assert!(mount_at(&guard.dir).is_some(), "the mount went away");
+    s.reg.restart();
+    let (d, p2, w) = (guard.dir.clone(), path.clone(), want.clone());
+    let again = within(Duration::from_secs(120), move || check_file(&d, &p2, &w))
+        .expect("read hangs after the registry came back");
+    if let Err(e) = again {
+        let logs = std::fs::read_dir(s.cli.root().join("logs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect::<String>();
+        panic!("{e} after the registry came back; daemon log:\n{logs}");
+    }
+    umount(&s.cli, &guard.dir);
+}
+
+/// Adds `path` (absolute, on this machine) to `entries` the way it resolves here: every symlink
+/// on the way becomes the same symlink in the image, every directory a directory, and the file
+/// at the end its bytes and mode.
+fn add_host_path(
+    entries: &mut BTreeMap<String, EntryKind>,
+    modes: &mut BTreeMap<String, u32>,
+    path: &Path,
+    depth: usize,
+) {
+    assert!(depth < 40, "symlink loop at {}", path.display());
+    let mut cur = PathBuf::from("/");
+    let comps: Vec<_> = path
+        .components()
+        .filter(|c| matches!(c, std::path::Component::Normal(_)))
+        .collect();
+    for (i, comp) in comps.iter().enumerate() {
+        let next = cur.join(comp);
+        let rel = next
+            .strip_prefix("/")
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let meta =
+            std::fs::symlink_metadata(&next).unwrap_or_else(|e| panic!("{}: {e}", next.display()));
+        modes.insert(rel.clone(), meta.mode() & 0o7777);
+        if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(&next).unwrap();
+            entries.insert(
+                rel,
+                EntryKind::Symlink(target.to_string_lossy().into_owned()),
+            );
+            let mut resolved = if target.is_absolute() {
+                PathBuf::from("/")
+            } else {
+                cur.clone()
+            };
+            for c in target.components() {
+                match c {
+                    std::path::Component::ParentDir => {
+                        resolved.pop();
+                    }
+                    std::path::Component::Normal(n) => resolved.push(n),
+                    _ => {}
+                }
+            }
+            for c in &comps[i + 1..] {
+                resolved.push(c);
+            }
+            return add_host_path(entries, modes, &resolved, depth + 1);
+        } else if meta.is_dir() {
+            entries.insert(rel, EntryKind::Dir);
+            cur = next;
+        } else {
+            assert_eq!(i, comps.len() - 1, "{} is not a directory", next.display());
+            entries.insert(rel, EntryKind::File(std::fs::read(&next).unwrap()));
+            return;
+        }
+    }
+}
+
+/// The first of `candidates` that exists.
+fn host_program(candidates: &[&str]) -> PathBuf {
+    candidates
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("none of {candidates:?} on this machine"))
+}
+
+/// The shared libraries and loader `ldd` lists for `program`.
+fn libraries(program: &Path) -> Vec<PathBuf> {
+    let out = Command::new("ldd").arg(program).output().expect("run ldd");
+    assert!(out.status.success(), "ldd {}: {out:?}", program.display());
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+        .map(PathBuf::from)
+        .collect()
+}
+
+#[test]
+fn programs_run_from_a_mounted_image_under_chroot() {
+    // A Debian-style root filesystem made of this machine's dash, a few coreutils and their
+    // libraries, with the same usr-merge symlinks (/bin, /lib, /lib64) as here.
+    let programs = [
+        host_program(&["/bin/dash", "/usr/bin/dash"]),
+        host_program(&["/usr/bin/cat", "/bin/cat"]),
+        host_program(&["/usr/bin/sha256sum", "/bin/sha256sum"]),
+        host_program(&["/usr/bin/ls", "/bin/ls"]),
+        host_program(&["/usr/bin/wc", "/bin/wc"]),
+    ];
+    let mut entries = BTreeMap::new();
+    let mut modes = BTreeMap::new();
+    for p in &programs {
+        add_host_path(&mut entries, &mut modes, p, 0);
+        for lib in libraries(p) {
+            add_host_path(&mut entries, &mut modes, &lib, 0);
+        }
+    }
+    // /bin/sh -> dash, next to dash wherever it resolved to.
+    let dash_dir = programs[0]
+        .canonicalize()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let dash_dir = dash_dir
+        .strip_prefix("/")
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    entries.insert(format!("{dash_dir}/sh"), EntryKind::Symlink("dash".into()));
+    if !entries.contains_key("bin") {
+        entries.insert("bin".into(), EntryKind::Symlink(dash_dir.clone()));
+    }
+    let hostname = "stratafs-chroot-test\n";
+    entries.insert("etc".into(), EntryKind::Dir);
+    entries.insert(
+        "etc/hostname-file".into(),
+        EntryKind::File(hostname.as_bytes().to_vec()),
+    );
+    modes.insert("etc".into(), 0o755);
+    modes.insert("etc/hostname-file".into(), 0o644);
+    let mut layer = LayerBuilder::new();
+    for (path, kind) in &entries {
+        let mode = match kind {
+            EntryKind::Symlink(_) => 0o777,
+            _ => modes.get(path).copied().unwrap_or(0o755),
+        };
+        layer = layer.entry(Entry::new(path, kind.clone(), mode));
+    }
+    let in_usr_bin = entries
+        .keys()
+        .filter(|p| p.starts_with("usr/bin/") && !p["usr/bin/".len()..].contains('/'))
+        .count();
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    let image = ImageBuilder::new()
+        .arch(arch)
+        .layer(layer.build(Compression::Gzip))
+        .build(ManifestFlavour::Oci);
+    let reg = Registry::start(RegistryOpts::default());
+    reg.push_image("robust/debianish", "v1", &image, &Auth::None);
+    let reference = format!("{}/robust/debianish:v1", reg.addr());
+    let cli = Stratafs::new();
+
+    let guard = MountGuard::new(Some(cli.root()));
+    mount(&cli, &reference, &guard.dir, &["suid", "dev"]);
+    let m = mount_at(&guard.dir).unwrap();
+    assert!(
+        !m.options.iter().any(|o| o == "nosuid" || o == "nodev"),
+        "-o suid,dev not applied: {m:?}"
+    );
+
+    let out = run(
+        Command::new("chroot").arg(&guard.dir).args([
+            "/bin/sh",
+            "-c",
+            "echo hi; cat /etc/hostname-file; ls /usr/bin | wc -l",
+        ]),
+        Duration::from_secs(120),
+    );
+    assert!(out.status.success(), "chroot: {}", show(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("hi\n{hostname}{in_usr_bin}\n"),
+        "{}",
+        show(&out)
+    );
+
+    // A program reading a large file (libc) through the mount gets the right bytes.
+    let libc = entries
+        .iter()
+        .find(|(p, k)| p.contains("libc.so") && matches!(k, EntryKind::File(_)))
+        .map(|(p, _)| p.clone())
+        .expect("libc in the image");
+    let out = run(
+        Command::new("chroot")
+            .arg(&guard.dir)
+            .args(["/usr/bin/sha256sum", &format!("/{libc}")]),
+        Duration::from_secs(120),
+    );
+    assert!(out.status.success(), "chroot sha256sum: {}", show(&out));
+    let EntryKind::File(libc_bytes) = &entries[&libc] else {
+        unreachable!()
+    };
+    let want = sha256_digest(libc_bytes);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{}  /{libc}\n", want.trim_start_matches("sha256:"))
+    );
+    umount(&cli, &guard.dir);
+}
