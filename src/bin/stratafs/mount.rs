@@ -300,7 +300,7 @@ async fn serve(
 }
 
 /// Serves until the session ends (unmounted from outside) or a signal asks to stop; saves
-/// the fetched-byte counters every few seconds.
+/// the fetched-byte counters every second.
 async fn wait_for_end(ctx: &Context, mounted: &mut fuse::Mounted, mountpoint: &Path) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
@@ -316,7 +316,7 @@ async fn wait_for_end(ctx: &Context, mounted: &mut fuse::Mounted, mountpoint: &P
                     mounted.join();
                     return;
                 }
-                if last_save.elapsed() > Duration::from_secs(5) {
+                if last_save.elapsed() > Duration::from_secs(1) {
                     let _ = ctx.layers.save_fetched();
                     last_save = Instant::now();
                 }
