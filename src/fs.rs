@@ -350,8 +350,17 @@ pub struct ImageView {
 impl ImageView {
     /// Opens `image`: every layer's index (built if missing), merged base first.
     pub async fn open(layers: &Layers, image: &ImageRecord) -> Result<ImageView, FsError> {
-        let mut readers = Vec::with_capacity(image.layers.len());
-        for layer in &image.layers {
+        Self::open_chain(layers, image, image.layers.len()).await
+    }
+
+    /// Opens the chain of `image`'s first `count` layers (the snapshot of one ChainID).
+    pub async fn open_chain(
+        layers: &Layers,
+        image: &ImageRecord,
+        count: usize,
+    ) -> Result<ImageView, FsError> {
+        let mut readers = Vec::with_capacity(count);
+        for layer in image.layers.iter().take(count) {
             let (index, _) = layers.index(image, layer).await?;
             let source: Arc<dyn BlobSource> = layers.source(image, layer)?;
             readers.push(LayerReader::new(index, source, layers.cache.clone()));

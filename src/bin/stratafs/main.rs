@@ -87,6 +87,9 @@ enum Command {
         /// Report readiness on stdout (used when starting the daemon).
         #[arg(long, hide = true)]
         notify: bool,
+        /// Mount only the chain with this ChainID: that layer and the ones below it.
+        #[arg(long)]
+        chain: Option<String>,
         /// Mount options, comma-separated: allow_other, suid, dev, noexec, read_timeout=SECS,
         /// nopassthrough, threads=N; also root=DIR, config=FILE, platform=P, plain_http.
         #[arg(short = 'o', value_name = "OPTIONS")]
@@ -310,11 +313,13 @@ async fn run(mut cli: Cli) -> Result<()> {
             plain_http,
             foreground,
             notify,
+            chain,
             options,
             reference,
             mountpoint,
         } => {
             let args = mount::MountArgs {
+                chain,
                 platform,
                 plain_http,
                 foreground,

@@ -21,6 +21,8 @@ use crate::lazy::Context;
 
 /// `stratafs mount` arguments (see `Command::Mount`).
 pub struct MountArgs {
+    /// Mount only the chain with this ChainID (one of the image's layers and those below).
+    pub chain: Option<String>,
     pub platform: Option<String>,
     pub plain_http: bool,
     pub foreground: bool,
@@ -180,6 +182,9 @@ fn spawn_daemon(
         cmd.arg("--config").arg(std::path::absolute(c)?);
     }
     cmd.args(["mount", "--foreground", "--notify"]);
+    if let Some(c) = &args.chain {
+        cmd.args(["--chain", c]);
+    }
     if let Some(p) = &args.platform {
         cmd.args(["--platform", p]);
     }
@@ -228,7 +233,18 @@ async fn serve(
     let platform = crate::platform(&args.platform)?;
     let started = Instant::now();
     let image = ctx.image(&args.reference, &platform).await?;
-    let view = Arc::new(ImageView::open(&ctx.layers, &image).await?);
+    let count = match &args.chain {
+        None => image.layers.len(),
+        Some(chain) => {
+            image
+                .layers
+                .iter()
+                .position(|l| l.chain_id.as_ref() == chain.as_str())
+                .with_context(|| format!("{} has no layer with ChainID {chain}", image.name))?
+                + 1
+        }
+    };
+    let view = Arc::new(ImageView::open_chain(&ctx.layers, &image, count).await?);
     let mut mounted = fuse::mount(
         view.clone(),
         tokio::runtime::Handle::current(),
@@ -250,9 +266,16 @@ async fn serve(
     let record = MountRecord {
         mountpoint: mountpoint.to_path_buf(),
         image: image.name.clone(),
-        chain_id: image.chain_id().map(|c| c.to_string()).unwrap_or_default(),
+        chain_id: image
+            .layers
+            .get(count.wrapping_sub(1))
+            .map(|l| l.chain_id.to_string())
+            .unwrap_or_default(),
         pid: std::process::id(),
-        layers: image.layers.iter().map(|l| l.digest.to_string()).collect(),
+        layers: image.layers[..count]
+            .iter()
+            .map(|l| l.digest.to_string())
+            .collect(),
     };
     let record_path = record_path(ctx.store.root(), mountpoint);
     if let Err(e) = write_record(&record_path, &record) {
@@ -262,7 +285,7 @@ async fn serve(
         "mounted {} at {} ({} layers, {} inodes) in {} ms",
         image.name,
         mountpoint.display(),
-        image.layers.len(),
+        count,
         view.tree.inodes(),
         started.elapsed().as_millis()
     );
