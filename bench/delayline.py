@@ -3,9 +3,11 @@
 delaying every chunk by DELAY_MS in each direction (so the round trip grows by 2 x DELAY_MS)
 and, with MBIT, limiting each direction to MBIT megabits per second across all connections.
 Chunks are scheduled, not slept on, so the delay alone does not reduce bandwidth. netem is
-missing from this kernel; this stands in for it. Loopback only.
+missing from this kernel; this stands in for it. It listens on loopback unless LISTEN names
+an address (HOST:PORT, e.g. the host end of a veth pair to a network namespace); it always
+relays to loopback.
 
-usage: delayline.py LISTEN_PORT TARGET_PORT DELAY_MS [MBIT]
+usage: delayline.py [HOST:]LISTEN_PORT TARGET_PORT DELAY_MS [MBIT]
 """
 import asyncio
 import sys
@@ -55,7 +57,7 @@ async def pump(reader, writer, delay, link):
     await task
 
 
-async def main(listen, target, delay_ms, mbit):
+async def main(listen_host, listen, target, delay_ms, mbit):
     delay = delay_ms / 1000.0
     up, down = Link(mbit), Link(mbit)
 
@@ -71,11 +73,12 @@ async def main(listen, target, delay_ms, mbit):
             return_exceptions=True,
         )
 
-    server = await asyncio.start_server(handle, "127.0.0.1", listen)
+    server = await asyncio.start_server(handle, listen_host, listen)
     async with server:
         await server.serve_forever()
 
 
 if __name__ == "__main__":
     mbit = float(sys.argv[4]) if len(sys.argv) > 4 else None
-    asyncio.run(main(int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), mbit))
+    host, _, port = sys.argv[1].rpartition(":")
+    asyncio.run(main(host or "127.0.0.1", int(port), int(sys.argv[2]), float(sys.argv[3]), mbit))
