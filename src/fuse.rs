@@ -29,6 +29,9 @@ use crate::tree::{FileType, Node, NodeId, ROOT};
 
 /// The kernel may cache names and attributes for this long: the tree never changes.
 const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Smaller files are served by the daemon even when cached: a local copy per small file costs
+/// a write and disk space, and the kernel's page cache (FOPEN_KEEP_CACHE) serves them warm.
+const PASSTHROUGH_MIN_SIZE: u64 = 1 << 20;
 /// Largest read and readahead the kernel is asked to use.
 const MAX_READAHEAD: u32 = 4 << 20;
 
@@ -305,7 +308,7 @@ impl Filesystem for StrataFs {
         let view = self.view.clone();
         let opens = self.opens.clone();
         self.runtime.spawn(async move {
-            let local = if view.tree.node(id).size == 0 {
+            let local = if view.tree.node(id).size < PASSTHROUGH_MIN_SIZE {
                 None
             } else {
                 match view.local_copy(id).await {
