@@ -132,6 +132,8 @@ pub struct StrataFs {
     /// passthrough (sharing one backing id) or all through the daemon.
     opens: Arc<Mutex<HashMap<u64, Opens>>>,
     next_fh: AtomicU64,
+    /// (4 KiB blocks, inodes) of the tree, for statfs: the tree never changes.
+    statfs: (u64, u64),
     /// Reads served so far (the background fetcher yields while this moves).
     reads: Arc<AtomicU64>,
     /// Open files (handles) whose last read timed out, and when: the kernel retries a failed
@@ -149,7 +151,15 @@ impl StrataFs {
         runtime: tokio::runtime::Handle,
         options: MountOptions,
     ) -> StrataFs {
+        let tree = &view.tree;
+        let blocks = tree
+            .walk()
+            .into_iter()
+            .map(|id| tree.node(id).size.div_ceil(4096))
+            .sum();
+        let statfs = (blocks, tree.inodes() as u64);
         StrataFs {
+            statfs,
             view,
             runtime,
             options,
@@ -474,13 +484,8 @@ impl Filesystem for StrataFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let tree = &self.view.tree;
-        let bytes: u64 = tree
-            .walk()
-            .into_iter()
-            .map(|id| tree.node(id).size.div_ceil(4096))
-            .sum();
-        reply.statfs(bytes, 0, 0, tree.inodes() as u64, 0, 4096, 255, 4096);
+        let (blocks, inodes) = self.statfs;
+        reply.statfs(blocks, 0, 0, inodes, 0, 4096, 255, 4096);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {

@@ -23,23 +23,6 @@ const ESTARGZ_META: [&str; 3] = [
     ".no.prefetch.landmark",
 ];
 
-/// Deterministic bytes, half pseudo-random and half text, so gzip shrinks them moderately.
-fn bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1;
-    (0..len)
-        .map(|i| {
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            if i % 2 == 0 {
-                (x >> 24) as u8
-            } else {
-                b"estargz via containerd "[i % 23]
-            }
-        })
-        .collect()
-}
-
 /// Size of the large file: over eStargz's default 4 MiB chunk size, so it is split in chunks.
 const BIG: usize = 6 * 1024 * 1024 + 12_345;
 

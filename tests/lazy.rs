@@ -13,23 +13,6 @@ use stratafs::fs::{ImageView, Layers};
 use stratafs::registry::RegistryClient;
 use stratafs::store::Store;
 
-/// Deterministic bytes: half random, half text, so they compress moderately like real files.
-fn bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|i| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            if i % 2 == 0 {
-                x as u8
-            } else {
-                b"stratafs lazy layers "[i % 21]
-            }
-        })
-        .collect()
-}
-
 const LONG: &str = "names/a-name-that-is-much-longer-than-the-hundred-bytes-of-a-classic-tar-header-name-field-so-it-needs-pax-or-gnu.txt";
 const UNICODE: &str = "names/ünïcødé-名前.txt";
 

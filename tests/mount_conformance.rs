@@ -45,23 +45,6 @@ enum Format {
 // ---------------------------------------------------------------------------------------------
 // The image.
 
-/// Deterministic bytes, half pseudo-random and half text.
-fn bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|i| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            if i % 2 == 0 {
-                x as u8
-            } else {
-                b"stratafs conformance "[i % 21]
-            }
-        })
-        .collect()
-}
-
 /// Size of the multi-MiB file: over eStargz's 4 MiB chunk size and many gzip checkpoints.
 const BIG: usize = 5 * 1024 * 1024 + 4321;
 

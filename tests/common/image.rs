@@ -565,3 +565,21 @@ impl Index {
         self.bytes.len() as u64
     }
 }
+
+/// Deterministic test file contents: half pseudo-random (xorshift) and half text, so gzip
+/// shrinks them moderately, like real files.
+pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if i % 2 == 0 {
+                x as u8
+            } else {
+                b"stratafs test bytes "[i % 20]
+            }
+        })
+        .collect()
+}

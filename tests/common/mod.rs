@@ -31,7 +31,7 @@ pub use cli::Stratafs;
 pub use containerd::{Containerd, ContainerdOpts};
 #[allow(unused_imports)]
 pub use image::{
-    compress, docker_media_type, oci_media_type, Compression, Entry, EntryKind, Image,
+    bytes, compress, docker_media_type, oci_media_type, Compression, Entry, EntryKind, Image,
     ImageBuilder, Index, IndexBuilder, Layer, LayerBuilder, ManifestFlavour, Platform,
     DOCKER_CONFIG, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_CONFIG, OCI_INDEX, OCI_MANIFEST,
 };

@@ -24,23 +24,6 @@ pub const ENOTCONN: i32 = 107;
 /// How long a `mount` / `stratafs mount` may take (metadata pull + FUSE start).
 pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Deterministic bytes: half random, half text, so they compress moderately like real files.
-pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|i| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            if i % 2 == 0 {
-                x as u8
-            } else {
-                b"stratafs fuse mounts "[i % 21]
-            }
-        })
-        .collect()
-}
-
 /// A small xorshift generator for test randomness (seeded, reproducible).
 pub struct Rng(u64);
 
