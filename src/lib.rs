@@ -12,8 +12,10 @@
 //!    the [`source::BlobSource`] seam.
 //! 5. [`cache`] — verified chunks on disk plus an in-memory LRU, single-flight, size-capped.
 //! 6. [`tree`] — the merged view of a chain of layers with OCI overlay semantics.
-//! 7. [`fs`] — filesystem logic over a pulled image (no FUSE types). The FUSE adapter and the
-//!    containerd remote snapshotter are planned.
+//! 7. [`fs`] — filesystem logic over a pulled image (no FUSE types).
+//! 8. [`fuse`] — the thin FUSE adapter that mounts an [`fs::ImageView`], and [`snapshotter`] —
+//!    containerd's snapshots service over gRPC, presenting lazily served layer chains (through
+//!    FUSE mounts) and ordinary overlayfs snapshots to containerd.
 //!
 //! [`pull`] ties stages 1–3 together: it resolves a reference, picks the platform, verifies and
 //! stores manifests and config, computes ChainIDs — and downloads no layer data. [`publish`]
@@ -33,6 +35,7 @@ pub mod publish;
 pub mod pull;
 pub mod reference;
 pub mod registry;
+pub mod snapshotter;
 pub mod source;
 pub mod store;
 pub mod tree;

@@ -56,7 +56,7 @@ pub async fn pull(
     store: &Store,
     reference: &Reference,
     platform: &Platform,
-    progress: &dyn Fn(&str),
+    progress: &(dyn Fn(&str) + Sync),
 ) -> Result<ImageRecord, PullError> {
     let invalid = |what: &str, detail: String| PullError::Invalid {
         reference: reference.to_string(),

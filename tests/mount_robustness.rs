@@ -8,8 +8,8 @@ mod common;
 #[path = "mount_support/mod.rs"]
 mod mount_support;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::collections::BTreeSet;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -527,122 +527,17 @@ fn a_read_that_cannot_be_fetched_fails_with_eio_after_read_timeout() {
     umount(&s.cli, &guard.dir);
 }
 
-/// Adds `path` (absolute, on this machine) to `entries` the way it resolves here: every symlink
-/// on the way becomes the same symlink in the image, every directory a directory, and the file
-/// at the end its bytes and mode.
-fn add_host_path(
-    entries: &mut BTreeMap<String, EntryKind>,
-    modes: &mut BTreeMap<String, u32>,
-    path: &Path,
-    depth: usize,
-) {
-    assert!(depth < 40, "symlink loop at {}", path.display());
-    let mut cur = PathBuf::from("/");
-    let comps: Vec<_> = path
-        .components()
-        .filter(|c| matches!(c, std::path::Component::Normal(_)))
-        .collect();
-    for (i, comp) in comps.iter().enumerate() {
-        let next = cur.join(comp);
-        let rel = next
-            .strip_prefix("/")
-            .unwrap()
-            .to_string_lossy()
-            .into_owned();
-        let meta =
-            std::fs::symlink_metadata(&next).unwrap_or_else(|e| panic!("{}: {e}", next.display()));
-        modes.insert(rel.clone(), meta.mode() & 0o7777);
-        if meta.file_type().is_symlink() {
-            let target = std::fs::read_link(&next).unwrap();
-            entries.insert(
-                rel,
-                EntryKind::Symlink(target.to_string_lossy().into_owned()),
-            );
-            let mut resolved = if target.is_absolute() {
-                PathBuf::from("/")
-            } else {
-                cur.clone()
-            };
-            for c in target.components() {
-                match c {
-                    std::path::Component::ParentDir => {
-                        resolved.pop();
-                    }
-                    std::path::Component::Normal(n) => resolved.push(n),
-                    _ => {}
-                }
-            }
-            for c in &comps[i + 1..] {
-                resolved.push(c);
-            }
-            return add_host_path(entries, modes, &resolved, depth + 1);
-        } else if meta.is_dir() {
-            entries.insert(rel, EntryKind::Dir);
-            cur = next;
-        } else {
-            assert_eq!(i, comps.len() - 1, "{} is not a directory", next.display());
-            entries.insert(rel, EntryKind::File(std::fs::read(&next).unwrap()));
-            return;
-        }
-    }
-}
-
-/// The first of `candidates` that exists.
-fn host_program(candidates: &[&str]) -> PathBuf {
-    candidates
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-        .unwrap_or_else(|| panic!("none of {candidates:?} on this machine"))
-}
-
-/// The shared libraries and loader `ldd` lists for `program`.
-fn libraries(program: &Path) -> Vec<PathBuf> {
-    let out = Command::new("ldd").arg(program).output().expect("run ldd");
-    assert!(out.status.success(), "ldd {}: {out:?}", program.display());
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .split_whitespace()
-        .filter(|w| w.starts_with('/'))
-        .map(PathBuf::from)
-        .collect()
-}
-
 #[test]
 fn programs_run_from_a_mounted_image_under_chroot() {
     // A Debian-style root filesystem made of this machine's dash, a few coreutils and their
     // libraries, with the same usr-merge symlinks (/bin, /lib, /lib64) as here.
-    let programs = [
-        host_program(&["/bin/dash", "/usr/bin/dash"]),
-        host_program(&["/usr/bin/cat", "/bin/cat"]),
-        host_program(&["/usr/bin/sha256sum", "/bin/sha256sum"]),
-        host_program(&["/usr/bin/ls", "/bin/ls"]),
-        host_program(&["/usr/bin/wc", "/bin/wc"]),
-    ];
-    let mut entries = BTreeMap::new();
-    let mut modes = BTreeMap::new();
-    for p in &programs {
-        add_host_path(&mut entries, &mut modes, p, 0);
-        for lib in libraries(p) {
-            add_host_path(&mut entries, &mut modes, &lib, 0);
-        }
-    }
-    // /bin/sh -> dash, next to dash wherever it resolved to.
-    let dash_dir = programs[0]
-        .canonicalize()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let dash_dir = dash_dir
-        .strip_prefix("/")
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
-    entries.insert(format!("{dash_dir}/sh"), EntryKind::Symlink("dash".into()));
-    if !entries.contains_key("bin") {
-        entries.insert("bin".into(), EntryKind::Symlink(dash_dir.clone()));
-    }
+    let (mut entries, mut modes) = hostfs::host_rootfs(&[
+        &["/bin/dash", "/usr/bin/dash"],
+        &["/usr/bin/cat", "/bin/cat"],
+        &["/usr/bin/sha256sum", "/bin/sha256sum"],
+        &["/usr/bin/ls", "/bin/ls"],
+        &["/usr/bin/wc", "/bin/wc"],
+    ]);
     let hostname = "stratafs-chroot-test\n";
     entries.insert("etc".into(), EntryKind::Dir);
     entries.insert(
@@ -651,25 +546,13 @@ fn programs_run_from_a_mounted_image_under_chroot() {
     );
     modes.insert("etc".into(), 0o755);
     modes.insert("etc/hostname-file".into(), 0o644);
-    let mut layer = LayerBuilder::new();
-    for (path, kind) in &entries {
-        let mode = match kind {
-            EntryKind::Symlink(_) => 0o777,
-            _ => modes.get(path).copied().unwrap_or(0o755),
-        };
-        layer = layer.entry(Entry::new(path, kind.clone(), mode));
-    }
+    let layer = hostfs::layer_of(&entries, &modes);
     let in_usr_bin = entries
         .keys()
         .filter(|p| p.starts_with("usr/bin/") && !p["usr/bin/".len()..].contains('/'))
         .count();
-    let arch = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    };
     let image = ImageBuilder::new()
-        .arch(arch)
+        .arch(hostfs::host_arch())
         .layer(layer.build(Compression::Gzip))
         .build(ManifestFlavour::Oci);
     let reg = Registry::start(RegistryOpts::default());

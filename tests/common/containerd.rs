@@ -308,7 +308,7 @@ fn toml_str(path: &Path) -> String {
 }
 
 /// Mount points at or below `dir` (via `findmnt`).
-fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     let Ok(out) = Command::new("findmnt")
         .args(["-rn", "-o", "TARGET"])
         .output()

@@ -18,6 +18,7 @@
 
 pub mod cli;
 pub mod containerd;
+pub mod hostfs;
 pub mod image;
 pub mod proxy;
 pub mod push;

@@ -2,6 +2,7 @@
 
 mod lazy;
 mod mount;
+mod snapshotter;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -104,6 +105,18 @@ enum Command {
         #[arg(long)]
         lazy: bool,
         mountpoint: PathBuf,
+    },
+    /// Serve containerd's snapshots service (a proxy snapshotter) on a unix socket.
+    Snapshotter {
+        /// Socket to listen on.
+        #[arg(long, default_value = "/run/stratafs/snapshotter.sock")]
+        address: PathBuf,
+        /// Platform of the images pulled for lazy layers (default: this machine's).
+        #[arg(long)]
+        platform: Option<String>,
+        /// Use plain HTTP for registries (else: loopback registries fall back to it).
+        #[arg(long)]
+        plain_http: bool,
     },
     /// Layer indexes.
     #[command(subcommand)]
@@ -338,6 +351,19 @@ async fn run(mut cli: Cli) -> Result<()> {
                 args,
             )
             .await?;
+        }
+        Command::Snapshotter {
+            address,
+            platform,
+            plain_http,
+        } => {
+            let ctx = lazy::Context::new(store, &config, plain_http)?;
+            let args = snapshotter::SnapshotterArgs {
+                address,
+                platform,
+                plain_http,
+            };
+            snapshotter::run(ctx, cli.config.as_deref(), &cli.log_level, args).await?;
         }
         Command::Umount { lazy, mountpoint } => {
             mount::umount(&cli.root, &mountpoint, lazy)?;

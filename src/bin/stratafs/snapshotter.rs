@@ -1,0 +1,109 @@
+//! `stratafs snapshotter`: containerd's snapshots service on a unix socket.
+//!
+//! Lazy layers are mounted by `stratafs mount --chain` daemons started from here — separate
+//! processes in their own sessions, so they (and the containers using them) outlive a restart
+//! of the snapshotter. The snapshotter logs to stderr.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+use stratafs::snapshotter::{resolve::Resolver, Mounter, Snapshotter};
+
+use crate::lazy::Context;
+
+/// Options of the snapshotter's lazy mounts: a container rootfs needs setuid programs and
+/// device nodes, and processes of any user in the container must reach the files.
+pub const LAZY_MOUNT_OPTIONS: &str = "suid,dev,allow_other";
+
+/// Starts `stratafs mount --chain` daemons for lazy snapshots.
+struct DaemonMounter {
+    root: PathBuf,
+    config: Option<PathBuf>,
+    log_level: String,
+    plain_http: bool,
+}
+
+impl Mounter for DaemonMounter {
+    fn mount(&self, image: &str, chain_id: &str, dir: &Path) -> Result<(), String> {
+        let exe = std::env::current_exe().map_err(|e| format!("finding stratafs: {e}"))?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("--root").arg(&self.root);
+        cmd.arg("--log-level").arg(&self.log_level);
+        if let Some(c) = &self.config {
+            cmd.arg("--config").arg(c);
+        }
+        cmd.args(["mount", "--chain", chain_id, "-o", LAZY_MOUNT_OPTIONS]);
+        if self.plain_http {
+            cmd.arg("--plain-http");
+        }
+        cmd.arg(image).arg(dir);
+        let out = cmd
+            .output()
+            .map_err(|e| format!("starting stratafs mount: {e}"))?;
+        if out.status.success() {
+            tracing::info!("{}", String::from_utf8_lossy(&out.stdout).trim_end());
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
+    }
+
+    fn unmount(&self, dir: &Path) -> Result<(), String> {
+        crate::mount::umount(&self.root, dir, false).map_err(|e| format!("{e:#}"))
+    }
+}
+
+pub struct SnapshotterArgs {
+    pub address: PathBuf,
+    pub platform: Option<String>,
+    pub plain_http: bool,
+}
+
+pub async fn run(
+    ctx: Context,
+    config_path: Option<&Path>,
+    log_level: &str,
+    args: SnapshotterArgs,
+) -> Result<()> {
+    let root = std::path::absolute(ctx.store.root())?;
+    let mounter = Arc::new(DaemonMounter {
+        root,
+        config: config_path.map(std::path::absolute).transpose()?,
+        log_level: log_level.to_string(),
+        plain_http: args.plain_http,
+    });
+    let resolver = Resolver {
+        store: ctx.store.clone(),
+        client: ctx.client.clone(),
+        published: ctx.config.index.published,
+        platform: crate::platform(&args.platform)?,
+    };
+    let snapshotter = Arc::new(
+        Snapshotter::open(resolver, mounter, ctx.chunks.clone())
+            .context("opening the snapshotter state")?,
+    );
+    let recovering = snapshotter.clone();
+    tokio::spawn(async move { recovering.recover().await });
+    let shutdown = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+        tracing::info!("signalled: stopping (lazy mounts stay)");
+    };
+    eprintln!(
+        "stratafs snapshotter listening on {} (store {})",
+        args.address.display(),
+        ctx.store.root().display()
+    );
+    stratafs::snapshotter::serve(snapshotter, &args.address, shutdown)
+        .await
+        .with_context(|| format!("serving on {}", args.address.display()))?;
+    let _ = std::fs::remove_file(&args.address);
+    Ok(())
+}

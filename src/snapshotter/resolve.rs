@@ -1,0 +1,110 @@
+//! Which image layer a `Prepare` with `containerd.io/snapshot.ref` asks for, and whether
+//! stratafs can serve it lazily.
+//!
+//! The layer is found, in order, from the labels of the clients that pass them — the CRI plugin
+//! (`containerd.io/snapshot/cri.image-ref`, `…/cri.layer-digest`) and `ctr-remote images rpull`
+//! (`containerd.io/snapshot/remote/stargz.reference`, `…/stargz.digest`) — pulling the image's
+//! metadata into the store if it is not there (no layer data), or else from the images already
+//! in the store (`stratafs pull` done beforehand), by ChainID. Lazily servable: gzip (with or
+//! without a published index; eStargz included) and uncompressed tar layers. zstd layers are
+//! not (stratafs would have to stream them whole first), nor unknown media types: containerd
+//! then downloads and applies them itself.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::image::{Compression, ImageRecord, Platform};
+use crate::layer::IndexStore;
+use crate::reference::Reference;
+use crate::registry::RegistryClient;
+use crate::store::Store;
+
+use super::meta::LazyLayer;
+
+pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
+const CRI_IMAGE: &str = "containerd.io/snapshot/cri.image-ref";
+const CRI_LAYER: &str = "containerd.io/snapshot/cri.layer-digest";
+const STARGZ_IMAGE: &str = "containerd.io/snapshot/remote/stargz.reference";
+const STARGZ_LAYER: &str = "containerd.io/snapshot/remote/stargz.digest";
+
+/// Finds the layers behind ChainIDs.
+pub struct Resolver {
+    pub store: Store,
+    pub client: Arc<RegistryClient>,
+    /// Fetch published layer indexes when pulling (the `[index] published` setting).
+    pub published: bool,
+    pub platform: Platform,
+}
+
+impl Resolver {
+    /// The lazily servable layer whose chain is `target`, or why there is none.
+    pub async fn resolve(
+        &self,
+        target: &str,
+        labels: &HashMap<String, String>,
+    ) -> Result<LazyLayer, String> {
+        let reference = labels.get(CRI_IMAGE).or_else(|| labels.get(STARGZ_IMAGE));
+        let digest = labels.get(CRI_LAYER).or_else(|| labels.get(STARGZ_LAYER));
+        let image = match reference {
+            Some(r) => self.image_named(r, target).await?,
+            None => self.stored_with_chain(target)?.ok_or_else(|| {
+                "no pulled image has this layer and no label names one".to_string()
+            })?,
+        };
+        let layer = image
+            .layers
+            .iter()
+            .find(|l| l.chain_id.as_ref() == target)
+            .ok_or_else(|| format!("{} has no layer with this ChainID", image.name))?;
+        if let Some(d) = digest {
+            if layer.digest.as_ref() != d.as_str() {
+                return Err(format!(
+                    "labels name layer {d}, but {} has {} at this ChainID",
+                    image.name, layer.digest
+                ));
+            }
+        }
+        match Compression::of_layer(&layer.media_type) {
+            Some(Compression::Gzip | Compression::None) => Ok(LazyLayer {
+                image: image.name.clone(),
+                chain_id: target.to_string(),
+                digest: layer.digest.to_string(),
+            }),
+            _ => Err(format!(
+                "layer {} is {}, which stratafs does not serve lazily",
+                layer.digest, layer.media_type
+            )),
+        }
+    }
+
+    /// The image `reference` from the store, pulled (metadata only) if missing or if the stored
+    /// record predates a tag move and lacks `target`.
+    async fn image_named(&self, reference: &str, target: &str) -> Result<ImageRecord, String> {
+        let parsed: Reference = reference
+            .parse()
+            .map_err(|e| format!("label names image {reference:?}: {e}"))?;
+        let has_target = |r: &ImageRecord| r.layers.iter().any(|l| l.chain_id.as_ref() == target);
+        if let Ok(Some(r)) = self.store.images.get(&parsed.to_string()) {
+            if has_target(&r) {
+                return Ok(r);
+            }
+        }
+        let image = crate::pull::pull(&self.client, &self.store, &parsed, &self.platform, &|_| {})
+            .await
+            .map_err(|e| format!("pulling {reference}: {e}"))?;
+        if self.published {
+            let indexes = IndexStore::new(self.store.root());
+            if let Err(e) = crate::publish::fetch_indexes(&self.client, &indexes, &image).await {
+                tracing::warn!(image = %image.name, error = %e, "published indexes unavailable");
+            }
+        }
+        Ok(image)
+    }
+
+    fn stored_with_chain(&self, target: &str) -> Result<Option<ImageRecord>, String> {
+        let images = self.store.images.list().map_err(|e| e.to_string())?;
+        Ok(images
+            .into_iter()
+            .find(|i| i.layers.iter().any(|l| l.chain_id.as_ref() == target)))
+    }
+}

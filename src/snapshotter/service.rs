@@ -1,0 +1,702 @@
+//! The snapshots service: the rules of containerd's snapshot API over [`Meta`], the mounts
+//! handed to containerd, and lazy snapshots through [`Resolver`] and [`Mounter`].
+//!
+//! Errors follow containerd's own snapshotters: a missing key is NOT_FOUND, a taken name
+//! ALREADY_EXISTS, committing a non-active snapshot or removing one with children
+//! FAILED_PRECONDITION, a parent that is not committed or an update of a field other than
+//! labels INVALID_ARGUMENT.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use chrono::Utc;
+use tonic::{Request, Response, Status};
+
+use crate::cache::ChunkStore;
+use crate::fuse::{self, MountState};
+use crate::layer::IndexStore;
+
+use super::filter::Filter;
+use super::meta::{Kind, LazyLayer, Meta, Snapshot, Usage};
+use super::proto::{self, snapshots_server};
+use super::resolve::{Resolver, LABEL_TARGET};
+use super::{Mounter, SnapshotterError};
+
+type Result<T> = std::result::Result<T, SnapshotterError>;
+
+/// The snapshotter: metadata, lazy-layer resolution and mounting.
+pub struct Snapshotter {
+    meta: Mutex<Meta>,
+    resolver: Resolver,
+    mounter: Arc<dyn Mounter>,
+    chunks: Arc<dyn ChunkStore>,
+    indexes: IndexStore,
+    /// One lazy mount at a time (two requests may need the same one).
+    mounting: tokio::sync::Mutex<()>,
+    /// Pass `index=off` to overlayfs, as containerd does where the kernel knows the option.
+    index_off: bool,
+}
+
+/// A mount for containerd (containerd.types.Mount).
+fn mount(kind: &str, source: &Path, options: Vec<String>) -> proto::Mount {
+    proto::Mount {
+        r#type: kind.into(),
+        source: source.to_string_lossy().into_owned(),
+        target: String::new(),
+        options,
+    }
+}
+
+impl Snapshotter {
+    /// Opens the snapshotter state under `<store root>/snapshotter`.
+    pub fn open(
+        resolver: Resolver,
+        mounter: Arc<dyn Mounter>,
+        chunks: Arc<dyn ChunkStore>,
+    ) -> Result<Snapshotter> {
+        let root = resolver.store.root().to_path_buf();
+        Ok(Snapshotter {
+            meta: Mutex::new(Meta::open(&root.join("snapshotter"))?),
+            indexes: IndexStore::new(&root),
+            resolver,
+            mounter,
+            chunks,
+            mounting: tokio::sync::Mutex::new(()),
+            index_off: Path::new("/sys/module/overlay/parameters/index").exists(),
+        })
+    }
+
+    fn meta(&self) -> std::sync::MutexGuard<'_, Meta> {
+        self.meta.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// After a restart: makes sure the lazy layers that ordinary snapshots stand on answer
+    /// again (a daemon that died is replaced; live ones are left alone). Requests need not
+    /// wait for this: each mounts what it needs.
+    pub async fn recover(&self) {
+        let needed: Vec<Snapshot> = {
+            let meta = self.meta();
+            meta.all()
+                .filter(|s| {
+                    s.lazy.is_some() && meta.all().any(|c| c.parent == s.name && c.lazy.is_none())
+                })
+                .cloned()
+                .collect()
+        };
+        for s in needed {
+            if let Err(e) = self.ensure_mounted(&s).await {
+                tracing::warn!(snapshot = %s.name, error = %e, "cannot remount lazy layer");
+            }
+        }
+    }
+
+    /// Prepare (active) or View: a new snapshot on `parent`, or a lazy layer for `labels`.
+    pub async fn create(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<proto::Mount>> {
+        if key.is_empty() {
+            return Err(SnapshotterError::InvalidArgument(
+                "empty snapshot key".into(),
+            ));
+        }
+        if kind == Kind::Active {
+            if let Some(target) = labels.get(LABEL_TARGET) {
+                if self.try_lazy(target, parent, &labels).await? {
+                    return Err(SnapshotterError::AlreadyExists(target.clone()));
+                }
+            }
+        }
+        let snapshot = {
+            let mut meta = self.meta();
+            if meta.get(key).is_some() {
+                return Err(SnapshotterError::AlreadyExists(key.into()));
+            }
+            if !parent.is_empty() {
+                match meta.get(parent) {
+                    None => return Err(SnapshotterError::NotFound(format!("{parent} (parent)"))),
+                    Some(p) if p.kind != Kind::Committed => {
+                        return Err(SnapshotterError::InvalidArgument(format!(
+                            "parent {parent} is not a committed snapshot"
+                        )))
+                    }
+                    Some(_) => {}
+                }
+            }
+            let id = meta.next_id();
+            let dir = meta.snapshot_dir(id);
+            let made = std::fs::create_dir_all(dir.join("fs")).and_then(|_| match kind {
+                Kind::Active => std::fs::create_dir_all(dir.join("work")),
+                _ => Ok(()),
+            });
+            if let Err(e) = made {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(SnapshotterError::Io(dir.display().to_string(), e));
+            }
+            let now = Utc::now();
+            let snapshot = Snapshot {
+                id,
+                name: key.into(),
+                parent: parent.into(),
+                kind,
+                created: now,
+                updated: now,
+                labels: labels.into_iter().collect(),
+                lazy: None,
+                usage: None,
+            };
+            if let Err(e) = meta.put(snapshot.clone()) {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+            snapshot
+        };
+        self.mounts_of(&snapshot).await
+    }
+
+    /// Creates the committed lazy snapshot `target` on `parent` if stratafs can serve it;
+    /// false sends the layer down the ordinary path.
+    async fn try_lazy(
+        &self,
+        target: &str,
+        parent: &str,
+        labels: &HashMap<String, String>,
+    ) -> Result<bool> {
+        {
+            let meta = self.meta();
+            if let Some(existing) = meta.get(target) {
+                // containerd finds it by listing; only a committed one with this parent fits.
+                return Ok(existing.kind == Kind::Committed && existing.parent == parent);
+            }
+            let parent_lazy =
+                parent.is_empty() || meta.get(parent).is_some_and(|p| p.lazy.is_some());
+            if !parent_lazy {
+                tracing::info!(%target, %parent, "parent layer was applied by containerd: this layer is too");
+                return Ok(false);
+            }
+        }
+        let layer = match self.resolver.resolve(target, labels).await {
+            Ok(layer) => layer,
+            Err(reason) => {
+                tracing::info!(%target, %reason, "not lazy: containerd applies this layer");
+                return Ok(false);
+            }
+        };
+        let mut meta = self.meta();
+        if meta.get(target).is_some() {
+            return Ok(true);
+        }
+        let id = meta.next_id();
+        let dir = meta.snapshot_dir(id).join("fs");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| SnapshotterError::Io(dir.display().to_string(), e))?;
+        let now = Utc::now();
+        let mut labels: std::collections::BTreeMap<_, _> = labels.clone().into_iter().collect();
+        labels.insert(LABEL_TARGET.into(), target.into());
+        tracing::info!(%target, image = %layer.image, layer = %layer.digest, "lazy layer");
+        meta.put(Snapshot {
+            id,
+            name: target.into(),
+            parent: parent.into(),
+            kind: Kind::Committed,
+            created: now,
+            updated: now,
+            labels,
+            lazy: Some(layer),
+            usage: None,
+        })?;
+        Ok(true)
+    }
+
+    /// The mounts of an active or view snapshot; mounts lazy layers below it first.
+    async fn mounts_of(&self, s: &Snapshot) -> Result<Vec<proto::Mount>> {
+        let (dir, lowers, lazy) = {
+            let meta = self.meta();
+            let mut lowers = Vec::new();
+            let mut lazy = None;
+            let mut parent = s.parent.clone();
+            while let Some(p) = meta.get(&parent) {
+                lowers.push(meta.snapshot_dir(p.id).join("fs"));
+                if p.lazy.is_some() {
+                    // Its mount is the whole merged chain below.
+                    lazy = Some(p.clone());
+                    break;
+                }
+                parent = p.parent.clone();
+            }
+            (meta.snapshot_dir(s.id), lowers, lazy)
+        };
+        if let Some(l) = &lazy {
+            self.ensure_mounted(l).await?;
+        }
+        let ro = s.kind == Kind::View;
+        let fs = dir.join("fs");
+        if lowers.is_empty() {
+            let mode = if ro { "ro" } else { "rw" };
+            return Ok(vec![mount("bind", &fs, vec![mode.into(), "rbind".into()])]);
+        }
+        if ro && lowers.len() == 1 {
+            return Ok(vec![mount(
+                "bind",
+                &lowers[0],
+                vec!["ro".into(), "rbind".into()],
+            )]);
+        }
+        let mut options = Vec::new();
+        if self.index_off {
+            options.push("index=off".to_string());
+        }
+        if !ro {
+            options.push(format!("workdir={}", dir.join("work").display()));
+            options.push(format!("upperdir={}", fs.display()));
+        }
+        let lowerdir: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
+        options.push(format!("lowerdir={}", lowerdir.join(":")));
+        Ok(vec![mount("overlay", Path::new("overlay"), options)])
+    }
+
+    /// Makes sure the FUSE mount of lazy snapshot `s` answers.
+    async fn ensure_mounted(&self, s: &Snapshot) -> Result<()> {
+        let Some(layer) = s.lazy.clone() else {
+            return Ok(());
+        };
+        let dir = self.meta().snapshot_dir(s.id).join("fs");
+        let _one = self.mounting.lock().await;
+        let probe = dir.clone();
+        let state = tokio::task::spawn_blocking(move || fuse::mount_state(&probe))
+            .await
+            .unwrap_or(MountState::Dead);
+        match state {
+            MountState::Live => return Ok(()),
+            MountState::Dead => {
+                tracing::warn!(snapshot = %s.name, "lazy layer's daemon is gone: mounting it again");
+                let _ = fuse::unmount(&dir, true);
+            }
+            MountState::None => {}
+        }
+        let mounter = self.mounter.clone();
+        let LazyLayer {
+            image, chain_id, ..
+        } = layer;
+        tokio::task::spawn_blocking(move || mounter.mount(&image, &chain_id, &dir))
+            .await
+            .map_err(|e| SnapshotterError::Mount(s.name.clone(), e.to_string()))?
+            .map_err(|e| SnapshotterError::Mount(s.name.clone(), e))
+    }
+
+    pub async fn mounts(&self, key: &str) -> Result<Vec<proto::Mount>> {
+        let s = self.get(key)?;
+        if s.kind == Kind::Committed {
+            return Err(SnapshotterError::FailedPrecondition(format!(
+                "snapshot {key} is committed, not active or a view"
+            )));
+        }
+        self.mounts_of(&s).await
+    }
+
+    fn get(&self, key: &str) -> Result<Snapshot> {
+        self.meta()
+            .get(key)
+            .cloned()
+            .ok_or_else(|| SnapshotterError::NotFound(key.into()))
+    }
+
+    pub fn stat(&self, key: &str) -> Result<Snapshot> {
+        self.get(key)
+    }
+
+    pub fn commit(&self, name: &str, key: &str, labels: HashMap<String, String>) -> Result<()> {
+        let s = self.get(key)?;
+        if s.kind != Kind::Active {
+            return Err(SnapshotterError::FailedPrecondition(format!(
+                "snapshot {key} is not active"
+            )));
+        }
+        let fs = self.meta().snapshot_dir(s.id).join("fs");
+        let usage =
+            disk_usage(&fs).map_err(|e| SnapshotterError::Io(fs.display().to_string(), e))?;
+        let mut meta = self.meta();
+        if meta.get(name).is_some() {
+            return Err(SnapshotterError::AlreadyExists(name.into()));
+        }
+        if meta.get(key) != Some(&s) {
+            return Err(SnapshotterError::NotFound(key.into()));
+        }
+        let now = Utc::now();
+        meta.rename(
+            key,
+            Snapshot {
+                name: name.into(),
+                kind: Kind::Committed,
+                created: now,
+                updated: now,
+                labels: labels.into_iter().collect(),
+                usage: Some(usage),
+                ..s
+            },
+        )
+    }
+
+    pub async fn remove(&self, key: &str) -> Result<()> {
+        let removed = {
+            let mut meta = self.meta();
+            if meta.get(key).is_none() {
+                return Err(SnapshotterError::NotFound(key.into()));
+            }
+            if meta.has_children(key) {
+                return Err(SnapshotterError::FailedPrecondition(format!(
+                    "cannot remove snapshot {key}: it has children"
+                )));
+            }
+            let removed = meta.remove(key)?.expect("checked above");
+            (removed.clone(), meta.snapshot_dir(removed.id))
+        };
+        self.remove_dir(&removed.1).await;
+        Ok(())
+    }
+
+    /// Removes a snapshot directory, unmounting a lazy layer first; a directory that stays
+    /// mounted is left for `Cleanup`.
+    async fn remove_dir(&self, dir: &Path) {
+        let fs = dir.join("fs");
+        let probe = fs.clone();
+        let state = tokio::task::spawn_blocking(move || fuse::mount_state(&probe))
+            .await
+            .unwrap_or(MountState::Live);
+        if state != MountState::None {
+            let mounter = self.mounter.clone();
+            let target = fs.clone();
+            let result = tokio::task::spawn_blocking(move || mounter.unmount(&target)).await;
+            if !matches!(result, Ok(Ok(()))) {
+                let _ = fuse::unmount(&fs, true);
+            }
+        }
+        let dir = dir.to_path_buf();
+        let _ = tokio::task::spawn_blocking(move || {
+            if fuse::mount_state(&dir.join("fs")) == MountState::None {
+                if let Err(e) = std::fs::remove_dir_all(&dir) {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot remove snapshot directory");
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Update: only labels may change — all of them (empty mask or `labels`) or the keys named
+    /// `labels.KEY` (set, or removed when absent from `info`).
+    pub fn update(
+        &self,
+        name: &str,
+        labels: HashMap<String, String>,
+        paths: &[String],
+    ) -> Result<Snapshot> {
+        let mut meta = self.meta();
+        let mut s = meta
+            .get(name)
+            .cloned()
+            .ok_or_else(|| SnapshotterError::NotFound(name.into()))?;
+        if paths.is_empty() || paths.iter().any(|p| p == "labels") {
+            s.labels = labels.into_iter().collect();
+        } else {
+            for p in paths {
+                let Some(key) = p.strip_prefix("labels.") else {
+                    return Err(SnapshotterError::InvalidArgument(format!(
+                        "cannot update {p:?} field on snapshot {name}"
+                    )));
+                };
+                match labels.get(key) {
+                    Some(v) => s.labels.insert(key.into(), v.clone()),
+                    None => s.labels.remove(key),
+                };
+            }
+        }
+        s.updated = Utc::now();
+        meta.put(s.clone())?;
+        Ok(s)
+    }
+
+    pub fn list(&self, filters: &[String]) -> Result<Vec<Snapshot>> {
+        let filter = Filter::parse(filters)?;
+        Ok(self
+            .meta()
+            .all()
+            .filter(|s| filter.matches(s))
+            .cloned()
+            .collect())
+    }
+
+    /// Disk usage: measured for active snapshots, recorded at commit for committed ones, and
+    /// for lazy layers the bytes cached locally and the layer's entry count.
+    pub async fn usage(&self, key: &str) -> Result<Usage> {
+        let s = self.get(key)?;
+        if let Some(layer) = &s.lazy {
+            let digest = crate::digest::parse(&layer.digest)
+                .map_err(|e| SnapshotterError::Corrupt(e.to_string()))?;
+            let index = self.indexes.get(&digest).ok().flatten();
+            return Ok(match index {
+                Some(i) => Usage {
+                    size: i
+                        .spans
+                        .iter()
+                        .filter(|sp| self.chunks.contains(&sp.digest))
+                        .map(|sp| sp.out_len as i64)
+                        .sum(),
+                    inodes: i.entries.len() as i64,
+                },
+                None => Usage::default(),
+            });
+        }
+        match (s.kind, s.usage) {
+            (Kind::Committed, Some(u)) => Ok(u),
+            _ => {
+                let fs = self.meta().snapshot_dir(s.id).join("fs");
+                tokio::task::spawn_blocking(move || disk_usage(&fs))
+                    .await
+                    .map_err(|e| SnapshotterError::Corrupt(e.to_string()))?
+                    .map_err(|e| SnapshotterError::Io(key.into(), e))
+            }
+        }
+    }
+
+    /// Removes directories (and unmounts lazy mounts) that no snapshot owns.
+    pub async fn cleanup(&self) -> Result<()> {
+        let (root, owned) = {
+            let meta = self.meta();
+            let owned: std::collections::HashSet<String> =
+                meta.all().map(|s| s.id.to_string()).collect();
+            (meta.snapshots_dir(), owned)
+        };
+        let entries = std::fs::read_dir(&root)
+            .map_err(|e| SnapshotterError::Io(root.display().to_string(), e))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !owned.contains(&name) {
+                tracing::info!(dir = %entry.path().display(), "cleanup: removing unreferenced snapshot directory");
+                self.remove_dir(&entry.path()).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Bytes in use (st_blocks × 512, each inode once) and the inode count under `dir`.
+fn disk_usage(dir: &Path) -> std::io::Result<Usage> {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let mut usage = Usage::default();
+    let mut stack: Vec<PathBuf> = vec![dir.to_path_buf()];
+    let root_dev = std::fs::symlink_metadata(dir)?.dev();
+    while let Some(p) = stack.pop() {
+        let md = std::fs::symlink_metadata(&p)?;
+        if md.dev() != root_dev || !seen.insert(md.ino()) {
+            continue;
+        }
+        usage.inodes += 1;
+        usage.size += md.blocks() as i64 * 512;
+        if md.is_dir() {
+            for e in std::fs::read_dir(&p)? {
+                stack.push(e?.path());
+            }
+        }
+    }
+    Ok(usage)
+}
+
+fn timestamp(t: chrono::DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+fn info(s: &Snapshot) -> proto::Info {
+    proto::Info {
+        name: s.name.clone(),
+        parent: s.parent.clone(),
+        kind: match s.kind {
+            Kind::View => proto::Kind::View,
+            Kind::Active => proto::Kind::Active,
+            Kind::Committed => proto::Kind::Committed,
+        } as i32,
+        created_at: Some(timestamp(s.created)),
+        updated_at: Some(timestamp(s.updated)),
+        labels: s.labels.clone().into_iter().collect(),
+    }
+}
+
+fn log_err<T>(call: &str, key: &str, r: Result<T>) -> std::result::Result<T, Status> {
+    r.map_err(|e| {
+        match &e {
+            SnapshotterError::NotFound(_) | SnapshotterError::AlreadyExists(_) => {
+                tracing::debug!(call, key, error = %e)
+            }
+            _ => tracing::warn!(call, key, error = %e),
+        }
+        e.into()
+    })
+}
+
+type ListStream = Pin<
+    Box<
+        dyn tokio_stream::Stream<Item = std::result::Result<proto::ListSnapshotsResponse, Status>>
+            + Send,
+    >,
+>;
+
+#[tonic::async_trait]
+impl snapshots_server::Snapshots for Snapshotter {
+    async fn prepare(
+        &self,
+        r: Request<proto::PrepareSnapshotRequest>,
+    ) -> std::result::Result<Response<proto::PrepareSnapshotResponse>, Status> {
+        let r = r.into_inner();
+        let mounts = log_err(
+            "prepare",
+            &r.key,
+            self.create(Kind::Active, &r.key, &r.parent, r.labels).await,
+        )?;
+        Ok(Response::new(proto::PrepareSnapshotResponse { mounts }))
+    }
+
+    async fn view(
+        &self,
+        r: Request<proto::ViewSnapshotRequest>,
+    ) -> std::result::Result<Response<proto::ViewSnapshotResponse>, Status> {
+        let r = r.into_inner();
+        let mounts = log_err(
+            "view",
+            &r.key,
+            self.create(Kind::View, &r.key, &r.parent, r.labels).await,
+        )?;
+        Ok(Response::new(proto::ViewSnapshotResponse { mounts }))
+    }
+
+    async fn mounts(
+        &self,
+        r: Request<proto::MountsRequest>,
+    ) -> std::result::Result<Response<proto::MountsResponse>, Status> {
+        let r = r.into_inner();
+        let mounts = log_err("mounts", &r.key, Snapshotter::mounts(self, &r.key).await)?;
+        Ok(Response::new(proto::MountsResponse { mounts }))
+    }
+
+    async fn commit(
+        &self,
+        r: Request<proto::CommitSnapshotRequest>,
+    ) -> std::result::Result<Response<()>, Status> {
+        let r = r.into_inner();
+        log_err(
+            "commit",
+            &r.key,
+            Snapshotter::commit(self, &r.name, &r.key, r.labels),
+        )?;
+        Ok(Response::new(()))
+    }
+
+    async fn remove(
+        &self,
+        r: Request<proto::RemoveSnapshotRequest>,
+    ) -> std::result::Result<Response<()>, Status> {
+        let r = r.into_inner();
+        log_err("remove", &r.key, Snapshotter::remove(self, &r.key).await)?;
+        Ok(Response::new(()))
+    }
+
+    async fn stat(
+        &self,
+        r: Request<proto::StatSnapshotRequest>,
+    ) -> std::result::Result<Response<proto::StatSnapshotResponse>, Status> {
+        let r = r.into_inner();
+        let s = log_err("stat", &r.key, Snapshotter::stat(self, &r.key))?;
+        Ok(Response::new(proto::StatSnapshotResponse {
+            info: Some(info(&s)),
+        }))
+    }
+
+    async fn update(
+        &self,
+        r: Request<proto::UpdateSnapshotRequest>,
+    ) -> std::result::Result<Response<proto::UpdateSnapshotResponse>, Status> {
+        let r = r.into_inner();
+        let Some(i) = r.info else {
+            return Err(Status::invalid_argument("update without snapshot info"));
+        };
+        let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
+        let s = log_err(
+            "update",
+            &i.name,
+            Snapshotter::update(self, &i.name, i.labels, &paths),
+        )?;
+        Ok(Response::new(proto::UpdateSnapshotResponse {
+            info: Some(info(&s)),
+        }))
+    }
+
+    type ListStream = ListStream;
+
+    async fn list(
+        &self,
+        r: Request<proto::ListSnapshotsRequest>,
+    ) -> std::result::Result<Response<ListStream>, Status> {
+        let r = r.into_inner();
+        let all = log_err("list", "", Snapshotter::list(self, &r.filters))?;
+        let batches: Vec<_> = all
+            .chunks(100)
+            .map(|c| {
+                Ok(proto::ListSnapshotsResponse {
+                    info: c.iter().map(info).collect(),
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(batches))))
+    }
+
+    async fn usage(
+        &self,
+        r: Request<proto::UsageRequest>,
+    ) -> std::result::Result<Response<proto::UsageResponse>, Status> {
+        let r = r.into_inner();
+        let u = log_err("usage", &r.key, Snapshotter::usage(self, &r.key).await)?;
+        Ok(Response::new(proto::UsageResponse {
+            size: u.size,
+            inodes: u.inodes,
+        }))
+    }
+
+    async fn cleanup(
+        &self,
+        _r: Request<proto::CleanupRequest>,
+    ) -> std::result::Result<Response<()>, Status> {
+        log_err("cleanup", "", Snapshotter::cleanup(self).await)?;
+        Ok(Response::new(()))
+    }
+}
+
+/// Serves `snapshotter` on the unix socket `address` (replacing a stale socket file) until
+/// `shutdown` completes.
+pub async fn serve(
+    snapshotter: Arc<Snapshotter>,
+    address: &Path,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> std::result::Result<(), SnapshotterError> {
+    let io = |e: std::io::Error| SnapshotterError::Io(address.display().to_string(), e);
+    if let Some(dir) = address.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    match std::fs::remove_file(address) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+        _ => {}
+    }
+    let listener = tokio::net::UnixListener::bind(address).map_err(io)?;
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .add_service(snapshots_server::SnapshotsServer::from_arc(snapshotter))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .map_err(|e| SnapshotterError::Io(address.display().to_string(), std::io::Error::other(e)))
+}

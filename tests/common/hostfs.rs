@@ -1,0 +1,146 @@
+//! Image layers made of this machine's own programs (dash, coreutils, …) and the shared
+//! libraries they load, laid out exactly as here (usr-merge symlinks included), so tests can
+//! run real programs from a mounted image or in a container.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::image::{Entry, EntryKind, LayerBuilder};
+
+/// A root filesystem holding `programs` (each the first existing path of its candidates), their
+/// libraries, and `/bin/sh` → dash (the first program must be dash). Returns the layer and the
+/// number of entries directly in `usr/bin`.
+pub fn host_rootfs(programs: &[&[&str]]) -> (BTreeMap<String, EntryKind>, BTreeMap<String, u32>) {
+    let programs: Vec<PathBuf> = programs.iter().map(|c| host_program(c)).collect();
+    let mut entries = BTreeMap::new();
+    let mut modes = BTreeMap::new();
+    for p in &programs {
+        add_host_path(&mut entries, &mut modes, p, 0);
+        for lib in libraries(p) {
+            add_host_path(&mut entries, &mut modes, &lib, 0);
+        }
+    }
+    // /bin/sh -> dash, next to dash wherever it resolved to.
+    let dash_dir = programs[0]
+        .canonicalize()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .strip_prefix("/")
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    entries.insert(format!("{dash_dir}/sh"), EntryKind::Symlink("dash".into()));
+    if !entries.contains_key("bin") {
+        entries.insert("bin".into(), EntryKind::Symlink(dash_dir.clone()));
+    }
+    (entries, modes)
+}
+
+/// A layer of `entries` with `modes` (directories and files default to 0755).
+pub fn layer_of(
+    entries: &BTreeMap<String, EntryKind>,
+    modes: &BTreeMap<String, u32>,
+) -> LayerBuilder {
+    let mut layer = LayerBuilder::new();
+    for (path, kind) in entries {
+        let mode = match kind {
+            EntryKind::Symlink(_) => 0o777,
+            _ => modes.get(path).copied().unwrap_or(0o755),
+        };
+        layer = layer.entry(Entry::new(path, kind.clone(), mode));
+    }
+    layer
+}
+
+/// The image architecture name of this machine.
+pub fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+/// Adds `path` (absolute, on this machine) to `entries` the way it resolves here: every symlink
+/// on the way becomes the same symlink in the image, every directory a directory, and the file
+/// at the end its bytes and mode.
+pub fn add_host_path(
+    entries: &mut BTreeMap<String, EntryKind>,
+    modes: &mut BTreeMap<String, u32>,
+    path: &Path,
+    depth: usize,
+) {
+    assert!(depth < 40, "symlink loop at {}", path.display());
+    let mut cur = PathBuf::from("/");
+    let comps: Vec<_> = path
+        .components()
+        .filter(|c| matches!(c, std::path::Component::Normal(_)))
+        .collect();
+    for (i, comp) in comps.iter().enumerate() {
+        let next = cur.join(comp);
+        let rel = next
+            .strip_prefix("/")
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let meta =
+            std::fs::symlink_metadata(&next).unwrap_or_else(|e| panic!("{}: {e}", next.display()));
+        modes.insert(rel.clone(), meta.mode() & 0o7777);
+        if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(&next).unwrap();
+            entries.insert(
+                rel,
+                EntryKind::Symlink(target.to_string_lossy().into_owned()),
+            );
+            let mut resolved = if target.is_absolute() {
+                PathBuf::from("/")
+            } else {
+                cur.clone()
+            };
+            for c in target.components() {
+                match c {
+                    std::path::Component::ParentDir => {
+                        resolved.pop();
+                    }
+                    std::path::Component::Normal(n) => resolved.push(n),
+                    _ => {}
+                }
+            }
+            for c in &comps[i + 1..] {
+                resolved.push(c);
+            }
+            return add_host_path(entries, modes, &resolved, depth + 1);
+        } else if meta.is_dir() {
+            entries.insert(rel, EntryKind::Dir);
+            cur = next;
+        } else {
+            assert_eq!(i, comps.len() - 1, "{} is not a directory", next.display());
+            entries.insert(rel, EntryKind::File(std::fs::read(&next).unwrap()));
+            return;
+        }
+    }
+}
+
+/// The first of `candidates` that exists.
+pub fn host_program(candidates: &[&str]) -> PathBuf {
+    candidates
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("none of {candidates:?} on this machine"))
+}
+
+/// The shared libraries and loader `ldd` lists for `program`.
+pub fn libraries(program: &Path) -> Vec<PathBuf> {
+    let out = Command::new("ldd").arg(program).output().expect("run ldd");
+    assert!(out.status.success(), "ldd {}: {out:?}", program.display());
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+        .map(PathBuf::from)
+        .collect()
+}

@@ -1,0 +1,635 @@
+//! The containerd remote snapshotter, end to end with the real parts: `stratafs snapshotter`
+//! on a unix socket, a private containerd 1.6 with `[proxy_plugins.stratafs]`, runc, the
+//! distribution registry, `ctr`, and `ctr-remote images rpull` (Debian stargz-snapshotter).
+//!
+//! Containers run programs from images made of this machine's dash and coreutils. A lazy pull
+//! must leave the registry serving far fewer bytes than the layers hold; plain `ctr images pull`
+//! must work eagerly; a zstd layer falls back to containerd's own unpack (and the layers above
+//! it with it); the snapshotter can restart under running containers; and its API answers like
+//! containerd's overlayfs snapshotter over the same `ctr snapshots` calls.
+//!
+//! Skips (with the reason printed) only where containerd cannot run at all.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Incompressible-ish filler per layer, so the layers are large next to what a command reads.
+const FILLER: usize = 12 * 1024 * 1024;
+
+/// A `stratafs snapshotter` process on its own store.
+struct Snapshotter {
+    cli: Stratafs,
+    socket: PathBuf,
+    child: Option<Child>,
+}
+
+impl Snapshotter {
+    fn start() -> Snapshotter {
+        let mut cli = Stratafs::new();
+        // On-demand reads only, so the bytes the registry serves measure laziness.
+        cli.set_config("[mount]\nbackground_fetch = false\n");
+        let socket = cli.root().parent().unwrap().join("snapshotter.sock");
+        let mut s = Snapshotter {
+            cli,
+            socket,
+            child: None,
+        };
+        s.spawn();
+        s
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.cli.root().parent().unwrap().join("snapshotter.log")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let mut cmd = self.cli.command();
+        cmd.args(["--log-level", "info", "snapshotter", "--address"])
+            .arg(&self.socket)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        self.child = Some(cmd.spawn().expect("start stratafs snapshotter"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("snapshotter exited ({status}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "snapshotter did not listen:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM and wait; lazy mounts stay.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// The lazy mounts' daemons (pids from the mount records).
+    fn daemons(&self) -> Vec<u32> {
+        let Ok(dir) = std::fs::read_dir(self.cli.root().join("run/mounts")) else {
+            return Vec::new();
+        };
+        dir.flatten()
+            .filter_map(|e| std::fs::read(e.path()).ok())
+            .filter_map(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .filter_map(|v| v["pid"].as_u64().map(|p| p as u32))
+            .collect()
+    }
+}
+
+impl Drop for Snapshotter {
+    fn drop(&mut self) {
+        self.stop();
+        let mut mounts = common::containerd::mounts_under(&self.cli.root());
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.as_os_str().len()));
+        for m in mounts {
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// containerd (dropped first), the snapshotter, the registry, and dirs for `ctr run`.
+struct Env {
+    ctd: Containerd,
+    sn: Snapshotter,
+    reg: Registry,
+    run_dir: tempfile::TempDir,
+}
+
+fn env() -> Option<Env> {
+    if let Some(why) = Containerd::unavailable() {
+        eprintln!("skipping: {why}");
+        return None;
+    }
+    let sn = Snapshotter::start();
+    let ctd = Containerd::start_with(ContainerdOpts {
+        proxy_snapshotters: vec![("stratafs".into(), sn.socket.clone())],
+        extra_toml: String::new(),
+    });
+    Some(Env {
+        ctd,
+        sn,
+        reg: Registry::start(RegistryOpts::default()),
+        run_dir: tempfile::tempdir().unwrap(),
+    })
+}
+
+impl Env {
+    fn ctr_run_command(&self, snapshotter: &str, image: &str, id: &str, script: &str) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("--address")
+            .arg(self.ctd.address())
+            .args(["--namespace", common::containerd::NAMESPACE, "run", "--rm"])
+            .args(["--snapshotter", snapshotter])
+            .arg("--fifo-dir")
+            .arg(self.run_dir.path().join("fifo"))
+            .arg("--runc-root")
+            .arg(self.run_dir.path().join("runc"))
+            .args([image, id, "/bin/sh", "-c", script])
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// `ctr run --rm` of `script` under /bin/sh; panics with the logs unless it succeeds.
+    fn run(&self, snapshotter: &str, image: &str, id: &str, script: &str) -> String {
+        let out = self
+            .ctr_run_command(snapshotter, image, id, script)
+            .output()
+            .unwrap();
+        self.expect_ok("ctr run", out)
+    }
+
+    fn expect_ok(&self, what: &str, out: Output) -> String {
+        assert!(
+            out.status.success(),
+            "{what} failed: {}\nstdout: {}\nstderr: {}\n--- snapshotter log:\n{}\n--- containerd log tail:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.sn.log(),
+            tail(&self.ctd.log_contents(), 40),
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Pushes `image` and publishes its stratafs layer indexes (built by another store), so
+    /// gzip layers are read by range from the first read.
+    fn push(&self, repo: &str, image: &Image) -> String {
+        self.reg.push_image(repo, "v1", image, &Auth::None);
+        let reference = format!("{}/{repo}:v1", self.reg.addr());
+        Stratafs::new().ok(&["index", "push", &reference]);
+        reference
+    }
+
+    fn rpull(&self, reference: &str) {
+        self.ctd.ctr_remote_ok(&[
+            "images",
+            "rpull",
+            "--plain-http",
+            "--snapshotter",
+            "stratafs",
+            reference,
+        ]);
+    }
+
+    /// Blob bytes the registry served per blob digest since `mark`.
+    fn served(&self, mark: usize) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for e in self.reg.access_log_since(mark) {
+            if e.method == "GET" && e.path.contains("/blobs/") {
+                let digest = e.path.rsplit('/').next().unwrap().to_string();
+                *out.entry(digest).or_default() += e.bytes;
+            }
+        }
+        out
+    }
+
+    /// Waits until containerd reaches the snapshotter again after a restart: containerd's
+    /// proxy connection backs off (up to a few seconds) after failing to connect. `usage` asks
+    /// the snapshotter itself for every snapshot.
+    fn wait_snapshotter(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = self
+                .ctd
+                .ctr(&["snapshots", "--snapshotter", "stratafs", "usage"]);
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "containerd does not reach the restarted snapshotter: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn snapshots(&self) -> Vec<String> {
+        let mut lines: Vec<String> = self
+            .ctd
+            .ctr_ok(&["snapshots", "--snapshotter", "stratafs", "ls"])
+            .lines()
+            .skip(1)
+            .map(str::to_string)
+            .collect();
+        lines.sort();
+        lines
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A host-program root filesystem (dash, cat, ls, wc, sha256sum, sleep) with a filler file.
+fn base_layer(compression: Compression) -> Layer {
+    let (mut entries, mut modes) = hostfs::host_rootfs(&[
+        &["/bin/dash", "/usr/bin/dash"],
+        &["/usr/bin/cat", "/bin/cat"],
+        &["/usr/bin/ls", "/bin/ls"],
+        &["/usr/bin/wc", "/bin/wc"],
+        &["/usr/bin/sha256sum", "/bin/sha256sum"],
+        &["/usr/bin/sleep", "/bin/sleep"],
+    ]);
+    for dir in ["etc", "opt", "tmp"] {
+        entries.insert(dir.into(), EntryKind::Dir);
+        modes.insert(dir.into(), if dir == "tmp" { 0o1777 } else { 0o755 });
+    }
+    entries.insert("opt/filler1".into(), EntryKind::File(bytes(11, FILLER)));
+    entries.insert(
+        "etc/base-release".into(),
+        EntryKind::File(b"stratafs test base\n".to_vec()),
+    );
+    modes.insert("opt/filler1".into(), 0o644);
+    modes.insert("etc/base-release".into(), 0o644);
+    hostfs::layer_of(&entries, &modes).build(compression)
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// Two gzip layers: the base, then /etc/msg and a second filler.
+fn two_layer_image() -> Image {
+    let upper = LayerBuilder::new()
+        .dir("etc", 0o755)
+        .file("etc/msg", b"hello from layer 2\n", 0o644)
+        .dir("opt", 0o755)
+        .file("opt/filler2", &bytes(12, FILLER), 0o644)
+        .file("opt/small", &bytes(13, 20_000), 0o644)
+        .build(Compression::Gzip);
+    ImageBuilder::new()
+        .arch(hostfs::host_arch())
+        .layer(base_layer(Compression::Gzip))
+        .layer(upper)
+        .build(ManifestFlavour::Oci)
+}
+
+#[test]
+fn lazy_pull_runs_containers_fetching_a_fraction_of_the_layers() {
+    let Some(env) = env() else { return };
+    let image = two_layer_image();
+    let reference = env.push("snap/lazy", &image);
+    let mark = env.reg.log_mark();
+
+    let started = Instant::now();
+    env.rpull(&reference);
+    let out = env.run(
+        "stratafs",
+        &reference,
+        "lazy1",
+        "cat /etc/msg; ls /usr/bin/sha256sum; echo written > /tmp/new; cat /tmp/new; sha256sum /opt/small",
+    );
+    eprintln!("rpull + first command: {:?}", started.elapsed());
+    assert_eq!(
+        out,
+        format!(
+            "hello from layer 2\n/usr/bin/sha256sum\nwritten\n{}  /opt/small\n",
+            sha256_hex(&bytes(13, 20_000))
+        )
+    );
+
+    // Every layer became a lazy snapshot named by its ChainID; none was downloaded.
+    let snapshots = env.snapshots();
+    assert_eq!(snapshots.len(), 2, "{snapshots:?}");
+    let served = env.served(mark);
+    let layer_bytes: u64 = image.layers.iter().map(|l| l.blob.len() as u64).sum();
+    let blob_bytes: u64 = image
+        .layers
+        .iter()
+        .map(|l| served.get(&l.digest).copied().unwrap_or(0))
+        .sum();
+    eprintln!("registry served {blob_bytes} of {layer_bytes} layer bytes");
+    assert!(
+        blob_bytes * 3 < layer_bytes,
+        "served {blob_bytes} of {layer_bytes} layer bytes: {served:?}"
+    );
+
+    // Usage of a lazy layer: the bytes cached for it.
+    let top = &image.layers[1];
+    let chain_top = env
+        .ctd
+        .ctr_ok(&["snapshots", "--snapshotter", "stratafs", "ls"])
+        .lines()
+        .skip(1)
+        .find(|l| !l.split_whitespace().nth(1).unwrap_or("").is_empty())
+        .map(|l| l.split_whitespace().next().unwrap().to_string())
+        .expect("a snapshot with a parent");
+    let usage = env.ctd.ctr_ok(&[
+        "snapshots",
+        "--snapshotter",
+        "stratafs",
+        "usage",
+        &chain_top,
+    ]);
+    assert!(
+        !usage.contains(" 0.0 B"),
+        "usage of a read lazy layer: {usage}\n{}",
+        top.digest
+    );
+
+    // A second container on the same image: no new layer download.
+    let mark = env.reg.log_mark();
+    let out = env.run(
+        "stratafs",
+        &reference,
+        "lazy2",
+        "cat /etc/base-release /etc/msg",
+    );
+    assert_eq!(out, "stratafs test base\nhello from layer 2\n");
+    let again: u64 = env.served(mark).values().sum();
+    assert!(again < 1_000_000, "second run fetched {again} bytes");
+}
+
+#[test]
+fn snapshotter_restarts_under_running_containers_and_remounts_dead_layers() {
+    let Some(mut env) = env() else { return };
+    let image = two_layer_image();
+    let reference = env.push("snap/restart", &image);
+    env.rpull(&reference);
+    let before = env.snapshots();
+
+    // A container that reads a file it has not touched yet after the snapshotter restarted.
+    let waiting = env
+        .ctr_run_command(
+            "stratafs",
+            &reference,
+            "long",
+            "sleep 4; sha256sum /opt/filler2",
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    env.sn.restart();
+    env.wait_snapshotter();
+    let out = waiting.wait_with_output().unwrap();
+    let out = env.expect_ok("container across a restart", out);
+    assert_eq!(
+        out,
+        format!("{}  /opt/filler2\n", sha256_hex(&bytes(12, FILLER)))
+    );
+    assert_eq!(env.snapshots(), before, "snapshots after restart");
+    let out = env.run("stratafs", &reference, "after", "cat /etc/msg");
+    assert_eq!(out, "hello from layer 2\n");
+
+    // The lazy layer's daemon dies while the snapshotter is down: the next start remounts it.
+    env.sn.stop();
+    let daemons = env.sn.daemons();
+    assert!(!daemons.is_empty(), "no lazy mount daemon recorded");
+    for pid in &daemons {
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    env.sn.spawn();
+    env.wait_snapshotter();
+    let out = env.run(
+        "stratafs",
+        &reference,
+        "remounted",
+        "cat /etc/msg /etc/base-release",
+    );
+    assert_eq!(out, "hello from layer 2\nstratafs test base\n");
+    assert_eq!(env.snapshots(), before);
+}
+
+#[test]
+fn plain_ctr_pull_works_eagerly() {
+    let Some(env) = env() else { return };
+    let image = two_layer_image();
+    env.reg.push_image("snap/eager", "v1", &image, &Auth::None);
+    let reference = format!("{}/snap/eager:v1", env.reg.addr());
+    let mark = env.reg.log_mark();
+    env.ctd.ctr_ok(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "stratafs",
+        &reference,
+    ]);
+    let served = env.served(mark);
+    for l in &image.layers {
+        assert_eq!(
+            served.get(&l.digest).copied(),
+            Some(l.blob.len() as u64),
+            "{served:?}"
+        );
+    }
+    let out = env.run(
+        "stratafs",
+        &reference,
+        "eager",
+        "cat /etc/msg; sha256sum /opt/small",
+    );
+    assert_eq!(
+        out,
+        format!(
+            "hello from layer 2\n{}  /opt/small\n",
+            sha256_hex(&bytes(13, 20_000))
+        )
+    );
+    assert_eq!(env.snapshots().len(), 2);
+}
+
+#[test]
+fn layers_that_cannot_be_served_lazily_fall_back_to_containerd() {
+    let Some(env) = env() else { return };
+    let zstd = LayerBuilder::new()
+        .dir("etc", 0o755)
+        .file("etc/msg", b"from the zstd layer\n", 0o644)
+        .dir("opt", 0o755)
+        .file("opt/filler2", &bytes(21, 2 * 1024 * 1024), 0o644)
+        .build(Compression::Zstd);
+    let top = LayerBuilder::new()
+        .dir("etc", 0o755)
+        .file("etc/top", b"from the top gzip layer\n", 0o644)
+        .whiteout("opt/filler2")
+        .build(Compression::Gzip);
+    let image = ImageBuilder::new()
+        .arch(hostfs::host_arch())
+        .layer(base_layer(Compression::Gzip))
+        .layer(zstd)
+        .layer(top)
+        .build(ManifestFlavour::Oci);
+    let reference = env.push("snap/mixed", &image);
+    let mark = env.reg.log_mark();
+    env.rpull(&reference);
+    let out = env.run(
+        "stratafs",
+        &reference,
+        "mixed",
+        "cat /etc/base-release /etc/msg /etc/top; ls /opt",
+    );
+    assert_eq!(
+        out,
+        "stratafs test base\nfrom the zstd layer\nfrom the top gzip layer\nfiller1\n"
+    );
+    let served = env.served(mark);
+    let got = |i: usize| served.get(&image.layers[i].digest).copied().unwrap_or(0);
+    // The base is lazy; the zstd layer and the one above it were downloaded whole.
+    assert!(
+        got(0) * 3 < image.layers[0].blob.len() as u64,
+        "base layer not lazy: {served:?}"
+    );
+    assert_eq!(got(1), image.layers[1].blob.len() as u64, "{served:?}");
+    assert_eq!(got(2), image.layers[2].blob.len() as u64, "{served:?}");
+    assert!(env.sn.log().contains("not lazy"), "{}", env.sn.log());
+}
+
+/// The same `ctr snapshots` calls against containerd's overlayfs snapshotter and stratafs:
+/// every call must succeed or fail alike, and what they print must agree. (containerd's
+/// metadata layer answers some calls itself; the rest reach the snapshotter.)
+#[test]
+fn snapshot_api_matches_the_overlayfs_snapshotter() {
+    let Some(env) = env() else { return };
+    let steps: &[&[&str]] = &[
+        &["prepare", "a", ""],
+        &["prepare", "a", ""],
+        &["commit", "c-a", "a"],
+        &["commit", "c-missing", "missing"],
+        &["commit", "c-a", "a"],
+        &["prepare", "b", "c-a"],
+        &["prepare", "orphan", "no-such-parent"],
+        &["info", "b"],
+        &["info", "c-a"],
+        &["info", "missing"],
+        &["rm", "c-a"],
+        &["label", "b", "stratafs.test/x=1", "stratafs.test/y=2"],
+        &["label", "b", "stratafs.test/x="],
+        &["info", "b"],
+        &["tree"],
+        &["ls"],
+        &["rm", "b"],
+        &["rm", "c-a"],
+        &["rm", "c-a"],
+        &["ls"],
+    ];
+    let mut transcripts = Vec::new();
+    for sn in ["overlayfs", "stratafs"] {
+        let mut t = Vec::new();
+        for step in steps {
+            let mut args = vec!["snapshots", "--snapshotter", sn];
+            args.extend_from_slice(step);
+            let out = env.ctd.ctr(&args);
+            let stdout = normalise(&String::from_utf8_lossy(&out.stdout));
+            t.push(format!("{step:?} -> {} {stdout}", out.status.success()));
+            if !out.status.success() {
+                eprintln!(
+                    "{sn} {step:?}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+        transcripts.push(t);
+    }
+    for (o, s) in transcripts[0].iter().zip(&transcripts[1]) {
+        assert_eq!(
+            o,
+            s,
+            "overlayfs vs stratafs\nsnapshotter log:\n{}",
+            env.sn.log()
+        );
+    }
+    // Mounts: the same kinds of mount (bind for a parentless active snapshot, overlay above).
+    for sn in ["overlayfs", "stratafs"] {
+        env.ctd
+            .ctr_ok(&["snapshots", "--snapshotter", sn, "prepare", "m1", ""]);
+        let m = env
+            .ctd
+            .ctr_ok(&["snapshots", "--snapshotter", sn, "mounts", "/tmp/x", "m1"]);
+        assert!(m.contains("mount -t bind"), "{sn}: {m}");
+        env.ctd
+            .ctr_ok(&["snapshots", "--snapshotter", sn, "commit", "m1c", "m1"]);
+        env.ctd
+            .ctr_ok(&["snapshots", "--snapshotter", sn, "prepare", "m2", "m1c"]);
+        let m = env
+            .ctd
+            .ctr_ok(&["snapshots", "--snapshotter", sn, "mounts", "/tmp/x", "m2"]);
+        assert!(
+            m.contains("mount -t overlay") && m.contains("upperdir="),
+            "{sn}: {m}"
+        );
+        // A view of one committed snapshot: its directory, read-only. (Views carry no
+        // garbage-collection root, so containerd may collect them at any time: not compared
+        // in the sequence above.)
+        let m = env.ctd.ctr_ok(&[
+            "snapshots",
+            "--snapshotter",
+            sn,
+            "view",
+            "--target",
+            "/tmp/x",
+            "v1",
+            "m1c",
+        ]);
+        assert!(m.contains("mount -t bind") && m.contains("ro"), "{sn}: {m}");
+    }
+}
+
+/// Drops what differs by nature between runs: timestamps (incl. ctr's `containerd.io/gc.root`
+/// label) and the order of `ctr snapshots label`'s comma-separated map.
+fn normalise(s: &str) -> String {
+    let time = regex::Regex::new(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z").unwrap();
+    let mut out = String::new();
+    for line in s.lines() {
+        if line.contains("\"Created\"") || line.contains("\"Updated\"") {
+            continue;
+        }
+        let line = time.replace_all(line.trim_end(), "TIME");
+        if line.contains('=') && line.contains(',') && !line.contains('{') {
+            let mut parts: Vec<&str> = line.split(',').collect();
+            parts.sort();
+            out.push_str(&parts.join(","));
+        } else {
+            out.push_str(&line);
+        }
+        out.push('\n');
+    }
+    out
+}
