@@ -222,7 +222,7 @@ mod tests {
         let f =
             format!(r#"labels."containerd.io/snapshot.ref"=={target},parent=="default/4/parent""#);
         assert!(matches(&[&f], &s));
-        let other_parent = format!(r#"labels."containerd.io/snapshot.ref"=={target},parent==""#);
+        let other_parent = format!(r#"labels."containerd.io/snapshot.ref"=={target},parent=="""#);
         assert!(!matches(&[&other_parent], &s));
         let no_parent = snapshot(
             target,

@@ -25,9 +25,12 @@
 //! (no `protoc` needed); see docs/snapshotter.md for why.
 
 pub mod filter;
+mod grpc;
 pub mod meta;
 pub mod resolve;
 pub mod service;
+#[cfg(test)]
+mod tests;
 
 use std::path::Path;
 
@@ -39,7 +42,8 @@ pub mod proto {
     tonic::include_proto!("containerd.services.snapshots.v1");
 }
 
-pub use service::{serve, Snapshotter};
+pub use grpc::serve;
+pub use service::Snapshotter;
 
 /// Errors of the snapshotter; each maps onto the gRPC code containerd expects.
 #[derive(Debug, Error)]

@@ -22,8 +22,8 @@ use crate::store::Store;
 use super::meta::LazyLayer;
 
 pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
-const CRI_IMAGE: &str = "containerd.io/snapshot/cri.image-ref";
-const CRI_LAYER: &str = "containerd.io/snapshot/cri.layer-digest";
+pub const CRI_IMAGE: &str = "containerd.io/snapshot/cri.image-ref";
+pub const CRI_LAYER: &str = "containerd.io/snapshot/cri.layer-digest";
 const STARGZ_IMAGE: &str = "containerd.io/snapshot/remote/stargz.reference";
 const STARGZ_LAYER: &str = "containerd.io/snapshot/remote/stargz.digest";
 

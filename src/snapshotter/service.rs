@@ -8,11 +8,9 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
-use tonic::{Request, Response, Status};
 
 use crate::cache::ChunkStore;
 use crate::fuse::{self, MountState};
@@ -20,7 +18,7 @@ use crate::layer::IndexStore;
 
 use super::filter::Filter;
 use super::meta::{Kind, LazyLayer, Meta, Snapshot, Usage};
-use super::proto::{self, snapshots_server};
+use super::proto;
 use super::resolve::{Resolver, LABEL_TARGET};
 use super::{Mounter, SnapshotterError};
 
@@ -29,7 +27,7 @@ type Result<T> = std::result::Result<T, SnapshotterError>;
 /// The snapshotter: metadata, lazy-layer resolution and mounting.
 pub struct Snapshotter {
     meta: Mutex<Meta>,
-    resolver: Resolver,
+    pub(super) resolver: Resolver,
     mounter: Arc<dyn Mounter>,
     chunks: Arc<dyn ChunkStore>,
     indexes: IndexStore,
@@ -505,198 +503,4 @@ fn disk_usage(dir: &Path) -> std::io::Result<Usage> {
         }
     }
     Ok(usage)
-}
-
-fn timestamp(t: chrono::DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: t.timestamp_subsec_nanos() as i32,
-    }
-}
-
-fn info(s: &Snapshot) -> proto::Info {
-    proto::Info {
-        name: s.name.clone(),
-        parent: s.parent.clone(),
-        kind: match s.kind {
-            Kind::View => proto::Kind::View,
-            Kind::Active => proto::Kind::Active,
-            Kind::Committed => proto::Kind::Committed,
-        } as i32,
-        created_at: Some(timestamp(s.created)),
-        updated_at: Some(timestamp(s.updated)),
-        labels: s.labels.clone().into_iter().collect(),
-    }
-}
-
-fn log_err<T>(call: &str, key: &str, r: Result<T>) -> std::result::Result<T, Status> {
-    r.map_err(|e| {
-        match &e {
-            SnapshotterError::NotFound(_) | SnapshotterError::AlreadyExists(_) => {
-                tracing::debug!(call, key, error = %e)
-            }
-            _ => tracing::warn!(call, key, error = %e),
-        }
-        e.into()
-    })
-}
-
-type ListStream = Pin<
-    Box<
-        dyn tokio_stream::Stream<Item = std::result::Result<proto::ListSnapshotsResponse, Status>>
-            + Send,
-    >,
->;
-
-#[tonic::async_trait]
-impl snapshots_server::Snapshots for Snapshotter {
-    async fn prepare(
-        &self,
-        r: Request<proto::PrepareSnapshotRequest>,
-    ) -> std::result::Result<Response<proto::PrepareSnapshotResponse>, Status> {
-        let r = r.into_inner();
-        let mounts = log_err(
-            "prepare",
-            &r.key,
-            self.create(Kind::Active, &r.key, &r.parent, r.labels).await,
-        )?;
-        Ok(Response::new(proto::PrepareSnapshotResponse { mounts }))
-    }
-
-    async fn view(
-        &self,
-        r: Request<proto::ViewSnapshotRequest>,
-    ) -> std::result::Result<Response<proto::ViewSnapshotResponse>, Status> {
-        let r = r.into_inner();
-        let mounts = log_err(
-            "view",
-            &r.key,
-            self.create(Kind::View, &r.key, &r.parent, r.labels).await,
-        )?;
-        Ok(Response::new(proto::ViewSnapshotResponse { mounts }))
-    }
-
-    async fn mounts(
-        &self,
-        r: Request<proto::MountsRequest>,
-    ) -> std::result::Result<Response<proto::MountsResponse>, Status> {
-        let r = r.into_inner();
-        let mounts = log_err("mounts", &r.key, Snapshotter::mounts(self, &r.key).await)?;
-        Ok(Response::new(proto::MountsResponse { mounts }))
-    }
-
-    async fn commit(
-        &self,
-        r: Request<proto::CommitSnapshotRequest>,
-    ) -> std::result::Result<Response<()>, Status> {
-        let r = r.into_inner();
-        log_err(
-            "commit",
-            &r.key,
-            Snapshotter::commit(self, &r.name, &r.key, r.labels),
-        )?;
-        Ok(Response::new(()))
-    }
-
-    async fn remove(
-        &self,
-        r: Request<proto::RemoveSnapshotRequest>,
-    ) -> std::result::Result<Response<()>, Status> {
-        let r = r.into_inner();
-        log_err("remove", &r.key, Snapshotter::remove(self, &r.key).await)?;
-        Ok(Response::new(()))
-    }
-
-    async fn stat(
-        &self,
-        r: Request<proto::StatSnapshotRequest>,
-    ) -> std::result::Result<Response<proto::StatSnapshotResponse>, Status> {
-        let r = r.into_inner();
-        let s = log_err("stat", &r.key, Snapshotter::stat(self, &r.key))?;
-        Ok(Response::new(proto::StatSnapshotResponse {
-            info: Some(info(&s)),
-        }))
-    }
-
-    async fn update(
-        &self,
-        r: Request<proto::UpdateSnapshotRequest>,
-    ) -> std::result::Result<Response<proto::UpdateSnapshotResponse>, Status> {
-        let r = r.into_inner();
-        let Some(i) = r.info else {
-            return Err(Status::invalid_argument("update without snapshot info"));
-        };
-        let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
-        let s = log_err(
-            "update",
-            &i.name,
-            Snapshotter::update(self, &i.name, i.labels, &paths),
-        )?;
-        Ok(Response::new(proto::UpdateSnapshotResponse {
-            info: Some(info(&s)),
-        }))
-    }
-
-    type ListStream = ListStream;
-
-    async fn list(
-        &self,
-        r: Request<proto::ListSnapshotsRequest>,
-    ) -> std::result::Result<Response<ListStream>, Status> {
-        let r = r.into_inner();
-        let all = log_err("list", "", Snapshotter::list(self, &r.filters))?;
-        let batches: Vec<_> = all
-            .chunks(100)
-            .map(|c| {
-                Ok(proto::ListSnapshotsResponse {
-                    info: c.iter().map(info).collect(),
-                })
-            })
-            .collect();
-        Ok(Response::new(Box::pin(tokio_stream::iter(batches))))
-    }
-
-    async fn usage(
-        &self,
-        r: Request<proto::UsageRequest>,
-    ) -> std::result::Result<Response<proto::UsageResponse>, Status> {
-        let r = r.into_inner();
-        let u = log_err("usage", &r.key, Snapshotter::usage(self, &r.key).await)?;
-        Ok(Response::new(proto::UsageResponse {
-            size: u.size,
-            inodes: u.inodes,
-        }))
-    }
-
-    async fn cleanup(
-        &self,
-        _r: Request<proto::CleanupRequest>,
-    ) -> std::result::Result<Response<()>, Status> {
-        log_err("cleanup", "", Snapshotter::cleanup(self).await)?;
-        Ok(Response::new(()))
-    }
-}
-
-/// Serves `snapshotter` on the unix socket `address` (replacing a stale socket file) until
-/// `shutdown` completes.
-pub async fn serve(
-    snapshotter: Arc<Snapshotter>,
-    address: &Path,
-    shutdown: impl std::future::Future<Output = ()> + Send,
-) -> std::result::Result<(), SnapshotterError> {
-    let io = |e: std::io::Error| SnapshotterError::Io(address.display().to_string(), e);
-    if let Some(dir) = address.parent() {
-        std::fs::create_dir_all(dir).map_err(io)?;
-    }
-    match std::fs::remove_file(address) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
-        _ => {}
-    }
-    let listener = tokio::net::UnixListener::bind(address).map_err(io)?;
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-    tonic::transport::Server::builder()
-        .add_service(snapshots_server::SnapshotsServer::from_arc(snapshotter))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .map_err(|e| SnapshotterError::Io(address.display().to_string(), std::io::Error::other(e)))
 }

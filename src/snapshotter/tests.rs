@@ -1,0 +1,326 @@
+//! The service's rules, called directly (no gRPC, no containerd): error codes, mounts,
+//! durability, and which layers become lazy.
+
+use std::collections::BTreeMap;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use chrono::Utc;
+use tonic::Status;
+
+use super::meta::Kind;
+use super::resolve::{Resolver, CRI_IMAGE, CRI_LAYER, LABEL_TARGET};
+use super::service::Snapshotter;
+use super::{Mounter, SnapshotterError};
+use crate::cache::ChunkStore;
+use crate::digest::sha256;
+use crate::image::{chain_ids, Descriptor, ImageRecord, LayerRecord, Platform};
+use crate::registry::RegistryClient;
+use crate::store::Store;
+
+/// Records mounts instead of starting daemons.
+#[derive(Default)]
+struct FakeMounter {
+    calls: Mutex<Vec<String>>,
+}
+
+impl Mounter for FakeMounter {
+    fn mount(&self, image: &str, chain_id: &str, dir: &Path) -> std::result::Result<(), String> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("mount {image} {chain_id} {}", dir.display()));
+        Ok(())
+    }
+    fn unmount(&self, dir: &Path) -> std::result::Result<(), String> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("unmount {}", dir.display()));
+        Ok(())
+    }
+}
+
+struct NoChunks;
+impl ChunkStore for NoChunks {
+    fn get(&self, _: &oci_spec::image::Digest) -> std::io::Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+    fn put(&self, _: &oci_spec::image::Digest, _: &[u8]) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn contains(&self, _: &oci_spec::image::Digest) -> bool {
+        false
+    }
+    fn remove(&self, _: &oci_spec::image::Digest) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn snapshotter(dir: &Path) -> (Snapshotter, Arc<FakeMounter>) {
+    let store = Store::open(dir).unwrap();
+    let client = Arc::new(RegistryClient::new(
+        Default::default(),
+        Default::default(),
+        false,
+    ));
+    let mounter = Arc::new(FakeMounter::default());
+    let resolver = Resolver {
+        store,
+        client,
+        published: false,
+        platform: Platform::host(),
+    };
+    let s = Snapshotter::open(resolver, mounter.clone(), Arc::new(NoChunks)).unwrap();
+    (s, mounter)
+}
+
+/// Stores an image (no registry involved) with one layer per media type; returns its
+/// ChainIDs.
+fn stored_image(store: &Store, name: &str, media_types: &[&str]) -> Vec<String> {
+    let diff_ids: Vec<_> = (0..media_types.len())
+        .map(|i| sha256(format!("diff {i}").as_bytes()))
+        .collect();
+    let chains = chain_ids(&diff_ids);
+    let descriptor = |s: &str| Descriptor {
+        media_type: s.into(),
+        digest: sha256(s.as_bytes()),
+        size: 1,
+    };
+    let layers = media_types
+        .iter()
+        .enumerate()
+        .map(|(i, mt)| LayerRecord {
+            digest: sha256(format!("blob {i}").as_bytes()),
+            media_type: mt.to_string(),
+            size: 100,
+            annotations: BTreeMap::new(),
+            diff_id: diff_ids[i].clone(),
+            chain_id: chains[i].clone(),
+        })
+        .collect();
+    store
+        .images
+        .put(&ImageRecord {
+            name: name.into(),
+            target: descriptor("target"),
+            manifest: descriptor("manifest"),
+            config: descriptor("config"),
+            platform: Platform::host(),
+            layers,
+            created_at: Utc::now(),
+            updated_at: Utc::now(),
+            labels: BTreeMap::new(),
+        })
+        .unwrap();
+    chains.iter().map(|c| c.to_string()).collect()
+}
+
+fn code(e: SnapshotterError) -> tonic::Code {
+    Status::from(e).code()
+}
+
+fn none() -> HashMap<String, String> {
+    HashMap::new()
+}
+
+#[tokio::test]
+async fn api_rules_match_containerds_snapshotters() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _) = snapshotter(dir.path());
+    let m = s.create(Kind::Active, "a", "", none()).await.unwrap();
+    assert_eq!(m[0].r#type, "bind");
+    assert_eq!(m[0].options, ["rw", "rbind"]);
+    let again = s.create(Kind::Active, "a", "", none()).await.unwrap_err();
+    assert_eq!(code(again), tonic::Code::AlreadyExists);
+    // An active snapshot cannot be a parent; a missing one is not found.
+    let e = s.create(Kind::Active, "b", "a", none()).await.unwrap_err();
+    assert_eq!(code(e), tonic::Code::InvalidArgument);
+    let e = s
+        .create(Kind::Active, "b", "nope", none())
+        .await
+        .unwrap_err();
+    assert_eq!(code(e), tonic::Code::NotFound);
+    // Commit: missing key, then for real, then a second time under a taken name.
+    assert_eq!(
+        code(s.commit("x", "missing", none()).unwrap_err()),
+        tonic::Code::NotFound
+    );
+    std::fs::write(dir.path().join("snapshotter/snapshots/1/fs/f"), b"data").unwrap();
+    s.commit("c", "a", none()).unwrap();
+    assert_eq!(code(s.stat("a").unwrap_err()), tonic::Code::NotFound);
+    let c = s.stat("c").unwrap();
+    assert_eq!((c.kind, c.parent.as_str()), (Kind::Committed, ""));
+    assert!(s.usage("c").await.unwrap().size >= 4);
+    s.create(Kind::Active, "a2", "", none()).await.unwrap();
+    assert_eq!(
+        code(s.commit("c", "a2", none()).unwrap_err()),
+        tonic::Code::AlreadyExists
+    );
+    // Commit of a committed snapshot.
+    assert_eq!(
+        code(s.commit("c2", "c", none()).unwrap_err()),
+        tonic::Code::FailedPrecondition
+    );
+    // Children: overlay mounts; the parent cannot be removed; Mounts of committed fails.
+    let m = s.create(Kind::Active, "b", "c", none()).await.unwrap();
+    assert_eq!(m[0].r#type, "overlay");
+    assert!(m[0].options.iter().any(|o| o.starts_with("upperdir=")));
+    let v = s.create(Kind::View, "v", "c", none()).await.unwrap();
+    assert_eq!(
+        (v[0].r#type.as_str(), v[0].options[0].as_str()),
+        ("bind", "ro")
+    );
+    assert_eq!(
+        code(s.remove("c").await.unwrap_err()),
+        tonic::Code::FailedPrecondition
+    );
+    assert_eq!(
+        code(s.mounts("c").await.unwrap_err()),
+        tonic::Code::FailedPrecondition
+    );
+    assert_eq!(s.mounts("b").await.unwrap(), m);
+    // Labels: all, one key, removal of a key, and no other fields.
+    let labels: HashMap<_, _> = [
+        ("k1".to_string(), "1".to_string()),
+        ("k2".into(), "2".into()),
+    ]
+    .into();
+    s.update("b", labels, &[]).unwrap();
+    let one: HashMap<_, _> = [("k1".to_string(), "one".to_string())].into();
+    let b = s
+        .update("b", one, &["labels.k1".into(), "labels.k2".into()])
+        .unwrap();
+    assert_eq!(
+        b.labels,
+        BTreeMap::from([("k1".to_string(), "one".to_string())])
+    );
+    let e = s.update("b", none(), &["parent".into()]).unwrap_err();
+    assert_eq!(code(e), tonic::Code::InvalidArgument);
+    assert_eq!(s.list(&["labels.k1==one".into()]).unwrap().len(), 1);
+    assert_eq!(s.list(&["kind==committed".into()]).unwrap().len(), 1);
+    assert_eq!(s.list(&[]).unwrap().len(), 4);
+    // Removal, then Cleanup of a directory nothing owns.
+    s.remove("b").await.unwrap();
+    s.remove("v").await.unwrap();
+    s.remove("c").await.unwrap();
+    assert!(!dir.path().join("snapshotter/snapshots/1").exists());
+    std::fs::create_dir_all(dir.path().join("snapshotter/snapshots/999/fs")).unwrap();
+    s.cleanup().await.unwrap();
+    assert!(!dir.path().join("snapshotter/snapshots/999").exists());
+    assert!(
+        dir.path().join("snapshotter/snapshots/2").exists(),
+        "a2 kept"
+    );
+    // All of it survives a reopen.
+    drop(s);
+    let (s, _) = snapshotter(dir.path());
+    assert_eq!(s.stat("a2").unwrap().kind, Kind::Active);
+    assert_eq!(s.list(&[]).unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn lazy_layers_from_labels_or_the_store_and_fallback_above_zstd() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, mounter) = snapshotter(dir.path());
+    const GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+    const ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+    let chains = stored_image(
+        &s.resolver.store,
+        "registry.test/app:v1",
+        &[GZIP, GZIP, ZSTD, GZIP],
+    );
+    let target = |c: &str| HashMap::from([(LABEL_TARGET.to_string(), c.to_string())]);
+    // Layer 1: found in the store by ChainID (plain `ctr pull` after `stratafs pull`).
+    let e = s
+        .create(Kind::Active, "extract-1", "", target(&chains[0]))
+        .await
+        .unwrap_err();
+    assert_eq!(code(e), tonic::Code::AlreadyExists);
+    let l1 = s.stat(&chains[0]).unwrap();
+    assert_eq!(l1.kind, Kind::Committed);
+    assert_eq!(l1.labels.get(LABEL_TARGET), Some(&chains[0]));
+    assert!(
+        s.stat("extract-1").is_err(),
+        "the key itself is not created"
+    );
+    // containerd finds it with this filter.
+    let filter = format!(r#"labels."{LABEL_TARGET}"=={},parent=="""#, chains[0]);
+    assert_eq!(s.list(&[filter]).unwrap().len(), 1);
+    // Layer 2 by CRI labels naming the image and layer (a wrong digest is refused).
+    let mut labels = target(&chains[1]);
+    labels.insert(CRI_IMAGE.into(), "registry.test/app:v1".into());
+    labels.insert(CRI_LAYER.into(), sha256(b"blob 0").to_string());
+    s.create(Kind::Active, "extract-2", &chains[0], labels.clone())
+        .await
+        .unwrap();
+    assert!(s.stat(&chains[1]).is_err(), "wrong layer digest: not lazy");
+    let lower1 = dir.path().join("snapshotter/snapshots/1/fs");
+    assert_eq!(
+        std::mem::take(&mut *mounter.calls.lock().unwrap()),
+        [format!(
+            "mount registry.test/app:v1 {} {}",
+            chains[0],
+            lower1.display()
+        )],
+        "the ordinary snapshot stands on the lazy layer 1, mounted for it"
+    );
+    s.remove("extract-2").await.unwrap();
+    labels.insert(CRI_LAYER.into(), sha256(b"blob 1").to_string());
+    let e = s
+        .create(Kind::Active, "extract-2", &chains[0], labels)
+        .await
+        .unwrap_err();
+    assert_eq!(code(e), tonic::Code::AlreadyExists);
+    assert!(s.stat(&chains[1]).unwrap().lazy.is_some());
+    assert!(
+        mounter.calls.lock().unwrap().is_empty(),
+        "nothing mounted yet"
+    );
+    // Layer 3 is zstd: ordinary prepare on the lazy layer 2, which gets mounted.
+    let m = s
+        .create(Kind::Active, "extract-3", &chains[1], target(&chains[2]))
+        .await
+        .unwrap();
+    let lower = dir.path().join(format!(
+        "snapshotter/snapshots/{}/fs",
+        s.stat(&chains[1]).unwrap().id
+    ));
+    assert!(m[0]
+        .options
+        .iter()
+        .any(|o| o == &format!("lowerdir={}", lower.display())));
+    assert_eq!(
+        mounter.calls.lock().unwrap().as_slice(),
+        [format!(
+            "mount registry.test/app:v1 {} {}",
+            chains[1],
+            lower.display()
+        )]
+    );
+    s.commit(&chains[2], "extract-3", target(&chains[2]))
+        .unwrap();
+    // Layer 4 is gzip but stands on an applied layer: ordinary too.
+    let m = s
+        .create(Kind::Active, "extract-4", &chains[2], target(&chains[3]))
+        .await
+        .unwrap();
+    assert_eq!(m[0].r#type, "overlay");
+    let lowers = m[0]
+        .options
+        .iter()
+        .find(|o| o.starts_with("lowerdir="))
+        .unwrap();
+    assert_eq!(
+        lowers.matches(':').count(),
+        1,
+        "{lowers}: layer 3 then the lazy chain"
+    );
+    // Removing a lazy layer unmounts it (the fake's directory is not really mounted).
+    s.remove("extract-4").await.unwrap();
+    s.remove(&chains[2]).await.unwrap();
+    s.remove(&chains[1]).await.unwrap();
+    assert!(!lower.parent().unwrap().exists());
+}
