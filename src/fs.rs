@@ -14,6 +14,7 @@ use crate::cache::{Cache, CacheError};
 use crate::image::{Compression, ImageRecord, LayerRecord};
 use crate::layer::estargz::{estargz_index, TOC_DIGEST_ANNOTATION};
 use crate::layer::reader::{stream_index, LayerReader, StreamSpec};
+use crate::layer::zstd_chunked;
 use crate::layer::{IndexFormat, IndexStore, LayerError, LayerIndex, DEFAULT_SPAN};
 use crate::reference::Reference;
 use crate::registry::RegistryClient;
@@ -148,7 +149,10 @@ impl Layers {
             Some(i) => (i, false),
             None => match self.estargz(image, layer).await? {
                 Some(i) => (i, true),
-                None => (self.build(image, layer).await?, true),
+                None => match self.zstd_chunked(image, layer).await? {
+                    Some(i) => (i, true),
+                    None => (self.build(image, layer).await?, true),
+                },
             },
         };
         let report = IndexReport {
@@ -188,6 +192,34 @@ impl Layers {
         };
         let source = self.source(image, layer)?;
         let index = estargz_index(&*source, &layer.digest, &layer.diff_id, Some(&toc_digest));
+        let Some(index) = index.await? else {
+            return Ok(None);
+        };
+        self.indexes.put(&index)?;
+        Ok(Some(index))
+    }
+
+    /// The index of a zstd:chunked layer from its TOC, stored; `None` if the layer is not zstd
+    /// with the TOC annotations, or its TOC cannot serve random access.
+    async fn zstd_chunked(
+        &self,
+        image: &ImageRecord,
+        layer: &LayerRecord,
+    ) -> Result<Option<LayerIndex>, FsError> {
+        if Compression::of_layer(&layer.media_type) != Some(Compression::Zstd) {
+            return Ok(None);
+        }
+        let location = match zstd_chunked::toc_location(&layer.annotations) {
+            Ok(Some(l)) => l,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                tracing::warn!(blob = %layer.digest, "ignoring zstd:chunked annotations: {e}");
+                return Ok(None);
+            }
+        };
+        let source = self.source(image, layer)?;
+        let index =
+            zstd_chunked::zstd_chunked_index(&*source, &layer.digest, &layer.diff_id, &location);
         let Some(index) = index.await? else {
             return Ok(None);
         };

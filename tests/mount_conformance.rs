@@ -3,11 +3,13 @@
 //! sticky, uid, gid, size, mtime, nlink, symlink target, device numbers, xattrs, content hash,
 //! hard-link groups) is compared with a reference unpack of the same image bytes by an
 //! independent tool, `umoci unpack`, from an OCI layout written here. One test per layer
-//! format: gzip, plain tar, zstd, and eStargz made by the real converter (`ctr-remote image
-//! convert --estargz --oci` in a private containerd).
+//! format: gzip, plain tar, zstd, eStargz made by the real converter (`ctr-remote image
+//! convert --estargz --oci` in a private containerd), and zstd:chunked made by `skopeo copy
+//! --dest-compress-format zstd:chunked`.
 //!
 //! Needs root (FUSE, devices, `security.*` / `trusted.*` xattrs), `umoci`, `fuse3`, and for
-//! eStargz `containerd` and `ctr-remote` (Debian package `stargz-snapshotter`); `.ci/setup`
+//! eStargz `containerd` and `ctr-remote` (Debian package `stargz-snapshotter`), for
+//! zstd:chunked `skopeo`; `.ci/setup`
 //! installs them. Unlike `estargz_convert.rs`, which skips without containerd, these tests
 //! FAIL with the reason when something they need is missing: a conformance run that silently
 //! covers nothing would hide a gap in CI.
@@ -40,6 +42,7 @@ enum Format {
     Tar,
     Zstd,
     Estargz,
+    ZstdChunked,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -660,6 +663,9 @@ fn missing_prerequisite(format: Format) -> Option<String> {
     if !runs("umoci", "--version") {
         return Some("`umoci` not found (Debian package umoci, see .ci/setup)".into());
     }
+    if format == Format::ZstdChunked && !runs("skopeo", "--version") {
+        return Some("`skopeo` not found (Debian package skopeo, see .ci/setup)".into());
+    }
     if format == Format::Estargz {
         if let Some(why) = Containerd::unavailable() {
             return Some(why);
@@ -687,7 +693,7 @@ struct Prepared {
 
 fn prepare(format: Format, reg: &Registry) -> Prepared {
     let compression = match format {
-        Format::Gzip | Format::Estargz => Compression::Gzip,
+        Format::Gzip | Format::Estargz | Format::ZstdChunked => Compression::Gzip,
         Format::Tar => Compression::None,
         Format::Zstd => Compression::Zstd,
     };
@@ -737,6 +743,65 @@ fn prepare(format: Format, reg: &Registry) -> Prepared {
             blobs.extend(plain_image.layers.iter().map(|l| l.blob.clone()));
             Prepared {
                 reference: src,
+                manifest: plain_image.manifest,
+                blobs,
+            }
+        }
+        Format::ZstdChunked => {
+            // skopeo recompresses into a directory (registry to registry it would reuse the
+            // gzip blobs), and the directory is pushed as it is.
+            let dir = tempfile::tempdir().unwrap();
+            let converted = dir.path().join("zc");
+            let skopeo = |args: &[&str]| {
+                let out = Command::new("skopeo").args(args).output().unwrap();
+                assert!(out.status.success(), "skopeo {args:?}: {out:?}");
+            };
+            let dir_ref = format!("dir:{}", converted.display());
+            skopeo(&[
+                "copy",
+                "--src-tls-verify=false",
+                "--dest-compress",
+                "--dest-compress-format",
+                "zstd:chunked",
+                &format!("docker://{src}"),
+                &dir_ref,
+            ]);
+            let dst = format!("{}/{repo}:zstd-chunked-converted", reg.addr());
+            skopeo(&[
+                "copy",
+                "--dest-tls-verify=false",
+                &dir_ref,
+                &format!("docker://{dst}"),
+            ]);
+            // The reference: umoci 0.4 refuses zstd media types, so it unpacks each converted
+            // layer decompressed — the very tar stream the zstd:chunked blob holds.
+            let doc: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(converted.join("manifest.json")).unwrap())
+                    .unwrap();
+            let mut layers = Vec::new();
+            for layer in doc["layers"].as_array().expect("layers") {
+                assert!(
+                    layer["annotations"].as_object().is_some_and(|a| a
+                        .keys()
+                        .any(|k| k.ends_with("zstd-chunked.manifest-checksum"))),
+                    "not a zstd:chunked layer: {layer}"
+                );
+                let hex = layer["digest"]
+                    .as_str()
+                    .unwrap()
+                    .trim_start_matches("sha256:");
+                let blob = std::fs::read(converted.join(hex)).unwrap();
+                let plain = zstd::stream::decode_all(&blob[..]).expect("zstd layer");
+                layers.push(Layer::from_tar(plain, Compression::None));
+            }
+            let plain_image = layers
+                .into_iter()
+                .fold(ImageBuilder::new(), ImageBuilder::layer)
+                .build(ManifestFlavour::Oci);
+            let mut blobs = vec![plain_image.config.clone()];
+            blobs.extend(plain_image.layers.iter().map(|l| l.blob.clone()));
+            Prepared {
+                reference: dst,
                 manifest: plain_image.manifest,
                 blobs,
             }
@@ -980,6 +1045,11 @@ fn zstd_mount_matches_umoci() {
 #[test]
 fn estargz_mount_matches_umoci() {
     conformance(Format::Estargz);
+}
+
+#[test]
+fn zstd_chunked_mount_matches_umoci() {
+    conformance(Format::ZstdChunked);
 }
 
 /// An eStargz layer is read through its TOC, whose `modtime` (RFC 3339) the converter writes

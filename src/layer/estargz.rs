@@ -213,7 +213,7 @@ fn index_from_toc(
     }
     let toc: Toc =
         serde_json::from_slice(&json).map_err(|e| corrupt(format!("eStargz TOC: {e}")))?;
-    let mapped = match map_toc(&toc, toc_offset) {
+    let mapped = match map_toc(&toc, toc_offset, Frames::Gzip) {
         Ok(m) => m,
         Err(Unusable::Corrupt(detail)) => return Err(corrupt(format!("eStargz TOC: {detail}"))),
         Err(Unusable::Fallback(reason)) => {
@@ -263,16 +263,25 @@ fn toc_json(member: &[u8]) -> Result<Vec<u8>, String> {
 }
 
 #[derive(Deserialize)]
-struct Toc {
+pub(super) struct Toc {
     version: u32,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     entries: Vec<TocEntry>,
+}
+
+/// Go writes empty slices and maps as `null` (zstd:chunked TOCs of empty layers do).
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 /// One TOC entry (fields we do not use, such as `uname` or `NumLink`, are ignored).
 #[derive(Default, Deserialize)]
 #[serde(default, rename_all = "camelCase")]
-struct TocEntry {
+pub(super) struct TocEntry {
     name: String,
     #[serde(rename = "type")]
     kind: String,
@@ -285,6 +294,7 @@ struct TocEntry {
     dev_major: u32,
     dev_minor: u32,
     /// Values are base64.
+    #[serde(deserialize_with = "null_as_default")]
     xattrs: BTreeMap<String, String>,
     digest: String,
     offset: u64,
@@ -292,11 +302,21 @@ struct TocEntry {
     chunk_offset: u64,
     chunk_size: u64,
     chunk_digest: String,
+    /// zstd:chunked: empty or `data` for stored bytes; `zeros` for a hole with no bytes.
+    chunk_type: String,
+}
+
+/// How a TOC's chunks are compressed: each starts a gzip member (eStargz) or a zstd frame
+/// (zstd:chunked).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Frames {
+    Gzip,
+    Zstd,
 }
 
 /// Why a TOC cannot be used.
 #[derive(Debug)]
-enum Unusable {
+pub(super) enum Unusable {
     /// Fine as a layer, but not for verified random access: stream it instead.
     Fallback(String),
     /// Malformed or inconsistent.
@@ -305,12 +325,12 @@ enum Unusable {
 
 /// A TOC mapped onto the index model.
 #[derive(Default)]
-struct Mapped {
-    entries: Vec<Entry>,
-    spans: Vec<Span>,
+pub(super) struct Mapped {
+    pub entries: Vec<Entry>,
+    pub spans: Vec<Span>,
     /// Virtual size so far.
-    size: u64,
-    prefetch_end: Option<u64>,
+    pub size: u64,
+    pub prefetch_end: Option<u64>,
 }
 
 /// The regular file whose chunks are being read.
@@ -323,7 +343,7 @@ struct OpenFile {
 }
 
 /// Maps the TOC entries, in order, onto entries and spans of a virtual address space.
-fn map_toc(toc: &Toc, toc_offset: u64) -> Result<Mapped, Unusable> {
+pub(super) fn map_toc(toc: &Toc, toc_offset: u64, frames: Frames) -> Result<Mapped, Unusable> {
     use Unusable::Corrupt;
     if toc.version != 1 {
         return Err(Corrupt(format!("unsupported TOC version {}", toc.version)));
@@ -340,6 +360,7 @@ fn map_toc(toc: &Toc, toc_offset: u64) -> Result<Mapped, Unusable> {
     starts.dedup();
     let mut mapper = Mapper {
         starts,
+        frames,
         toc_offset,
         last_start: 0,
         m: Mapped::default(),
@@ -394,6 +415,7 @@ fn map_toc(toc: &Toc, toc_offset: u64) -> Result<Mapped, Unusable> {
 
 struct Mapper {
     starts: Vec<u64>,
+    frames: Frames,
     toc_offset: u64,
     last_start: u64,
     m: Mapped,
@@ -419,6 +441,12 @@ impl Mapper {
             )));
         }
         file.covered += len;
+        if !matches!(e.chunk_type.as_str(), "" | "data") {
+            return Err(Fallback(format!(
+                "chunk of {name:?} at {} is of type {:?}",
+                e.chunk_offset, e.chunk_type
+            )));
+        }
         if !file.emit {
             return Ok(());
         }
@@ -453,10 +481,16 @@ impl Mapper {
             out_offset: self.m.size,
             out_len: len,
             digest,
-            fetch: Fetch::Member {
-                in_start,
-                in_end,
-                skip: e.inner_offset,
+            fetch: match self.frames {
+                Frames::Gzip => Fetch::Member {
+                    in_start,
+                    in_end,
+                    skip: e.inner_offset,
+                },
+                Frames::Zstd if e.inner_offset == 0 => Fetch::Zstd { in_start, in_end },
+                Frames::Zstd => {
+                    return Err(Fallback(format!("chunk of {name:?} has an inner offset")))
+                }
             },
         });
         self.m.size = self

@@ -14,11 +14,14 @@
 //!
 //! eStargz layers can instead be indexed from their table of contents ([`estargz`]): two range
 //! reads, one span per file chunk ([`Fetch::Member`]) in a virtual address space of file data.
+//! zstd:chunked layers likewise, from the TOC the layer annotations locate ([`zstd_chunked`]),
+//! one span per zstd frame ([`Fetch::Zstd`]).
 
 pub mod estargz;
 pub mod gzip;
 pub mod reader;
 pub mod tar;
+pub mod zstd_chunked;
 
 use std::io::{self, Read};
 use std::path::PathBuf;
@@ -81,6 +84,9 @@ pub enum Fetch {
         #[serde(default, skip_serializing_if = "is_zero")]
         skip: u64,
     },
+    /// `in_start` starts a zstd frame that ends by `in_end`: decompressing from there, the
+    /// first `out_len` bytes are the span (zstd:chunked chunks).
+    Zstd { in_start: u64, in_end: u64 },
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -98,6 +104,10 @@ pub enum IndexFormat {
     /// From an eStargz TOC ([`estargz`]): verified against the TOC digest annotation, spans in
     /// a virtual address space; blob digest and diff_id unchecked.
     Estargz,
+    /// From a zstd:chunked TOC ([`zstd_chunked`]): verified against the manifest checksum
+    /// annotation, otherwise as eStargz.
+    #[serde(rename = "zstd-chunked")]
+    ZstdChunked,
 }
 
 /// A piece of the uncompressed tar stream.
@@ -553,7 +563,7 @@ mod tests {
                 Fetch::Range { in_start, in_end } => {
                     blob[*in_start as usize..*in_end as usize].to_vec()
                 }
-                Fetch::Cached | Fetch::Member { .. } => continue,
+                Fetch::Cached | Fetch::Member { .. } | Fetch::Zstd { .. } => continue,
             };
             assert!(got == want, "span at {} differs", span.out_offset);
             crate::digest::verify(&span.digest, &got).unwrap();

@@ -332,6 +332,13 @@ impl LayerReader {
                         .expect("decode task")
                         .map_err(|e| bad("decompression", &e))?
                 }
+                Fetch::Zstd { .. } => {
+                    let (raw, len) = (raw.to_vec(), span.out_len);
+                    tokio::task::spawn_blocking(move || decode_zstd(&raw, len))
+                        .await
+                        .expect("decode task")
+                        .map_err(|e| bad("decompression", &e))?
+                }
                 Fetch::Cached => unreachable!("cache-only spans are streamed, not fetched"),
             };
             crate::digest::verify(&span.digest, &data)
@@ -342,6 +349,23 @@ impl LayerReader {
     }
 }
 
+/// The first `len` bytes decompressed from the zstd frames in `raw` (frames after the ones
+/// holding them, such as the next entry's tar header, are not decoded).
+fn decode_zstd(raw: &[u8], len: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut out = Vec::with_capacity(len as usize);
+    zstd::stream::read::Decoder::new(raw)?
+        .take(len)
+        .read_to_end(&mut out)?;
+    if out.len() as u64 != len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("zstd frames hold {} of {len} bytes", out.len()),
+        ));
+    }
+    Ok(out)
+}
+
 fn fetch_range(fetch: &Fetch) -> Option<(u64, u64)> {
     match fetch {
         Fetch::Range { in_start, in_end }
@@ -350,7 +374,8 @@ fn fetch_range(fetch: &Fetch) -> Option<(u64, u64)> {
         }
         | Fetch::Member {
             in_start, in_end, ..
-        } => Some((*in_start, *in_end)),
+        }
+        | Fetch::Zstd { in_start, in_end } => Some((*in_start, *in_end)),
         Fetch::Cached => None,
     }
 }

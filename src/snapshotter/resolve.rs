@@ -6,9 +6,9 @@
 //! (`containerd.io/snapshot/remote/stargz.reference`, `…/stargz.digest`) — pulling the image's
 //! metadata into the store if it is not there (no layer data), or else from the images already
 //! in the store (`stratafs pull` done beforehand), by ChainID. Lazily servable: gzip (with or
-//! without a published index; eStargz included) and uncompressed tar layers. zstd layers are
-//! not (stratafs would have to stream them whole first), nor unknown media types: containerd
-//! then downloads and applies them itself.
+//! without a published index; eStargz included), zstd:chunked and uncompressed tar layers.
+//! Plain zstd layers are not (stratafs would have to stream them whole first), nor unknown
+//! media types: containerd then downloads and applies them itself.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -64,8 +64,17 @@ impl Resolver {
                 ));
             }
         }
+        let chunked = matches!(
+            crate::layer::zstd_chunked::toc_location(&layer.annotations),
+            Ok(Some(_))
+        );
         match Compression::of_layer(&layer.media_type) {
             Some(Compression::Gzip | Compression::None) => Ok(LazyLayer {
+                image: image.name.clone(),
+                chain_id: target.to_string(),
+                digest: layer.digest.to_string(),
+            }),
+            Some(Compression::Zstd) if chunked => Ok(LazyLayer {
                 image: image.name.clone(),
                 chain_id: target.to_string(),
                 digest: layer.digest.to_string(),

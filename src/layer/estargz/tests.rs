@@ -454,7 +454,7 @@ fn footers_new_and_legacy() {
 fn inconsistent_tocs_are_errors_or_fallbacks() {
     let map = |entries: serde_json::Value| {
         let toc: Toc = serde_json::from_value(json!({"version": 1, "entries": entries})).unwrap();
-        map_toc(&toc, 1000)
+        map_toc(&toc, 1000, Frames::Gzip)
     };
     let d = crate::digest::sha256(b"").to_string();
     let ok = json!([{"name": "a", "type": "reg", "size": 8, "offset": 10, "chunkSize": 4, "chunkDigest": d},
@@ -528,7 +528,7 @@ fn inner_offsets_skip_into_a_shared_member() {
          "chunkDigest": d(b"second file")},
     ]}))
     .unwrap();
-    let m = map_toc(&toc, 500).unwrap();
+    let m = map_toc(&toc, 500, Frames::Gzip).unwrap();
     let skip = |i: usize| match m.spans[i].fetch {
         Fetch::Member { skip, in_end, .. } => (skip, in_end),
         _ => panic!(),
