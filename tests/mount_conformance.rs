@@ -748,31 +748,8 @@ fn prepare(format: Format, reg: &Registry) -> Prepared {
             }
         }
         Format::ZstdChunked => {
-            // skopeo recompresses into a directory (registry to registry it would reuse the
-            // gzip blobs), and the directory is pushed as it is.
-            let dir = tempfile::tempdir().unwrap();
-            let converted = dir.path().join("zc");
-            let skopeo = |args: &[&str]| {
-                let out = Command::new("skopeo").args(args).output().unwrap();
-                assert!(out.status.success(), "skopeo {args:?}: {out:?}");
-            };
-            let dir_ref = format!("dir:{}", converted.display());
-            skopeo(&[
-                "copy",
-                "--src-tls-verify=false",
-                "--dest-compress",
-                "--dest-compress-format",
-                "zstd:chunked",
-                &format!("docker://{src}"),
-                &dir_ref,
-            ]);
             let dst = format!("{}/{repo}:zstd-chunked-converted", reg.addr());
-            skopeo(&[
-                "copy",
-                "--dest-tls-verify=false",
-                &dir_ref,
-                &format!("docker://{dst}"),
-            ]);
+            let (_dir, converted) = common::skopeo::convert_zstd_chunked(&src, &dst);
             // The reference: umoci 0.4 refuses zstd media types, so it unpacks each converted
             // layer decompressed — the very tar stream the zstd:chunked blob holds.
             let doc: serde_json::Value =

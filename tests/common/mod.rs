@@ -8,6 +8,7 @@
 //!   registry HTTP API.
 //! * [`token`]: an in-process token issuer for the registry's `auth.token`
 //!   mode.
+//! * [`skopeo`]: zstd:chunked conversion with the real `skopeo`.
 //! * [`containerd`]: a private `containerd` per test, driven with `ctr` /
 //!   `ctr-remote`.
 //!
@@ -23,6 +24,7 @@ pub mod image;
 pub mod proxy;
 pub mod push;
 pub mod registry;
+pub mod skopeo;
 pub mod token;
 pub mod tricky;
 
