@@ -35,13 +35,9 @@ cleanup() {
 }
 trap cleanup EXIT
 log() { echo "== $*" >&2; }
-now() { date +%s.%N; }
-since() { echo "$(now) - $1" | bc -l; }
-median() { printf '%s\n' "$@" | sort -g | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'; }
-drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+. bench/lib.sh
 mb() { echo "$1 / 1000000" | bc -l; }
 inns() { nsenter --net="/run/netns/$ns" "$@"; }
-freeport() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # Registry on loopback; a delay line on the host end of a veth pair; clients in the netns.
 port=$(freeport) slow=$(freeport)
@@ -52,14 +48,7 @@ http: {addr: "127.0.0.1:$port"}
 log: {level: error, accesslog: {disabled: false}}
 YML
 docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 & pids+=($!)
-ip netns add "$ns"
-ip link add "${ns}h" type veth peer name "${ns}n"
-ip link set "${ns}n" netns "$ns"
-ip addr add "$net.1/24" dev "${ns}h" && ip link set "${ns}h" up
-inns ip addr add "$net.2/24" dev "${ns}n" && inns ip link set "${ns}n" up && inns ip link set lo up
-tc qdisc add dev "${ns}h" root tbf rate "${MBIT}mbit" burst 256kb latency 50ms
-inns tc qdisc add dev "${ns}n" root tbf rate "${MBIT}mbit" burst 256kb latency 50ms
-python3 bench/delayline.py "$net.1:$slow" "$port" "$(echo "$RTT_MS / 2" | bc -l)" & pids+=($!)
+pids+=("$(shaped_link "$ns" "$net" "$port" "$slow" "$MBIT" "$RTT_MS")")
 for _ in $(seq 50); do curl -fs "http://127.0.0.1:$port/v2/" >/dev/null && break; sleep 0.1; done
 sleep 0.5
 local_reg=127.0.0.1:$port shaped_reg=$net.1:$slow
@@ -217,18 +206,8 @@ row "daemon VmHWM, large image ($nfiles files)" "$(printf '%.1f MiB after the wa
   printf 'Link: %s Mbit/s (tbf on a veth pair into a network namespace) + %s ms RTT (bench/delayline.py); median of %s runs.\n\n' "$MBIT" "$RTT_MS" "$RUNS"
   printf '| measure (%s) | value |\n|---|---|\n' "$(date +%F)"
   printf '%s\n' "${rows[@]}"
-  printf '\nMachine: %s, %s cores, %s GiB, kernel %s, ext4 on `%s`. Reproduce: `bash bench/mount.sh %s %s %s %s`\n' \
-    "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)" "$(nproc)" "$(free -g | awk '/Mem/ {print $2}')" \
-    "$(uname -r)" "$(findmnt -n -o SOURCE -T "$work")" "$RUNS" "$RTT_MS" "$MBIT" "$FILES"
+  printf '\nMachine: %s. Reproduce: `bash bench/mount.sh %s %s %s %s`\n' \
+    "$(machine_line "$work")" "$RUNS" "$RTT_MS" "$MBIT" "$FILES"
 } >"$work/table.md"
 cat "$work/table.md"
-python3 - "$repo/docs/benchmarks.md" "$work/table.md" <<'PY'
-import re, sys
-doc, table = open(sys.argv[1]).read(), open(sys.argv[2]).read()
-begin, end = "<!-- bench/mount.sh: begin -->\n", "<!-- bench/mount.sh: end -->\n"
-if begin in doc and end in doc:
-    doc = doc[: doc.index(begin) + len(begin)] + table + doc[doc.index(end):]
-else:
-    doc = doc.rstrip("\n") + "\n\n## Mount (FUSE driver)\n\n" + begin + table + end
-open(sys.argv[1], "w").write(doc)
-PY
+put_table "$repo/docs/benchmarks.md" "$work/table.md" bench/mount.sh "Mount (FUSE driver)"

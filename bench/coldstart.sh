@@ -1,0 +1,481 @@
+#!/usr/bin/env bash
+# Cold-start benchmark (issue 6): how much sooner a container's first command ends when the image
+# is read lazily, against containerd's eager pull, over a shaped link.
+#
+# Image (bench/image.sh, cached): Debian bookworm minbase + python3/pip (Debian packages) + numpy,
+# pandas and requests (PyPI), 3 layers. Variants in a local distribution registry: gzip as built;
+# the same with a published stratafs index (`stratafs index push`); eStargz and zstd:chunked
+# (`ctr-remote images convert`); zstd (`skopeo copy --dest-compress --dest-compress-format zstd`). The registry
+# storage with the variants is cached too; the index is pushed afresh by each run.
+#
+# Link: the registry listens on loopback; bench/delayline.py relays to it from the host end of a
+# veth pair (adding RTT_MS of round trip), `tc tbf` caps both ends at MBIT; every client (ctr,
+# ctr-remote, containerd, stratafs) runs in the other end's network namespace (nsenter --net).
+#
+# Cold runs (median of RUNS; page cache dropped, fresh containerd root/state and stratafs roots):
+# time from the pull's start to the end of `python3 -c 'import numpy, pandas, requests'`, and the
+# bytes the registry served (its access log), for
+#   eager:    ctr images pull --plain-http + ctr run --rm (overlayfs snapshotter), containerd 1.6
+#   mount:    stratafs mount REF DIR + chroot DIR python3 -c …
+#   snapshot: ctr-remote images rpull --snapshotter stratafs + ctr run --snapshotter stratafs,
+#             with `stratafs snapshotter` as containerd's proxy snapshotter (rows say "not
+#             available" when this build has no `stratafs snapshotter`)
+# each against the time the link needs for just the bytes the lazy run downloaded.
+# Also: metadata-only `stratafs pull` through the link; warm (loopback registry, cache filled):
+# the import, sequential reads of the image's largest file and of a 256 MiB file, find + stat of
+# the tree, each against the image unpacked on local disk (umoci unpack); daemon VmHWM.
+# Prints markdown and rewrites the block between the bench/coldstart.sh markers in
+# docs/benchmarks.md.
+#
+# Usage: bash bench/coldstart.sh [RUNS=3] [RTT_MS=20] [MBIT=100]   (as root, after .ci/setup)
+#   VARIANTS="gzip estargz zstd zstdchunked" (default: all) picks the image variants;
+#   STRATAFS_BENCH_CACHE=/var/cache/stratafs-bench is where the image and variants are kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${1:-3} RTT_MS=${2:-20} MBIT=${3:-100}
+VARIANTS=${VARIANTS:-gzip estargz zstd zstdchunked}
+CACHE=${STRATAFS_BENCH_CACHE:-/var/cache/stratafs-bench}
+PYCMD='import numpy, pandas, requests'
+NS=stratafs-bench   # containerd namespace
+[ "$(id -u)" = 0 ] || { echo "bench/coldstart.sh: run as root (netns, tc, drop_caches, mount, containerd)" >&2; exit 1; }
+log() { echo "== $*" >&2; }
+
+need=()
+for p in debootstrap containerd runc stargz-snapshotter skopeo umoci docker-registry fuse3 bc jq curl python3 ca-certificates; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
+done
+if ((${#need[@]})); then
+  log "installing ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+cargo build --release --quiet
+bin=${CARGO_TARGET_DIR:-$PWD/target}/release/stratafs
+repo=$PWD
+oci=$(bash bench/image.sh "$CACHE")
+reg_cache=$(dirname "$oci")/registry-v2   # bump when the variants change
+
+work=$(mktemp -d /tmp/stratafs-coldstart.XXXXXX)
+ns=sfcold$$ net=10.214.$(($$ % 250))
+pids=() daemons=() ctd_pid='' ctd_wrap='' snap_pid=''
+ctd=$work/ctd
+ctr_() { $ctd_wrap ctr --address "$ctd/containerd.sock" --namespace "$NS" "$@"; }
+ctrr_() { $ctd_wrap ctr-remote --address "$ctd/containerd.sock" --namespace "$NS" "$@"; }
+inns() { nsenter --net="/run/netns/$ns" "$@"; }
+unmount_under() {   # deepest first
+  { findmnt -rn -o TARGET | grep "^$1/" | sort -r | while read -r m; do umount -l "$m" 2>/dev/null; done; } || true
+}
+stop_pid() {   # stop_pid PID: SIGTERM, SIGKILL after 10 s, reap
+  kill -TERM "$1" 2>/dev/null || return 0
+  for _ in $(seq 100); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+}
+ctd_stop() {
+  [ -n "$ctd_pid" ] || return 0
+  local t c
+  for t in $(ctr_ tasks ls -q 2>/dev/null); do ctr_ tasks kill -s SIGKILL "$t" >/dev/null 2>&1; done
+  for t in $(ctr_ tasks ls -q 2>/dev/null); do ctr_ tasks rm -f "$t" >/dev/null 2>&1; done
+  for c in $(ctr_ containers ls -q 2>/dev/null); do ctr_ containers rm "$c" >/dev/null 2>&1; done
+  stop_pid "$ctd_pid"
+  ctd_pid=''
+  unmount_under "$ctd"
+  rm -rf "$ctd"
+}
+snap_stop() {
+  [ -n "$snap_pid" ] || return 0
+  stop_pid "$snap_pid"
+  snap_pid=''
+  unmount_under "$work/snaproot"
+  rm -rf "$work/snaproot"
+}
+cleanup() {
+  set +e
+  ctd_stop
+  snap_stop
+  for p in "${daemons[@]}"; do kill -TERM "$p" 2>/dev/null; done
+  sleep 1
+  unmount_under "$work"
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+  wait 2>/dev/null
+  ip netns del "$ns" 2>/dev/null; ip link del "${ns}h" 2>/dev/null
+  rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+. bench/lib.sh
+mib() { printf '%.1f MiB' "$(calc "$1 / 1048576")"; }
+mbytes() { printf '%.1f MB' "$(calc "$1 / 1000000")"; }
+hwm() { awk '/VmHWM/ {print $2 * 1024}' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+# containerd (1.6) with its own root, state, sockets and opt dir under $ctd; CRI off.
+# ctd_start WRAP [SNAPSHOTTER_SOCKET]: WRAP is inns (in the shaped netns) or env (host netns).
+ctd_start() {
+  ctd_stop
+  ctd_wrap=$1
+  mkdir -p "$ctd"
+  cat >"$ctd/config.toml" <<TOML
+version = 2
+root = "$ctd/root"
+state = "$ctd/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$ctd/containerd.sock"
+[ttrpc]
+  address = "$ctd/containerd.sock.ttrpc"
+[debug]
+  address = "$ctd/debug.sock"
+[metrics]
+  address = ""
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$ctd/opt"
+TOML
+  [ -z "${2:-}" ] || printf '[proxy_plugins.stratafs]\n  type = "snapshot"\n  address = "%s"\n' "$2" >>"$ctd/config.toml"
+  $ctd_wrap containerd --config "$ctd/config.toml" >"$ctd/containerd.log" 2>&1 &
+  ctd_pid=$!
+  for _ in $(seq 300); do
+    [ -S "$ctd/containerd.sock" ] && ctr_ version >/dev/null 2>&1 && return 0
+    kill -0 "$ctd_pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  tail -20 "$ctd/containerd.log" >&2
+  echo "bench/coldstart.sh: containerd did not start" >&2
+  exit 1
+}
+# ctr run of the benchmark command; RUN_ID numbers the containers.
+RUN_ID=0
+ctr_run() {   # ctr_run SNAPSHOTTER REF
+  RUN_ID=$((RUN_ID + 1))
+  mkdir -p "$ctd/fifo" "$ctd/runc"
+  ctr_ run --rm --fifo-dir "$ctd/fifo" --runc-root "$ctd/runc" --snapshotter "$1" "$2" "bench$RUN_ID" \
+    python3 -c "$PYCMD" </dev/null
+}
+
+# Registry on loopback (storage from the cache when there is one), delay line, netns.
+port=$(freeport) slow=$(freeport)
+local_reg=127.0.0.1:$port shaped_reg=$net.1:$slow
+if [ -f "$reg_cache/done" ]; then
+  log "registry storage with the image variants from $reg_cache"
+  cp -a "$reg_cache/storage" "$work/registry"
+else
+  mkdir -p "$work/registry"
+fi
+cat >"$work/registry.yml" <<YML
+version: 0.1
+storage: {filesystem: {rootdirectory: $work/registry}, delete: {enabled: true}}
+http: {addr: "127.0.0.1:$port"}
+log: {level: error, accesslog: {disabled: false}}
+YML
+docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 & pids+=($!)
+pids+=("$(shaped_link "$ns" "$net" "$port" "$slow" "$MBIT" "$RTT_MS")")
+for _ in $(seq 50); do curl -fs "http://127.0.0.1:$port/v2/" >/dev/null && break; sleep 0.1; done
+for _ in $(seq 50); do inns curl -fs "http://$shaped_reg/v2/" >/dev/null && break; sleep 0.1; done
+cat >"$work/sf.toml" <<TOML
+[mount]
+background_fetch = false
+
+[hosts."$shaped_reg"]
+plain_http = true
+
+[hosts."$local_reg"]
+plain_http = true
+TOML
+sed 's/^\[mount\]$/[index]\npublished = false\n\n[mount]/' "$work/sf.toml" >"$work/sf-noindex.toml"
+export STRATAFS_CONFIG=$work/sf.toml   # never /etc/stratafs/config.toml
+
+# The variants, built once and cached with the registry storage.
+if [ ! -f "$reg_cache/done" ]; then
+  log "pushing the image: gzip (as built), zstd (skopeo), bigfile"
+  skopeo copy -q --dest-tls-verify=false "oci:$oci:gzip" "docker://$local_reg/bench/py:gzip"
+  skopeo copy -q --dest-tls-verify=false "oci:$oci:bigfile" "docker://$local_reg/bench/bigfile:1"
+  skopeo copy -q --dest-tls-verify=false --dest-compress --dest-compress-format zstd "oci:$oci:gzip" "docker://$local_reg/bench/py:zstd" ||
+    log "skopeo cannot write zstd layers: no zstd variant"
+  log "converting with ctr-remote: eStargz, zstd:chunked"
+  ctd_start env
+  ctr_ images pull --plain-http "$local_reg/bench/py:gzip" >/dev/null
+  ctrr_ images convert --estargz --oci "$local_reg/bench/py:gzip" "$local_reg/bench/py:estargz" >/dev/null
+  ctr_ images push --plain-http "$local_reg/bench/py:estargz" >/dev/null
+  if ctrr_ images convert --zstdchunked --oci "$local_reg/bench/py:gzip" "$local_reg/bench/py:zstdchunked" >/dev/null; then
+    ctr_ images push --plain-http "$local_reg/bench/py:zstdchunked" >/dev/null
+  else
+    log "ctr-remote cannot make zstd:chunked: no zstdchunked variant"
+  fi
+  ctd_stop
+  rm -rf "$reg_cache.tmp" && mkdir -p "$reg_cache.tmp"
+  cp -a "$work/registry" "$reg_cache.tmp/storage"
+  echo "$(ctr-remote --version 2>/dev/null | head -1); $(skopeo --version)" >"$reg_cache.tmp/done"
+  rm -rf "$reg_cache" && mv "$reg_cache.tmp" "$reg_cache"
+fi
+manifest() {   # manifest REPO:TAG — the image manifest (first entry of an index)
+  local m
+  m=$(skopeo inspect --raw --tls-verify=false "docker://$local_reg/$1")
+  if jq -e '.manifests' <<<"$m" >/dev/null; then
+    m=$(skopeo inspect --raw --tls-verify=false "docker://$local_reg/${1%:*}@$(jq -r '.manifests[0].digest' <<<"$m")")
+  fi
+  echo "$m"
+}
+declare -A REF LAYERS MEDIA
+avail=()
+for v in $VARIANTS; do
+  case $v in gzip | estargz | zstd | zstdchunked) ;; *) echo "bench/coldstart.sh: unknown variant $v" >&2; exit 1 ;; esac
+  m=$(manifest "bench/py:$v" 2>/dev/null) || { log "variant $v is not in the registry: skipped"; continue; }
+  REF[$v]=bench/py:$v
+  LAYERS[$v]=$(jq '[.layers[].size] | add' <<<"$m")
+  MEDIA[$v]=$(jq -r '.layers[0].mediaType' <<<"$m")
+  jq -r '.layers[].digest' <<<"$m" >>"$work/layers"
+  avail+=("$v")
+done
+manifest bench/bigfile:1 | jq -r '.layers[].digest' >>"$work/layers"
+log "publishing stratafs indexes (gzip image, bigfile)"
+"$bin" --root "$work/pusher" index push "$local_reg/bench/py:gzip" >/dev/null
+"$bin" --root "$work/pusher" index push "$local_reg/bench/bigfile:1" >/dev/null
+rm -rf "$work/pusher"
+
+# served MARK: "LAYER_BYTES OTHER_BYTES" the registry sent since log offset MARK.
+served() {
+  tail -c +$(($1 + 1)) "$work/registry.log" | { grep -ao '"GET /v2/[^ ]* HTTP/[0-9.]*" 2[0-9]* [0-9]*' || true; } |
+    awk -v L="$work/layers" 'BEGIN {while ((getline d < L) > 0) layer[d] = 1}
+      {n = split($2, p, "/"); if (p[n] in layer) l += $5; else o += $5} END {print l + 0, o + 0}'
+}
+mark() { stat -c %s "$work/registry.log"; }
+snap_ok=''
+if "$bin" snapshotter --help >/dev/null 2>&1; then snap_ok=1; else log "this stratafs has no snapshotter: its rows say not available"; fi
+
+# Results: T (median s), P (median s of the pull/mount part), L and O (median layer/other bytes),
+# H (median peak RSS bytes of the stratafs process), keyed CLIENT:CASE.
+declare -A T P L O H NOTE
+record() {   # record KEY: medians of the arrays ts tp bl bo hw
+  local k=$1
+  T[$k]=$(median "${ts[@]}") P[$k]=$(median "${tp[@]}") L[$k]=$(median "${bl[@]}") O[$k]=$(median "${bo[@]}")
+  ((${#hw[@]})) && H[$k]=$(median "${hw[@]}")
+  return 0
+}
+# cold_eager VARIANT
+cold_eager() {
+  local v=$1 i m t0 l o ts=() tp=() bl=() bo=() hw=()
+  for i in $(seq "$RUNS"); do
+    ctd_start inns
+    drop; m=$(mark); t0=$(now)
+    ctr_ images pull --plain-http "$shaped_reg/${REF[$v]}" >/dev/null
+    tp+=("$(since "$t0")")
+    ctr_run overlayfs "$shaped_reg/${REF[$v]}"
+    ts+=("$(since "$t0")")
+    ctd_stop
+    read -r l o <<<"$(served "$m")"; bl+=("$l") bo+=("$o")
+    log "eager $v run $i: ${ts[-1]} s (pull ${tp[-1]} s), layer bytes $l, other $o"
+  done
+  record "eager:$v"
+}
+# cold_mount CASE VARIANT CONFIG
+cold_mount() {
+  local c=$1 v=$2 cfg=$3 i m t0 l o out dpid ts=() tp=() bl=() bo=() hw=()
+  for i in $(seq "$RUNS"); do
+    rm -rf "$work/sfroot"; mkdir -p "$work/mnt"
+    drop; m=$(mark); t0=$(now)
+    out=$(inns "$bin" --root "$work/sfroot" --config "$cfg" mount "$shaped_reg/${REF[$v]}" "$work/mnt")
+    tp+=("$(since "$t0")")
+    dpid=$(grep -o 'daemon pid [0-9]*' <<<"$out" | awk '{print $3}'); daemons+=("$dpid")
+    chroot "$work/mnt" python3 -c "$PYCMD"
+    ts+=("$(since "$t0")")
+    hw+=("$(hwm "$dpid")")
+    "$bin" --root "$work/sfroot" umount "$work/mnt" >/dev/null
+    read -r l o <<<"$(served "$m")"; bl+=("$l") bo+=("$o")
+    log "mount $c run $i: ${ts[-1]} s (mount ${tp[-1]} s), layer bytes $l, other $o, daemon VmHWM ${hw[-1]}"
+  done
+  rm -rf "$work/sfroot"
+  record "mount:$c"
+}
+# cold_snap CASE VARIANT CONFIG
+cold_snap() {
+  local c=$1 v=$2 cfg=$3 i m t0 l o ts=() tp=() bl=() bo=() hw=() sock=$work/snap.sock
+  for i in $(seq "$RUNS"); do
+    snap_stop; rm -f "$sock"
+    inns "$bin" --root "$work/snaproot" --config "$cfg" snapshotter --address "$sock" >"$work/snap.log" 2>&1 &
+    snap_pid=$!
+    for _ in $(seq 300); do [ -S "$sock" ] && break; kill -0 "$snap_pid" 2>/dev/null || break; sleep 0.1; done
+    ctd_start inns "$sock"
+    # containerd answers `snapshots ls` itself: probe the proxy with a real call.
+    if ! { ctr_ snapshots --snapshotter stratafs prepare probe >/dev/null && ctr_ snapshots --snapshotter stratafs rm probe >/dev/null; }; then
+      NOTE[snap:$c]="not available: the snapshotter did not answer (see its log)"
+      tail -5 "$work/snap.log" >&2
+      ctd_stop; snap_stop; return 0
+    fi
+    drop; m=$(mark); t0=$(now)
+    if ! ctrr_ images rpull --plain-http --snapshotter stratafs "$shaped_reg/${REF[$v]}" >/dev/null; then
+      NOTE[snap:$c]="failed: rpull (see the snapshotter's log)"; tail -5 "$work/snap.log" >&2; ctd_stop; snap_stop; return 0
+    fi
+    tp+=("$(since "$t0")")
+    if ! ctr_run stratafs "$shaped_reg/${REF[$v]}"; then
+      NOTE[snap:$c]="failed: ctr run (see the snapshotter's log)"; tail -5 "$work/snap.log" >&2; ctd_stop; snap_stop; return 0
+    fi
+    ts+=("$(since "$t0")")
+    hw+=("$(hwm "$snap_pid")")
+    ctd_stop; snap_stop
+    read -r l o <<<"$(served "$m")"; bl+=("$l") bo+=("$o")
+    log "snapshotter $c run $i: ${ts[-1]} s (rpull ${tp[-1]} s), layer bytes $l, other $o, VmHWM ${hw[-1]}"
+  done
+  record "snap:$c"
+}
+
+log "cold runs through $MBIT Mbit/s + $RTT_MS ms RTT, $RUNS each: variants ${avail[*]}"
+cases=()
+for v in "${avail[@]}"; do
+  cold_eager "$v"
+  if [ "$v" = gzip ]; then
+    these=("gzip-noindex gzip $work/sf-noindex.toml" "gzip gzip $work/sf.toml")
+  else
+    these=("$v $v $work/sf.toml")
+  fi
+  cases+=("${these[@]}")
+  for cs in "${these[@]}"; do
+    read -r c cv cfg <<<"$cs"
+    cold_mount "$c" "$cv" "$cfg"
+    if [ -n "$snap_ok" ]; then cold_snap "$c" "$cv" "$cfg"; else NOTE[snap:$c]="not available (this build has no \`stratafs snapshotter\`)"; fi
+  done
+done
+
+log "metadata-only pull through the link"
+declare -A PULL
+for c in "gzip gzip $work/sf.toml" "gzip-noindex gzip $work/sf-noindex.toml" "estargz estargz $work/sf.toml"; do
+  read -r k v cfg <<<"$c"
+  [ -n "${REF[$v]:-}" ] || continue
+  ts=() bo=()
+  for _ in $(seq "$RUNS"); do
+    rm -rf "$work/sfroot"; drop; m=$(mark); t0=$(now)
+    inns "$bin" --root "$work/sfroot" --config "$cfg" pull "$shaped_reg/${REF[$v]}" >/dev/null
+    ts+=("$(since "$t0")")
+    read -r l o <<<"$(served "$m")"; bo+=("$((l + o))")
+  done
+  PULL[$k]="$(median "${ts[@]}") $(median "${bo[@]}")"
+done
+rm -rf "$work/sfroot"
+
+log "warm: the gzip image (published index) mounted from the loopback registry, cache filled"
+umoci unpack --image "$oci:gzip" "$work/unpacked" >/dev/null
+disk=$work/unpacked/rootfs
+read -r big_size big_path <<<"$(cd "$disk" && find . -type f -printf '%s %p\n' | sort -n | tail -1)"
+big_path=${big_path#.}
+nfiles=$(find "$disk" -type f | wc -l)
+mkdir -p "$work/mnt"
+out=$("$bin" --root "$work/warm" mount "$local_reg/bench/py:gzip" "$work/mnt"); dpid=$(grep -o 'daemon pid [0-9]*' <<<"$out" | awk '{print $3}'); daemons+=("$dpid")
+chroot "$work/mnt" python3 -c "$PYCMD"
+cat "$work/mnt$big_path" >/dev/null; cat "$work/mnt$big_path" >/dev/null   # fetch; assemble the passthrough copy
+seqread() {   # seqread FILE: MB/s of one sequential read, page cache dropped
+  drop
+  local t0; t0=$(now)
+  dd if="$1" of=/dev/null bs=1M status=none
+  calc "$(stat -c %s "$1") / $(since "$t0") / 1000000"
+}
+timeit() { drop; local t0; t0=$(now); "$@" >/dev/null; since "$t0"; }
+statall() { find "$1" -print0 | xargs -0 stat >/dev/null; }
+a=() b=() c=() d=() e=() f=()
+for _ in $(seq "$RUNS"); do
+  a+=("$(seqread "$work/mnt$big_path")") b+=("$(seqread "$disk$big_path")")
+  c+=("$(timeit statall "$work/mnt")") d+=("$(timeit statall "$disk")")
+  e+=("$(timeit chroot "$work/mnt" python3 -c "$PYCMD")") f+=("$(timeit chroot "$disk" python3 -c "$PYCMD")")
+done
+seq_mnt=$(median "${a[@]}") seq_disk=$(median "${b[@]}") stat_mnt=$(median "${c[@]}") stat_disk=$(median "${d[@]}")
+imp_mnt=$(median "${e[@]}") imp_disk=$(median "${f[@]}")
+warm_hwm=$(hwm "$dpid")
+"$bin" --root "$work/warm" umount "$work/mnt" >/dev/null
+umoci unpack --image "$oci:bigfile" "$work/bigfile" >/dev/null
+out=$("$bin" --root "$work/warm" mount "$local_reg/bench/bigfile:1" "$work/mnt"); daemons+=("$(grep -o 'daemon pid [0-9]*' <<<"$out" | awk '{print $3}')")
+bigf=/data/big.bin
+cat "$work/mnt$bigf" >/dev/null; cat "$work/mnt$bigf" >/dev/null
+a=() b=()
+for _ in $(seq "$RUNS"); do a+=("$(seqread "$work/mnt$bigf")") b+=("$(seqread "$work/bigfile/rootfs$bigf")"); done
+seq2_mnt=$(median "${a[@]}") seq2_disk=$(median "${b[@]}") seq2_size=$(stat -c %s "$work/bigfile/rootfs$bigf")
+"$bin" --root "$work/warm" umount "$work/mnt" >/dev/null
+rm -rf "$work/warm" "$work/bigfile"
+
+# Output.
+label() {
+  case $1 in
+    gzip-noindex) echo "gzip, no index (\`[index] published = false\`)" ;;
+    gzip) echo "gzip + published stratafs index" ;;
+    estargz) echo "eStargz (ctr-remote convert)" ;;
+    zstd) echo "zstd (skopeo)" ;;
+    zstdchunked) echo "zstd:chunked (ctr-remote convert)" ;;
+  esac
+}
+link_s() { calc "$1 * 8 / ($MBIT * 1000000) + 4 * $RTT_MS / 1000"; }   # bytes over the link + 4 RTTs
+bytes_cell() { printf '%s (layers %s + other %s)' "$(mbytes "$(($1 + $2))")" "$(mbytes "$1")" "$(mbytes "$2")"; }
+declare -A SPEED RATIO
+rows=()
+for v in "${avail[@]}"; do
+  e=eager:$v
+  rows+=("| $([ "$v" = gzip ] && echo gzip || label "$v") | eager: \`ctr images pull\` + \`ctr run\` (overlayfs) | **$(printf '%.2f' "${T[$e]}") s** (pull $(printf '%.2f' "${P[$e]}") s) | 1× | $(bytes_cell "${L[$e]}" "${O[$e]}") | $(printf '%.2f' "$(link_s "$((L[$e] + O[$e]))")") s | $(printf '%.2f×' "$(calc "${T[$e]} / $(link_s "$((L[$e] + O[$e]))")")") |")
+  for cs in "${cases[@]}"; do
+    read -r c cv _ <<<"$cs"
+    [ "$cv" = "$v" ] || continue
+    for client in mount snap; do
+      k=$client:$c
+      if [ "$client" = mount ]; then what="\`stratafs mount\` + \`chroot\`"; part=mount; else what="\`ctr-remote images rpull --snapshotter stratafs\` + \`ctr run\`"; part=rpull; fi
+      lbl=$(label "$c")
+      if [ -z "${T[$k]:-}" ]; then
+        rows+=("| $lbl | $what | ${NOTE[$k]:-not run} | | | | |")
+        continue
+      fi
+      tl=$(link_s "$((L[$k] + O[$k]))")
+      SPEED[$k]=$(calc "${T[$e]} / ${T[$k]}") RATIO[$k]=$(calc "${T[$k]} / $tl")
+      rows+=("| $lbl | $what | **$(printf '%.2f' "${T[$k]}") s** ($part $(printf '%.2f' "${P[$k]}") s) | **$(printf '%.1f×' "${SPEED[$k]}")** | $(bytes_cell "${L[$k]}" "${O[$k]}") | $(printf '%.2f' "$tl") s | $(printf '%.2f×' "${RATIO[$k]}") |")
+    done
+  done
+done
+target() {   # target TEXT VALUE OK
+  rows2+=("| $1 | $2 | $([ "$3" = 1 ] && echo met || echo '**missed**') |")
+}
+rows2=()
+for client in mount snap; do
+  [ "$client" = mount ] && cn="stratafs mount" || cn="snapshotter"
+  for c in gzip estargz; do
+    k=$client:$c
+    [ -n "${SPEED[$k]:-}" ] || continue
+    target "$(label "$c"), $cn: ≥ 5× faster than eager" "$(printf '%.1f×' "${SPEED[$k]}")" "$(calc "${SPEED[$k]} >= 5")"
+    target "$(label "$c"), $cn: ≤ 1.5× the link time of the bytes it downloaded" "$(printf '%.2f×' "${RATIO[$k]}")" "$(calc "${RATIO[$k]} <= 1.5")"
+  done
+  k=$client:gzip-noindex
+  [ -z "${SPEED[$k]:-}" ] || target "gzip, no index, $cn: no slower than eager" "$(printf '%.2f×' "${SPEED[$k]}")" "$(calc "${SPEED[$k]} >= 1")"
+done
+target "warm sequential read ≥ 0.9× local disk (${seq2_size}-byte file; image's largest file)" \
+  "$(printf '%.2f×; %.2f×' "$(calc "$seq2_mnt / $seq2_disk")" "$(calc "$seq_mnt / $seq_disk")")" "$(calc "$seq2_mnt / $seq2_disk >= 0.9")"
+rows3=()
+for k in gzip gzip-noindex estargz; do
+  [ -n "${PULL[$k]:-}" ] || continue
+  read -r t b <<<"${PULL[$k]}"
+  rows3+=("| metadata-only \`stratafs pull\`, $(label "$k"), through the link | $(printf '**%.2f s**, %s served' "$t" "$(mbytes "$b")") |")
+done
+rows3+=("| warm import (cache filled, page cache dropped) | mount $(printf '%.2f s, unpacked tree %.2f s' "$imp_mnt" "$imp_disk") |")
+rows3+=("| warm sequential read, the image's largest file (\`$big_path\`, $big_size bytes) | mount $(printf '**%.0f MB/s = %.2f×** disk (%.0f MB/s), page cache dropped' "$seq_mnt" "$(calc "$seq_mnt / $seq_disk")" "$seq_disk") |")
+rows3+=("| warm sequential read, $seq2_size-byte file (one-layer image made of the image's files) | mount $(printf '**%.0f MB/s = %.2f×** disk (%.0f MB/s), page cache dropped' "$seq2_mnt" "$(calc "$seq2_mnt / $seq2_disk")" "$seq2_disk") |")
+rows3+=("| \`find \\| xargs stat\` of the whole tree ($nfiles files) | mount $(printf '**%.2f s**, unpacked tree %.2f s, page cache dropped' "$stat_mnt" "$stat_disk") |")
+hw=""
+for cs in "${cases[@]}"; do read -r c _ <<<"$cs"; [ -z "${H[mount:$c]:-}" ] || hw+="${hw:+; }$(label "$c") $(mib "${H[mount:$c]}")"; done
+rows3+=("| mount daemon VmHWM after the cold import | $hw |")
+rows3+=("| mount daemon VmHWM after the warm reads, import and find + stat above | $(mib "$warm_hwm") |")
+hw=""
+for cs in "${cases[@]}"; do read -r c _ <<<"$cs"; [ -z "${H[snap:$c]:-}" ] || hw+="${hw:+; }$(label "$c") $(mib "${H[snap:$c]}")"; done
+[ -z "$hw" ] || rows3+=("| snapshotter VmHWM after the cold run | $hw |")
+
+{
+  sizes=""
+  for v in "${avail[@]}"; do sizes+="${sizes:+, }$v $(mbytes "${LAYERS[$v]}")"; done
+  printf 'Image: Debian bookworm minbase + python3, python3-pip (Debian) + numpy 2.3.5, pandas 2.3.3, requests 2.32.5 (PyPI), 3 layers, %s files; layer bytes per variant: %s. ' "$nfiles" "$sizes"
+  printf 'First command: `python3 -c '"'%s'"'`. ' "$PYCMD"
+  printf 'Link: %s Mbit/s (tbf on a veth pair into a network namespace) + %s ms RTT (bench/delayline.py); every client in the namespace. ' "$MBIT" "$RTT_MS"
+  printf 'Cold: median of %s runs, page cache dropped, fresh containerd root and stratafs roots; stratafs with `[mount] background_fetch = false`. ' "$RUNS"
+  printf '"Link time" = bytes the registry served in that run × 8 / %s Mbit/s + 4 RTTs.\n\n' "$MBIT"
+  printf '| image (%s) | client | time to the end of the command | speed-up vs eager, same image | registry served | link time for those bytes | time / link time |\n|---|---|---|---|---|---|---|\n' "$(date +%F)"
+  printf '%s\n' "${rows[@]}"
+  printf '\n| target | result | |\n|---|---|---|\n'
+  printf '%s\n' "${rows2[@]}"
+  printf '\n| measure | value |\n|---|---|\n'
+  printf '%s\n' "${rows3[@]}"
+  printf '\nMachine: %s; containerd %s, ctr-remote %s. Reproduce (as root, after `.ci/setup`): `bash bench/coldstart.sh %s %s %s`%s\n' \
+    "$(machine_line "$work")" "$(containerd --version | awk '{print $3}')" \
+    "$(ctr-remote --version 2>/dev/null | awk '{print $3}')" "$RUNS" "$RTT_MS" "$MBIT" \
+    "$([ "$VARIANTS" = "gzip estargz zstd zstdchunked" ] || echo " with \`VARIANTS=\"$VARIANTS\"\`")"
+} >"$work/table.md"
+cat "$work/table.md"
+put_table "$repo/docs/benchmarks.md" "$work/table.md" bench/coldstart.sh "Cold start (containerd eager pull vs lazy)"
