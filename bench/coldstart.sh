@@ -54,7 +54,7 @@ cargo build --release --quiet
 bin=${CARGO_TARGET_DIR:-$PWD/target}/release/stratafs
 repo=$PWD
 oci=$(bash bench/image.sh "$CACHE")
-reg_cache=$(dirname "$oci")/registry-v2   # bump when the variants change
+reg_cache=$(dirname "$oci")/registry-v3   # bump when the variants change
 
 work=$(mktemp -d /tmp/stratafs-coldstart.XXXXXX)
 ns=sfcold$$ net=10.214.$(($$ % 250))
@@ -189,8 +189,12 @@ if [ ! -f "$reg_cache/done" ]; then
   log "pushing the image: gzip (as built), zstd (skopeo), bigfile"
   skopeo copy -q --dest-tls-verify=false "oci:$oci:gzip" "docker://$local_reg/bench/py:gzip"
   skopeo copy -q --dest-tls-verify=false "oci:$oci:bigfile" "docker://$local_reg/bench/bigfile:1"
-  skopeo copy -q --dest-tls-verify=false --dest-compress --dest-compress-format zstd "oci:$oci:gzip" "docker://$local_reg/bench/py:zstd" ||
+  # Through a dir: layout: copied straight to the registry, skopeo would reuse the gzip blobs
+  # the repository already holds instead of recompressing.
+  { skopeo copy -q --dest-compress --dest-compress-format zstd "oci:$oci:gzip" "dir:$work/zstd" &&
+    skopeo copy -q --dest-tls-verify=false "dir:$work/zstd" "docker://$local_reg/bench/py:zstd"; } ||
     log "skopeo cannot write zstd layers: no zstd variant"
+  rm -rf "$work/zstd"
   log "converting with ctr-remote: eStargz, zstd:chunked"
   ctd_start env
   ctr_ images pull --plain-http "$local_reg/bench/py:gzip" >/dev/null

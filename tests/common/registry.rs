@@ -488,3 +488,25 @@ fn quoted(s: &str) -> Option<(String, &str)> {
     }
     None
 }
+
+/// Checks what a lazy read of one small file from the upper of two TOC-indexed layers (eStargz,
+/// zstd:chunked) cost, from the layer GETs in `fetched`: range reads only; the lower layer
+/// (`lower`, a digest) served its TOC only (under 64 KiB); the upper one its TOC and one fetch
+/// — the file's chunk and, as a miss does, the small chunks after it (512 KiB at most).
+pub fn assert_small_toc_read(fetched: &[AccessEntry], lower: &str) {
+    assert!(
+        fetched.iter().all(|e| e.status == 206),
+        "only range reads: {fetched:#?}"
+    );
+    let lower: u64 = fetched
+        .iter()
+        .filter(|e| e.path.ends_with(lower))
+        .map(|e| e.bytes)
+        .sum();
+    assert!(lower < 64 * 1024, "{lower} bytes of the lower layer");
+    let total: u64 = fetched.iter().map(|e| e.bytes).sum();
+    assert!(
+        total < 64 * 1024 + (512 << 10),
+        "{total} layer bytes for one small file"
+    );
+}
