@@ -137,8 +137,8 @@ impl Layers {
         )))
     }
 
-    /// The index of `layer`: from the index store, from its eStargz TOC, or built by
-    /// streaming the blob once.
+    /// The index of `layer`: from the index store, from its eStargz or zstd:chunked TOC, or
+    /// built by streaming the blob once.
     pub async fn index(
         &self,
         image: &ImageRecord,
@@ -147,13 +147,20 @@ impl Layers {
         let started = Instant::now();
         let (index, built) = match self.indexes.get(&layer.digest)? {
             Some(i) => (i, false),
-            None => match self.estargz(image, layer).await? {
-                Some(i) => (i, true),
-                None => match self.zstd_chunked(image, layer).await? {
-                    Some(i) => (i, true),
-                    None => (self.build(image, layer).await?, true),
-                },
-            },
+            None => {
+                let from_toc = match self.estargz(image, layer).await? {
+                    Some(i) => Some(i),
+                    None => self.zstd_chunked(image, layer).await?,
+                };
+                let index = match from_toc {
+                    Some(i) => {
+                        self.indexes.put(&i)?;
+                        i
+                    }
+                    None => self.build(image, layer).await?,
+                };
+                (index, true)
+            }
         };
         let report = IndexReport {
             blob: layer.digest.to_string(),
@@ -169,7 +176,7 @@ impl Layers {
         Ok((Arc::new(index), report))
     }
 
-    /// The index of an eStargz layer from its footer and TOC, stored; `None` if the layer is
+    /// The index of an eStargz layer from its footer and TOC; `None` if the layer is
     /// not gzip with a TOC digest annotation or its blob is not eStargz. Unannotated layers are
     /// streamed instead, since their TOC could not be verified (see `layer::estargz`).
     async fn estargz(
@@ -191,15 +198,10 @@ impl Layers {
             }
         };
         let source = self.source(image, layer)?;
-        let index = estargz_index(&*source, &layer.digest, &layer.diff_id, Some(&toc_digest));
-        let Some(index) = index.await? else {
-            return Ok(None);
-        };
-        self.indexes.put(&index)?;
-        Ok(Some(index))
+        Ok(estargz_index(&*source, &layer.digest, &layer.diff_id, Some(&toc_digest)).await?)
     }
 
-    /// The index of a zstd:chunked layer from its TOC, stored; `None` if the layer is not zstd
+    /// The index of a zstd:chunked layer from its TOC; `None` if the layer is not zstd
     /// with the TOC annotations, or its TOC cannot serve random access.
     async fn zstd_chunked(
         &self,
@@ -220,11 +222,7 @@ impl Layers {
         let source = self.source(image, layer)?;
         let index =
             zstd_chunked::zstd_chunked_index(&*source, &layer.digest, &layer.diff_id, &location);
-        let Some(index) = index.await? else {
-            return Ok(None);
-        };
-        self.indexes.put(&index)?;
-        Ok(Some(index))
+        Ok(index.await?)
     }
 
     /// Streams the blob once: builds and stores the index, and caches every span.

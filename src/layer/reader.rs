@@ -322,57 +322,54 @@ impl LayerReader {
             .read_range(base, end - base)
             .await
             .map_err(|e| CacheError::Fetch(format!("layer {blob}: {e}")))?;
-        let mut out = Vec::with_capacity(spans.len());
-        for (span, (start, stop)) in spans.iter().zip(ranges) {
-            let raw = &bytes[(start - base) as usize..(stop - base) as usize];
-            out.push(self.decode(span, raw).await);
-        }
-        Ok(out)
+        // Decompressing and hashing is CPU work: one blocking task for the whole run.
+        let index = self.index.clone();
+        let decoded = tokio::task::spawn_blocking(move || {
+            let spans = &index.spans[first..=last];
+            spans
+                .iter()
+                .zip(ranges)
+                .map(|(span, (start, stop))| {
+                    let raw = &bytes[(start - base) as usize..(stop - base) as usize];
+                    decode(&index, span, raw)
+                })
+                .collect()
+        });
+        Ok(decoded.await.expect("decode task"))
     }
+}
 
-    /// A span's bytes from its fetched (compressed) bytes `raw`, verified.
-    async fn decode(&self, span: &super::Span, raw: &[u8]) -> SpanResult {
-        let bad = |what: &str, e: &dyn std::fmt::Display| {
-            CacheError::Fetch(format!(
-                "layer {}: span at {} failed verification ({what}): {e}",
-                self.index.blob, span.out_offset
-            ))
-        };
-        let data = match &span.fetch {
-            Fetch::Range { .. } => raw.to_vec(),
-            Fetch::Gzip {
-                checkpoint,
-                in_digest,
-                ..
-            } => {
-                crate::digest::verify(in_digest, raw).map_err(|e| bad("compressed bytes", &e))?;
-                let cp = self.index.checkpoints[*checkpoint as usize].clone();
-                let (raw, len) = (raw.to_vec(), span.out_len as usize);
-                tokio::task::spawn_blocking(move || gzip::decode_span(&cp, &raw, len))
-                    .await
-                    .expect("decode task")
-                    .map_err(|e| bad("decompression", &e))?
-            }
-            Fetch::Member { skip, .. } => {
-                let (raw, len) = (raw.to_vec(), span.out_len as usize);
-                let skip = *skip as usize;
-                tokio::task::spawn_blocking(move || gzip::decode_member(&raw, skip, len))
-                    .await
-                    .expect("decode task")
-                    .map_err(|e| bad("decompression", &e))?
-            }
-            Fetch::Zstd { .. } => {
-                let (raw, len) = (raw.to_vec(), span.out_len);
-                tokio::task::spawn_blocking(move || decode_zstd(&raw, len))
-                    .await
-                    .expect("decode task")
-                    .map_err(|e| bad("decompression", &e))?
-            }
-            Fetch::Cached => unreachable!("cache-only spans are streamed, not fetched"),
-        };
-        crate::digest::verify(&span.digest, &data).map_err(|e| bad("uncompressed bytes", &e))?;
-        Ok(data)
-    }
+/// Span `span` of `index` from its fetched (compressed) bytes `raw`, verified.
+fn decode(index: &LayerIndex, span: &super::Span, raw: &[u8]) -> SpanResult {
+    let bad = |what: &str, e: &dyn std::fmt::Display| {
+        CacheError::Fetch(format!(
+            "layer {}: span at {} failed verification ({what}): {e}",
+            index.blob, span.out_offset
+        ))
+    };
+    let data = match &span.fetch {
+        Fetch::Range { .. } => raw.to_vec(),
+        Fetch::Gzip {
+            checkpoint,
+            in_digest,
+            ..
+        } => {
+            crate::digest::verify(in_digest, raw).map_err(|e| bad("compressed bytes", &e))?;
+            let cp = &index.checkpoints[*checkpoint as usize];
+            gzip::decode_span(cp, raw, span.out_len as usize)
+                .map_err(|e| bad("decompression", &e))?
+        }
+        Fetch::Member { skip, .. } => {
+            gzip::decode_member(raw, *skip as usize, span.out_len as usize)
+                .map_err(|e| bad("decompression", &e))?
+        }
+        Fetch::Zstd { .. } => {
+            decode_zstd(raw, span.out_len).map_err(|e| bad("decompression", &e))?
+        }
+        Fetch::Cached => unreachable!("cache-only spans are streamed, not fetched"),
+    };
+    crate::digest::verify(&span.digest, &data).map_err(|e| bad("uncompressed bytes", &e))?;
+    Ok(data)
 }
 
 type SpanResult = Result<Vec<u8>, CacheError>;
