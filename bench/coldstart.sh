@@ -232,8 +232,8 @@ for v in $VARIANTS; do
 done
 manifest bench/bigfile:1 | jq -r '.layers[].digest' >>"$work/layers"
 log "publishing stratafs indexes (gzip image, bigfile)"
-"$bin" --root "$work/pusher" index push "$local_reg/bench/py:gzip" >/dev/null
-"$bin" --root "$work/pusher" index push "$local_reg/bench/bigfile:1" >/dev/null
+"$bin" --root "$work/pusher" index push --bind "$local_reg/bench/py:gzip" >/dev/null
+"$bin" --root "$work/pusher" index push --bind "$local_reg/bench/bigfile:1" >/dev/null
 rm -rf "$work/pusher"
 
 # served MARK: "LAYER_BYTES OTHER_BYTES" the registry sent since log offset MARK.

@@ -56,7 +56,7 @@ curl_gz=$(echo "$t1 - $t0" | bc -l)
 "$bin" --root "$work/a" pull "$ref" >/dev/null
 t0=$(date +%s.%N); "$bin" --root "$work/a" index build "$ref" >/dev/null; t1=$(date +%s.%N)
 build=$(echo "$t1 - $t0" | bc -l)
-"$bin" --root "$work/a" index push "$ref" >/dev/null
+"$bin" --root "$work/a" index push --bind "$ref" >/dev/null
 index_json=$(ls -S "$work"/a/layers/*.json | head -1)
 entries=$(jq '.entries | length' "$index_json")
 index_bytes=$(stat -c %s "$index_json")

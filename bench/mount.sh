@@ -68,7 +68,7 @@ umoci new --image "$work/oci:files10k"
 for d in /usr/include /usr/lib/python3.11 /usr/share/zoneinfo; do umoci insert --image "$work/oci:files10k" "$d" "$d" >/dev/null; done
 for t in large bigfile files10k; do
   skopeo copy -q --dest-tls-verify=false "oci:$work/oci:$t" "docker://$local_reg/bench/$t:1"
-  "$bin" --root "$work/pusher" index push "$local_reg/bench/$t:1" >/dev/null
+  "$bin" --root "$work/pusher" index push --bind "$local_reg/bench/$t:1" >/dev/null
 done
 rm -rf "$work/pusher"
 manifest=$(skopeo inspect --raw --tls-verify=false "docker://$local_reg/bench/large:1")

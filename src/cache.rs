@@ -228,11 +228,16 @@ pub struct CacheStats {
     pub disk_hits: AtomicU64,
     pub fetches: AtomicU64,
     pub corrupt_dropped: AtomicU64,
+    /// Published indexes caught describing something other than their layer (a checkpoint
+    /// window, or the tree once the layer was complete).
+    pub index_mismatches: AtomicU64,
 }
 
 /// Memory LRU over a [`ChunkStore`], with single-flight fetching.
 pub struct Cache {
     store: Arc<dyn ChunkStore>,
+    /// Most bytes one streaming pass may add (see [`Cache::pass_budget`]).
+    pass_budget: u64,
     memory: Mutex<lru::LruCache<Digest, Arc<Vec<u8>>>>,
     flights: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
     pub stats: CacheStats,
@@ -243,12 +248,35 @@ impl Cache {
     pub fn new(store: Arc<dyn ChunkStore>, memory_chunks: usize) -> Cache {
         Cache {
             store,
+            pass_budget: u64::MAX,
             memory: Mutex::new(lru::LruCache::new(
                 NonZeroUsize::new(memory_chunks.max(1)).expect("non-zero"),
             )),
             flights: Mutex::default(),
             stats: CacheStats::default(),
         }
+    }
+
+    /// Limits what one streaming pass over a whole layer may add to the cache (half the cap, so
+    /// a layer that decompresses to more than the cache can hold — a compression bomb among
+    /// them — cannot flush everything else or overrun the cap while the pass runs).
+    pub fn with_pass_budget(mut self, bytes: u64) -> Cache {
+        self.pass_budget = bytes;
+        self
+    }
+
+    /// Most bytes one streaming pass may add.
+    pub fn pass_budget(&self) -> u64 {
+        self.pass_budget
+    }
+
+    /// Drops a chunk from memory and disk (absent is fine).
+    pub fn remove(&self, digest: &Digest) -> Result<(), CacheError> {
+        self.memory.lock().unwrap().pop(digest);
+        self.store.remove(digest).map_err(|source| CacheError::Io {
+            digest: digest.clone(),
+            source,
+        })
     }
 
     /// Whether the chunk is in memory or on disk.

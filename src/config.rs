@@ -83,16 +83,31 @@ impl Default for MountSettings {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IndexSettings {
-    /// Use layer indexes published in the registry (`stratafs index push`). They are as
-    /// trustworthy as the push rights to the repository: every byte served is checked against
-    /// the index's digests, but an index from a hostile pusher could describe a different
-    /// tree built from the layer's bytes. Set to false to build every index locally.
+    /// Use stratafs indexes that the image's manifest pins (a layer annotation
+    /// `io.stratafs.index.digest`, written by `stratafs index push --bind`). They are vouched for
+    /// by the image's publisher exactly as the layers are. False: build every index locally.
     pub published: bool,
+    /// Also use indexes found as referrers of the image that its manifest does *not* pin
+    /// (`stratafs index push` without `--bind`). Off by default: anyone who can push to the
+    /// repository could publish one, and until a layer is complete nothing but the index says
+    /// which bytes make which file. Each use is logged as a warning.
+    pub unbound_referrers: bool,
+    /// Most entries one layer index may hold (tar entries, TOC entries, published indexes);
+    /// a layer with more is refused. Bounds the memory of a hostile layer (about 0.5 KiB per entry).
+    pub max_entries: usize,
+    /// Largest eStargz or zstd:chunked TOC, or published index, accepted (uncompressed JSON).
+    #[serde(deserialize_with = "size")]
+    pub max_toc_bytes: u64,
 }
 
 impl Default for IndexSettings {
     fn default() -> Self {
-        IndexSettings { published: true }
+        IndexSettings {
+            published: true,
+            unbound_referrers: false,
+            max_entries: 500_000,
+            max_toc_bytes: 128 << 20,
+        }
     }
 }
 
@@ -100,9 +115,9 @@ impl Default for IndexSettings {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheSettings {
-    /// Most disk space for cached chunks (`10GiB`, `500M`, bytes); none means no cap.
-    #[serde(deserialize_with = "size_opt")]
-    pub max_size: Option<u64>,
+    /// Most disk space for cached chunks: bytes (`10GiB`, `500M`) or a share of the
+    /// filesystem holding the root (`10%`, the default). Never unbounded.
+    pub max_size: CacheCap,
     /// Chunks (of about 1 MiB) kept in memory.
     pub memory_chunks: usize,
 }
@@ -110,10 +125,74 @@ pub struct CacheSettings {
 impl Default for CacheSettings {
     fn default() -> Self {
         CacheSettings {
-            max_size: None,
+            max_size: CacheCap::Share(10.0),
             memory_chunks: 64,
         }
     }
+}
+
+/// The cache cap as configured.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum CacheCap {
+    Bytes(u64),
+    /// Percent of the size of the filesystem that holds the store root.
+    Share(f64),
+}
+
+impl CacheCap {
+    /// The cap in bytes for a store at `root` (a share of its filesystem's size; 1 GiB if the
+    /// filesystem cannot be measured).
+    pub fn bytes(&self, root: &Path) -> u64 {
+        match *self {
+            CacheCap::Bytes(b) => b,
+            CacheCap::Share(pct) => {
+                let mut dir = root;
+                // The root may not exist yet: measure the nearest existing ancestor.
+                while !dir.exists() {
+                    match dir.parent() {
+                        Some(p) => dir = p,
+                        None => break,
+                    }
+                }
+                match nix::sys::statvfs::statvfs(dir) {
+                    Ok(s) => {
+                        let total = s.blocks() as f64 * s.fragment_size() as f64;
+                        (total * pct / 100.0) as u64
+                    }
+                    Err(_) => 1 << 30,
+                }
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for CacheCap {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bytes(b) => Ok(CacheCap::Bytes(b)),
+            Raw::Text(t) => match t.trim().strip_suffix('%') {
+                Some(pct) => match pct.trim().parse::<f64>() {
+                    Ok(p) if p > 0.0 && p <= 100.0 => Ok(CacheCap::Share(p)),
+                    _ => Err(serde::de::Error::custom(format!(
+                        "invalid cache share {t:?} (use a percentage above 0 and at most 100)"
+                    ))),
+                },
+                None => parse_size(&t)
+                    .map(CacheCap::Bytes)
+                    .map_err(serde::de::Error::custom),
+            },
+        }
+    }
+}
+
+fn size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    size_opt(d).map(|s| s.unwrap_or(0))
 }
 
 fn size_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
@@ -192,15 +271,31 @@ mod tests {
         assert_eq!(parse_size("10 MB").unwrap(), 10 << 20);
         assert!(parse_size("10X").is_err());
         let c = Config::parse("[cache]\nmax_size = \"2G\"").unwrap();
-        assert_eq!(c.cache.max_size, Some(2 << 30));
+        assert_eq!(c.cache.max_size, CacheCap::Bytes(2 << 30));
         assert_eq!(
             Config::parse("[cache]\nmax_size = 42")
                 .unwrap()
                 .cache
                 .max_size,
-            Some(42)
+            CacheCap::Bytes(42)
         );
-        assert_eq!(Config::default().cache.max_size, None);
+        let c = Config::parse("[cache]\nmax_size = \"25%\"").unwrap();
+        assert_eq!(c.cache.max_size, CacheCap::Share(25.0));
+        assert!(Config::parse("[cache]\nmax_size = \"0%\"").is_err());
+        assert!(Config::parse("[cache]\nmax_size = \"150%\"").is_err());
+        // The default is a share of the filesystem, never unbounded.
+        let dir = tempfile::tempdir().unwrap();
+        let cap = Config::default()
+            .cache
+            .max_size
+            .bytes(&dir.path().join("not/yet"));
+        assert!(cap > 0 && cap < u64::MAX, "{cap}");
+        let idx = Config::parse("[index]\nmax_toc_bytes = \"16M\"\nmax_entries = 10").unwrap();
+        assert_eq!(
+            (idx.index.max_toc_bytes, idx.index.max_entries),
+            (16 << 20, 10)
+        );
+        assert!(!Config::default().index.unbound_referrers);
     }
 
     #[test]

@@ -10,12 +10,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use oci_spec::image::Digest;
+
 use crate::cache::{Cache, CacheError};
+use crate::config::IndexSettings;
 use crate::image::{Compression, ImageRecord, LayerRecord};
 use crate::layer::estargz::{estargz_index, TOC_DIGEST_ANNOTATION};
 use crate::layer::reader::{stream_index, LayerReader, StreamSpec};
 use crate::layer::zstd_chunked;
-use crate::layer::{IndexFormat, IndexStore, LayerError, LayerIndex, DEFAULT_SPAN};
+use crate::layer::{IndexFormat, IndexStore, LayerError, LayerIndex, Limits, DEFAULT_SPAN};
 use crate::reference::Reference;
 use crate::registry::RegistryClient;
 use crate::source::{BlobSource, RegistrySource};
@@ -30,6 +33,12 @@ pub enum FsError {
     Cache(#[from] CacheError),
     #[error("{image}: {source}")]
     Tree { image: String, source: TreeError },
+    #[error("{image}: published index {index}: {detail}")]
+    Published {
+        image: String,
+        index: String,
+        detail: String,
+    },
     #[error("{image}: unsupported layer media type {media_type}")]
     Unsupported { image: String, media_type: String },
     #[error("{image}: no such file or directory: /{path}")]
@@ -61,11 +70,50 @@ pub struct IndexReport {
     pub seconds: f64,
 }
 
+/// Layer descriptor annotation pinning a stratafs layer index (the gzip'ed JSON blob in the
+/// same repository) by digest: written by `stratafs index push --bind`, so the manifest the
+/// user pulls vouches for the index as it vouches for the layer.
+pub const INDEX_ANNOTATION: &str = "io.stratafs.index.digest";
+
+/// The stratafs index an image vouches for on `layer`: pinned by the manifest's
+/// [`INDEX_ANNOTATION`], or adopted from an unbound referrer by a user who opted in
+/// (`LayerRecord::referrer_index`). An unparsable annotation pins nothing.
+pub fn pinned_index(layer: &LayerRecord) -> Option<(Digest, bool)> {
+    match layer.annotations.get(INDEX_ANNOTATION) {
+        Some(a) => crate::digest::parse(a).ok().map(|d| (d, true)),
+        None => layer.referrer_index.clone().map(|d| (d, false)),
+    }
+}
+
+/// What pins a layer's own TOC: the eStargz TOC digest annotation (on gzip layers) or the
+/// zstd:chunked manifest checksum annotation (on zstd layers).
+fn toc_pin(layer: &LayerRecord) -> Option<Digest> {
+    match Compression::of_layer(&layer.media_type)? {
+        Compression::Gzip => layer
+            .annotations
+            .get(TOC_DIGEST_ANNOTATION)
+            .and_then(|a| crate::digest::parse(a).ok()),
+        Compression::Zstd => zstd_chunked::toc_location(&layer.annotations)
+            .ok()
+            .flatten()
+            .map(|l| l.checksum),
+        Compression::None => None,
+    }
+}
+
 /// Access to layer indexes, blob sources and the cache for every image in a store.
+///
+/// Which index serves a layer of an image (the trust model, docs/security.md):
+/// 1. one built here by streaming the layer, verified against its digest and diff_id — for
+///    every image that has the layer;
+/// 2. a stratafs index the image pins ([`pinned_index`]) — for that image only;
+/// 3. the eStargz or zstd:chunked TOC the image's annotations pin — for that image only;
+/// 4. otherwise the layer is streamed once and (1) is built.
 pub struct Layers {
     indexes: IndexStore,
     cache: Arc<Cache>,
     client: Arc<RegistryClient>,
+    settings: IndexSettings,
     span: u64,
     /// Bytes read from the registry per blob since the last [`Layers::save_fetched`].
     fetched: std::sync::Mutex<std::collections::HashMap<String, Arc<AtomicU64>>>,
@@ -79,11 +127,22 @@ impl Layers {
             indexes: IndexStore::new(root),
             cache,
             client,
+            settings: IndexSettings::default(),
             span: DEFAULT_SPAN,
             fetched: Default::default(),
             fetched_dir: root.join("cache/fetched"),
             files_dir: root.join("cache").join(crate::cache::FILES_DIR),
         }
+    }
+
+    /// Uses the `[index]` settings (which indexes are trusted, and the limits).
+    pub fn with_settings(mut self, settings: IndexSettings) -> Layers {
+        self.settings = settings;
+        self
+    }
+
+    fn limits(&self) -> Limits {
+        Limits::from(&self.settings)
     }
 
     /// Adds the bytes read from the registry since the last call to the per-blob totals kept
@@ -137,31 +196,15 @@ impl Layers {
         )))
     }
 
-    /// The index of `layer`: from the index store, from its eStargz or zstd:chunked TOC, or
-    /// built by streaming the blob once.
+    /// The index of `layer` as `image` may use it (see [`Layers`] for the order): stored,
+    /// fetched as the image pins it, read from a pinned TOC, or built by streaming the blob once.
     pub async fn index(
         &self,
         image: &ImageRecord,
         layer: &LayerRecord,
     ) -> Result<(Arc<LayerIndex>, IndexReport), FsError> {
         let started = Instant::now();
-        let (index, built) = match self.indexes.get(&layer.digest)? {
-            Some(i) => (i, false),
-            None => {
-                let from_toc = match self.estargz(image, layer).await? {
-                    Some(i) => Some(i),
-                    None => self.zstd_chunked(image, layer).await?,
-                };
-                let index = match from_toc {
-                    Some(i) => {
-                        self.indexes.put(&i)?;
-                        i
-                    }
-                    None => self.build(image, layer).await?,
-                };
-                (index, true)
-            }
-        };
+        let (index, built) = self.find(image, layer).await?;
         let report = IndexReport {
             blob: layer.digest.to_string(),
             built,
@@ -174,6 +217,130 @@ impl Layers {
             seconds: started.elapsed().as_secs_f64(),
         };
         Ok((Arc::new(index), report))
+    }
+
+    async fn find(
+        &self,
+        image: &ImageRecord,
+        layer: &LayerRecord,
+    ) -> Result<(LayerIndex, bool), FsError> {
+        let blob = &layer.digest;
+        if let Some(i) = self.indexes.get(blob, None)? {
+            return Ok((i, false));
+        }
+        if let Some((pin, bound)) = pinned_index(layer).filter(|_| self.settings.published) {
+            if !bound && !self.settings.unbound_referrers {
+                tracing::warn!(image = %image.name, layer = %blob, "ignoring the referrer index adopted earlier: [index] unbound_referrers is off");
+            } else {
+                if !bound {
+                    tracing::warn!(image = %image.name, layer = %blob, index = %pin, "serving with a referrer index the image does not pin (unbound_referrers): until the layer is complete, whoever could push it decides what the files contain");
+                }
+                if let Some(i) = self.indexes.get(blob, Some(&pin))? {
+                    return Ok((i, false));
+                }
+                match self.fetch_published(image, layer, &pin).await {
+                    Ok(i) => {
+                        self.indexes.put(&i, Some(&pin))?;
+                        return Ok((i, true));
+                    }
+                    Err(e) => {
+                        tracing::warn!(image = %image.name, layer = %blob, index = %pin, error = %e, "published index unusable: indexing the layer from its own bytes instead")
+                    }
+                }
+            }
+        }
+        if let Some((built, i)) = self.from_toc(image, layer).await? {
+            return Ok((i, built));
+        }
+        Ok((self.build(image, layer).await?, true))
+    }
+
+    /// The index from the layer's pinned eStargz or zstd:chunked TOC (stored under the pin, or
+    /// read from the blob now), if it has one that serves random access.
+    async fn from_toc(
+        &self,
+        image: &ImageRecord,
+        layer: &LayerRecord,
+    ) -> Result<Option<(bool, LayerIndex)>, FsError> {
+        let pin = toc_pin(layer);
+        let Some(pin) = pin else { return Ok(None) };
+        if let Some(i) = self.indexes.get(&layer.digest, Some(&pin))? {
+            return Ok(Some((false, i)));
+        }
+        let from_toc = match self.estargz(image, layer).await? {
+            Some(i) => Some(i),
+            None => self.zstd_chunked(image, layer).await?,
+        };
+        Ok(match from_toc {
+            Some(i) => {
+                self.indexes.put(&i, Some(&pin))?;
+                Some((true, i))
+            }
+            None => None,
+        })
+    }
+
+    /// Fetches the stratafs index blob `pin` from the image's repository (digest-checked),
+    /// and checks it describes this layer and is well formed.
+    async fn fetch_published(
+        &self,
+        image: &ImageRecord,
+        layer: &LayerRecord,
+        pin: &Digest,
+    ) -> Result<LayerIndex, FsError> {
+        let reference: Reference = image
+            .name
+            .parse()
+            .map_err(|_| FsError::Name(image.name.clone()))?;
+        let invalid = |detail: String| FsError::Published {
+            image: image.name.clone(),
+            index: pin.to_string(),
+            detail,
+        };
+        let blob = self
+            .client
+            .fetch_index_blob(&reference, pin)
+            .await
+            .map_err(|e| invalid(e.to_string()))?;
+        let limits = self.limits();
+        let expected = layer.clone();
+        let pin_owned = pin.clone();
+        let parsed = tokio::task::spawn_blocking(move || -> Result<LayerIndex, String> {
+            let mut json = Vec::new();
+            std::io::Read::read_to_end(
+                &mut std::io::Read::take(
+                    flate2::read::GzDecoder::new(&blob[..]),
+                    limits.max_toc_bytes + 1,
+                ),
+                &mut json,
+            )
+            .map_err(|e| format!("decompressing: {e}"))?;
+            if json.len() as u64 > limits.max_toc_bytes {
+                return Err(format!(
+                    "larger than the {}-byte limit ([index] max_toc_bytes)",
+                    limits.max_toc_bytes
+                ));
+            }
+            let mut index: LayerIndex = serde_json::from_slice(&json).map_err(|e| e.to_string())?;
+            drop(json);
+            if index.version != crate::layer::INDEX_VERSION {
+                return Err(format!("index version {} is not supported", index.version));
+            }
+            if index.blob != expected.digest
+                || index.diff_id != expected.diff_id
+                || index.blob_size != expected.size
+                || index.format != IndexFormat::Stream
+                || Some(index.compression) != Compression::of_layer(&expected.media_type)
+            {
+                return Err("it describes another layer".into());
+            }
+            index.validate(limits.max_entries)?;
+            index.published = Some(pin_owned);
+            Ok(index)
+        })
+        .await
+        .expect("index parse task");
+        parsed.map_err(invalid)
     }
 
     /// The index of an eStargz layer from its footer and TOC; `None` if the layer is
@@ -198,7 +365,15 @@ impl Layers {
             }
         };
         let source = self.source(image, layer)?;
-        Ok(estargz_index(&*source, &layer.digest, &layer.diff_id, Some(&toc_digest)).await?)
+        let limits = self.limits();
+        Ok(estargz_index(
+            &*source,
+            &layer.digest,
+            &layer.diff_id,
+            Some(&toc_digest),
+            &limits,
+        )
+        .await?)
     }
 
     /// The index of a zstd:chunked layer from its TOC; `None` if the layer is not zstd
@@ -220,8 +395,14 @@ impl Layers {
             }
         };
         let source = self.source(image, layer)?;
-        let index =
-            zstd_chunked::zstd_chunked_index(&*source, &layer.digest, &layer.diff_id, &location);
+        let limits = self.limits();
+        let index = zstd_chunked::zstd_chunked_index(
+            &*source,
+            &layer.digest,
+            &layer.diff_id,
+            &location,
+            &limits,
+        );
         Ok(index.await?)
     }
 
@@ -232,7 +413,7 @@ impl Layers {
         layer: &LayerRecord,
     ) -> Result<LayerIndex, FsError> {
         let index = self.stream(image, layer).await?;
-        self.indexes.put(&index)?;
+        self.indexes.put(&index, None)?;
         Ok(index)
     }
 
@@ -255,6 +436,7 @@ impl Layers {
             diff_id: layer.diff_id.clone(),
             blob_size: layer.size,
             span: self.span,
+            limits: self.limits(),
         };
         Ok(stream_index(source, spec, self.cache.clone()).await?)
     }
@@ -283,7 +465,7 @@ impl Layers {
         };
         let result = compare(&served, &real, &mut report).await;
         if let Err(detail) = result {
-            self.indexes.put(&truth)?;
+            self.indexes.put(&truth, None)?;
             return Err(FsError::IndexMismatch {
                 blob: layer.digest.to_string(),
                 detail,
@@ -393,7 +575,10 @@ impl ImageView {
         for layer in image.layers.iter().take(count) {
             let (index, _) = layers.index(image, layer).await?;
             let source: Arc<dyn BlobSource> = layers.source(image, layer)?;
-            readers.push(LayerReader::new(index, source, layers.cache.clone()));
+            readers.push(
+                LayerReader::new(index, source, layers.cache.clone())
+                    .promoting_to(layers.indexes.clone()),
+            );
         }
         let tree =
             Tree::build(readers.iter().map(|r| &r.index().entries[..])).map_err(|source| {

@@ -136,14 +136,21 @@ pub struct StrataFs {
     statfs: (u64, u64),
     /// Reads served so far (the background fetcher yields while this moves).
     reads: Arc<AtomicU64>,
-    /// Open files (handles) whose last read timed out, and when: the kernel retries a failed
-    /// readahead through the same handle at once with a smaller read, which then fails at
-    /// once rather than waiting again. A new open waits for the registry again.
+    /// Open files (handles) whose last read failed with EIO (timed out, or the registry's
+    /// retry budget ran out), and when: the kernel retries a failed readahead through the same
+    /// handle at once with a smaller read, which then fails at once rather than waiting again.
+    /// A new open waits for the registry again.
     timed_out: Arc<Mutex<HashMap<u64, std::time::Instant>>>,
 }
 
-/// How long after a read timed out further reads through that handle fail at once.
+/// How long after a read failed further reads through that handle fail at once.
 const TIMEOUT_MEMORY: Duration = Duration::from_secs(2);
+
+fn remember_failure(failed: &Mutex<HashMap<u64, std::time::Instant>>, fh: u64) {
+    let mut t = failed.lock().unwrap();
+    t.retain(|_, at| at.elapsed() < TIMEOUT_MEMORY);
+    t.insert(fh, std::time::Instant::now());
+}
 
 impl StrataFs {
     pub fn new(
@@ -383,17 +390,18 @@ impl Filesystem for StrataFs {
                 Ok(Ok(data)) => reply.data(&data),
                 Ok(Err(e)) => {
                     tracing::error!(path = %view.tree.path(id), offset, size, error = %e, "read failed");
-                    reply.error(errno_of(&e));
+                    let errno = errno_of(&e);
+                    if errno == Errno::EIO {
+                        remember_failure(&timed_out, fh.0);
+                    }
+                    reply.error(errno);
                 }
                 Err(_) => {
                     tracing::error!(
                         path = %view.tree.path(id), offset, size,
                         "read failed: no data within the read timeout of {timeout:?}"
                     );
-                    let mut t = timed_out.lock().unwrap();
-                    t.retain(|_, at| at.elapsed() < TIMEOUT_MEMORY);
-                    t.insert(fh.0, std::time::Instant::now());
-                    drop(t);
+                    remember_failure(&timed_out, fh.0);
                     reply.error(Errno::EIO);
                 }
             }

@@ -201,6 +201,10 @@ pub struct LayerRecord {
     pub annotations: BTreeMap<String, String>,
     pub diff_id: Digest,
     pub chain_id: Digest,
+    /// A stratafs index found as a referrer of the image and adopted for this layer although
+    /// the manifest does not pin it (only with `[index] unbound_referrers = true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub referrer_index: Option<Digest>,
 }
 
 /// A pulled image: the name → descriptor mapping plus everything resolved from it.

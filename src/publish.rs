@@ -1,17 +1,21 @@
 //! Published layer indexes: share the indexes built here through the registry, and find them.
 //!
-//! `stratafs index push` attaches an OCI artifact to the image's platform manifest:
-//! a manifest with `artifactType` [`ARTIFACT_TYPE`], the empty config, one gzip-compressed
-//! [`LayerIndex`] per layer (annotated with the layer's blob digest) and `subject` = the image
-//! manifest. Registries with the referrers API link it themselves; for the others (registry
-//! 2.8 among them) the referrers tag schema is kept up to date: the tag `sha256-<hex>` of the
-//! subject names an OCI index listing its referrers.
+//! Two ways to publish (`stratafs index push`), with different trust:
 //!
-//! `pull` looks for such artifacts (referrers API, then the tag) and stores the indexes it
-//! finds, so the first read of a gzip layer needs one range request, not a streaming pass.
-//! Every fetched byte is digest-checked; an index must name the layer's blob digest and
-//! diff_id. Whether published indexes are used at all is the `[index] published` setting:
-//! their contents are as trustworthy as the push rights to the repository.
+//! - **Bound** (`--bind`, [`bind_indexes`]): the indexes are pushed as blobs and the image's
+//!   manifest is pushed again with each layer descriptor annotated
+//!   [`crate::fs::INDEX_ANNOTATION`] = the digest of its index (and, for a multi-platform image,
+//!   the index pointing at it). Whoever pulls that manifest's digest gets the indexes pinned by
+//!   it, vouched for by the image's publisher exactly as the layers are; `fs::Layers` fetches
+//!   such an index the first time the layer is opened. This is the default trust path.
+//! - **Referrer** ([`push_indexes`]): an OCI artifact whose `subject` is the image manifest
+//!   (a referrer; for registries without the referrers API the `sha256-<hex>` tag schema is
+//!   kept). Nothing in the image pins it — anyone who can push to the repository could publish
+//!   one — so [`adopt_referrer_indexes`] is used only when the user opts in with
+//!   `[index] unbound_referrers = true`, and every use is logged as a warning.
+//!
+//! Every fetched byte is digest-checked; an index must name the layer's blob digest, diff_id,
+//! size and compression and be well formed ([`LayerIndex::validate`]).
 
 use std::io::{Read, Write};
 
@@ -19,9 +23,10 @@ use oci_spec::image::Digest;
 use serde_json::{json, Value};
 
 use crate::image::{media, ImageRecord};
-use crate::layer::{IndexStore, LayerError, LayerIndex, INDEX_VERSION};
+use crate::layer::{IndexStore, LayerError, LayerIndex, Limits, INDEX_VERSION};
 use crate::reference::Reference;
 use crate::registry::{RegistryClient, RegistryError};
+use crate::store::{Store, StoreError};
 
 /// The `artifactType` of a stratafs index artifact.
 pub const ARTIFACT_TYPE: &str = "application/vnd.stratafs.index.v1";
@@ -38,6 +43,8 @@ pub enum PublishError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Layer(#[from] LayerError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error("{image}: {detail}")]
     Invalid { image: String, detail: String },
 }
@@ -127,17 +134,88 @@ async fn update_referrers_tag(
     Ok(())
 }
 
-/// Finds published indexes for `image` and stores those that match its layers and are not
-/// stored yet. Returns how many were stored.
-pub async fn fetch_indexes(
+/// Publishes `indexes` bound to the image: pushes each as a blob, then the image's manifest
+/// (and, for a multi-platform image, its index) again with every indexed layer's descriptor
+/// annotated with its index digest, under `tag` in the image's repository. Returns the digest
+/// the tag now names. Layers without an index in `indexes` are left as they are.
+pub async fn bind_indexes(
     client: &RegistryClient,
-    store: &IndexStore,
+    store: &Store,
     image: &ImageRecord,
+    indexes: &[LayerIndex],
+    tag: &str,
+) -> Result<Digest, PublishError> {
+    let reference: Reference = image
+        .name
+        .parse()
+        .map_err(|_| invalid(image, "invalid name"))?;
+    let mut manifest: Value = serde_json::from_slice(&store.content.get(&image.manifest.digest)?)
+        .map_err(|e| invalid(image, &format!("stored manifest: {e}")))?;
+    let layers = manifest["layers"]
+        .as_array_mut()
+        .ok_or_else(|| invalid(image, "stored manifest has no layers"))?;
+    let mut bound = 0;
+    for index in indexes {
+        let blob = gzip(&serde_json::to_vec(index).expect("index serializes"));
+        let digest = client.push_blob(&reference, &blob).await?;
+        for desc in layers
+            .iter_mut()
+            .filter(|d| d["digest"] == index.blob.as_ref())
+        {
+            if !desc["annotations"].is_object() {
+                desc["annotations"] = json!({});
+            }
+            desc["annotations"][crate::fs::INDEX_ANNOTATION] = json!(digest);
+            bound += 1;
+        }
+    }
+    if bound == 0 {
+        return Err(invalid(image, "no layer of the image has an index to bind"));
+    }
+    let bytes = serde_json::to_vec(&manifest).expect("manifest serializes");
+    let digest = crate::digest::sha256(&bytes);
+    let media_type = image.manifest.media_type.as_str();
+    if image.target.digest == image.manifest.digest {
+        client
+            .push_manifest(&reference, tag, media_type, &bytes)
+            .await?;
+        return Ok(digest);
+    }
+    // A multi-platform image: push the platform manifest by digest, then the index with this
+    // platform's entry pointing at it.
+    client
+        .push_manifest(&reference, digest.as_ref(), media_type, &bytes)
+        .await?;
+    let mut list: Value = serde_json::from_slice(&store.content.get(&image.target.digest)?)
+        .map_err(|e| invalid(image, &format!("stored index: {e}")))?;
+    for m in list["manifests"].as_array_mut().into_iter().flatten() {
+        if m["digest"] == image.manifest.digest.as_ref() {
+            m["digest"] = json!(digest);
+            m["size"] = json!(bytes.len());
+        }
+    }
+    let list = serde_json::to_vec(&list).expect("index serializes");
+    let list_digest = crate::digest::sha256(&list);
+    client
+        .push_manifest(&reference, tag, &image.target.media_type, &list)
+        .await?;
+    Ok(list_digest)
+}
+
+/// Finds a stratafs index artifact among the referrers of `image`'s manifest and adopts its
+/// indexes for the layers that have none pinned: stores each (digest-checked, matched to the
+/// layer, validated) under its own digest and records it in the image record as
+/// `referrer_index`. Only for users who opted in (`[index] unbound_referrers`): nothing in the
+/// image vouches for these. Returns how many layers adopted one.
+pub async fn adopt_referrer_indexes(
+    client: &RegistryClient,
+    store: &Store,
+    image: &ImageRecord,
+    limits: &Limits,
 ) -> Result<usize, PublishError> {
-    let missing: Vec<_> = image
-        .layers
-        .iter()
-        .filter(|l| !matches!(store.get(&l.digest), Ok(Some(_))))
+    let indexes = IndexStore::new(store.root());
+    let missing: Vec<usize> = (0..image.layers.len())
+        .filter(|&i| crate::fs::pinned_index(&image.layers[i]).is_none())
         .collect();
     if missing.is_empty() {
         return Ok(0);
@@ -180,8 +258,10 @@ pub async fn fetch_indexes(
             &format!("index artifact {digest} is for another manifest"),
         ));
     }
-    let mut stored = 0;
-    for layer in missing {
+    let mut record = image.clone();
+    let mut adopted = 0;
+    for i in missing {
+        let layer = &image.layers[i];
         let Some(desc) = manifest["layers"]
             .as_array()
             .into_iter()
@@ -193,23 +273,42 @@ pub async fn fetch_indexes(
         else {
             continue;
         };
-        let blob = client
-            .fetch_index_blob(&reference, &digest_field(image, &desc["digest"])?)
-            .await?;
-        let index: LayerIndex =
-            serde_json::from_slice(&gunzip(&blob).map_err(|e| invalid(image, &e.to_string()))?)
-                .map_err(|e| invalid(image, &format!("layer index for {}: {e}", layer.digest)))?;
-        if index.version != INDEX_VERSION
-            || index.blob != layer.digest
-            || index.diff_id != layer.diff_id
-        {
-            tracing::warn!(layer = %layer.digest, "published index does not match the layer; ignored");
+        let pin = digest_field(image, &desc["digest"])?;
+        let blob = client.fetch_index_blob(&reference, &pin).await?;
+        let mut json = Vec::new();
+        flate2::read::GzDecoder::new(&blob[..])
+            .take(limits.max_toc_bytes + 1)
+            .read_to_end(&mut json)
+            .map_err(|e| invalid(image, &e.to_string()))?;
+        let index: LayerIndex = match serde_json::from_slice(&json) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(layer = %layer.digest, error = %e, "referrer index unreadable; ignored");
+                continue;
+            }
+        };
+        let fits = json.len() as u64 <= limits.max_toc_bytes
+            && index.version == INDEX_VERSION
+            && index.blob == layer.digest
+            && index.diff_id == layer.diff_id
+            && index.blob_size == layer.size
+            && index.validate(limits.max_entries).is_ok();
+        if !fits {
+            tracing::warn!(layer = %layer.digest, "referrer index does not match the layer; ignored");
             continue;
         }
-        store.put(&index)?;
-        stored += 1;
+        let mut index = index;
+        index.published = Some(pin.clone());
+        indexes.put(&index, Some(&pin))?;
+        tracing::warn!(image = %image.name, layer = %layer.digest, index = %pin, "adopted a referrer index the image does not pin ([index] unbound_referrers)");
+        record.layers[i].referrer_index = Some(pin);
+        adopted += 1;
     }
-    Ok(stored)
+    if adopted > 0 {
+        let _lock = store.lock_shared()?;
+        store.images.put(&record)?;
+    }
+    Ok(adopted)
 }
 
 /// The referrers tag of a digest: `<alg>-<hex>`.
@@ -245,10 +344,4 @@ fn gzip(data: &[u8]) -> Vec<u8> {
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     e.write_all(data).expect("in-memory write");
     e.finish().expect("in-memory write")
-}
-
-fn gunzip(data: &[u8]) -> std::io::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    flate2::read::GzDecoder::new(data).read_to_end(&mut out)?;
-    Ok(out)
 }

@@ -177,6 +177,7 @@ pub async fn pull(
                 .unwrap_or_default(),
             diff_id,
             chain_id,
+            referrer_index: None,
         });
     }
 

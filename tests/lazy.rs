@@ -373,43 +373,41 @@ fn served_blob(reg: &Registry, mark: usize, digest: &str) -> (usize, u64) {
 }
 
 #[test]
-fn published_indexes_make_the_first_read_lazy() {
+fn bound_indexes_make_the_first_read_lazy() {
     let reg = Registry::start(RegistryOpts::default());
     let (image, files) = large_layer();
     let layer = image.layers[0].digest.clone();
     reg.push_image("lazy/published", "v1", &image, &Auth::None);
     let reference = format!("{}/lazy/published:v1", reg.addr());
 
-    // One machine builds the index (one streaming pass) and publishes it.
+    // One machine builds the index (one streaming pass) and publishes it bound to the image:
+    // the tag now names a manifest whose layer descriptor pins the index by digest.
     let publisher = Stratafs::new();
-    let out = publisher.ok(&["index", "push", &reference]);
-    assert!(out.contains("pushed indexes of 1 layers"), "{out}");
-    let hex = image.manifest_digest.strip_prefix("sha256:").unwrap();
-    let tag = reg.get_manifest("lazy/published", &format!("sha256-{hex}"), &Auth::None);
-    assert_eq!(tag.status, 200, "referrers tag index exists");
-    assert!(
-        tag.text().contains("application/vnd.stratafs.index.v1"),
-        "{}",
-        tag.text()
-    );
-    // Pushing again replaces nothing and duplicates nothing.
-    publisher.ok(&["index", "push", &reference]);
-    let tag = reg.get_manifest("lazy/published", &format!("sha256-{hex}"), &Auth::None);
+    let out = publisher.ok(&["index", "push", "--bind", &reference]);
+    assert!(out.contains("with the indexes of 1 layers pinned"), "{out}");
+    let bound = reg.get_manifest("lazy/published", "v1", &Auth::None);
+    let manifest: serde_json::Value = serde_json::from_slice(&bound.body).unwrap();
+    let pin = manifest["layers"][0]["annotations"]["io.stratafs.index.digest"]
+        .as_str()
+        .expect("the layer pins its index")
+        .to_string();
+    assert_ne!(sha256_digest(&bound.body), image.manifest_digest);
+    assert!(reg.has_blob(&pin), "the index blob is in the repository");
+    // Pushing again gives the same manifest (no timestamps): nothing changes.
+    let again = publisher.ok(&["index", "push", "--bind", &reference]);
     assert_eq!(
-        tag.text()
-            .matches("application/vnd.stratafs.index.v1")
-            .count(),
-        1,
-        "{}",
-        tag.text()
+        again.split_whitespace().nth(3),
+        out.split_whitespace().nth(3),
+        "{out}\n{again}"
     );
 
-    // Another machine pulls: it finds the index, and a read costs one range request.
+    // Another machine pulls: the manifest names the index, and neither layer data nor the
+    // index is fetched by pull. The first read fetches the index, then one range.
     let user = Stratafs::new();
     let mark = reg.log_mark();
     let out = user.ok(&["pull", &reference]);
     assert!(
-        out.contains("published indexes found for 1 of 1 layers"),
+        out.contains("stratafs indexes pinned by the manifest for 1 of 1 layers"),
         "{out}"
     );
     assert_eq!(
@@ -417,6 +415,7 @@ fn published_indexes_make_the_first_read_lazy() {
         (0, 0),
         "pull reads no layer data"
     );
+    assert_eq!(served_blob(&reg, mark, &pin).0, 0, "nor the index");
     let (path, content) = &files[123];
     assert!(user.cat(&reference, path) == *content);
     let (requests, bytes) = served_blob(&reg, mark, &layer);
@@ -426,6 +425,7 @@ fn published_indexes_make_the_first_read_lazy() {
         "{bytes} of {}",
         image.layers[0].size()
     );
+    assert_eq!(served_blob(&reg, mark, &pin).0, 1, "the index, once");
 
     // With published indexes turned off, the layer is streamed whole instead.
     let mut strict = Stratafs::new();
@@ -433,6 +433,65 @@ fn published_indexes_make_the_first_read_lazy() {
     let mark = reg.log_mark();
     assert!(strict.cat(&reference, path) == *content);
     assert_eq!(served_blob(&reg, mark, &layer).1, image.layers[0].size());
+}
+
+#[test]
+fn unbound_referrer_indexes_are_used_only_by_opt_in() {
+    let reg = Registry::start(RegistryOpts::default());
+    let (image, files) = large_layer();
+    let layer = image.layers[0].digest.clone();
+    reg.push_image("lazy/referrer", "v1", &image, &Auth::None);
+    let reference = format!("{}/lazy/referrer:v1", reg.addr());
+    let publisher = Stratafs::new();
+    let out = publisher.ok(&["index", "push", &reference]);
+    assert!(out.contains("pushed indexes of 1 layers"), "{out}");
+    let hex = image.manifest_digest.strip_prefix("sha256:").unwrap();
+    let tag = reg.get_manifest("lazy/referrer", &format!("sha256-{hex}"), &Auth::None);
+    assert_eq!(tag.status, 200, "referrers tag index exists");
+    assert!(
+        tag.text().contains("application/vnd.stratafs.index.v1"),
+        "{}",
+        tag.text()
+    );
+    // Pushing again replaces nothing and duplicates nothing.
+    publisher.ok(&["index", "push", &reference]);
+    let tag = reg.get_manifest("lazy/referrer", &format!("sha256-{hex}"), &Auth::None);
+    assert_eq!(
+        tag.text()
+            .matches("application/vnd.stratafs.index.v1")
+            .count(),
+        1,
+        "{}",
+        tag.text()
+    );
+    let (path, content) = &files[123];
+
+    // By default nothing the image does not pin is used: the layer is streamed.
+    let user = Stratafs::new();
+    let mark = reg.log_mark();
+    let out = user.ok(&["pull", &reference]);
+    assert!(!out.contains("adopted"), "{out}");
+    assert!(user.cat(&reference, path) == *content);
+    assert_eq!(served_blob(&reg, mark, &layer).1, image.layers[0].size());
+
+    // A user who opts in adopts it, with a warning, and reads by range.
+    let mut optin = Stratafs::new();
+    optin.set_config("[index]\nunbound_referrers = true\n");
+    let mark = reg.log_mark();
+    let pulled = optin.run(&["pull", &reference]);
+    let (out, err) = (
+        String::from_utf8_lossy(&pulled.stdout),
+        String::from_utf8_lossy(&pulled.stderr),
+    );
+    assert!(
+        out.contains("unbound referrer indexes adopted for 1 of 1 layers"),
+        "{out}"
+    );
+    assert!(err.contains("does not pin"), "warned: {err}");
+    assert!(optin.cat(&reference, path) == *content);
+    let (requests, bytes) = served_blob(&reg, mark, &layer);
+    assert_eq!(requests, 1, "one range request");
+    assert!(bytes * 4 < image.layers[0].size());
 }
 
 #[test]
@@ -508,10 +567,11 @@ fn index_verify_catches_a_hostile_published_index() {
     reg.push_image("lazy/hostile", "v1", &image, &Auth::None);
     let reference = format!("{}/lazy/hostile:v1", reg.addr());
 
-    // An honest publisher: verify passes on a fresh store that uses the published index.
+    // An honest publisher (unbound referrer): verify passes on a fresh store that opted in.
     let publisher = Stratafs::new();
     publisher.ok(&["index", "push", &reference]);
-    let honest = Stratafs::new();
+    let mut honest = Stratafs::new();
+    honest.set_config("[index]\nunbound_referrers = true\n");
     let out = honest.ok(&["index", "verify", &reference]);
     assert!(
         out.contains("index matches the layer") && out.contains("400 files"),
@@ -545,8 +605,13 @@ fn index_verify_catches_a_hostile_published_index() {
             .unwrap();
     });
 
-    // A victim reads the wrong bytes: every span checks out, but the tree is a lie...
-    let victim = Stratafs::new();
+    // A default store never uses it.
+    let safe = Stratafs::new();
+    assert!(safe.cat(&reference, "/files/f001") == files[1].1);
+
+    // A victim who opted in reads the wrong bytes: every span checks out, the tree is a lie...
+    let mut victim = Stratafs::new();
+    victim.set_config("[index]\nunbound_referrers = true\n");
     let wrong = victim.cat(&reference, "/files/f001");
     assert!(wrong != files[1].1, "the hostile index is in use");
     // ...until verify compares it with the layer, replaces it, and says so.

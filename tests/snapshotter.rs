@@ -196,7 +196,7 @@ impl Env {
     fn push(&self, repo: &str, image: &Image) -> String {
         self.reg.push_image(repo, "v1", image, &Auth::None);
         let reference = format!("{}/{repo}:v1", self.reg.addr());
-        Stratafs::new().ok(&["index", "push", &reference]);
+        Stratafs::new().ok(&["index", "push", "--bind", &reference]);
         reference
     }
 

@@ -42,7 +42,7 @@ use oci_spec::image::Digest;
 use serde::Deserialize;
 
 use super::tar::{clean_path, whiteout};
-use super::{Entry, Fetch, IndexFormat, Kind, LayerError, LayerIndex, Span, INDEX_VERSION};
+use super::{Entry, Fetch, IndexFormat, Kind, LayerError, LayerIndex, Limits, Span, INDEX_VERSION};
 use crate::image::Compression;
 use crate::source::BlobSource;
 
@@ -58,9 +58,9 @@ const LEGACY_FOOTER_SIZE: u64 = 47;
 pub const PREFETCH_LANDMARK: &str = ".prefetch.landmark";
 /// Placed first: prefetch nothing.
 pub const NO_PREFETCH_LANDMARK: &str = ".no.prefetch.landmark";
-/// Bounds on what a (possibly hostile) footer and TOC make us read and allocate.
+/// Bound on the compressed TOC member a (possibly hostile) footer makes us read; the JSON
+/// inside is bounded by [`Limits::max_toc_bytes`] and its entries by [`Limits::max_entries`].
 const MAX_TOC_MEMBER: u64 = 64 << 20;
-const MAX_TOC_JSON: u64 = 512 << 20;
 /// Largest chunk served from one member (larger ones fall back to streaming).
 pub const MAX_CHUNK: u64 = 64 << 20;
 
@@ -125,7 +125,9 @@ pub async fn estargz_index(
     blob: &Digest,
     diff_id: &Digest,
     toc_digest: Option<&Digest>,
+    limits: &Limits,
 ) -> Result<Option<LayerIndex>, LayerError> {
+    let limits = *limits;
     let blob_size = source.size();
     let tail_len = FOOTER_SIZE.min(blob_size);
     if tail_len < LEGACY_FOOTER_SIZE {
@@ -173,6 +175,7 @@ pub async fn estargz_index(
             &blob,
             &diff_id,
             toc_digest.as_ref(),
+            &limits,
         )
     })
     .await
@@ -187,12 +190,14 @@ fn index_from_toc(
     blob: &Digest,
     diff_id: &Digest,
     toc_digest: Option<&Digest>,
+    limits: &Limits,
 ) -> Result<Option<LayerIndex>, LayerError> {
     let corrupt = |detail: String| LayerError::Corrupt {
         blob: blob.clone(),
         detail,
     };
-    let json = toc_json(member).map_err(|e| corrupt(format!("eStargz TOC: {e}")))?;
+    let json =
+        toc_json(member, limits.max_toc_bytes).map_err(|e| corrupt(format!("eStargz TOC: {e}")))?;
     match toc_digest {
         Some(expected) => {
             let actual = crate::digest::compute_like(expected, &json)
@@ -211,8 +216,9 @@ fn index_from_toc(
             "eStargz layer without a {TOC_DIGEST_ANNOTATION} annotation: its TOC is not verified"
         ),
     }
-    let toc: Toc =
-        serde_json::from_slice(&json).map_err(|e| corrupt(format!("eStargz TOC: {e}")))?;
+    let toc =
+        Toc::parse(&json, limits.max_entries).map_err(|e| corrupt(format!("eStargz TOC: {e}")))?;
+    drop(json);
     let mapped = match map_toc(&toc, toc_offset, Frames::Gzip) {
         Ok(m) => m,
         Err(Unusable::Corrupt(detail)) => return Err(corrupt(format!("eStargz TOC: {detail}"))),
@@ -233,13 +239,14 @@ fn index_from_toc(
         checkpoints: Vec::new(),
         format: IndexFormat::Estargz,
         prefetch_end: mapped.prefetch_end,
+        published: None,
     }))
 }
 
 /// The TOC JSON from the TOC's gzip member (a tar entry named [`TOC_NAME`]).
-fn toc_json(member: &[u8]) -> Result<Vec<u8>, String> {
-    let gz = flate2::read::GzDecoder::new(member).take(MAX_TOC_JSON + (1 << 20));
-    let mut archive = ::tar::Archive::new(gz);
+fn toc_json(member: &[u8], max_json: u64) -> Result<Vec<u8>, String> {
+    let gz = flate2::read::GzDecoder::new(member).take(max_json.saturating_add(1 << 20));
+    let mut archive = ::tar::Archive::new(super::tar::HeaderGuard::new(gz));
     for entry in archive.entries().map_err(|e| e.to_string())? {
         let mut entry = entry.map_err(|e| format!("reading its tar entry: {e}"))?;
         let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
@@ -247,8 +254,10 @@ fn toc_json(member: &[u8]) -> Result<Vec<u8>, String> {
             continue;
         }
         let size = entry.size();
-        if size > MAX_TOC_JSON {
-            return Err(format!("{TOC_NAME} of {size} bytes is too large"));
+        if size > max_json {
+            return Err(format!(
+                "{TOC_NAME} of {size} bytes is larger than the {max_json}-byte limit ([index] max_toc_bytes)"
+            ));
         }
         let mut json = Vec::new();
         entry
@@ -267,6 +276,92 @@ pub(super) struct Toc {
     version: u32,
     #[serde(default, deserialize_with = "null_as_default")]
     entries: Vec<TocEntry>,
+}
+
+impl Toc {
+    /// Parses TOC JSON, refusing more than `max_entries` entries as soon as the next one
+    /// starts (so a TOC of millions of tiny entries costs no more than the limit).
+    pub(super) fn parse(json: &[u8], max_entries: usize) -> Result<Toc, String> {
+        use serde::de::DeserializeSeed;
+        let mut de = serde_json::Deserializer::from_slice(json);
+        let toc = TocSeed(max_entries)
+            .deserialize(&mut de)
+            .map_err(|e| e.to_string())?;
+        de.end().map_err(|e| e.to_string())?;
+        Ok(toc)
+    }
+}
+
+/// Deserializes a [`Toc`] with a bound on its entries.
+struct TocSeed(usize);
+
+impl<'de> serde::de::DeserializeSeed<'de> for TocSeed {
+    type Value = Toc;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Toc, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for TocSeed {
+    type Value = Toc;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a TOC object")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Toc, A::Error> {
+        let mut toc = Toc {
+            version: 0,
+            entries: Vec::new(),
+        };
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "version" => toc.version = map.next_value()?,
+                "entries" => toc.entries = map.next_value_seed(EntriesSeed(self.0))?,
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(toc)
+    }
+}
+
+/// TOC entries, at most `.0` of them (`null` is none, as Go writes empty slices).
+struct EntriesSeed(usize);
+
+impl<'de> serde::de::DeserializeSeed<'de> for EntriesSeed {
+    type Value = Vec<TocEntry>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_option(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for EntriesSeed {
+    type Value = Vec<TocEntry>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a list of TOC entries")
+    }
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(Vec::new())
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Vec::new())
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(e) = seq.next_element::<TocEntry>()? {
+            if out.len() >= self.0 {
+                return Err(serde::de::Error::custom(format!(
+                    "more than {} entries ([index] max_entries)",
+                    self.0
+                )));
+            }
+            out.push(e);
+        }
+        Ok(out)
+    }
 }
 
 /// Go writes empty slices and maps as `null` (zstd:chunked TOCs of empty layers do).

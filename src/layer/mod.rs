@@ -33,8 +33,12 @@ use sha2::{Digest as _, Sha256};
 use crate::image::Compression;
 pub use tar::{Entry, Kind};
 
-/// Index format version; indexes of other versions are rebuilt.
-pub const INDEX_VERSION: u32 = 3;
+/// Index format version; indexes of other versions are rebuilt. (4: indexes are stored by what
+/// vouches for them, so indexes stored by earlier versions, published ones among them, are not
+/// trusted.)
+pub const INDEX_VERSION: u32 = 4;
+/// Largest span a published index may declare (spans built here are about [`DEFAULT_SPAN`]).
+pub const MAX_SPAN: u64 = 64 << 20;
 /// Default uncompressed bytes per span.
 pub const DEFAULT_SPAN: u64 = 1 << 20;
 
@@ -140,6 +144,11 @@ pub struct LayerIndex {
     /// to prefetch (`Some(0)`: none). `None`: no landmark.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefetch_end: Option<u64>,
+    /// The digest of the published stratafs index this index was read from (set when it is
+    /// fetched, never taken from the document); `None` for indexes built here. A published
+    /// index gets the tree check when its layer is complete (see `reader`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published: Option<Digest>,
 }
 
 impl LayerIndex {
@@ -154,11 +163,103 @@ impl LayerIndex {
     pub fn random_access(&self) -> bool {
         !self.spans.iter().any(|s| s.fetch == Fetch::Cached)
     }
+
+    /// Checks the structure of an index that was not built here (a published one): at most
+    /// `max_entries` entries, spans contiguous from 0 to `size`, none larger than [`MAX_SPAN`],
+    /// every blob range inside the blob, every checkpoint reference valid, every file's data
+    /// inside the stream. Whatever else it claims is checked byte by byte when read.
+    pub fn validate(&self, max_entries: usize) -> Result<(), String> {
+        if self.entries.len() > max_entries {
+            return Err(format!(
+                "{} entries, more than the limit of {max_entries} ([index] max_entries)",
+                self.entries.len()
+            ));
+        }
+        let mut pos = 0u64;
+        for s in &self.spans {
+            if s.out_offset != pos || s.out_len == 0 || s.out_len > MAX_SPAN {
+                return Err(format!(
+                    "span at {} ({} bytes) does not continue the stream at {pos}",
+                    s.out_offset, s.out_len
+                ));
+            }
+            pos += s.out_len;
+            let range = match &s.fetch {
+                Fetch::Range { in_start, in_end }
+                | Fetch::Member {
+                    in_start, in_end, ..
+                }
+                | Fetch::Zstd { in_start, in_end } => Some((*in_start, *in_end)),
+                Fetch::Gzip {
+                    checkpoint,
+                    in_start,
+                    in_end,
+                    ..
+                } => {
+                    if *checkpoint as usize >= self.checkpoints.len() {
+                        return Err(format!(
+                            "span at {} names a missing checkpoint",
+                            s.out_offset
+                        ));
+                    }
+                    Some((*in_start, *in_end))
+                }
+                Fetch::Cached => None,
+            };
+            if let Some((a, b)) = range {
+                if a > b || b > self.blob_size || b - a > MAX_SPAN {
+                    return Err(format!(
+                        "span at {} reads blob bytes {a}..{b} of {}",
+                        s.out_offset, self.blob_size
+                    ));
+                }
+            }
+        }
+        if pos != self.size {
+            return Err(format!("spans cover {pos} of {} bytes", self.size));
+        }
+        if let Some(e) = self.entries.iter().find(|e| {
+            e.offset
+                .checked_add(e.size)
+                .is_none_or(|end| end > self.size)
+        }) {
+            return Err(format!("entry {:?} lies outside the stream", e.path));
+        }
+        Ok(())
+    }
 }
 
-/// Builds the index of a layer from its compressed blob, read once from start to end.
-/// `on_span(digest, data)` receives every span's verified-later bytes (to fill the cache); the
-/// index is returned only if the blob digest and the diff_id match.
+/// Bounds on what one (possibly hostile) layer may make stratafs hold in memory; see
+/// `[index]` in docs/configuration.md. The tar reader adds fixed bounds on header bodies and
+/// names ([`tar::MAX_HEADER_BODY`], [`tar::MAX_NAME`], [`tar::MAX_METADATA`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Most entries in one layer's index.
+    pub max_entries: usize,
+    /// Largest TOC or published index JSON.
+    pub max_toc_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let d = crate::config::IndexSettings::default();
+        Limits {
+            max_entries: d.max_entries,
+            max_toc_bytes: d.max_toc_bytes,
+        }
+    }
+}
+
+impl From<&crate::config::IndexSettings> for Limits {
+    fn from(s: &crate::config::IndexSettings) -> Self {
+        Limits {
+            max_entries: s.max_entries,
+            max_toc_bytes: s.max_toc_bytes,
+        }
+    }
+}
+
+/// [`build_index_with`] with the default [`Limits`].
 pub fn build_index(
     blob: impl Read,
     compression: Compression,
@@ -167,6 +268,32 @@ pub fn build_index(
     blob_size: u64,
     span: u64,
     on_span: &mut (dyn FnMut(&Digest, &[u8]) -> io::Result<()> + Send),
+) -> Result<LayerIndex, LayerError> {
+    build_index_with(
+        blob,
+        compression,
+        blob_digest,
+        diff_id,
+        blob_size,
+        span,
+        on_span,
+        &Limits::default(),
+    )
+}
+
+/// Builds the index of a layer from its compressed blob, read once from start to end.
+/// `on_span(digest, data)` receives every span's verified-later bytes (to fill the cache); the
+/// index is returned only if the blob digest and the diff_id match.
+#[allow(clippy::too_many_arguments)]
+pub fn build_index_with(
+    blob: impl Read,
+    compression: Compression,
+    blob_digest: &Digest,
+    diff_id: &Digest,
+    blob_size: u64,
+    span: u64,
+    on_span: &mut (dyn FnMut(&Digest, &[u8]) -> io::Result<()> + Send),
+    limits: &Limits,
 ) -> Result<LayerIndex, LayerError> {
     let limit = blob_size.saturating_mul(1100).max(1 << 30);
     let mut hashed = HashingReader::new(blob);
@@ -188,7 +315,7 @@ pub fn build_index(
             &mut hashed,
             compression,
             span,
-            limit,
+            (limit, limits.max_entries),
             &mut spans,
             &mut |data| {
                 tx.send(data.to_vec())
@@ -242,6 +369,7 @@ pub fn build_index(
         checkpoints,
         format: IndexFormat::Stream,
         prefetch_end: None,
+        published: None,
     })
 }
 
@@ -254,7 +382,7 @@ fn decode_stream(
     blob: impl Read,
     compression: Compression,
     span: u64,
-    limit: u64,
+    (limit, max_entries): (u64, usize),
     spans: &mut Vec<Span>,
     emit: &mut dyn FnMut(&[u8]) -> io::Result<()>,
 ) -> Result<Decoded, String> {
@@ -276,7 +404,7 @@ fn decode_stream(
                 });
                 Ok(())
             });
-            let entries = tar::read_entries(&mut indexer, limit)?;
+            let entries = tar::read_entries(&mut indexer, limit, max_entries)?;
             io::copy(&mut indexer, &mut io::sink()).map_err(|e| e.to_string())?;
             let checkpoints = std::mem::take(&mut indexer.checkpoints);
             let (out_hash, size) = indexer.finish();
@@ -307,7 +435,7 @@ fn decode_stream(
                 });
                 Ok(())
             });
-            let entries = tar::read_entries(&mut spanner, limit)?;
+            let entries = tar::read_entries(&mut spanner, limit, max_entries)?;
             io::copy(&mut spanner, &mut io::sink()).map_err(|e| e.to_string())?;
             let (out_hash, size) = spanner.finish().map_err(|e| e.to_string())?;
             Ok((entries, out_hash, size, Vec::new()))
@@ -393,7 +521,15 @@ impl<R: Read, F: FnMut(u64, &[u8]) -> io::Result<()>> Read for Spanner<R, F> {
     }
 }
 
-/// Layer indexes on disk: `<root>/layers/<blob hex>.json`.
+/// Layer indexes on disk, keyed by the layer blob *and by what vouches for the index*:
+///
+/// - `<root>/layers/<blob hex>.json`: built here by a streaming pass over the blob, verified
+///   against its digest and diff_id ([`build_index`]). Derived from the layer's bytes alone, so
+///   it serves every image that has the layer.
+/// - `<root>/layers/<blob hex>@<pin algorithm>-<pin hex>.json`: built from something one image's manifest pins —
+///   an eStargz TOC digest, a zstd:chunked checksum, a stratafs index digest (or a referrer
+///   index the user opted in to). It serves only images whose layer record carries the same
+///   pin, so an index trusted for one image never serves another that did not vouch for it.
 #[derive(Clone, Debug)]
 pub struct IndexStore {
     dir: PathBuf,
@@ -408,13 +544,26 @@ impl IndexStore {
         }
     }
 
-    fn path(&self, blob: &Digest) -> PathBuf {
-        self.dir.join(format!("{}.json", blob.digest()))
+    fn path(&self, blob: &Digest, pin: Option<&Digest>) -> PathBuf {
+        match pin {
+            None => self.dir.join(format!("{}.json", blob.digest())),
+            Some(p) => self.dir.join(format!(
+                "{}@{}-{}.json",
+                blob.digest(),
+                p.algorithm(),
+                p.digest()
+            )),
+        }
     }
 
-    /// The stored index for `blob`, if there is a current-version one.
-    pub fn get(&self, blob: &Digest) -> Result<Option<LayerIndex>, LayerError> {
-        let path = self.path(blob);
+    /// The stored index for `blob` vouched for by `pin` (`None`: built here from the verified
+    /// blob), if there is a current-version one.
+    pub fn get(
+        &self,
+        blob: &Digest,
+        pin: Option<&Digest>,
+    ) -> Result<Option<LayerIndex>, LayerError> {
+        let path = self.path(blob, pin);
         let data = match std::fs::read(&path) {
             Ok(d) => d,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -432,8 +581,35 @@ impl IndexStore {
         Ok((index.version == INDEX_VERSION && &index.blob == blob).then_some(index))
     }
 
-    pub fn put(&self, index: &LayerIndex) -> Result<(), LayerError> {
-        let path = self.path(&index.blob);
+    /// Any stored index of `blob` (the verified one first): for reports, never for serving.
+    pub fn get_any(&self, blob: &Digest) -> Result<Option<LayerIndex>, LayerError> {
+        if let Some(i) = self.get(blob, None)? {
+            return Ok(Some(i));
+        }
+        let prefix = format!("{}@", blob.digest());
+        let Ok(dir) = std::fs::read_dir(&self.dir) else {
+            return Ok(None);
+        };
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(pin) = name
+                .strip_prefix(&prefix)
+                .and_then(|n| n.strip_suffix(".json"))
+            else {
+                continue;
+            };
+            if let Ok(pin) = crate::digest::parse(&pin.replacen('-', ":", 1)) {
+                if let Some(i) = self.get(blob, Some(&pin))? {
+                    return Ok(Some(i));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Stores `index` under what vouches for it (`None`: built here from the verified blob).
+    pub fn put(&self, index: &LayerIndex, pin: Option<&Digest>) -> Result<(), LayerError> {
+        let path = self.path(&index.blob, pin);
         let store_err = |detail: String| LayerError::Store {
             path: path.clone(),
             detail,
@@ -452,9 +628,16 @@ pub(crate) fn deflate(data: &[u8]) -> Vec<u8> {
     enc.finish().expect("in-memory write")
 }
 
+/// Inflates a checkpoint window: at most [`gzip::WINDOW`] bytes (a longer one is an error, so a
+/// hostile index cannot make it a decompression bomb).
 pub(crate) fn inflate(data: &[u8]) -> io::Result<Vec<u8>> {
     let mut out = Vec::new();
-    flate2::read::DeflateDecoder::new(data).read_to_end(&mut out)?;
+    flate2::read::DeflateDecoder::new(data)
+        .take(gzip::WINDOW as u64 + 1)
+        .read_to_end(&mut out)?;
+    if out.len() > gzip::WINDOW {
+        return Err(io::Error::other("checkpoint window longer than 32 KiB"));
+    }
     Ok(out)
 }
 

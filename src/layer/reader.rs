@@ -9,7 +9,9 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::{build_index, gzip, Fetch, IndexFormat, LayerError, LayerIndex, DEFAULT_SPAN};
+use super::{
+    build_index_with, gzip, Fetch, IndexFormat, LayerError, LayerIndex, Limits, DEFAULT_SPAN,
+};
 use crate::cache::{Cache, CacheError};
 use crate::image::Compression;
 use crate::source::{BlobSource, SequentialReader};
@@ -25,10 +27,15 @@ pub struct StreamSpec {
     pub diff_id: oci_spec::image::Digest,
     pub blob_size: u64,
     pub span: u64,
+    pub limits: Limits,
 }
 
 /// Streams a whole blob once (parallel range requests), builds its index — verified against the
-/// blob digest and diff_id — and puts every span into the cache on the way.
+/// blob digest and diff_id — and puts its spans into the cache on the way, up to the cache's
+/// [`Cache::pass_budget`]. Chunks the pass added are removed again if the pass fails (a blob or
+/// diff_id mismatch, a tar error, a limit): nothing of a layer that did not verify is kept.
+/// A plain zstd layer (no random access: served from the cache only) that does not fit the
+/// budget is refused.
 pub async fn stream_index(
     source: Arc<dyn BlobSource>,
     spec: StreamSpec,
@@ -41,7 +48,10 @@ pub async fn stream_index(
         STREAM_PARALLEL,
     );
     tokio::task::spawn_blocking(move || {
-        build_index(
+        let budget = cache.pass_budget();
+        let mut added = Vec::new();
+        let (mut kept, mut dropped) = (0u64, false);
+        let mut result = build_index_with(
             reader,
             spec.compression,
             &spec.blob,
@@ -49,11 +59,41 @@ pub async fn stream_index(
             spec.blob_size,
             spec.span,
             &mut |digest, data| {
+                if cache.contains(digest) {
+                    return Ok(());
+                }
+                if kept + data.len() as u64 > budget {
+                    dropped = true;
+                    return Ok(());
+                }
                 cache
                     .insert_cold(digest, data)
-                    .map_err(std::io::Error::other)
+                    .map_err(std::io::Error::other)?;
+                kept += data.len() as u64;
+                added.push(digest.clone());
+                Ok(())
             },
-        )
+            &spec.limits,
+        );
+        if dropped && spec.compression == Compression::Zstd {
+            if let Ok(index) = &result {
+                result = Err(LayerError::Corrupt {
+                    blob: spec.blob.clone(),
+                    detail: format!(
+                        "a plain zstd layer is served from the cache only, and its {} bytes do not fit the {budget} bytes one layer may use (half the cache cap): raise [cache] max_size",
+                        index.size
+                    ),
+                });
+            }
+        }
+        if result.is_err() {
+            for digest in &added {
+                if let Err(e) = cache.remove(digest) {
+                    tracing::warn!(error = %e, "could not drop a chunk of a failed pass");
+                }
+            }
+        }
+        result
     })
     .await
     .expect("index build task")
@@ -84,6 +124,10 @@ pub struct LayerReader {
     completeness: std::sync::atomic::AtomicU8,
     /// Fetches this reader made (a read that fetched may have completed the layer).
     fetches: std::sync::atomic::AtomicU64,
+    /// A published index is checked on the first read too (its layer may be complete already).
+    first_read: std::sync::atomic::AtomicBool,
+    /// Where a published index that passed the whole-layer check is stored as verified.
+    promote: Option<super::IndexStore>,
 }
 
 const UNCHECKED: u8 = 0;
@@ -100,7 +144,16 @@ impl LayerReader {
             last_fetched: std::sync::atomic::AtomicUsize::new(usize::MAX),
             completeness: std::sync::atomic::AtomicU8::new(UNCHECKED),
             fetches: std::sync::atomic::AtomicU64::new(0),
+            first_read: std::sync::atomic::AtomicBool::new(true),
+            promote: None,
         }
+    }
+
+    /// Once a published index passes the whole-layer check, store it in `store` as verified
+    /// (later opens then use it for every image with the layer, and skip the check).
+    pub fn promoting_to(mut self, store: super::IndexStore) -> Self {
+        self.promote = Some(store);
+        self
     }
 
     pub fn index(&self) -> &LayerIndex {
@@ -129,6 +182,9 @@ impl LayerReader {
     pub async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, CacheError> {
         if self.completeness.load(Ordering::Relaxed) == WRONG {
             return Err(self.wrong_index());
+        }
+        if self.index.published.is_some() && self.first_read.swap(false, Ordering::Relaxed) {
+            self.check_complete().await?;
         }
         let fetches_before = self.fetches.load(Ordering::Relaxed);
         let out = self.read_spans(offset, len).await?;
@@ -200,7 +256,10 @@ impl LayerReader {
     /// and compares the result with the layer's diff_id (from the verified config). Every span
     /// was checked against the index already; this checks the index against the layer — a
     /// published index whose spans do not add up to the layer is caught here, and the reader
-    /// refuses further reads.
+    /// refuses further reads. For a published index the assembled tar stream is also parsed
+    /// and every entry (path, type, mode, ids, size, data offset, link target, device numbers,
+    /// xattrs, times) compared with the index: an index that arranges the layer's real bytes
+    /// into other files is caught too.
     async fn check_complete(&self) -> Result<(), CacheError> {
         let index = &self.index;
         if index.format != IndexFormat::Stream
@@ -209,35 +268,85 @@ impl LayerReader {
         {
             return Ok(());
         }
-        let (index, cache) = (self.index.clone(), self.cache.clone());
-        let matches = tokio::task::spawn_blocking(move || -> Result<Option<bool>, CacheError> {
-            let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
-            for span in &index.spans {
-                match cache.peek(&span.digest)? {
-                    Some(data) => sha2::Digest::update(&mut hasher, &*data),
-                    None => return Ok(None), // evicted meanwhile: check another time
+        let (index, cache, promote) =
+            (self.index.clone(), self.cache.clone(), self.promote.clone());
+        let verdict = tokio::task::spawn_blocking(
+            move || -> Result<Option<Result<(), String>>, CacheError> {
+                let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+                for span in &index.spans {
+                    match cache.peek(&span.digest)? {
+                        Some(data) => sha2::Digest::update(&mut hasher, &*data),
+                        None => return Ok(None), // evicted meanwhile: check another time
+                    }
                 }
-            }
-            let actual = hex::encode(sha2::Digest::finalize(hasher));
-            Ok(Some(actual == index.diff_id.digest()))
-        })
+                let actual = hex::encode(sha2::Digest::finalize(hasher));
+                if actual != index.diff_id.digest() {
+                    return Ok(Some(Err(format!(
+                        "its bytes do not hash to its diff_id {}",
+                        index.diff_id
+                    ))));
+                }
+                if index.published.is_none() {
+                    return Ok(Some(Ok(())));
+                }
+                let stream = CachedStream {
+                    index: &index,
+                    cache: &cache,
+                    span: 0,
+                    data: Arc::new(Vec::new()),
+                    at: 0,
+                    evicted: false,
+                };
+                let max = index.entries.len() + 1;
+                let mut stream = stream;
+                let parsed = super::tar::read_entries(&mut stream, u64::MAX, max);
+                if stream.evicted {
+                    return Ok(None);
+                }
+                let verdict = match parsed {
+                    Err(e) => Err(format!("its tar stream does not parse: {e}")),
+                    Ok(entries) => compare_entries(&index.entries, &entries),
+                };
+                if let (Ok(()), Some(store)) = (&verdict, promote) {
+                    let mut verified = (*index).clone();
+                    verified.published = None;
+                    if let Err(e) = store.put(&verified, None) {
+                        tracing::warn!(error = %e, "could not store the verified index");
+                    }
+                }
+                Ok(Some(verdict))
+            },
+        )
         .await
         .expect("completeness check task")?;
-        match matches {
-            Some(true) => self.completeness.store(VERIFIED, Ordering::Relaxed),
-            Some(false) => {
-                self.completeness.store(WRONG, Ordering::Relaxed);
-                tracing::error!(blob = %self.index.blob, "complete layer does not match its diff_id");
-                return Err(self.wrong_index());
-            }
+        match verdict {
+            Some(Ok(())) => self.completeness.store(VERIFIED, Ordering::Relaxed),
+            Some(Err(detail)) => return Err(self.mismatch(&detail)),
             None => {}
         }
         Ok(())
     }
 
+    /// Marks the index wrong for good: logs it (naming layer and detail), counts it, and
+    /// returns the error every later read gets.
+    fn mismatch(&self, detail: &str) -> CacheError {
+        if self.completeness.swap(WRONG, Ordering::Relaxed) != WRONG {
+            self.cache
+                .stats
+                .index_mismatches
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                blob = %self.index.blob,
+                published = ?self.index.published.as_ref().map(|d| d.to_string()),
+                "the index does not describe the layer: {detail}; the layer is not served"
+            );
+        }
+        self.wrong_index()
+    }
+
     fn wrong_index(&self) -> CacheError {
         CacheError::Fetch(format!(
-            "layer {}: all of it is cached, but its bytes do not hash to its diff_id {}: the index it is read with is wrong (run `stratafs index verify`)",
+            "layer {}: the index it is read with does not describe the layer (diff_id {}): not served (run `stratafs index verify`, or build the index locally)",
             self.index.blob, self.index.diff_id
         ))
     }
@@ -258,6 +367,10 @@ impl LayerReader {
             diff_id: index.diff_id.clone(),
             blob_size: index.blob_size,
             span: index.spans.first().map_or(DEFAULT_SPAN, |s| s.out_len),
+            limits: Limits {
+                max_entries: Limits::default().max_entries.max(index.entries.len()),
+                ..Limits::default()
+            },
         };
         stream_index(self.source.clone(), spec, self.cache.clone())
             .await
@@ -339,6 +452,68 @@ impl LayerReader {
     }
 }
 
+/// The uncompressed stream of a complete layer, read span by span from the cache without
+/// promoting the chunks; `evicted` is set if a span went missing meanwhile.
+struct CachedStream<'a> {
+    index: &'a LayerIndex,
+    cache: &'a Cache,
+    span: usize,
+    data: Arc<Vec<u8>>,
+    at: usize,
+    evicted: bool,
+}
+
+impl std::io::Read for CachedStream<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.data.len() {
+            let Some(span) = self.index.spans.get(self.span) else {
+                return Ok(0);
+            };
+            match self
+                .cache
+                .peek(&span.digest)
+                .map_err(std::io::Error::other)?
+            {
+                Some(d) => self.data = d,
+                None => {
+                    self.evicted = true;
+                    return Err(std::io::Error::other("span evicted"));
+                }
+            }
+            self.span += 1;
+            self.at = 0;
+        }
+        let n = buf.len().min(self.data.len() - self.at);
+        buf[..n].copy_from_slice(&self.data[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// Compares the entries an index claims with those the layer's tar stream holds.
+fn compare_entries(claimed: &[super::Entry], actual: &[super::Entry]) -> Result<(), String> {
+    for (i, real) in actual.iter().enumerate() {
+        match claimed.get(i) {
+            Some(c) if c == real => {}
+            Some(c) => {
+                return Err(format!(
+                    "entry /{} differs: index {c:?}, layer {real:?}",
+                    real.path
+                ))
+            }
+            None => return Err(format!("the index lacks entry /{}", real.path)),
+        }
+    }
+    if claimed.len() > actual.len() {
+        return Err(format!(
+            "the index has {} entries, the layer {}",
+            claimed.len(),
+            actual.len()
+        ));
+    }
+    Ok(())
+}
+
 /// Span `span` of `index` from its fetched (compressed) bytes `raw`, verified.
 fn decode(index: &LayerIndex, span: &super::Span, raw: &[u8]) -> SpanResult {
     let bad = |what: &str, e: &dyn std::fmt::Display| {
@@ -409,6 +584,7 @@ fn fetch_range(fetch: &Fetch) -> Option<(u64, u64)> {
 mod tests {
     use super::*;
     use crate::cache::DiskChunks;
+    use crate::layer::build_index;
     use crate::source::{FaultySource, FileSource};
     use std::io::Write;
 
@@ -482,9 +658,41 @@ mod tests {
         let cache = reader.cache.clone();
         let reader = LayerReader::new(Arc::new(lying), source, cache);
         let err = reader.read(offset, size).await.unwrap_err().to_string();
-        assert!(err.contains("do not hash to its diff_id"), "{err}");
+        assert!(err.contains("does not describe the layer"), "{err}");
+        assert_eq!(
+            reader.cache.stats.index_mismatches.load(Ordering::Relaxed),
+            1
+        );
         let err = reader.read(offset, 10).await.unwrap_err().to_string();
         assert!(err.contains("index verify"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_published_index_is_checked_as_a_tree_once_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let (reader, source, offset, size, _) = setup(dir.path());
+        let mut published = (*reader.index).clone();
+        published.published = Some(crate::digest::sha256(b"index blob"));
+        let honest = Arc::new(published.clone());
+        let cache = reader.cache.clone();
+        // An honest published index: the complete layer verifies.
+        let r = LayerReader::new(honest.clone(), source.clone(), cache.clone());
+        let mut pos = 0;
+        while pos < size {
+            let got = r.read(offset + pos, 100 << 10).await.unwrap();
+            pos += got.len() as u64;
+        }
+        assert_eq!(r.completeness.load(Ordering::Relaxed), VERIFIED);
+
+        // The same index claiming another entry list: caught at the first read of the
+        // complete layer, counted, and refused from then on.
+        let mut lying = published.clone();
+        lying.entries[0].mode ^= 0o4000;
+        let r = LayerReader::new(Arc::new(lying), source.clone(), cache.clone());
+        let err = r.read(offset, 10).await.unwrap_err().to_string();
+        assert!(err.contains("does not describe the layer"), "{err}");
+        assert_eq!(cache.stats.index_mismatches.load(Ordering::Relaxed), 1);
+        assert!(r.read(offset, 10).await.is_err());
     }
 
     #[tokio::test]

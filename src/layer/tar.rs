@@ -126,19 +126,207 @@ pub(crate) fn whiteout(path: &str) -> Result<Option<(String, Kind)>, String> {
     Ok(Some((hidden_path, Kind::Whiteout)))
 }
 
+/// Largest body of a metadata header (GNU long name or link, PAX extended or global), as Go's
+/// archive/tar (containerd's reader) allows: a 1 GiB "long name" is a memory bomb, not a name.
+pub const MAX_HEADER_BODY: u64 = 1 << 20;
+/// Longest path, link target or xattr value kept for one entry (Linux allows 64 KiB xattr
+/// values; no path lookup can use a longer name).
+pub const MAX_NAME: usize = 64 << 10;
+/// Most bytes of paths, link targets and xattrs one layer's entries may hold in all.
+pub const MAX_METADATA: u64 = 256 << 20;
+
+/// Passes a tar stream through unchanged while following its headers the way the `tar` crate
+/// does (GNU long names and links, PAX records including `size`, GNU sparse extension blocks),
+/// and fails the read that would deliver a metadata header body over [`MAX_HEADER_BODY`] —
+/// before the `tar` crate could buffer it. Stops looking at the first all-zero block (the end
+/// of the archive as the `tar` crate reads it).
+pub(crate) struct HeaderGuard<R> {
+    inner: R,
+    /// Stream offset of the next byte read.
+    pos: u64,
+    /// Stream offset of the next header block.
+    next: u64,
+    block: Box<[u8; 512]>,
+    have: usize,
+    /// The next block at `next` is a GNU sparse extension block; data follows them.
+    sparse_ext: bool,
+    pending_data: u64,
+    /// A PAX body being collected (its header's size), to find a `size` record.
+    pax: Option<(u64, Vec<u8>)>,
+    /// The `size` a PAX header gave the next entry.
+    pax_size: Option<u64>,
+    done: bool,
+}
+
+impl<R> HeaderGuard<R> {
+    pub(crate) fn new(inner: R) -> Self {
+        HeaderGuard {
+            inner,
+            pos: 0,
+            next: 0,
+            block: Box::new([0; 512]),
+            have: 0,
+            sparse_ext: false,
+            pending_data: 0,
+            pax: None,
+            pax_size: None,
+            done: false,
+        }
+    }
+
+    fn header(&mut self) -> std::io::Result<()> {
+        let b = &*self.block;
+        let at = self.next;
+        if self.sparse_ext {
+            self.sparse_ext = b[504] != 0;
+            self.next += 512;
+            if !self.sparse_ext {
+                self.next += std::mem::take(&mut self.pending_data);
+            }
+            return Ok(());
+        }
+        if b.iter().all(|&x| x == 0) {
+            self.done = true;
+            return Ok(());
+        }
+        let kind = b[156];
+        let recognised = &b[257..262] == b"ustar";
+        let meta = matches!(kind, b'L' | b'K' | b'x' | b'g');
+        let mut size = numeric(&b[124..136]);
+        if !meta {
+            if let Some(s) = self.pax_size.take() {
+                size = s;
+            }
+        }
+        if meta && size > MAX_HEADER_BODY {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "tar header at offset {at}: a {} body of {size} bytes is larger than the {MAX_HEADER_BODY}-byte limit",
+                    match kind {
+                        b'L' => "GNU long name",
+                        b'K' => "GNU long link",
+                        b'x' => "PAX extended header",
+                        _ => "PAX global header",
+                    }
+                ),
+            ));
+        }
+        let padded = size.div_ceil(512) * 512;
+        if kind == b'x' && recognised {
+            self.pax = Some((size, Vec::new()));
+        }
+        if kind == b'S' && b[482] != 0 {
+            self.sparse_ext = true;
+            self.pending_data = padded;
+            self.next += 512;
+        } else {
+            self.next += 512 + padded;
+        }
+        Ok(())
+    }
+
+    /// Collects PAX body bytes at stream offset `abs` and reads its `size` record when complete.
+    fn pax_bytes(&mut self, abs: u64, data: &[u8]) {
+        let Some((size, body)) = self.pax.as_mut() else {
+            return;
+        };
+        let body_start = self.next - size.div_ceil(512) * 512;
+        if abs < body_start || abs >= body_start + *size {
+            return;
+        }
+        let want = (*size - body.len() as u64) as usize;
+        body.extend_from_slice(&data[..data.len().min(want)]);
+        if body.len() as u64 == *size {
+            let body = std::mem::take(body);
+            self.pax = None;
+            self.pax_size = pax_record(&body, "size").and_then(|v| v.parse().ok());
+        }
+    }
+}
+
+/// A tar numeric field: octal text, or base-256 when the high bit of the first byte is set.
+fn numeric(field: &[u8]) -> u64 {
+    if field[0] & 0x80 != 0 {
+        return field[1..].iter().fold(u64::from(field[0] & 0x7f), |n, &b| {
+            n.saturating_mul(256).saturating_add(u64::from(b))
+        });
+    }
+    let text = String::from_utf8_lossy(field);
+    let digits = text.trim_matches(|c: char| c == ' ' || c == '\0');
+    u64::from_str_radix(digits, 8).unwrap_or(0)
+}
+
+/// The value of PAX record `key` in an extended header body (`LEN KEY=VALUE\n` records).
+fn pax_record<'a>(body: &'a [u8], key: &str) -> Option<&'a str> {
+    let mut rest = body;
+    while !rest.is_empty() {
+        let space = rest.iter().position(|&b| b == b' ')?;
+        let len: usize = std::str::from_utf8(&rest[..space]).ok()?.parse().ok()?;
+        if len <= space || len > rest.len() {
+            return None;
+        }
+        let record = &rest[space + 1..len];
+        let record = record.strip_suffix(b"\n").unwrap_or(record);
+        if let Some(eq) = record.iter().position(|&b| b == b'=') {
+            if &record[..eq] == key.as_bytes() {
+                return std::str::from_utf8(&record[eq + 1..]).ok();
+            }
+        }
+        rest = &rest[len..];
+    }
+    None
+}
+
+impl<R: Read> Read for HeaderGuard<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let mut i = 0;
+        while i < n && !self.done {
+            let abs = self.pos + i as u64;
+            if abs < self.next {
+                let skip = ((self.next - abs) as usize).min(n - i);
+                if self.pax.is_some() {
+                    let data = buf[i..i + skip].to_vec();
+                    self.pax_bytes(abs, &data);
+                }
+                i += skip;
+                continue;
+            }
+            let take = (512 - self.have).min(n - i);
+            self.block[self.have..self.have + take].copy_from_slice(&buf[i..i + take]);
+            self.have += take;
+            i += take;
+            if self.have == 512 {
+                self.have = 0;
+                self.header()?;
+            }
+        }
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
 /// Reads every entry of a tar stream. `limit` bounds each entry's declared size (a hostile
-/// layer cannot claim more data than the stream has).
+/// layer cannot claim more data than the stream has); at most `max_entries` entries, metadata
+/// header bodies of at most [`MAX_HEADER_BODY`], names and xattr values of at most [`MAX_NAME`]
+/// and [`MAX_METADATA`] of them in all are accepted, so a small hostile layer cannot make the
+/// index (or the memory holding it) large.
 ///
 /// Some writers (umoci 0.4's `insert`, seen here) end the stream right after the last file's
 /// data, without its block padding and the end-of-archive blocks. That is accepted when every
 /// entry's data lies inside the stream; a stream cut inside an entry's data is an error.
-pub fn read_entries(reader: impl Read, limit: u64) -> Result<Vec<Entry>, String> {
+pub fn read_entries(
+    reader: impl Read,
+    limit: u64,
+    max_entries: usize,
+) -> Result<Vec<Entry>, String> {
     let mut padded = PaddedAtEof {
-        inner: reader,
+        inner: HeaderGuard::new(reader),
         real: 0,
         zeros: 0,
     };
-    let entries = read_entries_strict(&mut padded, limit)?;
+    let entries = read_entries_strict(&mut padded, limit, max_entries)?;
     if let Some(e) = entries.iter().find(|e| e.offset + e.size > padded.real) {
         return Err(format!(
             "tar stream truncated: entry {:?} needs bytes up to {} but the stream has {}",
@@ -172,13 +360,30 @@ impl<R: Read> Read for PaddedAtEof<R> {
     }
 }
 
-fn read_entries_strict(reader: impl Read, limit: u64) -> Result<Vec<Entry>, String> {
+fn read_entries_strict(
+    reader: impl Read,
+    limit: u64,
+    max_entries: usize,
+) -> Result<Vec<Entry>, String> {
     let mut archive = tar::Archive::new(reader);
     let mut out = Vec::new();
+    let mut metadata = 0u64;
     let entries = archive.entries().map_err(|e| e.to_string())?;
     for entry in entries {
         let mut entry = entry.map_err(|e| format!("reading tar entry: {e}"))?;
+        if out.len() >= max_entries {
+            return Err(format!(
+                "more than {max_entries} entries ([index] max_entries)"
+            ));
+        }
         let raw_path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        if raw_path.len() > MAX_NAME {
+            return Err(format!(
+                "entry name of {} bytes (starting {:?}) is longer than {MAX_NAME}",
+                raw_path.len(),
+                raw_path.chars().take(64).collect::<String>()
+            ));
+        }
         let path = clean_path(&raw_path)?;
         let header = entry.header();
         let size = entry.size();
@@ -248,6 +453,22 @@ fn read_entries_strict(reader: impl Read, limit: u64) -> Result<Vec<Entry>, Stri
                     pax_mtime = ext.value().ok().and_then(pax_time);
                 }
             }
+        }
+        let link_len = match &kind {
+            Kind::Symlink { target } | Kind::Hardlink { target } => target.len(),
+            _ => 0,
+        };
+        let xattr_len: usize = xattrs.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if link_len > MAX_NAME || xattrs.values().any(|v| v.len() > MAX_NAME) {
+            return Err(format!(
+                "entry {raw_path:?} has a link target or xattr value longer than {MAX_NAME} bytes"
+            ));
+        }
+        metadata += (raw_path.len() + link_len + xattr_len) as u64;
+        if metadata > MAX_METADATA {
+            return Err(format!(
+                "entry names, link targets and xattrs exceed {MAX_METADATA} bytes in all"
+            ));
         }
         let header = entry.header();
         let (mtime, mtime_nsec) = pax_mtime.unwrap_or((header.mtime().unwrap_or(0) as i64, 0));

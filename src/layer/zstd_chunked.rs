@@ -26,7 +26,7 @@ use std::io::Read;
 use oci_spec::image::Digest;
 
 use super::estargz::{map_toc, Frames, Toc, Unusable};
-use super::{IndexFormat, LayerError, LayerIndex, INDEX_VERSION};
+use super::{IndexFormat, LayerError, LayerIndex, Limits, INDEX_VERSION};
 use crate::image::Compression;
 use crate::source::BlobSource;
 
@@ -42,8 +42,6 @@ pub const CHECKSUM_ANNOTATIONS: [&str; 2] = [
 ];
 /// The TOC type this reader understands (zstd-compressed JSON).
 const TOC_TYPE_JSON: u64 = 1;
-/// Largest compressed or uncompressed TOC accepted.
-const MAX_TOC: u64 = 256 << 20;
 
 /// Where a layer's TOC is and what it hashes to, from its annotations.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -92,17 +90,25 @@ pub async fn zstd_chunked_index(
     blob: &Digest,
     diff_id: &Digest,
     at: &TocLocation,
+    limits: &Limits,
 ) -> Result<Option<LayerIndex>, LayerError> {
+    let (max_toc, max_entries) = (limits.max_toc_bytes, limits.max_entries);
     let corrupt = |detail: String| LayerError::Corrupt {
         blob: blob.clone(),
         detail: format!("zstd:chunked TOC: {detail}"),
     };
     let blob_size = source.size();
     let end = at.offset.checked_add(at.length).filter(|e| *e <= blob_size);
-    if end.is_none() || at.length > MAX_TOC || at.uncompressed > MAX_TOC {
+    if end.is_none() {
         return Err(corrupt(format!(
-            "{} bytes at {} do not fit the {blob_size}-byte blob (or exceed {MAX_TOC})",
+            "{} bytes at {} do not fit the {blob_size}-byte blob",
             at.length, at.offset
+        )));
+    }
+    if at.length > max_toc || at.uncompressed > max_toc {
+        return Err(corrupt(format!(
+            "{} bytes ({} uncompressed) are more than the {max_toc}-byte limit ([index] max_toc_bytes)",
+            at.length, at.uncompressed
         )));
     }
     let compressed =
@@ -141,7 +147,8 @@ pub async fn zstd_chunked_index(
                 at.uncompressed
             )));
         }
-        let toc: Toc = serde_json::from_slice(&json).map_err(|e| corrupt(e.to_string()))?;
+        let toc = Toc::parse(&json, max_entries).map_err(corrupt)?;
+        drop(json);
         let mapped = match map_toc(&toc, at.offset, Frames::Zstd) {
             Ok(m) => m,
             Err(Unusable::Corrupt(detail)) => return Err(corrupt(detail)),
@@ -162,6 +169,7 @@ pub async fn zstd_chunked_index(
             checkpoints: Vec::new(),
             format: IndexFormat::ZstdChunked,
             prefetch_end: mapped.prefetch_end,
+            published: None,
         }))
     })
     .await

@@ -16,6 +16,9 @@ use crate::reference::Reference;
 
 const USER_AGENT: &str = concat!("stratafs/", env!("CARGO_PKG_VERSION"));
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Most time spent retrying a refused or failed connection: a registry that is not listening
+/// is reported within seconds, not after the whole retry budget.
+const CONNECT_RETRY: Duration = Duration::from_secs(3);
 
 /// What to GET from a repository.
 pub(crate) struct Request<'a> {
@@ -199,8 +202,10 @@ impl Transport {
             "pull,push"
         };
         let scope = format!("repository:{repo}:{actions}");
-        let deadline = Instant::now() + Duration::from_secs(self.settings.retry_max_elapsed_secs);
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(self.settings.retry_max_elapsed_secs);
         let retry = !ep.is_mirror;
+        let mut attempt = 1;
         let mut backoff = Duration::from_millis(100);
         // Each is done at most once per request: answer a 401 challenge, renew a token on 403.
         let mut challenge_answered = false;
@@ -251,12 +256,16 @@ impl Transport {
                             .insert(ep.host.clone());
                         continue;
                     }
-                    let transient = matches!(
-                        err,
-                        RegistryError::Connect { .. } | RegistryError::Timeout { .. }
-                    );
-                    if retry && transient && Instant::now() + backoff < deadline {
-                        tracing::debug!(error = %err, ?backoff, "retrying");
+                    let limit = match err {
+                        RegistryError::Connect { .. } => {
+                            Some(deadline.min(started + CONNECT_RETRY))
+                        }
+                        RegistryError::Timeout { .. } => Some(deadline),
+                        _ => None,
+                    };
+                    if retry && limit.is_some_and(|l| Instant::now() + backoff < l) {
+                        tracing::warn!(host = %ep.host, attempt, "{err}; retrying in {backoff:?}");
+                        attempt += 1;
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(MAX_BACKOFF);
                         continue;
@@ -308,7 +317,8 @@ impl Transport {
                 s if retry && (s == StatusCode::TOO_MANY_REQUESTS || s.is_server_error()) => {
                     let wait = retry_after(resp.headers()).unwrap_or(backoff);
                     if Instant::now() + wait < deadline {
-                        tracing::debug!(status = %s, ?wait, "retrying");
+                        tracing::warn!(host = %ep.host, status = %s, attempt, "{}: server error; retrying in {wait:?}", req.subject);
+                        attempt += 1;
                         tokio::time::sleep(wait).await;
                         backoff = (backoff * 2).min(MAX_BACKOFF);
                         continue;

@@ -14,7 +14,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::image::{Compression, ImageRecord, Platform};
-use crate::layer::IndexStore;
 use crate::reference::Reference;
 use crate::registry::RegistryClient;
 use crate::store::Store;
@@ -31,8 +30,8 @@ const STARGZ_LAYER: &str = "containerd.io/snapshot/remote/stargz.digest";
 pub struct Resolver {
     pub store: Store,
     pub client: Arc<RegistryClient>,
-    /// Fetch published layer indexes when pulling (the `[index] published` setting).
-    pub published: bool,
+    /// The `[index]` settings: adopt unbound referrer indexes when pulling only if opted in.
+    pub index: crate::config::IndexSettings,
     pub platform: Platform,
 }
 
@@ -101,9 +100,12 @@ impl Resolver {
         let image = crate::pull::pull(&self.client, &self.store, &parsed, &self.platform, &|_| {})
             .await
             .map_err(|e| format!("pulling {reference}: {e}"))?;
-        if self.published {
-            let indexes = IndexStore::new(self.store.root());
-            if let Err(e) = crate::publish::fetch_indexes(&self.client, &indexes, &image).await {
+        if self.index.published && self.index.unbound_referrers {
+            let limits = crate::layer::Limits::from(&self.index);
+            if let Err(e) =
+                crate::publish::adopt_referrer_indexes(&self.client, &self.store, &image, &limits)
+                    .await
+            {
                 tracing::warn!(image = %image.name, error = %e, "published indexes unavailable");
             }
         }

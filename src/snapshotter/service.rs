@@ -435,7 +435,7 @@ impl Snapshotter {
         if let Some(layer) = &s.lazy {
             let digest = crate::digest::parse(&layer.digest)
                 .map_err(|e| SnapshotterError::Corrupt(e.to_string()))?;
-            let index = self.indexes.get(&digest).ok().flatten();
+            let index = self.indexes.get_any(&digest).ok().flatten();
             return Ok(match index {
                 Some(i) => Usage {
                     size: i

@@ -70,7 +70,7 @@ fn snapshotter(dir: &Path) -> (Snapshotter, Arc<FakeMounter>) {
     let resolver = Resolver {
         store,
         client,
-        published: false,
+        index: Default::default(),
         platform: Platform::host(),
     };
     let s = Snapshotter::open(resolver, mounter.clone(), Arc::new(NoChunks)).unwrap();
@@ -99,6 +99,7 @@ fn stored_image(store: &Store, name: &str, media_types: &[&str]) -> Vec<String> 
             annotations: BTreeMap::new(),
             diff_id: diff_ids[i].clone(),
             chain_id: chains[i].clone(),
+            referrer_index: None,
         })
         .collect();
     store

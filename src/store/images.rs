@@ -151,6 +151,7 @@ mod tests {
                 annotations: Default::default(),
                 diff_id: d.clone(),
                 chain_id: d,
+                referrer_index: None,
             }],
             created_at: chrono::Utc::now(),
             updated_at: chrono::Utc::now(),

@@ -70,6 +70,41 @@ impl Stratafs {
         self.command().args(args).output().expect("run stratafs")
     }
 
+    /// Runs and returns the output with the process's peak resident memory (VmHWM, as
+    /// `wait4` reports it for this one child), in bytes.
+    pub fn run_peak(&self, args: &[&str]) -> (Output, u64) {
+        use std::io::Read;
+        use std::process::Stdio;
+        let mut child = self
+            .command()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run stratafs");
+        let mut out = child.stdout.take().unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            out.read_to_end(&mut v).unwrap();
+            v
+        });
+        let mut stderr = Vec::new();
+        err.read_to_end(&mut stderr).unwrap();
+        let stdout = reader.join().unwrap();
+        let mut status = 0;
+        // SAFETY: rusage is plain data; the pid is our own child, not yet waited for.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+        assert_eq!(pid, child.id() as i32, "wait4");
+        let output = Output {
+            status: std::os::unix::process::ExitStatusExt::from_raw(status),
+            stdout,
+            stderr,
+        };
+        (output, usage.ru_maxrss as u64 * 1024)
+    }
+
     /// Runs and expects success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);

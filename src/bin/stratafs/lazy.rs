@@ -20,6 +20,8 @@ pub struct Context {
     pub client: Arc<RegistryClient>,
     pub chunks: Arc<DiskChunks>,
     pub layers: Layers,
+    /// The cache cap in bytes (`[cache] max_size` resolved for this store).
+    pub cache_cap: u64,
 }
 
 impl Context {
@@ -29,19 +31,24 @@ impl Context {
             config.hosts.clone(),
             plain_http,
         ));
+        let cache_cap = config.cache.max_size.bytes(store.root());
         let chunks = Arc::new(
             DiskChunks::open(store.root())
                 .context("opening the chunk cache")?
-                .with_cap(config.cache.max_size),
+                .with_cap(Some(cache_cap)),
         );
-        let cache = Arc::new(Cache::new(chunks.clone(), config.cache.memory_chunks));
-        let layers = Layers::new(store.root(), client.clone(), cache);
+        let cache = Arc::new(
+            Cache::new(chunks.clone(), config.cache.memory_chunks).with_pass_budget(cache_cap / 2),
+        );
+        let layers =
+            Layers::new(store.root(), client.clone(), cache).with_settings(config.index.clone());
         Ok(Context {
             config: config.clone(),
             store,
             client,
             chunks,
             layers,
+            cache_cap,
         })
     }
 
@@ -57,14 +64,18 @@ impl Context {
         Ok(image)
     }
 
-    /// Stores the published indexes of `image`'s layers, if allowed and any exist (best effort:
-    /// without them, layers are indexed by streaming). Returns how many were stored.
+    /// With `[index] unbound_referrers` (opt-in): adopts the indexes published as referrers of
+    /// `image` for layers the image pins none for (best effort: without them, layers are
+    /// indexed by streaming). Returns how many were adopted.
     pub async fn fetch_published(&self, image: &ImageRecord) -> usize {
-        if !self.config.index.published {
+        let index = &self.config.index;
+        if !index.published || !index.unbound_referrers {
             return 0;
         }
-        let indexes = stratafs::layer::IndexStore::new(self.store.root());
-        match stratafs::publish::fetch_indexes(&self.client, &indexes, image).await {
+        let limits = stratafs::layer::Limits::from(index);
+        match stratafs::publish::adopt_referrer_indexes(&self.client, &self.store, image, &limits)
+            .await
+        {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!(image = %image.name, error = %e, "published indexes unavailable");
@@ -246,18 +257,53 @@ pub async fn index_verify(ctx: &Context, reference: &str, platform: &Platform) -
     Ok(())
 }
 
-pub async fn index_push(ctx: &Context, reference: &str, platform: &Platform) -> Result<()> {
+/// Publishes the image's layer indexes: bound to the image (`bind`: a new manifest pinning
+/// them, pushed under `tag` or the reference's own tag) or as an unbound referrer.
+pub async fn index_push(
+    ctx: &Context,
+    reference: &str,
+    platform: &Platform,
+    bind: bool,
+    tag: Option<&str>,
+) -> Result<()> {
     let image = ctx.image(reference, platform).await?;
     let mut indexes = Vec::new();
     for layer in &image.layers {
-        let (index, _) = ctx.layers.index(&image, layer).await?;
-        indexes.push((*index).clone());
+        // Only indexes built here from the verified layer are published, and only those that
+        // serve random access (an eStargz or zstd:chunked TOC is pinned by the image already).
+        let index = match ctx.layers.index(&image, layer).await? {
+            (i, _) if i.format == stratafs::layer::IndexFormat::Stream && i.published.is_none() => {
+                i
+            }
+            _ => std::sync::Arc::new(ctx.layers.build(&image, layer).await?),
+        };
+        if index.format == stratafs::layer::IndexFormat::Stream && index.random_access() {
+            indexes.push((*index).clone());
+        }
     }
-    let digest = stratafs::publish::push_indexes(&ctx.client, &image, &indexes).await?;
+    if !bind {
+        let digest = stratafs::publish::push_indexes(&ctx.client, &image, &indexes).await?;
+        println!(
+            "pushed indexes of {} layers as {digest} (referrer of {}; used only by stores with [index] unbound_referrers = true — prefer --bind)",
+            indexes.len(),
+            image.manifest.digest
+        );
+        return Ok(());
+    }
+    let parsed: Reference = image.name.parse()?;
+    let tag = match tag.or(parsed.tag()) {
+        Some(t) => t.to_string(),
+        None => {
+            anyhow::bail!("{reference} has no tag to push the bound image under: give --tag TAG")
+        }
+    };
+    let digest =
+        stratafs::publish::bind_indexes(&ctx.client, &ctx.store, &image, &indexes, &tag).await?;
     println!(
-        "pushed indexes of {} layers as {digest} (referrer of {})",
-        indexes.len(),
-        image.manifest.digest
+        "pushed {}:{tag} as {digest}: {} with the indexes of {} layers pinned by its manifest",
+        parsed.name(),
+        image.name,
+        indexes.len()
     );
     Ok(())
 }
@@ -278,7 +324,7 @@ pub fn cache_stats(ctx: &Context, json: bool) -> Result<()> {
     }
     let mut rows = Vec::new();
     for (digest, (images, blob_size)) in layers {
-        let index = indexes.get(&stratafs::digest::parse(&digest)?)?;
+        let index = indexes.get_any(&stratafs::digest::parse(&digest)?)?;
         let (spans, cached_spans, size, cached_bytes) = match &index {
             Some(i) => {
                 let cached: Vec<_> = i
@@ -318,17 +364,13 @@ pub fn cache_stats(ctx: &Context, json: bool) -> Result<()> {
             .map(|m| serde_json::json!({"mountpoint": m.mountpoint, "image": m.image, "pid": m.pid, "layers": m.layers}))
             .collect();
         let out = serde_json::json!({
-            "chunks": chunks, "bytes": bytes, "max_size": ctx.config.cache.max_size, "layers": rows,
+            "chunks": chunks, "bytes": bytes, "max_size": ctx.cache_cap, "layers": rows,
             "mounts": mounts,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    let cap = ctx
-        .config
-        .cache
-        .max_size
-        .map_or("none".to_string(), |c| c.to_string());
+    let cap = ctx.cache_cap;
     println!("cache: {chunks} chunks, {bytes} bytes (cap: {cap})");
     println!(
         "{:<71} {:>9} {:>12} {:>12} {:>12}  STATE",

@@ -152,8 +152,18 @@ enum IndexCommand {
         #[command(flatten)]
         image: ImageArgs,
     },
-    /// Publish the image's layer indexes to its registry (as a referrer of its manifest).
+    /// Publish the image's layer indexes to its registry. With --bind (recommended): push the
+    /// image again with its manifest pinning each index by digest, so pulling it trusts them.
+    /// Without: as a referrer of its manifest, used only by stores that opt in to unbound
+    /// referrers.
     Push {
+        /// Pin the indexes in a new manifest of the image (pushed under --tag, or the
+        /// reference's own tag).
+        #[arg(long)]
+        bind: bool,
+        /// Tag for the bound image (default: the reference's tag).
+        #[arg(long, requires = "bind")]
+        tag: Option<String>,
         #[command(flatten)]
         image: ImageArgs,
     },
@@ -254,9 +264,20 @@ async fn run(mut cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&pull_json(&record))?);
             } else {
                 print_pull(&record);
+                let pinned = record
+                    .layers
+                    .iter()
+                    .filter(|l| l.annotations.contains_key(stratafs::fs::INDEX_ANNOTATION))
+                    .count();
+                if pinned > 0 {
+                    println!(
+                        "  stratafs indexes pinned by the manifest for {pinned} of {} layers (fetched on first read)",
+                        record.layers.len()
+                    );
+                }
                 if published > 0 {
                     println!(
-                        "  published indexes found for {published} of {} layers",
+                        "  unbound referrer indexes adopted for {published} of {} layers (not vouched for by the image)",
                         record.layers.len()
                     );
                 }
@@ -342,6 +363,14 @@ async fn run(mut cli: Cli) -> Result<()> {
                 mountpoint,
             };
             let root = cli.root.clone();
+            // A read's whole retry budget ends inside its read timeout (half of it), so a
+            // registry that keeps failing gives EIO with the cause rather than a timeout.
+            let mut config = config.clone();
+            if let Some(timeout) = mount::read_timeout(&config.mount, &args.options) {
+                let budget = (timeout.as_secs_f64() / 2.0) as u64;
+                let retry = &mut config.registry.retry_max_elapsed_secs;
+                *retry = (*retry).min(budget);
+            }
             mount::mount(
                 &root,
                 &config.mount,
@@ -372,9 +401,10 @@ async fn run(mut cli: Cli) -> Result<()> {
             let ctx = lazy::Context::new(store, &config, image.plain_http)?;
             lazy::index_verify(&ctx, &image.reference, &platform(&image.platform)?).await?;
         }
-        Command::Index(IndexCommand::Push { image }) => {
+        Command::Index(IndexCommand::Push { bind, tag, image }) => {
             let ctx = lazy::Context::new(store, &config, image.plain_http)?;
-            lazy::index_push(&ctx, &image.reference, &platform(&image.platform)?).await?;
+            let platform = platform(&image.platform)?;
+            lazy::index_push(&ctx, &image.reference, &platform, bind, tag.as_deref()).await?;
         }
         Command::Index(IndexCommand::Build { json, image }) => {
             let ctx = lazy::Context::new(store, &config, image.plain_http)?;
@@ -386,7 +416,7 @@ async fn run(mut cli: Cli) -> Result<()> {
         Command::Cache(CacheCommand::Prune { max_size }) => {
             let max = match max_size {
                 Some(s) => stratafs::config::parse_size(&s).map_err(anyhow::Error::msg)?,
-                None => config.cache.max_size.unwrap_or(0),
+                None => config.cache.max_size.bytes(store.root()),
             };
             lazy::cache_prune(&lazy::Context::new(store, &config, false)?, max)?;
         }

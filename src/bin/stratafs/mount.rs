@@ -88,6 +88,19 @@ fn parse_options(
     Ok(parsed)
 }
 
+/// The read timeout a mount with these options gets (config, then `-o read_timeout=`).
+pub fn read_timeout(
+    settings: &stratafs::config::MountSettings,
+    options: &[String],
+) -> Option<Duration> {
+    let split: Vec<String> = options
+        .iter()
+        .flat_map(|o| o.split(',').map(str::to_string).collect::<Vec<_>>())
+        .filter(|o| !o.is_empty())
+        .collect();
+    parse_options(settings, &split).ok().map(|o| o.read_timeout)
+}
+
 /// `-o background` / `-o nobackground`, the last one given (else the config decides).
 fn background_option(options: &[String]) -> Option<bool> {
     options.iter().rev().find_map(|o| match o.as_str() {
@@ -305,7 +318,7 @@ async fn serve(
             let settings = stratafs::prefetch::PrefetchSettings {
                 bandwidth: ctx.config.mount.background_bandwidth,
                 delay: Duration::from_secs_f64(ctx.config.mount.background_delay_secs.max(0.0)),
-                cache_cap: ctx.config.cache.max_size,
+                cache_cap: Some(ctx.cache_cap),
             };
             tokio::spawn(stratafs::prefetch::prefetch(
                 view.clone(),

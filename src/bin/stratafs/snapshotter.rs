@@ -77,7 +77,7 @@ pub async fn run(
     let resolver = Resolver {
         store: ctx.store.clone(),
         client: ctx.client.clone(),
-        published: ctx.config.index.published,
+        index: ctx.config.index.clone(),
         platform: crate::platform(&args.platform)?,
     };
     let snapshotter = Arc::new(

@@ -184,10 +184,16 @@ impl Layer {
 
     async fn index(&self, source: &dyn BlobSource) -> LayerIndex {
         let toc = crate::digest::sha256(&self.toc);
-        estargz_index(source, &self.digest, &self.diff_id, Some(&toc))
-            .await
-            .unwrap()
-            .expect("an eStargz layer")
+        estargz_index(
+            source,
+            &self.digest,
+            &self.diff_id,
+            Some(&toc),
+            &Default::default(),
+        )
+        .await
+        .unwrap()
+        .expect("an eStargz layer")
     }
 
     /// A reader over a fresh in-memory cache and the layer's chunk directory.
@@ -371,10 +377,16 @@ async fn a_wrong_toc_digest_is_refused_and_none_is_accepted() {
     let layer = sample();
     let source = layer.source();
     let wrong = crate::digest::sha256(b"another TOC");
-    let err = estargz_index(&*source, &layer.digest, &layer.diff_id, Some(&wrong))
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = estargz_index(
+        &*source,
+        &layer.digest,
+        &layer.diff_id,
+        Some(&wrong),
+        &Default::default(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
     let right = crate::digest::sha256(&layer.toc).to_string();
     for part in [
         layer.digest.to_string(),
@@ -384,7 +396,14 @@ async fn a_wrong_toc_digest_is_refused_and_none_is_accepted() {
     ] {
         assert!(err.contains(&part), "{err} lacks {part}");
     }
-    let unverified = estargz_index(&*source, &layer.digest, &layer.diff_id, None).await;
+    let unverified = estargz_index(
+        &*source,
+        &layer.digest,
+        &layer.diff_id,
+        None,
+        &Default::default(),
+    )
+    .await;
     assert!(
         unverified.unwrap().is_some(),
         "no annotation: accepted with a warning"
@@ -446,7 +465,7 @@ async fn other_blobs_are_not_estargz() {
         std::fs::write(&path, blob).unwrap();
         let d = crate::digest::sha256(blob);
         let source = FaultySource::new(FileSource::open(path, d.clone()).unwrap());
-        assert!(estargz_index(&source, &d, &d, None)
+        assert!(estargz_index(&source, &d, &d, None, &Default::default())
             .await
             .unwrap()
             .is_none());
@@ -577,8 +596,11 @@ async fn the_index_round_trips_through_the_store() {
     let index = layer.index(&*layer.source()).await;
     std::fs::create_dir_all(layer.dir.path().join("tmp")).unwrap();
     let store = crate::layer::IndexStore::new(layer.dir.path());
-    store.put(&index).unwrap();
-    let back = store.get(&layer.digest).unwrap().expect("a current index");
+    store.put(&index, None).unwrap();
+    let back = store
+        .get(&layer.digest, None)
+        .unwrap()
+        .expect("a current index");
     assert_eq!(back.spans, index.spans);
     assert_eq!(back.entries, index.entries);
     assert_eq!(
@@ -595,5 +617,5 @@ async fn the_index_round_trips_through_the_store() {
     old["version"] = json!(1);
     old.as_object_mut().unwrap().remove("format");
     std::fs::write(&path, serde_json::to_vec(&old).unwrap()).unwrap();
-    assert!(store.get(&layer.digest).unwrap().is_none());
+    assert!(store.get(&layer.digest, None).unwrap().is_none());
 }
