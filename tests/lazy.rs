@@ -612,8 +612,12 @@ fn index_verify_catches_a_hostile_published_index() {
     // A victim who opted in reads the wrong bytes: every span checks out, the tree is a lie...
     let mut victim = Stratafs::new();
     victim.set_config("[index]\nunbound_referrers = true\n");
-    let wrong = victim.cat(&reference, "/files/f001");
-    assert!(wrong != files[1].1, "the hostile index is in use");
+    let out = victim.run(&["cat", &reference, "/files/f001"]);
+    assert!(
+        out.stdout != files[1].1,
+        "the hostile index is in use: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // ...until verify compares it with the layer, replaces it, and says so.
     let err = victim.fail(&["index", "verify", &reference]);
     assert!(

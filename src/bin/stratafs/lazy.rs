@@ -60,7 +60,12 @@ impl Context {
         }
         let image =
             stratafs::pull::pull(&self.client, &self.store, &reference, platform, &|_| {}).await?;
-        self.fetch_published(&image).await;
+        if self.fetch_published(&image).await > 0 {
+            // The record now names the adopted indexes.
+            if let Some(r) = self.store.images.get(&image.name)? {
+                return Ok(r);
+            }
+        }
         Ok(image)
     }
 
