@@ -249,7 +249,7 @@ impl Layers {
                 }
             }
         }
-        if let Some((built, i)) = self.from_toc(image, layer).await? {
+        if let Some((built, i)) = self.toc_index(image, layer).await? {
             return Ok((i, built));
         }
         Ok((self.build(image, layer).await?, true))
@@ -257,7 +257,7 @@ impl Layers {
 
     /// The index from the layer's pinned eStargz or zstd:chunked TOC (stored under the pin, or
     /// read from the blob now), if it has one that serves random access.
-    async fn from_toc(
+    async fn toc_index(
         &self,
         image: &ImageRecord,
         layer: &LayerRecord,

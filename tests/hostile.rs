@@ -117,7 +117,9 @@ fn refer(cli: &Stratafs, reference: &str, index: LayerIndex) {
 /// victim's registry and in a second registry; the attacker binds a forged index to its own
 /// images and publishes it as a referrer of the victim's. Returns (victim reference, the
 /// attacker's references, the victim's files).
-fn poisoned(reg: &Registry, other: &Registry) -> (String, Vec<String>, Vec<(String, Vec<u8>)>) {
+type Files = Vec<(String, Vec<u8>)>;
+
+fn poisoned(reg: &Registry, other: &Registry) -> (String, Vec<String>, Files) {
     let (layer, files) = victim_layer();
     let hex = layer.digest.strip_prefix("sha256:").unwrap().to_string();
     let victim = ImageBuilder::new()

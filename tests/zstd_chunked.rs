@@ -123,10 +123,18 @@ fn images_converted_by_skopeo_read_lazily_and_exactly() {
     assert_eq!(cli.ls(&dst, "/etc"), ["added", "hello"]);
     // Indexed from the TOC, with the large file in several verified chunks.
     let hex = digests[0].trim_start_matches("sha256:");
-    let index: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(cli.root().join("layers").join(format!("{hex}.json"))).unwrap(),
-    )
-    .unwrap();
+    // Stored under the TOC checksum that pins it (only images with that annotation use it).
+    let pinned: Vec<_> = std::fs::read_dir(cli.root().join("layers"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            name.starts_with(&format!("{hex}@sha256-"))
+        })
+        .collect();
+    assert_eq!(pinned.len(), 1, "{pinned:?}");
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&pinned[0]).unwrap()).unwrap();
     assert_eq!(index["format"], "zstd-chunked");
     let spans = index["spans"].as_array().unwrap();
     assert!(spans.len() >= 5, "{} spans", spans.len());

@@ -72,6 +72,7 @@ impl Stratafs {
 
     /// Runs and returns the output with the process's peak resident memory (VmHWM, as
     /// `wait4` reports it for this one child), in bytes.
+    #[allow(clippy::zombie_processes)] // reaped by wait4 below, which std cannot do
     pub fn run_peak(&self, args: &[&str]) -> (Output, u64) {
         use std::io::Read;
         use std::process::Stdio;
