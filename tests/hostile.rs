@@ -462,3 +462,84 @@ fn a_compression_bomb_stays_within_the_cache_cap() {
         serde_json::from_str(&host.ok(&["cache", "stats", "--json"])).unwrap();
     assert_eq!(stats["bytes"], 0, "{stats}");
 }
+
+#[test]
+fn a_forged_checkpoint_window_is_caught() {
+    let reg = Registry::start(RegistryOpts::default());
+    let (layer, files) = victim_layer();
+    let hex = layer.digest.strip_prefix("sha256:").unwrap().to_string();
+    let blob = layer.blob.clone();
+    let evil = ImageBuilder::new().layer(layer).build(ManifestFlavour::Oci);
+    reg.push_image("evil/window", "v1", &evil, &Auth::None);
+    let evil_ref = reference(&reg, "evil/window");
+    let attacker = Stratafs::new();
+    attacker.ok(&["index", "build", &evil_ref]);
+    let mut index = built_index(&attacker, &hex);
+
+    // Span k starts from a checkpoint with a window; forge the window and give the span the
+    // digest of what the inflater then makes of it.
+    let k = (1..index.spans.len())
+        .find(|&k| match &index.spans[k].fetch {
+            stratafs::layer::Fetch::Gzip { checkpoint, .. } => {
+                !index.checkpoints[*checkpoint as usize].window.is_empty()
+            }
+            _ => false,
+        })
+        .expect("a span after a windowed checkpoint");
+    let stratafs::layer::Fetch::Gzip {
+        checkpoint,
+        in_start,
+        in_end,
+        ..
+    } = index.spans[k].fetch.clone()
+    else {
+        unreachable!()
+    };
+    let cp = &mut index.checkpoints[checkpoint as usize];
+    let mut window = Vec::new();
+    std::io::Read::read_to_end(
+        &mut flate2::read::DeflateDecoder::new(&cp.window[..]),
+        &mut window,
+    )
+    .unwrap();
+    window.iter_mut().for_each(|b| *b ^= 0x55);
+    let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(&window).unwrap();
+    cp.window = enc.finish().unwrap();
+    let raw = &blob[in_start as usize..in_end as usize];
+    let out = stratafs::layer::gzip::decode_span(cp, raw, index.spans[k].out_len as usize).unwrap();
+    index.spans[k].digest = stratafs::digest::sha256(&out);
+    bind(&attacker, &evil_ref, index.clone());
+
+    // A file wholly inside span k-1, then one wholly inside span k.
+    let inside = |s: &stratafs::layer::Span| {
+        let e = index
+            .entries
+            .iter()
+            .find(|e| {
+                e.path.starts_with("files/")
+                    && e.offset > s.out_offset
+                    && e.offset + e.size < s.out_offset + s.out_len
+            })
+            .unwrap();
+        format!("/{}", e.path)
+    };
+    let (before, after) = (inside(&index.spans[k - 1]), inside(&index.spans[k]));
+    let host = Stratafs::new();
+    let content = |p: &str| {
+        files
+            .iter()
+            .find(|(f, _)| format!("/{f}") == p)
+            .unwrap()
+            .1
+            .clone()
+    };
+    assert!(host.cat(&evil_ref, &before) == content(&before));
+    let err = host.fail(&["cat", &evil_ref, &after]);
+    assert!(
+        err.contains("does not describe the layer")
+            && err.contains("window of checkpoint")
+            && err.contains(&hex),
+        "{err}"
+    );
+}

@@ -179,6 +179,7 @@ pub struct GzipIndexer<R, F> {
     state: State,
     members: u64,
     ring: Vec<u8>,
+    scratch: Vec<u8>,
     ring_pos: usize,
     ring_full: bool,
     out_total: u64,
@@ -205,6 +206,7 @@ impl<R: Read, F: FnMut(SpanOut<'_>) -> io::Result<()>> GzipIndexer<R, F> {
             state: State::Header,
             members: 0,
             ring: vec![0; WINDOW],
+            scratch: vec![0; WINDOW],
             ring_pos: 0,
             ring_full: false,
             out_total: 0,
@@ -346,20 +348,27 @@ impl<R: Read, F: FnMut(SpanOut<'_>) -> io::Result<()>> GzipIndexer<R, F> {
                 if self.pos == self.len {
                     return Err(corrupt("gzip stream truncated inside a deflate block"));
                 }
-                let (consumed, produced, rc) = {
-                    let out = &mut self.ring[self.ring_pos..];
-                    self.inflater
-                        .inflate(&self.buf[self.pos..self.len], out, z::Z_BLOCK)
-                };
+                // Inflate into scratch space, not into the ring: the inflater may write past
+                // the bytes it reports (fast copies overshoot within the output buffer), which
+                // in the ring would clobber the oldest bytes of the window.
+                let (consumed, produced, rc) = self.inflater.inflate(
+                    &self.buf[self.pos..self.len],
+                    &mut self.scratch,
+                    z::Z_BLOCK,
+                );
                 self.consume(consumed);
-                let new = &self.ring[self.ring_pos..self.ring_pos + produced];
+                let new = &self.scratch[..produced];
                 self.out_hasher.update(new);
                 self.span_data.extend_from_slice(new);
                 self.pending.extend_from_slice(new);
                 self.out_total += produced as u64;
+                // Into the ring (produced ≤ WINDOW, the scratch size): at most one wrap.
+                let first = produced.min(WINDOW - self.ring_pos);
+                self.ring[self.ring_pos..self.ring_pos + first].copy_from_slice(&new[..first]);
+                self.ring[..produced - first].copy_from_slice(&new[first..]);
                 self.ring_pos += produced;
-                if self.ring_pos == WINDOW {
-                    self.ring_pos = 0;
+                if self.ring_pos >= WINDOW {
+                    self.ring_pos -= WINDOW;
                     self.ring_full = true;
                 }
                 match rc {

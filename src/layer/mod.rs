@@ -770,6 +770,12 @@ mod tests {
         assert_eq!(idx.entries.len(), 60);
         assert_eq!(chunks.len(), idx.spans.len());
         check_all_spans(&idx, &blob, &tar);
+        // Every checkpoint's window is the output just before it.
+        for cp in idx.checkpoints.iter().filter(|c| !c.window.is_empty()) {
+            let w = inflate(&cp.window).unwrap();
+            let end = cp.out_offset as usize;
+            assert!(w[..] == tar[end - w.len()..end], "window at {end}");
+        }
         // Every entry points at its data, as an independent tar reader sees it.
         let mut archive = ::tar::Archive::new(&tar[..]);
         for (entry, indexed) in archive.entries().unwrap().zip(&idx.entries) {

@@ -435,21 +435,73 @@ impl LayerReader {
             .read_range(base, end - base)
             .await
             .map_err(|e| CacheError::Fetch(format!("layer {blob}: {e}")))?;
+        // A published index's checkpoint windows are checked against the output before them
+        // where it is at hand: the span before the run (if cached) and each span of the run.
+        let before = match first.checked_sub(1) {
+            Some(p) if self.index.published.is_some() => {
+                self.cache.peek(&self.index.spans[p].digest)?
+            }
+            _ => None,
+        };
         // Decompressing and hashing is CPU work: one blocking task for the whole run.
         let index = self.index.clone();
         let decoded = tokio::task::spawn_blocking(move || {
             let spans = &index.spans[first..=last];
-            spans
+            let check = index.published.is_some();
+            let mut previous = before;
+            let mut window_error = None;
+            let results: Vec<SpanResult> = spans
                 .iter()
                 .zip(ranges)
                 .map(|(span, (start, stop))| {
+                    if let Some(prev) = previous.as_ref().filter(|_| check) {
+                        if let Err(e) = check_window(&index, span, prev) {
+                            window_error.get_or_insert(e);
+                        }
+                    }
                     let raw = &bytes[(start - base) as usize..(stop - base) as usize];
-                    decode(&index, span, raw)
+                    let result = decode(&index, span, raw);
+                    previous = match (&result, check) {
+                        (Ok(d), true) => Some(Arc::new(d.clone())),
+                        _ => None,
+                    };
+                    result
                 })
-                .collect()
+                .collect();
+            (results, window_error)
         });
-        Ok(decoded.await.expect("decode task"))
+        let (results, window_error) = decoded.await.expect("decode task");
+        if let Some(detail) = window_error {
+            return Err(self.mismatch(&detail));
+        }
+        Ok(results)
     }
+}
+
+/// Checks that the checkpoint a gzip span starts from holds, as its window, the output that
+/// precedes the span (`prev`: the previous span's bytes). A forged window would make the
+/// inflater emit bytes that are not in the layer, and the span digest, from the same index,
+/// would not notice.
+fn check_window(index: &LayerIndex, span: &super::Span, prev: &[u8]) -> Result<(), String> {
+    let Fetch::Gzip { checkpoint, .. } = &span.fetch else {
+        return Ok(());
+    };
+    let cp = &index.checkpoints[*checkpoint as usize];
+    if cp.out_offset != span.out_offset || cp.window.is_empty() {
+        return Ok(());
+    }
+    let window =
+        super::inflate(&cp.window).map_err(|e| format!("checkpoint {checkpoint} window: {e}"))?;
+    if window.len() > prev.len() {
+        return Ok(()); // reaches back beyond the previous span: not at hand
+    }
+    if window[..] != prev[prev.len() - window.len()..] {
+        return Err(format!(
+            "the window of checkpoint {checkpoint} (at {}) is not the output before it",
+            cp.out_offset
+        ));
+    }
+    Ok(())
 }
 
 /// The uncompressed stream of a complete layer, read span by span from the cache without
@@ -668,7 +720,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_published_index_is_checked_as_a_tree_once_complete() {
+    async fn a_published_index_is_checked_window_by_window_and_as_a_tree() {
         let dir = tempfile::tempdir().unwrap();
         let (reader, source, offset, size, _) = setup(dir.path());
         let mut published = (*reader.index).clone();
@@ -683,6 +735,54 @@ mod tests {
             pos += got.len() as u64;
         }
         assert_eq!(r.completeness.load(Ordering::Relaxed), VERIFIED);
+
+        // A forged window (and the span digest to match what it makes): caught when the span
+        // before it is at hand.
+        let mut forged = published.clone();
+        let k = forged
+            .spans
+            .iter()
+            .position(|s| {
+                matches!(&s.fetch, Fetch::Gzip { checkpoint, .. }
+                if !forged.checkpoints[*checkpoint as usize].window.is_empty())
+            })
+            .unwrap();
+        let Fetch::Gzip {
+            checkpoint,
+            in_start,
+            in_end,
+            ..
+        } = forged.spans[k].fetch.clone()
+        else {
+            unreachable!()
+        };
+        let cp = &mut forged.checkpoints[checkpoint as usize];
+        let window: Vec<u8> = crate::layer::inflate(&cp.window)
+            .unwrap()
+            .iter()
+            .map(|b| b ^ 0x55)
+            .collect();
+        cp.window = crate::layer::deflate(&window);
+        let raw = source
+            .read_range(in_start, in_end - in_start)
+            .await
+            .unwrap();
+        let out = gzip::decode_span(cp, &raw, forged.spans[k].out_len as usize).unwrap();
+        forged.spans[k].digest = crate::digest::sha256(&out);
+        let dir = tempfile::tempdir().unwrap();
+        let fresh = Arc::new(Cache::new(
+            Arc::new(DiskChunks::open(dir.path()).unwrap()),
+            1024,
+        ));
+        let r = LayerReader::new(Arc::new(forged.clone()), source.clone(), fresh.clone());
+        r.read(forged.spans[k - 1].out_offset, 10).await.unwrap();
+        let err = r
+            .read(forged.spans[k].out_offset, 10)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("does not describe the layer"), "{err}");
+        assert_eq!(fresh.stats.index_mismatches.load(Ordering::Relaxed), 1);
 
         // The same index claiming another entry list: caught at the first read of the
         // complete layer, counted, and refused from then on.
