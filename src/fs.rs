@@ -85,6 +85,27 @@ pub fn pinned_index(layer: &LayerRecord) -> Option<(Digest, bool)> {
     }
 }
 
+/// Checks a published index (bound or referrer) before it is stored: current version, it
+/// describes this layer exactly as the image's records do (blob, diff_id, size, compression),
+/// and it is well formed ([`LayerIndex::validate`]).
+pub fn check_published(
+    index: &LayerIndex,
+    layer: &LayerRecord,
+    limits: &Limits,
+) -> Result<(), String> {
+    if index.version != crate::layer::INDEX_VERSION {
+        return Err(format!("index version {} is not supported", index.version));
+    }
+    if index.blob != layer.digest
+        || index.diff_id != layer.diff_id
+        || index.blob_size != layer.size
+        || Some(index.compression) != Compression::of_layer(&layer.media_type)
+    {
+        return Err("it describes another layer".into());
+    }
+    index.validate(limits.max_entries)
+}
+
 /// What pins a layer's own TOC: the eStargz TOC digest annotation (on gzip layers) or the
 /// zstd:chunked manifest checksum annotation (on zstd layers).
 fn toc_pin(layer: &LayerRecord) -> Option<Digest> {
@@ -225,34 +246,61 @@ impl Layers {
         layer: &LayerRecord,
     ) -> Result<(LayerIndex, bool), FsError> {
         let blob = &layer.digest;
-        if let Some(i) = self.indexes.get(blob, None)? {
+        // Whatever is stored must also describe the layer as this image's config and manifest
+        // do (diff_id, size): a stored index never speaks for a layer record it does not fit.
+        let stored = |pin: Option<&Digest>| -> Result<Option<LayerIndex>, FsError> {
+            Ok(self
+                .indexes
+                .get(blob, pin)?
+                .filter(|i| i.diff_id == layer.diff_id && i.blob_size == layer.size))
+        };
+        if let Some(i) = stored(None)? {
             return Ok((i, false));
         }
-        if let Some((pin, bound)) = pinned_index(layer).filter(|_| self.settings.published) {
-            if !bound && !self.settings.unbound_referrers {
+        let pinned = pinned_index(layer).filter(|_| self.settings.published);
+        if let Some((pin, true)) = &pinned {
+            if let Some(found) = self.published_index(image, layer, pin, &stored).await? {
+                return Ok(found);
+            }
+        }
+        if let Some((built, i)) = self.toc_index(image, layer, &stored).await? {
+            return Ok((i, built));
+        }
+        if let Some((pin, false)) = &pinned {
+            if !self.settings.unbound_referrers {
                 tracing::warn!(image = %image.name, layer = %blob, "ignoring the referrer index adopted earlier: [index] unbound_referrers is off");
             } else {
-                if !bound {
-                    tracing::warn!(image = %image.name, layer = %blob, index = %pin, "serving with a referrer index the image does not pin (unbound_referrers): until the layer is complete, whoever could push it decides what the files contain");
-                }
-                if let Some(i) = self.indexes.get(blob, Some(&pin))? {
-                    return Ok((i, false));
-                }
-                match self.fetch_published(image, layer, &pin).await {
-                    Ok(i) => {
-                        self.indexes.put(&i, Some(&pin))?;
-                        return Ok((i, true));
-                    }
-                    Err(e) => {
-                        tracing::warn!(image = %image.name, layer = %blob, index = %pin, error = %e, "published index unusable: indexing the layer from its own bytes instead")
-                    }
+                tracing::warn!(image = %image.name, layer = %blob, index = %pin, "serving with a referrer index the image does not pin (unbound_referrers): until the layer is complete, whoever could push it decides what the files contain");
+                if let Some(found) = self.published_index(image, layer, pin, &stored).await? {
+                    return Ok(found);
                 }
             }
         }
-        if let Some((built, i)) = self.toc_index(image, layer).await? {
-            return Ok((i, built));
-        }
         Ok((self.build(image, layer).await?, true))
+    }
+
+    /// The published index `pin` of `layer`: stored, or fetched, checked and stored now.
+    /// `None` (with a warning) when it cannot be used: the layer is then indexed otherwise.
+    async fn published_index(
+        &self,
+        image: &ImageRecord,
+        layer: &LayerRecord,
+        pin: &Digest,
+        stored: &impl Fn(Option<&Digest>) -> Result<Option<LayerIndex>, FsError>,
+    ) -> Result<Option<(LayerIndex, bool)>, FsError> {
+        if let Some(i) = stored(Some(pin))? {
+            return Ok(Some((i, false)));
+        }
+        match self.fetch_published(image, layer, pin).await {
+            Ok(i) => {
+                self.indexes.put(&i, Some(pin))?;
+                Ok(Some((i, true)))
+            }
+            Err(e) => {
+                tracing::warn!(image = %image.name, layer = %layer.digest, index = %pin, error = %e, "published index unusable: indexing the layer from its own bytes instead");
+                Ok(None)
+            }
+        }
     }
 
     /// The index from the layer's pinned eStargz or zstd:chunked TOC (stored under the pin, or
@@ -261,10 +309,11 @@ impl Layers {
         &self,
         image: &ImageRecord,
         layer: &LayerRecord,
+        stored: &impl Fn(Option<&Digest>) -> Result<Option<LayerIndex>, FsError>,
     ) -> Result<Option<(bool, LayerIndex)>, FsError> {
         let pin = toc_pin(layer);
         let Some(pin) = pin else { return Ok(None) };
-        if let Some(i) = self.indexes.get(&layer.digest, Some(&pin))? {
+        if let Some(i) = stored(Some(&pin))? {
             return Ok(Some((false, i)));
         }
         let from_toc = match self.estargz(image, layer).await? {
@@ -323,18 +372,7 @@ impl Layers {
             }
             let mut index: LayerIndex = serde_json::from_slice(&json).map_err(|e| e.to_string())?;
             drop(json);
-            if index.version != crate::layer::INDEX_VERSION {
-                return Err(format!("index version {} is not supported", index.version));
-            }
-            if index.blob != expected.digest
-                || index.diff_id != expected.diff_id
-                || index.blob_size != expected.size
-                || index.format != IndexFormat::Stream
-                || Some(index.compression) != Compression::of_layer(&expected.media_type)
-            {
-                return Err("it describes another layer".into());
-            }
-            index.validate(limits.max_entries)?;
+            check_published(&index, &expected, &limits)?;
             index.published = Some(pin_owned);
             Ok(index)
         })
@@ -575,10 +613,7 @@ impl ImageView {
         for layer in image.layers.iter().take(count) {
             let (index, _) = layers.index(image, layer).await?;
             let source: Arc<dyn BlobSource> = layers.source(image, layer)?;
-            readers.push(
-                LayerReader::new(index, source, layers.cache.clone())
-                    .promoting_to(layers.indexes.clone()),
-            );
+            readers.push(LayerReader::new(index, source, layers.cache.clone()));
         }
         let tree =
             Tree::build(readers.iter().map(|r| &r.index().entries[..])).map_err(|source| {

@@ -23,7 +23,7 @@ use oci_spec::image::Digest;
 use serde_json::{json, Value};
 
 use crate::image::{media, ImageRecord};
-use crate::layer::{IndexStore, LayerError, LayerIndex, Limits, INDEX_VERSION};
+use crate::layer::{IndexStore, LayerError, LayerIndex, Limits};
 use crate::reference::Reference;
 use crate::registry::{RegistryClient, RegistryError};
 use crate::store::{Store, StoreError};
@@ -287,14 +287,13 @@ pub async fn adopt_referrer_indexes(
                 continue;
             }
         };
-        let fits = json.len() as u64 <= limits.max_toc_bytes
-            && index.version == INDEX_VERSION
-            && index.blob == layer.digest
-            && index.diff_id == layer.diff_id
-            && index.blob_size == layer.size
-            && index.validate(limits.max_entries).is_ok();
-        if !fits {
-            tracing::warn!(layer = %layer.digest, "referrer index does not match the layer; ignored");
+        let fits = if json.len() as u64 > limits.max_toc_bytes {
+            Err("larger than [index] max_toc_bytes".to_string())
+        } else {
+            crate::fs::check_published(&index, layer, limits)
+        };
+        if let Err(e) = fits {
+            tracing::warn!(layer = %layer.digest, error = %e, "referrer index unusable; ignored");
             continue;
         }
         let mut index = index;
@@ -306,7 +305,18 @@ pub async fn adopt_referrer_indexes(
     }
     if adopted > 0 {
         let _lock = store.lock_shared()?;
-        store.images.put(&record)?;
+        // Written onto the record as it is now, if it is still this image (not re-pulled to
+        // another manifest meanwhile).
+        if let Some(mut now) = store.images.get(&image.name)? {
+            if now.manifest.digest == image.manifest.digest {
+                for (layer, adopted) in now.layers.iter_mut().zip(&record.layers) {
+                    if layer.digest == adopted.digest && adopted.referrer_index.is_some() {
+                        layer.referrer_index = adopted.referrer_index.clone();
+                    }
+                }
+                store.images.put(&now)?;
+            }
+        }
     }
     Ok(adopted)
 }

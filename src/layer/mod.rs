@@ -164,10 +164,14 @@ impl LayerIndex {
         !self.spans.iter().any(|s| s.fetch == Fetch::Cached)
     }
 
-    /// Checks the structure of an index that was not built here (a published one): at most
-    /// `max_entries` entries, spans contiguous from 0 to `size`, none larger than [`MAX_SPAN`],
-    /// every blob range inside the blob, every checkpoint reference valid, every file's data
-    /// inside the stream. Whatever else it claims is checked byte by byte when read.
+    /// Checks the structure of an index that was not built here (a published one), which must
+    /// be one a streaming pass makes for a gzip or uncompressed layer: at most `max_entries`
+    /// entries; spans contiguous from 0 to `size`, none larger than [`MAX_SPAN`], in blob
+    /// order, each fetched the way its layer's compression allows (a gzip span from a
+    /// checkpoint placed exactly at its start, an uncompressed span from the same bytes of
+    /// the blob); every blob range inside the blob; every file's data inside the stream.
+    /// Whatever else it claims is checked byte by byte when read, and as a whole when the
+    /// layer is complete.
     pub fn validate(&self, max_entries: usize) -> Result<(), String> {
         if self.entries.len() > max_entries {
             return Err(format!(
@@ -175,45 +179,65 @@ impl LayerIndex {
                 self.entries.len()
             ));
         }
+        if self.format != IndexFormat::Stream || self.compression == Compression::Zstd {
+            return Err(format!(
+                "a {:?} index of a {:?} layer is not one that is published",
+                self.format, self.compression
+            ));
+        }
         let mut pos = 0u64;
+        let mut last_start = 0u64;
         for s in &self.spans {
-            if s.out_offset != pos || s.out_len == 0 || s.out_len > MAX_SPAN {
+            let at = s.out_offset;
+            if at != pos || s.out_len == 0 || s.out_len > MAX_SPAN {
                 return Err(format!(
-                    "span at {} ({} bytes) does not continue the stream at {pos}",
-                    s.out_offset, s.out_len
+                    "span at {at} ({} bytes) does not continue the stream at {pos}",
+                    s.out_len
                 ));
             }
             pos += s.out_len;
-            let range = match &s.fetch {
-                Fetch::Range { in_start, in_end }
-                | Fetch::Member {
-                    in_start, in_end, ..
+            let (a, b) = match (&s.fetch, self.compression) {
+                (Fetch::Range { in_start, in_end }, Compression::None) => {
+                    if *in_start != at || in_end.checked_sub(*in_start) != Some(s.out_len) {
+                        return Err(format!("span at {at} is not the same bytes of the blob"));
+                    }
+                    (*in_start, *in_end)
                 }
-                | Fetch::Zstd { in_start, in_end } => Some((*in_start, *in_end)),
-                Fetch::Gzip {
-                    checkpoint,
-                    in_start,
-                    in_end,
-                    ..
-                } => {
-                    if *checkpoint as usize >= self.checkpoints.len() {
+                (
+                    Fetch::Gzip {
+                        checkpoint,
+                        in_start,
+                        in_end,
+                        ..
+                    },
+                    Compression::Gzip,
+                ) => {
+                    let cp = self
+                        .checkpoints
+                        .get(*checkpoint as usize)
+                        .ok_or_else(|| format!("span at {at} names a missing checkpoint"))?;
+                    if cp.bits > 7
+                        || cp.in_offset == 0 && cp.bits > 0
+                        || cp.out_offset != at
+                        || cp.in_start() != *in_start
+                    {
                         return Err(format!(
-                            "span at {} names a missing checkpoint",
-                            s.out_offset
+                            "span at {at} does not start at its checkpoint {checkpoint}"
                         ));
                     }
-                    Some((*in_start, *in_end))
+                    (*in_start, *in_end)
                 }
-                Fetch::Cached => None,
+                (fetch, compression) => return Err(format!(
+                    "span at {at} is fetched as {fetch:?}, which a {compression:?} layer cannot be"
+                )),
             };
-            if let Some((a, b)) = range {
-                if a > b || b > self.blob_size || b - a > MAX_SPAN {
-                    return Err(format!(
-                        "span at {} reads blob bytes {a}..{b} of {}",
-                        s.out_offset, self.blob_size
-                    ));
-                }
+            if a > b || b > self.blob_size || b - a > MAX_SPAN || a < last_start {
+                return Err(format!(
+                    "span at {at} reads blob bytes {a}..{b} of {} (out of order or outside)",
+                    self.blob_size
+                ));
             }
+            last_start = a;
         }
         if pos != self.size {
             return Err(format!("spans cover {pos} of {} bytes", self.size));

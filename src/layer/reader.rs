@@ -126,8 +126,6 @@ pub struct LayerReader {
     fetches: std::sync::atomic::AtomicU64,
     /// A published index is checked on the first read too (its layer may be complete already).
     first_read: std::sync::atomic::AtomicBool,
-    /// Where a published index that passed the whole-layer check is stored as verified.
-    promote: Option<super::IndexStore>,
 }
 
 const UNCHECKED: u8 = 0;
@@ -145,15 +143,7 @@ impl LayerReader {
             completeness: std::sync::atomic::AtomicU8::new(UNCHECKED),
             fetches: std::sync::atomic::AtomicU64::new(0),
             first_read: std::sync::atomic::AtomicBool::new(true),
-            promote: None,
         }
-    }
-
-    /// Once a published index passes the whole-layer check, store it in `store` as verified
-    /// (later opens then use it for every image with the layer, and skip the check).
-    pub fn promoting_to(mut self, store: super::IndexStore) -> Self {
-        self.promote = Some(store);
-        self
     }
 
     pub fn index(&self) -> &LayerIndex {
@@ -207,6 +197,15 @@ impl LayerReader {
             })?;
             let span = &self.index.spans[i];
             let data = self.span(i, end).await?;
+            if data.len() as u64 != span.out_len {
+                // Only an index that gives a span the digest of other bytes gets here.
+                return Err(self.mismatch(&format!(
+                    "span at {} holds {} bytes where the index says {}",
+                    span.out_offset,
+                    data.len(),
+                    span.out_len
+                )));
+            }
             let from = (pos - span.out_offset) as usize;
             let to = ((end - span.out_offset) as usize).min(data.len());
             out.extend_from_slice(&data[from..to]);
@@ -268,8 +267,7 @@ impl LayerReader {
         {
             return Ok(());
         }
-        let (index, cache, promote) =
-            (self.index.clone(), self.cache.clone(), self.promote.clone());
+        let (index, cache) = (self.index.clone(), self.cache.clone());
         let verdict = tokio::task::spawn_blocking(
             move || -> Result<Option<Result<(), String>>, CacheError> {
                 let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
@@ -303,18 +301,13 @@ impl LayerReader {
                 if stream.evicted {
                     return Ok(None);
                 }
-                let verdict = match parsed {
+                // A verified published index is *not* stored as the layer's own: its diff_id
+                // and the bytes behind it came from the image that pinned it, not from the
+                // blob digest, so it stays keyed by that image's pin.
+                Ok(Some(match parsed {
                     Err(e) => Err(format!("its tar stream does not parse: {e}")),
                     Ok(entries) => compare_entries(&index.entries, &entries),
-                };
-                if let (Ok(()), Some(store)) = (&verdict, promote) {
-                    let mut verified = (*index).clone();
-                    verified.published = None;
-                    if let Err(e) = store.put(&verified, None) {
-                        tracing::warn!(error = %e, "could not store the verified index");
-                    }
-                }
-                Ok(Some(verdict))
+                }))
             },
         )
         .await
@@ -404,7 +397,7 @@ impl LayerReader {
             && !self.cache.contains(&spans[last + 1].digest)
         {
             match fetch_range(&spans[last + 1].fetch) {
-                Some((_, end)) if end - start <= MAX_COALESCED => last += 1,
+                Some((_, end)) if end.saturating_sub(start) <= MAX_COALESCED => last += 1,
                 _ => break,
             }
         }

@@ -135,11 +135,14 @@ pub const MAX_NAME: usize = 64 << 10;
 /// Most bytes of paths, link targets and xattrs one layer's entries may hold in all.
 pub const MAX_METADATA: u64 = 256 << 20;
 
-/// Passes a tar stream through unchanged while following its headers the way the `tar` crate
-/// does (GNU long names and links, PAX records including `size`, GNU sparse extension blocks),
-/// and fails the read that would deliver a metadata header body over [`MAX_HEADER_BODY`] —
-/// before the `tar` crate could buffer it. Stops looking at the first all-zero block (the end
-/// of the archive as the `tar` crate reads it).
+/// Passes a tar stream through unchanged while following its headers exactly as the `tar`
+/// crate does (its own header parsing; GNU long names and links and PAX headers recognised
+/// only in GNU/ustar headers; a PAX `size` record applied to the next entry and dropped at a
+/// PAX global header; GNU sparse extension blocks), and fails the read that would deliver a
+/// metadata header body over [`MAX_HEADER_BODY`] — before the `tar` crate could buffer it.
+/// Stops looking at the first all-zero block (the end of the archive as the `tar` crate reads
+/// it). [`HeaderGuard::data_start`] tells where the last entry the `tar` crate will return
+/// has its data, so the reader can check the two agree.
 pub(crate) struct HeaderGuard<R> {
     inner: R,
     /// Stream offset of the next byte read.
@@ -156,6 +159,7 @@ pub(crate) struct HeaderGuard<R> {
     /// The `size` a PAX header gave the next entry.
     pax_size: Option<u64>,
     done: bool,
+    data_start: std::rc::Rc<std::cell::Cell<u64>>,
 }
 
 impl<R> HeaderGuard<R> {
@@ -171,57 +175,82 @@ impl<R> HeaderGuard<R> {
             pax: None,
             pax_size: None,
             done: false,
+            data_start: Default::default(),
         }
     }
 
+    /// Where the data of the last entry the `tar` crate returns starts (updated as its header
+    /// passes).
+    pub(crate) fn data_start(&self) -> std::rc::Rc<std::cell::Cell<u64>> {
+        self.data_start.clone()
+    }
+
     fn header(&mut self) -> std::io::Result<()> {
-        let b = &*self.block;
         let at = self.next;
         if self.sparse_ext {
-            self.sparse_ext = b[504] != 0;
+            // `GnuExtSparseHeader::isextended`, as the `tar` crate tests it.
+            let extended = self.block[504] == 1;
+            self.sparse_ext = extended;
             self.next += 512;
-            if !self.sparse_ext {
+            if !extended {
                 self.next += std::mem::take(&mut self.pending_data);
             }
             return Ok(());
         }
-        if b.iter().all(|&x| x == 0) {
+        if self.block.iter().all(|&x| x == 0) {
             self.done = true;
             return Ok(());
         }
-        let kind = b[156];
-        let recognised = &b[257..262] == b"ustar";
-        let meta = matches!(kind, b'L' | b'K' | b'x' | b'g');
-        let mut size = numeric(&b[124..136]);
-        if !meta {
-            if let Some(s) = self.pax_size.take() {
-                size = s;
+        let h = tar::Header::from_byte_slice(&self.block[..]);
+        let kind = h.entry_type();
+        let recognised = h.as_gnu().is_some() || h.as_ustar().is_some();
+        let extension = recognised
+            && (kind.is_gnu_longname() || kind.is_gnu_longlink() || kind.is_pax_local_extensions());
+        let mut size = h.entry_size()?;
+        if !extension {
+            // This header is an entry the `tar` crate returns: a pending PAX record is used
+            // (except by a global header, which still consumes it).
+            let pax = self.pax_size.take();
+            if !kind.is_pax_global_extensions() {
+                size = pax.unwrap_or(size);
             }
         }
+        let meta = extension || kind.is_pax_global_extensions();
         if meta && size > MAX_HEADER_BODY {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 format!(
                     "tar header at offset {at}: a {} body of {size} bytes is larger than the {MAX_HEADER_BODY}-byte limit",
-                    match kind {
-                        b'L' => "GNU long name",
-                        b'K' => "GNU long link",
-                        b'x' => "PAX extended header",
-                        _ => "PAX global header",
+                    if kind.is_gnu_longname() {
+                        "GNU long name"
+                    } else if kind.is_gnu_longlink() {
+                        "GNU long link"
+                    } else if kind.is_pax_local_extensions() {
+                        "PAX extended header"
+                    } else {
+                        "PAX global header"
                     }
                 ),
             ));
         }
-        let padded = size.div_ceil(512) * 512;
-        if kind == b'x' && recognised {
+        let padded = size
+            .checked_next_multiple_of(512)
+            .ok_or_else(|| std::io::Error::other("tar entry size overflows"))?;
+        if kind.is_pax_local_extensions() && recognised {
             self.pax = Some((size, Vec::new()));
         }
-        if kind == b'S' && b[482] != 0 {
+        self.next += 512;
+        if !extension {
+            self.data_start.set(self.next);
+        }
+        if kind.is_gnu_sparse() && h.as_gnu().is_some_and(|g| g.is_extended()) {
             self.sparse_ext = true;
             self.pending_data = padded;
-            self.next += 512;
         } else {
-            self.next += 512 + padded;
+            self.next = self
+                .next
+                .checked_add(padded)
+                .ok_or_else(|| std::io::Error::other("tar entry size overflows"))?;
         }
         Ok(())
     }
@@ -240,40 +269,19 @@ impl<R> HeaderGuard<R> {
         if body.len() as u64 == *size {
             let body = std::mem::take(body);
             self.pax = None;
-            self.pax_size = pax_record(&body, "size").and_then(|v| v.parse().ok());
+            self.pax_size = pax_size(&body);
         }
     }
 }
 
-/// A tar numeric field: octal text, or base-256 when the high bit of the first byte is set.
-fn numeric(field: &[u8]) -> u64 {
-    if field[0] & 0x80 != 0 {
-        return field[1..].iter().fold(u64::from(field[0] & 0x7f), |n, &b| {
-            n.saturating_mul(256).saturating_add(u64::from(b))
-        });
-    }
-    let text = String::from_utf8_lossy(field);
-    let digits = text.trim_matches(|c: char| c == ' ' || c == '\0');
-    u64::from_str_radix(digits, 8).unwrap_or(0)
-}
-
-/// The value of PAX record `key` in an extended header body (`LEN KEY=VALUE\n` records).
-fn pax_record<'a>(body: &'a [u8], key: &str) -> Option<&'a str> {
-    let mut rest = body;
-    while !rest.is_empty() {
-        let space = rest.iter().position(|&b| b == b' ')?;
-        let len: usize = std::str::from_utf8(&rest[..space]).ok()?.parse().ok()?;
-        if len <= space || len > rest.len() {
-            return None;
+/// The `size` record of a PAX extended header body, read as the `tar` crate reads it (records
+/// split at newlines; the first malformed record ends the search).
+fn pax_size(body: &[u8]) -> Option<u64> {
+    for ext in tar::PaxExtensions::new(body) {
+        let ext = ext.ok()?;
+        if ext.key() == Ok("size") {
+            return ext.value().ok()?.parse().ok();
         }
-        let record = &rest[space + 1..len];
-        let record = record.strip_suffix(b"\n").unwrap_or(record);
-        if let Some(eq) = record.iter().position(|&b| b == b'=') {
-            if &record[..eq] == key.as_bytes() {
-                return std::str::from_utf8(&record[eq + 1..]).ok();
-            }
-        }
-        rest = &rest[len..];
     }
     None
 }
@@ -321,12 +329,14 @@ pub fn read_entries(
     limit: u64,
     max_entries: usize,
 ) -> Result<Vec<Entry>, String> {
+    let guard = HeaderGuard::new(reader);
+    let data_start = guard.data_start();
     let mut padded = PaddedAtEof {
-        inner: HeaderGuard::new(reader),
+        inner: guard,
         real: 0,
         zeros: 0,
     };
-    let entries = read_entries_strict(&mut padded, limit, max_entries)?;
+    let entries = read_entries_strict(&mut padded, limit, max_entries, &data_start)?;
     if let Some(e) = entries.iter().find(|e| e.offset + e.size > padded.real) {
         return Err(format!(
             "tar stream truncated: entry {:?} needs bytes up to {} but the stream has {}",
@@ -364,6 +374,7 @@ fn read_entries_strict(
     reader: impl Read,
     limit: u64,
     max_entries: usize,
+    data_start: &std::cell::Cell<u64>,
 ) -> Result<Vec<Entry>, String> {
     let mut archive = tar::Archive::new(reader);
     let mut out = Vec::new();
@@ -371,6 +382,12 @@ fn read_entries_strict(
     let entries = archive.entries().map_err(|e| e.to_string())?;
     for entry in entries {
         let mut entry = entry.map_err(|e| format!("reading tar entry: {e}"))?;
+        if entry.raw_file_position() != data_start.get() {
+            return Err(format!(
+                "tar structure not understood at offset {} (header bounds cannot be checked)",
+                entry.raw_file_position()
+            ));
+        }
         if out.len() >= max_entries {
             return Err(format!(
                 "more than {max_entries} entries ([index] max_entries)"
@@ -547,5 +564,80 @@ mod tests {
         assert_eq!(clean_path("a/b/../../../c").unwrap(), "c");
         assert_eq!(clean_path("./").unwrap(), "");
         assert!(clean_path("a\0b").is_err());
+    }
+}
+
+#[cfg(test)]
+mod guard_tests {
+    use super::*;
+
+    fn header(path: &str, kind: tar::EntryType, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_path(path).unwrap();
+        h.set_entry_type(kind);
+        h.set_size(size);
+        h.set_mode(0o644);
+        h.set_cksum();
+        h
+    }
+
+    fn append(tar: &mut Vec<u8>, h: &tar::Header, data: &[u8]) {
+        tar.extend_from_slice(h.as_bytes());
+        tar.extend_from_slice(data);
+        tar.resize(tar.len().next_multiple_of(512), 0);
+    }
+
+    #[test]
+    fn the_guard_follows_long_names_pax_sizes_and_global_headers() {
+        // A long name, a PAX header whose `size` record gives the next file 2000 bytes (its
+        // own header says 10), a global header, and files after them.
+        let mut b = tar::Builder::new(Vec::new());
+        let long = format!("dir/{}", "n".repeat(300));
+        let mut h = tar::Header::new_gnu();
+        h.set_size(3);
+        h.set_mode(0o644);
+        b.append_data(&mut h, &long, &b"abc"[..]).unwrap();
+        let mut tar = b.into_inner().unwrap();
+        tar.truncate(tar.len() - 1024);
+        let pax = b"16 size=2000000\n";
+        let mut x = header("pax", tar::EntryType::XHeader, pax.len() as u64);
+        x.set_cksum();
+        append(&mut tar, &x, pax);
+        append(
+            &mut tar,
+            &header("big", tar::EntryType::Regular, 10),
+            &vec![7; 2_000_000],
+        );
+        let g = b"9 a=bcd\n";
+        append(
+            &mut tar,
+            &header("g", tar::EntryType::XGlobalHeader, g.len() as u64),
+            g,
+        );
+        append(
+            &mut tar,
+            &header("after", tar::EntryType::Regular, 5),
+            b"hello",
+        );
+        tar.extend_from_slice(&[0; 1024]);
+        let entries = read_entries(&tar[..], u64::MAX, 100).unwrap();
+        let names: Vec<_> = entries.iter().map(|e| (e.path.as_str(), e.size)).collect();
+        assert_eq!(
+            names,
+            [(long.as_str(), 3), ("big", 2_000_000), ("after", 5)]
+        );
+
+        // The same long name with a 2 MiB body is refused before it is read.
+        let mut bomb = Vec::new();
+        append(
+            &mut bomb,
+            &header("././@LongLink", tar::EntryType::GNULongName, 2 << 20),
+            &vec![b'a'; 2 << 20],
+        );
+        let err = read_entries(&bomb[..], u64::MAX, 100).unwrap_err();
+        assert!(
+            err.contains("GNU long name") && err.contains("limit"),
+            "{err}"
+        );
     }
 }

@@ -275,11 +275,11 @@ pub async fn index_push(
     let mut indexes = Vec::new();
     for layer in &image.layers {
         // Only indexes built here from the verified layer are published, and only those that
-        // serve random access (an eStargz or zstd:chunked TOC is pinned by the image already).
+        // serve random access. A layer read through its own TOC (eStargz, zstd:chunked) is
+        // pinned by the image already and needs none.
         let index = match ctx.layers.index(&image, layer).await? {
-            (i, _) if i.format == stratafs::layer::IndexFormat::Stream && i.published.is_none() => {
-                i
-            }
+            (i, _) if i.format != stratafs::layer::IndexFormat::Stream => continue,
+            (i, _) if i.published.is_none() => i,
             _ => std::sync::Arc::new(ctx.layers.build(&image, layer).await?),
         };
         if index.format == stratafs::layer::IndexFormat::Stream && index.random_access() {
