@@ -39,4 +39,12 @@ install_file() {
 }
 
 install_file "$binary" "$bindir" stratafs
-install_file "$here/mount.fuse.stratafs" "$sbindir" mount.fuse.stratafs
+# The helper falls back to where the binary was installed (without DESTDIR: the path it will
+# have on the target system).
+helper=$(mktemp)
+trap 'rm -f "$helper"' EXIT
+sed "s|^installed_bin=.*|installed_bin=${BINDIR:-/usr/local/bin}/stratafs|" \
+    "$here/mount.fuse.stratafs" >"$helper"
+install_file "$helper" "$sbindir" mount.fuse.stratafs
+rm -f "$helper"
+trap - EXIT

@@ -227,9 +227,11 @@ impl LayerIndex {
                     }
                     (*in_start, *in_end)
                 }
-                (fetch, compression) => return Err(format!(
+                (fetch, compression) => {
+                    return Err(format!(
                     "span at {at} is fetched as {fetch:?}, which a {compression:?} layer cannot be"
-                )),
+                ))
+                }
             };
             if a > b || b > self.blob_size || b - a > MAX_SPAN || a < last_start {
                 return Err(format!(

@@ -52,12 +52,24 @@ impl Context {
         })
     }
 
-    /// The stored image for `reference`, pulling its metadata first if needed.
-    pub async fn image(&self, reference: &str, platform: &Platform) -> Result<ImageRecord> {
+    /// The stored image for `reference`, pulling its metadata first if needed — or again, if
+    /// `platform` is given and the stored record is for another platform (the record then
+    /// names the platform asked for).
+    pub async fn image(&self, reference: &str, platform: Option<&Platform>) -> Result<ImageRecord> {
         let reference: Reference = reference.parse()?;
         if let Some(r) = self.store.images.get(&reference.to_string())? {
-            return Ok(r);
+            match platform {
+                Some(p) if !p.matches(&r.platform) => tracing::info!(
+                    image = %r.name,
+                    stored = %r.platform,
+                    wanted = %p,
+                    "stored for another platform: resolving again"
+                ),
+                _ => return Ok(r),
+            }
         }
+        let host = Platform::host();
+        let platform = platform.unwrap_or(&host);
         let image =
             stratafs::pull::pull(&self.client, &self.store, &reference, platform, &|_| {}).await?;
         if self.fetch_published(&image).await > 0 {
@@ -89,7 +101,7 @@ impl Context {
         }
     }
 
-    pub async fn view(&self, reference: &str, platform: &Platform) -> Result<ImageView> {
+    pub async fn view(&self, reference: &str, platform: Option<&Platform>) -> Result<ImageView> {
         let image = self.image(reference, platform).await?;
         Ok(ImageView::open(&self.layers, &image).await?)
     }
@@ -109,7 +121,7 @@ pub async fn ls(
     reference: &str,
     path: &str,
     long: bool,
-    platform: &Platform,
+    platform: Option<&Platform>,
 ) -> Result<()> {
     let view = ctx.view(reference, platform).await?;
     let id = view.lookup(path)?;
@@ -163,7 +175,7 @@ pub async fn cat(
     ctx: &Context,
     reference: &str,
     paths: &[String],
-    platform: &Platform,
+    platform: Option<&Platform>,
 ) -> Result<()> {
     let view = Arc::new(ctx.view(reference, platform).await?);
     let limit = Arc::new(tokio::sync::Semaphore::new(CONCURRENT_READS));
@@ -211,7 +223,7 @@ pub async fn cat(
 pub async fn index_build(
     ctx: &Context,
     reference: &str,
-    platform: &Platform,
+    platform: Option<&Platform>,
     json: bool,
 ) -> Result<()> {
     let image = ctx.image(reference, platform).await?;
@@ -250,7 +262,11 @@ pub async fn index_build(
     Ok(())
 }
 
-pub async fn index_verify(ctx: &Context, reference: &str, platform: &Platform) -> Result<()> {
+pub async fn index_verify(
+    ctx: &Context,
+    reference: &str,
+    platform: Option<&Platform>,
+) -> Result<()> {
     let image = ctx.image(reference, platform).await?;
     for layer in &image.layers {
         let r = ctx.layers.verify(&image, layer).await?;
@@ -267,7 +283,7 @@ pub async fn index_verify(ctx: &Context, reference: &str, platform: &Platform) -
 pub async fn index_push(
     ctx: &Context,
     reference: &str,
-    platform: &Platform,
+    platform: Option<&Platform>,
     bind: bool,
     tag: Option<&str>,
 ) -> Result<()> {

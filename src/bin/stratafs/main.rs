@@ -176,23 +176,45 @@ enum CacheCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove least recently used chunks down to a size (default: the configured cap, else 0).
+    /// Remove least recently used chunks down to a size (`--max-size 1G`), or all (`--all`).
     Prune {
-        #[arg(long)]
+        /// Keep at most this much (bytes, or K/M/G/T).
+        #[arg(long, value_name = "SIZE", required_unless_present = "all")]
         max_size: Option<String>,
+        /// Remove every cached chunk.
+        #[arg(long, conflicts_with = "max_size")]
+        all: bool,
     },
 }
 
-fn platform(p: &Option<String>) -> Result<Platform> {
+/// The platform given on the command line, if any (commands that resolve an image then use
+/// this machine's).
+fn platform(p: &Option<String>) -> Result<Option<Platform>> {
     Ok(match p {
-        Some(p) => Platform::parse(p)?,
-        None => Platform::host(),
+        Some(p) => Some(Platform::parse(p)?),
+        None => None,
     })
 }
 
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
+    if !matches!(
+        cli.command,
+        Command::Mount { .. } | Command::Snapshotter { .. }
+    ) {
+        // As coreutils do: when the reader of our output goes away (`stratafs images | head`),
+        // end quietly on SIGPIPE instead of failing (or panicking) on the next write. The
+        // daemons keep ignoring it. Sockets are written with MSG_NOSIGNAL, so only our output
+        // pipe can raise it.
+        // SAFETY: setting a signal disposition to its default installs no handler code.
+        unsafe {
+            let _ = nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            );
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&cli.log_level)
@@ -244,7 +266,7 @@ async fn run(mut cli: Cli) -> Result<()> {
             reference,
         } => {
             let reference: Reference = reference.parse()?;
-            let platform = self::platform(&platform)?;
+            let platform = self::platform(&platform)?.unwrap_or_else(Platform::host);
             let ctx = lazy::Context::new(store, &config, plain_http)?;
             let spinner = progress_spinner();
             let started = Instant::now();
@@ -324,6 +346,17 @@ async fn run(mut cli: Cli) -> Result<()> {
         }
         Command::Rmi { reference } => {
             let name = find_image(&store, &reference)?.name;
+            if let Some(m) = mount::mounts(store.root())
+                .into_iter()
+                .find(|m| m.image == name)
+            {
+                anyhow::bail!(
+                    "{name} is mounted at {} (daemon pid {}): unmount it first (stratafs umount {})",
+                    m.mountpoint.display(),
+                    m.pid,
+                    m.mountpoint.display()
+                );
+            }
             store.remove_image(&name)?;
             println!("removed {name}");
         }
@@ -334,13 +367,19 @@ async fn run(mut cli: Cli) -> Result<()> {
                 &image.reference,
                 &path,
                 long,
-                &platform(&image.platform)?,
+                platform(&image.platform)?.as_ref(),
             )
             .await?;
         }
         Command::Cat { image, paths } => {
             let ctx = lazy::Context::new(store, &config, image.plain_http)?;
-            lazy::cat(&ctx, &image.reference, &paths, &platform(&image.platform)?).await?;
+            lazy::cat(
+                &ctx,
+                &image.reference,
+                &paths,
+                platform(&image.platform)?.as_ref(),
+            )
+            .await?;
         }
         Command::Mount {
             platform,
@@ -399,24 +438,27 @@ async fn run(mut cli: Cli) -> Result<()> {
         }
         Command::Index(IndexCommand::Verify { image }) => {
             let ctx = lazy::Context::new(store, &config, image.plain_http)?;
-            lazy::index_verify(&ctx, &image.reference, &platform(&image.platform)?).await?;
+            lazy::index_verify(&ctx, &image.reference, platform(&image.platform)?.as_ref()).await?;
         }
         Command::Index(IndexCommand::Push { bind, tag, image }) => {
             let ctx = lazy::Context::new(store, &config, image.plain_http)?;
             let platform = platform(&image.platform)?;
-            lazy::index_push(&ctx, &image.reference, &platform, bind, tag.as_deref()).await?;
+            let platform = platform.as_ref();
+            lazy::index_push(&ctx, &image.reference, platform, bind, tag.as_deref()).await?;
         }
         Command::Index(IndexCommand::Build { json, image }) => {
             let ctx = lazy::Context::new(store, &config, image.plain_http)?;
-            lazy::index_build(&ctx, &image.reference, &platform(&image.platform)?, json).await?;
+            let platform = platform(&image.platform)?;
+            lazy::index_build(&ctx, &image.reference, platform.as_ref(), json).await?;
         }
         Command::Cache(CacheCommand::Stats { json }) => {
             lazy::cache_stats(&lazy::Context::new(store, &config, false)?, json)?;
         }
-        Command::Cache(CacheCommand::Prune { max_size }) => {
+        Command::Cache(CacheCommand::Prune { max_size, all: _ }) => {
+            // clap requires one of the two: no size means --all.
             let max = match max_size {
                 Some(s) => stratafs::config::parse_size(&s).map_err(anyhow::Error::msg)?,
-                None => config.cache.max_size.bytes(store.root()),
+                None => 0,
             };
             lazy::cache_prune(&lazy::Context::new(store, &config, false)?, max)?;
         }

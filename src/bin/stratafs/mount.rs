@@ -127,7 +127,11 @@ fn absolute(path: &Path) -> Result<PathBuf> {
 fn repair_or_refuse(mountpoint: &Path) -> Result<()> {
     match fuse::mount_state(mountpoint) {
         MountState::None => Ok(()),
-        MountState::Live => bail!("{} is already mounted", mountpoint.display()),
+        MountState::Live => bail!(
+            "{} is already mounted ({}): unmount it first, or choose another directory",
+            mountpoint.display(),
+            mounted_there(mountpoint)
+        ),
         MountState::Dead => {
             eprintln!(
                 "{}: its daemon is gone (transport endpoint is not connected); detaching it",
@@ -148,6 +152,24 @@ pub async fn mount(
     args: MountArgs,
 ) -> Result<()> {
     let options = parse_options(settings, &args.options)?;
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "mounting needs root: stratafs mounts with mount(2) through /dev/fuse (run it with sudo; `stratafs ls` and `cat` work without)"
+        );
+    }
+    match std::fs::metadata(&args.mountpoint) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "mountpoint {} does not exist: create it first (mkdir -p {})",
+            args.mountpoint.display(),
+            args.mountpoint.display()
+        ),
+        Ok(m) if !m.is_dir() => bail!(
+            "mountpoint {} is not a directory",
+            args.mountpoint.display()
+        ),
+        // A dead mount cannot be stat'ed: it is looked at below.
+        _ => {}
+    }
     let mountpoint = absolute(&args.mountpoint)?;
     if args.notify {
         // The daemon: its own session, so the terminal's signals do not reach it.
@@ -245,7 +267,7 @@ async fn serve(
 ) -> Result<()> {
     let platform = crate::platform(&args.platform)?;
     let started = Instant::now();
-    let image = ctx.image(&args.reference, &platform).await?;
+    let image = ctx.image(&args.reference, platform.as_ref()).await?;
     let count = match &args.chain {
         None => image.layers.len(),
         Some(chain) => {
@@ -459,6 +481,26 @@ pub fn mounts(root: &Path) -> Vec<MountRecord> {
         .filter_map(|b| serde_json::from_slice::<MountRecord>(&b).ok())
         .filter(|r| alive(r.pid))
         .collect()
+}
+
+/// What is mounted at `mountpoint`, from /proc/self/mountinfo: "fuse.stratafs 127.0.0.1:5000/app:v1".
+fn mounted_there(mountpoint: &Path) -> String {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let unescape = |s: &str| {
+        s.replace("\\040", " ")
+            .replace("\\011", "\t")
+            .replace("\\134", "\\")
+    };
+    info.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let dash = fields.iter().position(|f| *f == "-")?;
+            let at = unescape(fields.get(4)?);
+            let (fstype, source) = (fields.get(dash + 1)?, fields.get(dash + 2)?);
+            (Path::new(&at) == mountpoint).then(|| format!("{fstype} {}", unescape(source)))
+        })
+        .last()
+        .unwrap_or_else(|| "by something else".to_string())
 }
 
 fn record_path(root: &Path, mountpoint: &Path) -> PathBuf {

@@ -78,7 +78,7 @@ pub async fn run(
         store: ctx.store.clone(),
         client: ctx.client.clone(),
         index: ctx.config.index.clone(),
-        platform: crate::platform(&args.platform)?,
+        platform: crate::platform(&args.platform)?.unwrap_or_else(stratafs::image::Platform::host),
     };
     let snapshotter = Arc::new(
         Snapshotter::open(resolver, mounter, ctx.chunks.clone())
