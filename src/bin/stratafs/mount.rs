@@ -492,14 +492,14 @@ fn mounted_there(mountpoint: &Path) -> String {
             .replace("\\134", "\\")
     };
     info.lines()
-        .filter_map(|line| {
+        .rev()
+        .find_map(|line| {
             let fields: Vec<&str> = line.split(' ').collect();
             let dash = fields.iter().position(|f| *f == "-")?;
             let at = unescape(fields.get(4)?);
             let (fstype, source) = (fields.get(dash + 1)?, fields.get(dash + 2)?);
             (Path::new(&at) == mountpoint).then(|| format!("{fstype} {}", unescape(source)))
         })
-        .last()
         .unwrap_or_else(|| "by something else".to_string())
 }
 
