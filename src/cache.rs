@@ -144,6 +144,15 @@ fn list_dir(dir: &std::path::Path) -> std::io::Result<Vec<(PathBuf, u64, std::ti
     Ok(out)
 }
 
+fn hit(tier: &str) {
+    crate::metrics::metrics()
+        .cache_hits
+        .get_or_create(&crate::metrics::SourceLabels {
+            source: tier.to_string(),
+        })
+        .inc();
+}
+
 /// Removes the least recently used chunks of `dir` until at most `max_bytes` remain.
 /// Returns (removed, freed, bytes left).
 fn prune_dir(dir: &std::path::Path, max_bytes: u64) -> std::io::Result<(u64, u64, u64)> {
@@ -160,6 +169,7 @@ fn prune_dir(dir: &std::path::Path, max_bytes: u64) -> std::io::Result<(u64, u64
                 total -= size;
                 removed += 1;
                 freed += size;
+                crate::metrics::metrics().cache_evictions.inc();
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => total -= size,
             Err(e) => return Err(e),
@@ -310,6 +320,7 @@ impl Cache {
     pub fn lookup(&self, digest: &Digest) -> Result<Option<Arc<Vec<u8>>>, CacheError> {
         if let Some(d) = self.memory.lock().unwrap().get(digest) {
             self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
+            hit("memory");
             return Ok(Some(d.clone()));
         }
         let io = |source| CacheError::Io {
@@ -322,10 +333,12 @@ impl Cache {
         if crate::digest::verify(digest, &data).is_err() {
             tracing::warn!(%digest, "dropping damaged cache chunk");
             self.stats.corrupt_dropped.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::metrics().cache_corrupt_chunks.inc();
             self.store.remove(digest).map_err(io)?;
             return Ok(None);
         }
         self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
+        hit("disk");
         let data = Arc::new(data);
         self.memory
             .lock()
@@ -379,6 +392,7 @@ impl Cache {
                 return Ok(d);
             }
             self.stats.fetches.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::metrics().cache_misses.inc();
             let data = Arc::new(fetch().await?);
             self.insert(digest, data.clone())?;
             Ok(data)

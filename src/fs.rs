@@ -226,6 +226,20 @@ impl Layers {
     ) -> Result<(Arc<LayerIndex>, IndexReport), FsError> {
         let started = Instant::now();
         let (index, built) = self.find(image, layer).await?;
+        let how = match (index.format, &index.published, built) {
+            (IndexFormat::Stream, None, true) => "streamed whole once to index it (the image vouches for no index): verified by blob digest and diff_id",
+            (IndexFormat::Stream, None, false) => "lazy: index built here earlier from the verified blob",
+            (IndexFormat::Stream, Some(_), _) if pinned_index(layer).is_some_and(|(_, bound)| bound) => "lazy: stratafs index pinned by the manifest",
+            (IndexFormat::Stream, Some(_), _) => "lazy: referrer index the image does not pin (unbound_referrers)",
+            (IndexFormat::Estargz, ..) => "lazy: eStargz TOC pinned by the manifest",
+            (IndexFormat::ZstdChunked, ..) => "lazy: zstd:chunked TOC pinned by the manifest",
+        };
+        let lazy = if index.random_access() {
+            how
+        } else {
+            "served from the cache after one streaming pass (plain zstd: no random access)"
+        };
+        tracing::info!(image = %image.name, layer = %layer.digest, "{lazy}");
         let report = IndexReport {
             blob: layer.digest.to_string(),
             built,

@@ -146,6 +146,21 @@ pub struct StrataFs {
 /// How long after a read failed further reads through that handle fail at once.
 const TIMEOUT_MEMORY: Duration = Duration::from_secs(2);
 
+/// Counts a FUSE operation in the metrics.
+fn op(name: &str) {
+    crate::metrics::metrics().fuse_op(name, false);
+}
+
+/// Counts a FUSE operation answered with an error.
+fn failed(name: &str) {
+    crate::metrics::metrics()
+        .fuse_errors
+        .get_or_create(&crate::metrics::OpLabels {
+            op: name.to_string(),
+        })
+        .inc();
+}
+
 fn remember_failure(failed: &Mutex<HashMap<u64, std::time::Instant>>, fh: u64) {
     let mut t = failed.lock().unwrap();
     t.retain(|_, at| at.elapsed() < TIMEOUT_MEMORY);
@@ -268,6 +283,7 @@ impl Filesystem for StrataFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        op("lookup");
         let parent = match self.node(parent) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
@@ -288,6 +304,7 @@ impl Filesystem for StrataFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        op("getattr");
         match self.node(ino) {
             Ok(id) => reply.attr(&TTL, &self.attr(id)),
             Err(e) => reply.error(e),
@@ -295,6 +312,7 @@ impl Filesystem for StrataFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        op("readlink");
         match self.node(ino).map(|id| &self.view.tree.node(id).file_type) {
             Ok(FileType::Symlink(target)) => reply.data(target.as_bytes()),
             Ok(_) => reply.error(Errno::EINVAL),
@@ -303,6 +321,7 @@ impl Filesystem for StrataFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        op("open");
         let id = match self.node(ino) {
             Ok(id) => id,
             Err(e) => return reply.error(e),
@@ -368,6 +387,7 @@ impl Filesystem for StrataFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
+        op("read");
         let id = match self.node(ino) {
             Ok(id) => id,
             Err(e) => return reply.error(e),
@@ -391,6 +411,7 @@ impl Filesystem for StrataFs {
                 Ok(Err(e)) => {
                     tracing::error!(path = %view.tree.path(id), offset, size, error = %e, "read failed");
                     let errno = errno_of(&e);
+                    failed("read");
                     if errno == Errno::EIO {
                         remember_failure(&timed_out, fh.0);
                     }
@@ -402,6 +423,7 @@ impl Filesystem for StrataFs {
                         "read failed: no data within the read timeout of {timeout:?}"
                     );
                     remember_failure(&timed_out, fh.0);
+                    failed("read");
                     reply.error(Errno::EIO);
                 }
             }
@@ -440,6 +462,7 @@ impl Filesystem for StrataFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        op("opendir");
         match self.node(ino) {
             Ok(_) => reply.opened(
                 FileHandle(0),
@@ -457,6 +480,7 @@ impl Filesystem for StrataFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        op("readdir");
         let entries = match self.dir_entries(ino) {
             Ok(e) => e,
             Err(e) => return reply.error(e),
@@ -478,6 +502,7 @@ impl Filesystem for StrataFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        op("readdirplus");
         let entries = match self.dir_entries(ino) {
             Ok(e) => e,
             Err(e) => return reply.error(e),
@@ -492,11 +517,13 @@ impl Filesystem for StrataFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        op("statfs");
         let (blocks, inodes) = self.statfs;
         reply.statfs(blocks, 0, 0, inodes, 0, 4096, 255, 4096);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        op("getxattr");
         let id = match self.node(ino) {
             Ok(id) => id,
             Err(e) => return reply.error(e),
@@ -511,6 +538,7 @@ impl Filesystem for StrataFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        op("listxattr");
         let id = match self.node(ino) {
             Ok(id) => id,
             Err(e) => return reply.error(e),
@@ -524,6 +552,7 @@ impl Filesystem for StrataFs {
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        op("access");
         // The kernel checks modes (default_permissions); only writes are refused here.
         match self.node(ino) {
             Ok(_) if mask.contains(fuser::AccessFlags::W_OK) => reply.error(Errno::EROFS),

@@ -20,6 +20,7 @@
 //! [`pull`] ties stages 1–3 together: it resolves a reference, picks the platform, verifies and
 //! stores manifests and config, computes ChainIDs — and downloads no layer data. [`publish`]
 //! shares layer indexes through the registry as OCI referrers.
+//! [`metrics`] exports what every stage did for Prometheus.
 //! Shared vocabulary lives in [`image`] (media types, platforms, layer records, ChainIDs),
 //! [`digest`] and [`config`] (the configuration file).
 
@@ -30,6 +31,7 @@ pub mod fs;
 pub mod fuse;
 pub mod image;
 pub mod layer;
+pub mod metrics;
 pub mod prefetch;
 pub mod publish;
 pub mod pull;

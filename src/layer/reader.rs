@@ -150,6 +150,16 @@ impl LayerReader {
         &self.index
     }
 
+    /// Uncompressed bytes of the layer that are cached (memory or disk).
+    pub fn cached_bytes(&self) -> u64 {
+        self.index
+            .spans
+            .iter()
+            .filter(|s| self.cache.contains(&s.digest))
+            .map(|s| s.out_len)
+            .sum()
+    }
+
     /// Whether every span holding bytes `offset..offset + len` is cached (memory or disk), so
     /// reading them needs no network.
     pub fn is_cached(&self, offset: u64, len: u64) -> bool {
@@ -176,9 +186,21 @@ impl LayerReader {
         if self.index.published.is_some() && self.first_read.swap(false, Ordering::Relaxed) {
             self.check_complete().await?;
         }
+        let started = std::time::Instant::now();
         let fetches_before = self.fetches.load(Ordering::Relaxed);
+        let disk_before = self.cache.stats.disk_hits.load(Ordering::Relaxed);
         let out = self.read_spans(offset, len).await?;
-        if self.fetches.load(Ordering::Relaxed) != fetches_before {
+        // Where the bytes came from, as far as counters tell (a concurrent read of the same
+        // layer can blur it): fetched, loaded from disk, or all in memory.
+        let source = if self.fetches.load(Ordering::Relaxed) != fetches_before {
+            "registry"
+        } else if self.cache.stats.disk_hits.load(Ordering::Relaxed) != disk_before {
+            "disk"
+        } else {
+            "memory"
+        };
+        crate::metrics::metrics().read(source, started.elapsed().as_secs_f64());
+        if source == "registry" {
             self.check_complete().await?;
         }
         Ok(out)
@@ -328,6 +350,7 @@ impl LayerReader {
                 .stats
                 .index_mismatches
                 .fetch_add(1, Ordering::Relaxed);
+            crate::metrics::metrics().index_mismatches.inc();
             tracing::error!(
                 blob = %self.index.blob,
                 published = ?self.index.published.as_ref().map(|d| d.to_string()),
@@ -562,6 +585,7 @@ fn compare_entries(claimed: &[super::Entry], actual: &[super::Entry]) -> Result<
 /// Span `span` of `index` from its fetched (compressed) bytes `raw`, verified.
 fn decode(index: &LayerIndex, span: &super::Span, raw: &[u8]) -> SpanResult {
     let bad = |what: &str, e: &dyn std::fmt::Display| {
+        crate::metrics::metrics().verification_failures.inc();
         CacheError::Fetch(format!(
             "layer {}: span at {} failed verification ({what}): {e}",
             index.blob, span.out_offset

@@ -86,6 +86,25 @@ pub struct RegistryClient {
     transport: transport::Transport,
 }
 
+impl RegistryError {
+    /// A short name of the kind of failure (a metrics label).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RegistryError::NotFound { .. } => "not_found",
+            RegistryError::Unauthorized { .. } => "unauthorized",
+            RegistryError::Denied { .. } => "denied",
+            RegistryError::Tls { .. } => "tls",
+            RegistryError::Dns { .. } => "dns",
+            RegistryError::Connect { .. } => "connect",
+            RegistryError::Timeout { .. } => "timeout",
+            RegistryError::Status { .. } => "status",
+            RegistryError::TooLarge { .. } => "too_large",
+            RegistryError::Digest { .. } => "digest",
+            _ => "other",
+        }
+    }
+}
+
 impl RegistryClient {
     /// A client with the given settings and per-host configuration; `force_plain_http` makes
     /// every origin plain HTTP (the `--plain-http` flag).

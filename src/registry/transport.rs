@@ -188,13 +188,40 @@ impl Transport {
         }
     }
 
-    /// Sends the request to one endpoint and returns its successful (2xx) response.
+    /// Sends the request to one endpoint and returns its successful (2xx) response; a failure
+    /// is counted in the metrics by kind.
     pub(crate) async fn send(
         &self,
         ep: &Endpoint,
         req: &Request<'_>,
         range: Option<(u64, u64)>,
     ) -> Result<Response, RegistryError> {
+        let result = self.send_retrying(ep, req, range).await;
+        if let Err(e) = &result {
+            crate::metrics::metrics()
+                .registry_errors
+                .get_or_create(&crate::metrics::KindLabels {
+                    kind: e.kind().to_string(),
+                })
+                .inc();
+        }
+        result
+    }
+
+    async fn send_retrying(
+        &self,
+        ep: &Endpoint,
+        req: &Request<'_>,
+        range: Option<(u64, u64)>,
+    ) -> Result<Response, RegistryError> {
+        let m = crate::metrics::metrics();
+        let counted = |status: &str| {
+            m.registry_requests
+                .get_or_create(&crate::metrics::StatusLabels {
+                    status: status.to_string(),
+                })
+                .inc();
+        };
         let repo = req.reference.repository();
         let actions = if req.method == reqwest::Method::GET || req.method == reqwest::Method::HEAD {
             "pull"
@@ -240,8 +267,12 @@ impl Transport {
             }
             self.requests.fetch_add(1, Ordering::Relaxed);
             let resp = match builder.send().await {
-                Ok(r) => r,
+                Ok(r) => {
+                    counted(r.status().as_str());
+                    r
+                }
                 Err(e) => {
+                    counted("error");
                     let err = map_reqwest(&ep.host, &url, e);
                     // A server that does not speak TLS gets plain HTTP; one whose certificate
                     // is not trusted gets a TLS error, not a downgrade.
@@ -265,6 +296,7 @@ impl Transport {
                     };
                     if retry && limit.is_some_and(|l| Instant::now() + backoff < l) {
                         tracing::warn!(host = %ep.host, attempt, "{err}; retrying in {backoff:?}");
+                        m.registry_retries.inc();
                         attempt += 1;
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -318,6 +350,7 @@ impl Transport {
                     let wait = retry_after(resp.headers()).unwrap_or(backoff);
                     if Instant::now() + wait < deadline {
                         tracing::warn!(host = %ep.host, status = %s, attempt, "{}: server error; retrying in {wait:?}", req.subject);
+                        m.registry_retries.inc();
                         attempt += 1;
                         tokio::time::sleep(wait).await;
                         backoff = (backoff * 2).min(MAX_BACKOFF);

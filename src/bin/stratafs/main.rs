@@ -95,8 +95,12 @@ enum Command {
         /// nopassthrough, threads=N; also root=DIR, config=FILE, platform=P, plain_http.
         #[arg(short = 'o', value_name = "OPTIONS")]
         options: Vec<String>,
+        /// Serve Prometheus metrics (`stratafs_*`) at this address, e.g. 127.0.0.1:9110.
+        #[arg(long, value_name = "ADDR")]
+        metrics_address: Option<String>,
         /// Image reference, e.g. docker.io/library/python:3.12.
         reference: String,
+        /// Directory to mount the image at (must exist).
         mountpoint: PathBuf,
     },
     /// Unmount an image mounted with `stratafs mount` and stop its daemon.
@@ -388,6 +392,7 @@ async fn run(mut cli: Cli) -> Result<()> {
             notify,
             chain,
             options,
+            metrics_address,
             reference,
             mountpoint,
         } => {
@@ -398,6 +403,7 @@ async fn run(mut cli: Cli) -> Result<()> {
                 foreground,
                 notify,
                 options,
+                metrics_address,
                 reference,
                 mountpoint,
             };

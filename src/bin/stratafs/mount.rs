@@ -28,6 +28,8 @@ pub struct MountArgs {
     pub foreground: bool,
     pub notify: bool,
     pub options: Vec<String>,
+    /// Serve Prometheus metrics at this address (`127.0.0.1:9110`).
+    pub metrics_address: Option<String>,
     pub reference: String,
     pub mountpoint: PathBuf,
 }
@@ -229,6 +231,9 @@ fn spawn_daemon(
     if !args.options.is_empty() {
         cmd.arg("-o").arg(args.options.join(","));
     }
+    if let Some(a) = &args.metrics_address {
+        cmd.args(["--metrics-address", a]);
+    }
     cmd.arg(&args.reference).arg(mountpoint);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -280,6 +285,25 @@ async fn serve(
         }
     };
     let view = Arc::new(ImageView::open_chain(&ctx.layers, &image, count).await?);
+    let metrics = match &args.metrics_address {
+        Some(addr) => {
+            let (view, chunks, cap) = (view.clone(), ctx.chunks.clone(), ctx.cache_cap);
+            let collect: stratafs::metrics::Collector = Arc::new(move |m| {
+                for r in view.readers() {
+                    let index = r.index();
+                    m.layer(index.blob.as_ref(), index.size, r.cached_bytes());
+                }
+                if let Ok((_, bytes)) = chunks.usage() {
+                    m.cache_bytes.set(bytes as i64);
+                }
+                m.cache_cap_bytes.set(cap as i64);
+            });
+            let bound = stratafs::metrics::serve(addr, collect)
+                .with_context(|| format!("serving metrics at {addr}"))?;
+            format!(", metrics at http://{bound}/metrics")
+        }
+        None => String::new(),
+    };
     let mut mounted = fuse::mount(
         view.clone(),
         tokio::runtime::Handle::current(),
@@ -317,7 +341,7 @@ async fn serve(
         tracing::warn!(error = %e, "cannot record the mount");
     }
     let message = format!(
-        "mounted {} at {} ({} layers, {} inodes) in {} ms",
+        "mounted {} at {} ({} layers, {} inodes) in {} ms{metrics}",
         image.name,
         mountpoint.display(),
         count,
