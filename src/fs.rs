@@ -140,6 +140,7 @@ pub struct Layers {
     fetched: std::sync::Mutex<std::collections::HashMap<String, Arc<AtomicU64>>>,
     fetched_dir: std::path::PathBuf,
     files_dir: std::path::PathBuf,
+    tmp_dir: std::path::PathBuf,
 }
 
 impl Layers {
@@ -153,6 +154,7 @@ impl Layers {
             fetched: Default::default(),
             fetched_dir: root.join("cache/fetched"),
             files_dir: root.join("cache").join(crate::cache::FILES_DIR),
+            tmp_dir: root.join("tmp"),
         }
     }
 
@@ -180,9 +182,12 @@ impl Layers {
         std::fs::create_dir_all(&self.fetched_dir)?;
         for (blob, n) in counters {
             let total = fetched_total(&self.fetched_dir, &blob) + n;
-            let tmp = self.fetched_dir.join(format!(".{blob}.tmp"));
-            std::fs::write(&tmp, total.to_string())?;
-            std::fs::rename(&tmp, self.fetched_dir.join(&blob))?;
+            crate::store::write_atomic(
+                &self.tmp_dir,
+                &self.fetched_dir.join(&blob),
+                total.to_string().as_bytes(),
+            )
+            .map_err(std::io::Error::other)?;
         }
         Ok(())
     }

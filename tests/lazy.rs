@@ -631,3 +631,32 @@ fn index_verify_catches_a_hostile_published_index() {
     );
     victim.ok(&["index", "verify", &reference]);
 }
+
+#[test]
+fn rmi_collects_the_files_of_layers_no_image_has() {
+    let reg = Registry::start(RegistryOpts::default());
+    let (image, _) = large_layer();
+    reg.push_image("lazy/gc-a", "v1", &image, &Auth::None);
+    reg.push_image("lazy/gc-b", "v1", &image, &Auth::None);
+    let (a, b) = (
+        format!("{}/lazy/gc-a:v1", reg.addr()),
+        format!("{}/lazy/gc-b:v1", reg.addr()),
+    );
+    let cli = Stratafs::new();
+    cli.ok(&["index", "build", &a]);
+    cli.ok(&["pull", &b]);
+    let hex = image.layers[0].digest.strip_prefix("sha256:").unwrap();
+    let files = || -> Vec<String> {
+        ["layers", "cache/fetched"]
+            .iter()
+            .flat_map(|d| std::fs::read_dir(cli.root().join(d)).into_iter().flatten())
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(hex))
+            .collect()
+    };
+    assert_eq!(files().len(), 2, "index and fetched counter: {:?}", files());
+    cli.ok(&["rmi", &a]);
+    assert_eq!(files().len(), 2, "still used by b: {:?}", files());
+    cli.ok(&["rmi", &b]);
+    assert!(files().is_empty(), "{:?}", files());
+}

@@ -120,17 +120,52 @@ impl Store {
         Ok(record)
     }
 
-    /// Deletes blobs and chain records that no image references. Caller holds the exclusive lock.
+    /// Collects what no image references (under the exclusive lock).
+    pub fn collect_garbage(&self) -> Result<(), StoreError> {
+        let _lock = self.lock_exclusive()?;
+        self.collect_garbage_locked()
+    }
+
+    /// Deletes blobs and chain records that no image references, and the per-layer files of
+    /// layers no image has: layer indexes (`layers/<hex>.json`, `layers/<hex>@….json`),
+    /// fetched-byte counters (`cache/fetched/<hex>`) and passthrough copies
+    /// (`cache/files/<hex>-…`). Cached chunks are shared by content and left to the cache cap.
+    /// Caller holds the exclusive lock.
     fn collect_garbage_locked(&self) -> Result<(), StoreError> {
         let mut blobs = HashSet::new();
         let mut chains = HashSet::new();
+        let mut layers = HashSet::new();
         for image in self.images.list()? {
             blobs.extend([
                 image.target.digest,
                 image.manifest.digest,
                 image.config.digest,
             ]);
+            layers.extend(image.layers.iter().map(|l| l.digest.digest().to_string()));
             chains.extend(image.layers.into_iter().map(|l| l.chain_id));
+        }
+        // Each per-layer file's name starts with the layer's hex digest, up to `.`, `@` or `-`.
+        for (dir, ends) in [
+            ("layers", &['.', '@'][..]),
+            ("cache/fetched", &['.'][..]),
+            ("cache/files", &['-'][..]),
+        ] {
+            let dir = self.root.join(dir);
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let hex = name.split(ends).next().unwrap_or("");
+                if hex.len() == 64 && !layers.contains(hex) {
+                    match fs::remove_file(entry.path()) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                            return Err(io_err(&entry.path())(e))
+                        }
+                        _ => {}
+                    }
+                }
+            }
         }
         for digest in self.content.list()? {
             if !blobs.contains(&digest) {

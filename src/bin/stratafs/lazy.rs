@@ -433,6 +433,8 @@ pub fn cache_stats(ctx: &Context, json: bool) -> Result<()> {
 }
 
 pub fn cache_prune(ctx: &Context, max_size: u64) -> Result<()> {
+    // Per-layer files of layers no image has (indexes, counters, copies) go too.
+    ctx.store.collect_garbage()?;
     let (removed, freed) = ctx.chunks.prune(max_size)?;
     println!("removed {removed} chunks, freed {freed} bytes");
     Ok(())

@@ -541,21 +541,37 @@ fn write_record(path: &Path, record: &MountRecord) -> std::io::Result<()> {
 
 /// A mountpoint as a file name: `/mnt/py` → `mnt-py`.
 fn escape(mountpoint: &Path) -> String {
-    let s: String = mountpoint
-        .to_string_lossy()
-        .trim_start_matches('/')
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' || c == '_' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    if s.is_empty() {
-        "root".into()
-    } else {
-        s
+    // Letters, digits, `.` and `_` stay; every other byte becomes `-XX` (hex), `-` included,
+    // so distinct paths (`/mnt/a-b`, `/mnt/a/b`, `/mnt/a b`) never share a name.
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = mountpoint.as_os_str().as_bytes();
+    let trimmed = bytes.strip_prefix(b"/").unwrap_or(bytes);
+    if trimmed.is_empty() {
+        return "root".into();
+    }
+    let mut s = String::with_capacity(trimmed.len());
+    for &b in trimmed {
+        if b.is_ascii_alphanumeric() || b == b'.' || b == b'_' {
+            s.push(b as char);
+        } else {
+            s.push_str(&format!("-{b:02x}"));
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_names_are_unambiguous() {
+        let names: Vec<String> = ["/mnt/a-b", "/mnt/a/b", "/mnt/a b", "/mnt/a_b", "/"]
+            .iter()
+            .map(|p| escape(Path::new(p)))
+            .collect();
+        let unique: std::collections::BTreeSet<_> = names.iter().collect();
+        assert_eq!(unique.len(), names.len(), "{names:?}");
+        assert_eq!(escape(Path::new("/mnt/a-b")), "mnt-2fa-2db");
     }
 }
