@@ -135,30 +135,43 @@ struct Env {
     run_dir: tempfile::TempDir,
 }
 
-fn env() -> Option<Env> {
+fn env() -> Env {
+    // .ci/setup installs everything: a missing tool fails the test.
     if let Some(why) = Containerd::unavailable() {
-        eprintln!("skipping: {why}");
-        return None;
+        panic!("containerd cannot run: {why}");
     }
     let sn = Snapshotter::start();
     let ctd = Containerd::start_with(ContainerdOpts {
         proxy_snapshotters: vec![("stratafs".into(), sn.socket.clone())],
         extra_toml: String::new(),
     });
-    Some(Env {
+    Env {
         ctd,
         sn,
         reg: Registry::start(RegistryOpts::default()),
         run_dir: tempfile::tempdir().unwrap(),
-    })
+    }
 }
 
 impl Env {
     fn ctr_run_command(&self, snapshotter: &str, image: &str, id: &str, script: &str) -> Command {
+        self.ctr_run_command_with(&[], snapshotter, image, id, script)
+    }
+
+    /// `ctr run` with extra flags (such as `--mount`) before the image.
+    fn ctr_run_command_with(
+        &self,
+        flags: &[&str],
+        snapshotter: &str,
+        image: &str,
+        id: &str,
+        script: &str,
+    ) -> Command {
         let mut cmd = Command::new("ctr");
         cmd.arg("--address")
             .arg(self.ctd.address())
             .args(["--namespace", common::containerd::NAMESPACE, "run", "--rm"])
+            .args(flags)
             .args(["--snapshotter", snapshotter])
             .arg("--fifo-dir")
             .arg(self.run_dir.path().join("fifo"))
@@ -309,7 +322,7 @@ fn two_layer_image() -> Image {
 
 #[test]
 fn lazy_pull_runs_containers_fetching_a_fraction_of_the_layers() {
-    let Some(env) = env() else { return };
+    let env = env();
     let image = two_layer_image();
     let reference = env.push("snap/lazy", &image);
     let mark = env.reg.log_mark();
@@ -385,28 +398,44 @@ fn lazy_pull_runs_containers_fetching_a_fraction_of_the_layers() {
 
 #[test]
 fn snapshotter_restarts_under_running_containers_and_remounts_dead_layers() {
-    let Some(mut env) = env() else { return };
+    let mut env = env();
     let image = two_layer_image();
     let reference = env.push("snap/restart", &image);
     env.rpull(&reference);
     let before = env.snapshots();
 
-    // A container that reads a file it has not touched yet after the snapshotter restarted.
-    let waiting = env
-        .ctr_run_command(
+    // A container that, once it runs, waits for the test's word (a file in a bind-mounted
+    // directory) and then reads a file it has not touched: the word comes after the
+    // snapshotter restarted, so that read is served across the restart.
+    let sync = env.run_dir.path().join("sync");
+    std::fs::create_dir_all(&sync).unwrap();
+    let bind = format!(
+        "type=bind,src={},dst=/sync,options=rbind:ro",
+        sync.display()
+    );
+    let mut waiting = env
+        .ctr_run_command_with(
+            &["--mount", &bind],
             "stratafs",
             &reference,
             "long",
-            "sleep 4; sha256sum /opt/filler2",
+            "echo started; while [ ! -e /sync/go ]; do sleep 0.1; done; sha256sum /opt/filler2",
         )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    let mut stdout = std::io::BufReader::new(waiting.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line, "started\n", "the container runs");
     env.sn.restart();
     env.wait_snapshotter();
-    let out = waiting.wait_with_output().unwrap();
+    std::fs::write(sync.join("go"), b"").unwrap();
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut stdout, &mut rest).unwrap();
+    let mut out = waiting.wait_with_output().unwrap();
+    out.stdout = rest;
     let out = env.expect_ok("container across a restart", out);
     assert_eq!(
         out,
@@ -425,7 +454,18 @@ fn snapshotter_restarts_under_running_containers_and_remounts_dead_layers() {
             .args(["-KILL", &pid.to_string()])
             .status();
     }
-    std::thread::sleep(Duration::from_millis(300));
+    // Gone (reaped by init) before the snapshotter starts again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while daemons
+        .iter()
+        .any(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "daemons {daemons:?} still alive"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     env.sn.spawn();
     env.wait_snapshotter();
     let out = env.run(
@@ -440,7 +480,7 @@ fn snapshotter_restarts_under_running_containers_and_remounts_dead_layers() {
 
 #[test]
 fn plain_ctr_pull_works_eagerly() {
-    let Some(env) = env() else { return };
+    let env = env();
     let image = two_layer_image();
     env.reg.push_image("snap/eager", "v1", &image, &Auth::None);
     let reference = format!("{}/snap/eager:v1", env.reg.addr());
@@ -479,7 +519,7 @@ fn plain_ctr_pull_works_eagerly() {
 
 #[test]
 fn layers_that_cannot_be_served_lazily_fall_back_to_containerd() {
-    let Some(env) = env() else { return };
+    let env = env();
     let zstd = LayerBuilder::new()
         .dir("etc", 0o755)
         .file("etc/msg", b"from the zstd layer\n", 0o644)
@@ -527,7 +567,7 @@ fn layers_that_cannot_be_served_lazily_fall_back_to_containerd() {
 /// metadata layer answers some calls itself; the rest reach the snapshotter.)
 #[test]
 fn snapshot_api_matches_the_overlayfs_snapshotter() {
-    let Some(env) = env() else { return };
+    let env = env();
     let steps: &[&[&str]] = &[
         &["prepare", "a", ""],
         &["prepare", "a", ""],
