@@ -628,9 +628,14 @@ impl ImageView {
         image: &ImageRecord,
         count: usize,
     ) -> Result<ImageView, FsError> {
+        // Every layer's index at once: published indexes and TOCs are fetched, and layers
+        // without one streamed, in parallel rather than one layer after another.
+        let chain = &image.layers[..count.min(image.layers.len())];
+        let indexes =
+            futures_util::future::try_join_all(chain.iter().map(|l| layers.index(image, l)))
+                .await?;
         let mut readers = Vec::with_capacity(count);
-        for layer in image.layers.iter().take(count) {
-            let (index, _) = layers.index(image, layer).await?;
+        for (layer, (index, _)) in chain.iter().zip(indexes) {
             let source: Arc<dyn BlobSource> = layers.source(image, layer)?;
             readers.push(LayerReader::new(index, source, layers.cache.clone()));
         }

@@ -169,6 +169,8 @@ pub struct Faults {
     pub fail: bool,
     /// Pretend the blob ends here: reads past it fail.
     pub truncate_at: Option<u64>,
+    /// Answer every read after this long (a slow link).
+    pub delay: Option<std::time::Duration>,
 }
 
 /// Wraps a source and injects [`Faults`]; counts reads and bytes.
@@ -177,6 +179,7 @@ pub struct FaultySource<S> {
     faults: Mutex<Faults>,
     reads: AtomicU64,
     bytes: AtomicU64,
+    started: AtomicU64,
 }
 
 impl<S: BlobSource> FaultySource<S> {
@@ -186,7 +189,13 @@ impl<S: BlobSource> FaultySource<S> {
             faults: Mutex::default(),
             reads: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            started: AtomicU64::new(0),
         }
+    }
+
+    /// Reads begun so far (answered or not).
+    pub fn started(&self) -> u64 {
+        self.started.load(Ordering::Relaxed)
     }
 
     pub fn set_faults(&self, faults: Faults) {
@@ -209,7 +218,11 @@ impl<S: BlobSource> BlobSource for FaultySource<S> {
 
     fn read_range(&self, offset: u64, len: u64) -> ReadFuture<'_> {
         Box::pin(async move {
+            self.started.fetch_add(1, Ordering::Relaxed);
             let faults = self.faults.lock().unwrap().clone();
+            if let Some(delay) = faults.delay {
+                tokio::time::sleep(delay).await;
+            }
             if faults.fail {
                 return Err(SourceError::Injected("source unavailable".into()));
             }

@@ -126,6 +126,29 @@ pub struct LayerReader {
     fetches: std::sync::atomic::AtomicU64,
     /// A published index is checked on the first read too (its layer may be complete already).
     first_read: std::sync::atomic::AtomicBool,
+    /// Spans a run in flight is fetching, each with that run's "done" signal (a semaphore
+    /// closed when the run ends): a read of such a span waits for the run instead of fetching
+    /// the same bytes again (single flight per range, not just per span).
+    inflight: std::sync::Mutex<std::collections::HashMap<usize, Arc<tokio::sync::Semaphore>>>,
+}
+
+/// Unregisters a run's spans and wakes its waiters when the run ends (however it ends).
+struct RunGuard<'a> {
+    reader: &'a LayerReader,
+    spans: std::ops::RangeInclusive<usize>,
+    done: Arc<tokio::sync::Semaphore>,
+}
+
+impl Drop for RunGuard<'_> {
+    fn drop(&mut self) {
+        let mut inflight = self.reader.inflight.lock().unwrap();
+        for j in self.spans.clone() {
+            if inflight.get(&j).is_some_and(|d| Arc::ptr_eq(d, &self.done)) {
+                inflight.remove(&j);
+            }
+        }
+        self.done.close();
+    }
 }
 
 const UNCHECKED: u8 = 0;
@@ -143,7 +166,38 @@ impl LayerReader {
             completeness: std::sync::atomic::AtomicU8::new(UNCHECKED),
             fetches: std::sync::atomic::AtomicU64::new(0),
             first_read: std::sync::atomic::AtomicBool::new(true),
+            inflight: Default::default(),
         }
+    }
+
+    /// Claims the run of missing spans from `i` (up to `until`, stopping before any span
+    /// another run is fetching) for this fetch; `Err` with that run's signal if span `i`
+    /// itself is being fetched.
+    fn claim_run(
+        &self,
+        i: usize,
+        until: u64,
+    ) -> Result<(usize, RunGuard<'_>), Arc<tokio::sync::Semaphore>> {
+        let mut inflight = self.inflight.lock().unwrap();
+        if let Some(done) = inflight.get(&i) {
+            return Err(done.clone());
+        }
+        let mut last = self.missing_run_end(i, until);
+        if let Some(j) = (i + 1..=last).find(|j| inflight.contains_key(j)) {
+            last = j - 1;
+        }
+        let done = Arc::new(tokio::sync::Semaphore::new(0));
+        for j in i..=last {
+            inflight.insert(j, done.clone());
+        }
+        Ok((
+            last,
+            RunGuard {
+                reader: self,
+                spans: i..=last,
+                done,
+            },
+        ))
     }
 
     pub fn index(&self) -> &LayerIndex {
@@ -254,7 +308,19 @@ impl LayerReader {
                 } else {
                     until
                 };
-                let last = self.missing_run_end(i, until);
+                // Another run fetching span i: wait for it and take i from the cache (or, if
+                // that run failed or i did not verify, fetch it here).
+                let (last, _run) = loop {
+                    match self.claim_run(i, until) {
+                        Ok(claimed) => break claimed,
+                        Err(done) => {
+                            let _ = done.acquire().await; // an error: the run ended
+                            if let Some(d) = self.cache.lookup(&span.digest)? {
+                                return Ok((*d).clone());
+                            }
+                        }
+                    }
+                };
                 self.last_fetched.store(last, Ordering::Relaxed);
                 let mut spans = self.fetch_run(i, last).await?.into_iter();
                 let first = spans.next().expect("the run holds span i")?;
@@ -810,6 +876,40 @@ mod tests {
         assert!(err.contains("does not describe the layer"), "{err}");
         assert_eq!(cache.stats.index_mismatches.load(Ordering::Relaxed), 1);
         assert!(r.read(offset, 10).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_read_of_a_span_another_run_is_fetching_waits_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (reader, source, _, _, spans) = setup(dir.path());
+        assert!(spans > 6);
+        source.set_faults(crate::source::Faults {
+            delay: Some(std::time::Duration::from_millis(200)),
+            ..Default::default()
+        });
+        let reader = Arc::new(reader);
+        let end = {
+            let s = &reader.index().spans[5];
+            s.out_offset + s.out_len
+        };
+        // Reader A fetches spans 0..=5 with one request...
+        let a = {
+            let r = reader.clone();
+            tokio::spawn(async move { r.read(0, end).await.map(|d| d.len() as u64) })
+        };
+        while source.started() == 0 {
+            tokio::task::yield_now().await;
+        }
+        // ...and reader B, wanting bytes of span 3 while that request is in flight, waits
+        // for it instead of fetching them again.
+        let at = reader.index().spans[3].out_offset + 10;
+        assert_eq!(reader.read(at, 100).await.unwrap().len(), 100);
+        assert_eq!(a.await.unwrap().unwrap(), end);
+        assert_eq!(source.counts().0, 1, "one range request for both readers");
+        // A span the run did not cover is fetched by whoever needs it.
+        let beyond = reader.index().spans[6].out_offset;
+        reader.read(beyond, 10).await.unwrap();
+        assert_eq!(source.counts().0, 2);
     }
 
     #[tokio::test]
