@@ -364,6 +364,56 @@ fn basic_auth_with_docker_credentials() {
 }
 
 #[test]
+fn basic_auth_with_a_containers_auth_file() {
+    use base64::Engine;
+    let reg = Registry::start(RegistryOpts {
+        htpasswd: Some(("alice".into(), "s3cret".into())),
+        ..Default::default()
+    });
+    let image = three_layers("authfile").build(ManifestFlavour::Oci);
+    reg.push_image("private/app", "v1", &image, &Auth::basic("alice", "s3cret"));
+    let reference = format!("{}/private/app:v1", reg.addr());
+    let cli = Stratafs::new();
+    // podman/skopeo's auth.json, with a repository-scoped key as podman writes them.
+    let dir = tempfile::tempdir().unwrap();
+    let auth = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");
+    let file = dir.path().join("auth.json");
+    std::fs::write(
+        &file,
+        serde_json::json!({"auths": {format!("{}/private", reg.addr()): {"auth": auth}}})
+            .to_string(),
+    )
+    .unwrap();
+    let pull = |env: &[(&str, &std::path::Path)]| {
+        let mut cmd = cli.command();
+        cmd.args(["pull", &reference]).env_remove("XDG_RUNTIME_DIR");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let out = pull(&[]);
+    assert!(!out.status.success(), "no credentials anywhere");
+    let out = pull(&[("REGISTRY_AUTH_FILE", &file)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The same file where podman keeps it for a logged-in user.
+    let runtime = dir.path().join("run");
+    std::fs::create_dir_all(runtime.join("containers")).unwrap();
+    std::fs::copy(&file, runtime.join("containers/auth.json")).unwrap();
+    cli.ok(&["rmi", &reference]);
+    let out = pull(&[("XDG_RUNTIME_DIR", &runtime)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn bearer_token_flow_with_the_registry_token_auth() {
     let tokens = TokenServer::start(TokenServerOpts::default());
     let reg = Registry::start(RegistryOpts {

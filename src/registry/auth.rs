@@ -93,9 +93,70 @@ pub(crate) enum Credentials {
     IdentityToken(String),
 }
 
-/// Looks up credentials for `host` in the Docker config (`$DOCKER_CONFIG/config.json` or
-/// `~/.docker/config.json`), asking credential helpers where configured.
+/// Looks up credentials for `host`, in order: the containers auth file named by
+/// `$REGISTRY_AUTH_FILE` (podman, skopeo, buildah); the Docker config (`$DOCKER_CONFIG/config.json`
+/// or `~/.docker/config.json`, credential helpers included); the containers auth files
+/// `$XDG_RUNTIME_DIR/containers/auth.json` and `~/.config/containers/auth.json`.
 pub(crate) fn docker_credentials(host: &str) -> Option<Credentials> {
+    let file = |p: std::path::PathBuf| containers_auth(&p, host);
+    if let Some(c) = std::env::var_os("REGISTRY_AUTH_FILE").and_then(|p| file(p.into())) {
+        return Some(c);
+    }
+    if let Some(c) = docker_config_credentials(host) {
+        return Some(c);
+    }
+    let runtime = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(|d| std::path::PathBuf::from(d).join("containers/auth.json"));
+    let home = std::env::var_os("HOME")
+        .map(|h| std::path::PathBuf::from(h).join(".config/containers/auth.json"));
+    runtime.into_iter().chain(home).find_map(file)
+}
+
+/// Credentials for `host` in a containers auth file (`{"auths": {"HOST": {"auth":
+/// base64("user:password")}}}`, or `identitytoken`); keys may carry a scheme or a repository
+/// path after the host.
+fn containers_auth(path: &std::path::Path, host: &str) -> Option<Credentials> {
+    use base64::Engine;
+    let text = std::fs::read(path).ok()?;
+    let doc: serde_json::Value = match serde_json::from_slice(&text) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "unreadable containers auth file");
+            return None;
+        }
+    };
+    let wanted = if host == DOCKER_HUB_API_HOST {
+        DOCKER_HUB
+    } else {
+        host
+    };
+    let entry = doc["auths"].as_object()?.iter().find_map(|(key, v)| {
+        let key = key
+            .trim_start_matches("https://")
+            .trim_start_matches("http://");
+        let key_host = key.split('/').next().unwrap_or(key);
+        let key_host = if key_host == "index.docker.io" || key_host == DOCKER_HUB_API_HOST {
+            DOCKER_HUB
+        } else {
+            key_host
+        };
+        (key_host == wanted).then_some(v)
+    })?;
+    if let Some(token) = entry["identitytoken"].as_str().filter(|t| !t.is_empty()) {
+        return Some(Credentials::IdentityToken(token.to_string()));
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(entry["auth"].as_str()?)
+        .ok()?;
+    let (username, password) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
+    Some(Credentials::Basic {
+        username: username.to_string(),
+        password: password.to_string(),
+    })
+}
+
+/// Credentials for `host` from the Docker config and its credential helpers.
+fn docker_config_credentials(host: &str) -> Option<Credentials> {
     let key = if host == DOCKER_HUB || host == DOCKER_HUB_API_HOST {
         "https://index.docker.io/v1/"
     } else {
