@@ -253,6 +253,18 @@ impl Config {
         })
     }
 
+    /// Adds the registry host entries of containerd's `hosts.toml` files under
+    /// `[registry] config_path` (see `registry::hosts_toml`): entries of this file win whole.
+    pub fn with_hosts_dir(mut self) -> Result<Config, ConfigError> {
+        let dir = self.registry.config_path.clone();
+        if dir.as_os_str().is_empty() {
+            return Ok(self);
+        }
+        self.hosts = crate::registry::hosts_toml::merge(&dir, &self.hosts)
+            .map_err(|message| ConfigError::Parse { path: dir, message })?;
+        Ok(self)
+    }
+
     /// Parses configuration text.
     pub fn parse(text: &str) -> Result<Config, String> {
         toml::from_str(text).map_err(|e| e.to_string())

@@ -546,6 +546,74 @@ fn mirror_is_tried_first_and_origin_is_the_fallback() {
 }
 
 #[test]
+fn containerd_hosts_toml_configures_a_pull_through_cache() {
+    let origin = Registry::start(RegistryOpts::default());
+    let image = three_layers("hoststoml").build(ManifestFlavour::Oci);
+    origin.push_image("mirrored/app", "v1", &image, &Auth::None);
+    let cache = Registry::start(RegistryOpts {
+        proxy_remote: Some(origin.url()),
+        ..Default::default()
+    });
+    // Configured only through containerd's certs.d layout.
+    let certs = tempfile::tempdir().unwrap();
+    let host_dir = certs.path().join(origin.addr());
+    std::fs::create_dir_all(&host_dir).unwrap();
+    let write = |capabilities: &str| {
+        std::fs::write(
+            host_dir.join("hosts.toml"),
+            format!(
+                "server = \"{}\"\n\n[host.\"{}\"]\n  capabilities = {capabilities}\n",
+                origin.url(),
+                cache.url()
+            ),
+        )
+        .unwrap()
+    };
+    let config = format!("[registry]\nconfig_path = \"{}\"\n", certs.path().display());
+    let reference = format!("{}/mirrored/app:v1", origin.addr());
+
+    write(r#"["pull", "resolve"]"#);
+    let mut cli = Stratafs::new();
+    cli.set_config(&config);
+    let (origin_mark, cache_mark) = (origin.log_mark(), cache.log_mark());
+    assert_pulled(
+        &cli.pull_json(&reference, &[]),
+        &reference,
+        &image.manifest_digest,
+        &image,
+    );
+    let via_cache = stratafs_requests(&cache, cache_mark);
+    assert!(
+        via_cache
+            .iter()
+            .any(|e| e.path == "/v2/mirrored/app/manifests/v1" && e.status == 200),
+        "{via_cache:?}"
+    );
+    let to_origin = stratafs_requests(&origin, origin_mark);
+    assert!(to_origin.is_empty(), "{to_origin:?}");
+
+    // A pull-only mirror serves content by digest, but tags are resolved at the origin.
+    write(r#"["pull"]"#);
+    let mut cli = Stratafs::new();
+    cli.set_config(&config);
+    let (origin_mark, cache_mark) = (origin.log_mark(), cache.log_mark());
+    cli.pull_json(&reference, &[]);
+    let to_origin: Vec<String> = stratafs_requests(&origin, origin_mark)
+        .into_iter()
+        .map(|e| e.path)
+        .collect();
+    assert_eq!(to_origin, ["/v2/mirrored/app/manifests/v1"]);
+    let via_cache = stratafs_requests(&cache, cache_mark);
+    assert!(
+        via_cache.iter().all(|e| !e.path.ends_with("/manifests/v1"))
+            && via_cache
+                .iter()
+                .any(|e| e.path.ends_with(&image.config_digest) && e.status == 200),
+        "{via_cache:?}"
+    );
+}
+
+#[test]
 fn concurrent_pulls_of_one_reference_both_succeed_and_rmi_collects() {
     let reg = Registry::start(RegistryOpts::default());
     let a = three_layers("a").build(ManifestFlavour::Oci);

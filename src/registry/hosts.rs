@@ -21,6 +21,9 @@ pub struct RegistrySettings {
     pub retry_max_elapsed_secs: u64,
     /// Largest manifest, index or config accepted.
     pub max_manifest_bytes: u64,
+    /// containerd's registry host directory (`<dir>/<host>/hosts.toml`), read for mirrors and
+    /// TLS settings of registries the config file's `[hosts]` does not name; empty: none.
+    pub config_path: PathBuf,
 }
 
 impl Default for RegistrySettings {
@@ -30,6 +33,7 @@ impl Default for RegistrySettings {
             request_timeout_secs: 30,
             retry_max_elapsed_secs: 60,
             max_manifest_bytes: 8 << 20,
+            config_path: PathBuf::from("/etc/containerd/certs.d"),
         }
     }
 }
@@ -47,6 +51,9 @@ pub struct HostConfig {
     pub ca_certs: Vec<PathBuf>,
     /// Accept any TLS certificate from this host (insecure).
     pub skip_verify: bool,
+    /// Mirrors asked only for content by digest (blobs, manifests by digest), never to resolve
+    /// a tag (containerd's `capabilities = ["pull"]`); tried after `mirrors`.
+    pub pull_only_mirrors: Vec<String>,
 }
 
 /// One place a request can be sent to.
@@ -67,10 +74,17 @@ pub(crate) fn endpoints(
     registry: &str,
     api_host: &str,
     force_plain_http: bool,
+    by_digest: bool,
 ) -> Result<Vec<Endpoint>, RegistryError> {
-    let config = hosts.get(registry).cloned().unwrap_or_default();
+    // `_default` (containerd's name) configures registries without an entry of their own.
+    let config = hosts
+        .get(registry)
+        .or_else(|| hosts.get("_default"))
+        .cloned()
+        .unwrap_or_default();
     let mut out = Vec::new();
-    for mirror in &config.mirrors {
+    let pull_only = config.pull_only_mirrors.iter().filter(|_| by_digest);
+    for mirror in config.mirrors.iter().chain(pull_only) {
         let base = mirror.trim_end_matches('/');
         let base = base.strip_suffix("/v2").unwrap_or(base).to_string();
         let host = base
@@ -132,7 +146,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        let eps = endpoints(&hosts, "docker.io", "registry-1.docker.io", false).unwrap();
+        let eps = endpoints(&hosts, "docker.io", "registry-1.docker.io", false, false).unwrap();
         let bases: Vec<_> = eps.iter().map(|e| e.base.as_str()).collect();
         assert_eq!(
             bases,
@@ -145,12 +159,12 @@ mod tests {
         assert_eq!(eps[0].host, "127.0.0.1:5001");
         assert!(eps[0].is_mirror && !eps[2].is_mirror && !eps[2].http_fallback);
 
-        let eps = endpoints(&hosts, "127.0.0.1:5000", "127.0.0.1:5000", false).unwrap();
+        let eps = endpoints(&hosts, "127.0.0.1:5000", "127.0.0.1:5000", false, false).unwrap();
         assert_eq!(eps.len(), 1);
         assert!(eps[0].http_fallback && eps[0].base.starts_with("https://"));
-        let eps = endpoints(&hosts, "127.0.0.1:5000", "127.0.0.1:5000", true).unwrap();
+        let eps = endpoints(&hosts, "127.0.0.1:5000", "127.0.0.1:5000", true, false).unwrap();
         assert_eq!(eps[0].base, "http://127.0.0.1:5000");
-        let eps = endpoints(&hosts, "r.example", "r.example", false).unwrap();
+        let eps = endpoints(&hosts, "r.example", "r.example", false, false).unwrap();
         assert!(!eps[0].http_fallback);
 
         hosts.insert(
@@ -160,7 +174,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        assert!(endpoints(&hosts, "bad", "bad", false).is_err());
+        assert!(endpoints(&hosts, "bad", "bad", false, false).is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@
 
 mod auth;
 mod hosts;
+pub mod hosts_toml;
 mod push;
 mod transport;
 
@@ -152,7 +153,7 @@ impl RegistryClient {
         pinned: Option<&Digest>,
     ) -> Result<Fetched, RegistryError> {
         let what = format!("manifest {target}");
-        let endpoints = self.endpoints(reference)?;
+        let endpoints = self.endpoints(reference, pinned.is_some())?;
         let body = self
             .transport
             .get_small(
@@ -227,7 +228,7 @@ impl RegistryClient {
         let (what, req) = blob_request(reference, digest);
         let body = self
             .transport
-            .get_small(&self.endpoints(reference)?, &req, cap, &what)
+            .get_small(&self.endpoints(reference, true)?, &req, cap, &what)
             .await?;
         crate::digest::verify(digest, &body.data).map_err(|source| RegistryError::Digest {
             what,
@@ -252,16 +253,23 @@ impl RegistryClient {
         }
         let (_, req) = blob_request(reference, digest);
         self.transport
-            .get_range(&self.endpoints(reference)?, &req, offset, len)
+            .get_range(&self.endpoints(reference, true)?, &req, offset, len)
             .await
     }
 
-    fn endpoints(&self, reference: &Reference) -> Result<Vec<hosts::Endpoint>, RegistryError> {
+    /// Where a request goes: mirrors, then the origin. `by_digest`: the request names content
+    /// by digest (blobs, manifests by digest), which pull-only mirrors may serve too.
+    fn endpoints(
+        &self,
+        reference: &Reference,
+        by_digest: bool,
+    ) -> Result<Vec<hosts::Endpoint>, RegistryError> {
         hosts::endpoints(
             &self.hosts,
             reference.registry(),
             reference.api_host(),
             self.force_plain_http,
+            by_digest,
         )
     }
 }

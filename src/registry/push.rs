@@ -19,7 +19,7 @@ pub struct Pushed {
 impl RegistryClient {
     /// Sends one request to the origin (never a mirror) and returns the successful response.
     async fn origin_send(&self, req: &Request<'_>) -> Result<reqwest::Response, RegistryError> {
-        let endpoints = self.endpoints(req.reference)?;
+        let endpoints = self.endpoints(req.reference, false)?;
         let origin = endpoints
             .iter()
             .find(|e| !e.is_mirror)
@@ -29,7 +29,7 @@ impl RegistryClient {
 
     /// Sends a read request to the mirrors, then the origin; the origin's answer is final.
     async fn first_send(&self, req: &Request<'_>) -> Result<reqwest::Response, RegistryError> {
-        let endpoints = self.endpoints(req.reference)?;
+        let endpoints = self.endpoints(req.reference, false)?;
         first_endpoint(&endpoints, |ep| self.transport.send(ep, req, None)).await
     }
 

@@ -259,7 +259,8 @@ async fn run(mut cli: Cli) -> Result<()> {
     let config = match &cli.config {
         Some(path) => Config::load(path, true)?,
         None => Config::load(DEFAULT_CONFIG.as_ref(), false)?,
-    };
+    }
+    .with_hosts_dir()?;
     let store =
         Store::open(&cli.root).with_context(|| format!("opening store {}", cli.root.display()))?;
     match cli.command {
