@@ -171,3 +171,39 @@ fn cache_prune_needs_a_size_or_all() {
     cli.ok(&["cache", "prune", "--all"]);
     assert_eq!(bytes(), 0);
 }
+
+#[test]
+fn images_inspect_and_rmi_follow_the_usual_conventions() {
+    let reg = Registry::start(RegistryOpts::default());
+    let long_repo = "cli/a-repository-name-long-enough-to-break-fixed-width-columns-of-a-table";
+    reg.push_image(long_repo, "v1", &for_arch("amd64"), &Auth::None);
+    reg.push_image("cli/short", "v1", &many_files(), &Auth::None);
+    let long = format!("{}/{long_repo}:v1", reg.addr());
+    let short = format!("{}/cli/short:v1", reg.addr());
+    let cli = Stratafs::new();
+    let pulled = cli.pull_json(&long, &[]);
+    cli.ok(&["pull", &short]);
+
+    // Aligned columns whatever the name length; `images ls` is `images`.
+    let table = cli.ok(&["images"]);
+    assert_eq!(cli.ok(&["images", "ls"]), table);
+    let lines: Vec<&str> = table.lines().collect();
+    let column = lines[0].find("DIGEST").unwrap();
+    for line in &lines[1..] {
+        assert_eq!(line.find("sha256:"), Some(column), "{table}");
+    }
+    // -q: names only; --json: the shape `pull --json` prints.
+    assert_eq!(cli.ok(&["images", "-q"]), format!("{long}\n{short}\n"));
+    let all: serde_json::Value = serde_json::from_str(&cli.ok(&["images", "--json"])).unwrap();
+    assert_eq!(all[0], pulled, "one JSON shape per image");
+
+    // inspect by a short digest, as `images` shows it.
+    let digest = pulled["digest"].as_str().unwrap();
+    let prefix = &digest["sha256:".len()..][..12];
+    let inspected: serde_json::Value = serde_json::from_str(&cli.ok(&["inspect", prefix])).unwrap();
+    assert_eq!(inspected["record"]["name"], long.as_str());
+    // rmi of several at once.
+    let out = cli.ok(&["rmi", &long, &short]);
+    assert_eq!(out.lines().count(), 2, "{out}");
+    assert_eq!(cli.ok(&["images", "-q"]), "");
+}

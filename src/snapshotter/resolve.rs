@@ -99,7 +99,12 @@ impl Resolver {
         }
         let image = crate::pull::pull(&self.client, &self.store, &parsed, &self.platform, &|_| {})
             .await
-            .map_err(|e| format!("pulling {reference}: {e}"))?;
+            .map_err(|e| {
+                // Not a design choice but a failure (a registry unreachable, plain HTTP not
+                // allowed, credentials): said at the default log level.
+                tracing::warn!(%reference, error = %e, "cannot pull the image's metadata: containerd applies its layers (not lazy)");
+                format!("pulling {reference}: {e}")
+            })?;
         if self.index.published && self.index.unbound_referrers {
             let limits = crate::layer::Limits::from(&self.index);
             if let Err(e) =

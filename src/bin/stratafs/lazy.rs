@@ -392,26 +392,35 @@ pub fn cache_stats(ctx: &Context, json: bool) -> Result<()> {
         return Ok(());
     }
     let cap = ctx.cache_cap;
-    println!("cache: {chunks} chunks, {bytes} bytes (cap: {cap})");
+    let human = |v: &serde_json::Value| crate::human_size(v.as_u64().unwrap_or(0));
     println!(
-        "{:<71} {:>9} {:>12} {:>12} {:>12}  STATE",
-        "LAYER", "SPANS", "CACHED", "SIZE", "FETCHED"
+        "cache: {chunks} chunks, {} (cap {})",
+        crate::human_size(bytes),
+        crate::human_size(cap)
     );
-    for r in &rows {
-        let state = match (r["indexed"].as_bool(), r["complete"].as_bool()) {
-            (Some(false), _) => "not indexed",
-            (_, Some(true)) => "complete",
-            _ => "partial",
-        };
-        println!(
-            "{:<71} {:>9} {:>12} {:>12} {:>12}  {state}",
-            r["digest"].as_str().unwrap_or(""),
-            format!("{}/{}", r["cached_spans"], r["spans"]),
-            r["cached_bytes"],
-            r["size"],
-            r["fetched_bytes"]
-        );
-    }
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let state = match (r["indexed"].as_bool(), r["complete"].as_bool()) {
+                (Some(false), _) => "not indexed",
+                (_, Some(true)) => "complete",
+                _ => "partial",
+            };
+            vec![
+                r["digest"].as_str().unwrap_or("").to_string(),
+                format!("{}/{}", r["cached_spans"], r["spans"]),
+                human(&r["cached_bytes"]),
+                human(&r["size"]),
+                human(&r["fetched_bytes"]),
+                state.to_string(),
+            ]
+        })
+        .collect();
+    crate::print_table(
+        &["LAYER", "SPANS", "CACHED", "SIZE", "FETCHED", "STATE"],
+        &table,
+        &[1, 2, 3, 4],
+    );
     for m in mounts {
         println!(
             "\nmounted at {}: {} (daemon pid {})",
@@ -424,8 +433,11 @@ pub fn cache_stats(ctx: &Context, json: bool) -> Result<()> {
                 continue;
             };
             println!(
-                "  {layer}  fetched {} of {} blob bytes; {} of {} bytes cached",
-                r["fetched_bytes"], r["blob_size"], r["cached_bytes"], r["size"]
+                "  {layer}  fetched {} of {} compressed; {} of {} cached",
+                human(&r["fetched_bytes"]),
+                human(&r["blob_size"]),
+                human(&r["cached_bytes"]),
+                human(&r["size"])
             );
         }
     }

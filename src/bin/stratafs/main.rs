@@ -41,21 +41,35 @@ enum Command {
         /// Use plain HTTP for the registry.
         #[arg(long)]
         plain_http: bool,
-        /// Print one JSON object instead of text.
+        /// Print one JSON object instead of text (shape in docs/cli.md).
         #[arg(long)]
         json: bool,
         /// Image reference, e.g. docker.io/library/alpine:3.20.
         reference: String,
     },
-    /// List pulled images.
+    /// List pulled images (`images` or `images ls`).
     Images {
-        #[arg(long)]
+        /// `ls` (the same as no argument).
+        #[arg(value_parser = ["ls"], hide = true)]
+        ls: Option<String>,
+        /// Print a JSON array of images, each in the shape `pull --json` prints (docs/cli.md).
+        #[arg(long, conflicts_with = "quiet")]
         json: bool,
+        /// Print only the image names, one per line.
+        #[arg(short, long)]
+        quiet: bool,
     },
     /// Print a pulled image's record, manifest and config as JSON.
-    Inspect { reference: String },
-    /// Remove a pulled image and the metadata no other image uses.
-    Rmi { reference: String },
+    Inspect {
+        /// Image reference, or the (unique prefix of the) digest of its manifest or index.
+        reference: String,
+    },
+    /// Remove pulled images and the metadata no other image uses.
+    Rmi {
+        /// Image references (or unique digest prefixes); a mounted image is refused.
+        #[arg(required = true)]
+        references: Vec<String>,
+    },
     /// List a directory of an image (pulling its metadata if needed).
     Ls {
         /// Long listing: mode, links, owner, size, time, link target.
@@ -71,6 +85,7 @@ enum Command {
     Cat {
         #[command(flatten)]
         image: ImageArgs,
+        /// Files in the image, printed one after another.
         #[arg(required = true)]
         paths: Vec<String>,
     },
@@ -108,6 +123,7 @@ enum Command {
         /// Detach even while busy (processes keep what they have open).
         #[arg(long)]
         lazy: bool,
+        /// Directory the image is mounted at.
         mountpoint: PathBuf,
     },
     /// Serve containerd's snapshots service (a proxy snapshotter) on a unix socket.
@@ -138,6 +154,7 @@ struct ImageArgs {
     /// Use plain HTTP for the registry.
     #[arg(long)]
     plain_http: bool,
+    /// Image reference, e.g. docker.io/library/alpine:3.20 (pulled if not stored).
     reference: String,
 }
 
@@ -145,6 +162,7 @@ struct ImageArgs {
 enum IndexCommand {
     /// Stream each layer once to build its index (and fill the cache).
     Build {
+        /// Print a JSON array, one object per layer (docs/cli.md).
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -177,6 +195,7 @@ enum IndexCommand {
 enum CacheCommand {
     /// Chunks and bytes cached, layer indexes kept.
     Stats {
+        /// Print one JSON object (docs/cli.md).
         #[arg(long)]
         json: bool,
     },
@@ -315,25 +334,33 @@ async fn run(mut cli: Cli) -> Result<()> {
                 );
             }
         }
-        Command::Images { json } => {
+        Command::Images { ls: _, json, quiet } => {
             let images = store.images.list()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&images)?);
-            } else {
-                println!(
-                    "{:<50} {:<20} {:<14} {:>10}  UPDATED",
-                    "NAME", "DIGEST", "PLATFORM", "SIZE"
-                );
+                let all: Vec<_> = images.iter().map(pull_json).collect();
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else if quiet {
                 for i in images {
-                    println!(
-                        "{:<50} {:<20} {:<14} {:>10}  {}",
-                        i.name,
-                        short(i.target.digest.as_ref()),
-                        i.platform.to_string(),
-                        human_size(i.layers_size()),
-                        i.updated_at.format("%Y-%m-%d %H:%M:%S")
-                    );
+                    println!("{}", i.name);
                 }
+            } else {
+                let rows: Vec<Vec<String>> = images
+                    .iter()
+                    .map(|i| {
+                        vec![
+                            i.name.clone(),
+                            short(i.target.digest.as_ref()),
+                            i.platform.to_string(),
+                            human_size(i.layers_size()),
+                            i.updated_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &["NAME", "DIGEST", "PLATFORM", "SIZE", "UPDATED"],
+                    &rows,
+                    &[3],
+                );
             }
         }
         Command::Inspect { reference } => {
@@ -349,21 +376,26 @@ async fn run(mut cli: Cli) -> Result<()> {
             });
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
-        Command::Rmi { reference } => {
-            let name = find_image(&store, &reference)?.name;
-            if let Some(m) = mount::mounts(store.root())
-                .into_iter()
-                .find(|m| m.image == name)
-            {
-                anyhow::bail!(
-                    "{name} is mounted at {} (daemon pid {}): unmount it first (stratafs umount {})",
-                    m.mountpoint.display(),
-                    m.pid,
-                    m.mountpoint.display()
-                );
+        Command::Rmi { references } => {
+            // Every reference is checked before anything is removed.
+            let mounts = mount::mounts(store.root());
+            let mut names = Vec::new();
+            for reference in &references {
+                let name = find_image(&store, reference)?.name;
+                if let Some(m) = mounts.iter().find(|m| m.image == name) {
+                    anyhow::bail!(
+                        "{name} is mounted at {} (daemon pid {}): unmount it first (stratafs umount {})",
+                        m.mountpoint.display(),
+                        m.pid,
+                        m.mountpoint.display()
+                    );
+                }
+                names.push(name);
             }
-            store.remove_image(&name)?;
-            println!("removed {name}");
+            for name in names {
+                store.remove_image(&name)?;
+                println!("removed {name}");
+            }
         }
         Command::Ls { long, image, path } => {
             let ctx = lazy::Context::new(store, &config, image.plain_http)?;
@@ -475,11 +507,69 @@ async fn run(mut cli: Cli) -> Result<()> {
 
 /// The stored image for a reference given on the command line (normalised first).
 fn find_image(store: &Store, reference: &str) -> Result<ImageRecord> {
+    // A digest (or a unique prefix of one, at least 4 hex digits) of a stored image's index
+    // or manifest, as `images` shows it.
+    let hex = reference.strip_prefix("sha256:").unwrap_or(reference);
+    if hex.len() >= 4 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        let matches: Vec<ImageRecord> = store
+            .images
+            .list()?
+            .into_iter()
+            .filter(|i| {
+                i.target.digest.digest().starts_with(hex)
+                    || i.manifest.digest.digest().starts_with(hex)
+            })
+            .collect();
+        match matches.len() {
+            1 => return Ok(matches.into_iter().next().expect("one")),
+            0 => {}
+            n => anyhow::bail!(
+                "{reference} matches {n} images ({}): give more of the digest or a name",
+                matches
+                    .iter()
+                    .map(|i| i.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
     let name = reference.parse::<Reference>()?.to_string();
     Ok(store
         .images
         .get(&name)?
         .ok_or(StoreError::ImageNotFound(name))?)
+}
+
+/// Prints an aligned table: every column as wide as its widest cell; columns listed in
+/// `right` are right-aligned (sizes).
+pub fn print_table(header: &[&str], rows: &[Vec<String>], right: &[usize]) {
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| {
+            rows.iter()
+                .map(|r| r[c].chars().count())
+                .chain([header[c].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(c, cell)| {
+                if right.contains(&c) {
+                    format!("{cell:>w$}", w = widths[c])
+                } else {
+                    format!("{cell:<w$}", w = widths[c])
+                }
+            })
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
 }
 
 fn pull_json(r: &ImageRecord) -> serde_json::Value {
@@ -533,7 +623,7 @@ fn short(digest: &str) -> String {
     digest.chars().take(19).collect()
 }
 
-fn human_size(bytes: u64) -> String {
+pub fn human_size(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes as f64;
     let mut unit = 0;
