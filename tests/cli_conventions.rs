@@ -126,6 +126,17 @@ fn mounted_images_are_not_removed_and_mount_errors_say_why() {
     let reference = format!("{}/cli/app:v1", reg.addr());
     let cli = Stratafs::new();
 
+    // A cause is said once, not once per layer of context.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stratafs"))
+        .arg("--root")
+        .arg(cli.root())
+        .args(["--config", "/nonexistent/stratafs.toml", "images"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    assert!(err.contains("/nonexistent/stratafs.toml"), "{err}");
+
     let missing = std::env::temp_dir().join("stratafs-no-such-dir/mnt");
     let err = cli.fail(&["mount", &reference, missing.to_str().unwrap()]);
     assert!(

@@ -254,7 +254,7 @@ async fn main() {
             // The reader of our output went away (`stratafs ls … | head`): not an error.
             std::process::exit(0);
         }
-        eprintln!("stratafs: error: {e:#}");
+        eprintln!("stratafs: error: {}", message(&e));
         std::process::exit(1);
     }
 }
@@ -503,6 +503,22 @@ async fn run(mut cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// An error and its causes on one line, each cause once: a cause whose text its context
+/// already shows ("reading X: Permission denied" caused by "Permission denied") is not repeated.
+fn message(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 /// The stored image for a reference given on the command line (normalised first).
