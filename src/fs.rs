@@ -122,6 +122,27 @@ fn toc_pin(layer: &LayerRecord) -> Option<Digest> {
     }
 }
 
+/// Bytes read from the registry per layer blob (since the last [`Layers::save_fetched`]); a
+/// clonable handle, so a progress display can watch it.
+#[derive(Clone, Default)]
+pub struct FetchMeter(Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<AtomicU64>>>>);
+
+impl FetchMeter {
+    /// All bytes counted and not yet saved.
+    pub fn total(&self) -> u64 {
+        self.0
+            .lock()
+            .unwrap()
+            .values()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Arc<AtomicU64>>> {
+        self.0.lock().unwrap()
+    }
+}
+
 /// Access to layer indexes, blob sources and the cache for every image in a store.
 ///
 /// Which index serves a layer of an image (the trust model, docs/security.md):
@@ -137,7 +158,7 @@ pub struct Layers {
     settings: IndexSettings,
     span: u64,
     /// Bytes read from the registry per blob since the last [`Layers::save_fetched`].
-    fetched: std::sync::Mutex<std::collections::HashMap<String, Arc<AtomicU64>>>,
+    fetched: FetchMeter,
     fetched_dir: std::path::PathBuf,
     files_dir: std::path::PathBuf,
     tmp_dir: std::path::PathBuf,
@@ -158,6 +179,11 @@ impl Layers {
         }
     }
 
+    /// The bytes read from registries so far, for progress displays.
+    pub fn fetch_meter(&self) -> FetchMeter {
+        self.fetched.clone()
+    }
+
     /// Uses the `[index]` settings (which indexes are trusted, and the limits).
     pub fn with_settings(mut self, settings: IndexSettings) -> Layers {
         self.settings = settings;
@@ -174,7 +200,6 @@ impl Layers {
         let counters: Vec<(String, u64)> = self
             .fetched
             .lock()
-            .unwrap()
             .iter()
             .map(|(blob, c)| (blob.clone(), c.swap(0, Ordering::Relaxed)))
             .filter(|(_, n)| *n > 0)
@@ -209,7 +234,6 @@ impl Layers {
         let counter = self
             .fetched
             .lock()
-            .unwrap()
             .entry(layer.digest.digest().to_string())
             .or_default()
             .clone();

@@ -41,6 +41,7 @@ fn output_into_a_pipe_that_closes_ends_quietly() {
             // `stratafs … | head -1`: read one line, then close the pipe.
             let mut child = cli
                 .command()
+                .arg("--quiet")
                 .args(args)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())

@@ -436,7 +436,15 @@ fn a_compression_bomb_stays_within_the_cache_cap() {
     let honest = push_layer(&reg, "bomb/big", blob, diff_id, serde_json::json!({}));
     let mut host = Stratafs::new();
     host.set_config(&config);
-    assert_eq!(host.ls(&honest, "/"), ["bomb"]);
+    // Streaming a layer takes seconds: a command says what it fetched when piped (no bar).
+    let out = host.run(&["ls", &honest, "/"]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "bomb\n");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("opening") && err.contains("1 layers indexed") && err.contains("fetched in"),
+        "{err}"
+    );
     let stats: serde_json::Value =
         serde_json::from_str(&host.ok(&["cache", "stats", "--json"])).unwrap();
     let bytes = stats["bytes"].as_u64().unwrap();

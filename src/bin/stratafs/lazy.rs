@@ -103,7 +103,99 @@ impl Context {
 
     pub async fn view(&self, reference: &str, platform: Option<&Platform>) -> Result<ImageView> {
         let image = self.image(reference, platform).await?;
-        Ok(ImageView::open(&self.layers, &image).await?)
+        let progress = self.progress(&format!("opening {}", image.name), image.layers_size());
+        let view = ImageView::open(&self.layers, &image).await?;
+        progress.finish(&format!("{} layers indexed", image.layers.len()));
+        Ok(view)
+    }
+}
+
+/// `--quiet`: no progress bars or summaries on stderr.
+pub static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Progress of an operation that fetches layer data: on a terminal a bar of the compressed
+/// bytes fetched (refreshed from the registry byte counters); when it took a second or more, a
+/// one-line summary, on a terminal or not. Nothing with `--quiet`.
+pub struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    ticker: Option<tokio::task::JoinHandle<()>>,
+    meter: stratafs::fs::FetchMeter,
+    start_bytes: u64,
+    started: std::time::Instant,
+    what: String,
+}
+
+impl Context {
+    /// Starts showing the progress of `what`, which may fetch up to `total` compressed bytes.
+    pub fn progress(&self, what: &str, total: u64) -> Progress {
+        use std::io::IsTerminal;
+        let meter = self.layers.fetch_meter();
+        let start_bytes = meter.total();
+        let quiet = QUIET.load(std::sync::atomic::Ordering::Relaxed);
+        let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::new(total);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {elapsed}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            bar.set_message(what.to_string());
+            bar
+        });
+        let ticker = bar.as_ref().map(|bar| {
+            let (bar, meter) = (bar.clone(), meter.clone());
+            tokio::spawn(async move {
+                loop {
+                    bar.set_position(meter.total().saturating_sub(start_bytes));
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            })
+        });
+        Progress {
+            bar,
+            ticker,
+            meter,
+            start_bytes,
+            started: std::time::Instant::now(),
+            what: what.to_string(),
+        }
+    }
+}
+
+impl Progress {
+    /// Ends the display; `detail` completes the summary line.
+    pub fn finish(self, detail: &str) {
+        if let Some(t) = &self.ticker {
+            t.abort();
+        }
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+        let elapsed = self.started.elapsed();
+        if QUIET.load(std::sync::atomic::Ordering::Relaxed) || elapsed.as_secs_f64() < 1.0 {
+            return;
+        }
+        let fetched = self.meter.total().saturating_sub(self.start_bytes);
+        eprintln!(
+            "{}: {detail}{}{} fetched in {:.1} s",
+            self.what,
+            if detail.is_empty() { "" } else { "; " },
+            crate::human_size(fetched),
+            elapsed.as_secs_f64()
+        );
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if let Some(t) = &self.ticker {
+            t.abort();
+        }
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
     }
 }
 
@@ -227,6 +319,7 @@ pub async fn index_build(
     json: bool,
 ) -> Result<()> {
     let image = ctx.image(reference, platform).await?;
+    let progress = ctx.progress(&format!("indexing {}", image.name), image.layers_size());
     let mut reports = Vec::new();
     for layer in &image.layers {
         let (_, report) = ctx.layers.index(&image, layer).await?;
@@ -256,6 +349,7 @@ pub async fn index_build(
             "blob_size": report.blob_size, "size": report.size, "seconds": report.seconds,
         }));
     }
+    progress.finish(&format!("{} layers", image.layers.len()));
     if json {
         println!("{}", serde_json::to_string_pretty(&reports)?);
     }
@@ -288,6 +382,7 @@ pub async fn index_push(
     tag: Option<&str>,
 ) -> Result<()> {
     let image = ctx.image(reference, platform).await?;
+    let progress = ctx.progress(&format!("indexing {}", image.name), image.layers_size());
     let mut indexes = Vec::new();
     for layer in &image.layers {
         // Only indexes built here from the verified layer are published, and only those that
@@ -302,6 +397,7 @@ pub async fn index_push(
             indexes.push((*index).clone());
         }
     }
+    progress.finish(&format!("{} indexes to publish", indexes.len()));
     if !bind {
         let digest = stratafs::publish::push_indexes(&ctx.client, &image, &indexes).await?;
         println!(

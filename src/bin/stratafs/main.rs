@@ -27,6 +27,9 @@ struct Cli {
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, global = true, env = "STRATAFS_LOG", default_value = "warn")]
     log_level: String,
+    /// No progress bars or summaries on stderr.
+    #[arg(short, long, global = true)]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -222,6 +225,7 @@ fn platform(p: &Option<String>) -> Result<Option<Platform>> {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
+    lazy::QUIET.store(cli.quiet, std::sync::atomic::Ordering::Relaxed);
     if !matches!(
         cli.command,
         Command::Mount { .. } | Command::Snapshotter { .. }
@@ -627,7 +631,7 @@ fn print_pull(r: &ImageRecord) {
 }
 
 fn progress_spinner() -> Option<indicatif::ProgressBar> {
-    if !std::io::stderr().is_terminal() {
+    if !std::io::stderr().is_terminal() || lazy::QUIET.load(std::sync::atomic::Ordering::Relaxed) {
         return None;
     }
     let s = indicatif::ProgressBar::new_spinner();
