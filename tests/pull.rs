@@ -450,6 +450,41 @@ fn bearer_token_flow_with_the_registry_token_auth() {
 }
 
 #[test]
+fn a_cold_process_reading_in_parallel_asks_for_one_token() {
+    let tokens = TokenServer::start(TokenServerOpts::default());
+    let reg = Registry::start(RegistryOpts {
+        token: Some(tokens.auth_config()),
+        ..Default::default()
+    });
+    let image = three_layers("token-parallel").build(ManifestFlavour::Oci);
+    reg.push_image(
+        "org/par",
+        "v1",
+        &image,
+        &Auth::Bearer(tokens.push_pull_token("org/par")),
+    );
+    let reference = format!("{}/org/par:v1", reg.addr());
+    let cli = Stratafs::new();
+    cli.ok(&["pull", &reference]);
+    // A new process (no token yet) streams the three layers at once, with parallel range
+    // requests each: they wait for one token request instead of each making one.
+    let before = tokens.token_requests();
+    let mark = reg.log_mark();
+    cli.ok(&["ls", &reference, "/"]);
+    let blob_gets = stratafs_requests(&reg, mark)
+        .iter()
+        .filter(|e| e.path.contains("/blobs/") && e.status == 206)
+        .count();
+    assert!(blob_gets >= 3, "{blob_gets} range requests");
+    assert_eq!(
+        tokens.token_requests() - before,
+        1,
+        "{:?}",
+        &tokens.requests()[before..]
+    );
+}
+
+#[test]
 fn bearer_token_service_with_credentials() {
     let tokens = TokenServer::start(TokenServerOpts {
         credentials: Some(("bob".into(), "pw".into())),

@@ -77,6 +77,10 @@ pub(crate) struct Transport {
     auth: AuthCache,
     plain_http_hosts: Mutex<HashSet<String>>,
     requests: AtomicU64,
+    /// One token request at a time per (host, scope): concurrent requests that need the same
+    /// token wait for the one fetching it (as containerd's authorizer does), so a cold mount
+    /// reading many ranges at once asks the token service once.
+    token_flights: Mutex<HashMap<(String, String), std::sync::Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Transport {
@@ -88,6 +92,7 @@ impl Transport {
             auth: AuthCache::default(),
             plain_http_hosts: Mutex::default(),
             requests: AtomicU64::new(0),
+            token_flights: Mutex::default(),
         }
     }
 
@@ -418,6 +423,17 @@ impl Transport {
                 _ => None,
             }),
             Some(HostAuth::Bearer { realm, service }) => {
+                if let Some(t) = self.auth.token(&ep.host, scope) {
+                    return Ok(Some(format!("Bearer {t}")));
+                }
+                let flight = self
+                    .token_flights
+                    .lock()
+                    .unwrap()
+                    .entry((ep.host.clone(), scope.to_string()))
+                    .or_default()
+                    .clone();
+                let _one_at_a_time = flight.lock().await;
                 if let Some(t) = self.auth.token(&ep.host, scope) {
                     return Ok(Some(format!("Bearer {t}")));
                 }
