@@ -69,6 +69,9 @@ pub(crate) struct Body {
     pub content_digest: Option<String>,
 }
 
+/// Held while one request fetches a token for a (host, scope).
+type TokenFlight = std::sync::Arc<tokio::sync::Mutex<()>>;
+
 /// Shared HTTP state: clients per host (TLS settings differ), auth state, counters.
 pub(crate) struct Transport {
     settings: RegistrySettings,
@@ -80,7 +83,7 @@ pub(crate) struct Transport {
     /// One token request at a time per (host, scope): concurrent requests that need the same
     /// token wait for the one fetching it (as containerd's authorizer does), so a cold mount
     /// reading many ranges at once asks the token service once.
-    token_flights: Mutex<HashMap<(String, String), std::sync::Arc<tokio::sync::Mutex<()>>>>,
+    token_flights: Mutex<HashMap<(String, String), TokenFlight>>,
 }
 
 impl Transport {
