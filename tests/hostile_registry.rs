@@ -11,7 +11,7 @@ mod common;
 mod mount_support;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -77,24 +77,7 @@ fn relay(
     let method = parts.next().unwrap_or_default().to_string();
     let target = parts.next().unwrap_or_default();
     let path = target.split('?').next().unwrap_or_default().to_string();
-    let mut content_length = 0usize;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 || line == "\r\n" {
-            break;
-        }
-        let lower = line.to_ascii_lowercase();
-        if lower.starts_with("connection:") {
-            continue;
-        }
-        if let Some(v) = lower.strip_prefix("content-length:") {
-            content_length = v.trim().parse().unwrap_or(0);
-        }
-        head.push_str(&line);
-    }
-    head.push_str("Connection: close\r\n\r\n");
-    let mut body = vec![0u8; content_length];
-    reader.read_exact(&mut body)?;
+    let body = common::proxy::read_headers_and_body(&mut reader, &mut head)?;
     let mut client = client;
     if failing.load(Ordering::SeqCst) && path.ends_with(suffix) {
         failed.fetch_add(1, Ordering::SeqCst);

@@ -77,6 +77,23 @@ fn ca_paths(value: Option<&toml::Value>, base: &Path, file: &Path) -> Result<Vec
     Ok(paths.into_iter().map(|p| base.join(p)).collect())
 }
 
+/// Adds the `ca` and `skip_verify` of `table` to the TLS settings of connections to `host`.
+fn add_tls(
+    out: &mut BTreeMap<String, HostConfig>,
+    host: &str,
+    table: &toml::Table,
+    base: &Path,
+    file: &Path,
+) -> Result<(), String> {
+    let tls = out.entry(host.to_string()).or_default();
+    tls.ca_certs.extend(ca_paths(table.get("ca"), base, file)?);
+    tls.skip_verify |= table
+        .get("skip_verify")
+        .and_then(toml::Value::as_bool)
+        .unwrap_or(false);
+    Ok(())
+}
+
 fn read(
     file: &Path,
     registry: &str,
@@ -99,12 +116,7 @@ fn read(
                     ))
                 })?;
                 config.plain_http = url.starts_with("http://");
-                let tls = out.entry(host.to_string()).or_default();
-                tls.ca_certs.extend(ca_paths(table.get("ca"), base, file)?);
-                tls.skip_verify |= table
-                    .get("skip_verify")
-                    .and_then(toml::Value::as_bool)
-                    .unwrap_or(false);
+                add_tls(out, host, &table, base, file)?;
             }
             "ca" | "skip_verify" | "capabilities" | "override_path" => {}
             "host" => {
@@ -127,12 +139,7 @@ fn read(
         && (table.contains_key("ca") || table.contains_key("skip_verify"))
     {
         // TLS settings of the registry itself, named by its directory.
-        let tls = out.entry(registry.to_string()).or_default();
-        tls.ca_certs.extend(ca_paths(table.get("ca"), base, file)?);
-        tls.skip_verify |= table
-            .get("skip_verify")
-            .and_then(toml::Value::as_bool)
-            .unwrap_or(false);
+        add_tls(out, registry, &table, base, file)?;
     }
     let entry = out.entry(registry.to_string()).or_default();
     entry.mirrors.extend(config.mirrors);
@@ -203,12 +210,7 @@ fn mirror(
             .filter_map(toml::Value::as_str)
             .collect(),
     };
-    let tls = out.entry(host.to_string()).or_default();
-    tls.ca_certs.extend(ca_paths(entry.get("ca"), base, file)?);
-    tls.skip_verify |= entry
-        .get("skip_verify")
-        .and_then(toml::Value::as_bool)
-        .unwrap_or(false);
+    add_tls(out, host, entry, base, file)?;
     match (
         capabilities.contains(&"pull"),
         capabilities.contains(&"resolve"),

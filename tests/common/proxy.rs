@@ -1,7 +1,7 @@
 //! A minimal HTTP forward proxy on loopback, recording the absolute URLs it relays, to check
 //! that clients honour `HTTP_PROXY`. One request per connection (`Connection: close`).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 
@@ -39,6 +39,34 @@ impl ForwardProxy {
     }
 }
 
+/// Reads the header lines after a request line up to the blank line, appends them to `head`
+/// (without `Proxy-*` and `Connection`, then `Connection: close` and the blank line), and
+/// returns the body (`Content-Length` bytes).
+pub fn read_headers_and_body(
+    reader: &mut impl BufRead,
+    head: &mut String,
+) -> std::io::Result<Vec<u8>> {
+    let mut content_length = 0usize;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" {
+            break;
+        }
+        let lower = line.to_ascii_lowercase();
+        if lower.starts_with("proxy-") || lower.starts_with("connection:") {
+            continue;
+        }
+        if let Some(v) = lower.strip_prefix("content-length:") {
+            content_length = v.trim().parse().unwrap_or(0);
+        }
+        head.push_str(&line);
+    }
+    head.push_str("Connection: close\r\n\r\n");
+    let mut body = vec![0u8; content_length];
+    reader.read_exact(&mut body)?;
+    Ok(body)
+}
+
 /// Reads one request with an absolute URL, forwards it with an origin-form target, and pipes
 /// the response back.
 fn relay(client: TcpStream, log: &Mutex<Vec<String>>) -> std::io::Result<()> {
@@ -58,24 +86,7 @@ fn relay(client: TcpStream, log: &Mutex<Vec<String>>) -> std::io::Result<()> {
         "{method} {} {version}\r\n",
         if path.is_empty() { "/" } else { path }
     );
-    let mut content_length = 0usize;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 || line == "\r\n" {
-            break;
-        }
-        let lower = line.to_ascii_lowercase();
-        if lower.starts_with("proxy-") || lower.starts_with("connection:") {
-            continue;
-        }
-        if let Some(v) = lower.strip_prefix("content-length:") {
-            content_length = v.trim().parse().unwrap_or(0);
-        }
-        head.push_str(&line);
-    }
-    head.push_str("Connection: close\r\n\r\n");
-    let mut body = vec![0u8; content_length];
-    reader.read_exact(&mut body)?;
+    let body = read_headers_and_body(&mut reader, &mut head)?;
     let mut upstream = TcpStream::connect(authority)?;
     upstream.write_all(head.as_bytes())?;
     upstream.write_all(&body)?;
