@@ -257,7 +257,7 @@ impl Layers {
         let (index, built) = self.find(image, layer).await?;
         let how = match (index.format, &index.published, built) {
             (IndexFormat::Stream, None, true) => "streamed whole once to index it (the image vouches for no index): verified by blob digest and diff_id",
-            (IndexFormat::Stream, None, false) => "lazy: index built here earlier from the verified blob",
+            (IndexFormat::Stream, None, false) => "lazy: stored index (built here from the verified blob, or published and checked against the whole layer)",
             (IndexFormat::Stream, Some(_), _) if pinned_index(layer).is_some_and(|(_, bound)| bound) => "lazy: stratafs index pinned by the manifest",
             (IndexFormat::Stream, Some(_), _) => "lazy: referrer index the image does not pin (unbound_referrers)",
             (IndexFormat::Estargz, ..) => "lazy: eStargz TOC pinned by the manifest",
@@ -661,7 +661,10 @@ impl ImageView {
         let mut readers = Vec::with_capacity(count);
         for (layer, (index, _)) in chain.iter().zip(indexes) {
             let source: Arc<dyn BlobSource> = layers.source(image, layer)?;
-            readers.push(LayerReader::new(index, source, layers.cache.clone()));
+            readers.push(
+                LayerReader::new(index, source, layers.cache.clone())
+                    .remembering_checks_in(layers.indexes.clone()),
+            );
         }
         let tree =
             Tree::build(readers.iter().map(|r| &r.index().entries[..])).map_err(|source| {

@@ -126,6 +126,9 @@ pub struct LayerReader {
     fetches: std::sync::atomic::AtomicU64,
     /// A published index is checked on the first read too (its layer may be complete already).
     first_read: std::sync::atomic::AtomicBool,
+    /// Where a published index that passed the whole-layer check is stored again, under its
+    /// own pin, as checked (`published` cleared), so later opens need not check it again.
+    remember: Option<super::IndexStore>,
     /// Spans a run in flight is fetching, each with that run's "done" signal (a semaphore
     /// closed when the run ends): a read of such a span waits for the run instead of fetching
     /// the same bytes again (single flight per range, not just per span).
@@ -166,8 +169,16 @@ impl LayerReader {
             completeness: std::sync::atomic::AtomicU8::new(UNCHECKED),
             fetches: std::sync::atomic::AtomicU64::new(0),
             first_read: std::sync::atomic::AtomicBool::new(true),
+            remember: None,
             inflight: Default::default(),
         }
+    }
+
+    /// Stores a published index that passes the whole-layer check in `store`, under the pin
+    /// it is kept by (never as the layer's shared index), marked checked.
+    pub fn remembering_checks_in(mut self, store: super::IndexStore) -> Self {
+        self.remember = Some(store);
+        self
     }
 
     /// Claims the run of missing spans from `i` (up to `until`, stopping before any span
@@ -355,7 +366,11 @@ impl LayerReader {
         {
             return Ok(());
         }
-        let (index, cache) = (self.index.clone(), self.cache.clone());
+        let (index, cache, remember) = (
+            self.index.clone(),
+            self.cache.clone(),
+            self.remember.clone(),
+        );
         let verdict = tokio::task::spawn_blocking(
             move || -> Result<Option<Result<(), String>>, CacheError> {
                 let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
@@ -389,13 +404,21 @@ impl LayerReader {
                 if stream.evicted {
                     return Ok(None);
                 }
-                // A verified published index is *not* stored as the layer's own: its diff_id
-                // and the bytes behind it came from the image that pinned it, not from the
-                // blob digest, so it stays keyed by that image's pin.
-                Ok(Some(match parsed {
+                let verdict = match parsed {
                     Err(e) => Err(format!("its tar stream does not parse: {e}")),
                     Ok(entries) => compare_entries(&index.entries, &entries),
-                }))
+                };
+                // A checked published index is *not* stored as the layer's own (its diff_id
+                // and the bytes behind it came from the image that pinned it, not from the
+                // blob digest): it stays under that image's pin, marked checked.
+                if let (Ok(()), Some(store), Some(pin)) = (&verdict, remember, &index.published) {
+                    let mut checked = (*index).clone();
+                    checked.published = None;
+                    if let Err(e) = store.put(&checked, Some(pin)) {
+                        tracing::warn!(error = %e, "could not record the checked index");
+                    }
+                }
+                Ok(Some(verdict))
             },
         )
         .await
@@ -810,14 +833,29 @@ mod tests {
         published.published = Some(crate::digest::sha256(b"index blob"));
         let honest = Arc::new(published.clone());
         let cache = reader.cache.clone();
-        // An honest published index: the complete layer verifies.
-        let r = LayerReader::new(honest.clone(), source.clone(), cache.clone());
+        // An honest published index: the complete layer verifies, and the index is stored
+        // again under its pin, marked checked.
+        let store_dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(store_dir.path().join("tmp")).unwrap();
+        let store = crate::layer::IndexStore::new(store_dir.path());
+        let r = LayerReader::new(honest.clone(), source.clone(), cache.clone())
+            .remembering_checks_in(store.clone());
         let mut pos = 0;
         while pos < size {
             let got = r.read(offset + pos, 100 << 10).await.unwrap();
             pos += got.len() as u64;
         }
         assert_eq!(r.completeness.load(Ordering::Relaxed), VERIFIED);
+        let pin = honest.published.clone().unwrap();
+        let kept = store
+            .get(&honest.blob, Some(&pin))
+            .unwrap()
+            .expect("stored");
+        assert!(kept.published.is_none(), "marked checked");
+        assert!(
+            store.get(&honest.blob, None).unwrap().is_none(),
+            "not as the shared index"
+        );
 
         // A forged window (and the span digest to match what it makes): caught when the span
         // before it is at hand.
