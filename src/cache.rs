@@ -68,6 +68,11 @@ impl DiskChunks {
         self.dir.join(digest.digest())
     }
 
+    /// Bytes on disk as this process accounts them (no directory walk), once known.
+    pub fn tracked_usage(&self) -> Option<u64> {
+        Some(self.usage.load(Ordering::Relaxed)).filter(|&u| u != UNKNOWN)
+    }
+
     /// (chunks, bytes) on disk.
     pub fn usage(&self) -> std::io::Result<(u64, u64)> {
         let files = list_chunks(&self.dir)?;

@@ -632,6 +632,9 @@ async fn compare(
     Ok(())
 }
 
+/// Layers whose indexes are opened at once.
+const PARALLEL_OPENS: usize = 4;
+
 /// A pulled image presented as one tree.
 pub struct ImageView {
     pub name: String,
@@ -652,14 +655,26 @@ impl ImageView {
         image: &ImageRecord,
         count: usize,
     ) -> Result<ImageView, FsError> {
-        // Every layer's index at once: published indexes and TOCs are fetched, and layers
-        // without one streamed, in parallel rather than one layer after another.
+        // The layers' indexes a few at a time (each blob once): published indexes and TOCs
+        // are fetched, and layers without one streamed, in parallel rather than one layer
+        // after another — bounded, so an image of hundreds of layers opens no more at once.
+        use futures_util::{StreamExt, TryStreamExt};
         let chain = &image.layers[..count.min(image.layers.len())];
-        let indexes =
-            futures_util::future::try_join_all(chain.iter().map(|l| layers.index(image, l)))
+        let mut unique: Vec<&LayerRecord> = Vec::new();
+        for l in chain {
+            if !unique.iter().any(|u| u.digest == l.digest) {
+                unique.push(l);
+            }
+        }
+        let found: Vec<(Arc<LayerIndex>, IndexReport)> =
+            futures_util::stream::iter(unique.iter().map(|l| layers.index(image, l)))
+                .buffered(PARALLEL_OPENS)
+                .try_collect()
                 .await?;
         let mut readers = Vec::with_capacity(count);
-        for (layer, (index, _)) in chain.iter().zip(indexes) {
+        for layer in chain {
+            let at = unique.iter().position(|u| u.digest == layer.digest);
+            let index = found[at.expect("every layer is in unique")].0.clone();
             let source: Arc<dyn BlobSource> = layers.source(image, layer)?;
             readers.push(
                 LayerReader::new(index, source, layers.cache.clone())

@@ -116,6 +116,21 @@ fn platform_is_respected_when_the_image_is_stored_for_another() {
         assert!(out.status.success(), "{}", show(&out));
         assert!(wait_mounted(&guard.dir, Duration::from_secs(5)).is_some());
         assert_eq!(std::fs::read(guard.path("/etc/arch")).unwrap(), b"amd64");
+        // The name moves to arm64 while amd64 is mounted: collecting what no image uses
+        // keeps what the mount serves.
+        let indexes = || {
+            std::fs::read_dir(cli.root().join("layers"))
+                .unwrap()
+                .count()
+        };
+        let before = indexes();
+        cli.ok(&["ls", "--platform", "linux/arm64", &reference, "/"]);
+        cli.ok(&["cache", "prune", "--all"]);
+        assert!(
+            indexes() >= before,
+            "the mounted layer's index was collected"
+        );
+        assert_eq!(std::fs::read(guard.path("/etc/arch")).unwrap(), b"amd64");
         cli.ok(&["umount", guard.dir.to_str().unwrap()]);
     }
 }

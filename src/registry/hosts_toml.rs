@@ -41,11 +41,29 @@ pub fn merge(
         if own.contains_key(&registry) || !file.is_file() {
             continue;
         }
-        let text =
-            std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-        read(&file, &registry, &text, &mut out)?;
+        // One broken file must not stop every command: it is skipped, loudly.
+        let result = std::fs::read_to_string(&file)
+            .map_err(|e| format!("{}: {e}", file.display()))
+            .and_then(|text| {
+                let mut entries = out.clone();
+                read(&file, &registry, &text, &mut entries).map(|()| entries)
+            });
+        match result {
+            Ok(entries) => out = entries,
+            Err(e) => tracing::warn!("ignoring containerd host configuration: {e}"),
+        }
     }
     Ok(out)
+}
+
+/// The `host[:port]` stratafs connects to for registry `name` (Docker Hub's API host for
+/// `docker.io`).
+fn api_host(name: &str) -> &str {
+    if name == crate::reference::DOCKER_HUB {
+        crate::reference::DOCKER_HUB_API_HOST
+    } else {
+        name
+    }
 }
 
 /// A URL's `host[:port]`.
@@ -115,8 +133,14 @@ fn read(
                         "server {url:?} must start with http:// or https://"
                     ))
                 })?;
-                config.plain_http = url.starts_with("http://");
-                add_tls(out, host, &table, base, file)?;
+                // stratafs talks to the registry itself: `server` is honoured only when it
+                // names that registry (for its scheme and TLS settings).
+                if registry == "_default" || host != api_host(registry) {
+                    tracing::warn!(file = %file.display(), server = url, "ignoring `server`: stratafs talks to the registry itself ({})", api_host(registry));
+                } else {
+                    config.plain_http = url.starts_with("http://");
+                    add_tls(out, host, &table, base, file)?;
+                }
             }
             "ca" | "skip_verify" | "capabilities" | "override_path" => {}
             "host" => {
@@ -139,7 +163,11 @@ fn read(
         && (table.contains_key("ca") || table.contains_key("skip_verify"))
     {
         // TLS settings of the registry itself, named by its directory.
-        add_tls(out, registry, &table, base, file)?;
+        if registry == "_default" {
+            tracing::warn!(file = %file.display(), "ignoring `ca`/`skip_verify` of _default: set them per registry");
+        } else {
+            add_tls(out, api_host(registry), &table, base, file)?;
+        }
     }
     let entry = out.entry(registry.to_string()).or_default();
     entry.mirrors.extend(config.mirrors);
@@ -265,17 +293,22 @@ server = "http://registry.example:5000"
         own.insert("registry.example:5000".to_string(), HostConfig::default());
         let merged = merge(dir.path(), &own).unwrap();
         assert!(merged["registry.example:5000"].mirrors.is_empty());
-        // An unknown key is an error naming the file.
+        // A file stratafs cannot understand is skipped (with a warning), not fatal.
         std::fs::write(
             reg.join("hosts.toml"),
             "[host.\"http://m\"]\nmirror = true\n",
         )
         .unwrap();
-        let err = merge(dir.path(), &BTreeMap::new()).unwrap_err();
-        assert!(
-            err.contains("hosts.toml") && err.contains("mirror"),
-            "{err}"
-        );
+        let merged = merge(dir.path(), &BTreeMap::new()).unwrap();
+        assert!(!merged.contains_key("registry.example:5000"), "{merged:?}");
+        // A server that names another host does not make this registry plain HTTP.
+        std::fs::write(
+            reg.join("hosts.toml"),
+            "server = \"http://elsewhere:5000\"\n",
+        )
+        .unwrap();
+        let merged = merge(dir.path(), &BTreeMap::new()).unwrap();
+        assert!(!merged["registry.example:5000"].plain_http);
         assert!(merge(&dir.path().join("absent"), &BTreeMap::new())
             .unwrap()
             .is_empty());

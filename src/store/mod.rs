@@ -144,6 +144,24 @@ impl Store {
             layers.extend(image.layers.iter().map(|l| l.digest.digest().to_string()));
             chains.extend(image.layers.into_iter().map(|l| l.chain_id));
         }
+        // Layers a live mount serves (its record lists them) stay too, even if the image's
+        // record moved on (re-pulled for another platform or tag target) or was removed.
+        if let Ok(records) = fs::read_dir(self.root.join("run/mounts")) {
+            for record in records.flatten() {
+                let Ok(data) = fs::read(record.path()) else {
+                    continue;
+                };
+                let Ok(v) = serde_json::from_slice::<serde_json::Value>(&data) else {
+                    continue;
+                };
+                let digests = v["layers"].as_array().into_iter().flatten();
+                layers.extend(
+                    digests
+                        .filter_map(|d| d.as_str())
+                        .map(|d| d.trim_start_matches("sha256:").to_string()),
+                );
+            }
+        }
         // Each per-layer file's name starts with the layer's hex digest, up to `.`, `@` or `-`.
         for (dir, ends) in [
             ("layers", &['.', '@'][..]),

@@ -394,7 +394,9 @@ async fn run(mut cli: Cli) -> Result<()> {
                         m.mountpoint.display()
                     );
                 }
-                names.push(name);
+                if !names.contains(&name) {
+                    names.push(name);
+                }
             }
             for name in names {
                 store.remove_image(&name)?;
@@ -515,7 +517,7 @@ fn message(e: &anyhow::Error) -> String {
     let mut out = String::new();
     for cause in e.chain() {
         let text = cause.to_string();
-        if !out.contains(&text) {
+        if !out.ends_with(&text) {
             if !out.is_empty() {
                 out.push_str(": ");
             }
@@ -527,8 +529,14 @@ fn message(e: &anyhow::Error) -> String {
 
 /// The stored image for a reference given on the command line (normalised first).
 fn find_image(store: &Store, reference: &str) -> Result<ImageRecord> {
-    // A digest (or a unique prefix of one, at least 4 hex digits) of a stored image's index
-    // or manifest, as `images` shows it.
+    // A stored name first; else a digest (or a unique prefix of one, at least 4 hex digits)
+    // of a stored image's index or manifest, as `images` shows it.
+    let parsed = reference.parse::<Reference>();
+    if let Ok(r) = &parsed {
+        if let Some(image) = store.images.get(&r.to_string())? {
+            return Ok(image);
+        }
+    }
     let hex = reference.strip_prefix("sha256:").unwrap_or(reference);
     if hex.len() >= 4 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
         let matches: Vec<ImageRecord> = store
@@ -553,11 +561,7 @@ fn find_image(store: &Store, reference: &str) -> Result<ImageRecord> {
             ),
         }
     }
-    let name = reference.parse::<Reference>()?.to_string();
-    Ok(store
-        .images
-        .get(&name)?
-        .ok_or(StoreError::ImageNotFound(name))?)
+    Err(StoreError::ImageNotFound(parsed?.to_string()).into())
 }
 
 /// Prints an aligned table: every column as wide as its widest cell; columns listed in

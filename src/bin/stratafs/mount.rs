@@ -293,7 +293,11 @@ async fn serve(
                     let index = r.index();
                     m.layer(index.blob.as_ref(), index.size, r.cached_bytes());
                 }
-                if let Ok((_, bytes)) = chunks.usage() {
+                // The accounted usage (a directory walk only until the first write).
+                let bytes = chunks
+                    .tracked_usage()
+                    .or_else(|| chunks.usage().ok().map(|u| u.1));
+                if let Some(bytes) = bytes {
                     m.cache_bytes.set(bytes as i64);
                 }
                 m.cache_cap_bytes.set(cap as i64);
