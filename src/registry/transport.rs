@@ -270,7 +270,8 @@ impl Transport {
             if let Some((start, end)) = range {
                 builder = builder.header(reqwest::header::RANGE, format!("bytes={start}-{end}"));
             }
-            if let Some(auth) = self.authorization(ep, req, &scope).await? {
+            let sent = self.authorization(ep, req, &scope).await?;
+            if let Some(auth) = &sent {
                 builder = builder.header(AUTHORIZATION, auth);
             }
             self.requests.fetch_add(1, Ordering::Relaxed);
@@ -323,7 +324,7 @@ impl Transport {
                         "credentials or token rejected".to_string()
                     } else {
                         challenge_answered = true;
-                        match self.handle_challenge(ep, &scope, resp.headers()) {
+                        match self.handle_challenge(ep, &scope, resp.headers(), sent.as_deref()) {
                             Ok(()) => continue,
                             Err(detail) => detail,
                         }
@@ -378,6 +379,7 @@ impl Transport {
         ep: &Endpoint,
         scope: &str,
         headers: &HeaderMap,
+        sent: Option<&str>,
     ) -> Result<(), String> {
         let challenges: Vec<Challenge> = headers
             .get_all(reqwest::header::WWW_AUTHENTICATE)
@@ -390,7 +392,12 @@ impl Transport {
             Challenge::Basic => None,
         });
         if let Some((realm, service)) = bearer {
-            self.auth.forget_token(&ep.host, scope);
+            // Forget the cached token only if it is the one this request was refused with:
+            // one that another request fetched meanwhile is still good.
+            let cached = self.auth.token(&ep.host, scope);
+            if cached.is_some_and(|t| sent == Some(format!("Bearer {t}").as_str())) {
+                self.auth.forget_token(&ep.host, scope);
+            }
             self.auth
                 .set_scheme(&ep.host, HostAuth::Bearer { realm, service });
             return Ok(());
