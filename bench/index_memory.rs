@@ -53,6 +53,7 @@ fn main() {
         blob.len() as u64,
         stratafs::layer::DEFAULT_SPAN,
         &mut |_, _| Ok(()),
+        &stratafs::layer::Limits::default(),
     )
     .expect("index");
     let json_len = serde_json::to_vec(&index).expect("index serializes").len();

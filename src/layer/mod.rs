@@ -285,33 +285,11 @@ impl From<&crate::config::IndexSettings> for Limits {
     }
 }
 
-/// [`build_index_with`] with the default [`Limits`].
-pub fn build_index(
-    blob: impl Read,
-    compression: Compression,
-    blob_digest: &Digest,
-    diff_id: &Digest,
-    blob_size: u64,
-    span: u64,
-    on_span: &mut (dyn FnMut(&Digest, &[u8]) -> io::Result<()> + Send),
-) -> Result<LayerIndex, LayerError> {
-    build_index_with(
-        blob,
-        compression,
-        blob_digest,
-        diff_id,
-        blob_size,
-        span,
-        on_span,
-        &Limits::default(),
-    )
-}
-
 /// Builds the index of a layer from its compressed blob, read once from start to end.
 /// `on_span(digest, data)` receives every span's verified-later bytes (to fill the cache); the
 /// index is returned only if the blob digest and the diff_id match.
 #[allow(clippy::too_many_arguments)]
-pub fn build_index_with(
+pub fn build_index(
     blob: impl Read,
     compression: Compression,
     blob_digest: &Digest,
@@ -741,6 +719,7 @@ mod tests {
                 chunks.push((d.clone(), data.to_vec()));
                 Ok(())
             },
+            &Limits::default(),
         )
         .unwrap();
         (idx, chunks)
@@ -858,6 +837,7 @@ mod tests {
             0,
             65536,
             &mut |_, _| Ok(()),
+            &Limits::default(),
         )
         .unwrap_err();
         assert!(err.to_string().contains("blob digest mismatch"), "{err}");
@@ -869,6 +849,7 @@ mod tests {
             0,
             65536,
             &mut |_, _| Ok(()),
+            &Limits::default(),
         )
         .unwrap_err();
         assert!(err.to_string().contains("diff_id mismatch"), "{err}");
@@ -881,6 +862,7 @@ mod tests {
             0,
             65536,
             &mut |_, _| Ok(()),
+            &Limits::default(),
         )
         .unwrap_err();
         assert!(
@@ -895,6 +877,7 @@ mod tests {
             0,
             65536,
             &mut |_, _| Ok(()),
+            &Limits::default(),
         )
         .unwrap_err();
         assert!(

@@ -9,9 +9,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::{
-    build_index_with, gzip, Fetch, IndexFormat, LayerError, LayerIndex, Limits, DEFAULT_SPAN,
-};
+use super::{build_index, gzip, Fetch, IndexFormat, LayerError, LayerIndex, Limits, DEFAULT_SPAN};
 use crate::cache::{Cache, CacheError};
 use crate::image::Compression;
 use crate::source::{BlobSource, SequentialReader};
@@ -51,7 +49,7 @@ pub async fn stream_index(
         let budget = cache.pass_budget();
         let mut added = Vec::new();
         let (mut kept, mut dropped) = (0u64, false);
-        let mut result = build_index_with(
+        let mut result = build_index(
             reader,
             spec.compression,
             &spec.blob,
@@ -784,6 +782,7 @@ mod tests {
             blob.len() as u64,
             64 << 10,
             &mut |_, _| Ok(()),
+            &crate::layer::Limits::default(),
         )
         .unwrap();
         let path = dir.join("blob");
