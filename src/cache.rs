@@ -149,15 +149,6 @@ fn list_dir(dir: &std::path::Path) -> std::io::Result<Vec<(PathBuf, u64, std::ti
     Ok(out)
 }
 
-fn hit(tier: &str) {
-    crate::metrics::metrics()
-        .cache_hits
-        .get_or_create(&crate::metrics::SourceLabels {
-            source: tier.to_string(),
-        })
-        .inc();
-}
-
 /// Removes the least recently used chunks of `dir` until at most `max_bytes` remain.
 /// Returns (removed, freed, bytes left).
 fn prune_dir(dir: &std::path::Path, max_bytes: u64) -> std::io::Result<(u64, u64, u64)> {
@@ -325,7 +316,7 @@ impl Cache {
     pub fn lookup(&self, digest: &Digest) -> Result<Option<Arc<Vec<u8>>>, CacheError> {
         if let Some(d) = self.memory.lock().unwrap().get(digest) {
             self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
-            hit("memory");
+            crate::metrics::metrics().cache_hit("memory");
             return Ok(Some(d.clone()));
         }
         let io = |source| CacheError::Io {
@@ -343,7 +334,7 @@ impl Cache {
             return Ok(None);
         }
         self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
-        hit("disk");
+        crate::metrics::metrics().cache_hit("disk");
         let data = Arc::new(data);
         self.memory
             .lock()

@@ -148,17 +148,12 @@ const TIMEOUT_MEMORY: Duration = Duration::from_secs(2);
 
 /// Counts a FUSE operation in the metrics.
 fn op(name: &str) {
-    crate::metrics::metrics().fuse_op(name, false);
+    crate::metrics::metrics().fuse_op(name);
 }
 
 /// Counts a FUSE operation answered with an error.
 fn failed(name: &str) {
-    crate::metrics::metrics()
-        .fuse_errors
-        .get_or_create(&crate::metrics::OpLabels {
-            op: name.to_string(),
-        })
-        .inc();
+    crate::metrics::metrics().fuse_error(name);
 }
 
 fn remember_failure(failed: &Mutex<HashMap<u64, std::time::Instant>>, fh: u64) {

@@ -218,13 +218,50 @@ impl Metrics {
         out
     }
 
-    /// Counts one FUSE operation (and whether it failed).
-    pub fn fuse_op(&self, op: &str, failed: bool) {
+    /// Counts one FUSE operation.
+    pub fn fuse_op(&self, op: &str) {
         let labels = OpLabels { op: op.to_string() };
         self.fuse_operations.get_or_create(&labels).inc();
-        if failed {
-            self.fuse_errors.get_or_create(&labels).inc();
-        }
+    }
+
+    /// Counts one FUSE operation answered with an error.
+    pub fn fuse_error(&self, op: &str) {
+        let labels = OpLabels { op: op.to_string() };
+        self.fuse_errors.get_or_create(&labels).inc();
+    }
+
+    /// Counts one registry request by its response status (`error`: none came).
+    pub fn registry_request(&self, status: &str) {
+        let labels = StatusLabels {
+            status: status.to_string(),
+        };
+        self.registry_requests.get_or_create(&labels).inc();
+    }
+
+    /// Counts one registry request that failed for good, by kind.
+    pub fn registry_error(&self, kind: &str) {
+        let labels = KindLabels {
+            kind: kind.to_string(),
+        };
+        self.registry_errors.get_or_create(&labels).inc();
+    }
+
+    /// Counts bytes of `layer` read from a registry.
+    pub fn fetched(&self, layer: &str, bytes: u64) {
+        let labels = LayerLabels {
+            layer: layer.to_string(),
+        };
+        self.layer_fetched_bytes
+            .get_or_create(&labels)
+            .inc_by(bytes);
+    }
+
+    /// Counts one chunk found in the cache, by tier (`memory`, `disk`).
+    pub fn cache_hit(&self, tier: &str) {
+        let labels = SourceLabels {
+            source: tier.to_string(),
+        };
+        self.cache_hits.get_or_create(&labels).inc();
     }
 
     /// Records one read of a layer and where its bytes came from.
@@ -300,7 +337,8 @@ mod tests {
     #[test]
     fn metrics_are_named_as_prometheus_expects_and_served() {
         let m = metrics();
-        m.fuse_op("read", true);
+        m.fuse_op("read");
+        m.fuse_error("read");
         m.read("registry", 0.02);
         m.layer("sha256:abc", 100, 100);
         let addr = serve(

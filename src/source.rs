@@ -103,12 +103,7 @@ impl BlobSource for RegistrySource {
                 .read_blob_range(&self.reference, &self.digest, offset, len)
                 .await?;
             self.fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
-            crate::metrics::metrics()
-                .layer_fetched_bytes
-                .get_or_create(&crate::metrics::LayerLabels {
-                    layer: self.digest.to_string(),
-                })
-                .inc_by(data.len() as u64);
+            crate::metrics::metrics().fetched(self.digest.as_ref(), data.len() as u64);
             Ok(data)
         })
     }

@@ -206,12 +206,7 @@ impl Transport {
     ) -> Result<Response, RegistryError> {
         let result = self.send_retrying(ep, req, range).await;
         if let Err(e) = &result {
-            crate::metrics::metrics()
-                .registry_errors
-                .get_or_create(&crate::metrics::KindLabels {
-                    kind: e.kind().to_string(),
-                })
-                .inc();
+            crate::metrics::metrics().registry_error(e.kind());
         }
         result
     }
@@ -223,13 +218,7 @@ impl Transport {
         range: Option<(u64, u64)>,
     ) -> Result<Response, RegistryError> {
         let m = crate::metrics::metrics();
-        let counted = |status: &str| {
-            m.registry_requests
-                .get_or_create(&crate::metrics::StatusLabels {
-                    status: status.to_string(),
-                })
-                .inc();
-        };
+        let counted = |status: &str| m.registry_request(status);
         let repo = req.reference.repository();
         let actions = if req.method == reqwest::Method::GET || req.method == reqwest::Method::HEAD {
             "pull"
