@@ -43,6 +43,12 @@ pub struct OpLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeLabels {
+    /// `lazy` (served by stratafs) or `containerd` (unpacked by containerd).
+    pub mode: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LayerLabels {
     /// The layer blob digest.
     pub layer: String,
@@ -85,6 +91,11 @@ pub struct Metrics {
     pub layer_size_bytes: Family<LayerLabels, Gauge>,
     pub layer_cached_bytes: Family<LayerLabels, Gauge>,
     pub layer_complete: Family<LayerLabels, Gauge>,
+    /// Range-request runs being fetched now (each a demand miss, its read-ahead, or a
+    /// background step).
+    pub fetches_in_flight: Gauge,
+    /// Layers containerd asked the snapshotter for, by how they were provided.
+    pub snapshotter_layers: Family<ModeLabels, Counter>,
 }
 
 fn read_histogram() -> Histogram {
@@ -114,6 +125,8 @@ impl Metrics {
             layer_size_bytes: Family::default(),
             layer_cached_bytes: Family::default(),
             layer_complete: Family::default(),
+            fetches_in_flight: Gauge::default(),
+            snapshotter_layers: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -207,6 +220,16 @@ impl Metrics {
             "1 when every byte of a layer in use is cached",
             m.layer_complete.clone(),
         );
+        r.register(
+            "fetches_in_flight",
+            "Range-request runs being fetched from registries now",
+            m.fetches_in_flight.clone(),
+        );
+        r.register(
+            "snapshotter_layers",
+            "Layers containerd asked the snapshotter for, by mode (lazy, containerd)",
+            m.snapshotter_layers.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -273,6 +296,14 @@ impl Metrics {
             .observe(seconds);
     }
 
+    /// Counts one layer the snapshotter provided, `lazy` or left to `containerd`.
+    pub fn snapshotter_layer(&self, mode: &str) {
+        let labels = ModeLabels {
+            mode: mode.to_string(),
+        };
+        self.snapshotter_layers.get_or_create(&labels).inc();
+    }
+
     /// Sets the per-layer gauges of one layer.
     pub fn layer(&self, layer: &str, size: u64, cached: u64) {
         let labels = LayerLabels {
@@ -302,6 +333,21 @@ pub type Collector = Arc<dyn Fn(&Metrics) + Send + Sync>;
 /// Serves `GET /metrics` at `addr` on a thread of its own; returns the address bound (a port
 /// of 0 picks a free one). Other paths get 404.
 pub fn serve(addr: &str, collect: Collector) -> std::io::Result<std::net::SocketAddr> {
+    serve_text(
+        addr,
+        Arc::new(move || {
+            collect(metrics());
+            metrics().encode()
+        }),
+    )
+}
+
+/// Renders the whole text of one scrape.
+pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// [`serve`] with the answer rendered by `render` (such as this process's metrics merged with
+/// those of the daemons it started, see [`merge`]).
+pub fn serve_text(addr: &str, render: Render) -> std::io::Result<std::net::SocketAddr> {
     let server = tiny_http::Server::http(addr)
         .map_err(|e| std::io::Error::other(format!("metrics endpoint {addr}: {e}")))?;
     let bound = server
@@ -313,13 +359,12 @@ pub fn serve(addr: &str, collect: Collector) -> std::io::Result<std::net::Socket
         .spawn(move || {
             for request in server.incoming_requests() {
                 let response = if request.url() == "/metrics" {
-                    collect(metrics());
                     let header = tiny_http::Header::from_bytes(
                         "Content-Type",
                         "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     )
                     .expect("valid header");
-                    tiny_http::Response::from_string(metrics().encode()).with_header(header)
+                    tiny_http::Response::from_string(render()).with_header(header)
                 } else {
                     tiny_http::Response::from_string("not found: try /metrics\n")
                         .with_status_code(404)
@@ -328,6 +373,101 @@ pub fn serve(addr: &str, collect: Collector) -> std::io::Result<std::net::Socket
             }
         })?;
     Ok(bound)
+}
+
+/// Fetches `http://ADDR/metrics` (a loopback daemon's endpoint), waiting at most `timeout`.
+pub fn scrape(addr: &str, timeout: std::time::Duration) -> std::io::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let socket: std::net::SocketAddr = addr
+        .parse()
+        .map_err(|e| std::io::Error::other(format!("metrics address {addr}: {e}")))?;
+    let mut conn = std::net::TcpStream::connect_timeout(&socket, timeout)?;
+    conn.set_read_timeout(Some(timeout))?;
+    conn.set_write_timeout(Some(timeout))?;
+    write!(conn, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    conn.take(64 << 20).read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("{addr}: not an HTTP response")))?;
+    if !head.starts_with("HTTP/1.") || head.split(' ').nth(1) != Some("200") {
+        let status = head.lines().next().unwrap_or_default();
+        return Err(std::io::Error::other(format!("{addr}: {status}")));
+    }
+    Ok(body.to_string())
+}
+
+/// Merges the OpenMetrics texts of several processes into one: samples of the same series
+/// (name and labels) are added up, except gauges, of which the largest is kept (they describe
+/// shared state: one cache, one layer seen by several mounts). Families keep the order and
+/// metadata in which they first appear.
+pub fn merge(texts: &[String]) -> String {
+    struct Family {
+        meta: Vec<String>,
+        gauge: bool,
+        samples: Vec<(String, f64)>,
+    }
+    let mut families: Vec<(String, Family)> = Vec::new();
+    for text in texts {
+        let mut current: Option<usize> = None;
+        for line in text.lines() {
+            if let Some(meta) = line.strip_prefix("# ") {
+                let mut words = meta.splitn(3, ' ');
+                let (Some(kind), Some(name)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                if kind == "EOF" {
+                    continue;
+                }
+                let at = match families.iter().position(|(n, _)| n == name) {
+                    Some(at) => at,
+                    None => {
+                        let family = Family {
+                            meta: Vec::new(),
+                            gauge: false,
+                            samples: Vec::new(),
+                        };
+                        families.push((name.to_string(), family));
+                        families.len() - 1
+                    }
+                };
+                let family = &mut families[at].1;
+                if !family.meta.iter().any(|m| m == line) {
+                    if kind == "TYPE" && family.meta.iter().any(|m| m.starts_with("# TYPE ")) {
+                        continue; // the first process's type stands
+                    }
+                    family.gauge |= kind == "TYPE" && words.next() == Some("gauge");
+                    family.meta.push(line.to_string());
+                }
+                current = Some(at);
+                continue;
+            }
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let (Some(at), Ok(value)) = (current, value.parse::<f64>()) else {
+                continue;
+            };
+            let family = &mut families[at].1;
+            match family.samples.iter_mut().find(|(s, _)| s == series) {
+                Some((_, total)) if family.gauge => *total = total.max(value),
+                Some((_, total)) => *total += value,
+                None => family.samples.push((series.to_string(), value)),
+            }
+        }
+    }
+    let mut out = String::new();
+    for (_, family) in families {
+        for m in family.meta {
+            out.push_str(&m);
+            out.push('\n');
+        }
+        for (series, value) in family.samples {
+            out.push_str(&format!("{series} {value}\n"));
+        }
+    }
+    out.push_str("# EOF\n");
+    out
 }
 
 #[cfg(test)]
@@ -365,5 +505,40 @@ mod tests {
         }
         let missing = ureq::get(&format!("http://{addr}/other")).call();
         assert!(matches!(missing, Err(ureq::Error::Status(404, _))));
+        // What a snapshotter gathers from its daemons answers the same way.
+        let scraped = scrape(&addr.to_string(), std::time::Duration::from_secs(5)).unwrap();
+        assert!(
+            scraped.contains("stratafs_cache_size_bytes 42"),
+            "{scraped}"
+        );
+        assert!(scrape(&addr.to_string().replace(":", ":x"), Default::default()).is_err());
+    }
+
+    #[test]
+    fn merged_metrics_add_counters_and_keep_the_largest_gauge() {
+        let a = "# HELP stratafs_fuse_operations FUSE operations.\n\
+                 # TYPE stratafs_fuse_operations counter\n\
+                 stratafs_fuse_operations_total{op=\"read\"} 3\n\
+                 # TYPE stratafs_cache_size_bytes gauge\n\
+                 stratafs_cache_size_bytes 10\n\
+                 # EOF\n";
+        let b = "# HELP stratafs_fuse_operations FUSE operations.\n\
+                 # TYPE stratafs_fuse_operations counter\n\
+                 stratafs_fuse_operations_total{op=\"read\"} 4\n\
+                 stratafs_fuse_operations_total{op=\"open\"} 1\n\
+                 # TYPE stratafs_cache_size_bytes gauge\n\
+                 stratafs_cache_size_bytes 7.5\n\
+                 # EOF\n";
+        let merged = merge(&[a.to_string(), b.to_string()]);
+        assert_eq!(
+            merged,
+            "# HELP stratafs_fuse_operations FUSE operations.\n\
+             # TYPE stratafs_fuse_operations counter\n\
+             stratafs_fuse_operations_total{op=\"read\"} 7\n\
+             stratafs_fuse_operations_total{op=\"open\"} 1\n\
+             # TYPE stratafs_cache_size_bytes gauge\n\
+             stratafs_cache_size_bytes 10\n\
+             # EOF\n"
+        );
     }
 }

@@ -13,119 +13,13 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 
 /// Incompressible-ish filler per layer, so the layers are large next to what a command reads.
 const FILLER: usize = 12 * 1024 * 1024;
-
-/// A `stratafs snapshotter` process on its own store.
-struct Snapshotter {
-    cli: Stratafs,
-    socket: PathBuf,
-    child: Option<Child>,
-}
-
-impl Snapshotter {
-    fn start() -> Snapshotter {
-        let mut cli = Stratafs::new();
-        // On-demand reads only, so the bytes the registry serves measure laziness.
-        cli.set_config("[mount]\nbackground_fetch = false\n");
-        let socket = cli.root().parent().unwrap().join("snapshotter.sock");
-        let mut s = Snapshotter {
-            cli,
-            socket,
-            child: None,
-        };
-        s.spawn();
-        s
-    }
-
-    fn log_path(&self) -> PathBuf {
-        self.cli.root().parent().unwrap().join("snapshotter.log")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
-
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .unwrap();
-        let mut cmd = self.cli.command();
-        cmd.args(["--log-level", "info", "snapshotter", "--address"])
-            .arg(&self.socket)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        self.child = Some(cmd.spawn().expect("start stratafs snapshotter"));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("snapshotter exited ({status}):\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "snapshotter did not listen:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// SIGTERM and wait; lazy mounts stay.
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn restart(&mut self) {
-        self.stop();
-        self.spawn();
-    }
-
-    /// The lazy mounts' daemons (pids from the mount records).
-    fn daemons(&self) -> Vec<u32> {
-        let Ok(dir) = std::fs::read_dir(self.cli.root().join("run/mounts")) else {
-            return Vec::new();
-        };
-        dir.flatten()
-            .filter_map(|e| std::fs::read(e.path()).ok())
-            .filter_map(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .filter_map(|v| v["pid"].as_u64().map(|p| p as u32))
-            .collect()
-    }
-}
-
-impl Drop for Snapshotter {
-    fn drop(&mut self) {
-        self.stop();
-        let mut mounts = common::containerd::mounts_under(&self.cli.root());
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.as_os_str().len()));
-        for m in mounts {
-            let _ = Command::new("umount").arg("-l").arg(&m).status();
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 /// containerd (dropped first), the snapshotter, the registry, and dirs for `ctr run`.
 struct Env {
@@ -143,7 +37,7 @@ fn env() -> Env {
     let sn = Snapshotter::start();
     let ctd = Containerd::start_with(ContainerdOpts {
         proxy_snapshotters: vec![("stratafs".into(), sn.socket.clone())],
-        extra_toml: String::new(),
+        ..Default::default()
     });
     Env {
         ctd,
@@ -275,30 +169,6 @@ fn tail(s: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// A host-program root filesystem (dash, cat, ls, wc, sha256sum, sleep) with a filler file.
-fn base_layer(compression: Compression) -> Layer {
-    let (mut entries, mut modes) = hostfs::host_rootfs(&[
-        &["/bin/dash", "/usr/bin/dash"],
-        &["/usr/bin/cat", "/bin/cat"],
-        &["/usr/bin/ls", "/bin/ls"],
-        &["/usr/bin/wc", "/bin/wc"],
-        &["/usr/bin/sha256sum", "/bin/sha256sum"],
-        &["/usr/bin/sleep", "/bin/sleep"],
-    ]);
-    for dir in ["etc", "opt", "tmp"] {
-        entries.insert(dir.into(), EntryKind::Dir);
-        modes.insert(dir.into(), if dir == "tmp" { 0o1777 } else { 0o755 });
-    }
-    entries.insert("opt/filler1".into(), EntryKind::File(bytes(11, FILLER)));
-    entries.insert(
-        "etc/base-release".into(),
-        EntryKind::File(b"stratafs test base\n".to_vec()),
-    );
-    modes.insert("opt/filler1".into(), 0o644);
-    modes.insert("etc/base-release".into(), 0o644);
-    hostfs::layer_of(&entries, &modes).build(compression)
-}
-
 fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(data))
@@ -315,7 +185,7 @@ fn two_layer_image() -> Image {
         .build(Compression::Gzip);
     ImageBuilder::new()
         .arch(hostfs::host_arch())
-        .layer(base_layer(Compression::Gzip))
+        .layer(hostfs::base_layer(FILLER, Compression::Gzip))
         .layer(upper)
         .build(ManifestFlavour::Oci)
 }
@@ -533,7 +403,7 @@ fn layers_that_cannot_be_served_lazily_fall_back_to_containerd() {
         .build(Compression::Gzip);
     let image = ImageBuilder::new()
         .arch(hostfs::host_arch())
-        .layer(base_layer(Compression::Gzip))
+        .layer(hostfs::base_layer(FILLER, Compression::Gzip))
         .layer(zstd)
         .layer(top)
         .build(ManifestFlavour::Oci);

@@ -142,6 +142,7 @@ struct RunGuard<'a> {
 
 impl Drop for RunGuard<'_> {
     fn drop(&mut self) {
+        crate::metrics::metrics().fetches_in_flight.dec();
         let mut inflight = self.reader.inflight.lock().unwrap();
         for j in self.spans.clone() {
             if inflight.get(&j).is_some_and(|d| Arc::ptr_eq(d, &self.done)) {
@@ -199,6 +200,7 @@ impl LayerReader {
         for j in i..=last {
             inflight.insert(j, done.clone());
         }
+        crate::metrics::metrics().fetches_in_flight.inc();
         Ok((
             last,
             RunGuard {

@@ -175,6 +175,7 @@ impl Snapshotter {
                 parent.is_empty() || meta.get(parent).is_some_and(|p| p.lazy.is_some());
             if !parent_lazy {
                 tracing::info!(%target, %parent, "parent layer was applied by containerd: this layer is too");
+                crate::metrics::metrics().snapshotter_layer("containerd");
                 return Ok(false);
             }
         }
@@ -182,6 +183,7 @@ impl Snapshotter {
             Ok(layer) => layer,
             Err(reason) => {
                 tracing::info!(%target, %reason, "not lazy: containerd applies this layer");
+                crate::metrics::metrics().snapshotter_layer("containerd");
                 return Ok(false);
             }
         };
@@ -197,6 +199,7 @@ impl Snapshotter {
         let mut labels: std::collections::BTreeMap<_, _> = labels.clone().into_iter().collect();
         labels.insert(LABEL_TARGET.into(), target.into());
         tracing::info!(%target, image = %layer.image, layer = %layer.digest, "lazy layer");
+        crate::metrics::metrics().snapshotter_layer("lazy");
         meta.put(Snapshot {
             id,
             name: target.into(),

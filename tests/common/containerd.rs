@@ -5,7 +5,7 @@
 //! `opt` dir, gRPC/ttrpc/debug sockets and a log file, so it never touches
 //! the host's `/var/lib/containerd` or `/run/containerd/containerd.sock`
 //! (shims would still use `/run/containerd/s`, but tests start no
-//! containers). The CRI plugin is disabled. On drop the process is stopped,
+//! containers). The CRI plugin is disabled unless asked for. On drop the process is stopped,
 //! anything still mounted under the temp dir is unmounted and the dir is
 //! removed.
 //!
@@ -41,6 +41,8 @@ pub struct ContainerdOpts {
     pub proxy_snapshotters: Vec<(String, PathBuf)>,
     /// Raw TOML appended to the generated config (version 2).
     pub extra_toml: String,
+    /// Keep the CRI plugin (configure it in `extra_toml`); disabled otherwise.
+    pub cri: bool,
 }
 
 /// A running private containerd.
@@ -268,7 +270,9 @@ fn config_toml(dir: &Path, opts: &ContainerdOpts) -> String {
     let _ = writeln!(t, "version = 2");
     let _ = writeln!(t, "root = {}", p("root"));
     let _ = writeln!(t, "state = {}", p("state"));
-    let _ = writeln!(t, "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]");
+    if !opts.cri {
+        let _ = writeln!(t, "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]");
+    }
     let _ = writeln!(t, "\n[grpc]\n  address = {}", p("containerd.sock"));
     let _ = writeln!(t, "\n[ttrpc]\n  address = {}", p("containerd.sock.ttrpc"));
     let _ = writeln!(t, "\n[debug]\n  address = {}", p("debug.sock"));

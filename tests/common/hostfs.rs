@@ -7,7 +7,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::image::{Entry, EntryKind, LayerBuilder};
+use super::image::{Compression, Entry, EntryKind, Layer, LayerBuilder};
 
 /// A root filesystem holding `programs` (each the first existing path of its candidates), their
 /// libraries, and `/bin/sh` → dash (the first program must be dash). Returns the layer and the
@@ -143,4 +143,32 @@ pub fn libraries(program: &Path) -> Vec<PathBuf> {
         .filter(|w| w.starts_with('/'))
         .map(PathBuf::from)
         .collect()
+}
+
+/// A host-program root filesystem (dash, cat, ls, wc, sha256sum, sleep) with `filler` bytes of
+/// incompressible-ish data in /opt/filler1 and /etc/base-release.
+pub fn base_layer(filler: usize, compression: Compression) -> Layer {
+    let (mut entries, mut modes) = host_rootfs(&[
+        &["/bin/dash", "/usr/bin/dash"],
+        &["/usr/bin/cat", "/bin/cat"],
+        &["/usr/bin/ls", "/bin/ls"],
+        &["/usr/bin/wc", "/bin/wc"],
+        &["/usr/bin/sha256sum", "/bin/sha256sum"],
+        &["/usr/bin/sleep", "/bin/sleep"],
+    ]);
+    for dir in ["etc", "opt", "tmp"] {
+        entries.insert(dir.into(), EntryKind::Dir);
+        modes.insert(dir.into(), if dir == "tmp" { 0o1777 } else { 0o755 });
+    }
+    entries.insert(
+        "opt/filler1".into(),
+        EntryKind::File(super::bytes(11, filler)),
+    );
+    entries.insert(
+        "etc/base-release".into(),
+        EntryKind::File(b"stratafs test base\n".to_vec()),
+    );
+    modes.insert("opt/filler1".into(), 0o644);
+    modes.insert("etc/base-release".into(), 0o644);
+    layer_of(&entries, &modes).build(compression)
 }

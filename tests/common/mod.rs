@@ -11,6 +11,9 @@
 //! * [`skopeo`]: zstd:chunked conversion with the real `skopeo`.
 //! * [`containerd`]: a private `containerd` per test, driven with `ctr` /
 //!   `ctr-remote`.
+//! * [`prometheus`]: a real Prometheus server scraping one target.
+//! * [`snapshotter`]: a `stratafs snapshotter` process per test.
+//! * [`cri`]: a small client of containerd's CRI gRPC API (what kubelet speaks).
 //!
 //! Each test file includes this with `mod common;`; not every test uses
 //! every helper, hence the blanket `dead_code` allowance (and the
@@ -19,12 +22,15 @@
 
 pub mod cli;
 pub mod containerd;
+pub mod cri;
 pub mod hostfs;
 pub mod image;
+pub mod prometheus;
 pub mod proxy;
 pub mod push;
 pub mod registry;
 pub mod skopeo;
+pub mod snapshotter;
 pub mod token;
 pub mod tricky;
 
@@ -39,6 +45,8 @@ pub use image::{
     DOCKER_CONFIG, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_CONFIG, OCI_INDEX, OCI_MANIFEST,
 };
 #[allow(unused_imports)]
+pub use prometheus::Prometheus;
+#[allow(unused_imports)]
 pub use proxy::ForwardProxy;
 #[allow(unused_imports)]
 pub use push::{
@@ -47,6 +55,8 @@ pub use push::{
 };
 #[allow(unused_imports)]
 pub use registry::{parse_access_line, AccessEntry, Registry, RegistryOpts, TestCa, TlsFiles};
+#[allow(unused_imports)]
+pub use snapshotter::Snapshotter;
 #[allow(unused_imports)]
 pub use token::{Grant, TokenAuthConfig, TokenRequest, TokenServer, TokenServerOpts};
 

@@ -140,6 +140,10 @@ enum Command {
         /// Use plain HTTP for registries (else: loopback registries fall back to it).
         #[arg(long)]
         plain_http: bool,
+        /// Serve Prometheus metrics (`stratafs_*`, the snapshotter's and all its lazy mounts')
+        /// at this address, e.g. 127.0.0.1:9111.
+        #[arg(long, value_name = "ADDR")]
+        metrics_address: Option<String>,
     },
     /// Layer indexes.
     #[command(subcommand)]
@@ -469,12 +473,14 @@ async fn run(mut cli: Cli) -> Result<()> {
             address,
             platform,
             plain_http,
+            metrics_address,
         } => {
             let ctx = lazy::Context::new(store, &config, plain_http)?;
             let args = snapshotter::SnapshotterArgs {
                 address,
                 platform,
                 plain_http,
+                metrics_address,
             };
             snapshotter::run(ctx, cli.config.as_deref(), &cli.log_level, args).await?;
         }

@@ -42,6 +42,9 @@ pub struct MountRecord {
     pub chain_id: String,
     pub pid: u32,
     pub layers: Vec<String>,
+    /// Where the daemon serves Prometheus metrics, if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
 }
 
 /// Options of `-o` lists that are not mount options but global settings: `root=`, `config=`,
@@ -285,7 +288,7 @@ async fn serve(
         }
     };
     let view = Arc::new(ImageView::open_chain(&ctx.layers, &image, count).await?);
-    let metrics = match &args.metrics_address {
+    let (metrics, metrics_address) = match &args.metrics_address {
         Some(addr) => {
             let (view, chunks, cap) = (view.clone(), ctx.chunks.clone(), ctx.cache_cap);
             let collect: stratafs::metrics::Collector = Arc::new(move |m| {
@@ -304,9 +307,12 @@ async fn serve(
             });
             let bound = stratafs::metrics::serve(addr, collect)
                 .with_context(|| format!("serving metrics at {addr}"))?;
-            format!(", metrics at http://{bound}/metrics")
+            (
+                format!(", metrics at http://{bound}/metrics"),
+                Some(bound.to_string()),
+            )
         }
-        None => String::new(),
+        None => (String::new(), None),
     };
     let mut mounted = fuse::mount(
         view.clone(),
@@ -339,6 +345,7 @@ async fn serve(
             .iter()
             .map(|l| l.digest.to_string())
             .collect(),
+        metrics: metrics_address,
     };
     let record_path = record_path(ctx.store.root(), mountpoint);
     if let Err(e) = write_record(&record_path, &record) {

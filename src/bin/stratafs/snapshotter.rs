@@ -9,6 +9,9 @@ use std::process::Command;
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
+use std::time::Duration;
+
+use stratafs::metrics;
 use stratafs::snapshotter::{resolve::Resolver, Mounter, Snapshotter};
 
 use crate::lazy::Context;
@@ -23,6 +26,9 @@ struct DaemonMounter {
     config: Option<PathBuf>,
     log_level: String,
     plain_http: bool,
+    /// Whether each daemon serves metrics (on a loopback port it picks) for the
+    /// snapshotter's endpoint to gather.
+    metrics: bool,
 }
 
 impl Mounter for DaemonMounter {
@@ -37,6 +43,9 @@ impl Mounter for DaemonMounter {
         cmd.args(["mount", "--chain", chain_id, "-o", LAZY_MOUNT_OPTIONS]);
         if self.plain_http {
             cmd.arg("--plain-http");
+        }
+        if self.metrics {
+            cmd.args(["--metrics-address", "127.0.0.1:0"]);
         }
         cmd.arg(image).arg(dir);
         let out = cmd
@@ -55,10 +64,44 @@ impl Mounter for DaemonMounter {
     }
 }
 
+/// Serves the snapshotter's metrics merged with those of the mount daemons it started (each
+/// scraped at its loopback address, from its mount record, when the endpoint is scraped).
+fn serve_metrics(addr: &str, root: PathBuf, ctx: &Context) -> Result<std::net::SocketAddr> {
+    let (chunks, cap) = (ctx.chunks.clone(), ctx.cache_cap);
+    let render = Arc::new(move || {
+        let own = metrics::metrics();
+        if let Some(bytes) = chunks
+            .tracked_usage()
+            .or_else(|| chunks.usage().ok().map(|u| u.1))
+        {
+            own.cache_bytes.set(bytes as i64);
+        }
+        own.cache_cap_bytes.set(cap as i64);
+        let mut texts = vec![own.encode()];
+        for record in crate::mount::mounts(&root) {
+            let Some(daemon) = record.metrics else {
+                continue;
+            };
+            match metrics::scrape(&daemon, Duration::from_secs(2)) {
+                Ok(text) => texts.push(text),
+                Err(e) => tracing::warn!(
+                    mountpoint = %record.mountpoint.display(),
+                    error = %e,
+                    "cannot gather the metrics of a lazy mount"
+                ),
+            }
+        }
+        metrics::merge(&texts)
+    });
+    Ok(metrics::serve_text(addr, render)?)
+}
+
 pub struct SnapshotterArgs {
     pub address: PathBuf,
     pub platform: Option<String>,
     pub plain_http: bool,
+    /// Serve Prometheus metrics (the snapshotter's and its mounts') at this address.
+    pub metrics_address: Option<String>,
 }
 
 pub async fn run(
@@ -69,11 +112,20 @@ pub async fn run(
 ) -> Result<()> {
     let root = std::path::absolute(ctx.store.root())?;
     let mounter = Arc::new(DaemonMounter {
-        root,
+        root: root.clone(),
         config: config_path.map(std::path::absolute).transpose()?,
         log_level: log_level.to_string(),
         plain_http: args.plain_http,
+        metrics: args.metrics_address.is_some(),
     });
+    let metrics = match &args.metrics_address {
+        Some(addr) => {
+            let bound = serve_metrics(addr, root, &ctx)
+                .with_context(|| format!("serving metrics at {addr}"))?;
+            format!(", metrics at http://{bound}/metrics")
+        }
+        None => String::new(),
+    };
     let resolver = Resolver {
         store: ctx.store.clone(),
         client: ctx.client.clone(),
@@ -97,7 +149,7 @@ pub async fn run(
         tracing::info!("signalled: stopping (lazy mounts stay)");
     };
     eprintln!(
-        "stratafs snapshotter listening on {} (store {})",
+        "stratafs snapshotter listening on {} (store {}){metrics}",
         args.address.display(),
         ctx.store.root().display()
     );
