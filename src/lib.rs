@@ -20,7 +20,8 @@
 //! [`pull`] ties stages 1–3 together: it resolves a reference, picks the platform, verifies and
 //! stores manifests and config, computes ChainIDs — and downloads no layer data. [`publish`]
 //! shares layer indexes through the registry as OCI referrers.
-//! [`metrics`] exports what every stage did for Prometheus.
+//! [`metrics`] exports what every stage did for Prometheus; [`status`] reports what the cache
+//! holds per layer.
 //! Shared vocabulary lives in [`image`] (media types, platforms, layer records, ChainIDs),
 //! [`digest`] and [`config`] (the configuration file).
 
@@ -39,5 +40,6 @@ pub mod reference;
 pub mod registry;
 pub mod snapshotter;
 pub mod source;
+pub mod status;
 pub mod store;
 pub mod tree;

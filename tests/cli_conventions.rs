@@ -234,3 +234,75 @@ fn images_inspect_and_rmi_follow_the_usual_conventions() {
     assert_eq!(out.lines().count(), 2, "{out}");
     assert_eq!(cli.ok(&["images", "-q"]), "");
 }
+
+#[test]
+fn cache_stats_watch_follows_a_mount_as_it_reads() {
+    let reg = Registry::start(RegistryOpts::default());
+    let data = bytes(21, 3 << 20);
+    let image = ImageBuilder::new()
+        .layer(
+            LayerBuilder::new()
+                .dir("d", 0o755)
+                .file("d/big", &data, 0o644)
+                .build(Compression::Gzip),
+        )
+        .build(ManifestFlavour::Oci);
+    reg.push_image("cli/watch", "v1", &image, &Auth::None);
+    let reference = format!("{}/cli/watch:v1", reg.addr());
+    Stratafs::new().ok(&["index", "push", "--bind", &reference]);
+    let cli = Stratafs::new();
+    let guard = MountGuard::new(Some(cli.root()));
+    cli.ok(&[
+        "mount",
+        "-o",
+        "nobackground",
+        &reference,
+        guard.dir.to_str().unwrap(),
+    ]);
+
+    let mut watch = cli
+        .command()
+        .args(["cache", "stats", "--json", "--watch", "0.1"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut reports = BufReader::new(watch.stdout.take().unwrap()).lines();
+    let mut next = || -> serde_json::Value {
+        let line = reports.next().expect("a report").unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+    };
+    let layer = image.layers[0].digest.clone();
+    let cached = |r: &serde_json::Value| {
+        r["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["digest"] == layer.as_str())
+            .map(|l| {
+                (
+                    l["cached_bytes"].as_u64().unwrap(),
+                    l["fetched_bytes"].as_u64().unwrap(),
+                )
+            })
+            .unwrap()
+    };
+    let first = next();
+    assert_eq!(cached(&first), (0, 0), "{first}");
+    assert_eq!(first["mounts"][0]["layers"][0], layer.as_str(), "{first}");
+    assert!(first["mounts"][0]["pid"].as_u64().unwrap() > 0, "{first}");
+
+    assert!(std::fs::read(guard.path("/d/big")).unwrap() == data);
+    // Later reports show what the read fetched and cached (the daemon saves its fetched
+    // counter as it goes; the report after that must show it).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let report = next();
+        let (cached_bytes, fetched_bytes) = cached(&report);
+        if cached_bytes >= data.len() as u64 && fetched_bytes > 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{report}");
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+}

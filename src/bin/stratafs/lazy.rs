@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use stratafs::cache::{Cache, DiskChunks};
@@ -10,6 +11,7 @@ use stratafs::fs::{ImageView, Layers};
 use stratafs::image::{ImageRecord, Platform};
 use stratafs::reference::Reference;
 use stratafs::registry::RegistryClient;
+use stratafs::status::LayerStatus;
 use stratafs::store::Store;
 use stratafs::tree::FileType;
 
@@ -425,55 +427,53 @@ pub async fn index_push(
     Ok(())
 }
 
-pub fn cache_stats(ctx: &Context, json: bool) -> Result<()> {
-    use stratafs::cache::ChunkStore;
-    let (chunks, bytes) = ctx.chunks.usage()?;
-    let indexes = stratafs::layer::IndexStore::new(ctx.store.root());
-    // One row per layer blob of any pulled image.
-    let mut layers: std::collections::BTreeMap<String, (Vec<String>, u64)> = Default::default();
-    for image in ctx.store.images.list()? {
-        for layer in &image.layers {
-            let row = layers
-                .entry(layer.digest.to_string())
-                .or_insert((Vec::new(), layer.size));
-            row.0.push(image.name.clone());
+/// `cache stats`: one report, or (`watch`) a report every so many seconds with each layer's
+/// fetch rate since the previous one, until interrupted.
+pub fn cache_stats(ctx: &Context, json: bool, watch: Option<f64>) -> Result<()> {
+    let Some(every) = watch else {
+        return print_stats(ctx, json, None);
+    };
+    let every = Duration::from_secs_f64(every.max(0.1));
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let mut previous: Option<(Instant, Vec<LayerStatus>)> = None;
+    loop {
+        let now = Instant::now();
+        let layers = stratafs::status::layers(&ctx.store, ctx.chunks.as_ref())?;
+        let rates = previous.as_ref().map(|(then, before)| {
+            let seconds = now.duration_since(*then).as_secs_f64().max(1e-3);
+            layers
+                .iter()
+                .map(|l| {
+                    let was = before.iter().find(|b| b.digest == l.digest);
+                    let delta = l.fetched_bytes
+                        - was.map_or(l.fetched_bytes, |b| b.fetched_bytes.min(l.fetched_bytes));
+                    (l.digest.clone(), delta as f64 / seconds)
+                })
+                .collect::<std::collections::HashMap<_, _>>()
+        });
+        if terminal {
+            print!("\x1b[H\x1b[2J"); // home, clear
+        } else if previous.is_some() && !json {
+            println!();
         }
+        print_stats(ctx, json, Some((layers.clone(), rates)))?;
+        previous = Some((now, layers));
+        std::thread::sleep(every);
     }
-    let mut rows = Vec::new();
-    for (digest, (images, blob_size)) in layers {
-        let index = indexes.get_any(&stratafs::digest::parse(&digest)?)?;
-        let (spans, cached_spans, size, cached_bytes) = match &index {
-            Some(i) => {
-                let cached: Vec<_> = i
-                    .spans
-                    .iter()
-                    .filter(|s| ctx.chunks.contains(&s.digest))
-                    .collect();
-                (
-                    i.spans.len(),
-                    cached.len(),
-                    i.size,
-                    cached.iter().map(|s| s.out_len).sum::<u64>(),
-                )
-            }
-            None => (0, 0, 0, 0),
-        };
-        rows.push(serde_json::json!({
-            "digest": digest,
-            "images": images,
-            "blob_size": blob_size,
-            "indexed": index.is_some(),
-            "size": size,
-            "spans": spans,
-            "cached_spans": cached_spans,
-            "cached_bytes": cached_bytes,
-            "complete": index.is_some() && cached_spans == spans,
-            "fetched_bytes": stratafs::fs::fetched_total(
-                &ctx.store.root().join("cache/fetched"),
-                digest.trim_start_matches("sha256:"),
-            ),
-        }));
-    }
+}
+
+type Rates = Option<std::collections::HashMap<String, f64>>;
+
+fn print_stats(ctx: &Context, json: bool, known: Option<(Vec<LayerStatus>, Rates)>) -> Result<()> {
+    let (chunks, bytes) = ctx.chunks.usage()?;
+    let watching = known.is_some();
+    let (rows, rates) = match known {
+        Some(known) => known,
+        None => (
+            stratafs::status::layers(&ctx.store, ctx.chunks.as_ref())?,
+            None,
+        ),
+    };
     let mounts = crate::mount::mounts(ctx.store.root());
     if json {
         let mounts: Vec<_> = mounts
@@ -484,56 +484,87 @@ pub fn cache_stats(ctx: &Context, json: bool) -> Result<()> {
             "chunks": chunks, "bytes": bytes, "max_size": ctx.cache_cap, "layers": rows,
             "mounts": mounts,
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        if rates.is_some() || watching {
+            println!("{}", serde_json::to_string(&out)?); // one line per report
+        } else {
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
         return Ok(());
     }
-    let cap = ctx.cache_cap;
-    let human = |v: &serde_json::Value| crate::human_size(v.as_u64().unwrap_or(0));
+    let human = crate::human_size;
     println!(
         "cache: {chunks} chunks, {} (cap {})",
-        crate::human_size(bytes),
-        crate::human_size(cap)
+        human(bytes),
+        human(ctx.cache_cap)
     );
+    let rate = |digest: &str| {
+        rates
+            .as_ref()
+            .and_then(|r| r.get(digest))
+            .map(|r| format!("{}/s", human(*r as u64)))
+    };
     let table: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
-            let state = match (r["indexed"].as_bool(), r["complete"].as_bool()) {
-                (Some(false), _) => "not indexed",
-                (_, Some(true)) => "complete",
+            let state = match (r.indexed, r.complete) {
+                (false, _) => "not indexed",
+                (_, true) => "complete",
                 _ => "partial",
             };
-            vec![
-                r["digest"].as_str().unwrap_or("").to_string(),
-                format!("{}/{}", r["cached_spans"], r["spans"]),
-                human(&r["cached_bytes"]),
-                human(&r["size"]),
-                human(&r["fetched_bytes"]),
-                state.to_string(),
-            ]
+            let mut row = vec![
+                r.digest.clone(),
+                format!("{}/{}", r.cached_spans, r.spans),
+                human(r.cached_bytes),
+                human(r.size),
+                human(r.fetched_bytes),
+            ];
+            if rates.is_some() {
+                row.push(rate(&r.digest).unwrap_or_default());
+            }
+            row.push(state.to_string());
+            row
         })
         .collect();
-    crate::print_table(
-        &["LAYER", "SPANS", "CACHED", "SIZE", "FETCHED", "STATE"],
-        &table,
-        &[1, 2, 3, 4],
-    );
+    let header: &[&str] = if rates.is_some() {
+        &[
+            "LAYER", "SPANS", "CACHED", "SIZE", "FETCHED", "RATE", "STATE",
+        ]
+    } else {
+        &["LAYER", "SPANS", "CACHED", "SIZE", "FETCHED", "STATE"]
+    };
+    crate::print_table(header, &table, &[1, 2, 3, 4, 5]);
     for m in mounts {
+        // A daemon with a metrics endpoint also tells what it is fetching right now.
+        let in_flight = m
+            .metrics
+            .as_deref()
+            .and_then(|a| stratafs::metrics::scrape(a, Duration::from_millis(500)).ok())
+            .and_then(|text| {
+                text.lines().find_map(|l| {
+                    l.strip_prefix("stratafs_fetches_in_flight ")?
+                        .parse::<f64>()
+                        .ok()
+                })
+            })
+            .map(|n| format!(", {n} fetches in flight"))
+            .unwrap_or_default();
         println!(
-            "\nmounted at {}: {} (daemon pid {})",
+            "\nmounted at {}: {} (daemon pid {}{in_flight})",
             m.mountpoint.display(),
             m.image,
             m.pid
         );
         for layer in &m.layers {
-            let Some(r) = rows.iter().find(|r| r["digest"] == layer.as_str()) else {
+            let Some(r) = rows.iter().find(|r| r.digest == *layer) else {
                 continue;
             };
+            let speed = rate(layer).map(|r| format!(", {r}")).unwrap_or_default();
             println!(
-                "  {layer}  fetched {} of {} compressed; {} of {} cached",
-                human(&r["fetched_bytes"]),
-                human(&r["blob_size"]),
-                human(&r["cached_bytes"]),
-                human(&r["size"])
+                "  {layer}  fetched {} of {} compressed{speed}; {} of {} cached",
+                human(r.fetched_bytes),
+                human(r.blob_size),
+                human(r.cached_bytes),
+                human(r.size)
             );
         }
     }

@@ -202,9 +202,13 @@ enum IndexCommand {
 enum CacheCommand {
     /// Chunks and bytes cached, layer indexes kept.
     Stats {
-        /// Print one JSON object (docs/cli.md).
+        /// Print one JSON object (docs/cli.md); with --watch, one per line.
         #[arg(long)]
         json: bool,
+        /// Report again every SECS seconds (default 2), with each layer's fetch rate, until
+        /// interrupted.
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<f64>,
     },
     /// Remove least recently used chunks down to a size (`--max-size 1G`), or all (`--all`).
     Prune {
@@ -502,8 +506,8 @@ async fn run(mut cli: Cli) -> Result<()> {
             let platform = platform(&image.platform)?;
             lazy::index_build(&ctx, &image.reference, platform.as_ref(), json).await?;
         }
-        Command::Cache(CacheCommand::Stats { json }) => {
-            lazy::cache_stats(&lazy::Context::new(store, &config, false)?, json)?;
+        Command::Cache(CacheCommand::Stats { json, watch }) => {
+            lazy::cache_stats(&lazy::Context::new(store, &config, false)?, json, watch)?;
         }
         Command::Cache(CacheCommand::Prune { max_size, all: _ }) => {
             // clap requires one of the two: no size means --all.

@@ -1,0 +1,93 @@
+//! What the cache holds for each layer of the pulled images: the one place that counts a
+//! layer's cached spans and bytes and the bytes fetched for it (`cache stats`, its `--watch`
+//! view, and anything else reporting progress read it from here).
+//!
+//! Reading is side-effect free: it looks at the stored images, the stored layer indexes
+//! ([`IndexStore::get_any`]), the chunk store (`contains`, no chunk is read) and the fetched
+//! counters the mount daemons keep under `cache/fetched/`. Memory: one index at a time.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::cache::ChunkStore;
+use crate::layer::{IndexStore, LayerError};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("reading the image store")]
+    Store(#[source] StoreError),
+    #[error("reading the index of layer {0}")]
+    Index(String, #[source] LayerError),
+    #[error("layer digest {0} in the image store is not a digest")]
+    Digest(String),
+}
+
+/// One layer blob of the pulled images (the JSON shape of `cache stats --json`'s `layers`).
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct LayerStatus {
+    pub digest: String,
+    /// Names of the images that have the layer.
+    pub images: Vec<String>,
+    /// Compressed size (the blob).
+    pub blob_size: u64,
+    /// Whether an index is stored (without one, nothing of it is cached).
+    pub indexed: bool,
+    /// Uncompressed size.
+    pub size: u64,
+    pub spans: usize,
+    pub cached_spans: usize,
+    /// Uncompressed bytes cached.
+    pub cached_bytes: u64,
+    pub complete: bool,
+    /// Compressed bytes read from registries for it so far.
+    pub fetched_bytes: u64,
+}
+
+/// Every layer of every stored image, by digest.
+pub fn layers(store: &Store, chunks: &dyn ChunkStore) -> Result<Vec<LayerStatus>, StatusError> {
+    let indexes = IndexStore::new(store.root());
+    let mut layers: BTreeMap<String, (Vec<String>, u64)> = BTreeMap::new();
+    for image in store.images.list().map_err(StatusError::Store)? {
+        for layer in &image.layers {
+            let row = layers
+                .entry(layer.digest.to_string())
+                .or_insert((Vec::new(), layer.size));
+            row.0.push(image.name.clone());
+        }
+    }
+    let fetched_dir = store.root().join("cache/fetched");
+    let mut out = Vec::with_capacity(layers.len());
+    for (digest, (images, blob_size)) in layers {
+        let parsed =
+            crate::digest::parse(&digest).map_err(|_| StatusError::Digest(digest.clone()))?;
+        let index = indexes
+            .get_any(&parsed)
+            .map_err(|e| StatusError::Index(digest.clone(), e))?;
+        let (mut spans, mut cached_spans, mut size, mut cached_bytes) = (0, 0, 0, 0);
+        if let Some(i) = &index {
+            spans = i.spans.len();
+            size = i.size;
+            for s in i.spans.iter().filter(|s| chunks.contains(&s.digest)) {
+                cached_spans += 1;
+                cached_bytes += s.out_len;
+            }
+        }
+        let fetched_bytes =
+            crate::fs::fetched_total(&fetched_dir, digest.trim_start_matches("sha256:"));
+        out.push(LayerStatus {
+            images,
+            blob_size,
+            indexed: index.is_some(),
+            size,
+            spans,
+            cached_spans,
+            cached_bytes,
+            complete: index.is_some() && cached_spans == spans,
+            fetched_bytes,
+            digest,
+        });
+    }
+    Ok(out)
+}
