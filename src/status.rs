@@ -19,7 +19,7 @@ pub enum StatusError {
     #[error("reading the image store")]
     Store(#[source] StoreError),
     #[error("reading the index of layer {0}")]
-    Index(String, #[source] LayerError),
+    Index(String, #[source] Box<LayerError>),
     #[error("layer digest {0} in the image store is not a digest")]
     Digest(String),
 }
@@ -64,7 +64,7 @@ pub fn layers(store: &Store, chunks: &dyn ChunkStore) -> Result<Vec<LayerStatus>
             crate::digest::parse(&digest).map_err(|_| StatusError::Digest(digest.clone()))?;
         let index = indexes
             .get_any(&parsed)
-            .map_err(|e| StatusError::Index(digest.clone(), e))?;
+            .map_err(|e| StatusError::Index(digest.clone(), Box::new(e)))?;
         let (mut spans, mut cached_spans, mut size, mut cached_bytes) = (0, 0, 0, 0);
         if let Some(i) = &index {
             spans = i.spans.len();
