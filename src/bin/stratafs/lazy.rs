@@ -116,23 +116,46 @@ impl Context {
 pub static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Progress of an operation that fetches layer data: on a terminal a bar of the compressed
-/// bytes fetched (refreshed from the registry byte counters); when it took a second or more, a
-/// one-line summary, on a terminal or not. Nothing with `--quiet`.
+/// bytes fetched (refreshed from a byte counter); when it took a second or more, a one-line
+/// summary, on a terminal or not. Nothing with `--quiet`.
 pub struct Progress {
     bar: Option<indicatif::ProgressBar>,
     ticker: Option<tokio::task::JoinHandle<()>>,
-    meter: stratafs::fs::FetchMeter,
-    start_bytes: u64,
+    /// Compressed bytes fetched so far by the operation.
+    fetched: Arc<dyn Fn() -> u64 + Send + Sync>,
     started: std::time::Instant,
     what: String,
 }
 
 impl Context {
-    /// Starts showing the progress of `what`, which may fetch up to `total` compressed bytes.
+    /// Starts showing the progress of `what`, which may fetch up to `total` compressed bytes
+    /// (counted by this process's registry byte counters, refreshed every 100 ms).
     pub fn progress(&self, what: &str, total: u64) -> Progress {
-        use std::io::IsTerminal;
         let meter = self.layers.fetch_meter();
         let start_bytes = meter.total();
+        let mut progress = Progress::new(
+            what,
+            total,
+            Arc::new(move || meter.total().saturating_sub(start_bytes)),
+        );
+        progress.ticker = progress.bar.as_ref().map(|bar| {
+            let (bar, fetched) = (bar.clone(), progress.fetched.clone());
+            tokio::spawn(async move {
+                loop {
+                    bar.set_position(fetched());
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            })
+        });
+        progress
+    }
+}
+
+impl Progress {
+    /// Progress of `what` (up to `total` bytes) as `fetched` tells it, shown when
+    /// [`update`](Self::update) is called.
+    pub fn new(what: &str, total: u64, fetched: Arc<dyn Fn() -> u64 + Send + Sync>) -> Progress {
+        use std::io::IsTerminal;
         let quiet = QUIET.load(std::sync::atomic::Ordering::Relaxed);
         let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
             let bar = indicatif::ProgressBar::new(total);
@@ -146,27 +169,22 @@ impl Context {
             bar.set_message(what.to_string());
             bar
         });
-        let ticker = bar.as_ref().map(|bar| {
-            let (bar, meter) = (bar.clone(), meter.clone());
-            tokio::spawn(async move {
-                loop {
-                    bar.set_position(meter.total().saturating_sub(start_bytes));
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
-            })
-        });
         Progress {
             bar,
-            ticker,
-            meter,
-            start_bytes,
+            ticker: None,
+            fetched,
             started: std::time::Instant::now(),
             what: what.to_string(),
         }
     }
-}
 
-impl Progress {
+    /// Shows the current count.
+    pub fn update(&self) {
+        if let Some(bar) = &self.bar {
+            bar.set_position((self.fetched)());
+        }
+    }
+
     /// Ends the display; `detail` completes the summary line.
     pub fn finish(self, detail: &str) {
         if let Some(t) = &self.ticker {
@@ -179,7 +197,7 @@ impl Progress {
         if QUIET.load(std::sync::atomic::Ordering::Relaxed) || elapsed.as_secs_f64() < 1.0 {
             return;
         }
-        let fetched = self.meter.total().saturating_sub(self.start_bytes);
+        let fetched = (self.fetched)();
         eprintln!(
             "{}: {detail}{}{} fetched in {:.1} s",
             self.what,

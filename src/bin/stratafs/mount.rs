@@ -244,9 +244,33 @@ fn spawn_daemon(
         .current_dir("/");
     let mut child = cmd.spawn().context("starting the mount daemon")?;
     let stdout = child.stdout.take().expect("piped stdout");
+    // The daemon reports "progress FETCHED TOTAL" while it opens the image (layers without a
+    // usable index are streamed first).
+    let fetched = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut progress: Option<crate::lazy::Progress> = None;
     for line in BufReader::new(stdout).lines() {
         let line = line.unwrap_or_default();
+        if let Some(rest) = line.strip_prefix("progress ") {
+            let mut numbers = rest.split(' ').map(|n| n.parse::<u64>().unwrap_or(0));
+            let (now, total) = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+            fetched.store(now, std::sync::atomic::Ordering::Relaxed);
+            let counter = fetched.clone();
+            progress
+                .get_or_insert_with(|| {
+                    let what = format!("mounting {}", args.reference);
+                    crate::lazy::Progress::new(
+                        &what,
+                        total,
+                        Arc::new(move || counter.load(std::sync::atomic::Ordering::Relaxed)),
+                    )
+                })
+                .update();
+            continue;
+        }
         if let Some(rest) = line.strip_prefix("ready ") {
+            if let Some(p) = progress.take() {
+                p.finish("");
+            }
             println!(
                 "{rest} (daemon pid {}, log {})",
                 child.id(),
@@ -287,7 +311,25 @@ async fn serve(
                 + 1
         }
     };
-    let view = Arc::new(ImageView::open_chain(&ctx.layers, &image, count).await?);
+    // Opening streams the layers that have no usable index: tell the waiting parent how far.
+    let reporter = args.notify.then(|| {
+        let meter = ctx.layers.fetch_meter();
+        let start = meter.total();
+        let total: u64 = image.layers[..count].iter().map(|l| l.size).sum();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_millis(200));
+            every.tick().await; // the first tick is immediate: nothing to say yet
+            loop {
+                every.tick().await;
+                println!("progress {} {total}", meter.total().saturating_sub(start));
+            }
+        })
+    });
+    let opened = ImageView::open_chain(&ctx.layers, &image, count).await;
+    if let Some(r) = reporter {
+        r.abort();
+    }
+    let view = Arc::new(opened?);
     let (metrics, metrics_address) = match &args.metrics_address {
         Some(addr) => {
             let (view, chunks, cap) = (view.clone(), ctx.chunks.clone(), ctx.cache_cap);
