@@ -64,6 +64,12 @@ pub struct MountSettings {
     pub background_bandwidth: Option<u64>,
     /// Seconds after mounting before background fetching starts.
     pub background_delay_secs: f64,
+    /// Record what the workload reads first into the image's startup profile.
+    pub profile_record: bool,
+    /// Replay the image's startup profile (recorded here, or pinned by the image) on mount.
+    pub profile_replay: bool,
+    /// Ranges of a profile fetched at once during replay.
+    pub profile_parallel: usize,
 }
 
 impl Default for MountSettings {
@@ -75,6 +81,9 @@ impl Default for MountSettings {
             background_fetch: true,
             background_bandwidth: None,
             background_delay_secs: 2.0,
+            profile_record: true,
+            profile_replay: true,
+            profile_parallel: 6,
         }
     }
 }

@@ -641,6 +641,8 @@ pub struct ImageView {
     pub tree: Tree,
     readers: Vec<LayerReader>,
     files_dir: std::path::PathBuf,
+    /// Notes what reads touch first, for a startup profile (see [`crate::profile`]).
+    recorder: std::sync::OnceLock<Arc<crate::profile::Recorder>>,
 }
 
 impl ImageView {
@@ -693,6 +695,7 @@ impl ImageView {
             tree,
             readers,
             files_dir: layers.files_dir.clone(),
+            recorder: std::sync::OnceLock::new(),
         })
     }
 
@@ -717,7 +720,16 @@ impl ImageView {
             return Ok(Vec::new());
         }
         let len = len.min(n.size - offset);
-        Ok(self.readers[layer].read(data_offset + offset, len).await?)
+        let reader = &self.readers[layer];
+        if let Some(recorder) = self.recorder.get() {
+            recorder.record(layer, reader.index(), data_offset + offset, len);
+        }
+        Ok(reader.read(data_offset + offset, len).await?)
+    }
+
+    /// From now on, reads through [`read`](Self::read) are noted by `recorder` (once per view).
+    pub fn record_reads(&self, recorder: Arc<crate::profile::Recorder>) {
+        let _ = self.recorder.set(recorder);
     }
 }
 

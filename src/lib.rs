@@ -20,6 +20,7 @@
 //! [`pull`] ties stages 1–3 together: it resolves a reference, picks the platform, verifies and
 //! stores manifests and config, computes ChainIDs — and downloads no layer data. [`publish`]
 //! shares layer indexes through the registry as OCI referrers.
+//! [`profile`] records what a workload reads first and replays it on the next cold start.
 //! [`metrics`] exports what every stage did for Prometheus; [`status`] reports what the cache
 //! holds per layer.
 //! Shared vocabulary lives in [`image`] (media types, platforms, layer records, ChainIDs),
@@ -34,6 +35,7 @@ pub mod image;
 pub mod layer;
 pub mod metrics;
 pub mod prefetch;
+pub mod profile;
 pub mod publish;
 pub mod pull;
 pub mod reference;

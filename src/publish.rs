@@ -16,6 +16,10 @@
 //!
 //! Every fetched byte is digest-checked; an index must name the layer's blob digest, diff_id,
 //! size and compression and be well formed ([`LayerIndex::validate`]).
+//!
+//! Startup profiles ([`crate::profile`]) are published bound the same way ([`bind_profile`]):
+//! the manifest itself is annotated with the profile's digest, and [`pinned_profile`] fetches
+//! it for a cold mount.
 
 use std::io::{Read, Write};
 
@@ -45,6 +49,8 @@ pub enum PublishError {
     Layer(#[from] LayerError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Profile(#[from] crate::profile::ProfileError),
     #[error("{image}: {detail}")]
     Invalid { image: String, detail: String },
 }
@@ -56,10 +62,7 @@ pub async fn push_indexes(
     image: &ImageRecord,
     indexes: &[LayerIndex],
 ) -> Result<Digest, PublishError> {
-    let reference: Reference = image
-        .name
-        .parse()
-        .map_err(|_| invalid(image, "invalid name"))?;
+    let reference = reference_of(image)?;
     let empty = client.push_blob(&reference, b"{}").await?;
     let mut layers = Vec::new();
     for index in indexes {
@@ -145,12 +148,8 @@ pub async fn bind_indexes(
     indexes: &[LayerIndex],
     tag: &str,
 ) -> Result<Digest, PublishError> {
-    let reference: Reference = image
-        .name
-        .parse()
-        .map_err(|_| invalid(image, "invalid name"))?;
-    let mut manifest: Value = serde_json::from_slice(&store.content.get(&image.manifest.digest)?)
-        .map_err(|e| invalid(image, &format!("stored manifest: {e}")))?;
+    let reference = reference_of(image)?;
+    let mut manifest = stored_manifest(store, image)?;
     let layers = manifest["layers"]
         .as_array_mut()
         .ok_or_else(|| invalid(image, "stored manifest has no layers"))?;
@@ -172,6 +171,79 @@ pub async fn bind_indexes(
     if bound == 0 {
         return Err(invalid(image, "no layer of the image has an index to bind"));
     }
+    push_again(client, store, image, &manifest, tag).await
+}
+
+/// Publishes `profile` bound to the image: pushes it as a blob, then the image's manifest
+/// (and index) again with the manifest annotated [`PROFILE_ANNOTATION`] = its digest, under
+/// `tag`. Returns the digest the tag now names.
+///
+/// [`PROFILE_ANNOTATION`]: crate::profile::PROFILE_ANNOTATION
+pub async fn bind_profile(
+    client: &RegistryClient,
+    store: &Store,
+    image: &ImageRecord,
+    profile: &crate::profile::Profile,
+    tag: &str,
+) -> Result<Digest, PublishError> {
+    let reference = reference_of(image)?;
+    let mut manifest = stored_manifest(store, image)?;
+    let blob = serde_json::to_vec(profile).expect("profile serializes");
+    let digest = client.push_blob(&reference, &blob).await?;
+    if !manifest["annotations"].is_object() {
+        manifest["annotations"] = json!({});
+    }
+    manifest["annotations"][crate::profile::PROFILE_ANNOTATION] = json!(digest);
+    push_again(client, store, image, &manifest, tag).await
+}
+
+/// The startup profile `image`'s manifest pins, fetched (digest-checked, bounded) — `None`
+/// when it pins none.
+pub async fn pinned_profile(
+    client: &RegistryClient,
+    store: &Store,
+    image: &ImageRecord,
+) -> Result<Option<crate::profile::Profile>, PublishError> {
+    let manifest = stored_manifest(store, image)?;
+    let Some(pin) = manifest["annotations"][crate::profile::PROFILE_ANNOTATION].as_str() else {
+        return Ok(None);
+    };
+    let pin = crate::digest::parse(pin)
+        .map_err(|e| invalid(image, &format!("profile annotation {pin}: {e}")))?;
+    let blob = client
+        .fetch_blob_capped(
+            &reference_of(image)?,
+            &pin,
+            crate::profile::MAX_PROFILE_BYTES,
+        )
+        .await?;
+    let what = format!("{pin} of {}", image.name);
+    Ok(Some(crate::profile::Profile::parse(&blob, &what)?))
+}
+
+fn reference_of(image: &ImageRecord) -> Result<Reference, PublishError> {
+    image
+        .name
+        .parse()
+        .map_err(|_| invalid(image, "invalid name"))
+}
+
+fn stored_manifest(store: &Store, image: &ImageRecord) -> Result<Value, PublishError> {
+    serde_json::from_slice(&store.content.get(&image.manifest.digest)?)
+        .map_err(|e| invalid(image, &format!("stored manifest: {e}")))
+}
+
+/// Pushes `manifest` (an edited copy of `image`'s) under `tag`; for a multi-platform image,
+/// by digest, and then the image index with this platform's entry pointing at it under `tag`.
+/// Returns the digest `tag` names.
+async fn push_again(
+    client: &RegistryClient,
+    store: &Store,
+    image: &ImageRecord,
+    manifest: &Value,
+    tag: &str,
+) -> Result<Digest, PublishError> {
+    let reference = reference_of(image)?;
     let bytes = serde_json::to_vec(&manifest).expect("manifest serializes");
     let digest = crate::digest::sha256(&bytes);
     let media_type = image.manifest.media_type.as_str();
@@ -220,10 +292,7 @@ pub async fn adopt_referrer_indexes(
     if missing.is_empty() {
         return Ok(0);
     }
-    let reference: Reference = image
-        .name
-        .parse()
-        .map_err(|_| invalid(image, "invalid name"))?;
+    let reference = reference_of(image)?;
     let subject = &image.manifest.digest;
     let referrers = match client.referrers(&reference, subject, ARTIFACT_TYPE).await? {
         Some(index) => index,

@@ -131,6 +131,10 @@ pub struct LayerReader {
     /// closed when the run ends): a read of such a span waits for the run instead of fetching
     /// the same bytes again (single flight per range, not just per span).
     inflight: std::sync::Mutex<std::collections::HashMap<usize, Arc<tokio::sync::Semaphore>>>,
+    /// Spans known to be cached (set when one is found or stored), so checks that a range or
+    /// the whole layer is cached cost no `stat` for them. A span evicted later (by this cache
+    /// or another process) stays marked: a read of it simply fetches it again.
+    known_cached: Vec<std::sync::atomic::AtomicBool>,
 }
 
 /// Unregisters a run's spans and wakes its waiters when the run ends (however it ends).
@@ -160,7 +164,6 @@ const WRONG: u8 = 2;
 impl LayerReader {
     pub fn new(index: Arc<LayerIndex>, source: Arc<dyn BlobSource>, cache: Arc<Cache>) -> Self {
         LayerReader {
-            index,
             source,
             cache,
             restreaming: tokio::sync::Mutex::new(()),
@@ -170,6 +173,10 @@ impl LayerReader {
             first_read: std::sync::atomic::AtomicBool::new(true),
             remember: None,
             inflight: Default::default(),
+            known_cached: (0..index.spans.len())
+                .map(|_| std::sync::atomic::AtomicBool::new(false))
+                .collect(),
+            index,
         }
     }
 
@@ -215,13 +222,23 @@ impl LayerReader {
         &self.index
     }
 
+    /// Whether span `i` is cached (memory or disk): from memory once it was seen cached.
+    fn span_cached(&self, i: usize) -> bool {
+        if self.known_cached[i].load(Ordering::Relaxed) {
+            return true;
+        }
+        let cached = self.cache.contains(&self.index.spans[i].digest);
+        if cached {
+            self.known_cached[i].store(true, Ordering::Relaxed);
+        }
+        cached
+    }
+
     /// Uncompressed bytes of the layer that are cached (memory or disk).
     pub fn cached_bytes(&self) -> u64 {
-        self.index
-            .spans
-            .iter()
-            .filter(|s| self.cache.contains(&s.digest))
-            .map(|s| s.out_len)
+        (0..self.index.spans.len())
+            .filter(|i| self.span_cached(*i))
+            .map(|i| self.index.spans[i].out_len)
             .sum()
     }
 
@@ -234,10 +251,10 @@ impl LayerReader {
             let Some(i) = self.index.span_at(pos) else {
                 return false;
             };
-            let span = &self.index.spans[i];
-            if !self.cache.contains(&span.digest) {
+            if !self.span_cached(i) {
                 return false;
             }
+            let span = &self.index.spans[i];
             pos = (span.out_offset + span.out_len).max(pos + 1);
         }
         true
@@ -245,6 +262,21 @@ impl LayerReader {
 
     /// Reads up to `len` bytes at uncompressed offset `offset` (fewer at the end of the stream).
     pub async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, CacheError> {
+        self.read_with(offset, len, true).await
+    }
+
+    /// Caches bytes `offset..offset + len` (fetching exactly the spans that hold them: no
+    /// sequential read-ahead), as a profile replay does ahead of the reads it predicts.
+    pub async fn prefetch(&self, offset: u64, len: u64) -> Result<(), CacheError> {
+        self.read_with(offset, len, false).await.map(drop)
+    }
+
+    async fn read_with(
+        &self,
+        offset: u64,
+        len: u64,
+        readahead: bool,
+    ) -> Result<Vec<u8>, CacheError> {
         if self.completeness.load(Ordering::Relaxed) == WRONG {
             return Err(self.wrong_index());
         }
@@ -254,7 +286,7 @@ impl LayerReader {
         let started = std::time::Instant::now();
         let fetches_before = self.fetches.load(Ordering::Relaxed);
         let disk_before = self.cache.stats.disk_hits.load(Ordering::Relaxed);
-        let out = self.read_spans(offset, len).await?;
+        let out = self.read_spans(offset, len, readahead).await?;
         // Where the bytes came from, as far as counters tell (a concurrent read of the same
         // layer can blur it): fetched, loaded from disk, or all in memory.
         let source = if self.fetches.load(Ordering::Relaxed) != fetches_before {
@@ -271,7 +303,12 @@ impl LayerReader {
         Ok(out)
     }
 
-    async fn read_spans(&self, offset: u64, len: u64) -> Result<Vec<u8>, CacheError> {
+    async fn read_spans(
+        &self,
+        offset: u64,
+        len: u64,
+        readahead: bool,
+    ) -> Result<Vec<u8>, CacheError> {
         let end = (offset + len).min(self.index.size);
         let mut out = Vec::with_capacity((end.saturating_sub(offset)) as usize);
         let mut pos = offset;
@@ -283,7 +320,7 @@ impl LayerReader {
                 ))
             })?;
             let span = &self.index.spans[i];
-            let data = self.span(i, end).await?;
+            let data = self.span(i, end, readahead).await?;
             if data.len() as u64 != span.out_len {
                 // Only an index that gives a span the digest of other bytes gets here.
                 return Err(self.mismatch(&format!(
@@ -302,9 +339,15 @@ impl LayerReader {
     }
 
     /// Span `i`, fetching it — and the missing spans after it up to `until` — if needed.
-    async fn span(&self, i: usize, until: u64) -> Result<Arc<Vec<u8>>, CacheError> {
+    async fn span(
+        &self,
+        i: usize,
+        until: u64,
+        readahead: bool,
+    ) -> Result<Arc<Vec<u8>>, CacheError> {
         let span = &self.index.spans[i];
-        self.cache
+        let data = self
+            .cache
             .get_or_fetch(&span.digest, || async move {
                 self.fetches.fetch_add(1, Ordering::Relaxed);
                 if span.fetch == Fetch::Cached {
@@ -313,7 +356,7 @@ impl LayerReader {
                 // A miss right after the previous fetch means a sequential reader: fetch
                 // READAHEAD more spans with this request.
                 let previous = self.last_fetched.load(Ordering::Relaxed);
-                let until = if previous != usize::MAX && i == previous + 1 {
+                let until = if readahead && previous != usize::MAX && i == previous + 1 {
                     let ahead = (i + READAHEAD).min(self.index.spans.len() - 1);
                     until.max(self.index.spans[ahead].out_offset + 1)
                 } else {
@@ -339,15 +382,19 @@ impl LayerReader {
                 // (and reported) again when it is read itself.
                 for (j, data) in (i + 1..=last).zip(spans) {
                     match data {
-                        Ok(data) => self
-                            .cache
-                            .insert(&self.index.spans[j].digest, Arc::new(data))?,
+                        Ok(data) => {
+                            self.cache
+                                .insert(&self.index.spans[j].digest, Arc::new(data))?;
+                            self.known_cached[j].store(true, Ordering::Relaxed);
+                        }
                         Err(e) => tracing::warn!("{e}"),
                     }
                 }
                 Ok(first)
             })
-            .await
+            .await?;
+        self.known_cached[i].store(true, Ordering::Relaxed);
+        Ok(data)
     }
 
     /// Once every span of a layer indexed as its tar stream is cached, hashes them in order
@@ -362,7 +409,7 @@ impl LayerReader {
         let index = &self.index;
         if index.format != IndexFormat::Stream
             || self.completeness.load(Ordering::Relaxed) != UNCHECKED
-            || !index.spans.iter().all(|s| self.cache.contains(&s.digest))
+            || !(0..index.spans.len()).all(|i| self.span_cached(i))
         {
             return Ok(());
         }
@@ -504,10 +551,7 @@ impl LayerReader {
                 || fetch_range(&spans[last].fetch).is_some_and(|(_, end)| end < min_end)
         };
         let mut last = i;
-        while last + 1 < spans.len()
-            && wanted(last)
-            && !self.cache.contains(&spans[last + 1].digest)
-        {
+        while last + 1 < spans.len() && wanted(last) && !self.span_cached(last + 1) {
             match fetch_range(&spans[last + 1].fetch) {
                 Some((_, end)) if end.saturating_sub(start) <= MAX_COALESCED => last += 1,
                 _ => break,

@@ -219,7 +219,8 @@ impl RegistryClient {
         self.fetch_blob_capped(reference, digest, 256 << 20).await
     }
 
-    async fn fetch_blob_capped(
+    /// Fetches blob `digest` of at most `cap` bytes, verified.
+    pub async fn fetch_blob_capped(
         &self,
         reference: &Reference,
         digest: &Digest,

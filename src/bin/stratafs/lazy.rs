@@ -427,13 +427,7 @@ pub async fn index_push(
         );
         return Ok(());
     }
-    let parsed: Reference = image.name.parse()?;
-    let tag = match tag.or(parsed.tag()) {
-        Some(t) => t.to_string(),
-        None => {
-            anyhow::bail!("{reference} has no tag to push the bound image under: give --tag TAG")
-        }
-    };
+    let (parsed, tag) = tag_for(&image, reference, tag)?;
     let digest =
         stratafs::publish::bind_indexes(&ctx.client, &ctx.store, &image, &indexes, &tag).await?;
     println!(
@@ -441,6 +435,72 @@ pub async fn index_push(
         parsed.name(),
         image.name,
         indexes.len()
+    );
+    Ok(())
+}
+
+/// The tag to push a re-bound `image` under: `tag`, or the one `reference` names.
+fn tag_for(image: &ImageRecord, reference: &str, tag: Option<&str>) -> Result<(Reference, String)> {
+    let parsed: Reference = image.name.parse()?;
+    match tag.or(parsed.tag()) {
+        Some(t) => {
+            let t = t.to_string();
+            Ok((parsed, t))
+        }
+        None => {
+            anyhow::bail!("{reference} has no tag to push the bound image under: give --tag TAG")
+        }
+    }
+}
+
+pub async fn profile_show(
+    ctx: &Context,
+    reference: &str,
+    platform: Option<&Platform>,
+    json: bool,
+) -> Result<()> {
+    let image = ctx.image(reference, platform).await?;
+    let chain = image.chain_id().context("the image has no layers")?;
+    let profile = stratafs::profile::ProfileStore::new(ctx.store.root()).get(chain)?;
+    match (profile, json) {
+        (Some(p), true) => println!("{}", serde_json::to_string(&p)?),
+        (Some(p), false) => println!(
+            "{}: profile of {} ranges, {} of layer data, in the order first read",
+            image.name,
+            p.ranges.len(),
+            crate::human_size(p.bytes())
+        ),
+        (None, _) => anyhow::bail!(
+            "no profile recorded for {}: mount it and run its workload first (mounts record what is read first)",
+            image.name
+        ),
+    }
+    Ok(())
+}
+
+pub async fn profile_push(
+    ctx: &Context,
+    reference: &str,
+    platform: Option<&Platform>,
+    tag: Option<&str>,
+) -> Result<()> {
+    let image = ctx.image(reference, platform).await?;
+    let chain = image.chain_id().context("the image has no layers")?;
+    let Some(profile) = stratafs::profile::ProfileStore::new(ctx.store.root()).get(chain)? else {
+        anyhow::bail!(
+            "no profile recorded for {}: mount it and run its workload first (mounts record what is read first)",
+            image.name
+        );
+    };
+    let (parsed, tag) = tag_for(&image, reference, tag)?;
+    let digest =
+        stratafs::publish::bind_profile(&ctx.client, &ctx.store, &image, &profile, &tag).await?;
+    println!(
+        "pushed {}:{tag} as {digest}: {} with its profile ({} ranges, {}) pinned by its manifest",
+        parsed.name(),
+        image.name,
+        profile.ranges.len(),
+        crate::human_size(profile.bytes())
     );
     Ok(())
 }

@@ -148,6 +148,10 @@ enum Command {
     /// Layer indexes.
     #[command(subcommand)]
     Index(IndexCommand),
+    /// Startup profiles: what a workload reads first, recorded by mounts and replayed (in
+    /// parallel, ahead of the reads) by the next cold mount.
+    #[command(subcommand)]
+    Profile(ProfileCommand),
     /// The chunk cache.
     #[command(subcommand)]
     Cache(CacheCommand),
@@ -192,6 +196,27 @@ enum IndexCommand {
         bind: bool,
         /// Tag for the bound image (default: the reference's tag).
         #[arg(long, requires = "bind")]
+        tag: Option<String>,
+        #[command(flatten)]
+        image: ImageArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProfileCommand {
+    /// The profile recorded here for an image's rootfs: its ranges and bytes.
+    Show {
+        /// Print the profile itself (JSON, docs/formats.md).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        image: ImageArgs,
+    },
+    /// Publish the recorded profile bound to the image: push the image again with its
+    /// manifest pinning the profile by digest, so cold mounts of it replay the profile.
+    Push {
+        /// Tag for the bound image (default: the reference's tag).
+        #[arg(long)]
         tag: Option<String>,
         #[command(flatten)]
         image: ImageArgs,
@@ -505,6 +530,16 @@ async fn run(mut cli: Cli) -> Result<()> {
             let ctx = lazy::Context::new(store, &config, image.plain_http)?;
             let platform = platform(&image.platform)?;
             lazy::index_build(&ctx, &image.reference, platform.as_ref(), json).await?;
+        }
+        Command::Profile(ProfileCommand::Show { json, image }) => {
+            let ctx = lazy::Context::new(store, &config, image.plain_http)?;
+            let platform = platform(&image.platform)?;
+            lazy::profile_show(&ctx, &image.reference, platform.as_ref(), json).await?;
+        }
+        Command::Profile(ProfileCommand::Push { tag, image }) => {
+            let ctx = lazy::Context::new(store, &config, image.plain_http)?;
+            let platform = platform(&image.platform)?;
+            lazy::profile_push(&ctx, &image.reference, platform.as_ref(), tag.as_deref()).await?;
         }
         Command::Cache(CacheCommand::Stats { json, watch }) => {
             lazy::cache_stats(&lazy::Context::new(store, &config, false)?, json, watch)?;

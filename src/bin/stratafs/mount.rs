@@ -374,6 +374,19 @@ async fn serve(
         mounted.join();
         bail!("{}: the new mount does not answer", mountpoint.display());
     }
+    // Replay starts as soon as the mount answers: the workload's reads come next.
+    let m = &ctx.config.mount;
+    let profile = stratafs::profile::Session::start(
+        view.clone(),
+        &image,
+        &ctx.store,
+        ctx.client.clone(),
+        &stratafs::profile::MountProfile {
+            record: m.profile_record,
+            replay: m.profile_replay,
+            parallel: m.profile_parallel,
+        },
+    );
     let record = MountRecord {
         mountpoint: mountpoint.to_path_buf(),
         image: image.name.clone(),
@@ -428,6 +441,9 @@ async fn serve(
     wait_for_end(&ctx, &mut mounted, mountpoint).await;
     if let Some(task) = background {
         task.abort();
+    }
+    if let Some(p) = profile {
+        p.finish();
     }
     let _ = std::fs::remove_file(&record_path);
     tracing::info!("unmounted {}", mountpoint.display());

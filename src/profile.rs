@@ -1,0 +1,535 @@
+//! Startup profiles: which parts of an image a workload read first, in order, so that the next
+//! cold start can fetch them all, in parallel, before the workload asks.
+//!
+//! - **Record.** A mount's [`Recorder`] notes each span of a layer the first time a read
+//!   touches it (reads through the mounted tree only — not background fill or replay), from
+//!   the first read until the workload goes quiet, for at most [`RECORD_FOR`] and
+//!   [`MAX_RANGES`] ranges. Contiguous spans of one layer are one range.
+//! - **Store.** Profiles live beside the layer indexes, in `<root>/profiles/`, one per image
+//!   rootfs (keyed by the image's top ChainID, which names its layers and their order, not by
+//!   a manifest digest that annotations change). A later recording merges in: the ranges not
+//!   yet covered are appended (union, first-seen order).
+//! - **Publish.** `stratafs profile push REF` pushes the profile as a blob and the image's
+//!   manifest again with the annotation [`PROFILE_ANNOTATION`] = its digest: bound to the image
+//!   by its publisher exactly as layer indexes are (`index push --bind`). A cold mount with no
+//!   local profile fetches the bound one (digest-checked, at most [`MAX_PROFILE_BYTES`]).
+//! - **Replay.** [`replay`] reads the profile's ranges through the layer readers,
+//!   `parallel` at a time in profile order, so their spans are fetched (and verified, as every
+//!   span is) before the workload's reads arrive; a read of a span being fetched waits for that
+//!   fetch (single flight per range).
+//!
+//! Trust: a profile only says which verified bytes to fetch early. A hostile one (ranges of
+//! other layers, absurd sizes, millions of entries) can at worst waste bandwidth, and less than
+//! that: ranges outside the image's layers are dropped with a warning, and replay never
+//! fetches more than the image's layers hold.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use oci_spec::image::Digest;
+use serde::{Deserialize, Serialize};
+
+use crate::fs::ImageView;
+use crate::layer::LayerIndex;
+
+/// Version of the profile format.
+pub const PROFILE_VERSION: u32 = 1;
+/// Manifest annotation naming the bound profile blob.
+pub const PROFILE_ANNOTATION: &str = "io.stratafs.profile.digest";
+/// Media type of a profile blob (JSON).
+pub const PROFILE_MEDIA_TYPE: &str = "application/vnd.stratafs.profile.v1+json";
+/// Most ranges a profile may hold (recorded or fetched).
+pub const MAX_RANGES: usize = 100_000;
+/// Largest profile blob read from a registry or from disk.
+pub const MAX_PROFILE_BYTES: u64 = 16 << 20;
+/// How long after its first read a mount records.
+pub const RECORD_FOR: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error("profile {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("profile {what}: {detail}")]
+    Invalid { what: String, detail: String },
+    #[error("storing profile {path}")]
+    Store {
+        path: PathBuf,
+        #[source]
+        source: crate::store::StoreError,
+    },
+}
+
+/// Byte ranges of an image's layers, in the order a workload first read them.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Profile {
+    pub version: u32,
+    pub ranges: Vec<ProfileRange>,
+}
+
+/// Uncompressed bytes `offset..offset + len` of the layer whose blob digest is `layer`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProfileRange {
+    pub layer: String,
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl Profile {
+    /// Parses a profile from `bytes` (from `what`, for messages), within the bounds above.
+    pub fn parse(bytes: &[u8], what: &str) -> Result<Profile, ProfileError> {
+        let invalid = |detail: String| ProfileError::Invalid {
+            what: what.to_string(),
+            detail,
+        };
+        if bytes.len() as u64 > MAX_PROFILE_BYTES {
+            return Err(invalid(format!(
+                "{} bytes, more than the {MAX_PROFILE_BYTES} allowed",
+                bytes.len()
+            )));
+        }
+        let profile: Profile =
+            serde_json::from_slice(bytes).map_err(|e| invalid(format!("not a profile: {e}")))?;
+        if profile.version != PROFILE_VERSION {
+            return Err(invalid(format!(
+                "version {} (this stratafs reads {PROFILE_VERSION})",
+                profile.version
+            )));
+        }
+        if profile.ranges.len() > MAX_RANGES {
+            return Err(invalid(format!(
+                "{} ranges, more than the {MAX_RANGES} allowed",
+                profile.ranges.len()
+            )));
+        }
+        Ok(profile)
+    }
+
+    /// Uncompressed bytes the ranges cover.
+    pub fn bytes(&self) -> u64 {
+        self.ranges.iter().map(|r| r.len).sum()
+    }
+
+    /// Appends the parts of `newer` that no range here covers yet (union, first-seen order),
+    /// up to [`MAX_RANGES`].
+    pub fn merge(&mut self, newer: &[ProfileRange]) {
+        for r in newer {
+            let mut pieces = vec![(r.offset, r.offset.saturating_add(r.len))];
+            for old in self.ranges.iter().filter(|o| o.layer == r.layer) {
+                let (a, b) = (old.offset, old.offset.saturating_add(old.len));
+                pieces = pieces
+                    .into_iter()
+                    .flat_map(|(s, e)| {
+                        let mut left = Vec::with_capacity(2);
+                        if s < a.min(e) {
+                            left.push((s, a.min(e)));
+                        }
+                        if b.max(s) < e {
+                            left.push((b.max(s), e));
+                        }
+                        left
+                    })
+                    .collect();
+            }
+            for (s, e) in pieces {
+                if self.ranges.len() >= MAX_RANGES {
+                    return;
+                }
+                self.ranges.push(ProfileRange {
+                    layer: r.layer.clone(),
+                    offset: s,
+                    len: e - s,
+                });
+            }
+        }
+    }
+}
+
+/// The profiles under `<root>/profiles/`, one per image rootfs (top ChainID).
+#[derive(Clone, Debug)]
+pub struct ProfileStore {
+    dir: PathBuf,
+}
+
+impl ProfileStore {
+    pub fn new(root: &Path) -> ProfileStore {
+        ProfileStore {
+            dir: root.join("profiles"),
+        }
+    }
+
+    /// The file of the rootfs named by ChainID `chain`.
+    pub fn path(&self, chain: &Digest) -> PathBuf {
+        self.dir
+            .join(format!("{}-{}.json", chain.algorithm(), chain.digest()))
+    }
+
+    /// The stored profile of `chain`, if any. A damaged file is reported, not used.
+    pub fn get(&self, chain: &Digest) -> Result<Option<Profile>, ProfileError> {
+        let path = self.path(chain);
+        match std::fs::read(&path) {
+            Ok(bytes) => Profile::parse(&bytes, &path.display().to_string()).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(ProfileError::Io { path, source: e }),
+        }
+    }
+
+    /// Stores `profile` as `chain`'s (atomically).
+    pub fn put(&self, chain: &Digest, profile: &Profile) -> Result<(), ProfileError> {
+        let path = self.path(chain);
+        std::fs::create_dir_all(&self.dir).map_err(|e| ProfileError::Io {
+            path: self.dir.clone(),
+            source: e,
+        })?;
+        let bytes = serde_json::to_vec(profile).expect("a profile serializes");
+        crate::store::write_atomic(&self.dir, &path, &bytes)
+            .map_err(|source| ProfileError::Store { path, source })
+    }
+
+    /// Merges `ranges` into `chain`'s profile (a damaged stored one is replaced); returns it.
+    pub fn merge_in(
+        &self,
+        chain: &Digest,
+        ranges: &[ProfileRange],
+    ) -> Result<Profile, ProfileError> {
+        let mut profile = match self.get(chain) {
+            Ok(Some(p)) => p,
+            Ok(None) => Profile {
+                version: PROFILE_VERSION,
+                ranges: Vec::new(),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "replacing a damaged profile");
+                Profile {
+                    version: PROFILE_VERSION,
+                    ranges: Vec::new(),
+                }
+            }
+        };
+        profile.merge(ranges);
+        self.put(chain, &profile)?;
+        Ok(profile)
+    }
+}
+
+/// Notes the spans a mount's workload reads first (see the module docs).
+#[derive(Debug, Default)]
+pub struct Recorder {
+    state: Mutex<RecorderState>,
+}
+
+#[derive(Debug, Default)]
+struct RecorderState {
+    /// (layer position in the view, span) already noted.
+    seen: HashSet<(usize, usize)>,
+    /// Ranges noted since the last [`Recorder::take`].
+    pending: Vec<ProfileRange>,
+    noted: usize,
+    first: Option<Instant>,
+    last: Option<Instant>,
+}
+
+impl Recorder {
+    pub fn new() -> Recorder {
+        Recorder::default()
+    }
+
+    /// Notes a read of `len` bytes at `offset` of the layer at `layer` in the view, indexed
+    /// by `index`.
+    pub fn record(&self, layer: usize, index: &LayerIndex, offset: u64, len: u64) {
+        let mut s = self.state.lock().expect("recorder lock");
+        let now = Instant::now();
+        let first = *s.first.get_or_insert(now);
+        if now.duration_since(first) > RECORD_FOR || s.noted >= MAX_RANGES {
+            return;
+        }
+        let end = offset.saturating_add(len.max(1)).min(index.size);
+        let mut pos = offset;
+        while pos < end {
+            let Some(i) = index.span_at(pos) else {
+                break;
+            };
+            let span = &index.spans[i];
+            pos = span.out_offset + span.out_len;
+            if !s.seen.insert((layer, i)) {
+                continue;
+            }
+            s.last = Some(now);
+            let blob = index.blob.to_string();
+            match s.pending.last_mut() {
+                Some(r) if r.layer == blob && r.offset + r.len == span.out_offset => {
+                    r.len += span.out_len;
+                }
+                _ => {
+                    s.pending.push(ProfileRange {
+                        layer: blob,
+                        offset: span.out_offset,
+                        len: span.out_len,
+                    });
+                    s.noted += 1;
+                }
+            }
+        }
+    }
+
+    /// The ranges noted since the last call, once no new span was read for `quiet` (or the
+    /// recording is over); `None` while the workload is still reading new spans.
+    pub fn take_when_quiet(&self, quiet: Duration) -> Option<Vec<ProfileRange>> {
+        let mut s = self.state.lock().expect("recorder lock");
+        if s.pending.is_empty() || s.last.is_some_and(|l| l.elapsed() < quiet) {
+            return None;
+        }
+        Some(std::mem::take(&mut s.pending))
+    }
+
+    /// Whatever was noted and not yet taken.
+    pub fn take(&self) -> Vec<ProfileRange> {
+        std::mem::take(&mut self.state.lock().expect("recorder lock").pending)
+    }
+
+    /// Whether recording is over (its time is up or it is full).
+    pub fn finished(&self) -> bool {
+        let s = self.state.lock().expect("recorder lock");
+        s.first.is_some_and(|f| f.elapsed() > RECORD_FOR) || s.noted >= MAX_RANGES
+    }
+}
+
+/// What a replay did.
+#[derive(Debug, Default)]
+pub struct ReplayReport {
+    pub ranges: usize,
+    /// Ranges dropped as not describing this image's layers.
+    pub ignored: usize,
+    pub seconds: f64,
+}
+
+/// Reads `profile`'s ranges of `view`'s layers in profile order, `parallel` at a time, so
+/// their spans are cached before the workload reads them.
+pub async fn replay(view: Arc<ImageView>, profile: &Profile, parallel: usize) -> ReplayReport {
+    use futures_util::StreamExt;
+    let started = Instant::now();
+    let mut report = ReplayReport::default();
+    let mut plan = Vec::new();
+    for r in &profile.ranges {
+        let at = view
+            .readers()
+            .iter()
+            .position(|reader| reader.index().blob.as_ref() == r.layer);
+        match at {
+            Some(i)
+                if r.len > 0
+                    && r.offset < view.readers()[i].index().size
+                    && view.readers()[i].index().random_access() =>
+            {
+                let size = view.readers()[i].index().size;
+                plan.push((i, r.offset, r.len.min(size - r.offset)));
+            }
+            _ => report.ignored += 1,
+        }
+    }
+    if report.ignored > 0 {
+        tracing::warn!(
+            image = %view.name,
+            ignored = report.ignored,
+            "profile: ignored ranges that are not in this image's layers (or past their end)"
+        );
+    }
+    report.ranges = plan.len();
+    futures_util::stream::iter(plan)
+        .for_each_concurrent(parallel.max(1), |(layer, offset, len)| {
+            let view = view.clone();
+            async move {
+                let reader = &view.readers()[layer];
+                if let Err(e) = reader.prefetch(offset, len).await {
+                    tracing::warn!(layer = %reader.index().blob, offset, error = %e, "profile replay: fetch failed");
+                }
+            }
+        })
+        .await;
+    report.seconds = started.elapsed().as_secs_f64();
+    tracing::info!(
+        image = %view.name,
+        ranges = report.ranges,
+        seconds = report.seconds,
+        "profile replayed"
+    );
+    report
+}
+
+/// What a mount does with profiles (`[mount] profile_*` in the config).
+#[derive(Clone, Debug)]
+pub struct MountProfile {
+    pub record: bool,
+    pub replay: bool,
+    /// Ranges replayed at once.
+    pub parallel: usize,
+}
+
+/// The profile side of one mount: replay at the start, recording until the workload is quiet.
+pub struct Session {
+    recorder: Option<Arc<Recorder>>,
+    profiles: ProfileStore,
+    chain: Digest,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Session {
+    /// Starts replaying the profile of `image`'s rootfs into the mounted `view` — the one
+    /// recorded here, else the one the image's manifest pins (fetched, and kept here) — and
+    /// recording what the workload reads first, merged into the stored profile each time the
+    /// workload goes quiet. Must run inside a tokio runtime.
+    pub fn start(
+        view: Arc<ImageView>,
+        image: &crate::image::ImageRecord,
+        store: &crate::store::Store,
+        client: Arc<crate::registry::RegistryClient>,
+        settings: &MountProfile,
+    ) -> Option<Session> {
+        let chain = image.chain_id()?.clone();
+        let profiles = ProfileStore::new(store.root());
+        let mut tasks = Vec::new();
+        if settings.replay {
+            let (view, profiles, chain) = (view.clone(), profiles.clone(), chain.clone());
+            let (image, store, parallel) = (image.clone(), store.clone(), settings.parallel);
+            tasks.push(tokio::spawn(async move {
+                let profile = match profiles.get(&chain) {
+                    Ok(Some(p)) => Some(p),
+                    Ok(None) => {
+                        match crate::publish::pinned_profile(&client, &store, &image).await {
+                            Ok(Some(p)) => {
+                                tracing::info!(image = %image.name, ranges = p.ranges.len(), "replaying the profile the image pins");
+                                let _ = profiles.merge_in(&chain, &p.ranges);
+                                Some(p)
+                            }
+                            Ok(None) => None,
+                            Err(e) => {
+                                tracing::warn!(image = %image.name, error = %e, "the image's profile is unusable; ignored");
+                                None
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the recorded profile is unusable; ignored");
+                        None
+                    }
+                };
+                if let Some(p) = profile {
+                    replay(view, &p, parallel).await;
+                }
+            }));
+        }
+        let recorder = settings.record.then(|| {
+            let recorder = Arc::new(Recorder::new());
+            view.record_reads(recorder.clone());
+            let (rec, profiles, chain) = (recorder.clone(), profiles.clone(), chain.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    let finished = rec.finished();
+                    let ranges = if finished {
+                        Some(rec.take())
+                    } else {
+                        rec.take_when_quiet(QUIET)
+                    };
+                    if let Some(ranges) = ranges.filter(|r| !r.is_empty()) {
+                        save(&profiles, &chain, &ranges);
+                    }
+                    if finished {
+                        return;
+                    }
+                }
+            }));
+            recorder
+        });
+        Some(Session {
+            recorder,
+            profiles,
+            chain,
+            tasks,
+        })
+    }
+
+    /// Stops replay and recording, saving what was recorded and not yet saved.
+    pub fn finish(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        if let Some(rec) = &self.recorder {
+            let ranges = rec.take();
+            if !ranges.is_empty() {
+                save(&self.profiles, &self.chain, &ranges);
+            }
+        }
+    }
+}
+
+/// How long without a newly read span before the recording so far is saved.
+const QUIET: Duration = Duration::from_secs(2);
+
+fn save(profiles: &ProfileStore, chain: &Digest, ranges: &[ProfileRange]) {
+    match profiles.merge_in(chain, ranges) {
+        Ok(p) => tracing::info!(
+            chain = %chain,
+            ranges = p.ranges.len(),
+            bytes = p.bytes(),
+            "startup profile saved"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot save the startup profile"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(layer: &str, offset: u64, len: u64) -> ProfileRange {
+        ProfileRange {
+            layer: layer.into(),
+            offset,
+            len,
+        }
+    }
+
+    #[test]
+    fn merging_appends_only_what_is_not_covered_in_first_seen_order() {
+        let mut p = Profile {
+            version: PROFILE_VERSION,
+            ranges: vec![r("a", 100, 100), r("b", 0, 50)],
+        };
+        p.merge(&[r("a", 50, 200), r("b", 0, 50), r("c", 5, 5)]);
+        assert_eq!(
+            p.ranges,
+            vec![
+                r("a", 100, 100),
+                r("b", 0, 50),
+                r("a", 50, 50),
+                r("a", 200, 50),
+                r("c", 5, 5)
+            ]
+        );
+    }
+
+    #[test]
+    fn hostile_profiles_are_refused_with_a_reason() {
+        let huge = vec![b' '; (MAX_PROFILE_BYTES + 1) as usize];
+        let e = Profile::parse(&huge, "x").unwrap_err().to_string();
+        assert!(e.contains("more than"), "{e}");
+        let e = Profile::parse(br#"{"version":9,"ranges":[]}"#, "x")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("version 9"), "{e}");
+        let many = serde_json::to_vec(&Profile {
+            version: PROFILE_VERSION,
+            ranges: vec![r("a", 0, 1); MAX_RANGES + 1],
+        })
+        .unwrap();
+        let e = Profile::parse(&many, "x").unwrap_err().to_string();
+        assert!(e.contains("ranges"), "{e}");
+    }
+}
