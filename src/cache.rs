@@ -239,25 +239,69 @@ pub struct CacheStats {
     pub index_mismatches: AtomicU64,
 }
 
+/// The in-memory LRU of chunks, bounded in chunks and in bytes.
+struct Memory {
+    lru: lru::LruCache<Digest, Arc<Vec<u8>>>,
+    bytes: usize,
+    budget: usize,
+}
+
+impl Memory {
+    fn put(&mut self, digest: Digest, data: Arc<Vec<u8>>) {
+        self.bytes += data.len();
+        if let Some((_, old)) = self.lru.push(digest, data) {
+            self.bytes -= old.len();
+        }
+        // The newest chunk stays even if it alone is over the budget.
+        while self.bytes > self.budget && self.lru.len() > 1 {
+            match self.lru.pop_lru() {
+                Some((_, old)) => self.bytes -= old.len(),
+                None => break,
+            }
+        }
+    }
+
+    fn get(&mut self, digest: &Digest) -> Option<&Arc<Vec<u8>>> {
+        self.lru.get(digest)
+    }
+
+    fn peek(&self, digest: &Digest) -> Option<&Arc<Vec<u8>>> {
+        self.lru.peek(digest)
+    }
+
+    fn contains(&self, digest: &Digest) -> bool {
+        self.lru.contains(digest)
+    }
+
+    fn pop(&mut self, digest: &Digest) {
+        if let Some(old) = self.lru.pop(digest) {
+            self.bytes -= old.len();
+        }
+    }
+}
+
 /// Memory LRU over a [`ChunkStore`], with single-flight fetching.
 pub struct Cache {
     store: Arc<dyn ChunkStore>,
     /// Most bytes one streaming pass may add (see [`Cache::pass_budget`]).
     pass_budget: u64,
-    memory: Mutex<lru::LruCache<Digest, Arc<Vec<u8>>>>,
+    memory: Mutex<Memory>,
     flights: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
     pub stats: CacheStats,
 }
 
 impl Cache {
-    /// A cache keeping up to `memory_chunks` chunks in memory.
+    /// A cache keeping up to `memory_chunks` chunks in memory (and no more than
+    /// [`with_memory_budget`](Self::with_memory_budget) bytes of them).
     pub fn new(store: Arc<dyn ChunkStore>, memory_chunks: usize) -> Cache {
         Cache {
             store,
             pass_budget: u64::MAX,
-            memory: Mutex::new(lru::LruCache::new(
-                NonZeroUsize::new(memory_chunks.max(1)).expect("non-zero"),
-            )),
+            memory: Mutex::new(Memory {
+                lru: lru::LruCache::new(NonZeroUsize::new(memory_chunks.max(1)).expect("non-zero")),
+                bytes: 0,
+                budget: usize::MAX,
+            }),
             flights: Mutex::default(),
             stats: CacheStats::default(),
         }
@@ -268,6 +312,12 @@ impl Cache {
     /// them — cannot flush everything else or overrun the cap while the pass runs).
     pub fn with_pass_budget(mut self, bytes: u64) -> Cache {
         self.pass_budget = bytes;
+        self
+    }
+
+    /// Keeps at most `bytes` of chunks in memory (the least recently used go first).
+    pub fn with_memory_budget(self, bytes: u64) -> Cache {
+        self.memory.lock().unwrap().budget = usize::try_from(bytes).unwrap_or(usize::MAX);
         self
     }
 
@@ -449,5 +499,28 @@ mod tests {
         // A temp file left by a crash is never looked at as a chunk.
         std::fs::write(dir.path().join("tmp/.tmpXYZ"), b"partial").unwrap();
         assert!(fresh.lookup(&digest).unwrap().is_none());
+    }
+
+    #[test]
+    fn memory_keeps_to_its_byte_budget_least_recently_used_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(DiskChunks::open(dir.path()).unwrap());
+        let cache = Cache::new(store, 64).with_memory_budget(2500);
+        let chunks: Vec<(Digest, Arc<Vec<u8>>)> = (0..4u8)
+            .map(|i| {
+                let data = vec![i; 1000];
+                (crate::digest::sha256(&data), Arc::new(data))
+            })
+            .collect();
+        for (d, data) in &chunks {
+            cache.insert(d, data.clone()).unwrap();
+        }
+        let memory = cache.memory.lock().unwrap();
+        assert_eq!(memory.bytes, 2000);
+        assert!(!memory.contains(&chunks[0].0) && !memory.contains(&chunks[1].0));
+        assert!(memory.contains(&chunks[2].0) && memory.contains(&chunks[3].0));
+        drop(memory);
+        // Evicted from memory, still on disk.
+        assert!(cache.contains(&chunks[0].0));
     }
 }

@@ -129,6 +129,9 @@ pub struct CacheSettings {
     pub max_size: CacheCap,
     /// Chunks (of about 1 MiB) kept in memory.
     pub memory_chunks: usize,
+    /// Most bytes of chunks kept in memory (`16M`).
+    #[serde(deserialize_with = "size")]
+    pub memory_size: u64,
 }
 
 impl Default for CacheSettings {
@@ -136,6 +139,7 @@ impl Default for CacheSettings {
         CacheSettings {
             max_size: CacheCap::Share(10.0),
             memory_chunks: 64,
+            memory_size: 16 << 20,
         }
     }
 }

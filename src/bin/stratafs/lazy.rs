@@ -40,7 +40,9 @@ impl Context {
                 .with_cap(Some(cache_cap)),
         );
         let cache = Arc::new(
-            Cache::new(chunks.clone(), config.cache.memory_chunks).with_pass_budget(cache_cap / 2),
+            Cache::new(chunks.clone(), config.cache.memory_chunks)
+                .with_memory_budget(config.cache.memory_size)
+                .with_pass_budget(cache_cap / 2),
         );
         let layers =
             Layers::new(store.root(), client.clone(), cache).with_settings(config.index.clone());
