@@ -432,6 +432,55 @@ fn layers_that_cannot_be_served_lazily_fall_back_to_containerd() {
     assert!(env.sn.log().contains("not lazy"), "{}", env.sn.log());
 }
 
+#[test]
+fn a_second_snapshotter_refuses_and_the_first_keeps_working() {
+    let env = env();
+    let first = env.sn.pid().expect("the first runs");
+    // Same socket, another store: the socket is answered, so it is not taken over.
+    let other = Stratafs::new();
+    let out = other
+        .command()
+        .args(["snapshotter", "--address"])
+        .arg(&env.sn.socket)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("is in use") && err.contains(&format!("pid {first}")),
+        "{err}"
+    );
+    // Same store, another socket: one snapshotter per store.
+    let socket = env.sn.socket.with_file_name("second.sock");
+    let out = env
+        .sn
+        .cli
+        .command()
+        .args(["snapshotter", "--address"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("another stratafs snapshotter") && err.contains(&format!("pid {first}")),
+        "{err}"
+    );
+    assert!(!socket.exists());
+    // The first still answers containerd.
+    env.ctd.ctr_ok(&[
+        "snapshots",
+        "--snapshotter",
+        "stratafs",
+        "prepare",
+        "probe",
+        "",
+    ]);
+    env.ctd
+        .ctr_ok(&["snapshots", "--snapshotter", "stratafs", "rm", "probe"]);
+    assert_eq!(env.sn.pid(), Some(first));
+}
+
 /// The same `ctr snapshots` calls against containerd's overlayfs snapshotter and stratafs:
 /// every call must succeed or fail alike, and what they print must agree. (containerd's
 /// metadata layer answers some calls itself; the rest reach the snapshotter.)

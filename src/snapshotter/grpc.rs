@@ -196,6 +196,17 @@ pub async fn serve(
     if let Some(dir) = address.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
+    // A socket someone answers on is not ours to take over (a snapshotter of another store,
+    // or anything else): refuse, naming the process. A stale one (nobody listening) goes.
+    if let Ok(peer) = std::os::unix::net::UnixStream::connect(address) {
+        let pid = nix::sys::socket::getsockopt(&peer, nix::sys::socket::sockopt::PeerCredentials)
+            .map(|c| c.pid().to_string())
+            .unwrap_or_else(|_| "unknown".into());
+        return Err(SnapshotterError::FailedPrecondition(format!(
+            "{} is in use (pid {pid} answers on it): stop that process, or give another --address",
+            address.display()
+        )));
+    }
     match std::fs::remove_file(address) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
         _ => {}

@@ -35,6 +35,42 @@ pub struct Snapshotter {
     mounting: tokio::sync::Mutex<()>,
     /// Pass `index=off` to overlayfs, as containerd does where the kernel knows the option.
     index_off: bool,
+    /// The exclusive lock on `<root>/snapshotter/lock`, held while this snapshotter lives: one
+    /// snapshotter per store.
+    _instance: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// Takes the store's snapshotter lock (`DIR/lock`, exclusive, not waiting) and writes this
+/// process's pid into `DIR/pid`; refuses, naming the other's pid, when another snapshotter
+/// holds it.
+fn claim_instance(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    use std::io::Write as _;
+    let io = |p: &Path, e| SnapshotterError::Io(p.display().to_string(), e);
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let lock_path = dir.join("lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| io(&lock_path, e))?;
+    let pid_path = dir.join("pid");
+    match nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(locked) => {
+            let mut pid = std::fs::File::create(&pid_path).map_err(|e| io(&pid_path, e))?;
+            writeln!(pid, "{}", std::process::id()).map_err(|e| io(&pid_path, e))?;
+            Ok(locked)
+        }
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            let other = std::fs::read_to_string(&pid_path).unwrap_or_default();
+            Err(SnapshotterError::FailedPrecondition(format!(
+                "another stratafs snapshotter (pid {}) serves the store {}: stop it first, or give this one another --root",
+                other.trim(),
+                dir.parent().unwrap_or(dir).display()
+            )))
+        }
+        Err((_, e)) => Err(io(&lock_path, e.into())),
+    }
 }
 
 /// A mount for containerd (containerd.types.Mount).
@@ -55,7 +91,9 @@ impl Snapshotter {
         chunks: Arc<dyn ChunkStore>,
     ) -> Result<Snapshotter> {
         let root = resolver.store.root().to_path_buf();
+        let instance = claim_instance(&root.join("snapshotter"))?;
         Ok(Snapshotter {
+            _instance: instance,
             meta: Mutex::new(Meta::open(&root.join("snapshotter"))?),
             indexes: IndexStore::new(&root),
             resolver,

@@ -75,6 +75,11 @@ impl Snapshotter {
     }
 
     /// SIGTERM and wait; lazy mounts stay.
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = Command::new("kill")
