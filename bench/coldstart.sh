@@ -93,6 +93,10 @@ snap_stop() {
   [ -n "$snap_pid" ] || return 0
   stop_pid "$snap_pid"
   snap_pid=''
+  # Its lazy mounts' daemons outlive it by design: stop them (each unmounts, saves its profile
+  # and exits) before the store goes.
+  pkill -TERM -f -- "--root $work/snaproot " 2>/dev/null || true
+  for _ in $(seq 100); do pgrep -f -- "--root $work/snaproot " >/dev/null || break; sleep 0.1; done
   unmount_under "$work/snaproot"
   rm -rf "$work/snaproot"
 }
@@ -138,7 +142,10 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
   path = "$ctd/opt"
 TOML
   [ -z "${2:-}" ] || printf '[proxy_plugins.stratafs]\n  type = "snapshot"\n  address = "%s"\n' "$2" >>"$ctd/config.toml"
-  $ctd_wrap containerd --config "$ctd/config.toml" >"$ctd/containerd.log" 2>&1 &
+  # Started directly (not through the inns function, whose subshell would be the pid in $!).
+  local pre=()
+  [ "$ctd_wrap" != inns ] || pre=(nsenter --net="/run/netns/$ns")
+  "${pre[@]}" containerd --config "$ctd/config.toml" >"$ctd/containerd.log" 2>&1 &
   ctd_pid=$!
   for _ in $(seq 300); do
     [ -S "$ctd/containerd.sock" ] && ctr_ version >/dev/null 2>&1 && return 0
@@ -316,7 +323,7 @@ cold_snap() {
   local c=$1 v=$2 cfg=$3 i m t0 l o ts=() tp=() bl=() bo=() hw=() sock=$work/snap.sock ref=${REF[$1]:-${REF[$2]}}
   for i in $(seq "$RUNS"); do
     snap_stop; rm -f "$sock"
-    inns "$bin" --root "$work/snaproot" --config "$cfg" snapshotter --address "$sock" >"$work/snap.log" 2>&1 &
+    nsenter --net="/run/netns/$ns" "$bin" --root "$work/snaproot" --config "$cfg" snapshotter --address "$sock" >"$work/snap.log" 2>&1 &
     snap_pid=$!
     for _ in $(seq 300); do [ -S "$sock" ] && break; kill -0 "$snap_pid" 2>/dev/null || break; sleep 0.1; done
     ctd_start inns "$sock"

@@ -46,6 +46,9 @@ pub const MAX_RANGES: usize = 100_000;
 pub const MAX_PROFILE_BYTES: u64 = 16 << 20;
 /// How long after its first read a mount records.
 pub const RECORD_FOR: Duration = Duration::from_secs(60);
+/// Uncompressed bytes one replay step reads at most: long ranges are replayed in pieces, so
+/// `parallel` steps bound the memory a replay holds and the link carries several at once.
+const REPLAY_PIECE: u64 = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {
@@ -327,7 +330,13 @@ pub async fn replay(view: Arc<ImageView>, profile: &Profile, parallel: usize) ->
                     && view.readers()[i].index().random_access() =>
             {
                 let size = view.readers()[i].index().size;
-                plan.push((i, r.offset, r.len.min(size - r.offset)));
+                let end = r.offset + r.len.min(size - r.offset);
+                let mut at = r.offset;
+                while at < end {
+                    let len = REPLAY_PIECE.min(end - at);
+                    plan.push((i, at, len));
+                    at += len;
+                }
             }
             _ => report.ignored += 1,
         }
@@ -339,7 +348,7 @@ pub async fn replay(view: Arc<ImageView>, profile: &Profile, parallel: usize) ->
             "profile: ignored ranges that are not in this image's layers (or past their end)"
         );
     }
-    report.ranges = plan.len();
+    report.ranges = profile.ranges.len() - report.ignored;
     futures_util::stream::iter(plan)
         .for_each_concurrent(parallel.max(1), |(layer, offset, len)| {
             let view = view.clone();

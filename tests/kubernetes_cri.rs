@@ -130,6 +130,11 @@ fn cri_pulls_and_runs_pods_lazily_through_the_snapshotter() {
     let sandbox = cri
         .run_pod_sandbox(&pod)
         .unwrap_or_else(|s| panic!("{}", fail(&format!("RunPodSandbox: {s:?}"))));
+    // The pod goes whatever happens below (its pause process would outlive the test).
+    let pod_guard = PodGuard {
+        cri: &cri,
+        id: sandbox.clone(),
+    };
     let container = cri.create_container(
         &sandbox,
         ContainerConfig {
@@ -207,6 +212,19 @@ fn cri_pulls_and_runs_pods_lazily_through_the_snapshotter() {
     ));
     assert!(fetched > 0.0 && fetched <= layer_bytes as f64, "{fetched}");
 
+    std::mem::forget(pod_guard);
     cri.remove_pod_sandbox(&sandbox)
         .unwrap_or_else(|s| panic!("removing the pod: {s:?}"));
+}
+
+/// Stops and removes a pod sandbox when dropped (on a failed assertion).
+struct PodGuard<'a> {
+    cri: &'a Cri,
+    id: String,
+}
+
+impl Drop for PodGuard<'_> {
+    fn drop(&mut self) {
+        let _ = self.cri.remove_pod_sandbox(&self.id);
+    }
 }

@@ -14,8 +14,10 @@ use crate::cache::{Cache, CacheError};
 use crate::image::Compression;
 use crate::source::{BlobSource, SequentialReader};
 
-/// Range size and parallelism of a whole-layer streaming pass.
-const STREAM_CHUNK: u64 = 4 << 20;
+/// Range size and parallelism of a whole-layer streaming pass (8 MiB in flight per layer: far
+/// above the bandwidth-delay product of the links we serve, and a bound on memory while the
+/// layers of an image stream side by side).
+const STREAM_CHUNK: u64 = 2 << 20;
 const STREAM_PARALLEL: usize = 4;
 
 /// What a streaming pass needs to know about the layer.
