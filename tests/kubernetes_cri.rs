@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::cri::{host_network_pod, ContainerConfig, ContainerMetadata, Cri, ImageSpec};
@@ -64,18 +63,7 @@ fn cri_pulls_and_runs_pods_lazily_through_the_snapshotter() {
         .layer(hostfs::base_layer(0, Compression::Gzip))
         .cmd(&["/bin/sleep", "infinity"])
         .build(ManifestFlavour::Oci);
-    let upper = LayerBuilder::new()
-        .dir("etc", 0o755)
-        .file("etc/msg", b"hello from a pod\n", 0o644)
-        .dir("opt", 0o755)
-        .file("opt/filler2", &bytes(12, FILLER), 0o644)
-        .file("opt/small", &bytes(13, 20_000), 0o644)
-        .build(Compression::Gzip);
-    let app = ImageBuilder::new()
-        .arch(hostfs::host_arch())
-        .layer(hostfs::base_layer(FILLER, Compression::Gzip))
-        .layer(upper)
-        .build(ManifestFlavour::Oci);
+    let app = hostfs::two_layer_image(FILLER, b"hello from a pod\n");
     let mut refs = Vec::new();
     for (repo, image) in [("k8s/pause", &pause), ("k8s/app", &app)] {
         reg.push_image(repo, "v1", image, &Auth::None);
@@ -173,20 +161,7 @@ fn cri_pulls_and_runs_pods_lazily_through_the_snapshotter() {
 
     // Lazy: the app's layers (and the pause image's) were mounted by stratafs, and the
     // registry served a fraction of their bytes.
-    let mut served: BTreeMap<String, u64> = BTreeMap::new();
-    for e in reg.access_log_since(mark) {
-        if e.method == "GET" && e.path.contains("/blobs/") {
-            let digest = e.path.rsplit('/').next().unwrap().to_string();
-            *served.entry(digest).or_default() += e.bytes;
-        }
-    }
-    let layer_bytes: u64 = app.layers.iter().map(|l| l.blob.len() as u64).sum();
-    let blob_bytes: u64 = app
-        .layers
-        .iter()
-        .map(|l| served.get(&l.digest).copied().unwrap_or(0))
-        .sum();
-    eprintln!("registry served {blob_bytes} of {layer_bytes} layer bytes");
+    let (blob_bytes, layer_bytes, served) = image_layers_served(&reg, mark, &app);
     assert!(
         blob_bytes * 3 < layer_bytes,
         "served {blob_bytes} of {layer_bytes} layer bytes: {served:?}\n{}",

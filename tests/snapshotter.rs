@@ -120,14 +120,7 @@ impl Env {
 
     /// Blob bytes the registry served per blob digest since `mark`.
     fn served(&self, mark: usize) -> BTreeMap<String, u64> {
-        let mut out = BTreeMap::new();
-        for e in self.reg.access_log_since(mark) {
-            if e.method == "GET" && e.path.contains("/blobs/") {
-                let digest = e.path.rsplit('/').next().unwrap().to_string();
-                *out.entry(digest).or_default() += e.bytes;
-            }
-        }
-        out
+        blob_bytes_served(&self.reg, mark)
     }
 
     /// Waits until containerd reaches the snapshotter again after a restart: containerd's
@@ -176,18 +169,7 @@ fn sha256_hex(data: &[u8]) -> String {
 
 /// Two gzip layers: the base, then /etc/msg and a second filler.
 fn two_layer_image() -> Image {
-    let upper = LayerBuilder::new()
-        .dir("etc", 0o755)
-        .file("etc/msg", b"hello from layer 2\n", 0o644)
-        .dir("opt", 0o755)
-        .file("opt/filler2", &bytes(12, FILLER), 0o644)
-        .file("opt/small", &bytes(13, 20_000), 0o644)
-        .build(Compression::Gzip);
-    ImageBuilder::new()
-        .arch(hostfs::host_arch())
-        .layer(hostfs::base_layer(FILLER, Compression::Gzip))
-        .layer(upper)
-        .build(ManifestFlavour::Oci)
+    hostfs::two_layer_image(FILLER, b"hello from layer 2\n")
 }
 
 #[test]
@@ -217,14 +199,7 @@ fn lazy_pull_runs_containers_fetching_a_fraction_of_the_layers() {
     // Every layer became a lazy snapshot named by its ChainID; none was downloaded.
     let snapshots = env.snapshots();
     assert_eq!(snapshots.len(), 2, "{snapshots:?}");
-    let served = env.served(mark);
-    let layer_bytes: u64 = image.layers.iter().map(|l| l.blob.len() as u64).sum();
-    let blob_bytes: u64 = image
-        .layers
-        .iter()
-        .map(|l| served.get(&l.digest).copied().unwrap_or(0))
-        .sum();
-    eprintln!("registry served {blob_bytes} of {layer_bytes} layer bytes");
+    let (blob_bytes, layer_bytes, served) = image_layers_served(&env.reg, mark, &image);
     assert!(
         blob_bytes * 3 < layer_bytes,
         "served {blob_bytes} of {layer_bytes} layer bytes: {served:?}"

@@ -172,3 +172,21 @@ pub fn base_layer(filler: usize, compression: Compression) -> Layer {
     modes.insert("etc/base-release".into(), 0o644);
     layer_of(&entries, &modes).build(compression)
 }
+
+/// Two gzip layers for a host of this architecture: [`base_layer`] with `filler` bytes, then
+/// /etc/msg holding `msg`, /opt/filler2 (`filler` bytes) and /opt/small (20,000 bytes of
+/// `bytes(13, …)`).
+pub fn two_layer_image(filler: usize, msg: &[u8]) -> super::Image {
+    let upper = LayerBuilder::new()
+        .dir("etc", 0o755)
+        .file("etc/msg", msg, 0o644)
+        .dir("opt", 0o755)
+        .file("opt/filler2", &super::bytes(12, filler), 0o644)
+        .file("opt/small", &super::bytes(13, 20_000), 0o644)
+        .build(Compression::Gzip);
+    super::ImageBuilder::new()
+        .arch(host_arch())
+        .layer(base_layer(filler, Compression::Gzip))
+        .layer(upper)
+        .build(super::ManifestFlavour::Oci)
+}

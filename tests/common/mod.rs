@@ -68,6 +68,55 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
+/// Stops `child`: SIGTERM, then SIGKILL if it has not exited within `grace`; reaps it.
+pub fn terminate(mut child: std::process::Child, grace: std::time::Duration) {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Layer blob bytes `registry` served since log `mark`, per blob digest (GETs of `/blobs/`).
+pub fn blob_bytes_served(
+    registry: &Registry,
+    mark: usize,
+) -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for e in registry.access_log_since(mark) {
+        if e.method == "GET" && e.path.contains("/blobs/") {
+            let digest = e.path.rsplit('/').next().unwrap_or_default().to_string();
+            *out.entry(digest).or_default() += e.bytes;
+        }
+    }
+    out
+}
+
+/// Of `image`'s layers: the blob bytes `registry` served since `mark`, the bytes the layers
+/// hold, and what was served per blob (for messages).
+pub fn image_layers_served(
+    registry: &Registry,
+    mark: usize,
+    image: &Image,
+) -> (u64, u64, std::collections::BTreeMap<String, u64>) {
+    let served = blob_bytes_served(registry, mark);
+    let total: u64 = image.layers.iter().map(|l| l.blob.len() as u64).sum();
+    let fetched: u64 = image
+        .layers
+        .iter()
+        .map(|l| served.get(&l.digest).copied().unwrap_or(0))
+        .sum();
+    eprintln!("registry served {fetched} of {total} layer bytes");
+    (fetched, total, served)
+}
+
 /// A loopback TCP port that was free a moment ago (bind to port 0, read the
 /// port, release it). Callers must tolerate the rare race with another
 /// process grabbing it.

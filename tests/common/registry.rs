@@ -249,21 +249,9 @@ impl Registry {
 
     /// Stop the process (SIGTERM, then SIGKILL after 5 s) and reap it.
     pub fn stop(&self) {
-        let Some(mut child) = self.child.lock().unwrap().take() else {
-            return;
-        };
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if let Some(child) = self.child.lock().unwrap().take() {
+            super::terminate(child, Duration::from_secs(5));
         }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 
     /// Stop and start again on the same port with the same storage.

@@ -461,23 +461,36 @@ pub async fn profile_show(
     platform: Option<&Platform>,
     json: bool,
 ) -> Result<()> {
-    let image = ctx.image(reference, platform).await?;
-    let chain = image.chain_id().context("the image has no layers")?;
-    let profile = stratafs::profile::ProfileStore::new(ctx.store.root()).get(chain)?;
-    match (profile, json) {
-        (Some(p), true) => println!("{}", serde_json::to_string(&p)?),
-        (Some(p), false) => println!(
+    let (image, p) = recorded_profile(ctx, reference, platform).await?;
+    if json {
+        println!("{}", serde_json::to_string(&p)?);
+    } else {
+        println!(
             "{}: profile of {} ranges, {} of layer data, in the order first read",
             image.name,
             p.ranges.len(),
             crate::human_size(p.bytes())
-        ),
-        (None, _) => anyhow::bail!(
+        );
+    }
+    Ok(())
+}
+
+/// The image and the profile recorded here for its rootfs (an error saying how to record one
+/// when there is none).
+async fn recorded_profile(
+    ctx: &Context,
+    reference: &str,
+    platform: Option<&Platform>,
+) -> Result<(ImageRecord, stratafs::profile::Profile)> {
+    let image = ctx.image(reference, platform).await?;
+    let chain = image.chain_id().context("the image has no layers")?;
+    match stratafs::profile::ProfileStore::new(ctx.store.root()).get(chain)? {
+        Some(p) => Ok((image, p)),
+        None => anyhow::bail!(
             "no profile recorded for {}: mount it and run its workload first (mounts record what is read first)",
             image.name
         ),
     }
-    Ok(())
 }
 
 pub async fn profile_push(
@@ -486,14 +499,7 @@ pub async fn profile_push(
     platform: Option<&Platform>,
     tag: Option<&str>,
 ) -> Result<()> {
-    let image = ctx.image(reference, platform).await?;
-    let chain = image.chain_id().context("the image has no layers")?;
-    let Some(profile) = stratafs::profile::ProfileStore::new(ctx.store.root()).get(chain)? else {
-        anyhow::bail!(
-            "no profile recorded for {}: mount it and run its workload first (mounts record what is read first)",
-            image.name
-        );
-    };
+    let (image, profile) = recorded_profile(ctx, reference, platform).await?;
     let (parsed, tag) = tag_for(&image, reference, tag)?;
     let digest =
         stratafs::publish::bind_profile(&ctx.client, &ctx.store, &image, &profile, &tag).await?;
