@@ -269,7 +269,11 @@ impl LayerReader {
 
     /// Caches bytes `offset..offset + len` (fetching exactly the spans that hold them: no
     /// sequential read-ahead), as a profile replay does ahead of the reads it predicts.
+    /// Spans cached already are not loaded (nor verified) again.
     pub async fn prefetch(&self, offset: u64, len: u64) -> Result<(), CacheError> {
+        if self.is_cached(offset, len) {
+            return Ok(());
+        }
         self.read_with(offset, len, false).await.map(drop)
     }
 
