@@ -765,7 +765,7 @@ impl ImageView {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io(e)),
         }
-        if !reader.is_cached(offset, n.size) {
+        if !reader.is_stored(offset, n.size) {
             return Ok(None);
         }
         std::fs::create_dir_all(&self.files_dir).map_err(io)?;

@@ -399,8 +399,10 @@ pub fn scrape(addr: &str, timeout: std::time::Duration) -> std::io::Result<Strin
 
 /// Merges the OpenMetrics texts of several processes into one: samples of the same series
 /// (name and labels) are added up, except gauges, of which the largest is kept (they describe
-/// shared state: one cache, one layer seen by several mounts). Families keep the order and
-/// metadata in which they first appear.
+/// shared state: one cache, one layer seen by several mounts) — but `*_in_flight` gauges count
+/// per process and are added. Families keep the order and metadata (one line of each kind)
+/// in which they first appear. Counters of a process that has exited drop out of the sum,
+/// which Prometheus takes for a counter reset.
 pub fn merge(texts: &[String]) -> String {
     struct Family {
         meta: Vec<String>,
@@ -432,11 +434,12 @@ pub fn merge(texts: &[String]) -> String {
                     }
                 };
                 let family = &mut families[at].1;
-                if !family.meta.iter().any(|m| m == line) {
-                    if kind == "TYPE" && family.meta.iter().any(|m| m.starts_with("# TYPE ")) {
-                        continue; // the first process's type stands
-                    }
-                    family.gauge |= kind == "TYPE" && words.next() == Some("gauge");
+                let prefix = format!("# {kind} ");
+                if !family.meta.iter().any(|m| m.starts_with(&prefix)) {
+                    // The first process's HELP, TYPE and UNIT stand.
+                    family.gauge |= kind == "TYPE"
+                        && words.next() == Some("gauge")
+                        && !name.ends_with("_in_flight");
                     family.meta.push(line.to_string());
                 }
                 current = Some(at);

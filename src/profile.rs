@@ -113,33 +113,32 @@ impl Profile {
         Ok(profile)
     }
 
-    /// Uncompressed bytes the ranges cover.
+    /// Uncompressed bytes the ranges name (saturating: a hostile profile may name absurd ones).
     pub fn bytes(&self) -> u64 {
-        self.ranges.iter().map(|r| r.len).sum()
+        self.ranges
+            .iter()
+            .fold(0u64, |t, r| t.saturating_add(r.len))
     }
 
     /// Appends the parts of `newer` that no range here covers yet (union, first-seen order),
-    /// up to [`MAX_RANGES`].
+    /// up to [`MAX_RANGES`]. O(n log n) in the ranges.
     pub fn merge(&mut self, newer: &[ProfileRange]) {
+        let mut covered: std::collections::HashMap<String, Coverage> = Default::default();
+        for r in &self.ranges {
+            covered
+                .entry(r.layer.clone())
+                .or_default()
+                .add(r.offset, r.offset.saturating_add(r.len));
+        }
         for r in newer {
-            let mut pieces = vec![(r.offset, r.offset.saturating_add(r.len))];
-            for old in self.ranges.iter().filter(|o| o.layer == r.layer) {
-                let (a, b) = (old.offset, old.offset.saturating_add(old.len));
-                pieces = pieces
-                    .into_iter()
-                    .flat_map(|(s, e)| {
-                        let mut left = Vec::with_capacity(2);
-                        if s < a.min(e) {
-                            left.push((s, a.min(e)));
-                        }
-                        if b.max(s) < e {
-                            left.push((b.max(s), e));
-                        }
-                        left
-                    })
-                    .collect();
+            if self.ranges.len() >= MAX_RANGES {
+                return;
             }
-            for (s, e) in pieces {
+            let gaps = covered
+                .entry(r.layer.clone())
+                .or_default()
+                .add(r.offset, r.offset.saturating_add(r.len));
+            for (s, e) in gaps {
                 if self.ranges.len() >= MAX_RANGES {
                     return;
                 }
@@ -150,6 +149,51 @@ impl Profile {
                 });
             }
         }
+    }
+}
+
+/// Disjoint byte intervals of one layer.
+#[derive(Debug, Default)]
+struct Coverage {
+    /// start → end, disjoint and not touching.
+    intervals: std::collections::BTreeMap<u64, u64>,
+}
+
+impl Coverage {
+    /// Adds `start..end`; returns the parts of it that were not covered yet, in order.
+    fn add(&mut self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        if start >= end {
+            return Vec::new();
+        }
+        // Intervals overlapping or touching start..end, merged into one.
+        let (mut lo, mut hi) = (start, end);
+        let mut gaps = Vec::new();
+        let mut at = start;
+        let first = self
+            .intervals
+            .range(..=start)
+            .next_back()
+            .filter(|(_, e)| **e >= start)
+            .map(|(s, _)| *s);
+        let touching: Vec<(u64, u64)> = self
+            .intervals
+            .range(first.unwrap_or(start)..=end)
+            .map(|(s, e)| (*s, *e))
+            .collect();
+        for (s, e) in touching {
+            if s > at {
+                gaps.push((at, s.min(end)));
+            }
+            at = at.max(e);
+            lo = lo.min(s);
+            hi = hi.max(e);
+            self.intervals.remove(&s);
+        }
+        if at < end {
+            gaps.push((at, end));
+        }
+        self.intervals.insert(lo, hi);
+        gaps
     }
 }
 
@@ -189,12 +233,21 @@ impl ProfileStore {
             path: self.dir.clone(),
             source: e,
         })?;
-        let bytes = serde_json::to_vec(profile).expect("a profile serializes");
+        let mut bytes = serde_json::to_vec(profile).expect("a profile serializes");
+        if bytes.len() as u64 > MAX_PROFILE_BYTES {
+            // Keep what was read first, within the bound every reader enforces.
+            let mut kept = profile.clone();
+            while bytes.len() as u64 > MAX_PROFILE_BYTES && !kept.ranges.is_empty() {
+                kept.ranges.truncate(kept.ranges.len() * 9 / 10);
+                bytes = serde_json::to_vec(&kept).expect("a profile serializes");
+            }
+        }
         crate::store::write_atomic(&self.dir, &path, &bytes)
             .map_err(|source| ProfileError::Store { path, source })
     }
 
-    /// Merges `ranges` into `chain`'s profile (a damaged stored one is replaced); returns it.
+    /// Merges `ranges` into `chain`'s profile (a damaged stored one is replaced; one that
+    /// cannot be read is left alone, with the error); returns it.
     pub fn merge_in(
         &self,
         chain: &Digest,
@@ -206,13 +259,14 @@ impl ProfileStore {
                 version: PROFILE_VERSION,
                 ranges: Vec::new(),
             },
-            Err(e) => {
+            Err(e @ ProfileError::Invalid { .. }) => {
                 tracing::warn!(error = %e, "replacing a damaged profile");
                 Profile {
                     version: PROFILE_VERSION,
                     ranges: Vec::new(),
                 }
             }
+            Err(e) => return Err(e),
         };
         profile.merge(ranges);
         self.put(chain, &profile)?;
@@ -317,6 +371,9 @@ pub async fn replay(view: Arc<ImageView>, profile: &Profile, parallel: usize) ->
     use futures_util::StreamExt;
     let started = Instant::now();
     let mut report = ReplayReport::default();
+    // Each byte of a layer is planned once (overlapping ranges add only what they add), so
+    // the plan never exceeds the layers, whatever the profile says.
+    let mut covered: Vec<Coverage> = view.readers().iter().map(|_| Coverage::default()).collect();
     let mut plan = Vec::new();
     for r in &profile.ranges {
         let at = view
@@ -324,18 +381,19 @@ pub async fn replay(view: Arc<ImageView>, profile: &Profile, parallel: usize) ->
             .iter()
             .position(|reader| reader.index().blob.as_ref() == r.layer);
         match at {
-            Some(i)
-                if r.len > 0
-                    && r.offset < view.readers()[i].index().size
-                    && view.readers()[i].index().random_access() =>
-            {
-                let size = view.readers()[i].index().size;
-                let end = r.offset + r.len.min(size - r.offset);
-                let mut at = r.offset;
-                while at < end {
-                    let len = REPLAY_PIECE.min(end - at);
-                    plan.push((i, at, len));
-                    at += len;
+            Some(i) if r.len > 0 && r.offset < view.readers()[i].index().size => {
+                let index = view.readers()[i].index();
+                if !index.random_access() {
+                    continue; // served from the cache only: nothing to fetch ahead
+                }
+                let end = r.offset + r.len.min(index.size - r.offset);
+                for (s, e) in covered[i].add(r.offset, end) {
+                    let mut at = s;
+                    while at < e {
+                        let len = REPLAY_PIECE.min(e - at);
+                        plan.push((i, at, len));
+                        at += len;
+                    }
                 }
             }
             _ => report.ignored += 1,
@@ -392,28 +450,35 @@ impl Session {
     /// recorded here, else the one the image's manifest pins (fetched, and kept here) — and
     /// recording what the workload reads first, merged into the stored profile each time the
     /// workload goes quiet. Must run inside a tokio runtime.
+    ///
+    /// `chain` is the ChainID of the layers the view shows (the image's top one for a whole
+    /// image; a snapshotter's mount may show only the lower layers, which other images share):
+    /// the profile recorded and replayed is that rootfs's.
     pub fn start(
         view: Arc<ImageView>,
         image: &crate::image::ImageRecord,
+        chain: &Digest,
         store: &crate::store::Store,
         client: Arc<crate::registry::RegistryClient>,
         settings: &MountProfile,
     ) -> Option<Session> {
-        let chain = image.chain_id()?.clone();
+        let chain = chain.clone();
         let profiles = ProfileStore::new(store.root());
         let mut tasks = Vec::new();
         if settings.replay {
             let (view, profiles, chain) = (view.clone(), profiles.clone(), chain.clone());
             let (image, store, parallel) = (image.clone(), store.clone(), settings.parallel);
+            // The image's pinned profile is its whole rootfs's: not for a mount of fewer layers.
+            let whole = image.chain_id() == Some(&chain);
             tasks.push(tokio::spawn(async move {
                 let profile = match profiles.get(&chain) {
-                    Ok(Some(p)) => Some(p),
+                    Ok(Some(p)) => Some((p, false)),
+                    Ok(None) if !whole => None,
                     Ok(None) => {
                         match crate::publish::pinned_profile(&client, &store, &image).await {
                             Ok(Some(p)) => {
                                 tracing::info!(image = %image.name, ranges = p.ranges.len(), "replaying the profile the image pins");
-                                let _ = profiles.merge_in(&chain, &p.ranges);
-                                Some(p)
+                                Some((p, true))
                             }
                             Ok(None) => None,
                             Err(e) => {
@@ -427,8 +492,15 @@ impl Session {
                         None
                     }
                 };
-                if let Some(p) = profile {
+                if let Some((p, pinned)) = profile {
                     replay(view, &p, parallel).await;
+                    if pinned {
+                        // Kept here after the replay (which must not wait for a file write).
+                        let keep = move || profiles.merge_in(&chain, &p.ranges);
+                        if let Ok(Err(e)) = tokio::task::spawn_blocking(keep).await {
+                            tracing::warn!(error = %e, "cannot keep the image's profile");
+                        }
+                    }
                 }
             }));
         }
@@ -465,9 +537,14 @@ impl Session {
     }
 
     /// Stops replay and recording, saving what was recorded and not yet saved.
-    pub fn finish(self) {
+    pub async fn finish(self) {
         for t in &self.tasks {
             t.abort();
+        }
+        // A task in the middle of saving finishes that save first: wait, so the last save
+        // below is not overwritten by an older one.
+        for t in self.tasks {
+            let _ = t.await;
         }
         if let Some(rec) = &self.recorder {
             let ranges = rec.take();
@@ -522,6 +599,25 @@ mod tests {
                 r("c", 5, 5)
             ]
         );
+    }
+
+    #[test]
+    fn coverage_returns_only_new_gaps_and_a_hostile_profile_plans_each_byte_once() {
+        let mut c = Coverage::default();
+        assert_eq!(c.add(10, 20), vec![(10, 20)]);
+        assert_eq!(c.add(30, 40), vec![(30, 40)]);
+        assert_eq!(c.add(5, 45), vec![(5, 10), (20, 30), (40, 45)]);
+        assert_eq!(c.add(0, 50), vec![(0, 5), (45, 50)]);
+        assert!(c.add(0, 50).is_empty());
+        assert_eq!(c.intervals.len(), 1);
+        // A hundred thousand copies of "the whole layer" merge into one range.
+        let mut p = Profile {
+            version: PROFILE_VERSION,
+            ranges: Vec::new(),
+        };
+        p.merge(&vec![r("a", 0, u64::MAX); 100_000]);
+        assert_eq!(p.ranges, vec![r("a", 0, u64::MAX)]);
+        assert_eq!(p.bytes(), u64::MAX);
     }
 
     #[test]

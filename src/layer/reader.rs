@@ -236,6 +236,32 @@ impl LayerReader {
         cached
     }
 
+    /// Whether span `i` is in the cache now (asking the cache; a span found evicted loses its
+    /// mark, so the cheap checks stop taking it for cached).
+    fn span_stored(&self, i: usize) -> bool {
+        let stored = self.cache.contains(&self.index.spans[i].digest);
+        self.known_cached[i].store(stored, Ordering::Relaxed);
+        stored
+    }
+
+    /// Like [`is_cached`](Self::is_cached), but asking the cache for every span (no marks):
+    /// for callers that must not fetch when the answer is yes.
+    pub fn is_stored(&self, offset: u64, len: u64) -> bool {
+        let end = (offset + len).min(self.index.size);
+        let mut pos = offset;
+        while pos < end {
+            let Some(i) = self.index.span_at(pos) else {
+                return false;
+            };
+            if !self.span_stored(i) {
+                return false;
+            }
+            let span = &self.index.spans[i];
+            pos = (span.out_offset + span.out_len).max(pos + 1);
+        }
+        true
+    }
+
     /// Uncompressed bytes of the layer that are cached (memory or disk).
     pub fn cached_bytes(&self) -> u64 {
         (0..self.index.spans.len())
@@ -416,6 +442,8 @@ impl LayerReader {
         if index.format != IndexFormat::Stream
             || self.completeness.load(Ordering::Relaxed) != UNCHECKED
             || !(0..index.spans.len()).all(|i| self.span_cached(i))
+            // The marks say complete: make sure (evictions clear marks), once per try.
+            || !(0..index.spans.len()).all(|i| self.span_stored(i))
         {
             return Ok(());
         }

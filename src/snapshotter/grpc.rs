@@ -198,18 +198,24 @@ pub async fn serve(
     }
     // A socket someone answers on is not ours to take over (a snapshotter of another store,
     // or anything else): refuse, naming the process. A stale one (nobody listening) goes.
-    if let Ok(peer) = std::os::unix::net::UnixStream::connect(address) {
-        let pid = nix::sys::socket::getsockopt(&peer, nix::sys::socket::sockopt::PeerCredentials)
-            .map(|c| c.pid().to_string())
-            .unwrap_or_else(|_| "unknown".into());
-        return Err(SnapshotterError::FailedPrecondition(format!(
-            "{} is in use (pid {pid} answers on it): stop that process, or give another --address",
-            address.display()
-        )));
-    }
-    match std::fs::remove_file(address) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
-        _ => {}
+    match std::os::unix::net::UnixStream::connect(address) {
+        Ok(peer) => {
+            let creds = nix::sys::socket::sockopt::PeerCredentials;
+            let pid = nix::sys::socket::getsockopt(&peer, creds)
+                .map(|c| c.pid().to_string())
+                .unwrap_or_else(|_| "unknown".into());
+            return Err(SnapshotterError::FailedPrecondition(format!(
+                "{} is in use (pid {pid} answers on it): stop that process, or give another --address",
+                address.display()
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        // Nobody listens: a socket file left by a process that died.
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            std::fs::remove_file(address).map_err(io)?
+        }
+        // Anything else (no permission, not a socket, …): not ours to remove.
+        Err(e) => return Err(io(e)),
     }
     let listener = tokio::net::UnixListener::bind(address).map_err(io)?;
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);

@@ -391,17 +391,24 @@ async fn serve(
     }
     // Replay starts as soon as the mount answers: the workload's reads come next.
     let m = &ctx.config.mount;
-    let profile = stratafs::profile::Session::start(
-        view.clone(),
-        &image,
-        &ctx.store,
-        ctx.client.clone(),
-        &stratafs::profile::MountProfile {
-            record: m.profile_record,
-            replay: m.profile_replay,
-            parallel: m.profile_parallel,
-        },
-    );
+    let mounted_chain = image
+        .layers
+        .get(count.wrapping_sub(1))
+        .map(|l| l.chain_id.clone());
+    let profile = mounted_chain.as_ref().and_then(|chain| {
+        stratafs::profile::Session::start(
+            view.clone(),
+            &image,
+            chain,
+            &ctx.store,
+            ctx.client.clone(),
+            &stratafs::profile::MountProfile {
+                record: m.profile_record,
+                replay: m.profile_replay,
+                parallel: m.profile_parallel,
+            },
+        )
+    });
     let record = MountRecord {
         mountpoint: mountpoint.to_path_buf(),
         image: image.name.clone(),
@@ -458,7 +465,7 @@ async fn serve(
         task.abort();
     }
     if let Some(p) = profile {
-        p.finish();
+        p.finish().await;
     }
     let _ = std::fs::remove_file(&record_path);
     tracing::info!("unmounted {}", mountpoint.display());

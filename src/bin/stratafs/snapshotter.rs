@@ -118,14 +118,6 @@ pub async fn run(
         plain_http: args.plain_http,
         metrics: args.metrics_address.is_some(),
     });
-    let metrics = match &args.metrics_address {
-        Some(addr) => {
-            let bound = serve_metrics(addr, root, &ctx)
-                .with_context(|| format!("serving metrics at {addr}"))?;
-            format!(", metrics at http://{bound}/metrics")
-        }
-        None => String::new(),
-    };
     let resolver = Resolver {
         store: ctx.store.clone(),
         client: ctx.client.clone(),
@@ -136,6 +128,15 @@ pub async fn run(
         Snapshotter::open(resolver, mounter, ctx.chunks.clone())
             .context("opening the snapshotter state")?,
     );
+    // After the store's lock is taken: a second snapshotter says so, not "port in use".
+    let metrics = match &args.metrics_address {
+        Some(addr) => {
+            let bound = serve_metrics(addr, root, &ctx)
+                .with_context(|| format!("serving metrics at {addr}"))?;
+            format!(", metrics at http://{bound}/metrics")
+        }
+        None => String::new(),
+    };
     let recovering = snapshotter.clone();
     tokio::spawn(async move { recovering.recover().await });
     let shutdown = async {
