@@ -247,13 +247,18 @@ impl LayerReader {
     /// Like [`is_cached`](Self::is_cached), but asking the cache for every span (no marks):
     /// for callers that must not fetch when the answer is yes.
     pub fn is_stored(&self, offset: u64, len: u64) -> bool {
+        self.every_span(offset, len, |i| self.span_stored(i))
+    }
+
+    /// Whether `check` holds for every span holding bytes `offset..offset + len`.
+    fn every_span(&self, offset: u64, len: u64, check: impl Fn(usize) -> bool) -> bool {
         let end = (offset + len).min(self.index.size);
         let mut pos = offset;
         while pos < end {
             let Some(i) = self.index.span_at(pos) else {
                 return false;
             };
-            if !self.span_stored(i) {
+            if !check(i) {
                 return false;
             }
             let span = &self.index.spans[i];
@@ -273,19 +278,7 @@ impl LayerReader {
     /// Whether every span holding bytes `offset..offset + len` is cached (memory or disk), so
     /// reading them needs no network.
     pub fn is_cached(&self, offset: u64, len: u64) -> bool {
-        let end = (offset + len).min(self.index.size);
-        let mut pos = offset;
-        while pos < end {
-            let Some(i) = self.index.span_at(pos) else {
-                return false;
-            };
-            if !self.span_cached(i) {
-                return false;
-            }
-            let span = &self.index.spans[i];
-            pos = (span.out_offset + span.out_len).max(pos + 1);
-        }
-        true
+        self.every_span(offset, len, |i| self.span_cached(i))
     }
 
     /// Reads up to `len` bytes at uncompressed offset `offset` (fewer at the end of the stream).
