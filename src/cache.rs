@@ -69,8 +69,15 @@ impl DiskChunks {
     }
 
     /// Bytes on disk as this process accounts them (no directory walk), once known.
-    pub fn tracked_usage(&self) -> Option<u64> {
+    fn tracked_usage(&self) -> Option<u64> {
         Some(self.usage.load(Ordering::Relaxed)).filter(|&u| u != UNKNOWN)
+    }
+
+    /// Bytes on disk: as accounted, or by a directory walk until this process knows (`None`
+    /// if the walk fails). For gauges refreshed often.
+    pub fn usage_bytes(&self) -> Option<u64> {
+        self.tracked_usage()
+            .or_else(|| self.usage().ok().map(|u| u.1))
     }
 
     /// (chunks, bytes) on disk.

@@ -461,7 +461,7 @@ impl Session {
         store: &crate::store::Store,
         client: Arc<crate::registry::RegistryClient>,
         settings: &MountProfile,
-    ) -> Option<Session> {
+    ) -> Session {
         let chain = chain.clone();
         let profiles = ProfileStore::new(store.root());
         let mut tasks = Vec::new();
@@ -528,12 +528,12 @@ impl Session {
             }));
             recorder
         });
-        Some(Session {
+        Session {
             recorder,
             profiles,
             chain,
             tasks,
-        })
+        }
     }
 
     /// Stops replay and recording, saving what was recorded and not yet saved.

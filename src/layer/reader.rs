@@ -134,8 +134,9 @@ pub struct LayerReader {
     /// the same bytes again (single flight per range, not just per span).
     inflight: std::sync::Mutex<std::collections::HashMap<usize, Arc<tokio::sync::Semaphore>>>,
     /// Spans known to be cached (set when one is found or stored), so checks that a range or
-    /// the whole layer is cached cost no `stat` for them. A span evicted later (by this cache
-    /// or another process) stays marked: a read of it simply fetches it again.
+    /// the whole layer is cached cost no `stat` for them. A span evicted later keeps its mark
+    /// until a check that asks the cache (`is_stored`, the completeness check) finds it gone;
+    /// meanwhile a read of it simply fetches it again.
     known_cached: Vec<std::sync::atomic::AtomicBool>,
 }
 

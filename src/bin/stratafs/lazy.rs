@@ -517,7 +517,8 @@ pub async fn profile_push(
 /// fetch rate since the previous one, until interrupted.
 pub fn cache_stats(ctx: &Context, json: bool, watch: Option<f64>) -> Result<()> {
     let Some(every) = watch else {
-        return print_stats(ctx, json, None);
+        let rows = stratafs::status::layers(&ctx.store, ctx.chunks.as_ref())?;
+        return print_stats(ctx, json, &rows, None, false);
     };
     let every = Duration::from_secs_f64(every.max(0.1));
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
@@ -531,8 +532,9 @@ pub fn cache_stats(ctx: &Context, json: bool, watch: Option<f64>) -> Result<()> 
                 .iter()
                 .map(|l| {
                     let was = before.iter().find(|b| b.digest == l.digest);
-                    let delta = l.fetched_bytes
-                        - was.map_or(l.fetched_bytes, |b| b.fetched_bytes.min(l.fetched_bytes));
+                    let delta = l
+                        .fetched_bytes
+                        .saturating_sub(was.map_or(l.fetched_bytes, |b| b.fetched_bytes));
                     (l.digest.clone(), delta as f64 / seconds)
                 })
                 .collect::<std::collections::HashMap<_, _>>()
@@ -542,24 +544,22 @@ pub fn cache_stats(ctx: &Context, json: bool, watch: Option<f64>) -> Result<()> 
         } else if previous.is_some() && !json {
             println!();
         }
-        print_stats(ctx, json, Some((layers.clone(), rates)))?;
+        print_stats(ctx, json, &layers, rates.as_ref(), true)?;
         previous = Some((now, layers));
         std::thread::sleep(every);
     }
 }
 
-type Rates = Option<std::collections::HashMap<String, f64>>;
-
-fn print_stats(ctx: &Context, json: bool, known: Option<(Vec<LayerStatus>, Rates)>) -> Result<()> {
+/// One report of `cache stats`; `rates` (bytes/s per layer) from the second report of a
+/// watch on.
+fn print_stats(
+    ctx: &Context,
+    json: bool,
+    rows: &[LayerStatus],
+    rates: Option<&std::collections::HashMap<String, f64>>,
+    watching: bool,
+) -> Result<()> {
     let (chunks, bytes) = ctx.chunks.usage()?;
-    let watching = known.is_some();
-    let (rows, rates) = match known {
-        Some(known) => known,
-        None => (
-            stratafs::status::layers(&ctx.store, ctx.chunks.as_ref())?,
-            None,
-        ),
-    };
     let mounts = crate::mount::mounts(ctx.store.root());
     if json {
         let mounts: Vec<_> = mounts
@@ -570,7 +570,7 @@ fn print_stats(ctx: &Context, json: bool, known: Option<(Vec<LayerStatus>, Rates
             "chunks": chunks, "bytes": bytes, "max_size": ctx.cache_cap, "layers": rows,
             "mounts": mounts,
         });
-        if rates.is_some() || watching {
+        if watching {
             println!("{}", serde_json::to_string(&out)?); // one line per report
         } else {
             println!("{}", serde_json::to_string_pretty(&out)?);
@@ -585,7 +585,6 @@ fn print_stats(ctx: &Context, json: bool, known: Option<(Vec<LayerStatus>, Rates
     );
     let rate = |digest: &str| {
         rates
-            .as_ref()
             .and_then(|r| r.get(digest))
             .map(|r| format!("{}/s", human(*r as u64)))
     };
@@ -611,14 +610,20 @@ fn print_stats(ctx: &Context, json: bool, known: Option<(Vec<LayerStatus>, Rates
             row
         })
         .collect();
-    let header: &[&str] = if rates.is_some() {
-        &[
-            "LAYER", "SPANS", "CACHED", "SIZE", "FETCHED", "RATE", "STATE",
-        ]
+    let (header, right): (&[&str], &[usize]) = if rates.is_some() {
+        (
+            &[
+                "LAYER", "SPANS", "CACHED", "SIZE", "FETCHED", "RATE", "STATE",
+            ],
+            &[1, 2, 3, 4, 5],
+        )
     } else {
-        &["LAYER", "SPANS", "CACHED", "SIZE", "FETCHED", "STATE"]
+        (
+            &["LAYER", "SPANS", "CACHED", "SIZE", "FETCHED", "STATE"],
+            &[1, 2, 3, 4],
+        )
     };
-    crate::print_table(header, &table, &[1, 2, 3, 4, 5]);
+    crate::print_table(header, &table, right);
     for m in mounts {
         // A daemon with a metrics endpoint also tells what it is fetching right now.
         let in_flight = m

@@ -353,11 +353,7 @@ async fn serve(
                     let index = r.index();
                     m.layer(index.blob.as_ref(), index.size, r.cached_bytes());
                 }
-                // The accounted usage (a directory walk only until the first write).
-                let bytes = chunks
-                    .tracked_usage()
-                    .or_else(|| chunks.usage().ok().map(|u| u.1));
-                if let Some(bytes) = bytes {
+                if let Some(bytes) = chunks.usage_bytes() {
                     m.cache_bytes.set(bytes as i64);
                 }
                 m.cache_cap_bytes.set(cap as i64);
@@ -395,7 +391,7 @@ async fn serve(
         .layers
         .get(count.wrapping_sub(1))
         .map(|l| l.chain_id.clone());
-    let profile = mounted_chain.as_ref().and_then(|chain| {
+    let profile = mounted_chain.as_ref().map(|chain| {
         stratafs::profile::Session::start(
             view.clone(),
             &image,
@@ -412,10 +408,9 @@ async fn serve(
     let record = MountRecord {
         mountpoint: mountpoint.to_path_buf(),
         image: image.name.clone(),
-        chain_id: image
-            .layers
-            .get(count.wrapping_sub(1))
-            .map(|l| l.chain_id.to_string())
+        chain_id: mounted_chain
+            .as_ref()
+            .map(ToString::to_string)
             .unwrap_or_default(),
         pid: std::process::id(),
         layers: image.layers[..count]

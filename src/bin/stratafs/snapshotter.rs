@@ -70,10 +70,7 @@ fn serve_metrics(addr: &str, root: PathBuf, ctx: &Context) -> Result<std::net::S
     let (chunks, cap) = (ctx.chunks.clone(), ctx.cache_cap);
     let render = Arc::new(move || {
         let own = metrics::metrics();
-        if let Some(bytes) = chunks
-            .tracked_usage()
-            .or_else(|| chunks.usage().ok().map(|u| u.1))
-        {
+        if let Some(bytes) = chunks.usage_bytes() {
             own.cache_bytes.set(bytes as i64);
         }
         own.cache_cap_bytes.set(cap as i64);
