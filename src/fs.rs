@@ -221,6 +221,11 @@ impl Layers {
         &self.cache
     }
 
+    /// The layer indexes (and window files) kept here.
+    pub fn indexes(&self) -> &IndexStore {
+        &self.indexes
+    }
+
     /// Where the bytes of `layer` come from: the registry the image was pulled from.
     pub fn source(
         &self,
@@ -244,6 +249,55 @@ impl Layers {
             layer.size,
             counter,
         )))
+    }
+
+    /// Where the checkpoint windows of `index` (a gzip index's window file) are read from: the
+    /// file kept here when the index was built here, else the blob its publisher pushed to the
+    /// image's repository. Window bytes read are counted as the layer's.
+    pub fn windows_source(
+        &self,
+        image: &ImageRecord,
+        layer: &LayerRecord,
+        index: &LayerIndex,
+    ) -> Result<Option<Arc<dyn BlobSource>>, FsError> {
+        let Some(w) = &index.windows else {
+            return Ok(None);
+        };
+        let local = self.indexes.windows_path(&w.digest);
+        if let Ok(file) = crate::source::FileSource::open(&local, w.digest.clone()) {
+            if file.size() == w.size {
+                return Ok(Some(Arc::new(file)));
+            }
+        }
+        let reference: Reference = image
+            .name
+            .parse()
+            .map_err(|_| FsError::Name(image.name.clone()))?;
+        let counter = self
+            .fetched
+            .lock()
+            .entry(layer.digest.digest().to_string())
+            .or_default()
+            .clone();
+        Ok(Some(Arc::new(RegistrySource::new(
+            self.client.clone(),
+            reference,
+            w.digest.clone(),
+            w.size,
+            counter,
+        ))))
+    }
+
+    /// A reader of `layer` through `index`, with its blob and window sources.
+    pub fn reader(
+        &self,
+        image: &ImageRecord,
+        layer: &LayerRecord,
+        index: Arc<LayerIndex>,
+    ) -> Result<LayerReader, FsError> {
+        let source: Arc<dyn BlobSource> = self.source(image, layer)?;
+        let windows = self.windows_source(image, layer, &index)?;
+        Ok(LayerReader::new(index, source, self.cache.clone()).with_windows(windows))
     }
 
     /// The index of `layer` as `image` may use it (see [`Layers`] for the order): stored,
@@ -518,6 +572,7 @@ impl Layers {
             blob_size: layer.size,
             span: self.span,
             limits: self.limits(),
+            windows: Some(self.indexes.clone()),
         };
         Ok(stream_index(source, spec, self.cache.clone()).await?)
     }
@@ -534,9 +589,8 @@ impl Layers {
     ) -> Result<VerifyReport, FsError> {
         let (stored, _) = self.index(image, layer).await?;
         let truth = Arc::new(self.stream(image, layer).await?);
-        let source: Arc<dyn BlobSource> = self.source(image, layer)?;
-        let served = LayerReader::new(stored.clone(), source.clone(), self.cache.clone());
-        let real = LayerReader::new(truth.clone(), source, self.cache.clone());
+        let served = self.reader(image, layer, stored.clone())?;
+        let real = self.reader(image, layer, truth.clone())?;
         let mut report = VerifyReport {
             blob: layer.digest.to_string(),
             format: stored.format,
@@ -677,9 +731,9 @@ impl ImageView {
         for layer in chain {
             let at = unique.iter().position(|u| u.digest == layer.digest);
             let index = found[at.expect("every layer is in unique")].0.clone();
-            let source: Arc<dyn BlobSource> = layers.source(image, layer)?;
             readers.push(
-                LayerReader::new(index, source, layers.cache.clone())
+                layers
+                    .reader(image, layer, index)?
                     .remembering_checks_in(layers.indexes.clone()),
             );
         }

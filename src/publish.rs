@@ -36,6 +36,8 @@ use crate::store::{Store, StoreError};
 pub const ARTIFACT_TYPE: &str = "application/vnd.stratafs.index.v1";
 /// Media type of one layer's index (gzip-compressed JSON).
 pub const LAYER_INDEX_TYPE: &str = "application/vnd.stratafs.layer-index.v1+gzip";
+/// Media type of a gzip index's window file (its checkpoint windows, see `layer::gzip`).
+pub const WINDOWS_TYPE: &str = "application/vnd.stratafs.layer-index-windows.v1";
 /// Annotation naming the layer blob an index describes.
 pub const LAYER_ANNOTATION: &str = "io.stratafs.layer.digest";
 const EMPTY_TYPE: &str = "application/vnd.oci.empty.v1+json";
@@ -55,17 +57,60 @@ pub enum PublishError {
     Invalid { image: String, detail: String },
 }
 
+/// An index to publish, with the bytes of its window file (which it names by digest).
+pub type Publishable = (LayerIndex, Option<Vec<u8>>);
+
+/// Pushes the window file of an index (before the index that names it), checking it is the
+/// one the index names. Returns its descriptor.
+async fn push_windows(
+    client: &RegistryClient,
+    reference: &Reference,
+    image: &ImageRecord,
+    (index, windows): &Publishable,
+) -> Result<Option<Value>, PublishError> {
+    let (Some(w), Some(bytes)) = (&index.windows, windows) else {
+        if index.windows.is_some() {
+            return Err(invalid(
+                image,
+                &format!(
+                    "the index of layer {} comes without its window file",
+                    index.blob
+                ),
+            ));
+        }
+        return Ok(None);
+    };
+    if crate::digest::verify(&w.digest, bytes).is_err() || bytes.len() as u64 != w.size {
+        return Err(invalid(
+            image,
+            &format!(
+                "the window file given for layer {} is not the one its index names",
+                index.blob
+            ),
+        ));
+    }
+    let digest = client.push_blob(reference, bytes).await?;
+    Ok(Some(json!({
+        "mediaType": WINDOWS_TYPE,
+        "digest": digest,
+        "size": bytes.len(),
+        "annotations": { LAYER_ANNOTATION: index.blob },
+    })))
+}
+
 /// Publishes `indexes` (one per layer of `image`) as a referrer of the image's manifest.
 /// Returns the artifact manifest's digest.
 pub async fn push_indexes(
     client: &RegistryClient,
     image: &ImageRecord,
-    indexes: &[LayerIndex],
+    indexes: &[Publishable],
 ) -> Result<Digest, PublishError> {
     let reference = reference_of(image)?;
     let empty = client.push_blob(&reference, b"{}").await?;
     let mut layers = Vec::new();
-    for index in indexes {
+    for published in indexes {
+        let index = &published.0;
+        layers.extend(push_windows(client, &reference, image, published).await?);
         let blob = gzip(&serde_json::to_vec(index).expect("index serializes"));
         let digest = client.push_blob(&reference, &blob).await?;
         layers.push(json!({
@@ -145,7 +190,7 @@ pub async fn bind_indexes(
     client: &RegistryClient,
     store: &Store,
     image: &ImageRecord,
-    indexes: &[LayerIndex],
+    indexes: &[Publishable],
     tag: &str,
 ) -> Result<Digest, PublishError> {
     let reference = reference_of(image)?;
@@ -154,7 +199,9 @@ pub async fn bind_indexes(
         .as_array_mut()
         .ok_or_else(|| invalid(image, "stored manifest has no layers"))?;
     let mut bound = 0;
-    for index in indexes {
+    for published in indexes {
+        let index = &published.0;
+        push_windows(client, &reference, image, published).await?;
         let blob = gzip(&serde_json::to_vec(index).expect("index serializes"));
         let digest = client.push_blob(&reference, &blob).await?;
         for desc in layers

@@ -88,6 +88,14 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Runtime::new().unwrap()
 }
 
+/// `index` with the window file it names, as kept in `cli`'s store.
+fn with_windows(cli: &Stratafs, index: LayerIndex) -> stratafs::publish::Publishable {
+    let windows = stratafs::layer::IndexStore::new(&cli.root())
+        .windows_bytes(&index)
+        .unwrap();
+    (index, windows)
+}
+
 /// Publishes `index` bound to the image `reference` as stored by `cli` (its manifest pushed
 /// again, pinning the index).
 fn bind(cli: &Stratafs, reference: &str, index: LayerIndex) {
@@ -95,6 +103,7 @@ fn bind(cli: &Stratafs, reference: &str, index: LayerIndex) {
         let store = Store::open(cli.root()).unwrap();
         let record = store.images.get(reference).unwrap().unwrap();
         let client = RegistryClient::new(Default::default(), BTreeMap::new(), true);
+        let index = with_windows(cli, index);
         stratafs::publish::bind_indexes(&client, &store, &record, &[index], "v1")
             .await
             .unwrap();
@@ -107,7 +116,7 @@ fn refer(cli: &Stratafs, reference: &str, index: LayerIndex) {
         let store = Store::open(cli.root()).unwrap();
         let record = store.images.get(reference).unwrap().unwrap();
         let client = RegistryClient::new(Default::default(), BTreeMap::new(), true);
-        stratafs::publish::push_indexes(&client, &record, &[index])
+        stratafs::publish::push_indexes(&client, &record, &[with_windows(cli, index)])
             .await
             .unwrap();
     });
@@ -484,12 +493,12 @@ fn a_forged_checkpoint_window_is_caught() {
     attacker.ok(&["index", "build", &evil_ref]);
     let mut index = built_index(&attacker, &hex);
 
-    // Span k starts from a checkpoint with a window; forge the window and give the span the
-    // digest of what the inflater then makes of it.
+    // Span k starts from a checkpoint with a window; forge the window (a new window file) and
+    // give the span the digest of what the inflater then makes of it.
     let k = (1..index.spans.len())
         .find(|&k| match &index.spans[k].fetch {
             stratafs::layer::Fetch::Gzip { checkpoint, .. } => {
-                !index.checkpoints[*checkpoint as usize].window.is_empty()
+                index.checkpoints[*checkpoint as usize].window_len > 0
             }
             _ => false,
         })
@@ -503,20 +512,32 @@ fn a_forged_checkpoint_window_is_caught() {
     else {
         unreachable!()
     };
+    let store = stratafs::layer::IndexStore::new(&attacker.root());
+    let mut file = store.windows_bytes(&index).unwrap().unwrap();
     let cp = &mut index.checkpoints[checkpoint as usize];
+    let at = cp.window_at as usize..(cp.window_at + cp.window_len) as usize;
     let mut window = Vec::new();
     std::io::Read::read_to_end(
-        &mut flate2::read::DeflateDecoder::new(&cp.window[..]),
+        &mut flate2::read::DeflateDecoder::new(&file[at]),
         &mut window,
     )
     .unwrap();
     window.iter_mut().for_each(|b| *b ^= 0x55);
     let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
     enc.write_all(&window).unwrap();
-    cp.window = enc.finish().unwrap();
+    let deflated = enc.finish().unwrap();
+    (cp.window_at, cp.window_len) = (file.len() as u64, deflated.len() as u64);
+    file.extend_from_slice(&deflated);
     let raw = &blob[in_start as usize..in_end as usize];
-    let out = stratafs::layer::gzip::decode_span(cp, raw, index.spans[k].out_len as usize).unwrap();
+    let out = stratafs::layer::gzip::decode_span(cp, &window, raw, index.spans[k].out_len as usize)
+        .unwrap();
     index.spans[k].digest = stratafs::digest::sha256(&out);
+    let forged_windows = stratafs::digest::sha256(&file);
+    std::fs::write(store.windows_path(&forged_windows), &file).unwrap();
+    index.windows = Some(stratafs::layer::Windows {
+        digest: forged_windows,
+        size: file.len() as u64,
+    });
     bind(&attacker, &evil_ref, index.clone());
 
     // A file wholly inside span k-1, then one wholly inside span k.
@@ -543,11 +564,11 @@ fn a_forged_checkpoint_window_is_caught() {
             .clone()
     };
     assert!(host.cat(&evil_ref, &before) == content(&before));
+    // The window comes from the cached span before, not from the forged file: the span's
+    // bytes fail the digest the forger gave it, and no forged byte is served.
     let err = host.fail(&["cat", &evil_ref, &after]);
     assert!(
-        err.contains("does not describe the layer")
-            && err.contains("window of checkpoint")
-            && err.contains(&hex),
+        err.contains("failed verification") && err.contains(&hex),
         "{err}"
     );
 }

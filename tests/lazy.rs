@@ -600,7 +600,10 @@ fn index_verify_catches_a_hostile_published_index() {
         let store = Store::open(publisher.root()).unwrap();
         let record = store.images.get(&reference).unwrap().unwrap();
         let client = RegistryClient::new(Default::default(), BTreeMap::new(), true);
-        stratafs::publish::push_indexes(&client, &record, &[index])
+        let windows = stratafs::layer::IndexStore::new(&publisher.root())
+            .windows_bytes(&index)
+            .unwrap();
+        stratafs::publish::push_indexes(&client, &record, &[(index, windows)])
             .await
             .unwrap();
     });
@@ -654,9 +657,17 @@ fn rmi_collects_the_files_of_layers_no_image_has() {
             .filter(|n| n.starts_with(hex))
             .collect()
     };
+    let windows = || -> usize {
+        std::fs::read_dir(cli.root().join("layers/windows"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
     assert_eq!(files().len(), 2, "index and fetched counter: {:?}", files());
+    assert_eq!(windows(), 1, "the index's window file");
     cli.ok(&["rmi", &a]);
     assert_eq!(files().len(), 2, "still used by b: {:?}", files());
+    assert_eq!(windows(), 1, "still named by b's index");
     cli.ok(&["rmi", &b]);
     assert!(files().is_empty(), "{:?}", files());
+    assert_eq!(windows(), 0, "no index names the window file");
 }

@@ -239,6 +239,7 @@ fn index_from_toc(
         checkpoints: Vec::new(),
         format: IndexFormat::Estargz,
         prefetch_end: mapped.prefetch_end,
+        windows: None,
         published: None,
     }))
 }

@@ -1,7 +1,14 @@
 //! Random access into gzip blobs, in the manner of zlib's zran: one streaming pass records
 //! checkpoints at deflate block boundaries (compressed bit position + the last 32 KiB of
-//! output); any span between two checkpoints can later be decompressed on its own from just its
-//! compressed bytes. Multi-member gzip (eStargz is one) is followed member by member.
+//! output, its *window*); any span between two checkpoints can later be decompressed on its own
+//! from just its compressed bytes and that window. Multi-member gzip (eStargz is one) is
+//! followed member by member.
+//!
+//! Windows are not kept in the checkpoints: the indexer writes each one (raw-deflate
+//! compressed) to a separate *window file* and the checkpoint records where. A reader needs a
+//! window only where decompression starts at a checkpoint whose preceding output it does not
+//! have at hand (the span before is cached, or fetched in the same run: then the window *is*
+//! the end of that output), so windows are fetched rarely and the index stays small.
 
 use std::io::{self, Read};
 
@@ -21,9 +28,16 @@ pub struct Checkpoint {
     pub bits: u8,
     /// Offset in the uncompressed stream.
     pub out_offset: u64,
-    /// The preceding output (up to 32 KiB), raw-deflate compressed; empty at member starts.
-    #[serde(with = "super::b64")]
-    pub window: Vec<u8>,
+    /// Where this checkpoint's window (the preceding output, raw-deflate compressed) lies in
+    /// the layer's window file: offset and length; length 0 at member starts (no window).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub window_at: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub window_len: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Checkpoint {
@@ -31,11 +45,31 @@ impl Checkpoint {
     pub fn in_start(&self) -> u64 {
         self.in_offset - u64::from(self.bits > 0)
     }
+
+    /// Uncompressed length of the window: the last [`WINDOW`] bytes of output before the
+    /// checkpoint (0 at member starts).
+    pub fn window_size(&self) -> usize {
+        if self.window_len == 0 {
+            0
+        } else {
+            self.out_offset.min(WINDOW as u64) as usize
+        }
+    }
+
+    /// The window, taken from `before` (output that ends where the checkpoint starts), if it
+    /// reaches back far enough.
+    pub fn window_from<'a>(&self, before: &'a [u8]) -> Option<&'a [u8]> {
+        let n = self.window_size();
+        (before.len() >= n).then(|| &before[before.len() - n..])
+    }
 }
 
-/// A finished span as seen by the indexer: its compressed range and both digests.
+/// A finished span as seen by the indexer: its compressed range and both digests, and the
+/// compressed window of the checkpoint it starts from (empty at member starts), which the
+/// receiver appends to the window file (the checkpoint's `window_at` assumes it does).
 pub struct SpanOut<'a> {
     pub checkpoint: usize,
+    pub window: &'a [u8],
     pub in_start: u64,
     pub in_end: u64,
     pub in_digest: [u8; 32],
@@ -187,6 +221,8 @@ pub struct GzipIndexer<R, F> {
     pub checkpoints: Vec<Checkpoint>,
     span_hasher: Option<Sha256>,
     span_data: Vec<u8>,
+    span_window: Vec<u8>,
+    windows_len: u64,
     out_hasher: Sha256,
     pending: Vec<u8>,
     pending_pos: usize,
@@ -214,6 +250,8 @@ impl<R: Read, F: FnMut(SpanOut<'_>) -> io::Result<()>> GzipIndexer<R, F> {
             checkpoints: Vec::new(),
             span_hasher: None,
             span_data: Vec::new(),
+            span_window: Vec::new(),
+            windows_len: 0,
             out_hasher: Sha256::new(),
             pending: Vec::new(),
             pending_pos: 0,
@@ -272,16 +310,23 @@ impl<R: Read, F: FnMut(SpanOut<'_>) -> io::Result<()>> GzipIndexer<R, F> {
             h.update([self.buf[self.pos - 1]]);
         }
         self.span_hasher = Some(h);
+        self.span_window = if window.is_empty() {
+            Vec::new()
+        } else {
+            super::deflate(window)
+        };
         self.checkpoints.push(Checkpoint {
             in_offset: self.abs,
             bits,
             out_offset: self.out_total,
-            window: if window.is_empty() {
-                Vec::new()
+            window_at: if window.is_empty() {
+                0
             } else {
-                super::deflate(window)
+                self.windows_len
             },
+            window_len: self.span_window.len() as u64,
         });
+        self.windows_len += self.span_window.len() as u64;
         Ok(())
     }
 
@@ -289,6 +334,7 @@ impl<R: Read, F: FnMut(SpanOut<'_>) -> io::Result<()>> GzipIndexer<R, F> {
         if let (Some(h), Some(cp)) = (self.span_hasher.take(), self.checkpoints.last()) {
             let span = SpanOut {
                 checkpoint: self.checkpoints.len() - 1,
+                window: &self.span_window,
                 in_start: cp.in_start(),
                 in_end,
                 in_digest: h.finalize().into(),
@@ -416,12 +462,21 @@ impl<R: Read, F: FnMut(SpanOut<'_>) -> io::Result<()>> Read for GzipIndexer<R, F
 }
 
 /// Decompresses one span: `compressed` is the blob from `checkpoint.in_start()` on (at least
-/// through the span's end); returns exactly `out_len` bytes.
+/// through the span's end), `window` the checkpoint's window (uncompressed: exactly
+/// [`Checkpoint::window_size`] bytes); returns exactly `out_len` bytes.
 pub fn decode_span(
     checkpoint: &Checkpoint,
+    window: &[u8],
     compressed: &[u8],
     out_len: usize,
 ) -> io::Result<Vec<u8>> {
+    if window.len() != checkpoint.window_size() {
+        return Err(corrupt(format!(
+            "checkpoint window of {} bytes where {} are needed",
+            window.len(),
+            checkpoint.window_size()
+        )));
+    }
     let mut inflater = Inflater::new();
     let mut input = compressed;
     if checkpoint.bits > 0 {
@@ -429,8 +484,8 @@ pub fn decode_span(
         inflater.prime(checkpoint.bits, first >> (8 - checkpoint.bits))?;
         input = rest;
     }
-    if !checkpoint.window.is_empty() {
-        inflater.set_dictionary(&super::inflate(&checkpoint.window)?)?;
+    if !window.is_empty() {
+        inflater.set_dictionary(window)?;
     }
     let mut out = vec![0u8; out_len];
     let mut filled = 0;
@@ -469,12 +524,13 @@ pub fn decode_member(compressed: &[u8], skip: usize, out_len: usize) -> io::Resu
         in_offset: 0,
         bits: 0,
         out_offset: 0,
-        window: Vec::new(),
+        window_at: 0,
+        window_len: 0,
     };
     let total = skip
         .checked_add(out_len)
         .ok_or_else(|| corrupt("member span too large"))?;
-    let mut out = decode_span(&start, &compressed[header..], total)?;
+    let mut out = decode_span(&start, &[], &compressed[header..], total)?;
     out.drain(..skip);
     Ok(out)
 }

@@ -35,12 +35,17 @@ pub use tar::{Entry, Kind};
 
 /// Index format version; indexes of other versions are rebuilt. (4: indexes are stored by what
 /// vouches for them, so indexes stored by earlier versions, published ones among them, are not
-/// trusted.)
-pub const INDEX_VERSION: u32 = 4;
+/// trusted. 5: gzip checkpoint windows live in a separate window file, spans are 256 KiB.)
+pub const INDEX_VERSION: u32 = 5;
 /// Largest span a published index may declare (spans built here are about [`DEFAULT_SPAN`]).
 pub const MAX_SPAN: u64 = 64 << 20;
-/// Default uncompressed bytes per span.
-pub const DEFAULT_SPAN: u64 = 1 << 20;
+/// Default uncompressed bytes per span: a gzip read costs the compressed bytes from its span's
+/// checkpoint to the end of what it reads, so dense checkpoints keep misses small; their
+/// windows are in a separate file ([`Windows`]), so density does not grow the index much.
+pub const DEFAULT_SPAN: u64 = 256 << 10;
+/// Largest compressed checkpoint window an index may declare (a deflated 32 KiB window is
+/// at most a few bytes over 32 KiB).
+pub const MAX_WINDOW_LEN: u64 = 40 << 10;
 
 /// A layer that could not be indexed or read.
 #[derive(Debug, thiserror::Error)]
@@ -144,11 +149,24 @@ pub struct LayerIndex {
     /// to prefetch (`Some(0)`: none). `None`: no landmark.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefetch_end: Option<u64>,
+    /// The window file of a gzip layer's checkpoints (see [`gzip`]); `None` when no checkpoint
+    /// has a window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub windows: Option<Windows>,
     /// The digest of the published stratafs index this index was read from (set when it is
     /// fetched, never taken from the document); `None` for indexes built here. A published
     /// index gets the tree check when its layer is complete (see `reader`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub published: Option<Digest>,
+}
+
+/// A window file: the compressed checkpoint windows of one gzip layer, back to back. Built
+/// here it is kept under `<root>/layers/windows/`; a published index names the blob it was
+/// pushed as, in the image's repository, and windows are read from it by range when needed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Windows {
+    pub digest: Digest,
+    pub size: u64,
 }
 
 impl LayerIndex {
@@ -225,6 +243,18 @@ impl LayerIndex {
                             "span at {at} does not start at its checkpoint {checkpoint}"
                         ));
                     }
+                    let windows = self.windows.as_ref().map_or(0, |w| w.size);
+                    if cp.window_len > MAX_WINDOW_LEN
+                        || cp
+                            .window_at
+                            .checked_add(cp.window_len)
+                            .is_none_or(|end| end > windows)
+                    {
+                        return Err(format!(
+                            "the window of checkpoint {checkpoint} ({} bytes at {}) is not inside the {windows}-byte window file",
+                            cp.window_len, cp.window_at
+                        ));
+                    }
                     (*in_start, *in_end)
                 }
                 (fetch, compression) => {
@@ -286,8 +316,9 @@ impl From<&crate::config::IndexSettings> for Limits {
 }
 
 /// Builds the index of a layer from its compressed blob, read once from start to end.
-/// `on_span(digest, data)` receives every span's verified-later bytes (to fill the cache); the
-/// index is returned only if the blob digest and the diff_id match.
+/// `on_span(digest, data)` receives every span's verified-later bytes (to fill the cache);
+/// `windows` receives a gzip layer's window file (see [`gzip`]). The index is returned only if
+/// the blob digest and the diff_id match.
 #[allow(clippy::too_many_arguments)]
 pub fn build_index(
     blob: impl Read,
@@ -297,10 +328,16 @@ pub fn build_index(
     blob_size: u64,
     span: u64,
     on_span: &mut (dyn FnMut(&Digest, &[u8]) -> io::Result<()> + Send),
+    windows: &mut dyn io::Write,
     limits: &Limits,
 ) -> Result<LayerIndex, LayerError> {
     let limit = blob_size.saturating_mul(1100).max(1 << 30);
     let mut hashed = HashingReader::new(blob);
+    let mut windows = HashingWriter {
+        inner: windows,
+        hasher: Sha256::new(),
+        len: 0,
+    };
     let mut spans = Vec::new();
     // Spans are hashed and handed to `on_span` (the cache) on a second thread, so that work
     // overlaps decompression; the bounded channel keeps memory to a few spans.
@@ -321,6 +358,7 @@ pub fn build_index(
             span,
             (limit, limits.max_entries),
             &mut spans,
+            &mut windows,
             &mut |data| {
                 tx.send(data.to_vec())
                     .map_err(|_| io::Error::other("span worker stopped"))
@@ -361,6 +399,10 @@ pub fn build_index(
     if &out_hash != diff_id {
         return Err(mismatch("diff_id", diff_id, out_hash));
     }
+    let windows = (windows.len > 0).then(|| Windows {
+        digest: crate::digest::from_hex("sha256", &hex::encode(windows.hasher.finalize())),
+        size: windows.len,
+    });
     Ok(LayerIndex {
         version: INDEX_VERSION,
         blob: blob_digest.clone(),
@@ -373,8 +415,28 @@ pub fn build_index(
         checkpoints,
         format: IndexFormat::Stream,
         prefetch_end: None,
+        windows,
         published: None,
     })
+}
+
+/// A writer that hashes and counts what passes through it.
+struct HashingWriter<'a> {
+    inner: &'a mut dyn io::Write,
+    hasher: Sha256,
+    len: u64,
+}
+
+impl io::Write for HashingWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 type Decoded = (Vec<Entry>, [u8; 32], u64, Vec<gzip::Checkpoint>);
@@ -388,12 +450,14 @@ fn decode_stream(
     span: u64,
     (limit, max_entries): (u64, usize),
     spans: &mut Vec<Span>,
+    windows: &mut dyn io::Write,
     emit: &mut dyn FnMut(&[u8]) -> io::Result<()>,
 ) -> Result<Decoded, String> {
     let placeholder = || crate::digest::sha256(b"");
     match compression {
         Compression::Gzip => {
             let mut indexer = gzip::GzipIndexer::new(blob, span, |s: gzip::SpanOut<'_>| {
+                windows.write_all(s.window)?;
                 emit(s.data)?;
                 spans.push(Span {
                     out_offset: s.out_offset,
@@ -534,6 +598,8 @@ impl<R: Read, F: FnMut(u64, &[u8]) -> io::Result<()>> Read for Spanner<R, F> {
 ///   an eStargz TOC digest, a zstd:chunked checksum, a stratafs index digest (or a referrer
 ///   index the user opted in to). It serves only images whose layer record carries the same
 ///   pin, so an index trusted for one image never serves another that did not vouch for it.
+/// - `<root>/layers/windows/<algorithm>-<hex>`: window files of gzip indexes built here, by
+///   their digest (an index names its own; a published one's are read from the registry).
 #[derive(Clone, Debug)]
 pub struct IndexStore {
     dir: PathBuf,
@@ -611,6 +677,67 @@ impl IndexStore {
         Ok(None)
     }
 
+    /// Where the window file `digest` is kept.
+    pub fn windows_path(&self, digest: &Digest) -> PathBuf {
+        self.dir
+            .join("windows")
+            .join(format!("{}-{}", digest.algorithm(), digest.digest()))
+    }
+
+    /// A temporary file to write a window file into while an index is built; [`keep_windows`]
+    /// moves it into place once the index is known good.
+    ///
+    /// [`keep_windows`]: IndexStore::keep_windows
+    pub fn new_windows(&self) -> Result<tempfile::NamedTempFile, LayerError> {
+        std::fs::create_dir_all(&self.tmp).map_err(|e| LayerError::Store {
+            path: self.tmp.clone(),
+            detail: e.to_string(),
+        })?;
+        tempfile::NamedTempFile::new_in(&self.tmp).map_err(|e| LayerError::Store {
+            path: self.tmp.clone(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// Keeps the window file written to `file` (whose digest the builder computed as
+    /// `windows`), synced, under its digest; `None` (no window): the file is dropped.
+    pub fn keep_windows(
+        &self,
+        file: tempfile::NamedTempFile,
+        windows: Option<&Windows>,
+    ) -> Result<(), LayerError> {
+        let Some(w) = windows else { return Ok(()) };
+        let path = self.windows_path(&w.digest);
+        let err = |e: io::Error| LayerError::Store {
+            path: path.clone(),
+            detail: e.to_string(),
+        };
+        if path.exists() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(path.parent().expect("windows dir")).map_err(err)?;
+        file.as_file().sync_all().map_err(err)?;
+        file.persist(&path).map_err(|e| err(e.error))?;
+        Ok(())
+    }
+
+    /// The bytes of `index`'s window file, if it is kept here (to publish it).
+    pub fn windows_bytes(&self, index: &LayerIndex) -> Result<Option<Vec<u8>>, LayerError> {
+        let Some(w) = &index.windows else {
+            return Ok(None);
+        };
+        let path = self.windows_path(&w.digest);
+        let data = std::fs::read(&path).map_err(|e| LayerError::Store {
+            path: path.clone(),
+            detail: format!("{e} (build the index again: `stratafs index build`)"),
+        })?;
+        crate::digest::verify(&w.digest, &data).map_err(|e| LayerError::Store {
+            path,
+            detail: e.to_string(),
+        })?;
+        Ok(Some(data))
+    }
+
     /// Stores `index` under what vouches for it (`None`: built here from the verified blob).
     pub fn put(&self, index: &LayerIndex, pin: Option<&Digest>) -> Result<(), LayerError> {
         let path = self.path(&index.blob, pin);
@@ -643,23 +770,6 @@ pub(crate) fn inflate(data: &[u8]) -> io::Result<Vec<u8>> {
         return Err(io::Error::other("checkpoint window longer than 32 KiB"));
     }
     Ok(out)
-}
-
-pub(crate) mod b64 {
-    //! Bytes as base64 strings in JSON.
-    use base64::Engine;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let s = String::deserialize(d)?;
-        base64::engine::general_purpose::STANDARD
-            .decode(s)
-            .map_err(serde::de::Error::custom)
-    }
 }
 
 #[cfg(test)]
@@ -707,7 +817,19 @@ mod tests {
         c: Compression,
         span: u64,
     ) -> (LayerIndex, Vec<(Digest, Vec<u8>)>) {
-        let mut chunks = Vec::new();
+        let (idx, chunks, _) = index_with_windows(blob, tar, c, span);
+        (idx, chunks)
+    }
+
+    type Chunks = Vec<(Digest, Vec<u8>)>;
+
+    fn index_with_windows(
+        blob: &[u8],
+        tar: &[u8],
+        c: Compression,
+        span: u64,
+    ) -> (LayerIndex, Chunks, Vec<u8>) {
+        let (mut chunks, mut windows) = (Vec::new(), Vec::new());
         let idx = build_index(
             blob,
             c,
@@ -719,10 +841,11 @@ mod tests {
                 chunks.push((d.clone(), data.to_vec()));
                 Ok(())
             },
+            &mut windows,
             &Limits::default(),
         )
         .unwrap();
-        (idx, chunks)
+        (idx, chunks, windows)
     }
 
     /// Decodes every span from the blob alone and checks it against the tar.
@@ -741,8 +864,11 @@ mod tests {
                 } => {
                     let comp = &blob[*in_start as usize..*in_end as usize];
                     crate::digest::verify(in_digest, comp).unwrap();
+                    let cp = &idx.checkpoints[*checkpoint as usize];
+                    let end = cp.out_offset as usize;
                     gzip::decode_span(
-                        &idx.checkpoints[*checkpoint as usize],
+                        cp,
+                        &tar[end - cp.window_size()..end],
                         comp,
                         span.out_len as usize,
                     )
@@ -766,7 +892,7 @@ mod tests {
     fn gzip_spans_decode_independently() {
         let tar = sample_tar(60);
         let blob = gzip(&tar);
-        let (idx, chunks) = index(&blob, &tar, Compression::Gzip, 256 * 1024);
+        let (idx, chunks, windows) = index_with_windows(&blob, &tar, Compression::Gzip, 256 * 1024);
         assert!(
             idx.checkpoints.len() > 5,
             "{} checkpoints",
@@ -775,10 +901,17 @@ mod tests {
         assert_eq!(idx.entries.len(), 60);
         assert_eq!(chunks.len(), idx.spans.len());
         check_all_spans(&idx, &blob, &tar);
-        // Every checkpoint's window is the output just before it.
-        for cp in idx.checkpoints.iter().filter(|c| !c.window.is_empty()) {
-            let w = inflate(&cp.window).unwrap();
+        // Every checkpoint's window in the window file is the output just before it, and the
+        // index names the file by its digest and size.
+        let named = idx.windows.clone().expect("a window file");
+        assert_eq!(named.size, windows.len() as u64);
+        crate::digest::verify(&named.digest, &windows).unwrap();
+        assert!(idx.checkpoints.iter().filter(|c| c.window_len > 0).count() > 4);
+        for cp in idx.checkpoints.iter().filter(|c| c.window_len > 0) {
+            let at = cp.window_at as usize..(cp.window_at + cp.window_len) as usize;
+            let w = inflate(&windows[at]).unwrap();
             let end = cp.out_offset as usize;
+            assert_eq!(w.len(), cp.window_size());
             assert!(w[..] == tar[end - w.len()..end], "window at {end}");
         }
         // Every entry points at its data, as an independent tar reader sees it.
@@ -837,6 +970,7 @@ mod tests {
             0,
             65536,
             &mut |_, _| Ok(()),
+            &mut std::io::sink(),
             &Limits::default(),
         )
         .unwrap_err();
@@ -849,6 +983,7 @@ mod tests {
             0,
             65536,
             &mut |_, _| Ok(()),
+            &mut std::io::sink(),
             &Limits::default(),
         )
         .unwrap_err();
@@ -862,6 +997,7 @@ mod tests {
             0,
             65536,
             &mut |_, _| Ok(()),
+            &mut std::io::sink(),
             &Limits::default(),
         )
         .unwrap_err();
@@ -877,6 +1013,7 @@ mod tests {
             0,
             65536,
             &mut |_, _| Ok(()),
+            &mut std::io::sink(),
             &Limits::default(),
         )
         .unwrap_err();

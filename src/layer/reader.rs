@@ -28,6 +28,9 @@ pub struct StreamSpec {
     pub blob_size: u64,
     pub span: u64,
     pub limits: Limits,
+    /// Where to keep the window file of a gzip layer (`None`: not kept, as when a layer
+    /// without random access is streamed again only to refill the cache).
+    pub windows: Option<super::IndexStore>,
 }
 
 /// Streams a whole blob once (parallel range requests), builds its index — verified against the
@@ -51,6 +54,11 @@ pub async fn stream_index(
         let budget = cache.pass_budget();
         let mut added = Vec::new();
         let (mut kept, mut dropped) = (0u64, false);
+        let mut windows_file = spec.windows.as_ref().map(|s| s.new_windows()).transpose()?;
+        let mut windows: Box<dyn std::io::Write> = match &mut windows_file {
+            Some(f) => Box::new(std::io::BufWriter::new(f.as_file_mut())),
+            None => Box::new(std::io::sink()),
+        };
         let mut result = build_index(
             reader,
             spec.compression,
@@ -73,8 +81,22 @@ pub async fn stream_index(
                 added.push(digest.clone());
                 Ok(())
             },
+            &mut windows,
             &spec.limits,
         );
+        let flushed = windows.flush();
+        drop(windows);
+        if let (Ok(index), Some(store), Some(file)) = (&result, &spec.windows, windows_file) {
+            let kept = flushed
+                .map_err(|e| LayerError::Store {
+                    path: file.path().to_path_buf(),
+                    detail: e.to_string(),
+                })
+                .and_then(|()| store.keep_windows(file, index.windows.as_ref()));
+            if let Err(e) = kept {
+                result = Err(e);
+            }
+        }
         if dropped && spec.compression == Compression::Zstd {
             if let Ok(index) = &result {
                 result = Err(LayerError::Corrupt {
@@ -116,6 +138,8 @@ const MIN_TOC_FETCH: u64 = 512 << 10;
 pub struct LayerReader {
     index: Arc<LayerIndex>,
     source: Arc<dyn BlobSource>,
+    /// The index's window file (gzip checkpoint windows), local or in the registry.
+    windows: Option<Arc<dyn BlobSource>>,
     cache: Arc<Cache>,
     restreaming: tokio::sync::Mutex<()>,
     /// The last span of the previous fetch, to spot sequential misses (`usize::MAX`: none).
@@ -168,6 +192,7 @@ impl LayerReader {
     pub fn new(index: Arc<LayerIndex>, source: Arc<dyn BlobSource>, cache: Arc<Cache>) -> Self {
         LayerReader {
             source,
+            windows: None,
             cache,
             restreaming: tokio::sync::Mutex::new(()),
             last_fetched: std::sync::atomic::AtomicUsize::new(usize::MAX),
@@ -181,6 +206,12 @@ impl LayerReader {
                 .collect(),
             index,
         }
+    }
+
+    /// Reads checkpoint windows from `windows`, the index's window file.
+    pub fn with_windows(mut self, windows: Option<Arc<dyn BlobSource>>) -> Self {
+        self.windows = windows;
+        self
     }
 
     /// Stores a published index that passes the whole-layer check in `store`, under the pin
@@ -551,6 +582,7 @@ impl LayerReader {
                 max_entries: Limits::default().max_entries.max(index.entries.len()),
                 ..Limits::default()
             },
+            windows: None,
         };
         stream_index(self.source.clone(), spec, self.cache.clone())
             .await
@@ -590,6 +622,11 @@ impl LayerReader {
 
     /// Fetches spans `first..=last` with one range request and verifies each: the outer error
     /// is the request's, the inner ones each span's.
+    ///
+    /// A gzip run that starts at a checkpoint with a window takes the window from the end of
+    /// the span before when that span is cached (so it is the layer's real output, whatever
+    /// an index says), otherwise from the window file, read alongside the span bytes. Later
+    /// spans of the run take theirs from the output just decoded.
     async fn fetch_run(&self, first: usize, last: usize) -> Result<Vec<SpanResult>, CacheError> {
         let blob = &self.index.blob;
         let spans = &self.index.spans[first..=last];
@@ -607,78 +644,114 @@ impl LayerReader {
         // Spans are in blob order; the minimum still guards against an index that is not.
         let base = ranges.iter().map(|r| r.0).min().unwrap_or(0);
         let end = ranges.iter().map(|r| r.1).max().unwrap_or(base);
-        let bytes = self
-            .source
-            .read_range(base, end - base)
-            .await
-            .map_err(|e| CacheError::Fetch(format!("layer {blob}: {e}")))?;
-        // A published index's checkpoint windows are checked against the output before them
-        // where it is at hand: the span before the run (if cached) and each span of the run.
-        let before = match first.checked_sub(1) {
-            Some(p) if self.index.published.is_some() => {
-                self.cache.peek(&self.index.spans[p].digest)?
-            }
-            _ => None,
+        let needs = self.checkpoint_of(first).filter(|cp| cp.window_size() > 0);
+        let before_cached = needs.is_some() && first > 0 && self.span_cached(first - 1);
+        let data = async {
+            self.source
+                .read_range(base, end - base)
+                .await
+                .map_err(|e| CacheError::Fetch(format!("layer {blob}: {e}")))
         };
+        let before = async {
+            if !before_cached {
+                return Ok(None);
+            }
+            let (cache, digest) = (
+                self.cache.clone(),
+                self.index.spans[first - 1].digest.clone(),
+            );
+            tokio::task::spawn_blocking(move || cache.peek(&digest))
+                .await
+                .expect("cache peek task")
+        };
+        let window = async {
+            match needs {
+                Some(cp) if !before_cached => self.read_window(cp).await.map(Some),
+                _ => Ok(None),
+            }
+        };
+        let (bytes, before, window) = tokio::join!(data, before, window);
+        let (bytes, before, mut window) = (bytes?, before?, window?);
+        let mut tail = None;
+        if let Some(cp) = needs {
+            tail = before
+                .as_deref()
+                .and_then(|b| cp.window_from(b))
+                .map(<[u8]>::to_vec);
+            if tail.is_none() {
+                // The span before was evicted meanwhile: read the window after all.
+                if window.is_none() {
+                    window = Some(self.read_window(cp).await?);
+                }
+                tail = window;
+            }
+        }
         // Decompressing and hashing is CPU work: one blocking task for the whole run.
         let index = self.index.clone();
         let decoded = tokio::task::spawn_blocking(move || {
             let spans = &index.spans[first..=last];
-            let check = index.published.is_some();
-            let mut previous = before;
-            let mut window_error = None;
-            let results: Vec<SpanResult> = spans
+            // The output known to precede the next span (up to a window of it).
+            let mut tail: Option<Vec<u8>> = tail;
+            spans
                 .iter()
                 .zip(ranges)
                 .map(|(span, (start, stop))| {
-                    if let Some(prev) = previous.as_ref().filter(|_| check) {
-                        if let Err(e) = check_window(&index, span, prev) {
-                            window_error.get_or_insert(e);
-                        }
-                    }
                     let raw = &bytes[(start - base) as usize..(stop - base) as usize];
-                    let result = decode(&index, span, raw);
-                    previous = match (&result, check) {
-                        (Ok(d), true) => Some(Arc::new(d.clone())),
-                        _ => None,
+                    let result = decode(&index, span, raw, tail.as_deref());
+                    tail = match &result {
+                        Ok(d) if d.len() >= gzip::WINDOW => {
+                            Some(d[d.len() - gzip::WINDOW..].to_vec())
+                        }
+                        Ok(d) => tail
+                            .take()
+                            .map(|mut t| {
+                                t.extend_from_slice(d);
+                                t.drain(..t.len().saturating_sub(gzip::WINDOW));
+                                t
+                            })
+                            .or_else(|| Some(d.clone())),
+                        Err(_) => None,
                     };
                     result
                 })
-                .collect();
-            (results, window_error)
+                .collect::<Vec<SpanResult>>()
         });
-        let (results, window_error) = decoded.await.expect("decode task");
-        if let Some(detail) = window_error {
-            return Err(self.mismatch(&detail));
-        }
-        Ok(results)
+        Ok(decoded.await.expect("decode task"))
     }
-}
 
-/// Checks that the checkpoint a gzip span starts from holds, as its window, the output that
-/// precedes the span (`prev`: the previous span's bytes). A forged window would make the
-/// inflater emit bytes that are not in the layer, and the span digest, from the same index,
-/// would not notice.
-fn check_window(index: &LayerIndex, span: &super::Span, prev: &[u8]) -> Result<(), String> {
-    let Fetch::Gzip { checkpoint, .. } = &span.fetch else {
-        return Ok(());
-    };
-    let cp = &index.checkpoints[*checkpoint as usize];
-    if cp.out_offset != span.out_offset || cp.window.is_empty() {
-        return Ok(());
+    /// The gzip checkpoint span `i` starts from, if it is fetched from one.
+    fn checkpoint_of(&self, i: usize) -> Option<&gzip::Checkpoint> {
+        match &self.index.spans[i].fetch {
+            Fetch::Gzip { checkpoint, .. } => self.index.checkpoints.get(*checkpoint as usize),
+            _ => None,
+        }
     }
-    let window =
-        super::inflate(&cp.window).map_err(|e| format!("checkpoint {checkpoint} window: {e}"))?;
-    if window.len() > prev.len() {
-        return Ok(()); // reaches back beyond the previous span: not at hand
+
+    /// The window of checkpoint `cp`, read from the layer's window file and inflated.
+    async fn read_window(&self, cp: &gzip::Checkpoint) -> Result<Vec<u8>, CacheError> {
+        let blob = &self.index.blob;
+        let Some(source) = &self.windows else {
+            return Err(CacheError::Fetch(format!(
+                "layer {blob}: the window file of its index is missing (build the index again: `stratafs index build`)"
+            )));
+        };
+        let raw = source
+            .read_range(cp.window_at, cp.window_len)
+            .await
+            .map_err(|e| CacheError::Fetch(format!("layer {blob}: checkpoint window: {e}")))?;
+        let window = super::inflate(&raw)
+            .ok()
+            .filter(|w| w.len() == cp.window_size())
+            .ok_or_else(|| {
+                crate::metrics::metrics().verification_failures.inc();
+                CacheError::Fetch(format!(
+                    "layer {blob}: the window of the checkpoint at {} in its window file is not a {}-byte window",
+                    cp.out_offset,
+                    cp.window_size()
+                ))
+            })?;
+        Ok(window)
     }
-    if window[..] != prev[prev.len() - window.len()..] {
-        return Err(format!(
-            "the window of checkpoint {checkpoint} (at {}) is not the output before it",
-            cp.out_offset
-        ));
-    }
-    Ok(())
 }
 
 /// The uncompressed stream of a complete layer, read span by span from the cache without
@@ -743,8 +816,9 @@ fn compare_entries(claimed: &[super::Entry], actual: &[super::Entry]) -> Result<
     Ok(())
 }
 
-/// Span `span` of `index` from its fetched (compressed) bytes `raw`, verified.
-fn decode(index: &LayerIndex, span: &super::Span, raw: &[u8]) -> SpanResult {
+/// Span `span` of `index` from its fetched (compressed) bytes `raw`, verified; `before` is
+/// output known to precede the span (a gzip span's checkpoint window is taken from it).
+fn decode(index: &LayerIndex, span: &super::Span, raw: &[u8], before: Option<&[u8]>) -> SpanResult {
     let bad = |what: &str, e: &dyn std::fmt::Display| {
         crate::metrics::metrics().verification_failures.inc();
         CacheError::Fetch(format!(
@@ -761,7 +835,16 @@ fn decode(index: &LayerIndex, span: &super::Span, raw: &[u8]) -> SpanResult {
         } => {
             crate::digest::verify(in_digest, raw).map_err(|e| bad("compressed bytes", &e))?;
             let cp = &index.checkpoints[*checkpoint as usize];
-            gzip::decode_span(cp, raw, span.out_len as usize)
+            let window = match cp.window_size() {
+                0 => &[][..],
+                _ => before.and_then(|b| cp.window_from(b)).ok_or_else(|| {
+                    CacheError::Fetch(format!(
+                        "layer {}: span at {}: its checkpoint window is not at hand",
+                        index.blob, span.out_offset
+                    ))
+                })?,
+            };
+            gzip::decode_span(cp, window, raw, span.out_len as usize)
                 .map_err(|e| bad("decompression", &e))?
         }
         Fetch::Member { skip, .. } => {
@@ -848,6 +931,7 @@ mod tests {
         e.write_all(&tar).unwrap();
         let blob = e.finish().unwrap();
         let digest = crate::digest::sha256(&blob);
+        let mut windows = Vec::new();
         let index = build_index(
             &blob[..],
             Compression::Gzip,
@@ -856,9 +940,14 @@ mod tests {
             blob.len() as u64,
             64 << 10,
             &mut |_, _| Ok(()),
+            &mut windows,
             &crate::layer::Limits::default(),
         )
         .unwrap();
+        std::fs::write(dir.join("windows"), &windows).unwrap();
+        let windows = Arc::new(
+            FileSource::open(dir.join("windows"), index.windows.clone().unwrap().digest).unwrap(),
+        );
         let path = dir.join("blob");
         std::fs::write(&path, &blob).unwrap();
         let source = Arc::new(FaultySource::new(FileSource::open(&path, digest).unwrap()));
@@ -868,7 +957,8 @@ mod tests {
             index.entries[0].size,
             index.spans.len(),
         );
-        let reader = LayerReader::new(Arc::new(index), source.clone(), cache);
+        let reader =
+            LayerReader::new(Arc::new(index), source.clone(), cache).with_windows(Some(windows));
         (reader, source, offset, size, spans)
     }
 
@@ -899,7 +989,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_published_index_is_checked_window_by_window_and_as_a_tree() {
+    async fn a_published_index_is_checked_span_by_span_and_as_a_tree() {
         let dir = tempfile::tempdir().unwrap();
         let (reader, source, offset, size, _) = setup(dir.path());
         let mut published = (*reader.index).clone();
@@ -912,6 +1002,7 @@ mod tests {
         std::fs::create_dir_all(store_dir.path().join("tmp")).unwrap();
         let store = crate::layer::IndexStore::new(store_dir.path());
         let r = LayerReader::new(honest.clone(), source.clone(), cache.clone())
+            .with_windows(reader.windows.clone())
             .remembering_checks_in(store.clone());
         let mut pos = 0;
         while pos < size {
@@ -930,15 +1021,15 @@ mod tests {
             "not as the shared index"
         );
 
-        // A forged window (and the span digest to match what it makes): caught when the span
-        // before it is at hand.
+        // A forged window (and the span digest to match what it makes): never used while the
+        // span before is at hand, whose output is the real window — the span fails its digest.
         let mut forged = published.clone();
         let k = forged
             .spans
             .iter()
             .position(|s| {
                 matches!(&s.fetch, Fetch::Gzip { checkpoint, .. }
-                if !forged.checkpoints[*checkpoint as usize].window.is_empty())
+                if forged.checkpoints[*checkpoint as usize].window_len > 0)
             })
             .unwrap();
         let Fetch::Gzip {
@@ -951,32 +1042,40 @@ mod tests {
             unreachable!()
         };
         let cp = &mut forged.checkpoints[checkpoint as usize];
-        let window: Vec<u8> = crate::layer::inflate(&cp.window)
-            .unwrap()
-            .iter()
-            .map(|b| b ^ 0x55)
-            .collect();
-        cp.window = crate::layer::deflate(&window);
+        let real = r.read_window(cp).await.unwrap();
+        let window: Vec<u8> = real.iter().map(|b| b ^ 0x55).collect();
+        let mut file = std::fs::read(dir.path().join("windows")).unwrap();
+        let deflated = crate::layer::deflate(&window);
+        (cp.window_at, cp.window_len) = (file.len() as u64, deflated.len() as u64);
+        file.extend_from_slice(&deflated);
         let raw = source
             .read_range(in_start, in_end - in_start)
             .await
             .unwrap();
-        let out = gzip::decode_span(cp, &raw, forged.spans[k].out_len as usize).unwrap();
+        let out = gzip::decode_span(cp, &window, &raw, forged.spans[k].out_len as usize).unwrap();
         forged.spans[k].digest = crate::digest::sha256(&out);
         let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("forged"), &file).unwrap();
+        forged.windows = Some(crate::layer::Windows {
+            digest: crate::digest::sha256(&file),
+            size: file.len() as u64,
+        });
+        let windows: Arc<dyn BlobSource> = Arc::new(
+            FileSource::open(dir.path().join("forged"), crate::digest::sha256(&file)).unwrap(),
+        );
         let fresh = Arc::new(Cache::new(
             Arc::new(DiskChunks::open(dir.path()).unwrap()),
             1024,
         ));
-        let r = LayerReader::new(Arc::new(forged.clone()), source.clone(), fresh.clone());
+        let r = LayerReader::new(Arc::new(forged.clone()), source.clone(), fresh.clone())
+            .with_windows(Some(windows));
         r.read(forged.spans[k - 1].out_offset, 10).await.unwrap();
         let err = r
             .read(forged.spans[k].out_offset, 10)
             .await
             .unwrap_err()
             .to_string();
-        assert!(err.contains("does not describe the layer"), "{err}");
-        assert_eq!(fresh.stats.index_mismatches.load(Ordering::Relaxed), 1);
+        assert!(err.contains("failed verification"), "{err}");
 
         // The same index claiming another entry list: caught at the first read of the
         // complete layer, counted, and refused from then on.

@@ -169,6 +169,7 @@ pub async fn zstd_chunked_index(
             checkpoints: Vec::new(),
             format: IndexFormat::ZstdChunked,
             prefetch_end: mapped.prefetch_end,
+            windows: None,
             published: None,
         }))
     })

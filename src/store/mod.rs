@@ -126,9 +126,45 @@ impl Store {
         self.collect_garbage_locked()
     }
 
+    /// Deletes the window files (`layers/windows/<alg>-<hex>`) that no index in `layers/` names.
+    fn collect_window_files(&self) -> Result<(), StoreError> {
+        #[derive(serde::Deserialize)]
+        struct Named {
+            windows: Option<Windows>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Windows {
+            digest: String,
+        }
+        let dir = self.root.join("layers");
+        let Ok(files) = fs::read_dir(dir.join("windows")) else {
+            return Ok(());
+        };
+        let mut named = HashSet::new();
+        for entry in fs::read_dir(&dir).map_err(io_err(&dir))?.flatten() {
+            if entry.path().extension().is_some_and(|e| e == "json") {
+                let data = fs::read(entry.path()).unwrap_or_default();
+                if let Ok(Named { windows: Some(w) }) = serde_json::from_slice(&data) {
+                    named.insert(w.digest.replacen(':', "-", 1));
+                }
+            }
+        }
+        for entry in files.flatten() {
+            if !named.contains(&*entry.file_name().to_string_lossy()) {
+                match fs::remove_file(entry.path()) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(io_err(&entry.path())(e))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Deletes blobs and chain records that no image references, and the per-layer files of
-    /// layers no image has: layer indexes (`layers/<hex>.json`, `layers/<hex>@….json`),
-    /// fetched-byte counters (`cache/fetched/<hex>`) and passthrough copies
+    /// layers no image has: layer indexes (`layers/<hex>.json`, `layers/<hex>@….json`) and the
+    /// window files no remaining index names (`layers/windows/`), fetched-byte counters (`cache/fetched/<hex>`) and passthrough copies
     /// (`cache/files/<hex>-…`). Cached chunks are shared by content and left to the cache cap.
     /// Caller holds the exclusive lock.
     fn collect_garbage_locked(&self) -> Result<(), StoreError> {
@@ -185,6 +221,7 @@ impl Store {
                 }
             }
         }
+        self.collect_window_files()?;
         for digest in self.content.list()? {
             if !blobs.contains(&digest) {
                 self.content.delete(&digest)?;

@@ -416,7 +416,17 @@ pub async fn index_push(
             _ => std::sync::Arc::new(ctx.layers.build(&image, layer).await?),
         };
         if index.format == stratafs::layer::IndexFormat::Stream && index.random_access() {
-            indexes.push((*index).clone());
+            // The window file is kept only where the index was built (a published index
+            // checked here has its windows in the registry): build it here then.
+            let (index, windows) = match ctx.layers.indexes().windows_bytes(&index) {
+                Ok(w) => (index, w),
+                Err(_) => {
+                    let built = ctx.layers.build(&image, layer).await?;
+                    let w = ctx.layers.indexes().windows_bytes(&built)?;
+                    (std::sync::Arc::new(built), w)
+                }
+            };
+            indexes.push(((*index).clone(), windows));
         }
     }
     progress.finish(&format!("{} indexes to publish", indexes.len()));

@@ -285,6 +285,7 @@ async fn footer_and_toc_only_then_every_file_reads_back() {
         layer.blob.len() as u64,
         64 * 1024,
         &mut |_, _| Ok(()),
+        &mut std::io::sink(),
         &crate::layer::Limits::default(),
     )
     .unwrap();
