@@ -70,6 +70,10 @@ pub struct MountSettings {
     pub profile_replay: bool,
     /// Ranges of a profile fetched at once during replay.
     pub profile_parallel: usize,
+    /// On each open of a file, fetch what is not cached of its first this many bytes at once
+    /// (`8M`; 0: off): an open for reading predicts the reads.
+    #[serde(deserialize_with = "size")]
+    pub open_prefetch: u64,
 }
 
 impl Default for MountSettings {
@@ -84,6 +88,7 @@ impl Default for MountSettings {
             profile_record: true,
             profile_replay: true,
             profile_parallel: 6,
+            open_prefetch: 8 << 20,
         }
     }
 }

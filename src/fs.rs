@@ -697,7 +697,18 @@ pub struct ImageView {
     files_dir: std::path::PathBuf,
     /// Notes what reads touch first, for a startup profile (see [`crate::profile`]).
     recorder: std::sync::OnceLock<Arc<crate::profile::Recorder>>,
+    /// Fetches that opens start ahead of reads ([`ImageView::prefetch_file`]) in flight.
+    open_fetches: tokio::sync::Semaphore,
+    /// A startup profile is replayed: it predicts the reads better than opens do.
+    profiled: std::sync::atomic::AtomicBool,
 }
+
+/// Uncompressed bytes one fetch an open starts covers at most, and how many such fetches run
+/// at once per mount (per file, and in all): pieces keep a read of a file's first bytes from
+/// waiting for its whole prefetch, and a few at a time keep demand reads a share of the link.
+const OPEN_PIECE: u64 = 1 << 20;
+const OPEN_PARALLEL: usize = 4;
+const OPEN_FETCHES: usize = 8;
 
 impl ImageView {
     /// Opens `image`: every layer's index (built if missing), merged base first.
@@ -750,6 +761,8 @@ impl ImageView {
             readers,
             files_dir: layers.files_dir.clone(),
             recorder: std::sync::OnceLock::new(),
+            open_fetches: tokio::sync::Semaphore::new(OPEN_FETCHES),
+            profiled: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -779,6 +792,48 @@ impl ImageView {
             recorder.record(layer, reader.index(), data_offset + offset, len);
         }
         Ok(reader.read(data_offset + offset, len).await?)
+    }
+
+    /// Fetches what is not cached of the first `limit` bytes of regular file `node`, in pieces
+    /// a few at a time. An open predicts reads: the file's bytes then arrive with about one
+    /// round trip instead of one per miss (python imports one module file after another).
+    /// Not noted by the profile recorder (only reads are); failures are left to the reads.
+    /// Nothing is fetched once a startup profile is replayed ([`ImageView::set_profiled`]):
+    /// the profile knows which of an opened file's bytes are read.
+    pub async fn prefetch_file(&self, node: NodeId, limit: u64) {
+        use futures_util::StreamExt;
+        if self.profiled.load(Ordering::Relaxed) {
+            return;
+        }
+        let n = self.tree.node(node);
+        let Some((layer, offset)) = n.data.filter(|_| n.file_type == FileType::File) else {
+            return;
+        };
+        let reader = &self.readers[layer];
+        let len = n.size.min(limit);
+        if len == 0 || !reader.index().random_access() || reader.is_cached(offset, len) {
+            return;
+        }
+        let pieces = (0..len.div_ceil(OPEN_PIECE)).map(|k| {
+            let at = k * OPEN_PIECE;
+            (offset + at, OPEN_PIECE.min(len - at))
+        });
+        futures_util::stream::iter(pieces)
+            .for_each_concurrent(OPEN_PARALLEL, |(at, len)| async move {
+                let Ok(_permit) = self.open_fetches.acquire().await else {
+                    return;
+                };
+                if let Err(e) = reader.prefetch(at, len).await {
+                    tracing::debug!(path = %self.tree.path(node), error = %e, "fetch ahead of reads failed");
+                }
+            })
+            .await;
+    }
+
+    /// Notes that a startup profile is being replayed into this view (opens fetch nothing
+    /// ahead from then on).
+    pub fn set_profiled(&self) {
+        self.profiled.store(true, Ordering::Relaxed);
     }
 
     /// From now on, reads through [`read`](Self::read) are noted by `recorder` (once per view).

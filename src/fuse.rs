@@ -61,6 +61,8 @@ pub struct MountOptions {
     pub passthrough: bool,
     /// FUSE dispatch threads.
     pub threads: usize,
+    /// Bytes of a file fetched ahead when it is opened (0: none).
+    pub open_prefetch: u64,
 }
 
 impl Default for MountOptions {
@@ -73,6 +75,7 @@ impl Default for MountOptions {
             read_timeout: Duration::from_secs(60),
             passthrough: true,
             threads: 4,
+            open_prefetch: 0,
         }
     }
 }
@@ -325,6 +328,11 @@ impl Filesystem for StrataFs {
             return reply.error(Errno::EROFS);
         }
         let fh = FileHandle(self.next_fh.fetch_add(1, Ordering::Relaxed));
+        if self.options.open_prefetch > 0 {
+            let (view, limit) = (self.view.clone(), self.options.open_prefetch);
+            self.runtime
+                .spawn(async move { view.prefetch_file(id, limit).await });
+        }
         if !self.passthrough.load(Ordering::Relaxed) {
             return reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE);
         }

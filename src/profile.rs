@@ -370,6 +370,7 @@ pub struct ReplayReport {
 pub async fn replay(view: Arc<ImageView>, profile: &Profile, parallel: usize) -> ReplayReport {
     use futures_util::StreamExt;
     let started = Instant::now();
+    view.set_profiled();
     let mut report = ReplayReport::default();
     // Each byte of a layer is planned once (overlapping ranges add only what they add), so
     // the plan never exceeds the layers, whatever the profile says.

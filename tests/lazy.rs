@@ -187,7 +187,7 @@ fn served(reg: &Registry, mark: usize) -> (usize, u64) {
 }
 
 #[test]
-fn a_small_read_from_a_large_layer_fetches_one_span() {
+fn a_small_read_from_a_large_layer_fetches_one_range() {
     let reg = Registry::start(RegistryOpts::default());
     let (image, files) = large_layer();
     let blob_size = image.layers[0].size();
@@ -220,9 +220,11 @@ fn a_small_read_from_a_large_layer_fetches_one_span() {
         blob_size + bytes,
         "stats count the streaming pass and the range read: {stats}"
     );
+    // The span holding the file, and the spans after it up to 512 KiB compressed (a miss
+    // brings its neighbours: see MIN_MISS_FETCH in src/layer/reader.rs).
     let per_span = blob_size / spans;
     assert!(
-        bytes <= 2 * per_span,
+        bytes <= (512 << 10) + 2 * per_span,
         "{bytes} bytes for a {}-byte file (span ≈ {per_span})",
         content.len()
     );

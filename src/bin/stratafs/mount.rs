@@ -83,6 +83,7 @@ fn parse_options(
             .context("config: mount.read_timeout_secs must be a positive number")?,
         threads: settings.threads.clamp(1, 64),
         passthrough: settings.passthrough,
+        open_prefetch: settings.open_prefetch,
         ..MountOptions::default()
     };
     for o in options {
