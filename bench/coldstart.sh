@@ -35,7 +35,9 @@
 #
 # Usage: bash bench/coldstart.sh [RUNS=3] [RTT_MS=20] [MBIT=100]   (as root, after .ci/setup)
 #   VARIANTS="gzip estargz zstd zstdchunked" (default: all) picks the image variants;
-#   STRATAFS_BENCH_CACHE=/var/cache/stratafs-bench is where the image and variants are kept.
+#   STRATAFS_BENCH_CACHE=/var/cache/stratafs-bench is where the image and variants are kept;
+#   CASES="gzip gzip-profile" runs only those `stratafs mount` cases (no table), and
+#   KEEP_LOGS=DIR keeps each mount run's registry log and daemon log there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-3} RTT_MS=${2:-20} MBIT=${3:-100}
@@ -314,6 +316,11 @@ cold_mount() {
     "$bin" --root "$work/sfroot" umount "$work/mnt" >/dev/null
     read -r l o <<<"$(served "$m")"; bl+=("$l") bo+=("$o")
     log "mount $c run $i: ${ts[-1]} s (mount ${tp[-1]} s), layer bytes $l, other $o, daemon VmHWM ${hw[-1]}"
+    if [ -n "${KEEP_LOGS:-}" ]; then   # where the time went: the registry's log and the daemon's
+      mkdir -p "$KEEP_LOGS/$c-$i"
+      tail -c +$((m + 1)) "$work/registry.log" >"$KEEP_LOGS/$c-$i/registry.log"
+      cp -r "$work/sfroot/logs" "$KEEP_LOGS/$c-$i/" 2>/dev/null || true
+    fi
   done
   rm -rf "$work/sfroot"
   record "mount:$c"
@@ -353,7 +360,7 @@ cold_snap() {
 log "cold runs through $MBIT Mbit/s + $RTT_MS ms RTT, $RUNS each: variants ${avail[*]}"
 cases=()
 for v in "${avail[@]}"; do
-  cold_eager "$v"
+  [ -n "${CASES:-}" ] || cold_eager "$v"
   if [ "$v" = gzip ]; then
     these=("gzip-noindex gzip $work/sf-noindex.toml" "gzip gzip $work/sf.toml")
   else
@@ -363,11 +370,18 @@ for v in "${avail[@]}"; do
   cases+=("${these[@]}")
   for cs in "${these[@]}"; do
     read -r c cv cfg <<<"$cs"
+    # CASES="gzip gzip-profile …": only these mount cases, no eager or snapshotter runs and no
+    # table (a look at where the time goes, with KEEP_LOGS=DIR).
+    if [ -n "${CASES:-}" ]; then
+      [[ " $CASES " == *" $c "* ]] && cold_mount "$c" "$cv" "$cfg"
+      continue
+    fi
     cold_mount "$c" "$cv" "$cfg"
     if [ -n "$snap_ok" ]; then cold_snap "$c" "$cv" "$cfg"; else NOTE[snap:$c]="not available (this build has no \`stratafs snapshotter\`)"; fi
   done
 done
 
+[ -z "${CASES:-}" ] || exit 0
 log "metadata-only pull through the link"
 declare -A PULL
 for c in "gzip gzip $work/sf.toml" "gzip-noindex gzip $work/sf-noindex.toml" "estargz estargz $work/sf.toml"; do

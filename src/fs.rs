@@ -351,7 +351,9 @@ impl Layers {
                 .get(blob, pin)?
                 .filter(|i| i.diff_id == layer.diff_id && i.blob_size == layer.size))
         };
-        if let Some(i) = stored(None)? {
+        // The layer's own index comes with its window file; one whose file went missing is
+        // built again (below) rather than read with windows from nowhere.
+        if let Some(i) = stored(None)?.filter(|i| self.indexes.has_windows(i)) {
             return Ok((i, false));
         }
         let pinned = pinned_index(layer).filter(|_| self.settings.published);
@@ -703,9 +705,10 @@ pub struct ImageView {
     profiled: std::sync::atomic::AtomicBool,
 }
 
-/// Uncompressed bytes one fetch an open starts covers at most, and how many such fetches run
-/// at once per mount (per file, and in all): pieces keep a read of a file's first bytes from
-/// waiting for its whole prefetch, and a few at a time keep demand reads a share of the link.
+/// Uncompressed bytes one fetch an open starts covers at most, how many such fetches run at
+/// once per file, and how many files are fetched ahead at once per mount: pieces keep a read
+/// of a file's first bytes from waiting for its whole prefetch, and a few at a time keep
+/// demand reads a share of the link.
 const OPEN_PIECE: u64 = 1 << 20;
 const OPEN_PARALLEL: usize = 4;
 const OPEN_FETCHES: usize = 8;
@@ -818,12 +821,21 @@ impl ImageView {
             let at = k * OPEN_PIECE;
             (offset + at, OPEN_PIECE.min(len - at))
         });
+        // At most OPEN_FETCHES files at once: an open while they run fetches nothing ahead
+        // (its reads fetch), so a walk opening thousands of files queues no work.
+        let Ok(_permit) = self.open_fetches.try_acquire() else {
+            return;
+        };
         futures_util::stream::iter(pieces)
             .for_each_concurrent(OPEN_PARALLEL, |(at, len)| async move {
-                let Ok(_permit) = self.open_fetches.acquire().await else {
-                    return;
+                // The file's first piece is fetched as its first read would be (with its
+                // neighbours in the layer: the next file opened is often one of them).
+                let fetched = if at == offset {
+                    reader.fetch_ahead(at, len).await
+                } else {
+                    reader.prefetch(at, len).await
                 };
-                if let Err(e) = reader.prefetch(at, len).await {
+                if let Err(e) = fetched {
                     tracing::debug!(path = %self.tree.path(node), error = %e, "fetch ahead of reads failed");
                 }
             })

@@ -433,6 +433,23 @@ impl Filesystem for StrataFs {
         });
     }
 
+    /// No file here is a terminal or supports any other ioctl: ENOTTY, as a disk file system
+    /// answers (programs such as python ask `isatty` of every file they open).
+    #[allow(clippy::too_many_arguments)]
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOTTY);
+    }
+
     fn flush(
         &self,
         _req: &Request,

@@ -205,7 +205,7 @@ impl LayerIndex {
         }
         let mut pos = 0u64;
         let mut last_start = 0u64;
-        for s in &self.spans {
+        for (k, s) in self.spans.iter().enumerate() {
             let at = s.out_offset;
             if at != pos || s.out_len == 0 || s.out_len > MAX_SPAN {
                 return Err(format!(
@@ -241,6 +241,14 @@ impl LayerIndex {
                     {
                         return Err(format!(
                             "span at {at} does not start at its checkpoint {checkpoint}"
+                        ));
+                    }
+                    // The window of a checkpoint is then always the end of the span before,
+                    // so a reader that has that span never needs the window file.
+                    if s.out_len < gzip::WINDOW as u64 && k + 1 < self.spans.len() {
+                        return Err(format!(
+                            "span at {at} is {} bytes, shorter than a checkpoint window",
+                            s.out_len
                         ));
                     }
                     let windows = self.windows.as_ref().map_or(0, |w| w.size);
@@ -712,13 +720,22 @@ impl IndexStore {
             path: path.clone(),
             detail: e.to_string(),
         };
-        if path.exists() {
-            return Ok(());
-        }
-        std::fs::create_dir_all(path.parent().expect("windows dir")).map_err(err)?;
+        // Replaced even if present (the same bytes, or a damaged copy): the rename is atomic.
+        let dir = path.parent().expect("windows dir");
+        std::fs::create_dir_all(dir).map_err(err)?;
         file.as_file().sync_all().map_err(err)?;
         file.persist(&path).map_err(|e| err(e.error))?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(err)?;
         Ok(())
+    }
+
+    /// Whether `index` needs no window file or has its window file here (of the right size).
+    pub fn has_windows(&self, index: &LayerIndex) -> bool {
+        index.windows.as_ref().is_none_or(|w| {
+            std::fs::metadata(self.windows_path(&w.digest)).is_ok_and(|m| m.len() == w.size)
+        })
     }
 
     /// The bytes of `index`'s window file, if it is kept here (to publish it).
@@ -886,6 +903,35 @@ mod tests {
         if idx.random_access() {
             assert_eq!(covered, tar.len() as u64);
         }
+    }
+
+    #[test]
+    fn published_gzip_indexes_must_keep_windows_in_their_file_and_spans_a_window_long() {
+        let tar = sample_tar(60);
+        let blob = gzip(&tar);
+        let (idx, _) = index(&blob, &tar, Compression::Gzip, 64 * 1024);
+        idx.validate(1000).unwrap();
+        let windowed = idx
+            .checkpoints
+            .iter()
+            .position(|c| c.window_len > 0)
+            .expect("a windowed checkpoint");
+        // A window outside the window file, or longer than a deflated window can be.
+        let mut bad = idx.clone();
+        bad.checkpoints[windowed].window_at = bad.windows.as_ref().unwrap().size;
+        assert!(bad.validate(1000).unwrap_err().contains("window file"));
+        let mut bad = idx.clone();
+        bad.checkpoints[windowed].window_len = MAX_WINDOW_LEN + 1;
+        assert!(bad.validate(1000).unwrap_err().contains("window file"));
+        let mut bad = idx.clone();
+        bad.windows = None;
+        assert!(bad.validate(1000).unwrap_err().contains("window file"));
+        // A span shorter than a window (so the span before a checkpoint would not hold all of
+        // its window, and a reader would have to trust the window file).
+        let mut bad = idx.clone();
+        bad.spans[0].out_len = 100;
+        let err = bad.validate(1000).unwrap_err();
+        assert!(err.contains("shorter than a checkpoint window"), "{err}");
     }
 
     #[test]

@@ -336,6 +336,15 @@ impl LayerReader {
         self.read_with(offset, len, false).await.map(drop)
     }
 
+    /// Caches bytes `offset..offset + len` as a read would fetch them (with the spans after,
+    /// up to [`MIN_MISS_FETCH`]): for a fetch started ahead of a read that is about to come.
+    pub async fn fetch_ahead(&self, offset: u64, len: u64) -> Result<(), CacheError> {
+        if self.is_cached(offset, len) {
+            return Ok(());
+        }
+        self.read_with(offset, len, true).await.map(drop)
+    }
+
     async fn read_with(
         &self,
         offset: u64,
@@ -704,12 +713,16 @@ impl LayerReader {
         let (bytes, before, window) = tokio::join!(data, before, window);
         let (bytes, before, mut window) = (bytes?, before?, window?);
         let mut tail = None;
+        // Whether the first span's window is the layer's real output (the span before it),
+        // not the window file's word for it.
+        let mut real_window = true;
         if let Some(cp) = needs {
             tail = before
                 .as_deref()
                 .and_then(|b| cp.window_from(b))
                 .map(<[u8]>::to_vec);
             if tail.is_none() {
+                real_window = false;
                 // The span before was evicted meanwhile: read the window after all.
                 if window.is_none() {
                     window = Some(self.read_window(cp).await?);
@@ -723,12 +736,24 @@ impl LayerReader {
             let spans = &index.spans[first..=last];
             // The output known to precede the next span (up to a window of it).
             let mut tail: Option<Vec<u8>> = tail;
-            spans
+            // A published index whose gzip span does not verify although its compressed bytes
+            // do and its window is the real output before it: the index is wrong.
+            let mut lie = None;
+            let results = spans
                 .iter()
                 .zip(ranges)
-                .map(|(span, (start, stop))| {
+                .enumerate()
+                .map(|(k, (span, (start, stop)))| {
                     let raw = &bytes[(start - base) as usize..(stop - base) as usize];
                     let result = decode(&index, span, raw, tail.as_deref());
+                    if let (Err(e), Some(_), Fetch::Gzip { in_digest, .. }) =
+                        (&result, &index.published, &span.fetch)
+                    {
+                        let window_real = (k > 0 && tail.is_some()) || (k == 0 && real_window);
+                        if window_real && crate::digest::verify(in_digest, raw).is_ok() {
+                            lie.get_or_insert_with(|| e.to_string());
+                        }
+                    }
                     tail = match &result {
                         Ok(d) if d.len() >= gzip::WINDOW => {
                             Some(d[d.len() - gzip::WINDOW..].to_vec())
@@ -745,9 +770,14 @@ impl LayerReader {
                     };
                     result
                 })
-                .collect::<Vec<SpanResult>>()
+                .collect::<Vec<SpanResult>>();
+            (results, lie)
         });
-        Ok(decoded.await.expect("decode task"))
+        let (results, lie) = decoded.await.expect("decode task");
+        if let Some(detail) = lie {
+            return Err(self.mismatch(&detail));
+        }
+        Ok(results)
     }
 
     /// The gzip checkpoint span `i` starts from, if it is fetched from one.
@@ -1053,7 +1083,8 @@ mod tests {
         );
 
         // A forged window (and the span digest to match what it makes): never used while the
-        // span before is at hand, whose output is the real window — the span fails its digest.
+        // span before is at hand, whose output is the real window — the span fails its digest
+        // although its compressed bytes verify, so the index is refused as a whole.
         let mut forged = published.clone();
         let k = forged
             .spans
@@ -1100,13 +1131,16 @@ mod tests {
         ));
         let r = LayerReader::new(Arc::new(forged.clone()), source.clone(), fresh.clone())
             .with_windows(Some(windows));
-        r.read(forged.spans[k - 1].out_offset, 10).await.unwrap();
+        r.prefetch(forged.spans[k - 1].out_offset, 10)
+            .await
+            .unwrap();
         let err = r
             .read(forged.spans[k].out_offset, 10)
             .await
             .unwrap_err()
             .to_string();
-        assert!(err.contains("failed verification"), "{err}");
+        assert!(err.contains("does not describe the layer"), "{err}");
+        assert_eq!(fresh.stats.index_mismatches.load(Ordering::Relaxed), 1);
 
         // The same index claiming another entry list: caught at the first read of the
         // complete layer, counted, and refused from then on.
