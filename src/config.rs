@@ -87,7 +87,7 @@ impl Default for MountSettings {
             background_delay_secs: 2.0,
             profile_record: true,
             profile_replay: true,
-            profile_parallel: 6,
+            profile_parallel: 12,
             open_prefetch: 8 << 20,
         }
     }

@@ -48,7 +48,7 @@ pub const MAX_PROFILE_BYTES: u64 = 16 << 20;
 pub const RECORD_FOR: Duration = Duration::from_secs(60);
 /// Uncompressed bytes one replay step reads at most: long ranges are replayed in pieces, so
 /// `parallel` steps bound the memory a replay holds and the link carries several at once.
-const REPLAY_PIECE: u64 = 4 << 20;
+const REPLAY_PIECE: u64 = 2 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {

@@ -220,11 +220,11 @@ fn a_small_read_from_a_large_layer_fetches_one_range() {
         blob_size + bytes,
         "stats count the streaming pass and the range read: {stats}"
     );
-    // The span holding the file, and the spans after it up to 512 KiB compressed (a miss
+    // The span holding the file, and the spans after it up to 384 KiB compressed (a miss
     // brings its neighbours: see MIN_MISS_FETCH in src/layer/reader.rs).
     let per_span = blob_size / spans;
     assert!(
-        bytes <= (512 << 10) + 2 * per_span,
+        bytes <= (384 << 10) + 2 * per_span,
         "{bytes} bytes for a {}-byte file (span ≈ {per_span})",
         content.len()
     );

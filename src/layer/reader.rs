@@ -138,9 +138,10 @@ const MIN_TOC_FETCH: u64 = 512 << 10;
 /// the spans after the one missed are missing too. Spans are small (256 KiB of tar, so a miss
 /// costs little beyond what it reads), but programs read file after file in tar order (an
 /// `import` walks a package's directory), and each miss costs a round trip: a miss brings the
-/// neighbours too, about two round trips' worth of transfer at 100 Mbit/s and 20 ms. Profile
-/// replay and open prefetch read exactly what they ask for.
-const MIN_MISS_FETCH: u64 = 512 << 10;
+/// neighbours too, about one and a half round trips' worth of transfer at 100 Mbit/s and
+/// 20 ms. On the cold-start benchmark 384 KiB kept the bytes fetched within 1.5× the files'
+/// compressed size (512 KiB: 1.6×, no faster). Profile replay reads exactly what it asks for.
+const MIN_MISS_FETCH: u64 = 384 << 10;
 
 /// Lazy reads of one layer.
 pub struct LayerReader {
