@@ -232,6 +232,17 @@ impl Layers {
         image: &ImageRecord,
         layer: &LayerRecord,
     ) -> Result<Arc<RegistrySource>, FsError> {
+        self.blob_source(image, layer, &layer.digest, layer.size)
+    }
+
+    /// Blob `digest` (`size` bytes) of `image`'s repository, its bytes counted as `layer`'s.
+    fn blob_source(
+        &self,
+        image: &ImageRecord,
+        layer: &LayerRecord,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<Arc<RegistrySource>, FsError> {
         let reference: Reference = image
             .name
             .parse()
@@ -245,8 +256,8 @@ impl Layers {
         Ok(Arc::new(RegistrySource::new(
             self.client.clone(),
             reference,
-            layer.digest.clone(),
-            layer.size,
+            digest.clone(),
+            size,
             counter,
         )))
     }
@@ -269,23 +280,7 @@ impl Layers {
                 return Ok(Some(Arc::new(file)));
             }
         }
-        let reference: Reference = image
-            .name
-            .parse()
-            .map_err(|_| FsError::Name(image.name.clone()))?;
-        let counter = self
-            .fetched
-            .lock()
-            .entry(layer.digest.digest().to_string())
-            .or_default()
-            .clone();
-        Ok(Some(Arc::new(RegistrySource::new(
-            self.client.clone(),
-            reference,
-            w.digest.clone(),
-            w.size,
-            counter,
-        ))))
+        Ok(Some(self.blob_source(image, layer, &w.digest, w.size)?))
     }
 
     /// A reader of `layer` through `index`, with its blob and window sources.
