@@ -271,11 +271,10 @@ impl Transport {
                 }
                 Err(e) => {
                     counted("error");
-                    let err = map_reqwest(&ep.host, &url, e);
                     // A server that does not speak TLS gets plain HTTP; one whose certificate
                     // is not trusted gets a TLS error, not a downgrade.
-                    let untrusted = matches!(&err, RegistryError::Tls { detail, .. }
-                        if detail.to_ascii_lowercase().contains("certificate"));
+                    let untrusted = tls_failure(&e).is_some_and(|t| t.untrusted());
+                    let err = map_reqwest(&ep.host, &url, e);
                     if ep.http_fallback && base.starts_with("https://") && !untrusted {
                         tracing::info!(host = %ep.host, error = %err, "no TLS on loopback registry, using plain HTTP");
                         base = format!("http://{}", ep.host);
@@ -674,7 +673,46 @@ async fn status_error(ep: &Endpoint, url: &str, resp: Response) -> RegistryError
     }
 }
 
-/// Classifies a transport error: DNS, TLS, timeout or connection.
+/// The TLS error (rustls's) behind a transport error, if TLS is what failed: found by type
+/// along the error's sources (an I/O error carries it inside).
+fn tls_failure(e: &reqwest::Error) -> Option<&rustls::Error> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        // An I/O error's `source` skips the error it wraps (which may be another I/O error,
+        // as hyper's connector wraps tokio-rustls's): look inside.
+        let mut inner: &(dyn std::error::Error + 'static) = s;
+        while let Some(io) = inner.downcast_ref::<std::io::Error>() {
+            match io.get_ref() {
+                Some(wrapped) => inner = wrapped,
+                None => break,
+            }
+        }
+        if let Some(t) = inner.downcast_ref::<rustls::Error>() {
+            return Some(t);
+        }
+        source = s.source();
+    }
+    None
+}
+
+/// What a TLS failure says of the server.
+trait TlsFailure {
+    /// The server spoke TLS but its certificate (or lack of one) is not trusted.
+    fn untrusted(&self) -> bool;
+}
+
+impl TlsFailure for rustls::Error {
+    fn untrusted(&self) -> bool {
+        matches!(
+            self,
+            rustls::Error::InvalidCertificate(_)
+                | rustls::Error::NoCertificatesPresented
+                | rustls::Error::InvalidCertRevocationList(_)
+        )
+    }
+}
+
+/// Classifies a transport error: timeout, TLS (by rustls's error type), DNS or connection.
 pub(crate) fn map_reqwest(host: &str, url: &str, e: reqwest::Error) -> RegistryError {
     if e.is_timeout() {
         return RegistryError::Timeout {
@@ -682,6 +720,7 @@ pub(crate) fn map_reqwest(host: &str, url: &str, e: reqwest::Error) -> RegistryE
             url: url.to_string(),
         };
     }
+    let tls = tls_failure(&e).is_some();
     let mut chain = Vec::new();
     let mut source: Option<&dyn std::error::Error> = Some(&e);
     while let Some(s) = source {
@@ -691,19 +730,11 @@ pub(crate) fn map_reqwest(host: &str, url: &str, e: reqwest::Error) -> RegistryE
     let detail = chain.last().cloned().unwrap_or_default();
     let all = chain.join(": ").to_ascii_lowercase();
     let host = host.to_string();
-    if all.contains("dns error") || all.contains("failed to lookup address") {
-        RegistryError::Dns { host, detail }
-    } else if [
-        "certificate",
-        "tls",
-        "handshake",
-        "corrupt message",
-        "invalid peer",
-    ]
-    .iter()
-    .any(|k| all.contains(k))
-    {
+    if tls {
         RegistryError::Tls { host, detail }
+    } else if all.contains("dns error") || all.contains("failed to lookup address") {
+        // hyper's resolver error has no public type: its message is all there is.
+        RegistryError::Dns { host, detail }
     } else {
         RegistryError::Connect { host, detail }
     }
