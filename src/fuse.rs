@@ -762,17 +762,37 @@ pub enum MountState {
     Dead,
 }
 
+/// One mount of this process's mount namespace, from /proc/self/mountinfo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    pub mountpoint: std::path::PathBuf,
+    /// `fuse.stratafs`, `overlay`, …
+    pub fstype: String,
+    /// What was mounted (for stratafs: the image reference).
+    pub source: String,
+}
+
+/// Every mount in /proc/self/mountinfo, in mount order (escapes undone).
+pub fn mount_entries() -> Vec<MountEntry> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines().filter_map(parse_mountinfo_line).collect()
+}
+
+fn parse_mountinfo_line(line: &str) -> Option<MountEntry> {
+    let fields: Vec<&str> = line.split(' ').collect();
+    let dash = fields.iter().position(|f| *f == "-")?;
+    Some(MountEntry {
+        mountpoint: unescape(fields.get(4)?).into(),
+        fstype: unescape(fields.get(dash + 1)?),
+        source: unescape(fields.get(dash + 2)?),
+    })
+}
+
 /// Looks `mountpoint` up in /proc/self/mountinfo and probes it.
 pub fn mount_state(mountpoint: &Path) -> MountState {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let want = mountpoint.to_string_lossy();
-    let mounted = info.lines().any(|line| {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let sep = fields.iter().position(|f| *f == "-");
-        let fstype = sep.and_then(|i| fields.get(i + 1)).copied().unwrap_or("");
-        fields.get(4).map(|p| unescape(p)).as_deref() == Some(want.as_ref())
-            && fstype.starts_with("fuse")
-    });
+    let mounted = mount_entries()
+        .iter()
+        .any(|m| m.mountpoint == mountpoint && m.fstype.starts_with("fuse"));
     if !mounted {
         return MountState::None;
     }
@@ -833,5 +853,15 @@ mod tests {
         assert_eq!(encode_dev(1, 3), 0x103);
         assert_eq!(encode_dev(8, 0x1234), 0x120_0834);
         assert_eq!(unescape("/mnt/a\\040b"), "/mnt/a b");
+        let line = "36 35 0:42 / /mnt/my\\040app rw,nosuid - fuse.stratafs 127.0.0.1:5000/app:v1 rw,user_id=0";
+        assert_eq!(
+            parse_mountinfo_line(line),
+            Some(MountEntry {
+                mountpoint: "/mnt/my app".into(),
+                fstype: "fuse.stratafs".into(),
+                source: "127.0.0.1:5000/app:v1".into(),
+            })
+        );
+        assert_eq!(parse_mountinfo_line("garbage"), None);
     }
 }

@@ -596,21 +596,11 @@ pub fn mounts(root: &Path) -> Vec<MountRecord> {
 
 /// What is mounted at `mountpoint`, from /proc/self/mountinfo: "fuse.stratafs 127.0.0.1:5000/app:v1".
 fn mounted_there(mountpoint: &Path) -> String {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let unescape = |s: &str| {
-        s.replace("\\040", " ")
-            .replace("\\011", "\t")
-            .replace("\\134", "\\")
-    };
-    info.lines()
+    stratafs::fuse::mount_entries()
+        .into_iter()
         .rev()
-        .find_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let dash = fields.iter().position(|f| *f == "-")?;
-            let at = unescape(fields.get(4)?);
-            let (fstype, source) = (fields.get(dash + 1)?, fields.get(dash + 2)?);
-            (Path::new(&at) == mountpoint).then(|| format!("{fstype} {}", unescape(source)))
-        })
+        .find(|m| m.mountpoint == mountpoint)
+        .map(|m| format!("{} {}", m.fstype, m.source))
         .unwrap_or_else(|| "by something else".to_string())
 }
 
