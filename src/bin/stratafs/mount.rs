@@ -421,7 +421,7 @@ async fn serve(
         metrics: metrics_address,
     };
     let record_path = record_path(ctx.store.root(), mountpoint);
-    if let Err(e) = write_record(&record_path, &record) {
+    if let Err(e) = write_record(&ctx.store.root().join("tmp"), &record_path, &record) {
         tracing::warn!(error = %e, "cannot record the mount");
     }
     let message = format!(
@@ -609,11 +609,14 @@ fn record_path(root: &Path, mountpoint: &Path) -> PathBuf {
         .join(format!("{}.json", escape(mountpoint)))
 }
 
-fn write_record(path: &Path, record: &MountRecord) -> std::io::Result<()> {
+/// Writes a mount record whole or not at all (the store's atomic write: a temp file in
+/// `tmp_dir`, synced, renamed).
+fn write_record(tmp_dir: &Path, path: &Path, record: &MountRecord) -> Result<()> {
     std::fs::create_dir_all(path.parent().expect("record dir"))?;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(record)?)?;
-    std::fs::rename(tmp, path)
+    std::fs::create_dir_all(tmp_dir)?;
+    let data = serde_json::to_vec_pretty(record)?;
+    stratafs::store::write_atomic(tmp_dir, path, &data)?;
+    Ok(())
 }
 
 /// A mountpoint as a file name: `/mnt/py` → `mnt-py`.
