@@ -30,14 +30,10 @@ pub struct Checkpoint {
     pub out_offset: u64,
     /// Where this checkpoint's window (the preceding output, raw-deflate compressed) lies in
     /// the layer's window file: offset and length; length 0 at member starts (no window).
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "super::is_zero")]
     pub window_at: u64,
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "super::is_zero")]
     pub window_len: u64,
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
 }
 
 impl Checkpoint {

@@ -331,19 +331,20 @@ impl LayerReader {
     /// sequential read-ahead), as a profile replay does ahead of the reads it predicts.
     /// Spans cached already are not loaded (nor verified) again.
     pub async fn prefetch(&self, offset: u64, len: u64) -> Result<(), CacheError> {
-        if self.is_cached(offset, len) {
-            return Ok(());
-        }
-        self.read_with(offset, len, false).await.map(drop)
+        self.cache_range(offset, len, false).await
     }
 
     /// Caches bytes `offset..offset + len` as a read would fetch them (with the spans after,
     /// up to [`MIN_MISS_FETCH`]): for a fetch started ahead of a read that is about to come.
     pub async fn fetch_ahead(&self, offset: u64, len: u64) -> Result<(), CacheError> {
+        self.cache_range(offset, len, true).await
+    }
+
+    async fn cache_range(&self, offset: u64, len: u64, readahead: bool) -> Result<(), CacheError> {
         if self.is_cached(offset, len) {
             return Ok(());
         }
-        self.read_with(offset, len, true).await.map(drop)
+        self.read_with(offset, len, readahead).await.map(drop)
     }
 
     async fn read_with(
@@ -437,11 +438,7 @@ impl LayerReader {
                 } else {
                     until
                 };
-                let until = if readahead {
-                    until.max(self.min_miss_end(i))
-                } else {
-                    until
-                };
+                let until = until.max(self.min_fetch_end(i, readahead));
                 // Another run fetching span i: wait for it and take i from the cache (or, if
                 // that run failed or i did not verify, fetch it here).
                 let (last, _run) = loop {
@@ -619,18 +616,22 @@ impl LayerReader {
         }
     }
 
-    /// Where a demand miss of span `i` of a stream-indexed layer should fetch to: far enough
-    /// that the fetch carries [`MIN_MISS_FETCH`] compressed bytes (0: no minimum).
-    fn min_miss_end(&self, i: usize) -> u64 {
+    /// Where a fetch of span `i` should reach to, at least: far enough that it carries
+    /// [`MIN_TOC_FETCH`] compressed bytes for a TOC-indexed layer, and [`MIN_MISS_FETCH`] for
+    /// a demand miss (`readahead`) of a stream-indexed one (0: no minimum).
+    fn min_fetch_end(&self, i: usize, readahead: bool) -> u64 {
         let spans = &self.index.spans;
-        let start = match (self.index.format, fetch_range(&spans[i].fetch)) {
-            (IndexFormat::Stream, Some((start, _))) => start,
-            _ => return 0,
+        let min = match self.index.format {
+            IndexFormat::Estargz | IndexFormat::ZstdChunked => MIN_TOC_FETCH,
+            IndexFormat::Stream if readahead => MIN_MISS_FETCH,
+            IndexFormat::Stream => return 0,
+        };
+        let Some((start, _)) = fetch_range(&spans[i].fetch) else {
+            return 0;
         };
         let mut j = i;
         while j + 1 < spans.len()
-            && fetch_range(&spans[j].fetch)
-                .is_some_and(|(_, end)| end.saturating_sub(start) < MIN_MISS_FETCH)
+            && fetch_range(&spans[j].fetch).is_some_and(|(_, end)| end.saturating_sub(start) < min)
         {
             j += 1;
         }
@@ -638,21 +639,16 @@ impl LayerReader {
     }
 
     /// The last span of the run of uncached, fetchable spans starting at `i` that a read
-    /// ending at `until` needs — for TOC-indexed layers at least [`MIN_TOC_FETCH`] bytes of
-    /// it — bounded by [`MAX_COALESCED`].
+    /// ending at `until` needs (see [`min_fetch_end`](Self::min_fetch_end)), bounded by
+    /// [`MAX_COALESCED`].
     fn missing_run_end(&self, i: usize, until: u64) -> usize {
         let spans = &self.index.spans;
         let start = fetch_range(&spans[i].fetch).map_or(0, |r| r.0);
-        let min_end = match self.index.format {
-            IndexFormat::Stream => start,
-            IndexFormat::Estargz | IndexFormat::ZstdChunked => start + MIN_TOC_FETCH,
-        };
-        let wanted = |last: usize| {
-            spans[last + 1].out_offset < until
-                || fetch_range(&spans[last].fetch).is_some_and(|(_, end)| end < min_end)
-        };
         let mut last = i;
-        while last + 1 < spans.len() && wanted(last) && !self.span_cached(last + 1) {
+        while last + 1 < spans.len()
+            && spans[last + 1].out_offset < until
+            && !self.span_cached(last + 1)
+        {
             match fetch_range(&spans[last + 1].fetch) {
                 Some((_, end)) if end.saturating_sub(start) <= MAX_COALESCED => last += 1,
                 _ => break,
@@ -713,65 +709,55 @@ impl LayerReader {
         };
         let (bytes, before, window) = tokio::join!(data, before, window);
         let (bytes, before, mut window) = (bytes?, before?, window?);
-        let mut tail = None;
-        // Whether the first span's window is the layer's real output (the span before it),
-        // not the window file's word for it.
+        // The first span's window: the end of the span before (the layer's real output), else
+        // the window file's word for it.
+        let mut first_window = None;
         let mut real_window = true;
         if let Some(cp) = needs {
-            tail = before
+            first_window = before
                 .as_deref()
                 .and_then(|b| cp.window_from(b))
                 .map(<[u8]>::to_vec);
-            if tail.is_none() {
+            if first_window.is_none() {
                 real_window = false;
                 // The span before was evicted meanwhile: read the window after all.
                 if window.is_none() {
                     window = Some(self.read_window(cp).await?);
                 }
-                tail = window;
+                first_window = window;
             }
         }
         // Decompressing and hashing is CPU work: one blocking task for the whole run.
         let index = self.index.clone();
         let decoded = tokio::task::spawn_blocking(move || {
             let spans = &index.spans[first..=last];
-            // The output known to precede the next span (up to a window of it).
-            let mut tail: Option<Vec<u8>> = tail;
             // A published index whose gzip span does not verify although its compressed bytes
             // do and its window is the real output before it: the index is wrong.
             let mut lie = None;
-            let results = spans
-                .iter()
-                .zip(ranges)
-                .enumerate()
-                .map(|(k, (span, (start, stop)))| {
-                    let raw = &bytes[(start - base) as usize..(stop - base) as usize];
-                    let result = decode(&index, span, raw, tail.as_deref());
-                    if let (Err(e), Some(_), Fetch::Gzip { in_digest, .. }) =
-                        (&result, &index.published, &span.fetch)
-                    {
-                        let window_real = (k > 0 && tail.is_some()) || (k == 0 && real_window);
-                        if window_real && crate::digest::verify(in_digest, raw).is_ok() {
-                            lie.get_or_insert_with(|| e.to_string());
-                        }
-                    }
-                    tail = match &result {
-                        Ok(d) if d.len() >= gzip::WINDOW => {
-                            Some(d[d.len() - gzip::WINDOW..].to_vec())
-                        }
-                        Ok(d) => tail
-                            .take()
-                            .map(|mut t| {
-                                t.extend_from_slice(d);
-                                t.drain(..t.len().saturating_sub(gzip::WINDOW));
-                                t
-                            })
-                            .or_else(|| Some(d.clone())),
-                        Err(_) => None,
+            let mut results: Vec<SpanResult> = Vec::with_capacity(spans.len());
+            for (k, (span, (start, stop))) in spans.iter().zip(ranges).enumerate() {
+                let raw = &bytes[(start - base) as usize..(stop - base) as usize];
+                // Each later span's window is the end of the output just decoded (spans are
+                // at least a window long, but the last).
+                let before = match k {
+                    0 => first_window.as_deref(),
+                    _ => results[k - 1].as_deref().ok(),
+                };
+                let result = decode(&index, span, raw, before);
+                if let (Err(e), Some(_), Fetch::Gzip { in_digest, .. }) =
+                    (&result, &index.published, &span.fetch)
+                {
+                    let window_real = if k == 0 {
+                        real_window
+                    } else {
+                        before.is_some()
                     };
-                    result
-                })
-                .collect::<Vec<SpanResult>>();
+                    if window_real && crate::digest::verify(in_digest, raw).is_ok() {
+                        lie.get_or_insert_with(|| e.to_string());
+                    }
+                }
+                results.push(result);
+            }
             (results, lie)
         });
         let (results, lie) = decoded.await.expect("decode task");

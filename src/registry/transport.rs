@@ -273,7 +273,7 @@ impl Transport {
                     counted("error");
                     // A server that does not speak TLS gets plain HTTP; one whose certificate
                     // is not trusted gets a TLS error, not a downgrade.
-                    let untrusted = tls_failure(&e).is_some_and(|t| t.untrusted());
+                    let untrusted = tls_failure(&e).is_some_and(untrusted);
                     let err = map_reqwest(&ep.host, &url, e);
                     if ep.http_fallback && base.starts_with("https://") && !untrusted {
                         tracing::info!(host = %ep.host, error = %err, "no TLS on loopback registry, using plain HTTP");
@@ -695,21 +695,15 @@ fn tls_failure(e: &reqwest::Error) -> Option<&rustls::Error> {
     None
 }
 
-/// What a TLS failure says of the server.
-trait TlsFailure {
-    /// The server spoke TLS but its certificate (or lack of one) is not trusted.
-    fn untrusted(&self) -> bool;
-}
-
-impl TlsFailure for rustls::Error {
-    fn untrusted(&self) -> bool {
-        matches!(
-            self,
-            rustls::Error::InvalidCertificate(_)
-                | rustls::Error::NoCertificatesPresented
-                | rustls::Error::InvalidCertRevocationList(_)
-        )
-    }
+/// Whether a TLS failure says the server spoke TLS but its certificate (or lack of one) is
+/// not trusted.
+fn untrusted(e: &rustls::Error) -> bool {
+    matches!(
+        e,
+        rustls::Error::InvalidCertificate(_)
+            | rustls::Error::NoCertificatesPresented
+            | rustls::Error::InvalidCertRevocationList(_)
+    )
 }
 
 /// Classifies a transport error: timeout, TLS (by rustls's error type), DNS or connection.
