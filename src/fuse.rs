@@ -9,6 +9,16 @@
 //!
 //! [`mount`] mounts with mount(2) itself (type `fuse.stratafs`, the image name as source),
 //! so `/proc/mounts` and `findmnt` show what is mounted; it needs CAP_SYS_ADMIN.
+//!
+//! A connection can outlive the process serving it ([`crate::daemon::holder`] keeps a copy of
+//! its `/dev/fuse` descriptor): every dispatch thread reads the one shared descriptor (no
+//! cloned ones, whose unanswered requests the kernel would abort with the process), and
+//! [`take_over`] lets a new process serve the same mount. It needs the same tree (inode numbers
+//! are the tree's, so the caller checks [`crate::tree::Tree::fingerprint`]) and how each open
+//! inode is opened (through the daemon, or passthrough with which backing id), which every
+//! serving process appends to an [`OpenLog`]. Requests
+//! the dead process had read but not answered are sent again by the kernel
+//! (FUSE_NOTIFY_RESEND, Linux ≥ 6.9), so none is lost and none is answered twice.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -130,7 +140,12 @@ pub struct StrataFs {
     runtime: tokio::runtime::Handle,
     options: MountOptions,
     /// Set in `init` when the kernel accepted FUSE passthrough.
-    passthrough: AtomicBool,
+    passthrough: Arc<AtomicBool>,
+    /// Where open modes are recorded for a process that takes the connection over.
+    log: Option<Arc<OpenLog>>,
+    /// How a previous serving process opened inodes it did not see closed: files may still be
+    /// open that way, so this process opens them the same way, for as long as it lives.
+    inherited: Mutex<HashMap<u64, OpenMode>>,
     /// Open files per inode. The kernel wants every open of an inode in one mode: all
     /// passthrough (sharing one backing id) or all through the daemon.
     opens: Arc<Mutex<HashMap<u64, Opens>>>,
@@ -170,6 +185,8 @@ impl StrataFs {
         view: Arc<ImageView>,
         runtime: tokio::runtime::Handle,
         options: MountOptions,
+        log: Option<Arc<OpenLog>>,
+        inherited: HashMap<u64, OpenMode>,
     ) -> StrataFs {
         let tree = &view.tree;
         let blocks = tree
@@ -183,7 +200,9 @@ impl StrataFs {
             view,
             runtime,
             options,
-            passthrough: AtomicBool::new(false),
+            passthrough: Arc::default(),
+            log,
+            inherited: Mutex::new(inherited),
             opens: Arc::default(),
             next_fh: AtomicU64::new(1),
             reads: Arc::default(),
@@ -342,10 +361,30 @@ impl Filesystem for StrataFs {
                 o.count += 1;
                 return o.reply(reply, fh);
             }
+            if let Some(mode) = self.inherited.lock().unwrap().remove(&ino.0) {
+                // Opened by the process that served before, and maybe still open: the same way
+                // (and the same backing id), for as long as this process serves.
+                let backing = match mode {
+                    OpenMode::Cached => None,
+                    // SAFETY: the id was opened on this connection and never closed (the log
+                    // records a close before it happens); it is closed only when the
+                    // `BackingId` is dropped, and `keep` entries never are.
+                    OpenMode::Passthrough(id) => Some(unsafe { reply.wrap_backing(id) }),
+                };
+                let o = Opens {
+                    count: 1,
+                    backing,
+                    keep: true,
+                };
+                o.reply(reply, fh);
+                opens.insert(ino.0, o);
+                return;
+            }
         }
         // Looking for (or assembling) a local copy reads the disk: not on the dispatch thread.
         let view = self.view.clone();
         let opens = self.opens.clone();
+        let log = self.log.clone();
         self.runtime.spawn(async move {
             let local = if view.tree.node(id).size < PASSTHROUGH_MIN_SIZE {
                 None
@@ -368,12 +407,27 @@ impl Filesystem for StrataFs {
                 let file = std::fs::File::open(&path)
                     .map_err(|e| tracing::warn!(path = %path.display(), error = %e, "cannot open local copy"))
                     .ok()?;
-                reply
+                let backing = reply
                     .open_backing(&file)
                     .map_err(|e| tracing::info!(error = %e, "passthrough refused"))
-                    .ok()
+                    .ok()?;
+                let raw = backing.into_raw();
+                // SAFETY: `raw` was just opened on this connection and is closed only when the
+                // wrapper is dropped.
+                Some((unsafe { reply.wrap_backing(raw) }, raw))
             });
-            let o = Opens { count: 1, backing };
+            let (backing, mode) = match backing {
+                Some((b, raw)) => (Some(b), OpenMode::Passthrough(raw)),
+                None => (None, OpenMode::Cached),
+            };
+            if let Some(log) = &log {
+                log.record(ino.0, Some(mode));
+            }
+            let o = Opens {
+                count: 1,
+                backing,
+                keep: false,
+            };
             o.reply(reply, fh);
             opens.insert(ino.0, o);
         });
@@ -473,8 +527,12 @@ impl Filesystem for StrataFs {
     ) {
         let mut opens = self.opens.lock().unwrap();
         if let Some(o) = opens.get_mut(&ino.0) {
-            o.count -= 1;
-            if o.count == 0 {
+            o.count = o.count.saturating_sub(1);
+            if o.count == 0 && !o.keep {
+                if let Some(log) = &self.log {
+                    // Recorded before the close: a process taking over never uses a closed id.
+                    log.record(ino.0, None);
+                }
                 opens.remove(&ino.0); // closes the backing id, if any
             }
         }
@@ -600,6 +658,9 @@ impl StrataFs {
 struct Opens {
     count: u32,
     backing: Option<BackingId>,
+    /// Inherited from the process that served before: files it opened may still use the
+    /// backing id, and their number is unknown, so it is never closed.
+    keep: bool,
 }
 
 impl Opens {
@@ -627,15 +688,21 @@ pub struct Mounted {
     pub mountpoint: PathBuf,
     /// Reads served so far.
     pub reads: Arc<AtomicU64>,
+    /// Whether the kernel accepted FUSE passthrough (a process taking over must know).
+    pub passthrough: bool,
+    /// A copy of the connection's `/dev/fuse` descriptor, for a holder to keep.
+    pub device: OwnedFd,
     thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
 }
 
-/// Mounts `view` at `mountpoint` and starts serving it on `options.threads` threads.
+/// Mounts `view` at `mountpoint` and starts serving it on `options.threads` threads. Backing
+/// ids are recorded in `backings` when given (for a process that may take over).
 pub fn mount(
     view: Arc<ImageView>,
     runtime: tokio::runtime::Handle,
     mountpoint: &Path,
     options: &MountOptions,
+    backings: Option<Arc<OpenLog>>,
 ) -> Result<Mounted, FuseError> {
     let fail = |detail: String| FuseError::Mount {
         mountpoint: mountpoint.to_path_buf(),
@@ -680,6 +747,85 @@ pub fn mount(
         nix::errno::Errno::EPERM => fail("mounting needs root (CAP_SYS_ADMIN)".into()),
         e => fail(format!("mount(2) failed: {e}")),
     })?;
+    let device = fd.try_clone().map_err(|e| {
+        let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
+        fail(format!("cannot duplicate the FUSE descriptor: {e}"))
+    })?;
+    let fs = StrataFs::new(view, runtime, options.clone(), backings, HashMap::new());
+    let (reads, passthrough) = (fs.reads.clone(), fs.passthrough.clone());
+    let session = session(fs, fd, options).map_err(|e| {
+        let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
+        fail(format!("FUSE handshake failed: {e}"))
+    })?;
+    start(session, mountpoint, reads, passthrough, device)
+}
+
+/// Serves the mounted connection `device` (a descriptor another process served, and a holder
+/// kept): `view` must have the tree that process served, `passthrough` what the kernel
+/// accepted then, and `backings` the log that process kept. The kernel's INIT is long past, so
+/// `fuser` is given a copy of it; then the kernel is asked to resend the requests nobody
+/// answered.
+pub fn take_over(
+    view: Arc<ImageView>,
+    runtime: tokio::runtime::Handle,
+    mountpoint: &Path,
+    device: OwnedFd,
+    options: &MountOptions,
+    passthrough: bool,
+    backings: &Path,
+) -> Result<Mounted, FuseError> {
+    let fail = |detail: String| FuseError::Mount {
+        mountpoint: mountpoint.to_path_buf(),
+        detail,
+    };
+    let inherited = OpenLog::read(backings);
+    let log = OpenLog::rewrite(backings, inherited.clone())
+        .map_err(|e| fail(format!("{}: {e}", backings.display())))?;
+    let mut options = options.clone();
+    options.passthrough = passthrough;
+    let fs = StrataFs::new(
+        view,
+        runtime,
+        options.clone(),
+        Some(Arc::new(log)),
+        inherited,
+    );
+    let (reads, accepted) = (fs.reads.clone(), fs.passthrough.clone());
+    // fuser reads INIT from the descriptor it is given: give it a socket holding one, then
+    // point that descriptor number at the real connection.
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| fail(format!("socketpair: {e}")))?;
+    nix::unistd::write(&theirs, &synthetic_init(passthrough))
+        .map_err(|e| fail(format!("writing INIT: {e}")))?;
+    let number = ours.as_raw_fd();
+    let session = session(fs, ours, &options).map_err(|e| fail(format!("handshake: {e}")))?;
+    drop(theirs); // with fuser's INIT reply, unread: the kernel already has one
+                  // SAFETY: `number` is the session's open descriptor and no thread uses it yet (the session
+                  // runs below); dup2 atomically replaces it with the connection, which stays open through
+                  // `device` until the session ends.
+    if unsafe { libc::dup2(device.as_raw_fd(), number) } < 0 {
+        return Err(fail(format!("dup2: {}", std::io::Error::last_os_error())));
+    }
+    resend(&device).map_err(|e| {
+        fail(format!(
+            "FUSE_NOTIFY_RESEND failed ({e}): requests in flight at the takeover would wait forever (needs Linux 6.9 or later)"
+        ))
+    })?;
+    accepted.store(passthrough, Ordering::Relaxed);
+    start(session, mountpoint, reads, accepted, device)
+}
+
+fn session(
+    fs: StrataFs,
+    fd: OwnedFd,
+    options: &MountOptions,
+) -> std::io::Result<fuser::Session<StrataFs>> {
     let acl = if options.allow_other {
         fuser::SessionACL::All
     } else {
@@ -687,23 +833,189 @@ pub fn mount(
     };
     let mut config = fuser::Config::default();
     config.n_threads = Some(options.threads);
-    config.clone_fd = true;
+    // Cloned descriptors die with this process, and the kernel aborts the requests read
+    // through them: all threads read the shared one, which a holder keeps.
+    config.clone_fd = false;
     config.acl = acl;
-    let fs = StrataFs::new(view, runtime, options.clone());
-    let reads = fs.reads.clone();
-    let session = fuser::Session::from_fd(fs, fd, acl, config).map_err(|e| {
-        let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
-        fail(format!("FUSE handshake failed: {e}"))
-    })?;
+    fuser::Session::from_fd(fs, fd, acl, config)
+}
+
+fn start(
+    session: fuser::Session<StrataFs>,
+    mountpoint: &Path,
+    reads: Arc<AtomicU64>,
+    passthrough: Arc<AtomicBool>,
+    device: OwnedFd,
+) -> Result<Mounted, FuseError> {
     let thread = std::thread::Builder::new()
         .name("fuse-session".into())
         .spawn(move || session.run())
-        .map_err(|e| fail(format!("cannot start the session: {e}")))?;
+        .map_err(|e| FuseError::Mount {
+            mountpoint: mountpoint.to_path_buf(),
+            detail: format!("cannot start the session: {e}"),
+        })?;
     Ok(Mounted {
         mountpoint: mountpoint.to_path_buf(),
         reads,
+        passthrough: passthrough.load(Ordering::Relaxed),
+        device,
         thread: Some(thread),
     })
+}
+
+/// FUSE_INIT as the kernel sends it (fuse_in_header + fuse_init_in, ABI 7.41), offering what
+/// `StrataFs::init` asks for; passthrough only if the kernel accepted it at the real INIT.
+fn synthetic_init(passthrough: bool) -> Vec<u8> {
+    let mut flags = InitFlags::FUSE_DO_READDIRPLUS
+        | InitFlags::FUSE_CACHE_SYMLINKS
+        | InitFlags::FUSE_PARALLEL_DIROPS
+        | InitFlags::FUSE_MAX_PAGES
+        | InitFlags::FUSE_SPLICE_READ
+        | InitFlags::FUSE_INIT_EXT;
+    if passthrough {
+        flags |= InitFlags::FUSE_PASSTHROUGH;
+    }
+    let bits = flags.bits();
+    let mut m = Vec::with_capacity(104);
+    m.extend_from_slice(&104u32.to_ne_bytes()); // len
+    m.extend_from_slice(&26u32.to_ne_bytes()); // FUSE_INIT
+    m.extend_from_slice(&1u64.to_ne_bytes()); // unique
+    m.extend_from_slice(&[0; 8 + 4 + 4 + 4 + 2 + 2]); // nodeid, uid, gid, pid, extlen, pad
+    m.extend_from_slice(&7u32.to_ne_bytes()); // major
+    m.extend_from_slice(&41u32.to_ne_bytes()); // minor
+    m.extend_from_slice(&MAX_READAHEAD.to_ne_bytes());
+    m.extend_from_slice(&(bits as u32).to_ne_bytes()); // flags
+    m.extend_from_slice(&((bits >> 32) as u32).to_ne_bytes()); // flags2
+    m.extend_from_slice(&[0; 44]); // unused
+    m
+}
+
+/// Asks the kernel to queue again every request that was read from the connection and not
+/// answered (FUSE_NOTIFY_RESEND: a fuse_out_header with the notification code as error).
+fn resend(device: &OwnedFd) -> std::io::Result<()> {
+    const FUSE_NOTIFY_RESEND: i32 = 7;
+    let mut header = Vec::with_capacity(16);
+    header.extend_from_slice(&16u32.to_ne_bytes());
+    header.extend_from_slice(&FUSE_NOTIFY_RESEND.to_ne_bytes());
+    header.extend_from_slice(&0u64.to_ne_bytes());
+    nix::unistd::write(device, &header)?;
+    Ok(())
+}
+
+/// How the open files of one inode are served: the kernel wants all of them alike (opening an
+/// inode both ways, or with two backing ids, fails with EIO).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Through the daemon, with the kernel's page cache.
+    Cached,
+    /// FUSE passthrough to the backing file with this id.
+    Passthrough(u32),
+}
+
+/// The mode of every inode a serving process holds open, as an append-only log ("=INO" through
+/// the daemon, "+INO ID" passthrough, "-INO" when its last open closed), so that a process
+/// taking over opens them the same way. Compacted when mostly closed entries.
+pub struct OpenLog {
+    path: PathBuf,
+    state: Mutex<LogState>,
+}
+
+struct LogState {
+    file: std::fs::File,
+    live: HashMap<u64, OpenMode>,
+    lines: usize,
+}
+
+impl OpenLog {
+    /// A new, empty log at `path`.
+    pub fn create(path: &Path) -> std::io::Result<OpenLog> {
+        Self::rewrite(path, HashMap::new())
+    }
+
+    /// The inodes still open according to the log at `path` (none if there is none).
+    pub fn read(path: &Path) -> HashMap<u64, OpenMode> {
+        let mut open = HashMap::new();
+        for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
+            let (op, rest) = line.split_at(line.len().min(1));
+            let mut f = rest.split(' ').map(str::parse::<u64>);
+            match (op, f.next(), f.next()) {
+                ("=", Some(Ok(ino)), None) => {
+                    open.insert(ino, OpenMode::Cached);
+                }
+                ("+", Some(Ok(ino)), Some(Ok(id))) if id <= u32::MAX as u64 => {
+                    open.insert(ino, OpenMode::Passthrough(id as u32));
+                }
+                ("-", Some(Ok(ino)), None) => {
+                    open.remove(&ino);
+                }
+                _ => {
+                    tracing::warn!(line, path = %path.display(), "ignoring a malformed open-log line")
+                }
+            }
+        }
+        open
+    }
+
+    /// Starts the log at `path` again with just `live` in it.
+    pub fn rewrite(path: &Path, live: HashMap<u64, OpenMode>) -> std::io::Result<OpenLog> {
+        let file = Self::write_state(path, &live)?;
+        Ok(OpenLog {
+            path: path.to_path_buf(),
+            state: Mutex::new(LogState {
+                file,
+                lines: live.len(),
+                live,
+            }),
+        })
+    }
+
+    /// Writes `live` to a temporary file renamed over `path`; returns it open for appending.
+    fn write_state(path: &Path, live: &HashMap<u64, OpenMode>) -> std::io::Result<std::fs::File> {
+        use std::io::Write as _;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut text = String::new();
+        for (ino, mode) in live {
+            text.push_str(&Self::line(*ino, Some(*mode)));
+        }
+        let tmp = path.with_extension("tmp-open");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::OpenOptions::new().append(true).open(path)
+    }
+
+    fn line(ino: u64, mode: Option<OpenMode>) -> String {
+        match mode {
+            Some(OpenMode::Cached) => format!("={ino}\n"),
+            Some(OpenMode::Passthrough(id)) => format!("+{ino} {id}\n"),
+            None => format!("-{ino}\n"),
+        }
+    }
+
+    fn record(&self, ino: u64, mode: Option<OpenMode>) {
+        use std::io::Write as _;
+        let mut s = self.state.lock().unwrap();
+        match mode {
+            Some(m) => s.live.insert(ino, m),
+            None => s.live.remove(&ino),
+        };
+        s.lines += 1;
+        if s.lines > 4096 && s.lines > 4 * s.live.len() {
+            match Self::write_state(&self.path, &s.live) {
+                Ok(file) => {
+                    s.file = file;
+                    s.lines = s.live.len();
+                    return;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot compact the open log"),
+            }
+        }
+        if let Err(e) = s.file.write_all(Self::line(ino, mode).as_bytes()) {
+            tracing::warn!(error = %e, "cannot record an open mode: a process taking over may fail opens of this file");
+        }
+    }
 }
 
 impl Mounted {

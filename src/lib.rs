@@ -21,6 +21,8 @@
 //! stores manifests and config, computes ChainIDs — and downloads no layer data. [`publish`]
 //! shares layer indexes through the registry as OCI referrers.
 //! [`profile`] records what a workload reads first and replays it on the next cold start.
+//! [`daemon`] is the lifecycle of a mount's processes: the record each serving process keeps,
+//! and the holder that keeps a mount's FUSE connection open across crashes and upgrades.
 //! [`metrics`] exports what every stage did for Prometheus; [`status`] reports what the cache
 //! holds per layer.
 //! Shared vocabulary lives in [`image`] (media types, platforms, layer records, ChainIDs),
@@ -28,6 +30,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod daemon;
 pub mod digest;
 pub mod fs;
 pub mod fuse;

@@ -113,6 +113,38 @@ impl Tree {
             .filter(|&id| id != usize::MAX)
     }
 
+    /// A digest of everything the kernel learns about the tree: every live name with its inode
+    /// number, type, size, ownership, mode, times, link count and extended attributes. Two
+    /// trees with the same fingerprint answer every lookup and getattr alike, so a process may
+    /// take over a mount served from the other (inode numbers are what the kernel holds).
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest as _, Sha256};
+        let mut h = Sha256::new();
+        for id in self.walk() {
+            let n = &self.nodes[id];
+            let kind = format!("{:?}", n.file_type);
+            h.update(format!(
+                "{}\0{}\0{}\0{kind}\0{} {} {} {} {} {} {}\0",
+                self.path(id),
+                n.ino,
+                self.nodes[n.parent].ino,
+                n.size,
+                n.mode,
+                n.uid,
+                n.gid,
+                n.mtime,
+                n.mtime_nsec,
+                n.nlink
+            ));
+            for (k, v) in &n.xattrs {
+                h.update(k.as_bytes());
+                h.update([0]);
+                h.update(v);
+            }
+        }
+        hex::encode(h.finalize())
+    }
+
     /// Inodes in the tree (hard links count once).
     pub fn inodes(&self) -> usize {
         self.inos.iter().filter(|&&id| id != usize::MAX).count()

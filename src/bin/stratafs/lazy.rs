@@ -570,11 +570,11 @@ fn print_stats(
     watching: bool,
 ) -> Result<()> {
     let (chunks, bytes) = ctx.chunks.usage()?;
-    let mounts = crate::mount::mounts(ctx.store.root());
+    let mounts = stratafs::daemon::mounts(ctx.store.root());
     if json {
         let mounts: Vec<_> = mounts
             .iter()
-            .map(|m| serde_json::json!({"mountpoint": m.mountpoint, "image": m.image, "pid": m.pid, "layers": m.layers}))
+            .map(|m| serde_json::json!({"mountpoint": m.mountpoint, "image": m.image, "pid": m.pid, "holder": m.holder, "layers": m.layers}))
             .collect();
         let out = serde_json::json!({
             "chunks": chunks, "bytes": bytes, "max_size": ctx.cache_cap, "layers": rows,

@@ -129,6 +129,12 @@ enum Command {
         /// Directory the image is mounted at.
         mountpoint: PathBuf,
     },
+    /// Replace the process serving each mount with one started from the stratafs binary now
+    /// installed (at the path the mount was started from); the mounts keep serving throughout.
+    Upgrade {
+        /// Mountpoints to upgrade (default: every mount of this store).
+        mountpoints: Vec<PathBuf>,
+    },
     /// Serve containerd's snapshots service (a proxy snapshotter) on a unix socket.
     Snapshotter {
         /// Socket to listen on.
@@ -415,7 +421,7 @@ async fn run(mut cli: Cli) -> Result<()> {
         }
         Command::Rmi { references } => {
             // Every reference is checked before anything is removed.
-            let mounts = mount::mounts(store.root());
+            let mounts = stratafs::daemon::mounts(store.root());
             let mut names = Vec::new();
             for reference in &references {
                 let name = find_image(&store, reference)?.name;
@@ -515,6 +521,9 @@ async fn run(mut cli: Cli) -> Result<()> {
         }
         Command::Umount { lazy, mountpoint } => {
             mount::umount(&cli.root, &mountpoint, lazy)?;
+        }
+        Command::Upgrade { mountpoints } => {
+            mount::upgrade(&cli.root, &mountpoints)?;
         }
         Command::Index(IndexCommand::Verify { image }) => {
             let ctx = lazy::Context::new(store, &config, image.plain_http)?;

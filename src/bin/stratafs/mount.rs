@@ -2,10 +2,12 @@
 //!
 //! `mount` checks its arguments, then (unless `--foreground`) starts itself again as a
 //! detached daemon whose log goes to `<root>/logs/`, and returns once the daemon reports that
-//! the mount answers — or prints the daemon's error. The daemon opens the image (pulling its
-//! metadata if needed), mounts it, records itself under `<root>/run/mounts/`, and serves until
-//! it is unmounted or gets SIGTERM/SIGINT, when it unmounts cleanly. A mountpoint left dead by
-//! a killed daemon is detached by the next `mount` or `umount` of it.
+//! the mount answers — or prints the daemon's error. The daemon is a holder
+//! ([`stratafs::daemon::holder`]) that starts the serving process: it opens the image (pulling
+//! its metadata if needed), mounts it, records itself under `<root>/run/mounts/`, and serves
+//! until it is unmounted or gets SIGTERM/SIGINT, when it unmounts cleanly. When the serving
+//! process dies, the holder starts another that takes the mount over. A mountpoint left dead
+//! (holder and server both killed) is detached by the next `mount` or `umount` of it.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -14,6 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
+use stratafs::daemon::holder::{self, Link, Role};
+use stratafs::daemon::{self as records, MountRecord};
 use stratafs::fs::ImageView;
 use stratafs::fuse::{self, MountOptions, MountState};
 
@@ -32,19 +36,6 @@ pub struct MountArgs {
     pub metrics_address: Option<String>,
     pub reference: String,
     pub mountpoint: PathBuf,
-}
-
-/// What a daemon records about itself, for `umount`, `cache stats` and humans.
-#[derive(serde::Serialize, serde::Deserialize)]
-pub struct MountRecord {
-    pub mountpoint: PathBuf,
-    pub image: String,
-    pub chain_id: String,
-    pub pid: u32,
-    pub layers: Vec<String>,
-    /// Where the daemon serves Prometheus metrics, if it does.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub metrics: Option<String>,
 }
 
 /// Options of `-o` lists that are not mount options but global settings: `root=`, `config=`,
@@ -158,6 +149,16 @@ pub async fn mount(
     args: MountArgs,
 ) -> Result<()> {
     let options = parse_options(settings, &args.options)?;
+    let role = if args.foreground {
+        holder::role()
+    } else {
+        Role::Alone
+    };
+    if let Role::TakeOver(link, device) = role {
+        // Nobody answers on the mountpoint until this process does: nothing here may stat it.
+        let mountpoint = absolute(&args.mountpoint)?;
+        return take_over(ctx()?, &args, &options, &mountpoint, link, device).await;
+    }
     if !nix::unistd::geteuid().is_root() {
         bail!(
             "mounting needs root: stratafs mounts with mount(2) through /dev/fuse (run it with sudo; `stratafs ls` and `cat` work without)"
@@ -177,11 +178,17 @@ pub async fn mount(
         _ => {}
     }
     let mountpoint = absolute(&args.mountpoint)?;
-    if args.notify {
-        // The daemon: its own session, so the terminal's signals do not reach it.
-        let _ = nix::unistd::setsid();
-    } else {
-        repair_or_refuse(&mountpoint)?;
+    let link = match role {
+        Role::Fresh(link) => Some(link),
+        _ => None,
+    };
+    if link.is_none() {
+        if args.notify {
+            // The daemon: its own session, so the terminal's signals do not reach it.
+            let _ = nix::unistd::setsid();
+        } else {
+            repair_or_refuse(&mountpoint)?;
+        }
     }
     if !mountpoint.is_dir() {
         bail!("{}: not a directory", mountpoint.display());
@@ -189,7 +196,17 @@ pub async fn mount(
     if !args.foreground {
         return spawn_daemon(root, config_path, log_level, &args, &mountpoint);
     }
-    let result = serve(ctx()?, &args, &options, &mountpoint).await;
+    let Some(link) = link else {
+        // Hold the mount: start the serving process, and another whenever it dies.
+        let exe = std::env::current_exe().context("finding the stratafs binary")?;
+        let argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        let code = holder::hold(&exe, &argv).await?;
+        if code != 0 {
+            std::process::exit(code);
+        }
+        return Ok(());
+    };
+    let result = serve(ctx()?, &args, &options, &mountpoint, link).await;
     if let (true, Err(e)) = (args.notify, &result) {
         println!("error: {e:#}");
     }
@@ -207,7 +224,7 @@ fn spawn_daemon(
     let root = std::path::absolute(root)?;
     let logs = root.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("{}", logs.display()))?;
-    let log_path = logs.join(format!("mount-{}.log", escape(mountpoint)));
+    let log_path = logs.join(format!("mount-{}.log", records::escape(mountpoint)));
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -305,16 +322,12 @@ fn keep_large_buffers_off_the_heap() {
     }
 }
 
-/// The daemon proper: open, mount, serve until unmounted or signalled.
-async fn serve(
-    ctx: Context,
+/// The image and how many of its layers are mounted (`--chain`).
+async fn open_image(
+    ctx: &Context,
     args: &MountArgs,
-    options: &MountOptions,
-    mountpoint: &Path,
-) -> Result<()> {
-    keep_large_buffers_off_the_heap();
+) -> Result<(stratafs::image::ImageRecord, usize)> {
     let platform = crate::platform(&args.platform)?;
-    let started = Instant::now();
     let image = ctx.image(&args.reference, platform.as_ref()).await?;
     let count = match &args.chain {
         None => image.layers.len(),
@@ -327,6 +340,42 @@ async fn serve(
                 + 1
         }
     };
+    Ok((image, count))
+}
+
+/// Serves Prometheus metrics for `view` at `--metrics-address`, if given: the bound address.
+fn serve_metrics(ctx: &Context, args: &MountArgs, view: &Arc<ImageView>) -> Result<Option<String>> {
+    let Some(addr) = &args.metrics_address else {
+        return Ok(None);
+    };
+    let (view, chunks, cap) = (view.clone(), ctx.chunks.clone(), ctx.cache_cap);
+    let collect: stratafs::metrics::Collector = Arc::new(move |m| {
+        for r in view.readers() {
+            let index = r.index();
+            m.layer(index.blob.as_ref(), index.size, r.cached_bytes());
+        }
+        if let Some(bytes) = chunks.usage_bytes() {
+            m.cache_bytes.set(bytes as i64);
+        }
+        m.cache_cap_bytes.set(cap as i64);
+    });
+    let bound = stratafs::metrics::serve(addr, collect)
+        .with_context(|| format!("serving metrics at {addr}"))?;
+    Ok(Some(bound.to_string()))
+}
+
+/// The serving process of a new mount: open, mount, hand the connection to the holder, serve
+/// until unmounted or signalled.
+async fn serve(
+    ctx: Context,
+    args: &MountArgs,
+    options: &MountOptions,
+    mountpoint: &Path,
+    link: Link,
+) -> Result<()> {
+    keep_large_buffers_off_the_heap();
+    let started = Instant::now();
+    let (image, count) = open_image(&ctx, args).await?;
     // Opening streams the layers that have no usable index: tell the waiting parent how far.
     let reporter = args.notify.then(|| {
         let meter = ctx.layers.fetch_meter();
@@ -346,33 +395,16 @@ async fn serve(
         r.abort();
     }
     let view = Arc::new(opened?);
-    let (metrics, metrics_address) = match &args.metrics_address {
-        Some(addr) => {
-            let (view, chunks, cap) = (view.clone(), ctx.chunks.clone(), ctx.cache_cap);
-            let collect: stratafs::metrics::Collector = Arc::new(move |m| {
-                for r in view.readers() {
-                    let index = r.index();
-                    m.layer(index.blob.as_ref(), index.size, r.cached_bytes());
-                }
-                if let Some(bytes) = chunks.usage_bytes() {
-                    m.cache_bytes.set(bytes as i64);
-                }
-                m.cache_cap_bytes.set(cap as i64);
-            });
-            let bound = stratafs::metrics::serve(addr, collect)
-                .with_context(|| format!("serving metrics at {addr}"))?;
-            (
-                format!(", metrics at http://{bound}/metrics"),
-                Some(bound.to_string()),
-            )
-        }
-        None => (String::new(), None),
-    };
+    let metrics = serve_metrics(&ctx, args, &view)?;
+    let root = ctx.store.root().to_path_buf();
+    let backings = fuse::OpenLog::create(&records::backing_log_path(&root, mountpoint))
+        .context("creating the mount's open log")?;
     let mut mounted = fuse::mount(
         view.clone(),
         tokio::runtime::Handle::current(),
         mountpoint,
         options,
+        Some(Arc::new(backings)),
     )?;
     // The mount answers once the kernel can stat its root through us.
     let probe = mountpoint.to_path_buf();
@@ -418,12 +450,17 @@ async fn serve(
             .iter()
             .map(|l| l.digest.to_string())
             .collect(),
-        metrics: metrics_address,
+        metrics: metrics.clone(),
+        holder: Some(nix::unistd::getppid().as_raw() as u32),
+        passthrough: mounted.passthrough,
+        tree: view.tree.fingerprint(),
     };
-    let record_path = record_path(ctx.store.root(), mountpoint);
-    if let Err(e) = write_record(&ctx.store.root().join("tmp"), &record_path, &record) {
+    if let Err(e) = records::write_record(&root, &record) {
         tracing::warn!(error = %e, "cannot record the mount");
     }
+    let metrics = metrics
+        .map(|a| format!(", metrics at http://{a}/metrics"))
+        .unwrap_or_default();
     let message = format!(
         "mounted {} at {} ({} layers, {} inodes) in {} ms{metrics}",
         image.name,
@@ -442,6 +479,83 @@ async fn serve(
     } else {
         println!("{message}");
     }
+    if let Err(e) = link.ready(Some(std::os::fd::AsFd::as_fd(&mounted.device))) {
+        tracing::warn!(error = %e, "cannot hand the connection to the holder: a crash of this process ends the mount");
+    }
+    let profile_done = async move {
+        if let Some(p) = profile {
+            p.finish().await;
+        }
+    };
+    run_until_end(&ctx, args, &view, &mut mounted, mountpoint, profile_done).await;
+    Ok(())
+}
+
+/// A serving process started by the holder after the previous one died: serve the same
+/// mount, from the same tree, through the connection the holder kept.
+async fn take_over(
+    ctx: Context,
+    args: &MountArgs,
+    options: &MountOptions,
+    mountpoint: &Path,
+    link: Link,
+    device: std::os::fd::OwnedFd,
+) -> Result<()> {
+    keep_large_buffers_off_the_heap();
+    let started = Instant::now();
+    let root = ctx.store.root().to_path_buf();
+    let mut record = records::read_record(&root, mountpoint).with_context(|| {
+        format!(
+            "no record of the mount at {} to take over",
+            mountpoint.display()
+        )
+    })?;
+    let (image, count) = open_image(&ctx, args).await?;
+    let view = Arc::new(ImageView::open_chain(&ctx.layers, &image, count).await?);
+    if view.tree.fingerprint() != record.tree {
+        bail!(
+            "{}: {} now builds a different tree than the one the mount serves (inode numbers would change); not taking it over",
+            mountpoint.display(),
+            image.name
+        );
+    }
+    let mut mounted = fuse::take_over(
+        view.clone(),
+        tokio::runtime::Handle::current(),
+        mountpoint,
+        device,
+        options,
+        record.passthrough,
+        &records::backing_log_path(&root, mountpoint),
+    )?;
+    record.pid = std::process::id();
+    record.holder = Some(nix::unistd::getppid().as_raw() as u32);
+    record.metrics = serve_metrics(&ctx, args, &view)?;
+    if let Err(e) = records::write_record(&root, &record) {
+        tracing::warn!(error = %e, "cannot record the mount");
+    }
+    tracing::info!(
+        "took over {} at {} in {} ms",
+        image.name,
+        mountpoint.display(),
+        started.elapsed().as_millis()
+    );
+    if let Err(e) = link.ready(None) {
+        tracing::warn!(error = %e, "cannot tell the holder");
+    }
+    run_until_end(&ctx, args, &view, &mut mounted, mountpoint, async {}).await;
+    Ok(())
+}
+
+/// Serves with background fetch (if on) until the mount ends, then cleans up.
+async fn run_until_end(
+    ctx: &Context,
+    args: &MountArgs,
+    view: &Arc<ImageView>,
+    mounted: &mut fuse::Mounted,
+    mountpoint: &Path,
+    finish: impl std::future::Future<Output = ()>,
+) {
     let background = background_option(&args.options)
         .unwrap_or(ctx.config.mount.background_fetch)
         .then(|| {
@@ -456,16 +570,13 @@ async fn serve(
                 settings,
             ))
         });
-    wait_for_end(&ctx, &mut mounted, mountpoint).await;
+    wait_for_end(ctx, mounted, mountpoint).await;
     if let Some(task) = background {
         task.abort();
     }
-    if let Some(p) = profile {
-        p.finish().await;
-    }
-    let _ = std::fs::remove_file(&record_path);
+    finish.await;
+    records::remove_record(ctx.store.root(), mountpoint);
     tracing::info!("unmounted {}", mountpoint.display());
-    Ok(())
 }
 
 /// Serves until the session ends (unmounted from outside) or a signal asks to stop; saves
@@ -474,12 +585,21 @@ async fn wait_for_end(ctx: &Context, mounted: &mut fuse::Mounted, mountpoint: &P
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    let mut usr1 = signal(SignalKind::user_defined1()).expect("SIGUSR1 handler");
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut last_save = Instant::now();
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = usr1.recv() => {
+                // The holder replaces this process (an upgrade): stop without unmounting; the
+                // next process takes the connection over and the kernel resends what this one
+                // had read and not answered.
+                let _ = ctx.layers.save_fetched();
+                tracing::info!("handing {} over to a new serving process", mountpoint.display());
+                std::process::exit(holder::EXIT_HANDOVER);
+            }
             _ = tick.tick() => {
                 if mounted.finished() {
                     mounted.join();
@@ -510,7 +630,7 @@ async fn wait_for_end(ctx: &Context, mounted: &mut fuse::Mounted, mountpoint: &P
 /// `stratafs umount [--lazy] MOUNTPOINT`.
 pub fn umount(root: &Path, mountpoint: &Path, lazy: bool) -> Result<()> {
     let mountpoint = absolute(mountpoint)?;
-    let daemon = find_daemon(&mountpoint);
+    let daemon = records::find_daemon(&mountpoint);
     match fuse::mount_state(&mountpoint) {
         MountState::None => bail!("{}: not mounted", mountpoint.display()),
         MountState::Dead => {
@@ -525,14 +645,14 @@ pub fn umount(root: &Path, mountpoint: &Path, lazy: bool) -> Result<()> {
             println!("unmounted {}", mountpoint.display());
         }
     }
-    let _ = std::fs::remove_file(record_path(root, &mountpoint));
+    records::remove_record(root, &mountpoint);
     if let Some(pid) = daemon {
         // The daemon exits once the kernel drops the connection; wait for it (bounded).
         let deadline = Instant::now() + Duration::from_secs(10);
-        while alive(pid) && Instant::now() < deadline {
+        while records::alive(pid) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        if alive(pid) && !lazy {
+        if records::alive(pid) && !lazy {
             tracing::warn!(pid, "daemon still running after unmount; sending SIGTERM");
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid as i32),
@@ -543,55 +663,56 @@ pub fn umount(root: &Path, mountpoint: &Path, lazy: bool) -> Result<()> {
     Ok(())
 }
 
-fn alive(pid: u32) -> bool {
-    // A zombie still has /proc/PID; its state is Z.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
+/// `stratafs upgrade [MOUNTPOINT…]`: asks each mount's holder (SIGHUP) to replace its serving
+/// process with one of the binary now installed at the holder's path, and waits until the new
+/// one serves.
+pub fn upgrade(root: &Path, mountpoints: &[PathBuf]) -> Result<()> {
+    let all = records::mounts(root);
+    let mut targets = Vec::new();
+    for m in mountpoints {
+        let m = absolute(m)?;
+        let record = all
+            .iter()
+            .find(|r| r.mountpoint == m)
+            .with_context(|| format!("{}: no live stratafs mount recorded there", m.display()))?;
+        targets.push(record.clone());
     }
-}
-
-/// The pid of the daemon serving `mountpoint`, from the processes' command lines.
-pub fn find_daemon(mountpoint: &Path) -> Option<u32> {
-    let want = mountpoint.as_os_str().as_encoded_bytes();
-    let me = std::process::id();
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let is_daemon = args.iter().any(|a| *a == b"--foreground")
-            && args.iter().any(|a| *a == b"mount")
-            && args.iter().rev().find(|a| !a.is_empty()) == Some(&want);
-        if is_daemon && alive(pid) {
-            return Some(pid);
-        }
+    if mountpoints.is_empty() {
+        targets = all;
     }
-    None
-}
-
-/// Live mounts recorded under `<root>/run/mounts/`.
-pub fn mounts(root: &Path) -> Vec<MountRecord> {
-    let Ok(dir) = std::fs::read_dir(root.join("run/mounts")) else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| std::fs::read(e.path()).ok())
-        .filter_map(|b| serde_json::from_slice::<MountRecord>(&b).ok())
-        .filter(|r| alive(r.pid))
-        .collect()
+    if targets.is_empty() {
+        println!("no mounts to upgrade");
+    }
+    for r in targets {
+        let at = r.mountpoint.display();
+        let holder = r.holder.filter(|h| records::alive(*h)).with_context(|| {
+            format!("{at}: no holder keeps this mount (it was started by an older stratafs, or its holder died): remount it to upgrade")
+        })?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(holder as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .with_context(|| format!("{at}: signalling holder {holder}"))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let now = loop {
+            if let Some(n) = records::read_record(root, &r.mountpoint)
+                .filter(|n| n.pid != r.pid && records::alive(n.pid))
+            {
+                break n;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{at}: no new serving process 60 s after asking holder {holder}; see its log"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let exe = std::fs::read_link(format!("/proc/{}/exe", now.pid))
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        println!("{at}: served by pid {} ({exe}), was {}", now.pid, r.pid);
+    }
+    Ok(())
 }
 
 /// What is mounted at `mountpoint`, from /proc/self/mountinfo: "fuse.stratafs 127.0.0.1:5000/app:v1".
@@ -602,56 +723,4 @@ fn mounted_there(mountpoint: &Path) -> String {
         .find(|m| m.mountpoint == mountpoint)
         .map(|m| format!("{} {}", m.fstype, m.source))
         .unwrap_or_else(|| "by something else".to_string())
-}
-
-fn record_path(root: &Path, mountpoint: &Path) -> PathBuf {
-    root.join("run/mounts")
-        .join(format!("{}.json", escape(mountpoint)))
-}
-
-/// Writes a mount record whole or not at all (the store's atomic write: a temp file in
-/// `tmp_dir`, synced, renamed).
-fn write_record(tmp_dir: &Path, path: &Path, record: &MountRecord) -> Result<()> {
-    std::fs::create_dir_all(path.parent().expect("record dir"))?;
-    std::fs::create_dir_all(tmp_dir)?;
-    let data = serde_json::to_vec_pretty(record)?;
-    stratafs::store::write_atomic(tmp_dir, path, &data)?;
-    Ok(())
-}
-
-/// A mountpoint as a file name: `/mnt/py` → `mnt-py`.
-fn escape(mountpoint: &Path) -> String {
-    // Letters, digits, `.` and `_` stay; every other byte becomes `-XX` (hex), `-` included,
-    // so distinct paths (`/mnt/a-b`, `/mnt/a/b`, `/mnt/a b`) never share a name.
-    use std::os::unix::ffi::OsStrExt;
-    let bytes = mountpoint.as_os_str().as_bytes();
-    let trimmed = bytes.strip_prefix(b"/").unwrap_or(bytes);
-    if trimmed.is_empty() {
-        return "root".into();
-    }
-    let mut s = String::with_capacity(trimmed.len());
-    for &b in trimmed {
-        if b.is_ascii_alphanumeric() || b == b'.' || b == b'_' {
-            s.push(b as char);
-        } else {
-            s.push_str(&format!("-{b:02x}"));
-        }
-    }
-    s
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn record_names_are_unambiguous() {
-        let names: Vec<String> = ["/mnt/a-b", "/mnt/a/b", "/mnt/a b", "/mnt/a_b", "/"]
-            .iter()
-            .map(|p| escape(Path::new(p)))
-            .collect();
-        let unique: std::collections::BTreeSet<_> = names.iter().collect();
-        assert_eq!(unique.len(), names.len(), "{names:?}");
-        assert_eq!(escape(Path::new("/mnt/a-b")), "mnt-2fa-2db");
-    }
 }

@@ -75,7 +75,7 @@ fn serve_metrics(addr: &str, root: PathBuf, ctx: &Context) -> Result<std::net::S
         }
         own.cache_cap_bytes.set(cap as i64);
         let mut texts = vec![own.encode()];
-        for record in crate::mount::mounts(&root) {
+        for record in stratafs::daemon::mounts(&root) {
             let Some(daemon) = record.metrics else {
                 continue;
             };

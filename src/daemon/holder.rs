@@ -1,0 +1,269 @@
+//! The holder: a small process without network access that keeps a mount's FUSE connection
+//! open while the process serving it dies, restarts or is upgraded — so a mount outlives its
+//! daemon.
+//!
+//! `stratafs mount --foreground` becomes the holder: [`hold`] starts the same command again as
+//! the *serving* process, with a unix socket to the holder in `STRATAFS_HOLDER_FD`. A fresh
+//! server mounts and hands the holder a copy of its `/dev/fuse` descriptor (SCM_RIGHTS) with
+//! its "ready" ([`Link::ready`]). When a server dies for any reason but the end of the mount,
+//! the holder starts another with the descriptor in `STRATAFS_TAKEOVER_FD`; that one opens the
+//! same image from the store, checks it builds the same tree, takes the connection over
+//! ([`crate::fuse::take_over`]) and reports ready. Requests the dead server had read are
+//! resent by the kernel, so the processes using the mount see a pause, not an error.
+//!
+//! Signals to the holder: SIGTERM/SIGINT are passed on (the server unmounts and both exit);
+//! SIGHUP replaces the server with a new process of the binary at the holder's path (an
+//! upgrade: install the new binary there first). A server that exits with status 0 has seen the
+//! mount end: the holder exits too. More than [`MAX_RESTARTS`] restarts within
+//! [`RESTART_WINDOW`] make it give up: it closes the descriptor, the kernel aborts the
+//! connection and users of the mount get ENOTCONN (never a hang). If the holder itself is
+//! killed the server goes on serving, but the next crash of the server ends the mount.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+
+/// The socket to the holder, in a serving process's environment.
+pub const HOLDER_FD: &str = "STRATAFS_HOLDER_FD";
+/// The mounted connection to take over, in a restarted serving process's environment.
+pub const TAKEOVER_FD: &str = "STRATAFS_TAKEOVER_FD";
+/// Restarts allowed within [`RESTART_WINDOW`] before the holder gives the mount up.
+pub const MAX_RESTARTS: usize = 10;
+pub const RESTART_WINDOW: Duration = Duration::from_secs(10);
+/// The exit status of a server that stopped for an upgrade (SIGUSR1 from the holder).
+pub const EXIT_HANDOVER: i32 = 75;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HolderError {
+    #[error("cannot start the serving process {exe}: {source}")]
+    Spawn {
+        exe: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("holder: {what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> HolderError {
+    move |source| HolderError::Io { what, source }
+}
+
+/// How this process was started.
+pub enum Role {
+    /// Not by a holder.
+    Alone,
+    /// By a holder, to mount and serve.
+    Fresh(Link),
+    /// By a holder, to take over the mounted connection it passed.
+    TakeOver(Link, OwnedFd),
+}
+
+/// A serving process's socket to its holder.
+pub struct Link(UnixStream);
+
+impl Link {
+    /// Tells the holder this process serves the mount; a fresh server also hands over a copy of
+    /// the connection's descriptor.
+    pub fn ready(&self, device: Option<BorrowedFd<'_>>) -> std::io::Result<()> {
+        let raw: Vec<RawFd> = device.iter().map(|d| d.as_raw_fd()).collect();
+        let cmsg: Vec<ControlMessage> = if raw.is_empty() {
+            Vec::new()
+        } else {
+            vec![ControlMessage::ScmRights(&raw)]
+        };
+        sendmsg::<()>(
+            self.0.as_raw_fd(),
+            &[IoSlice::new(b"ready")],
+            &cmsg,
+            MsgFlags::empty(),
+            None,
+        )?;
+        Ok(())
+    }
+}
+
+/// An inherited descriptor named by environment variable `var`, made close-on-exec (a serving
+/// process starts no other processes, so the variable may stay).
+fn inherited(var: &str) -> Option<OwnedFd> {
+    let fd: RawFd = std::env::var(var).ok()?.parse().ok()?;
+    // SAFETY: F_GETFD only asks whether `fd` is open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: the holder passed `fd` to this process for it alone; nothing else owns it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: setting FD_CLOEXEC on a descriptor this process owns.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    Some(owned)
+}
+
+/// This process's role, from its environment. Call it once: it takes ownership of the
+/// descriptors.
+pub fn role() -> Role {
+    let link = inherited(HOLDER_FD).map(|fd| Link(UnixStream::from(fd)));
+    let device = inherited(TAKEOVER_FD);
+    match (link, device) {
+        (Some(link), Some(device)) => Role::TakeOver(link, device),
+        (Some(link), None) => Role::Fresh(link),
+        _ => Role::Alone,
+    }
+}
+
+/// A copy of `fd` that a child inherits (no close-on-exec).
+fn inheritable(fd: BorrowedFd<'_>) -> Result<OwnedFd, HolderError> {
+    // SAFETY: F_DUPFD returns a new descriptor (without FD_CLOEXEC) that this process owns.
+    let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD, 3) };
+    if n < 0 {
+        return Err(io("dup")(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `n` was just created and is owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(n) })
+}
+
+/// What a server said on its socket: one "ready", with the connection from a fresh server.
+fn receive(sock: UnixStream) -> (bool, Option<OwnedFd>) {
+    let mut buf = [0u8; 16];
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let Ok(msg) = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    ) else {
+        return (false, None);
+    };
+    let mut device = None;
+    if let Ok(cmsgs) = msg.cmsgs() {
+        for c in cmsgs {
+            if let ControlMessageOwned::ScmRights(fds) = c {
+                for fd in fds {
+                    // SAFETY: the kernel just installed `fd` in this process for this message.
+                    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+                    device.get_or_insert(owned);
+                }
+            }
+        }
+    }
+    (msg.bytes > 0, device)
+}
+
+fn code(status: ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
+
+/// Runs as the holder of one mount: starts `exe args` to serve it and starts another whenever
+/// one dies, until the mount ends. Returns the status to exit with.
+pub async fn hold(exe: &Path, args: &[OsString]) -> Result<i32, HolderError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let signal = |kind| signal(kind).map_err(io("signal handler"));
+    let (mut term, mut int, mut hup) = (
+        signal(SignalKind::terminate())?,
+        signal(SignalKind::interrupt())?,
+        signal(SignalKind::hangup())?,
+    );
+    let mut device: Option<OwnedFd> = None;
+    let mut restarts: VecDeque<Instant> = VecDeque::new();
+    let mut stopping = false;
+    loop {
+        let (ours, theirs) = UnixStream::pair().map_err(io("socketpair"))?;
+        let theirs = inheritable(theirs.as_fd())?;
+        let mut cmd = Command::new(exe);
+        cmd.args(args)
+            .env(HOLDER_FD, theirs.as_raw_fd().to_string())
+            .stdin(Stdio::null());
+        let passed = match &device {
+            Some(d) => {
+                let copy = inheritable(d.as_fd())?;
+                cmd.env(TAKEOVER_FD, copy.as_raw_fd().to_string())
+                    .stdout(Stdio::null());
+                Some(copy)
+            }
+            None => None,
+        };
+        let started = Instant::now();
+        let mut child = cmd.spawn().map_err(|source| HolderError::Spawn {
+            exe: exe.to_path_buf(),
+            source,
+        })?;
+        drop((theirs, passed));
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let mut said = tokio::task::spawn_blocking(move || receive(ours));
+        let mut exited = tokio::task::spawn_blocking(move || child.wait());
+        let mut ready = false;
+        let mut upgrading = false;
+        let status = loop {
+            tokio::select! {
+                r = &mut said, if !ready => {
+                    let (ok, fd) = r.unwrap_or((false, None));
+                    if ok {
+                        ready = true;
+                        if device.is_none() {
+                            device = fd;
+                            // The first server reported to whoever waits on stdout: done.
+                            if let Ok(null) = std::fs::File::create("/dev/null") {
+                                let _ = nix::unistd::dup2_stdout(&null);
+                            }
+                        }
+                        tracing::info!(pid = pid.as_raw(), ms = started.elapsed().as_millis() as u64, "serving process ready");
+                    } else {
+                        // Closed without a word: it is exiting; wait for its status.
+                        ready = true;
+                    }
+                }
+                s = &mut exited => break s.map_err(|e| io("wait")(e.into()))?.map_err(io("wait"))?,
+                _ = term.recv() => { stopping = true; let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM); }
+                _ = int.recv() => { stopping = true; let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM); }
+                _ = hup.recv() => {
+                    if device.is_some() {
+                        tracing::info!(exe = %exe.display(), "upgrade: replacing the serving process");
+                        upgrading = true;
+                        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1);
+                    }
+                }
+            }
+        };
+        let c = code(status);
+        if stopping || status.success() {
+            return Ok(c);
+        }
+        if device.is_none() {
+            // The first server failed before it mounted; it said why.
+            return Ok(c);
+        }
+        if upgrading && c == EXIT_HANDOVER {
+            continue;
+        }
+        let now = Instant::now();
+        restarts.push_back(now);
+        while restarts
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > RESTART_WINDOW)
+        {
+            restarts.pop_front();
+        }
+        if restarts.len() > MAX_RESTARTS {
+            tracing::error!(
+                restarts = restarts.len(),
+                "the serving process keeps dying: giving the mount up (its users get ENOTCONN; `stratafs umount` detaches it)"
+            );
+            return Ok(1);
+        }
+        tracing::warn!(pid = pid.as_raw(), %status, "serving process died: starting another to take the mount over");
+    }
+}

@@ -1,0 +1,179 @@
+//! The lifecycle of mount daemons, shared by `stratafs mount`, `umount`, `cache stats` and the
+//! snapshotter: the record each serving process keeps under `<root>/run/mounts/`, finding the
+//! process that serves a mountpoint, and ([`holder`]) the process that keeps a mount's FUSE
+//! connection open while the serving process dies, restarts or is upgraded.
+//!
+//! Files per mountpoint (name: the mountpoint with every byte other than letters, digits, `.`
+//! and `_` written `-XX`, so distinct paths never share one):
+//! - `<root>/run/mounts/NAME.json`: the [`MountRecord`], rewritten whole by each serving process;
+//! - `<root>/run/mounts/NAME.backing`: the passthrough backing ids in use
+//!   ([`crate::fuse::BackingLog`]), for the next serving process.
+
+pub mod holder;
+
+use std::path::{Path, PathBuf};
+
+/// What a serving process records about itself, for `umount`, `cache stats`, the snapshotter,
+/// humans, and the process that takes over after it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct MountRecord {
+    pub mountpoint: PathBuf,
+    pub image: String,
+    pub chain_id: String,
+    /// The process serving the mount now.
+    pub pid: u32,
+    pub layers: Vec<String>,
+    /// Where the daemon serves Prometheus metrics, if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
+    /// The process holding the FUSE connection (it restarts the serving one), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<u32>,
+    /// Whether the kernel accepted FUSE passthrough at the mount's INIT.
+    #[serde(default)]
+    pub passthrough: bool,
+    /// [`crate::tree::Tree::fingerprint`] of the tree served: a process taking over must serve
+    /// the same one.
+    #[serde(default)]
+    pub tree: String,
+}
+
+/// A record that could not be written.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot record the mount at {path}: {source}")]
+pub struct RecordError {
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Where the record of the mount at `mountpoint` lives.
+pub fn record_path(root: &Path, mountpoint: &Path) -> PathBuf {
+    root.join("run/mounts")
+        .join(format!("{}.json", escape(mountpoint)))
+}
+
+/// Where the passthrough backing log of the mount at `mountpoint` lives.
+pub fn backing_log_path(root: &Path, mountpoint: &Path) -> PathBuf {
+    root.join("run/mounts")
+        .join(format!("{}.backing", escape(mountpoint)))
+}
+
+/// Writes a mount record whole or not at all (the store's atomic write through `<root>/tmp`).
+pub fn write_record(root: &Path, record: &MountRecord) -> Result<(), RecordError> {
+    let path = record_path(root, &record.mountpoint);
+    let fail = |source| RecordError {
+        path: path.clone(),
+        source,
+    };
+    let tmp = root.join("tmp");
+    std::fs::create_dir_all(path.parent().expect("record dir")).map_err(fail)?;
+    std::fs::create_dir_all(&tmp).map_err(fail)?;
+    let data = serde_json::to_vec_pretty(record).map_err(|e| fail(e.into()))?;
+    crate::store::write_atomic(&tmp, &path, &data).map_err(|e| fail(std::io::Error::other(e)))?;
+    Ok(())
+}
+
+/// The record of the mount at `mountpoint`, whether or not its process is alive.
+pub fn read_record(root: &Path, mountpoint: &Path) -> Option<MountRecord> {
+    let data = std::fs::read(record_path(root, mountpoint)).ok()?;
+    serde_json::from_slice(&data).ok()
+}
+
+/// Removes the files of the mount at `mountpoint` (after it ended).
+pub fn remove_record(root: &Path, mountpoint: &Path) {
+    let _ = std::fs::remove_file(record_path(root, mountpoint));
+    let _ = std::fs::remove_file(backing_log_path(root, mountpoint));
+}
+
+/// Mounts recorded under `<root>/run/mounts/` whose serving process is alive.
+pub fn mounts(root: &Path) -> Vec<MountRecord> {
+    let Ok(dir) = std::fs::read_dir(root.join("run/mounts")) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .filter_map(|e| std::fs::read(e.path()).ok())
+        .filter_map(|b| serde_json::from_slice::<MountRecord>(&b).ok())
+        .filter(|r| alive(r.pid))
+        .collect()
+}
+
+/// Whether process `pid` runs (a zombie does not).
+pub fn alive(pid: u32) -> bool {
+    // A zombie still has /proc/PID; its state is Z.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// The pid of the oldest `stratafs mount --foreground` process for `mountpoint` (the holder,
+/// when there is one), from the processes' command lines.
+pub fn find_daemon(mountpoint: &Path) -> Option<u32> {
+    let want = mountpoint.as_os_str().as_encoded_bytes();
+    let me = std::process::id();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_daemon = args.iter().any(|a| *a == b"--foreground")
+            && args.iter().any(|a| *a == b"mount")
+            && args.iter().rev().find(|a| !a.is_empty()) == Some(&want);
+        if is_daemon && alive(pid) {
+            found.push(pid);
+        }
+    }
+    found.into_iter().min()
+}
+
+/// A mountpoint as a file name: `/mnt/py` → `mnt-2fpy`.
+pub fn escape(mountpoint: &Path) -> String {
+    // Letters, digits, `.` and `_` stay; every other byte becomes `-XX` (hex), `-` included,
+    // so distinct paths (`/mnt/a-b`, `/mnt/a/b`, `/mnt/a b`) never share a name.
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = mountpoint.as_os_str().as_bytes();
+    let trimmed = bytes.strip_prefix(b"/").unwrap_or(bytes);
+    if trimmed.is_empty() {
+        return "root".into();
+    }
+    let mut s = String::with_capacity(trimmed.len());
+    for &b in trimmed {
+        if b.is_ascii_alphanumeric() || b == b'.' || b == b'_' {
+            s.push(b as char);
+        } else {
+            s.push_str(&format!("-{b:02x}"));
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_names_are_unambiguous() {
+        let names: Vec<String> = ["/mnt/a-b", "/mnt/a/b", "/mnt/a b", "/mnt/a_b", "/"]
+            .iter()
+            .map(|p| escape(Path::new(p)))
+            .collect();
+        let unique: std::collections::BTreeSet<_> = names.iter().collect();
+        assert_eq!(unique.len(), names.len(), "{names:?}");
+        assert_eq!(escape(Path::new("/mnt/a-b")), "mnt-2fa-2db");
+    }
+}
