@@ -30,11 +30,15 @@ struct Env {
 }
 
 fn env() -> Env {
+    env_with(Snapshotter::start)
+}
+
+fn env_with(snapshotter: impl FnOnce() -> Snapshotter) -> Env {
     // .ci/setup installs everything: a missing tool fails the test.
     if let Some(why) = Containerd::unavailable() {
         panic!("containerd cannot run: {why}");
     }
-    let sn = Snapshotter::start();
+    let sn = snapshotter();
     let ctd = Containerd::start_with(ContainerdOpts {
         proxy_snapshotters: vec![("stratafs".into(), sn.socket.clone())],
         ..Default::default()
@@ -321,6 +325,171 @@ fn snapshotter_restarts_under_running_containers_and_remounts_dead_layers() {
     );
     assert_eq!(out, "hello from layer 2\nstratafs test base\n");
     assert_eq!(env.snapshots(), before);
+}
+
+/// Waits until `f` holds (checked every 20 ms), at most `secs` seconds; panics with `what`.
+fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "{what} (waited {secs} s)");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_container_runs_on_while_its_lazy_mount_daemons_are_killed_ten_times() {
+    let env = env();
+    let image = two_layer_image();
+    let reference = env.push("snap/crash", &image);
+    env.rpull(&reference);
+
+    // The container checks the files' sums (exec'ing sha256sum from its lazily served rootfs
+    // each time) until told to stop, and counts its rounds in a shared directory.
+    let sync = env.run_dir.path().join("crash-sync");
+    std::fs::create_dir_all(&sync).unwrap();
+    let sums = format!(
+        "{}  /opt/filler1\n{}  /opt/filler2\n{}  /opt/small\n{}  /etc/msg\n",
+        sha256_hex(&bytes(11, FILLER)),
+        sha256_hex(&bytes(12, FILLER)),
+        sha256_hex(&bytes(13, 20_000)),
+        sha256_hex(b"hello from layer 2\n"),
+    );
+    std::fs::write(sync.join("sums"), sums).unwrap();
+    let bind = format!(
+        "type=bind,src={},dst=/sync,options=rbind:rw",
+        sync.display()
+    );
+    let script = "n=0; while [ ! -e /sync/stop ]; do \
+        /usr/bin/sha256sum --quiet -c /sync/sums || exit 1; \
+        n=$((n+1)); echo $n > /sync/rounds.tmp && /bin/cat /sync/rounds.tmp > /sync/rounds; \
+        done; echo ok $n";
+    let child = env
+        .ctr_run_command_with(&["--mount", &bind], "stratafs", &reference, "crash", script)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rounds = || -> u64 {
+        std::fs::read_to_string(sync.join("rounds"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    // The first kills come while the first round still fetches the files lazily.
+    wait_until(120, "no lazy mount serves the container", || {
+        !env.sn.daemons().is_empty()
+    });
+    let mut killed = 0;
+    for round in 0..10 {
+        let before = env.sn.daemons();
+        for pid in &before {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            killed += 1;
+        }
+        wait_until(
+            30,
+            &format!("round {round}: no new serving processes"),
+            || {
+                let now = env.sn.daemons();
+                now.len() == before.len()
+                    && now.iter().all(|p| !before.contains(p))
+                    && now
+                        .iter()
+                        .all(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
+            },
+        );
+        let seen = rounds();
+        wait_until(
+            60,
+            &format!("round {round}: the container made no progress"),
+            || rounds() > seen,
+        );
+    }
+    std::fs::write(sync.join("stop"), b"").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let out = env.expect_ok("container across ten crashes", out);
+    assert!(out.starts_with("ok "), "{out}");
+    eprintln!(
+        "{killed} serving processes killed; the container made {}",
+        out.trim()
+    );
+}
+
+#[test]
+fn after_a_reboot_containers_start_from_complete_cached_layers_with_the_registry_down() {
+    // Background fetch completes the layers once a container ran.
+    let env = env_with(|| {
+        Snapshotter::start_configured(
+            "[mount]\nbackground_fetch = true\nbackground_delay_secs = 0\n",
+            &[],
+        )
+    });
+    let image = two_layer_image();
+    let reference = env.push("snap/reboot", &image);
+    env.rpull(&reference);
+    let out = env.run("stratafs", &reference, "before", "cat /etc/msg");
+    assert_eq!(out, "hello from layer 2\n");
+    let layers: Vec<String> = image.layers.iter().map(|l| l.digest.clone()).collect();
+    wait_until(120, "the layers were not all cached", || {
+        let stats: serde_json::Value =
+            serde_json::from_str(&env.sn.cli.ok(&["cache", "stats", "--json"])).unwrap();
+        layers.iter().all(|d| {
+            stats["layers"].as_array().is_some_and(|rows| {
+                rows.iter()
+                    .any(|r| r["digest"].as_str() == Some(d) && r["complete"] == true)
+            })
+        })
+    });
+
+    // The reboot: snapshotter, mount processes (holders first, so that none restarts a server)
+    // and mounts all gone; the registry down.
+    let mut env = env;
+    env.sn.stop();
+    let records: Vec<serde_json::Value> = std::fs::read_dir(env.sn.cli.root().join("run/mounts"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok())
+        .collect();
+    assert!(!records.is_empty(), "no lazy mount recorded");
+    let mut pids = Vec::new();
+    for key in ["holder", "pid"] {
+        for r in &records {
+            if let Some(pid) = r[key].as_u64() {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+                pids.push(pid);
+            }
+        }
+    }
+    wait_until(10, "mount processes survived SIGKILL", || {
+        pids.iter()
+            .all(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
+    });
+    let mut mounted = common::containerd::mounts_under(&env.sn.cli.root());
+    mounted.sort_by_key(|m| std::cmp::Reverse(m.as_os_str().len()));
+    for m in mounted {
+        let _ = Command::new("umount").arg("-l").arg(&m).status();
+    }
+    env.reg.stop();
+
+    env.sn.spawn();
+    env.wait_snapshotter();
+    let out = env.run(
+        "stratafs",
+        &reference,
+        "after",
+        "cat /etc/msg /etc/base-release; sha256sum /opt/filler2",
+    );
+    assert_eq!(
+        out,
+        format!(
+            "hello from layer 2\nstratafs test base\n{}  /opt/filler2\n",
+            sha256_hex(&bytes(12, FILLER))
+        )
+    );
 }
 
 #[test]

@@ -25,8 +25,13 @@ impl Snapshotter {
 
     /// [`start`](Self::start) with more `stratafs snapshotter` arguments.
     pub fn start_with(args: &[&str]) -> Snapshotter {
+        Snapshotter::start_configured("[mount]\nbackground_fetch = false\n", args)
+    }
+
+    /// One with this configuration file and these `stratafs snapshotter` arguments.
+    pub fn start_configured(config: &str, args: &[&str]) -> Snapshotter {
         let mut cli = Stratafs::new();
-        cli.set_config("[mount]\nbackground_fetch = false\n");
+        cli.set_config(config);
         let socket = cli.root().parent().unwrap().join("snapshotter.sock");
         let mut s = Snapshotter {
             cli,
