@@ -52,6 +52,12 @@ pub enum FuseError {
     Mount { mountpoint: PathBuf, detail: String },
     #[error("invalid mount option {option:?}: {detail}")]
     Option { option: String, detail: String },
+    #[error("{mountpoint}: FUSE_NOTIFY_RESEND failed: requests in flight at the takeover would wait forever (needs Linux 6.9 or later)")]
+    Resend {
+        mountpoint: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// How an image is mounted (the `-o` options that concern the kernel and the driver).
@@ -204,7 +210,9 @@ impl StrataFs {
             log,
             inherited: Mutex::new(inherited),
             opens: Arc::default(),
-            next_fh: AtomicU64::new(1),
+            // Handles of a previous serving process may still be open: numbers of this one
+            // start at its pid, above 32 bits.
+            next_fh: AtomicU64::new(((std::process::id() as u64) << 32) | 1),
             reads: Arc::default(),
             timed_out: Arc::default(),
         }
@@ -806,16 +814,15 @@ pub fn take_over(
     let number = ours.as_raw_fd();
     let session = session(fs, ours, &options).map_err(|e| fail(format!("handshake: {e}")))?;
     drop(theirs); // with fuser's INIT reply, unread: the kernel already has one
-                  // SAFETY: `number` is the session's open descriptor and no thread uses it yet (the session
-                  // runs below); dup2 atomically replaces it with the connection, which stays open through
-                  // `device` until the session ends.
-    if unsafe { libc::dup2(device.as_raw_fd(), number) } < 0 {
-        return Err(fail(format!("dup2: {}", std::io::Error::last_os_error())));
+                  // SAFETY: `number` is the descriptor fuser's session owns; no thread uses it yet (the
+                  // session runs below), so replacing the file it refers to — atomically, keeping it
+                  // close-on-exec — is invisible to fuser except that it now reads the connection.
+    if unsafe { libc::dup3(device.as_raw_fd(), number, libc::O_CLOEXEC) } < 0 {
+        return Err(fail(format!("dup3: {}", std::io::Error::last_os_error())));
     }
-    resend(&device).map_err(|e| {
-        fail(format!(
-            "FUSE_NOTIFY_RESEND failed ({e}): requests in flight at the takeover would wait forever (needs Linux 6.9 or later)"
-        ))
+    resend(&device).map_err(|source| FuseError::Resend {
+        mountpoint: mountpoint.to_path_buf(),
+        source,
     })?;
     accepted.store(passthrough, Ordering::Relaxed);
     start(session, mountpoint, reads, accepted, device)
@@ -1026,13 +1033,18 @@ impl Mounted {
         result
     }
 
-    /// Waits for the session to end (after an unmount from elsewhere).
-    pub fn join(&mut self) {
-        if let Some(t) = self.thread.take() {
-            match t.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "FUSE session ended with an error"),
-                Err(_) => tracing::error!("FUSE session thread panicked"),
+    /// Waits for the session to end (after an unmount from elsewhere); false if it ended with
+    /// an error rather than with the connection.
+    pub fn join(&mut self) -> bool {
+        match self.thread.take().map(|t| t.join()) {
+            None | Some(Ok(Ok(()))) => true,
+            Some(Ok(Err(e))) => {
+                tracing::warn!(error = %e, "FUSE session ended with an error");
+                false
+            }
+            Some(Err(_)) => {
+                tracing::error!("FUSE session thread panicked");
+                false
             }
         }
     }

@@ -125,7 +125,7 @@ impl Tree {
             let kind = format!("{:?}", n.file_type);
             h.update(format!(
                 "{}\0{}\0{}\0{kind}\0{} {} {} {} {} {} {}\0",
-                self.path(id),
+                n.name,
                 n.ino,
                 self.nodes[n.parent].ino,
                 n.size,
@@ -137,8 +137,7 @@ impl Tree {
                 n.nlink
             ));
             for (k, v) in &n.xattrs {
-                h.update(k.as_bytes());
-                h.update([0]);
+                h.update(format!("{k}\0{}\0", v.len()));
                 h.update(v);
             }
         }

@@ -1,5 +1,6 @@
 //! FUSE mounts under stress and failure, against a real registry and real mounts (root, /dev/fuse):
-//! 64 concurrent readers get exact bytes and all finish; a SIGKILLed daemon turns reads into
+//! 64 concurrent readers get exact bytes and all finish; a SIGKILLed daemon (holder and serving
+//! process both; tests/daemon_restart.rs kills the serving process alone) turns reads into
 //! errors (not hangs) and the dead mount is repaired by `stratafs umount` or the next
 //! `stratafs mount`; a read that cannot be fetched fails with EIO after `read_timeout`; and real
 //! programs run from a mounted image under `chroot`.
@@ -350,6 +351,11 @@ fn kill_daemon_mid_read(s: &Served, dir: &Path) {
             );
         }
         thread::sleep(Duration::from_millis(10));
+    }
+    // The holder and the serving process both: stopped first, so that the holder cannot start
+    // another server between the two kills.
+    for &pid in &pids {
+        kill(pid, "STOP");
     }
     for &pid in &pids {
         kill(pid, "KILL");

@@ -14,12 +14,12 @@
 //! Signals to the holder: SIGTERM/SIGINT are passed on (the server unmounts and both exit);
 //! SIGHUP replaces the server with a new process of the binary at the holder's path (an
 //! upgrade: install the new binary there first). A server that exits with status 0 has seen the
-//! mount end: the holder exits too. More than [`MAX_RESTARTS`] restarts within
-//! [`RESTART_WINDOW`] make it give up: it closes the descriptor, the kernel aborts the
-//! connection and users of the mount get ENOTCONN (never a hang). If the holder itself is
+//! mount end: the holder exits too. The holder gives the mount up — detaches it and closes the
+//! descriptor, so the kernel aborts the connection and its users get ENOTCONN, never a hang —
+//! when a server exits with [`EXIT_CANNOT_TAKE_OVER`], or after [`MAX_FAILED_STARTS`] servers
+//! in a row died before serving (with a growing pause between them). If the holder itself is
 //! killed the server goes on serving, but the next crash of the server ends the mount.
 
-use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -34,11 +34,15 @@ use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, Ms
 pub const HOLDER_FD: &str = "STRATAFS_HOLDER_FD";
 /// The mounted connection to take over, in a restarted serving process's environment.
 pub const TAKEOVER_FD: &str = "STRATAFS_TAKEOVER_FD";
-/// Restarts allowed within [`RESTART_WINDOW`] before the holder gives the mount up.
-pub const MAX_RESTARTS: usize = 10;
-pub const RESTART_WINDOW: Duration = Duration::from_secs(10);
+/// The holder's pid, in a serving process's environment.
+pub const HOLDER_PID: &str = "STRATAFS_HOLDER_PID";
+/// Serving processes in a row that die before they serve, after which the holder gives up.
+pub const MAX_FAILED_STARTS: u32 = 5;
 /// The exit status of a server that stopped for an upgrade (SIGUSR1 from the holder).
 pub const EXIT_HANDOVER: i32 = 75;
+/// The exit status of a server that cannot take the mount over, and never will (another tree,
+/// a kernel without FUSE_NOTIFY_RESEND): the holder gives up at once.
+pub const EXIT_CANNOT_TAKE_OVER: i32 = 76;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HolderError {
@@ -71,7 +75,11 @@ pub enum Role {
 }
 
 /// A serving process's socket to its holder.
-pub struct Link(UnixStream);
+pub struct Link {
+    sock: UnixStream,
+    /// The holder's pid.
+    pub holder: u32,
+}
 
 impl Link {
     /// Tells the holder this process serves the mount; a fresh server also hands over a copy of
@@ -84,7 +92,7 @@ impl Link {
             vec![ControlMessage::ScmRights(&raw)]
         };
         sendmsg::<()>(
-            self.0.as_raw_fd(),
+            self.sock.as_raw_fd(),
             &[IoSlice::new(b"ready")],
             &cmsg,
             MsgFlags::empty(),
@@ -96,10 +104,16 @@ impl Link {
 
 /// An inherited descriptor named by environment variable `var`, made close-on-exec (a serving
 /// process starts no other processes, so the variable may stay).
-fn inherited(var: &str) -> Option<OwnedFd> {
+fn inherited(var: &str, kind: libc::mode_t) -> Option<OwnedFd> {
     let fd: RawFd = std::env::var(var).ok()?.parse().ok()?;
-    // SAFETY: F_GETFD only asks whether `fd` is open.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+    // SAFETY: fstat only reads the type of `fd`, if it is open, into `st`.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut st) } < 0 || st.st_mode & libc::S_IFMT != kind {
+        tracing::warn!(
+            var,
+            fd,
+            "ignoring an inherited descriptor of the wrong kind"
+        );
         return None;
     }
     // SAFETY: the holder passed `fd` to this process for it alone; nothing else owns it.
@@ -112,8 +126,19 @@ fn inherited(var: &str) -> Option<OwnedFd> {
 /// This process's role, from its environment. Call it once: it takes ownership of the
 /// descriptors.
 pub fn role() -> Role {
-    let link = inherited(HOLDER_FD).map(|fd| Link(UnixStream::from(fd)));
-    let device = inherited(TAKEOVER_FD);
+    // Only from the holder that started this process (not an environment leaked further).
+    let parent = nix::unistd::getppid().as_raw() as u32;
+    let holder = std::env::var(HOLDER_PID)
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok());
+    if holder != Some(parent) {
+        return Role::Alone;
+    }
+    let link = inherited(HOLDER_FD, libc::S_IFSOCK).map(|fd| Link {
+        sock: UnixStream::from(fd),
+        holder: parent,
+    });
+    let device = inherited(TAKEOVER_FD, libc::S_IFCHR);
     match (link, device) {
         (Some(link), Some(device)) => Role::TakeOver(link, device),
         (Some(link), None) => Role::Fresh(link),
@@ -167,9 +192,24 @@ fn code(status: ExitStatus) -> i32 {
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
+/// Whether the FUSE connection `device` is still up (the kernel flags a connection that ended
+/// — unmounted, or aborted — with POLLERR).
+fn connected(device: &OwnedFd) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(device.as_fd(), PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(_) => !fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLERR | PollFlags::POLLHUP)),
+        Err(_) => true,
+    }
+}
+
 /// Runs as the holder of one mount: starts `exe args` to serve it and starts another whenever
-/// one dies, until the mount ends. Returns the status to exit with.
-pub async fn hold(exe: &Path, args: &[OsString]) -> Result<i32, HolderError> {
+/// one dies, until the mount ends. `abandon` detaches the mount when the holder gives it up.
+/// Returns the status to exit with.
+pub async fn hold(exe: &Path, args: &[OsString], abandon: &dyn Fn()) -> Result<i32, HolderError> {
+    use nix::sys::signal::{kill, Signal};
     use tokio::signal::unix::{signal, SignalKind};
     let signal = |kind| signal(kind).map_err(io("signal handler"));
     let (mut term, mut int, mut hup) = (
@@ -178,14 +218,23 @@ pub async fn hold(exe: &Path, args: &[OsString]) -> Result<i32, HolderError> {
         signal(SignalKind::hangup())?,
     );
     let mut device: Option<OwnedFd> = None;
-    let mut restarts: VecDeque<Instant> = VecDeque::new();
+    let mut failed_starts = 0u32;
     let mut stopping = false;
     loop {
+        if device.as_ref().is_some_and(|d| !connected(d)) {
+            tracing::info!("the mount ended while no process served it");
+            return Ok(0);
+        }
         let (ours, theirs) = UnixStream::pair().map_err(io("socketpair"))?;
-        let theirs = inheritable(theirs.as_fd())?;
+        let theirs = {
+            let copy = inheritable(theirs.as_fd())?;
+            drop(theirs); // the child's copy alone: its death closes the socket
+            copy
+        };
         let mut cmd = Command::new(exe);
         cmd.args(args)
             .env(HOLDER_FD, theirs.as_raw_fd().to_string())
+            .env(HOLDER_PID, std::process::id().to_string())
             .stdin(Stdio::null());
         let passed = match &device {
             Some(d) => {
@@ -197,73 +246,119 @@ pub async fn hold(exe: &Path, args: &[OsString]) -> Result<i32, HolderError> {
             None => None,
         };
         let started = Instant::now();
-        let mut child = cmd.spawn().map_err(|source| HolderError::Spawn {
-            exe: exe.to_path_buf(),
-            source,
-        })?;
+        let spawned = cmd.spawn();
         drop((theirs, passed));
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(source) if device.is_none() => {
+                return Err(HolderError::Spawn {
+                    exe: exe.to_path_buf(),
+                    source,
+                })
+            }
+            Err(e) => {
+                tracing::error!(exe = %exe.display(), error = %e, "cannot start a serving process");
+                failed_starts += 1;
+                if failed_starts >= MAX_FAILED_STARTS {
+                    return Ok(give_up(abandon, failed_starts));
+                }
+                tokio::time::sleep(backoff(failed_starts)).await;
+                continue;
+            }
+        };
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         let mut said = tokio::task::spawn_blocking(move || receive(ours));
         let mut exited = tokio::task::spawn_blocking(move || child.wait());
-        let mut ready = false;
-        let mut upgrading = false;
+        let (mut heard, mut ready, mut upgrading) = (false, false, false);
+        let hear = |r: Result<(bool, Option<OwnedFd>), tokio::task::JoinError>,
+                    device: &mut Option<OwnedFd>| {
+            let (ok, fd) = r.unwrap_or((false, None));
+            if ok && device.is_none() {
+                *device = fd;
+                // The first server reported to whoever waits on stdout: done with it.
+                if let Ok(null) = std::fs::File::create("/dev/null") {
+                    let _ = nix::unistd::dup2_stdout(&null);
+                }
+            }
+            if ok {
+                tracing::info!(
+                    pid = pid.as_raw(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "serving process ready"
+                );
+            }
+            ok && device.is_some()
+        };
         let status = loop {
             tokio::select! {
-                r = &mut said, if !ready => {
-                    let (ok, fd) = r.unwrap_or((false, None));
-                    if ok {
-                        ready = true;
-                        if device.is_none() {
-                            device = fd;
-                            // The first server reported to whoever waits on stdout: done.
-                            if let Ok(null) = std::fs::File::create("/dev/null") {
-                                let _ = nix::unistd::dup2_stdout(&null);
-                            }
-                        }
-                        tracing::info!(pid = pid.as_raw(), ms = started.elapsed().as_millis() as u64, "serving process ready");
-                    } else {
-                        // Closed without a word: it is exiting; wait for its status.
-                        ready = true;
-                    }
+                biased;
+                r = &mut said, if !heard => {
+                    heard = true;
+                    ready = hear(r, &mut device);
                 }
                 s = &mut exited => break s.map_err(|e| io("wait")(e.into()))?.map_err(io("wait"))?,
-                _ = term.recv() => { stopping = true; let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM); }
-                _ = int.recv() => { stopping = true; let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM); }
+                _ = term.recv() => { stopping = true; let _ = kill(pid, Signal::SIGTERM); }
+                _ = int.recv() => { stopping = true; let _ = kill(pid, Signal::SIGTERM); }
                 _ = hup.recv() => {
-                    if device.is_some() {
+                    if ready {
                         tracing::info!(exe = %exe.display(), "upgrade: replacing the serving process");
                         upgrading = true;
-                        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1);
+                        let _ = kill(pid, Signal::SIGUSR1);
+                    } else {
+                        tracing::warn!("upgrade asked while the serving process is starting: ignored");
                     }
                 }
             }
         };
+        if !heard {
+            // Whatever it said before dying still counts (the socket holds it until read).
+            ready = hear(said.await, &mut device);
+        }
         let c = code(status);
-        if stopping || status.success() {
+        if stopping {
+            if !status.success() && device.is_some() {
+                abandon();
+            }
             return Ok(c);
+        }
+        if status.success() {
+            return Ok(0);
         }
         if device.is_none() {
             // The first server failed before it mounted; it said why.
             return Ok(c);
         }
+        if c == EXIT_CANNOT_TAKE_OVER {
+            tracing::error!(
+                "the serving process cannot take the mount over (see above): giving the mount up"
+            );
+            abandon();
+            return Ok(1);
+        }
         if upgrading && c == EXIT_HANDOVER {
             continue;
         }
-        let now = Instant::now();
-        restarts.push_back(now);
-        while restarts
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > RESTART_WINDOW)
-        {
-            restarts.pop_front();
-        }
-        if restarts.len() > MAX_RESTARTS {
-            tracing::error!(
-                restarts = restarts.len(),
-                "the serving process keeps dying: giving the mount up (its users get ENOTCONN; `stratafs umount` detaches it)"
-            );
-            return Ok(1);
+        failed_starts = if ready { 0 } else { failed_starts + 1 };
+        if failed_starts >= MAX_FAILED_STARTS {
+            return Ok(give_up(abandon, failed_starts));
         }
         tracing::warn!(pid = pid.as_raw(), %status, "serving process died: starting another to take the mount over");
+        if failed_starts > 0 {
+            tokio::time::sleep(backoff(failed_starts)).await;
+        }
     }
+}
+
+/// The pause before the next start after `n` starts in a row that never served.
+fn backoff(n: u32) -> Duration {
+    Duration::from_millis(100 << n.min(5))
+}
+
+fn give_up(abandon: &dyn Fn(), n: u32) -> i32 {
+    tracing::error!(
+        starts = n,
+        "serving processes keep dying before they serve: giving the mount up (its users get ENOTCONN)"
+    );
+    abandon();
+    1
 }

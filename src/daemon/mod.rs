@@ -36,6 +36,10 @@ pub struct MountRecord {
     /// the same one.
     #[serde(default)]
     pub tree: String,
+    /// The image record served and how many of its layers (a process taking over serves
+    /// these, whatever the name means by then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served: Option<(crate::image::ImageRecord, usize)>,
 }
 
 /// A record that could not be written.
@@ -86,7 +90,8 @@ pub fn remove_record(root: &Path, mountpoint: &Path) {
     let _ = std::fs::remove_file(backing_log_path(root, mountpoint));
 }
 
-/// Mounts recorded under `<root>/run/mounts/` whose serving process is alive.
+/// Mounts recorded under `<root>/run/mounts/` whose serving process is alive, or whose holder
+/// is (starting the next serving process).
 pub fn mounts(root: &Path) -> Vec<MountRecord> {
     let Ok(dir) = std::fs::read_dir(root.join("run/mounts")) else {
         return Vec::new();
@@ -95,7 +100,7 @@ pub fn mounts(root: &Path) -> Vec<MountRecord> {
         .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
         .filter_map(|e| std::fs::read(e.path()).ok())
         .filter_map(|b| serde_json::from_slice::<MountRecord>(&b).ok())
-        .filter(|r| alive(r.pid))
+        .filter(|r| alive(r.pid) || r.holder.is_some_and(alive))
         .collect()
 }
 
@@ -110,35 +115,35 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
-/// The pid of the oldest `stratafs mount --foreground` process for `mountpoint` (the holder,
-/// when there is one), from the processes' command lines.
-pub fn find_daemon(mountpoint: &Path) -> Option<u32> {
+/// Whether `pid` is a live `stratafs mount --foreground … MOUNTPOINT` process (a holder or a
+/// serving process of that mount), from its command line.
+pub fn is_mount_process(pid: u32, mountpoint: &Path) -> bool {
     let want = mountpoint.as_os_str().as_encoded_bytes();
-    let me = std::process::id();
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let is_daemon = args.iter().any(|a| *a == b"--foreground")
-            && args.iter().any(|a| *a == b"mount")
-            && args.iter().rev().find(|a| !a.is_empty()) == Some(&want);
-        if is_daemon && alive(pid) {
-            found.push(pid);
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    args.iter().any(|a| *a == b"--foreground")
+        && args.iter().any(|a| *a == b"mount")
+        && args.iter().rev().find(|a| !a.is_empty()) == Some(&want)
+        && alive(pid)
+}
+
+/// The pid of a `stratafs mount --foreground` process for `mountpoint` (the holder, when there
+/// is one: the holder of the record, else the lowest pid), from the processes' command lines.
+pub fn find_daemon(root: &Path, mountpoint: &Path) -> Option<u32> {
+    if let Some(holder) = read_record(root, mountpoint).and_then(|r| r.holder) {
+        if is_mount_process(holder, mountpoint) {
+            return Some(holder);
         }
     }
-    found.into_iter().min()
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me && is_mount_process(pid, mountpoint))
+        .min()
 }
 
 /// A mountpoint as a file name: `/mnt/py` → `mnt-2fpy`.

@@ -154,10 +154,13 @@ pub async fn mount(
     } else {
         Role::Alone
     };
+    // A serving process handles signals from its first moment (the holder passes them on).
+    let signals = (!matches!(role, Role::Alone)).then(Signals::new);
     if let Role::TakeOver(link, device) = role {
         // Nobody answers on the mountpoint until this process does: nothing here may stat it.
         let mountpoint = absolute(&args.mountpoint)?;
-        return take_over(ctx()?, &args, &options, &mountpoint, link, device).await;
+        let signals = signals.expect("signals of a serving process");
+        return take_over(ctx()?, &args, &options, &mountpoint, link, device, signals).await;
     }
     if !nix::unistd::geteuid().is_root() {
         bail!(
@@ -200,13 +203,19 @@ pub async fn mount(
         // Hold the mount: start the serving process, and another whenever it dies.
         let exe = std::env::current_exe().context("finding the stratafs binary")?;
         let argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-        let code = holder::hold(&exe, &argv).await?;
+        let (root, at) = (root.to_path_buf(), mountpoint.clone());
+        let abandon = move || {
+            let _ = fuse::unmount(&at, true);
+            records::remove_record(&root, &at);
+        };
+        let code = holder::hold(&exe, &argv, &abandon).await?;
         if code != 0 {
             std::process::exit(code);
         }
         return Ok(());
     };
-    let result = serve(ctx()?, &args, &options, &mountpoint, link).await;
+    let signals = signals.expect("signals of a serving process");
+    let result = serve(ctx()?, &args, &options, &mountpoint, link, signals).await;
     if let (true, Err(e)) = (args.notify, &result) {
         println!("error: {e:#}");
     }
@@ -372,6 +381,7 @@ async fn serve(
     options: &MountOptions,
     mountpoint: &Path,
     link: Link,
+    signals: Signals,
 ) -> Result<()> {
     keep_large_buffers_off_the_heap();
     let started = Instant::now();
@@ -451,9 +461,10 @@ async fn serve(
             .map(|l| l.digest.to_string())
             .collect(),
         metrics: metrics.clone(),
-        holder: Some(nix::unistd::getppid().as_raw() as u32),
+        holder: Some(link.holder),
         passthrough: mounted.passthrough,
         tree: view.tree.fingerprint(),
+        served: Some((image.clone(), count)),
     };
     if let Err(e) = records::write_record(&root, &record) {
         tracing::warn!(error = %e, "cannot record the mount");
@@ -470,6 +481,10 @@ async fn serve(
         started.elapsed().as_millis()
     );
     tracing::info!("{message}");
+    // The holder has the connection before anyone hears the mount is ready.
+    if let Err(e) = link.ready(Some(std::os::fd::AsFd::as_fd(&mounted.device))) {
+        tracing::warn!(error = %e, "cannot hand the connection to the holder: a crash of this process ends the mount");
+    }
     if args.notify {
         println!("ready {message}");
         // Nothing more for the parent: it may be gone, so stdout must not be the pipe.
@@ -479,16 +494,21 @@ async fn serve(
     } else {
         println!("{message}");
     }
-    if let Err(e) = link.ready(Some(std::os::fd::AsFd::as_fd(&mounted.device))) {
-        tracing::warn!(error = %e, "cannot hand the connection to the holder: a crash of this process ends the mount");
-    }
     let profile_done = async move {
         if let Some(p) = profile {
             p.finish().await;
         }
     };
-    run_until_end(&ctx, args, &view, &mut mounted, mountpoint, profile_done).await;
-    Ok(())
+    run_until_end(
+        &ctx,
+        args,
+        &view,
+        &mut mounted,
+        mountpoint,
+        signals,
+        profile_done,
+    )
+    .await
 }
 
 /// A serving process started by the holder after the previous one died: serve the same
@@ -500,26 +520,34 @@ async fn take_over(
     mountpoint: &Path,
     link: Link,
     device: std::os::fd::OwnedFd,
+    signals: Signals,
 ) -> Result<()> {
     keep_large_buffers_off_the_heap();
     let started = Instant::now();
     let root = ctx.store.root().to_path_buf();
-    let mut record = records::read_record(&root, mountpoint).with_context(|| {
-        format!(
-            "no record of the mount at {} to take over",
+    // What makes a takeover impossible for any process: the holder gives up at once.
+    let cannot = |why: String| -> ! {
+        tracing::error!(
+            "{}: cannot take the mount over: {why}",
             mountpoint.display()
-        )
-    })?;
-    let (image, count) = open_image(&ctx, args).await?;
+        );
+        std::process::exit(holder::EXIT_CANNOT_TAKE_OVER)
+    };
+    let Some(mut record) = records::read_record(&root, mountpoint) else {
+        cannot("no record of the mount".into())
+    };
+    // The very image the mount serves (the name may have been pulled again since).
+    let Some((image, count)) = record.served.clone() else {
+        cannot("its record does not say which image it serves".into())
+    };
     let view = Arc::new(ImageView::open_chain(&ctx.layers, &image, count).await?);
     if view.tree.fingerprint() != record.tree {
-        bail!(
-            "{}: {} now builds a different tree than the one the mount serves (inode numbers would change); not taking it over",
-            mountpoint.display(),
+        cannot(format!(
+            "{} builds a different tree than the one the mount serves (inode numbers would change)",
             image.name
-        );
+        ));
     }
-    let mut mounted = fuse::take_over(
+    let mut mounted = match fuse::take_over(
         view.clone(),
         tokio::runtime::Handle::current(),
         mountpoint,
@@ -527,9 +555,13 @@ async fn take_over(
         options,
         record.passthrough,
         &records::backing_log_path(&root, mountpoint),
-    )?;
+    ) {
+        Ok(m) => m,
+        Err(e @ fuse::FuseError::Resend { .. }) => cannot(e.to_string()),
+        Err(e) => return Err(e.into()),
+    };
     record.pid = std::process::id();
-    record.holder = Some(nix::unistd::getppid().as_raw() as u32);
+    record.holder = Some(link.holder);
     record.metrics = serve_metrics(&ctx, args, &view)?;
     if let Err(e) = records::write_record(&root, &record) {
         tracing::warn!(error = %e, "cannot record the mount");
@@ -543,8 +575,16 @@ async fn take_over(
     if let Err(e) = link.ready(None) {
         tracing::warn!(error = %e, "cannot tell the holder");
     }
-    run_until_end(&ctx, args, &view, &mut mounted, mountpoint, async {}).await;
-    Ok(())
+    run_until_end(
+        &ctx,
+        args,
+        &view,
+        &mut mounted,
+        mountpoint,
+        signals,
+        async {},
+    )
+    .await
 }
 
 /// Serves with background fetch (if on) until the mount ends, then cleans up.
@@ -554,8 +594,9 @@ async fn run_until_end(
     view: &Arc<ImageView>,
     mounted: &mut fuse::Mounted,
     mountpoint: &Path,
+    signals: Signals,
     finish: impl std::future::Future<Output = ()>,
-) {
+) -> Result<()> {
     let background = background_option(&args.options)
         .unwrap_or(ctx.config.mount.background_fetch)
         .then(|| {
@@ -570,22 +611,52 @@ async fn run_until_end(
                 settings,
             ))
         });
-    wait_for_end(ctx, mounted, mountpoint).await;
+    let clean = wait_for_end(ctx, mounted, mountpoint, signals).await;
     if let Some(task) = background {
         task.abort();
     }
     finish.await;
+    if !clean {
+        // Not unmounted: the holder starts a process that takes the connection over.
+        bail!("{}: the FUSE session failed", mountpoint.display());
+    }
     records::remove_record(ctx.store.root(), mountpoint);
     tracing::info!("unmounted {}", mountpoint.display());
+    Ok(())
+}
+
+/// The signals a serving process answers, handled from its start: SIGTERM/SIGINT unmount,
+/// SIGUSR1 hands the mount over to the next process (an upgrade).
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        Signals {
+            term: signal(SignalKind::terminate()).expect("SIGTERM handler"),
+            int: signal(SignalKind::interrupt()).expect("SIGINT handler"),
+            usr1: signal(SignalKind::user_defined1()).expect("SIGUSR1 handler"),
+        }
+    }
 }
 
 /// Serves until the session ends (unmounted from outside) or a signal asks to stop; saves
-/// the fetched-byte counters every second.
-async fn wait_for_end(ctx: &Context, mounted: &mut fuse::Mounted, mountpoint: &Path) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    let mut usr1 = signal(SignalKind::user_defined1()).expect("SIGUSR1 handler");
+/// the fetched-byte counters every second. False if the session failed (still mounted).
+async fn wait_for_end(
+    ctx: &Context,
+    mounted: &mut fuse::Mounted,
+    mountpoint: &Path,
+    signals: Signals,
+) -> bool {
+    let Signals {
+        mut term,
+        mut int,
+        mut usr1,
+    } = signals;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut last_save = Instant::now();
     loop {
@@ -602,8 +673,7 @@ async fn wait_for_end(ctx: &Context, mounted: &mut fuse::Mounted, mountpoint: &P
             }
             _ = tick.tick() => {
                 if mounted.finished() {
-                    mounted.join();
-                    return;
+                    return mounted.join();
                 }
                 if last_save.elapsed() > Duration::from_secs(1) {
                     let _ = ctx.layers.save_fetched();
@@ -625,13 +695,24 @@ async fn wait_for_end(ctx: &Context, mounted: &mut fuse::Mounted, mountpoint: &P
     if mounted.finished() {
         mounted.join();
     }
+    true
 }
 
 /// `stratafs umount [--lazy] MOUNTPOINT`.
 pub fn umount(root: &Path, mountpoint: &Path, lazy: bool) -> Result<()> {
     let mountpoint = absolute(mountpoint)?;
-    let daemon = records::find_daemon(&mountpoint);
-    match fuse::mount_state(&mountpoint) {
+    let daemon = records::find_daemon(root, &mountpoint);
+    // With a live holder the mount is alive even while no process serves it (probing it would
+    // wait for the next one).
+    let held = records::read_record(root, &mountpoint)
+        .and_then(|r| r.holder)
+        .is_some_and(|h| records::is_mount_process(h, &mountpoint));
+    let state = if held {
+        MountState::Live
+    } else {
+        fuse::mount_state(&mountpoint)
+    };
+    match state {
         MountState::None => bail!("{}: not mounted", mountpoint.display()),
         MountState::Dead => {
             fuse::unmount(&mountpoint, true)?;
@@ -685,7 +766,7 @@ pub fn upgrade(root: &Path, mountpoints: &[PathBuf]) -> Result<()> {
     }
     for r in targets {
         let at = r.mountpoint.display();
-        let holder = r.holder.filter(|h| records::alive(*h)).with_context(|| {
+        let holder = r.holder.filter(|h| records::is_mount_process(*h, &r.mountpoint)).with_context(|| {
             format!("{at}: no holder keeps this mount (it was started by an older stratafs, or its holder died): remount it to upgrade")
         })?;
         nix::sys::signal::kill(
