@@ -76,7 +76,6 @@ jq . "$work/result.json" >&2
 r() { jq -r "$1" "$work/result.json"; }
 table=$(mktemp)
 {
-  echo "<!-- bench/restart.sh: begin -->"
   echo "Run $(date -u +%Y-%m-%d) on $(machine_line "$work"); stratafs $(git rev-parse --short HEAD)."
   echo "\`bash bench/restart.sh $RESTARTS $READERS\`: $READERS readers over $files files (this machine's"
   echo "Python standard library, cached), the serving process SIGKILLed $RESTARTS times."
@@ -88,7 +87,6 @@ table=$(mktemp)
   echo "| time a resent read waited | $(r .waited_ms.median) ms | $(r .waited_ms.p90) ms | $(r .waited_ms.max) ms |"
   echo
   echo "Reads: $(r .reads) checked, **$(r .failed) failed, $(r .wrong) with wrong bytes**; kills: $(r .kills)."
-  echo "<!-- bench/restart.sh: end -->"
 } >"$table"
 cat "$table"
 put_table docs/benchmarks.md "$table" bench/restart.sh "Restart: the service gap of a killed serving process"

@@ -5,10 +5,12 @@
 //! Containers run programs from images made of this machine's dash and coreutils. A lazy pull
 //! must leave the registry serving far fewer bytes than the layers hold; plain `ctr images pull`
 //! must work eagerly; a zstd layer falls back to containerd's own unpack (and the layers above
-//! it with it); the snapshotter can restart under running containers; and its API answers like
-//! containerd's overlayfs snapshotter over the same `ctr snapshots` calls.
+//! it with it); the snapshotter can restart under running containers; a container keeps running
+//! while its lazy mount's serving process is killed ten times and upgraded; after a simulated
+//! reboot with the registry down, containers start from complete cached layers; and its API
+//! answers like containerd's overlayfs snapshotter over the same `ctr snapshots` calls.
 //!
-//! Skips (with the reason printed) only where containerd cannot run at all.
+//! A missing tool fails the test: `.ci/setup` installs everything.
 
 mod common;
 
@@ -337,7 +339,7 @@ fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
 }
 
 #[test]
-fn a_container_runs_on_while_its_lazy_mount_daemons_are_killed_ten_times() {
+fn a_container_runs_on_while_its_lazy_mount_daemons_are_killed_ten_times_and_upgraded() {
     let env = env();
     let image = two_layer_image();
     let reference = env.push("snap/crash", &image);
@@ -407,9 +409,20 @@ fn a_container_runs_on_while_its_lazy_mount_daemons_are_killed_ten_times() {
             || rounds() > seen,
         );
     }
+    // And an upgrade of every serving process (`stratafs upgrade`: the holder starts the binary
+    // installed at its path again, which takes the mount over).
+    let before = env.sn.daemons();
+    let said = env.sn.cli.ok(&["upgrade"]);
+    let after = env.sn.daemons();
+    assert!(
+        after.len() == before.len() && after.iter().all(|p| !before.contains(p)),
+        "upgrade left {after:?} (was {before:?}): {said}"
+    );
+    let seen = rounds();
+    wait_until(60, "no progress after the upgrade", || rounds() > seen);
     std::fs::write(sync.join("stop"), b"").unwrap();
     let out = child.wait_with_output().unwrap();
-    let out = env.expect_ok("container across ten crashes", out);
+    let out = env.expect_ok("container across ten crashes and an upgrade", out);
     assert!(out.starts_with("ok "), "{out}");
     eprintln!(
         "{killed} serving processes killed; the container made {}",
