@@ -22,8 +22,7 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
@@ -37,13 +36,21 @@ use fuser::{
 use crate::fs::{FsError, ImageView};
 use crate::tree::{FileType, Node, NodeId, ROOT};
 
+mod mounts;
+mod openlog;
+mod session;
+
+pub use mounts::{mount_entries, mount_state, MountEntry, MountState};
+pub use openlog::{OpenLog, OpenMode};
+pub use session::{mount, take_over, unmount, Mounted};
+
 /// The kernel may cache names and attributes for this long: the tree never changes.
 const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Smaller files are served by the daemon even when cached: a local copy per small file costs
 /// a write and disk space, and the kernel's page cache (FOPEN_KEEP_CACHE) serves them warm.
 const PASSTHROUGH_MIN_SIZE: u64 = 1 << 20;
 /// Largest read and readahead the kernel is asked to use.
-const MAX_READAHEAD: u32 = 4 << 20;
+pub(crate) const MAX_READAHEAD: u32 = 4 << 20;
 
 /// A mount that could not be made or ended.
 #[derive(Debug, thiserror::Error)]
@@ -537,11 +544,13 @@ impl Filesystem for StrataFs {
         if let Some(o) = opens.get_mut(&ino.0) {
             o.count = o.count.saturating_sub(1);
             if o.count == 0 && !o.keep {
-                if let Some(log) = &self.log {
-                    // Recorded before the close: a process taking over never uses a closed id.
-                    log.record(ino.0, None);
+                // Recorded before the close: a process taking over never uses a closed id. If
+                // it cannot be recorded, the id stays open (and this inode in its mode).
+                if self.log.as_ref().is_none_or(|log| log.record(ino.0, None)) {
+                    opens.remove(&ino.0); // closes the backing id, if any
+                } else {
+                    o.keep = true;
                 }
-                opens.remove(&ino.0); // closes the backing id, if any
             }
         }
         reply.ok();
@@ -691,462 +700,6 @@ fn xattr_reply(reply: ReplyXattr, size: u32, value: &[u8]) {
     }
 }
 
-/// A live mount: the session threads and a way to end them.
-pub struct Mounted {
-    pub mountpoint: PathBuf,
-    /// Reads served so far.
-    pub reads: Arc<AtomicU64>,
-    /// Whether the kernel accepted FUSE passthrough (a process taking over must know).
-    pub passthrough: bool,
-    /// A copy of the connection's `/dev/fuse` descriptor, for a holder to keep.
-    pub device: OwnedFd,
-    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
-}
-
-/// Mounts `view` at `mountpoint` and starts serving it on `options.threads` threads. Backing
-/// ids are recorded in `backings` when given (for a process that may take over).
-pub fn mount(
-    view: Arc<ImageView>,
-    runtime: tokio::runtime::Handle,
-    mountpoint: &Path,
-    options: &MountOptions,
-    backings: Option<Arc<OpenLog>>,
-) -> Result<Mounted, FuseError> {
-    let fail = |detail: String| FuseError::Mount {
-        mountpoint: mountpoint.to_path_buf(),
-        detail,
-    };
-    let fd: OwnedFd = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/fuse")
-        .map_err(|e| {
-            fail(format!(
-                "cannot open /dev/fuse: {e} (is the fuse module loaded?)"
-            ))
-        })?
-        .into();
-    let mut data = format!(
-        "fd={},rootmode=40000,user_id=0,group_id=0,default_permissions",
-        fd.as_raw_fd()
-    );
-    if options.allow_other {
-        data.push_str(",allow_other");
-    }
-    use nix::mount::MsFlags;
-    let mut flags = MsFlags::MS_RDONLY | MsFlags::MS_NOATIME;
-    if !options.suid {
-        flags |= MsFlags::MS_NOSUID;
-    }
-    if !options.dev {
-        flags |= MsFlags::MS_NODEV;
-    }
-    if !options.exec {
-        flags |= MsFlags::MS_NOEXEC;
-    }
-    nix::mount::mount(
-        Some(view.name.as_str()),
-        mountpoint,
-        Some("fuse.stratafs"),
-        flags,
-        Some(data.as_str()),
-    )
-    .map_err(|e| match e {
-        nix::errno::Errno::EPERM => fail("mounting needs root (CAP_SYS_ADMIN)".into()),
-        e => fail(format!("mount(2) failed: {e}")),
-    })?;
-    let device = fd.try_clone().map_err(|e| {
-        let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
-        fail(format!("cannot duplicate the FUSE descriptor: {e}"))
-    })?;
-    let fs = StrataFs::new(view, runtime, options.clone(), backings, HashMap::new());
-    let (reads, passthrough) = (fs.reads.clone(), fs.passthrough.clone());
-    let session = session(fs, fd, options).map_err(|e| {
-        let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
-        fail(format!("FUSE handshake failed: {e}"))
-    })?;
-    start(session, mountpoint, reads, passthrough, device)
-}
-
-/// Serves the mounted connection `device` (a descriptor another process served, and a holder
-/// kept): `view` must have the tree that process served, `passthrough` what the kernel
-/// accepted then, and `backings` the log that process kept. The kernel's INIT is long past, so
-/// `fuser` is given a copy of it; then the kernel is asked to resend the requests nobody
-/// answered.
-pub fn take_over(
-    view: Arc<ImageView>,
-    runtime: tokio::runtime::Handle,
-    mountpoint: &Path,
-    device: OwnedFd,
-    options: &MountOptions,
-    passthrough: bool,
-    backings: &Path,
-) -> Result<Mounted, FuseError> {
-    let fail = |detail: String| FuseError::Mount {
-        mountpoint: mountpoint.to_path_buf(),
-        detail,
-    };
-    let inherited = OpenLog::read(backings);
-    let log = OpenLog::rewrite(backings, inherited.clone())
-        .map_err(|e| fail(format!("{}: {e}", backings.display())))?;
-    let mut options = options.clone();
-    options.passthrough = passthrough;
-    let fs = StrataFs::new(
-        view,
-        runtime,
-        options.clone(),
-        Some(Arc::new(log)),
-        inherited,
-    );
-    let (reads, accepted) = (fs.reads.clone(), fs.passthrough.clone());
-    // fuser reads INIT from the descriptor it is given: give it a socket holding one, then
-    // point that descriptor number at the real connection.
-    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
-    let (ours, theirs) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .map_err(|e| fail(format!("socketpair: {e}")))?;
-    nix::unistd::write(&theirs, &synthetic_init(passthrough))
-        .map_err(|e| fail(format!("writing INIT: {e}")))?;
-    let number = ours.as_raw_fd();
-    let session = session(fs, ours, &options).map_err(|e| fail(format!("handshake: {e}")))?;
-    drop(theirs); // with fuser's INIT reply, unread: the kernel already has one
-                  // SAFETY: `number` is the descriptor fuser's session owns; no thread uses it yet (the
-                  // session runs below), so replacing the file it refers to — atomically, keeping it
-                  // close-on-exec — is invisible to fuser except that it now reads the connection.
-    if unsafe { libc::dup3(device.as_raw_fd(), number, libc::O_CLOEXEC) } < 0 {
-        return Err(fail(format!("dup3: {}", std::io::Error::last_os_error())));
-    }
-    resend(&device).map_err(|source| FuseError::Resend {
-        mountpoint: mountpoint.to_path_buf(),
-        source,
-    })?;
-    accepted.store(passthrough, Ordering::Relaxed);
-    start(session, mountpoint, reads, accepted, device)
-}
-
-fn session(
-    fs: StrataFs,
-    fd: OwnedFd,
-    options: &MountOptions,
-) -> std::io::Result<fuser::Session<StrataFs>> {
-    let acl = if options.allow_other {
-        fuser::SessionACL::All
-    } else {
-        fuser::SessionACL::Owner
-    };
-    let mut config = fuser::Config::default();
-    config.n_threads = Some(options.threads);
-    // Cloned descriptors die with this process, and the kernel aborts the requests read
-    // through them: all threads read the shared one, which a holder keeps.
-    config.clone_fd = false;
-    config.acl = acl;
-    fuser::Session::from_fd(fs, fd, acl, config)
-}
-
-fn start(
-    session: fuser::Session<StrataFs>,
-    mountpoint: &Path,
-    reads: Arc<AtomicU64>,
-    passthrough: Arc<AtomicBool>,
-    device: OwnedFd,
-) -> Result<Mounted, FuseError> {
-    let thread = std::thread::Builder::new()
-        .name("fuse-session".into())
-        .spawn(move || session.run())
-        .map_err(|e| FuseError::Mount {
-            mountpoint: mountpoint.to_path_buf(),
-            detail: format!("cannot start the session: {e}"),
-        })?;
-    Ok(Mounted {
-        mountpoint: mountpoint.to_path_buf(),
-        reads,
-        passthrough: passthrough.load(Ordering::Relaxed),
-        device,
-        thread: Some(thread),
-    })
-}
-
-/// FUSE_INIT as the kernel sends it (fuse_in_header + fuse_init_in, ABI 7.41), offering what
-/// `StrataFs::init` asks for; passthrough only if the kernel accepted it at the real INIT.
-fn synthetic_init(passthrough: bool) -> Vec<u8> {
-    let mut flags = InitFlags::FUSE_DO_READDIRPLUS
-        | InitFlags::FUSE_CACHE_SYMLINKS
-        | InitFlags::FUSE_PARALLEL_DIROPS
-        | InitFlags::FUSE_MAX_PAGES
-        | InitFlags::FUSE_SPLICE_READ
-        | InitFlags::FUSE_INIT_EXT;
-    if passthrough {
-        flags |= InitFlags::FUSE_PASSTHROUGH;
-    }
-    let bits = flags.bits();
-    let mut m = Vec::with_capacity(104);
-    m.extend_from_slice(&104u32.to_ne_bytes()); // len
-    m.extend_from_slice(&26u32.to_ne_bytes()); // FUSE_INIT
-    m.extend_from_slice(&1u64.to_ne_bytes()); // unique
-    m.extend_from_slice(&[0; 8 + 4 + 4 + 4 + 2 + 2]); // nodeid, uid, gid, pid, extlen, pad
-    m.extend_from_slice(&7u32.to_ne_bytes()); // major
-    m.extend_from_slice(&41u32.to_ne_bytes()); // minor
-    m.extend_from_slice(&MAX_READAHEAD.to_ne_bytes());
-    m.extend_from_slice(&(bits as u32).to_ne_bytes()); // flags
-    m.extend_from_slice(&((bits >> 32) as u32).to_ne_bytes()); // flags2
-    m.extend_from_slice(&[0; 44]); // unused
-    m
-}
-
-/// Asks the kernel to queue again every request that was read from the connection and not
-/// answered (FUSE_NOTIFY_RESEND: a fuse_out_header with the notification code as error).
-fn resend(device: &OwnedFd) -> std::io::Result<()> {
-    const FUSE_NOTIFY_RESEND: i32 = 7;
-    let mut header = Vec::with_capacity(16);
-    header.extend_from_slice(&16u32.to_ne_bytes());
-    header.extend_from_slice(&FUSE_NOTIFY_RESEND.to_ne_bytes());
-    header.extend_from_slice(&0u64.to_ne_bytes());
-    nix::unistd::write(device, &header)?;
-    Ok(())
-}
-
-/// How the open files of one inode are served: the kernel wants all of them alike (opening an
-/// inode both ways, or with two backing ids, fails with EIO).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OpenMode {
-    /// Through the daemon, with the kernel's page cache.
-    Cached,
-    /// FUSE passthrough to the backing file with this id.
-    Passthrough(u32),
-}
-
-/// The mode of every inode a serving process holds open, as an append-only log ("=INO" through
-/// the daemon, "+INO ID" passthrough, "-INO" when its last open closed), so that a process
-/// taking over opens them the same way. Compacted when mostly closed entries.
-pub struct OpenLog {
-    path: PathBuf,
-    state: Mutex<LogState>,
-}
-
-struct LogState {
-    file: std::fs::File,
-    live: HashMap<u64, OpenMode>,
-    lines: usize,
-}
-
-impl OpenLog {
-    /// A new, empty log at `path`.
-    pub fn create(path: &Path) -> std::io::Result<OpenLog> {
-        Self::rewrite(path, HashMap::new())
-    }
-
-    /// The inodes still open according to the log at `path` (none if there is none).
-    pub fn read(path: &Path) -> HashMap<u64, OpenMode> {
-        let mut open = HashMap::new();
-        for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
-            let (op, rest) = line.split_at(line.len().min(1));
-            let mut f = rest.split(' ').map(str::parse::<u64>);
-            match (op, f.next(), f.next()) {
-                ("=", Some(Ok(ino)), None) => {
-                    open.insert(ino, OpenMode::Cached);
-                }
-                ("+", Some(Ok(ino)), Some(Ok(id))) if id <= u32::MAX as u64 => {
-                    open.insert(ino, OpenMode::Passthrough(id as u32));
-                }
-                ("-", Some(Ok(ino)), None) => {
-                    open.remove(&ino);
-                }
-                _ => {
-                    tracing::warn!(line, path = %path.display(), "ignoring a malformed open-log line")
-                }
-            }
-        }
-        open
-    }
-
-    /// Starts the log at `path` again with just `live` in it.
-    pub fn rewrite(path: &Path, live: HashMap<u64, OpenMode>) -> std::io::Result<OpenLog> {
-        let file = Self::write_state(path, &live)?;
-        Ok(OpenLog {
-            path: path.to_path_buf(),
-            state: Mutex::new(LogState {
-                file,
-                lines: live.len(),
-                live,
-            }),
-        })
-    }
-
-    /// Writes `live` to a temporary file renamed over `path`; returns it open for appending.
-    fn write_state(path: &Path, live: &HashMap<u64, OpenMode>) -> std::io::Result<std::fs::File> {
-        use std::io::Write as _;
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let mut text = String::new();
-        for (ino, mode) in live {
-            text.push_str(&Self::line(*ino, Some(*mode)));
-        }
-        let tmp = path.with_extension("tmp-open");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::OpenOptions::new().append(true).open(path)
-    }
-
-    fn line(ino: u64, mode: Option<OpenMode>) -> String {
-        match mode {
-            Some(OpenMode::Cached) => format!("={ino}\n"),
-            Some(OpenMode::Passthrough(id)) => format!("+{ino} {id}\n"),
-            None => format!("-{ino}\n"),
-        }
-    }
-
-    fn record(&self, ino: u64, mode: Option<OpenMode>) {
-        use std::io::Write as _;
-        let mut s = self.state.lock().unwrap();
-        match mode {
-            Some(m) => s.live.insert(ino, m),
-            None => s.live.remove(&ino),
-        };
-        s.lines += 1;
-        if s.lines > 4096 && s.lines > 4 * s.live.len() {
-            match Self::write_state(&self.path, &s.live) {
-                Ok(file) => {
-                    s.file = file;
-                    s.lines = s.live.len();
-                    return;
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot compact the open log"),
-            }
-        }
-        if let Err(e) = s.file.write_all(Self::line(ino, mode).as_bytes()) {
-            tracing::warn!(error = %e, "cannot record an open mode: a process taking over may fail opens of this file");
-        }
-    }
-}
-
-impl Mounted {
-    /// Unmounts (if still mounted) and waits for the session to end.
-    pub fn unmount(mut self) -> Result<(), FuseError> {
-        let result = unmount(&self.mountpoint, false);
-        self.join();
-        result
-    }
-
-    /// Waits for the session to end (after an unmount from elsewhere); false if it ended with
-    /// an error rather than with the connection.
-    pub fn join(&mut self) -> bool {
-        match self.thread.take().map(|t| t.join()) {
-            None | Some(Ok(Ok(()))) => true,
-            Some(Ok(Err(e))) => {
-                tracing::warn!(error = %e, "FUSE session ended with an error");
-                false
-            }
-            Some(Err(_)) => {
-                tracing::error!("FUSE session thread panicked");
-                false
-            }
-        }
-    }
-
-    /// Whether the session has ended (unmounted from elsewhere).
-    pub fn finished(&self) -> bool {
-        self.thread.as_ref().is_none_or(|t| t.is_finished())
-    }
-}
-
-/// Unmounts `mountpoint`; `lazy` detaches it even while busy or dead.
-pub fn unmount(mountpoint: &Path, lazy: bool) -> Result<(), FuseError> {
-    let flags = if lazy {
-        nix::mount::MntFlags::MNT_DETACH
-    } else {
-        nix::mount::MntFlags::empty()
-    };
-    match nix::mount::umount2(mountpoint, flags) {
-        Ok(()) | Err(nix::errno::Errno::EINVAL) => Ok(()),
-        Err(nix::errno::Errno::EBUSY) => Err(FuseError::Mount {
-            mountpoint: mountpoint.to_path_buf(),
-            detail: "busy: a process still uses it (close it, or unmount with --lazy)".into(),
-        }),
-        Err(e) => Err(FuseError::Mount {
-            mountpoint: mountpoint.to_path_buf(),
-            detail: format!("umount(2) failed: {e}"),
-        }),
-    }
-}
-
-/// The state of a path as a mountpoint.
-#[derive(Debug, PartialEq, Eq)]
-pub enum MountState {
-    /// Not a stratafs mount.
-    None,
-    /// A stratafs mount that answers.
-    Live,
-    /// A FUSE mount whose daemon is gone ("transport endpoint is not connected").
-    Dead,
-}
-
-/// One mount of this process's mount namespace, from /proc/self/mountinfo.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MountEntry {
-    pub mountpoint: std::path::PathBuf,
-    /// `fuse.stratafs`, `overlay`, …
-    pub fstype: String,
-    /// What was mounted (for stratafs: the image reference).
-    pub source: String,
-}
-
-/// Every mount in /proc/self/mountinfo, in mount order (escapes undone).
-pub fn mount_entries() -> Vec<MountEntry> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    info.lines().filter_map(parse_mountinfo_line).collect()
-}
-
-fn parse_mountinfo_line(line: &str) -> Option<MountEntry> {
-    let fields: Vec<&str> = line.split(' ').collect();
-    let dash = fields.iter().position(|f| *f == "-")?;
-    Some(MountEntry {
-        mountpoint: unescape(fields.get(4)?).into(),
-        fstype: unescape(fields.get(dash + 1)?),
-        source: unescape(fields.get(dash + 2)?),
-    })
-}
-
-/// Looks `mountpoint` up in /proc/self/mountinfo and probes it.
-pub fn mount_state(mountpoint: &Path) -> MountState {
-    let mounted = mount_entries()
-        .iter()
-        .any(|m| m.mountpoint == mountpoint && m.fstype.starts_with("fuse"));
-    if !mounted {
-        return MountState::None;
-    }
-    // Opening the directory asks the daemon (attributes may be cached by the kernel).
-    match std::fs::read_dir(mountpoint) {
-        Err(e) if e.raw_os_error() == Some(nix::libc::ENOTCONN) => MountState::Dead,
-        _ => MountState::Live,
-    }
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for a space).
-fn unescape(s: &str) -> String {
-    let mut out = Vec::new();
-    let b = s.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push(u8::from_str_radix(&s[i + 1..i + 4], 8).unwrap_or(b'?'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1173,19 +726,8 @@ mod tests {
     }
 
     #[test]
-    fn device_numbers_and_mountinfo_escapes() {
+    fn device_numbers() {
         assert_eq!(encode_dev(1, 3), 0x103);
         assert_eq!(encode_dev(8, 0x1234), 0x120_0834);
-        assert_eq!(unescape("/mnt/a\\040b"), "/mnt/a b");
-        let line = "36 35 0:42 / /mnt/my\\040app rw,nosuid - fuse.stratafs 127.0.0.1:5000/app:v1 rw,user_id=0";
-        assert_eq!(
-            parse_mountinfo_line(line),
-            Some(MountEntry {
-                mountpoint: "/mnt/my app".into(),
-                fstype: "fuse.stratafs".into(),
-                source: "127.0.0.1:5000/app:v1".into(),
-            })
-        );
-        assert_eq!(parse_mountinfo_line("garbage"), None);
     }
 }
