@@ -21,8 +21,10 @@
 //! stores manifests and config, computes ChainIDs — and downloads no layer data. [`publish`]
 //! shares layer indexes through the registry as OCI referrers.
 //! [`profile`] records what a workload reads first and replays it on the next cold start.
-//! [`daemon`] is the lifecycle of a mount's processes: the record each serving process keeps,
-//! and the holder that keeps a mount's FUSE connection open across crashes and upgrades.
+//! [`context`] assembles the pipeline from the configuration (store, registry client, cache,
+//! layer access) for a command or a daemon. [`daemon`] is the lifecycle of a mount's
+//! processes: the serving process, the record it keeps, and the holder that keeps a mount's
+//! FUSE connection open across crashes and upgrades of the serving process.
 //! [`metrics`] exports what every stage did for Prometheus; [`status`] reports what the cache
 //! holds per layer.
 //! Shared vocabulary lives in [`image`] (media types, platforms, layer records, ChainIDs),
@@ -30,6 +32,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod context;
 pub mod daemon;
 pub mod digest;
 pub mod fs;

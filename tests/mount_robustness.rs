@@ -352,11 +352,30 @@ fn kill_daemon_mid_read(s: &Served, dir: &Path) {
         }
         thread::sleep(Duration::from_millis(10));
     }
-    // The holder and the serving process both: stopped first, so that the holder cannot start
-    // another server between the two kills.
-    for &pid in &pids {
-        kill(pid, "STOP");
+    // The holder and the serving process both, the holder first (from the mount record), so
+    // that it cannot start another server. (SIGSTOP first would not do: a stopped serving
+    // process blocks whoever reads its /proc entries or waits on its pages.)
+    let holders: Vec<u32> = std::fs::read_dir(s.cli.root().join("run/mounts"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            serde_json::from_slice::<serde_json::Value>(&std::fs::read(e.path()).ok()?).ok()
+        })
+        .filter_map(|r| r["holder"].as_u64().map(|h| h as u32))
+        .collect();
+    assert!(
+        !holders.is_empty(),
+        "no holder recorded for {}",
+        dir.display()
+    );
+    for &pid in &holders {
+        kill(pid, "KILL");
     }
+    assert!(
+        wait_gone(&holders, Duration::from_secs(10)),
+        "holder {holders:?} survived SIGKILL"
+    );
     for &pid in &pids {
         kill(pid, "KILL");
     }

@@ -10,6 +10,7 @@
 //!   ([`crate::fuse::BackingLog`]), for the next serving process.
 
 pub mod holder;
+pub mod serve;
 
 use std::path::{Path, PathBuf};
 

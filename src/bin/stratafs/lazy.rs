@@ -5,134 +5,33 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
-use stratafs::cache::{Cache, DiskChunks};
-use stratafs::config::Config;
-use stratafs::fs::{ImageView, Layers};
+use stratafs::fs::ImageView;
 use stratafs::image::{ImageRecord, Platform};
 use stratafs::reference::Reference;
-use stratafs::registry::RegistryClient;
 use stratafs::status::LayerStatus;
-use stratafs::store::Store;
 use stratafs::tree::FileType;
 
-/// What the lazy commands share: the store, a registry client, the cache and layer access.
-pub struct Context {
-    pub config: Config,
-    pub store: Store,
-    pub client: Arc<RegistryClient>,
-    pub chunks: Arc<DiskChunks>,
-    pub layers: Layers,
-    /// The cache cap in bytes (`[cache] max_size` resolved for this store).
-    pub cache_cap: u64,
+pub use stratafs::context::Context;
+
+/// Opening images for the lazy commands, with progress on stderr.
+pub(crate) trait ContextExt {
+    /// The merged view of the image `reference`, every layer indexed.
+    async fn view(&self, reference: &str, platform: Option<&Platform>) -> Result<ImageView>;
+    /// Starts showing the progress of `what`, which may fetch up to `total` compressed bytes
+    /// (counted by this process's registry byte counters, refreshed every 100 ms).
+    fn progress(&self, what: &str, total: u64) -> Progress;
 }
 
-impl Context {
-    pub fn new(store: Store, config: &Config, plain_http: bool) -> Result<Context> {
-        let client = Arc::new(RegistryClient::new(
-            config.registry.clone(),
-            config.hosts.clone(),
-            plain_http,
-        ));
-        let cache_cap = config.cache.max_size.bytes(store.root());
-        let chunks = Arc::new(
-            DiskChunks::open(store.root())
-                .context("opening the chunk cache")?
-                .with_cap(Some(cache_cap)),
-        );
-        let cache = Arc::new(
-            Cache::new(chunks.clone(), config.cache.memory_chunks)
-                .with_memory_budget(config.cache.memory_size)
-                .with_pass_budget(cache_cap / 2),
-        );
-        let layers =
-            Layers::new(store.root(), client.clone(), cache).with_settings(config.index.clone());
-        Ok(Context {
-            config: config.clone(),
-            store,
-            client,
-            chunks,
-            layers,
-            cache_cap,
-        })
-    }
-
-    /// The stored image for `reference`, pulling its metadata first if needed — or again, if
-    /// `platform` is given and the stored record is for another platform (the record then
-    /// names the platform asked for).
-    pub async fn image(&self, reference: &str, platform: Option<&Platform>) -> Result<ImageRecord> {
-        let reference: Reference = reference.parse()?;
-        if let Some(r) = self.store.images.get(&reference.to_string())? {
-            match platform {
-                Some(p) if !p.matches(&r.platform) => tracing::info!(
-                    image = %r.name,
-                    stored = %r.platform,
-                    wanted = %p,
-                    "stored for another platform: resolving again"
-                ),
-                _ => return Ok(r),
-            }
-        }
-        let host = Platform::host();
-        let platform = platform.unwrap_or(&host);
-        let image =
-            stratafs::pull::pull(&self.client, &self.store, &reference, platform, &|_| {}).await?;
-        if self.fetch_published(&image).await > 0 {
-            // The record now names the adopted indexes.
-            if let Some(r) = self.store.images.get(&image.name)? {
-                return Ok(r);
-            }
-        }
-        Ok(image)
-    }
-
-    /// With `[index] unbound_referrers` (opt-in): adopts the indexes published as referrers of
-    /// `image` for layers the image pins none for (best effort: without them, layers are
-    /// indexed by streaming). Returns how many were adopted.
-    pub async fn fetch_published(&self, image: &ImageRecord) -> usize {
-        let index = &self.config.index;
-        if !index.published || !index.unbound_referrers {
-            return 0;
-        }
-        let limits = stratafs::layer::Limits::from(index);
-        match stratafs::publish::adopt_referrer_indexes(&self.client, &self.store, image, &limits)
-            .await
-        {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::warn!(image = %image.name, error = %e, "published indexes unavailable");
-                0
-            }
-        }
-    }
-
-    pub async fn view(&self, reference: &str, platform: Option<&Platform>) -> Result<ImageView> {
+impl ContextExt for Context {
+    async fn view(&self, reference: &str, platform: Option<&Platform>) -> Result<ImageView> {
         let image = self.image(reference, platform).await?;
         let progress = self.progress(&format!("opening {}", image.name), image.layers_size());
         let view = ImageView::open(&self.layers, &image).await?;
         progress.finish(&format!("{} layers indexed", image.layers.len()));
         Ok(view)
     }
-}
 
-/// `--quiet`: no progress bars or summaries on stderr.
-pub static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Progress of an operation that fetches layer data: on a terminal a bar of the compressed
-/// bytes fetched (refreshed from a byte counter); when it took a second or more, a one-line
-/// summary, on a terminal or not. Nothing with `--quiet`.
-pub struct Progress {
-    bar: Option<indicatif::ProgressBar>,
-    ticker: Option<tokio::task::JoinHandle<()>>,
-    /// Compressed bytes fetched so far by the operation.
-    fetched: Arc<dyn Fn() -> u64 + Send + Sync>,
-    started: std::time::Instant,
-    what: String,
-}
-
-impl Context {
-    /// Starts showing the progress of `what`, which may fetch up to `total` compressed bytes
-    /// (counted by this process's registry byte counters, refreshed every 100 ms).
-    pub fn progress(&self, what: &str, total: u64) -> Progress {
+    fn progress(&self, what: &str, total: u64) -> Progress {
         let meter = self.layers.fetch_meter();
         let start_bytes = meter.total();
         let mut progress = Progress::new(
@@ -151,6 +50,21 @@ impl Context {
         });
         progress
     }
+}
+
+/// `--quiet`: no progress bars or summaries on stderr.
+pub static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Progress of an operation that fetches layer data: on a terminal a bar of the compressed
+/// bytes fetched (refreshed from a byte counter); when it took a second or more, a one-line
+/// summary, on a terminal or not. Nothing with `--quiet`.
+pub struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    ticker: Option<tokio::task::JoinHandle<()>>,
+    /// Compressed bytes fetched so far by the operation.
+    fetched: Arc<dyn Fn() -> u64 + Send + Sync>,
+    started: std::time::Instant,
+    what: String,
 }
 
 impl Progress {
@@ -217,15 +131,6 @@ impl Drop for Progress {
         }
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
-        }
-    }
-}
-
-impl Drop for Context {
-    /// Whatever the command did, the bytes it fetched are added to the per-layer totals.
-    fn drop(&mut self) {
-        if let Err(e) = self.layers.save_fetched() {
-            tracing::warn!(error = %e, "could not save fetched-byte counts");
         }
     }
 }

@@ -499,7 +499,7 @@ async fn run(mut cli: Cli) -> Result<()> {
                 &config.mount,
                 cli.config.as_deref(),
                 &cli.log_level,
-                || lazy::Context::new(store, &config, plain_http),
+                || Ok(lazy::Context::new(store, &config, plain_http)?),
                 args,
             )
             .await?;

@@ -1,0 +1,457 @@
+//! The serving process of a mount: opens the image, mounts it — or takes over a mount whose
+//! previous serving process died ([`super::holder`]) — records itself, tells the waiting CLI
+//! and the holder it serves, and serves until the mount ends or a signal asks it to stop.
+//!
+//! Readiness, on stdout when `notify` is set (the CLI started this process and waits for it):
+//! "progress FETCHED TOTAL" while layers without a usable index are streamed, then
+//! "ready MESSAGE" (or, from the caller, "error: MESSAGE").
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::holder::Link;
+use super::MountRecord;
+use crate::context::{Context, ContextError};
+use crate::fs::{FsError, ImageView};
+use crate::fuse::{self, MountOptions};
+use crate::image::Platform;
+
+/// What the serving process serves, and how.
+pub struct ServeArgs {
+    pub reference: String,
+    /// Resolve the image for this platform (else the stored record, or this machine's).
+    pub platform: Option<Platform>,
+    /// Mount only the chain with this ChainID (one of the image's layers and those below).
+    pub chain: Option<String>,
+    pub options: MountOptions,
+    /// Serve Prometheus metrics at this address.
+    pub metrics_address: Option<String>,
+    /// Report progress and readiness on stdout.
+    pub notify: bool,
+    /// Fetch the rest of the image in the background (`None`: as configured).
+    pub background: Option<bool>,
+}
+
+/// Why a serving process stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Context(#[from] ContextError),
+    #[error("{image} has no layer with ChainID {chain}")]
+    NoChain { image: String, chain: String },
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error("serving metrics at {addr}: {source}")]
+    Metrics {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("creating the mount's open log {path}: {source}")]
+    OpenLog {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Fuse(#[from] fuse::FuseError),
+    #[error("{0}: the new mount does not answer")]
+    NoAnswer(std::path::PathBuf),
+    #[error("{0}: the FUSE session failed")]
+    Session(std::path::PathBuf),
+}
+
+/// A daemon allocates and frees many span-sized buffers (up to a few MiB) from many threads.
+/// glibc raises its mmap threshold after such a buffer is freed, so later ones come from the
+/// per-thread heaps, which keep the memory: a cold import peaked at 93 MiB. With the threshold
+/// fixed at 256 KiB, large buffers are mapped and returned on free: 56 MiB, same speed
+/// (docs/benchmarks.md).
+pub fn keep_large_buffers_off_the_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning; called before the daemon's threads
+    // allocate span buffers, and any value is safe for glibc.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+    }
+}
+
+/// The image and how many of its layers are mounted (`--chain`).
+async fn open_image(
+    ctx: &Context,
+    args: &ServeArgs,
+) -> Result<(crate::image::ImageRecord, usize), ServeError> {
+    let image = ctx.image(&args.reference, args.platform.as_ref()).await?;
+    let count = match &args.chain {
+        None => image.layers.len(),
+        Some(chain) => {
+            image
+                .layers
+                .iter()
+                .position(|l| l.chain_id.as_ref() == chain.as_str())
+                .ok_or_else(|| ServeError::NoChain {
+                    image: image.name.clone(),
+                    chain: chain.clone(),
+                })?
+                + 1
+        }
+    };
+    Ok((image, count))
+}
+
+/// Serves Prometheus metrics for `view` at `--metrics-address`, if given: the bound address.
+fn serve_metrics(
+    ctx: &Context,
+    args: &ServeArgs,
+    view: &Arc<ImageView>,
+) -> Result<Option<String>, ServeError> {
+    let Some(addr) = &args.metrics_address else {
+        return Ok(None);
+    };
+    let (view, chunks, cap) = (view.clone(), ctx.chunks.clone(), ctx.cache_cap);
+    let collect: crate::metrics::Collector = Arc::new(move |m| {
+        for r in view.readers() {
+            let index = r.index();
+            m.layer(index.blob.as_ref(), index.size, r.cached_bytes());
+        }
+        if let Some(bytes) = chunks.usage_bytes() {
+            m.cache_bytes.set(bytes as i64);
+        }
+        m.cache_cap_bytes.set(cap as i64);
+    });
+    let bound = crate::metrics::serve(addr, collect).map_err(|source| ServeError::Metrics {
+        addr: addr.clone(),
+        source,
+    })?;
+    Ok(Some(bound.to_string()))
+}
+
+/// The serving process of a new mount: open, mount, hand the connection to the holder, serve
+/// until unmounted or signalled.
+pub async fn serve(
+    ctx: Context,
+    args: &ServeArgs,
+    mountpoint: &Path,
+    link: Link,
+    signals: Signals,
+) -> Result<(), ServeError> {
+    let options = &args.options;
+    keep_large_buffers_off_the_heap();
+    let started = Instant::now();
+    let (image, count) = open_image(&ctx, args).await?;
+    // Opening streams the layers that have no usable index: tell the waiting parent how far.
+    let reporter = args.notify.then(|| {
+        let meter = ctx.layers.fetch_meter();
+        let start = meter.total();
+        let total: u64 = image.layers[..count].iter().map(|l| l.size).sum();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_millis(200));
+            every.tick().await; // the first tick is immediate: nothing to say yet
+            loop {
+                every.tick().await;
+                println!("progress {} {total}", meter.total().saturating_sub(start));
+            }
+        })
+    });
+    let opened = ImageView::open_chain(&ctx.layers, &image, count).await;
+    if let Some(r) = reporter {
+        r.abort();
+    }
+    let view = Arc::new(opened?);
+    let metrics = serve_metrics(&ctx, args, &view)?;
+    let root = ctx.store.root().to_path_buf();
+    let log_path = super::backing_log_path(&root, mountpoint);
+    let backings = fuse::OpenLog::create(&log_path).map_err(|source| ServeError::OpenLog {
+        path: log_path.clone(),
+        source,
+    })?;
+    let mut mounted = fuse::mount(
+        view.clone(),
+        tokio::runtime::Handle::current(),
+        mountpoint,
+        options,
+        Some(Arc::new(backings)),
+    )?;
+    // The mount answers once the kernel can stat its root through us.
+    let probe = mountpoint.to_path_buf();
+    let answered = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || std::fs::metadata(probe)),
+    )
+    .await;
+    if !matches!(answered, Ok(Ok(Ok(_)))) {
+        let _ = fuse::unmount(mountpoint, true);
+        mounted.join();
+        return Err(ServeError::NoAnswer(mountpoint.to_path_buf()));
+    }
+    // Replay starts as soon as the mount answers: the workload's reads come next.
+    let m = &ctx.config.mount;
+    let mounted_chain = image
+        .layers
+        .get(count.wrapping_sub(1))
+        .map(|l| l.chain_id.clone());
+    let profile = mounted_chain.as_ref().map(|chain| {
+        crate::profile::Session::start(
+            view.clone(),
+            &image,
+            chain,
+            &ctx.store,
+            ctx.client.clone(),
+            &crate::profile::MountProfile {
+                record: m.profile_record,
+                replay: m.profile_replay,
+                parallel: m.profile_parallel,
+            },
+        )
+    });
+    let record = MountRecord {
+        mountpoint: mountpoint.to_path_buf(),
+        image: image.name.clone(),
+        chain_id: mounted_chain
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        pid: std::process::id(),
+        layers: image.layers[..count]
+            .iter()
+            .map(|l| l.digest.to_string())
+            .collect(),
+        metrics: metrics.clone(),
+        holder: Some(link.holder),
+        passthrough: mounted.passthrough,
+        tree: view.tree.fingerprint(),
+        served: Some((image.clone(), count)),
+    };
+    if let Err(e) = super::write_record(&root, &record) {
+        tracing::warn!(error = %e, "cannot record the mount");
+    }
+    let metrics = metrics
+        .map(|a| format!(", metrics at http://{a}/metrics"))
+        .unwrap_or_default();
+    let message = format!(
+        "mounted {} at {} ({} layers, {} inodes) in {} ms{metrics}",
+        image.name,
+        mountpoint.display(),
+        count,
+        view.tree.inodes(),
+        started.elapsed().as_millis()
+    );
+    tracing::info!("{message}");
+    // The holder has the connection before anyone hears the mount is ready.
+    if let Err(e) = link.ready(Some(std::os::fd::AsFd::as_fd(&mounted.device))) {
+        tracing::warn!(error = %e, "cannot hand the connection to the holder: a crash of this process ends the mount");
+    }
+    if args.notify {
+        println!("ready {message}");
+        // Nothing more for the parent: it may be gone, so stdout must not be the pipe.
+        if let Ok(null) = std::fs::File::create("/dev/null") {
+            let _ = nix::unistd::dup2_stdout(&null);
+        }
+    } else {
+        println!("{message}");
+    }
+    let profile_done = async move {
+        if let Some(p) = profile {
+            p.finish().await;
+        }
+    };
+    run_until_end(
+        &ctx,
+        args,
+        &view,
+        &mut mounted,
+        mountpoint,
+        signals,
+        profile_done,
+    )
+    .await
+}
+
+/// A serving process started by the holder after the previous one died: serve the same
+/// mount, from the same tree, through the connection the holder kept.
+pub async fn take_over(
+    ctx: Context,
+    args: &ServeArgs,
+    mountpoint: &Path,
+    link: Link,
+    device: std::os::fd::OwnedFd,
+    signals: Signals,
+) -> Result<(), ServeError> {
+    let options = &args.options;
+    keep_large_buffers_off_the_heap();
+    let started = Instant::now();
+    let root = ctx.store.root().to_path_buf();
+    // What makes a takeover impossible for any process: the holder gives up at once.
+    let cannot = |why: String| -> ! {
+        tracing::error!(
+            "{}: cannot take the mount over: {why}",
+            mountpoint.display()
+        );
+        std::process::exit(super::holder::EXIT_CANNOT_TAKE_OVER)
+    };
+    let Some(mut record) = super::read_record(&root, mountpoint) else {
+        cannot("no record of the mount".into())
+    };
+    // The very image the mount serves (the name may have been pulled again since).
+    let Some((image, count)) = record.served.clone() else {
+        cannot("its record does not say which image it serves".into())
+    };
+    let view = Arc::new(ImageView::open_chain(&ctx.layers, &image, count).await?);
+    if view.tree.fingerprint() != record.tree {
+        cannot(format!(
+            "{} builds a different tree than the one the mount serves (inode numbers would change)",
+            image.name
+        ));
+    }
+    let mut mounted = match fuse::take_over(
+        view.clone(),
+        tokio::runtime::Handle::current(),
+        mountpoint,
+        device,
+        options,
+        record.passthrough,
+        &super::backing_log_path(&root, mountpoint),
+    ) {
+        Ok(m) => m,
+        Err(e @ fuse::FuseError::Resend { .. }) => cannot(e.to_string()),
+        Err(e) => return Err(ServeError::Fuse(e)),
+    };
+    record.pid = std::process::id();
+    record.holder = Some(link.holder);
+    record.metrics = serve_metrics(&ctx, args, &view)?;
+    if let Err(e) = super::write_record(&root, &record) {
+        tracing::warn!(error = %e, "cannot record the mount");
+    }
+    tracing::info!(
+        "took over {} at {} in {} ms",
+        image.name,
+        mountpoint.display(),
+        started.elapsed().as_millis()
+    );
+    if let Err(e) = link.ready(None) {
+        tracing::warn!(error = %e, "cannot tell the holder");
+    }
+    run_until_end(
+        &ctx,
+        args,
+        &view,
+        &mut mounted,
+        mountpoint,
+        signals,
+        async {},
+    )
+    .await
+}
+
+/// Serves with background fetch (if on) until the mount ends, then cleans up.
+async fn run_until_end(
+    ctx: &Context,
+    args: &ServeArgs,
+    view: &Arc<ImageView>,
+    mounted: &mut fuse::Mounted,
+    mountpoint: &Path,
+    signals: Signals,
+    finish: impl std::future::Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let background = args
+        .background
+        .unwrap_or(ctx.config.mount.background_fetch)
+        .then(|| {
+            let settings = crate::prefetch::PrefetchSettings {
+                bandwidth: ctx.config.mount.background_bandwidth,
+                delay: Duration::from_secs_f64(ctx.config.mount.background_delay_secs.max(0.0)),
+                cache_cap: Some(ctx.cache_cap),
+            };
+            tokio::spawn(crate::prefetch::prefetch(
+                view.clone(),
+                mounted.reads.clone(),
+                settings,
+            ))
+        });
+    let clean = wait_for_end(ctx, mounted, mountpoint, signals).await;
+    if let Some(task) = background {
+        task.abort();
+    }
+    finish.await;
+    if !clean {
+        // Not unmounted: the holder starts a process that takes the connection over.
+        return Err(ServeError::Session(mountpoint.to_path_buf()));
+    }
+    super::remove_record(ctx.store.root(), mountpoint);
+    tracing::info!("unmounted {}", mountpoint.display());
+    Ok(())
+}
+
+/// The signals a serving process answers, handled from its start: SIGTERM/SIGINT unmount,
+/// SIGUSR1 hands the mount over to the next process (an upgrade).
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Handlers for SIGTERM, SIGINT and SIGUSR1 (a tokio runtime must be running).
+    pub fn new() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            usr1: signal(SignalKind::user_defined1())?,
+        })
+    }
+}
+
+/// Serves until the session ends (unmounted from outside) or a signal asks to stop; saves
+/// the fetched-byte counters every second. False if the session failed (still mounted).
+async fn wait_for_end(
+    ctx: &Context,
+    mounted: &mut fuse::Mounted,
+    mountpoint: &Path,
+    signals: Signals,
+) -> bool {
+    let Signals {
+        mut term,
+        mut int,
+        mut usr1,
+    } = signals;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut last_save = Instant::now();
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = usr1.recv() => {
+                // The holder replaces this process (an upgrade): stop without unmounting; the
+                // next process takes the connection over and the kernel resends what this one
+                // had read and not answered.
+                let _ = ctx.layers.save_fetched();
+                tracing::info!("handing {} over to a new serving process", mountpoint.display());
+                std::process::exit(super::holder::EXIT_HANDOVER);
+            }
+            _ = tick.tick() => {
+                if mounted.finished() {
+                    return mounted.join();
+                }
+                if last_save.elapsed() > Duration::from_secs(1) {
+                    let _ = ctx.layers.save_fetched();
+                    last_save = Instant::now();
+                }
+            }
+        }
+    }
+    tracing::info!("signalled: unmounting {}", mountpoint.display());
+    if let Err(e) = fuse::unmount(mountpoint, false) {
+        tracing::warn!(error = %e, "unmount failed; detaching lazily");
+        let _ = fuse::unmount(mountpoint, true);
+    }
+    // The session ends when the kernel drops the connection.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !mounted.finished() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if mounted.finished() {
+        mounted.join();
+    }
+    true
+}
