@@ -63,7 +63,7 @@ pub enum SnapshotterError {
     #[error("{0}")]
     Corrupt(String),
     #[error("lazy layer {0}: {1}")]
-    Mount(String, String),
+    Mount(String, #[source] MounterError),
 }
 
 impl From<SnapshotterError> for tonic::Status {
@@ -80,12 +80,27 @@ impl From<SnapshotterError> for tonic::Status {
     }
 }
 
-/// Makes and removes the FUSE mounts behind lazy snapshots. The binary implements it by
-/// starting `stratafs mount --chain` daemons, which outlive the snapshotter process.
+/// A lazy mount that could not be made or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum MounterError {
+    #[error("starting the mount daemon: {0}")]
+    Start(#[source] std::io::Error),
+    /// What the mount daemon or `umount` reported.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Makes, probes and removes the FUSE mounts behind lazy snapshots. The binary implements it
+/// by starting `stratafs mount --chain` daemons, which outlive the snapshotter process.
 pub trait Mounter: Send + Sync + 'static {
     /// Mounts chain `chain_id` of the stored image `image` read-only at `dir`, for use as a
     /// container's lower layer, and returns once the mount answers.
-    fn mount(&self, image: &str, chain_id: &str, dir: &Path) -> Result<(), String>;
+    fn mount(&self, image: &str, chain_id: &str, dir: &Path) -> Result<(), MounterError>;
     /// Unmounts `dir` (its daemon exits).
-    fn unmount(&self, dir: &Path) -> Result<(), String>;
+    fn unmount(&self, dir: &Path) -> Result<(), MounterError>;
+    /// Whether `dir` holds a live lazy mount, a dead one, or none. Blocking: it may ask the
+    /// mount's daemon.
+    fn state(&self, dir: &Path) -> crate::fuse::MountState;
+    /// Detaches whatever is mounted at `dir`, dead or busy.
+    fn detach(&self, dir: &Path);
 }

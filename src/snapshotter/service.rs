@@ -13,14 +13,14 @@ use std::sync::{Arc, Mutex};
 use chrono::Utc;
 
 use crate::cache::ChunkStore;
-use crate::fuse::{self, MountState};
+use crate::fuse::MountState;
 use crate::layer::IndexStore;
 
 use super::filter::Filter;
 use super::meta::{Kind, LazyLayer, Meta, Snapshot, Usage};
 use super::proto;
 use super::resolve::{Resolver, LABEL_TARGET};
-use super::{Mounter, SnapshotterError};
+use super::{Mounter, MounterError, SnapshotterError};
 
 type Result<T> = std::result::Result<T, SnapshotterError>;
 
@@ -306,15 +306,15 @@ impl Snapshotter {
         };
         let dir = self.meta().snapshot_dir(s.id).join("fs");
         let _one = self.mounting.lock().await;
-        let probe = dir.clone();
-        let state = tokio::task::spawn_blocking(move || fuse::mount_state(&probe))
+        let (probe, mounter) = (dir.clone(), self.mounter.clone());
+        let state = tokio::task::spawn_blocking(move || mounter.state(&probe))
             .await
             .unwrap_or(MountState::Dead);
         match state {
             MountState::Live => return Ok(()),
             MountState::Dead => {
                 tracing::warn!(snapshot = %s.name, "lazy layer's daemon is gone: mounting it again");
-                let _ = fuse::unmount(&dir, true);
+                self.mounter.detach(&dir);
             }
             MountState::None => {}
         }
@@ -324,7 +324,9 @@ impl Snapshotter {
         } = layer;
         tokio::task::spawn_blocking(move || mounter.mount(&image, &chain_id, &dir))
             .await
-            .map_err(|e| SnapshotterError::Mount(s.name.clone(), e.to_string()))?
+            .map_err(|e| {
+                SnapshotterError::Mount(s.name.clone(), MounterError::Failed(e.to_string()))
+            })?
             .map_err(|e| SnapshotterError::Mount(s.name.clone(), e))
     }
 
@@ -403,8 +405,8 @@ impl Snapshotter {
     /// mounted is left for `Cleanup`.
     async fn remove_dir(&self, dir: &Path) {
         let fs = dir.join("fs");
-        let probe = fs.clone();
-        let state = tokio::task::spawn_blocking(move || fuse::mount_state(&probe))
+        let (probe, mounter) = (fs.clone(), self.mounter.clone());
+        let state = tokio::task::spawn_blocking(move || mounter.state(&probe))
             .await
             .unwrap_or(MountState::Live);
         if state != MountState::None {
@@ -412,12 +414,12 @@ impl Snapshotter {
             let target = fs.clone();
             let result = tokio::task::spawn_blocking(move || mounter.unmount(&target)).await;
             if !matches!(result, Ok(Ok(()))) {
-                let _ = fuse::unmount(&fs, true);
+                self.mounter.detach(&fs);
             }
         }
-        let dir = dir.to_path_buf();
+        let (dir, mounter) = (dir.to_path_buf(), self.mounter.clone());
         let _ = tokio::task::spawn_blocking(move || {
-            if fuse::mount_state(&dir.join("fs")) == MountState::None {
+            if mounter.state(&dir.join("fs")) == MountState::None {
                 if let Err(e) = std::fs::remove_dir_all(&dir) {
                     tracing::warn!(dir = %dir.display(), error = %e, "cannot remove snapshot directory");
                 }

@@ -13,7 +13,7 @@ use tonic::Status;
 use super::meta::Kind;
 use super::resolve::{Resolver, CRI_IMAGE, CRI_LAYER, LABEL_TARGET};
 use super::service::Snapshotter;
-use super::{Mounter, SnapshotterError};
+use super::{Mounter, MounterError, SnapshotterError};
 use crate::cache::ChunkStore;
 use crate::digest::sha256;
 use crate::image::{chain_ids, Descriptor, ImageRecord, LayerRecord, Platform};
@@ -27,20 +27,30 @@ struct FakeMounter {
 }
 
 impl Mounter for FakeMounter {
-    fn mount(&self, image: &str, chain_id: &str, dir: &Path) -> std::result::Result<(), String> {
+    fn mount(
+        &self,
+        image: &str,
+        chain_id: &str,
+        dir: &Path,
+    ) -> std::result::Result<(), MounterError> {
         self.calls
             .lock()
             .unwrap()
             .push(format!("mount {image} {chain_id} {}", dir.display()));
         Ok(())
     }
-    fn unmount(&self, dir: &Path) -> std::result::Result<(), String> {
+    fn unmount(&self, dir: &Path) -> std::result::Result<(), MounterError> {
         self.calls
             .lock()
             .unwrap()
             .push(format!("unmount {}", dir.display()));
         Ok(())
     }
+    /// Nothing is really mounted: every probe finds a plain directory.
+    fn state(&self, _dir: &Path) -> crate::fuse::MountState {
+        crate::fuse::MountState::None
+    }
+    fn detach(&self, _dir: &Path) {}
 }
 
 struct NoChunks;

@@ -11,8 +11,9 @@ use std::sync::Arc;
 use anyhow::{Context as _, Result};
 use std::time::Duration;
 
+use stratafs::fuse::MountState;
 use stratafs::metrics;
-use stratafs::snapshotter::{resolve::Resolver, Mounter, Snapshotter};
+use stratafs::snapshotter::{resolve::Resolver, Mounter, MounterError, Snapshotter};
 
 use crate::lazy::Context;
 
@@ -32,8 +33,8 @@ struct DaemonMounter {
 }
 
 impl Mounter for DaemonMounter {
-    fn mount(&self, image: &str, chain_id: &str, dir: &Path) -> Result<(), String> {
-        let exe = std::env::current_exe().map_err(|e| format!("finding stratafs: {e}"))?;
+    fn mount(&self, image: &str, chain_id: &str, dir: &Path) -> Result<(), MounterError> {
+        let exe = std::env::current_exe().map_err(MounterError::Start)?;
         let mut cmd = Command::new(exe);
         cmd.arg("--root").arg(&self.root);
         cmd.arg("--log-level").arg(&self.log_level);
@@ -48,19 +49,36 @@ impl Mounter for DaemonMounter {
             cmd.args(["--metrics-address", "127.0.0.1:0"]);
         }
         cmd.arg(image).arg(dir);
-        let out = cmd
-            .output()
-            .map_err(|e| format!("starting stratafs mount: {e}"))?;
+        let out = cmd.output().map_err(MounterError::Start)?;
         if out.status.success() {
             tracing::info!("{}", String::from_utf8_lossy(&out.stdout).trim_end());
             Ok(())
         } else {
-            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+            let said = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            Err(MounterError::Failed(said))
         }
     }
 
-    fn unmount(&self, dir: &Path) -> Result<(), String> {
-        crate::mount::umount(&self.root, dir, false).map_err(|e| format!("{e:#}"))
+    fn unmount(&self, dir: &Path) -> Result<(), MounterError> {
+        crate::mount::umount(&self.root, dir, false)
+            .map_err(|e| MounterError::Failed(format!("{e:#}")))
+    }
+
+    fn state(&self, dir: &Path) -> MountState {
+        // A live holder keeps the mount even while its serving process restarts (probing the
+        // mount would wait for the next one).
+        let held = stratafs::daemon::read_record(&self.root, dir)
+            .and_then(|r| r.holder)
+            .is_some_and(|h| stratafs::daemon::is_mount_process(h, dir));
+        if held {
+            MountState::Live
+        } else {
+            stratafs::fuse::mount_state(dir)
+        }
+    }
+
+    fn detach(&self, dir: &Path) {
+        let _ = stratafs::fuse::unmount(dir, true);
     }
 }
 
