@@ -43,8 +43,8 @@ const UNKNOWN: u64 = u64::MAX;
 impl DiskChunks {
     /// The chunk directory of a store root (`<root>/cache/chunks`), uncapped.
     pub fn open(root: &std::path::Path) -> std::io::Result<DiskChunks> {
-        let dir = root.join("cache/chunks");
-        let tmp = root.join("tmp");
+        let layout = crate::store::Layout::new(root);
+        let (dir, tmp) = (layout.chunks(), layout.tmp());
         std::fs::create_dir_all(&dir)?;
         std::fs::create_dir_all(&tmp)?;
         Ok(DiskChunks {

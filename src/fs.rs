@@ -173,9 +173,9 @@ impl Layers {
             settings: IndexSettings::default(),
             span: DEFAULT_SPAN,
             fetched: Default::default(),
-            fetched_dir: root.join("cache/fetched"),
-            files_dir: root.join("cache").join(crate::cache::FILES_DIR),
-            tmp_dir: root.join("tmp"),
+            fetched_dir: crate::store::Layout::new(root).fetched(),
+            files_dir: crate::store::Layout::new(root).files(),
+            tmp_dir: crate::store::Layout::new(root).tmp(),
         }
     }
 

@@ -206,7 +206,7 @@ pub struct ProfileStore {
 impl ProfileStore {
     pub fn new(root: &Path) -> ProfileStore {
         ProfileStore {
-            dir: root.join("profiles"),
+            dir: crate::store::Layout::new(root).profiles(),
         }
     }
 

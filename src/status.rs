@@ -57,7 +57,7 @@ pub fn layers(store: &Store, chunks: &dyn ChunkStore) -> Result<Vec<LayerStatus>
             row.0.push(image.name.clone());
         }
     }
-    let fetched_dir = store.root().join("cache/fetched");
+    let fetched_dir = crate::store::Layout::new(store.root()).fetched();
     let mut out = Vec::with_capacity(layers.len());
     for (digest, (images, blob_size)) in layers {
         let parsed =

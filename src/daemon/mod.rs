@@ -14,6 +14,8 @@ pub mod serve;
 
 use std::path::{Path, PathBuf};
 
+use crate::store::Layout;
+
 /// What a serving process records about itself, for `umount`, `cache stats`, the snapshotter,
 /// humans, and the process that takes over after it.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -54,13 +56,15 @@ pub struct RecordError {
 
 /// Where the record of the mount at `mountpoint` lives.
 pub fn record_path(root: &Path, mountpoint: &Path) -> PathBuf {
-    root.join("run/mounts")
+    Layout::new(root)
+        .mounts()
         .join(format!("{}.json", escape(mountpoint)))
 }
 
 /// Where the passthrough backing log of the mount at `mountpoint` lives.
 pub fn backing_log_path(root: &Path, mountpoint: &Path) -> PathBuf {
-    root.join("run/mounts")
+    Layout::new(root)
+        .mounts()
         .join(format!("{}.backing", escape(mountpoint)))
 }
 
@@ -71,7 +75,7 @@ pub fn write_record(root: &Path, record: &MountRecord) -> Result<(), RecordError
         path: path.clone(),
         source,
     };
-    let tmp = root.join("tmp");
+    let tmp = Layout::new(root).tmp();
     std::fs::create_dir_all(path.parent().expect("record dir")).map_err(fail)?;
     std::fs::create_dir_all(&tmp).map_err(fail)?;
     let data = serde_json::to_vec_pretty(record).map_err(|e| fail(e.into()))?;
@@ -94,7 +98,7 @@ pub fn remove_record(root: &Path, mountpoint: &Path) {
 /// Mounts recorded under `<root>/run/mounts/` whose serving process is alive, or whose holder
 /// is (starting the next serving process).
 pub fn mounts(root: &Path) -> Vec<MountRecord> {
-    let Ok(dir) = std::fs::read_dir(root.join("run/mounts")) else {
+    let Ok(dir) = std::fs::read_dir(Layout::new(root).mounts()) else {
         return Vec::new();
     };
     dir.flatten()

@@ -617,8 +617,8 @@ pub struct IndexStore {
 impl IndexStore {
     pub fn new(root: &std::path::Path) -> IndexStore {
         IndexStore {
-            dir: root.join("layers"),
-            tmp: root.join("tmp"),
+            dir: crate::store::Layout::new(root).layers(),
+            tmp: crate::store::Layout::new(root).tmp(),
         }
     }
 

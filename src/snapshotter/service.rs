@@ -91,10 +91,10 @@ impl Snapshotter {
         chunks: Arc<dyn ChunkStore>,
     ) -> Result<Snapshotter> {
         let root = resolver.store.root().to_path_buf();
-        let instance = claim_instance(&root.join("snapshotter"))?;
+        let instance = claim_instance(&crate::store::Layout::new(&root).snapshotter())?;
         Ok(Snapshotter {
             _instance: instance,
-            meta: Mutex::new(Meta::open(&root.join("snapshotter"))?),
+            meta: Mutex::new(Meta::open(&crate::store::Layout::new(&root).snapshotter())?),
             indexes: IndexStore::new(&root),
             resolver,
             mounter,

@@ -15,6 +15,9 @@
 
 mod content;
 mod images;
+pub mod layout;
+
+pub use layout::Layout;
 
 use std::collections::HashSet;
 use std::fs::{self, File};
@@ -73,10 +76,11 @@ impl Store {
             let p = root.join(dir);
             fs::create_dir_all(&p).map_err(io_err(&p))?;
         }
-        let tmp = root.join("tmp");
+        let layout = Layout::new(&root);
+        let tmp = layout.tmp();
         Ok(Store {
-            content: ContentStore::new(root.join("content/blobs"), tmp.clone()),
-            images: ImageStore::new(root.join("images"), root.join("chains"), tmp),
+            content: ContentStore::new(layout.content_blobs(), tmp.clone()),
+            images: ImageStore::new(layout.images(), layout.chains(), tmp),
             root,
         })
     }
@@ -86,7 +90,7 @@ impl Store {
     }
 
     fn lock(&self, exclusive: bool) -> Result<StoreLock, StoreError> {
-        let path = self.root.join("lock");
+        let path = Layout::new(&self.root).lock();
         let file = File::options()
             .create(true)
             .truncate(false)
@@ -136,7 +140,7 @@ impl Store {
         struct Windows {
             digest: String,
         }
-        let dir = self.root.join("layers");
+        let dir = Layout::new(&self.root).layers();
         let Ok(files) = fs::read_dir(dir.join("windows")) else {
             return Ok(());
         };
@@ -182,7 +186,7 @@ impl Store {
         }
         // Layers a live mount serves (its record lists them) stay too, even if the image's
         // record moved on (re-pulled for another platform or tag target) or was removed.
-        if let Ok(records) = fs::read_dir(self.root.join("run/mounts")) {
+        if let Ok(records) = fs::read_dir(Layout::new(&self.root).mounts()) {
             for record in records.flatten() {
                 let Ok(data) = fs::read(record.path()) else {
                     continue;

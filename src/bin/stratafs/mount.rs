@@ -256,7 +256,7 @@ fn spawn_daemon(
     mountpoint: &Path,
 ) -> Result<()> {
     let root = std::path::absolute(root)?;
-    let logs = root.join("logs");
+    let logs = stratafs::store::Layout::new(&root).logs();
     std::fs::create_dir_all(&logs).with_context(|| format!("{}", logs.display()))?;
     let log_path = logs.join(format!("mount-{}.log", records::escape(mountpoint)));
     let log = std::fs::OpenOptions::new()
