@@ -56,6 +56,23 @@ pub enum FsError {
     IndexMismatch { blob: String, detail: String },
 }
 
+impl FsError {
+    /// The errno a filesystem call failing with this error returns: the one mapping for every
+    /// front end (FUSE today). Local I/O errors keep theirs (ENOSPC, EACCES, …); a missing or
+    /// wrong path is ENOENT or EISDIR; what the registry or a damaged layer caused is EIO.
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::NotFound { .. } => libc::ENOENT,
+            FsError::NotAFile { .. } => libc::EISDIR,
+            FsError::Name(_) => libc::EINVAL,
+            FsError::Local { source, .. } | FsError::Cache(CacheError::Io { source, .. }) => {
+                source.raw_os_error().unwrap_or(libc::EIO)
+            }
+            _ => libc::EIO,
+        }
+    }
+}
+
 /// How one layer's index was obtained.
 #[derive(Clone, Debug)]
 pub struct IndexReport {

@@ -3,15 +3,14 @@
 //! errors that say what is wrong.
 
 mod common;
-mod mount_support;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
 use std::time::Duration;
 
+use common::mount::{mount_at, run, show, wait_mounted, MountGuard};
 use common::*;
-use mount_support::{mount_at, run, show, wait_mounted, MountGuard};
 
 /// An image with one directory of 3000 files (a long `ls -l`).
 fn many_files() -> Image {

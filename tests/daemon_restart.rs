@@ -11,8 +11,6 @@
 //! all restarts.
 
 mod common;
-#[path = "mount_support/mod.rs"]
-mod mount_support;
 
 use std::io::Read;
 use std::os::fd::AsFd;
@@ -23,8 +21,8 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::mount::*;
 use common::*;
-use mount_support::*;
 
 type Files = Arc<Vec<(String, Vec<u8>)>>;
 

@@ -8,7 +8,6 @@
 //! the test.
 
 mod common;
-mod mount_support;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -18,8 +17,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::mount::*;
 use common::*;
-use mount_support::*;
 
 /// A reverse proxy in front of a registry, one request per connection, that answers 500 to every
 /// request for one blob while `failing` is set, and relays everything else.

@@ -2,12 +2,11 @@
 //! its HTTP API.
 
 mod common;
-mod mount_support;
 
 use std::time::Duration;
 
+use common::mount::{run, show, wait_mounted, MountGuard};
 use common::*;
-use mount_support::{run, show, wait_mounted, MountGuard};
 
 #[test]
 fn prometheus_scrapes_a_mounts_metrics() {

@@ -595,24 +595,10 @@ impl Drop for Mounted<'_> {
     }
 }
 
-/// (fstype, mount options, superblock options) of the mount at `point`, from
-/// /proc/self/mountinfo.
+/// (fstype, mount options, superblock options) of the mount at `point`.
 fn mount_entry(point: &Path) -> Option<(String, String, String)> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let want = point.to_string_lossy();
-    // Mount points are octal-escaped (`\040` for a space); temp dirs have no such characters.
-    info.lines().rev().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let left: Vec<&str> = left.split(' ').collect();
-        let right: Vec<&str> = right.split(' ').collect();
-        (left.get(4)? == &want).then(|| {
-            (
-                right.first().unwrap_or(&"").to_string(),
-                left.get(5).unwrap_or(&"").to_string(),
-                right.get(2).unwrap_or(&"").to_string(),
-            )
-        })
-    })
+    common::mount::mount_at(point)
+        .map(|m| (m.fstype, m.options.join(","), m.super_options.join(",")))
 }
 
 /// Processes whose command line mentions `path` (the daemon runs with `--root ROOT`).

@@ -7,8 +7,6 @@
 //! /sbin/mount.fuse.stratafs (a throwaway CI machine is assumed).
 
 mod common;
-#[path = "mount_support/mod.rs"]
-mod mount_support;
 
 use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
@@ -16,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use common::mount::*;
 use common::*;
-use mount_support::*;
 
 const INSTALLED_BIN: &str = "/usr/local/bin/stratafs";
 const INSTALLED_HELPER: &str = "/sbin/mount.fuse.stratafs";

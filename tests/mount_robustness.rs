@@ -6,8 +6,6 @@
 //! programs run from a mounted image under `chroot`.
 
 mod common;
-#[path = "mount_support/mod.rs"]
-mod mount_support;
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::FileExt;
@@ -18,8 +16,8 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::mount::*;
 use common::*;
-use mount_support::*;
 
 type Files = Arc<Vec<(String, Vec<u8>)>>;
 

@@ -5,12 +5,11 @@
 //! with a clear log line and never changes a byte served.
 
 mod common;
-mod mount_support;
 
 use std::time::Duration;
 
+use common::mount::MountGuard;
 use common::*;
-use mount_support::MountGuard;
 
 const FILES: usize = 12;
 const FILE: usize = 1 << 20;

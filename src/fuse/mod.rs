@@ -275,11 +275,7 @@ fn encode_dev(major: u32, minor: u32) -> u32 {
 }
 
 fn errno_of(e: &FsError) -> Errno {
-    match e {
-        FsError::NotFound { .. } => Errno::ENOENT,
-        FsError::NotAFile { .. } => Errno::EISDIR,
-        _ => Errno::EIO,
-    }
+    Errno::from_i32(e.errno())
 }
 
 impl Filesystem for StrataFs {

@@ -14,6 +14,8 @@
 //! * [`prometheus`]: a real Prometheus server scraping one target.
 //! * [`snapshotter`]: a `stratafs snapshotter` process per test.
 //! * [`cri`]: a small client of containerd's CRI gRPC API (what kubelet speaks).
+//! * [`mount`]: commands with deadlines, the mount table, a mount's daemon processes, and a
+//!   guard that always leaves a mountpoint unmounted.
 //!
 //! Each test file includes this with `mod common;`; not every test uses
 //! every helper, hence the blanket `dead_code` allowance (and the
@@ -25,6 +27,7 @@ pub mod containerd;
 pub mod cri;
 pub mod hostfs;
 pub mod image;
+pub mod mount;
 pub mod prometheus;
 pub mod proxy;
 pub mod push;

@@ -1,10 +1,9 @@
-//! Shared by `tests/mount_helper.rs` and `tests/mount_robustness.rs` (included with `#[path]`):
-//! running commands with a deadline, reading the mount table, finding the FUSE daemon of a
-//! mountpoint, and a guard that always leaves the mountpoint unmounted.
+//! For the tests that mount: running commands with a deadline, reading the mount table,
+//! finding the FUSE daemon of a mountpoint, and a guard that always leaves the mountpoint
+//! unmounted.
 //!
 //! Everything that could block on a broken mount has a deadline: a hung driver must fail the
 //! test, never hang it.
-#![allow(dead_code)]
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
