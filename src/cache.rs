@@ -230,8 +230,10 @@ pub enum CacheError {
         digest: Digest,
         source: std::io::Error,
     },
-    #[error("{0}")]
-    Fetch(String),
+    /// Getting the chunk's bytes failed: the layer reader's typed error
+    /// ([`crate::layer::reader::ReadError`]), carried as the source.
+    #[error(transparent)]
+    Read(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// Counters of what the cache did.

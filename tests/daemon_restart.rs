@@ -38,17 +38,8 @@ fn image() -> (Image, Vec<(String, Vec<u8>)>) {
         };
         files.push((format!("d{}/f{i:02}", i % 4), bytes(500 + i as u64, size)));
     }
-    let mut layer = LayerBuilder::new();
-    for d in 0..4 {
-        layer = layer.dir(&format!("d{d}"), 0o755);
-    }
-    for (path, content) in &files {
-        layer = layer.file(path, content, 0o644);
-    }
-    let image = ImageBuilder::new()
-        .layer(layer.build(Compression::Gzip))
-        .build(ManifestFlavour::Oci);
-    (image, files)
+    let dirs: Vec<String> = (0..4).map(|d| format!("d{d}")).collect();
+    (common::image::gzip_image_of(&dirs, &files), files)
 }
 
 struct Env {

@@ -42,17 +42,8 @@ fn many_files_image() -> (Image, Vec<(String, Vec<u8>)>) {
         dirs.insert(dir.clone());
         files.push((format!("{dir}/f{i:03}"), bytes(1000 + i as u64, size)));
     }
-    let mut layer = LayerBuilder::new();
-    for d in &dirs {
-        layer = layer.dir(d, 0o755);
-    }
-    for (path, content) in &files {
-        layer = layer.file(path, content, 0o644);
-    }
-    let image = ImageBuilder::new()
-        .layer(layer.build(Compression::Gzip))
-        .build(ManifestFlavour::Oci);
-    (image, files)
+    let dirs: Vec<String> = dirs.into_iter().collect();
+    (common::image::gzip_image_of(&dirs, &files), files)
 }
 
 /// A registry serving the many-files image, and a store that knows its layer index but has an

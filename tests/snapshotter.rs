@@ -338,6 +338,24 @@ fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// The lazy mounts' daemon logs, for failure messages.
+fn mount_logs(env: &Env) -> String {
+    let mut out = String::new();
+    for e in std::fs::read_dir(env.sn.cli.root().join("logs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        out.push_str(&format!("--- {}\n", e.path().display()));
+        out.push_str(&tail(
+            &std::fs::read_to_string(e.path()).unwrap_or_default(),
+            60,
+        ));
+        out.push('\n');
+    }
+    out
+}
+
 #[test]
 fn a_container_runs_on_while_its_lazy_mount_daemons_are_killed_ten_times_and_upgraded() {
     let env = env();
@@ -365,7 +383,7 @@ fn a_container_runs_on_while_its_lazy_mount_daemons_are_killed_ten_times_and_upg
         /usr/bin/sha256sum --quiet -c /sync/sums || exit 1; \
         n=$((n+1)); echo $n > /sync/rounds.tmp && /bin/cat /sync/rounds.tmp > /sync/rounds; \
         done; echo ok $n";
-    let child = env
+    let mut child = env
         .ctr_run_command_with(&["--mount", &bind], "stratafs", &reference, "crash", script)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -403,11 +421,24 @@ fn a_container_runs_on_while_its_lazy_mount_daemons_are_killed_ten_times_and_upg
             },
         );
         let seen = rounds();
-        wait_until(
-            60,
-            &format!("round {round}: the container made no progress"),
-            || rounds() > seen,
-        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while rounds() <= seen {
+            if let Ok(Some(status)) = child.try_wait() {
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "round {round}: the container exited ({status}): {}{}\n{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr),
+                    mount_logs(&env)
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: the container made no progress in 60 s\n{}",
+                mount_logs(&env)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
     // And an upgrade of every serving process (`stratafs upgrade`: the holder starts the binary
     // installed at its path again, which takes the mount over).

@@ -83,8 +83,10 @@ pub struct Link {
 
 impl Link {
     /// Tells the holder this process serves the mount; a fresh server also hands over a copy of
-    /// the connection's descriptor.
-    pub fn ready(&self, device: Option<BorrowedFd<'_>>) -> std::io::Result<()> {
+    /// the connection's descriptor, and the line the holder prints for whoever waits on its
+    /// stdout (the holder says it, so that it is said even if this process dies right after).
+    pub fn ready(&self, device: Option<BorrowedFd<'_>>, line: &str) -> std::io::Result<()> {
+        let payload = format!("ready\n{line}");
         let raw: Vec<RawFd> = device.iter().map(|d| d.as_raw_fd()).collect();
         let cmsg: Vec<ControlMessage> = if raw.is_empty() {
             Vec::new()
@@ -93,7 +95,7 @@ impl Link {
         };
         sendmsg::<()>(
             self.sock.as_raw_fd(),
-            &[IoSlice::new(b"ready")],
+            &[IoSlice::new(payload.as_bytes())],
             &cmsg,
             MsgFlags::empty(),
             None,
@@ -157,32 +159,43 @@ fn inheritable(fd: BorrowedFd<'_>) -> Result<OwnedFd, HolderError> {
     Ok(unsafe { OwnedFd::from_raw_fd(n) })
 }
 
-/// What a server said on its socket: one "ready", with the connection from a fresh server.
-fn receive(sock: UnixStream) -> (bool, Option<OwnedFd>) {
-    let mut buf = [0u8; 16];
-    let mut iov = [IoSliceMut::new(&mut buf)];
-    let mut space = nix::cmsg_space!([RawFd; 1]);
-    let Ok(msg) = recvmsg::<()>(
-        sock.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    ) else {
-        return (false, None);
-    };
+/// What a server said on its socket: one "ready" (with the line to print), with the
+/// connection from a fresh server.
+type Said = (bool, Option<OwnedFd>, String);
+
+fn receive(sock: UnixStream) -> Said {
+    let mut buf = [0u8; 8192];
     let mut device = None;
-    if let Ok(cmsgs) = msg.cmsgs() {
-        for c in cmsgs {
-            if let ControlMessageOwned::ScmRights(fds) = c {
-                for fd in fds {
-                    // SAFETY: the kernel just installed `fd` in this process for this message.
-                    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-                    device.get_or_insert(owned);
+    let n = {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let mut space = nix::cmsg_space!([RawFd; 1]);
+        let Ok(msg) = recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) else {
+            return (false, None, String::new());
+        };
+        if let Ok(cmsgs) = msg.cmsgs() {
+            for c in cmsgs {
+                if let ControlMessageOwned::ScmRights(fds) = c {
+                    for fd in fds {
+                        // SAFETY: the kernel just installed `fd` in this process for this
+                        // message.
+                        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+                        device.get_or_insert(owned);
+                    }
                 }
             }
         }
+        msg.bytes
+    };
+    let text = String::from_utf8_lossy(&buf[..n.min(buf.len())]).into_owned();
+    match text.strip_prefix("ready\n") {
+        Some(line) => (true, device, line.to_string()),
+        None => (false, device, String::new()),
     }
-    (msg.bytes > 0, device)
 }
 
 fn code(status: ExitStatus) -> i32 {
@@ -270,12 +283,17 @@ pub async fn hold(exe: &Path, args: &[OsString], abandon: &dyn Fn()) -> Result<i
         let mut said = tokio::task::spawn_blocking(move || receive(ours));
         let mut exited = tokio::task::spawn_blocking(move || child.wait());
         let (mut heard, mut ready, mut upgrading) = (false, false, false);
-        let hear = |r: Result<(bool, Option<OwnedFd>), tokio::task::JoinError>,
-                    device: &mut Option<OwnedFd>| {
-            let (ok, fd) = r.unwrap_or((false, None));
-            if ok && device.is_none() {
+        let hear = |r: Result<Said, tokio::task::JoinError>, device: &mut Option<OwnedFd>| {
+            let (ok, fd, line) = r.unwrap_or((false, None, String::new()));
+            if ok && device.is_none() && fd.is_some() {
                 *device = fd;
-                // The first server reported to whoever waits on stdout: done with it.
+                // Report for the first server to whoever waits on stdout; then done with it.
+                use std::io::Write as _;
+                if !line.is_empty() {
+                    let mut out = std::io::stdout();
+                    let _ = writeln!(out, "{line}");
+                    let _ = out.flush();
+                }
                 if let Ok(null) = std::fs::File::create("/dev/null") {
                     let _ = nix::unistd::dup2_stdout(&null);
                 }

@@ -222,9 +222,6 @@ pub async fn serve(
         tree: view.tree.fingerprint(),
         served: Some((image.clone(), count)),
     };
-    if let Err(e) = super::write_record(&root, &record) {
-        tracing::warn!(error = %e, "cannot record the mount");
-    }
     let metrics = metrics
         .map(|a| format!(", metrics at http://{a}/metrics"))
         .unwrap_or_default();
@@ -237,18 +234,24 @@ pub async fn serve(
         started.elapsed().as_millis()
     );
     tracing::info!("{message}");
-    // The holder has the connection before anyone hears the mount is ready.
-    if let Err(e) = link.ready(Some(std::os::fd::AsFd::as_fd(&mounted.device))) {
+    // The holder gets the connection, and says the mount is ready, before its record makes it
+    // visible: from here on a crash of this process is survived.
+    let line = if args.notify {
+        format!("ready {message}")
+    } else {
+        message
+    };
+    if let Err(e) = link.ready(Some(std::os::fd::AsFd::as_fd(&mounted.device)), &line) {
         tracing::warn!(error = %e, "cannot hand the connection to the holder: a crash of this process ends the mount");
     }
     if args.notify {
-        println!("ready {message}");
-        // Nothing more for the parent: it may be gone, so stdout must not be the pipe.
+        // Nothing more for the parent: stdout must not be the pipe.
         if let Ok(null) = std::fs::File::create("/dev/null") {
             let _ = nix::unistd::dup2_stdout(&null);
         }
-    } else {
-        println!("{message}");
+    }
+    if let Err(e) = super::write_record(&root, &record) {
+        tracing::warn!(error = %e, "cannot record the mount");
     }
     let profile_done = async move {
         if let Some(p) = profile {
@@ -328,7 +331,7 @@ pub async fn take_over(
         mountpoint.display(),
         started.elapsed().as_millis()
     );
-    if let Err(e) = link.ready(None) {
+    if let Err(e) = link.ready(None, "") {
         tracing::warn!(error = %e, "cannot tell the holder");
     }
     run_until_end(

@@ -12,7 +12,57 @@ use std::sync::Arc;
 use super::{build_index, gzip, Fetch, IndexFormat, LayerError, LayerIndex, Limits, DEFAULT_SPAN};
 use crate::cache::{Cache, CacheError};
 use crate::image::Compression;
-use crate::source::{BlobSource, SequentialReader};
+use crate::source::{BlobSource, SequentialReader, SourceError};
+
+/// Why bytes of a layer could not be read; every message names the layer blob.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("layer {blob}: no span at offset {offset}")]
+    NoSpan { blob: String, offset: u64 },
+    #[error("layer {blob}: the index it is read with does not describe the layer (diff_id {diff_id}): not served (run `stratafs index verify`, or build the index locally)")]
+    WrongIndex { blob: String, diff_id: String },
+    #[error("{0}")]
+    Stream(#[source] LayerError),
+    #[error("layer {blob}: span at {offset} is missing after streaming the layer again")]
+    Lost { blob: String, offset: u64 },
+    #[error("layer {blob}: span at {offset} is not in the cache and this layer has no random access (stream it again with `stratafs index build`)")]
+    NoRandomAccess { blob: String, offset: u64 },
+    #[error("layer {blob}: {source}")]
+    Source {
+        blob: String,
+        #[source]
+        source: SourceError,
+    },
+    #[error("layer {blob}: the window file of its index is missing (build the index again: `stratafs index build`)")]
+    NoWindowFile { blob: String },
+    #[error("layer {blob}: checkpoint window: {source}")]
+    WindowSource {
+        blob: String,
+        #[source]
+        source: SourceError,
+    },
+    #[error("layer {blob}: the window of the checkpoint at {offset} in its window file is not a {size}-byte window")]
+    BadWindow {
+        blob: String,
+        offset: u64,
+        size: usize,
+    },
+    #[error("layer {blob}: span at {offset} failed verification ({what}): {detail}")]
+    Verification {
+        blob: String,
+        offset: u64,
+        what: String,
+        detail: String,
+    },
+    #[error("layer {blob}: span at {offset}: its checkpoint window is not at hand")]
+    NoWindowAtHand { blob: String, offset: u64 },
+}
+
+impl From<ReadError> for CacheError {
+    fn from(e: ReadError) -> CacheError {
+        CacheError::Read(Box::new(e))
+    }
+}
 
 /// Range size and parallelism of a whole-layer streaming pass (8 MiB in flight per layer: far
 /// above the bandwidth-delay product of the links we serve, and a bound on memory while the
@@ -390,10 +440,10 @@ impl LayerReader {
         let mut pos = offset;
         while pos < end {
             let i = self.index.span_at(pos).ok_or_else(|| {
-                CacheError::Fetch(format!(
-                    "layer {}: no span at offset {pos}",
-                    self.index.blob
-                ))
+                CacheError::from(ReadError::NoSpan {
+                    blob: self.index.blob.to_string(),
+                    offset: pos,
+                })
             })?;
             let span = &self.index.spans[i];
             let data = self.span(i, end, readahead).await?;
@@ -576,10 +626,11 @@ impl LayerReader {
     }
 
     fn wrong_index(&self) -> CacheError {
-        CacheError::Fetch(format!(
-            "layer {}: the index it is read with does not describe the layer (diff_id {}): not served (run `stratafs index verify`, or build the index locally)",
-            self.index.blob, self.index.diff_id
-        ))
+        ReadError::WrongIndex {
+            blob: self.index.blob.to_string(),
+            diff_id: self.index.diff_id.to_string(),
+        }
+        .into()
     }
 
     /// For layers without random access: streams the whole layer again (once, however many
@@ -606,13 +657,13 @@ impl LayerReader {
         };
         stream_index(self.source.clone(), spec, self.cache.clone())
             .await
-            .map_err(|e| CacheError::Fetch(e.to_string()))?;
+            .map_err(ReadError::Stream)?;
         match self.cache.lookup(digest)? {
             Some(d) => Ok((*d).clone()),
-            None => Err(CacheError::Fetch(format!(
-                "layer {}: span at {} is missing after streaming the layer again",
-                index.blob, self.index.spans[i].out_offset
-            ))),
+            None => Err(CacheError::from(ReadError::Lost {
+                blob: index.blob.to_string(),
+                offset: self.index.spans[i].out_offset,
+            })),
         }
     }
 
@@ -671,10 +722,10 @@ impl LayerReader {
             .iter()
             .map(|s| {
                 fetch_range(&s.fetch).ok_or_else(|| {
-                    CacheError::Fetch(format!(
-                        "layer {blob}: span at {} is not in the cache and this layer has no random access (stream it again with `stratafs index build`)",
-                        s.out_offset
-                    ))
+                    CacheError::from(ReadError::NoRandomAccess {
+                        blob: blob.to_string(),
+                        offset: s.out_offset,
+                    })
                 })
             })
             .collect::<Result<_, _>>()?;
@@ -687,7 +738,12 @@ impl LayerReader {
             self.source
                 .read_range(base, end - base)
                 .await
-                .map_err(|e| CacheError::Fetch(format!("layer {blob}: {e}")))
+                .map_err(|source| {
+                    CacheError::from(ReadError::Source {
+                        blob: blob.to_string(),
+                        source,
+                    })
+                })
         };
         let before = async {
             if !before_cached {
@@ -779,24 +835,28 @@ impl LayerReader {
     async fn read_window(&self, cp: &gzip::Checkpoint) -> Result<Vec<u8>, CacheError> {
         let blob = &self.index.blob;
         let Some(source) = &self.windows else {
-            return Err(CacheError::Fetch(format!(
-                "layer {blob}: the window file of its index is missing (build the index again: `stratafs index build`)"
-            )));
+            return Err(ReadError::NoWindowFile {
+                blob: blob.to_string(),
+            }
+            .into());
         };
         let raw = source
             .read_range(cp.window_at, cp.window_len)
             .await
-            .map_err(|e| CacheError::Fetch(format!("layer {blob}: checkpoint window: {e}")))?;
+            .map_err(|source| ReadError::WindowSource {
+                blob: blob.to_string(),
+                source,
+            })?;
         let window = super::inflate(&raw)
             .ok()
             .filter(|w| w.len() == cp.window_size())
             .ok_or_else(|| {
                 crate::metrics::metrics().verification_failures.inc();
-                CacheError::Fetch(format!(
-                    "layer {blob}: the window of the checkpoint at {} in its window file is not a {}-byte window",
-                    cp.out_offset,
-                    cp.window_size()
-                ))
+                ReadError::BadWindow {
+                    blob: blob.to_string(),
+                    offset: cp.out_offset,
+                    size: cp.window_size(),
+                }
             })?;
         Ok(window)
     }
@@ -869,10 +929,12 @@ fn compare_entries(claimed: &[super::Entry], actual: &[super::Entry]) -> Result<
 fn decode(index: &LayerIndex, span: &super::Span, raw: &[u8], before: Option<&[u8]>) -> SpanResult {
     let bad = |what: &str, e: &dyn std::fmt::Display| {
         crate::metrics::metrics().verification_failures.inc();
-        CacheError::Fetch(format!(
-            "layer {}: span at {} failed verification ({what}): {e}",
-            index.blob, span.out_offset
-        ))
+        CacheError::from(ReadError::Verification {
+            blob: index.blob.to_string(),
+            offset: span.out_offset,
+            what: what.to_string(),
+            detail: e.to_string(),
+        })
     };
     let data = match &span.fetch {
         Fetch::Range { .. } => raw.to_vec(),
@@ -886,10 +948,10 @@ fn decode(index: &LayerIndex, span: &super::Span, raw: &[u8], before: Option<&[u
             let window = match cp.window_size() {
                 0 => &[][..],
                 _ => before.and_then(|b| cp.window_from(b)).ok_or_else(|| {
-                    CacheError::Fetch(format!(
-                        "layer {}: span at {}: its checkpoint window is not at hand",
-                        index.blob, span.out_offset
-                    ))
+                    CacheError::from(ReadError::NoWindowAtHand {
+                        blob: index.blob.to_string(),
+                        offset: span.out_offset,
+                    })
                 })?,
             };
             gzip::decode_span(cp, window, raw, span.out_len as usize)

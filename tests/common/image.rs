@@ -566,6 +566,20 @@ impl Index {
     }
 }
 
+/// A one-layer gzip OCI image of these directories (0755) and files (0644), in this order.
+pub fn gzip_image_of(dirs: &[String], files: &[(String, Vec<u8>)]) -> Image {
+    let mut layer = LayerBuilder::new();
+    for d in dirs {
+        layer = layer.dir(d, 0o755);
+    }
+    for (path, content) in files {
+        layer = layer.file(path, content, 0o644);
+    }
+    ImageBuilder::new()
+        .layer(layer.build(Compression::Gzip))
+        .build(ManifestFlavour::Oci)
+}
+
 /// Deterministic test file contents: half pseudo-random (xorshift) and half text, so gzip
 /// shrinks them moderately, like real files.
 pub fn bytes(seed: u64, len: usize) -> Vec<u8> {

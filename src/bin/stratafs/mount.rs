@@ -335,11 +335,19 @@ fn spawn_daemon(
             bail!("{e}");
         }
     }
-    let status = child.wait()?;
-    bail!(
-        "the mount daemon exited ({status}) before the mount answered; see {}",
-        log_path.display()
-    )
+    // Its output closed before it said "ready": it failed (or its holder lives on without
+    // a mount to report, which must not keep this command waiting).
+    match child.try_wait()? {
+        Some(status) => bail!(
+            "the mount daemon exited ({status}) before the mount answered; see {}",
+            log_path.display()
+        ),
+        None => bail!(
+            "the mount daemon (pid {}) stopped reporting before the mount answered; see {}",
+            child.id(),
+            log_path.display()
+        ),
+    }
 }
 
 /// `stratafs umount [--lazy] MOUNTPOINT`.
