@@ -2,9 +2,10 @@
 //! previous serving process died ([`super::holder`]) — records itself, tells the waiting CLI
 //! and the holder it serves, and serves until the mount ends or a signal asks it to stop.
 //!
-//! Readiness, on stdout when `notify` is set (the CLI started this process and waits for it):
-//! "progress FETCHED TOTAL" while layers without a usable index are streamed, then
-//! "ready MESSAGE" (or, from the caller, "error: MESSAGE").
+//! Readiness, on stdout when `notify` is set (the CLI started the holder and waits on its
+//! output): this process prints "progress FETCHED TOTAL" while layers without a usable index
+//! are streamed; the holder prints "ready MESSAGE", which this process hands it with the
+//! connection (or the caller prints "error: MESSAGE").
 
 use std::path::Path;
 use std::sync::Arc;
