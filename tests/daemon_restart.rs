@@ -52,13 +52,8 @@ struct Env {
 /// The image pushed and indexed, the cache empty, and the image mounted by `bin` (a copy of
 /// the binary under test, so that it can be replaced).
 fn mounted(name: &str, bin: &Path) -> Env {
-    let reg = Registry::start(RegistryOpts::default());
     let (image, files) = image();
-    reg.push_image(&format!("restart/{name}"), "v1", &image, &Auth::None);
-    let reference = format!("{}/restart/{name}:v1", reg.addr());
-    let cli = Stratafs::new();
-    cli.ok(&["index", "build", &reference]);
-    cli.ok(&["cache", "prune", "--max-size", "0"]);
+    let (reg, cli, reference) = pushed_and_indexed(&format!("restart/{name}"), &image);
     let guard = MountGuard::new(Some(cli.root()));
     let base = cli.command();
     let mut cmd = std::process::Command::new(bin);

@@ -56,13 +56,8 @@ struct Served {
 }
 
 fn serve(name: &str) -> Served {
-    let reg = Registry::start(RegistryOpts::default());
     let (image, files) = many_files_image();
-    reg.push_image(&format!("robust/{name}"), "v1", &image, &Auth::None);
-    let reference = format!("{}/robust/{name}:v1", reg.addr());
-    let cli = Stratafs::new();
-    cli.ok(&["index", "build", &reference]);
-    cli.ok(&["cache", "prune", "--max-size", "0"]);
+    let (reg, cli, reference) = pushed_and_indexed(&format!("robust/{name}"), &image);
     Served {
         reg,
         cli,

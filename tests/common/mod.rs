@@ -66,6 +66,18 @@ pub use token::{Grant, TokenAuthConfig, TokenRequest, TokenServer, TokenServerOp
 use sha2::{Digest, Sha256};
 use std::net::TcpListener;
 
+/// `image` pushed as `REPO:v1` to a fresh registry, and a fresh store that built its layer
+/// indexes but holds no chunks (reads go to the registry): (registry, store, reference).
+pub fn pushed_and_indexed(repo: &str, image: &Image) -> (Registry, Stratafs, String) {
+    let reg = Registry::start(RegistryOpts::default());
+    reg.push_image(repo, "v1", image, &Auth::None);
+    let reference = format!("{}/{repo}:v1", reg.addr());
+    let cli = Stratafs::new();
+    cli.ok(&["index", "build", &reference]);
+    cli.ok(&["cache", "prune", "--max-size", "0"]);
+    (reg, cli, reference)
+}
+
 /// `"sha256:<hex>"` digest of `bytes`.
 pub fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
