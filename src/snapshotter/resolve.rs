@@ -35,32 +35,66 @@ pub struct Resolver {
     pub platform: Platform,
 }
 
+/// Why a layer is not served lazily (containerd then applies it itself).
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("no pulled image has this layer and no label names one")]
+    NoImage,
+    #[error("{image} has no layer with this ChainID")]
+    NoChain { image: String },
+    #[error("labels name layer {labelled}, but {image} has {actual} at this ChainID")]
+    WrongLayer {
+        labelled: String,
+        image: String,
+        actual: String,
+    },
+    #[error("layer {digest} is {media_type}, which stratafs does not serve lazily")]
+    NotLazy { digest: String, media_type: String },
+    #[error("label names image {reference:?}: {source}")]
+    BadReference {
+        reference: String,
+        #[source]
+        source: crate::reference::ReferenceError,
+    },
+    #[error("pulling {reference}: {source}")]
+    Pull {
+        reference: String,
+        #[source]
+        source: Box<crate::pull::PullError>,
+    },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
 impl Resolver {
     /// The lazily servable layer whose chain is `target`, or why there is none.
     pub async fn resolve(
         &self,
         target: &str,
         labels: &HashMap<String, String>,
-    ) -> Result<LazyLayer, String> {
+    ) -> Result<LazyLayer, ResolveError> {
         let reference = labels.get(CRI_IMAGE).or_else(|| labels.get(STARGZ_IMAGE));
         let digest = labels.get(CRI_LAYER).or_else(|| labels.get(STARGZ_LAYER));
         let image = match reference {
             Some(r) => self.image_named(r, target).await?,
-            None => self.stored_with_chain(target)?.ok_or_else(|| {
-                "no pulled image has this layer and no label names one".to_string()
-            })?,
+            None => self
+                .stored_with_chain(target)?
+                .ok_or(ResolveError::NoImage)?,
         };
         let layer = image
             .layers
             .iter()
             .find(|l| l.chain_id.as_ref() == target)
-            .ok_or_else(|| format!("{} has no layer with this ChainID", image.name))?;
+            .ok_or_else(|| ResolveError::NoChain {
+                image: image.name.clone(),
+            })?;
         if let Some(d) = digest {
             if layer.digest.as_ref() != d.as_str() {
-                return Err(format!(
-                    "labels name layer {d}, but {} has {} at this ChainID",
-                    image.name, layer.digest
-                ));
+                return Err(ResolveError::WrongLayer {
+                    labelled: d.clone(),
+                    image: image.name.clone(),
+                    actual: layer.digest.to_string(),
+                });
             }
         }
         let chunked = matches!(
@@ -78,19 +112,26 @@ impl Resolver {
                 chain_id: target.to_string(),
                 digest: layer.digest.to_string(),
             }),
-            _ => Err(format!(
-                "layer {} is {}, which stratafs does not serve lazily",
-                layer.digest, layer.media_type
-            )),
+            _ => Err(ResolveError::NotLazy {
+                digest: layer.digest.to_string(),
+                media_type: layer.media_type.to_string(),
+            }),
         }
     }
 
     /// The image `reference` from the store, pulled (metadata only) if missing or if the stored
     /// record predates a tag move and lacks `target`.
-    async fn image_named(&self, reference: &str, target: &str) -> Result<ImageRecord, String> {
+    async fn image_named(
+        &self,
+        reference: &str,
+        target: &str,
+    ) -> Result<ImageRecord, ResolveError> {
         let parsed: Reference = reference
             .parse()
-            .map_err(|e| format!("label names image {reference:?}: {e}"))?;
+            .map_err(|source| ResolveError::BadReference {
+                reference: reference.to_string(),
+                source,
+            })?;
         let has_target = |r: &ImageRecord| r.layers.iter().any(|l| l.chain_id.as_ref() == target);
         if let Ok(Some(r)) = self.store.images.get(&parsed.to_string()) {
             if has_target(&r) {
@@ -99,11 +140,14 @@ impl Resolver {
         }
         let image = crate::pull::pull(&self.client, &self.store, &parsed, &self.platform, &|_| {})
             .await
-            .map_err(|e| {
+            .map_err(|source| {
                 // Not a design choice but a failure (a registry unreachable, plain HTTP not
                 // allowed, credentials): said at the default log level.
-                tracing::warn!(%reference, error = %e, "cannot pull the image's metadata: containerd applies its layers (not lazy)");
-                format!("pulling {reference}: {e}")
+                tracing::warn!(%reference, error = %source, "cannot pull the image's metadata: containerd applies its layers (not lazy)");
+                ResolveError::Pull {
+                    reference: reference.to_string(),
+                    source: Box::new(source),
+                }
             })?;
         if self.index.published && self.index.unbound_referrers {
             let limits = crate::layer::Limits::from(&self.index);
@@ -117,8 +161,8 @@ impl Resolver {
         Ok(image)
     }
 
-    fn stored_with_chain(&self, target: &str) -> Result<Option<ImageRecord>, String> {
-        let images = self.store.images.list().map_err(|e| e.to_string())?;
+    fn stored_with_chain(&self, target: &str) -> Result<Option<ImageRecord>, ResolveError> {
+        let images = self.store.images.list()?;
         Ok(images
             .into_iter()
             .find(|i| i.layers.iter().any(|l| l.chain_id.as_ref() == target)))
