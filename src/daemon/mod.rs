@@ -134,13 +134,27 @@ pub fn is_mount_process(pid: u32, mountpoint: &Path) -> bool {
         && alive(pid)
 }
 
+/// The live holder of the mount at `mountpoint`, from its record.
+pub fn live_holder(root: &Path, mountpoint: &Path) -> Option<u32> {
+    read_record(root, mountpoint)
+        .and_then(|r| r.holder)
+        .filter(|&h| is_mount_process(h, mountpoint))
+}
+
+/// The state of `mountpoint`: live while its holder lives, even while no process serves it
+/// (probing the mount then would wait for the next one); else as probed.
+pub fn mount_state(root: &Path, mountpoint: &Path) -> crate::fuse::MountState {
+    match live_holder(root, mountpoint) {
+        Some(_) => crate::fuse::MountState::Live,
+        None => crate::fuse::mount_state(mountpoint),
+    }
+}
+
 /// The pid of a `stratafs mount --foreground` process for `mountpoint` (the holder, when there
 /// is one: the holder of the record, else the lowest pid), from the processes' command lines.
 pub fn find_daemon(root: &Path, mountpoint: &Path) -> Option<u32> {
-    if let Some(holder) = read_record(root, mountpoint).and_then(|r| r.holder) {
-        if is_mount_process(holder, mountpoint) {
-            return Some(holder);
-        }
+    if let Some(holder) = live_holder(root, mountpoint) {
+        return Some(holder);
     }
     let me = std::process::id();
     std::fs::read_dir("/proc")

@@ -72,20 +72,16 @@ impl OpenLog {
         })
     }
 
-    /// Writes `live` to a temporary file renamed over `path`; returns it open for appending.
+    /// Writes `live` whole over `path` (the store's atomic write, its temp file beside it);
+    /// returns it open for appending.
     fn write_state(path: &Path, live: &HashMap<u64, OpenMode>) -> std::io::Result<std::fs::File> {
-        use std::io::Write as _;
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let mut text = String::new();
-        for (ino, mode) in live {
-            text.push_str(&Self::line(*ino, Some(*mode)));
-        }
-        let tmp = path.with_extension("tmp-open");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        std::fs::rename(&tmp, path)?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let text: String = live
+            .iter()
+            .map(|(ino, mode)| Self::line(*ino, Some(*mode)))
+            .collect();
+        crate::store::write_atomic(dir, path, text.as_bytes()).map_err(std::io::Error::other)?;
         std::fs::OpenOptions::new().append(true).open(path)
     }
 

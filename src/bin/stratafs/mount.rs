@@ -354,17 +354,7 @@ fn spawn_daemon(
 pub fn umount(root: &Path, mountpoint: &Path, lazy: bool) -> Result<()> {
     let mountpoint = absolute(mountpoint)?;
     let daemon = records::find_daemon(root, &mountpoint);
-    // With a live holder the mount is alive even while no process serves it (probing it would
-    // wait for the next one).
-    let held = records::read_record(root, &mountpoint)
-        .and_then(|r| r.holder)
-        .is_some_and(|h| records::is_mount_process(h, &mountpoint));
-    let state = if held {
-        MountState::Live
-    } else {
-        fuse::mount_state(&mountpoint)
-    };
-    match state {
+    match records::mount_state(root, &mountpoint) {
         MountState::None => bail!("{}: not mounted", mountpoint.display()),
         MountState::Dead => {
             fuse::unmount(&mountpoint, true)?;
@@ -418,7 +408,7 @@ pub fn upgrade(root: &Path, mountpoints: &[PathBuf]) -> Result<()> {
     }
     for r in targets {
         let at = r.mountpoint.display();
-        let holder = r.holder.filter(|h| records::is_mount_process(*h, &r.mountpoint)).with_context(|| {
+        let holder = records::live_holder(root, &r.mountpoint).with_context(|| {
             format!("{at}: no holder keeps this mount (it was started by an older stratafs, or its holder died): remount it to upgrade")
         })?;
         nix::sys::signal::kill(

@@ -65,16 +65,7 @@ impl Mounter for DaemonMounter {
     }
 
     fn state(&self, dir: &Path) -> MountState {
-        // A live holder keeps the mount even while its serving process restarts (probing the
-        // mount would wait for the next one).
-        let held = stratafs::daemon::read_record(&self.root, dir)
-            .and_then(|r| r.holder)
-            .is_some_and(|h| stratafs::daemon::is_mount_process(h, dir));
-        if held {
-            MountState::Live
-        } else {
-            stratafs::fuse::mount_state(dir)
-        }
+        stratafs::daemon::mount_state(&self.root, dir)
     }
 
     fn detach(&self, dir: &Path) {
