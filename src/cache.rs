@@ -3,13 +3,17 @@
 //! Fifth stage of the pipeline. Chunks are content-addressed by the sha256 of their bytes, so
 //! every image that uses a layer (or the same bytes in another layer) shares them. On disk a
 //! chunk is written to a temp file and renamed into place — a crash leaves no half-written
-//! chunk under a chunk's name — and it is verified again whenever it is loaded, so a damaged
-//! file is dropped and fetched again rather than served. In memory an LRU keeps hot chunks;
-//! concurrent misses on one chunk cause one fetch (single-flight).
+//! chunk under a chunk's name — and a process verifies a chunk file when it first loads it, so
+//! a damaged file is dropped and fetched again rather than served. Once a process has verified
+//! a chunk (fetched it, or loaded it whole), later reads load just the bytes they need from the
+//! file ([`Cache::read_range`]) until the file is found short or missing. In memory an LRU
+//! keeps hot chunks; concurrent misses on one chunk cause one fetch (single-flight). Disk work
+//! is done off the async workers ([`blocking`]).
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::num::NonZeroUsize;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,6 +30,33 @@ pub trait ChunkStore: Send + Sync {
     fn contains(&self, digest: &Digest) -> bool;
     /// Drops `digest` (absent is fine).
     fn remove(&self, digest: &Digest) -> std::io::Result<()>;
+    /// Bytes `range` of the stored chunk (fewer if it is shorter), unverified; `touch` marks it
+    /// recently used. The default loads the whole chunk.
+    fn get_range(
+        &self,
+        digest: &Digest,
+        range: Range<usize>,
+        touch: bool,
+    ) -> std::io::Result<Option<Vec<u8>>> {
+        let _ = touch;
+        Ok(self.get(digest)?.map(|d| {
+            let end = range.end.min(d.len());
+            d[range.start.min(end)..end].to_vec()
+        }))
+    }
+}
+
+/// Runs disk work from async code without stalling the runtime's other tasks: on a
+/// multi-threaded runtime the worker hands its tasks to another thread meanwhile
+/// (`block_in_place`); elsewhere (a current-thread runtime in unit tests, plain threads) it
+/// just runs.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
 }
 
 /// Chunks as files `<dir>/<hex>`, written through `<tmp>`, optionally capped in size.
@@ -183,17 +214,40 @@ fn prune_dir(dir: &std::path::Path, max_bytes: u64) -> std::io::Result<(u64, u64
 
 impl ChunkStore for DiskChunks {
     fn get(&self, digest: &Digest) -> std::io::Result<Option<Vec<u8>>> {
-        let path = self.path(digest);
-        match std::fs::read(&path) {
-            Ok(d) => {
-                // The modification time orders eviction: least recently used first.
-                let _ = std::fs::File::open(&path)
-                    .and_then(|f| f.set_modified(std::time::SystemTime::now()));
-                Ok(Some(d))
+        use std::io::Read;
+        let Some(mut file) = open_chunk(&self.path(digest))? else {
+            return Ok(None);
+        };
+        let mut data = Vec::with_capacity(file.metadata().map_or(0, |m| m.len() as usize));
+        file.read_to_end(&mut data)?;
+        // The modification time orders eviction: least recently used first.
+        let _ = file.set_modified(std::time::SystemTime::now());
+        Ok(Some(data))
+    }
+
+    fn get_range(
+        &self,
+        digest: &Digest,
+        range: Range<usize>,
+        touch: bool,
+    ) -> std::io::Result<Option<Vec<u8>>> {
+        use std::os::unix::fs::FileExt;
+        let Some(file) = open_chunk(&self.path(digest))? else {
+            return Ok(None);
+        };
+        let mut data = vec![0; range.len()];
+        let mut got = 0;
+        while got < data.len() {
+            match file.read_at(&mut data[got..], (range.start + got) as u64)? {
+                0 => break,
+                n => got += n,
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
         }
+        data.truncate(got);
+        if touch {
+            let _ = file.set_modified(std::time::SystemTime::now());
+        }
+        Ok(Some(data))
     }
 
     fn put(&self, digest: &Digest, data: &[u8]) -> std::io::Result<()> {
@@ -219,6 +273,15 @@ impl ChunkStore for DiskChunks {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
+    }
+}
+
+/// The chunk file at `path`, open for reading; `None` if there is none.
+fn open_chunk(path: &std::path::Path) -> std::io::Result<Option<std::fs::File>> {
+    match std::fs::File::open(path) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
@@ -296,7 +359,34 @@ pub struct Cache {
     pass_budget: u64,
     memory: Mutex<Memory>,
     flights: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+    /// Chunks on disk this process has verified (see [`read_range`](Self::read_range)).
+    verified: Mutex<HashMap<[u8; 32], Verified>>,
     pub stats: CacheStats,
+}
+
+/// A chunk on disk this process has verified: its length, and when this process last marked
+/// the file recently used.
+struct Verified {
+    len: u64,
+    touched: std::time::Instant,
+}
+
+/// Most chunks remembered as verified (about 64 bytes each; 256 Ki chunks of 256 KiB are 64
+/// GiB of cache): past it the set starts again empty, and chunks are verified again on load.
+const MAX_VERIFIED: usize = 256 << 10;
+
+/// How often a chunk read by range is marked recently used on disk (its modification time,
+/// which orders eviction), at most.
+const TOUCH_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The 32 bytes of a sha256 digest (`None` for other algorithms: no fast path).
+fn key(digest: &Digest) -> Option<[u8; 32]> {
+    if digest.algorithm() != &oci_spec::image::DigestAlgorithm::Sha256 {
+        return None;
+    }
+    let mut k = [0; 32];
+    hex::decode_to_slice(digest.digest(), &mut k).ok()?;
+    Some(k)
 }
 
 impl Cache {
@@ -312,7 +402,93 @@ impl Cache {
                 budget: usize::MAX,
             }),
             flights: Mutex::default(),
+            verified: Mutex::default(),
             stats: CacheStats::default(),
+        }
+    }
+
+    /// Notes that the chunk on disk under `digest` holds `len` bytes that hash to it.
+    fn note_verified(&self, digest: &Digest, len: usize) {
+        let Some(k) = key(digest) else { return };
+        let mut verified = self.verified.lock().unwrap();
+        if verified.len() >= MAX_VERIFIED && !verified.contains_key(&k) {
+            verified.clear();
+        }
+        let touched = std::time::Instant::now();
+        verified.insert(
+            k,
+            Verified {
+                len: len as u64,
+                touched,
+            },
+        );
+    }
+
+    fn forget_verified(&self, digest: &Digest) {
+        if let Some(k) = key(digest) {
+            self.verified.lock().unwrap().remove(&k);
+        }
+    }
+
+    /// Whether the chunk is in memory (reading it then needs no disk).
+    pub fn in_memory(&self, digest: &Digest) -> bool {
+        self.memory.lock().unwrap().contains(digest)
+    }
+
+    /// Bytes `range` of the chunk under `digest`, which the caller's index says holds `len`
+    /// bytes, when they can be had without fetching or verifying: from memory, or read from
+    /// disk if this process has verified that chunk file already (only the range is read; the
+    /// file is not hashed again). `None` otherwise: [`get_or_fetch`](Self::get_or_fetch) it.
+    /// A chunk of another length, or a file found short or missing, is `None` too (and the
+    /// file is verified again on its next load). Does disk I/O: call it through [`blocking`].
+    pub fn read_range(
+        &self,
+        digest: &Digest,
+        len: u64,
+        range: Range<usize>,
+    ) -> Result<Option<Vec<u8>>, CacheError> {
+        if let Some(d) = self.memory.lock().unwrap().get(digest) {
+            if d.len() as u64 != len || range.end > d.len() {
+                return Ok(None);
+            }
+            self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::metrics().cache_hit("memory");
+            return Ok(Some(d[range].to_vec()));
+        }
+        let Some(k) = key(digest) else {
+            return Ok(None);
+        };
+        let touch = {
+            let mut verified = self.verified.lock().unwrap();
+            match verified.get_mut(&k) {
+                Some(v) if v.len == len && range.end as u64 <= len => {
+                    let due = v.touched.elapsed() >= TOUCH_EVERY;
+                    if due {
+                        v.touched = std::time::Instant::now();
+                    }
+                    due
+                }
+                _ => return Ok(None),
+            }
+        };
+        let want = range.len();
+        let data = self
+            .store
+            .get_range(digest, range, touch)
+            .map_err(|source| CacheError::Io {
+                digest: digest.clone(),
+                source,
+            })?;
+        match data {
+            Some(d) if d.len() == want => {
+                self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::metrics().cache_hit("disk");
+                Ok(Some(d))
+            }
+            _ => {
+                self.forget_verified(digest);
+                Ok(None)
+            }
         }
     }
 
@@ -338,6 +514,7 @@ impl Cache {
     /// Drops a chunk from memory and disk (absent is fine).
     pub fn remove(&self, digest: &Digest) -> Result<(), CacheError> {
         self.memory.lock().unwrap().pop(digest);
+        self.forget_verified(digest);
         self.store.remove(digest).map_err(|source| CacheError::Io {
             digest: digest.clone(),
             source,
@@ -357,6 +534,7 @@ impl Cache {
                 digest: digest.clone(),
                 source,
             })?;
+        self.note_verified(digest, data.len());
         self.memory.lock().unwrap().put(digest.clone(), data);
         Ok(())
     }
@@ -368,7 +546,9 @@ impl Cache {
             .map_err(|source| CacheError::Io {
                 digest: digest.clone(),
                 source,
-            })
+            })?;
+        self.note_verified(digest, data.len());
+        Ok(())
     }
 
     /// The chunk from memory or disk, verified; `None` if absent (or damaged, which is dropped).
@@ -389,9 +569,11 @@ impl Cache {
             tracing::warn!(%digest, "dropping damaged cache chunk");
             self.stats.corrupt_dropped.fetch_add(1, Ordering::Relaxed);
             crate::metrics::metrics().cache_corrupt_chunks.inc();
+            self.forget_verified(digest);
             self.store.remove(digest).map_err(io)?;
             return Ok(None);
         }
+        self.note_verified(digest, data.len());
         self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
         crate::metrics::metrics().cache_hit("disk");
         let data = Arc::new(data);
@@ -412,12 +594,16 @@ impl Cache {
             digest: digest.clone(),
             source,
         };
-        Ok(self
+        let data = self
             .store
             .get(digest)
             .map_err(io)?
-            .filter(|data| crate::digest::verify(digest, data).is_ok())
-            .map(Arc::new))
+            .filter(|data| crate::digest::verify(digest, data).is_ok());
+        match &data {
+            Some(d) => self.note_verified(digest, d.len()),
+            None => self.forget_verified(digest),
+        }
+        Ok(data.map(Arc::new))
     }
 
     /// The chunk, fetched by `fetch` on a miss — once, however many callers miss at the same
@@ -431,7 +617,7 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Vec<u8>, CacheError>>,
     {
-        if let Some(d) = self.lookup(digest)? {
+        if let Some(d) = blocking(|| self.lookup(digest))? {
             return Ok(d);
         }
         let flight = self
@@ -443,13 +629,13 @@ impl Cache {
             .clone();
         let _guard = flight.lock().await;
         let result = async {
-            if let Some(d) = self.lookup(digest)? {
+            if let Some(d) = blocking(|| self.lookup(digest))? {
                 return Ok(d);
             }
             self.stats.fetches.fetch_add(1, Ordering::Relaxed);
             crate::metrics::metrics().cache_misses.inc();
             let data = Arc::new(fetch().await?);
-            self.insert(digest, data.clone())?;
+            blocking(|| self.insert(digest, data.clone()))?;
             Ok(data)
         }
         .await;
@@ -508,6 +694,42 @@ mod tests {
         // A temp file left by a crash is never looked at as a chunk.
         std::fs::write(dir.path().join("tmp/.tmpXYZ"), b"partial").unwrap();
         assert!(fresh.lookup(&digest).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_range_is_read_from_disk_only_once_the_chunk_file_is_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(DiskChunks::open(dir.path()).unwrap());
+        let data: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
+        let digest = crate::digest::sha256(&data);
+        let file = dir.path().join("cache/chunks").join(digest.digest());
+        store.put(&digest, &data).unwrap();
+
+        // A fresh process (cache) has not verified the file: no range read, a full load.
+        let cache = Cache::new(store.clone(), 1).with_memory_budget(0);
+        assert!(cache.read_range(&digest, 4096, 100..200).unwrap().is_none());
+        assert!(cache.lookup(&digest).unwrap().is_some());
+        // The memory LRU keeps the newest chunk; push it out with another.
+        let other = vec![7u8; 10];
+        cache
+            .insert(&crate::digest::sha256(&other), Arc::new(other))
+            .unwrap();
+        assert!(!cache.in_memory(&digest));
+        let hits = cache.stats.disk_hits.load(Ordering::Relaxed);
+        assert_eq!(
+            cache.read_range(&digest, 4096, 100..200).unwrap().unwrap(),
+            &data[100..200]
+        );
+        assert_eq!(cache.stats.disk_hits.load(Ordering::Relaxed), hits + 1);
+        // The index's length must match what was verified.
+        assert!(cache.read_range(&digest, 4000, 100..200).unwrap().is_none());
+
+        // A file found short is verified again (and dropped) on its next load.
+        std::fs::write(&file, &data[..1000]).unwrap();
+        assert!(cache.read_range(&digest, 4096, 3000..3100).unwrap().is_none());
+        assert!(cache.read_range(&digest, 4096, 0..10).unwrap().is_none());
+        assert!(cache.lookup(&digest).unwrap().is_none());
+        assert!(!store.contains(&digest));
     }
 
     #[test]

@@ -436,6 +436,9 @@ impl LayerReader {
         readahead: bool,
     ) -> Result<Vec<u8>, CacheError> {
         let end = (offset + len).min(self.index.size);
+        if let Some(out) = self.read_cached(offset, end)? {
+            return Ok(out);
+        }
         let mut out = Vec::with_capacity((end.saturating_sub(offset)) as usize);
         let mut pos = offset;
         while pos < end {
@@ -462,6 +465,45 @@ impl LayerReader {
             pos = span.out_offset + to as u64;
         }
         Ok(out)
+    }
+
+    /// Bytes `offset..end` if every span holding them can be read without a fetch or a
+    /// verification ([`Cache::read_range`]: in memory, or on disk and verified by this process
+    /// already): only the bytes asked for are read from disk. `None`: take the full path.
+    fn read_cached(&self, offset: u64, end: u64) -> Result<Option<Vec<u8>>, CacheError> {
+        let mut pieces = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let Some(i) = self.index.span_at(pos) else {
+                return Ok(None);
+            };
+            let span = &self.index.spans[i];
+            let to = end.min(span.out_offset + span.out_len);
+            if to <= pos {
+                return Ok(None);
+            }
+            pieces.push((i, (pos - span.out_offset) as usize..(to - span.out_offset) as usize));
+            pos = to;
+        }
+        let read = || -> Result<Option<Vec<u8>>, CacheError> {
+            let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
+            for (i, range) in &pieces {
+                let span = &self.index.spans[*i];
+                match self.cache.read_range(&span.digest, span.out_len, range.clone())? {
+                    Some(d) => out.extend_from_slice(&d),
+                    None => return Ok(None),
+                }
+            }
+            Ok(Some(out))
+        };
+        let in_memory = pieces
+            .iter()
+            .all(|(i, _)| self.cache.in_memory(&self.index.spans[*i].digest));
+        if in_memory {
+            read()
+        } else {
+            crate::cache::blocking(read)
+        }
     }
 
     /// Span `i`, fetching it — and the missing spans after it up to `until` — if needed.
@@ -507,16 +549,19 @@ impl LayerReader {
                 let first = spans.next().expect("the run holds span i")?;
                 // The others came along: kept if they verified; one that did not is fetched
                 // (and reported) again when it is read itself.
-                for (j, data) in (i + 1..=last).zip(spans) {
-                    match data {
-                        Ok(data) => {
-                            self.cache
-                                .insert(&self.index.spans[j].digest, Arc::new(data))?;
-                            self.known_cached[j].store(true, Ordering::Relaxed);
+                crate::cache::blocking(|| -> Result<(), CacheError> {
+                    for (j, data) in (i + 1..=last).zip(spans) {
+                        match data {
+                            Ok(data) => {
+                                self.cache
+                                    .insert(&self.index.spans[j].digest, Arc::new(data))?;
+                                self.known_cached[j].store(true, Ordering::Relaxed);
+                            }
+                            Err(e) => tracing::warn!("{e}"),
                         }
-                        Err(e) => tracing::warn!("{e}"),
                     }
-                }
+                    Ok(())
+                })?;
                 Ok(first)
             })
             .await?;
