@@ -309,7 +309,7 @@ cold_mount() {
     drop; m=$(mark); t0=$(now)
     out=$(inns "$bin" --root "$work/sfroot" --config "$cfg" mount "$shaped_reg/$ref" "$work/mnt")
     tp+=("$(since "$t0")")
-    dpid=$(grep -o 'daemon pid [0-9]*' <<<"$out" | awk '{print $3}'); daemons+=("$dpid")
+    dpid=$(grep -o 'serving pid [0-9]*' <<<"$out" | awk '{print $3}'); daemons+=("$(grep -o 'holder pid [0-9]*' <<<"$out" | awk '{print $3}')")
     chroot "$work/mnt" python3 -c "$PYCMD"
     ts+=("$(since "$t0")")
     hw+=("$(hwm "$dpid")")
@@ -427,7 +427,7 @@ PY
 )"
 log "the command opens $READ_N files, $READ_RAW bytes, $READ_C compressed"
 mkdir -p "$work/mnt"
-out=$("$bin" --root "$work/warm" mount "$local_reg/bench/py:gzip" "$work/mnt"); dpid=$(grep -o 'daemon pid [0-9]*' <<<"$out" | awk '{print $3}'); daemons+=("$dpid")
+out=$("$bin" --root "$work/warm" mount "$local_reg/bench/py:gzip" "$work/mnt"); dpid=$(grep -o 'serving pid [0-9]*' <<<"$out" | awk '{print $3}'); daemons+=("$(grep -o 'holder pid [0-9]*' <<<"$out" | awk '{print $3}')")
 chroot "$work/mnt" python3 -c "$PYCMD"
 cat "$work/mnt$big_path" >/dev/null; cat "$work/mnt$big_path" >/dev/null   # fetch; assemble the passthrough copy
 seqread() {   # seqread FILE: MB/s of one sequential read, page cache dropped
@@ -449,7 +449,7 @@ imp_mnt=$(median "${e[@]}") imp_disk=$(median "${f[@]}")
 warm_hwm=$(hwm "$dpid")
 "$bin" --root "$work/warm" umount "$work/mnt" >/dev/null
 umoci unpack --image "$oci:bigfile" "$work/bigfile" >/dev/null
-out=$("$bin" --root "$work/warm" mount "$local_reg/bench/bigfile:1" "$work/mnt"); daemons+=("$(grep -o 'daemon pid [0-9]*' <<<"$out" | awk '{print $3}')")
+out=$("$bin" --root "$work/warm" mount "$local_reg/bench/bigfile:1" "$work/mnt"); daemons+=("$(grep -o 'holder pid [0-9]*' <<<"$out" | awk '{print $3}')")
 bigf=/data/big.bin
 cat "$work/mnt$bigf" >/dev/null; cat "$work/mnt$bigf" >/dev/null
 a=() b=()

@@ -88,8 +88,8 @@ sfmount() {
   local wrap=$1 root=$2 mnt=$3 ref=$4 out; shift 4
   mkdir -p "$mnt"
   out=$($wrap "$bin" --root "$root" mount "$@" "$ref" "$mnt")
-  dpid=$(grep -o 'daemon pid [0-9]*' <<<"$out" | awk '{print $3}')
-  daemons+=("$dpid")
+  dpid=$(grep -o 'serving pid [0-9]*' <<<"$out" | awk '{print $3}')
+  daemons+=("$(grep -o 'holder pid [0-9]*' <<<"$out" | awk '{print $3}')")
 }
 sfumount() { "$bin" --root "$1" umount "$2" >/dev/null; }
 # readfiles DIR: the cold command — FILES .py files of /usr/lib/python3.11, read whole.

@@ -722,6 +722,8 @@ pub struct ImageView {
 /// of a file's first bytes from waiting for its whole prefetch, and a few at a time keep
 /// demand reads a share of the link.
 const OPEN_PIECE: u64 = 1 << 20;
+/// Reads slower than this are logged (debug): where a cold start waits.
+const SLOW_READ: std::time::Duration = std::time::Duration::from_millis(2);
 const OPEN_PARALLEL: usize = 4;
 const OPEN_FETCHES: usize = 8;
 
@@ -806,7 +808,13 @@ impl ImageView {
         if let Some(recorder) = self.recorder.get() {
             recorder.record(layer, reader.index(), data_offset + offset, len);
         }
-        Ok(reader.read(data_offset + offset, len).await?)
+        let started = std::time::Instant::now();
+        let data = reader.read(data_offset + offset, len).await?;
+        let waited = started.elapsed();
+        if waited > SLOW_READ {
+            tracing::debug!(path = %self.tree.path(node), offset, len, ms = waited.as_millis() as u64, "read waited");
+        }
+        Ok(data)
     }
 
     /// Fetches what is not cached of the first `limit` bytes of regular file `node`, in pieces

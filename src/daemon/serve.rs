@@ -227,12 +227,13 @@ pub async fn serve(
         .map(|a| format!(", metrics at http://{a}/metrics"))
         .unwrap_or_default();
     let message = format!(
-        "mounted {} at {} ({} layers, {} inodes) in {} ms{metrics}",
+        "mounted {} at {} ({} layers, {} inodes) in {} ms{metrics} (serving pid {})",
         image.name,
         mountpoint.display(),
         count,
         view.tree.inodes(),
-        started.elapsed().as_millis()
+        started.elapsed().as_millis(),
+        std::process::id()
     );
     tracing::info!("{message}");
     // The holder gets the connection, and says the mount is ready, before its record makes it

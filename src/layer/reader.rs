@@ -808,8 +808,13 @@ impl LayerReader {
                 _ => Ok(None),
             }
         };
+        let started = std::time::Instant::now();
         let (bytes, before, window) = tokio::join!(data, before, window);
         let (bytes, before, mut window) = (bytes?, before?, window?);
+        tracing::debug!(
+            blob = %&blob.digest()[..12], offset = spans[0].out_offset, spans = spans.len(),
+            bytes = end - base, ms = started.elapsed().as_millis() as u64, "fetched"
+        );
         // The first span's window: the end of the span before (the layer's real output), else
         // the window file's word for it.
         let mut first_window = None;

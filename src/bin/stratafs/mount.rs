@@ -324,7 +324,7 @@ fn spawn_daemon(
                 p.finish("");
             }
             println!(
-                "{rest} (daemon pid {}, log {})",
+                "{rest} (holder pid {}, log {})",
                 child.id(),
                 log_path.display()
             );
