@@ -726,7 +726,10 @@ mod tests {
 
         // A file found short is verified again (and dropped) on its next load.
         std::fs::write(&file, &data[..1000]).unwrap();
-        assert!(cache.read_range(&digest, 4096, 3000..3100).unwrap().is_none());
+        assert!(cache
+            .read_range(&digest, 4096, 3000..3100)
+            .unwrap()
+            .is_none());
         assert!(cache.read_range(&digest, 4096, 0..10).unwrap().is_none());
         assert!(cache.lookup(&digest).unwrap().is_none());
         assert!(!store.contains(&digest));

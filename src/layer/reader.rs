@@ -483,14 +483,20 @@ impl LayerReader {
             if to <= pos {
                 return Ok(None);
             }
-            pieces.push((i, (pos - span.out_offset) as usize..(to - span.out_offset) as usize));
+            pieces.push((
+                i,
+                (pos - span.out_offset) as usize..(to - span.out_offset) as usize,
+            ));
             pos = to;
         }
         let read = || -> Result<Option<Vec<u8>>, CacheError> {
             let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
             for (i, range) in &pieces {
                 let span = &self.index.spans[*i];
-                match self.cache.read_range(&span.digest, span.out_len, range.clone())? {
+                match self
+                    .cache
+                    .read_range(&span.digest, span.out_len, range.clone())?
+                {
                     Some(d) => out.extend_from_slice(&d),
                     None => return Ok(None),
                 }

@@ -67,12 +67,13 @@ pub enum ResolveError {
 }
 
 impl Resolver {
-    /// The lazily servable layer whose chain is `target`, or why there is none.
+    /// The lazily servable layer whose chain is `target`, and whether that chain is the image's
+    /// whole rootfs (its top layer); or why there is none.
     pub async fn resolve(
         &self,
         target: &str,
         labels: &HashMap<String, String>,
-    ) -> Result<LazyLayer, ResolveError> {
+    ) -> Result<(LazyLayer, bool), ResolveError> {
         let reference = labels.get(CRI_IMAGE).or_else(|| labels.get(STARGZ_IMAGE));
         let digest = labels.get(CRI_LAYER).or_else(|| labels.get(STARGZ_LAYER));
         let image = match reference {
@@ -101,22 +102,26 @@ impl Resolver {
             crate::layer::zstd_chunked::toc_location(&layer.annotations),
             Ok(Some(_))
         );
+        let top = image
+            .layers
+            .last()
+            .is_some_and(|l| l.chain_id.as_ref() == target);
         match Compression::of_layer(&layer.media_type) {
-            Some(Compression::Gzip | Compression::None) => Ok(LazyLayer {
-                image: image.name.clone(),
-                chain_id: target.to_string(),
-                digest: layer.digest.to_string(),
-            }),
-            Some(Compression::Zstd) if chunked => Ok(LazyLayer {
-                image: image.name.clone(),
-                chain_id: target.to_string(),
-                digest: layer.digest.to_string(),
-            }),
-            _ => Err(ResolveError::NotLazy {
-                digest: layer.digest.to_string(),
-                media_type: layer.media_type.to_string(),
-            }),
+            Some(Compression::Gzip | Compression::None) => {}
+            Some(Compression::Zstd) if chunked => {}
+            _ => {
+                return Err(ResolveError::NotLazy {
+                    digest: layer.digest.to_string(),
+                    media_type: layer.media_type.to_string(),
+                })
+            }
         }
+        let lazy = LazyLayer {
+            image: image.name.clone(),
+            chain_id: target.to_string(),
+            digest: layer.digest.to_string(),
+        };
+        Ok((lazy, top))
     }
 
     /// The image `reference` from the store, pulled (metadata only) if missing or if the stored

@@ -32,7 +32,7 @@ pub struct Snapshotter {
     chunks: Arc<dyn ChunkStore>,
     indexes: IndexStore,
     /// One lazy mount at a time (two requests may need the same one).
-    mounting: tokio::sync::Mutex<()>,
+    mounting: Arc<tokio::sync::Mutex<()>>,
     /// Pass `index=off` to overlayfs, as containerd does where the kernel knows the option.
     index_off: bool,
     /// The exclusive lock on `<root>/snapshotter/lock`, held while this snapshotter lives: one
@@ -73,6 +73,39 @@ fn claim_instance(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
     }
 }
 
+/// Makes sure the FUSE mount of lazy layer `layer` (snapshot `name`) at `dir` answers: one
+/// mount at a time (`mounting`), a dead one detached and mounted again, a live one left alone.
+async fn mount_lazy(
+    mounting: &tokio::sync::Mutex<()>,
+    mounter: Arc<dyn Mounter>,
+    dir: PathBuf,
+    layer: LazyLayer,
+    name: &str,
+) -> Result<()> {
+    let _one = mounting.lock().await;
+    let (probe, prober) = (dir.clone(), mounter.clone());
+    let state = tokio::task::spawn_blocking(move || prober.state(&probe))
+        .await
+        .unwrap_or(MountState::Dead);
+    match state {
+        MountState::Live => return Ok(()),
+        MountState::Dead => {
+            tracing::warn!(snapshot = %name, "lazy layer's daemon is gone: mounting it again");
+            mounter.detach(&dir);
+        }
+        MountState::None => {}
+    }
+    let LazyLayer {
+        image, chain_id, ..
+    } = layer;
+    tokio::task::spawn_blocking(move || mounter.mount(&image, &chain_id, &dir))
+        .await
+        .map_err(|e| {
+            SnapshotterError::Mount(name.to_string(), MounterError::Failed(e.to_string()))
+        })?
+        .map_err(|e| SnapshotterError::Mount(name.to_string(), e))
+}
+
 /// A mount for containerd (containerd.types.Mount).
 fn mount(kind: &str, source: &Path, options: Vec<String>) -> proto::Mount {
     proto::Mount {
@@ -99,7 +132,7 @@ impl Snapshotter {
             resolver,
             mounter,
             chunks,
-            mounting: tokio::sync::Mutex::new(()),
+            mounting: Arc::default(),
             index_off: Path::new("/sys/module/overlay/parameters/index").exists(),
         })
     }
@@ -217,8 +250,8 @@ impl Snapshotter {
                 return Ok(false);
             }
         }
-        let layer = match self.resolver.resolve(target, labels).await {
-            Ok(layer) => layer,
+        let (layer, top) = match self.resolver.resolve(target, labels).await {
+            Ok(resolved) => resolved,
             Err(reason) => {
                 tracing::info!(%target, %reason, "not lazy: containerd applies this layer");
                 crate::metrics::metrics().snapshotter_layer("containerd");
@@ -246,9 +279,24 @@ impl Snapshotter {
             created: now,
             updated: now,
             labels,
-            lazy: Some(layer),
+            lazy: Some(layer.clone()),
             usage: None,
         })?;
+        if top {
+            // The image's whole rootfs: a container runs on it next. Mounting it now lets the
+            // mount (and its startup profile's replay) overlap containerd's own work until the
+            // container asks for its mounts, which then waits for this mount, not a second.
+            let (mounting, mounter, name) = (
+                self.mounting.clone(),
+                self.mounter.clone(),
+                target.to_string(),
+            );
+            tokio::spawn(async move {
+                if let Err(e) = mount_lazy(&mounting, mounter, dir, layer, &name).await {
+                    tracing::warn!(snapshot = %name, error = %e, "mounting an image's rootfs ahead of its container failed (the container's request tries again)");
+                }
+            });
+        }
         Ok(true)
     }
 
@@ -305,29 +353,7 @@ impl Snapshotter {
             return Ok(());
         };
         let dir = self.meta().snapshot_dir(s.id).join("fs");
-        let _one = self.mounting.lock().await;
-        let (probe, mounter) = (dir.clone(), self.mounter.clone());
-        let state = tokio::task::spawn_blocking(move || mounter.state(&probe))
-            .await
-            .unwrap_or(MountState::Dead);
-        match state {
-            MountState::Live => return Ok(()),
-            MountState::Dead => {
-                tracing::warn!(snapshot = %s.name, "lazy layer's daemon is gone: mounting it again");
-                self.mounter.detach(&dir);
-            }
-            MountState::None => {}
-        }
-        let mounter = self.mounter.clone();
-        let LazyLayer {
-            image, chain_id, ..
-        } = layer;
-        tokio::task::spawn_blocking(move || mounter.mount(&image, &chain_id, &dir))
-            .await
-            .map_err(|e| {
-                SnapshotterError::Mount(s.name.clone(), MounterError::Failed(e.to_string()))
-            })?
-            .map_err(|e| SnapshotterError::Mount(s.name.clone(), e))
+        mount_lazy(&self.mounting, self.mounter.clone(), dir, layer, &s.name).await
     }
 
     pub async fn mounts(&self, key: &str) -> Result<Vec<proto::Mount>> {

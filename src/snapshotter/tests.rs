@@ -24,6 +24,8 @@ use crate::store::Store;
 #[derive(Default)]
 struct FakeMounter {
     calls: Mutex<Vec<String>>,
+    /// Signalled on each mount.
+    mounted: tokio::sync::Notify,
 }
 
 impl Mounter for FakeMounter {
@@ -37,6 +39,7 @@ impl Mounter for FakeMounter {
             .lock()
             .unwrap()
             .push(format!("mount {image} {chain_id} {}", dir.display()));
+        self.mounted.notify_one();
         Ok(())
     }
     fn unmount(&self, dir: &Path) -> std::result::Result<(), MounterError> {
@@ -230,6 +233,48 @@ async fn api_rules_match_containerds_snapshotters() {
     let (s, _) = snapshotter(dir.path());
     assert_eq!(s.stat("a2").unwrap().kind, Kind::Active);
     assert_eq!(s.list(&[]).unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_images_lazy_rootfs_is_mounted_as_soon_as_its_top_layer_is_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, mounter) = snapshotter(dir.path());
+    const GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+    let chains = stored_image(&s.resolver.store, "registry.test/app:v1", &[GZIP, GZIP]);
+    let target = |c: &str| HashMap::from([(LABEL_TARGET.to_string(), c.to_string())]);
+    let e = s
+        .create(Kind::Active, "extract-1", "", target(&chains[0]))
+        .await
+        .unwrap_err();
+    assert_eq!(code(e), tonic::Code::AlreadyExists);
+    assert!(
+        mounter.calls.lock().unwrap().is_empty(),
+        "a lower layer alone is not mounted"
+    );
+    let e = s
+        .create(Kind::Active, "extract-2", &chains[0], target(&chains[1]))
+        .await
+        .unwrap_err();
+    assert_eq!(code(e), tonic::Code::AlreadyExists);
+    // No container asked yet: the rootfs is mounted in the background.
+    tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        mounter.mounted.notified(),
+    )
+    .await
+    .expect("the top lazy layer is mounted without a request for its mounts");
+    let top = dir.path().join(format!(
+        "snapshotter/snapshots/{}/fs",
+        s.stat(&chains[1]).unwrap().id
+    ));
+    assert_eq!(
+        mounter.calls.lock().unwrap().as_slice(),
+        [format!(
+            "mount registry.test/app:v1 {} {}",
+            chains[1],
+            top.display()
+        )]
+    );
 }
 
 #[tokio::test]
