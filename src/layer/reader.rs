@@ -194,6 +194,35 @@ const MIN_TOC_FETCH: u64 = 512 << 10;
 /// compressed size (512 KiB: 1.6×, no faster). Profile replay reads exactly what it asks for.
 const MIN_MISS_FETCH: u64 = 384 << 10;
 
+/// Lowers the calling thread's CPU priority (nice 10) until dropped, then restores it (when
+/// the process may: raising it back needs CAP_SYS_NICE, which root has). For work done ahead
+/// of reads, so that it yields the CPU to the requests a workload is waiting for.
+struct LowerPriority {
+    tid: libc::id_t,
+    before: libc::c_int,
+}
+
+impl LowerPriority {
+    fn new() -> LowerPriority {
+        // SAFETY: plain syscalls on this thread's own id; no memory is shared.
+        unsafe {
+            let tid = libc::gettid() as libc::id_t;
+            let before = libc::getpriority(libc::PRIO_PROCESS, tid);
+            libc::setpriority(libc::PRIO_PROCESS, tid, before.max(10));
+            LowerPriority { tid, before }
+        }
+    }
+}
+
+impl Drop for LowerPriority {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe {
+            libc::setpriority(libc::PRIO_PROCESS, self.tid, self.before);
+        }
+    }
+}
+
 /// Lazy reads of one layer.
 pub struct LayerReader {
     index: Arc<LayerIndex>,
@@ -552,7 +581,7 @@ impl LayerReader {
                     }
                 };
                 self.last_fetched.store(last, Ordering::Relaxed);
-                let mut spans = self.fetch_run(i, last).await?.into_iter();
+                let mut spans = self.fetch_run(i, last, !readahead).await?.into_iter();
                 let first = spans.next().expect("the run holds span i")?;
                 // The others came along: kept if they verified; one that did not is fetched
                 // (and reported) again when it is read itself.
@@ -767,7 +796,12 @@ impl LayerReader {
     /// the span before when that span is cached (so it is the layer's real output, whatever
     /// an index says), otherwise from the window file, read alongside the span bytes. Later
     /// spans of the run take theirs from the output just decoded.
-    async fn fetch_run(&self, first: usize, last: usize) -> Result<Vec<SpanResult>, CacheError> {
+    async fn fetch_run(
+        &self,
+        first: usize,
+        last: usize,
+        ahead: bool,
+    ) -> Result<Vec<SpanResult>, CacheError> {
         let blob = &self.index.blob;
         let spans = &self.index.spans[first..=last];
         let ranges: Vec<(u64, u64)> = spans
@@ -842,7 +876,10 @@ impl LayerReader {
         }
         // Decompressing and hashing is CPU work: one blocking task for the whole run.
         let index = self.index.clone();
+        // For a fetch ahead of reads (profile replay, an open), at a lower CPU priority: the
+        // reads being served meanwhile come first on a busy machine.
         let decoded = tokio::task::spawn_blocking(move || {
+            let _lowered = ahead.then(LowerPriority::new);
             let spans = &index.spans[first..=last];
             // A published index whose gzip span does not verify although its compressed bytes
             // do and its window is the real output before it: the index is wrong.
