@@ -80,7 +80,7 @@ pub async fn prefetch(
             let len = STEP.min(end - offset);
             if !reader.is_cached(offset, len) {
                 pacer.wait().await;
-                if let Err(e) = reader.read(offset, len).await {
+                if let Err(e) = reader.prefetch(offset, len).await {
                     tracing::warn!(blob = %index.blob, offset, error = %e, "background fetch stopped for this layer");
                     break;
                 }
