@@ -1,0 +1,285 @@
+use super::*;
+use crate::cache::DiskChunks;
+use crate::image::Compression;
+use crate::layer::build_index;
+use crate::source::{FaultySource, FileSource};
+use std::io::Write;
+
+/// A gzip layer holding one 2 MiB file, indexed with 64 KiB spans, read through a counting
+/// source.
+fn setup(dir: &std::path::Path) -> (LayerReader, Arc<FaultySource<FileSource>>, u64, u64, usize) {
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let data: Vec<u8> = (0..2usize << 20)
+        .map(|i| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            // Half random, half text: compressible like real files, with many deflate blocks.
+            if i % 2 == 0 {
+                (x >> 56) as u8
+            } else {
+                b'a' + (i % 23) as u8
+            }
+        })
+        .collect();
+    let mut b = ::tar::Builder::new(Vec::new());
+    let mut h = ::tar::Header::new_gnu();
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_cksum();
+    b.append_data(&mut h, "big", &data[..]).unwrap();
+    let tar = b.into_inner().unwrap();
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(&tar).unwrap();
+    let blob = e.finish().unwrap();
+    let digest = crate::digest::sha256(&blob);
+    let mut windows = Vec::new();
+    let index = build_index(
+        &blob[..],
+        Compression::Gzip,
+        &digest,
+        &crate::digest::sha256(&tar),
+        blob.len() as u64,
+        64 << 10,
+        &mut |_, _| Ok(()),
+        &mut windows,
+        &crate::layer::Limits::default(),
+    )
+    .unwrap();
+    std::fs::write(dir.join("windows"), &windows).unwrap();
+    let windows = Arc::new(
+        FileSource::open(dir.join("windows"), index.windows.clone().unwrap().digest).unwrap(),
+    );
+    let path = dir.join("blob");
+    std::fs::write(&path, &blob).unwrap();
+    let source = Arc::new(FaultySource::new(FileSource::open(&path, digest).unwrap()));
+    let cache = Arc::new(Cache::new(Arc::new(DiskChunks::open(dir).unwrap()), 1024));
+    let (offset, size, spans) = (
+        index.entries[0].offset,
+        index.entries[0].size,
+        index.spans.len(),
+    );
+    let reader =
+        LayerReader::new(Arc::new(index), source.clone(), cache).with_windows(Some(windows));
+    (reader, source, offset, size, spans)
+}
+
+#[tokio::test]
+async fn a_complete_layer_is_checked_against_its_diff_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let (honest, _, offset, size, _) = setup(dir.path());
+    let all = honest.read(offset, size).await.unwrap();
+    assert_eq!(all.len() as u64, size);
+    assert_eq!(honest.completeness.load(Ordering::Relaxed), VERIFIED);
+
+    // The same spans under an index that claims another diff_id: reading the last span
+    // completes the layer, the check fails, and the reader refuses to go on.
+    let dir = tempfile::tempdir().unwrap();
+    let (reader, source, offset, size, _) = setup(dir.path());
+    let mut lying = (*reader.index).clone();
+    lying.diff_id = crate::digest::sha256(b"some other layer");
+    let cache = reader.cache.clone();
+    let reader = LayerReader::new(Arc::new(lying), source, cache);
+    let err = reader.read(offset, size).await.unwrap_err().to_string();
+    assert!(err.contains("does not describe the layer"), "{err}");
+    assert_eq!(
+        reader.cache.stats.index_mismatches.load(Ordering::Relaxed),
+        1
+    );
+    let err = reader.read(offset, 10).await.unwrap_err().to_string();
+    assert!(err.contains("index verify"), "{err}");
+}
+
+#[tokio::test]
+async fn a_published_index_is_checked_span_by_span_and_as_a_tree() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reader, source, offset, size, _) = setup(dir.path());
+    let mut published = (*reader.index).clone();
+    published.published = Some(crate::digest::sha256(b"index blob"));
+    let honest = Arc::new(published.clone());
+    let cache = reader.cache.clone();
+    // An honest published index: the complete layer verifies, and the index is stored
+    // again under its pin, marked checked.
+    let store_dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(store_dir.path().join("tmp")).unwrap();
+    let store = crate::layer::IndexStore::new(store_dir.path());
+    let r = LayerReader::new(honest.clone(), source.clone(), cache.clone())
+        .with_windows(reader.windows.clone())
+        .remembering_checks_in(store.clone());
+    let mut pos = 0;
+    while pos < size {
+        let got = r.read(offset + pos, 100 << 10).await.unwrap();
+        pos += got.len() as u64;
+    }
+    assert_eq!(r.completeness.load(Ordering::Relaxed), VERIFIED);
+    let pin = honest.published.clone().unwrap();
+    let kept = store
+        .get(&honest.blob, Some(&pin))
+        .unwrap()
+        .expect("stored");
+    assert!(kept.published.is_none(), "marked checked");
+    assert!(
+        store.get(&honest.blob, None).unwrap().is_none(),
+        "not as the shared index"
+    );
+
+    // A forged window (and the span digest to match what it makes): never used while the
+    // span before is at hand, whose output is the real window — the span fails its digest
+    // although its compressed bytes verify, so the index is refused as a whole.
+    let mut forged = published.clone();
+    let k = forged
+        .spans
+        .iter()
+        .position(|s| {
+            matches!(&s.fetch, Fetch::Gzip { checkpoint, .. }
+            if forged.checkpoints[*checkpoint as usize].window_len > 0)
+        })
+        .unwrap();
+    let Fetch::Gzip {
+        checkpoint,
+        in_start,
+        in_end,
+        ..
+    } = forged.spans[k].fetch.clone()
+    else {
+        unreachable!()
+    };
+    let cp = &mut forged.checkpoints[checkpoint as usize];
+    let real = r.read_window(cp).await.unwrap();
+    let window: Vec<u8> = real.iter().map(|b| b ^ 0x55).collect();
+    let mut file = std::fs::read(dir.path().join("windows")).unwrap();
+    let deflated = crate::layer::deflate(&window);
+    (cp.window_at, cp.window_len) = (file.len() as u64, deflated.len() as u64);
+    file.extend_from_slice(&deflated);
+    let raw = source
+        .read_range(in_start, in_end - in_start)
+        .await
+        .unwrap();
+    let out = gzip::decode_span(cp, &window, &raw, forged.spans[k].out_len as usize).unwrap();
+    forged.spans[k].digest = crate::digest::sha256(&out);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("forged"), &file).unwrap();
+    forged.windows = Some(crate::layer::Windows {
+        digest: crate::digest::sha256(&file),
+        size: file.len() as u64,
+    });
+    let windows: Arc<dyn BlobSource> = Arc::new(
+        FileSource::open(dir.path().join("forged"), crate::digest::sha256(&file)).unwrap(),
+    );
+    let fresh = Arc::new(Cache::new(
+        Arc::new(DiskChunks::open(dir.path()).unwrap()),
+        1024,
+    ));
+    let r = LayerReader::new(Arc::new(forged.clone()), source.clone(), fresh.clone())
+        .with_windows(Some(windows));
+    r.prefetch(forged.spans[k - 1].out_offset, 10)
+        .await
+        .unwrap();
+    let err = r
+        .read(forged.spans[k].out_offset, 10)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("does not describe the layer"), "{err}");
+    assert_eq!(fresh.stats.index_mismatches.load(Ordering::Relaxed), 1);
+
+    // The same index claiming another entry list: caught at the first read of the
+    // complete layer, counted, and refused from then on.
+    let mut lying = published.clone();
+    lying.entries[0].mode ^= 0o4000;
+    let r = LayerReader::new(Arc::new(lying), source.clone(), cache.clone());
+    let err = r.read(offset, 10).await.unwrap_err().to_string();
+    assert!(err.contains("does not describe the layer"), "{err}");
+    assert_eq!(cache.stats.index_mismatches.load(Ordering::Relaxed), 1);
+    assert!(r.read(offset, 10).await.is_err());
+}
+
+#[tokio::test]
+async fn a_read_of_a_span_another_run_is_fetching_waits_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reader, source, _, _, spans) = setup(dir.path());
+    assert!(spans > 6);
+    source.set_faults(crate::source::Faults {
+        delay: Some(std::time::Duration::from_millis(200)),
+        ..Default::default()
+    });
+    let reader = Arc::new(reader);
+    let end = {
+        let s = &reader.index().spans[5];
+        s.out_offset + s.out_len
+    };
+    // Reader A fetches spans 0..=5 with one request...
+    let a = {
+        let r = reader.clone();
+        tokio::spawn(async move { r.read(0, end).await.map(|d| d.len() as u64) })
+    };
+    while source.started() == 0 {
+        tokio::task::yield_now().await;
+    }
+    // ...and reader B, wanting bytes of span 3 while that request is in flight, waits
+    // for it instead of fetching them again.
+    let at = reader.index().spans[3].out_offset + 10;
+    assert_eq!(reader.read(at, 100).await.unwrap().len(), 100);
+    assert_eq!(a.await.unwrap().unwrap(), end);
+    assert_eq!(source.counts().0, 1, "one range request for both readers");
+    // A span the run did not cover is fetched by whoever needs it.
+    let beyond = reader.index().spans[6].out_offset;
+    reader.read(beyond, 10).await.unwrap();
+    assert_eq!(source.counts().0, 2);
+}
+
+#[tokio::test]
+async fn sequential_misses_read_ahead_and_random_ones_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reader, source, offset, size, spans) = setup(dir.path());
+    assert!(spans >= 12, "{spans} spans");
+    // A FUSE-like sequential reader: 16 KiB at a time.
+    let mut pos = 0;
+    while pos < size {
+        let got = reader.read(offset + pos, 16 << 10).await.unwrap();
+        pos += got.len() as u64;
+    }
+    let (sequential_reads, _) = source.counts();
+    assert!(
+        (sequential_reads as usize) * 3 < spans,
+        "{sequential_reads} range reads for {spans} spans"
+    );
+
+    // Scattered single-span prefetches (profile replay) on a fresh cache fetch one span
+    // each, nothing ahead.
+    let dir = tempfile::tempdir().unwrap();
+    let (reader, source, _, _, spans) = setup(dir.path());
+    for k in [spans - 2, 3, spans / 2, 7, 1] {
+        let at = reader.index().spans[k].out_offset + 100;
+        reader.prefetch(at, 10).await.unwrap();
+    }
+    let (reads, bytes) = source.counts();
+    assert_eq!(reads, 5);
+    let max_span = reader
+        .index()
+        .spans
+        .iter()
+        .map(|s| match s.fetch {
+            Fetch::Gzip {
+                in_start, in_end, ..
+            } => in_end - in_start,
+            _ => 0,
+        })
+        .max()
+        .unwrap();
+    assert!(bytes <= 5 * max_span, "{bytes} bytes");
+
+    // A demand miss brings the spans after it too, up to MIN_MISS_FETCH compressed bytes:
+    // a read of span 1 then covers span 3, and nothing is fetched twice.
+    let dir = tempfile::tempdir().unwrap();
+    let (reader, source, _, _, spans) = setup(dir.path());
+    for k in [1, 3, spans / 2, spans - 2] {
+        let at = reader.index().spans[k].out_offset + 100;
+        reader.read(at, 10).await.unwrap();
+    }
+    let (reads, bytes) = source.counts();
+    assert!(max_span * 3 < MIN_MISS_FETCH, "spans of {max_span} bytes");
+    assert_eq!(reads, 3, "1 (with 3), half-way, the end");
+    assert!(bytes <= 3 * (MIN_MISS_FETCH + max_span), "{bytes} bytes");
+    assert!(bytes >= 2 * MIN_MISS_FETCH, "{bytes} bytes");
+}

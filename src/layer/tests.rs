@@ -1,0 +1,292 @@
+use super::*;
+use std::io::Write;
+
+/// A tar with `n` files of pseudo-random, partly compressible content.
+fn sample_tar(n: usize) -> Vec<u8> {
+    let mut b = ::tar::Builder::new(Vec::new());
+    let mut seed = 7u64;
+    for i in 0..n {
+        let len = (i * 7919) % 150_000 + 1;
+        let data: Vec<u8> = (0..len)
+            .map(|j| {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                if j % 3 == 0 {
+                    (seed >> 56) as u8
+                } else {
+                    b'a' + (j % 26) as u8
+                }
+            })
+            .collect();
+        let mut h = ::tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, format!("dir/file-{i}"), &data[..])
+            .unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+fn index(
+    blob: &[u8],
+    tar: &[u8],
+    c: Compression,
+    span: u64,
+) -> (LayerIndex, Vec<(Digest, Vec<u8>)>) {
+    let (idx, chunks, _) = index_with_windows(blob, tar, c, span);
+    (idx, chunks)
+}
+
+type Chunks = Vec<(Digest, Vec<u8>)>;
+
+fn index_with_windows(
+    blob: &[u8],
+    tar: &[u8],
+    c: Compression,
+    span: u64,
+) -> (LayerIndex, Chunks, Vec<u8>) {
+    let (mut chunks, mut windows) = (Vec::new(), Vec::new());
+    let idx = build_index(
+        blob,
+        c,
+        &crate::digest::sha256(blob),
+        &crate::digest::sha256(tar),
+        blob.len() as u64,
+        span,
+        &mut |d, data| {
+            chunks.push((d.clone(), data.to_vec()));
+            Ok(())
+        },
+        &mut windows,
+        &Limits::default(),
+    )
+    .unwrap();
+    (idx, chunks, windows)
+}
+
+/// Decodes every span from the blob alone and checks it against the tar.
+fn check_all_spans(idx: &LayerIndex, blob: &[u8], tar: &[u8]) {
+    assert_eq!(idx.size, tar.len() as u64);
+    let mut covered = 0;
+    for span in &idx.spans {
+        assert_eq!(span.out_offset, covered, "spans are contiguous");
+        let want = &tar[span.out_offset as usize..(span.out_offset + span.out_len) as usize];
+        let got = match &span.fetch {
+            Fetch::Gzip {
+                checkpoint,
+                in_start,
+                in_end,
+                in_digest,
+            } => {
+                let comp = &blob[*in_start as usize..*in_end as usize];
+                crate::digest::verify(in_digest, comp).unwrap();
+                let cp = &idx.checkpoints[*checkpoint as usize];
+                let end = cp.out_offset as usize;
+                gzip::decode_span(
+                    cp,
+                    &tar[end - cp.window_size()..end],
+                    comp,
+                    span.out_len as usize,
+                )
+                .unwrap()
+            }
+            Fetch::Range { in_start, in_end } => {
+                blob[*in_start as usize..*in_end as usize].to_vec()
+            }
+            Fetch::Cached | Fetch::Member { .. } | Fetch::Zstd { .. } => continue,
+        };
+        assert!(got == want, "span at {} differs", span.out_offset);
+        crate::digest::verify(&span.digest, &got).unwrap();
+        covered += span.out_len;
+    }
+    if idx.random_access() {
+        assert_eq!(covered, tar.len() as u64);
+    }
+}
+
+#[test]
+fn published_gzip_indexes_must_keep_windows_in_their_file_and_spans_a_window_long() {
+    let tar = sample_tar(60);
+    let blob = gzip(&tar);
+    let (idx, _) = index(&blob, &tar, Compression::Gzip, 64 * 1024);
+    idx.validate(1000).unwrap();
+    let windowed = idx
+        .checkpoints
+        .iter()
+        .position(|c| c.window_len > 0)
+        .expect("a windowed checkpoint");
+    // A window outside the window file, or longer than a deflated window can be.
+    let mut bad = idx.clone();
+    bad.checkpoints[windowed].window_at = bad.windows.as_ref().unwrap().size;
+    assert!(bad.validate(1000).unwrap_err().contains("window file"));
+    let mut bad = idx.clone();
+    bad.checkpoints[windowed].window_len = MAX_WINDOW_LEN + 1;
+    assert!(bad.validate(1000).unwrap_err().contains("window file"));
+    let mut bad = idx.clone();
+    bad.windows = None;
+    assert!(bad.validate(1000).unwrap_err().contains("window file"));
+    // A span shorter than a window (so the span before a checkpoint would not hold all of
+    // its window, and a reader would have to trust the window file).
+    let mut bad = idx.clone();
+    bad.spans[0].out_len = 100;
+    let err = bad.validate(1000).unwrap_err();
+    assert!(err.contains("shorter than a checkpoint window"), "{err}");
+}
+
+#[test]
+fn gzip_spans_decode_independently() {
+    let tar = sample_tar(60);
+    let blob = gzip(&tar);
+    let (idx, chunks, windows) = index_with_windows(&blob, &tar, Compression::Gzip, 256 * 1024);
+    assert!(
+        idx.checkpoints.len() > 5,
+        "{} checkpoints",
+        idx.checkpoints.len()
+    );
+    assert_eq!(idx.entries.len(), 60);
+    assert_eq!(chunks.len(), idx.spans.len());
+    check_all_spans(&idx, &blob, &tar);
+    // Every checkpoint's window in the window file is the output just before it, and the
+    // index names the file by its digest and size.
+    let named = idx.windows.clone().expect("a window file");
+    assert_eq!(named.size, windows.len() as u64);
+    crate::digest::verify(&named.digest, &windows).unwrap();
+    assert!(idx.checkpoints.iter().filter(|c| c.window_len > 0).count() > 4);
+    for cp in idx.checkpoints.iter().filter(|c| c.window_len > 0) {
+        let at = cp.window_at as usize..(cp.window_at + cp.window_len) as usize;
+        let w = inflate(&windows[at]).unwrap();
+        let end = cp.out_offset as usize;
+        assert_eq!(w.len(), cp.window_size());
+        assert!(w[..] == tar[end - w.len()..end], "window at {end}");
+    }
+    // Every entry points at its data, as an independent tar reader sees it.
+    let mut archive = ::tar::Archive::new(&tar[..]);
+    for (entry, indexed) in archive.entries().unwrap().zip(&idx.entries) {
+        let mut entry = entry.unwrap();
+        let mut content = Vec::new();
+        entry.read_to_end(&mut content).unwrap();
+        assert_eq!(indexed.path, entry.path().unwrap().to_str().unwrap());
+        assert_eq!(indexed.size, content.len() as u64);
+        let at = indexed.offset as usize;
+        assert!(
+            tar[at..at + content.len()] == content[..],
+            "{}",
+            indexed.path
+        );
+    }
+    let e = &idx.entries[17];
+    assert!(idx.span_at(e.offset).is_some());
+    assert!(idx.span_at(idx.size).is_none());
+}
+
+#[test]
+fn multi_member_gzip_is_followed_across_members() {
+    let tar = sample_tar(40);
+    // One gzip member per 100 KiB of tar, as eStargz does per file.
+    let blob: Vec<u8> = tar.chunks(100 * 1024).flat_map(gzip).collect();
+    let (idx, _) = index(&blob, &tar, Compression::Gzip, 64 * 1024);
+    assert_eq!(idx.entries.len(), 40);
+    check_all_spans(&idx, &blob, &tar);
+}
+
+#[test]
+fn tar_and_zstd_layers() {
+    let tar = sample_tar(20);
+    let (idx, _) = index(&tar, &tar, Compression::None, 128 * 1024);
+    assert!(idx.random_access());
+    check_all_spans(&idx, &tar, &tar);
+    let blob = zstd::encode_all(&tar[..], 3).unwrap();
+    let (idx, chunks) = index(&blob, &tar, Compression::Zstd, 128 * 1024);
+    assert!(!idx.random_access());
+    let joined: Vec<u8> = chunks.into_iter().flat_map(|(_, d)| d).collect();
+    assert!(joined == tar);
+}
+
+#[test]
+fn wrong_digests_and_corruption_are_detected() {
+    let tar = sample_tar(10);
+    let blob = gzip(&tar);
+    let wrong = crate::digest::sha256(b"other");
+    let err = build_index(
+        &blob[..],
+        Compression::Gzip,
+        &wrong,
+        &crate::digest::sha256(&tar),
+        0,
+        65536,
+        &mut |_, _| Ok(()),
+        &mut std::io::sink(),
+        &Limits::default(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("blob digest mismatch"), "{err}");
+    let err = build_index(
+        &blob[..],
+        Compression::Gzip,
+        &crate::digest::sha256(&blob),
+        &wrong,
+        0,
+        65536,
+        &mut |_, _| Ok(()),
+        &mut std::io::sink(),
+        &Limits::default(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("diff_id mismatch"), "{err}");
+    let half = &blob[..blob.len() / 2];
+    let err = build_index(
+        half,
+        Compression::Gzip,
+        &crate::digest::sha256(&blob),
+        &wrong,
+        0,
+        65536,
+        &mut |_, _| Ok(()),
+        &mut std::io::sink(),
+        &Limits::default(),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("blob digest mismatch"),
+        "cut in transit: {err}"
+    );
+    let err = build_index(
+        half,
+        Compression::Gzip,
+        &crate::digest::sha256(half),
+        &wrong,
+        0,
+        65536,
+        &mut |_, _| Ok(()),
+        &mut std::io::sink(),
+        &Limits::default(),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("truncated"),
+        "published truncated: {err}"
+    );
+    // A flipped byte inside a span fails its compressed digest.
+    let (idx, _) = index(&blob, &tar, Compression::Gzip, 65536);
+    if let Fetch::Gzip {
+        in_start,
+        in_end,
+        in_digest,
+        ..
+    } = &idx.spans[1].fetch
+    {
+        let mut comp = blob[*in_start as usize..*in_end as usize].to_vec();
+        comp[10] ^= 1;
+        assert!(crate::digest::verify(in_digest, &comp).is_err());
+    } else {
+        panic!("gzip span expected");
+    }
+}
