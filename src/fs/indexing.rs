@@ -1,10 +1,8 @@
-//! Filesystem logic over a pulled image: open its layers, merge them, read files lazily.
-//!
-//! Seventh stage of the pipeline, with no FUSE types (the FUSE adapter and the CLI's `ls`/`cat`
-//! sit on top). [`Layers`] finds each layer's index — stored, read from an eStargz TOC (gzip
-//! layers annotated with their TOC digest: two range reads), or built by streaming the blob
-//! once from the registry with parallel range requests, which also fills the chunk cache — and
-//! [`ImageView`] presents the merged [`Tree`] with reads served by [`LayerReader`]s.
+//! Where each layer's index comes from — the one place that decides. [`Layers`] finds it:
+//! stored; pinned by the image (a published stratafs index, an eStargz TOC, a zstd:chunked TOC);
+//! or built by streaming the blob once from the registry with parallel range requests, which
+//! also fills the chunk cache. It also checks published indexes against the layers
+//! ([`Layers::verify`]) and counts the bytes fetched per layer.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -12,66 +10,18 @@ use std::time::Instant;
 
 use oci_spec::image::Digest;
 
-use crate::cache::{Cache, CacheError};
+use crate::cache::Cache;
 use crate::config::IndexSettings;
 use crate::image::{Compression, ImageRecord, LayerRecord};
 use crate::layer::estargz::{estargz_index, TOC_DIGEST_ANNOTATION};
 use crate::layer::reader::{stream_index, LayerReader, StreamSpec};
 use crate::layer::zstd_chunked;
-use crate::layer::{IndexFormat, IndexStore, LayerError, LayerIndex, Limits, DEFAULT_SPAN};
+use crate::layer::{IndexFormat, IndexStore, LayerIndex, Limits, DEFAULT_SPAN};
 use crate::reference::Reference;
 use crate::registry::RegistryClient;
 use crate::source::{BlobSource, RegistrySource};
-use crate::tree::{FileType, NodeId, Tree, TreeError};
 
-/// A failure to present or read an image; messages name the image, layer or path.
-#[derive(Debug, thiserror::Error)]
-pub enum FsError {
-    #[error(transparent)]
-    Layer(#[from] LayerError),
-    #[error(transparent)]
-    Cache(#[from] CacheError),
-    #[error("{image}: {source}")]
-    Tree { image: String, source: TreeError },
-    #[error("{image}: published index {index}: {detail}")]
-    Published {
-        image: String,
-        index: String,
-        detail: String,
-    },
-    #[error("{image}: unsupported layer media type {media_type}")]
-    Unsupported { image: String, media_type: String },
-    #[error("{image}: no such file or directory: /{path}")]
-    NotFound { image: String, path: String },
-    #[error("{image}: /{path} is not a regular file")]
-    NotAFile { image: String, path: String },
-    #[error("local copy {path}: {source}")]
-    Local {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
-    #[error("invalid image name {0}")]
-    Name(String),
-    #[error("layer {blob}: the index it was served with does not match the layer ({detail}); replaced by an index built from the layer")]
-    IndexMismatch { blob: String, detail: String },
-}
-
-impl FsError {
-    /// The errno a filesystem call failing with this error returns: the one mapping for every
-    /// front end (FUSE today). Local I/O errors keep theirs (ENOSPC, EACCES, …); a missing or
-    /// wrong path is ENOENT or EISDIR; what the registry or a damaged layer caused is EIO.
-    pub fn errno(&self) -> i32 {
-        match self {
-            FsError::NotFound { .. } => libc::ENOENT,
-            FsError::NotAFile { .. } => libc::EISDIR,
-            FsError::Name(_) => libc::EINVAL,
-            FsError::Local { source, .. } | FsError::Cache(CacheError::Io { source, .. }) => {
-                source.raw_os_error().unwrap_or(libc::EIO)
-            }
-            _ => libc::EIO,
-        }
-    }
-}
+use super::FsError;
 
 /// How one layer's index was obtained.
 #[derive(Clone, Debug)]
@@ -169,7 +119,7 @@ impl FetchMeter {
 /// 3. the eStargz or zstd:chunked TOC the image's annotations pin — for that image only;
 /// 4. otherwise the layer is streamed once and (1) is built.
 pub struct Layers {
-    indexes: IndexStore,
+    pub(super) indexes: IndexStore,
     cache: Arc<Cache>,
     client: Arc<RegistryClient>,
     settings: IndexSettings,
@@ -177,7 +127,7 @@ pub struct Layers {
     /// Bytes read from the registry per blob since the last [`Layers::save_fetched`].
     fetched: FetchMeter,
     fetched_dir: std::path::PathBuf,
-    files_dir: std::path::PathBuf,
+    pub(super) files_dir: std::path::PathBuf,
     tmp_dir: std::path::PathBuf,
 }
 
@@ -698,231 +648,4 @@ async fn compare(
         report.bytes += x.size;
     }
     Ok(())
-}
-
-/// Layers whose indexes are opened at once.
-const PARALLEL_OPENS: usize = 4;
-
-/// A pulled image presented as one tree.
-pub struct ImageView {
-    pub name: String,
-    pub tree: Tree,
-    readers: Vec<LayerReader>,
-    files_dir: std::path::PathBuf,
-    /// Notes what reads touch first, for a startup profile (see [`crate::profile`]).
-    recorder: std::sync::OnceLock<Arc<crate::profile::Recorder>>,
-    /// Fetches that opens start ahead of reads ([`ImageView::prefetch_file`]) in flight.
-    open_fetches: tokio::sync::Semaphore,
-    /// A startup profile is replayed: it predicts the reads better than opens do.
-    profiled: std::sync::atomic::AtomicBool,
-}
-
-/// Uncompressed bytes one fetch an open starts covers at most, how many such fetches run at
-/// once per file, and how many files are fetched ahead at once per mount: pieces keep a read
-/// of a file's first bytes from waiting for its whole prefetch, and a few at a time keep
-/// demand reads a share of the link.
-const OPEN_PIECE: u64 = 1 << 20;
-/// Reads slower than this are logged (debug): where a cold start waits.
-const SLOW_READ: std::time::Duration = std::time::Duration::from_millis(2);
-const OPEN_PARALLEL: usize = 4;
-const OPEN_FETCHES: usize = 8;
-
-impl ImageView {
-    /// Opens `image`: every layer's index (built if missing), merged base first.
-    pub async fn open(layers: &Layers, image: &ImageRecord) -> Result<ImageView, FsError> {
-        Self::open_chain(layers, image, image.layers.len()).await
-    }
-
-    /// Opens the chain of `image`'s first `count` layers (the snapshot of one ChainID).
-    pub async fn open_chain(
-        layers: &Layers,
-        image: &ImageRecord,
-        count: usize,
-    ) -> Result<ImageView, FsError> {
-        // The layers' indexes a few at a time (each blob once): published indexes and TOCs
-        // are fetched, and layers without one streamed, in parallel rather than one layer
-        // after another — bounded, so an image of hundreds of layers opens no more at once.
-        use futures_util::{StreamExt, TryStreamExt};
-        let chain = &image.layers[..count.min(image.layers.len())];
-        let mut unique: Vec<&LayerRecord> = Vec::new();
-        for l in chain {
-            if !unique.iter().any(|u| u.digest == l.digest) {
-                unique.push(l);
-            }
-        }
-        let found: Vec<(Arc<LayerIndex>, IndexReport)> =
-            futures_util::stream::iter(unique.iter().map(|l| layers.index(image, l)))
-                .buffered(PARALLEL_OPENS)
-                .try_collect()
-                .await?;
-        let mut readers = Vec::with_capacity(count);
-        for layer in chain {
-            let at = unique.iter().position(|u| u.digest == layer.digest);
-            let index = found[at.expect("every layer is in unique")].0.clone();
-            readers.push(
-                layers
-                    .reader(image, layer, index)?
-                    .remembering_checks_in(layers.indexes.clone()),
-            );
-        }
-        let tree =
-            Tree::build(readers.iter().map(|r| &r.index().entries[..])).map_err(|source| {
-                FsError::Tree {
-                    image: image.name.clone(),
-                    source,
-                }
-            })?;
-        Ok(ImageView {
-            name: image.name.clone(),
-            tree,
-            readers,
-            files_dir: layers.files_dir.clone(),
-            recorder: std::sync::OnceLock::new(),
-            open_fetches: tokio::sync::Semaphore::new(OPEN_FETCHES),
-            profiled: std::sync::atomic::AtomicBool::new(false),
-        })
-    }
-
-    /// The node at `path`, or a not-found error naming it.
-    pub fn lookup(&self, path: &str) -> Result<NodeId, FsError> {
-        self.tree.lookup(path).ok_or_else(|| FsError::NotFound {
-            image: self.name.clone(),
-            path: path.trim_start_matches('/').to_string(),
-        })
-    }
-
-    /// Reads up to `len` bytes at `offset` of regular file `node`.
-    pub async fn read(&self, node: NodeId, offset: u64, len: u64) -> Result<Vec<u8>, FsError> {
-        let n = self.tree.node(node);
-        let Some((layer, data_offset)) = n.data.filter(|_| n.file_type == FileType::File) else {
-            return Err(FsError::NotAFile {
-                image: self.name.clone(),
-                path: self.tree.path(node),
-            });
-        };
-        if offset >= n.size {
-            return Ok(Vec::new());
-        }
-        let len = len.min(n.size - offset);
-        let reader = &self.readers[layer];
-        if let Some(recorder) = self.recorder.get() {
-            recorder.record(layer, reader.index(), data_offset + offset, len);
-        }
-        let started = std::time::Instant::now();
-        let data = reader.read(data_offset + offset, len).await?;
-        let waited = started.elapsed();
-        if waited > SLOW_READ {
-            tracing::debug!(path = %self.tree.path(node), offset, len, ms = waited.as_millis() as u64, "read waited");
-        }
-        Ok(data)
-    }
-
-    /// Fetches what is not cached of the first `limit` bytes of regular file `node`, in pieces
-    /// a few at a time. An open predicts reads: the file's bytes then arrive with about one
-    /// round trip instead of one per miss (python imports one module file after another).
-    /// Not noted by the profile recorder (only reads are); failures are left to the reads.
-    /// Nothing is fetched once a startup profile is replayed ([`ImageView::set_profiled`]):
-    /// the profile knows which of an opened file's bytes are read.
-    pub async fn prefetch_file(&self, node: NodeId, limit: u64) {
-        use futures_util::StreamExt;
-        if self.profiled.load(Ordering::Relaxed) {
-            return;
-        }
-        let n = self.tree.node(node);
-        let Some((layer, offset)) = n.data.filter(|_| n.file_type == FileType::File) else {
-            return;
-        };
-        let reader = &self.readers[layer];
-        let len = n.size.min(limit);
-        if len == 0 || !reader.index().random_access() || reader.is_cached(offset, len) {
-            return;
-        }
-        let pieces = (0..len.div_ceil(OPEN_PIECE)).map(|k| {
-            let at = k * OPEN_PIECE;
-            (offset + at, OPEN_PIECE.min(len - at))
-        });
-        // At most OPEN_FETCHES files at once: an open while they run fetches nothing ahead
-        // (its reads fetch), so a walk opening thousands of files queues no work.
-        let Ok(_permit) = self.open_fetches.try_acquire() else {
-            return;
-        };
-        futures_util::stream::iter(pieces)
-            .for_each_concurrent(OPEN_PARALLEL, |(at, len)| async move {
-                // The file's first piece is fetched as its first read would be (with its
-                // neighbours in the layer: the next file opened is often one of them).
-                let fetched = if at == offset {
-                    reader.fetch_ahead(at, len).await
-                } else {
-                    reader.prefetch(at, len).await
-                };
-                if let Err(e) = fetched {
-                    tracing::debug!(path = %self.tree.path(node), error = %e, "fetch ahead of reads failed");
-                }
-            })
-            .await;
-    }
-
-    /// Notes that a startup profile is being replayed into this view (opens fetch nothing
-    /// ahead from then on).
-    pub fn set_profiled(&self) {
-        self.profiled.store(true, Ordering::Relaxed);
-    }
-
-    /// From now on, reads through [`read`](Self::read) are noted by `recorder` (once per view).
-    pub fn record_reads(&self, recorder: Arc<crate::profile::Recorder>) {
-        let _ = self.recorder.set(recorder);
-    }
-}
-
-impl ImageView {
-    /// The layer readers, base first.
-    pub fn readers(&self) -> &[LayerReader] {
-        &self.readers
-    }
-
-    /// A local file with exactly the contents of regular file `node`, if every byte of it is
-    /// cached: assembled once from verified chunks (written to a temp file, synced, renamed
-    /// into `<root>/cache/files/`, so a file under its final name is always complete). `None`
-    /// when some bytes are not cached; this never fetches. The FUSE driver hands such files to
-    /// the kernel (passthrough) so warm reads skip the daemon.
-    pub async fn local_copy(&self, node: NodeId) -> Result<Option<std::path::PathBuf>, FsError> {
-        let n = self.tree.node(node);
-        let Some((layer, offset)) = n.data.filter(|_| n.file_type == FileType::File) else {
-            return Ok(None);
-        };
-        let reader = &self.readers[layer];
-        let name = format!("{}-{offset}-{}", reader.index().blob.digest(), n.size);
-        let path = self.files_dir.join(name);
-        let io = |e: std::io::Error| FsError::Local {
-            path: path.clone(),
-            source: e,
-        };
-        match std::fs::metadata(&path) {
-            Ok(m) if m.len() == n.size => return Ok(Some(path)),
-            Ok(_) => {
-                tracing::warn!(path = %path.display(), "dropping a local copy of the wrong size");
-                let _ = std::fs::remove_file(&path);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(e)),
-        }
-        if !reader.is_stored(offset, n.size) {
-            return Ok(None);
-        }
-        std::fs::create_dir_all(&self.files_dir).map_err(io)?;
-        let mut tmp = tempfile::NamedTempFile::new_in(&self.files_dir).map_err(io)?;
-        const STEP: u64 = 4 << 20;
-        let mut done = 0;
-        while done < n.size {
-            let data = reader.read(offset + done, STEP.min(n.size - done)).await?;
-            if data.is_empty() {
-                return Err(io(std::io::Error::other("layer ended before the file")));
-            }
-            std::io::Write::write_all(&mut tmp, &data).map_err(io)?;
-            done += data.len() as u64;
-        }
-        tmp.as_file().sync_all().map_err(io)?;
-        tmp.persist(&path).map_err(|e| io(e.error))?;
-        Ok(Some(path))
-    }
 }
