@@ -136,7 +136,7 @@ fn random_offsets_match_through_the_library() {
         ));
         let chunks = Arc::new(DiskChunks::open(&cli.root()).unwrap());
         let layers = Layers::new(&cli.root(), client, Arc::new(Cache::new(chunks, 4)));
-        let view = ImageView::open(&layers, &record).await.unwrap();
+        let view = Arc::new(ImageView::open(&layers, &record).await.unwrap());
         let mut x = 12345u64;
         for (path, content) in &expected {
             let id = view.lookup(path).unwrap();

@@ -159,6 +159,7 @@ pub async fn serve(
         r.abort();
     }
     let view = Arc::new(opened?);
+    view.fetch_neighbours();
     let metrics = serve_metrics(&ctx, args, &view)?;
     let root = ctx.store.root().to_path_buf();
     let log_path = super::backing_log_path(&root, mountpoint);
@@ -302,6 +303,7 @@ pub async fn take_over(
         cannot("its record does not say which image it serves".into())
     };
     let view = Arc::new(ImageView::open_chain(&ctx.layers, &image, count).await?);
+    view.fetch_neighbours();
     if view.tree.fingerprint() != record.tree {
         cannot(format!(
             "{} builds a different tree than the one the mount serves (inode numbers would change)",

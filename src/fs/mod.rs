@@ -37,6 +37,8 @@ pub struct ImageView {
     open_fetches: tokio::sync::Semaphore,
     /// A startup profile is replayed: it predicts the reads better than opens do.
     profiled: std::sync::atomic::AtomicBool,
+    /// Reads that miss fetch their neighbours next ([`ImageView::fetch_neighbours`]).
+    neighbours: std::sync::atomic::AtomicBool,
 }
 
 /// Uncompressed bytes one fetch an open starts covers at most, how many such fetches run at
@@ -102,6 +104,7 @@ impl ImageView {
             recorder: std::sync::OnceLock::new(),
             open_fetches: tokio::sync::Semaphore::new(OPEN_FETCHES),
             profiled: std::sync::atomic::AtomicBool::new(false),
+            neighbours: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -114,7 +117,17 @@ impl ImageView {
     }
 
     /// Reads up to `len` bytes at `offset` of regular file `node`.
-    pub async fn read(&self, node: NodeId, offset: u64, len: u64) -> Result<Vec<u8>, FsError> {
+    /// With [`fetch_neighbours`](Self::fetch_neighbours) on, a read that had to fetch then
+    /// starts, as its own task and request, a fetch of the layer's bytes after it
+    /// ([`LayerReader::fetch_neighbours`]; not while a startup profile is replayed): the read
+    /// waits for its own bytes only, and the link carries the neighbours while the workload
+    /// works on them.
+    pub async fn read(
+        self: &Arc<Self>,
+        node: NodeId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, FsError> {
         let n = self.tree.node(node);
         let Some((layer, data_offset)) = n.data.filter(|_| n.file_type == FileType::File) else {
             return Err(FsError::NotAFile {
@@ -130,8 +143,25 @@ impl ImageView {
         if let Some(recorder) = self.recorder.get() {
             recorder.record(layer, reader.index(), data_offset + offset, len);
         }
+        let (at, end) = (data_offset + offset, data_offset + offset + len);
+        // Not while a startup profile is replayed: it knows what comes next.
+        let chained = self.neighbours.load(Ordering::Relaxed)
+            && !self.profiled.load(Ordering::Relaxed)
+            && !reader.is_cached(at, len);
         let started = std::time::Instant::now();
-        let data = reader.read(data_offset + offset, len).await?;
+        let data = if chained {
+            reader.read_alone(at, len).await?
+        } else {
+            reader.read(at, len).await?
+        };
+        if chained {
+            let view = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = view.readers[layer].fetch_neighbours(end).await {
+                    tracing::debug!(error = %e, "fetch of a read's neighbours failed");
+                }
+            });
+        }
         let waited = started.elapsed();
         if waited > SLOW_READ {
             tracing::debug!(path = %self.tree.path(node), offset, len, ms = waited.as_millis() as u64, "read waited");
@@ -168,24 +198,31 @@ impl ImageView {
         let Ok(_permit) = self.open_fetches.try_acquire() else {
             return;
         };
-        futures_util::stream::iter(pieces)
-            .for_each_concurrent(OPEN_PARALLEL, |(at, len)| async move {
-                // The file's first piece is fetched as its first read would be (with its
-                // neighbours in the layer: the next file opened is often one of them).
-                let fetched = if at == offset {
-                    reader.fetch_ahead(at, len).await
-                } else {
-                    reader.prefetch(at, len).await
-                };
-                if let Err(e) = fetched {
-                    tracing::debug!(path = %self.tree.path(node), error = %e, "fetch ahead of reads failed");
-                }
-            })
-            .await;
+        let mut fetches = futures_util::stream::iter(pieces)
+            .map(|(at, len)| reader.prefetch(at, len))
+            .buffer_unordered(OPEN_PARALLEL);
+        while let Some(fetched) = fetches.next().await {
+            if let Err(e) = fetched {
+                tracing::debug!(path = %self.tree.path(node), error = %e, "fetch ahead of reads failed");
+            }
+        }
+        // Then, in its own request, the files after it in the layer (the next file opened is
+        // often one of them) — for a file fetched whole.
+        if n.size <= limit {
+            if let Err(e) = reader.fetch_neighbours(offset + n.size).await {
+                tracing::debug!(path = %self.tree.path(node), error = %e, "fetch of a file's neighbours failed");
+            }
+        }
     }
 
     /// Notes that a startup profile is being replayed into this view (opens fetch nothing
     /// ahead from then on).
+    /// From now on, reads that miss fetch their neighbours next: for a mount, whose workload
+    /// reads file after file (a one-off read such as `stratafs cat` does not).
+    pub fn fetch_neighbours(&self) {
+        self.neighbours.store(true, Ordering::Relaxed);
+    }
+
     pub fn set_profiled(&self) {
         self.profiled.store(true, Ordering::Relaxed);
     }

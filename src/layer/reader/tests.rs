@@ -278,8 +278,34 @@ async fn sequential_misses_read_ahead_and_random_ones_do_not() {
         reader.read(at, 10).await.unwrap();
     }
     let (reads, bytes) = source.counts();
-    assert!(max_span * 3 < MIN_MISS_FETCH, "spans of {max_span} bytes");
+    assert!(max_span * 2 < MIN_MISS_FETCH, "spans of {max_span} bytes");
     assert_eq!(reads, 3, "1 (with 3), half-way, the end");
     assert!(bytes <= 3 * (MIN_MISS_FETCH + max_span), "{bytes} bytes");
+    assert!(bytes >= 2 * MIN_MISS_FETCH, "{bytes} bytes");
+
+    // A read alone fetches its own span; its neighbours, fetched after it in their own
+    // request, are the same spans: a read of span 1 and its neighbours then cover span 3.
+    let dir = tempfile::tempdir().unwrap();
+    let (reader, source, _, _, spans) = setup(dir.path());
+    let at = reader.index().spans[1].out_offset + 100;
+    reader.read_alone(at, 10).await.unwrap();
+    let (reads, bytes) = source.counts();
+    assert_eq!(reads, 1);
+    assert!(bytes <= max_span, "a miss alone: {bytes} bytes");
+    for k in [1, 3, spans / 2, spans - 2] {
+        let at = reader.index().spans[k].out_offset + 100;
+        reader.read_alone(at, 10).await.unwrap();
+        reader.fetch_neighbours(at + 10).await.unwrap();
+    }
+    let (reads, bytes) = source.counts();
+    assert!(max_span * 2 < MIN_MISS_FETCH, "spans of {max_span} bytes");
+    assert_eq!(
+        reads, 6,
+        "1 and its neighbours (with 3), half-way and its neighbours, the end and its neighbours"
+    );
+    assert!(
+        bytes <= 3 * (MIN_MISS_FETCH + 2 * max_span),
+        "{bytes} bytes"
+    );
     assert!(bytes >= 2 * MIN_MISS_FETCH, "{bytes} bytes");
 }
