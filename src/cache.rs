@@ -371,9 +371,10 @@ struct Verified {
     touched: std::time::Instant,
 }
 
-/// Most chunks remembered as verified (about 64 bytes each; 256 Ki chunks of 256 KiB are 64
-/// GiB of cache): past it the set starts again empty, and chunks are verified again on load.
-const MAX_VERIFIED: usize = 256 << 10;
+/// Most chunks remembered as verified (at most about 8 MiB of map; 64 Ki chunks of 256 KiB
+/// are 16 GiB of cache): past it the set starts again empty, and chunks are verified again on
+/// load.
+const MAX_VERIFIED: usize = 64 << 10;
 
 /// How often a chunk read by range is marked recently used on disk (its modification time,
 /// which orders eviction), at most.
@@ -435,6 +436,19 @@ impl Cache {
         self.memory.lock().unwrap().contains(digest)
     }
 
+    /// Whether [`read_range`](Self::read_range) may serve the chunk (`len` bytes per the
+    /// caller's index): in memory, or on disk verified by this process (no I/O to tell).
+    pub fn readable(&self, digest: &Digest, len: u64) -> bool {
+        self.in_memory(digest)
+            || key(digest).is_some_and(|k| {
+                self.verified
+                    .lock()
+                    .unwrap()
+                    .get(&k)
+                    .is_some_and(|v| v.len == len)
+            })
+    }
+
     /// Bytes `range` of the chunk under `digest`, which the caller's index says holds `len`
     /// bytes, when they can be had without fetching or verifying: from memory, or read from
     /// disk if this process has verified that chunk file already (only the range is read; the
@@ -448,7 +462,7 @@ impl Cache {
         range: Range<usize>,
     ) -> Result<Option<Vec<u8>>, CacheError> {
         if let Some(d) = self.memory.lock().unwrap().get(digest) {
-            if d.len() as u64 != len || range.end > d.len() {
+            if d.len() as u64 != len || range.start > range.end || range.end > d.len() {
                 return Ok(None);
             }
             self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
@@ -461,7 +475,7 @@ impl Cache {
         let touch = {
             let mut verified = self.verified.lock().unwrap();
             match verified.get_mut(&k) {
-                Some(v) if v.len == len && range.end as u64 <= len => {
+                Some(v) if v.len == len && range.start <= range.end && range.end as u64 <= len => {
                     let due = v.touched.elapsed() >= TOUCH_EVERY;
                     if due {
                         v.touched = std::time::Instant::now();
@@ -528,26 +542,33 @@ impl Cache {
 
     /// Adds a chunk whose bytes the caller has verified against `digest`.
     pub fn insert(&self, digest: &Digest, data: Arc<Vec<u8>>) -> Result<(), CacheError> {
+        // A file already there was written by someone else: not verified by this process.
+        let existed = self.store.contains(digest);
         self.store
             .put(digest, &data)
             .map_err(|source| CacheError::Io {
                 digest: digest.clone(),
                 source,
             })?;
-        self.note_verified(digest, data.len());
+        if !existed {
+            self.note_verified(digest, data.len());
+        }
         self.memory.lock().unwrap().put(digest.clone(), data);
         Ok(())
     }
 
     /// Stores a chunk on disk only (used while streaming a whole layer).
     pub fn insert_cold(&self, digest: &Digest, data: &[u8]) -> Result<(), CacheError> {
+        let existed = self.store.contains(digest);
         self.store
             .put(digest, data)
             .map_err(|source| CacheError::Io {
                 digest: digest.clone(),
                 source,
             })?;
-        self.note_verified(digest, data.len());
+        if !existed {
+            self.note_verified(digest, data.len());
+        }
         Ok(())
     }
 
@@ -617,7 +638,13 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Vec<u8>, CacheError>>,
     {
-        if let Some(d) = blocking(|| self.lookup(digest))? {
+        // A memory hit needs no disk: no hand-off of this worker for it.
+        let hit = if self.in_memory(digest) {
+            self.lookup(digest)?
+        } else {
+            blocking(|| self.lookup(digest))?
+        };
+        if let Some(d) = hit {
             return Ok(d);
         }
         let flight = self

@@ -119,7 +119,7 @@ impl ImageView {
     /// Reads up to `len` bytes at `offset` of regular file `node`.
     /// With [`fetch_neighbours`](Self::fetch_neighbours) on, a read that had to fetch then
     /// starts, as its own task and request, a fetch of the layer's bytes after it
-    /// ([`LayerReader::fetch_neighbours`]; not while a startup profile is replayed): the read
+    /// ([`LayerReader::fetch_neighbours`]; not once a startup profile is replayed): the read
     /// waits for its own bytes only, and the link carries the neighbours while the workload
     /// works on them.
     pub async fn read(
@@ -199,7 +199,7 @@ impl ImageView {
             return;
         };
         let mut fetches = futures_util::stream::iter(pieces)
-            .map(|(at, len)| reader.prefetch(at, len))
+            .map(|(at, len)| reader.fetch_for_open(at, len))
             .buffer_unordered(OPEN_PARALLEL);
         while let Some(fetched) = fetches.next().await {
             if let Err(e) = fetched {
@@ -215,14 +215,14 @@ impl ImageView {
         }
     }
 
-    /// Notes that a startup profile is being replayed into this view (opens fetch nothing
-    /// ahead from then on).
     /// From now on, reads that miss fetch their neighbours next: for a mount, whose workload
     /// reads file after file (a one-off read such as `stratafs cat` does not).
     pub fn fetch_neighbours(&self) {
         self.neighbours.store(true, Ordering::Relaxed);
     }
 
+    /// Notes that a startup profile is being replayed into this view (from then on opens
+    /// fetch nothing ahead, and reads that miss keep their neighbours in their own request).
     pub fn set_profiled(&self) {
         self.profiled.store(true, Ordering::Relaxed);
     }
@@ -273,7 +273,9 @@ impl ImageView {
         const STEP: u64 = 4 << 20;
         let mut done = 0;
         while done < n.size {
-            let data = reader.read(offset + done, STEP.min(n.size - done)).await?;
+            let data = reader
+                .read_checked(offset + done, STEP.min(n.size - done))
+                .await?;
             if data.is_empty() {
                 return Err(io(std::io::Error::other("layer ended before the file")));
             }

@@ -102,6 +102,8 @@ enum Want {
     /// A read whose neighbours are fetched next, in their own request: as [`Want::Demand`]
     /// without them.
     DemandAlone,
+    /// A read as [`Want::Demand`] whose chunks are all verified on load (no range reads).
+    Checked,
     /// The spans after a read ([`LayerReader::fetch_neighbours`]): at least [`MIN_MISS_FETCH`].
     Neighbours,
 }
@@ -300,6 +302,19 @@ impl LayerReader {
         self.read_with(offset, len, Want::DemandAlone).await
     }
 
+    /// As [`read`](Self::read), but every chunk loaded from disk is hashed again, never read
+    /// by range ([`Cache::read_range`]): for bytes that are kept beyond this process (the
+    /// passthrough copy of a file).
+    pub async fn read_checked(&self, offset: u64, len: u64) -> Result<Vec<u8>, CacheError> {
+        self.read_with(offset, len, Want::Checked).await
+    }
+
+    /// Caches bytes `offset..offset + len` as a read alone would (at the reads' CPU priority):
+    /// for an open, whose reads come next and wait for this fetch.
+    pub async fn fetch_for_open(&self, offset: u64, len: u64) -> Result<(), CacheError> {
+        self.cache_range(offset, len, Want::DemandAlone).await
+    }
+
     /// Fetches the missing spans that start at or after `end` (the end of a read or a file),
     /// up to [`MIN_MISS_FETCH`] compressed bytes, for a layer indexed as its tar stream: the
     /// files after a file read are often read next (tar order keeps a directory together).
@@ -370,8 +385,10 @@ impl LayerReader {
 
     async fn read_spans(&self, offset: u64, len: u64, want: Want) -> Result<Vec<u8>, CacheError> {
         let end = (offset + len).min(self.index.size);
-        if let Some(out) = self.read_cached(offset, end)? {
-            return Ok(out);
+        if want != Want::Checked {
+            if let Some(out) = self.read_cached(offset, end)? {
+                return Ok(out);
+            }
         }
         let mut out = Vec::with_capacity((end.saturating_sub(offset)) as usize);
         let mut pos = offset;
@@ -436,6 +453,14 @@ impl LayerReader {
             }
             Ok(Some(out))
         };
+        // No disk work (nor a hand-off of this worker) for a read that cannot be served so.
+        let spans = &self.index.spans;
+        if !pieces
+            .iter()
+            .all(|(i, _)| self.cache.readable(&spans[*i].digest, spans[*i].out_len))
+        {
+            return Ok(None);
+        }
         let in_memory = pieces
             .iter()
             .all(|(i, _)| self.cache.in_memory(&self.index.spans[*i].digest));
@@ -459,7 +484,7 @@ impl LayerReader {
                 // A miss right after the previous fetch means a sequential reader: fetch
                 // READAHEAD more spans with this request.
                 let previous = self.last_fetched.load(Ordering::Relaxed);
-                let demand = matches!(want, Want::Demand | Want::DemandAlone);
+                let demand = matches!(want, Want::Demand | Want::DemandAlone | Want::Checked);
                 let until = if demand && previous != usize::MAX && i == previous + 1 {
                     let ahead = (i + READAHEAD).min(self.index.spans.len() - 1);
                     until.max(self.index.spans[ahead].out_offset + 1)
@@ -480,7 +505,11 @@ impl LayerReader {
                         }
                     }
                 };
-                self.last_fetched.store(last, Ordering::Relaxed);
+                // Only reads tell a sequential reader: a run fetched ahead of them must not
+                // make the next miss look like one.
+                if demand {
+                    self.last_fetched.store(last, Ordering::Relaxed);
+                }
                 let mut spans = self.fetch_run(i, last, !demand).await?.into_iter();
                 let first = spans.next().expect("the run holds span i")?;
                 // The others came along: kept if they verified; one that did not is fetched
@@ -546,7 +575,9 @@ impl LayerReader {
         let spans = &self.index.spans;
         let min = match self.index.format {
             IndexFormat::Estargz | IndexFormat::ZstdChunked => MIN_TOC_FETCH,
-            IndexFormat::Stream if matches!(want, Want::Demand | Want::Neighbours) => {
+            IndexFormat::Stream
+                if matches!(want, Want::Demand | Want::Checked | Want::Neighbours) =>
+            {
                 MIN_MISS_FETCH
             }
             IndexFormat::Stream => return 0,

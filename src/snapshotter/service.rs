@@ -31,8 +31,9 @@ pub struct Snapshotter {
     mounter: Arc<dyn Mounter>,
     chunks: Arc<dyn ChunkStore>,
     indexes: IndexStore,
-    /// One lazy mount at a time (two requests may need the same one).
-    mounting: Arc<tokio::sync::Mutex<()>>,
+    /// One mount or removal at a time per lazy mountpoint (two requests may need the same
+    /// mount; mounts of other layers go on meanwhile).
+    mounting: MountLocks,
     /// Pass `index=off` to overlayfs, as containerd does where the kernel knows the option.
     index_off: bool,
     /// The exclusive lock on `<root>/snapshotter/lock`, held while this snapshotter lives: one
@@ -73,16 +74,38 @@ fn claim_instance(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
     }
 }
 
+/// A lock per lazy mountpoint.
+#[derive(Clone, Default)]
+struct MountLocks(Arc<Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>>);
+
+impl MountLocks {
+    fn of(&self, dir: &Path) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(dir.to_path_buf()).or_default().clone()
+    }
+
+    fn forget(&self, dir: &Path) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(dir);
+    }
+}
+
 /// Makes sure the FUSE mount of lazy layer `layer` (snapshot `name`) at `dir` answers: one
-/// mount at a time (`mounting`), a dead one detached and mounted again, a live one left alone.
+/// mount at a time per mountpoint (`mounting`), a dead one detached and mounted again, a live
+/// one left alone.
 async fn mount_lazy(
-    mounting: &tokio::sync::Mutex<()>,
+    mounting: &MountLocks,
     mounter: Arc<dyn Mounter>,
     dir: PathBuf,
     layer: LazyLayer,
     name: &str,
 ) -> Result<()> {
-    let _one = mounting.lock().await;
+    let lock = mounting.of(&dir);
+    let _one = lock.lock().await;
+    // The snapshot's directory, not the mountpoint (a dead mount there fails a stat).
+    if !dir.parent().is_some_and(Path::is_dir) {
+        // Removed meanwhile (the snapshot went before its mount came).
+        return Err(SnapshotterError::NotFound(name.to_string()));
+    }
     let (probe, prober) = (dir.clone(), mounter.clone());
     let state = tokio::task::spawn_blocking(move || prober.state(&probe))
         .await
@@ -132,7 +155,7 @@ impl Snapshotter {
             resolver,
             mounter,
             chunks,
-            mounting: Arc::default(),
+            mounting: MountLocks::default(),
             index_off: Path::new("/sys/module/overlay/parameters/index").exists(),
         })
     }
@@ -431,6 +454,9 @@ impl Snapshotter {
     /// mounted is left for `Cleanup`.
     async fn remove_dir(&self, dir: &Path) {
         let fs = dir.join("fs");
+        // Not while a mount of it is starting (a rootfs is mounted in the background).
+        let lock = self.mounting.of(&fs);
+        let _one = lock.lock().await;
         let (probe, mounter) = (fs.clone(), self.mounter.clone());
         let state = tokio::task::spawn_blocking(move || mounter.state(&probe))
             .await
@@ -452,6 +478,7 @@ impl Snapshotter {
             }
         })
         .await;
+        self.mounting.forget(&fs);
     }
 
     /// Update: only labels may change — all of them (empty mask or `labels`) or the keys named

@@ -555,7 +555,7 @@ fn print_stats(
             .map(|n| format!(", {n} fetches in flight"))
             .unwrap_or_default();
         println!(
-            "\nmounted at {}: {} (daemon pid {}{in_flight})",
+            "\nmounted at {}: {} (serving pid {}{in_flight})",
             m.mountpoint.display(),
             m.image,
             m.pid

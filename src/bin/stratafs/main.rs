@@ -427,7 +427,7 @@ async fn run(mut cli: Cli) -> Result<()> {
                 let name = find_image(&store, reference)?.name;
                 if let Some(m) = mounts.iter().find(|m| m.image == name) {
                     anyhow::bail!(
-                        "{name} is mounted at {} (daemon pid {}): unmount it first (stratafs umount {})",
+                        "{name} is mounted at {} (serving pid {}): unmount it first (stratafs umount {})",
                         m.mountpoint.display(),
                         m.pid,
                         m.mountpoint.display()

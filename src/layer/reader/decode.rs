@@ -6,31 +6,57 @@ use super::ReadError;
 use crate::cache::CacheError;
 use crate::layer::{gzip, Fetch, LayerIndex};
 
-/// Lowers the calling thread's CPU priority (nice 10) until dropped, then restores it (when
-/// the process may: raising it back needs CAP_SYS_NICE, which root has). For work done ahead
-/// of reads, so that it yields the CPU to the requests a workload is waiting for.
-pub(super) struct LowerPriority {
-    tid: libc::id_t,
-    before: libc::c_int,
+/// Lowers the calling thread's CPU priority (nice 10) until dropped, then restores it. For
+/// work done ahead of reads, so that it yields the CPU to the requests a workload is waiting
+/// for. Pool threads are reused (tokio runs its async workers on them too), so a thread must
+/// never stay lowered: nothing is lowered unless this process has shown, once, on a thread of
+/// its own, that it can raise a priority back (CAP_SYS_NICE or RLIMIT_NICE; root has them).
+pub(super) struct LowerPriority(Option<(libc::id_t, libc::c_int)>);
+
+/// This thread's id and nice value, if they can be had.
+fn thread_priority() -> Option<(libc::id_t, libc::c_int)> {
+    // SAFETY: plain syscalls about this thread; errno is this thread's own.
+    unsafe {
+        let tid = libc::gettid() as libc::id_t;
+        *libc::__errno_location() = 0;
+        let nice = libc::getpriority(libc::PRIO_PROCESS, tid);
+        (*libc::__errno_location() == 0).then_some((tid, nice))
+    }
+}
+
+fn set_priority(tid: libc::id_t, nice: libc::c_int) -> bool {
+    // SAFETY: a plain syscall on a thread id of this process.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) == 0 }
+}
+
+/// Whether this process can lower a thread's priority and raise it back (tried once).
+fn can_restore() -> bool {
+    static CAN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CAN.get_or_init(|| {
+        std::thread::spawn(|| {
+            thread_priority().is_some_and(|(tid, nice)| {
+                set_priority(tid, nice.max(10)) && set_priority(tid, nice)
+            })
+        })
+        .join()
+        .unwrap_or(false)
+    })
 }
 
 impl LowerPriority {
     pub(super) fn new() -> LowerPriority {
-        // SAFETY: plain syscalls on this thread's own id; no memory is shared.
-        unsafe {
-            let tid = libc::gettid() as libc::id_t;
-            let before = libc::getpriority(libc::PRIO_PROCESS, tid);
-            libc::setpriority(libc::PRIO_PROCESS, tid, before.max(10));
-            LowerPriority { tid, before }
-        }
+        let lowered = thread_priority()
+            .filter(|&(tid, nice)| nice < 10 && can_restore() && set_priority(tid, 10));
+        LowerPriority(lowered)
     }
 }
 
 impl Drop for LowerPriority {
     fn drop(&mut self) {
-        // SAFETY: as above.
-        unsafe {
-            libc::setpriority(libc::PRIO_PROCESS, self.tid, self.before);
+        if let Some((tid, nice)) = self.0 {
+            if !set_priority(tid, nice) {
+                tracing::warn!(nice, "could not restore a thread's CPU priority");
+            }
         }
     }
 }
