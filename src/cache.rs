@@ -24,8 +24,9 @@ use oci_spec::image::Digest;
 pub trait ChunkStore: Send + Sync {
     /// The stored bytes for `digest`, if any.
     fn get(&self, digest: &Digest) -> std::io::Result<Option<Vec<u8>>>;
-    /// Stores `data` under `digest` atomically.
-    fn put(&self, digest: &Digest, data: &[u8]) -> std::io::Result<()>;
+    /// Stores `data` under `digest` atomically; false if it was stored already (and was left
+    /// as it is).
+    fn put(&self, digest: &Digest, data: &[u8]) -> std::io::Result<bool>;
     /// Whether `digest` is stored (without reading it).
     fn contains(&self, digest: &Digest) -> bool;
     /// Drops `digest` (absent is fine).
@@ -250,18 +251,18 @@ impl ChunkStore for DiskChunks {
         Ok(Some(data))
     }
 
-    fn put(&self, digest: &Digest, data: &[u8]) -> std::io::Result<()> {
+    fn put(&self, digest: &Digest, data: &[u8]) -> std::io::Result<bool> {
         use std::io::Write;
         let path = self.path(digest);
         if path.exists() {
-            return Ok(());
+            return Ok(false);
         }
         // No fsync: a chunk lost or damaged by a crash fails verification and is fetched again.
         let mut tmp = tempfile::NamedTempFile::new_in(&self.tmp)?;
         tmp.write_all(data)?;
         tmp.persist(path).map_err(|e| e.error)?;
         self.account(data.len() as u64);
-        Ok(())
+        Ok(true)
     }
 
     fn contains(&self, digest: &Digest) -> bool {
@@ -436,17 +437,16 @@ impl Cache {
         self.memory.lock().unwrap().contains(digest)
     }
 
-    /// Whether [`read_range`](Self::read_range) may serve the chunk (`len` bytes per the
-    /// caller's index): in memory, or on disk verified by this process (no I/O to tell).
-    pub fn readable(&self, digest: &Digest, len: u64) -> bool {
-        self.in_memory(digest)
-            || key(digest).is_some_and(|k| {
-                self.verified
-                    .lock()
-                    .unwrap()
-                    .get(&k)
-                    .is_some_and(|v| v.len == len)
-            })
+    /// Whether the chunk is on disk, `len` bytes long, and verified by this process, as far as
+    /// this process knows (no I/O): [`read_range`](Self::read_range) may read it by range.
+    pub fn verified_on_disk(&self, digest: &Digest, len: u64) -> bool {
+        key(digest).is_some_and(|k| {
+            self.verified
+                .lock()
+                .unwrap()
+                .get(&k)
+                .is_some_and(|v| v.len == len)
+        })
     }
 
     /// Bytes `range` of the chunk under `digest`, which the caller's index says holds `len`
@@ -543,14 +543,14 @@ impl Cache {
     /// Adds a chunk whose bytes the caller has verified against `digest`.
     pub fn insert(&self, digest: &Digest, data: Arc<Vec<u8>>) -> Result<(), CacheError> {
         // A file already there was written by someone else: not verified by this process.
-        let existed = self.store.contains(digest);
-        self.store
+        let stored = self
+            .store
             .put(digest, &data)
             .map_err(|source| CacheError::Io {
                 digest: digest.clone(),
                 source,
             })?;
-        if !existed {
+        if stored {
             self.note_verified(digest, data.len());
         }
         self.memory.lock().unwrap().put(digest.clone(), data);
@@ -559,14 +559,14 @@ impl Cache {
 
     /// Stores a chunk on disk only (used while streaming a whole layer).
     pub fn insert_cold(&self, digest: &Digest, data: &[u8]) -> Result<(), CacheError> {
-        let existed = self.store.contains(digest);
-        self.store
+        let stored = self
+            .store
             .put(digest, data)
             .map_err(|source| CacheError::Io {
                 digest: digest.clone(),
                 source,
             })?;
-        if !existed {
+        if stored {
             self.note_verified(digest, data.len());
         }
         Ok(())

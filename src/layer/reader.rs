@@ -453,21 +453,22 @@ impl LayerReader {
             }
             Ok(Some(out))
         };
-        // No disk work (nor a hand-off of this worker) for a read that cannot be served so.
-        let spans = &self.index.spans;
-        if !pieces
-            .iter()
-            .all(|(i, _)| self.cache.readable(&spans[*i].digest, spans[*i].out_len))
-        {
-            return Ok(None);
+        // Each piece in memory, or on disk verified by this process (no I/O to tell); anything
+        // else takes the full path, and only disk reads hand this worker's tasks off.
+        let mut disk = false;
+        for (i, _) in &pieces {
+            let span = &self.index.spans[*i];
+            if !self.cache.in_memory(&span.digest) {
+                if !self.cache.verified_on_disk(&span.digest, span.out_len) {
+                    return Ok(None);
+                }
+                disk = true;
+            }
         }
-        let in_memory = pieces
-            .iter()
-            .all(|(i, _)| self.cache.in_memory(&self.index.spans[*i].digest));
-        if in_memory {
-            read()
-        } else {
+        if disk {
             crate::cache::blocking(read)
+        } else {
+            read()
         }
     }
 

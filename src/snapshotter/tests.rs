@@ -61,8 +61,8 @@ impl ChunkStore for NoChunks {
     fn get(&self, _: &oci_spec::image::Digest) -> std::io::Result<Option<Vec<u8>>> {
         Ok(None)
     }
-    fn put(&self, _: &oci_spec::image::Digest, _: &[u8]) -> std::io::Result<()> {
-        Ok(())
+    fn put(&self, _: &oci_spec::image::Digest, _: &[u8]) -> std::io::Result<bool> {
+        Ok(true)
     }
     fn contains(&self, _: &oci_spec::image::Digest) -> bool {
         false
