@@ -15,12 +15,15 @@
 //! eStargz layers can instead be indexed from their table of contents ([`estargz`]): two range
 //! reads, one span per file chunk ([`Fetch::Member`]) in a virtual address space of file data.
 //! zstd:chunked layers likewise, from the TOC the layer annotations locate ([`zstd_chunked`]),
-//! one span per zstd frame ([`Fetch::Zstd`]).
+//! one span per zstd frame ([`Fetch::Zstd`]). Both map their TOC through the one TOC model
+//! ([`toc`]); every format produces entries of the one entry model ([`Entry`], [`Kind`]).
 
+mod entry;
 pub mod estargz;
 pub mod gzip;
 pub mod reader;
 pub mod tar;
+pub mod toc;
 pub mod zstd_chunked;
 
 use std::io::{self, Read};
@@ -31,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::image::Compression;
-pub use tar::{Entry, Kind};
+pub use entry::{Entry, Kind};
 
 /// Index format version; indexes of other versions are rebuilt. (4: indexes are stored by what
 /// vouches for them, so indexes stored by earlier versions, published ones among them, are not

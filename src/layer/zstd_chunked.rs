@@ -25,7 +25,7 @@ use std::io::Read;
 
 use oci_spec::image::Digest;
 
-use super::estargz::{map_toc, Frames, Toc, Unusable};
+use super::toc::{map_toc, Frames, Toc, Unusable};
 use super::{IndexFormat, LayerError, LayerIndex, Limits, INDEX_VERSION};
 use crate::image::Compression;
 use crate::source::BlobSource;

@@ -5,9 +5,15 @@ use std::sync::Arc;
 
 use serde_json::json;
 
+use std::collections::BTreeMap;
+
+use base64::Engine;
+
 use super::*;
 use crate::cache::{Cache, DiskChunks};
 use crate::layer::reader::LayerReader;
+use crate::layer::toc::{map_toc, Frames, Mapped, Toc, Unusable};
+use crate::layer::{Entry, Fetch, Kind, Span};
 use crate::source::{Faults, FaultySource, FileSource};
 
 const CHUNK: usize = 4096;
