@@ -226,6 +226,26 @@ pub struct ImageRecord {
 }
 
 impl ImageRecord {
+    /// The image as `stratafs pull --json` and `images --json` print it (shape in docs/cli.md).
+    pub fn summary(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name,
+            "digest": self.target.digest,
+            "media_type": self.target.media_type,
+            "manifest": self.manifest.digest,
+            "platform": self.platform.to_string(),
+            "config": self.config.digest,
+            "chain_id": self.chain_id(),
+            "layers": self.layers.iter().map(|l| serde_json::json!({
+                "digest": l.digest,
+                "media_type": l.media_type,
+                "size": l.size,
+                "diff_id": l.diff_id,
+                "chain_id": l.chain_id,
+            })).collect::<Vec<_>>(),
+        })
+    }
+
     /// The ChainID of the whole image (its top layer's), if it has layers.
     pub fn chain_id(&self) -> Option<&Digest> {
         self.layers.last().map(|l| &l.chain_id)

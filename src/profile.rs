@@ -60,6 +60,10 @@ pub enum ProfileError {
     },
     #[error("profile {what}: {detail}")]
     Invalid { what: String, detail: String },
+    #[error("no profile recorded for {0}: mount it and run its workload first (mounts record what is read first)")]
+    NotRecorded(String),
+    #[error("{0} has no layers")]
+    NoLayers(String),
     #[error("storing profile {path}")]
     Store {
         path: PathBuf,
@@ -224,6 +228,16 @@ impl ProfileStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(ProfileError::Io { path, source: e }),
         }
+    }
+
+    /// The profile recorded here for `image`'s rootfs; an error saying how to record one when
+    /// there is none.
+    pub fn recorded(&self, image: &crate::image::ImageRecord) -> Result<Profile, ProfileError> {
+        let chain = image
+            .chain_id()
+            .ok_or_else(|| ProfileError::NoLayers(image.name.clone()))?;
+        self.get(chain)?
+            .ok_or_else(|| ProfileError::NotRecorded(image.name.clone()))
     }
 
     /// Stores `profile` as `chain`'s (atomically).

@@ -268,6 +268,22 @@ pub async fn pinned_profile(
     Ok(Some(crate::profile::Profile::parse(&blob, &what)?))
 }
 
+/// The repository and tag to push a re-bound `image` under: `tag`, else its own tag.
+pub fn bound_tag(
+    image: &ImageRecord,
+    tag: Option<&str>,
+) -> Result<(Reference, String), PublishError> {
+    let reference = reference_of(image)?;
+    let tag = tag.or(reference.tag()).map(str::to_string);
+    match tag {
+        Some(tag) => Ok((reference, tag)),
+        None => Err(invalid(
+            image,
+            "no tag to push the bound image under: give --tag TAG",
+        )),
+    }
+}
+
 fn reference_of(image: &ImageRecord) -> Result<Reference, PublishError> {
     image
         .name

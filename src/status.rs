@@ -91,3 +91,21 @@ pub fn layers(store: &Store, chunks: &dyn ChunkStore) -> Result<Vec<LayerStatus>
     }
     Ok(out)
 }
+
+/// Each layer's fetch rate in bytes per second between two reports `seconds` apart (a layer
+/// new in `now` counts from zero).
+pub fn fetch_rates(
+    before: &[LayerStatus],
+    now: &[LayerStatus],
+    seconds: f64,
+) -> BTreeMap<String, f64> {
+    now.iter()
+        .map(|l| {
+            let was = before.iter().find(|b| b.digest == l.digest);
+            let delta = l
+                .fetched_bytes
+                .saturating_sub(was.map_or(l.fetched_bytes, |b| b.fetched_bytes));
+            (l.digest.clone(), delta as f64 / seconds.max(1e-3))
+        })
+        .collect()
+}

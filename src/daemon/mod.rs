@@ -1,7 +1,9 @@
 //! The lifecycle of mount daemons, shared by `stratafs mount`, `umount`, `cache stats` and the
 //! snapshotter: the record each serving process keeps under `<root>/run/mounts/`, finding the
 //! process that serves a mountpoint, and ([`holder`]) the process that keeps a mount's FUSE
-//! connection open while the serving process dies, restarts or is upgraded.
+//! connection open while the serving process dies, restarts or is upgraded. [`serve`] is the
+//! serving process; [`control`] is the other side — starting a daemon and reading its report,
+//! unmounting, upgrading — for `stratafs mount`, `umount` and `upgrade`.
 //!
 //! Files per mountpoint (name: the mountpoint with every byte other than letters, digits, `.`
 //! and `_` written `-XX`, so distinct paths never share one):
@@ -9,6 +11,7 @@
 //! - `<root>/run/mounts/NAME.backing`: the passthrough backing ids in use
 //!   ([`crate::fuse::BackingLog`]), for the next serving process.
 
+pub mod control;
 pub mod holder;
 pub mod serve;
 

@@ -516,6 +516,39 @@ impl Layers {
         Ok(index)
     }
 
+    /// The indexes of `image` to publish (`stratafs index push`), each with its window file:
+    /// only indexes built here from the verified layer (a published one is rebuilt), and only
+    /// those that serve random access. A layer read through its own TOC (eStargz,
+    /// zstd:chunked) is pinned by the image already and needs none.
+    pub async fn publishable(
+        &self,
+        image: &ImageRecord,
+    ) -> Result<Vec<(LayerIndex, Option<Vec<u8>>)>, FsError> {
+        let mut indexes = Vec::new();
+        for layer in &image.layers {
+            let index = match self.index(image, layer).await? {
+                (i, _) if i.format != IndexFormat::Stream => continue,
+                (i, _) if i.published.is_none() => i,
+                _ => Arc::new(self.build(image, layer).await?),
+            };
+            if !index.random_access() {
+                continue;
+            }
+            // The window file is kept only where the index was built (a published index
+            // checked here has its windows in the registry): build it here then.
+            let published = match self.indexes.windows_bytes(&index) {
+                Ok(w) => ((*index).clone(), w),
+                Err(_) => {
+                    let built = self.build(image, layer).await?;
+                    let w = self.indexes.windows_bytes(&built)?;
+                    (built, w)
+                }
+            };
+            indexes.push(published);
+        }
+        Ok(indexes)
+    }
+
     /// Streams the blob once and returns its index (verified against the blob digest and
     /// diff_id), caching every span; stores nothing.
     async fn stream(

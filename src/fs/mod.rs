@@ -287,3 +287,76 @@ impl ImageView {
         Ok(Some(path))
     }
 }
+
+/// Files up to this size are read concurrently (whole, in memory) by [`cat`]; larger ones are
+/// streamed in pieces of this size.
+const CAT_CONCURRENT_MAX: u64 = 4 << 20;
+/// Reads [`cat`] keeps in flight at once.
+const CAT_CONCURRENT_READS: usize = 8;
+
+/// Why [`cat`] stopped: the image, or the output.
+#[derive(Debug, thiserror::Error)]
+pub enum CatError {
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error(transparent)]
+    Output(#[from] std::io::Error),
+}
+
+/// Writes the files at `paths` of `view` to `out`, one after another (`stratafs cat`): small
+/// files are read concurrently (at most [`CAT_CONCURRENT_READS`] at once, each whole), large
+/// ones streamed; output stays in argument order. Memory: the small files in flight.
+pub async fn cat(
+    view: &Arc<ImageView>,
+    paths: &[String],
+    out: &mut dyn std::io::Write,
+) -> Result<(), CatError> {
+    type Read = tokio::task::JoinHandle<Result<Vec<u8>, FsError>>;
+    async fn drain(
+        queued: &mut std::collections::VecDeque<Read>,
+        out: &mut dyn std::io::Write,
+    ) -> Result<(), CatError> {
+        while let Some(task) = queued.pop_front() {
+            let data = task
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
+            out.write_all(&data)?;
+        }
+        Ok(())
+    }
+    let limit = Arc::new(tokio::sync::Semaphore::new(CAT_CONCURRENT_READS));
+    let mut queued = std::collections::VecDeque::new();
+    for path in paths {
+        let id = view.lookup(path)?;
+        let node = view.tree.node(id);
+        if node.file_type != FileType::File {
+            let path = view.tree.path(id);
+            return Err(FsError::NotAFile {
+                image: view.name.clone(),
+                path,
+            }
+            .into());
+        }
+        if node.size <= CAT_CONCURRENT_MAX {
+            let (view, limit, size) = (view.clone(), limit.clone(), node.size);
+            queued.push_back(tokio::spawn(async move {
+                let _permit = limit.acquire_owned().await.expect("semaphore open");
+                view.read(id, 0, size).await
+            }));
+            continue;
+        }
+        drain(&mut queued, out).await?;
+        let mut offset = 0;
+        while offset < node.size {
+            let data = view.read(id, offset, CAT_CONCURRENT_MAX).await?;
+            if data.is_empty() {
+                break;
+            }
+            out.write_all(&data)?;
+            offset += data.len() as u64;
+        }
+    }
+    drain(&mut queued, out).await?;
+    out.flush()?;
+    Ok(())
+}

@@ -24,6 +24,7 @@
 //! gRPC stack: tonic + prost, with our own `snapshots.proto` compiled by `protox` at build time
 //! (no `protoc` needed); see docs/snapshotter.md for why.
 
+pub mod daemons;
 pub mod filter;
 mod grpc;
 pub mod meta;
@@ -90,8 +91,9 @@ pub enum MounterError {
     Failed(String),
 }
 
-/// Makes, probes and removes the FUSE mounts behind lazy snapshots. The binary implements it
-/// by starting `stratafs mount --chain` daemons, which outlive the snapshotter process.
+/// Makes, probes and removes the FUSE mounts behind lazy snapshots. [`daemons::DaemonMounter`]
+/// implements it by starting `stratafs mount --chain` daemons, which outlive the snapshotter
+/// process.
 pub trait Mounter: Send + Sync + 'static {
     /// Mounts chain `chain_id` of the stored image `image` read-only at `dir`, for use as a
     /// container's lower layer, and returns once the mount answers.

@@ -48,6 +48,13 @@ pub enum StoreError {
     ImageNotFound(String),
     #[error(transparent)]
     Digest(#[from] crate::digest::DigestError),
+    #[error("{reference} matches {} images ({}): give more of the digest or a name", .names.len(), .names.join(", "))]
+    Ambiguous {
+        reference: String,
+        names: Vec<String>,
+    },
+    #[error(transparent)]
+    Reference(#[from] crate::reference::ReferenceError),
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -114,6 +121,41 @@ impl Store {
     /// Lock held while removing content (alone).
     pub fn lock_exclusive(&self) -> Result<StoreLock, StoreError> {
         self.lock(true)
+    }
+
+    /// The stored image a reference given by a user names: a stored name (normalised first),
+    /// else the digest — or a unique prefix of at least 4 hex digits — of a stored image's
+    /// index or manifest, as `stratafs images` shows it.
+    pub fn find_image(&self, reference: &str) -> Result<ImageRecord, StoreError> {
+        let parsed = reference.parse::<crate::reference::Reference>();
+        if let Ok(r) = &parsed {
+            if let Some(image) = self.images.get(&r.to_string())? {
+                return Ok(image);
+            }
+        }
+        let hex = reference.strip_prefix("sha256:").unwrap_or(reference);
+        if hex.len() >= 4 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
+            let mut matches: Vec<ImageRecord> = self
+                .images
+                .list()?
+                .into_iter()
+                .filter(|i| {
+                    i.target.digest.digest().starts_with(hex)
+                        || i.manifest.digest.digest().starts_with(hex)
+                })
+                .collect();
+            match matches.len() {
+                1 => return Ok(matches.remove(0)),
+                0 => {}
+                _ => {
+                    return Err(StoreError::Ambiguous {
+                        reference: reference.to_string(),
+                        names: matches.into_iter().map(|i| i.name).collect(),
+                    })
+                }
+            }
+        }
+        Err(StoreError::ImageNotFound(parsed?.to_string()))
     }
 
     /// Removes the image `name` and collects content no remaining image references.

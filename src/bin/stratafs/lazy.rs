@@ -4,10 +4,9 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use stratafs::fs::ImageView;
 use stratafs::image::{ImageRecord, Platform};
-use stratafs::reference::Reference;
 use stratafs::status::LayerStatus;
 use stratafs::tree::FileType;
 
@@ -185,11 +184,6 @@ pub async fn ls(
     Ok(())
 }
 
-/// Files up to this size are read concurrently (whole, in memory); larger ones are streamed.
-const CONCURRENT_MAX_SIZE: u64 = 4 << 20;
-/// Reads in flight at once.
-const CONCURRENT_READS: usize = 8;
-
 pub async fn cat(
     ctx: &Context,
     reference: &str,
@@ -197,46 +191,11 @@ pub async fn cat(
     platform: Option<&Platform>,
 ) -> Result<()> {
     let view = Arc::new(ctx.view(reference, platform).await?);
-    let limit = Arc::new(tokio::sync::Semaphore::new(CONCURRENT_READS));
-    let mut queued = std::collections::VecDeque::new();
-    let mut out = std::io::stdout().lock();
-    for path in paths {
-        let id = view.lookup(path)?;
-        let node = view.tree.node(id);
-        if node.file_type != FileType::File {
-            return Err(stratafs::fs::FsError::NotAFile {
-                image: view.name.clone(),
-                path: view.tree.path(id),
-            }
-            .into());
-        }
-        if node.size <= CONCURRENT_MAX_SIZE {
-            // Small files are fetched concurrently; output stays in argument order.
-            let (view, limit, size) = (view.clone(), limit.clone(), node.size);
-            queued.push_back(tokio::spawn(async move {
-                let _permit = limit.acquire_owned().await.expect("semaphore open");
-                view.read(id, 0, size).await
-            }));
-            continue;
-        }
-        while let Some(task) = queued.pop_front() {
-            out.write_all(&task.await??)?;
-        }
-        let mut offset = 0;
-        while offset < node.size {
-            let data = view.read(id, offset, CONCURRENT_MAX_SIZE).await?;
-            if data.is_empty() {
-                break;
-            }
-            out.write_all(&data)?;
-            offset += data.len() as u64;
-        }
+    match stratafs::fs::cat(&view, paths, &mut std::io::stdout().lock()).await {
+        // Kept an io::Error, so a reader that went away (`| head`) is seen as such.
+        Err(stratafs::fs::CatError::Output(e)) => Err(e.into()),
+        r => Ok(r?),
     }
-    while let Some(task) = queued.pop_front() {
-        out.write_all(&task.await??)?;
-    }
-    out.flush()?;
-    Ok(())
 }
 
 pub async fn index_build(
@@ -310,30 +269,7 @@ pub async fn index_push(
 ) -> Result<()> {
     let image = ctx.image(reference, platform).await?;
     let progress = ctx.progress(&format!("indexing {}", image.name), image.layers_size());
-    let mut indexes = Vec::new();
-    for layer in &image.layers {
-        // Only indexes built here from the verified layer are published, and only those that
-        // serve random access. A layer read through its own TOC (eStargz, zstd:chunked) is
-        // pinned by the image already and needs none.
-        let index = match ctx.layers.index(&image, layer).await? {
-            (i, _) if i.format != stratafs::layer::IndexFormat::Stream => continue,
-            (i, _) if i.published.is_none() => i,
-            _ => std::sync::Arc::new(ctx.layers.build(&image, layer).await?),
-        };
-        if index.format == stratafs::layer::IndexFormat::Stream && index.random_access() {
-            // The window file is kept only where the index was built (a published index
-            // checked here has its windows in the registry): build it here then.
-            let (index, windows) = match ctx.layers.indexes().windows_bytes(&index) {
-                Ok(w) => (index, w),
-                Err(_) => {
-                    let built = ctx.layers.build(&image, layer).await?;
-                    let w = ctx.layers.indexes().windows_bytes(&built)?;
-                    (std::sync::Arc::new(built), w)
-                }
-            };
-            indexes.push(((*index).clone(), windows));
-        }
-    }
+    let indexes = ctx.layers.publishable(&image).await?;
     progress.finish(&format!("{} indexes to publish", indexes.len()));
     if !bind {
         let digest = stratafs::publish::push_indexes(&ctx.client, &image, &indexes).await?;
@@ -344,7 +280,7 @@ pub async fn index_push(
         );
         return Ok(());
     }
-    let (parsed, tag) = tag_for(&image, reference, tag)?;
+    let (parsed, tag) = stratafs::publish::bound_tag(&image, tag)?;
     let digest =
         stratafs::publish::bind_indexes(&ctx.client, &ctx.store, &image, &indexes, &tag).await?;
     println!(
@@ -354,20 +290,6 @@ pub async fn index_push(
         indexes.len()
     );
     Ok(())
-}
-
-/// The tag to push a re-bound `image` under: `tag`, or the one `reference` names.
-fn tag_for(image: &ImageRecord, reference: &str, tag: Option<&str>) -> Result<(Reference, String)> {
-    let parsed: Reference = image.name.parse()?;
-    match tag.or(parsed.tag()) {
-        Some(t) => {
-            let t = t.to_string();
-            Ok((parsed, t))
-        }
-        None => {
-            anyhow::bail!("{reference} has no tag to push the bound image under: give --tag TAG")
-        }
-    }
 }
 
 pub async fn profile_show(
@@ -390,22 +312,14 @@ pub async fn profile_show(
     Ok(())
 }
 
-/// The image and the profile recorded here for its rootfs (an error saying how to record one
-/// when there is none).
 async fn recorded_profile(
     ctx: &Context,
     reference: &str,
     platform: Option<&Platform>,
 ) -> Result<(ImageRecord, stratafs::profile::Profile)> {
     let image = ctx.image(reference, platform).await?;
-    let chain = image.chain_id().context("the image has no layers")?;
-    match stratafs::profile::ProfileStore::new(ctx.store.root()).get(chain)? {
-        Some(p) => Ok((image, p)),
-        None => anyhow::bail!(
-            "no profile recorded for {}: mount it and run its workload first (mounts record what is read first)",
-            image.name
-        ),
-    }
+    let profile = stratafs::profile::ProfileStore::new(ctx.store.root()).recorded(&image)?;
+    Ok((image, profile))
 }
 
 pub async fn profile_push(
@@ -415,7 +329,7 @@ pub async fn profile_push(
     tag: Option<&str>,
 ) -> Result<()> {
     let (image, profile) = recorded_profile(ctx, reference, platform).await?;
-    let (parsed, tag) = tag_for(&image, reference, tag)?;
+    let (parsed, tag) = stratafs::publish::bound_tag(&image, tag)?;
     let digest =
         stratafs::publish::bind_profile(&ctx.client, &ctx.store, &image, &profile, &tag).await?;
     println!(
@@ -442,17 +356,8 @@ pub fn cache_stats(ctx: &Context, json: bool, watch: Option<f64>) -> Result<()> 
         let now = Instant::now();
         let layers = stratafs::status::layers(&ctx.store, ctx.chunks.as_ref())?;
         let rates = previous.as_ref().map(|(then, before)| {
-            let seconds = now.duration_since(*then).as_secs_f64().max(1e-3);
-            layers
-                .iter()
-                .map(|l| {
-                    let was = before.iter().find(|b| b.digest == l.digest);
-                    let delta = l
-                        .fetched_bytes
-                        .saturating_sub(was.map_or(l.fetched_bytes, |b| b.fetched_bytes));
-                    (l.digest.clone(), delta as f64 / seconds)
-                })
-                .collect::<std::collections::HashMap<_, _>>()
+            let seconds = now.duration_since(*then).as_secs_f64();
+            stratafs::status::fetch_rates(before, &layers, seconds)
         });
         if terminal {
             print!("\x1b[H\x1b[2J"); // home, clear
@@ -471,7 +376,7 @@ fn print_stats(
     ctx: &Context,
     json: bool,
     rows: &[LayerStatus],
-    rates: Option<&std::collections::HashMap<String, f64>>,
+    rates: Option<&std::collections::BTreeMap<String, f64>>,
     watching: bool,
 ) -> Result<()> {
     let (chunks, bytes) = ctx.chunks.usage()?;

@@ -2,7 +2,6 @@
 
 mod lazy;
 mod mount;
-mod snapshotter;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -13,7 +12,7 @@ use clap::{Parser, Subcommand};
 use stratafs::config::{Config, DEFAULT_CONFIG};
 use stratafs::image::{ImageRecord, Platform};
 use stratafs::reference::Reference;
-use stratafs::store::{Store, StoreError, DEFAULT_ROOT};
+use stratafs::store::{Store, DEFAULT_ROOT};
 
 #[derive(Parser)]
 #[command(name = "stratafs", version, about = "Lazy container-image filesystem")]
@@ -310,7 +309,7 @@ async fn run(mut cli: Cli) -> Result<()> {
         ..
     } = &mut cli.command
     {
-        mount::take_global_options(
+        stratafs::daemon::control::take_global_options(
             options,
             &mut cli.root,
             &mut cli.config,
@@ -350,7 +349,7 @@ async fn run(mut cli: Cli) -> Result<()> {
             let record = record?;
             let published = ctx.fetch_published(&record).await;
             if json {
-                println!("{}", serde_json::to_string_pretty(&pull_json(&record))?);
+                println!("{}", serde_json::to_string_pretty(&record.summary())?);
             } else {
                 print_pull(&record);
                 let pinned = record
@@ -380,7 +379,7 @@ async fn run(mut cli: Cli) -> Result<()> {
         Command::Images { ls: _, json, quiet } => {
             let images = store.images.list()?;
             if json {
-                let all: Vec<_> = images.iter().map(pull_json).collect();
+                let all: Vec<_> = images.iter().map(ImageRecord::summary).collect();
                 println!("{}", serde_json::to_string_pretty(&all)?);
             } else if quiet {
                 for i in images {
@@ -407,7 +406,7 @@ async fn run(mut cli: Cli) -> Result<()> {
             }
         }
         Command::Inspect { reference } => {
-            let record = find_image(&store, &reference)?;
+            let record = store.find_image(&reference)?;
             let manifest: serde_json::Value =
                 serde_json::from_slice(&store.content.get(&record.manifest.digest)?)?;
             let image_config: serde_json::Value =
@@ -424,7 +423,7 @@ async fn run(mut cli: Cli) -> Result<()> {
             let mounts = stratafs::daemon::mounts(store.root());
             let mut names = Vec::new();
             for reference in &references {
-                let name = find_image(&store, reference)?.name;
+                let name = store.find_image(reference)?.name;
                 if let Some(m) = mounts.iter().find(|m| m.image == name) {
                     anyhow::bail!(
                         "{name} is mounted at {} (serving pid {}): unmount it first (stratafs umount {})",
@@ -474,7 +473,10 @@ async fn run(mut cli: Cli) -> Result<()> {
             reference,
             mountpoint,
         } => {
-            let args = mount::MountArgs {
+            let req = stratafs::daemon::control::MountRequest {
+                root: cli.root.clone(),
+                config: cli.config.clone(),
+                log_level: cli.log_level.clone(),
                 chain,
                 platform,
                 plain_http,
@@ -485,24 +487,10 @@ async fn run(mut cli: Cli) -> Result<()> {
                 reference,
                 mountpoint,
             };
-            let root = cli.root.clone();
-            // A read's whole retry budget ends inside its read timeout (half of it), so a
-            // registry that keeps failing gives EIO with the cause rather than a timeout.
             let mut config = config.clone();
-            if let Some(timeout) = mount::read_timeout(&config.mount, &args.options) {
-                let budget = (timeout.as_secs_f64() / 2.0) as u64;
-                let retry = &mut config.registry.retry_max_elapsed_secs;
-                *retry = (*retry).min(budget);
-            }
-            mount::mount(
-                &root,
-                &config.mount,
-                cli.config.as_deref(),
-                &cli.log_level,
-                || Ok(lazy::Context::new(store, &config, plain_http)?),
-                args,
-            )
-            .await?;
+            stratafs::daemon::control::bound_retries(&mut config, &req.options);
+            let ctx = || lazy::Context::new(store, &config, plain_http);
+            mount::mount(req, &config.mount, ctx).await?;
         }
         Command::Snapshotter {
             address,
@@ -511,13 +499,14 @@ async fn run(mut cli: Cli) -> Result<()> {
             metrics_address,
         } => {
             let ctx = lazy::Context::new(store, &config, plain_http)?;
-            let args = snapshotter::SnapshotterArgs {
+            let args = stratafs::snapshotter::daemons::SnapshotterArgs {
                 address,
                 platform,
                 plain_http,
                 metrics_address,
             };
-            snapshotter::run(ctx, cli.config.as_deref(), &cli.log_level, args).await?;
+            stratafs::snapshotter::daemons::run(ctx, cli.config.as_deref(), &cli.log_level, args)
+                .await?;
         }
         Command::Umount { lazy, mountpoint } => {
             mount::umount(&cli.root, &mountpoint, lazy)?;
@@ -581,43 +570,6 @@ fn message(e: &anyhow::Error) -> String {
     out
 }
 
-/// The stored image for a reference given on the command line (normalised first).
-fn find_image(store: &Store, reference: &str) -> Result<ImageRecord> {
-    // A stored name first; else a digest (or a unique prefix of one, at least 4 hex digits)
-    // of a stored image's index or manifest, as `images` shows it.
-    let parsed = reference.parse::<Reference>();
-    if let Ok(r) = &parsed {
-        if let Some(image) = store.images.get(&r.to_string())? {
-            return Ok(image);
-        }
-    }
-    let hex = reference.strip_prefix("sha256:").unwrap_or(reference);
-    if hex.len() >= 4 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
-        let matches: Vec<ImageRecord> = store
-            .images
-            .list()?
-            .into_iter()
-            .filter(|i| {
-                i.target.digest.digest().starts_with(hex)
-                    || i.manifest.digest.digest().starts_with(hex)
-            })
-            .collect();
-        match matches.len() {
-            1 => return Ok(matches.into_iter().next().expect("one")),
-            0 => {}
-            n => anyhow::bail!(
-                "{reference} matches {n} images ({}): give more of the digest or a name",
-                matches
-                    .iter()
-                    .map(|i| i.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        }
-    }
-    Err(StoreError::ImageNotFound(parsed?.to_string()).into())
-}
-
 /// Prints an aligned table: every column as wide as its widest cell; columns listed in
 /// `right` are right-aligned (sizes).
 pub fn print_table(header: &[&str], rows: &[Vec<String>], right: &[usize]) {
@@ -648,25 +600,6 @@ pub fn print_table(header: &[&str], rows: &[Vec<String>], right: &[usize]) {
     for r in rows {
         line(r.iter().map(String::as_str).collect());
     }
-}
-
-fn pull_json(r: &ImageRecord) -> serde_json::Value {
-    serde_json::json!({
-        "name": r.name,
-        "digest": r.target.digest,
-        "media_type": r.target.media_type,
-        "manifest": r.manifest.digest,
-        "platform": r.platform.to_string(),
-        "config": r.config.digest,
-        "chain_id": r.chain_id(),
-        "layers": r.layers.iter().map(|l| serde_json::json!({
-            "digest": l.digest,
-            "media_type": l.media_type,
-            "size": l.size,
-            "diff_id": l.diff_id,
-            "chain_id": l.chain_id,
-        })).collect::<Vec<_>>(),
-    })
 }
 
 fn print_pull(r: &ImageRecord) {

@@ -1,35 +1,34 @@
-//! `stratafs snapshotter`: containerd's snapshots service on a unix socket.
-//!
-//! Lazy layers are mounted by `stratafs mount --chain` daemons started from here — separate
-//! processes in their own sessions, so they (and the containers using them) outlive a restart
-//! of the snapshotter. The snapshotter logs to stderr.
+//! The snapshotter as a process (`stratafs snapshotter`): lazy snapshots are mounted by
+//! `stratafs mount --chain` daemons ([`DaemonMounter`]) — separate processes in their own
+//! sessions, so they (and the containers using them) outlive a restart of the snapshotter —
+//! and its metrics endpoint serves its own metrics merged with those of the daemons it started.
+//! The snapshotter logs to stderr.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-
-use anyhow::{Context as _, Result};
 use std::time::Duration;
 
-use stratafs::fuse::MountState;
-use stratafs::metrics;
-use stratafs::snapshotter::{resolve::Resolver, Mounter, MounterError, Snapshotter};
-
-use crate::lazy::Context;
+use super::resolve::Resolver;
+use super::{Mounter, MounterError, Snapshotter, SnapshotterError};
+use crate::context::Context;
+use crate::fuse::MountState;
+use crate::image::Platform;
+use crate::metrics;
 
 /// Options of the snapshotter's lazy mounts: a container rootfs needs setuid programs and
 /// device nodes, and processes of any user in the container must reach the files.
 pub const LAZY_MOUNT_OPTIONS: &str = "suid,dev,allow_other";
 
 /// Starts `stratafs mount --chain` daemons for lazy snapshots.
-struct DaemonMounter {
-    root: PathBuf,
-    config: Option<PathBuf>,
-    log_level: String,
-    plain_http: bool,
+pub struct DaemonMounter {
+    pub root: PathBuf,
+    pub config: Option<PathBuf>,
+    pub log_level: String,
+    pub plain_http: bool,
     /// Whether each daemon serves metrics (on a loopback port it picks) for the
     /// snapshotter's endpoint to gather.
-    metrics: bool,
+    pub metrics: bool,
 }
 
 impl Mounter for DaemonMounter {
@@ -60,22 +59,27 @@ impl Mounter for DaemonMounter {
     }
 
     fn unmount(&self, dir: &Path) -> Result<(), MounterError> {
-        crate::mount::umount(&self.root, dir, false)
-            .map_err(|e| MounterError::Failed(format!("{e:#}")))
+        crate::daemon::control::umount(&self.root, dir, false)
+            .map(|_| ())
+            .map_err(|e| MounterError::Failed(e.to_string()))
     }
 
     fn state(&self, dir: &Path) -> MountState {
-        stratafs::daemon::mount_state(&self.root, dir)
+        crate::daemon::mount_state(&self.root, dir)
     }
 
     fn detach(&self, dir: &Path) {
-        let _ = stratafs::fuse::unmount(dir, true);
+        let _ = crate::fuse::unmount(dir, true);
     }
 }
 
 /// Serves the snapshotter's metrics merged with those of the mount daemons it started (each
 /// scraped at its loopback address, from its mount record, when the endpoint is scraped).
-fn serve_metrics(addr: &str, root: PathBuf, ctx: &Context) -> Result<std::net::SocketAddr> {
+fn serve_metrics(
+    addr: &str,
+    root: PathBuf,
+    ctx: &Context,
+) -> std::io::Result<std::net::SocketAddr> {
     let (chunks, cap) = (ctx.chunks.clone(), ctx.cache_cap);
     let render = Arc::new(move || {
         let own = metrics::metrics();
@@ -84,7 +88,7 @@ fn serve_metrics(addr: &str, root: PathBuf, ctx: &Context) -> Result<std::net::S
         }
         own.cache_cap_bytes.set(cap as i64);
         let mut texts = vec![own.encode()];
-        for record in stratafs::daemon::mounts(&root) {
+        for record in crate::daemon::mounts(&root) {
             let Some(daemon) = record.metrics else {
                 continue;
             };
@@ -99,7 +103,7 @@ fn serve_metrics(addr: &str, root: PathBuf, ctx: &Context) -> Result<std::net::S
         }
         metrics::merge(&texts)
     });
-    Ok(metrics::serve_text(addr, render)?)
+    metrics::serve_text(addr, render)
 }
 
 pub struct SnapshotterArgs {
@@ -110,16 +114,48 @@ pub struct SnapshotterArgs {
     pub metrics_address: Option<String>,
 }
 
+/// Why the snapshotter could not start or stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Platform(#[from] crate::image::PlatformError),
+    #[error("opening the snapshotter state: {0}")]
+    Open(#[source] SnapshotterError),
+    #[error("serving on {}: {source}", .address.display())]
+    Serve {
+        address: PathBuf,
+        #[source]
+        source: SnapshotterError,
+    },
+}
+
+/// Runs the snapshotter (`stratafs snapshotter`): opens its state, recovers its lazy mounts in
+/// the background, and serves on `args.address` until SIGTERM or SIGINT (the lazy mounts stay).
 pub async fn run(
     ctx: Context,
     config_path: Option<&Path>,
     log_level: &str,
     args: SnapshotterArgs,
-) -> Result<()> {
-    let root = std::path::absolute(ctx.store.root())?;
+) -> Result<(), RunError> {
+    let io = |what: String| move |source| RunError::Io { what, source };
+    let root = std::path::absolute(ctx.store.root()).map_err(io(ctx
+        .store
+        .root()
+        .display()
+        .to_string()))?;
+    let config = match config_path {
+        Some(c) => Some(std::path::absolute(c).map_err(io(c.display().to_string()))?),
+        None => None,
+    };
     let mounter = Arc::new(DaemonMounter {
         root: root.clone(),
-        config: config_path.map(std::path::absolute).transpose()?,
+        config,
         log_level: log_level.to_string(),
         plain_http: args.plain_http,
         metrics: args.metrics_address.is_some(),
@@ -128,17 +164,18 @@ pub async fn run(
         store: ctx.store.clone(),
         client: ctx.client.clone(),
         index: ctx.config.index.clone(),
-        platform: crate::platform(&args.platform)?.unwrap_or_else(stratafs::image::Platform::host),
+        platform: match &args.platform {
+            Some(p) => Platform::parse(p)?,
+            None => Platform::host(),
+        },
     };
-    let snapshotter = Arc::new(
-        Snapshotter::open(resolver, mounter, ctx.chunks.clone())
-            .context("opening the snapshotter state")?,
-    );
+    let snapshotter =
+        Arc::new(Snapshotter::open(resolver, mounter, ctx.chunks.clone()).map_err(RunError::Open)?);
     // After the store's lock is taken: a second snapshotter says so, not "port in use".
     let metrics = match &args.metrics_address {
         Some(addr) => {
             let bound = serve_metrics(addr, root, &ctx)
-                .with_context(|| format!("serving metrics at {addr}"))?;
+                .map_err(io(format!("serving metrics at {addr}")))?;
             format!(", metrics at http://{bound}/metrics")
         }
         None => String::new(),
@@ -160,9 +197,12 @@ pub async fn run(
         args.address.display(),
         ctx.store.root().display()
     );
-    stratafs::snapshotter::serve(snapshotter, &args.address, shutdown)
+    super::serve(snapshotter, &args.address, shutdown)
         .await
-        .with_context(|| format!("serving on {}", args.address.display()))?;
+        .map_err(|source| RunError::Serve {
+            address: args.address.clone(),
+            source,
+        })?;
     let _ = std::fs::remove_file(&args.address);
     Ok(())
 }
