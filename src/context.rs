@@ -95,8 +95,14 @@ impl Context {
         }
         let host = Platform::host();
         let platform = platform.unwrap_or(&host);
-        let image =
-            crate::pull::pull(&self.client, &self.store, &reference, platform, &|_| {}).await?;
+        let image = crate::pull::pull(
+            self.client.as_ref(),
+            &self.store,
+            &reference,
+            platform,
+            &|_| {},
+        )
+        .await?;
         if self.fetch_published(&image).await > 0 {
             // The record now names the adopted indexes.
             if let Some(r) = self.store.images.get(&image.name)? {

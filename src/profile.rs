@@ -474,7 +474,7 @@ impl Session {
         image: &crate::image::ImageRecord,
         chain: &Digest,
         store: &crate::store::Store,
-        client: Arc<crate::registry::RegistryClient>,
+        client: Arc<dyn crate::registry::Registry>,
         settings: &MountProfile,
     ) -> Session {
         let chain = chain.clone();
@@ -490,7 +490,7 @@ impl Session {
                     Ok(Some(p)) => Some((p, false)),
                     Ok(None) if !whole => None,
                     Ok(None) => {
-                        match crate::publish::pinned_profile(&client, &store, &image).await {
+                        match crate::publish::pinned_profile(client.as_ref(), &store, &image).await {
                             Ok(Some(p)) => {
                                 tracing::info!(image = %image.name, ranges = p.ranges.len(), "replaying the profile the image pins");
                                 Some((p, true))

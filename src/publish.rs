@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 use crate::image::{media, ImageRecord};
 use crate::layer::{IndexStore, LayerError, LayerIndex, Limits};
 use crate::reference::Reference;
-use crate::registry::{RegistryClient, RegistryError};
+use crate::registry::{Registry, RegistryClient, RegistryError};
 use crate::store::{Store, StoreError};
 
 /// The `artifactType` of a stratafs index artifact.
@@ -247,7 +247,7 @@ pub async fn bind_profile(
 /// The startup profile `image`'s manifest pins, fetched (digest-checked, bounded) — `None`
 /// when it pins none.
 pub async fn pinned_profile(
-    client: &RegistryClient,
+    client: &dyn Registry,
     store: &Store,
     image: &ImageRecord,
 ) -> Result<Option<crate::profile::Profile>, PublishError> {
@@ -258,10 +258,10 @@ pub async fn pinned_profile(
     let pin = crate::digest::parse(pin)
         .map_err(|e| invalid(image, &format!("profile annotation {pin}: {e}")))?;
     let blob = client
-        .fetch_blob_capped(
+        .fetch_blob(
             &reference_of(image)?,
             &pin,
-            crate::profile::MAX_PROFILE_BYTES,
+            Some(crate::profile::MAX_PROFILE_BYTES),
         )
         .await?;
     let what = format!("{pin} of {}", image.name);

@@ -11,7 +11,7 @@ use oci_spec::image::{Digest, ImageConfiguration, ImageIndex, ImageManifest};
 
 use crate::image::{chain_ids, media, Compression, Descriptor, ImageRecord, LayerRecord, Platform};
 use crate::reference::Reference;
-use crate::registry::{Fetched, RegistryClient, RegistryError};
+use crate::registry::{Fetched, Registry, RegistryError};
 use crate::store::{ChainRecord, Store, StoreError};
 
 /// Annotation that marks attestation manifests inside an index (BuildKit).
@@ -52,7 +52,7 @@ pub enum PullError {
 
 /// Pulls `reference` for `platform` into `store`; `progress` is told what is happening.
 pub async fn pull(
-    client: &RegistryClient,
+    client: &dyn Registry,
     store: &Store,
     reference: &Reference,
     platform: &Platform,
@@ -114,7 +114,9 @@ pub async fn pull(
         });
     }
     progress(&format!("fetching config {}", config_desc.digest()));
-    let config_data = client.fetch_blob(reference, config_desc.digest()).await?;
+    let config_data = client
+        .fetch_blob(reference, config_desc.digest(), None)
+        .await?;
     check_size(
         "config",
         config_desc.digest(),

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use oci_spec::image::Digest;
 
 use crate::reference::Reference;
-use crate::registry::RegistryClient;
+use crate::registry::Registry;
 
 /// A failed read, naming the blob.
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +63,7 @@ fn check_range(digest: &Digest, size: u64, offset: u64, len: u64) -> Result<(), 
 
 /// A blob in a registry, read with HTTP Range requests.
 pub struct RegistrySource {
-    client: Arc<RegistryClient>,
+    client: Arc<dyn Registry>,
     reference: Reference,
     digest: Digest,
     size: u64,
@@ -74,7 +74,7 @@ impl RegistrySource {
     /// `size` comes from the manifest's descriptor, so no request is needed to learn it.
     /// Bytes read are added to `fetched` (shared by every source of one blob).
     pub fn new(
-        client: Arc<RegistryClient>,
+        client: Arc<dyn Registry>,
         reference: Reference,
         digest: Digest,
         size: u64,

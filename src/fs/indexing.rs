@@ -18,7 +18,7 @@ use crate::layer::reader::{stream_index, LayerReader, StreamSpec};
 use crate::layer::zstd_chunked;
 use crate::layer::{IndexFormat, IndexStore, LayerIndex, Limits, DEFAULT_SPAN};
 use crate::reference::Reference;
-use crate::registry::RegistryClient;
+use crate::registry::{Registry, MAX_INDEX_BLOB};
 use crate::source::{BlobSource, RegistrySource};
 
 use super::FsError;
@@ -121,7 +121,7 @@ impl FetchMeter {
 pub struct Layers {
     pub(super) indexes: IndexStore,
     cache: Arc<Cache>,
-    client: Arc<RegistryClient>,
+    client: Arc<dyn Registry>,
     settings: IndexSettings,
     span: u64,
     /// Bytes read from the registry per blob since the last [`Layers::save_fetched`].
@@ -132,7 +132,7 @@ pub struct Layers {
 }
 
 impl Layers {
-    pub fn new(root: &std::path::Path, client: Arc<RegistryClient>, cache: Arc<Cache>) -> Layers {
+    pub fn new(root: &std::path::Path, client: Arc<dyn Registry>, cache: Arc<Cache>) -> Layers {
         Layers {
             indexes: IndexStore::new(root),
             cache,
@@ -409,7 +409,7 @@ impl Layers {
         };
         let blob = self
             .client
-            .fetch_index_blob(&reference, pin)
+            .fetch_blob(&reference, pin, Some(MAX_INDEX_BLOB))
             .await
             .map_err(|e| invalid(e.to_string()))?;
         let limits = self.limits();

@@ -18,6 +18,8 @@ use crate::tree::{FileType, NodeId, Tree};
 
 mod error;
 mod indexing;
+#[cfg(test)]
+mod tests;
 
 pub use error::FsError;
 pub use indexing::*;

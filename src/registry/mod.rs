@@ -7,14 +7,24 @@
 //! credentialed bearer tokens cached per scope and refreshed on 401 and 403, or HTTP Basic.
 //! Connection errors, timeouts, 5xx and 429 are retried with exponential backoff for a bounded
 //! time; every other failure becomes a [`RegistryError`] naming the reference or registry.
+//!
+//! The stages that read images (pull, layer indexing and reads, published indexes and
+//! profiles) reach a registry through the [`Registry`] seam: four read-only calls whose
+//! results are verified. [`RegistryClient`] is the real one; `fake::FakeRegistry` (unit tests
+//! only) serves repositories from memory, counting and optionally failing requests. Pushing
+//! (`stratafs index push`, `profile push`) is the client's alone.
 
 mod auth;
+#[cfg(test)]
+pub mod fake;
 mod hosts;
 pub mod hosts_toml;
 mod push;
 mod transport;
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 
 use oci_spec::image::Digest;
 
@@ -77,6 +87,78 @@ pub struct Fetched {
     pub media_type: String,
     pub digest: Digest,
     pub data: Vec<u8>,
+}
+
+/// A boxed future of a [`Registry`] call, so the trait stays object safe.
+pub type RegistryFuture<'a, T> =
+    Pin<Box<dyn Future<Output = Result<T, RegistryError>> + Send + 'a>>;
+
+/// What the reading stages need of a registry. Every manifest and blob returned is verified
+/// against its digest; ranges are not (a range has no digest of its own: callers check them
+/// against a layer index's span digests).
+pub trait Registry: Send + Sync {
+    /// The manifest or index `reference` names (its digest if pinned, else its tag).
+    fn resolve<'a>(&'a self, reference: &'a Reference) -> RegistryFuture<'a, Fetched>;
+    /// Manifest or index `digest` of `reference`'s repository.
+    fn fetch_manifest<'a>(
+        &'a self,
+        reference: &'a Reference,
+        digest: &'a Digest,
+    ) -> RegistryFuture<'a, Fetched>;
+    /// Blob `digest` of at most `cap` bytes (`None`: the configured cap for configs).
+    fn fetch_blob<'a>(
+        &'a self,
+        reference: &'a Reference,
+        digest: &'a Digest,
+        cap: Option<u64>,
+    ) -> RegistryFuture<'a, Vec<u8>>;
+    /// `len` bytes at `offset` of blob `digest`.
+    fn read_blob_range<'a>(
+        &'a self,
+        reference: &'a Reference,
+        digest: &'a Digest,
+        offset: u64,
+        len: u64,
+    ) -> RegistryFuture<'a, Vec<u8>>;
+}
+
+/// Largest published layer index blob fetched (larger than a config).
+pub const MAX_INDEX_BLOB: u64 = 256 << 20;
+
+impl Registry for RegistryClient {
+    fn resolve<'a>(&'a self, reference: &'a Reference) -> RegistryFuture<'a, Fetched> {
+        Box::pin(RegistryClient::resolve(self, reference))
+    }
+
+    fn fetch_manifest<'a>(
+        &'a self,
+        reference: &'a Reference,
+        digest: &'a Digest,
+    ) -> RegistryFuture<'a, Fetched> {
+        Box::pin(RegistryClient::fetch_manifest(self, reference, digest))
+    }
+
+    fn fetch_blob<'a>(
+        &'a self,
+        reference: &'a Reference,
+        digest: &'a Digest,
+        cap: Option<u64>,
+    ) -> RegistryFuture<'a, Vec<u8>> {
+        let cap = cap.unwrap_or(self.settings.max_manifest_bytes);
+        Box::pin(self.fetch_blob_capped(reference, digest, cap))
+    }
+
+    fn read_blob_range<'a>(
+        &'a self,
+        reference: &'a Reference,
+        digest: &'a Digest,
+        offset: u64,
+        len: u64,
+    ) -> RegistryFuture<'a, Vec<u8>> {
+        Box::pin(RegistryClient::read_blob_range(
+            self, reference, digest, offset, len,
+        ))
+    }
 }
 
 /// Talks to OCI/Docker registries on behalf of every other stage.
@@ -216,7 +298,8 @@ impl RegistryClient {
         reference: &Reference,
         digest: &Digest,
     ) -> Result<Vec<u8>, RegistryError> {
-        self.fetch_blob_capped(reference, digest, 256 << 20).await
+        self.fetch_blob_capped(reference, digest, MAX_INDEX_BLOB)
+            .await
     }
 
     /// Fetches blob `digest` of at most `cap` bytes, verified.

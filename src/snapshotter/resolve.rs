@@ -143,7 +143,7 @@ impl Resolver {
                 return Ok(r);
             }
         }
-        let image = crate::pull::pull(&self.client, &self.store, &parsed, &self.platform, &|_| {})
+        let image = crate::pull::pull(self.client.as_ref(), &self.store, &parsed, &self.platform, &|_| {})
             .await
             .map_err(|source| {
                 // Not a design choice but a failure (a registry unreachable, plain HTTP not

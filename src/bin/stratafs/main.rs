@@ -336,13 +336,18 @@ async fn run(mut cli: Cli) -> Result<()> {
             let ctx = lazy::Context::new(store, &config, plain_http)?;
             let spinner = progress_spinner();
             let started = Instant::now();
-            let record =
-                stratafs::pull::pull(&ctx.client, &ctx.store, &reference, &platform, &|msg| {
+            let record = stratafs::pull::pull(
+                ctx.client.as_ref(),
+                &ctx.store,
+                &reference,
+                &platform,
+                &|msg| {
                     if let Some(s) = &spinner {
                         s.set_message(msg.to_string());
                     }
-                })
-                .await;
+                },
+            )
+            .await;
             if let Some(s) = spinner {
                 s.finish_and_clear();
             }

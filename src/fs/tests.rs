@@ -1,0 +1,165 @@
+//! The pipeline from pull to reads over the in-process fake registry: what is fetched, and
+//! that corrupt bytes from the registry are never served.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use flate2::write::GzEncoder;
+use serde_json::json;
+
+use super::*;
+use crate::cache::{Cache, DiskChunks};
+use crate::image::{media, Platform};
+use crate::reference::Reference;
+use crate::registry::fake::FakeRegistry;
+use crate::store::Store;
+
+const REPO: &str = "test/app";
+
+/// A gzip'd tar layer of `files` (path, contents); returns (blob, diff_id).
+fn layer(files: &[(&str, Vec<u8>)]) -> (Vec<u8>, oci_spec::image::Digest) {
+    let mut tar = tar::Builder::new(Vec::new());
+    for (path, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        tar.append_data(&mut h, path, data.as_slice()).unwrap();
+    }
+    let tar = tar.into_inner().unwrap();
+    let diff_id = crate::digest::sha256(&tar);
+    let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&tar).unwrap();
+    (gz.finish().unwrap(), diff_id)
+}
+
+/// Pushes an image of one layer of `files` to `registry` as `REPO:v1`; returns the layer blob.
+fn push(registry: &FakeRegistry, files: &[(&str, Vec<u8>)]) -> (Vec<u8>, oci_spec::image::Digest) {
+    let (blob, diff_id) = layer(files);
+    let host = Platform::host();
+    let config = serde_json::to_vec(&json!({
+        "architecture": host.architecture, "os": host.os,
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+    }))
+    .unwrap();
+    let config_digest = registry.add_blob(REPO, &config);
+    let layer_digest = registry.add_blob(REPO, &blob);
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": media::OCI_MANIFEST,
+        "config": {"mediaType": media::OCI_CONFIG, "digest": config_digest, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": layer_digest, "size": blob.len()}],
+    }))
+    .unwrap();
+    registry.add_manifest(REPO, "v1", media::OCI_MANIFEST, &manifest);
+    (blob, layer_digest)
+}
+
+fn files() -> Vec<(&'static str, Vec<u8>)> {
+    let big: Vec<u8> = (0..3u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    vec![
+        ("etc/hello", b"hello, world\n".to_vec()),
+        ("usr/lib/big.so", big),
+    ]
+}
+
+async fn open(registry: Arc<FakeRegistry>, root: &std::path::Path) -> Result<ImageView, FsError> {
+    let store = Store::open(root).unwrap();
+    let reference: Reference = format!("registry.test/{REPO}:v1").parse().unwrap();
+    let record = crate::pull::pull(
+        registry.as_ref(),
+        &store,
+        &reference,
+        &Platform::host(),
+        &|_| {},
+    )
+    .await
+    .unwrap();
+    let chunks = Arc::new(DiskChunks::open(root).unwrap());
+    let layers = Layers::new(root, registry, Arc::new(Cache::new(chunks, 8)));
+    ImageView::open(&layers, &record).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_fetches_no_layer_data_and_reads_come_from_the_verified_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(FakeRegistry::new());
+    let (blob, _) = push(&registry, &files());
+    let store = Store::open(dir.path()).unwrap();
+    let reference: Reference = format!("registry.test/{REPO}:v1").parse().unwrap();
+    crate::pull::pull(
+        registry.as_ref(),
+        &store,
+        &reference,
+        &Platform::host(),
+        &|_| {},
+    )
+    .await
+    .unwrap();
+    let pulled = registry.requests();
+    assert_eq!(
+        (pulled.manifests, pulled.blobs, pulled.ranges),
+        (1, 1, 0),
+        "{pulled:?}"
+    );
+
+    // No index is pinned: the layer is streamed once (by ranges), verified, and cached.
+    let view = Arc::new(open(registry.clone(), dir.path()).await.unwrap());
+    let opened = registry.requests();
+    assert_eq!(
+        opened.range_bytes,
+        blob.len() as u64,
+        "the whole blob, once: {opened:?}"
+    );
+    for (path, data) in files() {
+        let id = view.lookup(path).unwrap();
+        assert_eq!(
+            view.read(id, 0, data.len() as u64).await.unwrap(),
+            data,
+            "{path}"
+        );
+    }
+    assert_eq!(
+        registry.requests().ranges,
+        opened.ranges,
+        "reads were served from the cache"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_corrupted_in_the_registry_is_never_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(FakeRegistry::new());
+    let (blob, digest) = push(&registry, &files());
+    registry.corrupt(REPO, &digest, blob.len() / 2);
+    let err = match open(registry.clone(), dir.path()).await {
+        Ok(_) => panic!("a corrupted layer was opened"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains(&digest.to_string()) || err.contains("digest"),
+        "{err}"
+    );
+    // Nothing of it is kept as verified: no index stored for the layer.
+    let indexes = crate::layer::IndexStore::new(dir.path());
+    assert!(
+        indexes.get_any(&digest).unwrap().is_none(),
+        "no index stored"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_range_reads_are_errors_not_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(FakeRegistry::new());
+    push(&registry, &files());
+    registry.fail_ranges(u64::MAX);
+    assert!(open(registry.clone(), dir.path()).await.is_err());
+    registry.fail_ranges(0);
+    let view = Arc::new(open(registry, dir.path()).await.unwrap());
+    let id = view.lookup("etc/hello").unwrap();
+    assert_eq!(view.read(id, 0, 64).await.unwrap(), b"hello, world\n");
+}
