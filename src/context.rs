@@ -116,20 +116,8 @@ impl Context {
     /// `image` for layers the image pins none for (best effort: without them, layers are
     /// indexed by streaming). Returns how many were adopted.
     pub async fn fetch_published(&self, image: &ImageRecord) -> usize {
-        let index = &self.config.index;
-        if !index.published || !index.unbound_referrers {
-            return 0;
-        }
-        let limits = crate::layer::Limits::from(index);
-        match crate::publish::adopt_referrer_indexes(&self.client, &self.store, image, &limits)
+        crate::publish::adopt_if_opted_in(&self.client, &self.store, image, &self.config.index)
             .await
-        {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::warn!(image = %image.name, error = %e, "published indexes unavailable");
-                0
-            }
-        }
     }
 }
 

@@ -4,7 +4,8 @@
 //!
 //! 1. [`reference`] — parse and normalise image names (`alpine` → `docker.io/library/alpine:latest`).
 //! 2. [`registry`] — the only module that speaks HTTP: resolve tags, fetch manifests, configs and
-//!    blob ranges, with mirrors, authentication, retries and digest verification.
+//!    blob ranges, with mirrors, authentication, retries and digest verification. Later stages
+//!    reach it through the [`registry::Registry`] seam (an in-process fake for unit tests).
 //! 3. [`store`] — metadata on disk: a content store by digest, the image store (name → record)
 //!    and ChainID records, all written crash-safely.
 //! 4. [`layer`] — per-layer index of where each file's bytes live in the blob (tar entries,
@@ -23,8 +24,9 @@
 //! [`profile`] records what a workload reads first and replays it on the next cold start.
 //! [`context`] assembles the pipeline from the configuration (store, registry client, cache,
 //! layer access) for a command or a daemon. [`daemon`] is the lifecycle of a mount's
-//! processes: the serving process, the record it keeps, and the holder that keeps a mount's
-//! FUSE connection open across crashes and upgrades of the serving process.
+//! processes: the serving process, the record it keeps, the holder that keeps a mount's
+//! FUSE connection open across crashes and upgrades of the serving process, and the control
+//! side (`mount`, `umount`, `upgrade`) the binary and the snapshotter use.
 //! [`metrics`] exports what every stage did for Prometheus; [`status`] reports what the cache
 //! holds per layer.
 //! Shared vocabulary lives in [`image`] (media types, platforms, layer records, ChainIDs),

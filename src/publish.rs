@@ -337,6 +337,28 @@ async fn push_again(
     Ok(list_digest)
 }
 
+/// [`adopt_referrer_indexes`] when the user opted in (`[index] published` and
+/// `unbound_referrers`), best effort: a failure is logged (the layers are then indexed by
+/// streaming). Returns how many layers adopted an index.
+pub async fn adopt_if_opted_in(
+    client: &RegistryClient,
+    store: &Store,
+    image: &ImageRecord,
+    settings: &crate::config::IndexSettings,
+) -> usize {
+    if !settings.published || !settings.unbound_referrers {
+        return 0;
+    }
+    let limits = Limits::from(settings);
+    match adopt_referrer_indexes(client, store, image, &limits).await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(image = %image.name, error = %e, "published indexes unavailable");
+            0
+        }
+    }
+}
+
 /// Finds a stratafs index artifact among the referrers of `image`'s manifest and adopts its
 /// indexes for the layers that have none pinned: stores each (digest-checked, matched to the
 /// layer, validated) under its own digest and records it in the image record as

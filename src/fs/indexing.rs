@@ -73,6 +73,20 @@ pub fn check_published(
     index.validate(limits.max_entries)
 }
 
+/// Whether `layer` is served lazily, by range reads from the registry: gzip (with or without
+/// an index; eStargz included) and uncompressed tar layers, and zstd layers with a
+/// zstd:chunked TOC. A plain zstd layer has no random access: a mount streams it whole once
+/// and serves it from the cache; the snapshotter leaves it to containerd.
+pub fn lazily_servable(layer: &LayerRecord) -> bool {
+    match Compression::of_layer(&layer.media_type) {
+        Some(Compression::Gzip | Compression::None) => true,
+        Some(Compression::Zstd) => {
+            matches!(zstd_chunked::toc_location(&layer.annotations), Ok(Some(_)))
+        }
+        None => false,
+    }
+}
+
 /// What pins a layer's own TOC: the eStargz TOC digest annotation (on gzip layers) or the
 /// zstd:chunked manifest checksum annotation (on zstd layers).
 fn toc_pin(layer: &LayerRecord) -> Option<Digest> {

@@ -16,11 +16,27 @@ pub enum MountState {
 /// One mount of this process's mount namespace, from /proc/self/mountinfo.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountEntry {
+    /// `major:minor` of the mounted filesystem.
+    pub dev: String,
     pub mountpoint: std::path::PathBuf,
+    /// Per-mount options (`ro,nosuid,nodev,relatime`).
+    pub options: Vec<String>,
     /// `fuse.stratafs`, `overlay`, …
     pub fstype: String,
     /// What was mounted (for stratafs: the image reference).
     pub source: String,
+    /// Superblock options (`rw,user_id=0,group_id=0,default_permissions,allow_other`).
+    pub super_options: Vec<String>,
+}
+
+impl MountEntry {
+    /// Whether `option` is among the per-mount or superblock options.
+    pub fn has(&self, option: &str) -> bool {
+        self.options
+            .iter()
+            .chain(&self.super_options)
+            .any(|o| o == option)
+    }
 }
 
 /// Every mount in /proc/self/mountinfo, in mount order (escapes undone).
@@ -32,10 +48,17 @@ pub fn mount_entries() -> Vec<MountEntry> {
 fn parse_mountinfo_line(line: &str) -> Option<MountEntry> {
     let fields: Vec<&str> = line.split(' ').collect();
     let dash = fields.iter().position(|f| *f == "-")?;
+    let list = |f: Option<&&str>| -> Vec<String> {
+        f.map(|o| o.split(',').map(str::to_string).collect())
+            .unwrap_or_default()
+    };
     Some(MountEntry {
+        dev: fields.get(2)?.to_string(),
         mountpoint: unescape(fields.get(4)?).into(),
+        options: list(fields.get(5)),
         fstype: unescape(fields.get(dash + 1)?),
         source: unescape(fields.get(dash + 2)?),
+        super_options: list(fields.get(dash + 3)),
     })
 }
 
@@ -85,9 +108,12 @@ mod tests {
         assert_eq!(
             parse_mountinfo_line(line),
             Some(MountEntry {
+                dev: "0:42".into(),
                 mountpoint: "/mnt/my app".into(),
+                options: vec!["rw".into(), "nosuid".into()],
                 fstype: "fuse.stratafs".into(),
                 source: "127.0.0.1:5000/app:v1".into(),
+                super_options: vec!["rw".into(), "user_id=0".into()],
             })
         );
         assert_eq!(parse_mountinfo_line("garbage"), None);

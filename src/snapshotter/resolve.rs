@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::image::{Compression, ImageRecord, Platform};
+use crate::image::{ImageRecord, Platform};
 use crate::reference::Reference;
 use crate::registry::RegistryClient;
 use crate::store::Store;
@@ -98,23 +98,15 @@ impl Resolver {
                 });
             }
         }
-        let chunked = matches!(
-            crate::layer::zstd_chunked::toc_location(&layer.annotations),
-            Ok(Some(_))
-        );
         let top = image
             .layers
             .last()
             .is_some_and(|l| l.chain_id.as_ref() == target);
-        match Compression::of_layer(&layer.media_type) {
-            Some(Compression::Gzip | Compression::None) => {}
-            Some(Compression::Zstd) if chunked => {}
-            _ => {
-                return Err(ResolveError::NotLazy {
-                    digest: layer.digest.to_string(),
-                    media_type: layer.media_type.to_string(),
-                })
-            }
+        if !crate::fs::lazily_servable(layer) {
+            return Err(ResolveError::NotLazy {
+                digest: layer.digest.to_string(),
+                media_type: layer.media_type.to_string(),
+            });
         }
         let lazy = LazyLayer {
             image: image.name.clone(),
@@ -154,15 +146,7 @@ impl Resolver {
                     source: Box::new(source),
                 }
             })?;
-        if self.index.published && self.index.unbound_referrers {
-            let limits = crate::layer::Limits::from(&self.index);
-            if let Err(e) =
-                crate::publish::adopt_referrer_indexes(&self.client, &self.store, &image, &limits)
-                    .await
-            {
-                tracing::warn!(image = %image.name, error = %e, "published indexes unavailable");
-            }
-        }
+        crate::publish::adopt_if_opted_in(&self.client, &self.store, &image, &self.index).await;
         Ok(image)
     }
 

@@ -132,74 +132,12 @@ pub fn show(out: &Output) -> String {
     )
 }
 
-/// One line of `/proc/self/mountinfo`.
-#[derive(Clone, Debug)]
-pub struct MountInfo {
-    /// `major:minor` of the mounted filesystem.
-    pub dev: String,
-    pub mountpoint: PathBuf,
-    /// Per-mount options (`ro,nosuid,nodev,relatime`).
-    pub options: Vec<String>,
-    pub fstype: String,
-    pub source: String,
-    /// Superblock options (`rw,user_id=0,group_id=0,default_permissions,allow_other`).
-    pub super_options: Vec<String>,
-}
-
-impl MountInfo {
-    /// Whether `opt` is among the per-mount or superblock options.
-    pub fn has(&self, opt: &str) -> bool {
-        self.options
-            .iter()
-            .chain(&self.super_options)
-            .any(|o| o == opt)
-    }
-}
-
-/// Undo mountinfo's octal escapes (`\040` for a space, ...).
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal = b
-            .get(i + 1..i + 4)
-            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match octal {
-            Some(d) => {
-                out.push(d.iter().fold(0u8, |v, c| v.wrapping_mul(8) + (c - b'0')));
-                i += 4;
-            }
-            None => {
-                out.push(b[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+/// One line of `/proc/self/mountinfo` (the library's parser).
+pub use stratafs::fuse::MountEntry as MountInfo;
 
 /// Every mount of this mount namespace.
 pub fn mounts() -> Vec<MountInfo> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
-    text.lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let l: Vec<&str> = left.split(' ').collect();
-            let r: Vec<&str> = right.split(' ').collect();
-            Some(MountInfo {
-                dev: l.get(2)?.to_string(),
-                mountpoint: PathBuf::from(unescape(l.get(4)?)),
-                options: l.get(5)?.split(',').map(str::to_string).collect(),
-                fstype: r.first()?.to_string(),
-                source: unescape(r.get(1)?),
-                super_options: r
-                    .get(2)
-                    .map(|o| o.split(',').map(str::to_string).collect())
-                    .unwrap_or_default(),
-            })
-        })
-        .collect()
+    stratafs::fuse::mount_entries()
 }
 
 /// The topmost mount on `dir`, if any.
