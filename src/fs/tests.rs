@@ -66,18 +66,18 @@ fn files() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
-async fn open(registry: Arc<FakeRegistry>, root: &std::path::Path) -> Result<ImageView, FsError> {
+/// Pulls `REPO:v1` from `registry` into a store at `root`.
+async fn pull(registry: &FakeRegistry, root: &std::path::Path) -> ImageRecord {
     let store = Store::open(root).unwrap();
     let reference: Reference = format!("registry.test/{REPO}:v1").parse().unwrap();
-    let record = crate::pull::pull(
-        registry.as_ref(),
-        &store,
-        &reference,
-        &Platform::host(),
-        &|_| {},
-    )
-    .await
-    .unwrap();
+    crate::pull::pull(registry, &store, &reference, &Platform::host(), &|_| {})
+        .await
+        .unwrap()
+}
+
+/// Pulls `REPO:v1` and opens it, its layers read from `registry`.
+async fn open(registry: Arc<FakeRegistry>, root: &std::path::Path) -> Result<ImageView, FsError> {
+    let record = pull(&registry, root).await;
     let chunks = Arc::new(DiskChunks::open(root).unwrap());
     let layers = Layers::new(root, registry, Arc::new(Cache::new(chunks, 8)));
     ImageView::open(&layers, &record).await
