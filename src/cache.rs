@@ -257,7 +257,8 @@ impl ChunkStore for DiskChunks {
         if path.exists() {
             return Ok(false);
         }
-        // No fsync: a chunk lost or damaged by a crash fails verification and is fetched again.
+        // No fsync (unlike `store::commit_file`): a chunk lost or damaged by a crash fails
+        // verification and is fetched again.
         let mut tmp = tempfile::NamedTempFile::new_in(&self.tmp)?;
         tmp.write_all(data)?;
         tmp.persist(path).map_err(|e| e.error)?;

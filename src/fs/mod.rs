@@ -284,8 +284,7 @@ impl ImageView {
             std::io::Write::write_all(&mut tmp, &data).map_err(io)?;
             done += data.len() as u64;
         }
-        tmp.as_file().sync_all().map_err(io)?;
-        tmp.persist(&path).map_err(|e| io(e.error))?;
+        crate::store::commit_file(tmp, &path).map_err(io)?;
         Ok(Some(path))
     }
 }

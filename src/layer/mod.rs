@@ -726,12 +726,7 @@ impl IndexStore {
         // Replaced even if present (the same bytes, or a damaged copy): the rename is atomic.
         let dir = path.parent().expect("windows dir");
         std::fs::create_dir_all(dir).map_err(err)?;
-        file.as_file().sync_all().map_err(err)?;
-        file.persist(&path).map_err(|e| err(e.error))?;
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(err)?;
-        Ok(())
+        crate::store::commit_file(file, &path).map_err(err)
     }
 
     /// Whether `index` needs no window file or has its window file here (of the right size).

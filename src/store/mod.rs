@@ -287,15 +287,18 @@ impl Store {
 pub fn write_atomic(tmp_dir: &Path, dest: &Path, data: &[u8]) -> Result<(), StoreError> {
     let mut tmp = tempfile::NamedTempFile::new_in(tmp_dir).map_err(io_err(tmp_dir))?;
     tmp.write_all(data).map_err(io_err(tmp.path()))?;
-    tmp.as_file().sync_all().map_err(io_err(tmp.path()))?;
-    tmp.persist(dest).map_err(|e| StoreError::Io {
-        path: dest.to_path_buf(),
-        source: e.error,
-    })?;
+    commit_file(tmp, dest).map_err(io_err(dest))
+}
+
+/// Makes `tmp` (written in full, on the filesystem of `dest`) the file `dest`, durably: fsync,
+/// rename over `dest`, fsync of `dest`'s directory. Every durable file of the store is
+/// committed this way ([`write_atomic`] for files written at once); cache chunks alone skip
+/// the fsyncs, since a chunk damaged by a crash fails verification and is fetched again.
+pub fn commit_file(tmp: tempfile::NamedTempFile, dest: &Path) -> std::io::Result<()> {
+    tmp.as_file().sync_all()?;
+    tmp.persist(dest).map_err(|e| e.error)?;
     if let Some(dir) = dest.parent() {
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(dir))?;
+        File::open(dir)?.sync_all()?;
     }
     Ok(())
 }
