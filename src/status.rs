@@ -109,3 +109,18 @@ pub fn fetch_rates(
         })
         .collect()
 }
+
+/// How many fetches the daemon of mount `record` has in flight, asked of its metrics endpoint
+/// (none when it serves no metrics or does not answer within half a second).
+pub fn fetches_in_flight(record: &crate::daemon::MountRecord) -> Option<f64> {
+    let text = crate::metrics::scrape(
+        record.metrics.as_deref()?,
+        std::time::Duration::from_millis(500),
+    )
+    .ok()?;
+    text.lines().find_map(|l| {
+        l.strip_prefix("stratafs_fetches_in_flight ")?
+            .parse::<f64>()
+            .ok()
+    })
+}

@@ -349,6 +349,23 @@ fn dir_node(name: &str, parent: NodeId, mode: u32) -> Node {
     }
 }
 
+/// Permission bits as `ls -l` shows them (`rwsr-xr-t`).
+pub fn mode_string(mode: u32) -> String {
+    let mut s = String::with_capacity(9);
+    for (shift, special, special_char) in [(6, 0o4000, 's'), (3, 0o2000, 's'), (0, 0o1000, 't')] {
+        let bits = (mode >> shift) & 7;
+        s.push(if bits & 4 != 0 { 'r' } else { '-' });
+        s.push(if bits & 2 != 0 { 'w' } else { '-' });
+        s.push(match (bits & 1 != 0, mode & special != 0) {
+            (true, true) => special_char,
+            (false, true) => special_char.to_ascii_uppercase(),
+            (true, false) => 'x',
+            (false, false) => '-',
+        });
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,26 +12,33 @@ use stratafs::tree::FileType;
 
 pub use stratafs::context::Context;
 
-/// Opening images for the lazy commands, with progress on stderr.
-pub(crate) trait ContextExt {
-    /// The merged view of the image `reference`, every layer indexed.
-    async fn view(&self, reference: &str, platform: Option<&Platform>) -> Result<ImageView>;
-    /// Starts showing the progress of `what`, which may fetch up to `total` compressed bytes
-    /// (counted by this process's registry byte counters, refreshed every 100 ms).
-    fn progress(&self, what: &str, total: u64) -> Progress;
+/// The image a command is about (`ImageArgs`), with the context that reaches it.
+pub struct Target {
+    pub ctx: Context,
+    pub reference: String,
+    pub platform: Option<Platform>,
 }
 
-impl ContextExt for Context {
-    async fn view(&self, reference: &str, platform: Option<&Platform>) -> Result<ImageView> {
-        let image = self.image(reference, platform).await?;
+impl Target {
+    /// The image record (pulled if not stored).
+    async fn image(&self) -> Result<ImageRecord> {
+        let platform = self.platform.as_ref();
+        Ok(self.ctx.image(&self.reference, platform).await?)
+    }
+
+    /// The merged view of the image, every layer indexed, with progress on stderr.
+    async fn view(&self) -> Result<ImageView> {
+        let image = self.image().await?;
         let progress = self.progress(&format!("opening {}", image.name), image.layers_size());
-        let view = ImageView::open(&self.layers, &image).await?;
+        let view = ImageView::open(&self.ctx.layers, &image).await?;
         progress.finish(&format!("{} layers indexed", image.layers.len()));
         Ok(view)
     }
 
+    /// Starts showing the progress of `what`, which may fetch up to `total` compressed bytes
+    /// (counted by this process's registry byte counters, refreshed every 100 ms).
     fn progress(&self, what: &str, total: u64) -> Progress {
-        let meter = self.layers.fetch_meter();
+        let meter = self.ctx.layers.fetch_meter();
         let start_bytes = meter.total();
         let mut progress = Progress::new(
             what,
@@ -43,7 +50,7 @@ impl ContextExt for Context {
             tokio::spawn(async move {
                 loop {
                     bar.set_position(fetched());
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             })
         });
@@ -134,14 +141,8 @@ impl Drop for Progress {
     }
 }
 
-pub async fn ls(
-    ctx: &Context,
-    reference: &str,
-    path: &str,
-    long: bool,
-    platform: Option<&Platform>,
-) -> Result<()> {
-    let view = ctx.view(reference, platform).await?;
+pub async fn ls(t: &Target, path: &str, long: bool) -> Result<()> {
+    let view = t.view().await?;
     let id = view.lookup(path)?;
     let node = view.tree.node(id);
     let entries: Vec<(String, usize)> = if node.file_type == FileType::Dir {
@@ -174,7 +175,7 @@ pub async fn ls(
         writeln!(
             out,
             "{kind}{} {:>3} {:>5} {:>5} {:>10} {when} {name}{target}",
-            mode_string(n.mode),
+            stratafs::tree::mode_string(n.mode),
             n.nlink,
             n.uid,
             n.gid,
@@ -184,13 +185,8 @@ pub async fn ls(
     Ok(())
 }
 
-pub async fn cat(
-    ctx: &Context,
-    reference: &str,
-    paths: &[String],
-    platform: Option<&Platform>,
-) -> Result<()> {
-    let view = Arc::new(ctx.view(reference, platform).await?);
+pub async fn cat(t: &Target, paths: &[String]) -> Result<()> {
+    let view = Arc::new(t.view().await?);
     match stratafs::fs::cat(&view, paths, &mut std::io::stdout().lock()).await {
         // Kept an io::Error, so a reader that went away (`| head`) is seen as such.
         Err(stratafs::fs::CatError::Output(e)) => Err(e.into()),
@@ -198,17 +194,12 @@ pub async fn cat(
     }
 }
 
-pub async fn index_build(
-    ctx: &Context,
-    reference: &str,
-    platform: Option<&Platform>,
-    json: bool,
-) -> Result<()> {
-    let image = ctx.image(reference, platform).await?;
-    let progress = ctx.progress(&format!("indexing {}", image.name), image.layers_size());
+pub async fn index_build(t: &Target, json: bool) -> Result<()> {
+    let image = t.image().await?;
+    let progress = t.progress(&format!("indexing {}", image.name), image.layers_size());
     let mut reports = Vec::new();
     for layer in &image.layers {
-        let (_, report) = ctx.layers.index(&image, layer).await?;
+        let (_, report) = t.ctx.layers.index(&image, layer).await?;
         if !json {
             println!(
                 "{}  {:>6} entries  {:>5} spans  {:>4} checkpoints  {:>10} -> {:>10} bytes  {}",
@@ -242,14 +233,10 @@ pub async fn index_build(
     Ok(())
 }
 
-pub async fn index_verify(
-    ctx: &Context,
-    reference: &str,
-    platform: Option<&Platform>,
-) -> Result<()> {
-    let image = ctx.image(reference, platform).await?;
+pub async fn index_verify(t: &Target) -> Result<()> {
+    let image = t.image().await?;
     for layer in &image.layers {
-        let r = ctx.layers.verify(&image, layer).await?;
+        let r = t.ctx.layers.verify(&image, layer).await?;
         println!(
             "{}  {:?} index matches the layer: {} entries, {} files ({} bytes) compared",
             r.blob, r.format, r.entries, r.files, r.bytes
@@ -260,19 +247,13 @@ pub async fn index_verify(
 
 /// Publishes the image's layer indexes: bound to the image (`bind`: a new manifest pinning
 /// them, pushed under `tag` or the reference's own tag) or as an unbound referrer.
-pub async fn index_push(
-    ctx: &Context,
-    reference: &str,
-    platform: Option<&Platform>,
-    bind: bool,
-    tag: Option<&str>,
-) -> Result<()> {
-    let image = ctx.image(reference, platform).await?;
-    let progress = ctx.progress(&format!("indexing {}", image.name), image.layers_size());
-    let indexes = ctx.layers.publishable(&image).await?;
+pub async fn index_push(t: &Target, bind: bool, tag: Option<&str>) -> Result<()> {
+    let image = t.image().await?;
+    let progress = t.progress(&format!("indexing {}", image.name), image.layers_size());
+    let indexes = t.ctx.layers.publishable(&image).await?;
     progress.finish(&format!("{} indexes to publish", indexes.len()));
     if !bind {
-        let digest = stratafs::publish::push_indexes(&ctx.client, &image, &indexes).await?;
+        let digest = stratafs::publish::push_indexes(&t.ctx.client, &image, &indexes).await?;
         println!(
             "pushed indexes of {} layers as {digest} (referrer of {}; used only by stores with [index] unbound_referrers = true — prefer --bind)",
             indexes.len(),
@@ -282,7 +263,8 @@ pub async fn index_push(
     }
     let (parsed, tag) = stratafs::publish::bound_tag(&image, tag)?;
     let digest =
-        stratafs::publish::bind_indexes(&ctx.client, &ctx.store, &image, &indexes, &tag).await?;
+        stratafs::publish::bind_indexes(&t.ctx.client, &t.ctx.store, &image, &indexes, &tag)
+            .await?;
     println!(
         "pushed {}:{tag} as {digest}: {} with the indexes of {} layers pinned by its manifest",
         parsed.name(),
@@ -292,13 +274,8 @@ pub async fn index_push(
     Ok(())
 }
 
-pub async fn profile_show(
-    ctx: &Context,
-    reference: &str,
-    platform: Option<&Platform>,
-    json: bool,
-) -> Result<()> {
-    let (image, p) = recorded_profile(ctx, reference, platform).await?;
+pub async fn profile_show(t: &Target, json: bool) -> Result<()> {
+    let (image, p) = recorded_profile(t).await?;
     if json {
         println!("{}", serde_json::to_string(&p)?);
     } else {
@@ -312,26 +289,18 @@ pub async fn profile_show(
     Ok(())
 }
 
-async fn recorded_profile(
-    ctx: &Context,
-    reference: &str,
-    platform: Option<&Platform>,
-) -> Result<(ImageRecord, stratafs::profile::Profile)> {
-    let image = ctx.image(reference, platform).await?;
-    let profile = stratafs::profile::ProfileStore::new(ctx.store.root()).recorded(&image)?;
+async fn recorded_profile(t: &Target) -> Result<(ImageRecord, stratafs::profile::Profile)> {
+    let image = t.image().await?;
+    let profile = stratafs::profile::ProfileStore::new(t.ctx.store.root()).recorded(&image)?;
     Ok((image, profile))
 }
 
-pub async fn profile_push(
-    ctx: &Context,
-    reference: &str,
-    platform: Option<&Platform>,
-    tag: Option<&str>,
-) -> Result<()> {
-    let (image, profile) = recorded_profile(ctx, reference, platform).await?;
+pub async fn profile_push(t: &Target, tag: Option<&str>) -> Result<()> {
+    let (image, profile) = recorded_profile(t).await?;
     let (parsed, tag) = stratafs::publish::bound_tag(&image, tag)?;
     let digest =
-        stratafs::publish::bind_profile(&ctx.client, &ctx.store, &image, &profile, &tag).await?;
+        stratafs::publish::bind_profile(&t.ctx.client, &t.ctx.store, &image, &profile, &tag)
+            .await?;
     println!(
         "pushed {}:{tag} as {digest}: {} with its profile ({} ranges, {}) pinned by its manifest",
         parsed.name(),
@@ -446,17 +415,7 @@ fn print_stats(
     crate::print_table(header, &table, right);
     for m in mounts {
         // A daemon with a metrics endpoint also tells what it is fetching right now.
-        let in_flight = m
-            .metrics
-            .as_deref()
-            .and_then(|a| stratafs::metrics::scrape(a, Duration::from_millis(500)).ok())
-            .and_then(|text| {
-                text.lines().find_map(|l| {
-                    l.strip_prefix("stratafs_fetches_in_flight ")?
-                        .parse::<f64>()
-                        .ok()
-                })
-            })
+        let in_flight = stratafs::status::fetches_in_flight(&m)
             .map(|n| format!(", {n} fetches in flight"))
             .unwrap_or_default();
         println!(
@@ -488,20 +447,4 @@ pub fn cache_prune(ctx: &Context, max_size: u64) -> Result<()> {
     let (removed, freed) = ctx.chunks.prune(max_size)?;
     println!("removed {removed} chunks, freed {freed} bytes");
     Ok(())
-}
-
-fn mode_string(mode: u32) -> String {
-    let mut s = String::with_capacity(9);
-    for (shift, special, special_char) in [(6, 0o4000, 's'), (3, 0o2000, 's'), (0, 0o1000, 't')] {
-        let bits = (mode >> shift) & 7;
-        s.push(if bits & 4 != 0 { 'r' } else { '-' });
-        s.push(if bits & 2 != 0 { 'w' } else { '-' });
-        s.push(match (bits & 1 != 0, mode & special != 0) {
-            (true, true) => special_char,
-            (false, true) => special_char.to_ascii_uppercase(),
-            (true, false) => 'x',
-            (false, false) => '-',
-        });
-    }
-    s
 }

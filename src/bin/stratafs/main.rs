@@ -174,6 +174,17 @@ struct ImageArgs {
     reference: String,
 }
 
+impl ImageArgs {
+    /// The image these arguments name, with a context for its registry.
+    fn target(self, store: Store, config: &Config) -> Result<lazy::Target> {
+        Ok(lazy::Target {
+            ctx: lazy::Context::new(store, config, self.plain_http)?,
+            platform: platform(&self.platform)?,
+            reference: self.reference,
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum IndexCommand {
     /// Stream each layer once to build its index (and fill the cache).
@@ -447,26 +458,9 @@ async fn run(mut cli: Cli) -> Result<()> {
             }
         }
         Command::Ls { long, image, path } => {
-            let ctx = lazy::Context::new(store, &config, image.plain_http)?;
-            lazy::ls(
-                &ctx,
-                &image.reference,
-                &path,
-                long,
-                platform(&image.platform)?.as_ref(),
-            )
-            .await?;
+            lazy::ls(&image.target(store, &config)?, &path, long).await?
         }
-        Command::Cat { image, paths } => {
-            let ctx = lazy::Context::new(store, &config, image.plain_http)?;
-            lazy::cat(
-                &ctx,
-                &image.reference,
-                &paths,
-                platform(&image.platform)?.as_ref(),
-            )
-            .await?;
-        }
+        Command::Cat { image, paths } => lazy::cat(&image.target(store, &config)?, &paths).await?,
         Command::Mount {
             platform,
             plain_http,
@@ -520,29 +514,19 @@ async fn run(mut cli: Cli) -> Result<()> {
             mount::upgrade(&cli.root, &mountpoints)?;
         }
         Command::Index(IndexCommand::Verify { image }) => {
-            let ctx = lazy::Context::new(store, &config, image.plain_http)?;
-            lazy::index_verify(&ctx, &image.reference, platform(&image.platform)?.as_ref()).await?;
+            lazy::index_verify(&image.target(store, &config)?).await?
         }
         Command::Index(IndexCommand::Push { bind, tag, image }) => {
-            let ctx = lazy::Context::new(store, &config, image.plain_http)?;
-            let platform = platform(&image.platform)?;
-            let platform = platform.as_ref();
-            lazy::index_push(&ctx, &image.reference, platform, bind, tag.as_deref()).await?;
+            lazy::index_push(&image.target(store, &config)?, bind, tag.as_deref()).await?
         }
         Command::Index(IndexCommand::Build { json, image }) => {
-            let ctx = lazy::Context::new(store, &config, image.plain_http)?;
-            let platform = platform(&image.platform)?;
-            lazy::index_build(&ctx, &image.reference, platform.as_ref(), json).await?;
+            lazy::index_build(&image.target(store, &config)?, json).await?
         }
         Command::Profile(ProfileCommand::Show { json, image }) => {
-            let ctx = lazy::Context::new(store, &config, image.plain_http)?;
-            let platform = platform(&image.platform)?;
-            lazy::profile_show(&ctx, &image.reference, platform.as_ref(), json).await?;
+            lazy::profile_show(&image.target(store, &config)?, json).await?
         }
         Command::Profile(ProfileCommand::Push { tag, image }) => {
-            let ctx = lazy::Context::new(store, &config, image.plain_http)?;
-            let platform = platform(&image.platform)?;
-            lazy::profile_push(&ctx, &image.reference, platform.as_ref(), tag.as_deref()).await?;
+            lazy::profile_push(&image.target(store, &config)?, tag.as_deref()).await?
         }
         Command::Cache(CacheCommand::Stats { json, watch }) => {
             lazy::cache_stats(&lazy::Context::new(store, &config, false)?, json, watch)?;
