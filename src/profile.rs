@@ -60,6 +60,10 @@ pub enum ProfileError {
     },
     #[error("profile {what}: {detail}")]
     Invalid { what: String, detail: String },
+    #[error("{image}: pinned profile: {detail}")]
+    Pinned { image: String, detail: String },
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
     #[error("no profile recorded for {0}: mount it and run its workload first (mounts record what is read first)")]
     NotRecorded(String),
     #[error("{0} has no layers")]
@@ -379,6 +383,42 @@ pub struct ReplayReport {
     pub seconds: f64,
 }
 
+impl crate::fs::ReadObserver for Recorder {
+    fn read(&self, layer: usize, index: &LayerIndex, offset: u64, len: u64) {
+        self.record(layer, index, offset, len);
+    }
+}
+
+/// The startup profile `image`'s manifest pins, fetched (digest-checked, at most
+/// [`MAX_PROFILE_BYTES`]) — `None` when it pins none.
+pub async fn pinned_profile(
+    client: &dyn crate::registry::Registry,
+    store: &crate::store::Store,
+    image: &crate::image::ImageRecord,
+) -> Result<Option<Profile>, ProfileError> {
+    let pinned = |detail: String| ProfileError::Pinned {
+        image: image.name.clone(),
+        detail,
+    };
+    let manifest = store
+        .content
+        .get(&image.manifest.digest)
+        .map_err(|e| pinned(format!("stored manifest: {e}")))?;
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&manifest).map_err(|e| pinned(format!("stored manifest: {e}")))?;
+    let Some(pin) = manifest["annotations"][PROFILE_ANNOTATION].as_str() else {
+        return Ok(None);
+    };
+    let pin = crate::digest::parse(pin).map_err(|e| pinned(format!("annotation {pin}: {e}")))?;
+    let reference: crate::reference::Reference =
+        image.name.parse().map_err(|e| pinned(format!("{e}")))?;
+    let blob = client
+        .fetch_blob(&reference, &pin, Some(MAX_PROFILE_BYTES))
+        .await?;
+    let what = format!("{pin} of {}", image.name);
+    Ok(Some(Profile::parse(&blob, &what)?))
+}
+
 /// Reads `profile`'s ranges of `view`'s layers in profile order, `parallel` at a time, so
 /// their spans are cached before the workload reads them.
 pub async fn replay(view: Arc<ImageView>, profile: &Profile, parallel: usize) -> ReplayReport {
@@ -490,7 +530,7 @@ impl Session {
                     Ok(Some(p)) => Some((p, false)),
                     Ok(None) if !whole => None,
                     Ok(None) => {
-                        match crate::publish::pinned_profile(client.as_ref(), &store, &image).await {
+                        match pinned_profile(client.as_ref(), &store, &image).await {
                             Ok(Some(p)) => {
                                 tracing::info!(image = %image.name, ranges = p.ranges.len(), "replaying the profile the image pins");
                                 Some((p, true))

@@ -18,8 +18,8 @@
 //! size and compression and be well formed ([`LayerIndex::validate`]).
 //!
 //! Startup profiles ([`crate::profile`]) are published bound the same way ([`bind_profile`]):
-//! the manifest itself is annotated with the profile's digest, and [`pinned_profile`] fetches
-//! it for a cold mount.
+//! the manifest itself is annotated with the profile's digest, and
+//! [`crate::profile::pinned_profile`] fetches it for a cold mount.
 
 use std::io::{Read, Write};
 
@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 use crate::image::{media, ImageRecord};
 use crate::layer::{IndexStore, LayerError, LayerIndex, Limits};
 use crate::reference::Reference;
-use crate::registry::{Registry, RegistryClient, RegistryError};
+use crate::registry::{RegistryClient, RegistryError};
 use crate::store::{Store, StoreError};
 
 /// The `artifactType` of a stratafs index artifact.
@@ -242,30 +242,6 @@ pub async fn bind_profile(
     }
     manifest["annotations"][crate::profile::PROFILE_ANNOTATION] = json!(digest);
     push_again(client, store, image, &manifest, tag).await
-}
-
-/// The startup profile `image`'s manifest pins, fetched (digest-checked, bounded) — `None`
-/// when it pins none.
-pub async fn pinned_profile(
-    client: &dyn Registry,
-    store: &Store,
-    image: &ImageRecord,
-) -> Result<Option<crate::profile::Profile>, PublishError> {
-    let manifest = stored_manifest(store, image)?;
-    let Some(pin) = manifest["annotations"][crate::profile::PROFILE_ANNOTATION].as_str() else {
-        return Ok(None);
-    };
-    let pin = crate::digest::parse(pin)
-        .map_err(|e| invalid(image, &format!("profile annotation {pin}: {e}")))?;
-    let blob = client
-        .fetch_blob(
-            &reference_of(image)?,
-            &pin,
-            Some(crate::profile::MAX_PROFILE_BYTES),
-        )
-        .await?;
-    let what = format!("{pin} of {}", image.name);
-    Ok(Some(crate::profile::Profile::parse(&blob, &what)?))
 }
 
 /// The repository and tag to push a re-bound `image` under: `tag`, else its own tag.

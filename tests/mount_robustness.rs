@@ -53,6 +53,8 @@ struct Served {
     cli: Stratafs,
     reference: String,
     files: Files,
+    /// The layer blob: digest and size.
+    layer: (String, u64),
 }
 
 fn serve(name: &str) -> Served {
@@ -63,6 +65,7 @@ fn serve(name: &str) -> Served {
         cli,
         reference,
         files: Arc::new(files),
+        layer: (image.layers[0].digest.clone(), image.layers[0].size()),
     }
 }
 
@@ -254,6 +257,66 @@ fn sixty_four_concurrent_readers_get_exact_bytes_and_all_finish() {
     );
     drop(shared);
     umount(&s.cli, &guard.dir);
+}
+
+/// Sixteen readers read every file of the layer at once, each starting at a different file, so
+/// at any moment several of them want the same byte ranges. Single flight per range means each
+/// compressed byte crosses the link once: the registry's access log must show no more bytes of
+/// the layer blob than the blob has (a little slack for gzip spans that share the byte holding
+/// a checkpoint's bit boundary). Without it, the overlapping misses would fetch up to 16 times.
+#[test]
+fn concurrent_readers_of_overlapping_ranges_fetch_each_byte_once() {
+    const READERS: usize = 16;
+    let mut s = serve("overlap");
+    // Room for the whole layer, so nothing is evicted and fetched again.
+    s.cli.set_config("[cache]\nmax_size = \"1G\"\n");
+    let guard = MountGuard::new(Some(s.cli.root()));
+    // Only the readers' misses (and what they bring along) fetch: no background fill.
+    mount(&s.cli, &s.reference, &guard.dir, &["nobackground"]);
+    let mark = s.reg.log_mark();
+    let start = Arc::new(std::sync::Barrier::new(READERS));
+    let readers: Vec<_> = (0..READERS)
+        .map(|t| {
+            let (mnt, files, start) = (guard.dir.clone(), s.files.clone(), start.clone());
+            thread::spawn(move || -> Result<(), String> {
+                start.wait();
+                let first = t * files.len() / READERS;
+                for i in 0..files.len() {
+                    let (path, content) = &files[(first + i) % files.len()];
+                    check_file(&mnt, path, content)?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    let failures: Vec<String> = readers
+        .into_iter()
+        .filter_map(|r| r.join().expect("reader panicked").err())
+        .collect();
+    assert!(failures.is_empty(), "{failures:#?}");
+    // Once the daemon has exited, every fetch it started (neighbours, read-ahead) is logged.
+    umount(&s.cli, &guard.dir);
+    let (digest, size) = &s.layer;
+    let fetched: Vec<u64> = s
+        .reg
+        .access_log_since(mark)
+        .iter()
+        .filter(|e| e.method == "GET" && e.path.ends_with(&format!("/blobs/{digest}")))
+        .map(|e| e.bytes)
+        .collect();
+    let bytes: u64 = fetched.iter().sum();
+    eprintln!(
+        "{READERS} readers of every file: {} range requests, {bytes} bytes of a {size}-byte blob",
+        fetched.len()
+    );
+    assert!(
+        bytes >= size / 2,
+        "the readers read the whole layer: {bytes} of {size}"
+    );
+    assert!(
+        bytes <= size + size / 50,
+        "{bytes} bytes fetched for a {size}-byte blob: some ranges were fetched more than once"
+    );
 }
 
 /// How a looping reader ended (the fields are read through `Debug`, in failure messages).

@@ -113,6 +113,15 @@ pub struct MountRequest {
     pub mountpoint: PathBuf,
 }
 
+/// What [`mount`] tells its caller while it works.
+pub enum Event<'a> {
+    /// The daemon has streamed `fetched` of up to `total` compressed bytes (layers without a
+    /// usable index are streamed before the mount answers).
+    Progress { fetched: u64, total: u64 },
+    /// A dead mount (its daemon gone) was found at the mountpoint and detached.
+    DetachedDead(&'a Path),
+}
+
 /// How a [`mount`] ended.
 pub enum Mounted {
     /// A daemon was started and reported `ready` with this message.
@@ -233,7 +242,10 @@ pub fn absolute(path: &Path) -> Result<PathBuf, ControlError> {
 }
 
 /// Detaches a dead stratafs mount at `mountpoint` if there is one; errors if a live one is.
-fn repair_or_refuse(mountpoint: &Path) -> Result<(), ControlError> {
+fn repair_or_refuse(
+    mountpoint: &Path,
+    on_event: &mut dyn FnMut(Event<'_>),
+) -> Result<(), ControlError> {
     match fuse::mount_state(mountpoint) {
         MountState::None => Ok(()),
         MountState::Live => Err(ControlError::Busy {
@@ -241,11 +253,8 @@ fn repair_or_refuse(mountpoint: &Path) -> Result<(), ControlError> {
             what: mounted_there(mountpoint),
         }),
         MountState::Dead => {
-            tracing::warn!(
-                "{}: its daemon is gone (transport endpoint is not connected); detaching it",
-                mountpoint.display()
-            );
             fuse::unmount(mountpoint, true)?;
+            on_event(Event::DetachedDead(mountpoint));
             Ok(())
         }
     }
@@ -261,14 +270,14 @@ fn mounted_there(mountpoint: &Path) -> String {
         .unwrap_or_else(|| "by something else".to_string())
 }
 
-/// `stratafs mount`: starts a daemon and waits for its report (`on_progress(fetched, total)`
-/// while it streams layers), or, in the daemon (`foreground`), holds or serves the mount.
-/// `ctx` opens the store and registry for a serving process.
+/// `stratafs mount`: starts a daemon and waits for its report (`on_event` hears of its
+/// progress), or, in the daemon (`foreground`), holds or serves the mount. `ctx` opens the
+/// store and registry for a serving process.
 pub async fn mount(
     req: &MountRequest,
     settings: &MountSettings,
     ctx: impl FnOnce() -> Result<Context, ContextError>,
-    on_progress: &mut dyn FnMut(u64, u64),
+    on_event: &mut dyn FnMut(Event<'_>),
 ) -> Result<Mounted, ControlError> {
     let options = mount_options(settings, &req.options)?;
     let role = if req.foreground {
@@ -310,14 +319,14 @@ pub async fn mount(
             // The daemon: its own session, so the terminal's signals do not reach it.
             let _ = nix::unistd::setsid();
         } else {
-            repair_or_refuse(&mountpoint)?;
+            repair_or_refuse(&mountpoint, on_event)?;
         }
     }
     if !mountpoint.is_dir() {
         return Err(ControlError::NotADirectory(mountpoint));
     }
     if !req.foreground {
-        return spawn_daemon(req, &mountpoint, on_progress);
+        return spawn_daemon(req, &mountpoint, on_event);
     }
     let Some(link) = link else {
         // Hold the mount: start the serving process, and another whenever it dies.
@@ -331,12 +340,12 @@ pub async fn mount(
         return Ok(Mounted::Held(holder::hold(&exe, &argv, &abandon).await?));
     };
     let signals = signals.expect("signals of a serving process");
-    let result = match (serve_args(req, options), ctx()) {
-        (Ok(args), Ok(ctx)) => serve::serve(ctx, &args, &mountpoint, link, signals)
+    let ready = serve_args(req, options).and_then(|args| Ok((args, ctx()?)));
+    let result = match ready {
+        Ok((args, ctx)) => serve::serve(ctx, &args, &mountpoint, link, signals)
             .await
             .map_err(ControlError::from),
-        (Err(e), _) => Err(e),
-        (_, Err(e)) => Err(e.into()),
+        Err(e) => Err(e),
     };
     if let (true, Err(e)) = (req.notify, &result) {
         println!("error: {}", chain(e));
@@ -362,7 +371,7 @@ fn chain(e: &dyn std::error::Error) -> String {
 fn spawn_daemon(
     req: &MountRequest,
     mountpoint: &Path,
-    on_progress: &mut dyn FnMut(u64, u64),
+    on_event: &mut dyn FnMut(Event<'_>),
 ) -> Result<Mounted, ControlError> {
     let root = std::path::absolute(&req.root).map_err(io(req.root.display()))?;
     let logs = Layout::new(&root).logs();
@@ -410,7 +419,8 @@ fn spawn_daemon(
         let line = line.unwrap_or_default();
         if let Some(rest) = line.strip_prefix("progress ") {
             let mut numbers = rest.split(' ').map(|n| n.parse::<u64>().unwrap_or(0));
-            on_progress(numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+            let (fetched, total) = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+            on_event(Event::Progress { fetched, total });
         } else if let Some(rest) = line.strip_prefix("ready ") {
             return Ok(Mounted::Daemon {
                 message: rest.to_string(),
@@ -448,9 +458,14 @@ pub enum Unmounted {
     Detached,
 }
 
-/// `stratafs umount [--lazy] MOUNTPOINT`: unmounts, forgets the record and waits (bounded) for
-/// the daemon to exit (then, unless `lazy`, sends it SIGTERM).
-pub fn umount(root: &Path, mountpoint: &Path, lazy: bool) -> Result<Unmounted, ControlError> {
+/// `stratafs umount [--lazy] MOUNTPOINT`: unmounts (then tells `done` how), forgets the record
+/// and waits (bounded) for the daemon to exit (then, unless `lazy`, sends it SIGTERM).
+pub fn umount(
+    root: &Path,
+    mountpoint: &Path,
+    lazy: bool,
+    done: &mut dyn FnMut(&Unmounted),
+) -> Result<Unmounted, ControlError> {
     let mountpoint = absolute(mountpoint)?;
     let daemon = find_daemon(root, &mountpoint);
     let how = match mount_state(root, &mountpoint) {
@@ -464,6 +479,7 @@ pub fn umount(root: &Path, mountpoint: &Path, lazy: bool) -> Result<Unmounted, C
             Unmounted::Unmounted
         }
     };
+    done(&how);
     remove_record(root, &mountpoint);
     if let Some(pid) = daemon {
         // The daemon exits once the kernel drops the connection; wait for it (bounded).
@@ -546,4 +562,72 @@ pub fn upgrade(
         });
     }
     Ok(targets.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn global_settings_are_taken_out_of_option_lists() {
+        let mut options = strings(&[
+            "ro,root=/srv/s,allow_other",
+            "config=/etc/s.toml,plain_http",
+            ",platform=linux/arm64",
+        ]);
+        let (mut root, mut config, mut platform, mut plain) =
+            (PathBuf::from("/var/lib/stratafs"), None, None, false);
+        take_global_options(
+            &mut options,
+            &mut root,
+            &mut config,
+            &mut platform,
+            &mut plain,
+        );
+        assert_eq!(options, strings(&["ro", "allow_other"]));
+        assert_eq!(root, PathBuf::from("/srv/s"));
+        assert_eq!(config, Some(PathBuf::from("/etc/s.toml")));
+        assert_eq!(platform.as_deref(), Some("linux/arm64"));
+        assert!(plain);
+    }
+
+    #[test]
+    fn mount_options_apply_over_the_config() {
+        let settings = MountSettings::default();
+        let o = mount_options(
+            &settings,
+            &strings(&["read_timeout=5,threads=2", "background"]),
+        )
+        .unwrap();
+        assert_eq!(o.read_timeout, Duration::from_secs(5));
+        assert_eq!(o.threads, 2);
+        assert!(mount_options(&settings, &strings(&["no_such_option"])).is_err());
+        let zero = MountSettings {
+            read_timeout_secs: 0.0,
+            ..MountSettings::default()
+        };
+        assert!(matches!(
+            mount_options(&zero, &[]),
+            Err(ControlError::ReadTimeout)
+        ));
+        assert_eq!(
+            background_option(&strings(&["background", "nobackground"])),
+            Some(false)
+        );
+        assert_eq!(background_option(&strings(&["ro"])), None);
+    }
+
+    #[test]
+    fn retries_end_inside_half_the_read_timeout() {
+        let mut config = crate::config::Config::default();
+        config.registry.retry_max_elapsed_secs = 60;
+        bound_retries(&mut config, &strings(&["read_timeout=10"]));
+        assert_eq!(config.registry.retry_max_elapsed_secs, 5);
+        bound_retries(&mut config, &strings(&["read_timeout=600"]));
+        assert_eq!(config.registry.retry_max_elapsed_secs, 5, "never raised");
+    }
 }

@@ -27,6 +27,14 @@ pub use indexing::*;
 /// Layers whose indexes are opened at once.
 const PARALLEL_OPENS: usize = 4;
 
+/// Told of every read through [`ImageView::read`]: what a startup profile's recorder
+/// ([`crate::profile::Recorder`]) notes.
+pub trait ReadObserver: Send + Sync {
+    /// A read of `len` bytes at `offset` of the layer at `layer` in the view, indexed by
+    /// `index`.
+    fn read(&self, layer: usize, index: &LayerIndex, offset: u64, len: u64);
+}
+
 /// A pulled image presented as one tree.
 pub struct ImageView {
     pub name: String,
@@ -34,7 +42,7 @@ pub struct ImageView {
     readers: Vec<LayerReader>,
     files_dir: std::path::PathBuf,
     /// Notes what reads touch first, for a startup profile (see [`crate::profile`]).
-    recorder: std::sync::OnceLock<Arc<crate::profile::Recorder>>,
+    recorder: std::sync::OnceLock<Arc<dyn ReadObserver>>,
     /// Fetches that opens start ahead of reads ([`ImageView::prefetch_file`]) in flight.
     open_fetches: tokio::sync::Semaphore,
     /// A startup profile is replayed: it predicts the reads better than opens do.
@@ -143,7 +151,7 @@ impl ImageView {
         let len = len.min(n.size - offset);
         let reader = &self.readers[layer];
         if let Some(recorder) = self.recorder.get() {
-            recorder.record(layer, reader.index(), data_offset + offset, len);
+            recorder.read(layer, reader.index(), data_offset + offset, len);
         }
         let (at, end) = (data_offset + offset, data_offset + offset + len);
         // Not while a startup profile is replayed: it knows what comes next.
@@ -230,7 +238,7 @@ impl ImageView {
     }
 
     /// From now on, reads through [`read`](Self::read) are noted by `recorder` (once per view).
-    pub fn record_reads(&self, recorder: Arc<crate::profile::Recorder>) {
+    pub fn record_reads(&self, recorder: Arc<dyn ReadObserver>) {
         let _ = self.recorder.set(recorder);
     }
 }

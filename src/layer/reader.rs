@@ -197,15 +197,23 @@ impl LayerReader {
 
     /// Claims the run of missing spans from `i` (up to `until`, stopping before any span
     /// another run is fetching) for this fetch; `Err` with that run's signal if span `i`
-    /// itself is being fetched.
+    /// itself is being fetched — or, when `after_cached`, with a closed one if a run that
+    /// ended since the caller missed the cache stored span `i` (runs mark their spans cached
+    /// before they release them), so the caller looks in the cache again instead of fetching.
     fn claim_run(
         &self,
         i: usize,
         until: u64,
+        after_cached: bool,
     ) -> Result<(usize, RunGuard<'_>), Arc<tokio::sync::Semaphore>> {
         let mut inflight = self.inflight.lock().unwrap();
         if let Some(done) = inflight.get(&i) {
             return Err(done.clone());
+        }
+        if after_cached && self.known_cached[i].load(Ordering::Relaxed) {
+            let stored = tokio::sync::Semaphore::new(0);
+            stored.close();
+            return Err(Arc::new(stored));
         }
         let mut last = self.missing_run_end(i, until);
         if let Some(j) = (i + 1..=last).find(|j| inflight.contains_key(j)) {
@@ -495,10 +503,13 @@ impl LayerReader {
                 let until = until.max(self.min_fetch_end(i, want));
                 // Another run fetching span i: wait for it and take i from the cache (or, if
                 // that run failed or i did not verify, fetch it here).
+                let mut after_cached = true;
                 let (last, _run) = loop {
-                    match self.claim_run(i, until) {
+                    match self.claim_run(i, until, after_cached) {
                         Ok(claimed) => break claimed,
                         Err(done) => {
+                            // Once only: a span marked cached but gone (evicted) is fetched.
+                            after_cached = false;
                             let _ = done.acquire().await; // an error: the run ended
                             if let Some(d) = self.cache.lookup(&span.digest)? {
                                 return Ok((*d).clone());

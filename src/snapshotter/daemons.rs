@@ -59,7 +59,7 @@ impl Mounter for DaemonMounter {
     }
 
     fn unmount(&self, dir: &Path) -> Result<(), MounterError> {
-        crate::daemon::control::umount(&self.root, dir, false)
+        crate::daemon::control::umount(&self.root, dir, false, &mut |_| {})
             .map(|_| ())
             .map_err(|e| MounterError::Failed(e.to_string()))
     }

@@ -12,6 +12,8 @@ use stratafs::tree::FileType;
 
 pub use stratafs::context::Context;
 
+use crate::output::{human_size, print_table, Progress};
+
 /// The image a command is about (`ImageArgs`), with the context that reaches it.
 pub struct Target {
     pub ctx: Context,
@@ -40,104 +42,8 @@ impl Target {
     fn progress(&self, what: &str, total: u64) -> Progress {
         let meter = self.ctx.layers.fetch_meter();
         let start_bytes = meter.total();
-        let mut progress = Progress::new(
-            what,
-            total,
-            Arc::new(move || meter.total().saturating_sub(start_bytes)),
-        );
-        progress.ticker = progress.bar.as_ref().map(|bar| {
-            let (bar, fetched) = (bar.clone(), progress.fetched.clone());
-            tokio::spawn(async move {
-                loop {
-                    bar.set_position(fetched());
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            })
-        });
-        progress
-    }
-}
-
-/// `--quiet`: no progress bars or summaries on stderr.
-pub static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Progress of an operation that fetches layer data: on a terminal a bar of the compressed
-/// bytes fetched (refreshed from a byte counter); when it took a second or more, a one-line
-/// summary, on a terminal or not. Nothing with `--quiet`.
-pub struct Progress {
-    bar: Option<indicatif::ProgressBar>,
-    ticker: Option<tokio::task::JoinHandle<()>>,
-    /// Compressed bytes fetched so far by the operation.
-    fetched: Arc<dyn Fn() -> u64 + Send + Sync>,
-    started: std::time::Instant,
-    what: String,
-}
-
-impl Progress {
-    /// Progress of `what` (up to `total` bytes) as `fetched` tells it, shown when
-    /// [`update`](Self::update) is called.
-    pub fn new(what: &str, total: u64, fetched: Arc<dyn Fn() -> u64 + Send + Sync>) -> Progress {
-        use std::io::IsTerminal;
-        let quiet = QUIET.load(std::sync::atomic::Ordering::Relaxed);
-        let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
-            let bar = indicatif::ProgressBar::new(total);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {elapsed}",
-                )
-                .expect("valid template")
-                .progress_chars("=> "),
-            );
-            bar.set_message(what.to_string());
-            bar
-        });
-        Progress {
-            bar,
-            ticker: None,
-            fetched,
-            started: std::time::Instant::now(),
-            what: what.to_string(),
-        }
-    }
-
-    /// Shows the current count.
-    pub fn update(&self) {
-        if let Some(bar) = &self.bar {
-            bar.set_position((self.fetched)());
-        }
-    }
-
-    /// Ends the display; `detail` completes the summary line.
-    pub fn finish(self, detail: &str) {
-        if let Some(t) = &self.ticker {
-            t.abort();
-        }
-        if let Some(bar) = &self.bar {
-            bar.finish_and_clear();
-        }
-        let elapsed = self.started.elapsed();
-        if QUIET.load(std::sync::atomic::Ordering::Relaxed) || elapsed.as_secs_f64() < 1.0 {
-            return;
-        }
-        let fetched = (self.fetched)();
-        eprintln!(
-            "{}: {detail}{}{} fetched in {:.1} s",
-            self.what,
-            if detail.is_empty() { "" } else { "; " },
-            crate::human_size(fetched),
-            elapsed.as_secs_f64()
-        );
-    }
-}
-
-impl Drop for Progress {
-    fn drop(&mut self) {
-        if let Some(t) = &self.ticker {
-            t.abort();
-        }
-        if let Some(bar) = &self.bar {
-            bar.finish_and_clear();
-        }
+        let fetched = Arc::new(move || meter.total().saturating_sub(start_bytes));
+        Progress::new(what, total, fetched).ticking()
     }
 }
 
@@ -283,7 +189,7 @@ pub async fn profile_show(t: &Target, json: bool) -> Result<()> {
             "{}: profile of {} ranges, {} of layer data, in the order first read",
             image.name,
             p.ranges.len(),
-            crate::human_size(p.bytes())
+            human_size(p.bytes())
         );
     }
     Ok(())
@@ -306,7 +212,7 @@ pub async fn profile_push(t: &Target, tag: Option<&str>) -> Result<()> {
         parsed.name(),
         image.name,
         profile.ranges.len(),
-        crate::human_size(profile.bytes())
+        human_size(profile.bytes())
     );
     Ok(())
 }
@@ -366,7 +272,7 @@ fn print_stats(
         }
         return Ok(());
     }
-    let human = crate::human_size;
+    let human = human_size;
     println!(
         "cache: {chunks} chunks, {} (cap {})",
         human(bytes),
@@ -412,7 +318,7 @@ fn print_stats(
             &[1, 2, 3, 4],
         )
     };
-    crate::print_table(header, &table, right);
+    print_table(header, &table, right);
     for m in mounts {
         // A daemon with a metrics endpoint also tells what it is fetching right now.
         let in_flight = stratafs::status::fetches_in_flight(&m)

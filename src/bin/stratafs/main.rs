@@ -2,6 +2,7 @@
 
 mod lazy;
 mod mount;
+mod output;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -274,7 +275,7 @@ fn platform(p: &Option<String>) -> Result<Option<Platform>> {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    lazy::QUIET.store(cli.quiet, std::sync::atomic::Ordering::Relaxed);
+    output::QUIET.store(cli.quiet, std::sync::atomic::Ordering::Relaxed);
     if !matches!(
         cli.command,
         Command::Mount { .. } | Command::Snapshotter { .. }
@@ -345,7 +346,7 @@ async fn run(mut cli: Cli) -> Result<()> {
             let reference: Reference = reference.parse()?;
             let platform = self::platform(&platform)?.unwrap_or_else(Platform::host);
             let ctx = lazy::Context::new(store, &config, plain_http)?;
-            let spinner = progress_spinner();
+            let spinner = output::spinner();
             let started = Instant::now();
             let record = stratafs::pull::pull(
                 ctx.client.as_ref(),
@@ -409,12 +410,12 @@ async fn run(mut cli: Cli) -> Result<()> {
                             i.name.clone(),
                             short(i.target.digest.as_ref()),
                             i.platform.to_string(),
-                            human_size(i.layers_size()),
+                            output::human_size(i.layers_size()),
                             i.updated_at.format("%Y-%m-%d %H:%M:%S").to_string(),
                         ]
                     })
                     .collect();
-                print_table(
+                output::print_table(
                     &["NAME", "DIGEST", "PLATFORM", "SIZE", "UPDATED"],
                     &rows,
                     &[3],
@@ -559,38 +560,6 @@ fn message(e: &anyhow::Error) -> String {
     out
 }
 
-/// Prints an aligned table: every column as wide as its widest cell; columns listed in
-/// `right` are right-aligned (sizes).
-pub fn print_table(header: &[&str], rows: &[Vec<String>], right: &[usize]) {
-    let widths: Vec<usize> = (0..header.len())
-        .map(|c| {
-            rows.iter()
-                .map(|r| r[c].chars().count())
-                .chain([header[c].len()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let line = |cells: Vec<&str>| {
-        let parts: Vec<String> = cells
-            .iter()
-            .enumerate()
-            .map(|(c, cell)| {
-                if right.contains(&c) {
-                    format!("{cell:>w$}", w = widths[c])
-                } else {
-                    format!("{cell:<w$}", w = widths[c])
-                }
-            })
-            .collect();
-        println!("{}", parts.join("  ").trim_end());
-    };
-    line(header.to_vec());
-    for r in rows {
-        line(r.iter().map(String::as_str).collect());
-    }
-}
-
 fn print_pull(r: &ImageRecord) {
     println!("{}", r.name);
     println!("  digest:   {}", r.target.digest);
@@ -602,38 +571,19 @@ fn print_pull(r: &ImageRecord) {
     println!(
         "  layers:   {} ({} compressed)",
         r.layers.len(),
-        human_size(r.layers_size())
+        output::human_size(r.layers_size())
     );
     for (i, l) in r.layers.iter().enumerate() {
-        println!("    {:>2}  {}  {:>10}", i + 1, l.digest, human_size(l.size));
+        println!(
+            "    {:>2}  {}  {:>10}",
+            i + 1,
+            l.digest,
+            output::human_size(l.size)
+        );
         println!("        chain {}", l.chain_id);
     }
 }
 
-fn progress_spinner() -> Option<indicatif::ProgressBar> {
-    if !std::io::stderr().is_terminal() || lazy::QUIET.load(std::sync::atomic::Ordering::Relaxed) {
-        return None;
-    }
-    let s = indicatif::ProgressBar::new_spinner();
-    s.enable_steady_tick(std::time::Duration::from_millis(100));
-    Some(s)
-}
-
 fn short(digest: &str) -> String {
     digest.chars().take(19).collect()
-}
-
-pub fn human_size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
 }

@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use stratafs::context::Context;
-use stratafs::daemon::control::{self, MountRequest, Mounted, Unmounted};
+use stratafs::daemon::control::{self, Event, MountRequest, Mounted, Unmounted};
 
-use crate::lazy::Progress;
+use crate::output::Progress;
 
 pub async fn mount(
     req: MountRequest,
@@ -18,30 +18,35 @@ pub async fn mount(
 ) -> Result<()> {
     let fetched = Arc::new(AtomicU64::new(0));
     let mut progress: Option<Progress> = None;
-    let mut on_progress = |now: u64, total: u64| {
-        fetched.store(now, Ordering::Relaxed);
-        let counter = fetched.clone();
-        progress
-            .get_or_insert_with(|| {
-                let what = format!("mounting {}", req.reference);
-                Progress::new(
-                    &what,
-                    total,
-                    Arc::new(move || counter.load(Ordering::Relaxed)),
-                )
-            })
-            .update();
+    let mut on_event = |event: Event<'_>| match event {
+        Event::Progress {
+            fetched: now,
+            total,
+        } => {
+            fetched.store(now, Ordering::Relaxed);
+            let counter = fetched.clone();
+            let what = format!("mounting {}", req.reference);
+            let count = Arc::new(move || counter.load(Ordering::Relaxed));
+            progress
+                .get_or_insert_with(|| Progress::new(&what, total, count))
+                .update();
+        }
+        Event::DetachedDead(at) => eprintln!(
+            "{}: its daemon is gone (transport endpoint is not connected); detached it",
+            at.display()
+        ),
     };
-    let mounted = control::mount(&req, settings, ctx, &mut on_progress).await;
-    if let Some(p) = progress.take() {
-        p.finish("");
-    }
-    match mounted? {
+    match control::mount(&req, settings, ctx, &mut on_event).await? {
         Mounted::Daemon {
             message,
             holder,
             log,
-        } => println!("{message} (holder pid {holder}, log {})", log.display()),
+        } => {
+            if let Some(p) = progress.take() {
+                p.finish("");
+            }
+            println!("{message} (holder pid {holder}, log {})", log.display());
+        }
         Mounted::Held(code) if code != 0 => std::process::exit(code),
         Mounted::Held(_) | Mounted::Served => {}
     }
@@ -50,13 +55,13 @@ pub async fn mount(
 
 pub fn umount(root: &Path, mountpoint: &Path, lazy: bool) -> Result<()> {
     let at = control::absolute(mountpoint)?;
-    match control::umount(root, &at, lazy)? {
+    control::umount(root, &at, lazy, &mut |how| match how {
         Unmounted::Detached => println!(
             "{}: detached a dead mount (its daemon was gone)",
             at.display()
         ),
         Unmounted::Unmounted => println!("unmounted {}", at.display()),
-    }
+    })?;
     Ok(())
 }
 
