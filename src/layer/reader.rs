@@ -127,6 +127,8 @@ pub struct LayerReader {
     /// Where a published index that passed the whole-layer check is stored again, under its
     /// own pin, as checked (`published` cleared), so later opens need not check it again.
     remember: Option<super::IndexStore>,
+    /// Room for fetches ahead of reads, shared with the mount's other layers.
+    ahead: budget::AheadBudget,
     /// Spans a run in flight is fetching, each with that run's "done" signal (a semaphore
     /// closed when the run ends): a read of such a span waits for the run instead of fetching
     /// the same bytes again (single flight per range, not just per span).
@@ -174,12 +176,20 @@ impl LayerReader {
             fetches: std::sync::atomic::AtomicU64::new(0),
             first_read: std::sync::atomic::AtomicBool::new(true),
             remember: None,
+            ahead: budget::AheadBudget::default(),
             inflight: Default::default(),
             known_cached: (0..index.spans.len())
                 .map(|_| std::sync::atomic::AtomicBool::new(false))
                 .collect(),
             index,
         }
+    }
+
+    /// Shares `budget` for fetches ahead of reads with the mount's other layers (else this
+    /// reader has one of its own).
+    pub fn with_ahead_budget(mut self, budget: budget::AheadBudget) -> Self {
+        self.ahead = budget;
+        self
     }
 
     /// Reads checkpoint windows from `windows`, the index's window file.
@@ -357,10 +367,19 @@ impl LayerReader {
         self.cache_range(offset, len, Want::Exact).await
     }
 
+    /// Caches what is missing of `offset..offset + len` for a fetch no read waits for, within
+    /// the mount's [budget](budget::AheadBudget) of such fetches.
     async fn cache_range(&self, offset: u64, len: u64, want: Want) -> Result<(), CacheError> {
         if self.is_cached(offset, len) {
             return Ok(());
         }
+        let reach = match (self.index.format, want) {
+            (IndexFormat::Stream, Want::Neighbours) => MIN_MISS_FETCH,
+            (IndexFormat::Stream, _) => 0,
+            _ => MIN_TOC_FETCH,
+        };
+        let bytes = budget::compressed_size(&self.index, offset, len, reach);
+        let _room = self.ahead.take(bytes).await;
         self.read_with(offset, len, want).await.map(drop)
     }
 
@@ -792,6 +811,7 @@ impl LayerReader {
     }
 }
 
+pub mod budget;
 mod check;
 mod decode;
 mod stream;
