@@ -141,7 +141,7 @@ pub struct Layers {
     /// Bytes read from the registry per blob since the last [`Layers::save_fetched`].
     fetched: FetchMeter,
     /// The budget of fetches ahead of reads every reader made here shares (one per mount).
-    ahead: crate::layer::reader::budget::AheadBudget,
+    budgets: crate::layer::reader::budget::Budgets,
     fetched_dir: std::path::PathBuf,
     pub(super) files_dir: std::path::PathBuf,
     tmp_dir: std::path::PathBuf,
@@ -156,7 +156,7 @@ impl Layers {
             settings: IndexSettings::default(),
             span: DEFAULT_SPAN,
             fetched: Default::default(),
-            ahead: Default::default(),
+            budgets: Default::default(),
             fetched_dir: crate::store::Layout::new(root).fetched(),
             files_dir: crate::store::Layout::new(root).files(),
             tmp_dir: crate::store::Layout::new(root).tmp(),
@@ -278,7 +278,7 @@ impl Layers {
         let windows = self.windows_source(image, layer, &index)?;
         Ok(LayerReader::new(index, source, self.cache.clone())
             .with_windows(windows)
-            .with_ahead_budget(self.ahead.clone()))
+            .with_budgets(self.budgets.clone()))
     }
 
     /// The index of `layer` as `image` may use it (see [`Layers`] for the order): stored,

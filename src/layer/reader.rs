@@ -127,8 +127,8 @@ pub struct LayerReader {
     /// Where a published index that passed the whole-layer check is stored again, under its
     /// own pin, as checked (`published` cleared), so later opens need not check it again.
     remember: Option<super::IndexStore>,
-    /// Room for fetches ahead of reads, shared with the mount's other layers.
-    ahead: budget::AheadBudget,
+    /// Room for fetches under way, shared with the mount's other layers.
+    budgets: budget::Budgets,
     /// Spans a run in flight is fetching, each with that run's "done" signal (a semaphore
     /// closed when the run ends): a read of such a span waits for the run instead of fetching
     /// the same bytes again (single flight per range, not just per span).
@@ -176,7 +176,7 @@ impl LayerReader {
             fetches: std::sync::atomic::AtomicU64::new(0),
             first_read: std::sync::atomic::AtomicBool::new(true),
             remember: None,
-            ahead: budget::AheadBudget::default(),
+            budgets: budget::Budgets::default(),
             inflight: Default::default(),
             known_cached: (0..index.spans.len())
                 .map(|_| std::sync::atomic::AtomicBool::new(false))
@@ -185,10 +185,10 @@ impl LayerReader {
         }
     }
 
-    /// Shares `budget` for fetches ahead of reads with the mount's other layers (else this
-    /// reader has one of its own).
-    pub fn with_ahead_budget(mut self, budget: budget::AheadBudget) -> Self {
-        self.ahead = budget;
+    /// Shares `budgets` for fetches under way with the mount's other layers (else this reader
+    /// has its own).
+    pub fn with_budgets(mut self, budgets: budget::Budgets) -> Self {
+        self.budgets = budgets;
         self
     }
 
@@ -368,7 +368,7 @@ impl LayerReader {
     }
 
     /// Caches what is missing of `offset..offset + len` for a fetch no read waits for, within
-    /// the mount's [budget](budget::AheadBudget) of such fetches.
+    /// the mount's [budget](budget::Budgets) of such fetches.
     async fn cache_range(&self, offset: u64, len: u64, want: Want) -> Result<(), CacheError> {
         if self.is_cached(offset, len) {
             return Ok(());
@@ -378,8 +378,8 @@ impl LayerReader {
             (IndexFormat::Stream, _) => 0,
             _ => MIN_TOC_FETCH,
         };
-        let bytes = budget::compressed_size(&self.index, offset, len, reach);
-        let _room = self.ahead.take(bytes).await;
+        let bytes = budget::fetch_size(&self.index, offset, len, reach);
+        let _room = self.budgets.ahead.take(bytes).await;
         self.read_with(offset, len, want).await.map(drop)
     }
 
@@ -538,9 +538,13 @@ impl LayerReader {
                 };
                 // Only reads tell a sequential reader: a run fetched ahead of them must not
                 // make the next miss look like one.
-                if demand {
+                let _room = if demand {
                     self.last_fetched.store(last, Ordering::Relaxed);
-                }
+                    let bytes = budget::run_size(&self.index, i, last);
+                    Some(self.budgets.reads.take(bytes).await)
+                } else {
+                    None
+                };
                 let mut spans = self.fetch_run(i, last, !demand).await?.into_iter();
                 let first = spans.next().expect("the run holds span i")?;
                 // The others came along: kept if they verified; one that did not is fetched

@@ -1,13 +1,18 @@
-//! The bound on fetches ahead of reads: how many compressed bytes the fetches that no read is
-//! waiting for (an open's fetch of its file, a read's neighbours, a profile's replay,
-//! background fill) may have in flight at once, across every layer of a mount.
+//! The bounds on what fetches hold while their bytes arrive and are decoded, across every
+//! layer of a mount, so a mount's memory does not grow with the link's latency (on a slow link
+//! each fetch takes longer, and more of them are under way at once):
 //!
-//! Without it, what such fetches hold grows with the link's latency rather than with what
-//! the workload reads: on a slow link every open's pieces are still arriving when the next
-//! opens start theirs (an eStargz cold import over 20 Mbit/s peaked at 73 MiB). A fetch ahead
-//! takes its share before it claims any span, so a read never waits for a fetch that waits
-//! for budget; reads themselves take none. The link stays busy: the budget is many times the
-//! bandwidth-delay product of any link we measure (100 Mbit/s × 20 ms is 250 KB).
+//! - fetches no read waits for (an open's fetch of its file, a read's neighbours, a profile's
+//!   replay, background fill) take room for their compressed and decoded bytes before they
+//!   claim any span,
+//!   so a read never waits for a fetch that waits for room ([`AHEAD_BUDGET`]);
+//! - reads' own fetches take room for their compressed and decoded bytes once they have
+//!   claimed their run ([`READS_BUDGET`]): reads of large chunks (an eStargz chunk of a large
+//!   `.so` is up to 4 MiB, and the kernel's readahead of a mapped file asks for several at
+//!   once) then queue instead of piling up; they wait only for other reads.
+//!
+//! The link stays busy: each budget is many times the bandwidth-delay product of the links we
+//! measure (100 Mbit/s × 20 ms is 250 KB).
 
 use std::sync::Arc;
 
@@ -16,31 +21,44 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::decode::fetch_range;
 use crate::layer::LayerIndex;
 
-/// Compressed bytes fetches ahead of reads may have in flight at once, per mount.
+/// Compressed plus decoded bytes fetches ahead of reads may hold at once, per mount.
 pub const AHEAD_BUDGET: u64 = 8 << 20;
+/// Compressed plus decoded bytes reads' fetches may hold at once, per mount.
+pub const READS_BUDGET: u64 = 16 << 20;
 
 /// The budget's unit: a permit is this many bytes.
 const UNIT: u64 = 1 << 10;
 
-/// A mount's budget of compressed bytes in flight for fetches ahead of reads, shared by its
-/// layers' readers.
+/// A mount's budgets, shared by its layers' readers.
 #[derive(Clone)]
-pub struct AheadBudget {
+pub struct Budgets {
+    /// For fetches ahead of reads ([`AHEAD_BUDGET`]).
+    pub ahead: Budget,
+    /// For reads' own fetches ([`READS_BUDGET`]).
+    pub reads: Budget,
+}
+
+impl Default for Budgets {
+    fn default() -> Self {
+        Budgets {
+            ahead: Budget::new(AHEAD_BUDGET),
+            reads: Budget::new(READS_BUDGET),
+        }
+    }
+}
+
+/// Room for bytes held by fetches under way.
+#[derive(Clone)]
+pub struct Budget {
     units: Arc<Semaphore>,
     total: u64,
 }
 
-impl Default for AheadBudget {
-    fn default() -> Self {
-        AheadBudget::new(AHEAD_BUDGET)
-    }
-}
-
-impl AheadBudget {
-    /// A budget of `bytes` in flight.
-    pub fn new(bytes: u64) -> AheadBudget {
+impl Budget {
+    /// A budget of `bytes`.
+    pub fn new(bytes: u64) -> Budget {
         let total = (bytes / UNIT).max(1);
-        AheadBudget {
+        Budget {
             units: Arc::new(Semaphore::new(total as usize)),
             total,
         }
@@ -58,17 +76,33 @@ impl AheadBudget {
     }
 }
 
-/// Compressed bytes a fetch of uncompressed `offset..offset + len` of `index` reads, at least
-/// `min` (a fetch that reaches past the spans asked for).
-pub fn compressed_size(index: &LayerIndex, offset: u64, len: u64, min: u64) -> u64 {
+/// Compressed and decoded bytes a fetch of spans `first..=last` of `index` holds.
+pub fn run_size(index: &LayerIndex, first: usize, last: usize) -> u64 {
+    let spans = &index.spans[first..=last];
+    let start = spans
+        .first()
+        .and_then(|s| fetch_range(&s.fetch))
+        .map_or(0, |r| r.0);
+    let stop = spans
+        .last()
+        .and_then(|s| fetch_range(&s.fetch))
+        .map_or(start, |r| r.1);
+    let decoded: u64 = spans.iter().map(|s| s.out_len).sum();
+    stop.saturating_sub(start) + decoded
+}
+
+/// Compressed and decoded bytes a fetch of uncompressed `offset..offset + len` of `index`
+/// holds, at least `min` compressed bytes (a fetch that reaches past the spans asked for).
+pub fn fetch_size(index: &LayerIndex, offset: u64, len: u64, min: u64) -> u64 {
     let end = (offset + len.max(1)).min(index.size);
     let (Some(first), Some(last)) = (index.span_at(offset), index.span_at(end.saturating_sub(1)))
     else {
         return min;
     };
+    let size = run_size(index, first, last);
     let start = fetch_range(&index.spans[first].fetch).map_or(0, |r| r.0);
     let stop = fetch_range(&index.spans[last].fetch).map_or(start, |r| r.1);
-    stop.saturating_sub(start).max(min)
+    size + min.saturating_sub(stop.saturating_sub(start))
 }
 
 #[cfg(test)]
@@ -77,7 +111,7 @@ mod tests {
 
     #[tokio::test]
     async fn fetches_ahead_wait_for_room_and_a_large_one_takes_it_all() {
-        let budget = AheadBudget::new(64 << 10);
+        let budget = Budget::new(64 << 10);
         let first = budget.take(40 << 10).await;
         let waiting = tokio::spawn({
             let budget = budget.clone();
