@@ -413,7 +413,7 @@ pub async fn pinned_profile(
     let reference: crate::reference::Reference =
         image.name.parse().map_err(|e| pinned(format!("{e}")))?;
     let blob = client
-        .fetch_blob(&reference, &pin, Some(MAX_PROFILE_BYTES))
+        .fetch_blob((&reference, &pin), Some(MAX_PROFILE_BYTES))
         .await?;
     let what = format!("{pin} of {}", image.name);
     Ok(Some(Profile::parse(&blob, &what)?))

@@ -76,7 +76,7 @@ pub async fn pull(
             available: available_platforms(&index),
         })?;
         progress(&format!("fetching manifest {}", chosen.digest()));
-        let fetched = client.fetch_manifest(reference, chosen.digest()).await?;
+        let fetched = client.fetch_manifest((reference, chosen.digest())).await?;
         check_size(
             "manifest",
             &fetched.digest,
@@ -115,7 +115,7 @@ pub async fn pull(
     }
     progress(&format!("fetching config {}", config_desc.digest()));
     let config_data = client
-        .fetch_blob(reference, config_desc.digest(), None)
+        .fetch_blob((reference, config_desc.digest()), None)
         .await?;
     check_size(
         "config",

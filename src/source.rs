@@ -100,7 +100,7 @@ impl BlobSource for RegistrySource {
             check_range(&self.digest, self.size, offset, len)?;
             let data = self
                 .client
-                .read_blob_range(&self.reference, &self.digest, offset, len)
+                .read_range((&self.reference, &self.digest), offset, len)
                 .await?;
             self.fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
             crate::metrics::metrics().fetched(self.digest.as_ref(), data.len() as u64);

@@ -428,7 +428,7 @@ impl Layers {
         };
         let blob = self
             .client
-            .fetch_blob(&reference, pin, Some(MAX_INDEX_BLOB))
+            .fetch_blob((&reference, pin), Some(MAX_INDEX_BLOB))
             .await
             .map_err(|e| invalid(e.to_string()))?;
         let limits = self.limits();

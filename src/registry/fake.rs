@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use oci_spec::image::Digest;
 
-use super::{Fetched, Registry, RegistryError, RegistryFuture};
+use super::{At, Fetched, Registry, RegistryError, RegistryFuture};
 use crate::reference::Reference;
 
 /// Requests a [`FakeRegistry`] has answered, by kind.
@@ -151,20 +151,12 @@ impl Registry for FakeRegistry {
         })
     }
 
-    fn fetch_manifest<'a>(
-        &'a self,
-        reference: &'a Reference,
-        digest: &'a Digest,
-    ) -> RegistryFuture<'a, Fetched> {
+    fn fetch_manifest<'a>(&'a self, (reference, digest): At<'a>) -> RegistryFuture<'a, Fetched> {
         Box::pin(async move { self.manifest(reference, digest) })
     }
 
-    fn fetch_blob<'a>(
-        &'a self,
-        reference: &'a Reference,
-        digest: &'a Digest,
-        cap: Option<u64>,
-    ) -> RegistryFuture<'a, Vec<u8>> {
+    fn fetch_blob<'a>(&'a self, at: At<'a>, cap: Option<u64>) -> RegistryFuture<'a, Vec<u8>> {
+        let (reference, digest) = at;
         Box::pin(async move {
             self.requests.lock().unwrap().blobs += 1;
             let data = self.object(reference, digest)?;
@@ -181,13 +173,8 @@ impl Registry for FakeRegistry {
         })
     }
 
-    fn read_blob_range<'a>(
-        &'a self,
-        reference: &'a Reference,
-        digest: &'a Digest,
-        offset: u64,
-        len: u64,
-    ) -> RegistryFuture<'a, Vec<u8>> {
+    fn read_range<'a>(&'a self, at: At<'a>, offset: u64, len: u64) -> RegistryFuture<'a, Vec<u8>> {
+        let (reference, digest) = at;
         Box::pin(async move {
             self.requests.lock().unwrap().ranges += 1;
             let failing =

@@ -93,33 +93,21 @@ pub struct Fetched {
 pub type RegistryFuture<'a, T> =
     Pin<Box<dyn Future<Output = Result<T, RegistryError>> + Send + 'a>>;
 
+/// A blob or manifest of a repository: a reference naming the repository, and the digest.
+pub type At<'a> = (&'a Reference, &'a Digest);
+
 /// What the reading stages need of a registry. Every manifest and blob returned is verified
 /// against its digest; ranges are not (a range has no digest of its own: callers check them
 /// against a layer index's span digests).
 pub trait Registry: Send + Sync {
     /// The manifest or index `reference` names (its digest if pinned, else its tag).
     fn resolve<'a>(&'a self, reference: &'a Reference) -> RegistryFuture<'a, Fetched>;
-    /// Manifest or index `digest` of `reference`'s repository.
-    fn fetch_manifest<'a>(
-        &'a self,
-        reference: &'a Reference,
-        digest: &'a Digest,
-    ) -> RegistryFuture<'a, Fetched>;
-    /// Blob `digest` of at most `cap` bytes (`None`: the configured cap for configs).
-    fn fetch_blob<'a>(
-        &'a self,
-        reference: &'a Reference,
-        digest: &'a Digest,
-        cap: Option<u64>,
-    ) -> RegistryFuture<'a, Vec<u8>>;
-    /// `len` bytes at `offset` of blob `digest`.
-    fn read_blob_range<'a>(
-        &'a self,
-        reference: &'a Reference,
-        digest: &'a Digest,
-        offset: u64,
-        len: u64,
-    ) -> RegistryFuture<'a, Vec<u8>>;
+    /// The manifest or index `at`.
+    fn fetch_manifest<'a>(&'a self, at: At<'a>) -> RegistryFuture<'a, Fetched>;
+    /// Blob `at` of at most `cap` bytes (`None`: the configured cap for configs).
+    fn fetch_blob<'a>(&'a self, at: At<'a>, cap: Option<u64>) -> RegistryFuture<'a, Vec<u8>>;
+    /// `len` bytes at `offset` of blob `at`.
+    fn read_range<'a>(&'a self, at: At<'a>, offset: u64, len: u64) -> RegistryFuture<'a, Vec<u8>>;
 }
 
 /// Largest published layer index blob fetched (larger than a config).
@@ -130,34 +118,17 @@ impl Registry for RegistryClient {
         Box::pin(RegistryClient::resolve(self, reference))
     }
 
-    fn fetch_manifest<'a>(
-        &'a self,
-        reference: &'a Reference,
-        digest: &'a Digest,
-    ) -> RegistryFuture<'a, Fetched> {
-        Box::pin(RegistryClient::fetch_manifest(self, reference, digest))
+    fn fetch_manifest<'a>(&'a self, (r, d): At<'a>) -> RegistryFuture<'a, Fetched> {
+        Box::pin(RegistryClient::fetch_manifest(self, r, d))
     }
 
-    fn fetch_blob<'a>(
-        &'a self,
-        reference: &'a Reference,
-        digest: &'a Digest,
-        cap: Option<u64>,
-    ) -> RegistryFuture<'a, Vec<u8>> {
+    fn fetch_blob<'a>(&'a self, (r, d): At<'a>, cap: Option<u64>) -> RegistryFuture<'a, Vec<u8>> {
         let cap = cap.unwrap_or(self.settings.max_manifest_bytes);
-        Box::pin(self.fetch_blob_capped(reference, digest, cap))
+        Box::pin(self.fetch_blob_capped(r, d, cap))
     }
 
-    fn read_blob_range<'a>(
-        &'a self,
-        reference: &'a Reference,
-        digest: &'a Digest,
-        offset: u64,
-        len: u64,
-    ) -> RegistryFuture<'a, Vec<u8>> {
-        Box::pin(RegistryClient::read_blob_range(
-            self, reference, digest, offset, len,
-        ))
+    fn read_range<'a>(&'a self, (r, d): At<'a>, at: u64, len: u64) -> RegistryFuture<'a, Vec<u8>> {
+        Box::pin(self.read_blob_range(r, d, at, len))
     }
 }
 
