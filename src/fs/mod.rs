@@ -313,7 +313,7 @@ pub enum CatError {
 }
 
 /// Writes the files at `paths` of `view` to `out`, one after another (`stratafs cat`): small
-/// files are read concurrently (at most [`CAT_CONCURRENT_READS`] at once, each whole), large
+/// files are read concurrently (a few at once, each whole), large
 /// ones streamed; output stays in argument order. Memory: the small files in flight.
 pub async fn cat(
     view: &Arc<ImageView>,

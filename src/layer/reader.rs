@@ -13,6 +13,7 @@ use super::{gzip, Fetch, IndexFormat, LayerError, LayerIndex, Limits, DEFAULT_SP
 use crate::cache::{Cache, CacheError};
 use crate::source::{BlobSource, SourceError};
 use decode::{decode, fetch_range, LowerPriority, SpanResult};
+use want::{Want, MAX_COALESCED, MIN_MISS_FETCH, MIN_TOC_FETCH, READAHEAD};
 
 /// Why bytes of a layer could not be read; every message names the layer blob.
 #[derive(Debug, thiserror::Error)]
@@ -62,50 +63,6 @@ impl From<ReadError> for CacheError {
     fn from(e: ReadError) -> CacheError {
         CacheError::Read(Box::new(e))
     }
-}
-
-/// Spans fetched ahead of a sequential reader.
-const READAHEAD: usize = 4;
-
-/// Upper bound on the bytes one coalesced range request fetches.
-const MAX_COALESCED: u64 = 16 << 20;
-
-/// Fewest compressed bytes a fetch from a layer indexed by its TOC (eStargz, zstd:chunked)
-/// reads while the chunks after the one missed are missing too. Those spans are single file
-/// chunks, often a few KiB, and a program that loads file after file from one directory (as
-/// `import` does) would otherwise pay a round trip for each; tar order keeps a directory's
-/// files together. 512 KiB is about two round trips' worth of transfer at 100 Mbit/s and 20 ms.
-const MIN_TOC_FETCH: u64 = 512 << 10;
-
-/// Compressed bytes a fetch of the neighbours of a read ([`LayerReader::fetch_neighbours`]) of
-/// a layer indexed as its tar stream reaches, while the spans after the read are missing.
-/// Spans are small (256 KiB of tar, so a miss costs little beyond what it reads), but programs
-/// read file after file in tar order (an `import` walks a package's directory), and each miss
-/// costs a round trip: after each miss the neighbours come too, in their own request started
-/// when the miss is served (the read waits for its own bytes only, and does not share the link
-/// with them), about a round trip's worth of transfer at 100 Mbit/s and 20 ms. On the
-/// cold-start benchmark (3 runs each) 256 KiB fetched as many bytes as 384 KiB inside the
-/// miss's own request did (51.6 MB), 0.2 s sooner; 384 KiB this way: 55 MB, 0.2 s sooner
-/// still. Profile replay reads exactly what it asks for.
-const MIN_MISS_FETCH: u64 = 256 << 10;
-
-/// What a fetch is for, which decides how far past the bytes asked for it reaches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Want {
-    /// The spans asked for (profile replay, fetches ahead of reads; a TOC-indexed layer's
-    /// fetches still reach [`MIN_TOC_FETCH`]).
-    Exact,
-    /// A read: its spans, [`READAHEAD`] more for a sequential reader, at least
-    /// [`MIN_TOC_FETCH`] for a TOC-indexed layer, and for a stream-indexed one its neighbours
-    /// too ([`MIN_MISS_FETCH`]) in the same request.
-    Demand,
-    /// A read whose neighbours are fetched next, in their own request: as [`Want::Demand`]
-    /// without them.
-    DemandAlone,
-    /// A read as [`Want::Demand`] whose chunks are all verified on load (no range reads).
-    Checked,
-    /// The spans after a read ([`LayerReader::fetch_neighbours`]): at least [`MIN_MISS_FETCH`].
-    Neighbours,
 }
 
 /// Lazy reads of one layer.
@@ -819,6 +776,7 @@ pub mod budget;
 mod check;
 mod decode;
 mod stream;
+mod want;
 
 pub use stream::{stream_index, StreamSpec};
 #[cfg(test)]
