@@ -13,7 +13,7 @@ use super::{gzip, Fetch, IndexFormat, LayerError, LayerIndex, Limits, DEFAULT_SP
 use crate::cache::{Cache, CacheError};
 use crate::source::{BlobSource, SourceError};
 use decode::{decode, fetch_range, LowerPriority, SpanResult};
-use want::{Want, MAX_COALESCED, MIN_MISS_FETCH, MIN_TOC_FETCH, READAHEAD};
+use want::{Want, MAX_COALESCED, READAHEAD};
 
 /// Why bytes of a layer could not be read; every message names the layer blob.
 #[derive(Debug, thiserror::Error)]
@@ -264,7 +264,7 @@ impl LayerReader {
 
     /// Reads up to `len` bytes at uncompressed offset `offset` (fewer at the end of the stream).
     /// A miss fetches the spans the read needs (more if the reader is sequential) and, for a
-    /// stream-indexed layer, the missing spans after them up to [`MIN_MISS_FETCH`] compressed
+    /// stream-indexed layer, the missing spans after them up to `MIN_MISS_FETCH` compressed
     /// bytes, in one request.
     pub async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, CacheError> {
         self.read_with(offset, len, Want::Demand).await
@@ -291,7 +291,7 @@ impl LayerReader {
     }
 
     /// Fetches the missing spans that start at or after `end` (the end of a read or a file),
-    /// up to [`MIN_MISS_FETCH`] compressed bytes, for a layer indexed as its tar stream: the
+    /// up to `MIN_MISS_FETCH` compressed bytes, for a layer indexed as its tar stream: the
     /// files after a file read are often read next (tar order keeps a directory together).
     /// Nothing when the first such span is cached or being fetched already. Meant to run as
     /// its own request beside the demand read, so the read waits for its bytes alone.
@@ -330,11 +330,7 @@ impl LayerReader {
         if self.is_cached(offset, len) {
             return Ok(());
         }
-        let reach = match (self.index.format, want) {
-            (IndexFormat::Stream, Want::Neighbours) => MIN_MISS_FETCH,
-            (IndexFormat::Stream, _) => 0,
-            _ => MIN_TOC_FETCH,
-        };
+        let reach = want.min_reach(self.index.format);
         let bytes = budget::fetch_size(&self.index, offset, len, reach);
         let _room = self.budgets.ahead.take(bytes).await;
         self.read_with(offset, len, want).await.map(drop)
@@ -561,19 +557,14 @@ impl LayerReader {
     }
 
     /// Where a fetch of span `i` should reach to, at least: far enough that it carries
-    /// [`MIN_TOC_FETCH`] compressed bytes for a TOC-indexed layer, and [`MIN_MISS_FETCH`] for
+    /// `MIN_TOC_FETCH` compressed bytes for a TOC-indexed layer, and `MIN_MISS_FETCH` for
     /// a fetch of a stream-indexed one's [neighbours](Self::fetch_neighbours) (0: no minimum).
     fn min_fetch_end(&self, i: usize, want: Want) -> u64 {
         let spans = &self.index.spans;
-        let min = match self.index.format {
-            IndexFormat::Estargz | IndexFormat::ZstdChunked => MIN_TOC_FETCH,
-            IndexFormat::Stream
-                if matches!(want, Want::Demand | Want::Checked | Want::Neighbours) =>
-            {
-                MIN_MISS_FETCH
-            }
-            IndexFormat::Stream => return 0,
-        };
+        let min = want.min_reach(self.index.format);
+        if min == 0 {
+            return 0;
+        }
         let Some((start, _)) = fetch_range(&spans[i].fetch) else {
             return 0;
         };

@@ -4,8 +4,7 @@
 //!
 //! - fetches no read waits for (an open's fetch of its file, a read's neighbours, a profile's
 //!   replay, background fill) take room for their compressed and decoded bytes before they
-//!   claim any span,
-//!   so a read never waits for a fetch that waits for room ([`AHEAD_BUDGET`]);
+//!   claim any span, so a read never waits for a fetch that waits for room ([`AHEAD_BUDGET`]);
 //! - reads' own fetches take room for their compressed and decoded bytes once they have
 //!   claimed their run ([`READS_BUDGET`]): reads of large chunks (an eStargz chunk of a large
 //!   `.so` is up to 4 MiB, and the kernel's readahead of a mapped file asks for several at
@@ -64,8 +63,8 @@ impl Budget {
         }
     }
 
-    /// Waits for room for a fetch of about `bytes` compressed bytes (a fetch larger than the
-    /// whole budget waits for all of it); the room is given back when the permit is dropped.
+    /// Waits for room for a fetch holding about `bytes` (a fetch larger than the whole budget
+    /// waits for all of it); the room is given back when the permit is dropped.
     pub async fn take(&self, bytes: u64) -> OwnedSemaphorePermit {
         let units = bytes.div_ceil(UNIT).clamp(1, self.total) as u32;
         self.units

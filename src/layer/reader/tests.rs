@@ -4,6 +4,7 @@ use crate::image::Compression;
 use crate::layer::build_index;
 use crate::source::{FaultySource, FileSource};
 use std::io::Write;
+use want::MIN_MISS_FETCH;
 
 /// A gzip layer holding one 2 MiB file, indexed with 64 KiB spans, read through a counting
 /// source.

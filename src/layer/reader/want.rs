@@ -2,6 +2,8 @@
 //! sequential read-ahead, the minimum a TOC-indexed layer's fetch carries, a read's
 //! neighbours, and the cap on one coalesced request.
 
+use crate::layer::IndexFormat;
+
 /// Spans fetched ahead of a sequential reader.
 pub(super) const READAHEAD: usize = 4;
 
@@ -44,4 +46,20 @@ pub(super) enum Want {
     Checked,
     /// The spans after a read ([`super::LayerReader::fetch_neighbours`]): at least [`MIN_MISS_FETCH`].
     Neighbours,
+}
+
+impl Want {
+    /// Fewest compressed bytes a fetch for this reaches from the span it starts at, in a layer
+    /// indexed as `format` (0: just the spans asked for).
+    pub(super) fn min_reach(self, format: IndexFormat) -> u64 {
+        match format {
+            IndexFormat::Estargz | IndexFormat::ZstdChunked => MIN_TOC_FETCH,
+            IndexFormat::Stream
+                if matches!(self, Want::Demand | Want::Checked | Want::Neighbours) =>
+            {
+                MIN_MISS_FETCH
+            }
+            IndexFormat::Stream => 0,
+        }
+    }
 }
