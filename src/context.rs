@@ -116,8 +116,13 @@ impl Context {
     /// `image` for layers the image pins none for (best effort: without them, layers are
     /// indexed by streaming). Returns how many were adopted.
     pub async fn fetch_published(&self, image: &ImageRecord) -> usize {
-        crate::publish::adopt_if_opted_in(&self.client, &self.store, image, &self.config.index)
-            .await
+        crate::publish::adopt_if_opted_in(
+            self.client.as_ref(),
+            &self.store,
+            image,
+            &self.config.index,
+        )
+        .await
     }
 }
 

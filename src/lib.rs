@@ -28,11 +28,13 @@
 //! FUSE connection open across crashes and upgrades of the serving process, and the control
 //! side (`mount`, `umount`, `upgrade`) the binary and the snapshotter use.
 //! [`metrics`] exports what every stage did for Prometheus; [`status`] reports what the cache
-//! holds per layer.
+//! holds per layer; [`report`] renders every command's report for people.
+//! [`cli`] is the command line's grammar (the binary parses with it and prints).
 //! Shared vocabulary lives in [`image`] (media types, platforms, layer records, ChainIDs),
 //! [`digest`] and [`config`] (the configuration file).
 
 pub mod cache;
+pub mod cli;
 pub mod config;
 pub mod context;
 pub mod daemon;
@@ -48,6 +50,7 @@ pub mod publish;
 pub mod pull;
 pub mod reference;
 pub mod registry;
+pub mod report;
 pub mod snapshotter;
 pub mod source;
 pub mod status;

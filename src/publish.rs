@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 use crate::image::{media, ImageRecord};
 use crate::layer::{IndexStore, LayerError, LayerIndex, Limits};
 use crate::reference::Reference;
-use crate::registry::{RegistryClient, RegistryError};
+use crate::registry::{Registry, RegistryClient, RegistryError};
 use crate::store::{Store, StoreError};
 
 /// The `artifactType` of a stratafs index artifact.
@@ -317,7 +317,7 @@ async fn push_again(
 /// `unbound_referrers`), best effort: a failure is logged (the layers are then indexed by
 /// streaming). Returns how many layers adopted an index.
 pub async fn adopt_if_opted_in(
-    client: &RegistryClient,
+    client: &dyn Registry,
     store: &Store,
     image: &ImageRecord,
     settings: &crate::config::IndexSettings,
@@ -341,7 +341,7 @@ pub async fn adopt_if_opted_in(
 /// `referrer_index`. Only for users who opted in (`[index] unbound_referrers`): nothing in the
 /// image vouches for these. Returns how many layers adopted one.
 pub async fn adopt_referrer_indexes(
-    client: &RegistryClient,
+    client: &dyn Registry,
     store: &Store,
     image: &ImageRecord,
     limits: &Limits,
@@ -355,7 +355,10 @@ pub async fn adopt_referrer_indexes(
     }
     let reference = reference_of(image)?;
     let subject = &image.manifest.digest;
-    let referrers = match client.referrers(&reference, subject, ARTIFACT_TYPE).await? {
+    let referrers = match client
+        .referrers((&reference, subject), ARTIFACT_TYPE)
+        .await?
+    {
         Some(index) => index,
         None => match client
             .resolve(&reference_at(&reference, &referrers_tag(subject))?)
@@ -379,7 +382,7 @@ pub async fn adopt_referrer_indexes(
         return Ok(0);
     };
     let digest = digest_field(image, &artifact["digest"])?;
-    let manifest = client.fetch_manifest(&reference, &digest).await?;
+    let manifest = client.fetch_manifest((&reference, &digest)).await?;
     let manifest: Value = serde_json::from_slice(&manifest.data)
         .map_err(|e| invalid(image, &format!("index artifact {digest}: {e}")))?;
     if manifest["subject"]["digest"] != subject.as_ref() {
@@ -404,7 +407,9 @@ pub async fn adopt_referrer_indexes(
             continue;
         };
         let pin = digest_field(image, &desc["digest"])?;
-        let blob = client.fetch_index_blob(&reference, &pin).await?;
+        let blob = client
+            .fetch_blob((&reference, &pin), Some(crate::registry::MAX_INDEX_BLOB))
+            .await?;
         let mut json = Vec::new();
         flate2::read::GzDecoder::new(&blob[..])
             .take(limits.max_toc_bytes + 1)

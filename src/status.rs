@@ -22,6 +22,8 @@ pub enum StatusError {
     Index(String, #[source] Box<LayerError>),
     #[error("layer digest {0} in the image store is not a digest")]
     Digest(String),
+    #[error("reading the chunk cache's usage")]
+    Chunks(#[source] std::io::Error),
 }
 
 /// One layer blob of the pulled images (the JSON shape of `cache stats --json`'s `layers`).
@@ -90,6 +92,73 @@ pub fn layers(store: &Store, chunks: &dyn ChunkStore) -> Result<Vec<LayerStatus>
         });
     }
     Ok(out)
+}
+
+/// What `cache stats` reports (serialized: its `--json` shape, docs/cli.md): chunks and bytes
+/// on disk against the cap, every layer, and the mounts of the store.
+#[derive(Clone, Debug, Serialize)]
+pub struct CacheReport {
+    pub chunks: u64,
+    pub bytes: u64,
+    pub max_size: u64,
+    pub layers: Vec<LayerStatus>,
+    pub mounts: Vec<MountStatus>,
+    /// Each layer's fetch rate (bytes/s) since the previous report of a watch.
+    #[serde(skip)]
+    pub rates: Option<BTreeMap<String, f64>>,
+}
+
+/// A mount of the store, as `cache stats` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct MountStatus {
+    pub mountpoint: std::path::PathBuf,
+    pub image: String,
+    pub pid: u32,
+    pub holder: Option<u32>,
+    pub layers: Vec<String>,
+    /// Fetches its daemon has in flight (asked of its metrics endpoint, if it serves one and
+    /// the report asked).
+    #[serde(skip)]
+    pub in_flight: Option<f64>,
+}
+
+impl CacheReport {
+    /// The cache of `ctx`'s store now. `in_flight`: ask each mount's daemon what it is
+    /// fetching (up to half a second per daemon with a metrics endpoint).
+    pub fn collect(
+        ctx: &crate::context::Context,
+        in_flight: bool,
+    ) -> Result<CacheReport, StatusError> {
+        let (chunks, bytes) = ctx.chunks.usage().map_err(StatusError::Chunks)?;
+        let mounts = crate::daemon::mounts(ctx.store.root())
+            .into_iter()
+            .map(|m| MountStatus {
+                in_flight: if in_flight {
+                    fetches_in_flight(&m)
+                } else {
+                    None
+                },
+                mountpoint: m.mountpoint,
+                image: m.image,
+                pid: m.pid,
+                holder: m.holder,
+                layers: m.layers,
+            });
+        Ok(CacheReport {
+            chunks,
+            bytes,
+            max_size: ctx.cache_cap,
+            layers: layers(&ctx.store, ctx.chunks.as_ref())?,
+            mounts: mounts.collect(),
+            rates: None,
+        })
+    }
+
+    /// Adds each layer's fetch rate since `before`, taken `seconds` earlier.
+    pub fn with_rates_since(mut self, before: &CacheReport, seconds: f64) -> CacheReport {
+        self.rates = Some(fetch_rates(&before.layers, &self.layers, seconds));
+        self
+    }
 }
 
 /// Each layer's fetch rate in bytes per second between two reports `seconds` apart (a layer

@@ -367,6 +367,38 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// The arguments of the serving daemon started for `req` (`stratafs … mount --foreground
+/// --notify …`), with the store `root` and the configuration file `config` as absolute paths.
+pub(crate) fn daemon_args(
+    req: &MountRequest,
+    root: &Path,
+    config: Option<&Path>,
+    mountpoint: &Path,
+) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = vec!["--root".into(), root.into()];
+    args.extend(["--log-level".into(), req.log_level.clone().into()]);
+    if let Some(c) = config {
+        args.extend(["--config".into(), c.into()]);
+    }
+    args.extend(["mount", "--foreground", "--notify"].map(Into::into));
+    let mut pair = |flag: &str, value: &Option<String>| {
+        if let Some(v) = value {
+            args.extend([flag.into(), v.into()]);
+        }
+    };
+    pair("--chain", &req.chain);
+    pair("--platform", &req.platform);
+    pair("--metrics-address", &req.metrics_address);
+    if req.plain_http {
+        args.push("--plain-http".into());
+    }
+    if !req.options.is_empty() {
+        args.extend(["-o".into(), req.options.join(",").into()]);
+    }
+    args.extend([req.reference.clone().into(), mountpoint.into()]);
+    args
+}
+
 /// Starts `stratafs … mount --foreground --notify` detached and waits for it to report.
 fn spawn_daemon(
     req: &MountRequest,
@@ -383,32 +415,12 @@ fn spawn_daemon(
         .open(&log_path)
         .map_err(io(log_path.display()))?;
     let exe = std::env::current_exe().map_err(io("finding the stratafs binary"))?;
+    let config = match &req.config {
+        Some(c) => Some(std::path::absolute(c).map_err(io(c.display()))?),
+        None => None,
+    };
     let mut cmd = Command::new(exe);
-    cmd.arg("--root")
-        .arg(&root)
-        .arg("--log-level")
-        .arg(&req.log_level);
-    if let Some(c) = &req.config {
-        cmd.arg("--config")
-            .arg(std::path::absolute(c).map_err(io(c.display()))?);
-    }
-    cmd.args(["mount", "--foreground", "--notify"]);
-    if let Some(c) = &req.chain {
-        cmd.args(["--chain", c]);
-    }
-    if let Some(p) = &req.platform {
-        cmd.args(["--platform", p]);
-    }
-    if req.plain_http {
-        cmd.arg("--plain-http");
-    }
-    if !req.options.is_empty() {
-        cmd.arg("-o").arg(req.options.join(","));
-    }
-    if let Some(a) = &req.metrics_address {
-        cmd.args(["--metrics-address", a]);
-    }
-    cmd.arg(&req.reference).arg(mountpoint);
+    cmd.args(daemon_args(req, &root, config.as_deref(), mountpoint));
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))

@@ -112,6 +112,47 @@ pub fn mounts(root: &Path) -> Vec<MountRecord> {
         .collect()
 }
 
+/// Why `stratafs rmi` removed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoveError {
+    #[error("{image} is mounted at {} (serving pid {pid}): unmount it first (stratafs umount {0})", .mountpoint.display())]
+    Mounted {
+        image: String,
+        mountpoint: PathBuf,
+        pid: u32,
+    },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// Removes the images `references` name (names or unique digest prefixes), and the metadata
+/// no other image uses; returns their names. Every reference is checked first: an unknown
+/// one, or an image a mount of the store serves, removes nothing.
+pub fn remove_images(
+    store: &crate::store::Store,
+    references: &[String],
+) -> Result<Vec<String>, RemoveError> {
+    let mounts = mounts(store.root());
+    let mut names = Vec::new();
+    for reference in references {
+        let name = store.find_image(reference)?.name;
+        if let Some(m) = mounts.iter().find(|m| m.image == name) {
+            return Err(RemoveError::Mounted {
+                image: name,
+                mountpoint: m.mountpoint.clone(),
+                pid: m.pid,
+            });
+        }
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    for name in &names {
+        store.remove_image(name)?;
+    }
+    Ok(names)
+}
+
 /// Whether process `pid` runs (a zombie does not).
 pub fn alive(pid: u32) -> bool {
     // A zombie still has /proc/PID; its state is Z.

@@ -23,11 +23,13 @@ use crate::source::{BlobSource, RegistrySource};
 
 use super::FsError;
 
-/// How one layer's index was obtained.
-#[derive(Clone, Debug)]
+/// How one layer's index was obtained (serialized: an element of `index build --json`).
+#[derive(Clone, Debug, serde::Serialize)]
 pub struct IndexReport {
+    #[serde(rename = "digest")]
     pub blob: String,
     pub built: bool,
+    #[serde(skip)]
     pub format: IndexFormat,
     pub entries: usize,
     pub spans: usize,

@@ -155,6 +155,11 @@ impl Registry for FakeRegistry {
         Box::pin(async move { self.manifest(reference, digest) })
     }
 
+    /// A registry without the referrers API (as the distribution registry before 3.0).
+    fn referrers<'a>(&'a self, _: At<'a>, _: &'a str) -> RegistryFuture<'a, Option<Vec<u8>>> {
+        Box::pin(async { Ok(None) })
+    }
+
     fn fetch_blob<'a>(&'a self, at: At<'a>, cap: Option<u64>) -> RegistryFuture<'a, Vec<u8>> {
         let (reference, digest) = at;
         Box::pin(async move {

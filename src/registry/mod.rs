@@ -108,6 +108,14 @@ pub trait Registry: Send + Sync {
     fn fetch_blob<'a>(&'a self, at: At<'a>, cap: Option<u64>) -> RegistryFuture<'a, Vec<u8>>;
     /// `len` bytes at `offset` of blob `at`.
     fn read_range<'a>(&'a self, at: At<'a>, offset: u64, len: u64) -> RegistryFuture<'a, Vec<u8>>;
+    /// The referrers index of manifest `subject` listing artifacts of `artifact_type`, or
+    /// `None` when the registry has no referrers API (callers then read the referrers tag).
+    /// Nothing in it is vouched for by the image: callers decide whether to trust it.
+    fn referrers<'a>(
+        &'a self,
+        subject: At<'a>,
+        artifact_type: &'a str,
+    ) -> RegistryFuture<'a, Option<Vec<u8>>>;
 }
 
 /// Largest published layer index blob fetched (larger than a config).
@@ -129,6 +137,14 @@ impl Registry for RegistryClient {
 
     fn read_range<'a>(&'a self, (r, d): At<'a>, at: u64, len: u64) -> RegistryFuture<'a, Vec<u8>> {
         Box::pin(self.read_blob_range(r, d, at, len))
+    }
+
+    fn referrers<'a>(
+        &'a self,
+        (r, d): At<'a>,
+        artifact_type: &'a str,
+    ) -> RegistryFuture<'a, Option<Vec<u8>>> {
+        Box::pin(RegistryClient::referrers(self, r, d, artifact_type))
     }
 }
 
@@ -264,15 +280,6 @@ impl RegistryClient {
     }
 
     /// Fetches a published layer index blob (larger than a config: up to 256 MiB), verified.
-    pub async fn fetch_index_blob(
-        &self,
-        reference: &Reference,
-        digest: &Digest,
-    ) -> Result<Vec<u8>, RegistryError> {
-        self.fetch_blob_capped(reference, digest, MAX_INDEX_BLOB)
-            .await
-    }
-
     /// Fetches blob `digest` of at most `cap` bytes, verified.
     pub async fn fetch_blob_capped(
         &self,

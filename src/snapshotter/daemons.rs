@@ -4,6 +4,7 @@
 //! and its metrics endpoint serves its own metrics merged with those of the daemons it started.
 //! The snapshotter logs to stderr.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -31,23 +32,31 @@ pub struct DaemonMounter {
     pub metrics: bool,
 }
 
+impl DaemonMounter {
+    /// The arguments of `stratafs … mount` for the chain `chain_id` of `image` at `dir`.
+    pub(crate) fn mount_args(&self, image: &str, chain_id: &str, dir: &Path) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec!["--root".into(), self.root.clone().into()];
+        args.extend(["--log-level".into(), self.log_level.clone().into()]);
+        if let Some(c) = &self.config {
+            args.extend(["--config".into(), c.into()]);
+        }
+        args.extend(["mount", "--chain", chain_id, "-o", LAZY_MOUNT_OPTIONS].map(Into::into));
+        if self.plain_http {
+            args.push("--plain-http".into());
+        }
+        if self.metrics {
+            args.extend(["--metrics-address", "127.0.0.1:0"].map(Into::into));
+        }
+        args.extend([image.into(), dir.into()]);
+        args
+    }
+}
+
 impl Mounter for DaemonMounter {
     fn mount(&self, image: &str, chain_id: &str, dir: &Path) -> Result<(), MounterError> {
         let exe = std::env::current_exe().map_err(MounterError::Start)?;
         let mut cmd = Command::new(exe);
-        cmd.arg("--root").arg(&self.root);
-        cmd.arg("--log-level").arg(&self.log_level);
-        if let Some(c) = &self.config {
-            cmd.arg("--config").arg(c);
-        }
-        cmd.args(["mount", "--chain", chain_id, "-o", LAZY_MOUNT_OPTIONS]);
-        if self.plain_http {
-            cmd.arg("--plain-http");
-        }
-        if self.metrics {
-            cmd.args(["--metrics-address", "127.0.0.1:0"]);
-        }
-        cmd.arg(image).arg(dir);
+        cmd.args(self.mount_args(image, chain_id, dir));
         let out = cmd.output().map_err(MounterError::Start)?;
         if out.status.success() {
             tracing::info!("{}", String::from_utf8_lossy(&out.stdout).trim_end());

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use crate::image::{ImageRecord, Platform};
 use crate::reference::Reference;
-use crate::registry::RegistryClient;
+use crate::registry::Registry;
 use crate::store::Store;
 
 use super::meta::LazyLayer;
@@ -29,7 +29,7 @@ const STARGZ_LAYER: &str = "containerd.io/snapshot/remote/stargz.digest";
 /// Finds the layers behind ChainIDs.
 pub struct Resolver {
     pub store: Store,
-    pub client: Arc<RegistryClient>,
+    pub client: Arc<dyn Registry>,
     /// The `[index]` settings: adopt unbound referrer indexes when pulling only if opted in.
     pub index: crate::config::IndexSettings,
     pub platform: Platform,
@@ -146,7 +146,8 @@ impl Resolver {
                     source: Box::new(source),
                 }
             })?;
-        crate::publish::adopt_if_opted_in(&self.client, &self.store, &image, &self.index).await;
+        crate::publish::adopt_if_opted_in(self.client.as_ref(), &self.store, &image, &self.index)
+            .await;
         Ok(image)
     }
 

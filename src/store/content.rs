@@ -19,7 +19,7 @@ impl ContentStore {
         ContentStore { dir, tmp }
     }
 
-    fn path(&self, digest: &Digest) -> PathBuf {
+    pub(super) fn path(&self, digest: &Digest) -> PathBuf {
         self.dir
             .join(digest.algorithm().as_ref())
             .join(digest.digest())

@@ -158,6 +158,25 @@ impl Store {
         Err(StoreError::ImageNotFound(parsed?.to_string()))
     }
 
+    /// `stratafs inspect`: the record of the image `reference` names (as [`find_image`]),
+    /// with its manifest and config, as one JSON object.
+    ///
+    /// [`find_image`]: Store::find_image
+    pub fn inspect(&self, reference: &str) -> Result<serde_json::Value, StoreError> {
+        let record = self.find_image(reference)?;
+        let json = |d: &oci_spec::image::Digest| -> Result<serde_json::Value, StoreError> {
+            serde_json::from_slice(&self.content.get(d)?).map_err(|e| StoreError::Corrupt {
+                path: self.content.path(d),
+                reason: e.to_string(),
+            })
+        };
+        Ok(serde_json::json!({
+            "record": record,
+            "manifest": json(&record.manifest.digest)?,
+            "config": json(&record.config.digest)?,
+        }))
+    }
+
     /// Removes the image `name` and collects content no remaining image references.
     pub fn remove_image(&self, name: &str) -> Result<ImageRecord, StoreError> {
         let _lock = self.lock_exclusive()?;

@@ -1,8 +1,10 @@
 //! What the commands show besides their results: progress bars and summaries on stderr
-//! (`--quiet` turns them off), sizes for humans, aligned tables.
+//! (`--quiet` turns them off). The reports themselves render in [`stratafs::report`].
 
 use std::io::IsTerminal;
 use std::sync::Arc;
+
+use stratafs::report::human_size;
 
 /// `--quiet`: no progress bars or summaries on stderr.
 pub static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -100,6 +102,13 @@ impl Drop for Progress {
     }
 }
 
+/// A summary line on stderr, unless `--quiet`.
+pub fn note(line: &str) {
+    if !QUIET.load(std::sync::atomic::Ordering::Relaxed) {
+        eprintln!("{line}");
+    }
+}
+
 /// A spinner on stderr for steps without a byte count (`pull`), when it is a terminal.
 pub fn spinner() -> Option<indicatif::ProgressBar> {
     if !std::io::stderr().is_terminal() || QUIET.load(std::sync::atomic::Ordering::Relaxed) {
@@ -108,52 +117,4 @@ pub fn spinner() -> Option<indicatif::ProgressBar> {
     let s = indicatif::ProgressBar::new_spinner();
     s.enable_steady_tick(std::time::Duration::from_millis(100));
     Some(s)
-}
-
-/// Prints an aligned table: every column as wide as its widest cell; columns listed in
-/// `right` are right-aligned (sizes).
-pub fn print_table(header: &[&str], rows: &[Vec<String>], right: &[usize]) {
-    let widths: Vec<usize> = (0..header.len())
-        .map(|c| {
-            rows.iter()
-                .map(|r| r[c].chars().count())
-                .chain([header[c].len()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let line = |cells: Vec<&str>| {
-        let parts: Vec<String> = cells
-            .iter()
-            .enumerate()
-            .map(|(c, cell)| {
-                if right.contains(&c) {
-                    format!("{cell:>w$}", w = widths[c])
-                } else {
-                    format!("{cell:<w$}", w = widths[c])
-                }
-            })
-            .collect();
-        println!("{}", parts.join("  ").trim_end());
-    };
-    line(header.to_vec());
-    for r in rows {
-        line(r.iter().map(String::as_str).collect());
-    }
-}
-
-/// `bytes` in B, KiB, MiB, GiB or TiB.
-pub fn human_size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
 }
