@@ -19,7 +19,7 @@ use crate::tree::{FileType, NodeId, Tree};
 mod error;
 mod indexing;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use error::FsError;
 pub use indexing::*;

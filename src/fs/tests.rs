@@ -14,7 +14,7 @@ use crate::reference::Reference;
 use crate::registry::fake::FakeRegistry;
 use crate::store::Store;
 
-const REPO: &str = "test/app";
+pub(crate) const REPO: &str = "test/app";
 
 /// A gzip'd tar layer of `files` (path, contents); returns (blob, diff_id).
 fn layer(files: &[(&str, Vec<u8>)]) -> (Vec<u8>, oci_spec::image::Digest) {
@@ -34,7 +34,10 @@ fn layer(files: &[(&str, Vec<u8>)]) -> (Vec<u8>, oci_spec::image::Digest) {
 }
 
 /// Pushes an image of one layer of `files` to `registry` as `REPO:v1`; returns the layer blob.
-fn push(registry: &FakeRegistry, files: &[(&str, Vec<u8>)]) -> (Vec<u8>, oci_spec::image::Digest) {
+pub(crate) fn push(
+    registry: &FakeRegistry,
+    files: &[(&str, Vec<u8>)],
+) -> (Vec<u8>, oci_spec::image::Digest) {
     let (blob, diff_id) = layer(files);
     let host = Platform::host();
     let config = serde_json::to_vec(&json!({
@@ -56,7 +59,7 @@ fn push(registry: &FakeRegistry, files: &[(&str, Vec<u8>)]) -> (Vec<u8>, oci_spe
     (blob, layer_digest)
 }
 
-fn files() -> Vec<(&'static str, Vec<u8>)> {
+pub(crate) fn files() -> Vec<(&'static str, Vec<u8>)> {
     let big: Vec<u8> = (0..3u32 << 20)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();

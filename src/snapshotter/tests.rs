@@ -11,13 +11,13 @@ use chrono::Utc;
 use tonic::Status;
 
 use super::meta::Kind;
-use super::resolve::{Resolver, CRI_IMAGE, CRI_LAYER, LABEL_TARGET};
+use super::resolve::{ResolveError, Resolver, CRI_IMAGE, CRI_LAYER, LABEL_TARGET};
 use super::service::Snapshotter;
 use super::{Mounter, MounterError, SnapshotterError};
 use crate::cache::ChunkStore;
 use crate::digest::sha256;
 use crate::image::{chain_ids, Descriptor, ImageRecord, LayerRecord, Platform};
-use crate::registry::RegistryClient;
+use crate::registry::fake::FakeRegistry;
 use crate::store::Store;
 
 /// Records mounts instead of starting daemons.
@@ -73,12 +73,13 @@ impl ChunkStore for NoChunks {
 }
 
 fn snapshotter(dir: &Path) -> (Snapshotter, Arc<FakeMounter>) {
+    snapshotter_over(dir, Arc::new(FakeRegistry::new()))
+}
+
+/// A snapshotter whose resolver pulls from `registry`.
+fn snapshotter_over(dir: &Path, registry: Arc<FakeRegistry>) -> (Snapshotter, Arc<FakeMounter>) {
     let store = Store::open(dir).unwrap();
-    let client = Arc::new(RegistryClient::new(
-        Default::default(),
-        Default::default(),
-        false,
-    ));
+    let client = registry;
     let mounter = Arc::new(FakeMounter::default());
     let resolver = Resolver {
         store,
@@ -379,4 +380,55 @@ async fn lazy_layers_from_labels_or_the_store_and_fallback_above_zstd() {
     s.remove(&chains[2]).await.unwrap();
     s.remove(&chains[1]).await.unwrap();
     assert!(!lower.parent().unwrap().exists());
+}
+
+/// CRI's labels name an image not in the store: the resolver pulls its metadata (no layer
+/// data) through the registry seam and finds the layer; labels naming another layer than the
+/// one at the ChainID are refused.
+#[tokio::test]
+async fn the_resolver_pulls_labelled_images_metadata_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(FakeRegistry::new());
+    let (_, layer) = crate::fs::tests::push(&registry, &crate::fs::tests::files());
+    let (s, _) = snapshotter_over(dir.path(), registry.clone());
+    let image = format!("registry.test/{}:v1", crate::fs::tests::REPO);
+    let labels = |digest: &str| {
+        HashMap::from([
+            (CRI_IMAGE.to_string(), image.clone()),
+            (CRI_LAYER.to_string(), digest.to_string()),
+        ])
+    };
+    // The ChainID of a one-layer image is its diff_id: known only after the pull, so the
+    // first call names a ChainID the image lacks.
+    let e = s
+        .resolver
+        .resolve("sha256:0", &labels(layer.as_ref()))
+        .await;
+    assert!(matches!(e, Err(ResolveError::NoChain { .. })), "{e:?}");
+    let record = s
+        .resolver
+        .store
+        .images
+        .get(&image)
+        .unwrap()
+        .expect("pulled");
+    let chain = record.layers[0].chain_id.to_string();
+    let (lazy, top) = s
+        .resolver
+        .resolve(&chain, &labels(layer.as_ref()))
+        .await
+        .unwrap();
+    assert_eq!(
+        (lazy.image.as_str(), lazy.digest.as_str(), top),
+        (image.as_str(), layer.as_ref(), true)
+    );
+    let r = registry.requests();
+    assert_eq!(
+        (r.blobs, r.ranges),
+        (1, 0),
+        "the config only, no layer data: {r:?}"
+    );
+    let other = sha256(b"another layer").to_string();
+    let e = s.resolver.resolve(&chain, &labels(&other)).await;
+    assert!(matches!(e, Err(ResolveError::WrongLayer { .. })), "{e:?}");
 }
