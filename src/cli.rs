@@ -5,10 +5,11 @@
 //! ([`crate::snapshotter::daemons`]) — and its tests parse those with this grammar, so the two
 //! cannot drift apart.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 
+use crate::daemon::control::MountRequest;
 use crate::image::Platform;
 use crate::store::DEFAULT_ROOT;
 
@@ -86,30 +87,7 @@ pub enum Command {
         paths: Vec<String>,
     },
     /// Mount an image read-only at a directory; only the bytes read are fetched.
-    Mount {
-        #[command(flatten)]
-        registry: RegistryArgs,
-        /// Serve from this process instead of a background daemon.
-        #[arg(long)]
-        foreground: bool,
-        /// Report readiness on stdout (used when starting the daemon).
-        #[arg(long, hide = true)]
-        notify: bool,
-        /// Mount only the chain with this ChainID: that layer and the ones below it.
-        #[arg(long)]
-        chain: Option<String>,
-        /// Mount options, comma-separated: allow_other, suid, dev, noexec, read_timeout=SECS,
-        /// nopassthrough, threads=N; also root=DIR, config=FILE, platform=P, plain_http.
-        #[arg(short = 'o', value_name = "OPTIONS")]
-        options: Vec<String>,
-        /// Serve Prometheus metrics (`stratafs_*`) at this address, e.g. 127.0.0.1:9110.
-        #[arg(long, value_name = "ADDR")]
-        metrics_address: Option<String>,
-        /// Image reference, e.g. docker.io/library/python:3.12.
-        reference: String,
-        /// Directory to mount the image at (must exist).
-        mountpoint: PathBuf,
-    },
+    Mount(MountArgs),
     /// Unmount an image mounted with `stratafs mount` and stop its daemon.
     Umount {
         /// Detach even while busy (processes keep what they have open).
@@ -147,6 +125,67 @@ pub enum Command {
     /// The chunk cache.
     #[command(subcommand)]
     Cache(CacheCommand),
+}
+
+/// `stratafs mount`'s arguments.
+#[derive(clap::Args)]
+pub struct MountArgs {
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// Serve from this process instead of a background daemon.
+    #[arg(long)]
+    pub foreground: bool,
+    /// Report readiness on stdout (used when starting the daemon).
+    #[arg(long, hide = true)]
+    pub notify: bool,
+    /// Mount only the chain with this ChainID: that layer and the ones below it.
+    #[arg(long)]
+    pub chain: Option<String>,
+    /// Mount options, comma-separated: allow_other, suid, dev, noexec, read_timeout=SECS,
+    /// nopassthrough, threads=N; also root=DIR, config=FILE, platform=P, plain_http.
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    pub options: Vec<String>,
+    /// Serve Prometheus metrics (`stratafs_*`) at this address, e.g. 127.0.0.1:9110.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_address: Option<String>,
+    /// Image reference, e.g. docker.io/library/python:3.12.
+    pub reference: String,
+    /// Directory to mount the image at (must exist).
+    pub mountpoint: PathBuf,
+}
+
+impl MountArgs {
+    /// Moves the global settings among the `-o` options (root=, config=, platform=,
+    /// plain_http, as `mount -t fuse.stratafs` passes them) into `root`, `config` and these.
+    pub fn take_global_options(&mut self, root: &mut PathBuf, config: &mut Option<PathBuf>) {
+        let (platform, plain_http) = (&mut self.registry.platform, &mut self.registry.plain_http);
+        crate::daemon::control::take_global_options(
+            &mut self.options,
+            root,
+            config,
+            platform,
+            plain_http,
+        );
+    }
+
+    /// The mount these arguments ask for, of the store `root` with the configuration file
+    /// `config` and the log filter `log_level` (passed on to the daemon).
+    pub fn into_request(self, root: &Path, config: Option<&Path>, log_level: &str) -> MountRequest {
+        MountRequest {
+            root: root.to_path_buf(),
+            config: config.map(Path::to_path_buf),
+            log_level: log_level.to_string(),
+            chain: self.chain,
+            platform: self.registry.platform,
+            plain_http: self.registry.plain_http,
+            foreground: self.foreground,
+            notify: self.notify,
+            options: self.options,
+            metrics_address: self.metrics_address,
+            reference: self.reference,
+            mountpoint: self.mountpoint,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -296,26 +335,17 @@ mod tests {
         assert_eq!(cli.root, Path::new("/var/lib/s"));
         assert_eq!(cli.config.as_deref(), Some(Path::new("/etc/s.toml")));
         assert_eq!(cli.log_level, "info");
-        let Command::Mount {
-            registry,
-            foreground,
-            notify,
-            chain,
-            options,
-            metrics_address,
-            reference,
-            mountpoint,
-        } = cli.command
-        else {
+        let Command::Mount(m) = cli.command else {
             panic!("not a mount");
         };
-        assert!(foreground && notify && registry.plain_http);
-        assert_eq!(registry.platform.as_deref(), Some("linux/arm64"));
-        assert_eq!(chain.as_deref(), Some("sha256:abc"));
-        assert_eq!(options, ["allow_other,read_timeout=5"]);
-        assert_eq!(metrics_address.as_deref(), Some("127.0.0.1:9110"));
-        assert_eq!(reference, "localhost:5000/app:1");
-        assert_eq!(mountpoint, Path::new("/mnt/a b"));
+        assert!(m.foreground && m.notify && m.registry.plain_http);
+        let req = m.into_request(&cli.root, cli.config.as_deref(), &cli.log_level);
+        assert_eq!(req.platform.as_deref(), Some("linux/arm64"));
+        assert_eq!(req.chain.as_deref(), Some("sha256:abc"));
+        assert_eq!(req.options, ["allow_other,read_timeout=5"]);
+        assert_eq!(req.metrics_address.as_deref(), Some("127.0.0.1:9110"));
+        assert_eq!(req.reference, "localhost:5000/app:1");
+        assert_eq!(req.mountpoint, Path::new("/mnt/a b"));
     }
 
     /// What the snapshotter starts for a lazy layer parses as a detached mount of that chain.
@@ -329,21 +359,13 @@ mod tests {
             metrics: true,
         };
         let cli = parse(mounter.mount_args("r/app:1", "sha256:c", Path::new("/snap/1/fs")));
-        let Command::Mount {
-            chain,
-            foreground,
-            options,
-            metrics_address,
-            mountpoint,
-            ..
-        } = cli.command
-        else {
+        let Command::Mount(m) = cli.command else {
             panic!("not a mount");
         };
-        assert!(!foreground, "the snapshotter's mounts run as daemons");
-        assert_eq!(chain.as_deref(), Some("sha256:c"));
-        assert_eq!(options, [crate::snapshotter::daemons::LAZY_MOUNT_OPTIONS]);
-        assert_eq!(metrics_address.as_deref(), Some("127.0.0.1:0"));
-        assert_eq!(mountpoint, Path::new("/snap/1/fs"));
+        assert!(!m.foreground, "the snapshotter's mounts run as daemons");
+        assert_eq!(m.chain.as_deref(), Some("sha256:c"));
+        assert_eq!(m.options, [crate::snapshotter::daemons::LAZY_MOUNT_OPTIONS]);
+        assert_eq!(m.metrics_address.as_deref(), Some("127.0.0.1:0"));
+        assert_eq!(m.mountpoint, Path::new("/snap/1/fs"));
     }
 }

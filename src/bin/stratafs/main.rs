@@ -68,13 +68,8 @@ async fn main() {
 }
 
 async fn run(mut cli: Cli) -> Result<()> {
-    if let Command::Mount {
-        options, registry, ..
-    } = &mut cli.command
-    {
-        let (root, config) = (&mut cli.root, &mut cli.config);
-        let (platform, plain_http) = (&mut registry.platform, &mut registry.plain_http);
-        control::take_global_options(options, root, config, platform, plain_http);
+    if let Command::Mount(args) = &mut cli.command {
+        args.take_global_options(&mut cli.root, &mut cli.config);
     }
     let config = match &cli.config {
         Some(path) => Config::load(path, true)?,
@@ -152,31 +147,9 @@ async fn run(mut cli: Cli) -> Result<()> {
             lazy::ls(&target(image, store, &config)?, &path, long).await?
         }
         Command::Cat { image, paths } => lazy::cat(&target(image, store, &config)?, &paths).await?,
-        Command::Mount {
-            registry,
-            foreground,
-            notify,
-            chain,
-            options,
-            metrics_address,
-            reference,
-            mountpoint,
-        } => {
-            let plain_http = registry.plain_http;
-            let req = control::MountRequest {
-                root: cli.root.clone(),
-                config: cli.config.clone(),
-                log_level: cli.log_level.clone(),
-                platform: registry.platform,
-                plain_http,
-                chain,
-                foreground,
-                notify,
-                options,
-                metrics_address,
-                reference,
-                mountpoint,
-            };
+        Command::Mount(args) => {
+            let req = args.into_request(&cli.root, cli.config.as_deref(), &cli.log_level);
+            let plain_http = req.plain_http;
             let mut config = config.clone();
             control::bound_retries(&mut config, &req.options);
             let ctx = || lazy::Context::new(store, &config, plain_http);
