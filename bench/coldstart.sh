@@ -37,7 +37,9 @@
 #   VARIANTS="gzip estargz zstd zstdchunked" (default: all) picks the image variants;
 #   STRATAFS_BENCH_CACHE=/var/cache/stratafs-bench is where the image and variants are kept;
 #   CASES="gzip gzip-profile" runs only those `stratafs mount` cases (no table), and
-#   KEEP_LOGS=DIR keeps each mount run's registry log and daemon log there.
+#   KEEP_LOGS=DIR keeps each mount run's registry log and daemon log there;
+#   BACKGROUND=1 leaves background fill on (the default `[mount] background_fetch`) in the
+#   stratafs runs, which otherwise measure lazy fetching alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-3} RTT_MS=${2:-20} MBIT=${3:-100}
@@ -186,9 +188,10 @@ docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 & pids+=($
 pids+=("$(shaped_link "$ns" "$net" "$port" "$slow" "$MBIT" "$RTT_MS")")
 for _ in $(seq 50); do curl -fs "http://127.0.0.1:$port/v2/" >/dev/null && break; sleep 0.1; done
 for _ in $(seq 50); do inns curl -fs "http://$shaped_reg/v2/" >/dev/null && break; sleep 0.1; done
+BACKGROUND_FETCH=false; [ "${BACKGROUND:-0}" = 1 ] && BACKGROUND_FETCH=true
 cat >"$work/sf.toml" <<TOML
 [mount]
-background_fetch = false
+background_fetch = $BACKGROUND_FETCH
 
 [hosts."$shaped_reg"]
 plain_http = true
@@ -550,7 +553,7 @@ for cs in "${cases[@]}"; do read -r c _ <<<"$cs"; [ -z "${H[snap:$c]:-}" ] || hw
   printf 'Image: Debian bookworm minbase + python3, python3-pip (Debian) + numpy 2.3.5, pandas 2.3.3, requests 2.32.5 (PyPI), 3 layers, %s files; layer bytes per variant: %s. ' "$nfiles" "$sizes"
   printf 'First command: `python3 -c '"'%s'"'`. ' "$PYCMD"
   printf 'Link: %s Mbit/s (tbf on a veth pair into a network namespace) + %s ms RTT (bench/delayline.py); every client in the namespace. ' "$MBIT" "$RTT_MS"
-  printf 'Cold: median of %s runs, page cache dropped, fresh containerd root and stratafs roots; stratafs with `[mount] background_fetch = false`. ' "$RUNS"
+  printf 'Cold: median of %s runs, page cache dropped, fresh containerd root and stratafs roots; stratafs with `[mount] background_fetch = %s`. ' "$RUNS" "$BACKGROUND_FETCH"
   printf '"Link time" = bytes the registry served in that run × 8 / %s Mbit/s + 4 RTTs.\n\n' "$MBIT"
   printf '| image (%s) | client | time to the end of the command | speed-up vs eager, same image | registry served | link time for those bytes | time / link time |\n|---|---|---|---|---|---|---|\n' "$(date +%F)"
   printf '%s\n' "${rows[@]}"

@@ -84,7 +84,7 @@ impl Default for MountSettings {
             passthrough: true,
             background_fetch: true,
             background_bandwidth: None,
-            background_delay_secs: 2.0,
+            background_delay_secs: 0.0,
             profile_record: true,
             profile_replay: true,
             profile_parallel: 12,

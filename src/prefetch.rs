@@ -1,24 +1,31 @@
 //! Background fetching: while an image is mounted, fill the cache with the rest of its layers.
 //!
 //! Runs beside the FUSE driver (seventh stage, on top of [`ImageView`]), in the daemon's
-//! tokio runtime. It goes through the same layer readers as foreground reads, so every byte
-//! is verified and single-flight applies: a file being read in the foreground and fetched in
-//! the background is fetched once. Order: the eStargz prefetch landmark of every layer first
-//! (the files the image's builder marked as read at start-up), then each layer from its
-//! start. It yields to the foreground — whenever reads came in during the last moment it
-//! waits — and keeps to a bandwidth cap. It skips layers without random access (streamed whole
-//! when indexed) and stops when the cache cap could not hold the image.
+//! tokio runtime, from the moment of mount (or after `[mount] background_delay_secs`). It goes
+//! through the same layer readers as foreground reads, so every byte is verified and single
+//! flight applies: a file being read in the foreground and fetched in the background is
+//! fetched once. Order: the eStargz prefetch landmark of every layer first (the files the
+//! image's builder marked as read at start-up), then each layer from its start, in steps of
+//! [`STEP`] bytes of layer data, a few under way at once.
+//!
+//! It keeps the link busy without getting in the foreground's way: a step starts only while
+//! no read's fetch and no fetch ahead of reads (an open's, a read's neighbours, a profile's
+//! replay) is under way in the mount, and the steps under way hold at most
+//! [`BACKGROUND_BUDGET`](crate::layer::reader::budget::BACKGROUND_BUDGET) — so a read that
+//! misses waits behind at most the compressed bytes of the steps already on the link (the bound
+//! is stated in [`crate::layer::reader::budget`]). It keeps to a bandwidth cap if one is set,
+//! skips layers without random access (streamed whole when indexed) and stops when the cache
+//! cap could not hold the image.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::fs::ImageView;
 
-/// Uncompressed bytes asked for per background read.
-const STEP: u64 = 4 << 20;
-/// How long the foreground must be quiet before background fetching goes on.
-const QUIET: Duration = Duration::from_millis(300);
+/// Bytes of layer data (uncompressed) per background step.
+pub const STEP: u64 = 512 << 10;
+/// Steps started at once at most (the background budget bounds what they hold).
+const PARALLEL: usize = 4;
 
 /// How background fetching behaves.
 #[derive(Clone, Debug)]
@@ -39,12 +46,8 @@ pub struct PrefetchReport {
     pub seconds: f64,
 }
 
-/// Fetches every missing span of `view`'s layers. `activity` counts foreground reads.
-pub async fn prefetch(
-    view: Arc<ImageView>,
-    activity: Arc<AtomicU64>,
-    settings: PrefetchSettings,
-) -> PrefetchReport {
+/// Fetches every missing span of `view`'s layers.
+pub async fn prefetch(view: Arc<ImageView>, settings: PrefetchSettings) -> PrefetchReport {
     let started = Instant::now();
     let mut report = PrefetchReport::default();
     let total: u64 = view.readers().iter().map(|r| r.index().size).sum();
@@ -56,7 +59,7 @@ pub async fn prefetch(
         return report;
     }
     tokio::time::sleep(settings.delay).await;
-    let mut pacer = Pacer::new(settings.bandwidth, activity);
+    let mut pacer = Pacer::new(settings.bandwidth);
     // Landmarks first, then everything; ranges already cached are skipped quickly.
     let mut plan: Vec<(usize, u64, u64)> = Vec::new();
     for (i, r) in view.readers().iter().enumerate() {
@@ -67,70 +70,77 @@ pub async fn prefetch(
     for (i, r) in view.readers().iter().enumerate() {
         plan.push((i, 0, r.index().size));
     }
+    let mut stopped = vec![false; view.readers().len()];
+    let mut filled = vec![false; view.readers().len()];
+    let mut steps = tokio::task::JoinSet::new();
+    let mut settle = |done: Result<(usize, Result<u64, String>), tokio::task::JoinError>,
+                      stopped: &mut [bool],
+                      pacer: &mut Pacer| {
+        match done {
+            Ok((layer, Ok(bytes))) => {
+                pacer.spent(bytes);
+                report.bytes += bytes;
+                filled[layer] |= bytes > 0;
+            }
+            Ok((layer, Err(e))) => {
+                if !stopped[layer] {
+                    let blob = &view.readers()[layer].index().blob;
+                    tracing::warn!(%blob, error = %e, "background fetch stopped for this layer");
+                }
+                stopped[layer] = true;
+            }
+            Err(e) => tracing::warn!(error = %e, "background fetch step failed"),
+        }
+    };
     for (layer, start, end) in plan {
-        let reader = &view.readers()[layer];
-        let index = reader.index();
+        let index = view.readers()[layer].index().clone();
         if !index.random_access() {
             continue;
         }
-        let ratio = index.blob_size as f64 / index.size.max(1) as f64;
         let mut offset = start;
-        let mut fetched_here = false;
-        while offset < end {
+        while offset < end && !stopped[layer] {
             let len = STEP.min(end - offset);
-            if !reader.is_cached(offset, len) {
+            if !view.readers()[layer].is_cached(offset, len) {
                 pacer.wait().await;
-                if let Err(e) = reader.prefetch(offset, len).await {
-                    tracing::warn!(blob = %index.blob, offset, error = %e, "background fetch stopped for this layer");
-                    break;
+                while steps.len() >= PARALLEL {
+                    let done = steps.join_next().await.expect("steps under way");
+                    settle(done, &mut stopped, &mut pacer);
                 }
-                let compressed = (len as f64 * ratio) as u64;
-                pacer.spent(compressed);
-                report.bytes += compressed;
-                fetched_here = true;
+                let view = view.clone();
+                steps.spawn(async move {
+                    let filled = view.readers()[layer].fill(offset, len).await;
+                    (layer, filled.map_err(|e| e.to_string()))
+                });
             }
             offset += len;
         }
-        if fetched_here {
-            report.layers += 1;
-        }
     }
+    while let Some(done) = steps.join_next().await {
+        settle(done, &mut stopped, &mut pacer);
+    }
+    report.layers = filled.iter().filter(|f| **f).count();
     report.seconds = started.elapsed().as_secs_f64();
     tracing::info!(image = %view.name, bytes = report.bytes, seconds = report.seconds, "background fetch done");
     report
 }
 
-/// Keeps background fetching under a byte rate and out of the foreground's way.
+/// Keeps background fetching under a byte rate.
 struct Pacer {
     rate: Option<u64>,
-    activity: Arc<AtomicU64>,
-    seen: u64,
     window_start: Instant,
     window_bytes: u64,
 }
 
 impl Pacer {
-    fn new(rate: Option<u64>, activity: Arc<AtomicU64>) -> Pacer {
-        let seen = activity.load(Ordering::Relaxed);
+    fn new(rate: Option<u64>) -> Pacer {
         Pacer {
             rate,
-            activity,
-            seen,
             window_start: Instant::now(),
             window_bytes: 0,
         }
     }
 
     async fn wait(&mut self) {
-        // Foreground first: wait until no reads arrived for a moment.
-        loop {
-            let now = self.activity.load(Ordering::Relaxed);
-            if now == self.seen {
-                break;
-            }
-            self.seen = now;
-            tokio::time::sleep(QUIET).await;
-        }
         if let Some(rate) = self.rate.filter(|r| *r > 0) {
             let due = Duration::from_secs_f64(self.window_bytes as f64 / rate as f64);
             let elapsed = self.window_start.elapsed();

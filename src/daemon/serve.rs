@@ -369,11 +369,7 @@ async fn run_until_end(
                 delay: Duration::from_secs_f64(ctx.config.mount.background_delay_secs.max(0.0)),
                 cache_cap: Some(ctx.cache_cap),
             };
-            tokio::spawn(crate::prefetch::prefetch(
-                view.clone(),
-                mounted.reads.clone(),
-                settings,
-            ))
+            tokio::spawn(crate::prefetch::prefetch(view.clone(), settings))
         });
     let clean = wait_for_end(ctx, mounted, mountpoint, signals).await;
     if let Some(task) = background {

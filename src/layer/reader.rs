@@ -324,6 +324,22 @@ impl LayerReader {
         self.cache_range(offset, len, Want::Exact).await
     }
 
+    /// A step of background fill: caches what is missing of `offset..offset + len` once no
+    /// foreground fetch of the mount is under way, within the mount's background budget
+    /// ([`budget`]: what a read that misses then waits behind is bounded). Returns the
+    /// compressed bytes of the spans it covered (0 when they were cached).
+    pub async fn fill(&self, offset: u64, len: u64) -> Result<u64, CacheError> {
+        if self.is_cached(offset, len) {
+            return Ok(0);
+        }
+        let bytes = budget::fetch_size(&self.index, offset, len, 0);
+        self.budgets.foreground.idle().await;
+        let _room = self.budgets.background.take(bytes).await;
+        self.budgets.foreground.idle().await;
+        self.read_with(offset, len, Want::Background).await?;
+        Ok(budget::compressed_size(&self.index, offset, len))
+    }
+
     /// Caches what is missing of `offset..offset + len` for a fetch no read waits for, within
     /// the mount's [budget](budget::Budgets) of such fetches.
     async fn cache_range(&self, offset: u64, len: u64, want: Want) -> Result<(), CacheError> {
@@ -459,6 +475,7 @@ impl LayerReader {
             .cache
             .get_or_fetch(&span.digest, || async move {
                 self.fetches.fetch_add(1, Ordering::Relaxed);
+                let _busy = (want != Want::Background).then(|| self.budgets.foreground.enter());
                 if span.fetch == Fetch::Cached {
                     return self.restream(i).await;
                 }

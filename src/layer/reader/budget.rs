@@ -10,12 +10,21 @@
 //!   `.so` is up to 4 MiB, and the kernel's readahead of a mapped file asks for several at
 //!   once) then queue instead of piling up; they wait only for other reads.
 //!
+//! - background fill (the rest of the image, while mounted) gives way to every other fetch: a
+//!   step starts only while no read's fetch and no fetch ahead of reads is under way
+//!   ([`Foreground::idle`]), and its steps under way hold at most [`BACKGROUND_BUDGET`]
+//!   compressed plus decoded bytes. So a read that misses shares the link with at most the
+//!   compressed bytes of the steps already under way — under half of [`BACKGROUND_BUDGET`]
+//!   (768 KiB: 63 ms at 100 Mbit/s, 0.3 s at 20 Mbit/s) — and the fill never starts a request
+//!   while one of the foreground's is on the link.
+//!
 //! The link stays busy: each budget is many times the bandwidth-delay product of the links we
-//! measure (100 Mbit/s × 20 ms is 250 KB).
+//! measure (100 Mbit/s × 20 ms is 250 KB), background fill's included.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::decode::fetch_range;
 use crate::layer::LayerIndex;
@@ -24,6 +33,9 @@ use crate::layer::LayerIndex;
 pub const AHEAD_BUDGET: u64 = 8 << 20;
 /// Compressed plus decoded bytes reads' fetches may hold at once, per mount.
 pub const READS_BUDGET: u64 = 16 << 20;
+/// Compressed plus decoded bytes background fill's steps may hold at once, per mount: two
+/// steps of [`crate::prefetch`]'s 512 KiB of layer data with their compressed bytes.
+pub const BACKGROUND_BUDGET: u64 = 1536 << 10;
 
 /// The budget's unit: a permit is this many bytes.
 const UNIT: u64 = 1 << 10;
@@ -35,6 +47,10 @@ pub struct Budgets {
     pub ahead: Budget,
     /// For reads' own fetches ([`READS_BUDGET`]).
     pub reads: Budget,
+    /// For background fill ([`BACKGROUND_BUDGET`]).
+    pub background: Budget,
+    /// Fetches under way that background fill gives way to.
+    pub foreground: Foreground,
 }
 
 impl Default for Budgets {
@@ -42,6 +58,48 @@ impl Default for Budgets {
         Budgets {
             ahead: Budget::new(AHEAD_BUDGET),
             reads: Budget::new(READS_BUDGET),
+            background: Budget::new(BACKGROUND_BUDGET),
+            foreground: Foreground::default(),
+        }
+    }
+}
+
+/// How many fetches of the foreground (reads', and those ahead of reads: an open's, a read's
+/// neighbours, a profile's replay) are under way across a mount's layers.
+#[derive(Clone, Default)]
+pub struct Foreground {
+    under_way: Arc<AtomicUsize>,
+    idle: Arc<Notify>,
+}
+
+/// A foreground fetch under way, until dropped.
+pub struct Busy(Foreground);
+
+impl Foreground {
+    /// Notes a foreground fetch under way until the returned guard is dropped.
+    pub fn enter(&self) -> Busy {
+        self.under_way.fetch_add(1, Ordering::SeqCst);
+        Busy(self.clone())
+    }
+
+    /// Returns once no foreground fetch is under way (at once if none is).
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.under_way.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if self.0.under_way.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
         }
     }
 }
@@ -90,6 +148,18 @@ pub fn run_size(index: &LayerIndex, first: usize, last: usize) -> u64 {
     stop.saturating_sub(start) + decoded
 }
 
+/// Compressed bytes of the spans holding uncompressed `offset..offset + len` of `index`.
+pub fn compressed_size(index: &LayerIndex, offset: u64, len: u64) -> u64 {
+    let end = (offset + len.max(1)).min(index.size);
+    let (Some(first), Some(last)) = (index.span_at(offset), index.span_at(end.saturating_sub(1)))
+    else {
+        return 0;
+    };
+    let start = fetch_range(&index.spans[first].fetch).map_or(0, |r| r.0);
+    let stop = fetch_range(&index.spans[last].fetch).map_or(start, |r| r.1);
+    stop.saturating_sub(start)
+}
+
 /// Compressed and decoded bytes a fetch of uncompressed `offset..offset + len` of `index`
 /// holds, at least `min` compressed bytes (a fetch that reaches past the spans asked for).
 pub fn fetch_size(index: &LayerIndex, offset: u64, len: u64, min: u64) -> u64 {
@@ -98,15 +168,29 @@ pub fn fetch_size(index: &LayerIndex, offset: u64, len: u64, min: u64) -> u64 {
     else {
         return min;
     };
-    let size = run_size(index, first, last);
-    let start = fetch_range(&index.spans[first].fetch).map_or(0, |r| r.0);
-    let stop = fetch_range(&index.spans[last].fetch).map_or(start, |r| r.1);
-    size + min.saturating_sub(stop.saturating_sub(start))
+    run_size(index, first, last) + min.saturating_sub(compressed_size(index, offset, len))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn background_waits_while_the_foreground_fetches() {
+        let fg = Foreground::default();
+        fg.idle().await; // nothing under way: at once
+        let (a, b) = (fg.enter(), fg.enter());
+        let waiting = tokio::spawn({
+            let fg = fg.clone();
+            async move { fg.idle().await }
+        });
+        tokio::task::yield_now().await;
+        drop(a);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "one fetch is still under way");
+        drop(b);
+        waiting.await.unwrap();
+    }
 
     #[tokio::test]
     async fn fetches_ahead_wait_for_room_and_a_large_one_takes_it_all() {

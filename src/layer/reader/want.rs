@@ -46,6 +46,9 @@ pub(super) enum Want {
     Checked,
     /// The spans after a read ([`super::LayerReader::fetch_neighbours`]): at least [`MIN_MISS_FETCH`].
     Neighbours,
+    /// A step of background fill ([`super::LayerReader::fill`]): exactly its spans, whatever
+    /// the format (the steps cover the layer).
+    Background,
 }
 
 impl Want {
@@ -53,6 +56,7 @@ impl Want {
     /// indexed as `format` (0: just the spans asked for).
     pub(super) fn min_reach(self, format: IndexFormat) -> u64 {
         match format {
+            _ if self == Want::Background => 0,
             IndexFormat::Estargz | IndexFormat::ZstdChunked => MIN_TOC_FETCH,
             IndexFormat::Stream
                 if matches!(self, Want::Demand | Want::Checked | Want::Neighbours) =>
