@@ -4,9 +4,11 @@
 //! tokio runtime, from the moment of mount (or after `[mount] background_delay_secs`). It goes
 //! through the same layer readers as foreground reads, so every byte is verified and single
 //! flight applies: a file being read in the foreground and fetched in the background is
-//! fetched once. Order: the eStargz prefetch landmark of every layer first (the files the
-//! image's builder marked as read at start-up), then each layer from its start, in steps of
-//! [`STEP`] bytes of layer data, a few under way at once.
+//! fetched once. Order: first what follows the reads — the missing bytes within [`FOLLOW`]
+//! after where the mount's latest read that had to fetch ended (the next files read are often
+//! the next ones in tar order) — then the eStargz prefetch landmark of every layer (the files
+//! the image's builder marked as read at start-up), then each layer from its start; in steps
+//! of [`STEP`] bytes of layer data, a few under way at once.
 //!
 //! It keeps the link busy without getting in the foreground's way: a step starts only while
 //! no read's fetch and no fetch ahead of reads (an open's, a read's neighbours, a profile's
@@ -23,9 +25,11 @@ use std::time::{Duration, Instant};
 use crate::fs::ImageView;
 
 /// Bytes of layer data (uncompressed) per background step.
-pub const STEP: u64 = 512 << 10;
-/// Steps started at once at most (the background budget bounds what they hold).
-const PARALLEL: usize = 4;
+pub const STEP: u64 = 256 << 10;
+/// How far past the latest read that fetched the fill looks first (bytes of layer data).
+pub const FOLLOW: u64 = 8 << 20;
+/// Steps under way at once at most (the background budget also bounds what they hold).
+const PARALLEL: usize = 2;
 
 /// How background fetching behaves.
 #[derive(Clone, Debug)]
@@ -70,19 +74,25 @@ pub async fn prefetch(view: Arc<ImageView>, settings: PrefetchSettings) -> Prefe
     for (i, r) in view.readers().iter().enumerate() {
         plan.push((i, 0, r.index().size));
     }
-    let mut stopped = vec![false; view.readers().len()];
-    let mut filled = vec![false; view.readers().len()];
+    let layers = view.readers().len();
+    let mut stopped = vec![false; layers];
+    let mut filled = vec![false; layers];
     let mut steps = tokio::task::JoinSet::new();
-    let mut settle = |done: Result<(usize, Result<u64, String>), tokio::task::JoinError>,
+    // Steps started and not yet settled: (layer, offset).
+    let mut pending: std::collections::HashSet<(usize, u64)> = Default::default();
+    let mut settle = |done: Result<(usize, u64, Result<u64, String>), tokio::task::JoinError>,
                       stopped: &mut [bool],
+                      pending: &mut std::collections::HashSet<(usize, u64)>,
                       pacer: &mut Pacer| {
         match done {
-            Ok((layer, Ok(bytes))) => {
+            Ok((layer, offset, Ok(bytes))) => {
+                pending.remove(&(layer, offset));
                 pacer.spent(bytes);
                 report.bytes += bytes;
                 filled[layer] |= bytes > 0;
             }
-            Ok((layer, Err(e))) => {
+            Ok((layer, offset, Err(e))) => {
+                pending.remove(&(layer, offset));
                 if !stopped[layer] {
                     let blob = &view.readers()[layer].index().blob;
                     tracing::warn!(%blob, error = %e, "background fetch stopped for this layer");
@@ -92,36 +102,94 @@ pub async fn prefetch(view: Arc<ImageView>, settings: PrefetchSettings) -> Prefe
             Err(e) => tracing::warn!(error = %e, "background fetch step failed"),
         }
     };
-    for (layer, start, end) in plan {
-        let index = view.readers()[layer].index().clone();
-        if !index.random_access() {
-            continue;
+    let mut plan = plan
+        .into_iter()
+        .filter(|(layer, _, _)| view.readers()[*layer].index().random_access());
+    let mut planned: Option<(usize, u64, u64)> = plan.next();
+    loop {
+        while steps.len() >= PARALLEL {
+            let done = steps.join_next().await.expect("steps under way");
+            settle(done, &mut stopped, &mut pending, &mut pacer);
         }
-        let mut offset = start;
-        while offset < end && !stopped[layer] {
-            let len = STEP.min(end - offset);
-            if !view.readers()[layer].is_cached(offset, len) {
-                pacer.wait().await;
-                while steps.len() >= PARALLEL {
-                    let done = steps.join_next().await.expect("steps under way");
-                    settle(done, &mut stopped, &mut pacer);
+        // Chosen once the foreground is idle, so the step follows the latest reads.
+        if let Some(reader) = view.readers().first() {
+            reader.foreground_idle().await;
+        }
+        let step = match near_reads(&view, &stopped, &pending) {
+            Some(step) => Some(step),
+            None => next_planned(&view, &mut plan, &mut planned, &stopped, &pending),
+        };
+        let Some((layer, offset, len)) = step else {
+            // Nothing left but steps under way (whose ends may show more near the reads).
+            match steps.join_next().await {
+                Some(done) => {
+                    settle(done, &mut stopped, &mut pending, &mut pacer);
+                    continue;
                 }
-                let view = view.clone();
-                steps.spawn(async move {
-                    let filled = view.readers()[layer].fill(offset, len).await;
-                    (layer, filled.map_err(|e| e.to_string()))
-                });
+                None => break,
             }
-            offset += len;
-        }
-    }
-    while let Some(done) = steps.join_next().await {
-        settle(done, &mut stopped, &mut pacer);
+        };
+        pacer.wait().await;
+        pending.insert((layer, offset));
+        let view = view.clone();
+        steps.spawn(async move {
+            let filled = view.readers()[layer].fill(offset, len).await;
+            (layer, offset, filled.map_err(|e| e.to_string()))
+        });
     }
     report.layers = filled.iter().filter(|f| **f).count();
     report.seconds = started.elapsed().as_secs_f64();
     tracing::info!(image = %view.name, bytes = report.bytes, seconds = report.seconds, "background fetch done");
     report
+}
+
+/// The first missing step within [`FOLLOW`] after where the mount's latest read that fetched
+/// ended, in that read's layer, if any.
+fn near_reads(
+    view: &ImageView,
+    stopped: &[bool],
+    pending: &std::collections::HashSet<(usize, u64)>,
+) -> Option<(usize, u64, u64)> {
+    let (layer, (end, _)) = view
+        .readers()
+        .iter()
+        .map(|r| r.last_read())
+        .enumerate()
+        .filter(|(l, (_, tick))| *tick > 0 && !stopped[*l])
+        .max_by_key(|(_, (_, tick))| *tick)?;
+    let reader = &view.readers()[layer];
+    let size = reader.index().size;
+    let mut offset = end;
+    while offset < size.min(end + FOLLOW) {
+        let len = STEP.min(size - offset);
+        if !pending.contains(&(layer, offset)) && !reader.is_cached(offset, len) {
+            return Some((layer, offset, len));
+        }
+        offset += len;
+    }
+    None
+}
+
+/// The next missing step of the plan (landmarks, then whole layers), advancing it.
+fn next_planned(
+    view: &ImageView,
+    plan: &mut impl Iterator<Item = (usize, u64, u64)>,
+    planned: &mut Option<(usize, u64, u64)>,
+    stopped: &[bool],
+    pending: &std::collections::HashSet<(usize, u64)>,
+) -> Option<(usize, u64, u64)> {
+    loop {
+        let (layer, offset, end) = (*planned)?;
+        if offset >= end || stopped[layer] {
+            *planned = plan.next();
+            continue;
+        }
+        let len = STEP.min(end - offset);
+        *planned = Some((layer, offset + len, end));
+        if !pending.contains(&(layer, offset)) && !view.readers()[layer].is_cached(offset, len) {
+            return Some((layer, offset, len));
+        }
+    }
 }
 
 /// Keeps background fetching under a byte rate.

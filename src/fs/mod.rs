@@ -49,6 +49,9 @@ pub struct ImageView {
     profiled: std::sync::atomic::AtomicBool,
     /// Reads that miss fetch their neighbours next ([`ImageView::fetch_neighbours`]).
     neighbours: std::sync::atomic::AtomicBool,
+    /// Per open file handle, where its last read ended ([`ImageView::read_for`]): the
+    /// read-ahead state of each open file, not of its layer. One entry per open handle.
+    handles: std::sync::Mutex<std::collections::HashMap<u64, u64>>,
 }
 
 /// Uncompressed bytes one fetch an open starts covers at most, how many such fetches run at
@@ -115,6 +118,7 @@ impl ImageView {
             open_fetches: tokio::sync::Semaphore::new(OPEN_FETCHES),
             profiled: std::sync::atomic::AtomicBool::new(false),
             neighbours: std::sync::atomic::AtomicBool::new(false),
+            handles: Default::default(),
         })
     }
 
@@ -138,6 +142,37 @@ impl ImageView {
         offset: u64,
         len: u64,
     ) -> Result<Vec<u8>, FsError> {
+        self.read_inner(node, offset, len, None).await
+    }
+
+    /// As [`read`](Self::read), for open file `handle` (a FUSE file handle, or any id the
+    /// caller keeps per open file): a miss reads ahead when this read starts where the
+    /// handle's previous one ended, whatever other files are read meanwhile. A handle not
+    /// seen before (one opened before a takeover) starts afresh.
+    pub async fn read_for(
+        self: &Arc<Self>,
+        handle: u64,
+        node: NodeId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, FsError> {
+        let previous_end = self.handles.lock().unwrap().insert(handle, offset + len);
+        let continues = offset > 0 && previous_end == Some(offset);
+        self.read_inner(node, offset, len, Some(continues)).await
+    }
+
+    /// Forgets the read-ahead state of `handle` (its file was closed).
+    pub fn release(&self, handle: u64) {
+        self.handles.lock().unwrap().remove(&handle);
+    }
+
+    async fn read_inner(
+        self: &Arc<Self>,
+        node: NodeId,
+        offset: u64,
+        len: u64,
+        continues: Option<bool>,
+    ) -> Result<Vec<u8>, FsError> {
         let n = self.tree.node(node);
         let Some((layer, data_offset)) = n.data.filter(|_| n.file_type == FileType::File) else {
             return Err(FsError::NotAFile {
@@ -159,10 +194,10 @@ impl ImageView {
             && !self.profiled.load(Ordering::Relaxed)
             && !reader.is_cached(at, len);
         let started = std::time::Instant::now();
-        let data = if chained {
-            reader.read_alone(at, len).await?
-        } else {
-            reader.read(at, len).await?
+        let data = match continues {
+            Some(continues) => reader.read_continuing(at, len, chained, continues).await?,
+            None if chained => reader.read_alone(at, len).await?,
+            None => reader.read(at, len).await?,
         };
         if chained {
             let view = self.clone();

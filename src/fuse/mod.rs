@@ -474,7 +474,8 @@ impl Filesystem for StrataFs {
         let timeout = self.options.read_timeout;
         let timed_out = self.timed_out.clone();
         self.runtime.spawn(async move {
-            match tokio::time::timeout(timeout, view.read(id, offset, size.into())).await {
+            let read = view.read_for(fh.0, id, offset, size.into());
+            match tokio::time::timeout(timeout, read).await {
                 Ok(Ok(data)) => reply.data(&data),
                 Ok(Err(e)) => {
                     tracing::error!(path = %view.tree.path(id), offset, size, error = %e, "read failed");
@@ -530,12 +531,13 @@ impl Filesystem for StrataFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<fuser::LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.view.release(fh.0);
         let mut opens = self.opens.lock().unwrap();
         if let Some(o) = opens.get_mut(&ino.0) {
             o.count = o.count.saturating_sub(1);

@@ -90,6 +90,9 @@ pub struct LayerReader {
     /// closed when the run ends): a read of such a span waits for the run instead of fetching
     /// the same bytes again (single flight per range, not just per span).
     inflight: std::sync::Mutex<std::collections::HashMap<usize, Arc<tokio::sync::Semaphore>>>,
+    /// Where the layer's last read that fetched ended, and when (a tick of the mount's clock
+    /// of such fetches; 0: never): background fill continues from there ([`Self::last_read`]).
+    last_read: std::sync::Mutex<(u64, u64)>,
     /// Spans known to be cached (set when one is found or stored), so checks that a range or
     /// the whole layer is cached cost no `stat` for them. A span evicted later keeps its mark
     /// until a check that asks the cache (`is_stored`, the completeness check) finds it gone;
@@ -135,6 +138,7 @@ impl LayerReader {
             remember: None,
             budgets: budget::Budgets::default(),
             inflight: Default::default(),
+            last_read: Default::default(),
             known_cached: (0..index.spans.len())
                 .map(|_| std::sync::atomic::AtomicBool::new(false))
                 .collect(),
@@ -203,6 +207,13 @@ impl LayerReader {
 
     pub fn index(&self) -> &LayerIndex {
         &self.index
+    }
+
+    /// Where the layer's last read that had to fetch ended, and the tick of the mount's clock
+    /// of such fetches when it did (0: no read has fetched). The layer's next reads are often
+    /// just after it (tar order keeps a directory's files together).
+    pub fn last_read(&self) -> (u64, u64) {
+        *self.last_read.lock().unwrap()
     }
 
     /// Whether span `i` is cached (memory or disk): from memory once it was seen cached.
@@ -277,6 +288,25 @@ impl LayerReader {
         self.read_with(offset, len, Want::DemandAlone).await
     }
 
+    /// As [`read`](Self::read) or, with `alone`, [`read_alone`](Self::read_alone), for a caller
+    /// that knows whether this read continues its reader's previous one (an open file handle):
+    /// a miss reads ahead when it does, whatever other files of the layer are read meanwhile
+    /// (without such a caller, a miss right after the layer's previous fetch counts as one).
+    pub async fn read_continuing(
+        &self,
+        offset: u64,
+        len: u64,
+        alone: bool,
+        continues: bool,
+    ) -> Result<Vec<u8>, CacheError> {
+        let want = if alone {
+            Want::DemandAlone
+        } else {
+            Want::Demand
+        };
+        self.read_hinted(offset, len, want, Some(continues)).await
+    }
+
     /// As [`read`](Self::read), but every chunk loaded from disk is hashed again, never read
     /// by range ([`Cache::read_range`]): for bytes that are kept beyond this process (the
     /// passthrough copy of a file).
@@ -340,6 +370,12 @@ impl LayerReader {
         Ok(budget::compressed_size(&self.index, offset, len))
     }
 
+    /// Returns once no foreground fetch of the mount (reads', and those ahead of reads) is
+    /// under way: when background fill may start a step.
+    pub async fn foreground_idle(&self) {
+        self.budgets.foreground.idle().await
+    }
+
     /// Caches what is missing of `offset..offset + len` for a fetch no read waits for, within
     /// the mount's [budget](budget::Budgets) of such fetches.
     async fn cache_range(&self, offset: u64, len: u64, want: Want) -> Result<(), CacheError> {
@@ -353,6 +389,17 @@ impl LayerReader {
     }
 
     async fn read_with(&self, offset: u64, len: u64, want: Want) -> Result<Vec<u8>, CacheError> {
+        self.read_hinted(offset, len, want, None).await
+    }
+
+    /// `continues`: whether the read continues its reader's previous one, if the caller knows.
+    async fn read_hinted(
+        &self,
+        offset: u64,
+        len: u64,
+        want: Want,
+        continues: Option<bool>,
+    ) -> Result<Vec<u8>, CacheError> {
         if self.completeness.load(Ordering::Relaxed) == WRONG {
             return Err(self.wrong_index());
         }
@@ -362,7 +409,7 @@ impl LayerReader {
         let started = std::time::Instant::now();
         let fetches_before = self.fetches.load(Ordering::Relaxed);
         let disk_before = self.cache.stats.disk_hits.load(Ordering::Relaxed);
-        let out = self.read_spans(offset, len, want).await?;
+        let out = self.read_spans(offset, len, want, continues).await?;
         // Where the bytes came from, as far as counters tell (a concurrent read of the same
         // layer can blur it): fetched, loaded from disk, or all in memory.
         let source = if self.fetches.load(Ordering::Relaxed) != fetches_before {
@@ -379,7 +426,13 @@ impl LayerReader {
         Ok(out)
     }
 
-    async fn read_spans(&self, offset: u64, len: u64, want: Want) -> Result<Vec<u8>, CacheError> {
+    async fn read_spans(
+        &self,
+        offset: u64,
+        len: u64,
+        want: Want,
+        continues: Option<bool>,
+    ) -> Result<Vec<u8>, CacheError> {
         let end = (offset + len).min(self.index.size);
         if want != Want::Checked {
             if let Some(out) = self.read_cached(offset, end)? {
@@ -396,7 +449,7 @@ impl LayerReader {
                 })
             })?;
             let span = &self.index.spans[i];
-            let data = self.span(i, end, want).await?;
+            let data = self.span(i, end, want, continues).await?;
             if data.len() as u64 != span.out_len {
                 // Only an index that gives a span the digest of other bytes gets here.
                 return Err(self.mismatch(&format!(
@@ -468,8 +521,15 @@ impl LayerReader {
         }
     }
 
-    /// Span `i`, fetching it — and the missing spans after it up to `until` — if needed.
-    async fn span(&self, i: usize, until: u64, want: Want) -> Result<Arc<Vec<u8>>, CacheError> {
+    /// Span `i`, fetching it — and the missing spans after it up to `until` — if needed;
+    /// `continues` as in [`read_continuing`](Self::read_continuing).
+    async fn span(
+        &self,
+        i: usize,
+        until: u64,
+        want: Want,
+        continues: Option<bool>,
+    ) -> Result<Arc<Vec<u8>>, CacheError> {
         let span = &self.index.spans[i];
         let data = self
             .cache
@@ -479,11 +539,14 @@ impl LayerReader {
                 if span.fetch == Fetch::Cached {
                     return self.restream(i).await;
                 }
-                // A miss right after the previous fetch means a sequential reader: fetch
-                // READAHEAD more spans with this request.
+                // A sequential reader's miss fetches READAHEAD more spans with this request:
+                // one whose read continues its previous one (if the caller knows), else a
+                // miss right after the layer's previous fetch.
                 let previous = self.last_fetched.load(Ordering::Relaxed);
                 let demand = matches!(want, Want::Demand | Want::DemandAlone | Want::Checked);
-                let until = if demand && previous != usize::MAX && i == previous + 1 {
+                let sequential =
+                    continues.unwrap_or_else(|| previous != usize::MAX && i == previous + 1);
+                let until = if demand && sequential {
                     let ahead = (i + READAHEAD).min(self.index.spans.len() - 1);
                     until.max(self.index.spans[ahead].out_offset + 1)
                 } else {
@@ -510,6 +573,8 @@ impl LayerReader {
                 // make the next miss look like one.
                 let _room = if demand {
                     self.last_fetched.store(last, Ordering::Relaxed);
+                    let end = self.index.spans[last].out_offset + self.index.spans[last].out_len;
+                    *self.last_read.lock().unwrap() = (end, self.budgets.foreground.tick());
                     let bytes = budget::run_size(&self.index, i, last);
                     Some(self.budgets.reads.take(bytes).await)
                 } else {

@@ -15,8 +15,8 @@
 //!   ([`Foreground::idle`]), and its steps under way hold at most [`BACKGROUND_BUDGET`]
 //!   compressed plus decoded bytes. So a read that misses shares the link with at most the
 //!   compressed bytes of the steps already under way — under half of [`BACKGROUND_BUDGET`]
-//!   (768 KiB: 63 ms at 100 Mbit/s, 0.3 s at 20 Mbit/s) — and the fill never starts a request
-//!   while one of the foreground's is on the link.
+//!   (384 KiB: 31 ms at 100 Mbit/s, 0.16 s at 20 Mbit/s) — and the fill never starts a
+//!   request while one of the foreground's is on the link.
 //!
 //! The link stays busy: each budget is many times the bandwidth-delay product of the links we
 //! measure (100 Mbit/s × 20 ms is 250 KB), background fill's included.
@@ -34,8 +34,8 @@ pub const AHEAD_BUDGET: u64 = 8 << 20;
 /// Compressed plus decoded bytes reads' fetches may hold at once, per mount.
 pub const READS_BUDGET: u64 = 16 << 20;
 /// Compressed plus decoded bytes background fill's steps may hold at once, per mount: two
-/// steps of [`crate::prefetch`]'s 512 KiB of layer data with their compressed bytes.
-pub const BACKGROUND_BUDGET: u64 = 1536 << 10;
+/// steps of [`crate::prefetch`]'s 256 KiB of layer data with their compressed bytes.
+pub const BACKGROUND_BUDGET: u64 = 768 << 10;
 
 /// The budget's unit: a permit is this many bytes.
 const UNIT: u64 = 1 << 10;
@@ -70,6 +70,9 @@ impl Default for Budgets {
 pub struct Foreground {
     under_way: Arc<AtomicUsize>,
     idle: Arc<Notify>,
+    /// Counts the reads' fetches, so the layer a read fetched from last is known
+    /// ([`Foreground::tick`]).
+    clock: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A foreground fetch under way, until dropped.
@@ -80,6 +83,11 @@ impl Foreground {
     pub fn enter(&self) -> Busy {
         self.under_way.fetch_add(1, Ordering::SeqCst);
         Busy(self.clone())
+    }
+
+    /// The next tick of the mount's clock of reads' fetches (from 1).
+    pub fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// Returns once no foreground fetch is under way (at once if none is).

@@ -310,3 +310,45 @@ async fn sequential_misses_read_ahead_and_random_ones_do_not() {
     );
     assert!(bytes >= 2 * MIN_MISS_FETCH, "{bytes} bytes");
 }
+
+/// Two files read sequentially at once, each in its own handle: each keeps its read-ahead
+/// (the state is the handle's), where the layer's last fetch would see neither as sequential.
+#[tokio::test]
+async fn read_ahead_follows_each_handle_not_the_layer() {
+    let interleaved = |by_handle: bool| async move {
+        let dir = tempfile::tempdir().unwrap();
+        let (reader, source, offset, size, spans) = setup(dir.path());
+        let half = size / 2;
+        let mut pos = [0, half];
+        let mut ends = [0u64, 0];
+        while pos[0] < half || pos[1] < size {
+            for h in 0..2 {
+                let limit = if h == 0 { half } else { size };
+                if pos[h] >= limit {
+                    continue;
+                }
+                let (at, len) = (offset + pos[h], (16 << 10).min(limit - pos[h]));
+                let got = if by_handle {
+                    let continues = ends[h] == at;
+                    reader.read_continuing(at, len, true, continues).await
+                } else {
+                    reader.read_alone(at, len).await
+                };
+                pos[h] += got.unwrap().len() as u64;
+                ends[h] = offset + pos[h];
+            }
+        }
+        (source.counts().0 as usize, spans)
+    };
+    let (by_handle, spans) = interleaved(true).await;
+    // Each handle: its first miss alone, then READAHEAD more spans per request.
+    assert!(
+        by_handle * 2 < spans,
+        "{by_handle} range reads for {spans} spans"
+    );
+    let (by_layer, _) = interleaved(false).await;
+    assert!(
+        by_layer > by_handle,
+        "without handles the interleaved readers lose their read-ahead: {by_layer} vs {by_handle}"
+    );
+}
