@@ -200,6 +200,7 @@ plain_http = true
 plain_http = true
 TOML
 sed 's/^\[mount\]$/[index]\npublished = false\n\n[mount]/' "$work/sf.toml" >"$work/sf-noindex.toml"
+sed 's/^background_fetch = .*/background_fetch = true/' "$work/sf.toml" >"$work/sf-default.toml"
 export STRATAFS_CONFIG=$work/sf.toml   # never /etc/stratafs/config.toml
 
 # The variants, built once and cached with the registry storage.
@@ -365,7 +366,7 @@ cases=()
 for v in "${avail[@]}"; do
   [ -n "${CASES:-}" ] || cold_eager "$v"
   if [ "$v" = gzip ]; then
-    these=("gzip-noindex gzip $work/sf-noindex.toml" "gzip gzip $work/sf.toml")
+    these=("gzip-noindex gzip $work/sf-noindex.toml" "gzip gzip $work/sf.toml" "gzip-default gzip $work/sf-default.toml")
   else
     these=("$v $v $work/sf.toml")
   fi
@@ -466,6 +467,7 @@ label() {
   case $1 in
     gzip-noindex) echo "gzip, no index (\`[index] published = false\`)" ;;
     gzip) echo "gzip + published stratafs index" ;;
+    gzip-default) echo "gzip + published index, default options (background fill on)" ;;
     gzip-profile) echo "gzip + published index + recorded profile" ;;
     estargz) echo "eStargz (ctr-remote convert)" ;;
     estargz-profile) echo "eStargz + recorded profile" ;;
@@ -553,7 +555,7 @@ for cs in "${cases[@]}"; do read -r c _ <<<"$cs"; [ -z "${H[snap:$c]:-}" ] || hw
   printf 'Image: Debian bookworm minbase + python3, python3-pip (Debian) + numpy 2.3.5, pandas 2.3.3, requests 2.32.5 (PyPI), 3 layers, %s files; layer bytes per variant: %s. ' "$nfiles" "$sizes"
   printf 'First command: `python3 -c '"'%s'"'`. ' "$PYCMD"
   printf 'Link: %s Mbit/s (tbf on a veth pair into a network namespace) + %s ms RTT (bench/delayline.py); every client in the namespace. ' "$MBIT" "$RTT_MS"
-  printf 'Cold: median of %s runs, page cache dropped, fresh containerd root and stratafs roots; stratafs with `[mount] background_fetch = %s`. ' "$RUNS" "$BACKGROUND_FETCH"
+  printf 'Cold: median of %s runs, page cache dropped, fresh containerd root and stratafs roots; stratafs with `[mount] background_fetch = %s` (but for the default-options rows). ' "$RUNS" "$BACKGROUND_FETCH"
   printf '"Link time" = bytes the registry served in that run × 8 / %s Mbit/s + 4 RTTs.\n\n' "$MBIT"
   printf '| image (%s) | client | time to the end of the command | speed-up vs eager, same image | registry served | link time for those bytes | time / link time |\n|---|---|---|---|---|---|---|\n' "$(date +%F)"
   printf '%s\n' "${rows[@]}"

@@ -116,7 +116,7 @@ cold_lazy() {
 }
 log "cold runs through $MBIT Mbit/s + $RTT_MS ms RTT ($RUNS each)"
 cold_lazy "lazy, published index (-o nobackground)" "$work/default.toml" -o nobackground
-cold_lazy "lazy, published index, default options (background fetch after 2 s)" "$work/default.toml"
+cold_lazy "lazy, published index, default options (background fill from the mount on)" "$work/default.toml"
 rows[-1]=$(sed 's/; layer bytes.*/ |/' <<<"${rows[-1]}")
 cold_lazy "lazy, no published index (mount streams every layer to index it)" "$work/noindex.toml" -o nobackground
 ts=() td=()

@@ -67,13 +67,15 @@ pub enum ServeError {
 /// glibc raises its mmap threshold after such a buffer is freed, so later ones come from the
 /// per-thread heaps, which keep the memory: a cold import peaked at 93 MiB. With the threshold
 /// fixed at 256 KiB, large buffers are mapped and returned on free: 56 MiB, same speed
-/// (docs/benchmarks.md).
+/// (docs/benchmarks.md). Smaller buffers still come from the heaps, one per thread that
+/// allocates at once (up to 8 per core): two heaps keep what fragmentation holds bounded.
 pub fn keep_large_buffers_off_the_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator tuning; called before the daemon's threads
     // allocate span buffers, and any value is safe for glibc.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }
 

@@ -13,7 +13,7 @@ use super::{gzip, Fetch, IndexFormat, LayerError, LayerIndex, Limits, DEFAULT_SP
 use crate::cache::{Cache, CacheError};
 use crate::source::{BlobSource, SourceError};
 use decode::{decode, fetch_range, LowerPriority, SpanResult};
-use want::{Want, MAX_COALESCED, READAHEAD};
+use want::{Want, MAX_COALESCED, READAHEAD, READAHEAD_BYTES};
 
 /// Why bytes of a layer could not be read; every message names the layer blob.
 #[derive(Debug, thiserror::Error)]
@@ -548,7 +548,8 @@ impl LayerReader {
                     continues.unwrap_or_else(|| previous != usize::MAX && i == previous + 1);
                 let until = if demand && sequential {
                     let ahead = (i + READAHEAD).min(self.index.spans.len() - 1);
-                    until.max(self.index.spans[ahead].out_offset + 1)
+                    let cap = self.index.spans[i].out_offset + READAHEAD_BYTES;
+                    until.max((self.index.spans[ahead].out_offset + 1).min(cap))
                 } else {
                     until
                 };
