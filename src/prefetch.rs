@@ -30,6 +30,8 @@ pub const STEP: u64 = 256 << 10;
 pub const FOLLOW: u64 = 8 << 20;
 /// Steps under way at once at most (the background budget also bounds what they hold).
 const PARALLEL: usize = 2;
+/// Failed steps after which a layer's fill stops (a step that fails is tried again later).
+const FAILURES: u32 = 3;
 
 /// How background fetching behaves.
 #[derive(Clone, Debug)]
@@ -76,6 +78,7 @@ pub async fn prefetch(view: Arc<ImageView>, settings: PrefetchSettings) -> Prefe
     }
     let layers = view.readers().len();
     let mut stopped = vec![false; layers];
+    let mut failures = vec![0u32; layers];
     let mut filled = vec![false; layers];
     let mut steps = tokio::task::JoinSet::new();
     // Steps started and not yet settled: (layer, offset).
@@ -93,11 +96,14 @@ pub async fn prefetch(view: Arc<ImageView>, settings: PrefetchSettings) -> Prefe
             }
             Ok((layer, offset, Err(e))) => {
                 pending.remove(&(layer, offset));
-                if !stopped[layer] {
-                    let blob = &view.readers()[layer].index().blob;
-                    tracing::warn!(%blob, error = %e, "background fetch stopped for this layer");
+                failures[layer] += 1;
+                let blob = &view.readers()[layer].index().blob;
+                if failures[layer] < FAILURES {
+                    tracing::warn!(%blob, offset, error = %e, "background fetch step failed; tried again later");
+                } else if !stopped[layer] {
+                    tracing::warn!(%blob, error = %e, "background fetch stopped for this layer after {FAILURES} failed steps");
                 }
-                stopped[layer] = true;
+                stopped[layer] = failures[layer] >= FAILURES;
             }
             Err(e) => tracing::warn!(error = %e, "background fetch step failed"),
         }

@@ -126,12 +126,13 @@ pub enum RemoveError {
 }
 
 /// Removes the images `references` name (names or unique digest prefixes), and the metadata
-/// no other image uses; returns their names. Every reference is checked first: an unknown
-/// one, or an image a mount of the store serves, removes nothing.
+/// no other image uses, calling `removed` with each name once it is gone. Every reference is
+/// checked first: an unknown one, or an image a mount of the store serves, removes nothing.
 pub fn remove_images(
     store: &crate::store::Store,
     references: &[String],
-) -> Result<Vec<String>, RemoveError> {
+    mut removed: impl FnMut(&str),
+) -> Result<(), RemoveError> {
     let mounts = mounts(store.root());
     let mut names = Vec::new();
     for reference in references {
@@ -149,8 +150,9 @@ pub fn remove_images(
     }
     for name in &names {
         store.remove_image(name)?;
+        removed(name);
     }
-    Ok(names)
+    Ok(())
 }
 
 /// Whether process `pid` runs (a zombie does not).

@@ -357,7 +357,8 @@ impl LayerReader {
     /// A step of background fill: caches what is missing of `offset..offset + len` once no
     /// foreground fetch of the mount is under way, within the mount's background budget
     /// ([`budget`]: what a read that misses then waits behind is bounded). Returns the
-    /// compressed bytes of the spans it covered (0 when they were cached).
+    /// compressed bytes of the spans that were missing when it started fetching (0 when
+    /// reads had cached them meanwhile).
     pub async fn fill(&self, offset: u64, len: u64) -> Result<u64, CacheError> {
         if self.is_cached(offset, len) {
             return Ok(0);
@@ -366,8 +367,26 @@ impl LayerReader {
         self.budgets.foreground.idle().await;
         let _room = self.budgets.background.take(bytes).await;
         self.budgets.foreground.idle().await;
-        self.read_with(offset, len, Want::Background).await?;
-        Ok(budget::compressed_size(&self.index, offset, len))
+        let missing = self.missing_compressed(offset, len);
+        if missing > 0 {
+            self.read_with(offset, len, Want::Background).await?;
+        }
+        Ok(missing)
+    }
+
+    /// Compressed bytes of the spans holding `offset..offset + len` that are not cached.
+    fn missing_compressed(&self, offset: u64, len: u64) -> u64 {
+        let end = (offset + len).min(self.index.size);
+        let mut pos = offset;
+        let mut bytes = 0;
+        while let Some(i) = (pos < end).then(|| self.index.span_at(pos)).flatten() {
+            let span = &self.index.spans[i];
+            if !self.span_cached(i) {
+                bytes += fetch_range(&span.fetch).map_or(0, |(a, b)| b - a);
+            }
+            pos = (span.out_offset + span.out_len).max(pos + 1);
+        }
+        bytes
     }
 
     /// Returns once no foreground fetch of the mount (reads', and those ahead of reads) is
@@ -547,9 +566,7 @@ impl LayerReader {
                 let sequential =
                     continues.unwrap_or_else(|| previous != usize::MAX && i == previous + 1);
                 let until = if demand && sequential {
-                    let ahead = (i + READAHEAD).min(self.index.spans.len() - 1);
-                    let cap = self.index.spans[i].out_offset + READAHEAD_BYTES;
-                    until.max((self.index.spans[ahead].out_offset + 1).min(cap))
+                    until.max(self.readahead_end(i))
                 } else {
                     until
                 };
@@ -637,6 +654,19 @@ impl LayerReader {
                 offset: self.index.spans[i].out_offset,
             })),
         }
+    }
+
+    /// Where a sequential reader's fetch of span `i` reaches to: the [`READAHEAD`] spans after
+    /// it, as far as they end within [`READAHEAD_BYTES`] of its end (four 256 KiB gzip spans;
+    /// none after a 4 MiB eStargz chunk, which would hold that much more for one read).
+    fn readahead_end(&self, i: usize) -> u64 {
+        let spans = &self.index.spans;
+        let cap = spans[i].out_offset + spans[i].out_len + READAHEAD_BYTES;
+        let last = (i + 1..=(i + READAHEAD).min(spans.len() - 1))
+            .take_while(|&j| spans[j].out_offset + spans[j].out_len <= cap)
+            .last()
+            .unwrap_or(i);
+        spans[last].out_offset + 1
     }
 
     /// Where a fetch of span `i` should reach to, at least: far enough that it carries

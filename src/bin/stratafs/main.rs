@@ -139,9 +139,7 @@ async fn run(mut cli: Cli) -> Result<()> {
             )
         }
         Command::Rmi { references } => {
-            for name in stratafs::daemon::remove_images(&store, &references)? {
-                println!("removed {name}");
-            }
+            stratafs::daemon::remove_images(&store, &references, |name| println!("removed {name}"))?
         }
         Command::Ls { long, image, path } => {
             lazy::ls(&target(image, store, &config)?, &path, long).await?

@@ -16,7 +16,10 @@
 //!   compressed plus decoded bytes. So a read that misses shares the link with at most the
 //!   compressed bytes of the steps already under way — under half of [`BACKGROUND_BUDGET`]
 //!   (384 KiB: 31 ms at 100 Mbit/s, 0.16 s at 20 Mbit/s) — and the fill never starts a
-//!   request while one of the foreground's is on the link.
+//!   request while one of the foreground's is on the link. A step whose spans alone exceed
+//!   the budget (a step covers whole spans, and an eStargz or zstd:chunked chunk of a large
+//!   file is up to 4 MiB of layer data) takes the whole budget and runs alone: then the bound
+//!   is that one step's compressed bytes.
 //!
 //! The link stays busy: each budget is many times the bandwidth-delay product of the links we
 //! measure (100 Mbit/s × 20 ms is 250 KB), background fill's included.

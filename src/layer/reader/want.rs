@@ -4,12 +4,12 @@
 
 use crate::layer::IndexFormat;
 
-/// Spans fetched ahead of a sequential reader, as long as they start within
-/// [`READAHEAD_BYTES`] of the span read (an eStargz chunk of a large file is up to 4 MiB: four
-/// of them would be 16 MiB held at once for one read).
+/// Spans fetched ahead of a sequential reader, as long as they end within [`READAHEAD_BYTES`]
+/// of the end of the span read (an eStargz chunk of a large file is up to 4 MiB: four of them
+/// would be 16 MiB held at once for one read).
 pub(super) const READAHEAD: usize = 4;
-/// Bytes of layer data past the start of the span read that a sequential reader's fetch reaches
-/// at most (1 MiB: four gzip spans).
+/// Bytes of layer data past the end of the span read that a sequential reader's fetch reaches
+/// at most (1 MiB: four 256 KiB gzip spans).
 pub(super) const READAHEAD_BYTES: u64 = 1 << 20;
 
 /// Upper bound on the bytes one coalesced range request fetches.
