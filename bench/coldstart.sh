@@ -37,7 +37,9 @@
 #   VARIANTS="gzip estargz zstd zstdchunked" (default: all) picks the image variants;
 #   STRATAFS_BENCH_CACHE=/var/cache/stratafs-bench is where the image and variants are kept;
 #   CASES="gzip gzip-profile" runs only those `stratafs mount` cases (no table), and
-#   KEEP_LOGS=DIR keeps each mount run's registry log and daemon log there;
+#   KEEP_LOGS=DIR keeps each mount run's registry log and daemon log there (the daemon at
+#   --log-level debug: each read that waited, each fetch, with times);
+#   MOUNT_TOML='profile_parallel = 4' adds lines to the stratafs runs' [mount] table;
 #   BACKGROUND=1 leaves background fill on (the default `[mount] background_fetch`) in the
 #   stratafs runs, which otherwise measure lazy fetching alone.
 set -euo pipefail
@@ -192,6 +194,7 @@ BACKGROUND_FETCH=false; [ "${BACKGROUND:-0}" = 1 ] && BACKGROUND_FETCH=true
 cat >"$work/sf.toml" <<TOML
 [mount]
 background_fetch = $BACKGROUND_FETCH
+${MOUNT_TOML:-}
 
 [hosts."$shaped_reg"]
 plain_http = true
@@ -311,7 +314,7 @@ cold_mount() {
   for i in $(seq "$RUNS"); do
     rm -rf "$work/sfroot"; mkdir -p "$work/mnt"
     drop; m=$(mark); t0=$(now)
-    out=$(inns "$bin" --root "$work/sfroot" --config "$cfg" mount "$shaped_reg/$ref" "$work/mnt")
+    out=$(inns "$bin" --root "$work/sfroot" --config "$cfg" ${KEEP_LOGS:+--log-level warn,stratafs=debug} mount "$shaped_reg/$ref" "$work/mnt")
     tp+=("$(since "$t0")")
     dpid=$(grep -o 'serving pid [0-9]*' <<<"$out" | awk '{print $3}'); daemons+=("$(grep -o 'holder pid [0-9]*' <<<"$out" | awk '{print $3}')")
     chroot "$work/mnt" python3 -c "$PYCMD"
