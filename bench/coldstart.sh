@@ -36,7 +36,8 @@
 # Usage: bash bench/coldstart.sh [RUNS=3] [RTT_MS=20] [MBIT=100]   (as root, after .ci/setup)
 #   VARIANTS="gzip estargz zstd zstdchunked" (default: all) picks the image variants;
 #   STRATAFS_BENCH_CACHE=/var/cache/stratafs-bench is where the image and variants are kept;
-#   CASES="gzip gzip-profile" runs only those `stratafs mount` cases (no table), and
+#   CASES="gzip gzip-profile" runs only those `stratafs mount` cases (no table; SNAPSHOTTER=1
+#   adds their snapshotter runs), and
 #   KEEP_LOGS=DIR keeps each mount run's registry log and daemon log there (the daemon at
 #   --log-level debug: each read that waited, each fetch, with times);
 #   MOUNT_TOML='profile_parallel = 4' adds lines to the stratafs runs' [mount] table;
@@ -124,6 +125,8 @@ trap 'exit 130' INT TERM
 mib() { printf '%.1f MiB' "$(calc "$1 / 1048576")"; }
 mbytes() { printf '%.1f MB' "$(calc "$1 / 1000000")"; }
 hwm() { awk '/VmHWM/ {print $2 * 1024}' "/proc/$1/status" 2>/dev/null || echo 0; }
+# cpu PID: user + system CPU seconds process PID has used so far.
+cpu() { awk -v hz="$(getconf CLK_TCK)" '{sub(/.*\) /, ""); printf "%.2f", ($12 + $13) / hz}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 
 # containerd (1.6) with its own root, state, sockets and opt dir under $ctd; CRI off.
 # ctd_start WRAP [SNAPSHOTTER_SOCKET]: WRAP is inns (in the shaped netns) or env (host netns).
@@ -310,7 +313,7 @@ cold_eager() {
 }
 # cold_mount CASE VARIANT CONFIG (the image: REF[CASE] if set, else REF[VARIANT])
 cold_mount() {
-  local c=$1 v=$2 cfg=$3 i m t0 l o out dpid ts=() tp=() bl=() bo=() hw=() ref=${REF[$1]:-${REF[$2]}}
+  local c=$1 v=$2 cfg=$3 i m t0 l o out dpid dcpu ts=() tp=() bl=() bo=() hw=() ref=${REF[$1]:-${REF[$2]}}
   for i in $(seq "$RUNS"); do
     rm -rf "$work/sfroot"; mkdir -p "$work/mnt"
     drop; m=$(mark); t0=$(now)
@@ -319,10 +322,10 @@ cold_mount() {
     dpid=$(grep -o 'serving pid [0-9]*' <<<"$out" | awk '{print $3}'); daemons+=("$(grep -o 'holder pid [0-9]*' <<<"$out" | awk '{print $3}')")
     chroot "$work/mnt" python3 -c "$PYCMD"
     ts+=("$(since "$t0")")
-    hw+=("$(hwm "$dpid")")
+    hw+=("$(hwm "$dpid")") dcpu=$(cpu "$dpid")
     "$bin" --root "$work/sfroot" umount "$work/mnt" >/dev/null
     read -r l o <<<"$(served "$m")"; bl+=("$l") bo+=("$o")
-    log "mount $c run $i: ${ts[-1]} s (mount ${tp[-1]} s), layer bytes $l, other $o, daemon VmHWM ${hw[-1]}"
+    log "mount $c run $i: ${ts[-1]} s (mount ${tp[-1]} s), layer bytes $l, other $o, daemon VmHWM ${hw[-1]}, daemon CPU $dcpu s"
     if [ -n "${KEEP_LOGS:-}" ]; then   # where the time went: the registry's log and the daemon's
       mkdir -p "$KEEP_LOGS/$c-$i"
       tail -c +$((m + 1)) "$work/registry.log" >"$KEEP_LOGS/$c-$i/registry.log"
@@ -337,7 +340,7 @@ cold_snap() {
   local c=$1 v=$2 cfg=$3 i m t0 l o ts=() tp=() bl=() bo=() hw=() sock=$work/snap.sock ref=${REF[$1]:-${REF[$2]}}
   for i in $(seq "$RUNS"); do
     snap_stop; rm -f "$sock"
-    nsenter --net="/run/netns/$ns" "$bin" --root "$work/snaproot" --config "$cfg" snapshotter --address "$sock" >"$work/snap.log" 2>&1 &
+    nsenter --net="/run/netns/$ns" "$bin" --root "$work/snaproot" --config "$cfg" ${KEEP_LOGS:+--log-level warn,stratafs=debug} snapshotter --address "$sock" >"$work/snap.log" 2>&1 &
     snap_pid=$!
     for _ in $(seq 300); do [ -S "$sock" ] && break; kill -0 "$snap_pid" 2>/dev/null || break; sleep 0.1; done
     ctd_start inns "$sock"
@@ -357,6 +360,11 @@ cold_snap() {
     fi
     ts+=("$(since "$t0")")
     hw+=("$(hwm "$snap_pid")")
+    if [ -n "${KEEP_LOGS:-}" ]; then
+      mkdir -p "$KEEP_LOGS/snap-$c-$i"
+      tail -c +$((m + 1)) "$work/registry.log" >"$KEEP_LOGS/snap-$c-$i/registry.log"
+      cp -r "$work/snaproot/logs" "$work/snap.log" "$KEEP_LOGS/snap-$c-$i/" 2>/dev/null || true
+    fi
     ctd_stop; snap_stop
     read -r l o <<<"$(served "$m")"; bl+=("$l") bo+=("$o")
     log "snapshotter $c run $i: ${ts[-1]} s (rpull ${tp[-1]} s), layer bytes $l, other $o, VmHWM ${hw[-1]}"
@@ -377,10 +385,14 @@ for v in "${avail[@]}"; do
   cases+=("${these[@]}")
   for cs in "${these[@]}"; do
     read -r c cv cfg <<<"$cs"
-    # CASES="gzip gzip-profile …": only these mount cases, no eager or snapshotter runs and no
-    # table (a look at where the time goes, with KEEP_LOGS=DIR).
+    # CASES="gzip gzip-profile …": only these mount cases (and with SNAPSHOTTER=1 their
+    # snapshotter runs), no eager runs and no table (a look at where the time goes, with
+    # KEEP_LOGS=DIR).
     if [ -n "${CASES:-}" ]; then
-      [[ " $CASES " == *" $c "* ]] && cold_mount "$c" "$cv" "$cfg"
+      if [[ " $CASES " == *" $c "* ]]; then
+        cold_mount "$c" "$cv" "$cfg"
+        [ "${SNAPSHOTTER:-0}" != 1 ] || [ -z "$snap_ok" ] || cold_snap "$c" "$cv" "$cfg"
+      fi
       continue
     fi
     cold_mount "$c" "$cv" "$cfg"

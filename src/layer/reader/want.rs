@@ -37,8 +37,8 @@ pub(super) const MIN_MISS_FETCH: u64 = 256 << 10;
 /// What a fetch is for, which decides how far past the bytes asked for it reaches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Want {
-    /// The spans asked for (profile replay, fetches ahead of reads; a TOC-indexed layer's
-    /// fetches still reach [`MIN_TOC_FETCH`]).
+    /// The spans asked for, whatever the format (profile replay: the profile names what is
+    /// read, so reaching past it would only fetch what the workload did not read).
     Exact,
     /// A read: its spans, [`READAHEAD`] more for a sequential reader, at least
     /// [`MIN_TOC_FETCH`] for a TOC-indexed layer, and for a stream-indexed one its neighbours
@@ -61,7 +61,7 @@ impl Want {
     /// indexed as `format` (0: just the spans asked for).
     pub(super) fn min_reach(self, format: IndexFormat) -> u64 {
         match format {
-            _ if self == Want::Background => 0,
+            _ if matches!(self, Want::Background | Want::Exact) => 0,
             IndexFormat::Estargz | IndexFormat::ZstdChunked => MIN_TOC_FETCH,
             IndexFormat::Stream
                 if matches!(self, Want::Demand | Want::Checked | Want::Neighbours) =>
