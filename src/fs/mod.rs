@@ -52,6 +52,9 @@ pub struct ImageView {
     /// Per open file handle, where its last read ended ([`ImageView::read_for`]): the
     /// read-ahead state of each open file, not of its layer. One entry per open handle.
     handles: std::sync::Mutex<std::collections::HashMap<u64, u64>>,
+    /// Directories whose small files an open has fetched ahead ([`ImageView::prefetch_file`]):
+    /// at most one entry per directory of the tree.
+    dirs_fetched: std::sync::Mutex<std::collections::HashSet<NodeId>>,
 }
 
 /// Uncompressed bytes one fetch an open starts covers at most, how many such fetches run at
@@ -63,6 +66,12 @@ const OPEN_PIECE: u64 = 1 << 20;
 const SLOW_READ: std::time::Duration = std::time::Duration::from_millis(2);
 const OPEN_PARALLEL: usize = 4;
 const OPEN_FETCHES: usize = 8;
+/// After the first open in a directory, the other files of that directory in the same layer
+/// no larger than [`SIBLING_MAX`] are fetched ahead too, nearest in the layer first, up to
+/// [`SIBLINGS_BYTES`] of layer data: a program that opens one file of a directory (a module of
+/// a package) opens others of it next, in an order tar order does not keep.
+const SIBLINGS_BYTES: u64 = 2 << 20;
+const SIBLING_MAX: u64 = 256 << 10;
 
 impl ImageView {
     /// Opens `image`: every layer's index (built if missing), merged base first.
@@ -119,6 +128,7 @@ impl ImageView {
             profiled: std::sync::atomic::AtomicBool::new(false),
             neighbours: std::sync::atomic::AtomicBool::new(false),
             handles: Default::default(),
+            dirs_fetched: Default::default(),
         })
     }
 
@@ -231,7 +241,13 @@ impl ImageView {
         };
         let reader = &self.readers[layer];
         let len = n.size.min(limit);
-        if len == 0 || !reader.index().random_access() || reader.is_cached(offset, len) {
+        if len == 0 || !reader.index().random_access() {
+            return;
+        }
+        if reader.is_cached(offset, len) {
+            if let Ok(_permit) = self.open_fetches.try_acquire() {
+                self.prefetch_siblings(node).await;
+            }
             return;
         }
         let pieces = (0..len.div_ceil(OPEN_PIECE)).map(|k| {
@@ -256,6 +272,62 @@ impl ImageView {
         if n.size <= limit {
             if let Err(e) = reader.fetch_neighbours(offset + n.size).await {
                 tracing::debug!(path = %self.tree.path(node), error = %e, "fetch of a file's neighbours failed");
+            }
+        }
+        self.prefetch_siblings(node).await;
+    }
+
+    /// Once per directory: fetches the missing small files of `node`'s directory that lie in
+    /// its layer ([`SIBLINGS_BYTES`]), nearest to it first, files that touch in one request.
+    async fn prefetch_siblings(&self, node: NodeId) {
+        let n = self.tree.node(node);
+        let Some((layer, offset)) = n.data else {
+            return;
+        };
+        if !self.dirs_fetched.lock().unwrap().insert(n.parent) {
+            return;
+        }
+        let reader = &self.readers[layer];
+        let mut files: Vec<(u64, u64)> = self
+            .tree
+            .node(n.parent)
+            .children
+            .values()
+            .filter(|&&c| c != node)
+            .map(|&c| self.tree.node(c))
+            .filter(|c| c.file_type == FileType::File && c.size > 0 && c.size <= SIBLING_MAX)
+            .filter_map(|c| {
+                c.data
+                    .filter(|(l, _)| *l == layer)
+                    .map(|(_, o)| (o, c.size))
+            })
+            .collect();
+        files.sort_by_key(|(o, _)| o.abs_diff(offset));
+        let mut left = SIBLINGS_BYTES;
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (o, size) in files {
+            if size > left {
+                break;
+            }
+            if !reader.is_cached(o, size) {
+                left -= size;
+                runs.push((o, o + size));
+            }
+        }
+        // Files a tar header apart (512 bytes, or a few for long names) are one request.
+        runs.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for (s, e) in runs {
+            match merged.last_mut() {
+                Some(last) if s <= last.1 + 4096 => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        merged.sort_by_key(|(s, _)| s.abs_diff(offset));
+        for (s, e) in merged {
+            if let Err(e) = reader.prefetch(s, e - s).await {
+                tracing::debug!(path = %self.tree.path(node), error = %e, "fetch of a file's siblings failed");
+                return;
             }
         }
     }

@@ -166,3 +166,62 @@ async fn failed_range_reads_are_errors_not_data() {
     let id = view.lookup("etc/hello").unwrap();
     assert_eq!(view.read(id, 0, 64).await.unwrap(), b"hello, world\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_fetches_the_small_files_of_its_directory_ahead_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(FakeRegistry::new());
+    // Incompressible files, so each directory spans several 256 KiB spans.
+    let noise = |seed: u32, len: usize| -> Vec<u8> {
+        let mut x = u64::from(seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 32) as u8
+            })
+            .collect()
+    };
+    let mut tree: Vec<(String, Vec<u8>)> = Vec::new();
+    tree.push(("other/before".into(), noise(1, 3 << 20)));
+    for k in 0..24u32 {
+        tree.push((format!("pkg/m{k:02}.pyc"), noise(100 + k, 40 << 10)));
+    }
+    tree.push(("pkg/huge.so".into(), noise(7, 3 << 20)));
+    tree.push(("other/after".into(), noise(2, 3 << 20)));
+    let files: Vec<(&str, Vec<u8>)> = tree.iter().map(|(p, d)| (p.as_str(), d.clone())).collect();
+    push(&registry, &files);
+    // The first open streams the layer and stores its index; without the chunks, a second
+    // view of the same store reads lazily, by range.
+    drop(open(registry.clone(), dir.path()).await.unwrap());
+    std::fs::remove_dir_all(crate::store::Layout::new(dir.path()).chunks()).unwrap();
+    let view = open(registry.clone(), dir.path()).await.unwrap();
+    let cached = |path: &str| {
+        let n = view.tree.node(view.lookup(path).unwrap());
+        let (layer, offset) = n.data.unwrap();
+        view.readers()[layer].is_cached(offset, n.size)
+    };
+    assert!(!cached("pkg/m05.pyc"));
+    let before = registry.requests();
+
+    view.prefetch_file(view.lookup("pkg/m05.pyc").unwrap(), 8 << 20)
+        .await;
+    for k in 0..24 {
+        assert!(cached(&format!("pkg/m{k:02}.pyc")), "pkg/m{k:02}.pyc");
+    }
+    // Not the large file of the directory, nor other directories' files.
+    assert!(!cached("pkg/huge.so"));
+    assert!(!cached("other/before"), "other/before");
+    assert!(!cached("other/after"), "other/after");
+    let after = registry.requests();
+    assert!(
+        after.ranges - before.ranges <= 4,
+        "the directory's files in a few requests: {before:?} -> {after:?}"
+    );
+
+    // Once per directory: another open there fetches no more siblings.
+    view.prefetch_file(view.lookup("pkg/m20.pyc").unwrap(), 8 << 20)
+        .await;
+    assert_eq!(registry.requests().ranges, after.ranges);
+}
