@@ -17,7 +17,8 @@
 //! misses waits behind at most the compressed bytes of the steps already on the link (the bound
 //! is stated in [`crate::layer::reader::budget`]). It keeps to a bandwidth cap if one is set,
 //! skips layers without random access (streamed whole when indexed) and stops when the cache
-//! cap could not hold the image.
+//! cap could not hold the image. A step that fails is tried again later, three times at most
+//! (then its bytes are left to the reads); three failed steps in a row stop a layer's fill.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,7 +31,8 @@ pub const STEP: u64 = 256 << 10;
 pub const FOLLOW: u64 = 8 << 20;
 /// Steps under way at once at most (the background budget also bounds what they hold).
 const PARALLEL: usize = 2;
-/// Failed steps after which a layer's fill stops (a step that fails is tried again later).
+/// Failed steps in a row after which a layer's fill stops; a step that fails is tried again
+/// later, up to this many times in all.
 const FAILURES: u32 = 3;
 
 /// How background fetching behaves.
@@ -81,31 +83,56 @@ pub async fn prefetch(view: Arc<ImageView>, settings: PrefetchSettings) -> Prefe
     let mut failures = vec![0u32; layers];
     let mut filled = vec![false; layers];
     let mut steps = tokio::task::JoinSet::new();
-    // Steps started and not yet settled: (layer, offset).
+    // Steps started and not yet settled, by task, and as (layer, offset) — with the steps given
+    // up on, never chosen again; failed steps to try again.
+    let mut under_way: std::collections::HashMap<tokio::task::Id, (usize, u64, u64)> =
+        Default::default();
     let mut pending: std::collections::HashSet<(usize, u64)> = Default::default();
-    let mut settle = |done: Result<(usize, u64, Result<u64, String>), tokio::task::JoinError>,
+    let mut retry: Vec<(usize, u64, u64)> = Vec::new();
+    let mut attempts: std::collections::HashMap<(usize, u64), u32> = Default::default();
+    let mut settle = |done: Result<
+        (tokio::task::Id, Result<u64, String>),
+        tokio::task::JoinError,
+    >,
+                      under_way: &mut std::collections::HashMap<
+        tokio::task::Id,
+        (usize, u64, u64),
+    >,
                       stopped: &mut [bool],
                       pending: &mut std::collections::HashSet<(usize, u64)>,
+                      retry: &mut Vec<(usize, u64, u64)>,
                       pacer: &mut Pacer| {
-        match done {
-            Ok((layer, offset, Ok(bytes))) => {
-                pending.remove(&(layer, offset));
+        let (id, result) = match done {
+            Ok((id, result)) => (id, result),
+            Err(e) => (e.id(), Err(e.to_string())),
+        };
+        let Some((layer, offset, len)) = under_way.remove(&id) else {
+            return;
+        };
+        pending.remove(&(layer, offset));
+        match result {
+            Ok(bytes) => {
+                failures[layer] = 0;
                 pacer.spent(bytes);
                 report.bytes += bytes;
                 filled[layer] |= bytes > 0;
             }
-            Ok((layer, offset, Err(e))) => {
-                pending.remove(&(layer, offset));
+            Err(e) => {
                 failures[layer] += 1;
+                let tried = attempts.entry((layer, offset)).or_default();
+                *tried += 1;
                 let blob = &view.readers()[layer].index().blob;
-                if failures[layer] < FAILURES {
+                if failures[layer] < FAILURES && *tried < FAILURES {
                     tracing::warn!(%blob, offset, error = %e, "background fetch step failed; tried again later");
+                    retry.push((layer, offset, len));
+                } else if failures[layer] < FAILURES {
+                    tracing::warn!(%blob, offset, error = %e, "background fetch step failed {FAILURES} times; left to reads");
+                    pending.insert((layer, offset)); // never chosen again
                 } else if !stopped[layer] {
-                    tracing::warn!(%blob, error = %e, "background fetch stopped for this layer after {FAILURES} failed steps");
+                    tracing::warn!(%blob, error = %e, "background fetch stopped for this layer after {FAILURES} failed steps in a row");
                 }
-                stopped[layer] = failures[layer] >= FAILURES;
+                stopped[layer] |= failures[layer] >= FAILURES;
             }
-            Err(e) => tracing::warn!(error = %e, "background fetch step failed"),
         }
     };
     let mut plan = plan
@@ -114,8 +141,15 @@ pub async fn prefetch(view: Arc<ImageView>, settings: PrefetchSettings) -> Prefe
     let mut planned: Option<(usize, u64, u64)> = plan.next();
     loop {
         while steps.len() >= PARALLEL {
-            let done = steps.join_next().await.expect("steps under way");
-            settle(done, &mut stopped, &mut pending, &mut pacer);
+            let done = steps.join_next_with_id().await.expect("steps under way");
+            settle(
+                done,
+                &mut under_way,
+                &mut stopped,
+                &mut pending,
+                &mut retry,
+                &mut pacer,
+            );
         }
         // Chosen once the foreground is idle, so the step follows the latest reads.
         if let Some(reader) = view.readers().first() {
@@ -123,13 +157,26 @@ pub async fn prefetch(view: Arc<ImageView>, settings: PrefetchSettings) -> Prefe
         }
         let step = match near_reads(&view, &stopped, &pending) {
             Some(step) => Some(step),
-            None => next_planned(&view, &mut plan, &mut planned, &stopped, &pending),
+            None => match retry
+                .pop()
+                .filter(|(l, o, _)| !stopped[*l] && !pending.contains(&(*l, *o)))
+            {
+                Some(step) => Some(step),
+                None => next_planned(&view, &mut plan, &mut planned, &stopped, &pending),
+            },
         };
         let Some((layer, offset, len)) = step else {
             // Nothing left but steps under way (whose ends may show more near the reads).
-            match steps.join_next().await {
+            match steps.join_next_with_id().await {
                 Some(done) => {
-                    settle(done, &mut stopped, &mut pending, &mut pacer);
+                    settle(
+                        done,
+                        &mut under_way,
+                        &mut stopped,
+                        &mut pending,
+                        &mut retry,
+                        &mut pacer,
+                    );
                     continue;
                 }
                 None => break,
@@ -138,10 +185,11 @@ pub async fn prefetch(view: Arc<ImageView>, settings: PrefetchSettings) -> Prefe
         pacer.wait().await;
         pending.insert((layer, offset));
         let view = view.clone();
-        steps.spawn(async move {
+        let step = steps.spawn(async move {
             let filled = view.readers()[layer].fill(offset, len).await;
-            (layer, offset, filled.map_err(|e| e.to_string()))
+            filled.map_err(|e| e.to_string())
         });
+        under_way.insert(step.id(), (layer, offset, len));
     }
     report.layers = filled.iter().filter(|f| **f).count();
     report.seconds = started.elapsed().as_secs_f64();

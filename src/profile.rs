@@ -33,6 +33,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::fs::ImageView;
 use crate::layer::LayerIndex;
+use plan::{coalesce, Coverage};
+
+mod plan;
 
 /// Version of the profile format.
 pub const PROFILE_VERSION: u32 = 1;
@@ -49,14 +52,6 @@ pub const RECORD_FOR: Duration = Duration::from_secs(60);
 /// Uncompressed bytes one replay step reads at most: long ranges are replayed in pieces, so
 /// `parallel` steps bound the memory a replay holds and the link carries several at once.
 const REPLAY_PIECE: u64 = 2 << 20;
-/// How many pieces further on in the plan a piece that continues another in its layer may be
-/// to be fetched with it ([`coalesce`]).
-const COALESCE_AHEAD: usize = 64;
-/// Bytes of layer data between two pieces that [`coalesce`] fetches to make them one request
-/// (the chunks of a few small files an eStargz profile skips; less than one gzip span, so
-/// gzip pieces merge only when they touch).
-const COALESCE_GAP: u64 = 64 << 10;
-
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {
     #[error("profile {path}: {source}")]
@@ -164,51 +159,6 @@ impl Profile {
                 });
             }
         }
-    }
-}
-
-/// Disjoint byte intervals of one layer.
-#[derive(Debug, Default)]
-struct Coverage {
-    /// start → end, disjoint and not touching.
-    intervals: std::collections::BTreeMap<u64, u64>,
-}
-
-impl Coverage {
-    /// Adds `start..end`; returns the parts of it that were not covered yet, in order.
-    fn add(&mut self, start: u64, end: u64) -> Vec<(u64, u64)> {
-        if start >= end {
-            return Vec::new();
-        }
-        // Intervals overlapping or touching start..end, merged into one.
-        let (mut lo, mut hi) = (start, end);
-        let mut gaps = Vec::new();
-        let mut at = start;
-        let first = self
-            .intervals
-            .range(..=start)
-            .next_back()
-            .filter(|(_, e)| **e >= start)
-            .map(|(s, _)| *s);
-        let touching: Vec<(u64, u64)> = self
-            .intervals
-            .range(first.unwrap_or(start)..=end)
-            .map(|(s, e)| (*s, *e))
-            .collect();
-        for (s, e) in touching {
-            if s > at {
-                gaps.push((at, s.min(end)));
-            }
-            at = at.max(e);
-            lo = lo.min(s);
-            hi = hi.max(e);
-            self.intervals.remove(&s);
-        }
-        if at < end {
-            gaps.push((at, end));
-        }
-        self.intervals.insert(lo, hi);
-        gaps
     }
 }
 
@@ -495,70 +445,6 @@ pub async fn replay(view: Arc<ImageView>, profile: &Profile, parallel: usize) ->
     report
 }
 
-/// Merges the replay plan's pieces `(layer, offset, len)` that continue one another in their
-/// layer — the later one starting at most [`COALESCE_GAP`] bytes after the earlier one ends
-/// — into one piece of at most [`REPLAY_PIECE`] (the gap included), when the later one is at
-/// most [`COALESCE_AHEAD`] pieces further on. A profile holds many such pairs: the spans
-/// right after a file read first are often read a little later and recorded as a range of
-/// their own, and an eStargz profile names file after file of a directory, with the chunks
-/// of a few small files not read between them. Merged, they are one range request instead
-/// of several (for gzip, one checkpoint window instead of several), the later bytes brought
-/// forward a little. The pieces must not overlap (the plan covers each byte once).
-fn coalesce(plan: Vec<(usize, u64, u64)>) -> Vec<(usize, u64, u64)> {
-    use std::collections::BTreeMap;
-    let mut by_start: BTreeMap<(usize, u64), usize> = BTreeMap::new();
-    let mut by_end: BTreeMap<(usize, u64), usize> = BTreeMap::new();
-    for (k, &(layer, at, len)) in plan.iter().enumerate() {
-        by_start.insert((layer, at), k);
-        by_end.insert((layer, at + len), k);
-    }
-    let mut taken = vec![false; plan.len()];
-    let take = |j: usize,
-                taken: &mut [bool],
-                by_start: &mut BTreeMap<(usize, u64), usize>,
-                by_end: &mut BTreeMap<(usize, u64), usize>| {
-        let (layer, at, len) = plan[j];
-        taken[j] = true;
-        by_start.remove(&(layer, at));
-        by_end.remove(&(layer, at + len));
-    };
-    let mut out = Vec::with_capacity(plan.len());
-    for k in 0..plan.len() {
-        if taken[k] {
-            continue;
-        }
-        let (layer, mut start, mut end) = (plan[k].0, plan[k].1, plan[k].1 + plan[k].2);
-        take(k, &mut taken, &mut by_start, &mut by_end);
-        loop {
-            let fits = |j: usize, from: u64, to: u64| {
-                j > k && j <= k + COALESCE_AHEAD && to - from <= REPLAY_PIECE
-            };
-            let after = by_start
-                .range((layer, end)..=(layer, end.saturating_add(COALESCE_GAP)))
-                .map(|(_, j)| *j)
-                .find(|&j| fits(j, start, plan[j].1 + plan[j].2));
-            if let Some(j) = after {
-                end = plan[j].1 + plan[j].2;
-                take(j, &mut taken, &mut by_start, &mut by_end);
-                continue;
-            }
-            let before = by_end
-                .range((layer, start.saturating_sub(COALESCE_GAP))..=(layer, start))
-                .rev()
-                .map(|(_, j)| *j)
-                .find(|&j| fits(j, plan[j].1, end));
-            if let Some(j) = before {
-                start = plan[j].1;
-                take(j, &mut taken, &mut by_start, &mut by_end);
-                continue;
-            }
-            break;
-        }
-        out.push((layer, start, end - start));
-    }
-    out
-}
-
 /// What a mount does with profiles (`[mount] profile_*` in the config).
 #[derive(Clone, Debug)]
 pub struct MountProfile {
@@ -730,62 +616,6 @@ mod tests {
                 r("c", 5, 5)
             ]
         );
-    }
-
-    #[test]
-    fn coverage_returns_only_new_gaps_and_a_hostile_profile_plans_each_byte_once() {
-        let mut c = Coverage::default();
-        assert_eq!(c.add(10, 20), vec![(10, 20)]);
-        assert_eq!(c.add(30, 40), vec![(30, 40)]);
-        assert_eq!(c.add(5, 45), vec![(5, 10), (20, 30), (40, 45)]);
-        assert_eq!(c.add(0, 50), vec![(0, 5), (45, 50)]);
-        assert!(c.add(0, 50).is_empty());
-        assert_eq!(c.intervals.len(), 1);
-        // A hundred thousand copies of "the whole layer" merge into one range.
-        let mut p = Profile {
-            version: PROFILE_VERSION,
-            ranges: Vec::new(),
-        };
-        p.merge(&vec![r("a", 0, u64::MAX); 100_000]);
-        assert_eq!(p.ranges, vec![r("a", 0, u64::MAX)]);
-        assert_eq!(p.bytes(), u64::MAX);
-    }
-
-    #[test]
-    fn replay_fetches_pieces_that_continue_one_another_together() {
-        const M: u64 = 1 << 20;
-        let plan = vec![
-            (0, 10 * M, M),            // a
-            (1, 0, M),                 // another layer: never merged with layer 0
-            (0, 12 * M, M),            // c: not adjacent to a
-            (0, 11 * M, M),            // b: continues a (too long to join c as well: 2 MiB cap)
-            (0, 9 * M + M / 2, M / 2), // before a, but a and b are 2 MiB already
-            (0, 13 * M, M),            // continues c
-        ];
-        assert_eq!(
-            coalesce(plan),
-            vec![
-                (0, 10 * M, 2 * M),
-                (1, 0, M),
-                (0, 12 * M, 2 * M),
-                (0, 9 * M + M / 2, M / 2),
-            ]
-        );
-        // Only within COALESCE_AHEAD pieces: the same bytes otherwise, in the same order.
-        let mut far = vec![(0, 0, 4096)];
-        far.extend((1..=COALESCE_AHEAD as u64).map(|k| (1, k * M, 4096)));
-        far.push((0, 4096, 4096));
-        assert_eq!(coalesce(far.clone()), far);
-        far.remove(1);
-        let merged = coalesce(far);
-        assert_eq!(merged[0], (0, 0, 8192));
-        assert_eq!(merged.len(), COALESCE_AHEAD);
-        // Across a gap of at most COALESCE_GAP bytes (fetched too), not more.
-        let g = COALESCE_GAP;
-        let gaps = vec![(0, 0, 100), (0, 100 + g, 100), (0, 201 + 2 * g, 100)];
-        assert_eq!(coalesce(gaps), vec![(0, 0, 200 + g), (0, 201 + 2 * g, 100)]);
-        let before = vec![(0, 100 + g, 100), (0, 0, 100)];
-        assert_eq!(coalesce(before), vec![(0, 0, 200 + g)]);
     }
 
     #[test]

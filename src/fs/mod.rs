@@ -52,9 +52,11 @@ pub struct ImageView {
     /// Per open file handle, where its last read ended ([`ImageView::read_for`]): the
     /// read-ahead state of each open file, not of its layer. One entry per open handle.
     handles: std::sync::Mutex<std::collections::HashMap<u64, u64>>,
-    /// Directories whose small files an open has fetched ahead ([`ImageView::prefetch_file`]):
-    /// at most one entry per directory of the tree.
-    dirs_fetched: std::sync::Mutex<std::collections::HashSet<NodeId>>,
+    /// (directory, layer) whose small files an open has fetched ahead
+    /// ([`ImageView::prefetch_file`]): at most one entry per directory and layer of the tree.
+    dirs_fetched: std::sync::Mutex<std::collections::HashSet<(NodeId, usize)>>,
+    /// Directories whose files are being fetched ahead at once ([`SIBLING_FETCHES`]).
+    sibling_fetches: tokio::sync::Semaphore,
 }
 
 /// Uncompressed bytes one fetch an open starts covers at most, how many such fetches run at
@@ -72,6 +74,7 @@ const OPEN_FETCHES: usize = 8;
 /// a package) opens others of it next, in an order tar order does not keep.
 const SIBLINGS_BYTES: u64 = 2 << 20;
 const SIBLING_MAX: u64 = 256 << 10;
+const SIBLING_FETCHES: usize = 2;
 
 impl ImageView {
     /// Opens `image`: every layer's index (built if missing), merged base first.
@@ -129,6 +132,7 @@ impl ImageView {
             neighbours: std::sync::atomic::AtomicBool::new(false),
             handles: Default::default(),
             dirs_fetched: Default::default(),
+            sibling_fetches: tokio::sync::Semaphore::new(SIBLING_FETCHES),
         })
     }
 
@@ -227,11 +231,11 @@ impl ImageView {
     /// Fetches what is not cached of the first `limit` bytes of regular file `node`, in pieces
     /// a few at a time. An open predicts reads: the file's bytes then arrive with about one
     /// round trip instead of one per miss (python imports one module file after another).
-    /// Not noted by the profile recorder (only reads are); failures are left to the reads.
-    /// Nothing is fetched once a startup profile is replayed ([`ImageView::set_profiled`]):
-    /// the profile knows which of an opened file's bytes are read.
+    /// Then, the first time for its directory and layer, the directory's other small files
+    /// ([`SIBLINGS_BYTES`]). Not noted by the profile recorder (only reads are); failures are
+    /// left to the reads. Nothing is fetched once a startup profile is replayed
+    /// ([`ImageView::set_profiled`]): the profile knows which of an opened file's bytes are read.
     pub async fn prefetch_file(&self, node: NodeId, limit: u64) {
-        use futures_util::StreamExt;
         if self.profiled.load(Ordering::Relaxed) {
             return;
         }
@@ -244,21 +248,26 @@ impl ImageView {
         if len == 0 || !reader.index().random_access() {
             return;
         }
-        if reader.is_cached(offset, len) {
-            if let Ok(_permit) = self.open_fetches.try_acquire() {
-                self.prefetch_siblings(node).await;
-            }
-            return;
+        if !reader.is_cached(offset, len) {
+            // At most OPEN_FETCHES files at once: an open while they run fetches nothing
+            // ahead (its reads fetch), so a walk opening thousands of files queues no work.
+            let Ok(_permit) = self.open_fetches.try_acquire() else {
+                return;
+            };
+            self.prefetch_own(node, layer, offset, len, limit).await;
         }
+        self.prefetch_siblings(node).await;
+    }
+
+    /// An open's fetch of the first `len` bytes of its file (at `offset` of `layer`), then of
+    /// the file's neighbours if that was the whole file.
+    async fn prefetch_own(&self, node: NodeId, layer: usize, offset: u64, len: u64, limit: u64) {
+        use futures_util::StreamExt;
+        let (n, reader) = (self.tree.node(node), &self.readers[layer]);
         let pieces = (0..len.div_ceil(OPEN_PIECE)).map(|k| {
             let at = k * OPEN_PIECE;
             (offset + at, OPEN_PIECE.min(len - at))
         });
-        // At most OPEN_FETCHES files at once: an open while they run fetches nothing ahead
-        // (its reads fetch), so a walk opening thousands of files queues no work.
-        let Ok(_permit) = self.open_fetches.try_acquire() else {
-            return;
-        };
         let mut fetches = futures_util::stream::iter(pieces)
             .map(|(at, len)| reader.fetch_for_open(at, len))
             .buffer_unordered(OPEN_PARALLEL);
@@ -274,7 +283,6 @@ impl ImageView {
                 tracing::debug!(path = %self.tree.path(node), error = %e, "fetch of a file's neighbours failed");
             }
         }
-        self.prefetch_siblings(node).await;
     }
 
     /// Once per directory: fetches the missing small files of `node`'s directory that lie in
@@ -284,7 +292,11 @@ impl ImageView {
         let Some((layer, offset)) = n.data else {
             return;
         };
-        if !self.dirs_fetched.lock().unwrap().insert(n.parent) {
+        // A few directories at once; a directory is done once one of its opens got to it.
+        let Ok(_permit) = self.sibling_fetches.try_acquire() else {
+            return;
+        };
+        if !self.dirs_fetched.lock().unwrap().insert((n.parent, layer)) {
             return;
         }
         let reader = &self.readers[layer];

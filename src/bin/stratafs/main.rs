@@ -4,7 +4,7 @@ mod lazy;
 mod mount;
 mod output;
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -139,7 +139,10 @@ async fn run(mut cli: Cli) -> Result<()> {
             )
         }
         Command::Rmi { references } => {
-            stratafs::daemon::remove_images(&store, &references, |name| println!("removed {name}"))?
+            // Not println!: a closed stdout must not stop the removals half-way.
+            stratafs::daemon::remove_images(&store, &references, |name| {
+                let _ = writeln!(std::io::stdout(), "removed {name}");
+            })?
         }
         Command::Ls { long, image, path } => {
             lazy::ls(&target(image, store, &config)?, &path, long).await?

@@ -1,7 +1,7 @@
 use super::*;
 use crate::cache::DiskChunks;
 use crate::image::Compression;
-use crate::layer::build_index;
+use crate::layer::{build_index, gzip};
 use crate::source::{FaultySource, FileSource};
 use std::io::Write;
 use want::MIN_MISS_FETCH;

@@ -37,8 +37,9 @@ pub(super) const MIN_MISS_FETCH: u64 = 256 << 10;
 /// What a fetch is for, which decides how far past the bytes asked for it reaches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Want {
-    /// The spans asked for, whatever the format (profile replay: the profile names what is
-    /// read, so reaching past it would only fetch what the workload did not read).
+    /// The spans asked for, whatever the format: a profile's replay (the profile names what
+    /// is read, so reaching past it would only fetch what the workload did not read) and the
+    /// files of a directory fetched ahead (the files are the guess).
     Exact,
     /// A read: its spans, [`READAHEAD`] more for a sequential reader, at least
     /// [`MIN_TOC_FETCH`] for a TOC-indexed layer, and for a stream-indexed one its neighbours

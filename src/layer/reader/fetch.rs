@@ -1,0 +1,231 @@
+//! How a layer reader fetches: how far a fetch reaches past the spans a read needs (the
+//! sequential read-ahead, a TOC layer's minimum, the run of missing spans), one run of spans
+//! in one range request — decoded and verified span by span — and the gzip checkpoint windows
+//! a run starts from.
+
+use super::decode::{decode, fetch_range, LowerPriority, SpanResult};
+use super::want::{Want, MAX_COALESCED, READAHEAD, READAHEAD_BYTES};
+use super::{LayerReader, ReadError};
+use crate::cache::CacheError;
+use crate::layer::{gzip, Fetch};
+
+impl LayerReader {
+    /// Where a sequential reader's fetch of span `i` reaches to: the [`READAHEAD`] spans after
+    /// it, as far as they end within [`READAHEAD_BYTES`] of its end (four 256 KiB gzip spans;
+    /// none after a 4 MiB eStargz chunk, which would hold that much more for one read).
+    pub(super) fn readahead_end(&self, i: usize) -> u64 {
+        let spans = &self.index.spans;
+        let cap = spans[i].out_offset + spans[i].out_len + READAHEAD_BYTES;
+        let last = (i + 1..=(i + READAHEAD).min(spans.len() - 1))
+            .take_while(|&j| spans[j].out_offset + spans[j].out_len <= cap)
+            .last()
+            .unwrap_or(i);
+        spans[last].out_offset + 1
+    }
+
+    /// Where a fetch of span `i` should reach to, at least: far enough that it carries
+    /// `MIN_TOC_FETCH` compressed bytes for a TOC-indexed layer, and `MIN_MISS_FETCH` for
+    /// a fetch of a stream-indexed one's [neighbours](Self::fetch_neighbours) (0: no minimum).
+    pub(super) fn min_fetch_end(&self, i: usize, want: Want) -> u64 {
+        let spans = &self.index.spans;
+        let min = want.min_reach(self.index.format);
+        if min == 0 {
+            return 0;
+        }
+        let Some((start, _)) = fetch_range(&spans[i].fetch) else {
+            return 0;
+        };
+        let mut j = i;
+        while j + 1 < spans.len()
+            && fetch_range(&spans[j].fetch).is_some_and(|(_, end)| end.saturating_sub(start) < min)
+        {
+            j += 1;
+        }
+        spans[j].out_offset + 1
+    }
+
+    /// The last span of the run of uncached, fetchable spans starting at `i` that a read
+    /// ending at `until` needs (see [`min_fetch_end`](Self::min_fetch_end)), bounded by
+    /// [`MAX_COALESCED`].
+    pub(super) fn missing_run_end(&self, i: usize, until: u64) -> usize {
+        let spans = &self.index.spans;
+        let start = fetch_range(&spans[i].fetch).map_or(0, |r| r.0);
+        let mut last = i;
+        while last + 1 < spans.len()
+            && spans[last + 1].out_offset < until
+            && !self.span_cached(last + 1)
+        {
+            match fetch_range(&spans[last + 1].fetch) {
+                Some((_, end)) if end.saturating_sub(start) <= MAX_COALESCED => last += 1,
+                _ => break,
+            }
+        }
+        last
+    }
+
+    /// Fetches spans `first..=last` with one range request and verifies each: the outer error
+    /// is the request's, the inner ones each span's.
+    ///
+    /// A gzip run that starts at a checkpoint with a window takes the window from the end of
+    /// the span before when that span is cached (so it is the layer's real output, whatever
+    /// an index says), otherwise from the window file, read alongside the span bytes. Later
+    /// spans of the run take theirs from the output just decoded.
+    pub(super) async fn fetch_run(
+        &self,
+        first: usize,
+        last: usize,
+        ahead: bool,
+    ) -> Result<Vec<SpanResult>, CacheError> {
+        let blob = &self.index.blob;
+        let spans = &self.index.spans[first..=last];
+        let ranges: Vec<(u64, u64)> = spans
+            .iter()
+            .map(|s| {
+                fetch_range(&s.fetch).ok_or_else(|| {
+                    CacheError::from(ReadError::NoRandomAccess {
+                        blob: blob.to_string(),
+                        offset: s.out_offset,
+                    })
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        // Spans are in blob order; the minimum still guards against an index that is not.
+        let base = ranges.iter().map(|r| r.0).min().unwrap_or(0);
+        let end = ranges.iter().map(|r| r.1).max().unwrap_or(base);
+        let needs = self.checkpoint_of(first).filter(|cp| cp.window_size() > 0);
+        let before_cached = needs.is_some() && first > 0 && self.span_cached(first - 1);
+        let data = async {
+            self.source
+                .read_range(base, end - base)
+                .await
+                .map_err(|source| {
+                    CacheError::from(ReadError::Source {
+                        blob: blob.to_string(),
+                        source,
+                    })
+                })
+        };
+        let before = async {
+            if !before_cached {
+                return Ok(None);
+            }
+            let (cache, digest) = (
+                self.cache.clone(),
+                self.index.spans[first - 1].digest.clone(),
+            );
+            tokio::task::spawn_blocking(move || cache.peek(&digest))
+                .await
+                .expect("cache peek task")
+        };
+        let window = async {
+            match needs {
+                Some(cp) if !before_cached => self.read_window(cp).await.map(Some),
+                _ => Ok(None),
+            }
+        };
+        let started = std::time::Instant::now();
+        let (bytes, before, window) = tokio::join!(data, before, window);
+        let (bytes, before, mut window) = (bytes?, before?, window?);
+        tracing::debug!(
+            blob = %&blob.digest()[..12], offset = spans[0].out_offset, spans = spans.len(),
+            bytes = end - base, ms = started.elapsed().as_millis() as u64, "fetched"
+        );
+        // The first span's window: the end of the span before (the layer's real output), else
+        // the window file's word for it.
+        let mut first_window = None;
+        let mut real_window = true;
+        if let Some(cp) = needs {
+            first_window = before
+                .as_deref()
+                .and_then(|b| cp.window_from(b))
+                .map(<[u8]>::to_vec);
+            if first_window.is_none() {
+                real_window = false;
+                // The span before was evicted meanwhile: read the window after all.
+                if window.is_none() {
+                    window = Some(self.read_window(cp).await?);
+                }
+                first_window = window;
+            }
+        }
+        // Decompressing and hashing is CPU work: one blocking task for the whole run.
+        let index = self.index.clone();
+        // For a fetch ahead of reads (profile replay, an open), at a lower CPU priority: the
+        // reads being served meanwhile come first on a busy machine.
+        let decoded = tokio::task::spawn_blocking(move || {
+            let _lowered = ahead.then(LowerPriority::new);
+            let spans = &index.spans[first..=last];
+            // A published index whose gzip span does not verify although its compressed bytes
+            // do and its window is the real output before it: the index is wrong.
+            let mut lie = None;
+            let mut results: Vec<SpanResult> = Vec::with_capacity(spans.len());
+            for (k, (span, (start, stop))) in spans.iter().zip(ranges).enumerate() {
+                let raw = &bytes[(start - base) as usize..(stop - base) as usize];
+                // Each later span's window is the end of the output just decoded (spans are
+                // at least a window long, but the last).
+                let before = match k {
+                    0 => first_window.as_deref(),
+                    _ => results[k - 1].as_deref().ok(),
+                };
+                let result = decode(&index, span, raw, before);
+                if let (Err(e), Some(_), Fetch::Gzip { in_digest, .. }) =
+                    (&result, &index.published, &span.fetch)
+                {
+                    let window_real = if k == 0 {
+                        real_window
+                    } else {
+                        before.is_some()
+                    };
+                    if window_real && crate::digest::verify(in_digest, raw).is_ok() {
+                        lie.get_or_insert_with(|| e.to_string());
+                    }
+                }
+                results.push(result);
+            }
+            (results, lie)
+        });
+        let (results, lie) = decoded.await.expect("decode task");
+        if let Some(detail) = lie {
+            return Err(self.mismatch(&detail));
+        }
+        Ok(results)
+    }
+
+    /// The gzip checkpoint span `i` starts from, if it is fetched from one.
+    pub(super) fn checkpoint_of(&self, i: usize) -> Option<&gzip::Checkpoint> {
+        match &self.index.spans[i].fetch {
+            Fetch::Gzip { checkpoint, .. } => self.index.checkpoints.get(*checkpoint as usize),
+            _ => None,
+        }
+    }
+
+    /// The window of checkpoint `cp`, read from the layer's window file and inflated.
+    pub(super) async fn read_window(&self, cp: &gzip::Checkpoint) -> Result<Vec<u8>, CacheError> {
+        let blob = &self.index.blob;
+        let Some(source) = &self.windows else {
+            return Err(ReadError::NoWindowFile {
+                blob: blob.to_string(),
+            }
+            .into());
+        };
+        let raw = source
+            .read_range(cp.window_at, cp.window_len)
+            .await
+            .map_err(|source| ReadError::WindowSource {
+                blob: blob.to_string(),
+                source,
+            })?;
+        let window = crate::layer::inflate(&raw)
+            .ok()
+            .filter(|w| w.len() == cp.window_size())
+            .ok_or_else(|| {
+                crate::metrics::metrics().verification_failures.inc();
+                ReadError::BadWindow {
+                    blob: blob.to_string(),
+                    offset: cp.out_offset,
+                    size: cp.window_size(),
+                }
+            })?;
+        Ok(window)
+    }
+}
