@@ -79,37 +79,28 @@ pub async fn prefetch(view: Arc<ImageView>, settings: PrefetchSettings) -> Prefe
         plan.push((i, 0, r.index().size));
     }
     let layers = view.readers().len();
-    let mut stopped = vec![false; layers];
     let mut failures = vec![0u32; layers];
     let mut filled = vec![false; layers];
     let mut steps = tokio::task::JoinSet::new();
-    // Steps started and not yet settled, by task, and as (layer, offset) — with the steps given
-    // up on, never chosen again; failed steps to try again.
-    let mut under_way: std::collections::HashMap<tokio::task::Id, (usize, u64, u64)> =
-        Default::default();
-    let mut pending: std::collections::HashSet<(usize, u64)> = Default::default();
-    let mut retry: Vec<(usize, u64, u64)> = Vec::new();
+    let mut book = Book {
+        stopped: vec![false; layers],
+        ..Book::default()
+    };
     let mut attempts: std::collections::HashMap<(usize, u64), u32> = Default::default();
     let mut settle = |done: Result<
         (tokio::task::Id, Result<u64, String>),
         tokio::task::JoinError,
     >,
-                      under_way: &mut std::collections::HashMap<
-        tokio::task::Id,
-        (usize, u64, u64),
-    >,
-                      stopped: &mut [bool],
-                      pending: &mut std::collections::HashSet<(usize, u64)>,
-                      retry: &mut Vec<(usize, u64, u64)>,
+                      book: &mut Book,
                       pacer: &mut Pacer| {
         let (id, result) = match done {
             Ok((id, result)) => (id, result),
             Err(e) => (e.id(), Err(e.to_string())),
         };
-        let Some((layer, offset, len)) = under_way.remove(&id) else {
+        let Some((layer, offset, len)) = book.under_way.remove(&id) else {
             return;
         };
-        pending.remove(&(layer, offset));
+        book.pending.remove(&(layer, offset));
         match result {
             Ok(bytes) => {
                 failures[layer] = 0;
@@ -124,14 +115,14 @@ pub async fn prefetch(view: Arc<ImageView>, settings: PrefetchSettings) -> Prefe
                 let blob = &view.readers()[layer].index().blob;
                 if failures[layer] < FAILURES && *tried < FAILURES {
                     tracing::warn!(%blob, offset, error = %e, "background fetch step failed; tried again later");
-                    retry.push((layer, offset, len));
+                    book.retry.push((layer, offset, len));
                 } else if failures[layer] < FAILURES {
                     tracing::warn!(%blob, offset, error = %e, "background fetch step failed {FAILURES} times; left to reads");
-                    pending.insert((layer, offset)); // never chosen again
-                } else if !stopped[layer] {
+                    book.pending.insert((layer, offset)); // never chosen again
+                } else if !book.stopped[layer] {
                     tracing::warn!(%blob, error = %e, "background fetch stopped for this layer after {FAILURES} failed steps in a row");
                 }
-                stopped[layer] |= failures[layer] >= FAILURES;
+                book.stopped[layer] |= failures[layer] >= FAILURES;
             }
         }
     };
@@ -142,54 +133,41 @@ pub async fn prefetch(view: Arc<ImageView>, settings: PrefetchSettings) -> Prefe
     loop {
         while steps.len() >= PARALLEL {
             let done = steps.join_next_with_id().await.expect("steps under way");
-            settle(
-                done,
-                &mut under_way,
-                &mut stopped,
-                &mut pending,
-                &mut retry,
-                &mut pacer,
-            );
+            settle(done, &mut book, &mut pacer);
         }
         // Chosen once the foreground is idle, so the step follows the latest reads.
         if let Some(reader) = view.readers().first() {
             reader.foreground_idle().await;
         }
-        let step = match near_reads(&view, &stopped, &pending) {
+        let step = match near_reads(&view, &book.stopped, &book.pending) {
             Some(step) => Some(step),
-            None => match retry
+            None => match book
+                .retry
                 .pop()
-                .filter(|(l, o, _)| !stopped[*l] && !pending.contains(&(*l, *o)))
+                .filter(|(l, o, _)| !book.stopped[*l] && !book.pending.contains(&(*l, *o)))
             {
                 Some(step) => Some(step),
-                None => next_planned(&view, &mut plan, &mut planned, &stopped, &pending),
+                None => next_planned(&view, &mut plan, &mut planned, &book.stopped, &book.pending),
             },
         };
         let Some((layer, offset, len)) = step else {
             // Nothing left but steps under way (whose ends may show more near the reads).
             match steps.join_next_with_id().await {
                 Some(done) => {
-                    settle(
-                        done,
-                        &mut under_way,
-                        &mut stopped,
-                        &mut pending,
-                        &mut retry,
-                        &mut pacer,
-                    );
+                    settle(done, &mut book, &mut pacer);
                     continue;
                 }
                 None => break,
             }
         };
         pacer.wait().await;
-        pending.insert((layer, offset));
+        book.pending.insert((layer, offset));
         let view = view.clone();
         let step = steps.spawn(async move {
             let filled = view.readers()[layer].fill(offset, len).await;
             filled.map_err(|e| e.to_string())
         });
-        under_way.insert(step.id(), (layer, offset, len));
+        book.under_way.insert(step.id(), (layer, offset, len));
     }
     report.layers = filled.iter().filter(|f| **f).count();
     report.seconds = started.elapsed().as_secs_f64();
@@ -244,6 +222,19 @@ fn next_planned(
             return Some((layer, offset, len));
         }
     }
+}
+
+/// What the fill keeps of its steps.
+#[derive(Default)]
+struct Book {
+    /// Steps started and not yet settled, by task.
+    under_way: std::collections::HashMap<tokio::task::Id, (usize, u64, u64)>,
+    /// The same as (layer, offset) — with the steps given up on, never chosen again.
+    pending: std::collections::HashSet<(usize, u64)>,
+    /// Failed steps to try again.
+    retry: Vec<(usize, u64, u64)>,
+    /// Layers whose fill stopped.
+    stopped: Vec<bool>,
 }
 
 /// Keeps background fetching under a byte rate.

@@ -591,7 +591,8 @@ fn save(profiles: &ProfileStore, chain: &Digest, ranges: &[ProfileRange]) {
 mod tests {
     use super::*;
 
-    fn r(layer: &str, offset: u64, len: u64) -> ProfileRange {
+    /// A profile range (also for the plan's tests).
+    pub(super) fn r(layer: &str, offset: u64, len: u64) -> ProfileRange {
         ProfileRange {
             layer: layer.into(),
             offset,

@@ -428,7 +428,8 @@ impl LayerReader {
         let started = std::time::Instant::now();
         let fetches_before = self.fetches.load(Ordering::Relaxed);
         let disk_before = self.cache.stats.disk_hits.load(Ordering::Relaxed);
-        let out = self.read_spans(offset, len, want, continues).await?;
+        let end = (offset + len).min(self.index.size);
+        let out = self.read_spans(offset..end, want, continues).await?;
         // Where the bytes came from, as far as counters tell (a concurrent read of the same
         // layer can blur it): fetched, loaded from disk, or all in memory.
         let source = if self.fetches.load(Ordering::Relaxed) != fetches_before {
@@ -445,14 +446,14 @@ impl LayerReader {
         Ok(out)
     }
 
+    /// The bytes `range` of the layer (ending at its end at most).
     async fn read_spans(
         &self,
-        offset: u64,
-        len: u64,
+        range: std::ops::Range<u64>,
         want: Want,
         continues: Option<bool>,
     ) -> Result<Vec<u8>, CacheError> {
-        let end = (offset + len).min(self.index.size);
+        let (offset, end) = (range.start, range.end);
         if want != Want::Checked {
             if let Some(out) = self.read_cached(offset, end)? {
                 return Ok(out);

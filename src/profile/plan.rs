@@ -128,15 +128,8 @@ pub(super) fn coalesce(plan: Vec<(usize, u64, u64)>) -> Vec<(usize, u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::profile::{Profile, ProfileRange, PROFILE_VERSION};
-
-    fn r(layer: &str, offset: u64, len: u64) -> ProfileRange {
-        ProfileRange {
-            layer: layer.into(),
-            offset,
-            len,
-        }
-    }
+    use crate::profile::tests::r;
+    use crate::profile::{Profile, PROFILE_VERSION};
 
     #[test]
     fn coverage_returns_only_new_gaps_and_a_hostile_profile_plans_each_byte_once() {
