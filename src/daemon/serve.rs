@@ -239,8 +239,13 @@ pub async fn serve(
         std::process::id()
     );
     tracing::info!("{message}");
-    // The holder gets the connection, and says the mount is ready, before its record makes it
-    // visible: from here on a crash of this process is survived.
+    // The record first, so that whoever the ready line reaches (the CLI, and a script after
+    // it: `cache stats`, `rmi`) finds the mount; then the holder gets the connection and says
+    // the mount is ready — from there on a crash of this process is survived. A crash in
+    // between leaves a record whose processes are gone, which `mounts` leaves out.
+    if let Err(e) = super::write_record(&root, &record) {
+        tracing::warn!(error = %e, "cannot record the mount");
+    }
     let line = if args.notify {
         format!("ready {message}")
     } else {
@@ -254,9 +259,6 @@ pub async fn serve(
         if let Ok(null) = std::fs::File::create("/dev/null") {
             let _ = nix::unistd::dup2_stdout(&null);
         }
-    }
-    if let Err(e) = super::write_record(&root, &record) {
-        tracing::warn!(error = %e, "cannot record the mount");
     }
     let profile_done = async move {
         if let Some(p) = profile {
