@@ -100,7 +100,6 @@ pub async fn prefetch(view: Arc<ImageView>, settings: PrefetchSettings) -> Prefe
         let Some((layer, offset, len)) = book.under_way.remove(&id) else {
             return;
         };
-        book.pending.remove(&(layer, offset));
         match result {
             Ok(bytes) => {
                 failures[layer] = 0;
@@ -118,7 +117,7 @@ pub async fn prefetch(view: Arc<ImageView>, settings: PrefetchSettings) -> Prefe
                     book.retry.push((layer, offset, len));
                 } else if failures[layer] < FAILURES {
                     tracing::warn!(%blob, offset, error = %e, "background fetch step failed {FAILURES} times; left to reads");
-                    book.pending.insert((layer, offset)); // never chosen again
+                    book.given_up.insert((layer, offset));
                 } else if !book.stopped[layer] {
                     tracing::warn!(%blob, error = %e, "background fetch stopped for this layer after {FAILURES} failed steps in a row");
                 }
@@ -139,15 +138,15 @@ pub async fn prefetch(view: Arc<ImageView>, settings: PrefetchSettings) -> Prefe
         if let Some(reader) = view.readers().first() {
             reader.foreground_idle().await;
         }
-        let step = match near_reads(&view, &book.stopped, &book.pending) {
+        let step = match near_reads(&view, &book) {
             Some(step) => Some(step),
             None => match book
                 .retry
                 .pop()
-                .filter(|(l, o, _)| !book.stopped[*l] && !book.pending.contains(&(*l, *o)))
+                .filter(|(l, o, _)| !book.stopped[*l] && !book.busy(*l, *o))
             {
                 Some(step) => Some(step),
-                None => next_planned(&view, &mut plan, &mut planned, &book.stopped, &book.pending),
+                None => next_planned(&view, &mut plan, &mut planned, &book),
             },
         };
         let Some((layer, offset, len)) = step else {
@@ -161,7 +160,6 @@ pub async fn prefetch(view: Arc<ImageView>, settings: PrefetchSettings) -> Prefe
             }
         };
         pacer.wait().await;
-        book.pending.insert((layer, offset));
         let view = view.clone();
         let step = steps.spawn(async move {
             let filled = view.readers()[layer].fill(offset, len).await;
@@ -177,24 +175,20 @@ pub async fn prefetch(view: Arc<ImageView>, settings: PrefetchSettings) -> Prefe
 
 /// The first missing step within [`FOLLOW`] after where the mount's latest read that fetched
 /// ended, in that read's layer, if any.
-fn near_reads(
-    view: &ImageView,
-    stopped: &[bool],
-    pending: &std::collections::HashSet<(usize, u64)>,
-) -> Option<(usize, u64, u64)> {
+fn near_reads(view: &ImageView, book: &Book) -> Option<(usize, u64, u64)> {
     let (layer, (end, _)) = view
         .readers()
         .iter()
         .map(|r| r.last_read())
         .enumerate()
-        .filter(|(l, (_, tick))| *tick > 0 && !stopped[*l])
+        .filter(|(l, (_, tick))| *tick > 0 && !book.stopped[*l])
         .max_by_key(|(_, (_, tick))| *tick)?;
     let reader = &view.readers()[layer];
     let size = reader.index().size;
     let mut offset = end;
     while offset < size.min(end + FOLLOW) {
         let len = STEP.min(size - offset);
-        if !pending.contains(&(layer, offset)) && !reader.is_cached(offset, len) {
+        if !book.busy(layer, offset) && !reader.is_cached(offset, len) {
             return Some((layer, offset, len));
         }
         offset += len;
@@ -207,18 +201,17 @@ fn next_planned(
     view: &ImageView,
     plan: &mut impl Iterator<Item = (usize, u64, u64)>,
     planned: &mut Option<(usize, u64, u64)>,
-    stopped: &[bool],
-    pending: &std::collections::HashSet<(usize, u64)>,
+    book: &Book,
 ) -> Option<(usize, u64, u64)> {
     loop {
         let (layer, offset, end) = (*planned)?;
-        if offset >= end || stopped[layer] {
+        if offset >= end || book.stopped[layer] {
             *planned = plan.next();
             continue;
         }
         let len = STEP.min(end - offset);
         *planned = Some((layer, offset + len, end));
-        if !pending.contains(&(layer, offset)) && !view.readers()[layer].is_cached(offset, len) {
+        if !book.busy(layer, offset) && !view.readers()[layer].is_cached(offset, len) {
             return Some((layer, offset, len));
         }
     }
@@ -229,12 +222,23 @@ fn next_planned(
 struct Book {
     /// Steps started and not yet settled, by task.
     under_way: std::collections::HashMap<tokio::task::Id, (usize, u64, u64)>,
-    /// The same as (layer, offset) — with the steps given up on, never chosen again.
-    pending: std::collections::HashSet<(usize, u64)>,
+    /// Steps (layer, offset) given up on, never chosen again.
+    given_up: std::collections::HashSet<(usize, u64)>,
     /// Failed steps to try again.
     retry: Vec<(usize, u64, u64)>,
     /// Layers whose fill stopped.
     stopped: Vec<bool>,
+}
+
+impl Book {
+    /// Whether the step at `offset` of `layer` is not to be chosen now: under way (at most
+    /// [`PARALLEL`] steps), or given up on.
+    fn busy(&self, layer: usize, offset: u64) -> bool {
+        self.under_way
+            .values()
+            .any(|&(l, o, _)| (l, o) == (layer, offset))
+            || self.given_up.contains(&(layer, offset))
+    }
 }
 
 /// Keeps background fetching under a byte rate.

@@ -244,19 +244,23 @@ impl LayerReader {
 
     /// Whether `check` holds for every span holding bytes `offset..offset + len`.
     fn every_span(&self, offset: u64, len: u64, check: impl Fn(usize) -> bool) -> bool {
+        self.spans_over(offset, len).all(|i| i.is_some_and(&check))
+    }
+
+    /// The spans holding bytes `offset..offset + len`, in order; `None` (and nothing after
+    /// it) where no span holds the next byte.
+    fn spans_over(&self, offset: u64, len: u64) -> impl Iterator<Item = Option<usize>> + '_ {
         let end = (offset + len).min(self.index.size);
-        let mut pos = offset;
-        while pos < end {
-            let Some(i) = self.index.span_at(pos) else {
-                return false;
-            };
-            if !check(i) {
-                return false;
-            }
-            let span = &self.index.spans[i];
-            pos = (span.out_offset + span.out_len).max(pos + 1);
-        }
-        true
+        let mut pos = Some(offset);
+        std::iter::from_fn(move || {
+            let at = pos.filter(|p| *p < end)?;
+            let i = self.index.span_at(at);
+            pos = i.map(|i| {
+                let span = &self.index.spans[i];
+                (span.out_offset + span.out_len).max(at + 1)
+            });
+            Some(i)
+        })
     }
 
     /// Uncompressed bytes of the layer that are cached (memory or disk).
@@ -376,17 +380,12 @@ impl LayerReader {
 
     /// Compressed bytes of the spans holding `offset..offset + len` that are not cached.
     fn missing_compressed(&self, offset: u64, len: u64) -> u64 {
-        let end = (offset + len).min(self.index.size);
-        let mut pos = offset;
-        let mut bytes = 0;
-        while let Some(i) = (pos < end).then(|| self.index.span_at(pos)).flatten() {
-            let span = &self.index.spans[i];
-            if !self.span_cached(i) {
-                bytes += fetch_range(&span.fetch).map_or(0, |(a, b)| b - a);
-            }
-            pos = (span.out_offset + span.out_len).max(pos + 1);
-        }
-        bytes
+        self.spans_over(offset, len)
+            .map_while(|i| i)
+            .filter(|&i| !self.span_cached(i))
+            .filter_map(|i| fetch_range(&self.index.spans[i].fetch))
+            .map(|(a, b)| b - a)
+            .sum()
     }
 
     /// Returns once no foreground fetch of the mount (reads', and those ahead of reads) is

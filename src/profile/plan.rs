@@ -74,23 +74,21 @@ pub(super) fn coalesce(plan: Vec<(usize, u64, u64)>) -> Vec<(usize, u64, u64)> {
         by_start.insert((layer, at), k);
         by_end.insert((layer, at + len), k);
     }
-    let mut taken = vec![false; plan.len()];
+    // The maps hold the pieces not yet emitted nor merged into one.
     let take = |j: usize,
-                taken: &mut [bool],
                 by_start: &mut BTreeMap<(usize, u64), usize>,
                 by_end: &mut BTreeMap<(usize, u64), usize>| {
         let (layer, at, len) = plan[j];
-        taken[j] = true;
         by_start.remove(&(layer, at));
         by_end.remove(&(layer, at + len));
     };
     let mut out = Vec::with_capacity(plan.len());
-    for k in 0..plan.len() {
-        if taken[k] {
-            continue;
+    for (k, &(layer, at, len)) in plan.iter().enumerate() {
+        if by_start.get(&(layer, at)) != Some(&k) {
+            continue; // merged into an earlier piece
         }
-        let (layer, mut start, mut end) = (plan[k].0, plan[k].1, plan[k].1 + plan[k].2);
-        take(k, &mut taken, &mut by_start, &mut by_end);
+        let (mut start, mut end) = (at, at + len);
+        take(k, &mut by_start, &mut by_end);
         loop {
             let fits = |j: usize, from: u64, to: u64| {
                 j > k && j <= k + COALESCE_AHEAD && to - from <= REPLAY_PIECE
@@ -105,7 +103,7 @@ pub(super) fn coalesce(plan: Vec<(usize, u64, u64)>) -> Vec<(usize, u64, u64)> {
                 .filter(|&j| fits(j, start, plan[j].1 + plan[j].2));
             if let Some(j) = after {
                 end = plan[j].1 + plan[j].2;
-                take(j, &mut taken, &mut by_start, &mut by_end);
+                take(j, &mut by_start, &mut by_end);
                 continue;
             }
             let before = by_end
@@ -115,7 +113,7 @@ pub(super) fn coalesce(plan: Vec<(usize, u64, u64)>) -> Vec<(usize, u64, u64)> {
                 .filter(|&j| fits(j, plan[j].1, end));
             if let Some(j) = before {
                 start = plan[j].1;
-                take(j, &mut taken, &mut by_start, &mut by_end);
+                take(j, &mut by_start, &mut by_end);
                 continue;
             }
             break;
