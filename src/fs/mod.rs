@@ -11,6 +11,8 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use tracing::Instrument;
+
 use crate::image::{ImageRecord, LayerRecord};
 use crate::layer::reader::LayerReader;
 use crate::layer::LayerIndex;
@@ -208,18 +210,25 @@ impl ImageView {
             && !self.profiled.load(Ordering::Relaxed)
             && !reader.is_cached(at, len);
         let started = std::time::Instant::now();
-        let data = match continues {
-            Some(continues) => reader.read_continuing(at, len, chained, continues).await?,
-            None if chained => reader.read_alone(at, len).await?,
-            None => reader.read(at, len).await?,
-        };
+        let data = async {
+            match continues {
+                Some(continues) => reader.read_continuing(at, len, chained, continues).await,
+                None if chained => reader.read_alone(at, len).await,
+                None => reader.read(at, len).await,
+            }
+        }
+        .instrument(tracing::debug_span!("read"))
+        .await?;
         if chained {
             let view = self.clone();
-            tokio::spawn(async move {
-                if let Err(e) = view.readers[layer].fetch_neighbours(end).await {
-                    tracing::debug!(error = %e, "fetch of a read's neighbours failed");
+            tokio::spawn(
+                async move {
+                    if let Err(e) = view.readers[layer].fetch_neighbours(end).await {
+                        tracing::debug!(error = %e, "fetch of a read's neighbours failed");
+                    }
                 }
-            });
+                .instrument(tracing::debug_span!("neighbours")),
+            );
         }
         let waited = started.elapsed();
         if waited > SLOW_READ {
@@ -254,9 +263,13 @@ impl ImageView {
             let Ok(_permit) = self.open_fetches.try_acquire() else {
                 return;
             };
-            self.prefetch_own(node, layer, offset, len, limit).await;
+            self.prefetch_own(node, layer, offset, len, limit)
+                .instrument(tracing::debug_span!("open"))
+                .await;
         }
-        self.prefetch_siblings(node).await;
+        self.prefetch_siblings(node)
+            .instrument(tracing::debug_span!("siblings"))
+            .await;
     }
 
     /// An open's fetch of the first `len` bytes of its file (at `offset` of `layer`), then of

@@ -49,6 +49,33 @@ fn log_err<T>(call: &str, key: &str, r: Result<T>) -> std::result::Result<T, Sta
     })
 }
 
+/// Logs (at debug) a call and the time it took, when dropped: where a container's start and
+/// teardown wait on the snapshotter.
+struct Timed<'a> {
+    call: &'static str,
+    key: &'a str,
+    started: std::time::Instant,
+}
+
+impl<'a> Timed<'a> {
+    fn new(call: &'static str, key: &'a str) -> Timed<'a> {
+        let started = std::time::Instant::now();
+        Timed { call, key, started }
+    }
+}
+
+impl Drop for Timed<'_> {
+    fn drop(&mut self) {
+        let ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        tracing::debug!(
+            call = self.call,
+            key = self.key,
+            ms = format!("{ms:.1}"),
+            "served"
+        );
+    }
+}
+
 type ListStream = Pin<
     Box<
         dyn tokio_stream::Stream<Item = std::result::Result<proto::ListSnapshotsResponse, Status>>
@@ -63,6 +90,7 @@ impl snapshots_server::Snapshots for Snapshotter {
         r: Request<proto::PrepareSnapshotRequest>,
     ) -> std::result::Result<Response<proto::PrepareSnapshotResponse>, Status> {
         let r = r.into_inner();
+        let _timed = Timed::new("prepare", &r.key);
         let mounts = log_err(
             "prepare",
             &r.key,
@@ -76,6 +104,7 @@ impl snapshots_server::Snapshots for Snapshotter {
         r: Request<proto::ViewSnapshotRequest>,
     ) -> std::result::Result<Response<proto::ViewSnapshotResponse>, Status> {
         let r = r.into_inner();
+        let _timed = Timed::new("view", &r.key);
         let mounts = log_err(
             "view",
             &r.key,
@@ -89,6 +118,7 @@ impl snapshots_server::Snapshots for Snapshotter {
         r: Request<proto::MountsRequest>,
     ) -> std::result::Result<Response<proto::MountsResponse>, Status> {
         let r = r.into_inner();
+        let _timed = Timed::new("mounts", &r.key);
         let mounts = log_err("mounts", &r.key, Snapshotter::mounts(self, &r.key).await)?;
         Ok(Response::new(proto::MountsResponse { mounts }))
     }
@@ -98,6 +128,7 @@ impl snapshots_server::Snapshots for Snapshotter {
         r: Request<proto::CommitSnapshotRequest>,
     ) -> std::result::Result<Response<()>, Status> {
         let r = r.into_inner();
+        let _timed = Timed::new("commit", &r.key);
         log_err(
             "commit",
             &r.key,
@@ -111,6 +142,7 @@ impl snapshots_server::Snapshots for Snapshotter {
         r: Request<proto::RemoveSnapshotRequest>,
     ) -> std::result::Result<Response<()>, Status> {
         let r = r.into_inner();
+        let _timed = Timed::new("remove", &r.key);
         log_err("remove", &r.key, Snapshotter::remove(self, &r.key).await)?;
         Ok(Response::new(()))
     }
@@ -120,6 +152,7 @@ impl snapshots_server::Snapshots for Snapshotter {
         r: Request<proto::StatSnapshotRequest>,
     ) -> std::result::Result<Response<proto::StatSnapshotResponse>, Status> {
         let r = r.into_inner();
+        let _timed = Timed::new("stat", &r.key);
         let s = log_err("stat", &r.key, Snapshotter::stat(self, &r.key))?;
         Ok(Response::new(proto::StatSnapshotResponse {
             info: Some(info(&s)),
@@ -134,6 +167,7 @@ impl snapshots_server::Snapshots for Snapshotter {
         let Some(i) = r.info else {
             return Err(Status::invalid_argument("update without snapshot info"));
         };
+        let _timed = Timed::new("update", &i.name);
         let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
         let s = log_err(
             "update",
@@ -152,6 +186,7 @@ impl snapshots_server::Snapshots for Snapshotter {
         r: Request<proto::ListSnapshotsRequest>,
     ) -> std::result::Result<Response<ListStream>, Status> {
         let r = r.into_inner();
+        let _timed = Timed::new("list", "");
         let all = log_err("list", "", Snapshotter::list(self, &r.filters))?;
         let batches: Vec<_> = all
             .chunks(100)
@@ -169,6 +204,7 @@ impl snapshots_server::Snapshots for Snapshotter {
         r: Request<proto::UsageRequest>,
     ) -> std::result::Result<Response<proto::UsageResponse>, Status> {
         let r = r.into_inner();
+        let _timed = Timed::new("usage", &r.key);
         let u = log_err("usage", &r.key, Snapshotter::usage(self, &r.key).await)?;
         Ok(Response::new(proto::UsageResponse {
             size: u.size,
@@ -180,6 +216,7 @@ impl snapshots_server::Snapshots for Snapshotter {
         &self,
         _r: Request<proto::CleanupRequest>,
     ) -> std::result::Result<Response<()>, Status> {
+        let _timed = Timed::new("cleanup", "");
         log_err("cleanup", "", Snapshotter::cleanup(self).await)?;
         Ok(Response::new(()))
     }

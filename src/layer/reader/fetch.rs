@@ -126,9 +126,13 @@ impl LayerReader {
         let started = std::time::Instant::now();
         let (bytes, before, window) = tokio::join!(data, before, window);
         let (bytes, before, mut window) = (bytes?, before?, window?);
+        // The layer range fetched (`offset..end`, uncompressed), tagged by the span of what
+        // asked for it (`read`, `open`, `siblings`, `neighbours`): bench/coldstart.sh's
+        // KEEP_LOGS runs tell from these which fetches the workload used.
+        let tail = &spans[spans.len() - 1];
         tracing::debug!(
-            blob = %&blob.digest()[..12], offset = spans[0].out_offset, spans = spans.len(),
-            bytes = end - base, ms = started.elapsed().as_millis() as u64, "fetched"
+            blob = %&blob.digest()[..12], offset = spans[0].out_offset, end = tail.out_offset + tail.out_len,
+            spans = spans.len(), bytes = end - base, ms = started.elapsed().as_millis() as u64, "fetched"
         );
         // The first span's window: the end of the span before (the layer's real output), else
         // the window file's word for it.
