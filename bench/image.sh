@@ -11,7 +11,7 @@
 # Usage: bash bench/image.sh [CACHE=/var/cache/stratafs-bench]   (as root; needs the network once)
 set -euo pipefail
 CACHE=${1:-${STRATAFS_BENCH_CACHE:-/var/cache/stratafs-bench}}
-VERSION=bookworm-py311-numpy2.3.5-pandas2.3.3-requests2.32.5-v1
+VERSION=bookworm-py311-numpy2.3.5-pandas2.3.3-requests2.32.5-v2
 PIP_PACKAGES=(numpy==2.3.5 pandas==2.3.3 requests==2.32.5)
 BIG_MIB=256
 out=$CACHE/$VERSION
@@ -70,6 +70,20 @@ in_chroot() {
 tidy() {
   rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/cache/apt/archives/*.deb \
     "$rootfs"/var/log/apt/* "$rootfs"/root/.cache "$rootfs"/tmp/* "$rootfs"/var/cache/debconf/*-old
+  # Modification times in whole seconds, truncated, as docker's and containerd's layer writers
+  # store them: umoci rounds to the nearest second instead, and a pip-installed module's .py
+  # then looks newer than the time its .pyc records, so python would compile every such module
+  # again on each start (and a writable rootfs would write the .pyc files back) — v1 of this
+  # image had 1,834 of its 2,034 PyPI .pyc files stale that way.
+  python3 - "$rootfs" <<'PY'
+import os, sys
+for root, dirs, files in os.walk(sys.argv[1]):
+    for name in dirs + files:
+        p = os.path.join(root, name)
+        st = os.lstat(p)
+        if st.st_mtime_ns % 1_000_000_000:
+            os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns - st.st_mtime_ns % 1_000_000_000), follow_symlinks=False)
+PY
 }
 repack() {  # repack COMMENT: a new layer with the bundle's changes since the last repack
   umoci repack --refresh-bundle --history.created_by "$1" --image "$tmp/oci:gzip" "$tmp/bundle"
