@@ -39,7 +39,8 @@
 #   CASES="gzip gzip-profile" runs only those `stratafs mount` cases (no table; SNAPSHOTTER=1
 #   adds their snapshotter runs), and
 #   KEEP_LOGS=DIR keeps each mount run's registry log and daemon log there (the daemon at
-#   --log-level debug: each read that waited, each fetch, with times);
+#   --log-level debug: each read that waited, each fetch with its layer range, its kind —
+#   `read`, `open`, `siblings`, `neighbours` — and its time; the snapshotter's each call);
 #   MOUNT_TOML='profile_parallel = 4' adds lines to the stratafs runs' [mount] table;
 #   BACKGROUND=1 leaves background fill on (the default `[mount] background_fetch`) in the
 #   stratafs runs, which otherwise measure lazy fetching alone.
