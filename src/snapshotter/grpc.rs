@@ -37,7 +37,17 @@ fn info(s: &Snapshot) -> proto::Info {
     }
 }
 
-fn log_err<T>(call: &str, key: &str, r: Result<T>) -> std::result::Result<T, Status> {
+/// Serves one call: awaits `call`'s work, logs (at debug) the time it took, and logs its error
+/// (at debug for a missing or existing snapshot, which containerd asks about routinely).
+async fn served<T>(
+    call: &str,
+    key: &str,
+    work: impl std::future::Future<Output = Result<T>>,
+) -> std::result::Result<T, Status> {
+    let started = std::time::Instant::now();
+    let r = work.await;
+    let ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1000.0);
+    tracing::debug!(call, key, ms, "served");
     r.map_err(|e| {
         match &e {
             SnapshotterError::NotFound(_) | SnapshotterError::AlreadyExists(_) => {
@@ -47,33 +57,6 @@ fn log_err<T>(call: &str, key: &str, r: Result<T>) -> std::result::Result<T, Sta
         }
         e.into()
     })
-}
-
-/// Logs (at debug) a call and the time it took, when dropped: where a container's start and
-/// teardown wait on the snapshotter.
-struct Timed<'a> {
-    call: &'static str,
-    key: &'a str,
-    started: std::time::Instant,
-}
-
-impl<'a> Timed<'a> {
-    fn new(call: &'static str, key: &'a str) -> Timed<'a> {
-        let started = std::time::Instant::now();
-        Timed { call, key, started }
-    }
-}
-
-impl Drop for Timed<'_> {
-    fn drop(&mut self) {
-        let ms = self.started.elapsed().as_secs_f64() * 1000.0;
-        tracing::debug!(
-            call = self.call,
-            key = self.key,
-            ms = format!("{ms:.1}"),
-            "served"
-        );
-    }
 }
 
 type ListStream = Pin<
@@ -90,12 +73,12 @@ impl snapshots_server::Snapshots for Snapshotter {
         r: Request<proto::PrepareSnapshotRequest>,
     ) -> std::result::Result<Response<proto::PrepareSnapshotResponse>, Status> {
         let r = r.into_inner();
-        let _timed = Timed::new("prepare", &r.key);
-        let mounts = log_err(
+        let mounts = served(
             "prepare",
             &r.key,
-            self.create(Kind::Active, &r.key, &r.parent, r.labels).await,
-        )?;
+            self.create(Kind::Active, &r.key, &r.parent, r.labels),
+        )
+        .await?;
         Ok(Response::new(proto::PrepareSnapshotResponse { mounts }))
     }
 
@@ -104,12 +87,12 @@ impl snapshots_server::Snapshots for Snapshotter {
         r: Request<proto::ViewSnapshotRequest>,
     ) -> std::result::Result<Response<proto::ViewSnapshotResponse>, Status> {
         let r = r.into_inner();
-        let _timed = Timed::new("view", &r.key);
-        let mounts = log_err(
+        let mounts = served(
             "view",
             &r.key,
-            self.create(Kind::View, &r.key, &r.parent, r.labels).await,
-        )?;
+            self.create(Kind::View, &r.key, &r.parent, r.labels),
+        )
+        .await?;
         Ok(Response::new(proto::ViewSnapshotResponse { mounts }))
     }
 
@@ -118,8 +101,7 @@ impl snapshots_server::Snapshots for Snapshotter {
         r: Request<proto::MountsRequest>,
     ) -> std::result::Result<Response<proto::MountsResponse>, Status> {
         let r = r.into_inner();
-        let _timed = Timed::new("mounts", &r.key);
-        let mounts = log_err("mounts", &r.key, Snapshotter::mounts(self, &r.key).await)?;
+        let mounts = served("mounts", &r.key, Snapshotter::mounts(self, &r.key)).await?;
         Ok(Response::new(proto::MountsResponse { mounts }))
     }
 
@@ -128,12 +110,10 @@ impl snapshots_server::Snapshots for Snapshotter {
         r: Request<proto::CommitSnapshotRequest>,
     ) -> std::result::Result<Response<()>, Status> {
         let r = r.into_inner();
-        let _timed = Timed::new("commit", &r.key);
-        log_err(
-            "commit",
-            &r.key,
-            Snapshotter::commit(self, &r.name, &r.key, r.labels),
-        )?;
+        served("commit", &r.key, async {
+            Snapshotter::commit(self, &r.name, &r.key, r.labels)
+        })
+        .await?;
         Ok(Response::new(()))
     }
 
@@ -142,8 +122,7 @@ impl snapshots_server::Snapshots for Snapshotter {
         r: Request<proto::RemoveSnapshotRequest>,
     ) -> std::result::Result<Response<()>, Status> {
         let r = r.into_inner();
-        let _timed = Timed::new("remove", &r.key);
-        log_err("remove", &r.key, Snapshotter::remove(self, &r.key).await)?;
+        served("remove", &r.key, Snapshotter::remove(self, &r.key)).await?;
         Ok(Response::new(()))
     }
 
@@ -152,8 +131,7 @@ impl snapshots_server::Snapshots for Snapshotter {
         r: Request<proto::StatSnapshotRequest>,
     ) -> std::result::Result<Response<proto::StatSnapshotResponse>, Status> {
         let r = r.into_inner();
-        let _timed = Timed::new("stat", &r.key);
-        let s = log_err("stat", &r.key, Snapshotter::stat(self, &r.key))?;
+        let s = served("stat", &r.key, async { Snapshotter::stat(self, &r.key) }).await?;
         Ok(Response::new(proto::StatSnapshotResponse {
             info: Some(info(&s)),
         }))
@@ -167,13 +145,11 @@ impl snapshots_server::Snapshots for Snapshotter {
         let Some(i) = r.info else {
             return Err(Status::invalid_argument("update without snapshot info"));
         };
-        let _timed = Timed::new("update", &i.name);
         let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
-        let s = log_err(
-            "update",
-            &i.name,
-            Snapshotter::update(self, &i.name, i.labels, &paths),
-        )?;
+        let s = served("update", &i.name, async {
+            Snapshotter::update(self, &i.name, i.labels, &paths)
+        })
+        .await?;
         Ok(Response::new(proto::UpdateSnapshotResponse {
             info: Some(info(&s)),
         }))
@@ -186,8 +162,7 @@ impl snapshots_server::Snapshots for Snapshotter {
         r: Request<proto::ListSnapshotsRequest>,
     ) -> std::result::Result<Response<ListStream>, Status> {
         let r = r.into_inner();
-        let _timed = Timed::new("list", "");
-        let all = log_err("list", "", Snapshotter::list(self, &r.filters))?;
+        let all = served("list", "", async { Snapshotter::list(self, &r.filters) }).await?;
         let batches: Vec<_> = all
             .chunks(100)
             .map(|c| {
@@ -204,8 +179,7 @@ impl snapshots_server::Snapshots for Snapshotter {
         r: Request<proto::UsageRequest>,
     ) -> std::result::Result<Response<proto::UsageResponse>, Status> {
         let r = r.into_inner();
-        let _timed = Timed::new("usage", &r.key);
-        let u = log_err("usage", &r.key, Snapshotter::usage(self, &r.key).await)?;
+        let u = served("usage", &r.key, Snapshotter::usage(self, &r.key)).await?;
         Ok(Response::new(proto::UsageResponse {
             size: u.size,
             inodes: u.inodes,
@@ -216,8 +190,7 @@ impl snapshots_server::Snapshots for Snapshotter {
         &self,
         _r: Request<proto::CleanupRequest>,
     ) -> std::result::Result<Response<()>, Status> {
-        let _timed = Timed::new("cleanup", "");
-        log_err("cleanup", "", Snapshotter::cleanup(self).await)?;
+        served("cleanup", "", Snapshotter::cleanup(self)).await?;
         Ok(Response::new(()))
     }
 }
