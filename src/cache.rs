@@ -299,6 +299,38 @@ pub enum CacheError {
     /// ([`crate::layer::reader::ReadError`]), carried as the source.
     #[error(transparent)]
     Read(Box<dyn std::error::Error + Send + Sync>),
+    /// The failure of a fetch this caller waited for instead of fetching itself: every caller
+    /// of one failed fetch gets its error (not a fetch of its own, with a retry budget of its
+    /// own, after it).
+    #[error(transparent)]
+    Shared(Arc<CacheError>),
+}
+
+impl CacheError {
+    /// This error, to be handed to everyone who waited for the same fetch.
+    pub fn shared(self) -> Arc<CacheError> {
+        match self {
+            CacheError::Shared(e) => e,
+            e => Arc::new(e),
+        }
+    }
+
+    /// The local I/O error behind this one, if any (its errno is the caller's answer).
+    pub fn io(&self) -> Option<&std::io::Error> {
+        match self {
+            CacheError::Io { source, .. } => Some(source),
+            CacheError::Shared(e) => e.io(),
+            CacheError::Read(_) => None,
+        }
+    }
+}
+
+/// One fetch of a chunk under way: later callers wait for `lock`, then take the chunk from
+/// the cache or, if the fetch failed, its error.
+#[derive(Default)]
+struct Flight {
+    lock: tokio::sync::Mutex<()>,
+    failed: std::sync::OnceLock<Arc<CacheError>>,
 }
 
 /// Counters of what the cache did.
@@ -360,7 +392,7 @@ pub struct Cache {
     /// Most bytes one streaming pass may add (see [`Cache::pass_budget`]).
     pass_budget: u64,
     memory: Mutex<Memory>,
-    flights: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+    flights: Mutex<HashMap<Digest, Arc<Flight>>>,
     /// Chunks on disk this process has verified (see [`read_range`](Self::read_range)).
     verified: Mutex<HashMap<[u8; 32], Verified>>,
     pub stats: CacheStats,
@@ -629,7 +661,8 @@ impl Cache {
     }
 
     /// The chunk, fetched by `fetch` on a miss — once, however many callers miss at the same
-    /// time. `fetch` must return bytes it has verified against `digest`.
+    /// time: if that fetch fails, each of them gets its error. `fetch` must return bytes it has
+    /// verified against `digest`.
     pub async fn get_or_fetch<F, Fut>(
         &self,
         digest: &Digest,
@@ -655,7 +688,10 @@ impl Cache {
             .entry(digest.clone())
             .or_default()
             .clone();
-        let _guard = flight.lock().await;
+        let _guard = flight.lock.lock().await;
+        if let Some(e) = flight.failed.get() {
+            return Err(CacheError::Shared(e.clone()));
+        }
         let result = async {
             if let Some(d) = blocking(|| self.lookup(digest))? {
                 return Ok(d);
@@ -666,123 +702,16 @@ impl Cache {
             blocking(|| self.insert(digest, data.clone()))?;
             Ok(data)
         }
-        .await;
+        .await
+        .map_err(|e: CacheError| {
+            let e = e.shared();
+            let _ = flight.failed.set(e.clone());
+            CacheError::Shared(e)
+        });
         self.flights.lock().unwrap().remove(digest);
         result
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn single_flight_and_damage_detection() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(DiskChunks::open(dir.path()).unwrap());
-        let cache = Arc::new(Cache::new(store.clone(), 2));
-        let data = b"chunk bytes".to_vec();
-        let digest = crate::digest::sha256(&data);
-        let calls = Arc::new(AtomicU64::new(0));
-        let tasks: Vec<_> = (0..8)
-            .map(|_| {
-                let (cache, calls, data, digest) =
-                    (cache.clone(), calls.clone(), data.clone(), digest.clone());
-                tokio::spawn(async move {
-                    cache
-                        .get_or_fetch(&digest, || async {
-                            calls.fetch_add(1, Ordering::SeqCst);
-                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                            Ok(data)
-                        })
-                        .await
-                        .unwrap()
-                })
-            })
-            .collect();
-        for t in tasks {
-            assert_eq!(*t.await.unwrap(), b"chunk bytes");
-        }
-        assert_eq!(
-            calls.load(Ordering::SeqCst),
-            1,
-            "one fetch for eight readers"
-        );
-
-        // A damaged file on disk is dropped, not served.
-        let fresh = Cache::new(store.clone(), 2);
-        std::fs::write(
-            dir.path().join("cache/chunks").join(digest.digest()),
-            b"chunk bytez",
-        )
-        .unwrap();
-        assert!(fresh.lookup(&digest).unwrap().is_none());
-        assert!(!store.contains(&digest));
-        assert_eq!(fresh.stats.corrupt_dropped.load(Ordering::Relaxed), 1);
-        // A temp file left by a crash is never looked at as a chunk.
-        std::fs::write(dir.path().join("tmp/.tmpXYZ"), b"partial").unwrap();
-        assert!(fresh.lookup(&digest).unwrap().is_none());
-    }
-
-    #[test]
-    fn a_range_is_read_from_disk_only_once_the_chunk_file_is_verified() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(DiskChunks::open(dir.path()).unwrap());
-        let data: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
-        let digest = crate::digest::sha256(&data);
-        let file = dir.path().join("cache/chunks").join(digest.digest());
-        store.put(&digest, &data).unwrap();
-
-        // A fresh process (cache) has not verified the file: no range read, a full load.
-        let cache = Cache::new(store.clone(), 1).with_memory_budget(0);
-        assert!(cache.read_range(&digest, 4096, 100..200).unwrap().is_none());
-        assert!(cache.lookup(&digest).unwrap().is_some());
-        // The memory LRU keeps the newest chunk; push it out with another.
-        let other = vec![7u8; 10];
-        cache
-            .insert(&crate::digest::sha256(&other), Arc::new(other))
-            .unwrap();
-        assert!(!cache.in_memory(&digest));
-        let hits = cache.stats.disk_hits.load(Ordering::Relaxed);
-        assert_eq!(
-            cache.read_range(&digest, 4096, 100..200).unwrap().unwrap(),
-            &data[100..200]
-        );
-        assert_eq!(cache.stats.disk_hits.load(Ordering::Relaxed), hits + 1);
-        // The index's length must match what was verified.
-        assert!(cache.read_range(&digest, 4000, 100..200).unwrap().is_none());
-
-        // A file found short is verified again (and dropped) on its next load.
-        std::fs::write(&file, &data[..1000]).unwrap();
-        assert!(cache
-            .read_range(&digest, 4096, 3000..3100)
-            .unwrap()
-            .is_none());
-        assert!(cache.read_range(&digest, 4096, 0..10).unwrap().is_none());
-        assert!(cache.lookup(&digest).unwrap().is_none());
-        assert!(!store.contains(&digest));
-    }
-
-    #[test]
-    fn memory_keeps_to_its_byte_budget_least_recently_used_first() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(DiskChunks::open(dir.path()).unwrap());
-        let cache = Cache::new(store, 64).with_memory_budget(2500);
-        let chunks: Vec<(Digest, Arc<Vec<u8>>)> = (0..4u8)
-            .map(|i| {
-                let data = vec![i; 1000];
-                (crate::digest::sha256(&data), Arc::new(data))
-            })
-            .collect();
-        for (d, data) in &chunks {
-            cache.insert(d, data.clone()).unwrap();
-        }
-        let memory = cache.memory.lock().unwrap();
-        assert_eq!(memory.bytes, 2000);
-        assert!(!memory.contains(&chunks[0].0) && !memory.contains(&chunks[1].0));
-        assert!(memory.contains(&chunks[2].0) && memory.contains(&chunks[3].0));
-        drop(memory);
-        // Evicted from memory, still on disk.
-        assert!(cache.contains(&chunks[0].0));
-    }
-}
+mod tests;

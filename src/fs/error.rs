@@ -45,9 +45,8 @@ impl FsError {
             FsError::NotFound { .. } => libc::ENOENT,
             FsError::NotAFile { .. } => libc::EISDIR,
             FsError::Name(_) => libc::EINVAL,
-            FsError::Local { source, .. } | FsError::Cache(CacheError::Io { source, .. }) => {
-                source.raw_os_error().unwrap_or(libc::EIO)
-            }
+            FsError::Local { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            FsError::Cache(e) => e.io().and_then(|s| s.raw_os_error()).unwrap_or(libc::EIO),
             _ => libc::EIO,
         }
     }

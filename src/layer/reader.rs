@@ -86,10 +86,10 @@ pub struct LayerReader {
     remember: Option<super::IndexStore>,
     /// Room for fetches under way, shared with the mount's other layers.
     budgets: budget::Budgets,
-    /// Spans a run in flight is fetching, each with that run's "done" signal (a semaphore
-    /// closed when the run ends): a read of such a span waits for the run instead of fetching
-    /// the same bytes again (single flight per range, not just per span).
-    inflight: std::sync::Mutex<std::collections::HashMap<usize, Arc<tokio::sync::Semaphore>>>,
+    /// Spans a run in flight is fetching, each with that run's signal: a read of such a span
+    /// waits for the run instead of fetching the same bytes again (single flight per range,
+    /// not just per span).
+    inflight: std::sync::Mutex<std::collections::HashMap<usize, Arc<RunSignal>>>,
     /// Where the layer's last read that fetched ended, and when (a tick of the mount's clock
     /// of such fetches; 0: never): background fill continues from there ([`Self::last_read`]).
     last_read: std::sync::Mutex<(u64, u64)>,
@@ -100,11 +100,45 @@ pub struct LayerReader {
     known_cached: Vec<std::sync::atomic::AtomicBool>,
 }
 
+/// How a run of spans in flight ends, for the reads waiting for it.
+struct RunSignal {
+    /// Closed when the run ends (however it ends).
+    done: tokio::sync::Semaphore,
+    /// Set if the fetch failed as a whole (the registry's answer after its retries): waiters
+    /// return this error instead of fetching again, so a read waits for one retry budget, not
+    /// one per run it queued behind. A run dropped unfinished sets nothing: waiters fetch.
+    failed: std::sync::OnceLock<Arc<CacheError>>,
+}
+
+impl RunSignal {
+    fn new() -> Arc<RunSignal> {
+        Arc::new(RunSignal {
+            done: tokio::sync::Semaphore::new(0),
+            failed: std::sync::OnceLock::new(),
+        })
+    }
+
+    fn ended() -> Arc<RunSignal> {
+        let signal = RunSignal::new();
+        signal.done.close();
+        signal
+    }
+}
+
 /// Unregisters a run's spans and wakes its waiters when the run ends (however it ends).
 struct RunGuard<'a> {
     reader: &'a LayerReader,
     spans: std::ops::RangeInclusive<usize>,
-    done: Arc<tokio::sync::Semaphore>,
+    done: Arc<RunSignal>,
+}
+
+impl RunGuard<'_> {
+    /// The run failed with `e`: its waiters get the same error.
+    fn fail(&self, e: CacheError) -> CacheError {
+        let e = e.shared();
+        let _ = self.done.failed.set(e.clone());
+        CacheError::Shared(e)
+    }
 }
 
 impl Drop for RunGuard<'_> {
@@ -116,7 +150,7 @@ impl Drop for RunGuard<'_> {
                 inflight.remove(&j);
             }
         }
-        self.done.close();
+        self.done.done.close();
     }
 }
 
@@ -176,21 +210,19 @@ impl LayerReader {
         i: usize,
         until: u64,
         after_cached: bool,
-    ) -> Result<(usize, RunGuard<'_>), Arc<tokio::sync::Semaphore>> {
+    ) -> Result<(usize, RunGuard<'_>), Arc<RunSignal>> {
         let mut inflight = self.inflight.lock().unwrap();
         if let Some(done) = inflight.get(&i) {
             return Err(done.clone());
         }
         if after_cached && self.known_cached[i].load(Ordering::Relaxed) {
-            let stored = tokio::sync::Semaphore::new(0);
-            stored.close();
-            return Err(Arc::new(stored));
+            return Err(RunSignal::ended());
         }
         let mut last = self.missing_run_end(i, until);
         if let Some(j) = (i + 1..=last).find(|j| inflight.contains_key(j)) {
             last = j - 1;
         }
-        let done = Arc::new(tokio::sync::Semaphore::new(0));
+        let done = RunSignal::new();
         for j in i..=last {
             inflight.insert(j, done.clone());
         }
@@ -571,18 +603,22 @@ impl LayerReader {
                     until
                 };
                 let until = until.max(self.min_fetch_end(i, want));
-                // Another run fetching span i: wait for it and take i from the cache (or, if
-                // that run failed or i did not verify, fetch it here).
+                // Another run fetching span i: wait for it and take i from the cache, or that
+                // run's error if it failed (if it was dropped unfinished or i did not verify,
+                // fetch i here).
                 let mut after_cached = true;
-                let (last, _run) = loop {
+                let (last, run) = loop {
                     match self.claim_run(i, until, after_cached) {
                         Ok(claimed) => break claimed,
-                        Err(done) => {
+                        Err(run) => {
                             // Once only: a span marked cached but gone (evicted) is fetched.
                             after_cached = false;
-                            let _ = done.acquire().await; // an error: the run ended
+                            let _ = run.done.acquire().await; // an error: the run ended
                             if let Some(d) = self.cache.lookup(&span.digest)? {
                                 return Ok((*d).clone());
+                            }
+                            if let Some(e) = run.failed.get() {
+                                return Err(CacheError::Shared(e.clone()));
                             }
                         }
                     }
@@ -598,7 +634,10 @@ impl LayerReader {
                 } else {
                     None
                 };
-                let mut spans = self.fetch_run(i, last, !demand).await?.into_iter();
+                let mut spans = match self.fetch_run(i, last, !demand).await {
+                    Ok(spans) => spans.into_iter(),
+                    Err(e) => return Err(run.fail(e)),
+                };
                 let first = spans.next().expect("the run holds span i")?;
                 // The others came along: kept if they verified; one that did not is fetched
                 // (and reported) again when it is read itself.

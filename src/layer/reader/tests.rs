@@ -230,6 +230,40 @@ async fn a_read_of_a_span_another_run_is_fetching_waits_for_it() {
 }
 
 #[tokio::test]
+async fn a_read_waiting_for_a_run_that_fails_gets_its_error_without_fetching_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reader, source, _, _, spans) = setup(dir.path());
+    assert!(spans > 6);
+    source.set_faults(crate::source::Faults {
+        delay: Some(std::time::Duration::from_millis(200)),
+        fail: true,
+        ..Default::default()
+    });
+    let reader = Arc::new(reader);
+    let end = {
+        let s = &reader.index().spans[5];
+        s.out_offset + s.out_len
+    };
+    let a = {
+        let r = reader.clone();
+        tokio::spawn(async move { r.read(0, end).await })
+    };
+    while source.started() == 0 {
+        tokio::task::yield_now().await;
+    }
+    // B waits for A's run (spans 0..=5); the run fails, and B gets its error: one request
+    // (one retry budget, behind a real registry) for both.
+    let at = reader.index().spans[3].out_offset + 10;
+    let e = reader.read(at, 100).await.unwrap_err();
+    assert!(e.to_string().contains("source unavailable"), "{e}");
+    assert!(a.await.unwrap().is_err());
+    assert_eq!(source.started(), 1, "B fetched again after A's run failed");
+    // A later read fetches afresh.
+    source.set_faults(Default::default());
+    assert_eq!(reader.read(at, 100).await.unwrap().len(), 100);
+}
+
+#[tokio::test]
 async fn sequential_misses_read_ahead_and_random_ones_do_not() {
     let dir = tempfile::tempdir().unwrap();
     let (reader, source, offset, size, spans) = setup(dir.path());
