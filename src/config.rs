@@ -74,6 +74,9 @@ pub struct MountSettings {
     /// (`8M`; 0: off): an open for reading predicts the reads.
     #[serde(deserialize_with = "size")]
     pub open_prefetch: u64,
+    /// On each open of a Python module's bytecode, fetch the modules it imports, and theirs
+    /// (with `open_prefetch` on).
+    pub follow_imports: bool,
 }
 
 impl Default for MountSettings {
@@ -89,6 +92,7 @@ impl Default for MountSettings {
             profile_replay: true,
             profile_parallel: 12,
             open_prefetch: 8 << 20,
+            follow_imports: true,
         }
     }
 }

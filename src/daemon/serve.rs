@@ -162,6 +162,28 @@ pub async fn serve(
     }
     let view = Arc::new(opened?);
     view.fetch_neighbours();
+    view.follow_imports(ctx.config.mount.follow_imports);
+    // Replay starts as soon as the view is open, while the kernel mounts it: the workload's
+    // reads come next. (A mount that fails ends this process, replay and all.)
+    let m = &ctx.config.mount;
+    let mounted_chain = image
+        .layers
+        .get(count.wrapping_sub(1))
+        .map(|l| l.chain_id.clone());
+    let profile = mounted_chain.as_ref().map(|chain| {
+        crate::profile::Session::start(
+            view.clone(),
+            &image,
+            chain,
+            &ctx.store,
+            ctx.client.clone(),
+            &crate::profile::MountProfile {
+                record: m.profile_record,
+                replay: m.profile_replay,
+                parallel: m.profile_parallel,
+            },
+        )
+    });
     let metrics = serve_metrics(&ctx, args, &view)?;
     let root = ctx.store.root().to_path_buf();
     let log_path = super::backing_log_path(&root, mountpoint);
@@ -188,26 +210,6 @@ pub async fn serve(
         mounted.join();
         return Err(ServeError::NoAnswer(mountpoint.to_path_buf()));
     }
-    // Replay starts as soon as the mount answers: the workload's reads come next.
-    let m = &ctx.config.mount;
-    let mounted_chain = image
-        .layers
-        .get(count.wrapping_sub(1))
-        .map(|l| l.chain_id.clone());
-    let profile = mounted_chain.as_ref().map(|chain| {
-        crate::profile::Session::start(
-            view.clone(),
-            &image,
-            chain,
-            &ctx.store,
-            ctx.client.clone(),
-            &crate::profile::MountProfile {
-                record: m.profile_record,
-                replay: m.profile_replay,
-                parallel: m.profile_parallel,
-            },
-        )
-    });
     let record = MountRecord {
         mountpoint: mountpoint.to_path_buf(),
         image: image.name.clone(),
@@ -308,6 +310,7 @@ pub async fn take_over(
     };
     let view = Arc::new(ImageView::open_chain(&ctx.layers, &image, count).await?);
     view.fetch_neighbours();
+    view.follow_imports(ctx.config.mount.follow_imports);
     if view.tree.fingerprint() != record.tree {
         cannot(format!(
             "{} builds a different tree than the one the mount serves (inode numbers would change)",

@@ -19,6 +19,7 @@ use crate::layer::LayerIndex;
 use crate::tree::{FileType, NodeId, Tree};
 
 mod error;
+mod imports;
 mod indexing;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -59,6 +60,14 @@ pub struct ImageView {
     dirs_fetched: std::sync::Mutex<std::collections::HashSet<(NodeId, usize)>>,
     /// Directories whose files are being fetched ahead at once ([`SIBLING_FETCHES`]).
     sibling_fetches: tokio::sync::Semaphore,
+    /// Opens of a module's bytecode fetch the modules it imports ([`ImageView::follow_imports`]).
+    imports: std::sync::atomic::AtomicBool,
+    /// Module files whose imports an open has followed (`imports.rs`): each once per mount,
+    /// at most [`imports::MAX_FOLLOWED`].
+    imports_followed: std::sync::Mutex<std::collections::HashSet<NodeId>>,
+    /// Fetches of imported modules under way at once, across the mount
+    /// ([`imports::IMPORT_FETCHES`]).
+    import_fetches: tokio::sync::Semaphore,
 }
 
 /// Uncompressed bytes one fetch an open starts covers at most, how many such fetches run at
@@ -135,6 +144,9 @@ impl ImageView {
             handles: Default::default(),
             dirs_fetched: Default::default(),
             sibling_fetches: tokio::sync::Semaphore::new(SIBLING_FETCHES),
+            imports: std::sync::atomic::AtomicBool::new(false),
+            imports_followed: Default::default(),
+            import_fetches: tokio::sync::Semaphore::new(imports::IMPORT_FETCHES),
         })
     }
 
@@ -240,8 +252,9 @@ impl ImageView {
     /// Fetches what is not cached of the first `limit` bytes of regular file `node`, in pieces
     /// a few at a time. An open predicts reads: the file's bytes then arrive with about one
     /// round trip instead of one per miss (python imports one module file after another).
-    /// Then, the first time for its directory and layer, the directory's other small files
-    /// ([`SIBLINGS_BYTES`]). Not noted by the profile recorder (only reads are); failures are
+    /// A Python module's bytecode then has the modules it imports fetched, and theirs
+    /// (`imports.rs`). Then, the first time for its directory and layer, the directory's other
+    /// small files ([`SIBLINGS_BYTES`]). Not noted by the profile recorder (only reads are); failures are
     /// left to the reads. Nothing is fetched once a startup profile is replayed
     /// ([`ImageView::set_profiled`]): the profile knows which of an opened file's bytes are read.
     pub async fn prefetch_file(&self, node: NodeId, limit: u64) {
@@ -267,6 +280,9 @@ impl ImageView {
                 .instrument(tracing::debug_span!("open"))
                 .await;
         }
+        self.fetch_imports(node, limit)
+            .instrument(tracing::debug_span!("imports"))
+            .await;
         self.prefetch_siblings(node)
             .instrument(tracing::debug_span!("siblings"))
             .await;
@@ -361,6 +377,12 @@ impl ImageView {
     /// reads file after file (a one-off read such as `stratafs cat` does not).
     pub fn fetch_neighbours(&self) {
         self.neighbours.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether opens of a Python module's bytecode fetch the modules it imports, and theirs
+    /// (`imports.rs`; off until set: a one-off read such as `stratafs cat` has no imports).
+    pub fn follow_imports(&self, on: bool) {
+        self.imports.store(on, Ordering::Relaxed);
     }
 
     /// Notes that a startup profile is being replayed into this view (from then on opens

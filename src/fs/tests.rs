@@ -225,3 +225,86 @@ async fn an_open_fetches_the_small_files_of_its_directory_ahead_once() {
         .await;
     assert_eq!(registry.requests().ranges, after.ranges);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_of_a_modules_bytecode_fetches_the_modules_it_imports() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(FakeRegistry::new());
+    let noise = |seed: u32, len: usize| -> Vec<u8> {
+        let mut x = u64::from(seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 32) as u8
+            })
+            .collect()
+    };
+    // The module imports os, json.decoder, .sibling, .sub (leaf, other), pkg.deep.mod; its
+    // function imports never_at_import_time and its class also_later (see imports.rs).
+    let module = include_bytes!("testdata/example.cpython-311.pyc").to_vec();
+    let lib = "usr/lib/python3.11";
+    let imported = [
+        format!("{lib}/__pycache__/os.cpython-311.pyc"),
+        format!("{lib}/json/__pycache__/__init__.cpython-311.pyc"),
+        format!("{lib}/json/__pycache__/decoder.cpython-311.pyc"),
+        "app/pkg/__pycache__/sibling.cpython-311.pyc".to_string(),
+        "app/pkg/sub/__pycache__/__init__.cpython-311.pyc".to_string(),
+        "app/pkg/sub/__pycache__/leaf.cpython-311.pyc".to_string(),
+        "app/pkg/sub/other.cpython-311-x86_64-linux-gnu.so".to_string(),
+        "app/pkg/deep/__pycache__/__init__.cpython-311.pyc".to_string(),
+        "app/pkg/deep/__pycache__/mod.cpython-311.pyc".to_string(),
+    ];
+    let not_imported = [
+        "app/pkg/__pycache__/never_at_import_time.cpython-311.pyc".to_string(),
+        format!("{lib}/__pycache__/also_later.cpython-311.pyc"),
+        "app/pkg/__pycache__/unrelated.cpython-311.pyc".to_string(),
+    ];
+    let mut tree: Vec<(String, Vec<u8>)> = vec![
+        ("app/pkg/__init__.py".into(), Vec::new()),
+        ("app/pkg/sub/__init__.py".into(), Vec::new()),
+        ("app/pkg/deep/__init__.py".into(), Vec::new()),
+        (format!("{lib}/json/__init__.py"), Vec::new()),
+        ("app/pkg/__pycache__/example.cpython-311.pyc".into(), module),
+    ];
+    // Each file with 1 MiB of filler after it: files fetched or not are told apart by span.
+    for (k, path) in imported.iter().chain(&not_imported).enumerate() {
+        tree.push((path.clone(), noise(10 + k as u32, 20 << 10)));
+        tree.push((format!("filler/{k}"), noise(100 + k as u32, 1 << 20)));
+    }
+    let files: Vec<(&str, Vec<u8>)> = tree.iter().map(|(p, d)| (p.as_str(), d.clone())).collect();
+    push(&registry, &files);
+    drop(open(registry.clone(), dir.path()).await.unwrap());
+    std::fs::remove_dir_all(crate::store::Layout::new(dir.path()).chunks()).unwrap();
+    let view = open(registry.clone(), dir.path()).await.unwrap();
+    let cached = |path: &str| {
+        let n = view.tree.node(view.lookup(path).unwrap());
+        let (layer, offset) = n.data.unwrap();
+        view.readers()[layer].is_cached(offset, n.size)
+    };
+    let root = view
+        .lookup("app/pkg/__pycache__/example.cpython-311.pyc")
+        .unwrap();
+
+    // Off (the default of a view; mounts turn it on from the config): nothing is followed.
+    view.fetch_imports(root, 8 << 20).await;
+    assert!(imported.iter().all(|p| !cached(p)));
+
+    view.follow_imports(true);
+    view.fetch_imports(root, 8 << 20).await;
+    for p in &imported {
+        assert!(cached(p), "{p} imported but not fetched");
+    }
+    for p in &not_imported {
+        assert!(
+            !cached(p),
+            "{p} fetched but not imported by the module's body"
+        );
+    }
+    // Each file once per mount: a second open follows nothing.
+    let before = registry.requests();
+    std::fs::remove_dir_all(crate::store::Layout::new(dir.path()).chunks()).unwrap();
+    view.fetch_imports(root, 8 << 20).await;
+    assert_eq!(registry.requests().ranges, before.ranges);
+}
