@@ -441,11 +441,13 @@ impl super::ImageView {
         let mut queue = std::collections::BinaryHeap::new();
         queue.push(Reverse((Vec::<u32>::new(), root)));
         let mut running = FuturesUnordered::new();
+        let mut files = 0usize;
         loop {
             while running.len() < IMPORT_FETCHES {
                 let Some(Reverse((order, node))) = queue.pop() else {
                     break;
                 };
+                files += 1;
                 running.push(async move { (order, self.fetch_module(node, limit).await) });
             }
             let Some((order, found)) = running.next().await else {
@@ -459,6 +461,7 @@ impl super::ImageView {
                 }
             }
         }
+        tracing::debug!(path = %self.tree.path(root), files, "imports fetched");
     }
 
     /// Claims `file` for [`fetch_imports`](Self::fetch_imports): false if it was claimed

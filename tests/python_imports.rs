@@ -1,0 +1,180 @@
+//! Import following on a real registry and a real FUSE mount: reading a Python module's
+//! bytecode through the mount fetches the files of the modules its body imports before
+//! python would open them, and not the modules its functions import.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::mount::MountGuard;
+use common::*;
+
+/// `python3.11 -m py_compile` of a module importing os, json.decoder, .sibling,
+/// .sub (leaf, other) and pkg.deep.mod, whose function imports `never_at_import_time` and
+/// whose class imports `also_later` (src/fs/imports.rs).
+const MODULE: &[u8] = include_bytes!("../src/fs/testdata/example.cpython-311.pyc");
+const ROOT: &str = "app/pkg/__pycache__/example.cpython-311.pyc";
+const LIB: &str = "usr/lib/python3.11";
+
+fn imported() -> Vec<String> {
+    vec![
+        format!("{LIB}/__pycache__/os.cpython-311.pyc"),
+        format!("{LIB}/json/__pycache__/__init__.cpython-311.pyc"),
+        format!("{LIB}/json/__pycache__/decoder.cpython-311.pyc"),
+        "app/pkg/sub/__pycache__/__init__.cpython-311.pyc".into(),
+        "app/pkg/sub/__pycache__/leaf.cpython-311.pyc".into(),
+        "app/pkg/sub/other.cpython-311-x86_64-linux-gnu.so".into(),
+        "app/pkg/deep/__pycache__/__init__.cpython-311.pyc".into(),
+        "app/pkg/deep/__pycache__/mod.cpython-311.pyc".into(),
+    ]
+}
+
+const SITE: &str = "usr/local/lib/python3.11/dist-packages";
+
+/// Packages only the module's function and class import, each in a directory of its own (an
+/// open fetches its directory's small files too).
+fn not_imported() -> Vec<String> {
+    ["never_at_import_time", "also_later"]
+        .iter()
+        .map(|p| format!("{SITE}/{p}/__pycache__/__init__.cpython-311.pyc"))
+        .collect()
+}
+
+fn content(k: usize) -> Vec<u8> {
+    bytes(500 + k as u64, 40 << 10)
+}
+
+/// One gzip layer; every module file followed by 1 MiB of filler, so a fetch of one file's
+/// spans does not bring another's.
+fn image() -> Image {
+    let mut b = LayerBuilder::new();
+    for d in [
+        "app",
+        "app/pkg",
+        "app/pkg/__pycache__",
+        "app/pkg/sub",
+        "app/pkg/sub/__pycache__",
+        "app/pkg/deep",
+        "app/pkg/deep/__pycache__",
+        "usr",
+        "usr/lib",
+        LIB,
+        &format!("{LIB}/__pycache__"),
+        &format!("{LIB}/json"),
+        &format!("{LIB}/json/__pycache__"),
+        "usr/local",
+        "usr/local/lib",
+        "usr/local/lib/python3.11",
+        SITE,
+        &format!("{SITE}/never_at_import_time"),
+        &format!("{SITE}/never_at_import_time/__pycache__"),
+        &format!("{SITE}/also_later"),
+        &format!("{SITE}/also_later/__pycache__"),
+        "filler",
+    ] {
+        b = b.dir(d, 0o755);
+    }
+    for init in [
+        "app/pkg/__init__.py",
+        "app/pkg/sub/__init__.py",
+        "app/pkg/deep/__init__.py",
+        &format!("{LIB}/json/__init__.py"),
+        &format!("{SITE}/never_at_import_time/__init__.py"),
+        &format!("{SITE}/also_later/__init__.py"),
+    ] {
+        b = b.file(init, b"", 0o644);
+    }
+    b = b.file(ROOT, MODULE, 0o644);
+    for (k, path) in imported().iter().chain(&not_imported()).enumerate() {
+        b = b.file(path, &content(k), 0o644);
+        b = b.file(
+            &format!("filler/{k}"),
+            &bytes(900 + k as u64, 1 << 20),
+            0o644,
+        );
+    }
+    ImageBuilder::new()
+        .layer(b.build(Compression::Gzip))
+        .build(ManifestFlavour::Oci)
+}
+
+fn layer_bytes(reg: &Registry, mark: usize, layer: &str) -> u64 {
+    reg.access_log_since(mark)
+        .iter()
+        .filter(|e| e.method == "GET" && e.path.ends_with(layer))
+        .map(|e| e.bytes)
+        .sum()
+}
+
+fn mount_log(cli: &Stratafs) -> String {
+    let mut log = String::new();
+    for e in std::fs::read_dir(cli.root().join("logs"))
+        .unwrap()
+        .flatten()
+    {
+        log.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+    }
+    log
+}
+
+#[test]
+fn reading_a_modules_bytecode_fetches_what_it_imports_before_it_is_opened() {
+    let reg = Registry::start(RegistryOpts::default());
+    let image = image();
+    let layer = image.layers[0].digest.clone();
+    reg.push_image("python/app", "v1", &image, &Auth::None);
+    let reference = format!("{}/python/app:v1", reg.addr());
+    Stratafs::new().ok(&["index", "push", "--bind", &reference]);
+
+    let cli = Stratafs::new();
+    let guard = MountGuard::new(Some(cli.root()));
+    let dir = guard.dir.to_str().unwrap();
+    cli.ok(&[
+        "--log-level",
+        "warn,stratafs=debug",
+        "mount",
+        "-o",
+        "nobackground",
+        &reference,
+        dir,
+    ]);
+    assert!(std::fs::read(guard.path(ROOT)).unwrap() == MODULE);
+    // The imports are fetched in the background of that read: wait for the daemon to say so.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !mount_log(&cli).contains("imports fetched") {
+        assert!(Instant::now() < deadline, "{}", mount_log(&cli));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = mount_log(&cli);
+    let line = log.lines().find(|l| l.contains("imports fetched")).unwrap();
+    assert!(line.contains(ROOT), "{line}");
+
+    // What the module imports is cached: reading it needs no request.
+    let mark = reg.log_mark();
+    for (k, path) in imported().iter().enumerate() {
+        assert!(
+            std::fs::read(guard.path(path)).unwrap() == content(k),
+            "{path}"
+        );
+    }
+    assert_eq!(
+        layer_bytes(&reg, mark, &layer),
+        0,
+        "imported modules fetched again when read: {:#?}",
+        reg.access_log_since(mark)
+    );
+    // What only its function and class import was not fetched.
+    let n = imported().len();
+    for (k, path) in not_imported().iter().enumerate() {
+        let mark = reg.log_mark();
+        assert!(
+            std::fs::read(guard.path(path)).unwrap() == content(n + k),
+            "{path}"
+        );
+        assert!(
+            layer_bytes(&reg, mark, &layer) > 0,
+            "{path} was fetched ahead though nothing imports it"
+        );
+    }
+    cli.ok(&["umount", dir]);
+}
