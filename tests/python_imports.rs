@@ -1,6 +1,8 @@
 //! Import following on a real registry and a real FUSE mount: reading a Python module's
 //! bytecode through the mount fetches the files of the modules its body imports before
-//! python would open them, and not the modules its functions import.
+//! python would open them, and not the modules its functions import; a module fetched whole
+//! that way and then read by passthrough (unseen by the daemon) still enters the startup
+//! profile.
 
 mod common;
 
@@ -23,7 +25,7 @@ fn imported() -> Vec<String> {
         format!("{LIB}/json/__pycache__/decoder.cpython-311.pyc"),
         "app/pkg/sub/__pycache__/__init__.cpython-311.pyc".into(),
         "app/pkg/sub/__pycache__/leaf.cpython-311.pyc".into(),
-        "app/pkg/sub/other.cpython-311-x86_64-linux-gnu.so".into(),
+        EXTENSION.into(),
         "app/pkg/deep/__pycache__/__init__.cpython-311.pyc".into(),
         "app/pkg/deep/__pycache__/mod.cpython-311.pyc".into(),
     ]
@@ -40,8 +42,17 @@ fn not_imported() -> Vec<String> {
         .collect()
 }
 
+/// The extension module: large enough to be opened for passthrough once cached whole.
+const EXTENSION: &str = "app/pkg/sub/other.cpython-311-x86_64-linux-gnu.so";
+
 fn content(k: usize) -> Vec<u8> {
-    bytes(500 + k as u64, 40 << 10)
+    let extension = imported().iter().position(|p| p == EXTENSION);
+    let len = if Some(k) == extension {
+        3 << 20
+    } else {
+        40 << 10
+    };
+    bytes(500 + k as u64, len)
 }
 
 /// One gzip layer; every module file followed by 1 MiB of filler, so a fetch of one file's
@@ -106,6 +117,29 @@ fn layer_bytes(reg: &Registry, mark: usize, layer: &str) -> u64 {
         .sum()
 }
 
+fn mount(cli: &Stratafs, reference: &str) -> MountGuard {
+    let guard = MountGuard::new(Some(cli.root()));
+    let dir = guard.dir.to_str().unwrap();
+    cli.ok(&[
+        "--log-level",
+        "warn,stratafs=debug",
+        "mount",
+        "-o",
+        "nobackground",
+        reference,
+        dir,
+    ]);
+    guard
+}
+
+fn wait_for(cli: &Stratafs, line: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !mount_log(cli).contains(line) {
+        assert!(Instant::now() < deadline, "no {line:?}: {}", mount_log(cli));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn mount_log(cli: &Stratafs) -> String {
     let mut log = String::new();
     for e in std::fs::read_dir(cli.root().join("logs"))
@@ -127,24 +161,11 @@ fn reading_a_modules_bytecode_fetches_what_it_imports_before_it_is_opened() {
     Stratafs::new().ok(&["index", "push", "--bind", &reference]);
 
     let cli = Stratafs::new();
-    let guard = MountGuard::new(Some(cli.root()));
+    let guard = mount(&cli, &reference);
     let dir = guard.dir.to_str().unwrap();
-    cli.ok(&[
-        "--log-level",
-        "warn,stratafs=debug",
-        "mount",
-        "-o",
-        "nobackground",
-        &reference,
-        dir,
-    ]);
     assert!(std::fs::read(guard.path(ROOT)).unwrap() == MODULE);
     // The imports are fetched in the background of that read: wait for the daemon to say so.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !mount_log(&cli).contains("imports fetched") {
-        assert!(Instant::now() < deadline, "{}", mount_log(&cli));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for(&cli, "imports fetched");
     let log = mount_log(&cli);
     let line = log.lines().find(|l| l.contains("imports fetched")).unwrap();
     assert!(line.contains(ROOT), "{line}");
@@ -177,4 +198,21 @@ fn reading_a_modules_bytecode_fetches_what_it_imports_before_it_is_opened() {
         );
     }
     cli.ok(&["umount", dir]);
+
+    // The profile that mount recorded holds the extension module, which the kernel read by
+    // passthrough: a cold mount of the same store replays it, and then reading the module
+    // needs no request.
+    cli.ok(&["cache", "prune", "--max-size", "0"]);
+    let guard = mount(&cli, &reference);
+    wait_for(&cli, "profile replayed");
+    let k = imported().iter().position(|p| p == EXTENSION).unwrap();
+    let mark = reg.log_mark();
+    assert!(std::fs::read(guard.path(EXTENSION)).unwrap() == content(k));
+    assert_eq!(
+        layer_bytes(&reg, mark, &layer),
+        0,
+        "the extension module, read by passthrough, was not in the recorded profile: {:#?}",
+        reg.access_log_since(mark)
+    );
+    cli.ok(&["umount", guard.dir.to_str().unwrap()]);
 }

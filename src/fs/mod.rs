@@ -403,6 +403,18 @@ impl ImageView {
         &self.readers
     }
 
+    /// Tells the startup profile's recorder that all of regular file `node` is read: opened
+    /// for passthrough, its reads will not reach this process (the kernel serves them from a
+    /// local copy). Such a file was fetched whole ahead of its open — by an import's or its
+    /// directory's fetch — and a program that opens a file it was handed whole mostly reads
+    /// it whole (a library's pages, a module's bytecode).
+    pub fn note_read_whole(&self, node: NodeId) {
+        let n = self.tree.node(node);
+        if let (Some(recorder), Some((layer, offset))) = (self.recorder.get(), n.data) {
+            recorder.read(layer, self.readers[layer].index(), offset, n.size);
+        }
+    }
+
     /// A local file with exactly the contents of regular file `node`, if every byte of it is
     /// cached: assembled once from verified chunks (written to a temp file, synced, renamed
     /// into `<root>/cache/files/`, so a file under its final name is always complete). `None`

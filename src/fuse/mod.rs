@@ -428,7 +428,10 @@ impl Filesystem for StrataFs {
                 Some((unsafe { reply.wrap_backing(raw) }, raw))
             });
             let (backing, mode) = match backing {
-                Some((b, raw)) => (Some(b), OpenMode::Passthrough(raw)),
+                Some((b, raw)) => {
+                    view.note_read_whole(id);
+                    (Some(b), OpenMode::Passthrough(raw))
+                }
                 None => (None, OpenMode::Cached),
             };
             if let Some(log) = &log {
