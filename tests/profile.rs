@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::mount::MountGuard;
 use common::*;
 
@@ -34,47 +32,11 @@ fn image() -> Image {
 /// The workload: three files far apart in the layer.
 const READ: [usize; 3] = [2, 7, 10];
 
-fn mount(cli: &Stratafs, reference: &str) -> MountGuard {
-    let guard = MountGuard::new(Some(cli.root()));
-    // At info level the daemon logs when its replay is done.
-    let dir = guard.dir.to_str().unwrap();
-    cli.ok(&[
-        "--log-level",
-        "info",
-        "mount",
-        "-o",
-        "nobackground",
-        reference,
-        dir,
-    ]);
-    guard
-}
-
 fn workload(guard: &MountGuard) {
     for i in READ {
         let got = std::fs::read(guard.path(&format!("/data/f{i:02}"))).unwrap();
         assert!(got == bytes(100 + i as u64, FILE), "data/f{i:02} differs");
     }
-}
-
-/// Layer blob bytes the registry served since `mark`.
-fn layer_bytes(reg: &Registry, mark: usize, layer: &str) -> u64 {
-    reg.access_log_since(mark)
-        .iter()
-        .filter(|e| e.method == "GET" && e.path.ends_with(layer))
-        .map(|e| e.bytes)
-        .sum()
-}
-
-fn mount_log(cli: &Stratafs) -> String {
-    let mut log = String::new();
-    for e in std::fs::read_dir(cli.root().join("logs"))
-        .unwrap()
-        .flatten()
-    {
-        log.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
-    }
-    log
 }
 
 #[test]
@@ -88,7 +50,7 @@ fn a_recorded_profile_is_pushed_and_replayed_by_a_cold_mount_before_the_workload
 
     // Record: a mount notes the spans its workload reads first, saved at unmount.
     let recorder = Stratafs::new();
-    let guard = mount(&recorder, &reference);
+    let guard = MountGuard::lazy(&recorder, &reference, "info");
     workload(&guard);
     recorder.ok(&["umount", guard.dir.to_str().unwrap()]);
     let profile: serde_json::Value =
@@ -122,24 +84,20 @@ fn a_recorded_profile_is_pushed_and_replayed_by_a_cold_mount_before_the_workload
     // before the workload reads anything.
     let cold = Stratafs::new();
     let mark = reg.log_mark();
-    let guard = mount(&cold, &reference);
+    let guard = MountGuard::lazy(&cold, &reference, "info");
     // Replay ends with its last fetch verified and cached; wait for that rather than a time.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !mount_log(&cold).contains("profile replayed") {
-        assert!(std::time::Instant::now() < deadline, "{}", mount_log(&cold));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    cold.wait_for_mount_log("profile replayed");
     let before = reg.log_mark();
     workload(&guard);
     assert_eq!(
-        layer_bytes(&reg, before, &layer),
+        reg.blob_bytes_since(before, &layer),
         0,
         "the workload's reads were fetched again: {:#?}",
         reg.access_log_since(before)
     );
     // Only the profile's spans: at least the files' compressed bytes (half of each file is
     // random), at most the recorded spans' (compressed, they are no larger).
-    let replayed = layer_bytes(&reg, mark, &layer);
+    let replayed = reg.blob_bytes_since(mark, &layer);
     assert!(
         replayed >= (READ.len() * FILE / 2) as u64 && replayed <= recorded + recorded / 50,
         "replay fetched {replayed} bytes for {recorded} recorded"
@@ -174,19 +132,15 @@ fn a_hostile_profile_wastes_nothing_and_changes_no_byte() {
 
     let cold = Stratafs::new();
     let mark = reg.log_mark();
-    let guard = mount(&cold, &reference);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !mount_log(&cold).contains("profile replayed") {
-        assert!(std::time::Instant::now() < deadline, "{}", mount_log(&cold));
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let log = mount_log(&cold);
+    let guard = MountGuard::lazy(&cold, &reference, "info");
+    cold.wait_for_mount_log("profile replayed");
+    let log = cold.mount_logs();
     assert!(
         log.contains("ignored ranges") && log.contains("ignored=4"),
         "{log}"
     );
     assert_eq!(
-        layer_bytes(&reg, mark, &layer),
+        reg.blob_bytes_since(mark, &layer),
         0,
         "a hostile profile fetched"
     );

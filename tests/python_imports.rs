@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
 use common::mount::MountGuard;
 use common::*;
 
@@ -109,48 +107,6 @@ fn image() -> Image {
         .build(ManifestFlavour::Oci)
 }
 
-fn layer_bytes(reg: &Registry, mark: usize, layer: &str) -> u64 {
-    reg.access_log_since(mark)
-        .iter()
-        .filter(|e| e.method == "GET" && e.path.ends_with(layer))
-        .map(|e| e.bytes)
-        .sum()
-}
-
-fn mount(cli: &Stratafs, reference: &str) -> MountGuard {
-    let guard = MountGuard::new(Some(cli.root()));
-    let dir = guard.dir.to_str().unwrap();
-    cli.ok(&[
-        "--log-level",
-        "warn,stratafs=debug",
-        "mount",
-        "-o",
-        "nobackground",
-        reference,
-        dir,
-    ]);
-    guard
-}
-
-fn wait_for(cli: &Stratafs, line: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !mount_log(cli).contains(line) {
-        assert!(Instant::now() < deadline, "no {line:?}: {}", mount_log(cli));
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn mount_log(cli: &Stratafs) -> String {
-    let mut log = String::new();
-    for e in std::fs::read_dir(cli.root().join("logs"))
-        .unwrap()
-        .flatten()
-    {
-        log.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
-    }
-    log
-}
-
 #[test]
 fn reading_a_modules_bytecode_fetches_what_it_imports_before_it_is_opened() {
     let reg = Registry::start(RegistryOpts::default());
@@ -161,12 +117,12 @@ fn reading_a_modules_bytecode_fetches_what_it_imports_before_it_is_opened() {
     Stratafs::new().ok(&["index", "push", "--bind", &reference]);
 
     let cli = Stratafs::new();
-    let guard = mount(&cli, &reference);
+    let guard = MountGuard::lazy(&cli, &reference, "warn,stratafs=debug");
     let dir = guard.dir.to_str().unwrap();
     assert!(std::fs::read(guard.path(ROOT)).unwrap() == MODULE);
     // The imports are fetched in the background of that read: wait for the daemon to say so.
-    wait_for(&cli, "imports fetched");
-    let log = mount_log(&cli);
+    cli.wait_for_mount_log("imports fetched");
+    let log = cli.mount_logs();
     let line = log.lines().find(|l| l.contains("imports fetched")).unwrap();
     assert!(line.contains(ROOT), "{line}");
 
@@ -179,7 +135,7 @@ fn reading_a_modules_bytecode_fetches_what_it_imports_before_it_is_opened() {
         );
     }
     assert_eq!(
-        layer_bytes(&reg, mark, &layer),
+        reg.blob_bytes_since(mark, &layer),
         0,
         "imported modules fetched again when read: {:#?}",
         reg.access_log_since(mark)
@@ -193,7 +149,7 @@ fn reading_a_modules_bytecode_fetches_what_it_imports_before_it_is_opened() {
             "{path}"
         );
         assert!(
-            layer_bytes(&reg, mark, &layer) > 0,
+            reg.blob_bytes_since(mark, &layer) > 0,
             "{path} was fetched ahead though nothing imports it"
         );
     }
@@ -203,13 +159,13 @@ fn reading_a_modules_bytecode_fetches_what_it_imports_before_it_is_opened() {
     // passthrough: a cold mount of the same store replays it, and then reading the module
     // needs no request.
     cli.ok(&["cache", "prune", "--max-size", "0"]);
-    let guard = mount(&cli, &reference);
-    wait_for(&cli, "profile replayed");
+    let guard = MountGuard::lazy(&cli, &reference, "warn,stratafs=debug");
+    cli.wait_for_mount_log("profile replayed");
     let k = imported().iter().position(|p| p == EXTENSION).unwrap();
     let mark = reg.log_mark();
     assert!(std::fs::read(guard.path(EXTENSION)).unwrap() == content(k));
     assert_eq!(
-        layer_bytes(&reg, mark, &layer),
+        reg.blob_bytes_since(mark, &layer),
         0,
         "the extension module, read by passthrough, was not in the recorded profile: {:#?}",
         reg.access_log_since(mark)

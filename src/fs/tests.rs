@@ -16,6 +16,41 @@ use crate::store::Store;
 
 pub(crate) const REPO: &str = "test/app";
 
+/// `len` incompressible bytes (xorshift from `seed`).
+fn noise(seed: u32, len: usize) -> Vec<u8> {
+    let mut x = u64::from(seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 32) as u8
+        })
+        .collect()
+}
+
+/// An image of one layer of `files` pushed to `registry` and opened lazily: the first open
+/// streams the layer and stores its index; without the chunks, a second view of the same
+/// store reads by range.
+async fn lazy_view(
+    registry: &Arc<FakeRegistry>,
+    dir: &std::path::Path,
+    files: &[(String, Vec<u8>)],
+) -> ImageView {
+    let files: Vec<(&str, Vec<u8>)> = files.iter().map(|(p, d)| (p.as_str(), d.clone())).collect();
+    push(registry, &files);
+    drop(open(registry.clone(), dir).await.unwrap());
+    std::fs::remove_dir_all(crate::store::Layout::new(dir).chunks()).unwrap();
+    open(registry.clone(), dir).await.unwrap()
+}
+
+/// Whether all of the file at `path` in `view` is cached.
+fn cached(view: &ImageView, path: &str) -> bool {
+    let n = view.tree.node(view.lookup(path).unwrap());
+    let (layer, offset) = n.data.unwrap();
+    view.readers()[layer].is_cached(offset, n.size)
+}
+
 /// A gzip'd tar layer of `files` (path, contents); returns (blob, diff_id).
 fn layer(files: &[(&str, Vec<u8>)]) -> (Vec<u8>, oci_spec::image::Digest) {
     let mut tar = tar::Builder::new(Vec::new());
@@ -172,17 +207,6 @@ async fn an_open_fetches_the_small_files_of_its_directory_ahead_once() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Arc::new(FakeRegistry::new());
     // Incompressible files, so each directory spans several 256 KiB spans.
-    let noise = |seed: u32, len: usize| -> Vec<u8> {
-        let mut x = u64::from(seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 32) as u8
-            })
-            .collect()
-    };
     let mut tree: Vec<(String, Vec<u8>)> = Vec::new();
     tree.push(("other/before".into(), noise(1, 3 << 20)));
     for k in 0..24u32 {
@@ -190,18 +214,8 @@ async fn an_open_fetches_the_small_files_of_its_directory_ahead_once() {
     }
     tree.push(("pkg/huge.so".into(), noise(7, 3 << 20)));
     tree.push(("other/after".into(), noise(2, 3 << 20)));
-    let files: Vec<(&str, Vec<u8>)> = tree.iter().map(|(p, d)| (p.as_str(), d.clone())).collect();
-    push(&registry, &files);
-    // The first open streams the layer and stores its index; without the chunks, a second
-    // view of the same store reads lazily, by range.
-    drop(open(registry.clone(), dir.path()).await.unwrap());
-    std::fs::remove_dir_all(crate::store::Layout::new(dir.path()).chunks()).unwrap();
-    let view = open(registry.clone(), dir.path()).await.unwrap();
-    let cached = |path: &str| {
-        let n = view.tree.node(view.lookup(path).unwrap());
-        let (layer, offset) = n.data.unwrap();
-        view.readers()[layer].is_cached(offset, n.size)
-    };
+    let view = lazy_view(&registry, dir.path(), &tree).await;
+    let cached = |path: &str| cached(&view, path);
     assert!(!cached("pkg/m05.pyc"));
     let before = registry.requests();
 
@@ -230,17 +244,6 @@ async fn an_open_fetches_the_small_files_of_its_directory_ahead_once() {
 async fn an_open_of_a_modules_bytecode_fetches_the_modules_it_imports() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Arc::new(FakeRegistry::new());
-    let noise = |seed: u32, len: usize| -> Vec<u8> {
-        let mut x = u64::from(seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 32) as u8
-            })
-            .collect()
-    };
     // The module imports os, json.decoder, .sibling, .sub (leaf, other), pkg.deep.mod; its
     // function imports never_at_import_time and its class also_later (see imports.rs).
     let module = include_bytes!("testdata/example.cpython-311.pyc").to_vec();
@@ -273,16 +276,8 @@ async fn an_open_of_a_modules_bytecode_fetches_the_modules_it_imports() {
         tree.push((path.clone(), noise(10 + k as u32, 20 << 10)));
         tree.push((format!("filler/{k}"), noise(100 + k as u32, 1 << 20)));
     }
-    let files: Vec<(&str, Vec<u8>)> = tree.iter().map(|(p, d)| (p.as_str(), d.clone())).collect();
-    push(&registry, &files);
-    drop(open(registry.clone(), dir.path()).await.unwrap());
-    std::fs::remove_dir_all(crate::store::Layout::new(dir.path()).chunks()).unwrap();
-    let view = open(registry.clone(), dir.path()).await.unwrap();
-    let cached = |path: &str| {
-        let n = view.tree.node(view.lookup(path).unwrap());
-        let (layer, offset) = n.data.unwrap();
-        view.readers()[layer].is_cached(offset, n.size)
-    };
+    let view = lazy_view(&registry, dir.path(), &tree).await;
+    let cached = |path: &str| cached(&view, path);
     let root = view
         .lookup("app/pkg/__pycache__/example.cpython-311.pyc")
         .unwrap();

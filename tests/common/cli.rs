@@ -26,6 +26,32 @@ impl Stratafs {
         self.dir.path().join("root")
     }
 
+    /// The logs of every mount daemon of this store, concatenated.
+    pub fn mount_logs(&self) -> String {
+        let mut log = String::new();
+        for e in std::fs::read_dir(self.root().join("logs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            log.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+        }
+        log
+    }
+
+    /// Waits until a mount daemon of this store has logged `line` (panics after 30 s).
+    pub fn wait_for_mount_log(&self, line: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !self.mount_logs().contains(line) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {line:?} in the mount logs: {}",
+                self.mount_logs()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// Writes `text` as the `--config` file for later invocations.
     pub fn set_config(&mut self, text: &str) {
         let path = self.dir.path().join("config.toml");

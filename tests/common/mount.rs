@@ -270,6 +270,23 @@ impl MountGuard {
         }
     }
 
+    /// `reference` mounted by `cli` with background fill off (only what reads and their
+    /// predictions fetch), the daemon logging at `log_level`.
+    pub fn lazy(cli: &super::cli::Stratafs, reference: &str, log_level: &str) -> MountGuard {
+        let guard = MountGuard::new(Some(cli.root()));
+        let dir = guard.dir.to_str().unwrap();
+        cli.ok(&[
+            "--log-level",
+            log_level,
+            "mount",
+            "-o",
+            "nobackground",
+            reference,
+            dir,
+        ]);
+        guard
+    }
+
     /// Guards an existing directory (kept afterwards).
     pub fn at(dir: &Path, root: Option<PathBuf>) -> MountGuard {
         MountGuard {

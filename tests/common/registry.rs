@@ -221,6 +221,15 @@ impl Registry {
         all.get(mark..).map(<[_]>::to_vec).unwrap_or_default()
     }
 
+    /// Bytes of blob `digest` the registry served (GETs) after `mark`.
+    pub fn blob_bytes_since(&self, mark: usize, digest: &str) -> u64 {
+        self.access_log_since(mark)
+            .iter()
+            .filter(|e| e.method == "GET" && e.path.ends_with(digest))
+            .map(|e| e.bytes)
+            .sum()
+    }
+
     /// Make [`access_log`](Self::access_log) forget entries logged so far.
     pub fn clear_access_log(&self) {
         let mark = self.log_mark();

@@ -195,48 +195,22 @@ async fn a_published_index_is_checked_span_by_span_and_as_a_tree() {
     assert!(r.read(offset, 10).await.is_err());
 }
 
-#[tokio::test]
-async fn a_read_of_a_span_another_run_is_fetching_waits_for_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let (reader, source, _, _, spans) = setup(dir.path());
+/// Reader A's read of spans 0..=5, one request answered after 200 ms (failing if `fail`),
+/// once that request is under way: (the reader, its source, A's read, where span 5 ends).
+async fn a_run_of_six_spans_under_way(
+    dir: &std::path::Path,
+    fail: bool,
+) -> (
+    Arc<LayerReader>,
+    Arc<FaultySource<FileSource>>,
+    tokio::task::JoinHandle<Result<Vec<u8>, CacheError>>,
+    u64,
+) {
+    let (reader, source, _, _, spans) = setup(dir);
     assert!(spans > 6);
     source.set_faults(crate::source::Faults {
         delay: Some(std::time::Duration::from_millis(200)),
-        ..Default::default()
-    });
-    let reader = Arc::new(reader);
-    let end = {
-        let s = &reader.index().spans[5];
-        s.out_offset + s.out_len
-    };
-    // Reader A fetches spans 0..=5 with one request...
-    let a = {
-        let r = reader.clone();
-        tokio::spawn(async move { r.read(0, end).await.map(|d| d.len() as u64) })
-    };
-    while source.started() == 0 {
-        tokio::task::yield_now().await;
-    }
-    // ...and reader B, wanting bytes of span 3 while that request is in flight, waits
-    // for it instead of fetching them again.
-    let at = reader.index().spans[3].out_offset + 10;
-    assert_eq!(reader.read(at, 100).await.unwrap().len(), 100);
-    assert_eq!(a.await.unwrap().unwrap(), end);
-    assert_eq!(source.counts().0, 1, "one range request for both readers");
-    // A span the run did not cover is fetched by whoever needs it.
-    let beyond = reader.index().spans[6].out_offset;
-    reader.read(beyond, 10).await.unwrap();
-    assert_eq!(source.counts().0, 2);
-}
-
-#[tokio::test]
-async fn a_read_waiting_for_a_run_that_fails_gets_its_error_without_fetching_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let (reader, source, _, _, spans) = setup(dir.path());
-    assert!(spans > 6);
-    source.set_faults(crate::source::Faults {
-        delay: Some(std::time::Duration::from_millis(200)),
-        fail: true,
+        fail,
         ..Default::default()
     });
     let reader = Arc::new(reader);
@@ -251,6 +225,30 @@ async fn a_read_waiting_for_a_run_that_fails_gets_its_error_without_fetching_aga
     while source.started() == 0 {
         tokio::task::yield_now().await;
     }
+    (reader, source, a, end)
+}
+
+#[tokio::test]
+async fn a_read_of_a_span_another_run_is_fetching_waits_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // Reader A fetches spans 0..=5 with one request...
+    let (reader, source, a, end) = a_run_of_six_spans_under_way(dir.path(), false).await;
+    // ...and reader B, wanting bytes of span 3 while that request is in flight, waits
+    // for it instead of fetching them again.
+    let at = reader.index().spans[3].out_offset + 10;
+    assert_eq!(reader.read(at, 100).await.unwrap().len(), 100);
+    assert_eq!(a.await.unwrap().unwrap().len() as u64, end);
+    assert_eq!(source.counts().0, 1, "one range request for both readers");
+    // A span the run did not cover is fetched by whoever needs it.
+    let beyond = reader.index().spans[6].out_offset;
+    reader.read(beyond, 10).await.unwrap();
+    assert_eq!(source.counts().0, 2);
+}
+
+#[tokio::test]
+async fn a_read_waiting_for_a_run_that_fails_gets_its_error_without_fetching_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reader, source, a, _) = a_run_of_six_spans_under_way(dir.path(), true).await;
     // B waits for A's run (spans 0..=5); the run fails, and B gets its error: one request
     // (one retry budget, behind a real registry) for both.
     let at = reader.index().spans[3].out_offset + 10;
