@@ -504,7 +504,7 @@ impl super::ImageView {
         let Some(resolver) = resolver else {
             return Vec::new();
         };
-        // From the cache: no fetch.
+        // From the cache, just filled (a span evicted meanwhile is fetched again).
         let Ok(bytes) = reader.read(offset, len).await else {
             return Vec::new();
         };

@@ -254,8 +254,8 @@ impl ImageView {
     /// round trip instead of one per miss (python imports one module file after another).
     /// A Python module's bytecode then has the modules it imports fetched, and theirs
     /// (`imports.rs`). Then, the first time for its directory and layer, the directory's other
-    /// small files ([`SIBLINGS_BYTES`]). Not noted by the profile recorder (only reads are); failures are
-    /// left to the reads. Nothing is fetched once a startup profile is replayed
+    /// small files ([`SIBLINGS_BYTES`]). Not noted by the profile recorder (only reads are);
+    /// failures are left to the reads. Nothing is fetched once a startup profile is replayed
     /// ([`ImageView::set_profiled`]): the profile knows which of an opened file's bytes are read.
     pub async fn prefetch_file(&self, node: NodeId, limit: u64) {
         if self.profiled.load(Ordering::Relaxed) {
