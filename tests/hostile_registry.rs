@@ -1,8 +1,9 @@
 //! Registries that misbehave, against a real `docker-registry` process: one that answers 500 for
 //! a layer's bytes (through a faulty reverse proxy in front of it) must give EIO within the
 //! mount's read timeout, with the cause in the daemon's log, and serve again once it recovers;
-//! and an eStargz TOC one image vouches for must never serve another image that has the same
-//! layer blob but does not pin that TOC.
+//! an eStargz TOC one image vouches for must never serve another image that has the same
+//! layer blob but does not pin that TOC; and a mount of layers without any index returns
+//! while they stream, serves nothing before they are verified, and nothing of a corrupt one.
 //!
 //! Needs root and FUSE (test 1), and containerd with `ctr-remote` (test 2): a missing tool fails
 //! the test.
@@ -10,94 +11,13 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use common::faulty::{FaultyProxy, INJECTED};
 use common::mount::*;
 use common::*;
-
-/// A reverse proxy in front of a registry, one request per connection, that answers 500 to every
-/// request for one blob while `failing` is set, and relays everything else.
-struct FaultyProxy {
-    port: u16,
-    failing: Arc<AtomicBool>,
-    /// 500s answered so far.
-    failed: Arc<AtomicUsize>,
-}
-
-/// The body of the injected 500, so the daemon's log can be checked for the cause.
-const INJECTED: &str = "injected by the test proxy";
-
-impl FaultyProxy {
-    fn start(upstream: String, blob: &str) -> FaultyProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
-        let port = listener.local_addr().unwrap().port();
-        let failing = Arc::new(AtomicBool::new(false));
-        let failed = Arc::new(AtomicUsize::new(0));
-        let suffix = format!("/blobs/{blob}");
-        let (f, n) = (failing.clone(), failed.clone());
-        std::thread::spawn(move || {
-            for client in listener.incoming().flatten() {
-                let (f, n, up, suffix) = (f.clone(), n.clone(), upstream.clone(), suffix.clone());
-                std::thread::spawn(move || {
-                    let _ = relay(client, &up, &suffix, &f, &n);
-                });
-            }
-        });
-        FaultyProxy {
-            port,
-            failing,
-            failed,
-        }
-    }
-
-    fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
-
-/// Reads one request; answers 500 itself (a blob request while failing) or forwards it to
-/// `upstream` with `Connection: close` and pipes the answer back.
-fn relay(
-    client: TcpStream,
-    upstream: &str,
-    suffix: &str,
-    failing: &AtomicBool,
-    failed: &AtomicUsize,
-) -> std::io::Result<()> {
-    let mut reader = BufReader::new(client.try_clone()?);
-    let mut head = String::new();
-    reader.read_line(&mut head)?;
-    let mut parts = head.split_whitespace();
-    let method = parts.next().unwrap_or_default().to_string();
-    let target = parts.next().unwrap_or_default();
-    let path = target.split('?').next().unwrap_or_default().to_string();
-    let body = common::proxy::read_headers_and_body(&mut reader, &mut head)?;
-    let mut client = client;
-    if failing.load(Ordering::SeqCst) && path.ends_with(suffix) {
-        failed.fetch_add(1, Ordering::SeqCst);
-        let msg = format!(r#"{{"errors":[{{"code":"UNKNOWN","message":"{INJECTED}"}}]}}"#);
-        write!(
-            client,
-            "HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n",
-            msg.len()
-        )?;
-        if method != "HEAD" {
-            client.write_all(msg.as_bytes())?;
-        }
-        return client.shutdown(Shutdown::Write);
-    }
-    let mut up = TcpStream::connect(upstream)?;
-    up.write_all(head.as_bytes())?;
-    up.write_all(&body)?;
-    std::io::copy(&mut up, &mut client)?;
-    client.shutdown(Shutdown::Both)
-}
 
 /// `stratafs mount --plain-http -o OPTS REF DIR`; asserts the mount is there.
 fn mount(cli: &Stratafs, reference: &str, dir: &Path, opts: &str) {
@@ -155,7 +75,7 @@ fn a_registry_answering_500_gives_eio_within_the_read_timeout() {
     let meta = std::fs::metadata(&file).expect("stat data/big (metadata is local)");
     assert_eq!(meta.len(), big.len() as u64);
 
-    proxy.failing.store(true, Ordering::SeqCst);
+    proxy.faults.failing.store(true, Ordering::SeqCst);
     let started = Instant::now();
     let p = file.clone();
     let result = within(Duration::from_secs(60), move || std::fs::read(p))
@@ -170,7 +90,7 @@ fn a_registry_answering_500_gives_eio_within_the_read_timeout() {
         Err(e) => assert_eq!(e.raw_os_error(), Some(EIO), "data/big: {e}"),
     }
     assert!(
-        proxy.failed.load(Ordering::SeqCst) > 0,
+        proxy.faults.failed.load(Ordering::SeqCst) > 0,
         "the proxy answered no 500: the read failed for another reason"
     );
     // The whole read, the kernel's immediate retry included, ends within the read timeout.
@@ -180,7 +100,7 @@ fn a_registry_answering_500_gives_eio_within_the_read_timeout() {
     );
     eprintln!(
         "EIO after {elapsed:?} ({} answers of 500)",
-        proxy.failed.load(Ordering::SeqCst)
+        proxy.faults.failed.load(Ordering::SeqCst)
     );
 
     // The daemon's log names the cause: the registry's 500, not a timeout.
@@ -203,8 +123,8 @@ fn a_registry_answering_500_gives_eio_within_the_read_timeout() {
     eprintln!("daemon log: {cause}");
 
     // The registry recovers: a fresh open and read gets the right bytes.
-    proxy.failing.store(false, Ordering::SeqCst);
-    let failed = proxy.failed.load(Ordering::SeqCst);
+    proxy.faults.failing.store(false, Ordering::SeqCst);
+    let failed = proxy.faults.failed.load(Ordering::SeqCst);
     let p = file.clone();
     let again = within(Duration::from_secs(60), move || std::fs::read(p))
         .expect("read hangs after the registry recovered");
@@ -215,7 +135,7 @@ fn a_registry_answering_500_gives_eio_within_the_read_timeout() {
             mount_logs(&cli.root())
         ),
     }
-    assert_eq!(proxy.failed.load(Ordering::SeqCst), failed);
+    assert_eq!(proxy.faults.failed.load(Ordering::SeqCst), failed);
     assert!(mount_at(&guard.dir).is_some(), "the mount went away");
     let out = run(
         cli.command().arg("umount").arg(&guard.dir),
@@ -385,4 +305,183 @@ fn an_estargz_toc_trusted_for_one_image_never_serves_another() {
         from_toc.display(),
         listing()
     );
+}
+
+/// A two-layer image without any index: a base layer with a large file, a small top layer.
+fn streamed_image(repo: &str, reg: &Registry) -> (Image, Vec<u8>) {
+    let big = bytes(11, 3_000_000 + 77);
+    let base = LayerBuilder::new()
+        .dir("data", 0o755)
+        .file("data/big", &big, 0o644)
+        .file("data/small", b"base\n", 0o644)
+        .build(Compression::Gzip);
+    let top = LayerBuilder::new()
+        .dir("etc", 0o755)
+        .file("etc/hello", b"hello from the top\n", 0o644)
+        .build(Compression::Gzip);
+    let image = ImageBuilder::new()
+        .layer(base)
+        .layer(top)
+        .build(ManifestFlavour::Oci);
+    reg.push_image(repo, "v1", &image, &Auth::None);
+    (image, big)
+}
+
+#[test]
+fn a_mount_without_an_index_returns_while_its_layers_stream() {
+    let reg = Registry::start(RegistryOpts::default());
+    let (image, big) = streamed_image("stream/held", &reg);
+    let base = image.layers[0].digest.clone();
+    // The base layer's bytes are held back until the test lets them through.
+    let proxy = FaultyProxy::start(reg.addr(), &base);
+    proxy.hold();
+    let reference = format!("{}/stream/held:v1", proxy.addr());
+    let cli = Stratafs::new();
+    let guard = MountGuard::new(Some(cli.root()));
+    let mut cmd = cli.command();
+    cmd.args([
+        "--log-level",
+        "info",
+        "mount",
+        "--plain-http",
+        "-o",
+        "nobackground",
+    ])
+    .arg(&reference)
+    .arg(&guard.dir);
+    let out = run(&mut cmd, MOUNT_TIMEOUT);
+    assert!(out.status.success(), "stratafs mount: {}", show(&out));
+    let out = String::from_utf8_lossy(&out.stdout);
+    // Returned with not one byte of the base layer delivered: the mount did not wait for it.
+    assert_eq!(proxy.faults.blob_bytes.load(Ordering::SeqCst), 0);
+    assert!(out.contains("without an index stream now"), "{out}");
+    assert!(wait_mounted(&guard.dir, Duration::from_secs(5)).is_some());
+    // The root answers at once; names wait for the layers.
+    assert!(std::fs::metadata(&guard.dir).unwrap().is_dir());
+    let (top, data) = (guard.path("etc/hello"), guard.path("data/big"));
+    let reader = std::thread::spawn(move || (std::fs::read(top), std::fs::read(data)));
+    proxy.wait_for_held_request();
+    // The base layer cannot have been verified: nothing of the image may have been served.
+    assert!(
+        !reader.is_finished(),
+        "a read finished before the base layer was delivered: {:?}",
+        reader
+            .join()
+            .map(|(a, b)| (a.map(|v| v.len()), b.map(|v| v.len())))
+    );
+    proxy.release();
+    let (hello, data) = reader.join().unwrap();
+    assert_eq!(hello.unwrap(), b"hello from the top\n");
+    assert!(data.unwrap() == big, "data/big differs");
+    let logs = cli.mount_logs();
+    assert!(logs.contains("layers open"), "{logs}");
+}
+
+#[test]
+fn a_corrupt_layer_without_an_index_fails_reads_and_leaves_nothing() {
+    let reg = Registry::start(RegistryOpts::default());
+    let (image, big) = streamed_image("stream/corrupt", &reg);
+    let base = image.layers[0].digest.clone();
+    let proxy = FaultyProxy::start(reg.addr(), &base);
+    proxy.faults.corrupting.store(true, Ordering::SeqCst);
+    let reference = format!("{}/stream/corrupt:v1", proxy.addr());
+    let cli = Stratafs::new();
+    let guard = MountGuard::new(Some(cli.root()));
+    mount(&cli, &reference, &guard.dir, "nobackground");
+    for path in ["etc/hello", "data/big", "data/small"] {
+        let p = guard.path(path);
+        let got = within(Duration::from_secs(60), move || std::fs::read(p))
+            .expect("read still blocked after 60 s");
+        match got {
+            Ok(got) => panic!("{path}: served {} bytes of a corrupt image", got.len()),
+            Err(e) => assert_eq!(e.raw_os_error(), Some(EIO), "{path}: {e}"),
+        }
+    }
+    assert!(proxy.faults.blob_bytes.load(Ordering::SeqCst) > 0);
+    let logs = cli.mount_logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("could not be opened"))
+        .unwrap_or_else(|| panic!("no line on the failed layers:\n{logs}"));
+    assert!(line.contains(&base) && line.contains("mismatch"), "{line}");
+    eprintln!("{line}");
+    // Nothing of the refused layer is kept: no index; no chunk of it is trusted later.
+    drop(guard);
+    let hex = base.strip_prefix("sha256:").unwrap();
+    let kept: Vec<_> = std::fs::read_dir(cli.root().join("layers"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains(hex))
+        .collect();
+    assert!(kept.is_empty(), "{kept:?}");
+    // The same store, straight from the registry: every byte right (nothing of the corrupt
+    // stream was kept as if it were the layer).
+    let direct = format!("{}/stream/corrupt:v1", reg.addr());
+    assert!(cli.cat(&direct, "data/big") == big, "data/big differs");
+    assert_eq!(cli.cat(&direct, "etc/hello"), b"hello from the top\n");
+}
+
+#[test]
+fn unmounting_while_layers_stream_ends_the_daemon() {
+    let reg = Registry::start(RegistryOpts::default());
+    let (image, _) = streamed_image("stream/gone", &reg);
+    let proxy = FaultyProxy::start(reg.addr(), &image.layers[0].digest);
+    proxy.hold();
+    let reference = format!("{}/stream/gone:v1", proxy.addr());
+    let cli = Stratafs::new();
+    let guard = MountGuard::new(Some(cli.root()));
+    mount(&cli, &reference, &guard.dir, "nobackground");
+    proxy.wait_for_held_request();
+    let pids = daemon_pids(&guard.dir);
+    assert!(!pids.is_empty(), "no daemon serves {}", guard.dir.display());
+    cli.ok(&["umount", guard.dir.to_str().unwrap()]);
+    assert!(
+        wait_gone(&pids, Duration::from_secs(20)),
+        "daemon still alive: {pids:?}"
+    );
+    assert!(mount_at(&guard.dir).is_none());
+    proxy.release();
+}
+
+/// The process serving the mount at `dir`, from `stratafs cache stats --json`.
+fn serving_pid(cli: &Stratafs, dir: &Path) -> Option<u32> {
+    let stats: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["cache", "stats", "--json"])).expect("cache stats --json");
+    let m = stats["mounts"]
+        .as_array()?
+        .iter()
+        .find(|m| m["mountpoint"].as_str() == dir.to_str())?;
+    Some(m["pid"].as_u64()? as u32)
+}
+
+#[test]
+fn a_serving_process_killed_while_layers_stream_is_replaced() {
+    let reg = Registry::start(RegistryOpts::default());
+    let (image, big) = streamed_image("stream/killed", &reg);
+    let proxy = FaultyProxy::start(reg.addr(), &image.layers[0].digest);
+    proxy.hold();
+    let reference = format!("{}/stream/killed:v1", proxy.addr());
+    let cli = Stratafs::new();
+    let guard = MountGuard::new(Some(cli.root()));
+    mount(&cli, &reference, &guard.dir, "nobackground");
+    let p = guard.path("data/big");
+    let reader = std::thread::spawn(move || std::fs::read(p));
+    proxy.wait_for_held_request();
+    let old = serving_pid(&cli, &guard.dir).expect("a serving process");
+    kill(old, "KILL");
+    assert!(
+        wait_gone(&[old], Duration::from_secs(10)),
+        "{old} still alive"
+    );
+    // The holder starts a process that streams the layers again and answers the read the
+    // dead one had taken.
+    proxy.release();
+    let got = within(Duration::from_secs(60), move || reader.join().unwrap())
+        .expect("read still blocked 60 s after the serving process was replaced");
+    assert!(got.expect("read data/big") == big, "data/big differs");
+    let new = serving_pid(&cli, &guard.dir).expect("a serving process");
+    assert_ne!(new, old);
+    assert!(alive(new));
 }

@@ -102,20 +102,23 @@ async fn open_image(
     Ok((image, count))
 }
 
-/// Serves Prometheus metrics for `view` at `--metrics-address`, if given: the bound address.
+/// Serves Prometheus metrics for the view of `slot` (once open) at `--metrics-address`, if
+/// given: the bound address.
 fn serve_metrics(
     ctx: &Context,
     args: &ServeArgs,
-    view: &Arc<ImageView>,
+    slot: Arc<fuse::ViewSlot>,
 ) -> Result<Option<String>, ServeError> {
     let Some(addr) = &args.metrics_address else {
         return Ok(None);
     };
-    let (view, chunks, cap) = (view.clone(), ctx.chunks.clone(), ctx.cache_cap);
+    let (chunks, cap) = (ctx.chunks.clone(), ctx.cache_cap);
     let collect: crate::metrics::Collector = Arc::new(move |m| {
-        for r in view.readers() {
-            let index = r.index();
-            m.layer(index.blob.as_ref(), index.size, r.cached_bytes());
+        if let Some(view) = slot.view() {
+            for r in view.readers() {
+                let index = r.index();
+                m.layer(index.blob.as_ref(), index.size, r.cached_bytes());
+            }
         }
         if let Some(bytes) = chunks.usage_bytes() {
             m.cache_bytes.set(bytes as i64);
@@ -129,20 +132,15 @@ fn serve_metrics(
     Ok(Some(bound.to_string()))
 }
 
-/// The serving process of a new mount: open, mount, hand the connection to the holder, serve
-/// until unmounted or signalled.
-pub async fn serve(
-    ctx: Context,
+/// Opens the view of `image`'s first `count` layers, telling the waiting parent how far the
+/// streaming of layers without a usable index has come (a published index that cannot be
+/// fetched falls back to streaming).
+async fn open_reporting(
+    ctx: &Context,
     args: &ServeArgs,
-    mountpoint: &Path,
-    link: Link,
-    signals: Signals,
-) -> Result<(), ServeError> {
-    let options = &args.options;
-    keep_large_buffers_off_the_heap();
-    let started = Instant::now();
-    let (image, count) = open_image(&ctx, args).await?;
-    // Opening streams the layers that have no usable index: tell the waiting parent how far.
+    image: &crate::image::ImageRecord,
+    count: usize,
+) -> Result<Arc<ImageView>, ServeError> {
     let reporter = args.notify.then(|| {
         let meter = ctx.layers.fetch_meter();
         let start = meter.total();
@@ -156,24 +154,28 @@ pub async fn serve(
             }
         })
     });
-    let opened = ImageView::open_chain(&ctx.layers, &image, count).await;
+    let opened = ImageView::open_chain(&ctx.layers, image, count).await;
     if let Some(r) = reporter {
         r.abort();
     }
-    let view = Arc::new(opened?);
+    Ok(Arc::new(opened?))
+}
+
+/// Sets an open view going (neighbours, imports as configured) and starts its startup
+/// profile's replay and recording: the workload's reads come next.
+fn start_view(
+    ctx: &Context,
+    image: &crate::image::ImageRecord,
+    chain: Option<&oci_spec::image::Digest>,
+    view: &Arc<ImageView>,
+) -> Option<crate::profile::Session> {
     view.fetch_neighbours();
     view.follow_imports(ctx.config.mount.follow_imports);
-    // Replay starts as soon as the view is open, while the kernel mounts it: the workload's
-    // reads come next. (A mount that fails ends this process, replay and all.)
     let m = &ctx.config.mount;
-    let mounted_chain = image
-        .layers
-        .get(count.wrapping_sub(1))
-        .map(|l| l.chain_id.clone());
-    let profile = mounted_chain.as_ref().map(|chain| {
+    chain.map(|chain| {
         crate::profile::Session::start(
             view.clone(),
-            &image,
+            image,
             chain,
             &ctx.store,
             ctx.client.clone(),
@@ -183,8 +185,47 @@ pub async fn serve(
                 parallel: m.profile_parallel,
             },
         )
-    });
-    let metrics = serve_metrics(&ctx, args, &view)?;
+    })
+}
+
+/// The serving process of a new mount: open, mount, hand the connection to the holder, serve
+/// until unmounted or signalled.
+///
+/// An image whose layers all have a usable index is opened first (indexes and TOCs fetched)
+/// and mounted when its tree exists, so a failure is the mount's error. One with layers that
+/// have none is mounted at once: those layers stream (in parallel) while the mount's
+/// requests wait for the tree ([`fuse::ViewSlot`]); if they cannot be opened, every request
+/// fails with EIO and the daemon's log says why, until the mount is unmounted.
+pub async fn serve(
+    ctx: Context,
+    args: &ServeArgs,
+    mountpoint: &Path,
+    link: Link,
+    mut signals: Signals,
+) -> Result<(), ServeError> {
+    let options = &args.options;
+    keep_large_buffers_off_the_heap();
+    let started = Instant::now();
+    let (image, count) = open_image(&ctx, args).await?;
+    let mounted_chain = image
+        .layers
+        .get(count.wrapping_sub(1))
+        .map(|l| l.chain_id.clone());
+    let streaming = image.layers[..count]
+        .iter()
+        .filter(|l| ctx.layers.streams(l))
+        .count();
+    let (slot, mut profile) = if streaming == 0 {
+        let view = open_reporting(&ctx, args, &image, count).await?;
+        // Replay starts as soon as the view is open, while the kernel mounts it. (A mount
+        // that fails ends this process, replay and all.)
+        let profile = start_view(&ctx, &image, mounted_chain.as_ref(), &view);
+        (fuse::ViewSlot::ready(view), profile)
+    } else {
+        tracing::info!(image = %image.name, "{streaming} of {count} layers have no usable index: mounting at once; requests wait while they stream");
+        (fuse::ViewSlot::opening(), None)
+    };
+    let metrics = serve_metrics(&ctx, args, slot.clone())?;
     let root = ctx.store.root().to_path_buf();
     let log_path = super::backing_log_path(&root, mountpoint);
     let backings = fuse::OpenLog::create(&log_path).map_err(|source| ServeError::OpenLog {
@@ -192,7 +233,8 @@ pub async fn serve(
         source,
     })?;
     let mut mounted = fuse::mount(
-        view.clone(),
+        &image.name,
+        slot.clone(),
         tokio::runtime::Handle::current(),
         mountpoint,
         options,
@@ -206,11 +248,12 @@ pub async fn serve(
     )
     .await;
     if !matches!(answered, Ok(Ok(Ok(_)))) {
+        slot.fail("the mount did not answer".into());
         let _ = fuse::unmount(mountpoint, true);
         mounted.join();
         return Err(ServeError::NoAnswer(mountpoint.to_path_buf()));
     }
-    let record = MountRecord {
+    let mut record = MountRecord {
         mountpoint: mountpoint.to_path_buf(),
         image: image.name.clone(),
         chain_id: mounted_chain
@@ -225,18 +268,26 @@ pub async fn serve(
         metrics: metrics.clone(),
         holder: Some(link.holder),
         passthrough: mounted.passthrough,
-        tree: view.tree.fingerprint(),
+        // Empty while the layers stream: no inode but the root's has been handed out yet.
+        tree: slot
+            .view()
+            .map(|v| v.tree.fingerprint())
+            .unwrap_or_default(),
         served: Some((image.clone(), count)),
     };
     let metrics = metrics
         .map(|a| format!(", metrics at http://{a}/metrics"))
         .unwrap_or_default();
+    let what = match slot.view() {
+        Some(view) => format!("{count} layers, {} inodes", view.tree.inodes()),
+        None => format!(
+            "{count} layers; {streaming} without an index stream now, and reads wait for them"
+        ),
+    };
     let message = format!(
-        "mounted {} at {} ({} layers, {} inodes) in {} ms{metrics} (serving pid {})",
+        "mounted {} at {} ({what}) in {} ms{metrics} (serving pid {})",
         image.name,
         mountpoint.display(),
-        count,
-        view.tree.inodes(),
         started.elapsed().as_millis(),
         std::process::id()
     );
@@ -262,6 +313,45 @@ pub async fn serve(
             let _ = nix::unistd::dup2_stdout(&null);
         }
     }
+    let view = match slot.view() {
+        Some(view) => view,
+        None => {
+            let opened = tokio::select! {
+                opened = ImageView::open_chain(&ctx.layers, &image, count) => opened,
+                clean = wait_for_end(&ctx, &mut mounted, mountpoint, &mut signals, &slot) => {
+                    return ended(&ctx, mountpoint, clean);
+                }
+            };
+            match opened {
+                Ok(view) => {
+                    let view = Arc::new(view);
+                    // Recorded before any request is answered from the tree: a process taking
+                    // over must serve this one.
+                    record.tree = view.tree.fingerprint();
+                    if let Err(e) = super::write_record(&root, &record) {
+                        tracing::warn!(error = %e, "cannot record the mount");
+                    }
+                    tracing::info!(
+                        "{}: layers open, {} inodes, {} ms after the mount started",
+                        mountpoint.display(),
+                        view.tree.inodes(),
+                        started.elapsed().as_millis()
+                    );
+                    profile = start_view(&ctx, &image, mounted_chain.as_ref(), &view);
+                    slot.set(view.clone());
+                    view
+                }
+                Err(e) => {
+                    let why = format!("{}: {}", image.name, super::control::chain(&e));
+                    tracing::error!("{}: {why}", mountpoint.display());
+                    slot.fail(why);
+                    let clean =
+                        wait_for_end(&ctx, &mut mounted, mountpoint, &mut signals, &slot).await;
+                    return ended(&ctx, mountpoint, clean);
+                }
+            }
+        }
+    };
     let profile_done = async move {
         if let Some(p) = profile {
             p.finish().await;
@@ -271,12 +361,23 @@ pub async fn serve(
         &ctx,
         args,
         &view,
+        &slot,
         &mut mounted,
-        mountpoint,
-        signals,
+        &mut signals,
         profile_done,
     )
     .await
+}
+
+/// The end of a mount: its record goes if it was unmounted; a failed session (still mounted)
+/// is an error, and the holder starts a process that takes the connection over.
+fn ended(ctx: &Context, mountpoint: &Path, clean: bool) -> Result<(), ServeError> {
+    if !clean {
+        return Err(ServeError::Session(mountpoint.to_path_buf()));
+    }
+    super::remove_record(ctx.store.root(), mountpoint);
+    tracing::info!("unmounted {}", mountpoint.display());
+    Ok(())
 }
 
 /// A serving process started by the holder after the previous one died: serve the same
@@ -287,7 +388,7 @@ pub async fn take_over(
     mountpoint: &Path,
     link: Link,
     device: std::os::fd::OwnedFd,
-    signals: Signals,
+    mut signals: Signals,
 ) -> Result<(), ServeError> {
     let options = &args.options;
     keep_large_buffers_off_the_heap();
@@ -311,7 +412,11 @@ pub async fn take_over(
     let view = Arc::new(ImageView::open_chain(&ctx.layers, &image, count).await?);
     view.fetch_neighbours();
     view.follow_imports(ctx.config.mount.follow_imports);
-    if view.tree.fingerprint() != record.tree {
+    // No fingerprint: the previous process died while the layers streamed, before it
+    // answered from any tree.
+    if record.tree.is_empty() {
+        record.tree = view.tree.fingerprint();
+    } else if view.tree.fingerprint() != record.tree {
         cannot(format!(
             "{} builds a different tree than the one the mount serves (inode numbers would change)",
             image.name
@@ -332,7 +437,8 @@ pub async fn take_over(
     };
     record.pid = std::process::id();
     record.holder = Some(link.holder);
-    record.metrics = serve_metrics(&ctx, args, &view)?;
+    let slot = fuse::ViewSlot::ready(view.clone());
+    record.metrics = serve_metrics(&ctx, args, slot.clone())?;
     if let Err(e) = super::write_record(&root, &record) {
         tracing::warn!(error = %e, "cannot record the mount");
     }
@@ -349,9 +455,9 @@ pub async fn take_over(
         &ctx,
         args,
         &view,
+        &slot,
         &mut mounted,
-        mountpoint,
-        signals,
+        &mut signals,
         async {},
     )
     .await
@@ -362,11 +468,12 @@ async fn run_until_end(
     ctx: &Context,
     args: &ServeArgs,
     view: &Arc<ImageView>,
+    slot: &fuse::ViewSlot,
     mounted: &mut fuse::Mounted,
-    mountpoint: &Path,
-    signals: Signals,
+    signals: &mut Signals,
     finish: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    let mountpoint = &mounted.mountpoint.clone();
     let background = args
         .background
         .unwrap_or(ctx.config.mount.background_fetch)
@@ -378,18 +485,12 @@ async fn run_until_end(
             };
             tokio::spawn(crate::prefetch::prefetch(view.clone(), settings))
         });
-    let clean = wait_for_end(ctx, mounted, mountpoint, signals).await;
+    let clean = wait_for_end(ctx, mounted, mountpoint, signals, slot).await;
     if let Some(task) = background {
         task.abort();
     }
     finish.await;
-    if !clean {
-        // Not unmounted: the holder starts a process that takes the connection over.
-        return Err(ServeError::Session(mountpoint.to_path_buf()));
-    }
-    super::remove_record(ctx.store.root(), mountpoint);
-    tracing::info!("unmounted {}", mountpoint.display());
-    Ok(())
+    ended(ctx, mountpoint, clean)
 }
 
 /// The signals a serving process answers, handled from its start: SIGTERM/SIGINT unmount,
@@ -414,17 +515,15 @@ impl Signals {
 
 /// Serves until the session ends (unmounted from outside) or a signal asks to stop; saves
 /// the fetched-byte counters every second. False if the session failed (still mounted).
+/// Requests still waiting for the view of `slot` fail when the mount ends.
 async fn wait_for_end(
     ctx: &Context,
     mounted: &mut fuse::Mounted,
     mountpoint: &Path,
-    signals: Signals,
+    signals: &mut Signals,
+    slot: &fuse::ViewSlot,
 ) -> bool {
-    let Signals {
-        mut term,
-        mut int,
-        mut usr1,
-    } = signals;
+    let Signals { term, int, usr1 } = signals;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut last_save = Instant::now();
     loop {
@@ -451,6 +550,7 @@ async fn wait_for_end(
         }
     }
     tracing::info!("signalled: unmounting {}", mountpoint.display());
+    slot.fail("the mount is ending".into());
     if let Err(e) = fuse::unmount(mountpoint, false) {
         tracing::warn!(error = %e, "unmount failed; detaching lazily");
         let _ = fuse::unmount(mountpoint, true);

@@ -361,6 +361,23 @@ impl Layers {
         Ok((self.build(image, layer).await?, true))
     }
 
+    /// Whether opening `layer` streams its whole blob: no index of it is stored and the image
+    /// pins none that this store may use (a pinned one that cannot be fetched is streamed
+    /// too, but that is not known before trying).
+    pub fn streams(&self, layer: &LayerRecord) -> bool {
+        let stored = self.indexes.get(&layer.digest, None).ok().flatten();
+        if stored.is_some_and(|i| {
+            i.diff_id == layer.diff_id && i.blob_size == layer.size && self.indexes.has_windows(&i)
+        }) {
+            return false;
+        }
+        let usable_pin = match pinned_index(layer).filter(|_| self.settings.published) {
+            Some((_, bound)) => bound || self.settings.unbound_referrers,
+            None => false,
+        };
+        !usable_pin && toc_pin(layer).is_none()
+    }
+
     /// The published index `pin` of `layer`: stored, or fetched, checked and stored now.
     /// `None` (with a warning) when it cannot be used: the layer is then indexed otherwise.
     async fn published_index(

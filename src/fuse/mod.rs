@@ -39,10 +39,12 @@ use crate::tree::{FileType, Node, NodeId, ROOT};
 mod mounts;
 mod openlog;
 mod session;
+mod slot;
 
 pub use mounts::{mount_entries, mount_state, MountEntry, MountState};
 pub use openlog::{OpenLog, OpenMode};
 pub use session::{mount, take_over, unmount, Mounted};
+pub use slot::ViewSlot;
 
 /// The kernel may cache names and attributes for this long: the tree never changes.
 const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -149,7 +151,8 @@ impl MountOptions {
 
 /// The filesystem the kernel talks to.
 pub struct StrataFs {
-    view: Arc<ImageView>,
+    /// The view served, once open (requests wait for it: [`ViewSlot`]).
+    slot: Arc<ViewSlot>,
     runtime: tokio::runtime::Handle,
     options: MountOptions,
     /// Set in `init` when the kernel accepted FUSE passthrough.
@@ -163,8 +166,6 @@ pub struct StrataFs {
     /// passthrough (sharing one backing id) or all through the daemon.
     opens: Arc<Mutex<HashMap<u64, Opens>>>,
     next_fh: AtomicU64,
-    /// (4 KiB blocks, inodes) of the tree, for statfs: the tree never changes.
-    statfs: (u64, u64),
     /// Reads served so far (the background fetcher yields while this moves).
     reads: Arc<AtomicU64>,
     /// Open files (handles) whose last read failed with EIO (timed out, or the registry's
@@ -195,22 +196,14 @@ fn remember_failure(failed: &Mutex<HashMap<u64, std::time::Instant>>, fh: u64) {
 
 impl StrataFs {
     pub fn new(
-        view: Arc<ImageView>,
+        slot: Arc<ViewSlot>,
         runtime: tokio::runtime::Handle,
         options: MountOptions,
         log: Option<Arc<OpenLog>>,
         inherited: HashMap<u64, OpenMode>,
     ) -> StrataFs {
-        let tree = &view.tree;
-        let blocks = tree
-            .walk()
-            .into_iter()
-            .map(|id| tree.node(id).size.div_ceil(4096))
-            .sum();
-        let statfs = (blocks, tree.inodes() as u64);
         StrataFs {
-            statfs,
-            view,
+            slot,
             runtime,
             options,
             passthrough: Arc::default(),
@@ -225,12 +218,11 @@ impl StrataFs {
         }
     }
 
-    fn node(&self, ino: INodeNo) -> Result<NodeId, Errno> {
-        self.view.tree.by_ino(ino.0).ok_or(Errno::ENOENT)
-    }
-
-    fn attr(&self, id: NodeId) -> FileAttr {
-        attr_of(self.view.tree.node(id))
+    /// The view (waiting while it opens) and the node of inode `ino` in it.
+    fn node(&self, ino: INodeNo) -> Result<(Arc<ImageView>, NodeId), Errno> {
+        let view = self.slot.wait()?.view.clone();
+        let id = view.tree.by_ino(ino.0).ok_or(Errno::ENOENT)?;
+        Ok((view, id))
     }
 }
 
@@ -312,19 +304,18 @@ impl Filesystem for StrataFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         op("lookup");
-        let parent = match self.node(parent) {
+        let (view, parent) = match self.node(parent) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
         };
-        let child = name
-            .to_str()
-            .and_then(|name| self.view.tree.child(parent, name));
+        let tree = &view.tree;
+        let child = name.to_str().and_then(|name| tree.child(parent, name));
         match child {
-            Some(id) => reply.entry_with_ttls(&TTL, &TTL, &self.attr(id), Generation(0)),
+            Some(id) => reply.entry_with_ttls(&TTL, &TTL, &attr_of(tree.node(id)), Generation(0)),
             None => {
                 // Inode 0 with a TTL: the kernel caches the negative entry (the tree never
                 // changes), sparing the daemon repeated misses (PATH and import searches).
-                let mut attr = self.attr(ROOT);
+                let mut attr = attr_of(tree.node(ROOT));
                 attr.ino = INodeNo(0);
                 reply.entry_with_ttls(&TTL, &TTL, &attr, Generation(0))
             }
@@ -333,25 +324,49 @@ impl Filesystem for StrataFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         op("getattr");
+        if ino == INodeNo::ROOT && self.slot.is_opening() {
+            // The mount is probed (and stat'ed) before its layers are open: the root's
+            // attributes, not to be cached, stand in until the tree's own.
+            let attr = FileAttr {
+                ino,
+                size: 4096,
+                blocks: 8,
+                atime: UNIX_EPOCH,
+                mtime: UNIX_EPOCH,
+                ctime: UNIX_EPOCH,
+                crtime: UNIX_EPOCH,
+                kind: fuser::FileType::Directory,
+                perm: 0o755,
+                nlink: 2,
+                uid: 0,
+                gid: 0,
+                rdev: 0,
+                blksize: 4096,
+                flags: 0,
+            };
+            return reply.attr(&Duration::ZERO, &attr);
+        }
         match self.node(ino) {
-            Ok(id) => reply.attr(&TTL, &self.attr(id)),
+            Ok((view, id)) => reply.attr(&TTL, &attr_of(view.tree.node(id))),
             Err(e) => reply.error(e),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         op("readlink");
-        match self.node(ino).map(|id| &self.view.tree.node(id).file_type) {
-            Ok(FileType::Symlink(target)) => reply.data(target.as_bytes()),
-            Ok(_) => reply.error(Errno::EINVAL),
+        match self.node(ino) {
+            Ok((view, id)) => match &view.tree.node(id).file_type {
+                FileType::Symlink(target) => reply.data(target.as_bytes()),
+                _ => reply.error(Errno::EINVAL),
+            },
             Err(e) => reply.error(e),
         }
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         op("open");
-        let id = match self.node(ino) {
-            Ok(id) => id,
+        let (view, id) = match self.node(ino) {
+            Ok(found) => found,
             Err(e) => return reply.error(e),
         };
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
@@ -359,7 +374,7 @@ impl Filesystem for StrataFs {
         }
         let fh = FileHandle(self.next_fh.fetch_add(1, Ordering::Relaxed));
         if self.options.open_prefetch > 0 {
-            let (view, limit) = (self.view.clone(), self.options.open_prefetch);
+            let (view, limit) = (view.clone(), self.options.open_prefetch);
             self.runtime
                 .spawn(async move { view.prefetch_file(id, limit).await });
         }
@@ -393,7 +408,6 @@ impl Filesystem for StrataFs {
             }
         }
         // Looking for (or assembling) a local copy reads the disk: not on the dispatch thread.
-        let view = self.view.clone();
         let opens = self.opens.clone();
         let log = self.log.clone();
         self.runtime.spawn(async move {
@@ -459,8 +473,8 @@ impl Filesystem for StrataFs {
         reply: ReplyData,
     ) {
         op("read");
-        let id = match self.node(ino) {
-            Ok(id) => id,
+        let (view, id) = match self.node(ino) {
+            Ok(found) => found,
             Err(e) => return reply.error(e),
         };
         self.reads.fetch_add(1, Ordering::Relaxed);
@@ -473,7 +487,6 @@ impl Filesystem for StrataFs {
         if recent_timeout {
             return reply.error(Errno::EIO);
         }
-        let view = self.view.clone();
         let timeout = self.options.read_timeout;
         let timed_out = self.timed_out.clone();
         self.runtime.spawn(async move {
@@ -540,7 +553,9 @@ impl Filesystem for StrataFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.view.release(fh.0);
+        if let Some(view) = self.slot.view() {
+            view.release(fh.0);
+        }
         let mut opens = self.opens.lock().unwrap();
         if let Some(o) = opens.get_mut(&ino.0) {
             o.count = o.count.saturating_sub(1);
@@ -577,12 +592,12 @@ impl Filesystem for StrataFs {
         mut reply: ReplyDirectory,
     ) {
         op("readdir");
-        let entries = match self.dir_entries(ino) {
+        let (view, entries) = match self.dir_entries(ino) {
             Ok(e) => e,
             Err(e) => return reply.error(e),
         };
         for (i, (name, id)) in entries.into_iter().enumerate().skip(offset as usize) {
-            let attr = self.attr(id);
+            let attr = attr_of(view.tree.node(id));
             if reply.add(attr.ino, i as u64 + 1, attr.kind, name) {
                 break;
             }
@@ -599,12 +614,12 @@ impl Filesystem for StrataFs {
         mut reply: ReplyDirectoryPlus,
     ) {
         op("readdirplus");
-        let entries = match self.dir_entries(ino) {
+        let (view, entries) = match self.dir_entries(ino) {
             Ok(e) => e,
             Err(e) => return reply.error(e),
         };
         for (i, (name, id)) in entries.into_iter().enumerate().skip(offset as usize) {
-            let attr = self.attr(id);
+            let attr = attr_of(view.tree.node(id));
             if reply.add(attr.ino, i as u64 + 1, name, &TTL, &attr, Generation(0)) {
                 break;
             }
@@ -614,19 +629,22 @@ impl Filesystem for StrataFs {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         op("statfs");
-        let (blocks, inodes) = self.statfs;
+        let (blocks, inodes) = match self.slot.wait() {
+            Ok(served) => served.statfs,
+            Err(e) => return reply.error(e),
+        };
         reply.statfs(blocks, 0, 0, inodes, 0, 4096, 255, 4096);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         op("getxattr");
-        let id = match self.node(ino) {
-            Ok(id) => id,
+        let (view, id) = match self.node(ino) {
+            Ok(found) => found,
             Err(e) => return reply.error(e),
         };
         let value = name
             .to_str()
-            .and_then(|name| self.view.tree.node(id).xattrs.get(name));
+            .and_then(|name| view.tree.node(id).xattrs.get(name));
         match value {
             None => reply.error(Errno::ENODATA),
             Some(v) => xattr_reply(reply, size, v),
@@ -635,12 +653,12 @@ impl Filesystem for StrataFs {
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         op("listxattr");
-        let id = match self.node(ino) {
-            Ok(id) => id,
+        let (view, id) = match self.node(ino) {
+            Ok(found) => found,
             Err(e) => return reply.error(e),
         };
         let mut names = Vec::new();
-        for name in self.view.tree.node(id).xattrs.keys() {
+        for name in view.tree.node(id).xattrs.keys() {
             names.extend_from_slice(name.as_bytes());
             names.push(0);
         }
@@ -660,15 +678,17 @@ impl Filesystem for StrataFs {
 
 impl StrataFs {
     /// `.`, `..` and the children of directory `ino`, in a stable order.
-    fn dir_entries(&self, ino: INodeNo) -> Result<Vec<(String, NodeId)>, Errno> {
-        let id = self.node(ino)?;
-        let n = self.view.tree.node(id);
+    /// The view and the entries of directory `ino` in it.
+    #[allow(clippy::type_complexity)]
+    fn dir_entries(&self, ino: INodeNo) -> Result<(Arc<ImageView>, Vec<(String, NodeId)>), Errno> {
+        let (view, id) = self.node(ino)?;
+        let n = view.tree.node(id);
         if n.file_type != FileType::Dir {
             return Err(Errno::ENOTDIR);
         }
         let mut out = vec![(".".to_string(), id), ("..".to_string(), n.parent)];
         out.extend(n.children.iter().map(|(name, c)| (name.clone(), *c)));
-        Ok(out)
+        Ok((view, out))
     }
 }
 

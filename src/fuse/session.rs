@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use fuser::InitFlags;
 
-use super::{FuseError, MountOptions, OpenLog, StrataFs, MAX_READAHEAD};
+use super::{FuseError, MountOptions, OpenLog, StrataFs, ViewSlot, MAX_READAHEAD};
 use crate::fs::ImageView;
 
 /// A live mount: the session threads and a way to end them.
@@ -23,10 +23,12 @@ pub struct Mounted {
     thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
 }
 
-/// Mounts `view` at `mountpoint` and starts serving it on `options.threads` threads. Backing
-/// ids are recorded in `backings` when given (for a process that may take over).
+/// Mounts image `name` at `mountpoint` and starts serving the view of `slot` on
+/// `options.threads` threads (requests wait while it opens). Backing ids are recorded in
+/// `backings` when given (for a process that may take over).
 pub fn mount(
-    view: Arc<ImageView>,
+    name: &str,
+    slot: Arc<ViewSlot>,
     runtime: tokio::runtime::Handle,
     mountpoint: &Path,
     options: &MountOptions,
@@ -65,7 +67,7 @@ pub fn mount(
         flags |= MsFlags::MS_NOEXEC;
     }
     nix::mount::mount(
-        Some(view.name.as_str()),
+        Some(name),
         mountpoint,
         Some("fuse.stratafs"),
         flags,
@@ -79,7 +81,7 @@ pub fn mount(
         let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
         fail(format!("cannot duplicate the FUSE descriptor: {e}"))
     })?;
-    let fs = StrataFs::new(view, runtime, options.clone(), backings, HashMap::new());
+    let fs = StrataFs::new(slot, runtime, options.clone(), backings, HashMap::new());
     let (reads, passthrough) = (fs.reads.clone(), fs.passthrough.clone());
     let session = session(fs, fd, options).map_err(|e| {
         let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
@@ -112,7 +114,7 @@ pub fn take_over(
     let mut options = options.clone();
     options.passthrough = passthrough;
     let fs = StrataFs::new(
-        view,
+        ViewSlot::ready(view),
         runtime,
         options.clone(),
         Some(Arc::new(log)),

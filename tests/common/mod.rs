@@ -14,6 +14,7 @@
 //! * [`prometheus`]: a real Prometheus server scraping one target.
 //! * [`snapshotter`]: a `stratafs snapshotter` process per test.
 //! * [`cri`]: a small client of containerd's CRI gRPC API (what kubelet speaks).
+//! * [`faulty`]: a reverse proxy that fails, holds or corrupts one blob's answers.
 //! * [`mount`]: commands with deadlines, the mount table, a mount's daemon processes, and a
 //!   guard that always leaves a mountpoint unmounted.
 //!
@@ -25,6 +26,7 @@
 pub mod cli;
 pub mod containerd;
 pub mod cri;
+pub mod faulty;
 pub mod hostfs;
 pub mod image;
 pub mod mount;
