@@ -378,7 +378,7 @@ fn a_mount_without_an_index_returns_while_its_layers_stream() {
 }
 
 #[test]
-fn a_corrupt_layer_without_an_index_fails_reads_and_leaves_nothing() {
+fn a_corrupt_layer_without_an_index_fails_reads_keeps_nothing_and_recovers() {
     let reg = Registry::start(RegistryOpts::default());
     let (image, big) = streamed_image("stream/corrupt", &reg);
     let base = image.layers[0].digest.clone();
@@ -405,22 +405,40 @@ fn a_corrupt_layer_without_an_index_fails_reads_and_leaves_nothing() {
         .unwrap_or_else(|| panic!("no line on the failed layers:\n{logs}"));
     assert!(line.contains(&base) && line.contains("mismatch"), "{line}");
     eprintln!("{line}");
-    // Nothing of the refused layer is kept: no index; no chunk of it is trusted later.
-    drop(guard);
+    // Nothing of the refused layer is kept: no index.
     let hex = base.strip_prefix("sha256:").unwrap();
-    let kept: Vec<_> = std::fs::read_dir(cli.root().join("layers"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|name| name.contains(hex))
-        .collect();
-    assert!(kept.is_empty(), "{kept:?}");
-    // The same store, straight from the registry: every byte right (nothing of the corrupt
-    // stream was kept as if it were the layer).
-    let direct = format!("{}/stream/corrupt:v1", reg.addr());
-    assert!(cli.cat(&direct, "data/big") == big, "data/big differs");
-    assert_eq!(cli.cat(&direct, "etc/hello"), b"hello from the top\n");
+    let kept = || -> Vec<String> {
+        std::fs::read_dir(cli.root().join("layers"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.contains(hex))
+            .collect()
+    };
+    assert!(kept().is_empty(), "{:?}", kept());
+
+    // The registry serves the right bytes again: a later request opens the layers again (each
+    // request until then fails at once), and every byte is right.
+    proxy.faults.corrupting.store(false, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let hello = loop {
+        match std::fs::read(guard.path("etc/hello")) {
+            Ok(got) => break got,
+            Err(e) => assert_eq!(e.raw_os_error(), Some(EIO), "etc/hello: {e}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still failing 30 s after the registry recovered"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(hello, b"hello from the top\n");
+    assert!(
+        std::fs::read(guard.path("data/big")).unwrap() == big,
+        "data/big differs"
+    );
+    assert!(!kept().is_empty(), "the verified layer's index is kept");
 }
 
 #[test]

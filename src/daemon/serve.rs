@@ -194,8 +194,8 @@ fn start_view(
 /// An image whose layers all have a usable index is opened first (indexes and TOCs fetched)
 /// and mounted when its tree exists, so a failure is the mount's error. One with layers that
 /// have none is mounted at once: those layers stream (in parallel) while the mount's
-/// requests wait for the tree ([`fuse::ViewSlot`]); if they cannot be opened, every request
-/// fails with EIO and the daemon's log says why, until the mount is unmounted.
+/// requests wait for the tree ([`fuse::ViewSlot`]); if they cannot be opened, requests fail
+/// with EIO (the daemon's log says why) until a later one asks for another try.
 pub async fn serve(
     ctx: Context,
     args: &ServeArgs,
@@ -248,7 +248,7 @@ pub async fn serve(
     )
     .await;
     if !matches!(answered, Ok(Ok(Ok(_)))) {
-        slot.fail("the mount did not answer".into());
+        slot.end();
         let _ = fuse::unmount(mountpoint, true);
         mounted.join();
         return Err(ServeError::NoAnswer(mountpoint.to_path_buf()));
@@ -315,7 +315,7 @@ pub async fn serve(
     }
     let view = match slot.view() {
         Some(view) => view,
-        None => {
+        None => loop {
             let opened = tokio::select! {
                 opened = ImageView::open_chain(&ctx.layers, &image, count) => opened,
                 clean = wait_for_end(&ctx, &mut mounted, mountpoint, &mut signals, &slot) => {
@@ -339,18 +339,22 @@ pub async fn serve(
                     );
                     profile = start_view(&ctx, &image, mounted_chain.as_ref(), &view);
                     slot.set(view.clone());
-                    view
+                    break view;
                 }
                 Err(e) => {
                     let why = format!("{}: {}", image.name, super::control::chain(&e));
                     tracing::error!("{}: {why}", mountpoint.display());
                     slot.fail(why);
-                    let clean =
-                        wait_for_end(&ctx, &mut mounted, mountpoint, &mut signals, &slot).await;
-                    return ended(&ctx, mountpoint, clean);
+                    // Requests fail until one asks for another open.
+                    tokio::select! {
+                        _ = slot.retry_wanted() => {}
+                        clean = wait_for_end(&ctx, &mut mounted, mountpoint, &mut signals, &slot) => {
+                            return ended(&ctx, mountpoint, clean);
+                        }
+                    }
                 }
             }
-        }
+        },
     };
     let profile_done = async move {
         if let Some(p) = profile {
@@ -550,7 +554,7 @@ async fn wait_for_end(
         }
     }
     tracing::info!("signalled: unmounting {}", mountpoint.display());
-    slot.fail("the mount is ending".into());
+    slot.end();
     if let Err(e) = fuse::unmount(mountpoint, false) {
         tracing::warn!(error = %e, "unmount failed; detaching lazily");
         let _ = fuse::unmount(mountpoint, true);

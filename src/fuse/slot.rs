@@ -9,8 +9,15 @@
 //! layer above it. Waiting blocks the dispatch thread that read the request (nothing else
 //! could be answered meanwhile); the root's attributes are answered at once, with no caching,
 //! so the mount can be probed.
+//!
+//! An open that fails (a registry error past its retries, a layer that does not match its
+//! digest) fails the requests waiting for it with EIO, and those of the next
+//! [`RETRY_AFTER`]; a request after that asks for another open ([`ViewSlot::retry_wanted`])
+//! and waits for it, as a read after a failed fetch waits for the registry again.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use fuser::Errno;
 
@@ -23,18 +30,28 @@ pub(super) struct Served {
     pub statfs: (u64, u64),
 }
 
+/// How long after a failed open requests fail at once, before one asks for another open.
+pub const RETRY_AFTER: Duration = Duration::from_secs(2);
+
 enum State {
     Opening,
     Ready(Arc<Served>),
-    Failed(String),
+    Failed {
+        why: String,
+        at: Instant,
+    },
+    /// The mount is ending: requests fail, and no open is tried again.
+    Ended,
 }
 
 /// A mount's view: opening, open, or failed to open (every request then fails with EIO).
 pub struct ViewSlot {
     state: Mutex<State>,
     changed: Condvar,
-    /// Whether the failure was logged (once, not per request).
-    told: std::sync::atomic::AtomicBool,
+    /// Whether the last failure was logged (once, not per request).
+    told: AtomicBool,
+    /// A request asked for another open after a failure.
+    retry: tokio::sync::Notify,
 }
 
 impl ViewSlot {
@@ -44,6 +61,7 @@ impl ViewSlot {
             state: Mutex::new(State::Opening),
             changed: Condvar::new(),
             told: Default::default(),
+            retry: tokio::sync::Notify::new(),
         })
     }
 
@@ -67,14 +85,34 @@ impl ViewSlot {
         self.changed.notify_all();
     }
 
-    /// The view will not open (`why`, logged at the first request after): requests fail
-    /// with EIO. Does nothing to a view already open.
+    /// The open failed (`why`, logged at the first request after): requests fail with EIO
+    /// until one asks for another open. Does nothing to a view already open.
     pub fn fail(&self, why: String) {
         let mut state = self.state.lock().unwrap();
         if matches!(*state, State::Opening) {
-            *state = State::Failed(why);
+            *state = State::Failed {
+                why,
+                at: Instant::now(),
+            };
+            self.told.store(false, Ordering::Relaxed);
             self.changed.notify_all();
         }
+    }
+
+    /// The mount ends: requests waiting for a view that is not open fail, and so do later
+    /// ones. Does nothing to a view already open.
+    pub fn end(&self) {
+        let mut state = self.state.lock().unwrap();
+        if !matches!(*state, State::Ready(_)) {
+            *state = State::Ended;
+            self.changed.notify_all();
+        }
+    }
+
+    /// Returns once a request asks for another open after a failure (the slot is opening
+    /// again by then).
+    pub async fn retry_wanted(&self) {
+        self.retry.notified().await
     }
 
     /// The view, if it is open (never waits).
@@ -96,13 +134,20 @@ impl ViewSlot {
         loop {
             match &*state {
                 State::Ready(s) => return Ok(s.clone()),
-                State::Failed(why) => {
-                    use std::sync::atomic::Ordering;
+                State::Failed { at, .. } if at.elapsed() >= RETRY_AFTER => {
+                    tracing::info!("a request after a failed open: opening the layers again");
+                    *state = State::Opening;
+                    self.retry.notify_one();
+                }
+                State::Failed { why, .. } => {
                     if !self.told.swap(true, Ordering::Relaxed) {
-                        tracing::error!("every request fails with EIO: the mount's layers could not be opened: {why}");
+                        tracing::error!(
+                            "requests fail with EIO: the mount's layers could not be opened: {why}"
+                        );
                     }
                     return Err(Errno::EIO);
                 }
+                State::Ended => return Err(Errno::EIO),
                 State::Opening => state = self.changed.wait(state).unwrap(),
             }
         }
