@@ -422,6 +422,13 @@ fn is_package(tree: &Tree, dir: NodeId, tag: &str) -> bool {
 pub const MAX_FOLLOWED: usize = 4096;
 /// Fetches of imported modules under way at once, per mount.
 pub const IMPORT_FETCHES: usize = 8;
+/// The small files a module imports (each at most this size) are fetched together as soon as
+/// its bytecode is parsed, files that touch in the layer in one request: a package's modules
+/// lie side by side, and where each file is its own chunk (eStargz, zstd:chunked) one request
+/// per file made the walk wait for round trips, not for the link.
+const BATCH_FILE_MAX: u64 = 256 << 10;
+/// Requests of one module's batch in flight at once.
+const BATCH_PARALLEL: usize = 4;
 
 impl super::ImageView {
     /// Follows the imports of `root`, a module's bytecode just opened: fetches the files of
@@ -511,7 +518,48 @@ impl super::ImageView {
         let names = tokio::task::spawn_blocking(move || pyc_names(&bytes))
             .await
             .unwrap_or_default();
-        resolver.files(&names)
+        let found = resolver.files(&names);
+        self.fetch_batch(&found).await;
+        found
+    }
+
+    /// Fetches the small files among `files` that the walk has not claimed yet and that are
+    /// not cached, those of a layer that touch in one request ([`BATCH_FILE_MAX`]).
+    async fn fetch_batch(&self, files: &[NodeId]) {
+        use futures_util::StreamExt;
+        let mut runs: std::collections::BTreeMap<usize, Vec<(u64, u64)>> = Default::default();
+        {
+            let followed = self.imports_followed.lock().unwrap();
+            for &f in files.iter().filter(|f| !followed.contains(f)) {
+                let n = self.tree.node(f);
+                let Some((layer, offset)) = n.data.filter(|_| n.file_type == FileType::File) else {
+                    continue;
+                };
+                let reader = &self.readers[layer];
+                if n.size > 0
+                    && n.size <= BATCH_FILE_MAX
+                    && reader.index().random_access()
+                    && !reader.is_cached(offset, n.size)
+                {
+                    runs.entry(layer)
+                        .or_default()
+                        .push((offset, offset + n.size));
+                }
+            }
+        }
+        let requests = runs.into_iter().flat_map(|(layer, runs)| {
+            super::touching(runs)
+                .into_iter()
+                .map(move |(s, e)| (layer, s, e))
+        });
+        let mut fetches = futures_util::stream::iter(requests)
+            .map(|(layer, s, e)| self.readers[layer].prefetch(s, e - s))
+            .buffer_unordered(BATCH_PARALLEL);
+        while let Some(fetched) = fetches.next().await {
+            if let Err(e) = fetched {
+                tracing::debug!(error = %e, "fetch of imported modules failed");
+            }
+        }
     }
 }
 

@@ -176,6 +176,14 @@ impl Layers {
         self
     }
 
+    /// Spans of about `span` bytes in indexes built here (tests: a span per small file, as
+    /// eStargz and zstd:chunked chunks are).
+    #[cfg(test)]
+    pub(crate) fn with_span(mut self, span: u64) -> Layers {
+        self.span = span;
+        self
+    }
+
     fn limits(&self) -> Limits {
         Limits::from(&self.settings)
     }

@@ -87,6 +87,20 @@ const SIBLINGS_BYTES: u64 = 2 << 20;
 const SIBLING_MAX: u64 = 256 << 10;
 const SIBLING_FETCHES: usize = 2;
 
+/// Ranges `(start, end)` of a layer's tar stream merged where they touch — files a tar header
+/// apart (512 bytes, or a few for long names): one request each. Sorted by start.
+fn touching(mut runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    runs.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in runs {
+        match merged.last_mut() {
+            Some(last) if s <= last.1 + 4096 => last.1 = last.1.max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    merged
+}
+
 impl ImageView {
     /// Opens `image`: every layer's index (built if missing), merged base first.
     pub async fn open(layers: &Layers, image: &ImageRecord) -> Result<ImageView, FsError> {
@@ -355,15 +369,7 @@ impl ImageView {
                 runs.push((o, o + size));
             }
         }
-        // Files a tar header apart (512 bytes, or a few for long names) are one request.
-        runs.sort_unstable();
-        let mut merged: Vec<(u64, u64)> = Vec::new();
-        for (s, e) in runs {
-            match merged.last_mut() {
-                Some(last) if s <= last.1 + 4096 => last.1 = last.1.max(e),
-                _ => merged.push((s, e)),
-            }
-        }
+        let mut merged = touching(runs);
         merged.sort_by_key(|(s, _)| s.abs_diff(offset));
         for (s, e) in merged {
             if let Err(e) = reader.prefetch(s, e - s).await {

@@ -303,3 +303,69 @@ async fn an_open_of_a_modules_bytecode_fetches_the_modules_it_imports() {
     view.fetch_imports(root, 8 << 20).await;
     assert_eq!(registry.requests().ranges, before.ranges);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_modules_imports_that_lie_side_by_side_come_in_one_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(FakeRegistry::new());
+    let module = include_bytes!("testdata/example.cpython-311.pyc").to_vec();
+    let lib = "usr/lib/python3.11";
+    // What the module's body imports, side by side in the layer, each a few spans long (a
+    // span per few KiB, as chunks of eStargz or zstd:chunked are per file).
+    let imported = [
+        format!("{lib}/__pycache__/os.cpython-311.pyc"),
+        format!("{lib}/json/__pycache__/__init__.cpython-311.pyc"),
+        format!("{lib}/json/__pycache__/decoder.cpython-311.pyc"),
+        "app/pkg/__pycache__/sibling.cpython-311.pyc".to_string(),
+        "app/pkg/sub/__pycache__/__init__.cpython-311.pyc".to_string(),
+        "app/pkg/sub/__pycache__/leaf.cpython-311.pyc".to_string(),
+        "app/pkg/sub/other.cpython-311-x86_64-linux-gnu.so".to_string(),
+        "app/pkg/deep/__pycache__/__init__.cpython-311.pyc".to_string(),
+        "app/pkg/deep/__pycache__/mod.cpython-311.pyc".to_string(),
+    ];
+    let mut tree: Vec<(String, Vec<u8>)> = vec![
+        ("app/pkg/__init__.py".into(), Vec::new()),
+        ("app/pkg/sub/__init__.py".into(), Vec::new()),
+        ("app/pkg/deep/__init__.py".into(), Vec::new()),
+        (format!("{lib}/json/__init__.py"), Vec::new()),
+        ("app/pkg/__pycache__/example.cpython-311.pyc".into(), module),
+        ("filler/before".into(), noise(99, 1 << 20)),
+    ];
+    for (k, path) in imported.iter().enumerate() {
+        tree.push((path.clone(), noise(10 + k as u32, 20 << 10)));
+    }
+    tree.push(("filler/after".into(), noise(98, 1 << 20)));
+    let files: Vec<(&str, Vec<u8>)> = tree.iter().map(|(p, d)| (p.as_str(), d.clone())).collect();
+    push(&registry, &files);
+    let open_small = || async {
+        let record = pull(&registry, dir.path()).await;
+        let chunks = Arc::new(DiskChunks::open(dir.path()).unwrap());
+        let layers = Layers::new(
+            dir.path(),
+            registry.clone(),
+            Arc::new(Cache::new(chunks, 8)),
+        )
+        .with_span(8 << 10);
+        ImageView::open(&layers, &record).await.unwrap()
+    };
+    drop(open_small().await);
+    std::fs::remove_dir_all(crate::store::Layout::new(dir.path()).chunks()).unwrap();
+    let view = open_small().await;
+    view.follow_imports(true);
+    let root = view
+        .lookup("app/pkg/__pycache__/example.cpython-311.pyc")
+        .unwrap();
+    let before = registry.requests();
+    view.fetch_imports(root, 8 << 20).await;
+    let after = registry.requests();
+    for p in &imported {
+        assert!(cached(&view, p), "{p} imported but not fetched");
+    }
+    assert!(!cached(&view, "filler/before") && !cached(&view, "filler/after"));
+    // The module itself, then its nine imports together.
+    assert!(
+        after.ranges - before.ranges <= 2,
+        "{} requests for the module and its nine imports",
+        after.ranges - before.ranges
+    );
+}
