@@ -78,22 +78,11 @@ fn mounted(name: &str, bin: &Path) -> Env {
     }
 }
 
-/// (serving pid, holder pid) of the mount at `dir`, from `stratafs cache stats --json`.
-fn serving(cli: &Stratafs, dir: &Path) -> Option<(u32, u32)> {
-    let stats: serde_json::Value =
-        serde_json::from_str(&cli.ok(&["cache", "stats", "--json"])).expect("cache stats --json");
-    let m = stats["mounts"]
-        .as_array()?
-        .iter()
-        .find(|m| m["mountpoint"].as_str() == dir.to_str())?;
-    Some((m["pid"].as_u64()? as u32, m["holder"].as_u64()? as u32))
-}
-
 /// Waits until a process other than `old` serves `dir`; returns (pid, holder).
 fn next_server(cli: &Stratafs, dir: &Path, old: u32) -> (u32, u32) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some((pid, holder)) = serving(cli, dir).filter(|(p, _)| *p != old && alive(*p)) {
+        if let Some((pid, holder)) = cli.serving(dir).filter(|(p, _)| *p != old && alive(*p)) {
             return (pid, holder);
         }
         assert!(
@@ -296,7 +285,7 @@ const READERS: usize = 8;
 fn readers_see_no_error_while_the_serving_process_is_killed_ten_times() {
     let env = mounted("kill", Path::new(BIN));
     let dir = env.guard.dir.clone();
-    let (mut pid, holder) = serving(&env.cli, &dir).expect("the mount is listed");
+    let (mut pid, holder) = env.cli.serving(&dir).expect("the mount is listed");
     assert_ne!(pid, holder, "a holder and a separate serving process");
     let stop = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(AtomicUsize::new(0));
@@ -326,7 +315,7 @@ fn stratafs_upgrade_replaces_the_serving_binary_under_readers() {
     std::fs::copy(BIN, &bin).unwrap();
     let env = mounted("upgrade", &bin);
     let dir = env.guard.dir.clone();
-    let (pid, holder) = serving(&env.cli, &dir).expect("the mount is listed");
+    let (pid, holder) = env.cli.serving(&dir).expect("the mount is listed");
     let stop = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(AtomicUsize::new(0));
     let rx = readers(READERS, &dir, &env.files, &stop, &progress);
@@ -340,7 +329,7 @@ fn stratafs_upgrade_replaces_the_serving_binary_under_readers() {
     std::fs::set_permissions(&staged, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     std::fs::rename(&staged, &bin).unwrap();
     let out = env.cli.ok(&["upgrade", dir.to_str().unwrap()]);
-    let (next, same_holder) = serving(&env.cli, &dir).expect("still listed");
+    let (next, same_holder) = env.cli.serving(&dir).expect("still listed");
     assert_ne!(
         next, pid,
         "upgrade returned before another process served: {out}"
@@ -363,7 +352,7 @@ fn stratafs_upgrade_replaces_the_serving_binary_under_readers() {
 fn a_killed_holder_leaves_the_server_serving_and_a_later_crash_fails_reads_without_hanging() {
     let env = mounted("holder", Path::new(BIN));
     let dir = env.guard.dir.clone();
-    let (pid, holder) = serving(&env.cli, &dir).expect("the mount is listed");
+    let (pid, holder) = env.cli.serving(&dir).expect("the mount is listed");
     kill(holder, "KILL");
     assert!(
         wait_gone(&[holder], Duration::from_secs(10)),

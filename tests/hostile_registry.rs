@@ -463,17 +463,6 @@ fn unmounting_while_layers_stream_ends_the_daemon() {
     proxy.release();
 }
 
-/// The process serving the mount at `dir`, from `stratafs cache stats --json`.
-fn serving_pid(cli: &Stratafs, dir: &Path) -> Option<u32> {
-    let stats: serde_json::Value =
-        serde_json::from_str(&cli.ok(&["cache", "stats", "--json"])).expect("cache stats --json");
-    let m = stats["mounts"]
-        .as_array()?
-        .iter()
-        .find(|m| m["mountpoint"].as_str() == dir.to_str())?;
-    Some(m["pid"].as_u64()? as u32)
-}
-
 #[test]
 fn a_serving_process_killed_while_layers_stream_is_replaced() {
     let reg = Registry::start(RegistryOpts::default());
@@ -487,7 +476,7 @@ fn a_serving_process_killed_while_layers_stream_is_replaced() {
     let p = guard.path("data/big");
     let reader = std::thread::spawn(move || std::fs::read(p));
     proxy.wait_for_held_request();
-    let old = serving_pid(&cli, &guard.dir).expect("a serving process");
+    let old = cli.serving(&guard.dir).expect("a serving process").0;
     kill(old, "KILL");
     assert!(
         wait_gone(&[old], Duration::from_secs(10)),
@@ -499,7 +488,7 @@ fn a_serving_process_killed_while_layers_stream_is_replaced() {
     let got = within(Duration::from_secs(60), move || reader.join().unwrap())
         .expect("read still blocked 60 s after the serving process was replaced");
     assert!(got.expect("read data/big") == big, "data/big differs");
-    let new = serving_pid(&cli, &guard.dir).expect("a serving process");
+    let new = cli.serving(&guard.dir).expect("a serving process").0;
     assert_ne!(new, old);
     assert!(alive(new));
 }

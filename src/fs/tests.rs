@@ -240,15 +240,14 @@ async fn an_open_fetches_the_small_files_of_its_directory_ahead_once() {
     assert_eq!(registry.requests().ranges, after.ranges);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_open_of_a_modules_bytecode_fetches_the_modules_it_imports() {
-    let dir = tempfile::tempdir().unwrap();
-    let registry = Arc::new(FakeRegistry::new());
-    // The module imports os, json.decoder, .sibling, .sub (leaf, other), pkg.deep.mod; its
-    // function imports never_at_import_time and its class also_later (see imports.rs).
+/// The files a module's body imports (os, json.decoder, .sibling, .sub (leaf, other),
+/// pkg.deep.mod: `testdata/example.cpython-311.pyc`, see imports.rs; its function imports
+/// never_at_import_time and its class also_later), and a tree holding the module and the
+/// packages' `__init__.py` files (the imported files are the caller's to add).
+fn import_fixture() -> (Vec<String>, Vec<(String, Vec<u8>)>) {
     let module = include_bytes!("testdata/example.cpython-311.pyc").to_vec();
     let lib = "usr/lib/python3.11";
-    let imported = [
+    let imported = vec![
         format!("{lib}/__pycache__/os.cpython-311.pyc"),
         format!("{lib}/json/__pycache__/__init__.cpython-311.pyc"),
         format!("{lib}/json/__pycache__/decoder.cpython-311.pyc"),
@@ -259,17 +258,26 @@ async fn an_open_of_a_modules_bytecode_fetches_the_modules_it_imports() {
         "app/pkg/deep/__pycache__/__init__.cpython-311.pyc".to_string(),
         "app/pkg/deep/__pycache__/mod.cpython-311.pyc".to_string(),
     ];
-    let not_imported = [
-        "app/pkg/__pycache__/never_at_import_time.cpython-311.pyc".to_string(),
-        format!("{lib}/__pycache__/also_later.cpython-311.pyc"),
-        "app/pkg/__pycache__/unrelated.cpython-311.pyc".to_string(),
-    ];
-    let mut tree: Vec<(String, Vec<u8>)> = vec![
+    let tree = vec![
         ("app/pkg/__init__.py".into(), Vec::new()),
         ("app/pkg/sub/__init__.py".into(), Vec::new()),
         ("app/pkg/deep/__init__.py".into(), Vec::new()),
         (format!("{lib}/json/__init__.py"), Vec::new()),
         ("app/pkg/__pycache__/example.cpython-311.pyc".into(), module),
+    ];
+    (imported, tree)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_of_a_modules_bytecode_fetches_the_modules_it_imports() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(FakeRegistry::new());
+    let (imported, mut tree) = import_fixture();
+    let lib = "usr/lib/python3.11";
+    let not_imported = [
+        "app/pkg/__pycache__/never_at_import_time.cpython-311.pyc".to_string(),
+        format!("{lib}/__pycache__/also_later.cpython-311.pyc"),
+        "app/pkg/__pycache__/unrelated.cpython-311.pyc".to_string(),
     ];
     // Each file with 1 MiB of filler after it: files fetched or not are told apart by span.
     for (k, path) in imported.iter().chain(&not_imported).enumerate() {
@@ -308,29 +316,10 @@ async fn an_open_of_a_modules_bytecode_fetches_the_modules_it_imports() {
 async fn a_modules_imports_that_lie_side_by_side_come_in_one_request() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Arc::new(FakeRegistry::new());
-    let module = include_bytes!("testdata/example.cpython-311.pyc").to_vec();
-    let lib = "usr/lib/python3.11";
     // What the module's body imports, side by side in the layer, each a few spans long (a
     // span per few KiB, as chunks of eStargz or zstd:chunked are per file).
-    let imported = [
-        format!("{lib}/__pycache__/os.cpython-311.pyc"),
-        format!("{lib}/json/__pycache__/__init__.cpython-311.pyc"),
-        format!("{lib}/json/__pycache__/decoder.cpython-311.pyc"),
-        "app/pkg/__pycache__/sibling.cpython-311.pyc".to_string(),
-        "app/pkg/sub/__pycache__/__init__.cpython-311.pyc".to_string(),
-        "app/pkg/sub/__pycache__/leaf.cpython-311.pyc".to_string(),
-        "app/pkg/sub/other.cpython-311-x86_64-linux-gnu.so".to_string(),
-        "app/pkg/deep/__pycache__/__init__.cpython-311.pyc".to_string(),
-        "app/pkg/deep/__pycache__/mod.cpython-311.pyc".to_string(),
-    ];
-    let mut tree: Vec<(String, Vec<u8>)> = vec![
-        ("app/pkg/__init__.py".into(), Vec::new()),
-        ("app/pkg/sub/__init__.py".into(), Vec::new()),
-        ("app/pkg/deep/__init__.py".into(), Vec::new()),
-        (format!("{lib}/json/__init__.py"), Vec::new()),
-        ("app/pkg/__pycache__/example.cpython-311.pyc".into(), module),
-        ("filler/before".into(), noise(99, 1 << 20)),
-    ];
+    let (imported, mut tree) = import_fixture();
+    tree.push(("filler/before".into(), noise(99, 1 << 20)));
     for (k, path) in imported.iter().enumerate() {
         tree.push((path.clone(), noise(10 + k as u32, 20 << 10)));
     }

@@ -52,6 +52,18 @@ impl Stratafs {
         }
     }
 
+    /// (serving pid, holder pid) of this store's mount at `dir`, from `cache stats --json`.
+    pub fn serving(&self, dir: &Path) -> Option<(u32, u32)> {
+        let stats: serde_json::Value =
+            serde_json::from_str(&self.ok(&["cache", "stats", "--json"]))
+                .expect("cache stats --json");
+        let m = stats["mounts"]
+            .as_array()?
+            .iter()
+            .find(|m| m["mountpoint"].as_str() == dir.to_str())?;
+        Some((m["pid"].as_u64()? as u32, m["holder"].as_u64()? as u32))
+    }
+
     /// Writes `text` as the `--config` file for later invocations.
     pub fn set_config(&mut self, text: &str) {
         let path = self.dir.path().join("config.toml");
