@@ -39,7 +39,8 @@ pub struct MountRecord {
     #[serde(default)]
     pub passthrough: bool,
     /// [`crate::tree::Tree::fingerprint`] of the tree served: a process taking over must serve
-    /// the same one.
+    /// the same one. Empty while layers without an index still stream (no inode but the
+    /// root's has been handed out: any tree will do).
     #[serde(default)]
     pub tree: String,
     /// The image record served and how many of its layers (a process taking over serves
