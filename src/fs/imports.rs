@@ -349,7 +349,9 @@ impl<'a> Resolver<'a> {
                     match package {
                         Some(p) if k + 1 < parts.len() => dir = p,
                         Some(p) => {
-                            packages.push(p);
+                            if !packages.contains(&p) {
+                                packages.push(p);
+                            }
                             break;
                         }
                         None => break,
@@ -379,6 +381,12 @@ impl<'a> Resolver<'a> {
     fn module(&self, dir: NodeId, name: &str) -> Option<(Vec<NodeId>, Option<NodeId>)> {
         let tree = self.tree;
         let d = tree.node(dir);
+        // Most names a module's body uses are no module at all (attributes, globals): those
+        // are turned away by two ordered lookups, before any file name is put together.
+        let cache = tree.child(dir, "__pycache__");
+        if !names_module(d, name) && !cache.is_some_and(|c| names_module(tree.node(c), name)) {
+            return None;
+        }
         if let Some(&sub) = d.children.get(name) {
             if tree.node(sub).file_type == FileType::Dir && is_package(tree, sub, &self.tag) {
                 return Some((self.source(sub, "__init__"), Some(sub)));
@@ -407,6 +415,15 @@ impl<'a> Resolver<'a> {
             .into_iter()
             .collect()
     }
+}
+
+/// Whether directory `d` has an entry `name` or `name.…` (a module's file or package).
+fn names_module(d: &crate::tree::Node, name: &str) -> bool {
+    d.children
+        .range::<str, _>((std::ops::Bound::Included(name), std::ops::Bound::Unbounded))
+        .map(|(n, _)| n)
+        .take_while(|n| n.starts_with(name))
+        .any(|n| n.len() == name.len() || n.as_bytes()[name.len()] == b'.')
 }
 
 /// Whether directory `dir` is a regular package (has `__init__.py` or its bytecode).
