@@ -370,13 +370,11 @@ impl Layers {
     }
 
     /// Whether opening `layer` streams its whole blob: no index of it is stored and the image
-    /// pins none that this store may use (a pinned one that cannot be fetched is streamed
-    /// too, but that is not known before trying).
+    /// pins none that this store may use. Decided without reading any index (the open reads
+    /// them next): a stored or pinned one that turns out unusable is streamed too, but that
+    /// is not known before trying.
     pub fn streams(&self, layer: &LayerRecord) -> bool {
-        let stored = self.indexes.get(&layer.digest, None).ok().flatten();
-        if stored.is_some_and(|i| {
-            i.diff_id == layer.diff_id && i.blob_size == layer.size && self.indexes.has_windows(&i)
-        }) {
+        if self.indexes.has(&layer.digest, None) {
             return false;
         }
         let usable_pin = match pinned_index(layer).filter(|_| self.settings.published) {

@@ -219,8 +219,8 @@ impl StrataFs {
     }
 
     /// The view (waiting while it opens) and the node of inode `ino` in it.
-    fn node(&self, ino: INodeNo) -> Result<(Arc<ImageView>, NodeId), Errno> {
-        let view = self.slot.wait()?.view.clone();
+    fn node(&self, ino: INodeNo) -> Result<(&Arc<ImageView>, NodeId), Errno> {
+        let view = &self.slot.wait()?.view;
         let id = view.tree.by_ino(ino.0).ok_or(Errno::ENOENT)?;
         Ok((view, id))
     }
@@ -408,6 +408,7 @@ impl Filesystem for StrataFs {
             }
         }
         // Looking for (or assembling) a local copy reads the disk: not on the dispatch thread.
+        let view = view.clone();
         let opens = self.opens.clone();
         let log = self.log.clone();
         self.runtime.spawn(async move {
@@ -487,6 +488,7 @@ impl Filesystem for StrataFs {
         if recent_timeout {
             return reply.error(Errno::EIO);
         }
+        let view = view.clone();
         let timeout = self.options.read_timeout;
         let timed_out = self.timed_out.clone();
         self.runtime.spawn(async move {
@@ -680,7 +682,7 @@ impl StrataFs {
     /// `.`, `..` and the children of directory `ino`, in a stable order.
     /// The view and the entries of directory `ino` in it.
     #[allow(clippy::type_complexity)]
-    fn dir_entries(&self, ino: INodeNo) -> Result<(Arc<ImageView>, Vec<(String, NodeId)>), Errno> {
+    fn dir_entries(&self, ino: INodeNo) -> Result<(&Arc<ImageView>, Vec<(String, NodeId)>), Errno> {
         let (view, id) = self.node(ino)?;
         let n = view.tree.node(id);
         if n.file_type != FileType::Dir {

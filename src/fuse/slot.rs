@@ -16,7 +16,7 @@
 //! and waits for it, as a read after a failed fetch waits for the registry again.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use fuser::Errno;
@@ -35,7 +35,8 @@ pub const RETRY_AFTER: Duration = Duration::from_secs(2);
 
 enum State {
     Opening,
-    Ready(Arc<Served>),
+    /// [`ViewSlot::served`] is set, for good.
+    Ready,
     Failed {
         why: String,
         at: Instant,
@@ -46,6 +47,8 @@ enum State {
 
 /// A mount's view: opening, open, or failed to open (every request then fails with EIO).
 pub struct ViewSlot {
+    /// The view once open: read without a lock by every request from then on.
+    served: OnceLock<Served>,
     state: Mutex<State>,
     changed: Condvar,
     /// Whether the last failure was logged (once, not per request).
@@ -58,6 +61,7 @@ impl ViewSlot {
     /// A slot whose view is still opening ([`ViewSlot::set`] or [`ViewSlot::fail`] follow).
     pub fn opening() -> Arc<ViewSlot> {
         Arc::new(ViewSlot {
+            served: OnceLock::new(),
             state: Mutex::new(State::Opening),
             changed: Condvar::new(),
             told: Default::default(),
@@ -81,8 +85,11 @@ impl ViewSlot {
             .map(|id| tree.node(id).size.div_ceil(4096))
             .sum();
         let statfs = (blocks, tree.inodes() as u64);
-        *self.state.lock().unwrap() = State::Ready(Arc::new(Served { view, statfs }));
-        self.changed.notify_all();
+        let mut state = self.state.lock().unwrap();
+        if self.served.set(Served { view, statfs }).is_ok() {
+            *state = State::Ready;
+            self.changed.notify_all();
+        }
     }
 
     /// The open failed (`why`, logged at the first request after): requests fail with EIO
@@ -103,7 +110,7 @@ impl ViewSlot {
     /// ones. Does nothing to a view already open.
     pub fn end(&self) {
         let mut state = self.state.lock().unwrap();
-        if !matches!(*state, State::Ready(_)) {
+        if !matches!(*state, State::Ready) {
             *state = State::Ended;
             self.changed.notify_all();
         }
@@ -117,23 +124,23 @@ impl ViewSlot {
 
     /// The view, if it is open (never waits).
     pub fn view(&self) -> Option<Arc<ImageView>> {
-        match &*self.state.lock().unwrap() {
-            State::Ready(s) => Some(s.view.clone()),
-            _ => None,
-        }
+        self.served.get().map(|s| s.view.clone())
     }
 
     /// Whether the view is still opening.
     pub fn is_opening(&self) -> bool {
-        matches!(*self.state.lock().unwrap(), State::Opening)
+        self.served.get().is_none() && matches!(*self.state.lock().unwrap(), State::Opening)
     }
 
-    /// The view, waiting while it opens; EIO if it failed to.
-    pub(super) fn wait(&self) -> Result<Arc<Served>, Errno> {
+    /// The view, waiting while it opens; EIO if it failed to. Once open, no lock is taken.
+    pub(super) fn wait(&self) -> Result<&Served, Errno> {
+        if let Some(s) = self.served.get() {
+            return Ok(s);
+        }
         let mut state = self.state.lock().unwrap();
         loop {
             match &*state {
-                State::Ready(s) => return Ok(s.clone()),
+                State::Ready => return Ok(self.served.get().expect("set before Ready")),
                 State::Failed { at, .. } if at.elapsed() >= RETRY_AFTER => {
                     tracing::info!("a request after a failed open: opening the layers again");
                     *state = State::Opening;

@@ -729,6 +729,12 @@ impl IndexStore {
         crate::store::commit_file(file, &path).map_err(err)
     }
 
+    /// Whether an index for `blob` vouched for by `pin` is stored (not read: it may still turn
+    /// out unusable).
+    pub fn has(&self, blob: &Digest, pin: Option<&Digest>) -> bool {
+        self.path(blob, pin).is_file()
+    }
+
     /// Whether `index` needs no window file or has its window file here (of the right size).
     pub fn has_windows(&self, index: &LayerIndex) -> bool {
         index.windows.as_ref().is_none_or(|w| {
