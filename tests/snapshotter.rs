@@ -575,9 +575,9 @@ fn plain_ctr_pull_works_eagerly() {
     assert_eq!(env.snapshots().len(), 2);
 }
 
-#[test]
-fn layers_that_cannot_be_served_lazily_fall_back_to_containerd() {
-    let env = env();
+/// Base gzip (lazy through its index), a plain zstd layer, a gzip layer above it with a
+/// 4 MiB file no command reads.
+fn zstd_in_the_middle() -> Image {
     let zstd = LayerBuilder::new()
         .dir("etc", 0o755)
         .file("etc/msg", b"from the zstd layer\n", 0o644)
@@ -588,13 +588,54 @@ fn layers_that_cannot_be_served_lazily_fall_back_to_containerd() {
         .dir("etc", 0o755)
         .file("etc/top", b"from the top gzip layer\n", 0o644)
         .whiteout("opt/filler2")
+        .file("opt/filler3", &bytes(23, 4 * 1024 * 1024), 0o644)
         .build(Compression::Gzip);
-    let image = ImageBuilder::new()
+    ImageBuilder::new()
         .arch(hostfs::host_arch())
         .layer(hostfs::base_layer(FILLER, Compression::Gzip))
         .layer(zstd)
         .layer(top)
-        .build(ManifestFlavour::Oci);
+        .build(ManifestFlavour::Oci)
+}
+
+const ZSTD_IN_THE_MIDDLE_SAYS: &str =
+    "stratafs test base\nfrom the zstd layer\nfrom the top gzip layer\nfiller1\nfiller3\n";
+
+#[test]
+fn a_plain_zstd_layer_is_streamed_by_the_mount_and_the_layers_above_stay_lazy() {
+    let env = env();
+    let image = zstd_in_the_middle();
+    let reference = env.push("snap/zstd", &image);
+    let mark = env.reg.log_mark();
+    env.rpull(&reference);
+    let out = env.run(
+        "stratafs",
+        &reference,
+        "zstd",
+        "cat /etc/base-release /etc/msg /etc/top; ls /opt",
+    );
+    assert_eq!(out, ZSTD_IN_THE_MIDDLE_SAYS);
+    let served = env.served(mark);
+    let got = |i: usize| served.get(&image.layers[i].digest).copied().unwrap_or(0);
+    let whole = |i: usize| image.layers[i].blob.len() as u64;
+    // The zstd layer is streamed once (by the mount, not also by containerd); the layers
+    // below and above it are read by range.
+    assert_eq!(got(1), whole(1), "{served:?}");
+    assert!(got(0) * 3 < whole(0), "base layer not lazy: {served:?}");
+    assert!(got(2) * 3 < whole(2), "top layer not lazy: {served:?}");
+    assert!(!env.sn.log().contains("not lazy"), "{}", env.sn.log());
+}
+
+#[test]
+fn layers_that_cannot_be_served_lazily_fall_back_to_containerd() {
+    // One streaming pass may keep 8 MiB: ten times the zstd layer's 2 MiB does not fit.
+    let env = env_with(|| {
+        Snapshotter::start_configured(
+            "[mount]\nbackground_fetch = false\n[cache]\nmax_size = \"16M\"\n",
+            &[],
+        )
+    });
+    let image = zstd_in_the_middle();
     let reference = env.push("snap/mixed", &image);
     let mark = env.reg.log_mark();
     env.rpull(&reference);
@@ -604,10 +645,7 @@ fn layers_that_cannot_be_served_lazily_fall_back_to_containerd() {
         "mixed",
         "cat /etc/base-release /etc/msg /etc/top; ls /opt",
     );
-    assert_eq!(
-        out,
-        "stratafs test base\nfrom the zstd layer\nfrom the top gzip layer\nfiller1\n"
-    );
+    assert_eq!(out, ZSTD_IN_THE_MIDDLE_SAYS);
     let served = env.served(mark);
     let got = |i: usize| served.get(&image.layers[i].digest).copied().unwrap_or(0);
     // The base is lazy; the zstd layer and the one above it were downloaded whole.
@@ -617,7 +655,11 @@ fn layers_that_cannot_be_served_lazily_fall_back_to_containerd() {
     );
     assert_eq!(got(1), image.layers[1].blob.len() as u64, "{served:?}");
     assert_eq!(got(2), image.layers[2].blob.len() as u64, "{served:?}");
-    assert!(env.sn.log().contains("not lazy"), "{}", env.sn.log());
+    let log = env.sn.log();
+    assert!(
+        log.contains("not lazy") && log.contains("[cache] max_size"),
+        "{log}"
+    );
 }
 
 #[test]

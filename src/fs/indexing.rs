@@ -78,7 +78,7 @@ pub fn check_published(
 /// Whether `layer` is served lazily, by range reads from the registry: gzip (with or without
 /// an index; eStargz included) and uncompressed tar layers, and zstd layers with a
 /// zstd:chunked TOC. A plain zstd layer has no random access: a mount streams it whole once
-/// and serves it from the cache; the snapshotter leaves it to containerd.
+/// and serves it from the cache (see [`fits_one_pass`]).
 pub fn lazily_servable(layer: &LayerRecord) -> bool {
     match Compression::of_layer(&layer.media_type) {
         Some(Compression::Gzip | Compression::None) => true,
@@ -87,6 +87,21 @@ pub fn lazily_servable(layer: &LayerRecord) -> bool {
         }
         None => false,
     }
+}
+
+/// How many times its compressed size a plain zstd layer is assumed to decode to at most, when
+/// deciding before any byte is read whether it fits one streaming pass. Image layers decode to
+/// 2–5× their zstd size; a layer that decodes to more than the pass may keep fails its
+/// stream with an error that says to raise `[cache] max_size`.
+pub const ZSTD_EXPANSION: u64 = 10;
+
+/// Whether a layer without random access (plain zstd) can be served from the cache after one
+/// streaming pass that may keep `pass_budget` bytes ([`crate::cache::Cache::pass_budget`]),
+/// judged from its compressed size ([`ZSTD_EXPANSION`]). Layers with random access always can.
+pub fn fits_one_pass(layer: &LayerRecord, pass_budget: u64) -> bool {
+    lazily_servable(layer)
+        || (Compression::of_layer(&layer.media_type) == Some(Compression::Zstd)
+            && layer.size.saturating_mul(ZSTD_EXPANSION) <= pass_budget)
 }
 
 /// What pins a layer's own TOC: the eStargz TOC digest annotation (on gzip layers) or the

@@ -177,6 +177,7 @@ pub async fn run(
             Some(p) => Platform::parse(p)?,
             None => Platform::host(),
         },
+        pass_budget: ctx.layers.cache().pass_budget(),
     };
     let snapshotter =
         Arc::new(Snapshotter::open(resolver, mounter, ctx.chunks.clone()).map_err(RunError::Open)?);

@@ -6,9 +6,10 @@
 //! (`containerd.io/snapshot/remote/stargz.reference`, `…/stargz.digest`) — pulling the image's
 //! metadata into the store if it is not there (no layer data), or else from the images already
 //! in the store (`stratafs pull` done beforehand), by ChainID. Lazily servable: gzip (with or
-//! without a published index; eStargz included), zstd:chunked and uncompressed tar layers.
-//! Plain zstd layers are not (stratafs would have to stream them whole first), nor unknown
-//! media types: containerd then downloads and applies them itself.
+//! without a published index; eStargz included), zstd:chunked and uncompressed tar layers, and
+//! plain zstd layers that fit one streaming pass of the cache ([`crate::fs::fits_one_pass`]:
+//! their mount streams them whole, in parallel, and serves them from the cache). Larger plain
+//! zstd layers and unknown media types are not: containerd then downloads and applies them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -33,6 +34,9 @@ pub struct Resolver {
     /// The `[index]` settings: adopt unbound referrer indexes when pulling only if opted in.
     pub index: crate::config::IndexSettings,
     pub platform: Platform,
+    /// Bytes one streaming pass may keep in the cache (the mounts' [`crate::cache::Cache::pass_budget`]):
+    /// decides whether a plain zstd layer is served lazily.
+    pub pass_budget: u64,
 }
 
 /// Why a layer is not served lazily (containerd then applies it itself).
@@ -50,6 +54,12 @@ pub enum ResolveError {
     },
     #[error("layer {digest} is {media_type}, which stratafs does not serve lazily")]
     NotLazy { digest: String, media_type: String },
+    #[error("plain zstd layer {digest} ({size} bytes) may decode to more than the {budget} bytes one streaming pass may keep in the cache (half of [cache] max_size)")]
+    TooLarge {
+        digest: String,
+        size: u64,
+        budget: u64,
+    },
     #[error("label names image {reference:?}: {source}")]
     BadReference {
         reference: String,
@@ -102,11 +112,21 @@ impl Resolver {
             .layers
             .last()
             .is_some_and(|l| l.chain_id.as_ref() == target);
-        if !crate::fs::lazily_servable(layer) {
-            return Err(ResolveError::NotLazy {
-                digest: layer.digest.to_string(),
-                media_type: layer.media_type.to_string(),
-            });
+        if !crate::fs::fits_one_pass(layer, self.pass_budget) {
+            // A known compression that does not fit is plain zstd.
+            return Err(
+                match crate::image::Compression::of_layer(&layer.media_type) {
+                    Some(_) => ResolveError::TooLarge {
+                        digest: layer.digest.to_string(),
+                        size: layer.size,
+                        budget: self.pass_budget,
+                    },
+                    None => ResolveError::NotLazy {
+                        digest: layer.digest.to_string(),
+                        media_type: layer.media_type.to_string(),
+                    },
+                },
+            );
         }
         let lazy = LazyLayer {
             image: image.name.clone(),

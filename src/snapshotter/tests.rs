@@ -86,6 +86,8 @@ fn snapshotter_over(dir: &Path, registry: Arc<FakeRegistry>) -> (Snapshotter, Ar
         client,
         index: Default::default(),
         platform: Platform::host(),
+        // The stored images' plain zstd layers (100 bytes) just do not fit one pass.
+        pass_budget: 100 * crate::fs::ZSTD_EXPANSION - 1,
     };
     let s = Snapshotter::open(resolver, mounter.clone(), Arc::new(NoChunks)).unwrap();
     (s, mounter)
@@ -380,6 +382,28 @@ async fn lazy_layers_from_labels_or_the_store_and_fallback_above_zstd() {
     s.remove(&chains[2]).await.unwrap();
     s.remove(&chains[1]).await.unwrap();
     assert!(!lower.parent().unwrap().exists());
+}
+
+/// A plain zstd layer is lazy (streamed whole by its mount, served from the cache) when ten
+/// times its compressed size fits one streaming pass of the cache; otherwise containerd
+/// applies it, and the reason names the layer and the setting.
+#[tokio::test]
+async fn plain_zstd_is_lazy_when_it_fits_one_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut s, _) = snapshotter(dir.path());
+    const ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+    let chains = stored_image(&s.resolver.store, "registry.test/z:v1", &[ZSTD]);
+    let no_labels = HashMap::new();
+    let e = s
+        .resolver
+        .resolve(&chains[0], &no_labels)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ResolveError::TooLarge { size: 100, .. }), "{e}");
+    assert!(e.to_string().contains("[cache] max_size"), "{e}");
+    s.resolver.pass_budget = 100 * crate::fs::ZSTD_EXPANSION;
+    let (lazy, top) = s.resolver.resolve(&chains[0], &no_labels).await.unwrap();
+    assert_eq!((lazy.chain_id.as_str(), top), (chains[0].as_str(), true));
 }
 
 /// CRI's labels name an image not in the store: the resolver pulls its metadata (no layer
