@@ -463,6 +463,65 @@ fn unmounting_while_layers_stream_ends_the_daemon() {
     proxy.release();
 }
 
+/// `umount -l` from outside, while reads wait for the layers (and so hold every dispatch
+/// thread): the waiting reads fail, the mount goes, and the daemon ends — without waiting for
+/// the layers to finish streaming.
+#[test]
+fn an_outside_lazy_umount_while_reads_wait_for_the_layers_ends_them_and_the_daemon() {
+    let reg = Registry::start(RegistryOpts::default());
+    let (image, _) = streamed_image("stream/detached", &reg);
+    let proxy = FaultyProxy::start(reg.addr(), &image.layers[0].digest);
+    proxy.hold();
+    let reference = format!("{}/stream/detached:v1", proxy.addr());
+    let cli = Stratafs::new();
+    let guard = MountGuard::new(Some(cli.root()));
+    mount(&cli, &reference, &guard.dir, "nobackground");
+    proxy.wait_for_held_request();
+    let pids = daemon_pids(&guard.dir);
+    assert!(!pids.is_empty(), "no daemon serves {}", guard.dir.display());
+    // More readers than the mount has dispatch threads (4).
+    let readers: Vec<_> = [
+        "data/big",
+        "data/small",
+        "etc/hello",
+        "etc/none",
+        "data",
+        "etc",
+    ]
+    .iter()
+    .map(|p| {
+        let p = guard.path(p);
+        std::thread::spawn(move || std::fs::metadata(&p).and_then(|_| std::fs::read(&p)))
+    })
+    .collect();
+    let out = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(&guard.dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for r in readers {
+        let got = within(Duration::from_secs(20), move || r.join().unwrap())
+            .expect("a read still waits 20 s after the mount was detached");
+        assert!(got.is_err(), "a read of a detached mount was served");
+    }
+    assert!(
+        wait_gone(&pids, Duration::from_secs(20)),
+        "daemon still alive: {pids:?}"
+    );
+    assert!(mount_at(&guard.dir).is_none());
+    assert_eq!(
+        proxy.faults.blob_bytes.load(Ordering::SeqCst),
+        0,
+        "the layer was never served"
+    );
+    proxy.release();
+}
+
 #[test]
 fn a_serving_process_killed_while_layers_stream_is_replaced() {
     let reg = Registry::start(RegistryOpts::default());

@@ -530,6 +530,13 @@ async fn wait_for_end(
     let Signals { term, int, usr1 } = signals;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut last_save = Instant::now();
+    // While the view opens, every dispatch thread may be waiting for it, and none reads what
+    // the kernel says: an unmount from outside (`umount -l` of a mount whose lookups wait) is
+    // seen in the mount table instead, by the device of this mount.
+    let device = fuse::mount_entries()
+        .into_iter()
+        .find(|m| m.mountpoint == mountpoint && m.fstype.starts_with("fuse"))
+        .map(|m| m.dev);
     loop {
         tokio::select! {
             _ = term.recv() => break,
@@ -545,6 +552,15 @@ async fn wait_for_end(
             _ = tick.tick() => {
                 if mounted.finished() {
                     return mounted.join();
+                }
+                if let Some(dev) = device.as_ref().filter(|_| slot.is_opening()) {
+                    if !fuse::mount_entries().iter().any(|m| &m.dev == dev) {
+                        tracing::info!(
+                            "{} was unmounted while its layers stream: the requests waiting for them fail",
+                            mountpoint.display()
+                        );
+                        slot.end();
+                    }
                 }
                 if last_save.elapsed() > Duration::from_secs(1) {
                     let _ = ctx.layers.save_fetched();

@@ -7,8 +7,9 @@
 //! so no byte of it (file data, names or metadata) is known to be the publisher's until its
 //! stream has ended and matched both; and a name's place in the merged tree depends on every
 //! layer above it. Waiting blocks the dispatch thread that read the request (nothing else
-//! could be answered meanwhile); the root's attributes are answered at once, with no caching,
-//! so the mount can be probed.
+//! could be answered meanwhile, nor the kernel's word that the mount is gone: the serving
+//! process watches the mount table for that while the view opens, and ends the slot); the
+//! root's attributes are answered at once, with no caching, so the mount can be probed.
 //!
 //! An open that fails (a registry error past its retries, a layer that does not match its
 //! digest) fails the requests waiting for it with EIO, and those of the next
