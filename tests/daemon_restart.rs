@@ -190,6 +190,8 @@ fn readers(
                     }
                 }
             };
+            // Closed before saying so: the test unmounts once every reader has.
+            drop(held);
             let _ = tx.send(end);
         });
     }
