@@ -441,22 +441,50 @@ fn a_corrupt_layer_without_an_index_fails_reads_keeps_nothing_and_recovers() {
     assert!(!kept().is_empty(), "the verified layer's index is kept");
 }
 
-#[test]
-fn unmounting_while_layers_stream_ends_the_daemon() {
+/// A mount of a [`streamed_image`] through a proxy that holds its base layer's bytes, once
+/// the daemon asks for them. Fields drop in order: the mount goes first.
+struct HeldStream {
+    guard: MountGuard,
+    cli: Stratafs,
+    proxy: FaultyProxy,
+    _reg: Registry,
+    /// The daemon's processes.
+    pids: Vec<u32>,
+}
+
+fn held_stream(repo: &str) -> HeldStream {
     let reg = Registry::start(RegistryOpts::default());
-    let (image, _) = streamed_image("stream/gone", &reg);
+    let (image, _) = streamed_image(repo, &reg);
     let proxy = FaultyProxy::start(reg.addr(), &image.layers[0].digest);
     proxy.hold();
-    let reference = format!("{}/stream/gone:v1", proxy.addr());
+    let reference = format!("{}/{repo}:v1", proxy.addr());
     let cli = Stratafs::new();
     let guard = MountGuard::new(Some(cli.root()));
     mount(&cli, &reference, &guard.dir, "nobackground");
     proxy.wait_for_held_request();
     let pids = daemon_pids(&guard.dir);
     assert!(!pids.is_empty(), "no daemon serves {}", guard.dir.display());
+    HeldStream {
+        guard,
+        cli,
+        proxy,
+        _reg: reg,
+        pids,
+    }
+}
+
+#[test]
+fn unmounting_while_layers_stream_ends_the_daemon() {
+    let HeldStream {
+        guard,
+        cli,
+        proxy,
+        pids,
+        ..
+    } = &held_stream("stream/gone");
     cli.ok(&["umount", guard.dir.to_str().unwrap()]);
     assert!(
-        wait_gone(&pids, Duration::from_secs(20)),
+        wait_gone(pids, Duration::from_secs(20)),
         "daemon still alive: {pids:?}"
     );
     assert!(mount_at(&guard.dir).is_none());
@@ -468,17 +496,9 @@ fn unmounting_while_layers_stream_ends_the_daemon() {
 /// the layers to finish streaming.
 #[test]
 fn an_outside_lazy_umount_while_reads_wait_for_the_layers_ends_them_and_the_daemon() {
-    let reg = Registry::start(RegistryOpts::default());
-    let (image, _) = streamed_image("stream/detached", &reg);
-    let proxy = FaultyProxy::start(reg.addr(), &image.layers[0].digest);
-    proxy.hold();
-    let reference = format!("{}/stream/detached:v1", proxy.addr());
-    let cli = Stratafs::new();
-    let guard = MountGuard::new(Some(cli.root()));
-    mount(&cli, &reference, &guard.dir, "nobackground");
-    proxy.wait_for_held_request();
-    let pids = daemon_pids(&guard.dir);
-    assert!(!pids.is_empty(), "no daemon serves {}", guard.dir.display());
+    let HeldStream {
+        guard, proxy, pids, ..
+    } = &held_stream("stream/detached");
     // More readers than the mount has dispatch threads (4).
     let readers: Vec<_> = [
         "data/big",
@@ -494,23 +514,19 @@ fn an_outside_lazy_umount_while_reads_wait_for_the_layers_ends_them_and_the_daem
         std::thread::spawn(move || std::fs::metadata(&p).and_then(|_| std::fs::read(&p)))
     })
     .collect();
-    let out = std::process::Command::new("umount")
+    let umount = std::process::Command::new("umount")
         .arg("-l")
         .arg(&guard.dir)
-        .output()
+        .status()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(umount.success(), "umount -l: {umount}");
     for r in readers {
         let got = within(Duration::from_secs(20), move || r.join().unwrap())
             .expect("a read still waits 20 s after the mount was detached");
         assert!(got.is_err(), "a read of a detached mount was served");
     }
     assert!(
-        wait_gone(&pids, Duration::from_secs(20)),
+        wait_gone(pids, Duration::from_secs(20)),
         "daemon still alive: {pids:?}"
     );
     assert!(mount_at(&guard.dir).is_none());
