@@ -532,9 +532,11 @@ async fn wait_for_end(
     let mut last_save = Instant::now();
     // While the view opens, every dispatch thread may be waiting for it, and none reads what
     // the kernel says: an unmount from outside (`umount -l` of a mount whose lookups wait) is
-    // seen in the mount table instead, by the device of this mount.
+    // seen in the mount table instead, by the device of this mount (the last one at the
+    // path: a dead one may lie below it).
     let device = fuse::mount_entries()
         .into_iter()
+        .rev()
         .find(|m| m.mountpoint == mountpoint && m.fstype.starts_with("fuse"))
         .map(|m| m.dev);
     loop {

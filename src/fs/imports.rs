@@ -383,8 +383,11 @@ impl<'a> Resolver<'a> {
         let d = tree.node(dir);
         // Most names a module's body uses are no module at all (attributes, globals): those
         // are turned away by two ordered lookups, before any file name is put together.
-        let cache = tree.child(dir, "__pycache__");
-        if !names_module(d, name) && !cache.is_some_and(|c| names_module(tree.node(c), name)) {
+        if !names_module(d, name)
+            && !tree
+                .child(dir, "__pycache__")
+                .is_some_and(|c| names_module(tree.node(c), name))
+        {
             return None;
         }
         if let Some(&sub) = d.children.get(name) {
