@@ -62,7 +62,8 @@ pub fn check_published(
     layer: &LayerRecord,
     limits: &Limits,
 ) -> Result<(), String> {
-    if index.version != crate::layer::INDEX_VERSION {
+    if !(crate::layer::OLDEST_INDEX_VERSION..=crate::layer::INDEX_VERSION).contains(&index.version)
+    {
         return Err(format!("index version {} is not supported", index.version));
     }
     if index.blob != layer.digest

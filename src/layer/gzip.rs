@@ -4,6 +4,13 @@
 //! from just its compressed bytes and that window. Multi-member gzip (eStargz is one) is
 //! followed member by member.
 //!
+//! Checkpoints are of two kinds. An *anchor* (every [`CHECKPOINT_EVERY`] of output or more)
+//! has its window in the window file; the *light* checkpoints between anchors (every span of
+//! output) have none: decompression starts at one only when the output before it — the span
+//! before — is at hand, else at the anchor before it. A read of a span then costs the
+//! compressed bytes from the span before it that is cached (or the anchor) to its end, while
+//! windows stay few.
+//!
 //! Windows are not kept in the checkpoints: the indexer writes each one (raw-deflate
 //! compressed) to a separate *window file* and the checkpoint records where. A reader needs a
 //! window only where decompression starts at a checkpoint whose preceding output it does not
@@ -18,6 +25,9 @@ use sha2::{Digest as _, Sha256};
 
 /// Deflate's history window.
 pub const WINDOW: usize = 32 * 1024;
+
+/// Uncompressed bytes between anchors at least: checkpoints whose window is in the window file.
+pub const CHECKPOINT_EVERY: u64 = 256 << 10;
 
 /// A place to resume decompression.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +44,10 @@ pub struct Checkpoint {
     pub window_at: u64,
     #[serde(default, skip_serializing_if = "super::is_zero")]
     pub window_len: u64,
+    /// No window in the window file although one is needed: decompression starts here only
+    /// when the output before the checkpoint is at hand.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub light: bool,
 }
 
 impl Checkpoint {
@@ -45,7 +59,7 @@ impl Checkpoint {
     /// Uncompressed length of the window: the last [`WINDOW`] bytes of output before the
     /// checkpoint (0 at member starts).
     pub fn window_size(&self) -> usize {
-        if self.window_len == 0 {
+        if self.window_len == 0 && !self.light {
             0
         } else {
             self.out_offset.min(WINDOW as u64) as usize
@@ -195,8 +209,10 @@ enum State {
     Done,
 }
 
-/// Decompresses a gzip stream as a `Read`, recording checkpoints every `span` bytes of output
-/// and handing each finished span (with digests of its compressed and uncompressed bytes) to
+/// Decompresses a gzip stream as a `Read`, recording a checkpoint at the first deflate block
+/// boundary `span` bytes of output after the last (an anchor when [`CHECKPOINT_EVERY`] or
+/// more after the last anchor, or `span` if larger; a light one otherwise) and handing each
+/// finished span (with digests of its compressed and uncompressed bytes) to
 /// a callback. Also hashes the whole output (the diff_id) for verification at the end.
 pub struct GzipIndexer<R, F> {
     input: R,
@@ -214,6 +230,9 @@ pub struct GzipIndexer<R, F> {
     ring_full: bool,
     out_total: u64,
     span: u64,
+    every: u64,
+    /// Output offset of the last anchor.
+    anchor: u64,
     pub checkpoints: Vec<Checkpoint>,
     span_hasher: Option<Sha256>,
     span_data: Vec<u8>,
@@ -243,6 +262,8 @@ impl<R: Read, F: FnMut(SpanOut<'_>) -> io::Result<()>> GzipIndexer<R, F> {
             ring_full: false,
             out_total: 0,
             span: span.max(WINDOW as u64),
+            every: span.max(CHECKPOINT_EVERY),
+            anchor: 0,
             checkpoints: Vec::new(),
             span_hasher: None,
             span_data: Vec::new(),
@@ -306,7 +327,13 @@ impl<R: Read, F: FnMut(SpanOut<'_>) -> io::Result<()>> GzipIndexer<R, F> {
             h.update([self.buf[self.pos - 1]]);
         }
         self.span_hasher = Some(h);
-        self.span_window = if window.is_empty() {
+        let light = !window.is_empty()
+            && !self.checkpoints.is_empty()
+            && self.out_total - self.anchor < self.every;
+        if !light {
+            self.anchor = self.out_total;
+        }
+        self.span_window = if window.is_empty() || light {
             Vec::new()
         } else {
             super::deflate(window)
@@ -315,12 +342,13 @@ impl<R: Read, F: FnMut(SpanOut<'_>) -> io::Result<()>> GzipIndexer<R, F> {
             in_offset: self.abs,
             bits,
             out_offset: self.out_total,
-            window_at: if window.is_empty() {
+            window_at: if self.span_window.is_empty() {
                 0
             } else {
                 self.windows_len
             },
             window_len: self.span_window.len() as u64,
+            light,
         });
         self.windows_len += self.span_window.len() as u64;
         Ok(())
@@ -328,6 +356,13 @@ impl<R: Read, F: FnMut(SpanOut<'_>) -> io::Result<()>> GzipIndexer<R, F> {
 
     fn finish_span(&mut self, in_end: u64) -> io::Result<()> {
         if let (Some(h), Some(cp)) = (self.span_hasher.take(), self.checkpoints.last()) {
+            if self.out_total == cp.out_offset {
+                // Nothing came after the checkpoint (a block boundary at the end of the
+                // stream): no empty span, and no checkpoint for it.
+                self.windows_len -= self.span_window.len() as u64;
+                self.checkpoints.pop();
+                return Ok(());
+            }
             let span = SpanOut {
                 checkpoint: self.checkpoints.len() - 1,
                 window: &self.span_window,
@@ -522,6 +557,7 @@ pub fn decode_member(compressed: &[u8], skip: usize, out_len: usize) -> io::Resu
         out_offset: 0,
         window_at: 0,
         window_len: 0,
+        light: false,
     };
     let total = skip
         .checked_add(out_len)

@@ -410,14 +410,21 @@ impl LayerReader {
         Ok(missing)
     }
 
-    /// Compressed bytes of the spans holding `offset..offset + len` that are not cached.
+    /// Compressed bytes of the spans holding `offset..offset + len` that are not cached
+    /// (spans that share a gzip checkpoint share their first bytes: counted once).
     fn missing_compressed(&self, offset: u64, len: u64) -> u64 {
-        self.spans_over(offset, len)
+        let mut total = 0;
+        let mut reached = 0;
+        for (a, b) in self
+            .spans_over(offset, len)
             .map_while(|i| i)
             .filter(|&i| !self.span_cached(i))
             .filter_map(|i| fetch_range(&self.index.spans[i].fetch))
-            .map(|(a, b)| b - a)
-            .sum()
+        {
+            total += b.saturating_sub(a.max(reached));
+            reached = reached.max(b);
+        }
+        total
     }
 
     /// Returns once no foreground fetch of the mount (reads', and those ahead of reads) is
@@ -603,6 +610,15 @@ impl LayerReader {
                     until
                 };
                 let until = until.max(self.min_fetch_end(i, want));
+                // A span at a light checkpoint is decoded from the span before it: while that
+                // one (or one back to the anchor) is being fetched, wait for it rather than
+                // fetch its bytes again (a few times at most: each wait ends a run).
+                for _ in 0..4 {
+                    let Some(run) = self.run_before(i) else {
+                        break;
+                    };
+                    let _ = run.done.acquire().await; // an error: the run ended
+                }
                 // Another run fetching span i: wait for it and take i from the cache, or that
                 // run's error if it failed (if it was dropped unfinished or i did not verify,
                 // fetch i here).

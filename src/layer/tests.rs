@@ -88,15 +88,20 @@ fn check_all_spans(idx: &LayerIndex, blob: &[u8], tar: &[u8]) {
             } => {
                 let comp = &blob[*in_start as usize..*in_end as usize];
                 crate::digest::verify(in_digest, comp).unwrap();
+                // From its checkpoint, which may start before the span (spans between two
+                // checkpoints share the first): the output before the span is skipped.
                 let cp = &idx.checkpoints[*checkpoint as usize];
                 let end = cp.out_offset as usize;
-                gzip::decode_span(
+                let skip = (span.out_offset - cp.out_offset) as usize;
+                let mut out = gzip::decode_span(
                     cp,
                     &tar[end - cp.window_size()..end],
                     comp,
-                    span.out_len as usize,
+                    skip + span.out_len as usize,
                 )
-                .unwrap()
+                .unwrap();
+                out.drain(..skip);
+                out
             }
             Fetch::Range { in_start, in_end } => {
                 blob[*in_start as usize..*in_end as usize].to_vec()
@@ -185,6 +190,78 @@ fn gzip_spans_decode_independently() {
     let e = &idx.entries[17];
     assert!(idx.span_at(e.offset).is_some());
     assert!(idx.span_at(idx.size).is_none());
+}
+
+#[test]
+fn gzip_checkpoints_between_anchors_are_light() {
+    let tar = sample_tar(60);
+    let blob = gzip(&tar);
+    let (idx, chunks, windows) = index_with_windows(&blob, &tar, Compression::Gzip, 64 << 10);
+    idx.validate(1000).unwrap();
+    assert_eq!(chunks.len(), idx.spans.len());
+    assert_eq!(idx.spans.len(), idx.checkpoints.len());
+    let anchors: Vec<&gzip::Checkpoint> = idx.checkpoints.iter().filter(|c| !c.light).collect();
+    let light = idx.checkpoints.len() - anchors.len();
+    assert!(
+        anchors.len() > 3 && light >= 2 * anchors.len(),
+        "{} anchors, {light} light checkpoints",
+        anchors.len()
+    );
+    // Windows for anchors only, at least CHECKPOINT_EVERY apart; light checkpoints have none
+    // in the file but need one (the span before).
+    let windowed: u64 = idx.checkpoints.iter().map(|c| c.window_len).sum();
+    assert_eq!(windowed, windows.len() as u64);
+    for pair in anchors.windows(2) {
+        assert!(pair[1].out_offset - pair[0].out_offset >= gzip::CHECKPOINT_EVERY);
+    }
+    for cp in idx.checkpoints.iter().filter(|c| c.light) {
+        assert_eq!((cp.window_at, cp.window_len), (0, 0));
+        assert_eq!(cp.window_size(), gzip::WINDOW);
+    }
+    assert!(idx.spans[..idx.spans.len() - 1]
+        .iter()
+        .all(|s| s.out_len >= 64 << 10));
+    // Each span decodes from its checkpoint with the output before it as the window.
+    check_all_spans(&idx, &blob, &tar);
+    // A light first checkpoint, or one with a window in the file, is refused.
+    let k = idx.checkpoints.iter().position(|c| c.light).unwrap();
+    let mut bad = idx.clone();
+    bad.checkpoints[0].light = true;
+    assert!(bad.validate(1000).unwrap_err().contains("light checkpoint"));
+    let mut bad = idx.clone();
+    bad.checkpoints[k].window_len = 100;
+    assert!(bad.validate(1000).unwrap_err().contains("light checkpoint"));
+    // So is a run of light checkpoints reaching too far from their anchor.
+    let mut bad = idx.clone();
+    for cp in &mut bad.checkpoints[1..] {
+        *cp = gzip::Checkpoint {
+            window_at: 0,
+            window_len: 0,
+            light: true,
+            ..cp.clone()
+        };
+    }
+    bad.windows = None;
+    let err = bad.validate(1000).unwrap_err();
+    assert!(err.contains("no anchor within"), "{err}");
+}
+
+#[test]
+fn a_block_boundary_at_the_end_of_the_stream_makes_no_empty_span() {
+    // Stored blocks (a boundary every 64 KiB), the data flushed (a boundary right at its end)
+    // before the final empty block: a checkpoint there would start an empty span, which a
+    // published index may not have.
+    for n in [20, 21, 22, 23, 24] {
+        let tar = sample_tar(n);
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::none());
+        e.write_all(&tar).unwrap();
+        e.flush().unwrap();
+        let blob = e.finish().unwrap();
+        let (idx, _) = index(&blob, &tar, Compression::Gzip, 32 << 10);
+        assert!(idx.spans.iter().all(|s| s.out_len > 0), "{n} entries");
+        idx.validate(1000).unwrap();
+        check_all_spans(&idx, &blob, &tar);
+    }
 }
 
 #[test]

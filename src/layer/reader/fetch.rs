@@ -3,20 +3,25 @@
 //! in one range request — decoded and verified span by span — and the gzip checkpoint windows
 //! a run starts from.
 
-use super::decode::{decode, fetch_range, LowerPriority, SpanResult};
+use super::decode::{decode_run, fetch_range, LowerPriority, SpanResult};
 use super::want::{Want, MAX_COALESCED, READAHEAD, READAHEAD_BYTES};
 use super::{LayerReader, ReadError};
 use crate::cache::CacheError;
 use crate::layer::{gzip, Fetch};
 
 impl LayerReader {
-    /// Where a sequential reader's fetch of span `i` reaches to: the [`READAHEAD`] spans after
-    /// it, as far as they end within [`READAHEAD_BYTES`] of its end (four 256 KiB gzip spans;
-    /// none after a 4 MiB eStargz chunk, which would hold that much more for one read).
+    /// Where a sequential reader's fetch of span `i` reaches to: the spans after it, as far as
+    /// they end within [`READAHEAD_BYTES`] of its end — for a layer indexed by its TOC, at
+    /// most [`READAHEAD`] of them (its spans are file chunks; none after a 4 MiB eStargz chunk,
+    /// which would hold that much more for one read).
     pub(super) fn readahead_end(&self, i: usize) -> u64 {
         let spans = &self.index.spans;
         let cap = spans[i].out_offset + spans[i].out_len + READAHEAD_BYTES;
-        let last = (i + 1..=(i + READAHEAD).min(spans.len() - 1))
+        let most = match self.index.format {
+            crate::layer::IndexFormat::Stream => spans.len(),
+            _ => READAHEAD,
+        };
+        let last = (i + 1..=(i + most).min(spans.len() - 1))
             .take_while(|&j| spans[j].out_offset + spans[j].out_len <= cap)
             .last()
             .unwrap_or(i);
@@ -66,18 +71,70 @@ impl LayerReader {
     /// Fetches spans `first..=last` with one range request and verifies each: the outer error
     /// is the request's, the inner ones each span's.
     ///
-    /// A gzip run that starts at a checkpoint with a window takes the window from the end of
-    /// the span before when that span is cached (so it is the layer's real output, whatever
-    /// an index says), otherwise from the window file, read alongside the span bytes. Later
-    /// spans of the run take theirs from the output just decoded.
+    /// A gzip run takes the window of its first span's checkpoint from the end of the span
+    /// before when that span is cached (so it is the layer's real output, whatever an index
+    /// says), otherwise from the window file, read alongside the span bytes. A light
+    /// checkpoint has no window there: a run from one whose span before is not cached starts
+    /// at the anchor before it instead (or after the last cached span in between), and the
+    /// spans before `first` it decodes are cached too. Later spans of the run take their
+    /// windows from the output just decoded.
     pub(super) async fn fetch_run(
         &self,
         first: usize,
         last: usize,
         ahead: bool,
     ) -> Result<Vec<SpanResult>, CacheError> {
+        let from = self.run_start(first, false);
+        match self.fetch_from(from, first, last, ahead).await? {
+            Some(results) => Ok(results),
+            // The span before a light checkpoint was evicted meanwhile: from the anchor.
+            None => self
+                .fetch_from(self.run_start(first, true), first, last, ahead)
+                .await?
+                .ok_or_else(|| self.mismatch("a light checkpoint has no anchor before it")),
+        }
+    }
+
+    /// Where a run of spans from `first` starts: before any light checkpoints whose span
+    /// before is not cached (all of them when `anchor`), back to their anchor.
+    pub(super) fn run_start(&self, first: usize, anchor: bool) -> usize {
+        let mut from = first;
+        while from > 0
+            && self.checkpoint_of(from).is_some_and(|cp| cp.light)
+            && (anchor || !self.span_cached(from - 1))
+        {
+            from -= 1;
+        }
+        from
+    }
+
+    /// A run fetching a span that the run of span `i` would start from or decode through (the
+    /// spans back to an anchor while the span before is not cached), if any: waiting for it
+    /// saves fetching its bytes again.
+    pub(super) fn run_before(&self, i: usize) -> Option<std::sync::Arc<super::RunSignal>> {
+        let inflight = self.inflight.lock().unwrap();
+        let mut k = i;
+        while k > 0 && self.checkpoint_of(k).is_some_and(|cp| cp.light) && !self.span_cached(k - 1)
+        {
+            if let Some(run) = inflight.get(&(k - 1)) {
+                return Some(run.clone());
+            }
+            k -= 1;
+        }
+        None
+    }
+
+    /// [`fetch_run`](Self::fetch_run) from span `from` (at most `first`); results for
+    /// `first..=last`. `None`: the span before `from`, at a light checkpoint, was evicted.
+    async fn fetch_from(
+        &self,
+        from: usize,
+        first: usize,
+        last: usize,
+        ahead: bool,
+    ) -> Result<Option<Vec<SpanResult>>, CacheError> {
         let blob = &self.index.blob;
-        let spans = &self.index.spans[first..=last];
+        let spans = &self.index.spans[from..=last];
         let ranges: Vec<(u64, u64)> = spans
             .iter()
             .map(|s| {
@@ -92,8 +149,8 @@ impl LayerReader {
         // Spans are in blob order; the minimum still guards against an index that is not.
         let base = ranges.iter().map(|r| r.0).min().unwrap_or(0);
         let end = ranges.iter().map(|r| r.1).max().unwrap_or(base);
-        let needs = self.checkpoint_of(first).filter(|cp| cp.window_size() > 0);
-        let before_cached = needs.is_some() && first > 0 && self.span_cached(first - 1);
+        let needs = self.checkpoint_of(from).filter(|cp| cp.window_size() > 0);
+        let before_cached = needs.is_some() && from > 0 && self.span_cached(from - 1);
         let data = async {
             self.source
                 .read_range(base, end - base)
@@ -111,7 +168,7 @@ impl LayerReader {
             }
             let (cache, digest) = (
                 self.cache.clone(),
-                self.index.spans[first - 1].digest.clone(),
+                self.index.spans[from - 1].digest.clone(),
             );
             tokio::task::spawn_blocking(move || cache.peek(&digest))
                 .await
@@ -119,7 +176,7 @@ impl LayerReader {
         };
         let window = async {
             match needs {
-                Some(cp) if !before_cached => self.read_window(cp).await.map(Some),
+                Some(cp) if !before_cached && !cp.light => self.read_window(cp).await.map(Some),
                 _ => Ok(None),
             }
         };
@@ -144,6 +201,9 @@ impl LayerReader {
                 .and_then(|b| cp.window_from(b))
                 .map(<[u8]>::to_vec);
             if first_window.is_none() {
+                if cp.light {
+                    return Ok(None);
+                }
                 real_window = false;
                 // The span before was evicted meanwhile: read the window after all.
                 if window.is_none() {
@@ -158,41 +218,34 @@ impl LayerReader {
         // reads being served meanwhile come first on a busy machine.
         let decoded = tokio::task::spawn_blocking(move || {
             let _lowered = ahead.then(LowerPriority::new);
-            let spans = &index.spans[first..=last];
-            // A published index whose gzip span does not verify although its compressed bytes
-            // do and its window is the real output before it: the index is wrong.
-            let mut lie = None;
-            let mut results: Vec<SpanResult> = Vec::with_capacity(spans.len());
-            for (k, (span, (start, stop))) in spans.iter().zip(ranges).enumerate() {
-                let raw = &bytes[(start - base) as usize..(stop - base) as usize];
-                // Each later span's window is the end of the output just decoded (spans are
-                // at least a window long, but the last).
-                let before = match k {
-                    0 => first_window.as_deref(),
-                    _ => results[k - 1].as_deref().ok(),
-                };
-                let result = decode(&index, span, raw, before);
-                if let (Err(e), Some(_), Fetch::Gzip { in_digest, .. }) =
-                    (&result, &index.published, &span.fetch)
-                {
-                    let window_real = if k == 0 {
-                        real_window
-                    } else {
-                        before.is_some()
-                    };
-                    if window_real && crate::digest::verify(in_digest, raw).is_ok() {
-                        lie.get_or_insert_with(|| e.to_string());
-                    }
-                }
-                results.push(result);
-            }
-            (results, lie)
+            decode_run(
+                &index,
+                from,
+                last,
+                &bytes,
+                base,
+                first_window.as_deref(),
+                real_window,
+            )
         });
-        let (results, lie) = decoded.await.expect("decode task");
-        if let Some(detail) = lie {
+        let decoded = decoded.await.expect("decode task");
+        if let Some(detail) = decoded.lie {
             return Err(self.mismatch(&detail));
         }
-        Ok(results)
+        let mut results = decoded.results;
+        let rest = results.split_off(first - from);
+        // The spans before `first` came along: kept if they verified and were missing.
+        crate::cache::blocking(|| -> Result<(), CacheError> {
+            for (j, data) in (from..first).zip(results) {
+                if let (Ok(data), false) = (data, self.span_cached(j)) {
+                    self.cache
+                        .insert(&self.index.spans[j].digest, std::sync::Arc::new(data))?;
+                    self.known_cached[j].store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            Ok(())
+        })?;
+        Ok(Some(rest))
     }
 
     /// The gzip checkpoint span `i` starts from, if it is fetched from one.

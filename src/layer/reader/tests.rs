@@ -246,6 +246,44 @@ async fn a_read_of_a_span_another_run_is_fetching_waits_for_it() {
 }
 
 #[tokio::test]
+async fn a_span_at_a_light_checkpoint_waits_for_the_span_before_rather_than_fetch_it_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reader, source, _, _, _) = setup(dir.path());
+    let reader = Arc::new(reader);
+    assert!(reader.checkpoint_of(1).unwrap().light);
+    let size = |k: usize| match reader.index().spans[k].fetch {
+        Fetch::Gzip {
+            in_start, in_end, ..
+        } => in_end - in_start,
+        _ => unreachable!("a gzip layer"),
+    };
+    source.set_faults(crate::source::Faults {
+        delay: Some(std::time::Duration::from_millis(200)),
+        ..Default::default()
+    });
+    // A fetches span 0 alone...
+    let a = {
+        let r = reader.clone();
+        tokio::spawn(async move { r.prefetch(0, 10).await })
+    };
+    while source.started() == 0 {
+        tokio::task::yield_now().await;
+    }
+    // ...and B, wanting span 1 (decoded from the end of span 0), waits for A, then fetches
+    // span 1 alone, its window the end of span 0.
+    let at = reader.index().spans[1].out_offset + 10;
+    reader.prefetch(at, 10).await.unwrap();
+    a.await.unwrap().unwrap();
+    assert_eq!(source.counts(), (2, size(0) + size(1)));
+    assert!(reader.is_cached(at, 10));
+    // Span 2's span before is cached: fetched alone too.
+    let at = reader.index().spans[2].out_offset + 10;
+    assert!(reader.checkpoint_of(2).unwrap().light);
+    reader.prefetch(at, 10).await.unwrap();
+    assert_eq!(source.counts(), (3, size(0) + size(1) + size(2)));
+}
+
+#[tokio::test]
 async fn a_read_waiting_for_a_run_that_fails_gets_its_error_without_fetching_again() {
     let dir = tempfile::tempdir().unwrap();
     let (reader, source, a, _) = a_run_of_six_spans_under_way(dir.path(), true).await;
@@ -278,13 +316,26 @@ async fn sequential_misses_read_ahead_and_random_ones_do_not() {
         "{sequential_reads} range reads for {spans} spans"
     );
 
-    // Scattered single-span prefetches (profile replay) on a fresh cache fetch one span
-    // each, nothing ahead.
+    // Scattered single-span prefetches (profile replay) on a fresh cache fetch each from
+    // the anchor before it (a light checkpoint needs the span before) to its end, nothing
+    // ahead; the spans from the anchor on came along and are cached.
     let dir = tempfile::tempdir().unwrap();
     let (reader, source, _, _, spans) = setup(dir.path());
-    for k in [spans - 2, 3, spans / 2, 7, 1] {
+    let light = |k: usize| reader.checkpoint_of(k).unwrap().light;
+    // The last span before each anchor, and how many anchors before it.
+    let lasts: Vec<usize> = (0..spans - 1).filter(|&k| !light(k + 1)).collect();
+    let n = lasts.len();
+    assert!(n >= 5 && lasts[0] >= 2, "anchors: {lasts:?}");
+    let mut fetched = std::collections::HashSet::new();
+    for g in [n - 2, 0, n / 2, n - 1, 1] {
+        let k = lasts[g];
         let at = reader.index().spans[k].out_offset + 100;
         reader.prefetch(at, 10).await.unwrap();
+        fetched.insert(g);
+        assert!(reader.is_cached(reader.index().spans[k - 2].out_offset, 1));
+        if !fetched.contains(&(g + 1)) {
+            assert!(!reader.is_cached(reader.index().spans[k + 1].out_offset, 1));
+        }
     }
     let (reads, bytes) = source.counts();
     assert_eq!(reads, 5);
@@ -300,7 +351,9 @@ async fn sequential_misses_read_ahead_and_random_ones_do_not() {
         })
         .max()
         .unwrap();
-    assert!(bytes <= 5 * max_span, "{bytes} bytes");
+    // Each from its anchor: at most 5 spans of the benchmark's sizes (256 KiB between anchors
+    // at least, 64 KiB spans).
+    assert!(bytes <= 5 * 5 * max_span, "{bytes} bytes");
 
     // A demand miss brings the spans after it too, up to MIN_MISS_FETCH compressed bytes:
     // a read of span 1 then covers span 3, and nothing is fetched twice.
@@ -324,7 +377,9 @@ async fn sequential_misses_read_ahead_and_random_ones_do_not() {
     reader.read_alone(at, 10).await.unwrap();
     let (reads, bytes) = source.counts();
     assert_eq!(reads, 1);
-    assert!(bytes <= max_span, "a miss alone: {bytes} bytes");
+    // Its own span, and span 0 before it (span 1 is at a light checkpoint).
+    assert!(reader.checkpoint_of(1).unwrap().light);
+    assert!(bytes <= 2 * max_span, "a miss alone: {bytes} bytes");
     for k in [1, 3, spans / 2, spans - 2] {
         let at = reader.index().spans[k].out_offset + 100;
         reader.read_alone(at, 10).await.unwrap();

@@ -4,12 +4,12 @@
 
 use crate::layer::IndexFormat;
 
-/// Spans fetched ahead of a sequential reader, as long as they end within [`READAHEAD_BYTES`]
-/// of the end of the span read (an eStargz chunk of a large file is up to 4 MiB: four of them
-/// would be 16 MiB held at once for one read).
+/// Spans fetched ahead of a sequential reader of a layer indexed by its TOC, as long as they
+/// end within [`READAHEAD_BYTES`] of the end of the span read (an eStargz chunk of a large
+/// file is up to 4 MiB: four of them would be 16 MiB held at once for one read).
 pub(super) const READAHEAD: usize = 4;
 /// Bytes of layer data past the end of the span read that a sequential reader's fetch reaches
-/// at most (1 MiB: four 256 KiB gzip spans).
+/// at most (1 MiB: sixteen 64 KiB gzip spans).
 pub(super) const READAHEAD_BYTES: u64 = 1 << 20;
 
 /// Upper bound on the bytes one coalesced range request fetches.
@@ -41,7 +41,7 @@ pub(super) enum Want {
     /// is read, so reaching past it would only fetch what the workload did not read) and the
     /// files of a directory fetched ahead (the files are the guess).
     Exact,
-    /// A read: its spans, [`READAHEAD`] more for a sequential reader, at least
+    /// A read: its spans, [`READAHEAD_BYTES`] more for a sequential reader, at least
     /// [`MIN_TOC_FETCH`] for a TOC-indexed layer, and for a stream-indexed one its neighbours
     /// too ([`MIN_MISS_FETCH`]) in the same request.
     Demand,
