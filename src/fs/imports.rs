@@ -451,6 +451,13 @@ const BATCH_FILE_MAX: u64 = 256 << 10;
 const BATCH_PARALLEL: usize = 4;
 
 impl super::ImageView {
+    /// Whether an open of `node` has the modules it imports fetched (it is a module's
+    /// bytecode, and the mount follows imports).
+    pub(super) fn follows_imports_of(&self, node: NodeId) -> bool {
+        self.imports.load(std::sync::atomic::Ordering::Relaxed)
+            && Resolver::new(&self.tree, node).is_some()
+    }
+
     /// Follows the imports of `root`, a module's bytecode just opened: fetches the files of
     /// the modules it imports (bytecode whole, an extension module's first `limit` bytes, as
     /// an open would), then those their bytecode imports, and so on — each file once per

@@ -240,6 +240,33 @@ async fn an_open_fetches_the_small_files_of_its_directory_ahead_once() {
     assert_eq!(registry.requests().ranges, after.ranges);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_of_bytecode_whose_imports_are_followed_fetches_no_siblings() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(FakeRegistry::new());
+    let mut tree: Vec<(String, Vec<u8>)> = Vec::new();
+    for k in 0..8u32 {
+        let name = format!("pkg/__pycache__/m{k}.cpython-311.pyc");
+        tree.push((name, noise(100 + k, 200 << 10)));
+    }
+    let view = lazy_view(&registry, dir.path(), &tree).await;
+    let cached = |path: &str| cached(&view, path);
+    let open = |k: u32| {
+        view.lookup(&format!("pkg/__pycache__/m{k}.cpython-311.pyc"))
+            .unwrap()
+    };
+    // Imports followed: the module names what it needs (here nothing: not real bytecode).
+    // m0 lies well before m3 in the layer (neither its fetch nor its neighbours reach it).
+    view.follow_imports(true);
+    view.prefetch_file(open(3), 8 << 20).await;
+    assert!(cached("pkg/__pycache__/m3.cpython-311.pyc"));
+    assert!(!cached("pkg/__pycache__/m0.cpython-311.pyc"));
+    // Not followed: the directory's files are the guess.
+    view.follow_imports(false);
+    view.prefetch_file(open(4), 8 << 20).await;
+    assert!(cached("pkg/__pycache__/m0.cpython-311.pyc"));
+}
+
 /// The files a module's body imports (os, json.decoder, .sibling, .sub (leaf, other),
 /// pkg.deep.mod: `testdata/example.cpython-311.pyc`, see imports.rs; its function imports
 /// never_at_import_time and its class also_later), and a tree holding the module and the
