@@ -237,7 +237,9 @@ impl LayerReader {
         // The spans before `first` came along: kept if they verified and were missing.
         crate::cache::blocking(|| -> Result<(), CacheError> {
             for (j, data) in (from..first).zip(results) {
-                if let (Ok(data), false) = (data, self.span_cached(j)) {
+                // Asking the cache, not the marks: the span before a light checkpoint may be
+                // here because it was evicted.
+                if let (Ok(data), false) = (data, self.span_stored(j)) {
                     self.cache
                         .insert(&self.index.spans[j].digest, std::sync::Arc::new(data))?;
                     self.known_cached[j].store(true, std::sync::atomic::Ordering::Relaxed);

@@ -284,6 +284,26 @@ async fn a_span_at_a_light_checkpoint_waits_for_the_span_before_rather_than_fetc
 }
 
 #[tokio::test]
+async fn a_span_at_a_light_checkpoint_whose_span_before_was_evicted_is_fetched_from_the_anchor() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reader, source, _, _, _) = setup(dir.path());
+    assert!(reader.checkpoint_of(1).unwrap().light);
+    reader.prefetch(10, 10).await.unwrap();
+    assert_eq!(source.counts().0, 1);
+    // Span 0 goes (its mark stays): span 1 cannot take its window from it, nor from the
+    // window file (a light checkpoint has none there), so it is fetched from span 0 on.
+    reader
+        .cache
+        .remove(&reader.index().spans[0].digest)
+        .unwrap();
+    let span = &reader.index().spans[1];
+    let got = reader.read(span.out_offset, span.out_len).await.unwrap();
+    assert_eq!(crate::digest::sha256(&got), span.digest);
+    assert_eq!(source.counts().0, 3, "span 1 alone, then again from span 0");
+    assert!(reader.cache.contains(&reader.index().spans[0].digest));
+}
+
+#[tokio::test]
 async fn a_read_waiting_for_a_run_that_fails_gets_its_error_without_fetching_again() {
     let dir = tempfile::tempdir().unwrap();
     let (reader, source, a, _) = a_run_of_six_spans_under_way(dir.path(), true).await;
