@@ -410,21 +410,14 @@ impl LayerReader {
         Ok(missing)
     }
 
-    /// Compressed bytes of the spans holding `offset..offset + len` that are not cached
-    /// (spans that share a gzip checkpoint share their first bytes: counted once).
+    /// Compressed bytes of the spans holding `offset..offset + len` that are not cached.
     fn missing_compressed(&self, offset: u64, len: u64) -> u64 {
-        let mut total = 0;
-        let mut reached = 0;
-        for (a, b) in self
-            .spans_over(offset, len)
+        self.spans_over(offset, len)
             .map_while(|i| i)
             .filter(|&i| !self.span_cached(i))
             .filter_map(|i| fetch_range(&self.index.spans[i].fetch))
-        {
-            total += b.saturating_sub(a.max(reached));
-            reached = reached.max(b);
-        }
-        total
+            .map(|(a, b)| b - a)
+            .sum()
     }
 
     /// Returns once no foreground fetch of the mount (reads', and those ahead of reads) is

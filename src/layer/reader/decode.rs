@@ -1,6 +1,6 @@
-//! Turning fetched bytes into spans' output: gzip from a checkpoint (with its window), zstd
-//! frames, or stored bytes — each checked against the span's digest — and the CPU priority of
-//! that work.
+//! Turning fetched bytes into a span's output: gzip from a checkpoint (with its window),
+//! zstd frames, or stored bytes — each checked against the span's digest — and the CPU
+//! priority of that work.
 
 use super::ReadError;
 use crate::cache::CacheError;
@@ -61,89 +61,23 @@ impl Drop for LowerPriority {
     }
 }
 
-/// What a run's spans decoded to ([`decode_run`]).
-pub(super) struct Decoded {
-    /// Each span's output, verified, or why not.
-    pub results: Vec<SpanResult>,
-    /// Set when a published index is wrong: a gzip span whose compressed bytes match the
-    /// index and whose window is the layer's real output did not decode to its digest.
-    pub lie: Option<String>,
-}
-
-/// Spans `first..=last` of `index` from `bytes`, the blob from offset `base` on (through the
-/// last span's end), each verified. `window` is the output before the first span (the end of
-/// the span before it when `window_real`, else from the window file); each later span takes
-/// its window from the output just decoded (spans are at least a window long, but the last).
-pub(super) fn decode_run(
-    index: &LayerIndex,
-    first: usize,
-    last: usize,
-    bytes: &[u8],
-    base: u64,
-    window: Option<&[u8]>,
-    window_real: bool,
-) -> Decoded {
-    let mut results: Vec<SpanResult> = Vec::with_capacity(last + 1 - first);
-    let mut lie = None;
-    for k in first..=last {
-        let span = &index.spans[k];
-        let (before, real) = match k {
-            _ if k == first => (window, window_real),
-            _ => {
-                let before = results.last().and_then(|r| r.as_deref().ok());
-                (before, before.is_some())
-            }
-        };
-        let raw = fetch_range(&span.fetch)
-            .and_then(|(a, b)| bytes.get((a - base) as usize..(b - base) as usize));
-        let Some(raw) = raw else {
-            results.push(Err(bad(
-                index,
-                span,
-                "compressed bytes",
-                &"not all fetched",
-            )));
-            continue;
-        };
-        let out = decode(index, span, raw, before);
-        // The compressed bytes are what the index says, the window is the layer's own, and
-        // the output is not: the index is wrong.
-        if let (Err(e), Some(_), Fetch::Gzip { in_digest, .. }) =
-            (&out, &index.published, &span.fetch)
-        {
-            if real && crate::digest::verify(in_digest, raw).is_ok() {
-                lie.get_or_insert_with(|| e.to_string());
-            }
-        }
-        results.push(out);
-    }
-    Decoded { results, lie }
-}
-
-fn bad(
-    index: &LayerIndex,
-    span: &crate::layer::Span,
-    what: &str,
-    e: &dyn std::fmt::Display,
-) -> CacheError {
-    crate::metrics::metrics().verification_failures.inc();
-    CacheError::from(ReadError::Verification {
-        blob: index.blob.to_string(),
-        offset: span.out_offset,
-        what: what.to_string(),
-        detail: e.to_string(),
-    })
-}
-
 /// Span `span` of `index` from its fetched (compressed) bytes `raw`, verified; `before` is
 /// output known to precede the span (a gzip span's checkpoint window is taken from it).
-fn decode(
+pub(super) fn decode(
     index: &LayerIndex,
     span: &crate::layer::Span,
     raw: &[u8],
     before: Option<&[u8]>,
 ) -> SpanResult {
-    let bad = |what: &str, e: &dyn std::fmt::Display| bad(index, span, what, e);
+    let bad = |what: &str, e: &dyn std::fmt::Display| {
+        crate::metrics::metrics().verification_failures.inc();
+        CacheError::from(ReadError::Verification {
+            blob: index.blob.to_string(),
+            offset: span.out_offset,
+            what: what.to_string(),
+            detail: e.to_string(),
+        })
+    };
     let data = match &span.fetch {
         Fetch::Range { .. } => raw.to_vec(),
         Fetch::Gzip {

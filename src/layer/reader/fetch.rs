@@ -3,7 +3,7 @@
 //! in one range request — decoded and verified span by span — and the gzip checkpoint windows
 //! a run starts from.
 
-use super::decode::{decode_run, fetch_range, LowerPriority, SpanResult};
+use super::decode::{decode, fetch_range, LowerPriority, SpanResult};
 use super::want::{Want, MAX_COALESCED, READAHEAD, READAHEAD_BYTES};
 use super::{LayerReader, ReadError};
 use crate::cache::CacheError;
@@ -112,16 +112,9 @@ impl LayerReader {
     /// spans back to an anchor while the span before is not cached), if any: waiting for it
     /// saves fetching its bytes again.
     pub(super) fn run_before(&self, i: usize) -> Option<std::sync::Arc<super::RunSignal>> {
+        let from = self.run_start(i, false);
         let inflight = self.inflight.lock().unwrap();
-        let mut k = i;
-        while k > 0 && self.checkpoint_of(k).is_some_and(|cp| cp.light) && !self.span_cached(k - 1)
-        {
-            if let Some(run) = inflight.get(&(k - 1)) {
-                return Some(run.clone());
-            }
-            k -= 1;
-        }
-        None
+        (from..i).rev().find_map(|k| inflight.get(&k).cloned())
     }
 
     /// [`fetch_run`](Self::fetch_run) from span `from` (at most `first`); results for
@@ -218,21 +211,40 @@ impl LayerReader {
         // reads being served meanwhile come first on a busy machine.
         let decoded = tokio::task::spawn_blocking(move || {
             let _lowered = ahead.then(LowerPriority::new);
-            decode_run(
-                &index,
-                from,
-                last,
-                &bytes,
-                base,
-                first_window.as_deref(),
-                real_window,
-            )
+            let spans = &index.spans[from..=last];
+            // A published index whose gzip span does not verify although its compressed bytes
+            // do and its window is the real output before it: the index is wrong.
+            let mut lie = None;
+            let mut results: Vec<SpanResult> = Vec::with_capacity(spans.len());
+            for (k, (span, (start, stop))) in spans.iter().zip(ranges).enumerate() {
+                let raw = &bytes[(start - base) as usize..(stop - base) as usize];
+                // Each later span's window is the end of the output just decoded (spans are
+                // at least a window long, but the last).
+                let before = match k {
+                    0 => first_window.as_deref(),
+                    _ => results[k - 1].as_deref().ok(),
+                };
+                let result = decode(&index, span, raw, before);
+                if let (Err(e), Some(_), Fetch::Gzip { in_digest, .. }) =
+                    (&result, &index.published, &span.fetch)
+                {
+                    let window_real = if k == 0 {
+                        real_window
+                    } else {
+                        before.is_some()
+                    };
+                    if window_real && crate::digest::verify(in_digest, raw).is_ok() {
+                        lie.get_or_insert_with(|| e.to_string());
+                    }
+                }
+                results.push(result);
+            }
+            (results, lie)
         });
-        let decoded = decoded.await.expect("decode task");
-        if let Some(detail) = decoded.lie {
+        let (mut results, lie) = decoded.await.expect("decode task");
+        if let Some(detail) = lie {
             return Err(self.mismatch(&detail));
         }
-        let mut results = decoded.results;
         let rest = results.split_off(first - from);
         // The spans before `first` came along: kept if they verified and were missing.
         crate::cache::blocking(|| -> Result<(), CacheError> {
