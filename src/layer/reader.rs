@@ -605,12 +605,16 @@ impl LayerReader {
                 let until = until.max(self.min_fetch_end(i, want));
                 // A span at a light checkpoint is decoded from the span before it: while that
                 // one (or one back to the anchor) is being fetched, wait for it rather than
-                // fetch its bytes again (a few times at most: each wait ends a run).
+                // fetch its bytes again (a few times at most: each wait ends a run). If that
+                // run's request failed, so does this read (one retry budget for both).
                 for _ in 0..4 {
                     let Some(run) = self.run_before(i) else {
                         break;
                     };
                     let _ = run.done.acquire().await; // an error: the run ended
+                    if let Some(e) = run.failed.get() {
+                        return Err(CacheError::Shared(e.clone()));
+                    }
                 }
                 // Another run fetching span i: wait for it and take i from the cache, or that
                 // run's error if it failed (if it was dropped unfinished or i did not verify,

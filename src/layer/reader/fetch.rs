@@ -224,7 +224,21 @@ impl LayerReader {
                     0 => first_window.as_deref(),
                     _ => results[k - 1].as_deref().ok(),
                 };
-                let result = decode(&index, span, raw, before);
+                let mut result = decode(&index, span, raw, before);
+                if let (true, Err(_), Some(Err(prev))) = (
+                    before.is_none(),
+                    &result,
+                    k.checked_sub(1).map(|p| &results[p]),
+                ) {
+                    // Its window was to come from the span before, which failed: that is why.
+                    result = Err(ReadError::Verification {
+                        blob: index.blob.to_string(),
+                        offset: span.out_offset,
+                        what: "the span before it, whose output is its window".to_string(),
+                        detail: prev.to_string(),
+                    }
+                    .into());
+                }
                 if let (Err(e), Some(_), Fetch::Gzip { in_digest, .. }) =
                     (&result, &index.published, &span.fetch)
                 {

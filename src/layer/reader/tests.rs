@@ -276,9 +276,9 @@ async fn a_span_at_a_light_checkpoint_waits_for_the_span_before_rather_than_fetc
     a.await.unwrap().unwrap();
     assert_eq!(source.counts(), (2, size(0) + size(1)));
     assert!(reader.is_cached(at, 10));
-    // Span 2's span before is cached: fetched alone too.
+    // Span 2's span before is cached: fetched alone too (its window the end of span 1 if it
+    // is light, else from the cache as well).
     let at = reader.index().spans[2].out_offset + 10;
-    assert!(reader.checkpoint_of(2).unwrap().light);
     reader.prefetch(at, 10).await.unwrap();
     assert_eq!(source.counts(), (3, size(0) + size(1) + size(2)));
 }
@@ -345,14 +345,18 @@ async fn sequential_misses_read_ahead_and_random_ones_do_not() {
     // The last span before each anchor, and how many anchors before it.
     let lasts: Vec<usize> = (0..spans - 1).filter(|&k| !light(k + 1)).collect();
     let n = lasts.len();
-    assert!(n >= 5 && lasts[0] >= 2, "anchors: {lasts:?}");
+    assert!(n >= 5 && lasts[0] >= 1, "anchors: {lasts:?}");
     let mut fetched = std::collections::HashSet::new();
     for g in [n - 2, 0, n / 2, n - 1, 1] {
         let k = lasts[g];
         let at = reader.index().spans[k].out_offset + 100;
         reader.prefetch(at, 10).await.unwrap();
         fetched.insert(g);
-        assert!(reader.is_cached(reader.index().spans[k - 2].out_offset, 1));
+        let anchor = (0..k).rev().find(|&j| !light(j)).unwrap();
+        assert!(anchor < k);
+        for j in anchor..=k {
+            assert!(reader.is_cached(reader.index().spans[j].out_offset, 1));
+        }
         if !fetched.contains(&(g + 1)) {
             assert!(!reader.is_cached(reader.index().spans[k + 1].out_offset, 1));
         }
@@ -371,8 +375,8 @@ async fn sequential_misses_read_ahead_and_random_ones_do_not() {
         })
         .max()
         .unwrap();
-    // Each from its anchor: at most 5 spans of the benchmark's sizes (256 KiB between anchors
-    // at least, 64 KiB spans).
+    // Each from its anchor: at most 5 spans of the benchmark's sizes (128 KiB between anchors
+    // at least, 64 KiB spans, each ending at the first deflate block boundary after that).
     assert!(bytes <= 5 * 5 * max_span, "{bytes} bytes");
 
     // A demand miss brings the spans after it too, up to MIN_MISS_FETCH compressed bytes:
