@@ -20,7 +20,9 @@
 #   snapshot: ctr-remote images rpull --snapshotter stratafs + ctr run --snapshotter stratafs,
 #             with `stratafs snapshotter` as containerd's proxy snapshotter (rows say "not
 #             available" when this build has no `stratafs snapshotter`)
-# each against the time the link needs for just the bytes the lazy run downloaded. The gzip
+# each against the time the link needs for just the bytes the lazy run downloaded; after each
+# eager and snapshotter run, `ctr run --rm … true` on the image just used times the container's
+# own start and teardown (the part of a `ctr run` row that `chroot` has none of). The gzip
 # (published index) and eStargz images also run with a recorded startup profile: one warm-up
 # mount on loopback records what the command reads, `stratafs profile push --tag V-profile`
 # binds it to the image, and cold mounts of that tag replay it.
