@@ -110,8 +110,9 @@ impl snapshots_server::Snapshots for Snapshotter {
         r: Request<proto::CommitSnapshotRequest>,
     ) -> std::result::Result<Response<()>, Status> {
         let r = r.into_inner();
+        // Measures the snapshot's disk usage and writes the metadata (fsync): off the worker.
         served("commit", &r.key, async {
-            Snapshotter::commit(self, &r.name, &r.key, r.labels)
+            crate::cache::blocking(|| Snapshotter::commit(self, &r.name, &r.key, r.labels))
         })
         .await?;
         Ok(Response::new(()))
@@ -147,7 +148,7 @@ impl snapshots_server::Snapshots for Snapshotter {
         };
         let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
         let s = served("update", &i.name, async {
-            Snapshotter::update(self, &i.name, i.labels, &paths)
+            crate::cache::blocking(|| Snapshotter::update(self, &i.name, i.labels, &paths))
         })
         .await?;
         Ok(Response::new(proto::UpdateSnapshotResponse {

@@ -204,7 +204,8 @@ impl Snapshotter {
                 }
             }
         }
-        let snapshot = {
+        // Directories and the metadata's fsync: disk work, off the runtime's worker.
+        let snapshot = crate::cache::blocking(|| {
             let mut meta = self.meta();
             if meta.get(key).is_some() {
                 return Err(SnapshotterError::AlreadyExists(key.into()));
@@ -246,8 +247,8 @@ impl Snapshotter {
                 let _ = std::fs::remove_dir_all(&dir);
                 return Err(e);
             }
-            snapshot
-        };
+            Ok(snapshot)
+        })?;
         self.mounts_of(&snapshot).await
     }
 
@@ -281,30 +282,37 @@ impl Snapshotter {
                 return Ok(false);
             }
         };
-        let mut meta = self.meta();
-        if meta.get(target).is_some() {
-            return Ok(true);
-        }
-        let id = meta.next_id();
-        let dir = meta.snapshot_dir(id).join("fs");
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| SnapshotterError::Io(dir.display().to_string(), e))?;
-        let now = Utc::now();
-        let mut labels: std::collections::BTreeMap<_, _> = labels.clone().into_iter().collect();
-        labels.insert(LABEL_TARGET.into(), target.into());
-        tracing::info!(%target, image = %layer.image, layer = %layer.digest, "lazy layer");
-        crate::metrics::metrics().snapshotter_layer("lazy");
-        meta.put(Snapshot {
-            id,
-            name: target.into(),
-            parent: parent.into(),
-            kind: Kind::Committed,
-            created: now,
-            updated: now,
-            labels,
-            lazy: Some(layer.clone()),
-            usage: None,
+        // The directory and the metadata's fsync: disk work, off the runtime's worker.
+        let dir = crate::cache::blocking(|| -> Result<Option<PathBuf>> {
+            let mut meta = self.meta();
+            if meta.get(target).is_some() {
+                return Ok(None);
+            }
+            let id = meta.next_id();
+            let dir = meta.snapshot_dir(id).join("fs");
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| SnapshotterError::Io(dir.display().to_string(), e))?;
+            let now = Utc::now();
+            let mut labels: std::collections::BTreeMap<_, _> = labels.clone().into_iter().collect();
+            labels.insert(LABEL_TARGET.into(), target.into());
+            tracing::info!(%target, image = %layer.image, layer = %layer.digest, "lazy layer");
+            crate::metrics::metrics().snapshotter_layer("lazy");
+            meta.put(Snapshot {
+                id,
+                name: target.into(),
+                parent: parent.into(),
+                kind: Kind::Committed,
+                created: now,
+                updated: now,
+                labels,
+                lazy: Some(layer.clone()),
+                usage: None,
+            })?;
+            Ok(Some(dir))
         })?;
+        let Some(dir) = dir else {
+            return Ok(true);
+        };
         if top {
             // The image's whole rootfs: a container runs on it next. Mounting it now lets the
             // mount (and its startup profile's replay) overlap containerd's own work until the
@@ -433,7 +441,8 @@ impl Snapshotter {
     }
 
     pub async fn remove(&self, key: &str) -> Result<()> {
-        let removed = {
+        // The metadata's fsync: disk work, off the runtime's worker.
+        let removed = crate::cache::blocking(|| {
             let mut meta = self.meta();
             if meta.get(key).is_none() {
                 return Err(SnapshotterError::NotFound(key.into()));
@@ -444,8 +453,8 @@ impl Snapshotter {
                 )));
             }
             let removed = meta.remove(key)?.expect("checked above");
-            (removed.clone(), meta.snapshot_dir(removed.id))
-        };
+            Ok((removed.clone(), meta.snapshot_dir(removed.id)))
+        })?;
         self.remove_dir(&removed.1).await;
         Ok(())
     }
