@@ -322,13 +322,13 @@ cold_eager() {
     tp+=("$(since "$t0")")
     ctr_run overlayfs "$shaped_reg/${REF[$v]}"
     ts+=("$(since "$t0")")
+    read -r l o <<<"$(served "$m")"; bl+=("$l") bo+=("$o")
     # containerd's and runc's own cost of starting a container, with the image unpacked:
     # part of every `ctr run` row, none of `chroot`'s.
     t1=$(now); RUN_ID=$((RUN_ID + 1))
     ctr_ run --rm --fifo-dir "$ctd/fifo" --runc-root "$ctd/runc" --snapshotter overlayfs "$shaped_reg/${REF[$v]}" "bench$RUN_ID" true </dev/null
     cs+=("$(since "$t1")")
     ctd_stop
-    read -r l o <<<"$(served "$m")"; bl+=("$l") bo+=("$o")
     log "eager $v run $i: ${ts[-1]} s (pull ${tp[-1]} s), layer bytes $l, other $o"
   done
   record "eager:$v"
@@ -383,6 +383,8 @@ cold_snap() {
     fi
     ts+=("$(since "$t0")")
     hw+=("$(hwm "$snap_pid")")
+    # The run's bytes before `true` fetches its own (/usr/bin/true).
+    read -r l o <<<"$(served "$m")"; bl+=("$l") bo+=("$o")
     # The same start and teardown with the layers now cached: the snapshotter's share of a
     # `ctr run` beside overlayfs's (the eager runs' `true`).
     t1=$(now); RUN_ID=$((RUN_ID + 1))
@@ -394,7 +396,6 @@ cold_snap() {
       cp -r "$work/snaproot/logs" "$work/snap.log" "$KEEP_LOGS/snap-$c-$i/" 2>/dev/null || true
     fi
     ctd_stop; snap_stop
-    read -r l o <<<"$(served "$m")"; bl+=("$l") bo+=("$o")
     log "snapshotter $c run $i: ${ts[-1]} s (rpull ${tp[-1]} s), layer bytes $l, other $o, VmHWM ${hw[-1]}, then \`ctr run\` of true ${cs[-1]} s"
   done
   record "snap:$c"

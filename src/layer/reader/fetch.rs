@@ -225,12 +225,11 @@ impl LayerReader {
                     _ => results[k - 1].as_deref().ok(),
                 };
                 let mut result = decode(&index, span, raw, before);
-                if let (true, Err(_), Some(Err(prev))) = (
-                    before.is_none(),
-                    &result,
-                    k.checked_sub(1).map(|p| &results[p]),
-                ) {
-                    // Its window was to come from the span before, which failed: that is why.
+                // No window because the span before it, which was to give it, failed: say so.
+                let no_window = matches!(&result, Err(CacheError::Read(e))
+                    if matches!(e.downcast_ref(), Some(ReadError::NoWindowAtHand { .. })));
+                if let (true, Some(Err(prev))) = (no_window, k.checked_sub(1).map(|p| &results[p]))
+                {
                     result = Err(ReadError::Verification {
                         blob: index.blob.to_string(),
                         offset: span.out_offset,
