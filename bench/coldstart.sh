@@ -12,7 +12,7 @@
 # veth pair (adding RTT_MS of round trip), `tc tbf` caps both ends at MBIT; every client (ctr,
 # ctr-remote, containerd, stratafs) runs in the other end's network namespace (nsenter --net).
 #
-# Cold runs (median of RUNS; page cache dropped, fresh containerd root/state and stratafs roots):
+# Cold runs (median of RUNS; page cache dropped (then the runtime's and stratafs's binaries read back in), fresh containerd root/state and stratafs roots):
 # time from the pull's start to the end of `python3 -c 'import numpy, pandas, requests'`, and the
 # bytes the registry served (its access log), for
 #   eager:    ctr images pull --plain-http + ctr run --rm (overlayfs snapshotter), containerd 1.6
@@ -139,6 +139,16 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 . bench/lib.sh
+# cold: the page cache dropped (the image's files, containerd's unpacked layers, stratafs's
+# cache are read from disk or the registry again), then the binaries of the container runtime
+# and of stratafs read back in: a node that runs containers has those in memory, and a cold
+# exec of each costs 20-35 ms here — the same in every row that runs it, but none of it is
+# the image's.
+cold() {
+  drop
+  cat "$bin" "$(command -v ctr)" "$(command -v ctr-remote)" "$(command -v runc)" \
+    "$(command -v containerd-shim-runc-v2)" >/dev/null
+}
 mib() { printf '%.1f MiB' "$(calc "$1 / 1048576")"; }
 mbytes() { printf '%.1f MB' "$(calc "$1 / 1000000")"; }
 hwm() { awk '/VmHWM/ {print $2 * 1024}' "/proc/$1/status" 2>/dev/null || echo 0; }
@@ -317,7 +327,7 @@ cold_eager() {
   local v=$1 i m t0 t1 l o ts=() tp=() bl=() bo=() hw=() cs=()
   for i in $(seq "$RUNS"); do
     ctd_start inns
-    drop; m=$(mark); t0=$(now)
+    cold; m=$(mark); t0=$(now)
     ctr_ images pull --plain-http "$shaped_reg/${REF[$v]}" >/dev/null
     tp+=("$(since "$t0")")
     ctr_run overlayfs "$shaped_reg/${REF[$v]}"
@@ -339,7 +349,7 @@ cold_mount() {
   local c=$1 v=$2 cfg=$3 i m t0 l o out dpid dcpu ts=() tp=() bl=() bo=() hw=() ref=${REF[$1]:-${REF[$2]}}
   for i in $(seq "$RUNS"); do
     discard "$work/sfroot"; mkdir -p "$work/mnt"
-    drop; m=$(mark); t0=$(now)
+    cold; m=$(mark); t0=$(now)
     out=$(inns "$bin" --root "$work/sfroot" --config "$cfg" ${KEEP_LOGS:+--log-level warn,stratafs=debug} mount "$shaped_reg/$ref" "$work/mnt")
     tp+=("$(since "$t0")")
     dpid=$(grep -o 'serving pid [0-9]*' <<<"$out" | awk '{print $3}'); daemons+=("$(grep -o 'holder pid [0-9]*' <<<"$out" | awk '{print $3}')")
@@ -373,7 +383,7 @@ cold_snap() {
       tail -5 "$work/snap.log" >&2
       ctd_stop; snap_stop; return 0
     fi
-    drop; m=$(mark); t0=$(now)
+    cold; m=$(mark); t0=$(now)
     if ! ctrr_ images rpull --plain-http --snapshotter stratafs "$shaped_reg/$ref" >/dev/null; then
       NOTE[snap:$c]="failed: rpull (see the snapshotter's log)"; tail -5 "$work/snap.log" >&2; ctd_stop; snap_stop; return 0
     fi
@@ -438,7 +448,7 @@ for c in "gzip gzip $work/sf.toml" "gzip-noindex gzip $work/sf-noindex.toml" "es
   [ -n "${REF[$v]:-}" ] || continue
   ts=() bo=()
   for _ in $(seq "$RUNS"); do
-    discard "$work/sfroot"; drop; m=$(mark); t0=$(now)
+    discard "$work/sfroot"; cold; m=$(mark); t0=$(now)
     inns "$bin" --root "$work/sfroot" --config "$cfg" pull "$shaped_reg/${REF[$v]}" >/dev/null
     ts+=("$(since "$t0")")
     read -r l o <<<"$(served "$m")"; bo+=("$((l + o))")
@@ -602,7 +612,7 @@ for cs in "${cases[@]}"; do read -r c _ <<<"$cs"; [ -z "${H[snap:$c]:-}" ] || hw
   printf 'Image: Debian bookworm minbase + python3, python3-pip (Debian) + numpy 2.3.5, pandas 2.3.3, requests 2.32.5 (PyPI), 3 layers, %s files; layer bytes per variant: %s. ' "$nfiles" "$sizes"
   printf 'First command: `python3 -c '"'%s'"'`. ' "$PYCMD"
   printf 'Link: %s Mbit/s (tbf on a veth pair into a network namespace) + %s ms RTT (bench/delayline.py); every client in the namespace. ' "$MBIT" "$RTT_MS"
-  printf 'Cold: median of %s runs, page cache dropped, fresh containerd root and stratafs roots; stratafs with `[mount] background_fetch = %s` (but for the default-options rows). ' "$RUNS" "$BACKGROUND_FETCH"
+  printf 'Cold: median of %s runs, page cache dropped (then the binaries of containerd'"'"'s shim, runc, ctr, ctr-remote and stratafs read back in: a node has those in memory), fresh containerd root and stratafs roots; stratafs with `[mount] background_fetch = %s` (but for the default-options rows). ' "$RUNS" "$BACKGROUND_FETCH"
   printf '"Link time" = bytes the registry served in that run × 8 / %s Mbit/s + 4 RTTs.\n\n' "$MBIT"
   printf '| image (%s) | client | time to the end of the command | speed-up vs eager, same image | registry served | link time for those bytes | time / link time |\n|---|---|---|---|---|---|---|\n' "$(date +%F)"
   printf '%s\n' "${rows[@]}"
