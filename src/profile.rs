@@ -454,6 +454,33 @@ pub struct MountProfile {
     pub parallel: usize,
 }
 
+/// The fetch of the profile an image pins, started beside the fetches of its layers' indexes
+/// rather than after them: the replay then starts as soon as the view is open.
+pub struct EarlyProfile(tokio::task::JoinHandle<Result<Option<Profile>, ProfileError>>);
+
+impl EarlyProfile {
+    /// Starts fetching the profile `image` pins, if a mount of `chain` with these `settings`
+    /// will replay it: replay on, `chain` the image's whole rootfs, and no profile of it
+    /// stored here (a stored one is replayed instead). Must run inside a tokio runtime.
+    pub fn start(
+        image: &crate::image::ImageRecord,
+        chain: &Digest,
+        store: &crate::store::Store,
+        client: Arc<dyn crate::registry::Registry>,
+        settings: &MountProfile,
+    ) -> Option<EarlyProfile> {
+        let wanted = settings.replay
+            && image.chain_id() == Some(chain)
+            && matches!(ProfileStore::new(store.root()).get(chain), Ok(None));
+        let (image, store) = (image.clone(), store.clone());
+        wanted.then(|| {
+            EarlyProfile(tokio::spawn(async move {
+                pinned_profile(client.as_ref(), &store, &image).await
+            }))
+        })
+    }
+}
+
 /// The profile side of one mount: replay at the start, recording until the workload is quiet.
 pub struct Session {
     recorder: Option<Arc<Recorder>>,
@@ -470,7 +497,8 @@ impl Session {
     ///
     /// `chain` is the ChainID of the layers the view shows (the image's top one for a whole
     /// image; a snapshotter's mount may show only the lower layers, which other images share):
-    /// the profile recorded and replayed is that rootfs's.
+    /// the profile recorded and replayed is that rootfs's. `early` is the pinned profile's
+    /// fetch if [`EarlyProfile::start`] began it.
     pub fn start(
         view: Arc<ImageView>,
         image: &crate::image::ImageRecord,
@@ -478,6 +506,7 @@ impl Session {
         store: &crate::store::Store,
         client: Arc<dyn crate::registry::Registry>,
         settings: &MountProfile,
+        early: Option<EarlyProfile>,
     ) -> Session {
         let chain = chain.clone();
         let profiles = ProfileStore::new(store.root());
@@ -492,7 +521,14 @@ impl Session {
                     Ok(Some(p)) => Some((p, false)),
                     Ok(None) if !whole => None,
                     Ok(None) => {
-                        match pinned_profile(client.as_ref(), &store, &image).await {
+                        let pinned = match early {
+                            Some(EarlyProfile(fetch)) => match fetch.await {
+                                Ok(fetched) => fetched,
+                                Err(_) => pinned_profile(client.as_ref(), &store, &image).await,
+                            },
+                            None => pinned_profile(client.as_ref(), &store, &image).await,
+                        };
+                        match pinned {
                             Ok(Some(p)) => {
                                 tracing::info!(image = %image.name, ranges = p.ranges.len(), "replaying the profile the image pins");
                                 Some((p, true))

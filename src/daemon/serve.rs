@@ -168,10 +168,10 @@ fn start_view(
     image: &crate::image::ImageRecord,
     chain: Option<&oci_spec::image::Digest>,
     view: &Arc<ImageView>,
+    early: Option<crate::profile::EarlyProfile>,
 ) -> Option<crate::profile::Session> {
     view.fetch_neighbours();
     view.follow_imports(ctx.config.mount.follow_imports);
-    let m = &ctx.config.mount;
     chain.map(|chain| {
         crate::profile::Session::start(
             view.clone(),
@@ -179,13 +179,19 @@ fn start_view(
             chain,
             &ctx.store,
             ctx.client.clone(),
-            &crate::profile::MountProfile {
-                record: m.profile_record,
-                replay: m.profile_replay,
-                parallel: m.profile_parallel,
-            },
+            &profile_settings(ctx),
+            early,
         )
     })
+}
+
+fn profile_settings(ctx: &Context) -> crate::profile::MountProfile {
+    let m = &ctx.config.mount;
+    crate::profile::MountProfile {
+        record: m.profile_record,
+        replay: m.profile_replay,
+        parallel: m.profile_parallel,
+    }
 }
 
 /// The serving process of a new mount: open, mount, hand the connection to the holder, serve
@@ -215,11 +221,21 @@ pub async fn serve(
         .iter()
         .filter(|l| ctx.layers.streams(l))
         .count();
+    // The profile the image pins is fetched beside the indexes, not after them.
+    let mut early = mounted_chain.as_ref().and_then(|chain| {
+        crate::profile::EarlyProfile::start(
+            &image,
+            chain,
+            &ctx.store,
+            ctx.client.clone(),
+            &profile_settings(&ctx),
+        )
+    });
     let (slot, mut profile) = if streaming == 0 {
         let view = open_reporting(&ctx, args, &image, count).await?;
         // Replay starts as soon as the view is open, while the kernel mounts it. (A mount
         // that fails ends this process, replay and all.)
-        let profile = start_view(&ctx, &image, mounted_chain.as_ref(), &view);
+        let profile = start_view(&ctx, &image, mounted_chain.as_ref(), &view, early.take());
         (fuse::ViewSlot::ready(view), profile)
     } else {
         tracing::info!(image = %image.name, "{streaming} of {count} layers have no usable index: mounting at once; requests wait while they stream");
@@ -337,7 +353,7 @@ pub async fn serve(
                         view.tree.inodes(),
                         started.elapsed().as_millis()
                     );
-                    profile = start_view(&ctx, &image, mounted_chain.as_ref(), &view);
+                    profile = start_view(&ctx, &image, mounted_chain.as_ref(), &view, early.take());
                     slot.set(view.clone());
                     break view;
                 }
