@@ -23,6 +23,7 @@ pub mod estargz;
 pub mod gzip;
 mod index_store;
 pub mod reader;
+mod sparse;
 pub mod tar;
 pub mod toc;
 pub mod zstd_chunked;
@@ -42,7 +43,8 @@ pub use index_store::IndexStore;
 /// vouches for them, so indexes stored by earlier versions, published ones among them, are not
 /// trusted. 5: gzip checkpoint windows live in a separate window file, spans are 256 KiB. 6:
 /// gzip spans are 64 KiB, and only *anchors*, [`gzip::CHECKPOINT_EVERY`] apart, have a window:
-/// the checkpoints between are light.)
+/// the checkpoints between, if any, are light. Since 2026-12-04 windows are sparse and every
+/// checkpoint an index is built with is an anchor: the same version, read the same way.)
 /// Version 5 indexes are read as they are (they have no light checkpoints).
 pub const INDEX_VERSION: u32 = 6;
 /// The oldest index version still read.
@@ -55,7 +57,8 @@ pub const MAX_SPAN: u64 = 64 << 20;
 /// so small spans keep misses small, and light checkpoints keep the window file small. On the
 /// cold-start benchmark's import, a profile replay of 256 KiB spans fetched 35.1 MB where the
 /// bytes read compress to 23.6 MB within the layers; 64 KiB spans from anchors every 256 KiB
-/// 33.5 MB, every 128 KiB 32.0 MB, every 64 KiB (all checkpoints anchors) 30.4 MB.
+/// 33.5 MB, every 128 KiB 32.0 MB, every 64 KiB (all checkpoints anchors) 30.1–30.5 MB, which
+/// sparse windows made the default.
 pub const DEFAULT_SPAN: u64 = 64 << 10;
 /// Farthest a light gzip checkpoint may be from the anchor before it (a read that cannot start
 /// at a light checkpoint starts at that anchor).
@@ -636,7 +639,8 @@ impl<R: Read, F: FnMut(u64, &[u8]) -> io::Result<()>> Read for Spanner<R, F> {
 }
 
 /// Raw-deflate compression for checkpoint windows, at level 3: on the benchmark image's layers
-/// 2% larger than level 6 and a third less of an index build's time (one window per 128 KiB).
+/// 2% larger than level 6 and a third less of an index build's time (measured with whole
+/// windows, one per 128 KiB; sparse windows compress to a fifth of that).
 pub(crate) fn deflate(data: &[u8]) -> Vec<u8> {
     use std::io::Write;
     let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::new(3));

@@ -3,6 +3,12 @@ use std::io::Write;
 
 /// A tar with `n` files of pseudo-random, partly compressible content.
 fn sample_tar(n: usize) -> Vec<u8> {
+    sample_tar_with(n, 3)
+}
+
+/// `n` files, one byte in `random_every` random (more random: deflate blocks of fewer
+/// bytes of output, so more block boundaries to put checkpoints at).
+fn sample_tar_with(n: usize, random_every: usize) -> Vec<u8> {
     let mut b = ::tar::Builder::new(Vec::new());
     let mut seed = 7u64;
     for i in 0..n {
@@ -12,7 +18,7 @@ fn sample_tar(n: usize) -> Vec<u8> {
                 seed = seed
                     .wrapping_mul(6364136223846793005)
                     .wrapping_add(1442695040888963407);
-                if j % 3 == 0 {
+                if j % random_every == 0 {
                     (seed >> 56) as u8
                 } else {
                     b'a' + (j % 26) as u8
@@ -159,19 +165,49 @@ fn gzip_spans_decode_independently() {
     assert_eq!(idx.entries.len(), 60);
     assert_eq!(chunks.len(), idx.spans.len());
     check_all_spans(&idx, &blob, &tar);
-    // Every checkpoint's window in the window file is the output just before it, and the
+    // Every checkpoint's window in the window file is the output just before it, but for bytes
+    // the stream after it never copies (zeroed: sparse), and its span decodes from it; the
     // index names the file by its digest and size.
     let named = idx.windows.clone().expect("a window file");
     assert_eq!(named.size, windows.len() as u64);
     crate::digest::verify(&named.digest, &windows).unwrap();
     assert!(idx.checkpoints.iter().filter(|c| c.window_len > 0).count() > 4);
-    for cp in idx.checkpoints.iter().filter(|c| c.window_len > 0) {
+    let mut zeroed = 0;
+    for (k, cp) in idx.checkpoints.iter().enumerate() {
+        if cp.window_len == 0 {
+            continue;
+        }
         let at = cp.window_at as usize..(cp.window_at + cp.window_len) as usize;
         let w = inflate(&windows[at]).unwrap();
         let end = cp.out_offset as usize;
         assert_eq!(w.len(), cp.window_size());
-        assert!(w[..] == tar[end - w.len()..end], "window at {end}");
+        let real = &tar[end - w.len()..end];
+        for (i, (&got, &want)) in w.iter().zip(real).enumerate() {
+            assert!(got == want || got == 0, "window at {end}, byte {i}");
+            zeroed += usize::from(got != want);
+        }
+        let span = idx
+            .spans
+            .iter()
+            .find(|s| matches!(s.fetch, Fetch::Gzip { checkpoint, .. } if checkpoint as usize == k))
+            .expect("an anchor starts a span");
+        let Fetch::Gzip {
+            in_start, in_end, ..
+        } = span.fetch
+        else {
+            unreachable!()
+        };
+        let out = gzip::decode_span(
+            cp,
+            &w,
+            &blob[in_start as usize..in_end as usize],
+            span.out_len as usize,
+        )
+        .unwrap();
+        let from = span.out_offset as usize;
+        assert!(out[..] == tar[from..from + out.len()], "span at {from}");
     }
+    assert!(zeroed > 0, "no window is sparse");
     // Every entry points at its data, as an independent tar reader sees it.
     let mut archive = ::tar::Archive::new(&tar[..]);
     for (entry, indexed) in archive.entries().unwrap().zip(&idx.entries) {
@@ -194,15 +230,17 @@ fn gzip_spans_decode_independently() {
 
 #[test]
 fn gzip_checkpoints_between_anchors_are_light() {
-    let tar = sample_tar(60);
+    // Spans of 32 KiB between anchors every 64 KiB (indexes built before 2026-12-04 had 64 KiB
+    // spans between anchors every 128 KiB; now every 64 KiB span is an anchor's).
+    let tar = sample_tar_with(60, 2);
     let blob = gzip(&tar);
-    let (idx, chunks, windows) = index_with_windows(&blob, &tar, Compression::Gzip, 64 << 10);
+    let (idx, chunks, windows) = index_with_windows(&blob, &tar, Compression::Gzip, 32 << 10);
     idx.validate(1000).unwrap();
     assert_eq!(chunks.len(), idx.spans.len());
     assert_eq!(idx.spans.len(), idx.checkpoints.len());
     let anchors: Vec<&gzip::Checkpoint> = idx.checkpoints.iter().filter(|c| !c.light).collect();
     let light = idx.checkpoints.len() - anchors.len();
-    // Anchors 128 KiB apart, spans of 64 KiB or a little more: about one light checkpoint
+    // Anchors 64 KiB apart, spans of 32 KiB or a little more: about one light checkpoint
     // after each anchor.
     assert!(
         anchors.len() > 3 && light + 1 >= anchors.len(),
@@ -222,7 +260,7 @@ fn gzip_checkpoints_between_anchors_are_light() {
     }
     assert!(idx.spans[..idx.spans.len() - 1]
         .iter()
-        .all(|s| s.out_len >= 64 << 10));
+        .all(|s| s.out_len >= 32 << 10));
     // Each span decodes from its checkpoint with the output before it as the window.
     check_all_spans(&idx, &blob, &tar);
     // A light first checkpoint, or one with a window in the file, is refused.

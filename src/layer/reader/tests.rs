@@ -6,8 +6,9 @@ use crate::source::{FaultySource, FileSource};
 use std::io::Write;
 use want::MIN_MISS_FETCH;
 
-/// A gzip layer holding one 2 MiB file, indexed with 64 KiB spans, read through a counting
-/// source.
+/// A gzip layer holding one 2 MiB file, indexed with 32 KiB spans (anchors every 64 KiB, a
+/// light checkpoint between each two: the layout of indexes built before 2026-12-04, at half
+/// its scale), read through a counting source.
 fn setup(dir: &std::path::Path) -> (LayerReader, Arc<FaultySource<FileSource>>, u64, u64, usize) {
     let mut x = 0x2545_f491_4f6c_dd1du64;
     let data: Vec<u8> = (0..2usize << 20)
@@ -41,7 +42,7 @@ fn setup(dir: &std::path::Path) -> (LayerReader, Arc<FaultySource<FileSource>>, 
         &digest,
         &crate::digest::sha256(&tar),
         blob.len() as u64,
-        64 << 10,
+        32 << 10,
         &mut |_, _| Ok(()),
         &mut windows,
         &crate::layer::Limits::default(),
@@ -376,8 +377,8 @@ async fn sequential_misses_read_ahead_and_random_ones_do_not() {
         })
         .max()
         .unwrap();
-    // Each from its anchor: at most 5 spans of the benchmark's sizes (128 KiB between anchors
-    // at least, 64 KiB spans, each ending at the first deflate block boundary after that).
+    // Each from its anchor: at most 5 spans of this layer's sizes (64 KiB between anchors at
+    // least, 32 KiB spans, each ending at the first deflate block boundary after that).
     assert!(bytes <= 5 * 5 * max_span, "{bytes} bytes");
 
     // A demand miss brings the spans after it too, up to MIN_MISS_FETCH compressed bytes:
