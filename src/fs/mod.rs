@@ -18,6 +18,7 @@ use crate::layer::reader::LayerReader;
 use crate::layer::LayerIndex;
 use crate::tree::{FileType, NodeId, Tree};
 
+mod elf;
 mod error;
 mod imports;
 mod indexing;
@@ -65,6 +66,11 @@ pub struct ImageView {
     /// Module files whose imports an open has followed (`imports.rs`): each once per mount,
     /// at most [`imports::MAX_FOLLOWED`].
     imports_followed: std::sync::Mutex<std::collections::HashSet<NodeId>>,
+    /// ELF files whose libraries an open has followed (`elf.rs`): each once per mount, at
+    /// most [`elf::MAX_OBJECTS`].
+    elf_followed: std::sync::Mutex<std::collections::HashSet<NodeId>>,
+    /// Opens whose libraries are being followed at once ([`elf::FOLLOWS`]).
+    elf_follows: tokio::sync::Semaphore,
     /// Fetches of imported modules under way at once, across the mount
     /// ([`imports::IMPORT_FETCHES`]).
     import_fetches: tokio::sync::Semaphore,
@@ -165,6 +171,8 @@ impl ImageView {
             sibling_fetches: tokio::sync::Semaphore::new(SIBLING_FETCHES),
             imports: std::sync::atomic::AtomicBool::new(false),
             imports_followed: Default::default(),
+            elf_followed: Default::default(),
+            elf_follows: tokio::sync::Semaphore::new(elf::FOLLOWS),
             import_fetches: tokio::sync::Semaphore::new(imports::IMPORT_FETCHES),
         })
     }
@@ -289,15 +297,35 @@ impl ImageView {
         if len == 0 || !reader.index().random_access() {
             return;
         }
+        // A program's or shared object's libraries: the loader maps them one after another
+        // right after the file's first pages, and only then runs the rest of it.
+        let needed = self
+            .fetch_needed(node, limit)
+            .instrument(tracing::debug_span!("needed"));
         if !reader.is_cached(offset, len) {
             // At most OPEN_FETCHES files at once: an open while they run fetches nothing
             // ahead (its reads fetch), so a walk opening thousands of files queues no work.
             let Ok(_permit) = self.open_fetches.try_acquire() else {
                 return;
             };
-            self.prefetch_own(node, layer, offset, len, limit)
-                .instrument(tracing::debug_span!("open"))
-                .await;
+            let n = self.tree.node(node);
+            if elf::may_be_elf(&n.name, n.mode) && len > OPEN_PIECE {
+                // Its first piece beside the libraries, the rest after them.
+                let first = self
+                    .prefetch_own(node, layer, offset, OPEN_PIECE, OPEN_PIECE)
+                    .instrument(tracing::debug_span!("open"));
+                futures_util::join!(first, needed);
+                self.prefetch_own(node, layer, offset, len, limit)
+                    .instrument(tracing::debug_span!("open"))
+                    .await;
+            } else {
+                let own = self
+                    .prefetch_own(node, layer, offset, len, limit)
+                    .instrument(tracing::debug_span!("open"));
+                futures_util::join!(own, needed);
+            }
+        } else {
+            needed.await;
         }
         self.fetch_imports(node, limit)
             .instrument(tracing::debug_span!("imports"))

@@ -51,13 +51,28 @@ fn cached(view: &ImageView, path: &str) -> bool {
     view.readers()[layer].is_cached(offset, n.size)
 }
 
-/// A gzip'd tar layer of `files` (path, contents); returns (blob, diff_id).
+/// A gzip'd tar layer of `files` (path, contents); returns (blob, diff_id). Contents
+/// `-> TARGET` make a symbolic link; ELF files are executable.
 fn layer(files: &[(&str, Vec<u8>)]) -> (Vec<u8>, oci_spec::image::Digest) {
     let mut tar = tar::Builder::new(Vec::new());
     for (path, data) in files {
         let mut h = tar::Header::new_gnu();
+        if let Some(target) = data.strip_prefix(b"-> ") {
+            h.set_entry_type(tar::EntryType::Symlink);
+            h.set_link_name(std::str::from_utf8(target).unwrap())
+                .unwrap();
+            h.set_size(0);
+            h.set_mode(0o777);
+            h.set_cksum();
+            tar.append_data(&mut h, path, &[][..]).unwrap();
+            continue;
+        }
         h.set_size(data.len() as u64);
-        h.set_mode(0o644);
+        h.set_mode(if data.starts_with(b"\x7fELF") {
+            0o755
+        } else {
+            0o644
+        });
         h.set_cksum();
         tar.append_data(&mut h, path, data.as_slice()).unwrap();
     }
@@ -265,6 +280,87 @@ async fn an_open_of_bytecode_whose_imports_are_followed_fetches_no_siblings() {
     view.follow_imports(false);
     view.prefetch_file(open(4), 8 << 20).await;
     assert!(cached("pkg/__pycache__/m0.cpython-311.pyc"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_of_a_program_fetches_its_loader_and_libraries_ahead() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(FakeRegistry::new());
+    let elf = |interp, needed: &[&str], runpath, seed| {
+        [
+            super::elf::tests::elf(interp, needed, runpath),
+            noise(seed, 200 << 10),
+        ]
+        .concat()
+    };
+    let link = |target: &str| format!("-> {target}").into_bytes();
+    // Each file between incompressible fillers, so that no fetch of one reaches the next.
+    let mut tree: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut add = |path: &str, data: Vec<u8>| {
+        let k = tree.len() as u32;
+        tree.push((format!("filler/{k:02}"), noise(1000 + k, 3 << 20)));
+        tree.push((path.to_string(), data));
+    };
+    add(
+        "usr/bin/prog",
+        elf(
+            Some("/lib64/ld-linux-x86-64.so.2"),
+            &["libfoo.so.1", "libbar.so.3"],
+            Some("$ORIGIN/../lib/prog"),
+            1,
+        ),
+    );
+    add("lib64", link("usr/lib64"));
+    add(
+        "usr/lib64/ld-linux-x86-64.so.2",
+        link("../lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"),
+    );
+    add(
+        "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+        elf(None, &[], None, 2),
+    );
+    add("etc/ld.so.cache", noise(3, 20 << 10));
+    // Found through the program's RUNPATH ($ORIGIN), a symbolic link to the file.
+    add("usr/lib/prog/libfoo.so.1", link("libfoo.so.1.2"));
+    add(
+        "usr/lib/prog/libfoo.so.1.2",
+        elf(None, &["libbaz.so.2"], None, 4),
+    );
+    // Found in the system's directories; libbaz only through libfoo.
+    add(
+        "usr/lib/x86_64-linux-gnu/libbar.so.3",
+        elf(None, &[], None, 5),
+    );
+    add(
+        "usr/lib/x86_64-linux-gnu/libbaz.so.2",
+        elf(None, &["libmissing.so.9"], None, 6),
+    );
+    add(
+        "usr/lib/x86_64-linux-gnu/libunused.so.1",
+        elf(None, &[], None, 7),
+    );
+    let view = lazy_view(&registry, dir.path(), &tree).await;
+    let cached = |path: &str| cached(&view, path);
+    assert!(!cached("usr/lib/prog/libfoo.so.1.2"));
+
+    view.prefetch_file(view.lookup("usr/bin/prog").unwrap(), 8 << 20)
+        .await;
+    for path in [
+        "usr/bin/prog",
+        "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+        "etc/ld.so.cache",
+        "usr/lib/prog/libfoo.so.1.2",
+        "usr/lib/x86_64-linux-gnu/libbar.so.3",
+        "usr/lib/x86_64-linux-gnu/libbaz.so.2",
+    ] {
+        assert!(cached(path), "{path}");
+    }
+    assert!(!cached("usr/lib/x86_64-linux-gnu/libunused.so.1"));
+    // Once per mount: another open of a library followed fetches nothing more.
+    let before = registry.requests();
+    view.prefetch_file(view.lookup("usr/lib/prog/libfoo.so.1.2").unwrap(), 8 << 20)
+        .await;
+    assert_eq!(registry.requests().ranges, before.ranges);
 }
 
 /// The files a module's body imports (os, json.decoder, .sibling, .sub (leaf, other),
