@@ -45,6 +45,9 @@ pub const PROFILE_ANNOTATION: &str = "io.stratafs.profile.digest";
 pub const PROFILE_MEDIA_TYPE: &str = "application/vnd.stratafs.profile.v1+json";
 /// Most ranges a profile may hold (recorded or fetched).
 pub const MAX_RANGES: usize = 100_000;
+/// How many of the latest ranges a span read may continue (the kernel's read-ahead of a file
+/// reads its pages a little out of order, several files at once).
+const RECENT_RANGES: usize = 8;
 /// Largest profile blob read from a registry or from disk.
 pub const MAX_PROFILE_BYTES: u64 = 16 << 20;
 /// How long after its first read a mount records.
@@ -293,11 +296,26 @@ impl Recorder {
             }
             s.last = Some(now);
             let blob = index.blob.to_string();
-            match s.pending.last_mut() {
-                Some(r) if r.layer == blob && r.offset + r.len == span.out_offset => {
-                    r.len += span.out_len;
+            // A span that continues one of the latest ranges extends it (the kernel's
+            // read-ahead reads a file's pages slightly out of order), and a range it then
+            // reaches joins it: a file read front to back stays one range.
+            let recent = s.pending.len().saturating_sub(RECENT_RANGES);
+            let continued = (recent..s.pending.len()).rev().find(|&k| {
+                let r = &s.pending[k];
+                r.layer == blob && r.offset + r.len == span.out_offset
+            });
+            match continued {
+                Some(k) => {
+                    s.pending[k].len += span.out_len;
+                    let end = s.pending[k].offset + s.pending[k].len;
+                    if let Some(j) = (k + 1..s.pending.len())
+                        .find(|&j| s.pending[j].layer == blob && s.pending[j].offset == end)
+                    {
+                        let joined = s.pending.remove(j);
+                        s.pending[k].len += joined.len;
+                    }
                 }
-                _ => {
+                None => {
                     s.pending.push(ProfileRange {
                         layer: blob,
                         offset: span.out_offset,
@@ -634,6 +652,46 @@ mod tests {
             offset,
             len,
         }
+    }
+
+    #[test]
+    fn reads_a_little_out_of_order_are_recorded_as_one_range_per_file() {
+        use crate::layer::{Fetch, LayerIndex, Span};
+        let d = crate::digest::sha256(b"layer");
+        let span = |k: u64| Span {
+            out_offset: k * 100,
+            out_len: 100,
+            digest: d.clone(),
+            fetch: Fetch::Range {
+                in_start: k * 100,
+                in_end: k * 100 + 100,
+            },
+        };
+        let index = LayerIndex {
+            version: crate::layer::INDEX_VERSION,
+            blob: d.clone(),
+            diff_id: d.clone(),
+            compression: crate::image::Compression::None,
+            blob_size: 2000,
+            size: 2000,
+            entries: Vec::new(),
+            spans: (0..20).map(span).collect(),
+            checkpoints: Vec::new(),
+            format: Default::default(),
+            prefetch_end: None,
+            windows: None,
+            published: None,
+        };
+        let rec = Recorder::new();
+        // File A (spans 0-5) read with its read-ahead ahead of it, file B (10-13) meanwhile,
+        // then the gaps of A filled; a span read twice counts once.
+        for k in [0, 1, 3, 10, 11, 2, 4, 12, 5, 13, 1] {
+            rec.record(0, &index, k * 100 + 7, 10);
+        }
+        assert_eq!(
+            rec.take(),
+            vec![r(&d.to_string(), 0, 600), r(&d.to_string(), 1000, 400)]
+        );
     }
 
     #[test]

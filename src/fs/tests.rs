@@ -322,23 +322,16 @@ async fn an_open_of_a_program_fetches_its_loader_and_libraries_ahead() {
     add("etc/ld.so.cache", noise(3, 20 << 10));
     // Found through the program's RUNPATH ($ORIGIN), a symbolic link to the file.
     add("usr/lib/prog/libfoo.so.1", link("libfoo.so.1.2"));
-    add(
-        "usr/lib/prog/libfoo.so.1.2",
-        elf(None, &["libbaz.so.2"], None, 4),
-    );
-    // Found in the system's directories; libbaz only through libfoo.
-    add(
-        "usr/lib/x86_64-linux-gnu/libbar.so.3",
-        elf(None, &[], None, 5),
-    );
-    add(
-        "usr/lib/x86_64-linux-gnu/libbaz.so.2",
-        elf(None, &["libmissing.so.9"], None, 6),
-    );
-    add(
-        "usr/lib/x86_64-linux-gnu/libunused.so.1",
-        elf(None, &[], None, 7),
-    );
+    // Then libfoo itself; the others in the system's directories, libbaz only through libfoo.
+    let libs: [(&str, &[&str]); 4] = [
+        ("usr/lib/prog/libfoo.so.1.2", &["libbaz.so.2"]),
+        ("usr/lib/x86_64-linux-gnu/libbar.so.3", &[]),
+        ("usr/lib/x86_64-linux-gnu/libbaz.so.2", &["libmissing.so.9"]),
+        ("usr/lib/x86_64-linux-gnu/libunused.so.1", &[]),
+    ];
+    for (seed, (path, needed)) in (4..).zip(libs) {
+        add(path, elf(None, needed, None, seed));
+    }
     let view = lazy_view(&registry, dir.path(), &tree).await;
     let cached = |path: &str| cached(&view, path);
     assert!(!cached("usr/lib/prog/libfoo.so.1.2"));
