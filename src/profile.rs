@@ -690,7 +690,7 @@ mod tests {
         }
         assert_eq!(
             rec.take(),
-            vec![r(&d.to_string(), 0, 600), r(&d.to_string(), 1000, 400)]
+            vec![r(d.as_ref(), 0, 600), r(d.as_ref(), 1000, 400)]
         );
     }
 
