@@ -35,6 +35,12 @@ pub const WINDOW: usize = 32 * 1024;
 /// with anchors every 128 KiB: no checkpoint is light in indexes built now.
 pub const CHECKPOINT_EVERY: u64 = 64 << 10;
 
+/// Compressed bytes after an anchor kept to find which of its window's bytes are used: what
+/// the first 32 KiB of output after it take (at most about 33 KiB for data deflate cannot
+/// compress). A stream needing more — a hostile run of empty blocks, say — gets its whole
+/// window written instead; the indexer's memory stays bounded.
+const MAX_ANCHOR_INPUT: usize = 256 << 10;
+
 /// A place to resume decompression.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
@@ -321,8 +327,10 @@ impl<R: Read, F: FnMut(SpanOut<'_>) -> io::Result<()>> GzipIndexer<R, F> {
         if let Some(h) = &mut self.span_hasher {
             h.update(bytes);
         }
-        if !self.anchor_window.is_empty() {
-            self.anchor_input.extend_from_slice(bytes);
+        if !self.anchor_window.is_empty() && self.anchor_input.len() < MAX_ANCHOR_INPUT {
+            let room = MAX_ANCHOR_INPUT - self.anchor_input.len();
+            self.anchor_input
+                .extend_from_slice(&bytes[..bytes.len().min(room)]);
         }
         self.pos += n;
         self.abs += n as u64;
