@@ -479,7 +479,8 @@ pub struct EarlyProfile(tokio::task::JoinHandle<Result<Option<Profile>, ProfileE
 impl EarlyProfile {
     /// Starts fetching the profile `image` pins, if a mount of `chain` with these `settings`
     /// will replay it: replay on, `chain` the image's whole rootfs, and no profile of it
-    /// stored here (a stored one is replayed instead). Must run inside a tokio runtime.
+    /// stored here (a stored one is replayed instead; only its file's absence is checked
+    /// here, the session reads it). Must run inside a tokio runtime.
     pub fn start(
         image: &crate::image::ImageRecord,
         chain: &Digest,
@@ -489,7 +490,10 @@ impl EarlyProfile {
     ) -> Option<EarlyProfile> {
         let wanted = settings.replay
             && image.chain_id() == Some(chain)
-            && matches!(ProfileStore::new(store.root()).get(chain), Ok(None));
+            && matches!(
+                ProfileStore::new(store.root()).path(chain).try_exists(),
+                Ok(false)
+            );
         let (image, store) = (image.clone(), store.clone());
         wanted.then(|| {
             EarlyProfile(tokio::spawn(async move {

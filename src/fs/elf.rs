@@ -325,16 +325,12 @@ impl super::ImageView {
     /// The first `limit` bytes of `file` as an open fetches them (in pieces, so the loader's
     /// first reads of it need not wait for all of it), unless cached.
     async fn fetch_library(&self, file: NodeId, limit: u64) {
-        let n = self.tree.node(file);
-        let Some((layer, offset)) = n.data.filter(|_| n.file_type == FileType::File) else {
+        let Some((layer, offset, len)) = self.open_fetch(file, limit) else {
             return;
         };
-        let reader = &self.readers[layer];
-        let len = n.size.min(limit);
-        if len == 0 || !reader.index().random_access() || reader.is_cached(offset, len) {
-            return;
+        if !self.readers[layer].is_cached(offset, len) {
+            self.prefetch_own(file, layer, offset, len, limit).await;
         }
-        self.prefetch_own(file, layer, offset, len, limit).await;
     }
 
     /// The files the loader opens for ELF file `obj`: for a program its interpreter and the
@@ -362,11 +358,14 @@ impl super::ImageView {
         if let Some((at, len)) = h.interp {
             let path = read(at, len.min(256)).await;
             if let Some(p) = path.as_deref().and_then(|b| string_at(b, 0)) {
-                found.extend(
-                    follow(&self.tree, p)
-                        .filter(|&i| self.tree.node(i).file_type == FileType::File),
-                );
-                found.extend(follow(&self.tree, "etc/ld.so.cache"));
+                found.extend(find_library(&self.tree, obj, p, &[], h.machine));
+                found.extend(find_library(
+                    &self.tree,
+                    obj,
+                    "/etc/ld.so.cache",
+                    &[],
+                    h.machine,
+                ));
             }
         }
         let Some((at, len)) = h.dynamic else {

@@ -284,19 +284,23 @@ impl ImageView {
     /// small files ([`SIBLINGS_BYTES`]). Not noted by the profile recorder (only reads are);
     /// failures are left to the reads. Nothing is fetched once a startup profile is replayed
     /// ([`ImageView::set_profiled`]): the profile knows which of an opened file's bytes are read.
+    /// What an open of `node` fetches ahead: (layer, offset, length) of the first `limit`
+    /// bytes of a regular file in a layer read by range; `None` for anything else.
+    fn open_fetch(&self, node: NodeId, limit: u64) -> Option<(usize, u64, u64)> {
+        let n = self.tree.node(node);
+        let (layer, offset) = n.data.filter(|_| n.file_type == FileType::File)?;
+        let len = n.size.min(limit);
+        (len > 0 && self.readers[layer].index().random_access()).then_some((layer, offset, len))
+    }
+
     pub async fn prefetch_file(&self, node: NodeId, limit: u64) {
         if self.profiled.load(Ordering::Relaxed) {
             return;
         }
-        let n = self.tree.node(node);
-        let Some((layer, offset)) = n.data.filter(|_| n.file_type == FileType::File) else {
+        let Some((layer, offset, len)) = self.open_fetch(node, limit) else {
             return;
         };
         let reader = &self.readers[layer];
-        let len = n.size.min(limit);
-        if len == 0 || !reader.index().random_access() {
-            return;
-        }
         // A program's or shared object's libraries: the loader maps them one after another
         // right after the file's first pages, and only then runs the rest of it.
         let needed = self
