@@ -108,7 +108,7 @@ fn images_converted_by_ctr_remote_read_back_exactly() {
     let ctd = Containerd::start();
     ctd.ctr_ok(&["images", "pull", "--plain-http", &src]);
     ctd.ctr_remote_ok(&["image", "convert", "--estargz", "--oci", &src, &dst]);
-    ctd.ctr_ok(&["images", "push", "--plain-http", &dst]);
+    ctd.push_plain_http(&dst);
     let images = ctd.images();
     assert!(images.contains(&src) && images.contains(&dst), "{images:?}");
     eprintln!("containerd pull/convert/push: {:?}", started.elapsed());

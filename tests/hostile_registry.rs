@@ -182,7 +182,7 @@ fn an_estargz_toc_trusted_for_one_image_never_serves_another() {
         let ctd = Containerd::start();
         ctd.ctr_ok(&["content", "fetch", "--plain-http", &src]);
         ctd.ctr_remote_ok(&["image", "convert", "--estargz", "--oci", &src, &ref_a]);
-        ctd.ctr_ok(&["images", "push", "--plain-http", &ref_a]);
+        ctd.push_plain_http(&ref_a);
     }
     let resp = reg
         .get_manifest("hostile/a", "esgz", &Auth::None)

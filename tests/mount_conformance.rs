@@ -780,7 +780,7 @@ fn prepare(format: Format, reg: &Registry) -> Prepared {
             ctd.ctr_ok(&["content", "fetch", "--plain-http", &src]);
             assert!(ctd.images().contains(&src), "{:?}", ctd.images());
             ctd.ctr_remote_ok(&["image", "convert", "--estargz", "--oci", &src, &dst]);
-            ctd.ctr_ok(&["images", "push", "--plain-http", &dst]);
+            ctd.push_plain_http(&dst);
             drop(ctd);
             let manifest = reg
                 .get_manifest(repo, dst_tag, &Auth::None)

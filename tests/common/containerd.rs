@@ -151,6 +151,23 @@ impl Containerd {
         self.expect_ok(CTR_BIN, args, self.ctr(args))
     }
 
+    /// `ctr images push --plain-http REFERENCE` of a test's fixture, tried once more if it
+    /// fails: containerd 1.6's push to the distribution registry now and then ends in
+    /// "failed to copy: … unexpected EOF" on a loaded machine (seen once in a fresh-clone
+    /// `.ci/run`; the same test passed on its own every time). Returns stdout.
+    pub fn push_plain_http(&self, reference: &str) -> String {
+        let args = ["images", "push", "--plain-http", reference];
+        let first = self.ctr(&args);
+        if first.status.success() {
+            return String::from_utf8_lossy(&first.stdout).into_owned();
+        }
+        eprintln!(
+            "ctr images push {reference} failed, trying once more: {}",
+            String::from_utf8_lossy(&first.stderr).trim()
+        );
+        self.ctr_ok(&args)
+    }
+
     /// [`ctr_remote`](Self::ctr_remote), panicking unless it succeeds;
     /// returns stdout.
     pub fn ctr_remote_ok(&self, args: &[&str]) -> String {
