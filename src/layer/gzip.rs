@@ -488,6 +488,17 @@ impl<R: Read, F: FnMut(SpanOut<'_>) -> io::Result<()>> GzipIndexer<R, F> {
                 self.consume(consumed);
                 let new = &self.scratch[..produced];
                 self.out_hasher.update(new);
+                if (self.span_data.len() + produced) as u64 > super::MAX_SPAN {
+                    // Only a stream written to defeat indexing gets here: common encoders end
+                    // a deflate block every few MiB of output at most (zlib: 16 Ki symbols of
+                    // at most 258 bytes each), and a span ends at the first block boundary
+                    // after CHECKPOINT_EVERY bytes. The span is held in memory until then.
+                    return Err(corrupt(format!(
+                        "a deflate block runs on for more than {} MiB of output (at compressed byte {}): no span can end in it, so the layer cannot be indexed",
+                        super::MAX_SPAN >> 20,
+                        self.abs
+                    )));
+                }
                 self.span_data.extend_from_slice(new);
                 self.pending.extend_from_slice(new);
                 self.out_total += produced as u64;

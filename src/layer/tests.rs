@@ -407,3 +407,62 @@ fn wrong_digests_and_corruption_are_detected() {
         panic!("gzip span expected");
     }
 }
+
+/// A deflate block that never ends — one fixed-Huffman block of length-258 copies, 13 bits
+/// for each 258 bytes of output — is refused once its span would pass [`MAX_SPAN`], rather
+/// than held in memory whole.
+#[test]
+fn an_endless_deflate_block_is_refused_at_the_span_bound() {
+    #[derive(Default)]
+    struct Bits {
+        out: Vec<u8>,
+        acc: u64,
+        n: u32,
+    }
+    impl Bits {
+        /// `len` bits of `v`, least significant first (deflate's order for all but codes).
+        fn put(&mut self, v: u64, len: u32) {
+            self.acc |= v << self.n;
+            self.n += len;
+            while self.n >= 8 {
+                self.out.push(self.acc as u8);
+                self.acc >>= 8;
+                self.n -= 8;
+            }
+        }
+        /// A Huffman code: most significant bit first.
+        fn code(&mut self, code: u64, len: u32) {
+            self.put(code.reverse_bits() >> (64 - len), len);
+        }
+    }
+    let mut bits = Bits::default();
+    bits.put(1, 1); // BFINAL
+    bits.put(1, 2); // BTYPE 01: fixed codes
+    bits.code(0x30, 8); // literal 0
+    let copies = (MAX_SPAN + (1 << 20)) / 258;
+    for _ in 0..copies {
+        bits.code(0xc5, 8); // length symbol 285: 258 bytes
+        bits.code(0, 5); // distance code 0: 1 byte back
+    }
+    bits.code(0, 7); // end of block
+    bits.put(0, 7);
+    let mut blob = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+    blob.extend_from_slice(&bits.out);
+    blob.extend_from_slice(&[0; 8]);
+    let err = build_index(
+        &blob[..],
+        Compression::Gzip,
+        &crate::digest::sha256(&blob),
+        &crate::digest::sha256(b"any"),
+        blob.len() as u64,
+        65536,
+        &mut |_, _| Ok(()),
+        &mut std::io::sink(),
+        &Limits::default(),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("deflate block runs on for more than 64 MiB"),
+        "{err}"
+    );
+}
