@@ -292,6 +292,7 @@ impl LayerReader {
             }
             .into());
         };
+        tracing::debug!(blob = %&blob.digest()[..12], at = cp.window_at, len = cp.window_len, "window");
         let raw = source
             .read_range(cp.window_at, cp.window_len)
             .await
