@@ -462,7 +462,8 @@ fn an_endless_deflate_block_is_refused_at_the_span_bound() {
     )
     .unwrap_err();
     assert!(
-        err.to_string().contains("deflate block runs on for more than 64 MiB"),
+        err.to_string()
+            .contains("deflate block runs on for more than 64 MiB"),
         "{err}"
     );
 }

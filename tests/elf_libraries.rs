@@ -1,0 +1,141 @@
+//! ELF library following on a real registry and a real FUSE mount: opening a program fetches
+//! what the dynamic loader will open for it — its interpreter (found through the image's own
+//! symbolic links, as Debian lays them out), the loader's cache and the libraries it needs —
+//! so that their reads need no request, and leaves alone a library it does not need; the
+//! program then runs from the mount. The program and libraries are this machine's own.
+
+mod common;
+
+use std::io::Read;
+
+use common::mount::MountGuard;
+use common::*;
+
+const PROGRAM: &str = "usr/bin/true";
+const ARCH: &str = "usr/lib/x86_64-linux-gnu";
+
+/// What the loader opens for `true`: found by its `PT_INTERP`, the cache, its `DT_NEEDED`.
+fn loaded() -> Vec<String> {
+    vec![
+        format!("{ARCH}/ld-linux-x86-64.so.2"),
+        "etc/ld.so.cache".into(),
+        format!("{ARCH}/libc.so.6"),
+    ]
+}
+
+/// A library in the same directory that `true` does not need.
+fn unneeded() -> String {
+    format!("{ARCH}/libz.so.1")
+}
+
+fn host(path: &str) -> Vec<u8> {
+    std::fs::read(format!("/{path}")).unwrap_or_else(|e| {
+        panic!("/{path}: {e} (this test takes its program and libraries from the machine)")
+    })
+}
+
+/// One gzip layer laid out as Debian's merged /usr: `lib` → `usr/lib`, `lib64` →
+/// `usr/lib64`, whose loader is an absolute link into `/lib/x86_64-linux-gnu`. Every file is
+/// followed by 1 MiB of filler, so a fetch of one file's spans does not bring another's.
+fn image() -> Image {
+    let mut b = LayerBuilder::new();
+    for d in [
+        "etc",
+        "usr",
+        "usr/bin",
+        "usr/lib",
+        ARCH,
+        "usr/lib64",
+        "filler",
+    ] {
+        b = b.dir(d, 0o755);
+    }
+    b = b
+        .symlink("lib", "usr/lib")
+        .symlink("lib64", "usr/lib64")
+        .symlink(
+            "usr/lib64/ld-linux-x86-64.so.2",
+            "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+        );
+    let files = std::iter::once(PROGRAM.to_string())
+        .chain(loaded())
+        .chain([unneeded()]);
+    for (k, path) in files.enumerate() {
+        let mode = if path == PROGRAM || path.contains("ld-linux") {
+            0o755
+        } else {
+            0o644
+        };
+        b = b.file(&path, &host(&path), mode);
+        b = b.file(
+            &format!("filler/{k}"),
+            &bytes(700 + k as u64, 1 << 20),
+            0o644,
+        );
+    }
+    ImageBuilder::new()
+        .layer(b.build(Compression::Gzip))
+        .build(ManifestFlavour::Oci)
+}
+
+#[test]
+fn opening_a_program_fetches_its_interpreter_and_libraries_before_the_loader_opens_them() {
+    let reg = Registry::start(RegistryOpts::default());
+    let image = image();
+    let layer = image.layers[0].digest.clone();
+    reg.push_image("elf/app", "v1", &image, &Auth::None);
+    let reference = format!("{}/elf/app:v1", reg.addr());
+    Stratafs::new().ok(&["index", "push", "--bind", &reference]);
+
+    let cli = Stratafs::new();
+    let guard = MountGuard::lazy(&cli, &reference, "warn,stratafs=debug");
+    let dir = guard.dir.to_str().unwrap().to_string();
+    // The kernel's first read of a program it executes: its ELF header.
+    let mut head = [0u8; 64];
+    std::fs::File::open(guard.path(PROGRAM))
+        .unwrap()
+        .read_exact(&mut head)
+        .unwrap();
+    assert_eq!(&head[..4], b"\x7fELF");
+    cli.wait_for_mount_log("libraries fetched");
+    let log = cli.mount_logs();
+    let line = log
+        .lines()
+        .find(|l| l.contains("libraries fetched"))
+        .unwrap();
+    assert!(
+        line.contains(PROGRAM) && line.contains("files=3"),
+        "the loader, its cache and libc: {line}"
+    );
+
+    // All of it is cached: the loader's reads of these files need no request.
+    let mark = reg.log_mark();
+    for path in loaded() {
+        assert!(
+            std::fs::read(guard.path(&path)).unwrap() == host(&path),
+            "{path}"
+        );
+    }
+    assert_eq!(
+        reg.blob_bytes_since(mark, &layer),
+        0,
+        "libraries fetched again when read: {:#?}",
+        reg.access_log_since(mark)
+    );
+    // A library the program does not need was not fetched.
+    let mark = reg.log_mark();
+    assert!(std::fs::read(guard.path(&unneeded())).unwrap() == host(&unneeded()));
+    assert!(
+        reg.blob_bytes_since(mark, &layer) > 0,
+        "{} was fetched ahead though nothing needs it",
+        unneeded()
+    );
+
+    // And the program runs from the mount, loader and libraries served by it.
+    let status = std::process::Command::new("chroot")
+        .args([&dir, "/usr/bin/true"])
+        .status()
+        .expect("chroot");
+    assert!(status.success(), "true in a chroot of the mount: {status}");
+    cli.ok(&["umount", &dir]);
+}
