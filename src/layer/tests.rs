@@ -327,66 +327,39 @@ fn tar_and_zstd_layers() {
     assert!(joined == tar);
 }
 
+/// The error of indexing gzip `blob` (as a layer of digest `digest` and diff_id `diff_id`,
+/// `size` bytes: 0 for unknown) that must fail.
+fn refused(blob: &[u8], digest: &Digest, diff_id: &Digest, size: u64) -> LayerError {
+    build_index(
+        blob,
+        Compression::Gzip,
+        digest,
+        diff_id,
+        size,
+        65536,
+        &mut |_, _| Ok(()),
+        &mut std::io::sink(),
+        &Limits::default(),
+    )
+    .unwrap_err()
+}
+
 #[test]
 fn wrong_digests_and_corruption_are_detected() {
     let tar = sample_tar(10);
     let blob = gzip(&tar);
     let wrong = crate::digest::sha256(b"other");
-    let err = build_index(
-        &blob[..],
-        Compression::Gzip,
-        &wrong,
-        &crate::digest::sha256(&tar),
-        0,
-        65536,
-        &mut |_, _| Ok(()),
-        &mut std::io::sink(),
-        &Limits::default(),
-    )
-    .unwrap_err();
+    let err = refused(&blob[..], &wrong, &crate::digest::sha256(&tar), 0);
     assert!(err.to_string().contains("blob digest mismatch"), "{err}");
-    let err = build_index(
-        &blob[..],
-        Compression::Gzip,
-        &crate::digest::sha256(&blob),
-        &wrong,
-        0,
-        65536,
-        &mut |_, _| Ok(()),
-        &mut std::io::sink(),
-        &Limits::default(),
-    )
-    .unwrap_err();
+    let err = refused(&blob[..], &crate::digest::sha256(&blob), &wrong, 0);
     assert!(err.to_string().contains("diff_id mismatch"), "{err}");
     let half = &blob[..blob.len() / 2];
-    let err = build_index(
-        half,
-        Compression::Gzip,
-        &crate::digest::sha256(&blob),
-        &wrong,
-        0,
-        65536,
-        &mut |_, _| Ok(()),
-        &mut std::io::sink(),
-        &Limits::default(),
-    )
-    .unwrap_err();
+    let err = refused(half, &crate::digest::sha256(&blob), &wrong, 0);
     assert!(
         err.to_string().contains("blob digest mismatch"),
         "cut in transit: {err}"
     );
-    let err = build_index(
-        half,
-        Compression::Gzip,
-        &crate::digest::sha256(half),
-        &wrong,
-        0,
-        65536,
-        &mut |_, _| Ok(()),
-        &mut std::io::sink(),
-        &Limits::default(),
-    )
-    .unwrap_err();
+    let err = refused(half, &crate::digest::sha256(half), &wrong, 0);
     assert!(
         err.to_string().contains("truncated"),
         "published truncated: {err}"
@@ -449,18 +422,12 @@ fn an_endless_deflate_block_is_refused_at_the_span_bound() {
     let mut blob = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
     blob.extend_from_slice(&bits.out);
     blob.extend_from_slice(&[0; 8]);
-    let err = build_index(
+    let err = refused(
         &blob[..],
-        Compression::Gzip,
         &crate::digest::sha256(&blob),
         &crate::digest::sha256(b"any"),
         blob.len() as u64,
-        65536,
-        &mut |_, _| Ok(()),
-        &mut std::io::sink(),
-        &Limits::default(),
-    )
-    .unwrap_err();
+    );
     assert!(
         err.to_string()
             .contains("deflate block runs on for more than 64 MiB"),
