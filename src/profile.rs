@@ -543,11 +543,13 @@ impl Session {
                     Ok(Some(p)) => Some((p, false)),
                     Ok(None) if !whole => None,
                     Ok(None) => {
+                        // The early fetch's answer, or (none started, or its task died) now.
+                        let early = match early {
+                            Some(EarlyProfile(fetch)) => fetch.await.ok(),
+                            None => None,
+                        };
                         let pinned = match early {
-                            Some(EarlyProfile(fetch)) => match fetch.await {
-                                Ok(fetched) => fetched,
-                                Err(_) => pinned_profile(client.as_ref(), &store, &image).await,
-                            },
+                            Some(fetched) => fetched,
                             None => pinned_profile(client.as_ref(), &store, &image).await,
                         };
                         match pinned {

@@ -276,14 +276,6 @@ impl ImageView {
         Ok(data)
     }
 
-    /// Fetches what is not cached of the first `limit` bytes of regular file `node`, in pieces
-    /// a few at a time. An open predicts reads: the file's bytes then arrive with about one
-    /// round trip instead of one per miss (python imports one module file after another).
-    /// A Python module's bytecode then has the modules it imports fetched, and theirs
-    /// (`imports.rs`). Then, the first time for its directory and layer, the directory's other
-    /// small files ([`SIBLINGS_BYTES`]). Not noted by the profile recorder (only reads are);
-    /// failures are left to the reads. Nothing is fetched once a startup profile is replayed
-    /// ([`ImageView::set_profiled`]): the profile knows which of an opened file's bytes are read.
     /// What an open of `node` fetches ahead: (layer, offset, length) of the first `limit`
     /// bytes of a regular file in a layer read by range; `None` for anything else.
     fn open_fetch(&self, node: NodeId, limit: u64) -> Option<(usize, u64, u64)> {
@@ -293,6 +285,15 @@ impl ImageView {
         (len > 0 && self.readers[layer].index().random_access()).then_some((layer, offset, len))
     }
 
+    /// Fetches what is not cached of the first `limit` bytes of regular file `node`, in pieces
+    /// a few at a time. An open predicts reads: the file's bytes then arrive with about one
+    /// round trip instead of one per miss (python imports one module file after another).
+    /// A program's or shared object's libraries are fetched beside its first piece
+    /// (`elf.rs`). A Python module's bytecode then has the modules it imports fetched, and theirs
+    /// (`imports.rs`). Then, the first time for its directory and layer, the directory's other
+    /// small files ([`SIBLINGS_BYTES`]). Not noted by the profile recorder (only reads are);
+    /// failures are left to the reads. Nothing is fetched once a startup profile is replayed
+    /// ([`ImageView::set_profiled`]): the profile knows which of an opened file's bytes are read.
     pub async fn prefetch_file(&self, node: NodeId, limit: u64) {
         if self.profiled.load(Ordering::Relaxed) {
             return;
