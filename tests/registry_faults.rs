@@ -301,3 +301,55 @@ async fn loopback_registries_fall_back_to_plain_http_once() {
         ["/v2/app/manifests/v1", "/v2/app/manifests/v2"]
     );
 }
+
+#[tokio::test]
+async fn a_range_cut_short_is_asked_for_again_from_where_it_broke() {
+    let blob: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let ranges = Arc::new(Mutex::new(Vec::new()));
+    let (b, seen) = (blob.clone(), ranges.clone());
+    let fake = Fake::start(move |req, n| {
+        let range = req
+            .headers()
+            .iter()
+            .find(|h| h.field.equiv("Range"))
+            .map(|h| h.value.to_string())
+            .unwrap_or_default();
+        seen.lock().unwrap().push(range.clone());
+        let (from, to) = range
+            .trim_start_matches("bytes=")
+            .split_once('-')
+            .map(|(a, z)| (a.parse::<usize>().unwrap(), z.parse::<usize>().unwrap()))
+            .unwrap();
+        // The first answer promises the whole range but its body stops after 400 bytes.
+        let body = match n {
+            0 => b[from..from + 400].to_vec(),
+            _ => b[from..=to].to_vec(),
+        };
+        let header = |k: &str, v: String| tiny_http::Header::from_bytes(k, v).unwrap();
+        Some(
+            tiny_http::Response::new(
+                tiny_http::StatusCode(206),
+                vec![
+                    header("Content-Range", format!("bytes {from}-{to}/{}", b.len())),
+                    header("Connection", "close".into()),
+                ],
+                std::io::Cursor::new(body),
+                Some(to + 1 - from),
+                None,
+            )
+            .boxed(),
+        )
+    });
+    let c = client(fast());
+    let digest: oci_spec::image::Digest = format!("sha256:{}", "a".repeat(64)).parse().unwrap();
+    let got = c
+        .read_blob_range(&fake.reference("app:v1"), &digest, 0, 1000)
+        .await
+        .unwrap();
+    // Every byte once, in order: the second request asked for the rest only.
+    assert_eq!(got, blob);
+    assert_eq!(
+        *ranges.lock().unwrap(),
+        ["bytes=0-999".to_string(), "bytes=400-999".to_string()]
+    );
+}

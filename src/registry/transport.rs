@@ -116,7 +116,9 @@ impl Transport {
     }
 
     /// GETs bytes `offset..offset+len` of a blob from the first endpoint that serves them.
-    /// A server that ignores the Range header and sends the whole blob is handled by skipping.
+    /// A body cut short is asked for again from where it broke (each byte crosses the link
+    /// once), from the same endpoint (twice at most) or, for a mirror, from the next one. A
+    /// server that ignores the Range header and sends the whole blob is handled by skipping.
     pub(crate) async fn get_range(
         &self,
         endpoints: &[Endpoint],
@@ -124,36 +126,44 @@ impl Transport {
         offset: u64,
         len: u64,
     ) -> Result<Vec<u8>, RegistryError> {
-        first_endpoint(endpoints, |ep| self.get_range_from(ep, req, offset, len)).await
+        let range = RangeRead {
+            offset,
+            len,
+            data: Mutex::new(Vec::with_capacity(len.min(64 << 20) as usize)),
+        };
+        first_endpoint(endpoints, |ep| self.get_range_from(ep, req, &range)).await?;
+        Ok(range.data.into_inner().unwrap())
     }
 
     async fn get_range_from(
         &self,
         ep: &Endpoint,
         req: &Request<'_>,
-        offset: u64,
-        len: u64,
-    ) -> Result<Vec<u8>, RegistryError> {
+        range: &RangeRead,
+    ) -> Result<(), RegistryError> {
         let mut body_retries = 2;
         loop {
-            let resp = self.send(ep, req, Some((offset, offset + len - 1))).await?;
+            let (from, end) = (range.next(), range.offset + range.len);
+            let resp = self.send(ep, req, Some((from, end - 1))).await?;
             let url = resp.url().to_string();
             let skip = if resp.status() == StatusCode::PARTIAL_CONTENT {
                 0
             } else {
-                offset
+                from
             };
-            match read_range_body(resp, skip, len).await {
-                Ok(data) if data.len() as u64 == len => return Ok(data),
-                Ok(data) => {
+            match range.read_body(resp, skip).await {
+                Ok(()) if range.next() == end => return Ok(()),
+                Ok(()) => {
                     return Err(RegistryError::Status {
                         host: ep.host.clone(),
                         url,
                         status: 206,
                         detail: format!(
-                            "short read of {}: {} of {len} bytes at offset {offset}",
+                            "short read of {}: {} of {} bytes at offset {}",
                             req.subject,
-                            data.len()
+                            range.next() - range.offset,
+                            range.len,
+                            range.offset
                         ),
                     })
                 }
@@ -608,27 +618,40 @@ async fn read_capped(mut resp: Response, cap: u64) -> Result<Option<Vec<u8>>, re
     Ok(Some(data))
 }
 
-/// Reads `len` bytes of a body after skipping `skip` bytes (for servers that ignore Range).
-async fn read_range_body(
-    mut resp: Response,
-    mut skip: u64,
+/// A range of a blob being read, and its bytes received so far, across the requests (and
+/// endpoints) that carry it.
+struct RangeRead {
+    offset: u64,
     len: u64,
-) -> Result<Vec<u8>, reqwest::Error> {
-    let mut data = Vec::with_capacity(len.min(64 << 20) as usize);
-    while let Some(chunk) = resp.chunk().await? {
-        let mut chunk = &chunk[..];
-        if skip > 0 {
-            let n = skip.min(chunk.len() as u64);
-            chunk = &chunk[n as usize..];
-            skip -= n;
-        }
-        let want = (len - data.len() as u64).min(chunk.len() as u64) as usize;
-        data.extend_from_slice(&chunk[..want]);
-        if data.len() as u64 == len {
-            break;
-        }
+    data: Mutex<Vec<u8>>,
+}
+
+impl RangeRead {
+    /// The blob offset of the next byte wanted.
+    fn next(&self) -> u64 {
+        self.offset + self.data.lock().unwrap().len() as u64
     }
-    Ok(data)
+
+    /// Appends the body's bytes, after skipping `skip` (for servers that ignore Range), until
+    /// the range is complete or the body ends.
+    async fn read_body(&self, mut resp: Response, mut skip: u64) -> Result<(), reqwest::Error> {
+        while let Some(chunk) = resp.chunk().await? {
+            let mut chunk = &chunk[..];
+            if skip > 0 {
+                let n = skip.min(chunk.len() as u64);
+                chunk = &chunk[n as usize..];
+                skip -= n;
+            }
+            let mut data = self.data.lock().unwrap();
+            let left = self.len - data.len() as u64;
+            let take = left.min(chunk.len() as u64) as usize;
+            data.extend_from_slice(&chunk[..take]);
+            if take as u64 == left {
+                break;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// An error for an unexpected status, with the registry's own error message when it sent one.
