@@ -569,9 +569,9 @@ impl Layers {
         self.keep(index, None).await
     }
 
-    /// Stores `index` (under `pin`, if given) and returns it. On a blocking thread: writing
-    /// one synced file per layer, the layers an open fetches at once are stored side by side
-    /// instead of holding up the task that opens them all (about 20 ms each here).
+    /// Stores `index` (under `pin`, if given) and returns it. On a blocking thread: each is a
+    /// serialized and synced file, and the layers an open fetches at once are stored side by
+    /// side instead of one after another on the task that opens them all.
     async fn keep(&self, index: LayerIndex, pin: Option<&Digest>) -> Result<LayerIndex, FsError> {
         let (store, pin) = (self.indexes.clone(), pin.cloned());
         let (index, stored) = tokio::task::spawn_blocking(move || {
