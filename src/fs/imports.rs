@@ -530,7 +530,7 @@ impl super::ImageView {
             if !reader.index().random_access() {
                 return Vec::new();
             }
-            if let Err(e) = reader.prefetch(offset, len).await {
+            if let Err(e) = reader.prefetch_walk(offset, len).await {
                 tracing::debug!(path = %self.tree.path(node), error = %e, "fetch of an imported module failed");
                 return Vec::new();
             }
@@ -580,7 +580,7 @@ impl super::ImageView {
                 .map(move |(s, e)| (layer, s, e))
         });
         let mut fetches = futures_util::stream::iter(requests)
-            .map(|(layer, s, e)| self.readers[layer].prefetch(s, e - s))
+            .map(|(layer, s, e)| self.readers[layer].prefetch_walk(s, e - s))
             .buffer_unordered(BATCH_PARALLEL);
         while let Some(fetched) = fetches.next().await {
             if let Err(e) = fetched {

@@ -390,6 +390,12 @@ impl LayerReader {
         self.cache_range(offset, len, Want::Exact).await
     }
 
+    /// Caches bytes `offset..offset + len` for files a walk predicts ([`Want::Walk`]): in a
+    /// TOC-indexed layer the request reaches a little past them, over missing neighbours.
+    pub async fn prefetch_walk(&self, offset: u64, len: u64) -> Result<(), CacheError> {
+        self.cache_range(offset, len, Want::Walk).await
+    }
+
     /// A step of background fill: caches what is missing of `offset..offset + len` once no
     /// foreground fetch of the mount is under way, within the mount's background budget
     /// ([`budget`]: what a read that misses then waits behind is bounded). Returns the

@@ -381,6 +381,82 @@ async fn a_miss_fetches_the_small_chunks_after_it_too() {
 }
 
 #[tokio::test]
+async fn a_walk_fetch_brings_a_few_next_files_and_a_prefetch_its_own_only() {
+    // Forty modules of 2000 random bytes (a chunk and about 2 KB compressed each): 80 KB in
+    // all, more than a walk's 32 KiB.
+    let mut w = Writer::default();
+    let mut files = Vec::new();
+    for i in 0..40u64 {
+        files.push((format!("pkg/__pycache__/m{i}.pyc"), noise(2000, 500 + i)));
+        let (name, data) = files.last().unwrap();
+        w.add(name, Body::File(data), &[]);
+    }
+    let (blob, tar, toc, toc_offset) = w.finish();
+    let layer = Layer {
+        digest: crate::digest::sha256(&blob),
+        diff_id: crate::digest::sha256(&tar),
+        blob,
+        tar,
+        toc,
+        toc_offset,
+        files,
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let source = layer.source();
+    let index = layer.index(&*source).await;
+    let m0 = entry(&index, "pkg/__pycache__/m0.pyc");
+    let cached = |reader: &LayerReader| {
+        layer
+            .files
+            .iter()
+            .take_while(|(path, _)| {
+                let e = entry(&index, path);
+                reader.is_cached(e.offset, e.size)
+            })
+            .count()
+    };
+
+    let walk = layer.reader(&index, source.clone());
+    let before = source.counts();
+    walk.prefetch_walk(m0.offset, m0.size).await.unwrap();
+    let (reads, bytes) = source.counts();
+    assert_eq!(reads - before.0, 1, "one request");
+    let fetched = bytes - before.1;
+    assert!(
+        (32 << 10..(32 << 10) + 2 * 2200).contains(&fetched),
+        "at least 32 KiB, and not a file more than that: {fetched} bytes"
+    );
+    let near = cached(&walk);
+    assert!((14..=17).contains(&near), "m0 and its next files: {near}");
+    assert!(!{
+        let e = entry(&index, "pkg/__pycache__/m39.pyc");
+        walk.is_cached(e.offset, e.size)
+    });
+    for (path, data) in &layer.files[..near] {
+        let e = entry(&index, path);
+        assert!(
+            walk.read(e.offset, e.size).await.unwrap() == *data,
+            "{path}"
+        );
+    }
+    assert_eq!(
+        source.counts().0,
+        reads,
+        "served from what the walk fetched"
+    );
+
+    // A profile's prefetch reads exactly what it names (a cache of its own).
+    let chunks = tempfile::tempdir().unwrap();
+    let cache = Arc::new(Cache::new(
+        Arc::new(DiskChunks::open(chunks.path()).unwrap()),
+        64,
+    ));
+    let exact = LayerReader::new(Arc::new(index.clone()), source.clone(), cache);
+    exact.prefetch(m0.offset, m0.size).await.unwrap();
+    assert_eq!(cached(&exact), 1, "m0 alone");
+}
+
+#[tokio::test]
 async fn a_wrong_toc_digest_is_refused_and_none_is_accepted() {
     let layer = sample();
     let source = layer.source();

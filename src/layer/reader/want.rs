@@ -22,6 +22,16 @@ pub(super) const MAX_COALESCED: u64 = 16 << 20;
 /// files together. 512 KiB is about two round trips' worth of transfer at 100 Mbit/s and 20 ms.
 pub(super) const MIN_TOC_FETCH: u64 = 512 << 10;
 
+/// Fewest compressed bytes a fetch of files a walk predicts ([`Want::Walk`]: a module's
+/// imports) reads from a layer indexed by its TOC, while the chunks after its files are
+/// missing. Each file is its own chunk there, and successive walks ask for the modules of one
+/// `__pycache__` directory a few at a time, each batch a request of its own: on the cold-start
+/// benchmark's eStargz image the walks made 507 of 565 requests, 343 of them touching a range
+/// fetched at another moment. At least 32 KiB from the first file (a small module and a few
+/// neighbours) took 570 requests to 330 for 2.3 MB more, and the run 0.3–0.4 s sooner; 8, 16,
+/// 64 and 128 KiB and [`MIN_TOC_FETCH`] (9 MB more) did less well (docs/benchmarks.md).
+pub(super) const MIN_WALK_FETCH: u64 = 32 << 10;
+
 /// Compressed bytes a fetch of the neighbours of a read ([`super::LayerReader::fetch_neighbours`]) of
 /// a layer indexed as its tar stream reaches, while the spans after the read are missing.
 /// Spans are small (256 KiB of tar, so a miss costs little beyond what it reads), but programs
@@ -52,6 +62,10 @@ pub(super) enum Want {
     Checked,
     /// The spans after a read ([`super::LayerReader::fetch_neighbours`]): at least [`MIN_MISS_FETCH`].
     Neighbours,
+    /// Files a walk predicts (a module's imports): exactly their spans in a layer indexed as
+    /// its tar stream (its spans already hold several small files), at least
+    /// [`MIN_WALK_FETCH`] in a TOC-indexed one.
+    Walk,
     /// A step of background fill ([`super::LayerReader::fill`]): exactly its spans, whatever
     /// the format (the steps cover the layer).
     Background,
@@ -63,7 +77,9 @@ impl Want {
     pub(super) fn min_reach(self, format: IndexFormat) -> u64 {
         match format {
             _ if matches!(self, Want::Background | Want::Exact) => 0,
+            IndexFormat::Estargz | IndexFormat::ZstdChunked if self == Want::Walk => MIN_WALK_FETCH,
             IndexFormat::Estargz | IndexFormat::ZstdChunked => MIN_TOC_FETCH,
+            IndexFormat::Stream if self == Want::Walk => 0,
             IndexFormat::Stream
                 if matches!(self, Want::Demand | Want::Checked | Want::Neighbours) =>
             {
