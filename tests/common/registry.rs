@@ -489,7 +489,8 @@ fn quoted(s: &str) -> Option<(String, &str)> {
 /// Checks what a lazy read of one small file from the upper of two TOC-indexed layers (eStargz,
 /// zstd:chunked) cost, from the layer GETs in `fetched`: range reads only; the lower layer
 /// (`lower`, a digest) served its TOC only (under 64 KiB); the upper one its TOC and one fetch
-/// — the file's chunk and, as a miss does, the small chunks after it (512 KiB at most).
+/// — the file's chunk and, as a miss does, the small chunks after it (32 KiB of them; the
+/// bound is loose).
 pub fn assert_small_toc_read(fetched: &[AccessEntry], lower: &str) {
     assert!(
         fetched.iter().all(|e| e.status == 206),

@@ -15,22 +15,19 @@ pub(super) const READAHEAD_BYTES: u64 = 1 << 20;
 /// Upper bound on the bytes one coalesced range request fetches.
 pub(super) const MAX_COALESCED: u64 = 16 << 20;
 
-/// Fewest compressed bytes a fetch from a layer indexed by its TOC (eStargz, zstd:chunked)
-/// reads while the chunks after the one missed are missing too. Those spans are single file
-/// chunks, often a few KiB, and a program that loads file after file from one directory (as
-/// `import` does) would otherwise pay a round trip for each; tar order keeps a directory's
-/// files together. 512 KiB is about two round trips' worth of transfer at 100 Mbit/s and 20 ms.
-pub(super) const MIN_TOC_FETCH: u64 = 512 << 10;
-
-/// Fewest compressed bytes a fetch of files a walk predicts ([`Want::Walk`]: a module's
-/// imports) reads from a layer indexed by its TOC, while the chunks after its files are
-/// missing. Each file is its own chunk there, and successive walks ask for the modules of one
-/// `__pycache__` directory a few at a time, each batch a request of its own: on the cold-start
-/// benchmark's eStargz image the walks made 507 of 565 requests, 343 of them touching a range
-/// fetched at another moment. At least 32 KiB from the first file (a small module and a few
-/// neighbours) took 570 requests to 330 for 2.3 MB more, and the run 0.3–0.4 s sooner; 8, 16,
-/// 64 and 128 KiB and [`MIN_TOC_FETCH`] (9 MB more) did less well (docs/benchmarks.md).
-pub(super) const MIN_WALK_FETCH: u64 = 32 << 10;
+/// Fewest compressed bytes a fetch from a layer indexed by its TOC (eStargz, zstd:chunked) —
+/// a read's, an open's, or a walk's ([`Want::Walk`]: a module's imports) — reads while the
+/// chunks after its own are missing too. Those spans are single file chunks, often a few KiB,
+/// and a program that loads file after file from one directory (as `import` does) would
+/// otherwise pay a round trip for each; tar order keeps a directory's files together. Once the
+/// import walk fetched a module's imports ahead, a read's reach mattered less than what the
+/// read waits for: at 512 KiB (two round trips' worth of transfer at 100 Mbit/s and 20 ms) the
+/// loader's `ld.so.cache` waited 291 ms for the 548 KB run it came in. On the cold-start
+/// benchmark's eStargz image (docs/benchmarks.md, 2026-12-05), with walks fetching exactly
+/// their files: 5.57 s; walks reaching 32 KiB: 5.04 s (46.9 MB); then reads too at 256 KiB
+/// 4.81 s, 128 KiB 4.69 s, 64 KiB 4.58–4.60 s, 32 KiB 4.51 s (40.1 MB), 16 KiB 4.51 s, none
+/// 4.71 s.
+pub(super) const MIN_TOC_FETCH: u64 = 32 << 10;
 
 /// Compressed bytes a fetch of the neighbours of a read ([`super::LayerReader::fetch_neighbours`]) of
 /// a layer indexed as its tar stream reaches, while the spans after the read are missing.
@@ -64,7 +61,7 @@ pub(super) enum Want {
     Neighbours,
     /// Files a walk predicts (a module's imports): exactly their spans in a layer indexed as
     /// its tar stream (its spans already hold several small files), at least
-    /// [`MIN_WALK_FETCH`] in a TOC-indexed one.
+    /// [`MIN_TOC_FETCH`] in a TOC-indexed one, as a read.
     Walk,
     /// A step of background fill ([`super::LayerReader::fill`]): exactly its spans, whatever
     /// the format (the steps cover the layer).
@@ -77,7 +74,6 @@ impl Want {
     pub(super) fn min_reach(self, format: IndexFormat) -> u64 {
         match format {
             _ if matches!(self, Want::Background | Want::Exact) => 0,
-            IndexFormat::Estargz | IndexFormat::ZstdChunked if self == Want::Walk => MIN_WALK_FETCH,
             IndexFormat::Estargz | IndexFormat::ZstdChunked => MIN_TOC_FETCH,
             IndexFormat::Stream if self == Want::Walk => 0,
             IndexFormat::Stream
