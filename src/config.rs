@@ -77,6 +77,10 @@ pub struct MountSettings {
     /// On each open of a Python module's bytecode, fetch the modules it imports, and theirs
     /// (with `open_prefetch` on).
     pub follow_imports: bool,
+    /// On mount of an image's whole rootfs with no startup profile to replay, fetch what its
+    /// config says runs first (the program and its libraries, `/etc/passwd`, `/etc/group`;
+    /// with `open_prefetch` on).
+    pub fetch_start: bool,
 }
 
 impl Default for MountSettings {
@@ -93,6 +97,7 @@ impl Default for MountSettings {
             profile_parallel: 12,
             open_prefetch: 8 << 20,
             follow_imports: true,
+            fetch_start: true,
         }
     }
 }

@@ -520,7 +520,9 @@ impl Session {
     /// `chain` is the ChainID of the layers the view shows (the image's top one for a whole
     /// image; a snapshotter's mount may show only the lower layers, which other images share):
     /// the profile recorded and replayed is that rootfs's. `early` is the pinned profile's
-    /// fetch if [`EarlyProfile::start`] began it.
+    /// fetch if [`EarlyProfile::start`] began it. `otherwise` runs if no profile is replayed
+    /// (what to fetch ahead without one).
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         view: Arc<ImageView>,
         image: &crate::image::ImageRecord,
@@ -529,6 +531,7 @@ impl Session {
         client: Arc<dyn crate::registry::Registry>,
         settings: &MountProfile,
         early: Option<EarlyProfile>,
+        otherwise: Option<futures_util::future::BoxFuture<'static, ()>>,
     ) -> Session {
         let chain = chain.clone();
         let profiles = ProfileStore::new(store.root());
@@ -569,7 +572,13 @@ impl Session {
                         None
                     }
                 };
-                if let Some((p, pinned)) = profile {
+                let Some((p, pinned)) = profile else {
+                    if let Some(fetch) = otherwise {
+                        fetch.await;
+                    }
+                    return;
+                };
+                {
                     replay(view, &p, parallel).await;
                     if pinned {
                         // Kept here after the replay (which must not wait for a file write).
@@ -580,6 +589,8 @@ impl Session {
                     }
                 }
             }));
+        } else if let Some(fetch) = otherwise {
+            tasks.push(tokio::spawn(fetch));
         }
         let recorder = settings.record.then(|| {
             let recorder = Arc::new(Recorder::new());

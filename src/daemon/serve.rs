@@ -11,6 +11,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tracing::Instrument;
+
 use super::holder::Link;
 use super::MountRecord;
 use crate::context::{Context, ContextError};
@@ -162,7 +164,8 @@ async fn open_reporting(
 }
 
 /// Sets an open view going (neighbours, imports as configured) and starts its startup
-/// profile's replay and recording: the workload's reads come next.
+/// profile's replay and recording — or, with no profile to replay, the fetch of what the
+/// image's config says runs first ([`ImageView::fetch_start`]): the workload's reads come next.
 fn start_view(
     ctx: &Context,
     image: &crate::image::ImageRecord,
@@ -173,6 +176,7 @@ fn start_view(
     view.fetch_neighbours();
     view.follow_imports(ctx.config.mount.follow_imports);
     chain.map(|chain| {
+        let otherwise = start_fetch(ctx, image, chain, view);
         crate::profile::Session::start(
             view.clone(),
             image,
@@ -181,8 +185,39 @@ fn start_view(
             ctx.client.clone(),
             &profile_settings(ctx),
             early,
+            otherwise,
         )
     })
+}
+
+/// The fetch of what a container of `image` runs first, for a view of its whole rootfs
+/// (`chain` its top ChainID) with `[mount] fetch_start` and `open_prefetch` on.
+fn start_fetch(
+    ctx: &Context,
+    image: &crate::image::ImageRecord,
+    chain: &oci_spec::image::Digest,
+    view: &Arc<ImageView>,
+) -> Option<futures_util::future::BoxFuture<'static, ()>> {
+    let m = &ctx.config.mount;
+    if !m.fetch_start || m.open_prefetch == 0 || image.chain_id() != Some(chain) {
+        return None;
+    }
+    let (view, limit, store) = (view.clone(), m.open_prefetch, ctx.store.clone());
+    let (name, config) = (image.name.clone(), image.config.digest.clone());
+    Some(Box::pin(async move {
+        // A file read: off the runtime's workers.
+        let read = tokio::task::spawn_blocking(move || store.content.get(&config)).await;
+        let hints = match read {
+            Ok(Ok(config)) => crate::fs::StartHints::from_config(&config),
+            Ok(Err(e)) => {
+                return tracing::debug!(image = %name, error = %e, "no config to say what runs first")
+            }
+            Err(_) => return,
+        };
+        view.fetch_start(&hints, limit)
+            .instrument(tracing::debug_span!("start"))
+            .await
+    }))
 }
 
 fn profile_settings(ctx: &Context) -> crate::profile::MountProfile {

@@ -14,6 +14,7 @@
 //! A wrong answer costs bandwidth only: the files are fetched and verified like any read.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use crate::tree::{FileType, NodeId, Tree, ROOT};
 
@@ -258,23 +259,58 @@ const NEEDED_PARALLEL: usize = 4;
 /// [`NEEDED_PARALLEL`], at most 32 files' headers (324 KiB each at most) are in memory.
 pub const FOLLOWS: usize = 8;
 
+/// A follow of an ELF file's libraries under way: when it ends, or its future is dropped,
+/// opens waiting for it go on.
+struct Following<'a>(&'a super::ImageView, NodeId, Arc<tokio::sync::Semaphore>);
+
+impl Drop for Following<'_> {
+    fn drop(&mut self) {
+        self.0.elf_following.lock().unwrap().remove(&self.1);
+        self.2.close();
+    }
+}
+
 impl super::ImageView {
     /// Follows the libraries of `root`, an ELF file just opened: fetches the first `limit`
     /// bytes of each file the loader will open for it (as an open would), and follows theirs,
-    /// each file once per mount, [`NEEDED_PARALLEL`] at a time.
+    /// each file once per mount, [`NEEDED_PARALLEL`] at a time. If another open of `root` is
+    /// following them (the fetch at mount of what the image runs first, then its `exec`),
+    /// waits for that instead: the caller fetches the file's rest after its libraries.
     pub(super) async fn fetch_needed(&self, root: NodeId, limit: u64) {
-        use futures_util::stream::FuturesUnordered;
-        use futures_util::StreamExt;
         let n = self.tree.node(root);
         if n.file_type != FileType::File || !may_be_elf(&n.name, n.mode) {
             return;
         }
-        let Ok(_turn) = self.elf_follows.try_acquire() else {
-            return;
+        let started = {
+            let mut following = self.elf_following.lock().unwrap();
+            match following.get(&root) {
+                Some(done) => Err(done.clone()),
+                None => {
+                    let Ok(turn) = self.elf_follows.try_acquire() else {
+                        return;
+                    };
+                    if !self.claim_elf(root) {
+                        return;
+                    }
+                    let done = Arc::new(tokio::sync::Semaphore::new(0));
+                    following.insert(root, done.clone());
+                    Ok((turn, done))
+                }
+            }
         };
-        if !self.claim_elf(root) {
-            return;
+        match started {
+            Ok((_turn, done)) => {
+                let _ending = Following(self, root, done);
+                self.follow_libraries(root, limit).await
+            }
+            // Closed when that follow ends (or is dropped).
+            Err(done) => drop(done.acquire().await),
         }
+    }
+
+    async fn follow_libraries(&self, root: NodeId, limit: u64) {
+        use futures_util::stream::FuturesUnordered;
+        use futures_util::StreamExt;
         // Files to read the headers of, and to fetch: each at most NEEDED_PARALLEL at once (a
         // parse holds up to 324 KiB of the file's bytes).
         let mut parses = FuturesUnordered::new();

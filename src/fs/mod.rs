@@ -22,11 +22,13 @@ mod elf;
 mod error;
 mod imports;
 mod indexing;
+mod start;
 #[cfg(test)]
 pub(crate) mod tests;
 
 pub use error::FsError;
 pub use indexing::*;
+pub use start::StartHints;
 
 /// Layers whose indexes are opened at once.
 const PARALLEL_OPENS: usize = 4;
@@ -71,6 +73,9 @@ pub struct ImageView {
     elf_followed: std::sync::Mutex<std::collections::HashSet<NodeId>>,
     /// Opens whose libraries are being followed at once ([`elf::FOLLOWS`]).
     elf_follows: tokio::sync::Semaphore,
+    /// ELF files whose libraries are being followed, each with a semaphore closed when that
+    /// ends: another open of such a file waits for it before fetching the file's rest.
+    elf_following: std::sync::Mutex<std::collections::HashMap<NodeId, Arc<tokio::sync::Semaphore>>>,
     /// Fetches of imported modules under way at once, across the mount
     /// ([`imports::IMPORT_FETCHES`]).
     import_fetches: tokio::sync::Semaphore,
@@ -173,6 +178,7 @@ impl ImageView {
             imports_followed: Default::default(),
             elf_followed: Default::default(),
             elf_follows: tokio::sync::Semaphore::new(elf::FOLLOWS),
+            elf_following: Default::default(),
             import_fetches: tokio::sync::Semaphore::new(imports::IMPORT_FETCHES),
         })
     }

@@ -474,3 +474,69 @@ async fn a_modules_imports_that_lie_side_by_side_come_in_one_request() {
         after.ranges - before.ranges
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mount_fetches_what_the_config_runs_first_and_the_user_databases() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(FakeRegistry::new());
+    // Larger than the small files an open fetches beside it from its directory.
+    let elf = |needed: &[&str], seed| {
+        [
+            super::elf::tests::elf(Some("/lib/ld.so"), needed, None),
+            noise(seed, 300 << 10),
+        ]
+        .concat()
+    };
+    // Each file between incompressible fillers, so that no fetch of one reaches the next.
+    let mut tree: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut add = |path: &str, data: Vec<u8>| {
+        let k = tree.len() as u32;
+        tree.push((format!("filler/{k:02}"), noise(1000 + k, 3 << 20)));
+        tree.push((path.to_string(), data));
+    };
+    add("etc/group", b"root:x:0:\n".to_vec());
+    add("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n".to_vec());
+    add("lib/ld.so", elf(&[], 1));
+    add("usr/bin/prog", elf(&["libfoo.so.1"], 2));
+    add("usr/lib/libfoo.so.1", elf(&[], 3));
+    add("usr/bin/python3", elf(&[], 4));
+    add("usr/bin/env", elf(&[], 5));
+    add(
+        "srv/run",
+        b"#!/usr/bin/env -S python3 -u\nprint(1)\n".to_vec(),
+    );
+    add("usr/bin/other", elf(&[], 6));
+    let view = Arc::new(lazy_view(&registry, dir.path(), &tree).await);
+    let cached = |path: &str| cached(&view, path);
+    let hints = |program: &str| StartHints {
+        program: Some(program.to_string()),
+        path: vec!["/nowhere".into(), "/usr/bin".into()],
+        working_dir: "/srv".into(),
+    };
+
+    // A bare name found on the PATH: the program, what the loader opens for it, and the
+    // user and group databases.
+    view.fetch_start(&hints("prog"), 8 << 20).await;
+    for path in [
+        "usr/bin/prog",
+        "lib/ld.so",
+        "usr/lib/libfoo.so.1",
+        "etc/passwd",
+        "etc/group",
+    ] {
+        assert!(cached(path), "{path}");
+    }
+    for path in ["usr/bin/python3", "usr/bin/env", "usr/bin/other"] {
+        assert!(!cached(path), "{path}");
+    }
+    // A script relative to the working directory: it and the interpreter `env` runs.
+    view.fetch_start(&hints("./run"), 8 << 20).await;
+    assert!(cached("srv/run") && cached("usr/bin/python3"));
+    assert!(!cached("usr/bin/env") && !cached("usr/bin/other"));
+    // Nothing once a startup profile replays.
+    view.set_profiled();
+    let before = registry.requests();
+    view.fetch_start(&hints("other"), 8 << 20).await;
+    assert_eq!(registry.requests().ranges, before.ranges);
+    assert!(!cached("usr/bin/other"));
+}

@@ -1,0 +1,184 @@
+//! What a container of the image runs first, as its config says, fetched at mount before
+//! anything asks for it: the program its `Entrypoint` (else its `Cmd`) names — found on the
+//! config's `PATH`, with what the loader opens for it (`elf.rs`), and a `#!` script's
+//! interpreter — and the user and group databases a runtime reads to set up the process
+//! (`/etc/passwd`, `/etc/group`: containerd's and CRI's user and supplementary groups).
+//!
+//! Between the mount of a container's rootfs and its program's first read, containerd and
+//! runc create the container (0.1–0.2 s); with no startup profile the link would idle then.
+//! The config is the publisher's (its digest is in the manifest the user pulled), and a
+//! program run with other arguments is still the same program; a wrong guess — a command line
+//! that runs something else — costs the bandwidth of one program and its libraries, and
+//! never changes a byte served: everything fetched is verified as any read is.
+//!
+//! Bounds: the hints keep at most [`MAX_PATH_DIRS`] directories of at most [`MAX_NAME`]
+//! bytes each; a script's first [`SHEBANG`] bytes are read; one interpreter is followed.
+
+use crate::tree::{FileType, NodeId};
+
+/// Most `PATH` directories searched for the program.
+pub const MAX_PATH_DIRS: usize = 32;
+/// Longest program name or `PATH` directory kept.
+pub const MAX_NAME: usize = 4096;
+/// Bytes of a script read for its `#!` line (the kernel reads 256).
+pub const SHEBANG: u64 = 256;
+/// Largest user or group database fetched.
+const USER_DB_MAX: u64 = 1 << 20;
+/// The `PATH` a runtime gives a process whose image sets none.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// What the image's config says a container runs first.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StartHints {
+    /// The program as the config names it (a bare name is searched on `path`).
+    pub program: Option<String>,
+    /// The directories of the config's `PATH`, else the runtime's default.
+    pub path: Vec<String>,
+    /// The config's `WorkingDir` (a relative program path is relative to it).
+    pub working_dir: String,
+}
+
+impl StartHints {
+    /// The hints of an image config (JSON); none from one that does not parse.
+    pub fn from_config(config: &[u8]) -> StartHints {
+        let Ok(parsed) = serde_json::from_slice::<oci_spec::image::ImageConfiguration>(config)
+        else {
+            return StartHints::default();
+        };
+        let Some(c) = parsed.config() else {
+            return StartHints::default();
+        };
+        let first = |v: &Option<Vec<String>>| v.as_ref().and_then(|v| v.first().cloned());
+        let program = first(c.entrypoint())
+            .or_else(|| first(c.cmd()))
+            .filter(|p| !p.is_empty() && p.len() <= MAX_NAME);
+        let path = c
+            .env()
+            .iter()
+            .flatten()
+            .find_map(|e| e.strip_prefix("PATH="))
+            .unwrap_or(DEFAULT_PATH);
+        StartHints {
+            program,
+            path: path
+                .split(':')
+                .filter(|d| !d.is_empty() && d.len() <= MAX_NAME)
+                .take(MAX_PATH_DIRS)
+                .map(str::to_string)
+                .collect(),
+            working_dir: c
+                .working_dir()
+                .clone()
+                .filter(|d| d.len() <= MAX_NAME)
+                .unwrap_or_default(),
+        }
+    }
+}
+
+impl super::ImageView {
+    /// Fetches what a container of the image reads first ([`StartHints`]; the module's
+    /// docs): the user and group databases and the program, as an open of each would (the
+    /// program's loader and libraries too), then a script's interpreter. Nothing once a
+    /// startup profile replays: it knows better. Failures are left to the reads.
+    pub async fn fetch_start(&self, hints: &StartHints, limit: u64) {
+        if self.profiled.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let databases = async {
+            for path in ["etc/passwd", "etc/group"] {
+                let Some(node) = super::elf::follow(&self.tree, path) else {
+                    continue;
+                };
+                let Some((layer, offset, len)) = self.open_fetch(node, USER_DB_MAX) else {
+                    continue;
+                };
+                if let Err(e) = self.readers[layer].fetch_for_open(offset, len).await {
+                    tracing::debug!(%path, error = %e, "fetch ahead of the container's start failed");
+                }
+            }
+        };
+        let program = async {
+            let Some(node) = self.program(hints, hints.program.as_deref()) else {
+                return;
+            };
+            tracing::debug!(path = %self.tree.path(node), "fetching the image's program ahead of its start");
+            self.prefetch_file(node, limit).await;
+            if let Some(interpreter) = self.interpreter(node, hints).await {
+                tracing::debug!(path = %self.tree.path(interpreter), "and its interpreter");
+                self.prefetch_file(interpreter, limit).await;
+            }
+        };
+        futures_util::join!(databases, program);
+    }
+
+    /// The regular file `name` runs: a path (relative to the working directory) as it is, a
+    /// bare name the first match on the `PATH`.
+    fn program(&self, hints: &StartHints, name: Option<&str>) -> Option<NodeId> {
+        let name = name?;
+        let file = |path: &str| {
+            super::elf::follow(&self.tree, path)
+                .filter(|&id| self.tree.node(id).file_type == FileType::File)
+        };
+        if name.contains('/') {
+            return match name.starts_with('/') {
+                true => file(name),
+                false => file(&format!("{}/{name}", hints.working_dir)),
+            };
+        }
+        hints
+            .path
+            .iter()
+            .find_map(|dir| file(&format!("{dir}/{name}")))
+    }
+
+    /// The interpreter a `#!` script names (through `env NAME`, found on the `PATH`); none
+    /// for anything else.
+    async fn interpreter(&self, script: NodeId, hints: &StartHints) -> Option<NodeId> {
+        let (layer, offset, len) = self.open_fetch(script, SHEBANG)?;
+        let head = self.readers[layer].read(offset, len).await.ok()?;
+        let line = head.strip_prefix(b"#!")?;
+        let line = &line[..line.iter().position(|&b| b == b'\n')?];
+        let line = std::str::from_utf8(line).ok()?;
+        let mut words = line.split_ascii_whitespace();
+        let interpreter = words.next().filter(|w| w.starts_with('/'))?;
+        let node = self.program(hints, Some(interpreter))?;
+        if self.tree.node(node).name == "env" {
+            let name = words.find(|w| !w.starts_with('-'))?;
+            return self.program(hints, Some(name));
+        }
+        Some(node)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hints_come_from_entrypoint_else_cmd_and_the_config_path() {
+        let config = |c: serde_json::Value| {
+            serde_json::to_vec(&serde_json::json!({
+                "architecture": "amd64", "os": "linux",
+                "rootfs": {"type": "layers", "diff_ids": []},
+                "config": c,
+            }))
+            .unwrap()
+        };
+        let h = StartHints::from_config(&config(serde_json::json!({
+            "Entrypoint": ["/docker-entrypoint.sh"], "Cmd": ["nginx", "-g", "daemon off;"],
+            "Env": ["A=1", "PATH=/opt/bin::/usr/bin"], "WorkingDir": "/srv",
+        })));
+        assert_eq!(h.program.as_deref(), Some("/docker-entrypoint.sh"));
+        assert_eq!(h.path, ["/opt/bin", "/usr/bin"]);
+        assert_eq!(h.working_dir, "/srv");
+        let h = StartHints::from_config(&config(serde_json::json!({"Cmd": ["python3"]})));
+        assert_eq!(h.program.as_deref(), Some("python3"));
+        assert_eq!(h.path.len(), 6, "the default PATH");
+        assert_eq!(StartHints::from_config(b"{not json"), StartHints::default());
+        let long = "d".repeat(MAX_NAME + 1);
+        let h = StartHints::from_config(&config(serde_json::json!({
+            "Cmd": [long.clone()], "Env": [format!("PATH={long}:/bin")],
+        })));
+        assert_eq!((h.program, h.path), (None, vec!["/bin".to_string()]));
+    }
+}
