@@ -236,16 +236,23 @@ fn sample() -> Layer {
     files.push(("usr/lib/tail".into(), noise(5000, 99)));
     w.add("usr/lib/tail", Body::File(&files.last().unwrap().1), &[]);
     files.push(("etc/xattr".into(), b"x".to_vec()));
-    let (blob, tar, toc, toc_offset) = w.finish();
-    Layer {
-        digest: crate::digest::sha256(&blob),
-        diff_id: crate::digest::sha256(&tar),
-        blob,
-        tar,
-        toc,
-        toc_offset,
-        files,
-        dir: tempfile::tempdir().unwrap(),
+    Layer::of(w, files)
+}
+
+impl Layer {
+    /// The layer `w` wrote, holding `files`.
+    fn of(w: Writer, files: Vec<(String, Vec<u8>)>) -> Layer {
+        let (blob, tar, toc, toc_offset) = w.finish();
+        Layer {
+            digest: crate::digest::sha256(&blob),
+            diff_id: crate::digest::sha256(&tar),
+            blob,
+            tar,
+            toc,
+            toc_offset,
+            files,
+            dir: tempfile::tempdir().unwrap(),
+        }
     }
 }
 
@@ -391,17 +398,7 @@ async fn a_walk_fetch_brings_a_few_next_files_and_a_prefetch_its_own_only() {
         let (name, data) = files.last().unwrap();
         w.add(name, Body::File(data), &[]);
     }
-    let (blob, tar, toc, toc_offset) = w.finish();
-    let layer = Layer {
-        digest: crate::digest::sha256(&blob),
-        diff_id: crate::digest::sha256(&tar),
-        blob,
-        tar,
-        toc,
-        toc_offset,
-        files,
-        dir: tempfile::tempdir().unwrap(),
-    };
+    let layer = Layer::of(w, files);
     let source = layer.source();
     let index = layer.index(&*source).await;
     let m0 = entry(&index, "pkg/__pycache__/m0.pyc");
