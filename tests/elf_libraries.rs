@@ -2,7 +2,9 @@
 //! what the dynamic loader will open for it — its interpreter (found through the image's own
 //! symbolic links, as Debian lays them out), the loader's cache and the libraries it needs —
 //! so that their reads need no request, and leaves alone a library it does not need; the
-//! program then runs from the mount. The program and libraries are this machine's own.
+//! program then runs from the mount. A mount of an image whose config runs that program
+//! fetches the same, and the user and group databases, before anything opens them. The
+//! program and libraries are this machine's own.
 
 mod common;
 
@@ -34,10 +36,17 @@ fn host(path: &str) -> Vec<u8> {
     })
 }
 
+/// The user and group databases a container runtime reads.
+const DATABASES: [(&str, &[u8]); 2] = [
+    ("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"),
+    ("etc/group", b"root:x:0:\n"),
+];
+
 /// One gzip layer laid out as Debian's merged /usr: `lib` → `usr/lib`, `lib64` →
-/// `usr/lib64`, whose loader is an absolute link into `/lib/x86_64-linux-gnu`. Every file is
-/// followed by 1 MiB of filler, so a fetch of one file's spans does not bring another's.
-fn image() -> Image {
+/// `usr/lib64`, whose loader is an absolute link into `/lib/x86_64-linux-gnu`, and the user
+/// and group databases. Every file is followed by 1 MiB of filler, so a fetch of one file's
+/// spans does not bring another's. With `cmd`, the config runs it (on `PATH=/usr/bin`).
+fn image(cmd: Option<&[&str]>) -> Image {
     let mut b = LayerBuilder::new();
     for d in [
         "etc",
@@ -73,15 +82,25 @@ fn image() -> Image {
             0o644,
         );
     }
-    ImageBuilder::new()
-        .layer(b.build(Compression::Gzip))
-        .build(ManifestFlavour::Oci)
+    for (k, (path, data)) in DATABASES.into_iter().enumerate() {
+        b = b.file(path, data, 0o644);
+        b = b.file(
+            &format!("filler/db{k}"),
+            &bytes(800 + k as u64, 1 << 20),
+            0o644,
+        );
+    }
+    let mut builder = ImageBuilder::new().layer(b.build(Compression::Gzip));
+    if let Some(cmd) = cmd {
+        builder = builder.env("PATH=/usr/bin").cmd(cmd);
+    }
+    builder.build(ManifestFlavour::Oci)
 }
 
 #[test]
 fn opening_a_program_fetches_its_interpreter_and_libraries_before_the_loader_opens_them() {
     let reg = Registry::start(RegistryOpts::default());
-    let image = image();
+    let image = image(None);
     let layer = image.layers[0].digest.clone();
     reg.push_image("elf/app", "v1", &image, &Auth::None);
     let reference = format!("{}/elf/app:v1", reg.addr());
@@ -137,5 +156,58 @@ fn opening_a_program_fetches_its_interpreter_and_libraries_before_the_loader_ope
         .status()
         .expect("chroot");
     assert!(status.success(), "true in a chroot of the mount: {status}");
+    cli.ok(&["umount", &dir]);
+}
+
+#[test]
+fn a_mount_fetches_the_program_its_config_runs_and_the_user_databases_before_any_open() {
+    let reg = Registry::start(RegistryOpts::default());
+    let image = image(Some(&["true", "--version"]));
+    let layer = image.layers[0].digest.clone();
+    reg.push_image("elf/run", "v1", &image, &Auth::None);
+    let reference = format!("{}/elf/run:v1", reg.addr());
+    Stratafs::new().ok(&["index", "push", "--bind", &reference]);
+
+    let cli = Stratafs::new();
+    let guard = MountGuard::lazy(&cli, &reference, "warn,stratafs=debug");
+    // Nothing opens a file: the mount's own fetch, to its end.
+    cli.wait_for_mount_log("fetched what the image runs first");
+    let log = cli.mount_logs();
+    let line = log
+        .lines()
+        .find(|l| l.contains("libraries fetched"))
+        .unwrap_or_else(|| panic!("no libraries followed: {log}"));
+    assert!(
+        line.contains(PROGRAM) && line.contains("files=3"),
+        "the loader, its cache and libc of the config's program: {line}"
+    );
+
+    // The program, what the loader opens for it and the databases are cached: reading them
+    // needs no request.
+    let mark = reg.log_mark();
+    for path in std::iter::once(PROGRAM.to_string()).chain(loaded()) {
+        assert!(
+            std::fs::read(guard.path(&path)).unwrap() == host(&path),
+            "{path}"
+        );
+    }
+    for (path, data) in DATABASES {
+        assert_eq!(std::fs::read(guard.path(path)).unwrap(), data, "{path}");
+    }
+    assert_eq!(
+        reg.blob_bytes_since(mark, &layer),
+        0,
+        "fetched again when read: {:#?}",
+        reg.access_log_since(mark)
+    );
+    // A library the program does not need was not fetched.
+    let mark = reg.log_mark();
+    assert!(std::fs::read(guard.path(&unneeded())).unwrap() == host(&unneeded()));
+    assert!(
+        reg.blob_bytes_since(mark, &layer) > 0,
+        "{} was fetched ahead",
+        unneeded()
+    );
+    let dir = guard.dir.to_str().unwrap().to_string();
     cli.ok(&["umount", &dir]);
 }

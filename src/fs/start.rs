@@ -109,6 +109,7 @@ impl super::ImageView {
             }
         };
         futures_util::join!(databases, program);
+        tracing::debug!("fetched what the image runs first");
     }
 
     /// The regular file `name` runs: a path (relative to the working directory) as it is, a
