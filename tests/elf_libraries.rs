@@ -97,6 +97,33 @@ fn image(cmd: Option<&[&str]>) -> Image {
     builder.build(ManifestFlavour::Oci)
 }
 
+/// Reading `files` (contents, path) from the mount needs no request for `layer`: they were
+/// fetched ahead. Reading the library the program does not need does: it was not.
+fn assert_cached_but_the_unneeded_library(
+    reg: &Registry,
+    guard: &MountGuard,
+    layer: &str,
+    files: Vec<(Vec<u8>, String)>,
+) {
+    let mark = reg.log_mark();
+    for (data, path) in files {
+        assert!(std::fs::read(guard.path(&path)).unwrap() == data, "{path}");
+    }
+    assert_eq!(
+        reg.blob_bytes_since(mark, layer),
+        0,
+        "fetched again when read: {:#?}",
+        reg.access_log_since(mark)
+    );
+    let mark = reg.log_mark();
+    assert!(std::fs::read(guard.path(&unneeded())).unwrap() == host(&unneeded()));
+    assert!(
+        reg.blob_bytes_since(mark, layer) > 0,
+        "{} was fetched ahead though nothing needs it",
+        unneeded()
+    );
+}
+
 #[test]
 fn opening_a_program_fetches_its_interpreter_and_libraries_before_the_loader_opens_them() {
     let reg = Registry::start(RegistryOpts::default());
@@ -128,27 +155,8 @@ fn opening_a_program_fetches_its_interpreter_and_libraries_before_the_loader_ope
     );
 
     // All of it is cached: the loader's reads of these files need no request.
-    let mark = reg.log_mark();
-    for path in loaded() {
-        assert!(
-            std::fs::read(guard.path(&path)).unwrap() == host(&path),
-            "{path}"
-        );
-    }
-    assert_eq!(
-        reg.blob_bytes_since(mark, &layer),
-        0,
-        "libraries fetched again when read: {:#?}",
-        reg.access_log_since(mark)
-    );
-    // A library the program does not need was not fetched.
-    let mark = reg.log_mark();
-    assert!(std::fs::read(guard.path(&unneeded())).unwrap() == host(&unneeded()));
-    assert!(
-        reg.blob_bytes_since(mark, &layer) > 0,
-        "{} was fetched ahead though nothing needs it",
-        unneeded()
-    );
+    let files = loaded().into_iter().map(|p| (host(&p), p)).collect();
+    assert_cached_but_the_unneeded_library(&reg, &guard, &layer, files);
 
     // And the program runs from the mount, loader and libraries served by it.
     let status = std::process::Command::new("chroot")
@@ -182,32 +190,13 @@ fn a_mount_fetches_the_program_its_config_runs_and_the_user_databases_before_any
         "the loader, its cache and libc of the config's program: {line}"
     );
 
-    // The program, what the loader opens for it and the databases are cached: reading them
-    // needs no request.
-    let mark = reg.log_mark();
-    for path in std::iter::once(PROGRAM.to_string()).chain(loaded()) {
-        assert!(
-            std::fs::read(guard.path(&path)).unwrap() == host(&path),
-            "{path}"
-        );
-    }
-    for (path, data) in DATABASES {
-        assert_eq!(std::fs::read(guard.path(path)).unwrap(), data, "{path}");
-    }
-    assert_eq!(
-        reg.blob_bytes_since(mark, &layer),
-        0,
-        "fetched again when read: {:#?}",
-        reg.access_log_since(mark)
-    );
-    // A library the program does not need was not fetched.
-    let mark = reg.log_mark();
-    assert!(std::fs::read(guard.path(&unneeded())).unwrap() == host(&unneeded()));
-    assert!(
-        reg.blob_bytes_since(mark, &layer) > 0,
-        "{} was fetched ahead",
-        unneeded()
-    );
+    // The program, what the loader opens for it and the databases are cached.
+    let files = std::iter::once(PROGRAM.to_string())
+        .chain(loaded())
+        .map(|p| (host(&p), p))
+        .chain(DATABASES.map(|(p, data)| (data.to_vec(), p.to_string())))
+        .collect();
+    assert_cached_but_the_unneeded_library(&reg, &guard, &layer, files);
     let dir = guard.dir.to_str().unwrap().to_string();
     cli.ok(&["umount", &dir]);
 }
