@@ -49,20 +49,24 @@ impl StartHints {
             return StartHints::default();
         };
         let first = |v: &Option<Vec<String>>| v.as_ref().and_then(|v| v.first().cloned());
+        // An empty Entrypoint (`[""]`) means none: the Cmd runs.
         let program = first(c.entrypoint())
+            .filter(|p| !p.is_empty())
             .or_else(|| first(c.cmd()))
             .filter(|p| !p.is_empty() && p.len() <= MAX_NAME);
+        // The last PATH set wins, as in the process's environment.
         let path = c
             .env()
             .iter()
             .flatten()
+            .rev()
             .find_map(|e| e.strip_prefix("PATH="))
             .unwrap_or(DEFAULT_PATH);
         StartHints {
             program,
             path: path
                 .split(':')
-                .filter(|d| !d.is_empty() && d.len() <= MAX_NAME)
+                .filter(|d| d.starts_with('/') && d.len() <= MAX_NAME)
                 .take(MAX_PATH_DIRS)
                 .map(str::to_string)
                 .collect(),
@@ -77,9 +81,10 @@ impl StartHints {
 
 impl super::ImageView {
     /// Fetches what a container of the image reads first ([`StartHints`]; the module's
-    /// docs): the user and group databases and the program, as an open of each would (the
-    /// program's loader and libraries too), then a script's interpreter. Nothing once a
-    /// startup profile replays: it knows better. Failures are left to the reads.
+    /// docs): the user and group databases (each whole, up to 1 MiB, in its own request), and
+    /// the program as an open of it would (its loader and libraries too) beside the
+    /// interpreter a `#!` line names (and `env`'s program). Nothing once a startup profile
+    /// replays: it knows better. Failures are left to the reads.
     pub async fn fetch_start(&self, hints: &StartHints, limit: u64) {
         if self.profiled.load(std::sync::atomic::Ordering::Relaxed) {
             return;
@@ -102,18 +107,22 @@ impl super::ImageView {
                 return;
             };
             tracing::debug!(path = %self.tree.path(node), "fetching the image's program ahead of its start");
-            self.prefetch_file(node, limit).await;
-            if let Some(interpreter) = self.interpreter(node, hints).await {
-                tracing::debug!(path = %self.tree.path(interpreter), "and its interpreter");
-                self.prefetch_file(interpreter, limit).await;
-            }
+            // The script's first bytes come with its own fetch (one flight); its interpreter
+            // is fetched beside the rest of it, not after.
+            let interpreters = async {
+                for found in self.interpreters(node, hints).await {
+                    tracing::debug!(path = %self.tree.path(found), "and its interpreter");
+                    self.prefetch_file(found, limit).await;
+                }
+            };
+            futures_util::join!(self.prefetch_file(node, limit), interpreters);
         };
         futures_util::join!(databases, program);
         tracing::debug!("fetched what the image runs first");
     }
 
     /// The regular file `name` runs: a path (relative to the working directory) as it is, a
-    /// bare name the first match on the `PATH`.
+    /// bare name the first executable match on the `PATH`, as `execvp` finds it.
     fn program(&self, hints: &StartHints, name: Option<&str>) -> Option<NodeId> {
         let name = name?;
         let file = |path: &str| {
@@ -126,34 +135,82 @@ impl super::ImageView {
                 false => file(&format!("{}/{name}", hints.working_dir)),
             };
         }
-        hints
-            .path
-            .iter()
-            .find_map(|dir| file(&format!("{dir}/{name}")))
+        hints.path.iter().find_map(|dir| {
+            file(&format!("{dir}/{name}")).filter(|&id| self.tree.node(id).mode & 0o111 != 0)
+        })
     }
 
-    /// The interpreter a `#!` script names (through `env NAME`, found on the `PATH`); none
-    /// for anything else.
-    async fn interpreter(&self, script: NodeId, hints: &StartHints) -> Option<NodeId> {
-        let (layer, offset, len) = self.open_fetch(script, SHEBANG)?;
-        let head = self.readers[layer].read(offset, len).await.ok()?;
-        let line = head.strip_prefix(b"#!")?;
-        let line = &line[..line.iter().position(|&b| b == b'\n')?];
-        let line = std::str::from_utf8(line).ok()?;
+    /// What the kernel runs for a `#!` script: the interpreter its first line names, and for
+    /// `env` (so named in that line, whatever file it is: busybox's is a link) the program
+    /// `env` runs, found on the `PATH`. Nothing for anything else.
+    async fn interpreters(&self, script: NodeId, hints: &StartHints) -> Vec<NodeId> {
+        let Some((layer, offset, len)) = self.open_fetch(script, SHEBANG) else {
+            return Vec::new();
+        };
+        let Ok(head) = self.readers[layer].read(offset, len).await else {
+            return Vec::new();
+        };
+        let Some(line) = shebang(&head) else {
+            return Vec::new();
+        };
         let mut words = line.split_ascii_whitespace();
-        let interpreter = words.next().filter(|w| w.starts_with('/'))?;
-        let node = self.program(hints, Some(interpreter))?;
-        if self.tree.node(node).name == "env" {
-            let name = words.find(|w| !w.starts_with('-'))?;
-            return self.program(hints, Some(name));
+        let Some(interpreter) = words.next().filter(|w| w.starts_with('/')) else {
+            return Vec::new();
+        };
+        let mut found: Vec<NodeId> = self.program(hints, Some(interpreter)).into_iter().collect();
+        if interpreter.rsplit('/').next() == Some("env") {
+            found.extend(self.program(hints, env_program(words)));
         }
-        Some(node)
+        found
     }
+}
+
+/// The text after `#!` on a script's first line (within `head`), if it has one.
+fn shebang(head: &[u8]) -> Option<&str> {
+    let line = head.strip_prefix(b"#!")?;
+    std::str::from_utf8(&line[..line.iter().position(|&b| b == b'\n')?]).ok()
+}
+
+/// The program `env` runs, given its arguments: the first that is not an option (nor the
+/// value of `-u`/`-C`, or of `-S`'s split string's own options) nor a `NAME=value`.
+fn env_program<'a>(mut words: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    while let Some(w) = words.next() {
+        match w {
+            "-u" | "-C" | "--unset" | "--chdir" => {
+                words.next();
+            }
+            _ if w.starts_with('-') || w.contains('=') => {}
+            _ => return Some(w),
+        }
+    }
+    None
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn env_runs_the_first_word_that_is_no_option_nor_assignment() {
+        fn program(line: &str) -> Option<&str> {
+            env_program(line.split_ascii_whitespace())
+        }
+        assert_eq!(program("python3 -u"), Some("python3"));
+        assert_eq!(program("-S python3 -u"), Some("python3"));
+        assert_eq!(program("-u HOME LANG=C -i node app.js"), Some("node"));
+        assert_eq!(program("-C /srv --unset=X ruby"), Some("ruby"));
+        assert_eq!(program("-i A=1"), None);
+        assert_eq!(
+            shebang(b"#!/usr/bin/env python3\nprint()"),
+            Some("/usr/bin/env python3")
+        );
+        assert_eq!(
+            shebang(b"#!/bin/sh"),
+            None,
+            "no end of line within the bytes read"
+        );
+        assert_eq!(shebang(b"\x7fELF"), None);
+    }
 
     #[test]
     fn hints_come_from_entrypoint_else_cmd_and_the_config_path() {
@@ -167,12 +224,14 @@ mod tests {
         };
         let h = StartHints::from_config(&config(serde_json::json!({
             "Entrypoint": ["/docker-entrypoint.sh"], "Cmd": ["nginx", "-g", "daemon off;"],
-            "Env": ["A=1", "PATH=/opt/bin::/usr/bin"], "WorkingDir": "/srv",
+            "Env": ["PATH=/first", "A=1", "PATH=/opt/bin::.:/usr/bin"], "WorkingDir": "/srv",
         })));
         assert_eq!(h.program.as_deref(), Some("/docker-entrypoint.sh"));
         assert_eq!(h.path, ["/opt/bin", "/usr/bin"]);
         assert_eq!(h.working_dir, "/srv");
-        let h = StartHints::from_config(&config(serde_json::json!({"Cmd": ["python3"]})));
+        let h = StartHints::from_config(&config(serde_json::json!({
+            "Entrypoint": [""], "Cmd": ["python3"],
+        })));
         assert_eq!(h.program.as_deref(), Some("python3"));
         assert_eq!(h.path.len(), 6, "the default PATH");
         assert_eq!(StartHints::from_config(b"{not json"), StartHints::default());

@@ -479,6 +479,47 @@ async fn a_modules_imports_that_lie_side_by_side_come_in_one_request() {
 async fn a_mount_fetches_what_the_config_runs_first_and_the_user_databases() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Arc::new(FakeRegistry::new());
+    let tree = start_fixture();
+    let view = Arc::new(lazy_view(&registry, dir.path(), &tree).await);
+    let cached = |path: &str| cached(&view, path);
+    let hints = |program: &str| StartHints {
+        program: Some(program.to_string()),
+        path: vec!["/nowhere".into(), "/usr/bin".into()],
+        working_dir: "/srv".into(),
+    };
+
+    // A bare name found on the PATH: the program, what the loader opens for it, and the
+    // user and group databases.
+    view.fetch_start(&hints("prog"), 8 << 20).await;
+    for path in [
+        "usr/bin/prog",
+        "lib/ld.so",
+        "usr/lib/libfoo.so.1",
+        "etc/passwd",
+        "etc/group",
+    ] {
+        assert!(cached(path), "{path}");
+    }
+    for path in ["usr/bin/python3", "usr/bin/env", "usr/bin/other"] {
+        assert!(!cached(path), "{path}");
+    }
+    // A script relative to the working directory: it, `env`, and the interpreter `env` runs.
+    view.fetch_start(&hints("./run"), 8 << 20).await;
+    for path in ["srv/run", "usr/bin/env", "usr/bin/python3"] {
+        assert!(cached(path), "{path}");
+    }
+    assert!(!cached("usr/bin/other"));
+    // Nothing once a startup profile replays.
+    view.set_profiled();
+    let before = registry.requests();
+    view.fetch_start(&hints("other"), 8 << 20).await;
+    assert_eq!(registry.requests().ranges, before.ranges);
+    assert!(!cached("usr/bin/other"));
+}
+
+/// A program, its loader and library, others on the `PATH`, a script run through `env`,
+/// and the user and group databases, each between incompressible fillers.
+fn start_fixture() -> Vec<(String, Vec<u8>)> {
     // Larger than the small files an open fetches beside it from its directory.
     let elf = |needed: &[&str], seed| {
         [
@@ -506,37 +547,34 @@ async fn a_mount_fetches_what_the_config_runs_first_and_the_user_databases() {
         b"#!/usr/bin/env -S python3 -u\nprint(1)\n".to_vec(),
     );
     add("usr/bin/other", elf(&[], 6));
-    let view = Arc::new(lazy_view(&registry, dir.path(), &tree).await);
-    let cached = |path: &str| cached(&view, path);
-    let hints = |program: &str| StartHints {
-        program: Some(program.to_string()),
-        path: vec!["/nowhere".into(), "/usr/bin".into()],
-        working_dir: "/srv".into(),
-    };
+    tree
+}
 
-    // A bare name found on the PATH: the program, what the loader opens for it, and the
-    // user and group databases.
-    view.fetch_start(&hints("prog"), 8 << 20).await;
-    for path in [
-        "usr/bin/prog",
-        "lib/ld.so",
-        "usr/lib/libfoo.so.1",
-        "etc/passwd",
-        "etc/group",
-    ] {
-        assert!(cached(path), "{path}");
-    }
-    for path in ["usr/bin/python3", "usr/bin/env", "usr/bin/other"] {
-        assert!(!cached(path), "{path}");
-    }
-    // A script relative to the working directory: it and the interpreter `env` runs.
-    view.fetch_start(&hints("./run"), 8 << 20).await;
-    assert!(cached("srv/run") && cached("usr/bin/python3"));
-    assert!(!cached("usr/bin/env") && !cached("usr/bin/other"));
-    // Nothing once a startup profile replays.
-    view.set_profiled();
-    let before = registry.requests();
-    view.fetch_start(&hints("other"), 8 << 20).await;
-    assert_eq!(registry.requests().ranges, before.ranges);
-    assert!(!cached("usr/bin/other"));
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_open_of_a_program_waits_for_the_first_to_follow_its_libraries() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(FakeRegistry::new());
+    let view = lazy_view(&registry, dir.path(), &start_fixture()).await;
+    let cached = |path: &str| cached(&view, path);
+    let prog = view.lookup("usr/bin/prog").unwrap();
+    // The first follow claims the program at its first poll and waits for the registry; the
+    // second, polled after it, returns only once the loader and library are in — after the
+    // registry answers (the third).
+    let held = registry.hold_ranges();
+    let second = async {
+        tokio::task::yield_now().await;
+        view.fetch_needed(prog, 8 << 20).await;
+        cached("lib/ld.so") && cached("usr/lib/libfoo.so.1")
+    };
+    let third = async {
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+    };
+    let ((), followed, ()) = tokio::join!(view.fetch_needed(prog, 8 << 20), second, third);
+    assert!(
+        followed,
+        "the second open went on before the libraries were in"
+    );
 }

@@ -33,6 +33,8 @@ pub struct FakeRegistry {
     requests: Mutex<Requests>,
     /// Range reads still to fail.
     failing_ranges: AtomicU64,
+    /// Range reads wait while a test holds this for writing ([`FakeRegistry::hold_ranges`]).
+    gate: std::sync::Arc<tokio::sync::RwLock<()>>,
 }
 
 impl FakeRegistry {
@@ -87,6 +89,14 @@ impl FakeRegistry {
     }
 
     /// Requests answered so far.
+    /// Holds every range read until the guard is dropped.
+    pub fn hold_ranges(&self) -> tokio::sync::OwnedRwLockWriteGuard<()> {
+        self.gate
+            .clone()
+            .try_write_owned()
+            .expect("ranges are held once at a time")
+    }
+
     pub fn requests(&self) -> Requests {
         *self.requests.lock().unwrap()
     }
@@ -181,6 +191,7 @@ impl Registry for FakeRegistry {
     fn read_range<'a>(&'a self, at: At<'a>, offset: u64, len: u64) -> RegistryFuture<'a, Vec<u8>> {
         let (reference, digest) = at;
         Box::pin(async move {
+            let _open = self.gate.read().await;
             self.requests.lock().unwrap().ranges += 1;
             let failing =
                 self.failing_ranges
