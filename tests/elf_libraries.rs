@@ -136,6 +136,9 @@ fn opening_a_program_fetches_its_interpreter_and_libraries_before_the_loader_ope
     let cli = Stratafs::new();
     let guard = MountGuard::lazy(&cli, &reference, "warn,stratafs=debug");
     let dir = guard.dir.to_str().unwrap().to_string();
+    // The mount's own fetch (the user and group databases: the config names no program)
+    // ends before the registry's log is counted below.
+    cli.wait_for_mount_log("fetched what the image runs first");
     // The kernel's first read of a program it executes: its ELF header.
     let mut head = [0u8; 64];
     std::fs::File::open(guard.path(PROGRAM))
