@@ -147,7 +147,14 @@ impl super::ImageView {
         let Some((layer, offset, len)) = self.open_fetch(script, SHEBANG) else {
             return Vec::new();
         };
-        let Ok(head) = self.readers[layer].read(offset, len).await else {
+        // The first piece exactly as the open's fetch beside this asks for it (whichever
+        // claims it first, one request of the same reach), then its first bytes from there.
+        let piece = self.tree.node(script).size.min(super::OPEN_PIECE);
+        let reader = &self.readers[layer];
+        if reader.fetch_for_open(offset, piece).await.is_err() {
+            return Vec::new();
+        }
+        let Ok(head) = reader.read(offset, len).await else {
             return Vec::new();
         };
         let Some(line) = shebang(&head) else {
