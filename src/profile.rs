@@ -578,14 +578,12 @@ impl Session {
                     }
                     return;
                 };
-                {
-                    replay(view, &p, parallel).await;
-                    if pinned {
-                        // Kept here after the replay (which must not wait for a file write).
-                        let keep = move || profiles.merge_in(&chain, &p.ranges);
-                        if let Ok(Err(e)) = tokio::task::spawn_blocking(keep).await {
-                            tracing::warn!(error = %e, "cannot keep the image's profile");
-                        }
+                replay(view, &p, parallel).await;
+                if pinned {
+                    // Kept here after the replay (which must not wait for a file write).
+                    let keep = move || profiles.merge_in(&chain, &p.ranges);
+                    if let Ok(Err(e)) = tokio::task::spawn_blocking(keep).await {
+                        tracing::warn!(error = %e, "cannot keep the image's profile");
                     }
                 }
             }));

@@ -221,6 +221,11 @@ pub fn follow(tree: &Tree, path: &str) -> Option<NodeId> {
     Some(at)
 }
 
+/// The regular file `path` names (from the root), following symbolic links anywhere in it.
+pub fn follow_file(tree: &Tree, path: &str) -> Option<NodeId> {
+    follow(tree, path).filter(|&id| tree.node(id).file_type == FileType::File)
+}
+
 /// The regular file the loader would find for `name`, needed by the file at `from` (its
 /// directory is `$ORIGIN`), searching `paths` (colon-separated, from `DT_RPATH` or
 /// `DT_RUNPATH`) and then the system directories of `machine`.
@@ -231,8 +236,7 @@ pub fn find_library(
     paths: &[&str],
     machine: u16,
 ) -> Option<NodeId> {
-    let file =
-        |path: &str| follow(tree, path).filter(|&id| tree.node(id).file_type == FileType::File);
+    let file = |path: &str| follow_file(tree, path);
     if name.contains('/') {
         return file(name);
     }

@@ -14,7 +14,7 @@
 //! Bounds: the hints keep at most [`MAX_PATH_DIRS`] directories of at most [`MAX_NAME`]
 //! bytes each; a script's first [`SHEBANG`] bytes are read; one interpreter is followed.
 
-use crate::tree::{FileType, NodeId};
+use crate::tree::NodeId;
 
 /// Most `PATH` directories searched for the program.
 pub const MAX_PATH_DIRS: usize = 32;
@@ -125,10 +125,7 @@ impl super::ImageView {
     /// bare name the first executable match on the `PATH`, as `execvp` finds it.
     fn program(&self, hints: &StartHints, name: Option<&str>) -> Option<NodeId> {
         let name = name?;
-        let file = |path: &str| {
-            super::elf::follow(&self.tree, path)
-                .filter(|&id| self.tree.node(id).file_type == FileType::File)
-        };
+        let file = |path: &str| super::elf::follow_file(&self.tree, path);
         if name.contains('/') {
             return match name.starts_with('/') {
                 true => file(name),
