@@ -12,7 +12,8 @@
 //! never changes a byte served: everything fetched is verified as any read is.
 //!
 //! Bounds: the hints keep at most [`MAX_PATH_DIRS`] directories of at most [`MAX_NAME`]
-//! bytes each; a script's first [`SHEBANG`] bytes are read; one interpreter is followed.
+//! bytes each; a script's first [`SHEBANG`] bytes are read; one interpreter is followed
+//! (for `env`, env and the one program it runs).
 
 use crate::tree::NodeId;
 
