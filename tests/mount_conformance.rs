@@ -403,13 +403,24 @@ fn conformance(format: Format) {
         String::from_utf8_lossy(&out.stderr),
         String::from_utf8_lossy(&out.stdout)
     );
-    let (fstype, opts, _) = mount_entry(&point).unwrap_or_else(|| {
+    let entry = common::mount::mount_at(&point).unwrap_or_else(|| {
         panic!(
             "stratafs mount returned but {} is not mounted",
             point.display()
         )
     });
+    let (fstype, opts) = (entry.fstype, entry.options.join(","));
     assert!(fstype.starts_with("fuse"), "fstype {fstype}");
+    // The kernel reads 16 KiB around a page fault in a mapped file here, not its default
+    // 128 KiB (docs/architecture.md): what a loaded library touches, not its neighbours.
+    let read_ahead = format!("/sys/class/bdi/{}/read_ahead_kb", entry.dev);
+    assert_eq!(
+        std::fs::read_to_string(&read_ahead)
+            .map(|s| s.trim().to_string())
+            .ok(),
+        Some("16".to_string()),
+        "{read_ahead}"
+    );
     assert!(
         opts.split(',').any(|o| o == "ro"),
         "mounted read-only: options {opts}"

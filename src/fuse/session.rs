@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use fuser::InitFlags;
 
-use super::{FuseError, MountOptions, OpenLog, StrataFs, ViewSlot, MAX_READAHEAD};
+use super::{FuseError, MountOptions, OpenLog, StrataFs, ViewSlot, KERNEL_READAHEAD};
 use crate::fs::ImageView;
 
 /// A live mount: the session threads and a way to end them.
@@ -212,7 +212,7 @@ fn synthetic_init(passthrough: bool) -> Vec<u8> {
     m.extend_from_slice(&[0; 8 + 4 + 4 + 4 + 2 + 2]); // nodeid, uid, gid, pid, extlen, pad
     m.extend_from_slice(&7u32.to_ne_bytes()); // major
     m.extend_from_slice(&41u32.to_ne_bytes()); // minor
-    m.extend_from_slice(&MAX_READAHEAD.to_ne_bytes());
+    m.extend_from_slice(&KERNEL_READAHEAD.to_ne_bytes()); // max_readahead
     m.extend_from_slice(&(bits as u32).to_ne_bytes()); // flags
     m.extend_from_slice(&((bits >> 32) as u32).to_ne_bytes()); // flags2
     m.extend_from_slice(&[0; 44]); // unused
