@@ -2,7 +2,8 @@
 //! bytecode through the mount fetches the files of the modules its body imports before
 //! python would open them, and not the modules its functions import; a module fetched whole
 //! that way and then read by passthrough (unseen by the daemon) still enters the startup
-//! profile.
+//! profile; a process whose command line is `python3 -c 'import …'` has the modules it names
+//! fetched at its first open of a module's bytecode.
 
 mod common;
 
@@ -171,4 +172,60 @@ fn reading_a_modules_bytecode_fetches_what_it_imports_before_it_is_opened() {
         reg.access_log_since(mark)
     );
     cli.ok(&["umount", guard.dir.to_str().unwrap()]);
+}
+
+#[test]
+fn a_python_command_line_has_the_modules_it_imports_fetched_at_its_first_bytecode_open() {
+    use std::os::unix::process::CommandExt;
+    let reg = Registry::start(RegistryOpts::default());
+    let image = image();
+    let layer = image.layers[0].digest.clone();
+    reg.push_image("python/app", "v1", &image, &Auth::None);
+    let reference = format!("{}/python/app:v1", reg.addr());
+    Stratafs::new().ok(&["index", "push", "--bind", &reference]);
+
+    let cli = Stratafs::new();
+    let guard = MountGuard::lazy(&cli, &reference, "warn,stratafs=debug");
+    let dir = guard.dir.to_str().unwrap();
+    // A process whose command line reads `python3 -c 'import never_at_import_time; …'` (a
+    // shell named so) opens a module's bytecode through the mount itself (a builtin's
+    // redirection), as python opens its first module.
+    let status = std::process::Command::new("sh")
+        .arg0("python3")
+        .args([
+            "-c",
+            "import never_at_import_time 2>/dev/null; read -r line < \"$0\" || true",
+            guard.path(ROOT).to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    cli.wait_for_mount_log(
+        "imports fetched path=usr/local/lib/python3.11/dist-packages/never_at_import_time/",
+    );
+    assert!(
+        cli.mount_logs()
+            .contains("following the imports of a command line"),
+        "{}",
+        cli.mount_logs()
+    );
+
+    // The module the command names is cached; the one it does not name is not.
+    let n = imported().len();
+    let [named, other] = [&not_imported()[0], &not_imported()[1]];
+    let mark = reg.log_mark();
+    assert!(std::fs::read(guard.path(named)).unwrap() == content(n));
+    assert_eq!(
+        reg.blob_bytes_since(mark, &layer),
+        0,
+        "{named}, which the command line imports, fetched when read: {:#?}",
+        reg.access_log_since(mark)
+    );
+    let mark = reg.log_mark();
+    assert!(std::fs::read(guard.path(other)).unwrap() == content(n + 1));
+    assert!(
+        reg.blob_bytes_since(mark, &layer) > 0,
+        "{other} was fetched ahead though nothing imports it"
+    );
+    cli.ok(&["umount", dir]);
 }

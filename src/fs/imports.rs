@@ -464,17 +464,28 @@ impl super::ImageView {
     /// mount — in the order python would get to them (depth first, the order of each
     /// module's names), [`IMPORT_FETCHES`] at a time across the mount.
     pub(super) async fn fetch_imports(&self, root: NodeId, limit: u64) {
+        self.walk_imports(&[root], limit).await
+    }
+
+    /// [`fetch_imports`](Self::fetch_imports) of each of `roots` in one walk: a file under an
+    /// earlier root goes before any under a later one, so a later root's files are fetched
+    /// while the earlier walks wait for their files to be parsed, not instead of them.
+    pub(super) async fn walk_imports(&self, roots: &[NodeId], limit: u64) {
         use futures_util::stream::FuturesUnordered;
         use futures_util::StreamExt;
         use std::cmp::Reverse;
-        if !self.imports.load(std::sync::atomic::Ordering::Relaxed)
-            || Resolver::new(&self.tree, root).is_none()
-            || !self.claim_import(root)
-        {
+        if !self.imports.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
         let mut queue = std::collections::BinaryHeap::new();
-        queue.push(Reverse((Vec::<u32>::new(), root)));
+        for (k, &root) in roots.iter().enumerate() {
+            if Resolver::new(&self.tree, root).is_some() && self.claim_import(root) {
+                queue.push(Reverse((vec![k as u32], root)));
+            }
+        }
+        let Some(Reverse((_, root))) = queue.peek().cloned() else {
+            return;
+        };
         let mut running = FuturesUnordered::new();
         let mut files = 0usize;
         loop {

@@ -18,6 +18,7 @@ use crate::layer::reader::LayerReader;
 use crate::layer::LayerIndex;
 use crate::tree::{FileType, NodeId, Tree};
 
+mod command;
 mod elf;
 mod error;
 mod imports;
@@ -71,6 +72,9 @@ pub struct ImageView {
     /// ELF files whose libraries an open has followed (`elf.rs`): each once per mount, at
     /// most [`elf::MAX_OBJECTS`].
     elf_followed: std::sync::Mutex<std::collections::HashSet<NodeId>>,
+    /// Processes whose command line an open has read (`command.rs`): each once per mount, at
+    /// most [`command::MAX_PROCESSES`].
+    command_pids: std::sync::Mutex<std::collections::HashSet<u32>>,
     /// Opens whose libraries are being followed at once ([`elf::FOLLOWS`]).
     elf_follows: tokio::sync::Semaphore,
     /// ELF files whose libraries are being followed, each with a semaphore closed when that
@@ -177,6 +181,7 @@ impl ImageView {
             imports: std::sync::atomic::AtomicBool::new(false),
             imports_followed: Default::default(),
             elf_followed: Default::default(),
+            command_pids: Default::default(),
             elf_follows: tokio::sync::Semaphore::new(elf::FOLLOWS),
             elf_following: Default::default(),
             import_fetches: tokio::sync::Semaphore::new(imports::IMPORT_FETCHES),

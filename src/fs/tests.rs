@@ -578,3 +578,55 @@ async fn a_second_open_of_a_program_waits_for_the_first_to_follow_its_libraries(
         "the second open went on before the libraries were in"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_command_line_has_the_modules_it_names_fetched_at_its_first_bytecode_open() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(FakeRegistry::new());
+    let site = "usr/local/lib/python3.11/dist-packages";
+    let files = [
+        "usr/lib/python3.11/encodings/__pycache__/__init__.cpython-311.pyc".to_string(),
+        format!("{site}/pkg/__pycache__/__init__.cpython-311.pyc"),
+        format!("{site}/pkg/__pycache__/mod.cpython-311.pyc"),
+        format!("{site}/other/__pycache__/__init__.cpython-311.pyc"),
+    ];
+    let mut tree: Vec<(String, Vec<u8>)> = vec![
+        (format!("{site}/pkg/__init__.py"), Vec::new()),
+        (format!("{site}/other/__init__.py"), Vec::new()),
+    ];
+    for (k, path) in files.iter().enumerate() {
+        tree.push((path.clone(), noise(10 + k as u32, 20 << 10)));
+        tree.push((format!("filler/{k}"), noise(100 + k as u32, 1 << 20)));
+    }
+    let view = lazy_view(&registry, dir.path(), &tree).await;
+    view.follow_imports(true);
+    let cached = |path: &str| cached(&view, path);
+    let opened = view.lookup(&files[0]).unwrap();
+
+    // A process whose command line reads `python3 -c 'import pkg.mod; …'` (a shell, named so,
+    // waiting for its standard input to close).
+    let mut child = std::process::Command::new("sh")
+        .arg0("python3")
+        .args(["-c", "import pkg.mod; read line"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Not a python command line (this test's): nothing.
+    view.follow_command(opened, std::process::id(), 8 << 20)
+        .await;
+    assert!(!cached(&files[1]));
+
+    view.follow_command(opened, child.id(), 8 << 20).await;
+    assert!(cached(&files[1]), "pkg's __init__");
+    assert!(cached(&files[2]), "pkg.mod");
+    assert!(!cached(&files[3]), "a package the command does not name");
+    // Once per process.
+    let before = registry.requests();
+    std::fs::remove_dir_all(crate::store::Layout::new(dir.path()).chunks()).unwrap();
+    view.follow_command(opened, child.id(), 8 << 20).await;
+    assert_eq!(registry.requests().ranges, before.ranges);
+    drop(child.stdin.take());
+    child.wait().unwrap();
+}

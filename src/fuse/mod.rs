@@ -373,7 +373,7 @@ impl Filesystem for StrataFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         op("open");
         let (view, id) = match self.node(ino) {
             Ok(found) => found,
@@ -384,9 +384,13 @@ impl Filesystem for StrataFs {
         }
         let fh = FileHandle(self.next_fh.fetch_add(1, Ordering::Relaxed));
         if self.options.open_prefetch > 0 {
-            let (view, limit) = (view.clone(), self.options.open_prefetch);
-            self.runtime
-                .spawn(async move { view.prefetch_file(id, limit).await });
+            let (view, limit, pid) = (view.clone(), self.options.open_prefetch, req.pid());
+            self.runtime.spawn(async move {
+                futures_util::join!(
+                    view.prefetch_file(id, limit),
+                    view.follow_command(id, pid, limit)
+                )
+            });
         }
         if !self.passthrough.load(Ordering::Relaxed) {
             return reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE);
