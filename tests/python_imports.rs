@@ -108,17 +108,23 @@ fn image() -> Image {
         .build(ManifestFlavour::Oci)
 }
 
-#[test]
-fn reading_a_modules_bytecode_fetches_what_it_imports_before_it_is_opened() {
+/// The image pushed to a registry with its index bound, and a lazy mount of it (debug log):
+/// (registry, layer digest, reference, cli, mount).
+fn mounted() -> (Registry, String, String, Stratafs, MountGuard) {
     let reg = Registry::start(RegistryOpts::default());
     let image = image();
     let layer = image.layers[0].digest.clone();
     reg.push_image("python/app", "v1", &image, &Auth::None);
     let reference = format!("{}/python/app:v1", reg.addr());
     Stratafs::new().ok(&["index", "push", "--bind", &reference]);
-
     let cli = Stratafs::new();
     let guard = MountGuard::lazy(&cli, &reference, "warn,stratafs=debug");
+    (reg, layer, reference, cli, guard)
+}
+
+#[test]
+fn reading_a_modules_bytecode_fetches_what_it_imports_before_it_is_opened() {
+    let (reg, layer, reference, cli, guard) = mounted();
     let dir = guard.dir.to_str().unwrap();
     assert!(std::fs::read(guard.path(ROOT)).unwrap() == MODULE);
     // The imports are fetched in the background of that read: wait for the daemon to say so.
@@ -177,15 +183,7 @@ fn reading_a_modules_bytecode_fetches_what_it_imports_before_it_is_opened() {
 #[test]
 fn a_python_command_line_has_the_modules_it_imports_fetched_at_its_first_bytecode_open() {
     use std::os::unix::process::CommandExt;
-    let reg = Registry::start(RegistryOpts::default());
-    let image = image();
-    let layer = image.layers[0].digest.clone();
-    reg.push_image("python/app", "v1", &image, &Auth::None);
-    let reference = format!("{}/python/app:v1", reg.addr());
-    Stratafs::new().ok(&["index", "push", "--bind", &reference]);
-
-    let cli = Stratafs::new();
-    let guard = MountGuard::lazy(&cli, &reference, "warn,stratafs=debug");
+    let (reg, layer, _, cli, guard) = mounted();
     let dir = guard.dir.to_str().unwrap();
     // A process whose command line reads `python3 -c 'import never_at_import_time; …'` (a
     // shell named so) opens a module's bytecode through the mount itself (a builtin's

@@ -28,6 +28,14 @@ fn target(args: ImageArgs, store: Store, config: &Config) -> Result<lazy::Target
 
 #[tokio::main]
 async fn main() {
+    // Two malloc arenas, not glibc's eight per core: the daemons decode on many threads (the
+    // tokio workers and blocking pool), and an arena each left memory they had freed counted
+    // in their peak (cold start, zstd:chunked: VmHWM 60.0–67.8 MiB with the default arenas,
+    // 57.4–59.5 MiB with two; no slower, docs/benchmarks.md).
+    // SAFETY: mallopt only changes a glibc tunable; called before this process allocates much.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     let cli = Cli::parse();
     output::QUIET.store(cli.quiet, std::sync::atomic::Ordering::Relaxed);
     if !matches!(
