@@ -88,7 +88,6 @@ impl FakeRegistry {
         self.failing_ranges.store(n, Ordering::SeqCst);
     }
 
-    /// Requests answered so far.
     /// Holds every range read until the guard is dropped.
     pub fn hold_ranges(&self) -> tokio::sync::OwnedRwLockWriteGuard<()> {
         self.gate
@@ -97,6 +96,7 @@ impl FakeRegistry {
             .expect("ranges are held once at a time")
     }
 
+    /// Requests answered so far.
     pub fn requests(&self) -> Requests {
         *self.requests.lock().unwrap()
     }
