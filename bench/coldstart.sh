@@ -42,7 +42,8 @@
 #   adds their snapshotter runs), and
 #   KEEP_LOGS=DIR keeps each mount run's registry log and daemon log there (the daemon at
 #   --log-level debug: each read that waited, each fetch with its layer range, its kind —
-#   `read`, `open`, `siblings`, `neighbours` — and its time; the snapshotter's each call);
+#   `read`, `open`, `siblings`, `neighbours` — and its time; the snapshotter's each call), with
+#   the run's layer indexes and recorded startup profile (`layers/`, `profiles/`);
 #   MOUNT_TOML='profile_parallel = 4' adds lines to the stratafs runs' [mount] table;
 #   BACKGROUND=1 leaves background fill on (the default `[mount] background_fetch`) in the
 #   stratafs runs, which otherwise measure lazy fetching alone.
@@ -363,6 +364,8 @@ cold_mount() {
       mkdir -p "$KEEP_LOGS/$c-$i"
       tail -c +$((m + 1)) "$work/registry.log" >"$KEEP_LOGS/$c-$i/registry.log"
       cp -r "$work/sfroot/logs" "$KEEP_LOGS/$c-$i/" 2>/dev/null || true
+      # the layer indexes and the recorded profile: which spans a fetch took, and which were read
+      cp -r "$work/sfroot/layers" "$work/sfroot/profiles" "$KEEP_LOGS/$c-$i/" 2>/dev/null || true
     fi
   done
   discard "$work/sfroot"

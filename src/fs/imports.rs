@@ -1,265 +1,11 @@
-//! Which files a Python module imports, read from its bytecode: an open of
-//! `pkg/__pycache__/mod.cpython-311.pyc` predicts the opens of the modules its body imports,
-//! long before python gets to them, so [`super::ImageView`] can fetch a whole level of the
-//! import graph in one round trip instead of one round trip per module.
-//!
-//! A `.pyc` is untrusted input (any layer may hold any bytes under that name). The parser
-//! ([`pyc_names`]) reads at most [`MAX_PYC`] bytes, nests at most [`MAX_DEPTH`] objects deep,
-//! keeps at most [`MAX_NAMES`] strings of the module's own code and never allocates more than
-//! the input could hold; anything it does not understand ends the parse with the names found
-//! so far. A wrong guess wastes bandwidth, nothing more: every byte fetched is verified like
-//! any read, and the guesses only pick which files are fetched ahead.
+//! Which files a Python module imports, found in the image: an open of
+//! `pkg/__pycache__/mod.cpython-311.pyc` predicts the opens of the modules its body imports
+//! (its bytecode's import statements, [`super::pyc`]), long before python gets to them, so
+//! [`super::ImageView`] can fetch a whole level of the import graph in one round trip
+//! instead of one round trip per module.
 
+use super::pyc::{pyc_imports, Import, MAX_PYC};
 use crate::tree::{FileType, NodeId, Tree};
-
-/// Bytecode files larger than this are not parsed (the largest of the benchmark image's 3,444
-/// is 762 KB, a test module): at most [`IMPORT_FETCHES`] of them are in memory at once.
-pub const MAX_PYC: u64 = 1 << 20;
-/// Deepest nesting of marshal objects the parser follows.
-pub const MAX_DEPTH: usize = 64;
-/// Most names kept from one module.
-pub const MAX_NAMES: usize = 4096;
-
-/// The names a module's top-level code refers to that may name modules it imports: its
-/// `co_names` (where `import a.b` and `from .c import d` keep `a.b` and `c`) and the strings of
-/// its constant tuples of strings (where `from e import f, g` keeps `("f", "g")`). Code of the
-/// module's functions and classes is skipped: imports there run later, if ever. Empty for
-/// input that is not CPython 3.8–3.13 bytecode.
-pub fn pyc_names(pyc: &[u8]) -> Vec<String> {
-    if pyc.len() < 16 || pyc.len() as u64 > MAX_PYC || pyc[2..4] != *b"\r\n" {
-        return Vec::new();
-    }
-    let layout = match u16::from_le_bytes([pyc[0], pyc[1]]) {
-        3413..=3494 => Layout::Py38,
-        3495..=3599 => Layout::Py311,
-        _ => return Vec::new(),
-    };
-    let mut p = Parser {
-        data: pyc,
-        pos: 16,
-        refs: Vec::new(),
-        layout,
-        top: None,
-    };
-    let _ = p.object(0);
-    let Some((names, consts)) = p.top else {
-        return Vec::new();
-    };
-    let mut out: Vec<String> = names;
-    for c in consts {
-        if let Obj::Tuple(items) = c {
-            if !items.is_empty() && items.iter().all(|i| matches!(i, Obj::Str(_))) {
-                out.extend(items.into_iter().filter_map(|i| match i {
-                    Obj::Str(s) => Some(s),
-                    _ => None,
-                }));
-            }
-        }
-    }
-    out.truncate(MAX_NAMES);
-    out
-}
-
-/// The order of a code object's fields.
-#[derive(Clone, Copy)]
-enum Layout {
-    /// 3.8–3.10: six 32-bit fields, then code, consts, names, varnames, freevars, cellvars,
-    /// filename, name, a 32-bit first line, lnotab.
-    Py38,
-    /// 3.11–3.13: five 32-bit fields, then code, consts, names, localsplusnames,
-    /// localspluskinds, filename, name, qualname, a 32-bit first line, linetable,
-    /// exceptiontable.
-    Py311,
-}
-
-/// What the parser keeps of an object.
-#[derive(Clone, Debug)]
-enum Obj {
-    Str(String),
-    Tuple(Vec<Obj>),
-    Other,
-}
-
-/// Input that ends the parse.
-struct Stop;
-
-struct Parser<'a> {
-    data: &'a [u8],
-    pos: usize,
-    /// Objects stored for back references (marshal's `FLAG_REF`), `None` while being read.
-    refs: Vec<Option<Obj>>,
-    layout: Layout,
-    /// The top-level code object's names and constants, once read.
-    top: Option<(Vec<String>, Vec<Obj>)>,
-}
-
-impl Parser<'_> {
-    fn bytes(&mut self, n: usize) -> Result<&[u8], Stop> {
-        let end = self.pos.checked_add(n).ok_or(Stop)?;
-        let b = self.data.get(self.pos..end).ok_or(Stop)?;
-        self.pos = end;
-        Ok(b)
-    }
-
-    fn u8(&mut self) -> Result<u8, Stop> {
-        Ok(self.bytes(1)?[0])
-    }
-
-    fn i32(&mut self) -> Result<i32, Stop> {
-        let b = self.bytes(4)?;
-        Ok(i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    }
-
-    /// A length that the rest of the input could hold (each item takes a byte at least).
-    fn len(&mut self) -> Result<usize, Stop> {
-        let n = usize::try_from(self.i32()?).map_err(|_| Stop)?;
-        if n > self.data.len() - self.pos {
-            return Err(Stop);
-        }
-        Ok(n)
-    }
-
-    fn string(&mut self, n: usize) -> Result<Obj, Stop> {
-        let b = self.bytes(n)?;
-        Ok(match std::str::from_utf8(b) {
-            Ok(s) => Obj::Str(s.to_string()),
-            Err(_) => Obj::Other,
-        })
-    }
-
-    fn items(&mut self, n: usize, depth: usize) -> Result<Vec<Obj>, Stop> {
-        let mut items = Vec::with_capacity(n.min(1024));
-        for _ in 0..n {
-            items.push(self.object(depth + 1)?);
-        }
-        Ok(items)
-    }
-
-    fn object(&mut self, depth: usize) -> Result<Obj, Stop> {
-        if depth > MAX_DEPTH {
-            return Err(Stop);
-        }
-        let code = self.u8()?;
-        let (kind, flagged) = (code & 0x7f, code & 0x80 != 0);
-        let slot = flagged.then(|| {
-            self.refs.push(None);
-            self.refs.len() - 1
-        });
-        let obj = match kind {
-            b'0' | b'N' | b'F' | b'T' | b'S' | b'.' => Obj::Other,
-            b'i' => self.bytes(4).map(|_| Obj::Other)?,
-            b'I' | b'g' => self.bytes(8).map(|_| Obj::Other)?,
-            b'y' => self.bytes(16).map(|_| Obj::Other)?,
-            b'f' => {
-                let n = self.u8()? as usize;
-                self.bytes(n).map(|_| Obj::Other)?
-            }
-            b'x' => {
-                for _ in 0..2 {
-                    let n = self.u8()? as usize;
-                    self.bytes(n)?;
-                }
-                Obj::Other
-            }
-            b'l' => {
-                let n = self.i32()?.unsigned_abs() as usize;
-                self.bytes(n.checked_mul(2).ok_or(Stop)?)
-                    .map(|_| Obj::Other)?
-            }
-            b's' => {
-                let n = self.len()?;
-                self.bytes(n).map(|_| Obj::Other)?
-            }
-            b'u' | b't' | b'a' | b'A' => {
-                let n = self.len()?;
-                self.string(n)?
-            }
-            b'z' | b'Z' => {
-                let n = self.u8()? as usize;
-                self.string(n)?
-            }
-            b')' => {
-                let n = self.u8()? as usize;
-                Obj::Tuple(self.items(n, depth)?)
-            }
-            b'(' | b'[' | b'<' | b'>' => {
-                let n = self.len()?;
-                let items = self.items(n, depth)?;
-                if kind == b'(' {
-                    Obj::Tuple(items)
-                } else {
-                    Obj::Other
-                }
-            }
-            b'{' => {
-                loop {
-                    if self.data.get(self.pos) == Some(&b'0') {
-                        self.pos += 1;
-                        break;
-                    }
-                    self.object(depth + 1)?;
-                    self.object(depth + 1)?;
-                }
-                Obj::Other
-            }
-            b'r' => {
-                let i = usize::try_from(self.i32()?).map_err(|_| Stop)?;
-                self.refs.get(i).cloned().flatten().unwrap_or(Obj::Other)
-            }
-            b'c' => self.code(depth)?,
-            _ => return Err(Stop),
-        };
-        if let Some(slot) = slot {
-            self.refs[slot] = Some(obj.clone());
-        }
-        Ok(obj)
-    }
-
-    /// A code object: the first one read (the module's) keeps its names and constants.
-    fn code(&mut self, depth: usize) -> Result<Obj, Stop> {
-        let (ints, objects_before_line, objects_after_line) = match self.layout {
-            Layout::Py38 => (6, 8, 1),
-            Layout::Py311 => (5, 8, 2),
-        };
-        self.bytes(4 * ints)?;
-        let is_top = self.top.is_none();
-        if is_top {
-            // Claimed now, so nested code objects (functions, classes) are not the module's.
-            self.top = Some((Vec::new(), Vec::new()));
-        }
-        let mut consts = Vec::new();
-        let mut names = Vec::new();
-        for k in 0..objects_before_line {
-            let obj = self.object(depth + 1)?;
-            match (k, obj) {
-                (1, Obj::Tuple(items)) => consts = items,
-                (2, Obj::Tuple(items)) => {
-                    names = items
-                        .into_iter()
-                        .filter_map(|i| match i {
-                            Obj::Str(s) => Some(s),
-                            _ => None,
-                        })
-                        .collect();
-                    if is_top {
-                        // The names are all the module's import statements need: keep them
-                        // even if the rest of the file does not parse.
-                        self.top = Some((names.clone(), consts.clone()));
-                    }
-                }
-                _ => {}
-            }
-        }
-        self.bytes(4)?;
-        for _ in 0..objects_after_line {
-            self.object(depth + 1)?;
-        }
-        if is_top {
-            self.top = Some((names, consts));
-        }
-        Ok(Obj::Other)
-    }
-}
 
 /// Where a module's imports are looked up: its package and the packages above it (relative
 /// imports), the directory holding its top package, and the interpreter's library
@@ -269,7 +15,11 @@ pub struct Resolver<'a> {
     tree: &'a Tree,
     /// `cpython-311`: the bytecode files' tag.
     tag: String,
+    /// The module's package and those above it (`packages` of them: its relative imports'
+    /// starting points), then the directory holding the top one and the library directories
+    /// (where absolute imports are looked up).
     roots: Vec<NodeId>,
+    packages: usize,
     package: NodeId,
 }
 
@@ -288,10 +38,12 @@ impl<'a> Resolver<'a> {
         let mut roots = vec![package];
         // The packages above (relative imports), then the directory of the top package.
         let mut dir = package;
+        let mut packages = 0;
         for _ in 0..8 {
             if !is_package(tree, dir, &tag) {
                 break;
             }
+            packages += 1;
             let up = tree.node(dir).parent;
             if up == dir {
                 break;
@@ -320,12 +72,94 @@ impl<'a> Resolver<'a> {
             tree,
             tag,
             roots,
+            packages: packages.min(8),
             package,
         })
     }
 
+    /// The files python opens for import statements `imports` ([`pyc_imports`]), in their
+    /// order: for each, the packages on the way to its module and the module (absolute
+    /// imports from the first root that has the module's first part, relative ones from
+    /// the package `level` steps up), then each name imported from a package that is a
+    /// module of it. Also the packages the statements import, the module's own first.
+    pub fn imports(&self, imports: &[Import]) -> (Vec<NodeId>, Vec<NodeId>) {
+        let mut out = Vec::new();
+        let mut packages = vec![self.package];
+        for import in imports {
+            let parts: Vec<&str> = match import.module.as_str() {
+                "" => Vec::new(),
+                module => module.split('.').collect(),
+            };
+            if parts.iter().any(|p| p.is_empty()) {
+                continue;
+            }
+            let found = if import.level == 0 {
+                if parts.is_empty() {
+                    continue;
+                }
+                self.roots[self.packages.min(self.roots.len() - 1)..]
+                    .iter()
+                    .find_map(|&root| self.path(root, &parts, &mut out))
+            } else {
+                // Beyond the top package, python raises ImportError.
+                let up = import.level as usize - 1;
+                (up < self.packages)
+                    .then(|| self.path(self.roots[up], &parts, &mut out))
+                    .flatten()
+            };
+            if let Some(Some(package)) = found {
+                for name in &import.names {
+                    if let Some((files, _)) = self.module(package, name) {
+                        out.extend(files);
+                    }
+                }
+                if !packages.contains(&package) {
+                    packages.push(package);
+                }
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        out.retain(|f| seen.insert(*f));
+        (out, packages)
+    }
+
+    /// The files of the modules of `packages` that `names` name (the undotted ones), in
+    /// the order of the packages: a module body's `pkg.sub` imports submodule `sub` when
+    /// `pkg` imports it lazily (on first use, as numpy does its `random`).
+    pub fn submodules(&self, packages: &[NodeId], names: &[String]) -> Vec<NodeId> {
+        let mut out = Vec::new();
+        for &p in packages {
+            for name in names {
+                if !name.contains('.') && !name.is_empty() {
+                    if let Some((files, _)) = self.module(p, name) {
+                        out.extend(files);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Module `parts` (dotted, perhaps none) under `dir`: `None` when `dir` has no first
+    /// part; else the files of each part found pushed to `out`, and the package the last
+    /// part is, if every part is found and the last is a package (`dir` for no parts).
+    fn path(&self, dir: NodeId, parts: &[&str], out: &mut Vec<NodeId>) -> Option<Option<NodeId>> {
+        let mut dir = dir;
+        for (k, part) in parts.iter().enumerate() {
+            let Some((files, package)) = self.module(dir, part) else {
+                return (k > 0).then_some(None);
+            };
+            out.extend(files);
+            match package {
+                Some(p) => dir = p,
+                None => return Some(None),
+            }
+        }
+        Some(Some(dir))
+    }
+
     /// The files python would open for the modules `names` may refer to, in the order of
-    /// `names` (see [`pyc_names`]): for each dotted name, each package on the way and the
+    /// `names` (see [`Imports::names`](super::pyc::Imports::names)): for each dotted name, each package on the way and the
     /// module, from the first root that has its first part; then each name as a module of
     /// the module's own package and of each package found (`from . import x`,
     /// `from a.b import c`).
@@ -362,15 +196,7 @@ impl<'a> Resolver<'a> {
                 }
             }
         }
-        for &p in &packages {
-            for name in names {
-                if !name.contains('.') && !name.is_empty() {
-                    if let Some((files, _)) = self.module(p, name) {
-                        out.extend(files);
-                    }
-                }
-            }
-        }
+        out.extend(self.submodules(&packages, names));
         let mut seen = std::collections::HashSet::new();
         out.retain(|f| seen.insert(*f));
         out
@@ -553,10 +379,24 @@ impl super::ImageView {
         let Ok(bytes) = reader.read(offset, len).await else {
             return Vec::new();
         };
-        let names = tokio::task::spawn_blocking(move || pyc_names(&bytes))
+        let imports = tokio::task::spawn_blocking(move || pyc_imports(&bytes))
             .await
             .unwrap_or_default();
-        let found = resolver.files(&names);
+        // What its statements import, then what the names it reads of the packages it
+        // imports may import lazily: fetched, then followed in turn.
+        let (found, lazy) = match &imports.statements {
+            Some(statements) => {
+                let (found, packages) = resolver.imports(statements);
+                let lazy: Vec<NodeId> = resolver
+                    .submodules(&packages, &imports.names)
+                    .into_iter()
+                    .filter(|f| !found.contains(f))
+                    .collect();
+                (found, lazy)
+            }
+            None => (resolver.files(&imports.names), Vec::new()),
+        };
+        let found = [found, lazy].concat();
         self.fetch_batch(&found).await;
         found
     }
@@ -598,66 +438,5 @@ impl super::ImageView {
                 tracing::debug!(error = %e, "fetch of imported modules failed");
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// `python3.11 -m py_compile` of:
-    ///
-    /// ```python
-    /// import os, json.decoder
-    /// from . import sibling
-    /// from .sub import leaf, other
-    /// from pkg.deep.mod import thing
-    /// def later():
-    ///     import never_at_import_time
-    /// class K:
-    ///     import also_later
-    /// ```
-    const PYC: &[u8] = include_bytes!("testdata/example.cpython-311.pyc");
-
-    #[test]
-    fn names_of_the_module_body_not_of_its_functions() {
-        let names = pyc_names(PYC);
-        for want in [
-            "os",
-            "json.decoder",
-            "sub",
-            "pkg.deep.mod",
-            "sibling",
-            "leaf",
-            "other",
-        ] {
-            assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
-        }
-        for not in ["never_at_import_time", "also_later"] {
-            assert!(!names.iter().any(|n| n == not), "{not} in {names:?}");
-        }
-    }
-
-    #[test]
-    fn damaged_or_foreign_input_gives_what_it_can_and_never_panics() {
-        assert!(pyc_names(b"").is_empty());
-        assert!(pyc_names(&[0u8; 64]).is_empty(), "not a known magic");
-        // Every truncation and every single flipped byte: no panic, no huge allocation.
-        for n in 0..PYC.len() {
-            let _ = pyc_names(&PYC[..n]);
-        }
-        for i in 16..PYC.len() {
-            let mut bad = PYC.to_vec();
-            bad[i] ^= 0xff;
-            let _ = pyc_names(&bad);
-        }
-        // A tuple claiming two billion items.
-        let mut huge = PYC[..16].to_vec();
-        huge.extend_from_slice(&[b'(', 0xff, 0xff, 0xff, 0x7f]);
-        assert!(pyc_names(&huge).is_empty());
-        // Nesting deeper than MAX_DEPTH.
-        let mut deep = PYC[..16].to_vec();
-        deep.extend(std::iter::repeat_n(b')', 1000).flat_map(|t| [t, 1]));
-        assert!(pyc_names(&deep).is_empty());
     }
 }

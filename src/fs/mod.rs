@@ -23,6 +23,7 @@ mod elf;
 mod error;
 mod imports;
 mod indexing;
+mod pyc;
 mod start;
 #[cfg(test)]
 pub(crate) mod tests;

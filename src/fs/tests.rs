@@ -390,10 +390,17 @@ async fn an_open_of_a_modules_bytecode_fetches_the_modules_it_imports() {
     let registry = Arc::new(FakeRegistry::new());
     let (imported, mut tree) = import_fixture();
     let lib = "usr/lib/python3.11";
+    // Not imported: what its function and class import, a module it never names, and
+    // modules of the library directories named like what the body uses but imports from
+    // elsewhere (`thing`, from pkg.deep.mod) or defines (`later`, `K`): an absolute import
+    // of `thing` would find these, but the body has none.
     let not_imported = [
         "app/pkg/__pycache__/never_at_import_time.cpython-311.pyc".to_string(),
         format!("{lib}/__pycache__/also_later.cpython-311.pyc"),
         "app/pkg/__pycache__/unrelated.cpython-311.pyc".to_string(),
+        format!("{lib}/__pycache__/thing.cpython-311.pyc"),
+        format!("{lib}/__pycache__/later.cpython-311.pyc"),
+        format!("{lib}/K.cpython-311-x86_64-linux-gnu.so"),
     ];
     // Each file with 1 MiB of filler after it: files fetched or not are told apart by span.
     for (k, path) in imported.iter().chain(&not_imported).enumerate() {

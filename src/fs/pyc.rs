@@ -1,0 +1,482 @@
+//! What a Python module imports, read from its bytecode (`__pycache__/mod.TAG.pyc`):
+//! [`pyc_imports`] decodes the module body's `import` statements (level, module, names
+//! imported from it) from its instructions, in the order they run, and keeps the names the
+//! body refers to (the attributes it reads of the packages it imports, some of them
+//! submodules imported on first use). For bytecode whose instructions it does not decode
+//! (CPython 3.13 and later renumbered them) the names are all there is, and
+//! [`super::imports::Resolver`] tries each as a module wherever one could be.
+//!
+//! A `.pyc` is untrusted input (any layer may hold any bytes under that name). The parser
+//! reads at most [`MAX_PYC`] bytes, nests at most [`MAX_DEPTH`] objects deep, keeps at most
+//! [`MAX_NAMES`] strings and [`MAX_IMPORTS`] import statements of the module's own code and
+//! never allocates more than the input could hold; anything it does not understand ends
+//! the parse with what was found so far. A wrong guess wastes bandwidth, nothing more: every
+//! byte fetched is verified like any read, and the guesses only pick which files are fetched
+//! ahead.
+
+/// Bytecode files larger than this are not parsed (the largest of the benchmark image's 3,444
+/// is 762 KB, a test module): at most [`IMPORT_FETCHES`](super::imports::IMPORT_FETCHES) of
+/// them are in memory at once.
+pub const MAX_PYC: u64 = 1 << 20;
+/// Deepest nesting of marshal objects the parser follows.
+pub const MAX_DEPTH: usize = 64;
+/// Most names kept from one module.
+pub const MAX_NAMES: usize = 4096;
+/// Most import statements kept from one module.
+pub const MAX_IMPORTS: usize = 1024;
+
+/// One `import` statement of a module's body: `import a.b` is level 0, module `a.b`, no
+/// names; `from ..c import d, e` is level 2, module `c`, names `d` and `e` (each perhaps a
+/// submodule of `..c`); `from . import f` is level 1, module `""`, names `f`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Import {
+    /// 0 for an absolute import, else how many packages up a relative one starts.
+    pub level: u32,
+    /// The dotted module name as written (empty for `from . import …`).
+    pub module: String,
+    /// The names of a `from … import` (`*` left out).
+    pub names: Vec<String>,
+}
+
+/// What a module's bytecode says it imports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Imports {
+    /// Its import statements, decoded from the body's instructions, in the order they run;
+    /// `None` for bytecode whose instructions are not decoded here (CPython 3.13 and later,
+    /// or a body whose instructions could not be read).
+    pub statements: Option<Vec<Import>>,
+    /// The names its body refers to: with statements, the attributes it
+    /// reads of the packages it imports (`np.random` imports `numpy.random` on first use);
+    /// without, the best guess at what it imports.
+    pub names: Vec<String>,
+}
+
+/// The import statements of `pyc`'s module body, in the order they run (those of its
+/// functions and classes are left out: they run later, if ever), conditional ones included
+/// (`try: import x`, `if TYPE_CHECKING: …`), and the names the body refers to. Empty for
+/// input that is not CPython 3.8–3.13 bytecode.
+pub fn pyc_imports(pyc: &[u8]) -> Imports {
+    let Some(top) = parse(pyc) else {
+        return Imports::default();
+    };
+    let decodable = u16::from_le_bytes([pyc[0], pyc[1]]) < 3550;
+    let statements = top
+        .code
+        .filter(|_| decodable)
+        .map(|(start, end)| statements(&pyc[start..end], &top));
+    Imports {
+        statements,
+        names: names_of(top),
+    }
+}
+
+/// Instructions of CPython 3.8–3.12 (`Lib/opcode.py`; 3.13 renumbered them).
+const LOAD_CONST: u8 = 100;
+const IMPORT_NAME: u8 = 108;
+const EXTENDED_ARG: u8 = 144;
+
+/// The import statements of a body's instructions `code`: each `IMPORT_NAME` and the two
+/// `LOAD_CONST`s before it (the level, then the names imported from it or `None`).
+fn statements(code: &[u8], top: &Top) -> Vec<Import> {
+    let mut out = Vec::new();
+    // The last two instructions (opcode, argument) before the current one.
+    let mut last: [Option<(u8, u32)>; 2] = [None, None];
+    let mut ext = 0u32;
+    for unit in code.chunks_exact(2) {
+        let (op, arg) = (unit[0], ext << 8 | u32::from(unit[1]));
+        if op == EXTENDED_ARG {
+            ext = arg;
+            continue;
+        }
+        ext = 0;
+        if op == IMPORT_NAME {
+            let module = top.names.get(arg as usize);
+            let konst = |i: Option<(u8, u32)>| match i {
+                Some((LOAD_CONST, k)) => top.consts.get(k as usize),
+                _ => None,
+            };
+            if let (Some(module), Some(Obj::Int(level))) = (module, konst(last[0])) {
+                let names = match konst(last[1]) {
+                    Some(Obj::Tuple(items)) => items
+                        .iter()
+                        .filter_map(|i| match i {
+                            Obj::Str(s) if s != "*" => Some(s.clone()),
+                            _ => None,
+                        })
+                        .take(MAX_NAMES)
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                out.push(Import {
+                    level: u32::try_from(*level).unwrap_or(0),
+                    module: module.clone(),
+                    names,
+                });
+                if out.len() >= MAX_IMPORTS {
+                    break;
+                }
+            }
+        }
+        last = [last[1], Some((op, arg))];
+    }
+    out
+}
+
+/// The top-level code object of `pyc`, as far as it parses; `None` for input that is not
+/// CPython 3.8–3.13 bytecode.
+fn parse(pyc: &[u8]) -> Option<Top> {
+    if pyc.len() < 16 || pyc.len() as u64 > MAX_PYC || pyc[2..4] != *b"\r\n" {
+        return None;
+    }
+    let layout = match u16::from_le_bytes([pyc[0], pyc[1]]) {
+        3413..=3494 => Layout::Py38,
+        3495..=3599 => Layout::Py311,
+        _ => return None,
+    };
+    let mut p = Parser {
+        data: pyc,
+        pos: 16,
+        refs: Vec::new(),
+        layout,
+        top: None,
+    };
+    let _ = p.object(0);
+    p.top
+}
+
+/// The names a module's top-level code refers to that may name modules it imports: its
+/// `co_names` (where `import a.b` and `from .c import d` keep `a.b` and `c`, and `a.b`
+/// keeps `b`) and the strings of its constant tuples of strings (where `from e import f, g`
+/// keeps `("f", "g")`).
+fn names_of(top: Top) -> Vec<String> {
+    let mut out: Vec<String> = top.names;
+    for c in top.consts {
+        if let Obj::Tuple(items) = c {
+            if !items.is_empty() && items.iter().all(|i| matches!(i, Obj::Str(_))) {
+                out.extend(items.into_iter().filter_map(|i| match i {
+                    Obj::Str(s) => Some(s),
+                    _ => None,
+                }));
+            }
+        }
+    }
+    out.truncate(MAX_NAMES);
+    out
+}
+
+/// The order of a code object's fields.
+#[derive(Clone, Copy)]
+enum Layout {
+    /// 3.8–3.10: six 32-bit fields, then code, consts, names, varnames, freevars, cellvars,
+    /// filename, name, a 32-bit first line, lnotab.
+    Py38,
+    /// 3.11–3.13: five 32-bit fields, then code, consts, names, localsplusnames,
+    /// localspluskinds, filename, name, qualname, a 32-bit first line, linetable,
+    /// exceptiontable.
+    Py311,
+}
+
+/// What the parser keeps of an object.
+#[derive(Clone, Debug)]
+enum Obj {
+    Int(i32),
+    Str(String),
+    Tuple(Vec<Obj>),
+    Other,
+}
+
+/// What the parser keeps of the module's own code object.
+#[derive(Default)]
+struct Top {
+    names: Vec<String>,
+    consts: Vec<Obj>,
+    /// Where its instructions (`co_code`, a bytes object) lie in the input.
+    code: Option<(usize, usize)>,
+}
+
+/// Input that ends the parse.
+struct Stop;
+
+struct Parser<'a> {
+    data: &'a [u8],
+    pos: usize,
+    /// Objects stored for back references (marshal's `FLAG_REF`), `None` while being read.
+    refs: Vec<Option<Obj>>,
+    layout: Layout,
+    /// The top-level code object's names, constants and instructions, once read.
+    top: Option<Top>,
+}
+
+impl Parser<'_> {
+    fn bytes(&mut self, n: usize) -> Result<&[u8], Stop> {
+        let end = self.pos.checked_add(n).ok_or(Stop)?;
+        let b = self.data.get(self.pos..end).ok_or(Stop)?;
+        self.pos = end;
+        Ok(b)
+    }
+
+    fn u8(&mut self) -> Result<u8, Stop> {
+        Ok(self.bytes(1)?[0])
+    }
+
+    fn i32(&mut self) -> Result<i32, Stop> {
+        let b = self.bytes(4)?;
+        Ok(i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    /// A length that the rest of the input could hold (each item takes a byte at least).
+    fn len(&mut self) -> Result<usize, Stop> {
+        let n = usize::try_from(self.i32()?).map_err(|_| Stop)?;
+        if n > self.data.len() - self.pos {
+            return Err(Stop);
+        }
+        Ok(n)
+    }
+
+    fn string(&mut self, n: usize) -> Result<Obj, Stop> {
+        let b = self.bytes(n)?;
+        Ok(match std::str::from_utf8(b) {
+            Ok(s) => Obj::Str(s.to_string()),
+            Err(_) => Obj::Other,
+        })
+    }
+
+    fn items(&mut self, n: usize, depth: usize) -> Result<Vec<Obj>, Stop> {
+        let mut items = Vec::with_capacity(n.min(1024));
+        for _ in 0..n {
+            items.push(self.object(depth + 1)?);
+        }
+        Ok(items)
+    }
+
+    fn object(&mut self, depth: usize) -> Result<Obj, Stop> {
+        if depth > MAX_DEPTH {
+            return Err(Stop);
+        }
+        let code = self.u8()?;
+        let (kind, flagged) = (code & 0x7f, code & 0x80 != 0);
+        let slot = flagged.then(|| {
+            self.refs.push(None);
+            self.refs.len() - 1
+        });
+        let obj = match kind {
+            b'0' | b'N' | b'F' | b'T' | b'S' | b'.' => Obj::Other,
+            b'i' => Obj::Int(self.i32()?),
+            b'I' | b'g' => self.bytes(8).map(|_| Obj::Other)?,
+            b'y' => self.bytes(16).map(|_| Obj::Other)?,
+            b'f' => {
+                let n = self.u8()? as usize;
+                self.bytes(n).map(|_| Obj::Other)?
+            }
+            b'x' => {
+                for _ in 0..2 {
+                    let n = self.u8()? as usize;
+                    self.bytes(n)?;
+                }
+                Obj::Other
+            }
+            b'l' => {
+                let n = self.i32()?.unsigned_abs() as usize;
+                self.bytes(n.checked_mul(2).ok_or(Stop)?)
+                    .map(|_| Obj::Other)?
+            }
+            b's' => {
+                let n = self.len()?;
+                self.bytes(n).map(|_| Obj::Other)?
+            }
+            b'u' | b't' | b'a' | b'A' => {
+                let n = self.len()?;
+                self.string(n)?
+            }
+            b'z' | b'Z' => {
+                let n = self.u8()? as usize;
+                self.string(n)?
+            }
+            b')' => {
+                let n = self.u8()? as usize;
+                Obj::Tuple(self.items(n, depth)?)
+            }
+            b'(' | b'[' | b'<' | b'>' => {
+                let n = self.len()?;
+                let items = self.items(n, depth)?;
+                if kind == b'(' {
+                    Obj::Tuple(items)
+                } else {
+                    Obj::Other
+                }
+            }
+            b'{' => {
+                loop {
+                    if self.data.get(self.pos) == Some(&b'0') {
+                        self.pos += 1;
+                        break;
+                    }
+                    self.object(depth + 1)?;
+                    self.object(depth + 1)?;
+                }
+                Obj::Other
+            }
+            b'r' => {
+                let i = usize::try_from(self.i32()?).map_err(|_| Stop)?;
+                self.refs.get(i).cloned().flatten().unwrap_or(Obj::Other)
+            }
+            b'c' => self.code(depth)?,
+            _ => return Err(Stop),
+        };
+        if let Some(slot) = slot {
+            self.refs[slot] = Some(obj.clone());
+        }
+        Ok(obj)
+    }
+
+    /// A code object: the first one read (the module's) keeps its names, constants and
+    /// where its instructions lie.
+    fn code(&mut self, depth: usize) -> Result<Obj, Stop> {
+        let (ints, objects_before_line, objects_after_line) = match self.layout {
+            Layout::Py38 => (6, 8, 1),
+            Layout::Py311 => (5, 8, 2),
+        };
+        self.bytes(4 * ints)?;
+        let is_top = self.top.is_none();
+        if is_top {
+            // Claimed now, so nested code objects (functions, classes) are not the module's.
+            self.top = Some(Top::default());
+        }
+        let mut top = Top::default();
+        for k in 0..objects_before_line {
+            let start = self.pos;
+            let obj = self.object(depth + 1)?;
+            match (k, obj) {
+                // A bytes object (not a back reference): its 4-byte length, then the bytes.
+                (0, _) if self.data[start] & 0x7f == b's' => top.code = Some((start + 5, self.pos)),
+                (1, Obj::Tuple(items)) => top.consts = items,
+                (2, Obj::Tuple(items)) => {
+                    top.names = items
+                        .into_iter()
+                        .filter_map(|i| match i {
+                            Obj::Str(s) => Some(s),
+                            _ => None,
+                        })
+                        .collect();
+                    if is_top {
+                        // All the module's import statements need: keep them even if the
+                        // rest of the file does not parse.
+                        self.top = Some(Top {
+                            names: top.names.clone(),
+                            consts: top.consts.clone(),
+                            code: top.code,
+                        });
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.bytes(4)?;
+        for _ in 0..objects_after_line {
+            self.object(depth + 1)?;
+        }
+        if is_top {
+            self.top = Some(top);
+        }
+        Ok(Obj::Other)
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `python3.11 -m py_compile` of:
+    ///
+    /// ```python
+    /// import os, json.decoder
+    /// from . import sibling
+    /// from .sub import leaf, other
+    /// from pkg.deep.mod import thing
+    /// def later():
+    ///     import never_at_import_time
+    /// class K:
+    ///     import also_later
+    /// ```
+    fn pyc_names(pyc: &[u8]) -> Vec<String> {
+        pyc_imports(pyc).names
+    }
+
+    const PYC: &[u8] = include_bytes!("testdata/example.cpython-311.pyc");
+
+    #[test]
+    fn names_of_the_module_body_not_of_its_functions() {
+        let names = pyc_names(PYC);
+        for want in [
+            "os",
+            "json.decoder",
+            "sub",
+            "pkg.deep.mod",
+            "sibling",
+            "leaf",
+            "other",
+        ] {
+            assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
+        }
+        for not in ["never_at_import_time", "also_later"] {
+            assert!(!names.iter().any(|n| n == not), "{not} in {names:?}");
+        }
+    }
+
+    #[test]
+    fn the_import_statements_of_the_module_body_in_the_order_they_run() {
+        let import = |level, module: &str, names: &[&str]| Import {
+            level,
+            module: module.into(),
+            names: names.iter().map(|n| n.to_string()).collect(),
+        };
+        assert_eq!(
+            pyc_imports(PYC),
+            Imports {
+                statements: Some(vec![
+                    import(0, "os", &[]),
+                    import(0, "json.decoder", &[]),
+                    import(1, "", &["sibling"]),
+                    import(1, "sub", &["leaf", "other"]),
+                    import(0, "pkg.deep.mod", &["thing"]),
+                ]),
+                names: pyc_names(PYC),
+            }
+        );
+    }
+
+    #[test]
+    fn bytecode_of_a_python_whose_instructions_are_not_known_gives_its_names() {
+        // 3.13's magic (3571): the same layout of code objects, other instruction numbers.
+        let mut newer = PYC.to_vec();
+        newer[..2].copy_from_slice(&3571u16.to_le_bytes());
+        let imports = pyc_imports(&newer);
+        assert_eq!(imports.statements, None);
+        assert_eq!(imports.names, pyc_names(PYC));
+    }
+
+    #[test]
+    fn damaged_or_foreign_input_gives_what_it_can_and_never_panics() {
+        assert!(pyc_names(b"").is_empty());
+        assert!(pyc_names(&[0u8; 64]).is_empty(), "not a known magic");
+        // Every truncation and every single flipped byte: no panic, no huge allocation.
+        for n in 0..PYC.len() {
+            let _ = pyc_names(&PYC[..n]);
+            let _ = pyc_imports(&PYC[..n]);
+        }
+        for i in 16..PYC.len() {
+            let mut bad = PYC.to_vec();
+            bad[i] ^= 0xff;
+            let _ = pyc_names(&bad);
+            let _ = pyc_imports(&bad);
+        }
+        // A tuple claiming two billion items.
+        let mut huge = PYC[..16].to_vec();
+        huge.extend_from_slice(&[b'(', 0xff, 0xff, 0xff, 0x7f]);
+        assert!(pyc_names(&huge).is_empty());
+        assert_eq!(pyc_imports(&huge), Imports::default());
+        // Nesting deeper than MAX_DEPTH.
+        let mut deep = PYC[..16].to_vec();
+        deep.extend(std::iter::repeat_n(b')', 1000).flat_map(|t| [t, 1]));
+        assert!(pyc_names(&deep).is_empty());
+    }
+}
