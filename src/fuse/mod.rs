@@ -4,8 +4,10 @@
 //! metadata (lookup, getattr, readdir(plus), readlink, xattrs, statfs) from memory on the
 //! dispatch threads, and hands every read's `Reply` to a tokio task, so the dispatch loop never
 //! waits for the network. A read that cannot be served within the read timeout gets EIO and
-//! the reason is logged. Files whose bytes are all cached are opened with FUSE passthrough to
-//! a local copy (kernel ≥ 6.9), so warm reads do not go through the daemon at all.
+//! the reason is logged. Files of 1 MiB or more whose bytes are all cached are opened with FUSE
+//! passthrough to a local copy (kernel ≥ 6.9), so warm reads do not go through the daemon at
+//! all; the copy is made in the background at a file's second open in a mount
+//! ([`ImageView::copy_locally`]), so the opens that come before it read through the daemon.
 //!
 //! [`mount`] mounts with mount(2) itself (type `fuse.stratafs`, the image name as source),
 //! so `/proc/mounts` and `findmnt` show what is mounted; it needs CAP_SYS_ADMIN.
@@ -429,8 +431,13 @@ impl Filesystem for StrataFs {
             let local = if view.tree.node(id).size < PASSTHROUGH_MIN_SIZE {
                 None
             } else {
-                match view.local_copy(id).await {
-                    Ok(local) => local,
+                match view.local_copy(id) {
+                    Ok(Some(local)) => Some(local),
+                    // Made for later opens, if the file is all cached and opened before.
+                    Ok(None) => {
+                        view.copy_locally(id);
+                        None
+                    }
                     Err(e) => {
                         tracing::warn!(path = %view.tree.path(id), error = %e, "no local copy");
                         None
