@@ -14,14 +14,19 @@
 //! byte fetched is verified like any read, and the guesses only pick which files are fetched
 //! ahead.
 
+use std::rc::Rc;
+
 /// Bytecode files larger than this are not parsed (the largest of the benchmark image's 3,444
 /// is 762 KB, a test module): at most [`IMPORT_FETCHES`](super::imports::IMPORT_FETCHES) of
 /// them are in memory at once.
 pub const MAX_PYC: u64 = 1 << 20;
 /// Deepest nesting of marshal objects the parser follows.
 pub const MAX_DEPTH: usize = 64;
-/// Most names kept from one module.
+/// Most names kept from one module (of its body's names, and of all its import statements).
 pub const MAX_NAMES: usize = 4096;
+/// Longest name kept, in bytes: module names are a few path components, and every kept name
+/// is a copy (a marshal back reference can repeat one string many times at 5 bytes each).
+pub const MAX_NAME_LEN: usize = 256;
 /// Most import statements kept from one module.
 pub const MAX_IMPORTS: usize = 1024;
 
@@ -79,6 +84,7 @@ const EXTENDED_ARG: u8 = 144;
 /// `LOAD_CONST`s before it (the level, then the names imported from it or `None`).
 fn statements(code: &[u8], top: &Top) -> Vec<Import> {
     let mut out = Vec::new();
+    let mut kept = 0;
     // The last two instructions (opcode, argument) before the current one.
     let mut last: [Option<(u8, u32)>; 2] = [None, None];
     let mut ext = 0u32;
@@ -90,26 +96,32 @@ fn statements(code: &[u8], top: &Top) -> Vec<Import> {
         }
         ext = 0;
         if op == IMPORT_NAME {
-            let module = top.names.get(arg as usize);
+            let module = top
+                .names
+                .get(arg as usize)
+                .filter(|m| m.len() <= MAX_NAME_LEN);
             let konst = |i: Option<(u8, u32)>| match i {
                 Some((LOAD_CONST, k)) => top.consts.get(k as usize),
                 _ => None,
             };
             if let (Some(module), Some(Obj::Int(level))) = (module, konst(last[0])) {
-                let names = match konst(last[1]) {
+                let names: Vec<String> = match konst(last[1]) {
                     Some(Obj::Tuple(items)) => items
                         .iter()
                         .filter_map(|i| match i {
-                            Obj::Str(s) if s != "*" => Some(s.clone()),
+                            Obj::Str(s) if &**s != "*" && s.len() <= MAX_NAME_LEN => {
+                                Some(s.to_string())
+                            }
                             _ => None,
                         })
-                        .take(MAX_NAMES)
+                        .take(MAX_NAMES - kept)
                         .collect(),
                     _ => Vec::new(),
                 };
+                kept += names.len();
                 out.push(Import {
                     level: u32::try_from(*level).unwrap_or(0),
-                    module: module.clone(),
+                    module: module.to_string(),
                     names,
                 });
                 if out.len() >= MAX_IMPORTS {
@@ -149,19 +161,24 @@ fn parse(pyc: &[u8]) -> Option<Top> {
 /// keeps `b`) and the strings of its constant tuples of strings (where `from e import f, g`
 /// keeps `("f", "g")`).
 fn names_of(top: Top) -> Vec<String> {
-    let mut out: Vec<String> = top.names;
-    for c in top.consts {
-        if let Obj::Tuple(items) = c {
-            if !items.is_empty() && items.iter().all(|i| matches!(i, Obj::Str(_))) {
-                out.extend(items.into_iter().filter_map(|i| match i {
-                    Obj::Str(s) => Some(s),
-                    _ => None,
-                }));
-            }
+    let tuples = top.consts.iter().filter_map(|c| match c {
+        Obj::Tuple(items)
+            if !items.is_empty() && items.iter().all(|i| matches!(i, Obj::Str(_))) =>
+        {
+            Some(items.iter().filter_map(|i| match i {
+                Obj::Str(s) => Some(s),
+                _ => None,
+            }))
         }
-    }
-    out.truncate(MAX_NAMES);
-    out
+        _ => None,
+    });
+    top.names
+        .iter()
+        .chain(tuples.flatten())
+        .filter(|s| !s.is_empty() && s.len() <= MAX_NAME_LEN)
+        .take(MAX_NAMES)
+        .map(|s| s.to_string())
+        .collect()
 }
 
 /// The order of a code object's fields.
@@ -176,19 +193,21 @@ enum Layout {
     Py311,
 }
 
-/// What the parser keeps of an object.
+/// What the parser keeps of an object: shared, so that a back reference costs a count, not
+/// a copy (what the parse holds stays within a small multiple of the input).
 #[derive(Clone, Debug)]
 enum Obj {
     Int(i32),
-    Str(String),
-    Tuple(Vec<Obj>),
+    Str(Rc<str>),
+    Tuple(Rc<[Obj]>),
     Other,
 }
 
 /// What the parser keeps of the module's own code object.
 #[derive(Default)]
 struct Top {
-    names: Vec<String>,
+    /// Its `co_names`, in order (anything but a string as an empty one).
+    names: Vec<Rc<str>>,
     consts: Vec<Obj>,
     /// Where its instructions (`co_code`, a bytes object) lie in the input.
     code: Option<(usize, usize)>,
@@ -236,7 +255,7 @@ impl Parser<'_> {
     fn string(&mut self, n: usize) -> Result<Obj, Stop> {
         let b = self.bytes(n)?;
         Ok(match std::str::from_utf8(b) {
-            Ok(s) => Obj::Str(s.to_string()),
+            Ok(s) => Obj::Str(Rc::from(s)),
             Err(_) => Obj::Other,
         })
     }
@@ -294,13 +313,13 @@ impl Parser<'_> {
             }
             b')' => {
                 let n = self.u8()? as usize;
-                Obj::Tuple(self.items(n, depth)?)
+                Obj::Tuple(Rc::from(self.items(n, depth)?))
             }
             b'(' | b'[' | b'<' | b'>' => {
                 let n = self.len()?;
                 let items = self.items(n, depth)?;
                 if kind == b'(' {
-                    Obj::Tuple(items)
+                    Obj::Tuple(Rc::from(items))
                 } else {
                     Obj::Other
                 }
@@ -349,13 +368,13 @@ impl Parser<'_> {
             match (k, obj) {
                 // A bytes object (not a back reference): its 4-byte length, then the bytes.
                 (0, _) if self.data[start] & 0x7f == b's' => top.code = Some((start + 5, self.pos)),
-                (1, Obj::Tuple(items)) => top.consts = items,
+                (1, Obj::Tuple(items)) => top.consts = items.to_vec(),
                 (2, Obj::Tuple(items)) => {
                     top.names = items
-                        .into_iter()
-                        .filter_map(|i| match i {
-                            Obj::Str(s) => Some(s),
-                            _ => None,
+                        .iter()
+                        .map(|i| match i {
+                            Obj::Str(s) => s.clone(),
+                            _ => Rc::from(""),
                         })
                         .collect();
                     if is_top {
@@ -452,6 +471,58 @@ mod tests {
         let imports = pyc_imports(&newer);
         assert_eq!(imports.statements, None);
         assert_eq!(imports.names, pyc_names(PYC));
+    }
+
+    /// A module body of 1,024 `from S import S, S, …`, its tuple of names one string `s` and
+    /// 150,000 back references to it (5 bytes each).
+    fn repeated(s: &str) -> Vec<u8> {
+        let n = 150_000u32;
+        let mut pyc = PYC[..16].to_vec();
+        pyc.push(b'c');
+        pyc.extend([0u8; 20]);
+        let code: Vec<u8> = (0..1024)
+            .flat_map(|_| [LOAD_CONST, 0, LOAD_CONST, 1, IMPORT_NAME, 0])
+            .collect();
+        pyc.push(b's');
+        pyc.extend((code.len() as u32).to_le_bytes());
+        pyc.extend(&code);
+        pyc.push(b'(');
+        pyc.extend(2u32.to_le_bytes());
+        pyc.push(b'i');
+        pyc.extend(0i32.to_le_bytes());
+        pyc.push(b'(');
+        pyc.extend(n.to_le_bytes());
+        pyc.push(b'a' | 0x80);
+        pyc.extend((s.len() as u32).to_le_bytes());
+        pyc.extend(s.as_bytes());
+        for _ in 1..n {
+            pyc.push(b'r');
+            pyc.extend(0u32.to_le_bytes());
+        }
+        pyc.push(b'(');
+        pyc.extend(1u32.to_le_bytes());
+        pyc.push(b'r');
+        pyc.extend(0u32.to_le_bytes());
+        assert!(pyc.len() as u64 <= MAX_PYC);
+        pyc
+    }
+
+    #[test]
+    fn back_references_do_not_multiply_what_is_kept() {
+        // Each name kept is a copy: what is kept is bounded in number and length, not by the
+        // references.
+        let s = "m".repeat(100);
+        let imports = pyc_imports(&repeated(&s));
+        let statements = imports.statements.expect("the body's instructions decoded");
+        assert_eq!(statements.len(), MAX_IMPORTS);
+        assert!(statements.iter().all(|i| i.module == s));
+        let names: usize = statements.iter().map(|i| i.names.len()).sum();
+        assert_eq!(names, MAX_NAMES, "names kept across the statements");
+        assert_eq!(imports.names.len(), MAX_NAMES);
+        // A name longer than MAX_NAME_LEN is no module's: not kept.
+        let long = pyc_imports(&repeated(&"m".repeat(MAX_NAME_LEN + 1)));
+        assert_eq!(long.statements, Some(Vec::new()));
+        assert!(long.names.is_empty());
     }
 
     #[test]
