@@ -2,8 +2,9 @@
 //! bytecode through the mount fetches the files of the modules its body imports before
 //! python would open them, and not the modules its functions import; a module fetched whole
 //! that way and then read by passthrough (unseen by the daemon; its local copy made at its
-//! second open) still enters the startup profile; a process whose command line is `python3 -c 'import …'` has the modules it names
-//! fetched at its first open of a module's bytecode.
+//! second open) still enters the startup profile; a process whose command line is
+//! `python3 -c 'import …'` has the modules it names fetched at its first open of a module's
+//! bytecode.
 
 mod common;
 
@@ -122,6 +123,23 @@ fn mounted() -> (Registry, String, String, Stratafs, MountGuard) {
     (reg, layer, reference, cli, guard)
 }
 
+/// Reads `path` through the mount and checks it holds `want`; returns the bytes of `layer`
+/// the registry served meanwhile, with its access log of that time (for messages).
+fn read_fetching(
+    reg: &Registry,
+    layer: &str,
+    guard: &MountGuard,
+    path: &str,
+    want: &[u8],
+) -> (u64, Vec<AccessEntry>) {
+    let mark = reg.log_mark();
+    assert!(std::fs::read(guard.path(path)).unwrap() == want, "{path}");
+    (
+        reg.blob_bytes_since(mark, layer),
+        reg.access_log_since(mark),
+    )
+}
+
 #[test]
 fn reading_a_modules_bytecode_fetches_what_it_imports_before_it_is_opened() {
     let (reg, layer, reference, cli, guard) = mounted();
@@ -161,13 +179,9 @@ fn reading_a_modules_bytecode_fetches_what_it_imports_before_it_is_opened() {
     // What only its function and class import was not fetched.
     let n = imported().len();
     for (k, path) in not_imported().iter().enumerate() {
-        let mark = reg.log_mark();
+        let (fetched, _) = read_fetching(&reg, &layer, &guard, path, &content(n + k));
         assert!(
-            std::fs::read(guard.path(path)).unwrap() == content(n + k),
-            "{path}"
-        );
-        assert!(
-            reg.blob_bytes_since(mark, &layer) > 0,
+            fetched > 0,
             "{path} was fetched ahead though nothing imports it"
         );
     }
@@ -180,13 +194,10 @@ fn reading_a_modules_bytecode_fetches_what_it_imports_before_it_is_opened() {
     let guard = MountGuard::lazy(&cli, &reference, "warn,stratafs=debug");
     cli.wait_for_mount_log("profile replayed");
     let k = imported().iter().position(|p| p == EXTENSION).unwrap();
-    let mark = reg.log_mark();
-    assert!(std::fs::read(guard.path(EXTENSION)).unwrap() == content(k));
+    let (fetched, log) = read_fetching(&reg, &layer, &guard, EXTENSION, &content(k));
     assert_eq!(
-        reg.blob_bytes_since(mark, &layer),
-        0,
-        "the extension module, read by passthrough, was not in the recorded profile: {:#?}",
-        reg.access_log_since(mark)
+        fetched, 0,
+        "the extension module, read by passthrough, was not in the recorded profile: {log:#?}"
     );
     cli.ok(&["umount", guard.dir.to_str().unwrap()]);
 }
@@ -222,18 +233,14 @@ fn a_python_command_line_has_the_modules_it_imports_fetched_at_its_first_bytecod
     // The module the command names is cached; the one it does not name is not.
     let n = imported().len();
     let [named, other] = [&not_imported()[0], &not_imported()[1]];
-    let mark = reg.log_mark();
-    assert!(std::fs::read(guard.path(named)).unwrap() == content(n));
+    let (fetched, log) = read_fetching(&reg, &layer, &guard, named, &content(n));
     assert_eq!(
-        reg.blob_bytes_since(mark, &layer),
-        0,
-        "{named}, which the command line imports, fetched when read: {:#?}",
-        reg.access_log_since(mark)
+        fetched, 0,
+        "{named}, which the command line imports, fetched when read: {log:#?}"
     );
-    let mark = reg.log_mark();
-    assert!(std::fs::read(guard.path(other)).unwrap() == content(n + 1));
+    let (fetched, _) = read_fetching(&reg, &layer, &guard, other, &content(n + 1));
     assert!(
-        reg.blob_bytes_since(mark, &layer) > 0,
+        fetched > 0,
         "{other} was fetched ahead though nothing imports it"
     );
     cli.ok(&["umount", dir]);
