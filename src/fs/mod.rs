@@ -102,7 +102,11 @@ const OPEN_FETCHES: usize = 8;
 /// After the first open in a directory, the other files of that directory in the same layer
 /// no larger than [`SIBLING_MAX`] are fetched ahead too, nearest in the layer first, up to
 /// [`SIBLINGS_BYTES`] of layer data: a program that opens one file of a directory (a module of
-/// a package) opens others of it next, in an order tar order does not keep.
+/// a package) opens others of it next, in an order tar order does not keep. Shared objects are
+/// not among them: one is loaded only when something names it (a library's `DT_NEEDED`,
+/// `dlopen`, an import), which the opens of those names follow (on the cold-start benchmark
+/// the other modules of glibc's `gconv` directory, 0.7–0.8 MB, were fetched on the open of
+/// its cache file and never read).
 const SIBLINGS_BYTES: u64 = 2 << 20;
 const SIBLING_MAX: u64 = 256 << 10;
 const SIBLING_FETCHES: usize = 2;
@@ -399,7 +403,8 @@ impl ImageView {
     }
 
     /// Once per directory: fetches the missing small files of `node`'s directory that lie in
-    /// its layer ([`SIBLINGS_BYTES`]), nearest to it first, files that touch in one request.
+    /// its layer ([`SIBLINGS_BYTES`]), but its shared objects, nearest to it first, files that
+    /// touch in one request.
     async fn prefetch_siblings(&self, node: NodeId) {
         let n = self.tree.node(node);
         let Some((layer, offset)) = n.data else {
@@ -421,6 +426,7 @@ impl ImageView {
             .filter(|&&c| c != node)
             .map(|&c| self.tree.node(c))
             .filter(|c| c.file_type == FileType::File && c.size > 0 && c.size <= SIBLING_MAX)
+            .filter(|c| !is_shared_object(&c.name))
             .filter_map(|c| {
                 c.data
                     .filter(|(l, _)| *l == layer)

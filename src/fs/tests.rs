@@ -227,6 +227,10 @@ async fn an_open_fetches_the_small_files_of_its_directory_ahead_once() {
     for k in 0..24u32 {
         tree.push((format!("pkg/m{k:02}.pyc"), noise(100 + k, 40 << 10)));
     }
+    tree.push((
+        "pkg/_ext.cpython-311-x86_64-linux-gnu.so".into(),
+        noise(8, 40 << 10),
+    ));
     tree.push(("pkg/huge.so".into(), noise(7, 3 << 20)));
     tree.push(("other/after".into(), noise(2, 3 << 20)));
     let view = lazy_view(&registry, dir.path(), &tree).await;
@@ -239,8 +243,10 @@ async fn an_open_fetches_the_small_files_of_its_directory_ahead_once() {
     for k in 0..24 {
         assert!(cached(&format!("pkg/m{k:02}.pyc")), "pkg/m{k:02}.pyc");
     }
-    // Not the large file of the directory, nor other directories' files.
+    // Not the large file of the directory, nor a small shared object (loaded only where
+    // something names it), nor other directories' files.
     assert!(!cached("pkg/huge.so"));
+    assert!(!cached("pkg/_ext.cpython-311-x86_64-linux-gnu.so"));
     assert!(!cached("other/before"), "other/before");
     assert!(!cached("other/after"), "other/after");
     let after = registry.requests();
