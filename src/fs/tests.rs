@@ -626,6 +626,12 @@ async fn a_python_command_line_has_the_modules_it_names_fetched_at_its_first_byt
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    // `spawn` returns once the child's exec has begun; its command line shows once the kernel
+    // has set up the new program's arguments (a python that opens bytecode is long past it).
+    let cmdline = format!("/proc/{}/cmdline", child.id());
+    while std::fs::read(&cmdline).unwrap().is_empty() {
+        std::thread::yield_now();
+    }
     // Not a python command line (this test's): nothing.
     view.follow_command(opened, std::process::id(), 8 << 20)
         .await;
