@@ -340,7 +340,8 @@ impl LayerReader {
         } else {
             Want::Demand
         };
-        self.read_hinted(offset, len, want, Some(continues)).await
+        self.read_hinted(offset, len, want, Some(continues), false)
+            .await
     }
 
     /// As [`read`](Self::read), but every chunk loaded from disk is hashed again, never read
@@ -441,20 +442,26 @@ impl LayerReader {
         let reach = want.min_reach(self.index.format);
         let bytes = budget::fetch_size(&self.index, offset, len, reach);
         let _room = self.budgets.ahead.take(bytes).await;
-        self.read_with(offset, len, want).await.map(drop)
+        // A read waiting for a large chunk gets the link first.
+        self.budgets.foreground.no_large_read().await;
+        self.read_hinted(offset, len, want, None, true)
+            .await
+            .map(drop)
     }
 
     async fn read_with(&self, offset: u64, len: u64, want: Want) -> Result<Vec<u8>, CacheError> {
-        self.read_hinted(offset, len, want, None).await
+        self.read_hinted(offset, len, want, None, false).await
     }
 
-    /// `continues`: whether the read continues its reader's previous one, if the caller knows.
+    /// `continues`: whether the read continues its reader's previous one, if the caller knows;
+    /// `ahead`: whether no read waits for this fetch (an open's, a walk's, a replay's).
     async fn read_hinted(
         &self,
         offset: u64,
         len: u64,
         want: Want,
         continues: Option<bool>,
+        ahead: bool,
     ) -> Result<Vec<u8>, CacheError> {
         if self.completeness.load(Ordering::Relaxed) == WRONG {
             return Err(self.wrong_index());
@@ -466,7 +473,7 @@ impl LayerReader {
         let fetches_before = self.fetches.load(Ordering::Relaxed);
         let disk_before = self.cache.stats.disk_hits.load(Ordering::Relaxed);
         let end = (offset + len).min(self.index.size);
-        let out = self.read_spans(offset..end, want, continues).await?;
+        let out = self.read_spans(offset..end, want, continues, ahead).await?;
         // Where the bytes came from, as far as counters tell (a concurrent read of the same
         // layer can blur it): fetched, loaded from disk, or all in memory.
         let source = if self.fetches.load(Ordering::Relaxed) != fetches_before {
@@ -489,6 +496,7 @@ impl LayerReader {
         range: std::ops::Range<u64>,
         want: Want,
         continues: Option<bool>,
+        ahead: bool,
     ) -> Result<Vec<u8>, CacheError> {
         let (offset, end) = (range.start, range.end);
         if want != Want::Checked {
@@ -506,7 +514,7 @@ impl LayerReader {
                 })
             })?;
             let span = &self.index.spans[i];
-            let data = self.span(i, end, want, continues).await?;
+            let data = self.span(i, end, want, continues, ahead).await?;
             if data.len() as u64 != span.out_len {
                 // Only an index that gives a span the digest of other bytes gets here.
                 return Err(self.mismatch(&format!(
@@ -586,6 +594,7 @@ impl LayerReader {
         until: u64,
         want: Want,
         continues: Option<bool>,
+        ahead: bool,
     ) -> Result<Arc<Vec<u8>>, CacheError> {
         let span = &self.index.spans[i];
         let data = self
@@ -653,6 +662,10 @@ impl LayerReader {
                 } else {
                     None
                 };
+                let _large = (demand
+                    && !ahead
+                    && budget::run_compressed(&self.index, i, last) >= budget::LARGE_READ)
+                    .then(|| self.budgets.foreground.enter_large());
                 let mut spans = match self.fetch_run(i, last, !demand).await {
                     Ok(spans) => spans.into_iter(),
                     Err(e) => return Err(run.fail(e)),
