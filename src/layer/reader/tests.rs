@@ -465,3 +465,58 @@ async fn read_ahead_follows_each_handle_not_the_layer() {
         "without handles the interleaved readers lose their read-ahead: {by_layer} vs {by_handle}"
     );
 }
+
+/// In a fresh layer, a read of spans `0..=k` under way (each request served after 0.3 s),
+/// then a fetch ahead of reads of the last span: whether that fetch's request started while
+/// the read's was under way.
+async fn ahead_starts_during_a_read_of(k: impl Fn(&LayerIndex) -> usize) -> bool {
+    let dir = tempfile::tempdir().unwrap();
+    let (reader, source, _, _, spans) = setup(dir.path());
+    let reader = Arc::new(reader);
+    let k = k(reader.index());
+    assert!(k + 1 < spans);
+    let end = reader.index().spans[k].out_offset + reader.index().spans[k].out_len;
+    let last = reader.index().spans[spans - 1].out_offset;
+    source.set_faults(crate::source::Faults {
+        delay: Some(std::time::Duration::from_millis(300)),
+        ..Default::default()
+    });
+    let read = {
+        let r = reader.clone();
+        tokio::spawn(async move { r.read_continuing(0, end, true, false).await })
+    };
+    while source.started() == 0 {
+        tokio::task::yield_now().await;
+    }
+    let ahead = {
+        let r = reader.clone();
+        tokio::spawn(async move { r.prefetch(last, 10).await })
+    };
+    // The fetch ahead's request: whether it started while the read's was still being served.
+    while source.started() < 2 {
+        tokio::task::yield_now().await;
+    }
+    let during = source.counts().0 == 0;
+    read.await.unwrap().unwrap();
+    ahead.await.unwrap().unwrap();
+    during
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetches_ahead_start_no_request_while_a_read_waits_for_a_large_one() {
+    // A read of one span leaves the link to others...
+    assert!(
+        ahead_starts_during_a_read_of(|_| 0).await,
+        "a small read holds nothing back"
+    );
+    // ...one of LARGE_READ compressed bytes or more has it to itself.
+    let large = |index: &LayerIndex| {
+        (0..index.spans.len())
+            .find(|&k| budget::run_compressed(index, 0, k) >= budget::LARGE_READ)
+            .expect("the layer holds over 1 MiB compressed")
+    };
+    assert!(
+        !ahead_starts_during_a_read_of(large).await,
+        "no request ahead of reads starts while a large read fetches"
+    );
+}
