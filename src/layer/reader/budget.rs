@@ -85,47 +85,67 @@ impl Default for Budgets {
 /// neighbours, a profile's replay) are under way across a mount's layers.
 #[derive(Clone, Default)]
 pub struct Foreground {
-    under_way: Arc<AtomicUsize>,
-    idle: Arc<Notify>,
+    under_way: Arc<Count>,
     /// Counts the reads' fetches, so the layer a read fetched from last is known
     /// ([`Foreground::tick`]).
     clock: Arc<std::sync::atomic::AtomicU64>,
     /// Reads' fetches of at least [`LARGE_READ`] compressed bytes under way.
-    large_reads: Arc<AtomicUsize>,
-    large_done: Arc<Notify>,
+    large_reads: Arc<Count>,
 }
 
-/// A foreground fetch under way, until dropped.
-pub struct Busy(Foreground);
+/// Fetches of one kind under way, and a wake-up for those waiting until there are none.
+#[derive(Default)]
+struct Count {
+    n: AtomicUsize,
+    none: Notify,
+}
 
-/// A read's fetch of at least [`LARGE_READ`] compressed bytes under way, until dropped.
-pub struct LargeRead(Foreground);
-
-impl Foreground {
-    /// Notes a foreground fetch under way until the returned guard is dropped.
-    pub fn enter(&self) -> Busy {
-        self.under_way.fetch_add(1, Ordering::SeqCst);
-        Busy(self.clone())
+impl Count {
+    fn enter(self: &Arc<Self>) -> Entered {
+        self.n.fetch_add(1, Ordering::SeqCst);
+        Entered(self.clone())
     }
 
-    /// Notes a read's fetch of at least [`LARGE_READ`] compressed bytes under way until the
-    /// returned guard is dropped: fetches ahead of reads wait for it to end before they start.
-    pub fn enter_large(&self) -> LargeRead {
-        self.large_reads.fetch_add(1, Ordering::SeqCst);
-        LargeRead(self.clone())
-    }
-
-    /// Returns once no read's large fetch is under way (at once if none is).
-    pub async fn no_large_read(&self) {
+    /// Returns once none is under way (at once if none is).
+    async fn none(&self) {
         loop {
-            let notified = self.large_done.notified();
+            let notified = self.none.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.large_reads.load(Ordering::SeqCst) == 0 {
+            if self.n.load(Ordering::SeqCst) == 0 {
                 return;
             }
             notified.await;
         }
+    }
+}
+
+/// A fetch under way ([`Foreground::enter`], [`Foreground::enter_large`]), until dropped.
+pub struct Entered(Arc<Count>);
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        if self.0.n.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.none.notify_waiters();
+        }
+    }
+}
+
+impl Foreground {
+    /// Notes a foreground fetch under way until the returned guard is dropped.
+    pub fn enter(&self) -> Entered {
+        self.under_way.enter()
+    }
+
+    /// Notes a read's fetch of at least [`LARGE_READ`] compressed bytes under way until the
+    /// returned guard is dropped: fetches ahead of reads wait for it to end before they start.
+    pub fn enter_large(&self) -> Entered {
+        self.large_reads.enter()
+    }
+
+    /// Returns once no read's large fetch is under way (at once if none is).
+    pub async fn no_large_read(&self) {
+        self.large_reads.none().await
     }
 
     /// The next tick of the mount's clock of reads' fetches (from 1).
@@ -135,31 +155,7 @@ impl Foreground {
 
     /// Returns once no foreground fetch is under way (at once if none is).
     pub async fn idle(&self) {
-        loop {
-            let notified = self.idle.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.under_way.load(Ordering::SeqCst) == 0 {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
-
-impl Drop for LargeRead {
-    fn drop(&mut self) {
-        if self.0.large_reads.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.large_done.notify_waiters();
-        }
-    }
-}
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        if self.0.under_way.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.idle.notify_waiters();
-        }
+        self.under_way.none().await
     }
 }
 
@@ -239,21 +235,28 @@ pub fn fetch_size(index: &LayerIndex, offset: u64, len: u64, min: u64) -> u64 {
 mod tests {
     use super::*;
 
+    /// `wait` (spawned) is still waiting once the first of two guards is dropped, and ends
+    /// once the second is.
+    async fn waits_for_both<G>(
+        (a, b): (G, G),
+        wait: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let waiting = tokio::spawn(wait);
+        tokio::task::yield_now().await;
+        drop(a);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "one is still under way");
+        drop(b);
+        waiting.await.unwrap();
+    }
+
     #[tokio::test]
     async fn background_waits_while_the_foreground_fetches() {
         let fg = Foreground::default();
         fg.idle().await; // nothing under way: at once
-        let (a, b) = (fg.enter(), fg.enter());
-        let waiting = tokio::spawn({
-            let fg = fg.clone();
-            async move { fg.idle().await }
-        });
-        tokio::task::yield_now().await;
-        drop(a);
-        tokio::task::yield_now().await;
-        assert!(!waiting.is_finished(), "one fetch is still under way");
-        drop(b);
-        waiting.await.unwrap();
+        let both = (fg.enter(), fg.enter());
+        let fg2 = fg.clone();
+        waits_for_both(both, async move { fg2.idle().await }).await;
     }
 
     #[tokio::test]
@@ -262,17 +265,9 @@ mod tests {
         fg.no_large_read().await; // none under way: at once
         let _small_reads = fg.enter(); // a read's ordinary fetch holds nothing back
         fg.no_large_read().await;
-        let (a, b) = (fg.enter_large(), fg.enter_large());
-        let waiting = tokio::spawn({
-            let fg = fg.clone();
-            async move { fg.no_large_read().await }
-        });
-        tokio::task::yield_now().await;
-        drop(a);
-        tokio::task::yield_now().await;
-        assert!(!waiting.is_finished(), "one large read is still fetching");
-        drop(b);
-        waiting.await.unwrap();
+        let both = (fg.enter_large(), fg.enter_large());
+        let fg2 = fg.clone();
+        waits_for_both(both, async move { fg2.no_large_read().await }).await;
     }
 
     #[tokio::test]
