@@ -367,6 +367,29 @@ pub fn mode_string(mode: u32) -> String {
 }
 
 #[cfg(test)]
+impl Tree {
+    /// A one-layer tree of regular files at `paths` (their directories implied), for tests.
+    pub fn from_files(paths: &[&str]) -> Tree {
+        let entries: Vec<Entry> = paths
+            .iter()
+            .map(|p| Entry {
+                path: p.to_string(),
+                kind: Kind::File,
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                size: 1,
+                mtime: 0,
+                mtime_nsec: 0,
+                offset: 512,
+                xattrs: BTreeMap::new(),
+            })
+            .collect();
+        Tree::build([&entries[..]]).expect("a tree of files")
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -1,19 +1,26 @@
 //! Which modules a Python process was told to import on its command line: `python3 -c
-//! 'import numpy, pandas, requests'` names them all before python gets to the first, and
-//! `python3 -m pkg.tool` names the module it runs. The import walk (`imports.rs`) otherwise
-//! learns of `pandas` only when python, done with `numpy`, opens `pandas/__init__`; while
-//! python runs `numpy`'s initialisation and its libraries' code, the link would idle. On the
-//! first open of a module's bytecode by a process, [`super::ImageView`] reads the process's
-//! command line (`/proc/PID/cmdline`; the pid FUSE reports is in the daemon's namespace) and,
-//! for a python command with `-c` or `-m`, walks the imports of the modules named in one walk,
+//! 'import numpy, pandas, requests'` names them all before python gets to the first,
+//! `python3 -m pkg.tool` names the module it runs, and `python3 app.py` (or a `#!` script
+//! such as `/usr/bin/pip3`, which the kernel runs as `python3 /usr/bin/pip3`) names a script
+//! whose import statements say. The import walk (`imports.rs`) otherwise learns of `pandas`
+//! only when python, done with `numpy`, opens `pandas/__init__`, and of a script's imports only
+//! once python has started up and opens the script; while python runs `numpy`'s
+//! initialisation and its libraries' code, the link would idle. On the first open of a
+//! module's bytecode by a process, [`super::ImageView`] reads the process's command line
+//! (`/proc/PID/cmdline`; the pid FUSE reports is in the daemon's namespace) and, for a python
+//! command with `-c`, `-m` or a script, walks the imports of the modules named in one walk,
 //! an earlier module's files before any of a later one's (the later ones fill the walk's
-//! slots while the earlier ones' files are being parsed).
+//! slots while the earlier ones' files are being parsed). A script is found in the image by
+//! its path: as given if absolute, else joined to the process's working directory
+//! (`/proc/PID/cwd`); the longest tail of that path the image has is taken (a path seen from
+//! outside a chroot or container has the mount's own path in front).
 //!
 //! A command line is untrusted input (any process reading the mount has one). At most
-//! [`MAX_CMDLINE`] bytes are read, at most [`MAX_CODE`] bytes of `-c` code are scanned, at most
-//! [`MAX_MODULES`] names are kept; each process is looked at once, at most [`MAX_PROCESSES`]
-//! per mount. A wrong guess wastes bandwidth only: the walk fetches files like an open and
-//! every byte is verified like any read.
+//! [`MAX_CMDLINE`] bytes are read, at most [`MAX_CODE`] bytes of `-c` code and
+//! [`super::pysource::MAX_SOURCE`] of a script are scanned, at most [`MAX_MODULES`] names are
+//! kept, a script's path is tried at most [`MAX_COMPONENTS`] ways; each process is looked
+//! at once, at most [`MAX_PROCESSES`] per mount. A wrong guess wastes bandwidth only: the
+//! walk fetches files like an open and every byte is verified like any read.
 
 use crate::tree::NodeId;
 
@@ -25,24 +32,39 @@ pub const MAX_CODE: usize = 16 << 10;
 pub const MAX_MODULES: usize = 64;
 /// Most processes whose command line one mount reads.
 pub const MAX_PROCESSES: usize = 4096;
+/// Most components of a script's path (the tails tried in the image).
+pub const MAX_COMPONENTS: usize = 64;
 
-/// The modules a python command line (`argv`, from `/proc/PID/cmdline`) imports first: those
-/// of the `import` and `from … import` statements of its `-c` code (a `from a import b`
-/// gives `a` and `b`, which may be a module of package `a`), or its `-m` module. `None` for
-/// anything else: not python, a script, code from standard input.
-pub fn python_imports(argv: &[&str]) -> Option<Vec<String>> {
-    let program = argv.first()?.rsplit('/').next()?;
-    let version = program.strip_prefix("python")?;
-    if !version.is_empty() && !version.chars().all(|c| c.is_ascii_digit() || c == '.') {
+/// What a python command line runs first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PythonCommand {
+    /// The modules of the `import` and `from … import` statements of its `-c` code (a
+    /// `from a import b` gives `a` and `b`, which may be a module of package `a`), or its
+    /// `-m` module.
+    Modules(Vec<String>),
+    /// A script, by its path as given.
+    Script(String),
+}
+
+/// What a python command line (`argv`, from `/proc/PID/cmdline`) runs first. `None` for
+/// anything else: not python, code from standard input, an interactive python.
+pub fn python_command(argv: &[&str]) -> Option<PythonCommand> {
+    if !is_python(argv.first()?) {
         return None;
     }
+    let script = |arg: &str| {
+        (arg != "-" && !arg.is_empty() && arg.len() <= super::start::MAX_NAME)
+            .then(|| PythonCommand::Script(arg.to_string()))
+    };
     let mut args = argv[1..].iter();
     while let Some(arg) = args.next() {
-        let flags = arg.strip_prefix('-').filter(|f| !f.is_empty())?;
+        let Some(flags) = arg.strip_prefix('-').filter(|f| !f.is_empty()) else {
+            return script(arg);
+        };
         if flags.starts_with('-') {
             // Long options: only `--check-hash-based-pycs MODE` takes a value.
             if *arg == "--" {
-                return None;
+                return script(args.next()?);
             }
             if *arg == "--check-hash-based-pycs" {
                 args.next();
@@ -58,8 +80,11 @@ pub fn python_imports(argv: &[&str]) -> Option<Vec<String>> {
             let rest = &flags[at + 1..];
             let value = if rest.is_empty() { *args.next()? } else { rest };
             match flag {
-                'c' => return Some(imports_of(value)),
-                'm' => return Some(vec![value.to_string()]).filter(|_| is_dotted(value)),
+                'c' => return Some(PythonCommand::Modules(imports_of(value))),
+                'm' => {
+                    return is_dotted(value)
+                        .then(|| PythonCommand::Modules(vec![value.to_string()]))
+                }
                 _ => break,
             }
         }
@@ -108,6 +133,13 @@ pub fn imports_of(code: &str) -> Vec<String> {
     out
 }
 
+/// Whether `program` (a path or a name) is python's: `python`, `python3`, `python3.11`.
+pub fn is_python(program: &str) -> bool {
+    let name = program.rsplit('/').next().unwrap_or(program);
+    name.strip_prefix("python")
+        .is_some_and(|v| v.chars().all(|c| c.is_ascii_digit() || c == '.'))
+}
+
 /// A module name: identifiers joined by dots.
 fn is_dotted(name: &str) -> bool {
     !name.is_empty()
@@ -121,8 +153,9 @@ fn is_dotted(name: &str) -> bool {
 
 impl super::ImageView {
     /// On an open of `opened` by process `pid`: the first time for that process and a module's
-    /// bytecode, the modules its python command line names are walked as an open of each
-    /// would walk them (`imports.rs`), in one walk, in the order written.
+    /// bytecode, the modules its python command line names (or its script's statements
+    /// import) are walked as an open of each would walk them (`imports.rs`), in one walk, in
+    /// the order written.
     pub async fn follow_command(&self, opened: NodeId, pid: u32, limit: u64) {
         if self.profiled.load(std::sync::atomic::Ordering::Relaxed)
             || pid == 0
@@ -151,62 +184,172 @@ impl super::ImageView {
             .split(|&b| b == 0)
             .filter_map(|a| std::str::from_utf8(a).ok())
             .collect();
-        let Some(names) = python_imports(&argv) else {
+        let Some(command) = python_command(&argv) else {
             return;
         };
-        let Some(resolver) = super::imports::Resolver::new(&self.tree, opened) else {
+        let Some((resolver, _)) = self.module_resolver(opened) else {
             return;
         };
-        let roots = resolver.files(&names);
+        let roots = match &command {
+            PythonCommand::Modules(names) => resolver.files(names),
+            PythonCommand::Script(path) => {
+                let tag = resolver.tag().to_string();
+                drop(resolver);
+                let cwd = if path.starts_with('/') {
+                    Some(String::new())
+                } else {
+                    tokio::task::spawn_blocking(move || {
+                        std::fs::read_link(format!("/proc/{pid}/cwd"))
+                    })
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .and_then(|p| p.to_str().map(str::to_string))
+                };
+                let Some(script) = cwd.and_then(|cwd| locate(&self.tree, &format!("{cwd}/{path}")))
+                else {
+                    return;
+                };
+                self.script_modules(script, tag).await
+            }
+        };
         tracing::debug!(
             pid,
-            ?names,
+            ?command,
             roots = roots.len(),
             "following the imports of a command line"
         );
         self.walk_imports(&roots, limit).await;
     }
+
+    /// The files of the modules script `script` imports, for a python whose bytecode files
+    /// are tagged `tag` (its first [`MAX_SOURCE`](super::pysource::MAX_SOURCE) bytes read
+    /// through the cache; `sys.path` starts at its directory). Nothing if the walk has had the
+    /// script already (an open of it walked it), or it cannot be read by range.
+    pub(super) async fn script_modules(&self, script: NodeId, tag: String) -> Vec<NodeId> {
+        let n = self.tree.node(script);
+        let Some((layer, offset)) = n
+            .data
+            .filter(|_| n.file_type == crate::tree::FileType::File)
+        else {
+            return Vec::new();
+        };
+        let reader = &self.readers[layer];
+        let len = n.size.min(super::pysource::MAX_SOURCE as u64);
+        if len == 0 || !reader.index().random_access() || !self.claim_import(script) {
+            return Vec::new();
+        }
+        let Ok(bytes) = reader.read(offset, len).await else {
+            return Vec::new();
+        };
+        let resolver = super::imports::Resolver::at(&self.tree, n.parent, tag);
+        self.source_modules(&resolver, bytes).await
+    }
+}
+
+/// The regular file of the image at the longest tail of `path` the image has (after `.` and
+/// `..` are taken as written): `/usr/bin/pip3` as it is, `/run/mnt/app/main.py` (a path from
+/// outside the mount) as `app/main.py`. At most [`MAX_COMPONENTS`] tails are tried.
+pub fn locate(tree: &crate::tree::Tree, path: &str) -> Option<NodeId> {
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    let skip = parts.len().saturating_sub(MAX_COMPONENTS);
+    (skip..parts.len()).find_map(|k| super::elf::follow_file(tree, &parts[k..].join("/")))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn modules(argv: &[&str]) -> Vec<String> {
+        match python_command(argv) {
+            Some(PythonCommand::Modules(m)) => m,
+            other => panic!("{argv:?}: {other:?}"),
+        }
+    }
+
+    fn script(argv: &[&str]) -> String {
+        match python_command(argv) {
+            Some(PythonCommand::Script(s)) => s,
+            other => panic!("{argv:?}: {other:?}"),
+        }
+    }
+
     #[test]
     fn a_python_command_names_the_modules_of_its_code_or_its_module() {
         let code = "import numpy, pandas as pd , requests\nfrom os.path import join, (x)";
         assert_eq!(
-            python_imports(&["/usr/bin/python3", "-c", code]).unwrap(),
+            modules(&["/usr/bin/python3", "-c", code]),
             ["numpy", "pandas", "requests", "os.path", "join"]
         );
         assert_eq!(
-            python_imports(&[
+            modules(&[
                 "python3.11",
                 "-BIc",
                 "import a.b; print(1); from . import c"
-            ])
-            .unwrap(),
+            ]),
             ["a.b"]
         );
         assert_eq!(
-            python_imports(&["python", "-W", "ignore", "-X", "dev", "-m", "http.server"]).unwrap(),
+            modules(&["python", "-W", "ignore", "-X", "dev", "-m", "http.server"]),
             ["http.server"]
         );
+        assert_eq!(modules(&["python3", "-mjson.tool"]), ["json.tool"]);
+        assert!(modules(&["python3", "-c", "print(1)"]).is_empty());
+    }
+
+    #[test]
+    fn a_python_command_names_its_script() {
+        assert_eq!(script(&["python3", "app.py", "-c", "x"]), "app.py");
         assert_eq!(
-            python_imports(&["python3", "-mjson.tool"]).unwrap(),
-            ["json.tool"]
+            script(&["/usr/bin/python3", "/usr/bin/pip3", "--version"]),
+            "/usr/bin/pip3"
         );
-        assert!(python_imports(&["python3", "-c", "print(1)"])
-            .unwrap()
-            .is_empty());
+        assert_eq!(
+            script(&["python3.11", "-u", "-W", "error", "-X", "dev", "./run.py"]),
+            "./run.py"
+        );
+        assert_eq!(
+            script(&["python3", "--", "-c"]),
+            "-c",
+            "after --, a file's name"
+        );
+    }
+
+    #[test]
+    fn a_script_is_found_at_the_longest_tail_of_its_path_the_image_has() {
+        let tree = crate::tree::Tree::from_files(&["app/main.py", "main.py", "usr/bin/pip3"]);
+        let found = |path: &str| locate(&tree, path).map(|id| tree.path(id));
+        assert_eq!(found("/usr/bin/pip3").as_deref(), Some("usr/bin/pip3"));
+        assert_eq!(
+            found("/run/mnt/app/main.py").as_deref(),
+            Some("app/main.py")
+        );
+        assert_eq!(
+            found("/run/mnt/./app/../main.py").as_deref(),
+            Some("main.py")
+        );
+        assert_eq!(found("/run/mnt/other.py"), None);
+        assert_eq!(found("/run/mnt/app"), None, "a directory is no script");
+        let deep = format!("{}/main.py", "d/".repeat(10 * MAX_COMPONENTS));
+        assert_eq!(found(&deep).as_deref(), Some("main.py"));
     }
 
     #[test]
     fn anything_else_names_nothing_and_bounds_hold() {
         for argv in [
-            &["python3", "script.py"][..],
+            &["python3"][..],
             &["python3", "-"],
-            &["python3", "--", "-c", "import x"],
+            &["python3", "-u"],
+            &["python3", "--"],
             &["python3", "-c"],
             &["python3", "-m", "../etc"],
             &["pythonista", "-c", "import x"],
@@ -214,7 +357,7 @@ mod tests {
             &["chroot", "/mnt", "python3", "-c", "import x"],
             &[],
         ] {
-            assert_eq!(python_imports(argv), None, "{argv:?}");
+            assert_eq!(python_command(argv), None, "{argv:?}");
         }
         let many: String = (0..1000).map(|k| format!("import m{k}\n")).collect();
         assert_eq!(imports_of(&many).len(), MAX_MODULES);

@@ -5,6 +5,7 @@
 //! instead of one round trip per module.
 
 use super::pyc::{pyc_imports, Import, MAX_PYC};
+use super::pysource::source_imports;
 use crate::tree::{FileType, NodeId, Tree};
 
 /// Where a module's imports are looked up: its package and the packages above it (relative
@@ -34,7 +35,14 @@ impl<'a> Resolver<'a> {
         if cache.name != "__pycache__" {
             return None;
         }
-        let package = cache.parent;
+        Some(Resolver::at(tree, cache.parent, tag))
+    }
+
+    /// For Python source in directory `dir` — a module's `.py` there, or a script python
+    /// runs (then `dir` is the first directory of `sys.path`, as for `-c` code the working
+    /// directory is) — of the interpreter whose bytecode files are tagged `tag`.
+    pub fn at(tree: &'a Tree, dir: NodeId, tag: String) -> Resolver<'a> {
+        let package = dir;
         let mut roots = vec![package];
         // The packages above (relative imports), then the directory of the top package.
         let mut dir = package;
@@ -68,13 +76,18 @@ impl<'a> Resolver<'a> {
         }
         let mut seen = std::collections::HashSet::new();
         roots.retain(|r| seen.insert(*r));
-        Some(Resolver {
+        Resolver {
             tree,
             tag,
             roots,
             packages: packages.min(8),
             package,
-        })
+        }
+    }
+
+    /// The bytecode files' tag (`cpython-311`).
+    pub fn tag(&self) -> &str {
+        &self.tag
     }
 
     /// The files python opens for import statements `imports` ([`pyc_imports`]), in their
@@ -264,6 +277,30 @@ fn is_package(tree: &Tree, dir: NodeId, tag: &str) -> bool {
             .is_some()
 }
 
+/// The bytecode tag of the image's python 3 (`cpython-311`): that of the interpreter
+/// `usr/bin/python3` leads to (`python3.11`), else that of the newest `python3.N` library
+/// directory holding an `os.py`; `None` in an image without one.
+pub fn interpreter_tag(tree: &Tree) -> Option<String> {
+    let minor = |name: &str| {
+        let m = name.strip_prefix("python3.")?;
+        (!m.is_empty() && m.len() <= 3 && m.chars().all(|c| c.is_ascii_digit()))
+            .then(|| m.parse::<u32>().ok())
+            .flatten()
+    };
+    let found = super::elf::follow_file(tree, "usr/bin/python3")
+        .and_then(|p| minor(&tree.node(p).name))
+        .or_else(|| {
+            ["usr/local/lib", "usr/lib"]
+                .iter()
+                .filter_map(|d| tree.lookup(d))
+                .flat_map(|d| tree.node(d).children.iter())
+                .filter(|(_, &c)| tree.child(c, "os.py").is_some())
+                .filter_map(|(name, _)| minor(name))
+                .max()
+        })?;
+    Some(format!("cpython-3{found}"))
+}
+
 /// Files whose imports one mount follows at most.
 pub const MAX_FOLLOWED: usize = 4096;
 /// Fetches of imported modules under way at once, per mount.
@@ -281,7 +318,29 @@ impl super::ImageView {
     /// bytecode, and the mount follows imports).
     pub(super) fn follows_imports_of(&self, node: NodeId) -> bool {
         self.imports.load(std::sync::atomic::Ordering::Relaxed)
-            && Resolver::new(&self.tree, node).is_some()
+            && self.module_resolver(node).is_some()
+    }
+
+    /// Where the imports of module file `node` are looked up, and whether it is source: a
+    /// module's bytecode, or a `.py` file (a module without bytecode, or a script python
+    /// runs) in an image with a python ([`interpreter_tag`]). `None` for any other file.
+    pub(super) fn module_resolver(&self, node: NodeId) -> Option<(Resolver<'_>, bool)> {
+        if let Some(r) = Resolver::new(&self.tree, node) {
+            return Some((r, false));
+        }
+        let n = self.tree.node(node);
+        if n.file_type != FileType::File || !n.name.ends_with(".py") {
+            return None;
+        }
+        let tag = self.python_tag()?.to_string();
+        Some((Resolver::at(&self.tree, n.parent, tag), true))
+    }
+
+    /// The image's python's bytecode tag ([`interpreter_tag`]), found once per view.
+    pub(super) fn python_tag(&self) -> Option<&str> {
+        self.python_tag
+            .get_or_init(|| interpreter_tag(&self.tree))
+            .as_deref()
     }
 
     /// Follows the imports of `root`, a module's bytecode just opened: fetches the files of
@@ -290,7 +349,9 @@ impl super::ImageView {
     /// mount — in the order python would get to them (depth first, the order of each
     /// module's names), [`IMPORT_FETCHES`] at a time across the mount.
     pub(super) async fn fetch_imports(&self, root: NodeId, limit: u64) {
-        self.walk_imports(&[root], limit).await
+        if self.follows_imports_of(root) {
+            self.walk_imports(&[root], limit).await
+        }
     }
 
     /// [`fetch_imports`](Self::fetch_imports) of each of `roots` in one walk: a file under an
@@ -305,7 +366,7 @@ impl super::ImageView {
         }
         let mut queue = std::collections::BinaryHeap::new();
         for (k, &root) in roots.iter().enumerate() {
-            if Resolver::new(&self.tree, root).is_some() && self.claim_import(root) {
+            if self.tree.node(root).file_type == FileType::File && self.claim_import(root) {
                 queue.push(Reverse((vec![k as u32], root)));
             }
         }
@@ -338,20 +399,20 @@ impl super::ImageView {
 
     /// Claims `file` for [`fetch_imports`](Self::fetch_imports): false if it was claimed
     /// before or the mount has followed [`MAX_FOLLOWED`] files.
-    fn claim_import(&self, file: NodeId) -> bool {
+    pub(super) fn claim_import(&self, file: NodeId) -> bool {
         let mut followed = self.imports_followed.lock().unwrap();
         followed.len() < MAX_FOLLOWED && followed.insert(file)
     }
 
-    /// Fetches module file `node` ahead of python's open of it; for bytecode, the files of
-    /// the modules it imports (none if a fetch fails: the reads will tell).
+    /// Fetches module file `node` ahead of python's open of it; for bytecode or source, the
+    /// files of the modules it imports (none if a fetch fails: the reads will tell).
     async fn fetch_module(&self, node: NodeId, limit: u64) -> Vec<NodeId> {
         let n = self.tree.node(node);
         let Some((layer, offset)) = n.data.filter(|_| n.file_type == FileType::File) else {
             return Vec::new();
         };
         let reader = &self.readers[layer];
-        let resolver = Resolver::new(&self.tree, node).filter(|_| n.size <= MAX_PYC);
+        let resolver = self.module_resolver(node).filter(|_| n.size <= MAX_PYC);
         let len = if resolver.is_some() {
             n.size
         } else {
@@ -372,13 +433,16 @@ impl super::ImageView {
                 return Vec::new();
             }
         }
-        let Some(resolver) = resolver else {
+        let Some((resolver, source)) = resolver else {
             return Vec::new();
         };
         // From the cache, just filled (a span evicted meanwhile is fetched again).
         let Ok(bytes) = reader.read(offset, len).await else {
             return Vec::new();
         };
+        if source {
+            return self.source_modules(&resolver, bytes).await;
+        }
         let imports = tokio::task::spawn_blocking(move || pyc_imports(&bytes))
             .await
             .unwrap_or_default();
@@ -397,6 +461,21 @@ impl super::ImageView {
             None => (resolver.files(&imports.names), Vec::new()),
         };
         let found = [found, lazy].concat();
+        self.fetch_batch(&found).await;
+        found
+    }
+
+    /// The files of the modules that Python source `bytes` imports, looked up by `resolver`,
+    /// with the small ones fetched together ([`fetch_batch`](Self::fetch_batch)).
+    pub(super) async fn source_modules(
+        &self,
+        resolver: &Resolver<'_>,
+        bytes: Vec<u8>,
+    ) -> Vec<NodeId> {
+        let statements = tokio::task::spawn_blocking(move || source_imports(&bytes))
+            .await
+            .unwrap_or_default();
+        let (found, _) = resolver.imports(&statements);
         self.fetch_batch(&found).await;
         found
     }

@@ -24,6 +24,7 @@ mod error;
 mod imports;
 mod indexing;
 mod pyc;
+mod pysource;
 mod start;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -80,6 +81,8 @@ pub struct ImageView {
     /// Processes whose command line an open has read (`command.rs`): each once per mount, at
     /// most [`command::MAX_PROCESSES`].
     command_pids: std::sync::Mutex<std::collections::HashSet<u32>>,
+    /// The bytecode tag of the image's python, once looked for (`imports.rs`).
+    python_tag: std::sync::OnceLock<Option<String>>,
     /// Opens whose libraries are being followed at once ([`elf::FOLLOWS`]).
     elf_follows: tokio::sync::Semaphore,
     /// ELF files whose libraries are being followed, each with a semaphore closed when that
@@ -193,6 +196,7 @@ impl ImageView {
             copy_asked: Default::default(),
             copying: Default::default(),
             command_pids: Default::default(),
+            python_tag: Default::default(),
             elf_follows: tokio::sync::Semaphore::new(elf::FOLLOWS),
             elf_following: Default::default(),
             import_fetches: tokio::sync::Semaphore::new(imports::IMPORT_FETCHES),

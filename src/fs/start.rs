@@ -2,7 +2,10 @@
 //! anything asks for it: the program its `Entrypoint` (else its `Cmd`) names — found on the
 //! config's `PATH`, with what the loader opens for it (`elf.rs`), and a `#!` script's
 //! interpreter — and the user and group databases a runtime reads to set up the process
-//! (`/etc/passwd`, `/etc/group`: containerd's and CRI's user and supplementary groups).
+//! (`/etc/passwd`, `/etc/group`: containerd's and CRI's user and supplementary groups). When
+//! that runs python — `python3 -c CODE`, `-m MODULE`, `python3 app.py`, or a `#!` script
+//! whose interpreter is python — the modules it imports are walked too (`command.rs`), from
+//! the config's `WorkingDir`.
 //!
 //! Between the mount of a container's rootfs and its program's first read, containerd and
 //! runc create the container (0.1–0.2 s); with no startup profile the link would idle then.
@@ -12,13 +15,20 @@
 //! never changes a byte served: everything fetched is verified as any read is.
 //!
 //! Bounds: the hints keep at most [`MAX_PATH_DIRS`] directories of at most [`MAX_NAME`]
-//! bytes each; a script's first [`SHEBANG`] bytes are read; one interpreter is followed
-//! (for `env`, env and the one program it runs).
+//! bytes each and at most [`MAX_ARGS`] arguments of at most [`MAX_ARG`] bytes each; a
+//! script's first [`SHEBANG`] bytes are read; one interpreter is followed (for `env`, env and
+//! the one program it runs).
 
+use super::command::{is_python, python_command, PythonCommand};
 use crate::tree::NodeId;
 
 /// Most `PATH` directories searched for the program.
 pub const MAX_PATH_DIRS: usize = 32;
+/// Most arguments of the command line kept.
+pub const MAX_ARGS: usize = 64;
+/// Longest argument kept (a `-c` program's code; its first
+/// [`MAX_CODE`](super::command::MAX_CODE) bytes are scanned).
+pub const MAX_ARG: usize = 64 << 10;
 /// Longest program name or `PATH` directory kept.
 pub const MAX_NAME: usize = 4096;
 /// Bytes of a script read for its `#!` line (the kernel reads 256).
@@ -37,6 +47,9 @@ pub struct StartHints {
     pub path: Vec<String>,
     /// The config's `WorkingDir` (a relative program path is relative to it).
     pub working_dir: String,
+    /// The command line: the `Entrypoint`'s words then the `Cmd`'s, the program first (none
+    /// past an argument longer than [`MAX_ARG`], at most [`MAX_ARGS`]).
+    pub args: Vec<String>,
 }
 
 impl StartHints {
@@ -49,11 +62,21 @@ impl StartHints {
         let Some(c) = parsed.config() else {
             return StartHints::default();
         };
-        let first = |v: &Option<Vec<String>>| v.as_ref().and_then(|v| v.first().cloned());
         // An empty Entrypoint (`[""]`) means none: the Cmd runs.
-        let program = first(c.entrypoint())
-            .filter(|p| !p.is_empty())
-            .or_else(|| first(c.cmd()))
+        let entrypoint = c
+            .entrypoint()
+            .clone()
+            .filter(|e| !(e.len() == 1 && e[0].is_empty()))
+            .unwrap_or_default();
+        let args: Vec<String> = entrypoint
+            .into_iter()
+            .chain(c.cmd().clone().unwrap_or_default())
+            .take_while(|a| a.len() <= MAX_ARG)
+            .take(MAX_ARGS)
+            .collect();
+        let program = args
+            .first()
+            .cloned()
             .filter(|p| !p.is_empty() && p.len() <= MAX_NAME);
         // The last PATH set wins, as in the process's environment.
         let path = c
@@ -76,6 +99,7 @@ impl StartHints {
                 .clone()
                 .filter(|d| d.len() <= MAX_NAME)
                 .unwrap_or_default(),
+            args,
         }
     }
 }
@@ -109,17 +133,77 @@ impl super::ImageView {
             };
             tracing::debug!(path = %self.tree.path(node), "fetching the image's program ahead of its start");
             // The script's first bytes come with its own fetch (one flight); its interpreter
-            // is fetched beside the rest of it, not after.
+            // is fetched beside the rest of it, not after, and a python script's imports too.
             let interpreters = async {
-                for found in self.interpreters(node, hints).await {
-                    tracing::debug!(path = %self.tree.path(found), "and its interpreter");
-                    self.prefetch_file(found, limit).await;
+                let found = self.interpreters(node, hints).await;
+                let fetch = async {
+                    for &f in &found {
+                        tracing::debug!(path = %self.tree.path(f), "and its interpreter");
+                        self.prefetch_file(f, limit).await;
+                    }
+                };
+                let python = found.iter().any(|&f| is_python(&self.tree.node(f).name));
+                let script = hints.program.clone().unwrap_or_default();
+                let imports = async {
+                    if python {
+                        let command = PythonCommand::Script(script);
+                        self.walk_start(hints, command, Some(node), limit).await;
+                    }
+                };
+                futures_util::join!(fetch, imports);
+            };
+            // A python program: what its command line imports.
+            let imports = async {
+                let name = &self.tree.node(node).name;
+                let args: Vec<&str> = hints.args.iter().map(String::as_str).collect();
+                if let (true, Some(command)) = (is_python(name), python_command(&args)) {
+                    self.walk_start(hints, command, None, limit).await;
                 }
             };
-            futures_util::join!(self.prefetch_file(node, limit), interpreters);
+            futures_util::join!(self.prefetch_file(node, limit), interpreters, imports);
         };
         futures_util::join!(databases, program);
         tracing::debug!("fetched what the image runs first");
+    }
+
+    /// Walks the imports of python `command` (`imports.rs`) as it would run in a container of
+    /// the image: `-c` code's and a script's from the working directory; `script` is the
+    /// script's file if known.
+    async fn walk_start(
+        &self,
+        hints: &StartHints,
+        command: PythonCommand,
+        script: Option<NodeId>,
+        limit: u64,
+    ) {
+        let Some(tag) = self.python_tag().map(str::to_string) else {
+            return;
+        };
+        let roots = match &command {
+            PythonCommand::Modules(names) => {
+                let dir = super::elf::follow(&self.tree, &hints.working_dir)
+                    .filter(|&d| self.tree.node(d).file_type == crate::tree::FileType::Dir)
+                    .unwrap_or(crate::tree::ROOT);
+                super::imports::Resolver::at(&self.tree, dir, tag).files(names)
+            }
+            PythonCommand::Script(path) => {
+                let path = match path.starts_with('/') {
+                    true => path.clone(),
+                    false => format!("{}/{path}", hints.working_dir),
+                };
+                let Some(script) = script.or_else(|| super::elf::follow_file(&self.tree, &path))
+                else {
+                    return;
+                };
+                self.script_modules(script, tag).await
+            }
+        };
+        tracing::debug!(
+            ?command,
+            roots = roots.len(),
+            "following the imports of the image's command"
+        );
+        self.walk_imports(&roots, limit).await;
     }
 
     /// The regular file `name` runs: a path (relative to the working directory) as it is, a

@@ -9,6 +9,8 @@ use serde_json::json;
 
 use super::*;
 use crate::cache::{Cache, DiskChunks};
+
+mod python;
 use crate::image::{media, Platform};
 use crate::reference::Reference;
 use crate::registry::fake::FakeRegistry;
@@ -499,6 +501,7 @@ async fn a_mount_fetches_what_the_config_runs_first_and_the_user_databases() {
         program: Some(program.to_string()),
         path: vec!["/nowhere".into(), "/usr/bin".into()],
         working_dir: "/srv".into(),
+        args: vec![program.to_string()],
     };
 
     // A bare name found on the PATH: the program, what the loader opens for it, and the

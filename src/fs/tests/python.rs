@@ -1,0 +1,177 @@
+//! Python source walked like bytecode: a module shipped as `.py` only, a script named on a
+//! command line (`python3 app.py`, from the process's working directory), and the command
+//! an image's config runs, walked at mount.
+
+use super::*;
+
+const SITE: &str = "usr/local/lib/python3.11/dist-packages";
+
+/// An image with python 3.11, an app of source files in `app/` and packages in site-packages,
+/// each file followed by 1 MiB of incompressible filler (files fetched or not are told apart
+/// by span).
+fn fixture() -> Vec<(String, Vec<u8>)> {
+    let pyc = |seed| noise(seed, 8 << 10);
+    let mut files: Vec<(String, Vec<u8>)> = vec![
+        ("usr/bin/python3".into(), b"-> python3.11".to_vec()),
+        (
+            "usr/bin/python3.11".into(),
+            super::super::elf::tests::elf(None, &[], None),
+        ),
+        (
+            "usr/bin/env".into(),
+            super::super::elf::tests::elf(None, &[], None),
+        ),
+        ("usr/lib/python3.11/os.py".into(), b"import abc\n".to_vec()),
+        (
+            "usr/lib/python3.11/__pycache__/os.cpython-311.pyc".into(),
+            pyc(1),
+        ),
+        // The app: a script, its own module (source only), and a `#!` script.
+        (
+            "app/main.py".into(),
+            b"'''an app'''\nimport helper\nimport os\n\ndef later():\n    import other\n".to_vec(),
+        ),
+        ("app/helper.py".into(), b"from pkg import mod\n".to_vec()),
+        (
+            "app/run".into(),
+            b"#!/usr/bin/env python3\nimport third\n".to_vec(),
+        ),
+    ];
+    for (k, package) in ["pkg", "other", "third", "fourth"].iter().enumerate() {
+        files.push((format!("{SITE}/{package}/__init__.py"), Vec::new()));
+        let pyc_path = format!("{SITE}/{package}/__pycache__/__init__.cpython-311.pyc");
+        files.push((pyc_path, pyc(10 + k as u32)));
+    }
+    files.push((
+        format!("{SITE}/pkg/__pycache__/mod.cpython-311.pyc"),
+        pyc(20),
+    ));
+    let mut tree = Vec::new();
+    for (k, file) in files.into_iter().enumerate() {
+        tree.push(file);
+        tree.push((format!("filler/{k:02}"), noise(100 + k as u32, 1 << 20)));
+    }
+    tree
+}
+
+fn init(package: &str) -> String {
+    format!("{SITE}/{package}/__pycache__/__init__.cpython-311.pyc")
+}
+
+fn pkg_mod() -> String {
+    format!("{SITE}/pkg/__pycache__/mod.cpython-311.pyc")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_of_a_source_module_fetches_what_it_imports_through_other_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(FakeRegistry::new());
+    let view = lazy_view(&registry, dir.path(), &fixture()).await;
+    view.follow_imports(true);
+    let cached = |path: &str| cached(&view, path);
+    view.fetch_imports(view.lookup("app/main.py").unwrap(), 8 << 20)
+        .await;
+    for path in [
+        "app/helper.py".to_string(),
+        "usr/lib/python3.11/__pycache__/os.cpython-311.pyc".into(),
+        init("pkg"),
+        pkg_mod(),
+    ] {
+        assert!(cached(&path), "{path} imported but not fetched");
+    }
+    assert!(
+        !cached(&init("other")),
+        "imported by a function, fetched at the module's open"
+    );
+    assert!(!cached(&init("third")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_command_lines_script_has_its_imports_fetched_at_the_first_bytecode_open() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(FakeRegistry::new());
+    let view = lazy_view(&registry, dir.path(), &fixture()).await;
+    view.follow_imports(true);
+    let cached = |path: &str| cached(&view, path);
+    let opened = view
+        .lookup("usr/lib/python3.11/__pycache__/os.cpython-311.pyc")
+        .unwrap();
+    // A process whose command line reads `python3 main.py`, run from a directory `app` (a
+    // shell named so, running a `main.py` of its own there that waits for its standard
+    // input): its working directory, seen from here, has this machine's path in front.
+    let host = tempfile::tempdir().unwrap();
+    let app = host.path().join("app");
+    std::fs::create_dir(&app).unwrap();
+    std::fs::write(app.join("main.py"), "read line\n").unwrap();
+    let mut child = std::process::Command::new("sh")
+        .arg0("python3")
+        .arg("main.py")
+        .current_dir(&app)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let cmdline = format!("/proc/{}/cmdline", child.id());
+    while std::fs::read(&cmdline).unwrap().is_empty() {
+        std::thread::yield_now();
+    }
+    view.follow_command(opened, child.id(), 8 << 20).await;
+    for path in [
+        "app/main.py".to_string(),
+        "app/helper.py".into(),
+        init("pkg"),
+        pkg_mod(),
+    ] {
+        assert!(cached(&path), "{path}: the script imports it");
+    }
+    assert!(!cached(&init("other")) && !cached(&init("third")));
+    // The script's own open walks nothing more: the command line's walk had it.
+    let before = registry.requests();
+    view.fetch_imports(view.lookup("app/main.py").unwrap(), 8 << 20)
+        .await;
+    assert_eq!(registry.requests().ranges, before.ranges);
+    drop(child.stdin.take());
+    child.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mount_walks_the_imports_of_the_python_command_its_config_runs() {
+    let registry = Arc::new(FakeRegistry::new());
+    let hints = |args: &[&str], working_dir: &str| StartHints {
+        program: Some(args[0].to_string()),
+        path: vec!["/usr/bin".into()],
+        working_dir: working_dir.into(),
+        args: args.iter().map(|a| a.to_string()).collect(),
+    };
+    let cases: [(&[&str], &str, Vec<String>); 3] = [
+        // `python3 main.py` from the working directory: its imports and its module's.
+        (
+            &["python3", "main.py"],
+            "/app",
+            vec![init("pkg"), pkg_mod()],
+        ),
+        // A `#!` script whose interpreter (through `env`) is python.
+        (&["./run"], "/app", vec![init("third")]),
+        (
+            &["python3", "-c", "import fourth"],
+            "/",
+            vec![init("fourth")],
+        ),
+    ];
+    for (args, working_dir, imported) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let view = lazy_view(&registry, dir.path(), &fixture()).await;
+        view.follow_imports(true);
+        let cached = |path: &str| cached(&view, path);
+        view.fetch_start(&hints(args, working_dir), 8 << 20).await;
+        for path in &imported {
+            assert!(cached(path), "{args:?}: {path} not fetched at mount");
+        }
+        for package in ["pkg", "other", "third", "fourth"] {
+            let path = init(package);
+            if !imported.contains(&path) {
+                assert!(!cached(&path), "{args:?}: {path} fetched");
+            }
+        }
+    }
+}
