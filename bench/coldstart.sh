@@ -44,6 +44,8 @@
 #   --log-level debug: each read that waited, each fetch with its layer range, its kind —
 #   `read`, `open`, `siblings`, `neighbours` — and its time; the snapshotter's each call), with
 #   the run's layer indexes and recorded startup profile (`layers/`, `profiles/`);
+#   COMMAND="pip3 --version" times that command instead of the python import (words split at
+#   spaces; the profiles are recorded from it too);
 #   MOUNT_TOML='profile_parallel = 4' adds lines to the stratafs runs' [mount] table;
 #   BACKGROUND=1 leaves background fill on (the default `[mount] background_fetch`) in the
 #   stratafs runs, which otherwise measure lazy fetching alone.
@@ -53,6 +55,8 @@ RUNS=${1:-3} RTT_MS=${2:-20} MBIT=${3:-100}
 VARIANTS=${VARIANTS:-gzip estargz zstd zstdchunked}
 CACHE=${STRATAFS_BENCH_CACHE:-/var/cache/stratafs-bench}
 PYCMD='import numpy, pandas, requests'
+# The first command timed (COMMAND="pip3 --version" times that instead: words, no quoting).
+if [ -n "${COMMAND:-}" ]; then read -ra CMD <<<"$COMMAND"; else CMD=(python3 -c "$PYCMD"); fi
 NS=stratafs-bench   # containerd namespace
 [ "$(id -u)" = 0 ] || { echo "bench/coldstart.sh: run as root (netns, tc, drop_caches, mount, containerd)" >&2; exit 1; }
 log() { echo "== $*" >&2; }
@@ -199,7 +203,7 @@ ctr_run() {   # ctr_run SNAPSHOTTER REF
   RUN_ID=$((RUN_ID + 1))
   mkdir -p "$ctd/fifo" "$ctd/runc"
   ctr_ run --rm --fifo-dir "$ctd/fifo" --runc-root "$ctd/runc" --snapshotter "$1" "$2" "bench$RUN_ID" \
-    python3 -c "$PYCMD" </dev/null
+    "${CMD[@]}" </dev/null
 }
 
 # Registry on loopback (storage from the cache when there is one), delay line, netns.
@@ -296,7 +300,7 @@ for v in gzip estargz; do
   log "recording the startup profile of $v"
   discard "$work/recroot"; mkdir -p "$work/mnt"
   "$bin" --root "$work/recroot" mount -o nobackground "$local_reg/${REF[$v]}" "$work/mnt" >/dev/null
-  chroot "$work/mnt" python3 -c "$PYCMD"
+  chroot "$work/mnt" "${CMD[@]}"
   "$bin" --root "$work/recroot" umount "$work/mnt" >/dev/null
   "$bin" --root "$work/recroot" profile show "$local_reg/${REF[$v]}" >&2
   "$bin" --root "$work/recroot" profile push --tag "$v-profile" "$local_reg/${REF[$v]}" >/dev/null
@@ -354,7 +358,7 @@ cold_mount() {
     out=$(inns "$bin" --root "$work/sfroot" --config "$cfg" ${KEEP_LOGS:+--log-level warn,stratafs=debug} mount "$shaped_reg/$ref" "$work/mnt")
     tp+=("$(since "$t0")")
     dpid=$(grep -o 'serving pid [0-9]*' <<<"$out" | awk '{print $3}'); daemons+=("$(grep -o 'holder pid [0-9]*' <<<"$out" | awk '{print $3}')")
-    chroot "$work/mnt" python3 -c "$PYCMD"
+    chroot "$work/mnt" "${CMD[@]}"
     ts+=("$(since "$t0")")
     hw+=("$(hwm "$dpid")") dcpu=$(cpu "$dpid")
     "$bin" --root "$work/sfroot" umount "$work/mnt" >/dev/null
@@ -468,7 +472,7 @@ big_path=${big_path#.}
 nfiles=$(find "$disk" -type f | wc -l)
 
 log "bytes the command reads: strace of the command in a chroot of the unpacked image"
-strace -f -qq -e trace=open,openat -o "$work/strace" chroot "$disk" python3 -c "$PYCMD"
+strace -f -qq -e trace=open,openat -o "$work/strace" chroot "$disk" "${CMD[@]}"
 read -r READ_N READ_RAW READ_C <<<"$(python3 - "$work/strace" "$disk" <<'PY'
 import os, re, sys, zlib
 trace, root = sys.argv[1:3]
@@ -490,7 +494,7 @@ PY
 log "the command opens $READ_N files, $READ_RAW bytes, $READ_C compressed"
 mkdir -p "$work/mnt"
 out=$("$bin" --root "$work/warm" mount "$local_reg/bench/py:gzip" "$work/mnt"); dpid=$(grep -o 'serving pid [0-9]*' <<<"$out" | awk '{print $3}'); daemons+=("$(grep -o 'holder pid [0-9]*' <<<"$out" | awk '{print $3}')")
-chroot "$work/mnt" python3 -c "$PYCMD"
+chroot "$work/mnt" "${CMD[@]}"
 # A file's passthrough copy is made in the background at its second open, once all cached.
 copied() {   # copied SIZE: waits (at most 30 s) for the warm mount's local copy of a SIZE-byte file
   local _
@@ -511,7 +515,7 @@ a=() b=() c=() d=() e=() f=()
 for _ in $(seq "$RUNS"); do
   a+=("$(seqread "$work/mnt$big_path")") b+=("$(seqread "$disk$big_path")")
   c+=("$(timeit statall "$work/mnt")") d+=("$(timeit statall "$disk")")
-  e+=("$(timeit chroot "$work/mnt" python3 -c "$PYCMD")") f+=("$(timeit chroot "$disk" python3 -c "$PYCMD")")
+  e+=("$(timeit chroot "$work/mnt" "${CMD[@]}")") f+=("$(timeit chroot "$disk" "${CMD[@]}")")
 done
 seq_mnt=$(median "${a[@]}") seq_disk=$(median "${b[@]}") stat_mnt=$(median "${c[@]}") stat_disk=$(median "${d[@]}")
 imp_mnt=$(median "${e[@]}") imp_disk=$(median "${f[@]}")
@@ -621,7 +625,7 @@ for cs in "${cases[@]}"; do read -r c _ <<<"$cs"; [ -z "${H[snap:$c]:-}" ] || hw
   sizes=""
   for v in "${avail[@]}"; do sizes+="${sizes:+, }$v $(mbytes "${LAYERS[$v]}")"; done
   printf 'Image: Debian bookworm minbase + python3, python3-pip (Debian) + numpy 2.3.5, pandas 2.3.3, requests 2.32.5 (PyPI), 3 layers, %s files; layer bytes per variant: %s. ' "$nfiles" "$sizes"
-  printf 'First command: `python3 -c '"'%s'"'`. ' "$PYCMD"
+  printf 'First command: `%s`. ' "${COMMAND:-python3 -c '$PYCMD'}"
   printf 'Link: %s Mbit/s (tbf on a veth pair into a network namespace) + %s ms RTT (bench/delayline.py); every client in the namespace. ' "$MBIT" "$RTT_MS"
   printf 'Cold: median of %s runs, page cache dropped (then the binaries of containerd'"'"'s shim, runc, ctr, ctr-remote and stratafs read back in: a node has those in memory), fresh containerd root and stratafs roots; stratafs with `[mount] background_fetch = %s` (but for the default-options rows). ' "$RUNS" "$BACKGROUND_FETCH"
   printf '"Link time" = bytes the registry served in that run × 8 / %s Mbit/s + 4 RTTs.\n\n' "$MBIT"

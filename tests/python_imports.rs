@@ -4,7 +4,8 @@
 //! that way and then read by passthrough (unseen by the daemon; its local copy made at its
 //! second open) still enters the startup profile; a process whose command line is
 //! `python3 -c 'import …'` has the modules it names fetched at its first open of a module's
-//! bytecode.
+//! bytecode, and one whose command line is `python3 SCRIPT` those its script imports (found
+//! from the process's working directory).
 
 mod common;
 
@@ -95,6 +96,7 @@ fn image() -> Image {
     ] {
         b = b.file(init, b"", 0o644);
     }
+    b = b.file(SCRIPT, SCRIPT_TEXT, 0o644);
     b = b.file(ROOT, MODULE, 0o644);
     for (k, path) in imported().iter().chain(&not_imported()).enumerate() {
         b = b.file(path, &content(k), 0o644);
@@ -108,6 +110,14 @@ fn image() -> Image {
         .layer(b.build(Compression::Gzip))
         .build(ManifestFlavour::Oci)
 }
+
+/// A script, both python's and a shell's: in python it imports `also_later`; in a shell the
+/// import fails (quietly) and the next command opens a module's bytecode through the mount,
+/// as python opens its first module before it runs a script. Named without `.py`, as
+/// `/usr/bin/pip3` is: its own open walks nothing, only the command line names it.
+const SCRIPT: &str = "app/main";
+const SCRIPT_TEXT: &[u8] =
+    b"import also_later 2>/dev/null; read -r line < app/pkg/__pycache__/example.cpython-311.pyc || true\n";
 
 /// The image pushed to a registry with its index bound, and a lazy mount of it (debug log):
 /// (registry, layer digest, reference, cli, mount).
@@ -250,4 +260,46 @@ fn a_python_command_line_has_the_modules_it_imports_fetched_at_its_first_bytecod
         "{other} was fetched ahead though nothing imports it"
     );
     cli.ok(&["umount", dir]);
+}
+
+#[test]
+fn a_python_command_lines_script_has_the_modules_it_imports_fetched_at_its_first_bytecode_open() {
+    use std::os::unix::process::CommandExt;
+    let (reg, layer, _, cli, guard) = mounted();
+    // `python3 app/main` from the mount's root (a shell named so runs it as a shell script).
+    let status = std::process::Command::new("sh")
+        .arg0("python3")
+        .arg(SCRIPT)
+        .current_dir(&guard.dir)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    cli.wait_for_mount_log(
+        "imports fetched path=usr/local/lib/python3.11/dist-packages/also_later/",
+    );
+    cli.wait_for_mount_log(&format!("imports fetched path={ROOT}"));
+    let logs = cli.mount_logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("following the imports of a command line"))
+        .unwrap_or_else(|| panic!("no walk of the command line:\n{logs}"));
+    assert!(
+        line.contains(r#"command=Script("app/main")"#) && line.contains("roots=1"),
+        "{line}"
+    );
+    let n = imported().len();
+    let [other, named] = [&not_imported()[0], &not_imported()[1]];
+    let (fetched, log) = read_fetching(&reg, &layer, &guard, named, &content(n + 1));
+    assert_eq!(
+        fetched,
+        0,
+        "{named}, which the script imports, fetched when read: {log:#?}\n{}",
+        cli.mount_logs()
+    );
+    let (fetched, _) = read_fetching(&reg, &layer, &guard, other, &content(n));
+    assert!(
+        fetched > 0,
+        "{other} was fetched ahead though nothing imports it"
+    );
+    cli.ok(&["umount", guard.dir.to_str().unwrap()]);
 }
