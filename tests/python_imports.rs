@@ -5,7 +5,8 @@
 //! second open) still enters the startup profile; a process whose command line is
 //! `python3 -c 'import …'` has the modules it names fetched at its first open of a module's
 //! bytecode, and one whose command line is `python3 SCRIPT` those its script imports (found
-//! from the process's working directory).
+//! from the process's working directory) — or, for an image whose config runs such a
+//! script, at mount.
 
 mod common;
 
@@ -58,7 +59,7 @@ fn content(k: usize) -> Vec<u8> {
 
 /// One gzip layer; every module file followed by 1 MiB of filler, so a fetch of one file's
 /// spans does not bring another's.
-fn image() -> Image {
+fn image(cmd: Option<&[&str]>) -> Image {
     let mut b = LayerBuilder::new();
     for d in [
         "app",
@@ -69,6 +70,7 @@ fn image() -> Image {
         "app/pkg/deep",
         "app/pkg/deep/__pycache__",
         "usr",
+        "usr/bin",
         "usr/lib",
         LIB,
         &format!("{LIB}/__pycache__"),
@@ -97,6 +99,9 @@ fn image() -> Image {
         b = b.file(init, b"", 0o644);
     }
     b = b.file(SCRIPT, SCRIPT_TEXT, 0o644);
+    // An interpreter (no ELF: nothing to follow), for a config that runs python.
+    b = b.symlink("usr/bin/python3", "python3.11");
+    b = b.file("usr/bin/python3.11", b"#!not a program\n", 0o755);
     b = b.file(ROOT, MODULE, 0o644);
     for (k, path) in imported().iter().chain(&not_imported()).enumerate() {
         b = b.file(path, &content(k), 0o644);
@@ -106,9 +111,12 @@ fn image() -> Image {
             0o644,
         );
     }
-    ImageBuilder::new()
-        .layer(b.build(Compression::Gzip))
-        .build(ManifestFlavour::Oci)
+    let builder = ImageBuilder::new().layer(b.build(Compression::Gzip));
+    match cmd {
+        Some(cmd) => builder.cmd(cmd),
+        None => builder,
+    }
+    .build(ManifestFlavour::Oci)
 }
 
 /// A script, both python's and a shell's: in python it imports `also_later`; in a shell the
@@ -122,8 +130,13 @@ const SCRIPT_TEXT: &[u8] =
 /// The image pushed to a registry with its index bound, and a lazy mount of it (debug log):
 /// (registry, layer digest, reference, cli, mount).
 fn mounted() -> (Registry, String, String, Stratafs, MountGuard) {
+    mounted_running(None)
+}
+
+/// [`mounted`], of the image whose config runs `cmd`.
+fn mounted_running(cmd: Option<&[&str]>) -> (Registry, String, String, Stratafs, MountGuard) {
     let reg = Registry::start(RegistryOpts::default());
-    let image = image();
+    let image = image(cmd);
     let layer = image.layers[0].digest.clone();
     reg.push_image("python/app", "v1", &image, &Auth::None);
     let reference = format!("{}/python/app:v1", reg.addr());
@@ -295,6 +308,35 @@ fn a_python_command_lines_script_has_the_modules_it_imports_fetched_at_its_first
         0,
         "{named}, which the script imports, fetched when read: {log:#?}\n{}",
         cli.mount_logs()
+    );
+    let (fetched, _) = read_fetching(&reg, &layer, &guard, other, &content(n));
+    assert!(
+        fetched > 0,
+        "{other} was fetched ahead though nothing imports it"
+    );
+    cli.ok(&["umount", guard.dir.to_str().unwrap()]);
+}
+
+#[test]
+fn a_mount_fetches_the_imports_of_the_python_script_its_config_runs_before_any_open() {
+    let (reg, layer, _, cli, guard) = mounted_running(Some(&["python3", SCRIPT]));
+    // Nothing opens a file: the mount's own fetch, to its end.
+    cli.wait_for_mount_log("fetched what the image runs first");
+    let logs = cli.mount_logs();
+    assert!(
+        logs.lines().any(
+            |l| l.contains("following the imports of the image's command")
+                && l.contains(r#"command=Script("app/main")"#)
+                && l.contains("roots=1")
+        ),
+        "{logs}"
+    );
+    let n = imported().len();
+    let [other, named] = [&not_imported()[0], &not_imported()[1]];
+    let (fetched, log) = read_fetching(&reg, &layer, &guard, named, &content(n + 1));
+    assert_eq!(
+        fetched, 0,
+        "{named}, which the config's script imports, fetched when read: {log:#?}\n{logs}"
     );
     let (fetched, _) = read_fetching(&reg, &layer, &guard, other, &content(n));
     assert!(
