@@ -431,6 +431,8 @@ pub async fn replay(view: Arc<ImageView>, profile: &Profile, parallel: usize) ->
             _ => report.ignored += 1,
         }
     }
+    // A file the profile covers any of is not recorded whole when opened for passthrough.
+    view.set_profile_coverage(covered.into_iter().map(Coverage::into_intervals).collect());
     if report.ignored > 0 {
         tracing::warn!(
             image = %view.name,

@@ -2,7 +2,9 @@
 //! what its workload reads first; `profile push` binds the profile to the image; a cold mount
 //! on a fresh store replays it — the registry serves the profile's ranges before the workload
 //! reads anything, and the workload's reads then need no request; a hostile profile is ignored
-//! with a clear log line and never changes a byte served.
+//! with a clear log line and never changes a byte served; a later mount's file read by
+//! passthrough (its reads unseen) adds to the merged profile only if no recording saw any of
+//! it read.
 
 mod common;
 
@@ -157,4 +159,69 @@ fn a_hostile_profile_wastes_nothing_and_changes_no_byte() {
     );
     workload(&guard);
     cold.ok(&["umount", guard.dir.to_str().unwrap()]);
+}
+
+#[test]
+fn a_file_read_by_passthrough_keeps_the_part_an_earlier_recording_saw_read() {
+    use std::io::Read;
+    let reg = Registry::start(RegistryOpts::default());
+    let image = image();
+    reg.push_image("profile/pass", "v1", &image, &Auth::None);
+    let reference = format!("{}/profile/pass:v1", reg.addr());
+    Stratafs::new().ok(&["index", "push", "--bind", &reference]);
+    let cli = Stratafs::new();
+    let ranges = || -> Vec<u64> {
+        let shown: serde_json::Value =
+            serde_json::from_str(&cli.ok(&["profile", "show", "--json", &reference])).unwrap();
+        shown["ranges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["len"].as_u64().unwrap())
+            .collect()
+    };
+
+    // Record: the workload reads the first page of f05.
+    let guard = MountGuard::lazy(&cli, &reference, "info");
+    let mut page = [0u8; 4096];
+    std::fs::File::open(guard.path("data/f05"))
+        .unwrap()
+        .read_exact(&mut page)
+        .unwrap();
+    assert!(page[..] == bytes(105, FILE)[..4096]);
+    cli.ok(&["umount", guard.dir.to_str().unwrap()]);
+    let first = ranges().len();
+
+    // A later mount of the same store replays that profile and fills the cache in the
+    // background; f05 and f08, cached whole, are opened three times each: the second open
+    // has a local copy made, the third is served by passthrough (its reads unseen here).
+    let guard = MountGuard::new(Some(cli.root()));
+    let dir = guard.dir.to_str().unwrap();
+    cli.ok(&[
+        "--log-level",
+        "info,stratafs=debug",
+        "mount",
+        &reference,
+        dir,
+    ]);
+    cli.wait_for_mount_log("background fetch done");
+    for f in ["data/f05", "data/f08"] {
+        for _ in 0..2 {
+            drop(std::fs::File::open(guard.path(f)).unwrap());
+        }
+        cli.wait_for_mount_log(&format!("local copy made path={f}"));
+        drop(std::fs::File::open(guard.path(f)).unwrap());
+    }
+    cli.ok(&["umount", dir]);
+
+    // The merged profile adds f08 whole (no recording has seen any of it read), not the rest
+    // of f05, of which the earlier recording saw a page read.
+    let merged = ranges();
+    let added: u64 = merged[first..].iter().sum();
+    assert!(
+        (FILE as u64..=(FILE + SPAN) as u64).contains(&added),
+        "{added} bytes added to the profile, in {:?}\n{}",
+        &merged[first..],
+        cli.mount_logs()
+    );
 }

@@ -83,6 +83,9 @@ pub struct ImageView {
     command_pids: std::sync::Mutex<std::collections::HashSet<u32>>,
     /// The bytecode tag of the image's python, once looked for (`imports.rs`).
     python_tag: std::sync::OnceLock<Option<String>>,
+    /// Per layer, the bytes a replayed startup profile covers (start → end, disjoint):
+    /// [`ImageView::note_read_whole`] leaves files it knows to it.
+    profile_coverage: std::sync::OnceLock<Vec<std::collections::BTreeMap<u64, u64>>>,
     /// Opens whose libraries are being followed at once ([`elf::FOLLOWS`]).
     elf_follows: tokio::sync::Semaphore,
     /// ELF files whose libraries are being followed, each with a semaphore closed when that
@@ -197,6 +200,7 @@ impl ImageView {
             copying: Default::default(),
             command_pids: Default::default(),
             python_tag: Default::default(),
+            profile_coverage: Default::default(),
             elf_follows: tokio::sync::Semaphore::new(elf::FOLLOWS),
             elf_following: Default::default(),
             import_fetches: tokio::sync::Semaphore::new(imports::IMPORT_FETCHES),
@@ -477,6 +481,12 @@ impl ImageView {
         self.profiled.store(true, Ordering::Relaxed);
     }
 
+    /// Notes which bytes of each layer (start → end, disjoint; one map per layer, base first)
+    /// the startup profile being replayed covers (once per view).
+    pub fn set_profile_coverage(&self, coverage: Vec<std::collections::BTreeMap<u64, u64>>) {
+        let _ = self.profile_coverage.set(coverage);
+    }
+
     /// From now on, reads through [`read`](Self::read) are noted by `recorder` (once per view).
     pub fn record_reads(&self, recorder: Arc<dyn ReadObserver>) {
         let _ = self.recorder.set(recorder);
@@ -493,10 +503,25 @@ impl ImageView {
     /// for passthrough, its reads will not reach this process (the kernel serves them from a
     /// local copy). Such a file was fetched whole ahead of its open — by an import's or its
     /// directory's fetch — and a program that opens a file it was handed whole mostly reads
-    /// it whole (a library's pages, a module's bytecode).
+    /// it whole (a library's pages, a module's bytecode). Not if the startup profile being
+    /// replayed covers any of the file: an earlier recording saw which of its bytes are read
+    /// (a library's pages), and the merged profile keeps that rather than the whole file
+    /// (on the cold-start benchmark, `openblas` is 25 MB, of which python reads about 2 MB).
     pub fn note_read_whole(&self, node: NodeId) {
         let n = self.tree.node(node);
-        if let (Some(recorder), Some((layer, offset))) = (self.recorder.get(), n.data) {
+        let Some((layer, offset)) = n.data else {
+            return;
+        };
+        let known = self
+            .profile_coverage
+            .get()
+            .and_then(|c| c.get(layer))
+            .is_some_and(|c| {
+                c.range(..offset.saturating_add(n.size))
+                    .next_back()
+                    .is_some_and(|(_, &end)| end > offset)
+            });
+        if let (Some(recorder), false) = (self.recorder.get(), known) {
             recorder.read(layer, self.readers[layer].index(), offset, n.size);
         }
     }

@@ -652,3 +652,45 @@ async fn a_python_command_line_has_the_modules_it_names_fetched_at_its_first_byt
     drop(child.stdin.take());
     child.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_opened_for_passthrough_is_recorded_whole_unless_the_replayed_profile_knows_it() {
+    #[derive(Default)]
+    struct Seen(std::sync::Mutex<Vec<(usize, u64, u64)>>);
+    impl ReadObserver for Seen {
+        fn read(&self, layer: usize, _: &LayerIndex, offset: u64, len: u64) {
+            self.0.lock().unwrap().push((layer, offset, len));
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(FakeRegistry::new());
+    let tree: Vec<(String, Vec<u8>)> = ["lib/a.so", "lib/b.so", "lib/c.so"]
+        .iter()
+        .enumerate()
+        .map(|(k, p)| (p.to_string(), noise(k as u32, 100 << 10)))
+        .collect();
+    let view = lazy_view(&registry, dir.path(), &tree).await;
+    let seen = Arc::new(Seen::default());
+    view.record_reads(seen.clone());
+    let file = |p: &str| {
+        let id = view.lookup(p).unwrap();
+        let (layer, offset) = view.tree.node(id).data.unwrap();
+        (id, layer, offset)
+    };
+    let ((a, layer, a_at), (b, _, b_at), (c, _, c_at)) =
+        (file("lib/a.so"), file("lib/b.so"), file("lib/c.so"));
+    // No profile replayed: all of it.
+    view.note_read_whole(a);
+    // The profile being replayed read a page of `a` and the last byte of `b`, none of `c`.
+    let mut coverage = vec![std::collections::BTreeMap::new(); view.readers().len()];
+    coverage[layer].insert(a_at + 8192, a_at + 12288);
+    coverage[layer].insert(b_at + (100 << 10) - 1, c_at - 100);
+    view.set_profile_coverage(coverage);
+    for id in [a, b, c] {
+        view.note_read_whole(id);
+    }
+    assert_eq!(
+        *seen.0.lock().unwrap(),
+        [(layer, a_at, 100 << 10), (layer, c_at, 100 << 10)]
+    );
+}

@@ -20,6 +20,11 @@ pub(super) struct Coverage {
 }
 
 impl Coverage {
+    /// The bytes covered: start → end, disjoint and not touching.
+    pub(super) fn into_intervals(self) -> std::collections::BTreeMap<u64, u64> {
+        self.intervals
+    }
+
     /// Adds `start..end`; returns the parts of it that were not covered yet, in order.
     pub(super) fn add(&mut self, start: u64, end: u64) -> Vec<(u64, u64)> {
         if start >= end {
