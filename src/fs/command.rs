@@ -10,10 +10,13 @@
 //! (`/proc/PID/cmdline`; the pid FUSE reports is in the daemon's namespace) and, for a python
 //! command with `-c`, `-m` or a script, walks the imports of the modules named in one walk,
 //! an earlier module's files before any of a later one's (the later ones fill the walk's
-//! slots while the earlier ones' files are being parsed). A script is found in the image by
-//! its path: as given if absolute, else joined to the process's working directory
-//! (`/proc/PID/cwd`); the longest tail of that path the image has is taken (a path seen from
-//! outside a chroot or container has the mount's own path in front).
+//! slots while the earlier ones' files are being parsed). The process's working directory
+//! (`/proc/PID/cwd`, less its root `/proc/PID/root`: a chroot's directory; a container's
+//! paths are shown from its own root) is where `-c` code's and `-m`'s modules are looked up
+//! first, as `sys.path` starts there (the app's own package, `python3 -m app`). A script is
+//! found in the image by its path: as given if absolute, else joined to that directory; the
+//! longest tail of that path the image has is taken (a path seen from outside a chroot or
+//! container has the mount's own path in front).
 //!
 //! A command line is untrusted input (any process reading the mount has one). At most
 //! [`MAX_CMDLINE`] bytes are read, at most [`MAX_CODE`] bytes of `-c` code and
@@ -190,24 +193,35 @@ impl super::ImageView {
         let Some((resolver, _)) = self.module_resolver(opened) else {
             return;
         };
+        let tag = resolver.tag().to_string();
+        drop(resolver);
+        let cwd = tokio::task::spawn_blocking(move || process_cwd(pid))
+            .await
+            .ok()
+            .flatten();
         let roots = match &command {
-            PythonCommand::Modules(names) => resolver.files(names),
+            PythonCommand::Modules(names) => {
+                // `sys.path` starts at the working directory (for `-m`, the module may be
+                // the app's own package there); else where the opened module is looked up.
+                let dir = cwd
+                    .as_deref()
+                    .and_then(|c| super::elf::follow(&self.tree, c))
+                    .filter(|&d| self.tree.node(d).file_type == crate::tree::FileType::Dir);
+                match dir {
+                    Some(dir) => super::imports::Resolver::at(&self.tree, dir, tag).files(names),
+                    None => match self.module_resolver(opened) {
+                        Some((resolver, _)) => resolver.files(names),
+                        None => return,
+                    },
+                }
+            }
             PythonCommand::Script(path) => {
-                let tag = resolver.tag().to_string();
-                drop(resolver);
-                let cwd = if path.starts_with('/') {
-                    Some(String::new())
-                } else {
-                    tokio::task::spawn_blocking(move || {
-                        std::fs::read_link(format!("/proc/{pid}/cwd"))
-                    })
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .and_then(|p| p.to_str().map(str::to_string))
+                let full = match (path.starts_with('/'), &cwd) {
+                    (true, _) => path.clone(),
+                    (false, Some(cwd)) => format!("{cwd}/{path}"),
+                    (false, None) => return,
                 };
-                let Some(script) = cwd.and_then(|cwd| locate(&self.tree, &format!("{cwd}/{path}")))
-                else {
+                let Some(script) = locate(&self.tree, &full) else {
                     return;
                 };
                 self.script_modules(script, tag).await
@@ -244,6 +258,30 @@ impl super::ImageView {
         };
         let resolver = super::imports::Resolver::at(&self.tree, n.parent, tag);
         self.source_modules(&resolver, bytes).await
+    }
+}
+
+/// The working directory of process `pid` as the process sees it: `/proc/PID/cwd` with its
+/// root (`/proc/PID/root`: a chroot's directory as seen from here; `/` for a container in a
+/// mount namespace of its own, whose paths are shown from its root) taken off the front.
+fn process_cwd(pid: u32) -> Option<String> {
+    let link = |what: &str| {
+        std::fs::read_link(format!("/proc/{pid}/{what}"))
+            .ok()
+            .and_then(|p| p.to_str().map(str::to_string))
+    };
+    within(&link("root")?, &link("cwd")?)
+}
+
+/// Path `path` (as seen from here) relative to root directory `root` (as seen from here),
+/// as an absolute path: `None` if it is not under it.
+fn within(root: &str, path: &str) -> Option<String> {
+    match root {
+        "/" => Some(path.to_string()),
+        root => path
+            .strip_prefix(root.trim_end_matches('/'))
+            .filter(|rest| rest.is_empty() || rest.starts_with('/'))
+            .map(|rest| format!("/{}", rest.trim_start_matches('/'))),
     }
 }
 
@@ -322,6 +360,16 @@ mod tests {
             "-c",
             "after --, a file's name"
         );
+    }
+
+    #[test]
+    fn a_working_directory_is_taken_from_the_processs_root() {
+        assert_eq!(within("/", "/srv/app").as_deref(), Some("/srv/app"));
+        assert_eq!(within("/run/mnt", "/run/mnt/srv").as_deref(), Some("/srv"));
+        assert_eq!(within("/run/mnt", "/run/mnt").as_deref(), Some("/"));
+        assert_eq!(within("/run/mnt/", "/run/mnt/a").as_deref(), Some("/a"));
+        assert_eq!(within("/run/mnt", "/run/mntx/a"), None);
+        assert_eq!(within("/run/mnt", "/elsewhere"), None);
     }
 
     #[test]

@@ -143,7 +143,7 @@ async fn a_mount_walks_the_imports_of_the_python_command_its_config_runs() {
         working_dir: working_dir.into(),
         args: args.iter().map(|a| a.to_string()).collect(),
     };
-    let cases: [(&[&str], &str, Vec<String>); 3] = [
+    let cases: [(&[&str], &str, Vec<String>); 4] = [
         // `python3 main.py` from the working directory: its imports and its module's.
         (
             &["python3", "main.py"],
@@ -156,6 +156,12 @@ async fn a_mount_walks_the_imports_of_the_python_command_its_config_runs() {
             &["python3", "-c", "import fourth"],
             "/",
             vec![init("fourth")],
+        ),
+        // `-m` of the app's own module, found from the working directory.
+        (
+            &["python3", "-m", "helper"],
+            "/app",
+            vec![init("pkg"), pkg_mod()],
         ),
     ];
     for (args, working_dir, imported) in cases {
