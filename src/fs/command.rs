@@ -25,6 +25,7 @@
 //! at once, at most [`MAX_PROCESSES`] per mount. A wrong guess wastes bandwidth only: the
 //! walk fetches files like an open and every byte is verified like any read.
 
+use super::pysource::dotted;
 use crate::tree::NodeId;
 
 /// Most bytes of a command line read.
@@ -85,8 +86,7 @@ pub fn python_command(argv: &[&str]) -> Option<PythonCommand> {
             match flag {
                 'c' => return Some(PythonCommand::Modules(imports_of(value))),
                 'm' => {
-                    return is_dotted(value)
-                        .then(|| PythonCommand::Modules(vec![value.to_string()]))
+                    return dotted(value).then(|| PythonCommand::Modules(vec![value.to_string()]))
                 }
                 _ => break,
             }
@@ -106,7 +106,7 @@ pub fn imports_of(code: &str) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     let mut keep = |name: &str| {
         let name = name.trim();
-        if is_dotted(name) && out.len() < MAX_MODULES && !out.iter().any(|n| n == name) {
+        if dotted(name) && out.len() < MAX_MODULES && !out.iter().any(|n| n == name) {
             out.push(name.to_string());
         }
     };
@@ -120,7 +120,7 @@ pub fn imports_of(code: &str) -> Vec<String> {
                 }
             }
             ["from", module, "import", ..] => {
-                if !is_dotted(module) {
+                if !dotted(module) {
                     continue; // relative: no package to be relative to
                 }
                 keep(module);
@@ -141,17 +141,6 @@ pub fn is_python(program: &str) -> bool {
     let name = program.rsplit('/').next().unwrap_or(program);
     name.strip_prefix("python")
         .is_some_and(|v| v.chars().all(|c| c.is_ascii_digit() || c == '.'))
-}
-
-/// A module name: identifiers joined by dots.
-fn is_dotted(name: &str) -> bool {
-    !name.is_empty()
-        && name.split('.').all(|part| {
-            part.chars()
-                .next()
-                .is_some_and(|c| c.is_alphabetic() || c == '_')
-                && part.chars().all(|c| c.is_alphanumeric() || c == '_')
-        })
 }
 
 impl super::ImageView {

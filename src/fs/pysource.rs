@@ -89,13 +89,12 @@ fn parse(words: &[&str]) -> Vec<Import> {
                 names,
             }]
         }
-        // `from .x import (` … split by the tokenizer's brackets: handled above, as one line.
         _ => Vec::new(),
     }
 }
 
 /// A module name: identifiers joined by dots.
-fn dotted(name: &str) -> bool {
+pub(super) fn dotted(name: &str) -> bool {
     !name.is_empty()
         && name.split('.').all(|part| {
             part.chars()
