@@ -3,8 +3,9 @@
 //! config's `PATH`, with what the loader opens for it (`elf.rs`), and a `#!` script's
 //! interpreter — and the user and group databases a runtime reads to set up the process
 //! (`/etc/passwd`, `/etc/group`: containerd's and CRI's user and supplementary groups). When
-//! that runs python — `python3 -c CODE`, `-m MODULE`, `python3 app.py`, or a `#!` script
-//! whose interpreter is python — the modules it imports are walked too (`command.rs`), from
+//! that runs python — `python3 -c CODE`, `-m MODULE`, `python3 app.py`, a `#!` script whose
+//! interpreter is python, or python later on its command line (`docker-entrypoint.sh python3
+//! app.py`, `env`, `tini --`) — the modules it imports are walked too (`command.rs`), from
 //! the config's `WorkingDir`.
 //!
 //! Between the mount of a container's rootfs and its program's first read, containerd and
@@ -152,11 +153,19 @@ impl super::ImageView {
                 };
                 futures_util::join!(fetch, imports);
             };
-            // A python program: what its command line imports.
+            // A python program, or one that runs python with the rest of its command line
+            // (an entrypoint script's `exec "$@"`, `env`, `tini --`): what that imports.
             let imports = async {
-                let name = &self.tree.node(node).name;
                 let args: Vec<&str> = hints.args.iter().map(String::as_str).collect();
-                if let (true, Some(command)) = (is_python(name), python_command(&args)) {
+                let at = match is_python(&self.tree.node(node).name) {
+                    true => Some(0),
+                    false => args
+                        .iter()
+                        .skip(1)
+                        .position(|a| is_python(a))
+                        .map(|k| k + 1),
+                };
+                if let Some(command) = at.and_then(|k| python_command(&args[k..])) {
                     self.walk_start(hints, command, None, limit).await;
                 }
             };

@@ -143,7 +143,7 @@ async fn a_mount_walks_the_imports_of_the_python_command_its_config_runs() {
         working_dir: working_dir.into(),
         args: args.iter().map(|a| a.to_string()).collect(),
     };
-    let cases: [(&[&str], &str, Vec<String>); 4] = [
+    let cases: [(&[&str], &str, Vec<String>); 5] = [
         // `python3 main.py` from the working directory: its imports and its module's.
         (
             &["python3", "main.py"],
@@ -156,6 +156,12 @@ async fn a_mount_walks_the_imports_of_the_python_command_its_config_runs() {
             &["python3", "-c", "import fourth"],
             "/",
             vec![init("fourth")],
+        ),
+        // A program that runs the rest of its command line (an entrypoint's `exec "$@"`).
+        (
+            &["env", "python3", "main.py"],
+            "/app",
+            vec![init("pkg"), pkg_mod()],
         ),
         // `-m` of the app's own module, found from the working directory.
         (
