@@ -120,12 +120,14 @@ fn image(cmd: Option<&[&str]>) -> Image {
 }
 
 /// A script, both python's and a shell's: in python it imports `also_later`; in a shell the
-/// import fails (quietly) and the next command opens a module's bytecode through the mount,
-/// as python opens its first module before it runs a script. Named without `.py`, as
+/// import fails (quietly), the next command opens a module's bytecode through the mount, as
+/// python opens its first module before it runs a script, and the last waits for its
+/// standard input to close (as python would still be running: the daemon reads the
+/// process's command line and working directory after that open). Named without `.py`, as
 /// `/usr/bin/pip3` is: its own open walks nothing, only the command line names it.
 const SCRIPT: &str = "app/main";
 const SCRIPT_TEXT: &[u8] =
-    b"import also_later 2>/dev/null; read -r line < app/pkg/__pycache__/example.cpython-311.pyc || true\n";
+    b"import also_later 2>/dev/null; read -r line < app/pkg/__pycache__/example.cpython-311.pyc || true; read -r wait || true\n";
 
 /// The image pushed to a registry with its index bound, and a lazy mount of it (debug log):
 /// (registry, layer digest, reference, cli, mount).
@@ -232,17 +234,18 @@ fn a_python_command_line_has_the_modules_it_imports_fetched_at_its_first_bytecod
     let dir = guard.dir.to_str().unwrap();
     // A process whose command line reads `python3 -c 'import never_at_import_time; …'` (a
     // shell named so) opens a module's bytecode through the mount itself (a builtin's
-    // redirection), as python opens its first module.
-    let status = std::process::Command::new("sh")
+    // redirection), as python opens its first module, then waits for its standard input to
+    // close (as python would still be running when the daemon reads its command line).
+    let mut child = std::process::Command::new("sh")
         .arg0("python3")
         .args([
             "-c",
-            "import never_at_import_time 2>/dev/null; read -r line < \"$0\" || true",
+            "import never_at_import_time 2>/dev/null; read -r line < \"$0\" || true; read -r wait || true",
             guard.path(ROOT).to_str().unwrap(),
         ])
-        .status()
+        .stdin(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    assert!(status.success());
     cli.wait_for_mount_log(
         "imports fetched path=usr/local/lib/python3.11/dist-packages/never_at_import_time/",
     );
@@ -250,6 +253,8 @@ fn a_python_command_line_has_the_modules_it_imports_fetched_at_its_first_bytecod
     // among them): done too before the registry's log is read, or its requests ending meanwhile
     // would count as the reads' below.
     cli.wait_for_mount_log(&format!("imports fetched path={ROOT}"));
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
     assert!(
         cli.mount_logs()
             .contains("following the imports of a command line"),
@@ -280,17 +285,19 @@ fn a_python_command_lines_script_has_the_modules_it_imports_fetched_at_its_first
     use std::os::unix::process::CommandExt;
     let (reg, layer, _, cli, guard) = mounted();
     // `python3 app/main` from the mount's root (a shell named so runs it as a shell script).
-    let status = std::process::Command::new("sh")
+    let mut child = std::process::Command::new("sh")
         .arg0("python3")
         .arg(SCRIPT)
         .current_dir(&guard.dir)
-        .status()
+        .stdin(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    assert!(status.success());
     cli.wait_for_mount_log(
         "imports fetched path=usr/local/lib/python3.11/dist-packages/also_later/",
     );
     cli.wait_for_mount_log(&format!("imports fetched path={ROOT}"));
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
     let logs = cli.mount_logs();
     let line = logs
         .lines()
