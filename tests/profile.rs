@@ -181,14 +181,15 @@ fn a_file_read_by_passthrough_keeps_the_part_an_earlier_recording_saw_read() {
             .collect()
     };
 
-    // Record: the workload reads the first page of f05.
+    // Record: the workload reads a page in the middle of f05 (a span of its own, shared with
+    // no other file).
     let guard = MountGuard::lazy(&cli, &reference, "info");
     let mut page = [0u8; 4096];
-    std::fs::File::open(guard.path("data/f05"))
-        .unwrap()
-        .read_exact(&mut page)
-        .unwrap();
-    assert!(page[..] == bytes(105, FILE)[..4096]);
+    let mut f05 = std::fs::File::open(guard.path("data/f05")).unwrap();
+    std::io::Seek::seek(&mut f05, std::io::SeekFrom::Start((FILE / 2) as u64)).unwrap();
+    f05.read_exact(&mut page).unwrap();
+    assert!(page[..] == bytes(105, FILE)[FILE / 2..FILE / 2 + 4096]);
+    drop(f05);
     cli.ok(&["umount", guard.dir.to_str().unwrap()]);
     let first = ranges().len();
 

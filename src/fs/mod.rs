@@ -507,20 +507,36 @@ impl ImageView {
     /// replayed covers any of the file: an earlier recording saw which of its bytes are read
     /// (a library's pages), and the merged profile keeps that rather than the whole file
     /// (on the cold-start benchmark, `openblas` is 25 MB, of which python reads about 2 MB).
+    /// A profile covers whole spans, so the file's first and last spans count only where
+    /// they hold nothing but the file: a span it shares with a neighbour may be covered for
+    /// the neighbour's sake.
     pub fn note_read_whole(&self, node: NodeId) {
         let n = self.tree.node(node);
         let Some((layer, offset)) = n.data else {
             return;
         };
-        let known = self
-            .profile_coverage
-            .get()
-            .and_then(|c| c.get(layer))
-            .is_some_and(|c| {
-                c.range(..offset.saturating_add(n.size))
-                    .next_back()
-                    .is_some_and(|(_, &end)| end > offset)
-            });
+        let end = offset.saturating_add(n.size);
+        let spans = &self.readers[layer].index().spans;
+        let span_at =
+            |at: u64| spans.get(spans.partition_point(|s| s.out_offset + s.out_len <= at));
+        let from = match span_at(offset) {
+            Some(s) if s.out_offset < offset => s.out_offset + s.out_len,
+            _ => offset,
+        };
+        let to = match span_at(end.saturating_sub(1)) {
+            Some(s) if s.out_offset + s.out_len > end => s.out_offset,
+            _ => end,
+        };
+        let known = from < to
+            && self
+                .profile_coverage
+                .get()
+                .and_then(|c| c.get(layer))
+                .is_some_and(|c| {
+                    c.range(..to)
+                        .next_back()
+                        .is_some_and(|(_, &covered_to)| covered_to > from)
+                });
         if let (Some(recorder), false) = (self.recorder.get(), known) {
             recorder.read(layer, self.readers[layer].index(), offset, n.size);
         }

@@ -27,31 +27,38 @@ pub const MAX_STATEMENT: usize = 16 << 10;
 pub fn source_imports(source: &[u8]) -> Vec<Import> {
     let source = String::from_utf8_lossy(&source[..source.len().min(MAX_SOURCE)]);
     let mut out = Vec::new();
-    // Indentation of each open block header, and whether it is a `def` or `class`.
+    // Indentation of each open block header, and whether it is a `def` or `class`; how many
+    // of them are.
     let mut blocks: Vec<(usize, bool)> = Vec::new();
-    for (indent, statement) in statements(&source) {
+    let mut definitions = 0usize;
+    statements(&source, |indent, statement| {
         while blocks.last().is_some_and(|&(i, _)| i >= indent) {
-            blocks.pop();
+            if blocks.pop().is_some_and(|(_, d)| d) {
+                definitions -= 1;
+            }
         }
         let words: Vec<&str> = statement.split_whitespace().collect();
-        let header = statement.trim_end().ends_with(':');
-        let definition = matches!(words.first(), Some(&"def" | &"class"))
-            || words.starts_with(&["async", "def"]);
-        if header {
-            blocks.push((indent, definition));
-            continue;
+        if statement.ends_with(':') {
+            let definition = matches!(words.first(), Some(&"def" | &"class"))
+                || words.starts_with(&["async", "def"]);
+            // Python itself refuses deeper nesting.
+            if blocks.len() < MAX_BLOCKS {
+                blocks.push((indent, definition));
+                definitions += usize::from(definition);
+            }
+            return true;
         }
-        if blocks.iter().any(|&(_, d)| d) {
-            continue;
+        if definitions == 0 {
+            out.extend(parse(&words));
         }
-        out.extend(parse(&words));
-        if out.len() >= MAX_STATEMENTS {
-            out.truncate(MAX_STATEMENTS);
-            break;
-        }
-    }
+        out.len() < MAX_STATEMENTS
+    });
+    out.truncate(MAX_STATEMENTS);
     out
 }
+
+/// Most blocks open at once that are followed (CPython's own limit on nesting).
+const MAX_BLOCKS: usize = 100;
 
 /// The imports one statement makes (`words`: its text split at whitespace, strings and
 /// comments removed).
@@ -104,37 +111,42 @@ pub(super) fn dotted(name: &str) -> bool {
         })
 }
 
-/// The statements of `source` with their indentation: logical lines (brackets and a
-/// trailing `\` join physical ones) split at `;`, with comments and string literals left
-/// out. A statement after a block header on its line (`try: import x`) is its own, one
-/// deeper than the header.
-fn statements(source: &str) -> Vec<(usize, String)> {
-    let mut out = Vec::new();
+/// Calls `each` with the statements of `source` and their indentation, in order, until it
+/// returns false: logical lines (brackets and a trailing `\` join physical ones) split at
+/// `;`, with comments and string literals left out, trimmed; a statement longer than
+/// [`MAX_STATEMENT`] is skipped. A statement after a block header on its line (`try: import
+/// x`) is its own, one deeper than the header. Linear in the source's length: each character
+/// is looked at a bounded number of times.
+fn statements(source: &str, mut each: impl FnMut(usize, &str) -> bool) {
     let mut current = String::new();
+    // Whether the statement so far starts with a block's keyword, once a `:` asked.
+    let mut header: Option<bool> = None;
     let mut indent = 0;
     let mut at_line_start = true;
     let mut depth = 0usize;
     let mut chars = source.chars().peekable();
-    let push = |out: &mut Vec<(usize, String)>, current: &mut String, indent: usize| {
-        if !current.trim().is_empty() && current.len() <= MAX_STATEMENT {
-            out.push((indent, current.trim().to_string()));
-        }
+    // Hands the statement so far to `each`; false once `each` wants no more.
+    let mut push = |current: &mut String, header: &mut Option<bool>, indent: usize| {
+        let statement = current.trim();
+        let go_on =
+            statement.is_empty() || current.len() > MAX_STATEMENT || each(indent, statement);
         current.clear();
+        *header = None;
+        go_on
     };
-    while let Some(c) = chars.next() {
+    while let Some(mut c) = chars.next() {
         if at_line_start {
             // Indentation of a new logical line (blank and comment-only lines have none).
-            let mut width = 0;
-            let mut c = c;
+            let mut width = 0usize;
             loop {
                 match c {
-                    ' ' => width += 1,
-                    '\t' => width = (width / 8 + 1) * 8,
+                    ' ' => width = width.saturating_add(1),
+                    '\t' => width = (width / 8).saturating_add(1).saturating_mul(8),
                     _ => break,
                 }
                 match chars.next() {
                     Some(n) => c = n,
-                    None => return out,
+                    None => return,
                 }
             }
             if c == '\n' || c == '#' || c == '\r' {
@@ -145,36 +157,48 @@ fn statements(source: &str) -> Vec<(usize, String)> {
             }
             indent = width;
             at_line_start = false;
-            if !consume(c, &mut chars, &mut current, &mut depth) {
-                continue;
-            }
-        } else if !consume(c, &mut chars, &mut current, &mut depth) {
+        }
+        if !consume(c, &mut chars, &mut current, &mut depth) {
             continue;
         }
         // `consume` returned true: `c` ends a statement or a line.
-        match c {
-            ';' => push(&mut out, &mut current, indent),
+        let go_on = match c {
+            ';' => push(&mut current, &mut header, indent),
             ':' => {
                 // A block header with its body on the same line.
                 let body_follows = matches!(
                     chars.clone().find(|c| !c.is_whitespace() || *c == '\n'),
                     Some(n) if n != '\n' && n != '#'
                 );
-                current.push(':');
-                if body_follows && header_start(&current) {
-                    push(&mut out, &mut current, indent);
-                    indent += 1;
+                add(&mut current, ":");
+                let opens = *header.get_or_insert_with(|| header_start(&current));
+                if body_follows && opens {
+                    let go_on = push(&mut current, &mut header, indent);
+                    indent = indent.saturating_add(1);
+                    go_on
+                } else {
+                    true
                 }
             }
             _ => {
                 // End of a logical line.
-                push(&mut out, &mut current, indent);
                 at_line_start = true;
+                push(&mut current, &mut header, indent)
             }
+        };
+        if !go_on {
+            return;
         }
     }
-    push(&mut out, &mut current, indent);
-    out
+    push(&mut current, &mut header, indent);
+}
+
+/// Appends `s` to the statement so far unless that is already over [`MAX_STATEMENT`] (then
+/// it is skipped whole).
+fn add(current: &mut String, s: &str) {
+    if current.len() <= MAX_STATEMENT {
+        current.push_str(s);
+    }
 }
 
 /// Whether statement text `s` so far opens a block (its first word a compound statement's).
@@ -222,44 +246,45 @@ fn consume(
             skip_comment(chars);
             false
         }
-        '\\' if chars.peek() == Some(&'\n') => {
-            chars.next();
-            current.push(' ');
+        '\\' if matches!(chars.peek(), Some('\n' | '\r')) => {
+            // A line join (`\r\n` line ends too).
+            if chars.next() == Some('\r') && chars.peek() == Some(&'\n') {
+                chars.next();
+            }
+            add(current, " ");
             false
         }
         '\'' | '"' => {
             skip_string(c, chars);
-            current.push_str("\"\"");
+            add(current, "\"\"");
             false
         }
         '(' | '[' | '{' => {
-            *depth += 1;
-            current.push(c);
+            *depth = depth.saturating_add(1);
+            add(current, c.encode_utf8(&mut [0; 4]));
             false
         }
         ')' | ']' | '}' => {
             *depth = depth.saturating_sub(1);
-            current.push(c);
+            add(current, c.encode_utf8(&mut [0; 4]));
             false
         }
         '\n' | '\r' if *depth > 0 => {
-            current.push(' ');
+            add(current, " ");
             false
         }
         '\n' => true,
         '\r' => false,
         ';' | ':' if *depth == 0 => true,
         _ => {
-            if current.len() <= MAX_STATEMENT {
-                current.push(c);
-            }
+            add(current, c.encode_utf8(&mut [0; 4]));
             false
         }
     }
 }
 
 /// Skips a string literal opened by `quote` (triple-quoted if two more follow), escapes
-/// included; an unterminated single-quoted one ends at its line's end.
+/// included; an unterminated single-quoted one ends before its line's end.
 fn skip_string(quote: char, chars: &mut std::iter::Peekable<std::str::Chars>) {
     let mut ahead = chars.clone();
     let triple = ahead.next() == Some(quote) && ahead.next() == Some(quote);
@@ -271,7 +296,11 @@ fn skip_string(quote: char, chars: &mut std::iter::Peekable<std::str::Chars>) {
         return;
     }
     let mut run = 0;
-    while let Some(c) = chars.next() {
+    while let Some(&c) = chars.peek() {
+        if c == '\n' && !triple {
+            return;
+        }
+        chars.next();
         match c {
             '\\' => {
                 chars.next();
@@ -283,7 +312,6 @@ fn skip_string(quote: char, chars: &mut std::iter::Peekable<std::str::Chars>) {
                     return;
                 }
             }
-            '\n' if !triple => return,
             _ => run = 0,
         }
     }
@@ -384,5 +412,40 @@ with open(__file__) as f:
             let _ = source_imports(junk);
         }
         assert_eq!(imports("import a\n(((\nimport b"), vec![abs("a")]);
+        assert_eq!(
+            imports("x = 'open\nimport b"),
+            vec![abs("b")],
+            "a string ends at its line"
+        );
+        assert_eq!(
+            imports("import \\\r\n  a\r\n"),
+            vec![abs("a")],
+            "CRLF line join"
+        );
+    }
+
+    #[test]
+    fn the_scan_is_linear_in_hostile_source() {
+        let n = MAX_SOURCE;
+        let inputs = [
+            ":".repeat(n),
+            "a:".repeat(n / 2),
+            format!("{}{}", " ".repeat(MAX_STATEMENT), ":".repeat(n)),
+            format!("{}{}", "if 1:".repeat(n / 10), "x;".repeat(n / 4)),
+            "(".repeat(n),
+            "'''".repeat(n / 3),
+            "x;".repeat(n / 2),
+            format!("{}import a", "\\\n".repeat(n / 2)),
+        ];
+        let started = std::time::Instant::now();
+        for input in &inputs {
+            let _ = source_imports(input.as_bytes());
+        }
+        // Quadratic work on any of these takes minutes; linear, milliseconds (debug build).
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }

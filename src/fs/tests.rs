@@ -664,10 +664,11 @@ async fn a_file_opened_for_passthrough_is_recorded_whole_unless_the_replayed_pro
     }
     let dir = tempfile::tempdir().unwrap();
     let registry = Arc::new(FakeRegistry::new());
-    let tree: Vec<(String, Vec<u8>)> = ["lib/a.so", "lib/b.so", "lib/c.so"]
+    const SIZE: u64 = 300 << 10; // several 64 KiB spans
+    let tree: Vec<(String, Vec<u8>)> = ["lib/a.so", "lib/b.so", "lib/c.so", "lib/d.so"]
         .iter()
         .enumerate()
-        .map(|(k, p)| (p.to_string(), noise(k as u32, 100 << 10)))
+        .map(|(k, p)| (p.to_string(), noise(k as u32, SIZE as usize)))
         .collect();
     let view = lazy_view(&registry, dir.path(), &tree).await;
     let seen = Arc::new(Seen::default());
@@ -677,20 +678,25 @@ async fn a_file_opened_for_passthrough_is_recorded_whole_unless_the_replayed_pro
         let (layer, offset) = view.tree.node(id).data.unwrap();
         (id, layer, offset)
     };
-    let ((a, layer, a_at), (b, _, b_at), (c, _, c_at)) =
-        (file("lib/a.so"), file("lib/b.so"), file("lib/c.so"));
+    let (a, layer, a_at) = file("lib/a.so");
+    let ((b, _, b_at), (c, _, c_at), (d, _, d_at)) =
+        (file("lib/b.so"), file("lib/c.so"), file("lib/d.so"));
     // No profile replayed: all of it.
     view.note_read_whole(a);
-    // The profile being replayed read a page of `a` and the last byte of `b`, none of `c`.
+    // The profile being replayed read a page in the middle of `a`; of `b` and `c` only bytes
+    // of the spans they share with their neighbours (`b`'s first, `c`'s last: read for the
+    // neighbours' sake, as far as anyone knows); nothing of `d`.
     let mut coverage = vec![std::collections::BTreeMap::new(); view.readers().len()];
-    coverage[layer].insert(a_at + 8192, a_at + 12288);
-    coverage[layer].insert(b_at + (100 << 10) - 1, c_at - 100);
+    coverage[layer].insert(a_at + SIZE / 2, a_at + SIZE / 2 + 4096);
+    coverage[layer].insert(b_at - 100, b_at + 10);
+    coverage[layer].insert(c_at + SIZE - 10, d_at - 100);
     view.set_profile_coverage(coverage);
-    for id in [a, b, c] {
+    for id in [a, b, c, d] {
         view.note_read_whole(id);
     }
+    let whole = |at| (layer, at, SIZE);
     assert_eq!(
         *seen.0.lock().unwrap(),
-        [(layer, a_at, 100 << 10), (layer, c_at, 100 << 10)]
+        [whole(a_at), whole(b_at), whole(c_at), whole(d_at)]
     );
 }
