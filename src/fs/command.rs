@@ -6,7 +6,7 @@
 //! only when python, done with `numpy`, opens `pandas/__init__`, and of a script's imports only
 //! once python has started up and opens the script; while python runs `numpy`'s
 //! initialisation and its libraries' code, the link would idle. On the first open of a
-//! module's bytecode by a process, [`super::ImageView`] reads the process's command line
+//! module's bytecode or source by a process, [`super::ImageView`] reads the process's command line
 //! (`/proc/PID/cmdline`; the pid FUSE reports is in the daemon's namespace) and, for a python
 //! command with `-c`, `-m` or a script, walks the imports of the modules named in one walk,
 //! an earlier module's files before any of a later one's (the later ones fill the walk's
@@ -145,7 +145,7 @@ pub fn is_python(program: &str) -> bool {
 
 impl super::ImageView {
     /// On an open of `opened` by process `pid`: the first time for that process and a module's
-    /// bytecode, the modules its python command line names (or its script's statements
+    /// bytecode or source, the modules its python command line names (or its script's statements
     /// import) are walked as an open of each would walk them (`imports.rs`), in one walk, in
     /// the order written.
     pub async fn follow_command(&self, opened: NodeId, pid: u32, limit: u64) {
@@ -239,13 +239,17 @@ impl super::ImageView {
         };
         let reader = &self.readers[layer];
         let len = n.size.min(super::pysource::MAX_SOURCE as u64);
-        if len == 0 || !reader.index().random_access() || !self.claim_import(script) {
+        if len == 0 || !reader.index().random_access() {
             return Vec::new();
         }
+        // Claimed once read: a script that could not be read is left to its open's walk.
         let Ok(bytes) = reader.read(offset, len).await else {
             return Vec::new();
         };
-        let resolver = super::imports::Resolver::at(&self.tree, n.parent, tag);
+        if !self.claim_import(script) {
+            return Vec::new();
+        }
+        let resolver = super::imports::Resolver::at(&self.tree, n.parent, tag).as_main();
         self.source_modules(&resolver, bytes).await
     }
 }

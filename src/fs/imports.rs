@@ -2,7 +2,10 @@
 //! `pkg/__pycache__/mod.cpython-311.pyc` predicts the opens of the modules its body imports
 //! (its bytecode's import statements, [`super::pyc`]), long before python gets to them, so
 //! [`super::ImageView`] can fetch a whole level of the import graph in one round trip
-//! instead of one round trip per module.
+//! instead of one round trip per module. Python source (`mod.py` without bytecode, a
+//! script) is read the same way ([`super::pysource`]), in an image with a python
+//! ([`interpreter_tag`]); any program's open of a `.py` file starts the walk (a wrong guess
+//! costs bandwidth only, at most [`MAX_FOLLOWED`] files a mount).
 
 use super::pyc::{pyc_imports, Import, MAX_PYC};
 use super::pysource::source_imports;
@@ -83,6 +86,14 @@ impl<'a> Resolver<'a> {
             packages: packages.min(8),
             package,
         }
+    }
+
+    /// For a script or `-c` code (python's `__main__`): no relative imports, and absolute ones
+    /// looked up from its directory first, as `sys.path` starts there, even if that
+    /// directory is a package.
+    pub fn as_main(mut self) -> Resolver<'a> {
+        self.packages = 0;
+        self
     }
 
     /// The bytecode files' tag (`cpython-311`).
@@ -315,7 +326,7 @@ const BATCH_PARALLEL: usize = 4;
 
 impl super::ImageView {
     /// Whether an open of `node` has the modules it imports fetched (it is a module's
-    /// bytecode, and the mount follows imports).
+    /// bytecode or Python source, and the mount follows imports).
     pub(super) fn follows_imports_of(&self, node: NodeId) -> bool {
         self.imports.load(std::sync::atomic::Ordering::Relaxed)
             && self.module_resolver(node).is_some()
@@ -343,9 +354,9 @@ impl super::ImageView {
             .as_deref()
     }
 
-    /// Follows the imports of `root`, a module's bytecode just opened: fetches the files of
-    /// the modules it imports (bytecode whole, an extension module's first `limit` bytes, as
-    /// an open would), then those their bytecode imports, and so on — each file once per
+    /// Follows the imports of `root`, a module's bytecode or source just opened: fetches the
+    /// files of the modules it imports (bytecode and source whole, an extension module's
+    /// first `limit` bytes, as an open would), then those they import, and so on — each file once per
     /// mount — in the order python would get to them (depth first, the order of each
     /// module's names), [`IMPORT_FETCHES`] at a time across the mount.
     pub(super) async fn fetch_imports(&self, root: NodeId, limit: u64) {
@@ -354,9 +365,10 @@ impl super::ImageView {
         }
     }
 
-    /// [`fetch_imports`](Self::fetch_imports) of each of `roots` in one walk: a file under an
-    /// earlier root goes before any under a later one, so a later root's files are fetched
-    /// while the earlier walks wait for their files to be parsed, not instead of them.
+    /// [`fetch_imports`](Self::fetch_imports) of each of `roots` (any regular files: an
+    /// extension module is fetched, not parsed) in one walk: a file under an earlier root goes
+    /// before any under a later one, so a later root's files are fetched while the earlier
+    /// walks wait for their files to be parsed, not instead of them.
     pub(super) async fn walk_imports(&self, roots: &[NodeId], limit: u64) {
         use futures_util::stream::FuturesUnordered;
         use futures_util::StreamExt;

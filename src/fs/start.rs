@@ -311,6 +311,35 @@ mod tests {
     }
 
     #[test]
+    fn the_command_line_is_the_entrypoint_then_the_cmd_within_bounds() {
+        let config = |c: serde_json::Value| {
+            serde_json::to_vec(&serde_json::json!({
+                "architecture": "amd64", "os": "linux",
+                "rootfs": {"type": "layers", "diff_ids": []},
+                "config": c,
+            }))
+            .unwrap()
+        };
+        let args = |c| StartHints::from_config(&config(c)).args;
+        assert_eq!(
+            args(serde_json::json!({"Entrypoint": ["/init", "--"], "Cmd": ["python3", "app.py"]})),
+            ["/init", "--", "python3", "app.py"]
+        );
+        assert_eq!(
+            args(serde_json::json!({"Entrypoint": [""], "Cmd": ["python3", "-m", "app"]})),
+            ["python3", "-m", "app"]
+        );
+        let many: Vec<String> = (0..1000).map(|k| k.to_string()).collect();
+        assert_eq!(args(serde_json::json!({"Cmd": many})).len(), MAX_ARGS);
+        let long = "x".repeat(MAX_ARG + 1);
+        assert_eq!(
+            args(serde_json::json!({"Cmd": ["python3", "-c", long, "more"]})),
+            ["python3", "-c"],
+            "nothing from an argument too long on"
+        );
+    }
+
+    #[test]
     fn hints_come_from_entrypoint_else_cmd_and_the_config_path() {
         let config = |c: serde_json::Value| {
             serde_json::to_vec(&serde_json::json!({
