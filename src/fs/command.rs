@@ -249,7 +249,7 @@ impl super::ImageView {
         if !self.claim_import(script) {
             return Vec::new();
         }
-        let resolver = super::imports::Resolver::at(&self.tree, n.parent, tag).as_main();
+        let resolver = super::imports::Resolver::at(&self.tree, n.parent, tag).for_main();
         self.source_modules(&resolver, bytes).await
     }
 }

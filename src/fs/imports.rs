@@ -91,7 +91,7 @@ impl<'a> Resolver<'a> {
     /// For a script or `-c` code (python's `__main__`): no relative imports, and absolute ones
     /// looked up from its directory first, as `sys.path` starts there, even if that
     /// directory is a package.
-    pub fn as_main(mut self) -> Resolver<'a> {
+    pub fn for_main(mut self) -> Resolver<'a> {
         self.packages = 0;
         self
     }
