@@ -310,16 +310,18 @@ mod tests {
         assert_eq!(shebang(b"\x7fELF"), None);
     }
 
+    /// An image config (JSON) whose `config` is `c`.
+    fn config(c: serde_json::Value) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "architecture": "amd64", "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": []},
+            "config": c,
+        }))
+        .unwrap()
+    }
+
     #[test]
     fn the_command_line_is_the_entrypoint_then_the_cmd_within_bounds() {
-        let config = |c: serde_json::Value| {
-            serde_json::to_vec(&serde_json::json!({
-                "architecture": "amd64", "os": "linux",
-                "rootfs": {"type": "layers", "diff_ids": []},
-                "config": c,
-            }))
-            .unwrap()
-        };
         let args = |c| StartHints::from_config(&config(c)).args;
         assert_eq!(
             args(serde_json::json!({"Entrypoint": ["/init", "--"], "Cmd": ["python3", "app.py"]})),
@@ -341,14 +343,6 @@ mod tests {
 
     #[test]
     fn hints_come_from_entrypoint_else_cmd_and_the_config_path() {
-        let config = |c: serde_json::Value| {
-            serde_json::to_vec(&serde_json::json!({
-                "architecture": "amd64", "os": "linux",
-                "rootfs": {"type": "layers", "diff_ids": []},
-                "config": c,
-            }))
-            .unwrap()
-        };
         let h = StartHints::from_config(&config(serde_json::json!({
             "Entrypoint": ["/docker-entrypoint.sh"], "Cmd": ["nginx", "-g", "daemon off;"],
             "Env": ["PATH=/first", "A=1", "PATH=/opt/bin::.:/usr/bin"], "WorkingDir": "/srv",
