@@ -183,29 +183,19 @@ impl super::ImageView {
             return;
         };
         let tag = resolver.tag().to_string();
-        drop(resolver);
         let cwd = tokio::task::spawn_blocking(move || process_cwd(pid))
             .await
             .ok()
             .flatten();
         let roots = match &command {
-            PythonCommand::Modules(names) => {
-                // `sys.path` starts at the working directory (for `-m`, the module may be
-                // the app's own package there); else where the opened module is looked up.
-                let dir = cwd
-                    .as_deref()
-                    .and_then(|c| super::elf::follow(&self.tree, c))
-                    .filter(|&d| self.tree.node(d).file_type == crate::tree::FileType::Dir);
-                match dir {
-                    Some(dir) => super::imports::Resolver::at(&self.tree, dir, tag).files(names),
-                    None => match self.module_resolver(opened) {
-                        Some((resolver, _)) => resolver.files(names),
-                        None => return,
-                    },
-                }
-            }
+            // `sys.path` starts at the working directory (for `-m`, the module may be the
+            // app's own package there); else where the opened module is looked up.
+            PythonCommand::Modules(names) => match cwd.and_then(|c| self.directory(&c)) {
+                Some(dir) => super::imports::Resolver::at(&self.tree, dir, tag).files(names),
+                None => resolver.files(names),
+            },
             PythonCommand::Script(path) => {
-                let full = match (path.starts_with('/'), &cwd) {
+                let full = match (path.starts_with('/'), cwd) {
                     (true, _) => path.clone(),
                     (false, Some(cwd)) => format!("{cwd}/{path}"),
                     (false, None) => return,
@@ -223,6 +213,12 @@ impl super::ImageView {
             "following the imports of a command line"
         );
         self.walk_imports(&roots, limit).await;
+    }
+
+    /// The directory of the image at `path`, if there is one.
+    pub(super) fn directory(&self, path: &str) -> Option<NodeId> {
+        super::elf::follow(&self.tree, path)
+            .filter(|&d| self.tree.node(d).file_type == crate::tree::FileType::Dir)
     }
 
     /// The files of the modules script `script` imports, for a python whose bytecode files

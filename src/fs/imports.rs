@@ -28,19 +28,6 @@ pub struct Resolver<'a> {
 }
 
 impl<'a> Resolver<'a> {
-    /// For the bytecode file `pyc` (`…/pkg/__pycache__/mod.TAG.pyc`); `None` for any other
-    /// file.
-    pub fn new(tree: &'a Tree, pyc: NodeId) -> Option<Resolver<'a>> {
-        let n = tree.node(pyc);
-        let rest = n.name.split_once('.')?.1;
-        let tag = rest.strip_suffix(".pyc")?.split('.').next()?.to_string();
-        let cache = tree.node(n.parent);
-        if cache.name != "__pycache__" {
-            return None;
-        }
-        Some(Resolver::at(tree, cache.parent, tag))
-    }
-
     /// For Python source in directory `dir` — a module's `.py` there, or a script python
     /// runs (then `dir` is the first directory of `sys.path`, as for `-c` code the working
     /// directory is) — of the interpreter whose bytecode files are tagged `tag`.
@@ -288,6 +275,16 @@ fn is_package(tree: &Tree, dir: NodeId, tag: &str) -> bool {
             .is_some()
 }
 
+/// For the bytecode file `pyc` (`…/pkg/__pycache__/mod.TAG.pyc`): its package's directory
+/// and the tag; `None` for any other file.
+fn bytecode(tree: &Tree, pyc: NodeId) -> Option<(NodeId, String)> {
+    let n = tree.node(pyc);
+    let rest = n.name.split_once('.')?.1;
+    let tag = rest.strip_suffix(".pyc")?.split('.').next()?.to_string();
+    let cache = tree.node(n.parent);
+    (cache.name == "__pycache__").then_some((cache.parent, tag))
+}
+
 /// The bytecode tag of the image's python 3 (`cpython-311`): that of the interpreter
 /// `usr/bin/python3` leads to (`python3.11`), else that of the newest `python3.N` library
 /// directory holding an `os.py`; `None` in an image without one.
@@ -328,23 +325,29 @@ impl super::ImageView {
     /// Whether an open of `node` has the modules it imports fetched (it is a module's
     /// bytecode or Python source, and the mount follows imports).
     pub(super) fn follows_imports_of(&self, node: NodeId) -> bool {
-        self.imports.load(std::sync::atomic::Ordering::Relaxed)
-            && self.module_resolver(node).is_some()
+        self.imports.load(std::sync::atomic::Ordering::Relaxed) && self.module(node).is_some()
     }
 
-    /// Where the imports of module file `node` are looked up, and whether it is source: a
-    /// module's bytecode, or a `.py` file (a module without bytecode, or a script python
-    /// runs) in an image with a python ([`interpreter_tag`]). `None` for any other file.
-    pub(super) fn module_resolver(&self, node: NodeId) -> Option<(Resolver<'_>, bool)> {
-        if let Some(r) = Resolver::new(&self.tree, node) {
-            return Some((r, false));
+    /// Whether module file `node` is bytecode or source, its directory and its python's
+    /// bytecode tag: a module's bytecode, or a `.py` file (a module without bytecode, or a
+    /// script python runs) in an image with a python ([`interpreter_tag`]). `None` for any
+    /// other file. Cheap: on every open.
+    fn module(&self, node: NodeId) -> Option<(NodeId, String, bool)> {
+        if let Some((dir, tag)) = bytecode(&self.tree, node) {
+            return Some((dir, tag, false));
         }
         let n = self.tree.node(node);
         if n.file_type != FileType::File || !n.name.ends_with(".py") {
             return None;
         }
-        let tag = self.python_tag()?.to_string();
-        Some((Resolver::at(&self.tree, n.parent, tag), true))
+        Some((n.parent, self.python_tag()?.to_string(), true))
+    }
+
+    /// Where the imports of module file `node` are looked up, and whether it is source
+    /// ([`module`](Self::module)).
+    pub(super) fn module_resolver(&self, node: NodeId) -> Option<(Resolver<'_>, bool)> {
+        let (dir, tag, source) = self.module(node)?;
+        Some((Resolver::at(&self.tree, dir, tag), source))
     }
 
     /// The image's python's bytecode tag ([`interpreter_tag`]), found once per view.

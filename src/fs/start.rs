@@ -190,8 +190,8 @@ impl super::ImageView {
         };
         let roots = match &command {
             PythonCommand::Modules(names) => {
-                let dir = super::elf::follow(&self.tree, &hints.working_dir)
-                    .filter(|&d| self.tree.node(d).file_type == crate::tree::FileType::Dir)
+                let dir = self
+                    .directory(&hints.working_dir)
                     .unwrap_or(crate::tree::ROOT);
                 super::imports::Resolver::at(&self.tree, dir, tag).files(names)
             }
