@@ -222,6 +222,7 @@ http: {addr: "127.0.0.1:$port"}
 log: {level: error, accesslog: {disabled: false}}
 YML
 docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 & pids+=($!)
+reg_pid=$!
 pids+=("$(shaped_link "$ns" "$net" "$port" "$slow" "$MBIT" "$RTT_MS")")
 for _ in $(seq 50); do curl -fs "http://127.0.0.1:$port/v2/" >/dev/null && break; sleep 0.1; done
 for _ in $(seq 50); do inns curl -fs "http://$shaped_reg/v2/" >/dev/null && break; sleep 0.1; done
@@ -319,24 +320,26 @@ snap_ok=''
 if "$bin" snapshotter --help >/dev/null 2>&1; then snap_ok=1; else log "this stratafs has no snapshotter: its rows say not available"; fi
 
 # Results: T (median s), P (median s of the pull/mount part), L and O (median layer/other bytes),
-# H (median peak RSS bytes of the stratafs process), keyed CLIENT:CASE.
-declare -A T P L O H NOTE CSTART
+# H (median peak RSS bytes of the stratafs process), RC (median CPU s of the registry during the
+# run: it shares the machine's cores with the client), keyed CLIENT:CASE.
+declare -A T P L O H RC NOTE CSTART
 record() {   # record KEY: medians of the arrays ts tp bl bo hw
   local k=$1
   T[$k]=$(median "${ts[@]}") P[$k]=$(median "${tp[@]}") L[$k]=$(median "${bl[@]}") O[$k]=$(median "${bo[@]}")
   ((${#hw[@]})) && H[$k]=$(median "${hw[@]}")
+  ((${#rcs[@]})) && RC[$k]=$(median "${rcs[@]}")
   return 0
 }
 # cold_eager VARIANT
 cold_eager() {
-  local v=$1 i m t0 t1 l o ts=() tp=() bl=() bo=() hw=() cs=()
+  local v=$1 i m t0 t1 r0 rc l o rcs=() ts=() tp=() bl=() bo=() hw=() cs=()
   for i in $(seq "$RUNS"); do
     ctd_start inns
-    cold; m=$(mark); t0=$(now)
+    cold; m=$(mark); t0=$(now) r0=$(cpu "$reg_pid")
     ctr_ images pull --plain-http "$shaped_reg/${REF[$v]}" >/dev/null
     tp+=("$(since "$t0")")
     ctr_run overlayfs "$shaped_reg/${REF[$v]}"
-    ts+=("$(since "$t0")")
+    ts+=("$(since "$t0")") rc=$(calc "$(cpu "$reg_pid") - $r0"); rcs+=("$rc")
     read -r l o <<<"$(served "$m")"; bl+=("$l") bo+=("$o")
     # containerd's and runc's own cost of starting a container, with the image unpacked:
     # part of every `ctr run` row, none of `chroot`'s.
@@ -344,26 +347,26 @@ cold_eager() {
     ctr_ run --rm --fifo-dir "$ctd/fifo" --runc-root "$ctd/runc" --snapshotter overlayfs "$shaped_reg/${REF[$v]}" "bench$RUN_ID" true </dev/null
     cs+=("$(since "$t1")")
     ctd_stop
-    log "eager $v run $i: ${ts[-1]} s (pull ${tp[-1]} s), layer bytes $l, other $o"
+    log "eager $v run $i: ${ts[-1]} s (pull ${tp[-1]} s), layer bytes $l, other $o, registry CPU $rc s"
   done
   record "eager:$v"
   CSTART[$v]=$(median "${cs[@]}")
 }
 # cold_mount CASE VARIANT CONFIG (the image: REF[CASE] if set, else REF[VARIANT])
 cold_mount() {
-  local c=$1 v=$2 cfg=$3 i m t0 l o out dpid dcpu ts=() tp=() bl=() bo=() hw=() ref=${REF[$1]:-${REF[$2]}}
+  local c=$1 v=$2 cfg=$3 i m t0 r0 rc l o out dpid dcpu rcs=() ts=() tp=() bl=() bo=() hw=() ref=${REF[$1]:-${REF[$2]}}
   for i in $(seq "$RUNS"); do
     discard "$work/sfroot"; mkdir -p "$work/mnt"
-    cold; m=$(mark); t0=$(now)
+    cold; m=$(mark); t0=$(now) r0=$(cpu "$reg_pid")
     out=$(inns "$bin" --root "$work/sfroot" --config "$cfg" ${KEEP_LOGS:+--log-level warn,stratafs=debug} mount "$shaped_reg/$ref" "$work/mnt")
     tp+=("$(since "$t0")")
     dpid=$(grep -o 'serving pid [0-9]*' <<<"$out" | awk '{print $3}'); daemons+=("$(grep -o 'holder pid [0-9]*' <<<"$out" | awk '{print $3}')")
     chroot "$work/mnt" "${CMD[@]}"
-    ts+=("$(since "$t0")")
+    ts+=("$(since "$t0")") rc=$(calc "$(cpu "$reg_pid") - $r0"); rcs+=("$rc")
     hw+=("$(hwm "$dpid")") dcpu=$(cpu "$dpid")
     "$bin" --root "$work/sfroot" umount "$work/mnt" >/dev/null
     read -r l o <<<"$(served "$m")"; bl+=("$l") bo+=("$o")
-    log "mount $c run $i: ${ts[-1]} s (mount ${tp[-1]} s), layer bytes $l, other $o, daemon VmHWM ${hw[-1]}, daemon CPU $dcpu s"
+    log "mount $c run $i: ${ts[-1]} s (mount ${tp[-1]} s), layer bytes $l, other $o, daemon VmHWM ${hw[-1]}, daemon CPU $dcpu s, registry CPU $rc s"
     if [ -n "${KEEP_LOGS:-}" ]; then   # where the time went: the registry's log and the daemon's
       mkdir -p "$KEEP_LOGS/$c-$i"
       tail -c +$((m + 1)) "$work/registry.log" >"$KEEP_LOGS/$c-$i/registry.log"
@@ -377,7 +380,7 @@ cold_mount() {
 }
 # cold_snap CASE VARIANT CONFIG
 cold_snap() {
-  local c=$1 v=$2 cfg=$3 i m t0 t1 l o ts=() tp=() bl=() bo=() hw=() cs=() sock=$work/snap.sock ref=${REF[$1]:-${REF[$2]}}
+  local c=$1 v=$2 cfg=$3 i m t0 t1 r0 rc l o rcs=() ts=() tp=() bl=() bo=() hw=() cs=() sock=$work/snap.sock ref=${REF[$1]:-${REF[$2]}}
   for i in $(seq "$RUNS"); do
     snap_stop; rm -f "$sock"
     nsenter --net="/run/netns/$ns" "$bin" --root "$work/snaproot" --config "$cfg" ${KEEP_LOGS:+--log-level warn,stratafs=debug} snapshotter --address "$sock" >"$work/snap.log" 2>&1 &
@@ -390,7 +393,7 @@ cold_snap() {
       tail -5 "$work/snap.log" >&2
       ctd_stop; snap_stop; return 0
     fi
-    cold; m=$(mark); t0=$(now)
+    cold; m=$(mark); t0=$(now) r0=$(cpu "$reg_pid")
     if ! ctrr_ images rpull --plain-http --snapshotter stratafs "$shaped_reg/$ref" >/dev/null; then
       NOTE[snap:$c]="failed: rpull (see the snapshotter's log)"; tail -5 "$work/snap.log" >&2; ctd_stop; snap_stop; return 0
     fi
@@ -398,7 +401,7 @@ cold_snap() {
     if ! ctr_run stratafs "$shaped_reg/$ref"; then
       NOTE[snap:$c]="failed: ctr run (see the snapshotter's log)"; tail -5 "$work/snap.log" >&2; ctd_stop; snap_stop; return 0
     fi
-    ts+=("$(since "$t0")")
+    ts+=("$(since "$t0")") rc=$(calc "$(cpu "$reg_pid") - $r0"); rcs+=("$rc")
     hw+=("$(hwm "$snap_pid")")
     # The run's bytes before `true` fetches its own (/usr/bin/true).
     read -r l o <<<"$(served "$m")"; bl+=("$l") bo+=("$o")
@@ -413,7 +416,7 @@ cold_snap() {
       cp -r "$work/snaproot/logs" "$work/snap.log" "$KEEP_LOGS/snap-$c-$i/" 2>/dev/null || true
     fi
     ctd_stop; snap_stop
-    log "snapshotter $c run $i: ${ts[-1]} s (rpull ${tp[-1]} s), layer bytes $l, other $o, VmHWM ${hw[-1]}, then \`ctr run\` of true ${cs[-1]} s"
+    log "snapshotter $c run $i: ${ts[-1]} s (rpull ${tp[-1]} s), layer bytes $l, other $o, VmHWM ${hw[-1]}, then \`ctr run\` of true ${cs[-1]} s, registry CPU $rc s"
   done
   record "snap:$c"
   CSTART[snap:$c]=$(median "${cs[@]}")
@@ -616,6 +619,13 @@ rows3+=("| \`find \\| xargs stat\` of the whole tree ($nfiles files) | mount $(p
 hw=""
 for cs in "${cases[@]}"; do read -r c _ <<<"$cs"; [ -z "${H[mount:$c]:-}" ] || hw+="${hw:+; }$(label "$c") $(mib "${H[mount:$c]}")"; done
 rows3+=("| mount daemon VmHWM after the cold import | $hw |")
+rc=""
+for k in "eager:gzip:eager, gzip" "mount:gzip:mount, gzip + index" "mount:gzip-profile:mount, gzip + index + profile" \
+  "mount:estargz:mount, eStargz" "snap:gzip:snapshotter, gzip + index"; do
+  IFS=: read -r a b what <<<"$k"
+  [ -z "${RC[$a:$b]:-}" ] || rc+="${rc:+; }$what $(printf '%.2f s' "${RC[$a:$b]}")"
+done
+[ -z "$rc" ] || rows3+=("| the registry's CPU per cold run (it shares this machine's cores with the client; per range request it reads up to 4 MiB of the blob into a fresh buffer) | $rc |")
 rows3+=("| mount daemon VmHWM after the warm reads, import and find + stat above | $(mib "$warm_hwm") |")
 hw=""
 for cs in "${cases[@]}"; do read -r c _ <<<"$cs"; [ -z "${H[snap:$c]:-}" ] || hw+="${hw:+; }$(label "$c") $(mib "${H[snap:$c]}")"; done

@@ -248,6 +248,7 @@ pub async fn serve(
     keep_large_buffers_off_the_heap();
     let started = Instant::now();
     let (image, count) = open_image(&ctx, args).await?;
+    let resolved = started.elapsed();
     let mounted_chain = image
         .layers
         .get(count.wrapping_sub(1))
@@ -268,6 +269,12 @@ pub async fn serve(
     });
     let (slot, mut profile) = if streaming == 0 {
         let view = open_reporting(&ctx, args, &image, count).await?;
+        tracing::debug!(
+            "{}: image resolved in {} ms, layers open in {} ms",
+            image.name,
+            resolved.as_millis(),
+            (started.elapsed() - resolved).as_millis()
+        );
         // Replay starts as soon as the view is open, while the kernel mounts it. (A mount
         // that fails ends this process, replay and all.)
         let profile = start_view(&ctx, &image, mounted_chain.as_ref(), &view, early.take());
