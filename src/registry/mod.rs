@@ -19,6 +19,7 @@ mod auth;
 pub mod fake;
 mod hosts;
 pub mod hosts_toml;
+mod location;
 mod push;
 mod transport;
 

@@ -80,6 +80,8 @@ pub(crate) struct Transport {
     auth: AuthCache,
     plain_http_hosts: Mutex<HashSet<String>>,
     requests: AtomicU64,
+    /// Where blobs were redirected to (a CDN or store): range reads go there directly.
+    locations: super::location::Locations,
     /// One token request at a time per (host, scope): concurrent requests that need the same
     /// token wait for the one fetching it (as containerd's authorizer does), so a cold mount
     /// reading many ranges at once asks the token service once.
@@ -95,6 +97,7 @@ impl Transport {
             auth: AuthCache::default(),
             plain_http_hosts: Mutex::default(),
             requests: AtomicU64::new(0),
+            locations: Default::default(),
             token_flights: Mutex::default(),
         }
     }
@@ -119,6 +122,8 @@ impl Transport {
     /// A body cut short is asked for again from where it broke (each byte crosses the link
     /// once), from the same endpoint (twice at most) or, for a mirror, from the next one. A
     /// server that ignores the Range header and sends the whole blob is handled by skipping.
+    /// A blob the registry redirected elsewhere lately is read there directly
+    /// ([`super::location`]).
     pub(crate) async fn get_range(
         &self,
         endpoints: &[Endpoint],
@@ -141,11 +146,22 @@ impl Transport {
         req: &Request<'_>,
         range: &RangeRead,
     ) -> Result<(), RegistryError> {
+        let asked = req.url(&ep.base);
+        if let Some(location) = self.locations.get(&asked, Instant::now()) {
+            if self.get_range_at(ep, &location, range).await {
+                return Ok(());
+            }
+            self.locations.forget(&asked, &location);
+            tracing::debug!(subject = %req.subject, host = %super::location::host_of(&location), "the blob's location failed: asking the registry again");
+        }
         let mut body_retries = 2;
         loop {
             let (from, end) = (range.next(), range.offset + range.len);
             let resp = self.send(ep, req, Some((from, end - 1))).await?;
-            let url = resp.url().to_string();
+            let url = super::location::shown(resp.url());
+            if self.locations.learn(&asked, resp.url(), Instant::now()) {
+                tracing::debug!(subject = %req.subject, host = %super::location::host_of(&url), "the registry redirects the blob: its range reads go there for a while");
+            }
             let skip = if resp.status() == StatusCode::PARTIAL_CONTENT {
                 0
             } else {
@@ -173,6 +189,37 @@ impl Transport {
         }
     }
 
+    /// Reads what is left of `range` from `location`, where the registry redirected its blob:
+    /// whether it is complete. No registry credentials go there (the signed URL is its own).
+    async fn get_range_at(&self, ep: &Endpoint, location: &str, range: &RangeRead) -> bool {
+        let Ok(client) = self.client(&ep.host) else {
+            return false;
+        };
+        let (from, end) = (range.next(), range.offset + range.len);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let sent = client
+            .get(location)
+            .header(reqwest::header::RANGE, format!("bytes={from}-{}", end - 1))
+            .timeout(Duration::from_secs(self.settings.request_timeout_secs))
+            .send()
+            .await;
+        let m = crate::metrics::metrics();
+        let resp = match sent {
+            Ok(resp) => resp,
+            Err(_) => {
+                m.registry_request("error");
+                return false;
+            }
+        };
+        m.registry_request(resp.status().as_str());
+        let skip = match resp.status() {
+            StatusCode::PARTIAL_CONTENT => 0,
+            StatusCode::OK => from,
+            _ => return false,
+        };
+        range.read_body(resp, skip).await.is_ok() && range.next() == end
+    }
+
     async fn get_small_from(
         &self,
         ep: &Endpoint,
@@ -183,7 +230,7 @@ impl Transport {
         let mut body_retries = 2;
         loop {
             let resp = self.send(ep, req, None).await?;
-            let url = resp.url().to_string();
+            let url = super::location::shown(resp.url());
             let headers = resp.headers().clone();
             match read_capped(resp, cap).await {
                 Ok(Some(data)) => {

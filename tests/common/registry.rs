@@ -35,6 +35,9 @@ pub struct RegistryOpts {
     pub proxy_remote: Option<String>,
     /// Serve HTTPS with this certificate and key (see [`TestCa`]).
     pub tls: Option<TlsFiles>,
+    /// Answer blob GETs with a redirect to this base URL plus the blob's storage path (the
+    /// `redirect` storage middleware: what a registry backed by a CDN or object store does).
+    pub redirect: Option<String>,
 }
 
 /// A server certificate and key (PEM files) for a TLS registry.
@@ -433,6 +436,11 @@ fn config_yaml(dir: &Path, port: u16, auth: &str, opts: &RegistryOpts) -> String
     y.push_str(auth);
     if let Some(remote) = &opts.proxy_remote {
         y.push_str(&format!("proxy:\n  remoteurl: {remote}\n"));
+    }
+    if let Some(base) = &opts.redirect {
+        y.push_str(&format!(
+            "middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: {base}\n"
+        ));
     }
     y
 }
