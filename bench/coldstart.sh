@@ -47,6 +47,8 @@
 #   COMMAND="pip3 --version" times that command instead of the python import (words split at
 #   spaces; the profiles are recorded from it too);
 #   MOUNT_TOML='profile_parallel = 4' adds lines to the stratafs runs' [mount] table;
+#   REDIRECT=1 has the registry redirect blob GETs to a stand-in object store behind the same
+#   link (bench/objstore.py; its answers are counted as the registry's);
 #   BACKGROUND=1 leaves background fill on (the default `[mount] background_fetch`) in the
 #   stratafs runs, which otherwise measure lazy fetching alone.
 set -euo pipefail
@@ -215,15 +217,29 @@ if [ -f "$reg_cache/done" ]; then
 else
   mkdir -p "$work/registry"
 fi
+# REDIRECT=1: the registry answers blob GETs with a redirect to a stand-in object store
+# (bench/objstore.py on another address of the link's host end, behind a delay line of its
+# own), as registries backed by a CDN or object store do; the store logs into the registry's log.
+redirect_yml=""
+if [ "${REDIRECT:-0}" = 1 ]; then
+  store_port=$(freeport) store_slow=$(freeport)
+  redirect_yml="middleware: {storage: [{name: redirect, options: {baseurl: \"http://$net.3:$store_slow\"}}]}"
+fi
 cat >"$work/registry.yml" <<YML
 version: 0.1
 storage: {filesystem: {rootdirectory: $work/registry}, delete: {enabled: true}}
 http: {addr: "127.0.0.1:$port"}
 log: {level: error, accesslog: {disabled: false}}
+$redirect_yml
 YML
-docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 & pids+=($!)
+docker-registry serve "$work/registry.yml" >>"$work/registry.log" 2>&1 & pids+=($!)
 reg_pid=$!
 pids+=("$(shaped_link "$ns" "$net" "$port" "$slow" "$MBIT" "$RTT_MS")")
+if [ -n "$redirect_yml" ]; then
+  ip addr add "$net.3/24" dev "${ns}h"
+  python3 bench/objstore.py "$store_port" "$work/registry" "$work/registry.log" & pids+=($!)
+  python3 bench/delayline.py "$net.3:$store_slow" "$store_port" "$(calc "$RTT_MS / 2")" >/dev/null 2>&1 & pids+=($!)
+fi
 for _ in $(seq 50); do curl -fs "http://127.0.0.1:$port/v2/" >/dev/null && break; sleep 0.1; done
 for _ in $(seq 50); do inns curl -fs "http://$shaped_reg/v2/" >/dev/null && break; sleep 0.1; done
 BACKGROUND_FETCH=false; [ "${BACKGROUND:-0}" = 1 ] && BACKGROUND_FETCH=true
