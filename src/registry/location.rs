@@ -11,8 +11,10 @@
 //!
 //! A location changes nothing a mount serves: what comes from it is checked like anything
 //! from the registry (spans against their index, blobs against their digest), so a stale or
-//! wrong one costs a request, never a byte. At most [`MAX_LOCATIONS`] are kept; their URLs
-//! (which carry signatures) are never logged.
+//! wrong one costs a request, never a byte. A location that fails the first time it is used
+//! directly (a store whose signatures do not carry over to other ranges) is not replaced for
+//! [`FRESH`]: the blob's reads go through the registry meanwhile, each costing one request, not
+//! two. At most [`MAX_LOCATIONS`] are kept; their URLs (which carry signatures) are never logged.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -28,7 +30,16 @@ pub(crate) const MAX_LOCATIONS: usize = 1024;
 /// The locations of blobs, keyed by the URL the registry serves each at.
 #[derive(Default)]
 pub(crate) struct Locations {
-    known: Mutex<HashMap<String, (String, Instant)>>,
+    known: Mutex<HashMap<String, Known>>,
+}
+
+struct Known {
+    /// Where the blob is served from; `None` after a location failed at its first direct use.
+    url: Option<String>,
+    /// When it was learnt (or, with no `url`, when the last one failed).
+    since: Instant,
+    /// Whether a read went there directly and succeeded.
+    worked: bool,
 }
 
 impl Locations {
@@ -36,8 +47,9 @@ impl Locations {
     /// than [`FRESH`] before `now`.
     pub(crate) fn get(&self, asked: &str, now: Instant) -> Option<String> {
         let known = self.known.lock().unwrap();
-        let (url, since) = known.get(asked)?;
-        (now.saturating_duration_since(*since) < FRESH).then(|| url.clone())
+        let k = known.get(asked)?;
+        let fresh = now.saturating_duration_since(k.since) < FRESH;
+        k.url.clone().filter(|_| fresh)
     }
 
     /// Notes that a request for `asked` was answered from `served`: kept only when that is
@@ -52,21 +64,53 @@ impl Locations {
             return false;
         }
         let mut known = self.known.lock().unwrap();
+        let fresh = |k: &Known| now.saturating_duration_since(k.since) < FRESH;
+        if known
+            .get(asked)
+            .is_some_and(|k| k.url.is_none() && fresh(k))
+        {
+            return false;
+        }
         if known.len() >= MAX_LOCATIONS && !known.contains_key(asked) {
-            known.retain(|_, (_, since)| now.saturating_duration_since(*since) < FRESH);
+            known.retain(|_, k| fresh(k));
             if known.len() >= MAX_LOCATIONS {
                 known.clear();
             }
         }
-        known.insert(asked.to_string(), (served.to_string(), now));
+        let url = Some(served.to_string());
+        known.insert(
+            asked.to_string(),
+            Known {
+                url,
+                since: now,
+                worked: false,
+            },
+        );
         true
     }
 
-    /// Forgets the location of `asked` if it is still `url` (one learnt meanwhile stays).
-    pub(crate) fn forget(&self, asked: &str, url: &str) {
+    /// Notes that a read of `asked` was served from `url` directly.
+    pub(crate) fn worked(&self, asked: &str, url: &str) {
+        if let Some(k) = self.known.lock().unwrap().get_mut(asked) {
+            k.worked |= k.url.as_deref() == Some(url);
+        }
+    }
+
+    /// Forgets the location of `asked` if it is still `url` (one learnt meanwhile stays): one
+    /// that served reads before (an expired signature) may be replaced at once; one that failed
+    /// at its first direct use is not replaced before [`FRESH`] from `now`.
+    pub(crate) fn forget(&self, asked: &str, url: &str, now: Instant) {
         let mut known = self.known.lock().unwrap();
-        if known.get(asked).is_some_and(|(u, _)| u == url) {
+        let Some(k) = known
+            .get_mut(asked)
+            .filter(|k| k.url.as_deref() == Some(url))
+        else {
+            return;
+        };
+        if k.worked {
             known.remove(asked);
+        } else {
+            (k.url, k.since) = (None, now);
         }
     }
 }
@@ -135,10 +179,31 @@ mod tests {
         let t = Instant::now();
         l.learn(ASKED, &url("https://cdn.example/1"), t);
         l.learn(ASKED, &url("https://cdn.example/2"), t);
-        l.forget(ASKED, "https://cdn.example/1");
+        l.worked(ASKED, "https://cdn.example/2");
+        l.forget(ASKED, "https://cdn.example/1", t);
         assert_eq!(l.get(ASKED, t).as_deref(), Some("https://cdn.example/2"));
-        l.forget(ASKED, "https://cdn.example/2");
+        // It had served reads (an expired signature, say): the next redirect is used at once.
+        l.forget(ASKED, "https://cdn.example/2", t);
         assert_eq!(l.get(ASKED, t), None);
+        assert!(l.learn(ASKED, &url("https://cdn.example/3"), t));
+    }
+
+    #[test]
+    fn a_location_that_fails_at_once_is_not_replaced_for_a_while() {
+        // A store whose signed URL covers only the range it was redirected for: every direct
+        // read would fail and cost a second request, so the registry serves the blob's reads
+        // (one request each) until FRESH has passed.
+        let l = Locations::default();
+        let t = Instant::now();
+        l.learn(ASKED, &url("https://cdn.example/1"), t);
+        l.forget(ASKED, "https://cdn.example/1", t);
+        assert!(!l.learn(ASKED, &url("https://cdn.example/2"), t + FRESH / 2));
+        assert_eq!(l.get(ASKED, t + FRESH / 2), None);
+        assert!(l.learn(ASKED, &url("https://cdn.example/3"), t + FRESH));
+        assert_eq!(
+            l.get(ASKED, t + FRESH).as_deref(),
+            Some("https://cdn.example/3")
+        );
     }
 
     #[test]

@@ -149,9 +149,10 @@ impl Transport {
         let asked = req.url(&ep.base);
         if let Some(location) = self.locations.get(&asked, Instant::now()) {
             if self.get_range_at(ep, &location, range).await {
+                self.locations.worked(&asked, &location);
                 return Ok(());
             }
-            self.locations.forget(&asked, &location);
+            self.locations.forget(&asked, &location, Instant::now());
             tracing::debug!(subject = %req.subject, host = %super::location::host_of(&location), "the blob's location failed: asking the registry again");
         }
         let mut body_retries = 2;
