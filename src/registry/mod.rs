@@ -6,7 +6,9 @@
 //! ([`hosts`]); authentication follows the registry's challenges ([`auth`]): anonymous or
 //! credentialed bearer tokens cached per scope and refreshed on 401 and 403, or HTTP Basic.
 //! Connection errors, timeouts, 5xx and 429 are retried with exponential backoff for a bounded
-//! time; every other failure becomes a [`RegistryError`] naming the reference or registry.
+//! time; every other failure becomes a [`RegistryError`] naming the reference or registry. A
+//! blob the registry redirects to a CDN or object store is range-read there directly for a
+//! while (`location`).
 //!
 //! The stages that read images (pull, layer indexing and reads, published indexes and
 //! profiles) reach a registry through the [`Registry`] seam: four read-only calls whose
