@@ -33,6 +33,8 @@ struct ObjectStore {
     hits: Arc<Mutex<Vec<Hit>>>,
     /// Requests still to refuse with 403, as for an expired signature.
     refuse: Arc<AtomicUsize>,
+    /// Range requests still to answer with the blob's first bytes (a 206 for another range).
+    misrange: Arc<AtomicUsize>,
     _server: Arc<tiny_http::Server>,
 }
 
@@ -46,9 +48,15 @@ impl ObjectStore {
             root: Arc::default(),
             hits: Arc::default(),
             refuse: Arc::default(),
+            misrange: Arc::default(),
             _server: server.clone(),
         };
-        let (root, hits, refuse) = (store.root.clone(), store.hits.clone(), store.refuse.clone());
+        let (root, hits) = (store.root.clone(), store.hits.clone());
+        let (refuse, misrange) = (store.refuse.clone(), store.misrange.clone());
+        let take = |n: &AtomicUsize| {
+            n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        };
         std::thread::spawn(move || {
             for req in server.incoming_requests() {
                 let header = |name: &'static str| {
@@ -61,16 +69,22 @@ impl ObjectStore {
                 let path = req.url().split('?').next().unwrap_or("").to_string();
                 let (status, body, content_range) = if authorization {
                     (400, b"only one auth mechanism allowed".to_vec(), None)
-                } else if refuse
-                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                    .is_ok()
-                {
+                } else if take(&refuse) {
                     (403, b"request has expired".to_vec(), None)
                 } else {
                     let root = root.lock().unwrap().clone().expect("store root set");
                     match std::fs::read(root.join(path.trim_start_matches('/'))) {
                         Err(_) => (404, Vec::new(), None),
                         Ok(data) => match range.as_deref().and_then(parse_range) {
+                            Some((from, to)) if take(&misrange) => {
+                                let len = (to - from + 1).min(data.len() as u64);
+                                let part = data[..len as usize].to_vec();
+                                (
+                                    206,
+                                    part,
+                                    Some(format!("bytes 0-{}/{}", len - 1, data.len())),
+                                )
+                            }
                             Some((from, to)) if from < data.len() as u64 => {
                                 let to = to.min(data.len() as u64 - 1);
                                 let part = data[from as usize..=to as usize].to_vec();
@@ -120,77 +134,140 @@ fn registry_gets(reg: &Registry, mark: usize, digest: &str) -> Vec<AccessEntry> 
         .collect()
 }
 
-#[test]
-fn range_reads_go_where_the_registry_redirected_until_that_fails() {
-    let store = ObjectStore::start();
-    let reg = Registry::start(RegistryOpts {
-        redirect: Some(store.base.clone()),
-        ..Default::default()
-    });
-    store.serve(&reg);
-    let layer = LayerBuilder::new()
-        .file("blob.bin", &bytes(7, 1 << 20), 0o644)
-        .build(Compression::Gzip);
-    let image = ImageBuilder::new().layer(layer).build(ManifestFlavour::Oci);
-    reg.push_image("cdn/app", "v1", &image, &Auth::None);
-    let (blob, digest) = (&image.layers[0].blob, image.layers[0].digest.clone());
-    assert!(blob.len() > 720_000, "the reads below are inside the blob");
-    let reference: Reference = format!("{}/cdn/app:v1", reg.addr()).parse().unwrap();
-    let oci_digest: oci_spec::image::Digest = digest.parse().unwrap();
-    let client = RegistryClient::new(Default::default(), BTreeMap::new(), true);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let read = |offset: u64, len: u64| {
-        let got = rt
-            .block_on(client.read_blob_range(&reference, &oci_digest, offset, len))
-            .unwrap_or_else(|e| panic!("{e}: {:#?}", store.hits()));
+/// A redirecting registry holding one blob, and a client reading ranges of it.
+struct Redirected {
+    store: ObjectStore,
+    reg: Registry,
+    blob: Vec<u8>,
+    digest: String,
+    reference: Reference,
+    client: RegistryClient,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Redirected {
+    fn new() -> Redirected {
+        let store = ObjectStore::start();
+        let reg = Registry::start(RegistryOpts {
+            redirect: Some(store.base.clone()),
+            ..Default::default()
+        });
+        store.serve(&reg);
+        let layer = LayerBuilder::new()
+            .file("blob.bin", &bytes(7, 1 << 20), 0o644)
+            .build(Compression::Gzip);
+        let image = ImageBuilder::new().layer(layer).build(ManifestFlavour::Oci);
+        reg.push_image("cdn/app", "v1", &image, &Auth::None);
+        let (blob, digest) = (image.layers[0].blob.clone(), image.layers[0].digest.clone());
+        assert!(blob.len() > 720_000, "the reads below are inside the blob");
+        Redirected {
+            reference: format!("{}/cdn/app:v1", reg.addr()).parse().unwrap(),
+            client: RegistryClient::new(Default::default(), BTreeMap::new(), true),
+            rt: tokio::runtime::Runtime::new().unwrap(),
+            store,
+            reg,
+            blob,
+            digest,
+        }
+    }
+
+    /// Reads `len` bytes at `offset` and checks them.
+    fn read(&self, offset: u64, len: u64) {
+        let digest: oci_spec::image::Digest = self.digest.parse().unwrap();
+        let got = self
+            .rt
+            .block_on(
+                self.client
+                    .read_blob_range(&self.reference, &digest, offset, len),
+            )
+            .unwrap_or_else(|e| panic!("{e}: {:#?}", self.store.hits()));
         assert!(
-            got[..] == blob[offset as usize..(offset + len) as usize],
+            got[..] == self.blob[offset as usize..(offset + len) as usize],
             "bytes {offset}+{len} differ"
         );
-    };
-    let (mark, seen) = (reg.log_mark(), store.hits().len());
+    }
+
+    /// The registry's GETs of the blob since `mark`.
+    fn gets(&self, mark: usize) -> Vec<AccessEntry> {
+        registry_gets(&self.reg, mark, &self.digest)
+    }
+
+    /// The statuses the store answered with since its `seen`th request.
+    fn statuses(&self, seen: usize) -> Vec<u16> {
+        self.store.hits()[seen..].iter().map(|h| h.status).collect()
+    }
+}
+
+#[test]
+fn range_reads_go_where_the_registry_redirected_until_that_fails() {
+    let r = Redirected::new();
+    let (mark, seen) = (r.reg.log_mark(), r.store.hits().len());
 
     // The first read asks the registry, which redirects; the next ones go to the store alone.
-    read(0, 1000);
-    let gets = registry_gets(&reg, mark, &digest);
+    r.read(0, 1000);
+    let gets = r.gets(mark);
     assert_eq!(gets.len(), 1, "{gets:#?}");
     assert_eq!(gets[0].status, 307, "the registry redirects: {gets:#?}");
     for k in 1..6u64 {
-        read(k * 100_000, 5_000 + k);
+        r.read(k * 100_000, 5_000 + k);
     }
     assert_eq!(
-        registry_gets(&reg, mark, &digest).len(),
+        r.gets(mark).len(),
         1,
         "later reads went to the store directly"
     );
-    let hits = store.hits()[seen..].to_vec();
+    let hits = r.store.hits()[seen..].to_vec();
     assert_eq!(hits.len(), 6, "{hits:#?}");
     assert!(
         hits.iter()
-            .all(|h| h.status == 206 && h.path.ends_with(&format!("{}/data", &digest[7..]))),
+            .all(|h| h.status == 206 && h.path.ends_with(&format!("{}/data", &r.digest[7..]))),
         "{hits:#?}"
     );
     assert_eq!(hits[3].range.as_deref(), Some("bytes=300000-305002"));
 
     // The signature expires: the store refuses, the read asks the registry again (and gets a
     // new location), and the bytes are right.
-    store.refuse.store(1, Ordering::SeqCst);
-    read(700_000, 20_000);
-    let gets = registry_gets(&reg, mark, &digest);
-    assert_eq!(gets.len(), 2, "asked the registry again: {gets:#?}");
-    let statuses: Vec<u16> = store.hits()[seen + 6..].iter().map(|h| h.status).collect();
+    r.store.refuse.store(1, Ordering::SeqCst);
+    r.read(700_000, 20_000);
+    assert_eq!(r.gets(mark).len(), 2, "asked the registry again");
     assert_eq!(
-        statuses,
+        r.statuses(seen + 6),
         [403, 206],
         "refused, then served after the registry's redirect"
     );
-    read(650_000, 100);
-    assert_eq!(
-        registry_gets(&reg, mark, &digest).len(),
-        2,
-        "the new location is used"
-    );
-    assert!(store.hits().iter().all(|h| !h.authorization));
+    r.read(650_000, 100);
+    assert_eq!(r.gets(mark).len(), 2, "the new location is used");
+}
+
+#[test]
+fn a_location_that_fails_at_its_first_direct_read_is_left_alone_for_a_while() {
+    // A store whose signed URLs do not carry over to another range: each direct read would
+    // fail first and cost two requests.
+    let r = Redirected::new();
+    let (mark, seen) = (r.reg.log_mark(), r.store.hits().len());
+    r.read(0, 1000);
+    r.store.refuse.store(1, Ordering::SeqCst);
+    r.read(100_000, 1000);
+    assert_eq!(r.statuses(seen), [206, 403, 206]);
+    assert_eq!(r.gets(mark).len(), 2);
+    // From now on (for 60 s) each read goes through the registry: one store request each.
+    r.read(200_000, 1000);
+    r.read(300_000, 1000);
+    assert_eq!(r.statuses(seen), [206, 403, 206, 206, 206]);
+    assert_eq!(r.gets(mark).len(), 4, "not sent to the location first");
+}
+
+#[test]
+fn a_location_answering_another_range_is_not_trusted() {
+    let r = Redirected::new();
+    let (mark, seen) = (r.reg.log_mark(), r.store.hits().len());
+    r.read(0, 1000);
+    // The store sends the blob's first bytes for the next range asked of it: the read goes
+    // through the registry instead, and its bytes are right.
+    r.store.misrange.store(1, Ordering::SeqCst);
+    r.read(300_000, 2000);
+    assert_eq!(r.statuses(seen), [206, 206, 206]);
+    assert_eq!(r.gets(mark).len(), 2, "asked the registry again");
 }
 
 #[test]

@@ -26,6 +26,11 @@ use std::time::{Duration, Instant};
 pub(crate) const FRESH: Duration = Duration::from_secs(60);
 /// Locations kept at most (a mount reads a few layers; a snapshotter a few images at once).
 pub(crate) const MAX_LOCATIONS: usize = 1024;
+/// Longest wait for one direct read (less if the registry's request timeout is shorter): a dead
+/// store costs this before the read goes through the registry, which keeps a read inside the
+/// mount's read timeout; a body it cuts short is finished through the registry from where
+/// it stopped.
+pub(crate) const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The locations of blobs, keyed by the URL the registry serves each at.
 #[derive(Default)]
@@ -120,6 +125,8 @@ pub(crate) fn shown(url: &reqwest::Url) -> String {
     let mut url = url.clone();
     url.set_query(None);
     url.set_fragment(None);
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
     url.to_string()
 }
 
@@ -242,5 +249,7 @@ mod tests {
         assert_eq!(host_of("not a url"), "");
         let signed = url("https://cdn.example/blobs/aa?X-Amz-Signature=secret#x");
         assert_eq!(shown(&signed), "https://cdn.example/blobs/aa");
+        let userinfo = url("https://user:pass@cdn.example/blobs/aa?sig=s");
+        assert_eq!(shown(&userinfo), "https://cdn.example/blobs/aa");
     }
 }

@@ -58,7 +58,7 @@ impl RegistryClient {
             .and_then(|l| l.to_str().ok())
             .ok_or_else(|| RegistryError::Status {
                 host: reference.api_host().to_string(),
-                url: resp.url().to_string(),
+                url: super::location::shown(resp.url()),
                 status: resp.status().as_u16(),
                 detail: "upload started without a Location".into(),
             })?
@@ -127,7 +127,7 @@ impl RegistryClient {
             .get(reqwest::header::CONTENT_TYPE)
             .and_then(|c| c.to_str().ok())
             .is_some_and(|c| c.starts_with(crate::image::media::OCI_INDEX));
-        let url = resp.url().to_string();
+        let url = super::location::shown(resp.url());
         let data = resp
             .bytes()
             .await

@@ -146,7 +146,11 @@ impl Transport {
         req: &Request<'_>,
         range: &RangeRead,
     ) -> Result<(), RegistryError> {
-        let asked = req.url(&ep.base);
+        // A mirror serves many registries' repositories: each its own key.
+        let asked = match ep.is_mirror {
+            true => format!("{}?ns={}", req.url(&ep.base), req.reference.registry()),
+            false => req.url(&ep.base),
+        };
         if let Some(location) = self.locations.get(&asked, Instant::now()) {
             if self.get_range_at(ep, &location, range).await {
                 self.locations.worked(&asked, &location);
@@ -198,10 +202,11 @@ impl Transport {
         };
         let (from, end) = (range.next(), range.offset + range.len);
         self.requests.fetch_add(1, Ordering::Relaxed);
+        let timeout = Duration::from_secs(self.settings.request_timeout_secs);
         let sent = client
             .get(location)
             .header(reqwest::header::RANGE, format!("bytes={from}-{}", end - 1))
-            .timeout(Duration::from_secs(self.settings.request_timeout_secs))
+            .timeout(timeout.min(super::location::TIMEOUT))
             .send()
             .await;
         let m = crate::metrics::metrics();
@@ -213,8 +218,19 @@ impl Transport {
             }
         };
         m.registry_request(resp.status().as_str());
+        // A 206 must be the range asked for (one that is not would fail every read of the
+        // blob until the location went stale).
+        let starts_at = |r: &Response| {
+            header(r.headers(), reqwest::header::CONTENT_RANGE.as_str()).and_then(|v| {
+                v.strip_prefix("bytes ")?
+                    .split('-')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+        };
         let skip = match resp.status() {
-            StatusCode::PARTIAL_CONTENT => 0,
+            StatusCode::PARTIAL_CONTENT if starts_at(&resp) == Some(from) => 0,
             StatusCode::OK => from,
             _ => return false,
         };
@@ -786,6 +802,8 @@ pub(crate) fn map_reqwest(host: &str, url: &str, e: reqwest::Error) -> RegistryE
         };
     }
     let tls = tls_failure(&e).is_some();
+    // reqwest's own message names the URL, which may be a signed one (a redirect's).
+    let e = e.without_url();
     let mut chain = Vec::new();
     let mut source: Option<&dyn std::error::Error> = Some(&e);
     while let Some(s) = source {
