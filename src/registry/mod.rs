@@ -17,6 +17,7 @@
 //! (`stratafs index push`, `profile push`) is the client's alone.
 
 mod auth;
+mod failure;
 #[cfg(test)]
 pub mod fake;
 mod hosts;

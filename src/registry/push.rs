@@ -131,7 +131,7 @@ impl RegistryClient {
         let data = resp
             .bytes()
             .await
-            .map_err(|e| super::transport::map_reqwest(reference.api_host(), &url, e))?;
+            .map_err(|e| super::failure::map_reqwest(reference.api_host(), &url, e))?;
         Ok(is_index.then(|| data.to_vec()))
     }
 }
