@@ -516,9 +516,8 @@ impl ImageView {
             return;
         };
         let end = offset.saturating_add(n.size);
-        let spans = &self.readers[layer].index().spans;
-        let span_at =
-            |at: u64| spans.get(spans.partition_point(|s| s.out_offset + s.out_len <= at));
+        let index = self.readers[layer].index();
+        let span_at = |at: u64| index.span_at(at).map(|i| &index.spans[i]);
         let from = match span_at(offset) {
             Some(s) if s.out_offset < offset => s.out_offset + s.out_len,
             _ => offset,
