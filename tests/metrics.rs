@@ -48,6 +48,21 @@ fn prometheus_scrapes_a_mounts_metrics() {
         body.contains("stratafs_fuse_operations_total{op=\"read\"}"),
         "{body}"
     );
+    // A close asks nothing of the daemon: the first FLUSH is answered ENOSYS, and the kernel
+    // sends no more (a read-only tree has nothing to flush).
+    for _ in 0..5 {
+        assert!(std::fs::read(guard.path("/d/data")).unwrap() == data);
+    }
+    let body = ureq::get(&format!("http://{addr}/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let flushes = body
+        .lines()
+        .find_map(|l| l.strip_prefix("stratafs_fuse_operations_total{op=\"flush\"} "))
+        .unwrap_or_else(|| panic!("no flush count: {body}"));
+    assert_eq!(flushes.trim(), "1", "FLUSH requests after 6 closes");
     let prometheus = Prometheus::start(&addr);
     let layer = &image.layers[0].digest;
     let fetched = prometheus.value(&format!(

@@ -555,6 +555,8 @@ impl Filesystem for StrataFs {
         reply.error(Errno::ENOTTY);
     }
 
+    /// Nothing to flush in a read-only tree: ENOSYS tells the kernel so once, and it stops
+    /// sending FLUSH, a round trip through the daemon that every `close` would wait for.
     fn flush(
         &self,
         _req: &Request,
@@ -563,7 +565,8 @@ impl Filesystem for StrataFs {
         _lock_owner: fuser::LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        op("flush");
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
