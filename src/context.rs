@@ -81,6 +81,26 @@ impl Context {
         reference: &str,
         platform: Option<&Platform>,
     ) -> Result<ImageRecord, ContextError> {
+        self.resolve(reference, platform, false).await
+    }
+
+    /// [`image`](Self::image), for a caller about to open the image's layers: when the image
+    /// is pulled now, the first request of each layer's open starts as soon as the manifest is
+    /// known ([`Layers::start_early`](crate::fs::Layers::start_early)), beside the config.
+    pub async fn image_to_open(
+        &self,
+        reference: &str,
+        platform: Option<&Platform>,
+    ) -> Result<ImageRecord, ContextError> {
+        self.resolve(reference, platform, true).await
+    }
+
+    async fn resolve(
+        &self,
+        reference: &str,
+        platform: Option<&Platform>,
+        early: bool,
+    ) -> Result<ImageRecord, ContextError> {
         let reference: Reference = reference.parse()?;
         if let Some(r) = self.store.images.get(&reference.to_string())? {
             match platform {
@@ -95,12 +115,18 @@ impl Context {
         }
         let host = Platform::host();
         let platform = platform.unwrap_or(&host);
-        let image = crate::pull::pull(
+        let start_early = |manifest: &oci_spec::image::ImageManifest| {
+            if early {
+                self.layers.start_early(&reference, manifest);
+            }
+        };
+        let image = crate::pull::pull_with(
             self.client.as_ref(),
             &self.store,
             &reference,
             platform,
             &|_| {},
+            &start_early,
         )
         .await?;
         if self.fetch_published(&image).await > 0 {

@@ -58,6 +58,20 @@ pub async fn pull(
     platform: &Platform,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<ImageRecord, PullError> {
+    pull_with(client, store, reference, platform, progress, &|_| {}).await
+}
+
+/// [`pull`], telling `manifest_known` the image's manifest as soon as it is parsed, before the
+/// config is fetched (a mount starts its layers' first requests then: `fs/early.rs`). What
+/// it is told is not checked against the config yet; the pull's own checks follow as usual.
+pub async fn pull_with(
+    client: &dyn Registry,
+    store: &Store,
+    reference: &Reference,
+    platform: &Platform,
+    progress: &(dyn Fn(&str) + Sync),
+    manifest_known: &(dyn Fn(&ImageManifest) + Sync),
+) -> Result<ImageRecord, PullError> {
     let invalid = |what: &str, detail: String| PullError::Invalid {
         reference: reference.to_string(),
         what: what.to_string(),
@@ -113,6 +127,7 @@ pub async fn pull(
             media_type: config_media_type,
         });
     }
+    manifest_known(&parsed);
     progress(&format!("fetching config {}", config_desc.digest()));
     let config_data = client
         .fetch_blob((reference, config_desc.digest()), None)

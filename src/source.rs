@@ -68,6 +68,9 @@ pub struct RegistrySource {
     digest: Digest,
     size: u64,
     fetched: Arc<AtomicU64>,
+    /// Ranges of this blob requested ahead ([`crate::registry::Early`]): a read of exactly
+    /// such a range takes its answer instead of asking again.
+    early: Option<Arc<crate::registry::Early>>,
 }
 
 impl RegistrySource {
@@ -86,7 +89,14 @@ impl RegistrySource {
             digest,
             size,
             fetched,
+            early: None,
         }
+    }
+
+    /// Reads take the answers of ranges of this blob requested ahead in `early`.
+    pub fn with_early(mut self, early: Arc<crate::registry::Early>) -> Self {
+        self.early = Some(early);
+        self
     }
 }
 
@@ -98,10 +108,22 @@ impl BlobSource for RegistrySource {
     fn read_range(&self, offset: u64, len: u64) -> ReadFuture<'_> {
         Box::pin(async move {
             check_range(&self.digest, self.size, offset, len)?;
-            let data = self
-                .client
-                .read_range((&self.reference, &self.digest), offset, len)
-                .await?;
+            let ahead = match &self.early {
+                Some(early) => {
+                    early
+                        .take(&(self.digest.clone(), Some((offset, len))))
+                        .await
+                }
+                None => None,
+            };
+            let data = match ahead.filter(|d| d.len() as u64 == len) {
+                Some(data) => data,
+                None => {
+                    self.client
+                        .read_range((&self.reference, &self.digest), offset, len)
+                        .await?
+                }
+            };
             self.fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
             crate::metrics::metrics().fetched(self.digest.as_ref(), data.len() as u64);
             Ok(data)

@@ -86,7 +86,9 @@ async fn open_image(
     ctx: &Context,
     args: &ServeArgs,
 ) -> Result<(crate::image::ImageRecord, usize), ServeError> {
-    let image = ctx.image(&args.reference, args.platform.as_ref()).await?;
+    let image = ctx
+        .image_to_open(&args.reference, args.platform.as_ref())
+        .await?;
     let count = match &args.chain {
         None => image.layers.len(),
         Some(chain) => {

@@ -153,8 +153,11 @@ impl FetchMeter {
 pub struct Layers {
     pub(super) indexes: IndexStore,
     cache: Arc<Cache>,
-    client: Arc<dyn Registry>,
-    settings: IndexSettings,
+    pub(super) client: Arc<dyn Registry>,
+    pub(super) settings: IndexSettings,
+    /// The first requests of the opens to come, started while the image was pulled
+    /// (`fs/early.rs`).
+    pub(super) early: Arc<crate::registry::Early>,
     span: u64,
     /// Bytes read from the registry per blob since the last [`Layers::save_fetched`].
     fetched: FetchMeter,
@@ -172,6 +175,7 @@ impl Layers {
             cache,
             client,
             settings: IndexSettings::default(),
+            early: Default::default(),
             span: DEFAULT_SPAN,
             fetched: Default::default(),
             budgets: Default::default(),
@@ -263,13 +267,16 @@ impl Layers {
             .entry(layer.digest.digest().to_string())
             .or_default()
             .clone();
-        Ok(Arc::new(RegistrySource::new(
-            self.client.clone(),
-            reference,
-            digest.clone(),
-            size,
-            counter,
-        )))
+        Ok(Arc::new(
+            RegistrySource::new(
+                self.client.clone(),
+                reference,
+                digest.clone(),
+                size,
+                counter,
+            )
+            .with_early(self.early.clone()),
+        ))
     }
 
     /// Where the checkpoint windows of `index` (a gzip index's window file) are read from: the
@@ -461,11 +468,14 @@ impl Layers {
             index: pin.to_string(),
             detail,
         };
-        let blob = self
-            .client
-            .fetch_blob((&reference, pin), Some(MAX_INDEX_BLOB))
-            .await
-            .map_err(|e| invalid(e.to_string()))?;
+        let blob = match self.early.take(&(pin.clone(), None)).await {
+            Some(blob) => blob,
+            None => self
+                .client
+                .fetch_blob((&reference, pin), Some(MAX_INDEX_BLOB))
+                .await
+                .map_err(|e| invalid(e.to_string()))?,
+        };
         let limits = self.limits();
         let expected = layer.clone();
         let pin_owned = pin.clone();

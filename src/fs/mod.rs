@@ -19,6 +19,7 @@ use crate::layer::LayerIndex;
 use crate::tree::{FileType, NodeId, Tree};
 
 mod command;
+mod early;
 mod elf;
 mod error;
 mod imports;
@@ -159,11 +160,14 @@ impl ImageView {
                 unique.push(l);
             }
         }
-        let found: Vec<(Arc<LayerIndex>, IndexReport)> =
+        let found: Result<Vec<(Arc<LayerIndex>, IndexReport)>, FsError> =
             futures_util::stream::iter(unique.iter().map(|l| layers.index(image, l)))
                 .buffered(PARALLEL_OPENS)
                 .try_collect()
-                .await?;
+                .await;
+        // The requests of the pull's early start that these opens did not take.
+        layers.clear_early();
+        let found = found?;
         let mut readers = Vec::with_capacity(count);
         for layer in chain {
             let at = unique.iter().position(|u| u.digest == layer.digest);

@@ -17,6 +17,7 @@
 //! (`stratafs index push`, `profile push`) is the client's alone.
 
 mod auth;
+pub mod early;
 mod failure;
 #[cfg(test)]
 pub mod fake;
@@ -32,6 +33,7 @@ use std::pin::Pin;
 
 use oci_spec::image::Digest;
 
+pub use early::Early;
 pub use hosts::{HostConfig, RegistrySettings};
 
 use crate::image::media;

@@ -31,7 +31,8 @@ impl Target {
 
     /// The merged view of the image, every layer indexed, with progress on stderr.
     async fn view(&self) -> Result<ImageView> {
-        let image = self.image().await?;
+        let platform = self.platform.as_ref();
+        let image = self.ctx.image_to_open(&self.reference, platform).await?;
         let progress = self.progress(&format!("opening {}", image.name), image.layers_size());
         let view = ImageView::open(&self.ctx.layers, &image).await?;
         progress.finish(&format!("{} layers indexed", image.layers.len()));
