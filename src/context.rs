@@ -86,7 +86,9 @@ impl Context {
 
     /// [`image`](Self::image), for a caller about to open the image's layers: when the image
     /// is pulled now, the first request of each layer's open starts as soon as the manifest is
-    /// known ([`Layers::start_early`](crate::fs::Layers::start_early)), beside the config.
+    /// known ([`Layers::start_early`](crate::fs::Layers::start_early)), beside the config. The
+    /// caller opens the layers next ([`crate::fs::ImageView::open_chain`] drops what its opens
+    /// did not take) or calls [`Layers::clear_early`](crate::fs::Layers::clear_early).
     pub async fn image_to_open(
         &self,
         reference: &str,
@@ -120,7 +122,7 @@ impl Context {
                 self.layers.start_early(&reference, manifest);
             }
         };
-        let image = crate::pull::pull_with(
+        let pulled = crate::pull::pull_with(
             self.client.as_ref(),
             &self.store,
             &reference,
@@ -128,7 +130,12 @@ impl Context {
             &|_| {},
             &start_early,
         )
-        .await?;
+        .await;
+        if pulled.is_err() {
+            // No open will take what was started for an image the pull refused.
+            self.layers.clear_early();
+        }
+        let image = pulled?;
         if self.fetch_published(&image).await > 0 {
             // The record now names the adopted indexes.
             if let Some(r) = self.store.images.get(&image.name)? {

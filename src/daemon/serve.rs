@@ -86,9 +86,14 @@ async fn open_image(
     ctx: &Context,
     args: &ServeArgs,
 ) -> Result<(crate::image::ImageRecord, usize), ServeError> {
-    let image = ctx
-        .image_to_open(&args.reference, args.platform.as_ref())
-        .await?;
+    // A chain mount (the snapshotter's) may open fewer layers than the manifest's first ones.
+    let image = match &args.chain {
+        None => {
+            ctx.image_to_open(&args.reference, args.platform.as_ref())
+                .await?
+        }
+        Some(_) => ctx.image(&args.reference, args.platform.as_ref()).await?,
+    };
     let count = match &args.chain {
         None => image.layers.len(),
         Some(chain) => {

@@ -246,16 +246,18 @@ impl Layers {
         image: &ImageRecord,
         layer: &LayerRecord,
     ) -> Result<Arc<RegistrySource>, FsError> {
-        self.blob_source(image, layer, &layer.digest, layer.size)
+        self.blob_source(image, layer, &layer.digest, layer.size, false)
     }
 
-    /// Blob `digest` (`size` bytes) of `image`'s repository, its bytes counted as `layer`'s.
+    /// Blob `digest` (`size` bytes) of `image`'s repository, its bytes counted as `layer`'s;
+    /// with `early`, its reads take the ranges the pull started early (a TOC's reads).
     fn blob_source(
         &self,
         image: &ImageRecord,
         layer: &LayerRecord,
         digest: &Digest,
         size: u64,
+        early: bool,
     ) -> Result<Arc<RegistrySource>, FsError> {
         let reference: Reference = image
             .name
@@ -267,16 +269,17 @@ impl Layers {
             .entry(layer.digest.digest().to_string())
             .or_default()
             .clone();
-        Ok(Arc::new(
-            RegistrySource::new(
-                self.client.clone(),
-                reference,
-                digest.clone(),
-                size,
-                counter,
-            )
-            .with_early(self.early.clone()),
-        ))
+        let source = RegistrySource::new(
+            self.client.clone(),
+            reference,
+            digest.clone(),
+            size,
+            counter,
+        );
+        Ok(Arc::new(match early {
+            true => source.with_early(self.early.clone()),
+            false => source,
+        }))
     }
 
     /// Where the checkpoint windows of `index` (a gzip index's window file) are read from: the
@@ -297,7 +300,9 @@ impl Layers {
                 return Ok(Some(Arc::new(file)));
             }
         }
-        Ok(Some(self.blob_source(image, layer, &w.digest, w.size)?))
+        Ok(Some(
+            self.blob_source(image, layer, &w.digest, w.size, false)?,
+        ))
     }
 
     /// A reader of `layer` through `index`, with its blob and window sources.
@@ -527,7 +532,7 @@ impl Layers {
                 return Ok(None);
             }
         };
-        let source = self.source(image, layer)?;
+        let source = self.blob_source(image, layer, &layer.digest, layer.size, true)?;
         let limits = self.limits();
         Ok(estargz_index(
             &*source,
@@ -557,7 +562,7 @@ impl Layers {
                 return Ok(None);
             }
         };
-        let source = self.source(image, layer)?;
+        let source = self.blob_source(image, layer, &layer.digest, layer.size, true)?;
         let limits = self.limits();
         let index = zstd_chunked::zstd_chunked_index(
             &*source,

@@ -9,7 +9,9 @@
 //! range is checked by whatever reads it, as any range is). A request that failed, or one
 //! nobody started, leaves the taker to make its own. Entries are consumed by the one taker of
 //! their key; [`Early::clear`] drops (and aborts) the rest, so what the process holds is at
-//! most one answer per layer of the manifest, until the layers are open.
+//! most one answer per layer of the manifest, until the layers are open. A request is never
+//! left running unreachable: a taker that is cancelled while it waits aborts the request it
+//! took, and dropping an `Early` aborts what it holds.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -43,10 +45,12 @@ impl Early {
     }
 
     /// The answer of the request held for `key`, waiting for it if it is still under way;
-    /// `None` if none was started or it failed (the caller then asks itself).
+    /// `None` if none was started or it failed (the caller then asks itself). Cancelled
+    /// while it waits, it aborts the request.
     pub async fn take(&self, key: &EarlyKey) -> Option<Vec<u8>> {
-        let handle = self.held.lock().unwrap().remove(key)?;
-        match handle.await {
+        let taken = self.held.lock().unwrap().remove(key)?;
+        let mut taken = AbortOnDrop(taken);
+        match (&mut taken.0).await {
             Ok(Ok(bytes)) => Some(bytes),
             Ok(Err(e)) => {
                 tracing::debug!(blob = %key.0, error = %e, "request started early failed: asking again");
@@ -74,6 +78,24 @@ impl Early {
     }
 }
 
+impl Drop for Early {
+    fn drop(&mut self) {
+        let held = self.held.get_mut().unwrap_or_else(|p| p.into_inner());
+        for (_, handle) in held.drain() {
+            handle.abort();
+        }
+    }
+}
+
+/// A taken request, aborted if its taker goes away before it ends (a no-op once it has).
+struct AbortOnDrop(Request);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,17 +118,60 @@ mod tests {
         });
         assert_eq!(early.len(), 2);
         assert_eq!(
+            early.take(&key(2, Some((10, 6)))).await,
+            None,
+            "another range"
+        );
+        assert_eq!(
+            early.take(&key(3, Some((10, 5)))).await,
+            None,
+            "another blob"
+        );
+        assert_eq!(early.len(), 2, "neither taken by a read of something else");
+        assert_eq!(
             early.take(&key(1, None)).await.as_deref(),
             Some(&b"index"[..])
         );
         assert_eq!(early.take(&key(1, None)).await, None, "taken once");
         assert_eq!(early.take(&key(2, Some((10, 5)))).await, None, "failed");
-        assert_eq!(
-            early.take(&key(2, Some((10, 6)))).await,
-            None,
-            "another range"
-        );
         assert!(early.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_taker_waits_for_the_answer_and_one_cancelled_aborts_the_request() {
+        let early = std::sync::Arc::new(Early::default());
+        let (answer, answered) = tokio::sync::oneshot::channel::<Vec<u8>>();
+        early.start(key(4, None), async move {
+            Ok(answered.await.unwrap_or_default())
+        });
+        let taker = tokio::spawn({
+            let early = early.clone();
+            async move { early.take(&key(4, None)).await }
+        });
+        tokio::task::yield_now().await;
+        answer.send(b"late".to_vec()).unwrap();
+        assert_eq!(taker.await.unwrap().as_deref(), Some(&b"late"[..]));
+
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        early.start(key(5, None), async move {
+            let _tx = tx; // dropped when the request is aborted
+            std::future::pending::<()>().await;
+            Ok(Vec::new())
+        });
+        let taker = tokio::spawn({
+            let early = early.clone();
+            async move { early.take(&key(5, None)).await }
+        });
+        // The taker has the request once the map no longer holds it.
+        while !early.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        taker.abort();
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(5), rx).await;
+        assert!(
+            matches!(ended, Ok(Err(_))),
+            "the request of a cancelled taker was aborted"
+        );
     }
 
     #[tokio::test]
