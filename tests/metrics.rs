@@ -39,11 +39,14 @@ fn prometheus_scrapes_a_mounts_metrics() {
     assert!(wait_mounted(&guard.dir, Duration::from_secs(5)).is_some());
     assert!(std::fs::read(guard.path("/d/data")).unwrap() == data);
 
-    let body = ureq::get(&format!("http://{addr}/metrics"))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
+    let scrape = || {
+        ureq::get(&format!("http://{addr}/metrics"))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap()
+    };
+    let body = scrape();
     assert!(
         body.contains("stratafs_fuse_operations_total{op=\"read\"}"),
         "{body}"
@@ -53,11 +56,7 @@ fn prometheus_scrapes_a_mounts_metrics() {
     for _ in 0..5 {
         assert!(std::fs::read(guard.path("/d/data")).unwrap() == data);
     }
-    let body = ureq::get(&format!("http://{addr}/metrics"))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
+    let body = scrape();
     let flushes = body
         .lines()
         .find_map(|l| l.strip_prefix("stratafs_fuse_operations_total{op=\"flush\"} "))
