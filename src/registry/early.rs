@@ -61,11 +61,13 @@ impl Early {
     }
 
     /// How many requests are held.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.held.lock().unwrap().len()
     }
 
     /// Whether no request is held.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
