@@ -161,6 +161,70 @@ fn a_hostile_profile_wastes_nothing_and_changes_no_byte() {
     cold.ok(&["umount", guard.dir.to_str().unwrap()]);
 }
 
+/// How many FUSE requests `op` the mount whose metrics are at `addr` has answered.
+fn fuse_ops(addr: &str, op: &str) -> u64 {
+    let body = ureq::get(&format!("http://{addr}/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let prefix = format!("stratafs_fuse_operations_total{{op=\"{op}\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+/// Returns once the mount whose metrics are at `addr` has had every open file released (a
+/// close's RELEASE reaches the daemon after `close` returned).
+fn all_released(addr: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while fuse_ops(addr, "release") != fuse_ops(addr, "open") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "opens not released after 10 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_file_opened_again_while_open_gets_its_local_copy_and_then_passes_through() {
+    let reg = Registry::start(RegistryOpts::default());
+    reg.push_image("profile/held", "v1", &image(), &Auth::None);
+    let reference = format!("{}/profile/held:v1", reg.addr());
+    Stratafs::new().ok(&["index", "push", "--bind", &reference]);
+    let cli = Stratafs::new();
+    let guard = MountGuard::new(Some(cli.root()));
+    let dir = guard.dir.to_str().unwrap();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    cli.ok(&[
+        "--log-level",
+        "info,stratafs=debug",
+        "mount",
+        "--metrics-address",
+        &metrics,
+        &reference,
+        dir,
+    ]);
+    cli.wait_for_mount_log("background fetch done");
+    // A program holding a library open while it (or another) opens it again: the second
+    // open asks for the local copy as a second open after a close does.
+    let held = std::fs::File::open(guard.path("data/f03")).unwrap();
+    let again = std::fs::File::open(guard.path("data/f03")).unwrap();
+    cli.wait_for_mount_log("local copy made path=data/f03");
+    drop((held, again));
+    all_released(&metrics);
+    // The next open passes through to the copy: its reads never reach the daemon.
+    let reads = fuse_ops(&metrics, "read");
+    assert!(std::fs::read(guard.path("data/f03")).unwrap() == bytes(103, FILE));
+    assert_eq!(
+        fuse_ops(&metrics, "read"),
+        reads,
+        "reads reached the daemon"
+    );
+    cli.ok(&["umount", dir]);
+}
+
 #[test]
 fn a_file_read_by_passthrough_keeps_the_part_an_earlier_recording_saw_read() {
     use std::io::Read;
@@ -195,13 +259,19 @@ fn a_file_read_by_passthrough_keeps_the_part_an_earlier_recording_saw_read() {
 
     // A later mount of the same store replays that profile and fills the cache in the
     // background; f05 and f08, cached whole, are opened three times each: the second open
-    // has a local copy made, the third is served by passthrough (its reads unseen here).
+    // has a local copy made (whether or not the first one's release has reached the daemon
+    // yet), the third is served by passthrough (its reads unseen here) once no open of the
+    // file is left: a close's RELEASE reaches the daemon after `close` returns, so the test
+    // waits for the daemon to count as many releases as opens.
     let guard = MountGuard::new(Some(cli.root()));
     let dir = guard.dir.to_str().unwrap();
+    let metrics = format!("127.0.0.1:{}", free_port());
     cli.ok(&[
         "--log-level",
         "info,stratafs=debug",
         "mount",
+        "--metrics-address",
+        &metrics,
         &reference,
         dir,
     ]);
@@ -211,6 +281,7 @@ fn a_file_read_by_passthrough_keeps_the_part_an_earlier_recording_saw_read() {
             drop(std::fs::File::open(guard.path(f)).unwrap());
         }
         cli.wait_for_mount_log(&format!("local copy made path={f}"));
+        all_released(&metrics);
         drop(std::fs::File::open(guard.path(f)).unwrap());
     }
     cli.ok(&["umount", dir]);

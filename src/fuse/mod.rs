@@ -401,6 +401,12 @@ impl Filesystem for StrataFs {
             let mut opens = self.opens.lock().unwrap();
             if let Some(o) = opens.get_mut(&ino.0) {
                 o.count += 1;
+                if o.backing.is_none() && view.tree.node(id).size >= PASSTHROUGH_MIN_SIZE {
+                    // Open already (its close's RELEASE may not have come yet): this open
+                    // asks for the local copy as any other does, off the dispatch thread.
+                    let view = view.clone();
+                    self.runtime.spawn(async move { view.copy_locally(id) });
+                }
                 return o.reply(reply, fh);
             }
             if let Some(mode) = self.inherited.lock().unwrap().remove(&ino.0) {
@@ -579,6 +585,7 @@ impl Filesystem for StrataFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        op("release");
         if let Some(view) = self.slot.view() {
             view.release(fh.0);
         }
