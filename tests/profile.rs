@@ -187,15 +187,10 @@ fn all_released(addr: &str) {
     }
 }
 
-#[test]
-fn a_file_opened_again_while_open_gets_its_local_copy_and_then_passes_through() {
-    let reg = Registry::start(RegistryOpts::default());
-    reg.push_image("profile/held", "v1", &image(), &Auth::None);
-    let reference = format!("{}/profile/held:v1", reg.addr());
-    Stratafs::new().ok(&["index", "push", "--bind", &reference]);
-    let cli = Stratafs::new();
+/// A mount of `reference` on `cli`'s store, its logs at debug level and its metrics served
+/// (at the returned address), once its background fill has cached every layer.
+fn mount_filled(cli: &Stratafs, reference: &str) -> (MountGuard, String) {
     let guard = MountGuard::new(Some(cli.root()));
-    let dir = guard.dir.to_str().unwrap();
     let metrics = format!("127.0.0.1:{}", free_port());
     cli.ok(&[
         "--log-level",
@@ -203,10 +198,22 @@ fn a_file_opened_again_while_open_gets_its_local_copy_and_then_passes_through() 
         "mount",
         "--metrics-address",
         &metrics,
-        &reference,
-        dir,
+        reference,
+        guard.dir.to_str().unwrap(),
     ]);
     cli.wait_for_mount_log("background fetch done");
+    (guard, metrics)
+}
+
+#[test]
+fn a_file_opened_again_while_open_gets_its_local_copy_and_then_passes_through() {
+    let reg = Registry::start(RegistryOpts::default());
+    reg.push_image("profile/held", "v1", &image(), &Auth::None);
+    let reference = format!("{}/profile/held:v1", reg.addr());
+    Stratafs::new().ok(&["index", "push", "--bind", &reference]);
+    let cli = Stratafs::new();
+    let (guard, metrics) = mount_filled(&cli, &reference);
+    let dir = guard.dir.to_str().unwrap();
     // A program holding a library open while it (or another) opens it again: the second
     // open asks for the local copy as a second open after a close does.
     let held = std::fs::File::open(guard.path("data/f03")).unwrap();
@@ -263,19 +270,8 @@ fn a_file_read_by_passthrough_keeps_the_part_an_earlier_recording_saw_read() {
     // yet), the third is served by passthrough (its reads unseen here) once no open of the
     // file is left: a close's RELEASE reaches the daemon after `close` returns, so the test
     // waits for the daemon to count as many releases as opens.
-    let guard = MountGuard::new(Some(cli.root()));
+    let (guard, metrics) = mount_filled(&cli, &reference);
     let dir = guard.dir.to_str().unwrap();
-    let metrics = format!("127.0.0.1:{}", free_port());
-    cli.ok(&[
-        "--log-level",
-        "info,stratafs=debug",
-        "mount",
-        "--metrics-address",
-        &metrics,
-        &reference,
-        dir,
-    ]);
-    cli.wait_for_mount_log("background fetch done");
     for f in ["data/f05", "data/f08"] {
         for _ in 0..2 {
             drop(std::fs::File::open(guard.path(f)).unwrap());
