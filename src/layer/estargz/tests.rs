@@ -35,6 +35,8 @@ struct Writer {
     tar: Vec<u8>,
     gz: Option<flate2::write::GzEncoder<Vec<u8>>>,
     toc: Vec<serde_json::Value>,
+    /// Bytes of a file per chunk (`None`: [`CHUNK`]).
+    chunk: Option<usize>,
 }
 
 impl Writer {
@@ -114,15 +116,16 @@ impl Writer {
             return;
         }
         entry["digest"] = json!(crate::digest::sha256(data).to_string());
-        for (i, chunk) in data.chunks(CHUNK).enumerate() {
+        let size = self.chunk.unwrap_or(CHUNK);
+        for (i, chunk) in data.chunks(size).enumerate() {
             self.close();
             if i > 0 {
                 entry = json!({"name": name, "type": "chunk"});
             }
             entry["offset"] = json!(self.blob.len());
-            entry["chunkOffset"] = json!(i * CHUNK);
-            if chunk.len() == CHUNK {
-                entry["chunkSize"] = json!(CHUNK); // omitted for a last, partial chunk
+            entry["chunkOffset"] = json!(i * size);
+            if chunk.len() == size {
+                entry["chunkSize"] = json!(size); // omitted for a last, partial chunk
             }
             entry["chunkDigest"] = json!(crate::digest::sha256(chunk).to_string());
             self.write(chunk);
@@ -451,6 +454,64 @@ async fn a_walk_fetch_brings_a_few_next_files_and_a_prefetch_its_own_only() {
     let exact = LayerReader::new(Arc::new(index.clone()), source.clone(), cache);
     exact.prefetch(m0.offset, m0.size).await.unwrap();
     assert_eq!(cached(&exact), 1, "m0 alone");
+}
+
+#[tokio::test]
+async fn a_walk_fetch_is_padded_with_small_next_files_but_not_a_large_one() {
+    // Six small modules (about 2 KB of the blob each), a 60 KB one that does not compress
+    // in one chunk (as a large file's 4 MiB chunks of ctr-remote's), then more small ones.
+    let mut w = Writer {
+        chunk: Some(64 << 10),
+        ..Writer::default()
+    };
+    let mut files = Vec::new();
+    for (i, len) in [2000; 6]
+        .into_iter()
+        .chain([60_000])
+        .chain([2000; 10])
+        .enumerate()
+    {
+        files.push((
+            format!("pkg/__pycache__/m{i:02}.pyc"),
+            noise(len, 700 + i as u64),
+        ));
+        let (name, data) = files.last().unwrap();
+        w.add(name, Body::File(data), &[]);
+    }
+    let layer = Layer::of(w, files);
+    let source = layer.source();
+    let index = layer.index(&*source).await;
+    let is_cached = |reader: &LayerReader, path: &str| {
+        let e = entry(&index, path);
+        reader.is_cached(e.offset, e.size)
+    };
+
+    // From the first module: its five next ones come along (the fetch short of 32 KiB), the
+    // large one does not (it would take the fetch past 48 KiB).
+    let walk = layer.reader(&index, source.clone());
+    let before = source.counts();
+    let m00 = entry(&index, "pkg/__pycache__/m00.pyc");
+    walk.prefetch_walk(m00.offset, m00.size).await.unwrap();
+    let (reads, bytes) = source.counts();
+    assert_eq!(reads - before.0, 1, "one request");
+    assert!(bytes - before.1 < 32 << 10, "{} bytes", bytes - before.1);
+    assert!(is_cached(&walk, "pkg/__pycache__/m05.pyc"));
+    assert!(
+        !is_cached(&walk, "pkg/__pycache__/m06.pyc"),
+        "the large module came along"
+    );
+
+    // Asked for, the large module is fetched (alone: it carries the minimum itself).
+    let m06 = entry(&index, "pkg/__pycache__/m06.pyc");
+    walk.prefetch_walk(m06.offset, m06.size).await.unwrap();
+    assert!(is_cached(&walk, "pkg/__pycache__/m06.pyc"));
+    for (path, data) in &layer.files {
+        let e = entry(&index, path);
+        assert!(
+            walk.read(e.offset, e.size).await.unwrap() == *data,
+            "{path}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 //! a run starts from.
 
 use super::decode::{decode, fetch_range, LowerPriority, SpanResult};
-use super::want::{Want, MAX_COALESCED, READAHEAD, READAHEAD_BYTES};
+use super::want::{max_padded, Want, MAX_COALESCED, READAHEAD, READAHEAD_BYTES};
 use super::{LayerReader, ReadError};
 use crate::cache::CacheError;
 use crate::layer::{gzip, Fetch};
@@ -30,7 +30,8 @@ impl LayerReader {
 
     /// Where a fetch of span `i` should reach to, at least: far enough that it carries
     /// `MIN_TOC_FETCH` compressed bytes for a TOC-indexed layer, and `MIN_MISS_FETCH` for
-    /// a fetch of a stream-indexed one's [neighbours](Self::fetch_neighbours) (0: no minimum).
+    /// a fetch of a stream-indexed one's [neighbours](Self::fetch_neighbours) (0: no minimum),
+    /// but not over a span that would take it past [`max_padded`] of that minimum.
     pub(super) fn min_fetch_end(&self, i: usize, want: Want) -> u64 {
         let spans = &self.index.spans;
         let min = want.min_reach(self.index.format);
@@ -40,9 +41,14 @@ impl LayerReader {
         let Some((start, _)) = fetch_range(&spans[i].fetch) else {
             return 0;
         };
+        let reach =
+            |k: usize| fetch_range(&spans[k].fetch).map(|(_, end)| end.saturating_sub(start));
         let mut j = i;
+        // The next span comes along while the fetch is short of the minimum, unless it would
+        // take the fetch past the most padding may make it (a large chunk of another file).
         while j + 1 < spans.len()
-            && fetch_range(&spans[j].fetch).is_some_and(|(_, end)| end.saturating_sub(start) < min)
+            && reach(j).is_some_and(|r| r < min)
+            && reach(j + 1).is_some_and(|r| r <= max_padded(min))
         {
             j += 1;
         }

@@ -29,6 +29,18 @@ pub(super) const MAX_COALESCED: u64 = 16 << 20;
 /// 4.71 s.
 pub(super) const MIN_TOC_FETCH: u64 = 32 << 10;
 
+/// The most compressed bytes a fetch padded up to a minimum ([`Want::min_reach`]) may carry:
+/// the spans after the ones asked for come along while the fetch is short of the minimum, but
+/// not one that would take it past this — in a TOC-indexed layer such a span is a large chunk
+/// of another file, which a walk of `import`s rarely reads next. On the cold-start
+/// benchmark's eStargz image (docs/benchmarks.md, 2026-12-06), 2.7 MB of such padding was
+/// never read; bounded at 1.5 times the minimum, a run fetched 1.2–1.3 MB less, ended
+/// 0.45 s sooner at 20 Mbit/s (16.63 against 17.10 s, 8 runs each) and as soon at 100 Mbit/s
+/// (eStargz 4.47–4.66 against 4.50–4.70 s, zstd:chunked 4.37–4.55 against 4.34–4.46 s).
+pub(super) fn max_padded(min: u64) -> u64 {
+    min + min / 2
+}
+
 /// Compressed bytes a fetch of the neighbours of a read ([`super::LayerReader::fetch_neighbours`]) of
 /// a layer indexed as its tar stream reaches, while the spans after the read are missing.
 /// Spans are small (256 KiB of tar, so a miss costs little beyond what it reads), but programs
