@@ -590,7 +590,11 @@ impl ImageView {
         let Some((layer, offset)) = n.data.filter(|_| n.file_type == FileType::File) else {
             return;
         };
+        // Cheapest first: a copy that exists is one stat, where `is_stored` asks the cache
+        // for every span of the file.
         if self.copy_asked.lock().unwrap().insert(node)
+            || self.copying.lock().unwrap().contains(&node)
+            || self.local_copy(node).is_ok_and(|c| c.is_some())
             || !self.readers[layer].is_stored(offset, n.size)
             || !self.copying.lock().unwrap().insert(node)
         {

@@ -401,9 +401,11 @@ impl Filesystem for StrataFs {
             let mut opens = self.opens.lock().unwrap();
             if let Some(o) = opens.get_mut(&ino.0) {
                 o.count += 1;
-                if o.backing.is_none() && view.tree.node(id).size >= PASSTHROUGH_MIN_SIZE {
+                if o.backing.is_none() && !o.keep && view.tree.node(id).size >= PASSTHROUGH_MIN_SIZE
+                {
                     // Open already (its close's RELEASE may not have come yet): this open
-                    // asks for the local copy as any other does, off the dispatch thread.
+                    // asks for the local copy as any other does, off the dispatch thread. (An
+                    // inherited entry stays in its mode for as long as this process serves.)
                     let view = view.clone();
                     self.runtime.spawn(async move { view.copy_locally(id) });
                 }

@@ -501,16 +501,52 @@ async fn a_walk_fetch_is_padded_with_small_next_files_but_not_a_large_one() {
         "the large module came along"
     );
 
-    // Asked for, the large module is fetched (alone: it carries the minimum itself).
+    // Asked for, the large module is fetched alone (it carries the minimum itself).
+    let before = source.counts();
     let m06 = entry(&index, "pkg/__pycache__/m06.pyc");
     walk.prefetch_walk(m06.offset, m06.size).await.unwrap();
+    let (reads, bytes) = source.counts();
+    assert_eq!(reads - before.0, 1, "one request");
+    assert!(
+        (60_000..62_000).contains(&(bytes - before.1)),
+        "{} bytes",
+        bytes - before.1
+    );
     assert!(is_cached(&walk, "pkg/__pycache__/m06.pyc"));
+    assert!(!is_cached(&walk, "pkg/__pycache__/m07.pyc"));
     for (path, data) in &layer.files {
         let e = entry(&index, path);
         assert!(
             walk.read(e.offset, e.size).await.unwrap() == *data,
             "{path}"
         );
+    }
+}
+
+#[tokio::test]
+async fn padding_stops_at_one_and_a_half_times_the_minimum() {
+    // A small module, then one chunk that takes the fetch just under 48 KiB (it comes along)
+    // or just over it (it does not).
+    for (len, along) in [(44_000, true), (48_000, false)] {
+        let mut w = Writer {
+            chunk: Some(64 << 10),
+            ..Writer::default()
+        };
+        let files = vec![
+            ("m0.pyc".to_string(), noise(2000, 1)),
+            ("m1.pyc".to_string(), noise(len, 2)),
+        ];
+        for (name, data) in &files {
+            w.add(name, Body::File(data), &[]);
+        }
+        let layer = Layer::of(w, files);
+        let source = layer.source();
+        let index = layer.index(&*source).await;
+        let walk = layer.reader(&index, source.clone());
+        let m0 = entry(&index, "m0.pyc");
+        walk.prefetch_walk(m0.offset, m0.size).await.unwrap();
+        let m1 = entry(&index, "m1.pyc");
+        assert_eq!(walk.is_cached(m1.offset, m1.size), along, "{len} bytes");
     }
 }
 

@@ -31,7 +31,8 @@ impl LayerReader {
     /// Where a fetch of span `i` should reach to, at least: far enough that it carries
     /// `MIN_TOC_FETCH` compressed bytes for a TOC-indexed layer, and `MIN_MISS_FETCH` for
     /// a fetch of a stream-indexed one's [neighbours](Self::fetch_neighbours) (0: no minimum),
-    /// but not over a span that would take it past [`max_padded`] of that minimum.
+    /// but, in a TOC-indexed layer, not over a span that would take it past [`max_padded`] of
+    /// that minimum.
     pub(super) fn min_fetch_end(&self, i: usize, want: Want) -> u64 {
         let spans = &self.index.spans;
         let min = want.min_reach(self.index.format);
@@ -43,12 +44,17 @@ impl LayerReader {
         };
         let reach =
             |k: usize| fetch_range(&spans[k].fetch).map(|(_, end)| end.saturating_sub(start));
+        // In a layer indexed by its TOC a span is a file's chunk: one that would take the
+        // fetch past the most padding may make it is a large file's, rarely read next.
+        let most = match self.index.format {
+            crate::layer::IndexFormat::Stream => u64::MAX,
+            _ => max_padded(min),
+        };
         let mut j = i;
-        // The next span comes along while the fetch is short of the minimum, unless it would
-        // take the fetch past the most padding may make it (a large chunk of another file).
+        // The next span comes along while the fetch is short of the minimum.
         while j + 1 < spans.len()
             && reach(j).is_some_and(|r| r < min)
-            && reach(j + 1).is_some_and(|r| r <= max_padded(min))
+            && reach(j + 1).is_some_and(|r| r <= most)
         {
             j += 1;
         }

@@ -29,10 +29,11 @@ pub(super) const MAX_COALESCED: u64 = 16 << 20;
 /// 4.71 s.
 pub(super) const MIN_TOC_FETCH: u64 = 32 << 10;
 
-/// The most compressed bytes a fetch padded up to a minimum ([`Want::min_reach`]) may carry:
-/// the spans after the ones asked for come along while the fetch is short of the minimum, but
-/// not one that would take it past this — in a TOC-indexed layer such a span is a large chunk
-/// of another file, which a walk of `import`s rarely reads next. On the cold-start
+/// The most compressed bytes a fetch of a TOC-indexed layer padded up to its minimum
+/// ([`Want::min_reach`]) may carry: the spans after the ones asked for come along while the
+/// fetch is short of the minimum, but not one that would take it past this — such a span is
+/// a large chunk of another file, which a walk of `import`s rarely reads next (a layer
+/// indexed as its tar stream has no such spans, and no such bound). On the cold-start
 /// benchmark's eStargz image (docs/benchmarks.md, 2026-12-06), 2.7 MB of such padding was
 /// never read; bounded at 1.5 times the minimum, a run fetched 1.2–1.3 MB less, ended
 /// 0.45 s sooner at 20 Mbit/s (16.63 against 17.10 s, 8 runs each) and as soon at 100 Mbit/s
