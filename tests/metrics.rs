@@ -39,14 +39,7 @@ fn prometheus_scrapes_a_mounts_metrics() {
     assert!(wait_mounted(&guard.dir, Duration::from_secs(5)).is_some());
     assert!(std::fs::read(guard.path("/d/data")).unwrap() == data);
 
-    let scrape = || {
-        ureq::get(&format!("http://{addr}/metrics"))
-            .call()
-            .unwrap()
-            .into_string()
-            .unwrap()
-    };
-    let body = scrape();
+    let body = scrape(&addr);
     assert!(
         body.contains("stratafs_fuse_operations_total{op=\"read\"}"),
         "{body}"
@@ -56,12 +49,7 @@ fn prometheus_scrapes_a_mounts_metrics() {
     for _ in 0..5 {
         assert!(std::fs::read(guard.path("/d/data")).unwrap() == data);
     }
-    let body = scrape();
-    let flushes = body
-        .lines()
-        .find_map(|l| l.strip_prefix("stratafs_fuse_operations_total{op=\"flush\"} "))
-        .unwrap_or_else(|| panic!("no flush count: {body}"));
-    assert_eq!(flushes.trim(), "1", "FLUSH requests after 6 closes");
+    assert_eq!(fuse_ops(&addr, "flush"), 1, "FLUSH requests after 6 closes");
     let prometheus = Prometheus::start(&addr);
     let layer = &image.layers[0].digest;
     let fetched = prometheus.value(&format!(

@@ -161,19 +161,6 @@ fn a_hostile_profile_wastes_nothing_and_changes_no_byte() {
     cold.ok(&["umount", guard.dir.to_str().unwrap()]);
 }
 
-/// How many FUSE requests `op` the mount whose metrics are at `addr` has answered.
-fn fuse_ops(addr: &str, op: &str) -> u64 {
-    let body = ureq::get(&format!("http://{addr}/metrics"))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
-    let prefix = format!("stratafs_fuse_operations_total{{op=\"{op}\"}} ");
-    body.lines()
-        .find_map(|l| l.strip_prefix(prefix.as_str()))
-        .map_or(0, |n| n.trim().parse().unwrap())
-}
-
 /// Returns once the mount whose metrics are at `addr` has had every open file released (a
 /// close's RELEASE reaches the daemon after `close` returned).
 fn all_released(addr: &str) {

@@ -276,9 +276,10 @@ impl Layers {
             size,
             counter,
         );
-        Ok(Arc::new(match early {
-            true => source.with_early(self.early.clone()),
-            false => source,
+        Ok(Arc::new(if early {
+            source.with_early(self.early.clone())
+        } else {
+            source
         }))
     }
 

@@ -141,3 +141,22 @@ pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     listener.local_addr().expect("local_addr").port()
 }
+
+/// The Prometheus text page a stratafs process serves at `addr` (`--metrics-address`).
+pub fn scrape(addr: &str) -> String {
+    ureq::get(&format!("http://{addr}/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap()
+}
+
+/// How many FUSE requests `op` the mount whose metrics are at `addr` has answered (0 before
+/// its first).
+pub fn fuse_ops(addr: &str, op: &str) -> u64 {
+    let prefix = format!("stratafs_fuse_operations_total{{op=\"{op}\"}} ");
+    scrape(addr)
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
