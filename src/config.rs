@@ -77,9 +77,9 @@ pub struct MountSettings {
     /// On each open of a Python module's bytecode, fetch the modules it imports, and theirs
     /// (with `open_prefetch` on).
     pub follow_imports: bool,
-    /// On mount of an image's whole rootfs with no startup profile to replay, fetch what its
-    /// config says runs first (the program and its libraries, `/etc/passwd`, `/etc/group`;
-    /// with `open_prefetch` on).
+    /// On mount of an image's whole rootfs, fetch `/etc/passwd` and `/etc/group` and, with no
+    /// startup profile to replay, what its config says runs first (the program and its
+    /// libraries; with `open_prefetch` on).
     pub fetch_start: bool,
 }
 

@@ -171,8 +171,10 @@ async fn open_reporting(
 }
 
 /// Sets an open view going (neighbours, imports as configured) and starts its startup
-/// profile's replay and recording — or, with no profile to replay, the fetch of what the
-/// image's config says runs first ([`ImageView::fetch_start`]): the workload's reads come next.
+/// profile's replay and recording — or, with no profile to replay, the fetch of the program
+/// the image's config says runs first ([`ImageView::fetch_program`]): the workload's reads
+/// come next. The user and group databases a runtime reads first are fetched either way,
+/// before the replay's requests ([`ImageView::fetch_user_databases`]).
 fn start_view(
     ctx: &Context,
     image: &crate::image::ImageRecord,
@@ -197,8 +199,9 @@ fn start_view(
     })
 }
 
-/// The fetch of what a container of `image` runs first, for a view of its whole rootfs
-/// (`chain` its top ChainID) with `[mount] fetch_start` and `open_prefetch` on.
+/// The fetch of the program a container of `image` runs first, for a view of its whole
+/// rootfs (`chain` its top ChainID) with `[mount] fetch_start` and `open_prefetch` on; the
+/// user and group databases' fetch starts now.
 fn start_fetch(
     ctx: &Context,
     image: &crate::image::ImageRecord,
@@ -209,6 +212,11 @@ fn start_fetch(
     if !m.fetch_start || m.open_prefetch == 0 || image.chain_id() != Some(chain) {
         return None;
     }
+    let databases = view.clone();
+    tokio::spawn(
+        async move { databases.fetch_user_databases().await }
+            .instrument(tracing::debug_span!("start")),
+    );
     let (view, limit, store) = (view.clone(), m.open_prefetch, ctx.store.clone());
     let (name, config) = (image.name.clone(), image.config.digest.clone());
     Some(Box::pin(async move {
@@ -221,7 +229,7 @@ fn start_fetch(
             }
             Err(_) => return,
         };
-        view.fetch_start(&hints, limit)
+        view.fetch_program(&hints, limit)
             .instrument(tracing::debug_span!("start"))
             .await
     }))

@@ -106,28 +106,34 @@ impl StartHints {
 }
 
 impl super::ImageView {
-    /// Fetches what a container of the image reads first ([`StartHints`]; the module's
-    /// docs): the user and group databases (each whole, up to 1 MiB, in its own request), and
-    /// the program as an open of it would (its loader and libraries too) beside the
-    /// interpreter a `#!` line names (and `env`'s program). Nothing once a startup profile
-    /// replays: it knows better. Failures are left to the reads.
-    pub async fn fetch_start(&self, hints: &StartHints, limit: u64) {
+    /// Fetches the user and group databases a runtime reads before the container's program
+    /// starts (each whole, up to 1 MiB, in its own request), with a startup profile or
+    /// without: a profile recorded by `stratafs mount` and `chroot` has no runtime's reads,
+    /// and these are the first reads of a container's start, which a replay under way would
+    /// otherwise keep waiting. Failures are left to the reads.
+    pub async fn fetch_user_databases(&self) {
+        for path in ["etc/passwd", "etc/group"] {
+            let Some(node) = super::elf::follow(&self.tree, path) else {
+                continue;
+            };
+            let Some((layer, offset, len)) = self.open_fetch(node, USER_DB_MAX) else {
+                continue;
+            };
+            if let Err(e) = self.readers[layer].fetch_for_open(offset, len).await {
+                tracing::debug!(%path, error = %e, "fetch ahead of the container's start failed");
+            }
+        }
+    }
+
+    /// Fetches the program a container of the image runs first ([`StartHints`]; the module's
+    /// docs) as an open of it would (its loader and libraries too), beside the interpreter a
+    /// `#!` line names (and `env`'s program), and the modules a python command imports.
+    /// Nothing once a startup profile replays: it knows better. Failures are left to the
+    /// reads.
+    pub async fn fetch_program(&self, hints: &StartHints, limit: u64) {
         if self.profiled.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
-        let databases = async {
-            for path in ["etc/passwd", "etc/group"] {
-                let Some(node) = super::elf::follow(&self.tree, path) else {
-                    continue;
-                };
-                let Some((layer, offset, len)) = self.open_fetch(node, USER_DB_MAX) else {
-                    continue;
-                };
-                if let Err(e) = self.readers[layer].fetch_for_open(offset, len).await {
-                    tracing::debug!(%path, error = %e, "fetch ahead of the container's start failed");
-                }
-            }
-        };
         let program = async {
             let Some(node) = self.program(hints, hints.program.as_deref()) else {
                 return;
@@ -171,7 +177,7 @@ impl super::ImageView {
             };
             futures_util::join!(self.prefetch_file(node, limit), interpreters, imports);
         };
-        futures_util::join!(databases, program);
+        program.await;
         tracing::debug!("fetched what the image runs first");
     }
 

@@ -504,32 +504,37 @@ async fn a_mount_fetches_what_the_config_runs_first_and_the_user_databases() {
         args: vec![program.to_string()],
     };
 
-    // A bare name found on the PATH: the program, what the loader opens for it, and the
-    // user and group databases.
-    view.fetch_start(&hints("prog"), 8 << 20).await;
+    // A bare name found on the PATH: the program and what the loader opens for it.
+    view.fetch_program(&hints("prog"), 8 << 20).await;
+    for path in ["usr/bin/prog", "lib/ld.so", "usr/lib/libfoo.so.1"] {
+        assert!(cached(path), "{path}");
+    }
     for path in [
-        "usr/bin/prog",
-        "lib/ld.so",
-        "usr/lib/libfoo.so.1",
+        "usr/bin/python3",
+        "usr/bin/env",
+        "usr/bin/other",
         "etc/passwd",
         "etc/group",
     ] {
-        assert!(cached(path), "{path}");
-    }
-    for path in ["usr/bin/python3", "usr/bin/env", "usr/bin/other"] {
         assert!(!cached(path), "{path}");
     }
     // A script relative to the working directory: it, `env`, and the interpreter `env` runs.
-    view.fetch_start(&hints("./run"), 8 << 20).await;
+    view.fetch_program(&hints("./run"), 8 << 20).await;
     for path in ["srv/run", "usr/bin/env", "usr/bin/python3"] {
         assert!(cached(path), "{path}");
     }
     assert!(!cached("usr/bin/other"));
-    // Nothing once a startup profile replays.
+    // No program once a startup profile replays: it knows better.
     view.set_profiled();
     let before = registry.requests();
-    view.fetch_start(&hints("other"), 8 << 20).await;
+    view.fetch_program(&hints("other"), 8 << 20).await;
     assert_eq!(registry.requests().ranges, before.ranges);
+    assert!(!cached("usr/bin/other"));
+    // But the user and group databases, which a profile recorded without a runtime lacks.
+    view.fetch_user_databases().await;
+    for path in ["etc/passwd", "etc/group"] {
+        assert!(cached(path), "{path}");
+    }
     assert!(!cached("usr/bin/other"));
 }
 

@@ -175,7 +175,7 @@ async fn a_mount_walks_the_imports_of_the_python_command_its_config_runs() {
         let view = lazy_view(&registry, dir.path(), &fixture()).await;
         view.follow_imports(true);
         let cached = |path: &str| cached(&view, path);
-        view.fetch_start(&hints(args, working_dir), 8 << 20).await;
+        view.fetch_program(&hints(args, working_dir), 8 << 20).await;
         for path in &imported {
             assert!(cached(path), "{args:?}: {path} not fetched at mount");
         }
