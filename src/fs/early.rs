@@ -115,13 +115,12 @@ mod tests {
     use std::time::Duration;
 
     use oci_spec::image::Digest;
-    use serde_json::json;
     use tokio::sync::Notify;
 
     use crate::cache::{Cache, DiskChunks};
-    use crate::fs::tests::{files, push, REPO};
+    use crate::fs::tests::{push_pinned_index, REPO};
     use crate::fs::{ImageView, Layers};
-    use crate::image::{media, Platform};
+    use crate::image::Platform;
     use crate::reference::Reference;
     use crate::registry::fake::FakeRegistry;
     use crate::registry::{At, Fetched, Registry, RegistryFuture};
@@ -179,36 +178,11 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_mounts_pull_fetches_the_pinned_index_beside_the_config_and_its_open_takes_it() {
         let registry = Arc::new(FakeRegistry::new());
-        let (blob, layer) = push(&registry, &files());
-        // Build the layer's index once, and publish it pinned by a second manifest (`v2`),
-        // as `stratafs index push --bind` does.
-        let built = tempfile::tempdir().unwrap();
-        let store = Store::open(built.path()).unwrap();
-        let v1: Reference = format!("registry.test/{REPO}:v1").parse().unwrap();
-        let record = crate::pull::pull(&*registry, &store, &v1, &Platform::host(), &|_| {})
-            .await
-            .unwrap();
+        // An index of the layer, pinned by `v2`.
+        let (record, pin) = push_pinned_index(&registry).await;
         let cache = |root: &std::path::Path| {
             Arc::new(Cache::new(Arc::new(DiskChunks::open(root).unwrap()), 8))
         };
-        let layers = Layers::new(built.path(), registry.clone(), cache(built.path()));
-        let (index, windows) = layers.publishable(&record).await.unwrap().remove(0);
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        std::io::Write::write_all(&mut gz, &serde_json::to_vec(&index).unwrap()).unwrap();
-        let pin = registry.add_blob(REPO, &gz.finish().unwrap());
-        if let Some(w) = windows {
-            registry.add_blob(REPO, &w);
-        }
-        let manifest = serde_json::to_vec(&json!({
-            "schemaVersion": 2,
-            "mediaType": media::OCI_MANIFEST,
-            "config": {"mediaType": media::OCI_CONFIG, "digest": record.config.digest, "size": record.config.size},
-            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                        "digest": layer, "size": blob.len(),
-                        "annotations": {super::INDEX_ANNOTATION: pin.to_string()}}],
-        }))
-        .unwrap();
-        registry.add_manifest(REPO, "v2", media::OCI_MANIFEST, &manifest);
 
         // A fresh store pulls v2 and opens it, as `stratafs mount` does.
         let fresh = tempfile::tempdir().unwrap();

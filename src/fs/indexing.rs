@@ -362,6 +362,28 @@ impl Layers {
         image: &ImageRecord,
         layer: &LayerRecord,
     ) -> Result<(LayerIndex, bool), FsError> {
+        match self.find_unbuilt(image, layer).await? {
+            Some(found) => Ok(found),
+            None => Ok((self.build(image, layer).await?, true)),
+        }
+    }
+
+    /// Makes sure the index of `layer` is stored, fetching it as the image pins it if need
+    /// be, but never streaming the blob: false where [`Layers::index`] would stream it. The
+    /// snapshotter fetches an image's indexes ahead of its mount with this.
+    pub async fn store_unbuilt(
+        &self,
+        image: &ImageRecord,
+        layer: &LayerRecord,
+    ) -> Result<bool, FsError> {
+        Ok(self.find_unbuilt(image, layer).await?.is_some())
+    }
+
+    async fn find_unbuilt(
+        &self,
+        image: &ImageRecord,
+        layer: &LayerRecord,
+    ) -> Result<Option<(LayerIndex, bool)>, FsError> {
         let blob = &layer.digest;
         // Whatever is stored must also describe the layer as this image's config and manifest
         // do (diff_id, size): a stored index never speaks for a layer record it does not fit.
@@ -374,16 +396,16 @@ impl Layers {
         // The layer's own index comes with its window file; one whose file went missing is
         // built again (below) rather than read with windows from nowhere.
         if let Some(i) = stored(None)?.filter(|i| self.indexes.has_windows(i)) {
-            return Ok((i, false));
+            return Ok(Some((i, false)));
         }
         let pinned = pinned_index(layer).filter(|_| self.settings.published);
         if let Some((pin, true)) = &pinned {
             if let Some(found) = self.published_index(image, layer, pin, &stored).await? {
-                return Ok(found);
+                return Ok(Some(found));
             }
         }
         if let Some((built, i)) = self.toc_index(image, layer, &stored).await? {
-            return Ok((i, built));
+            return Ok(Some((i, built)));
         }
         if let Some((pin, false)) = &pinned {
             if !self.settings.unbound_referrers {
@@ -391,11 +413,11 @@ impl Layers {
             } else {
                 tracing::warn!(image = %image.name, layer = %blob, index = %pin, "serving with a referrer index the image does not pin (unbound_referrers): until the layer is complete, whoever could push it decides what the files contain");
                 if let Some(found) = self.published_index(image, layer, pin, &stored).await? {
-                    return Ok(found);
+                    return Ok(Some(found));
                 }
             }
         }
-        Ok((self.build(image, layer).await?, true))
+        Ok(None)
     }
 
     /// Whether opening `layer` streams its whole blob: no index of it is stored and the image

@@ -111,6 +111,40 @@ pub(crate) fn push(
     (blob, layer_digest)
 }
 
+/// [`push`]es `REPO:v1` of [`files`], builds its layer's index in a scratch store and
+/// publishes it pinned by a second manifest, `REPO:v2`, as `stratafs index push --bind` does.
+/// Returns v1's record (from the scratch store) and the pinned index blob's digest.
+pub(crate) async fn push_pinned_index(
+    registry: &Arc<FakeRegistry>,
+) -> (ImageRecord, oci_spec::image::Digest) {
+    let (blob, layer) = push(registry, &files());
+    let built = tempfile::tempdir().unwrap();
+    let record = pull(registry, built.path()).await;
+    let cache = Arc::new(Cache::new(
+        Arc::new(DiskChunks::open(built.path()).unwrap()),
+        8,
+    ));
+    let layers = Layers::new(built.path(), registry.clone(), cache);
+    let (index, windows) = layers.publishable(&record).await.unwrap().remove(0);
+    let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&serde_json::to_vec(&index).unwrap()).unwrap();
+    let pin = registry.add_blob(REPO, &gz.finish().unwrap());
+    if let Some(w) = windows {
+        registry.add_blob(REPO, &w);
+    }
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": media::OCI_MANIFEST,
+        "config": {"mediaType": media::OCI_CONFIG, "digest": record.config.digest, "size": record.config.size},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": layer, "size": blob.len(),
+                    "annotations": {INDEX_ANNOTATION: pin.to_string()}}],
+    }))
+    .unwrap();
+    registry.add_manifest(REPO, "v2", media::OCI_MANIFEST, &manifest);
+    (record, pin)
+}
+
 pub(crate) fn files() -> Vec<(&'static str, Vec<u8>)> {
     let big: Vec<u8> = (0..3u32 << 20)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)

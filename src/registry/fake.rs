@@ -35,6 +35,9 @@ pub struct FakeRegistry {
     failing_ranges: AtomicU64,
     /// Range reads wait while a test holds this for writing ([`FakeRegistry::hold_ranges`]).
     gate: std::sync::Arc<tokio::sync::RwLock<()>>,
+    /// Fetches of this blob wait while a test holds `blob_gate` ([`FakeRegistry::hold_blob`]).
+    held_blob: Mutex<Option<Digest>>,
+    blob_gate: std::sync::Arc<tokio::sync::RwLock<()>>,
 }
 
 impl FakeRegistry {
@@ -94,6 +97,15 @@ impl FakeRegistry {
             .clone()
             .try_write_owned()
             .expect("ranges are held once at a time")
+    }
+
+    /// Holds every fetch of blob `digest` until the guard is dropped.
+    pub fn hold_blob(&self, digest: &Digest) -> tokio::sync::OwnedRwLockWriteGuard<()> {
+        *self.held_blob.lock().unwrap() = Some(digest.clone());
+        self.blob_gate
+            .clone()
+            .try_write_owned()
+            .expect("blobs are held once at a time")
     }
 
     /// Requests answered so far.
@@ -173,6 +185,11 @@ impl Registry for FakeRegistry {
     fn fetch_blob<'a>(&'a self, at: At<'a>, cap: Option<u64>) -> RegistryFuture<'a, Vec<u8>> {
         let (reference, digest) = at;
         Box::pin(async move {
+            let held = self.held_blob.lock().unwrap().as_ref() == Some(digest);
+            let _open = match held {
+                true => Some(self.blob_gate.read().await),
+                false => None,
+            };
             self.requests.lock().unwrap().blobs += 1;
             let data = self.object(reference, digest)?;
             let limit = cap.unwrap_or(4 << 20);

@@ -10,6 +10,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::ahead::Ahead;
 use super::resolve::Resolver;
 use super::{Mounter, MounterError, Snapshotter, SnapshotterError};
 use crate::context::Context;
@@ -178,6 +179,12 @@ pub async fn run(
             None => Platform::host(),
         },
         pass_budget: ctx.layers.cache().pass_budget(),
+        ahead: Some(Arc::new(Ahead::new(
+            root.clone(),
+            ctx.client.clone(),
+            ctx.layers.cache().clone(),
+            ctx.config.index.clone(),
+        ))),
     };
     let snapshotter =
         Arc::new(Snapshotter::open(resolver, mounter, ctx.chunks.clone()).map_err(RunError::Open)?);

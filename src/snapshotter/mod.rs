@@ -24,6 +24,7 @@
 //! gRPC stack: tonic + prost, with our own `snapshots.proto` compiled by `protox` at build time
 //! (no `protoc` needed); see docs/snapshotter.md for why.
 
+pub mod ahead;
 pub mod daemons;
 pub mod filter;
 mod grpc;

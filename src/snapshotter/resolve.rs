@@ -19,6 +19,7 @@ use crate::reference::Reference;
 use crate::registry::Registry;
 use crate::store::Store;
 
+use super::ahead::Ahead;
 use super::meta::LazyLayer;
 
 pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
@@ -37,6 +38,9 @@ pub struct Resolver {
     /// Bytes one streaming pass may keep in the cache (the mounts' [`crate::cache::Cache::pass_budget`]):
     /// decides whether a plain zstd layer is served lazily.
     pub pass_budget: u64,
+    /// Fetches the layers' pinned indexes into the store from the moment a pulled manifest is
+    /// parsed, for the image's mount to find ([`Ahead`]); `None` leaves them to the mount.
+    pub ahead: Option<Arc<Ahead>>,
 }
 
 /// Why a layer is not served lazily (containerd then applies it itself).
@@ -155,19 +159,57 @@ impl Resolver {
                 return Ok(r);
             }
         }
-        let image = crate::pull::pull(self.client.as_ref(), &self.store, &parsed, &self.platform, &|_| {})
-            .await
-            .map_err(|source| {
+        let fetch = self.ahead.as_ref().map(|a| a.fetch());
+        let manifest_known = |manifest: &oci_spec::image::ImageManifest| {
+            if let Some(f) = &fetch {
+                f.manifest_known(&parsed, manifest);
+            }
+        };
+        let pulled = crate::pull::pull_with(
+            self.client.as_ref(),
+            &self.store,
+            &parsed,
+            &self.platform,
+            &|_| {},
+            &manifest_known,
+        )
+        .await;
+        let image = match pulled {
+            Ok(image) => image,
+            Err(source) => {
+                if let Some(f) = fetch {
+                    f.abandon();
+                }
                 // Not a design choice but a failure (a registry unreachable, plain HTTP not
                 // allowed, credentials): said at the default log level.
                 tracing::warn!(%reference, error = %source, "cannot pull the image's metadata: containerd applies its layers (not lazy)");
-                ResolveError::Pull {
+                return Err(ResolveError::Pull {
                     reference: reference.to_string(),
                     source: Box::new(source),
-                }
-            })?;
-        crate::publish::adopt_if_opted_in(self.client.as_ref(), &self.store, &image, &self.index)
-            .await;
+                });
+            }
+        };
+        let adopted = crate::publish::adopt_if_opted_in(
+            self.client.as_ref(),
+            &self.store,
+            &image,
+            &self.index,
+        )
+        .await;
+        // Adopted referrer indexes are in the stored record: the fetches ahead read it.
+        let image = match adopted {
+            0 => image,
+            _ => self
+                .store
+                .images
+                .get(&image.name)
+                .ok()
+                .flatten()
+                .unwrap_or(image),
+        };
+        if let (Some(ahead), Some(f)) = (&self.ahead, fetch) {
+            ahead.start(&image, f);
+        }
         Ok(image)
     }
 

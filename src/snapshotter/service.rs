@@ -16,6 +16,7 @@ use crate::cache::ChunkStore;
 use crate::fuse::MountState;
 use crate::layer::IndexStore;
 
+use super::ahead::Ahead;
 use super::filter::Filter;
 use super::meta::{Kind, LazyLayer, Meta, Snapshot, Usage};
 use super::proto;
@@ -91,10 +92,12 @@ impl MountLocks {
 
 /// Makes sure the FUSE mount of lazy layer `layer` (snapshot `name`) at `dir` answers: one
 /// mount at a time per mountpoint (`mounting`), a dead one detached and mounted again, a live
-/// one left alone.
+/// one left alone. A new mount first waits for the image's indexes fetched `ahead`, which it
+/// would otherwise request again.
 async fn mount_lazy(
     mounting: &MountLocks,
     mounter: Arc<dyn Mounter>,
+    ahead: Option<Arc<Ahead>>,
     dir: PathBuf,
     layer: LazyLayer,
     name: &str,
@@ -117,6 +120,9 @@ async fn mount_lazy(
             mounter.detach(&dir);
         }
         MountState::None => {}
+    }
+    if let Some(ahead) = ahead {
+        ahead.wait(&layer.image).await;
     }
     let LazyLayer {
         image, chain_id, ..
@@ -317,13 +323,14 @@ impl Snapshotter {
             // The image's whole rootfs: a container runs on it next. Mounting it now lets the
             // mount (and its startup profile's replay) overlap containerd's own work until the
             // container asks for its mounts, which then waits for this mount, not a second.
-            let (mounting, mounter, name) = (
+            let (mounting, mounter, ahead, name) = (
                 self.mounting.clone(),
                 self.mounter.clone(),
+                self.resolver.ahead.clone(),
                 target.to_string(),
             );
             tokio::spawn(async move {
-                if let Err(e) = mount_lazy(&mounting, mounter, dir, layer, &name).await {
+                if let Err(e) = mount_lazy(&mounting, mounter, ahead, dir, layer, &name).await {
                     tracing::warn!(snapshot = %name, error = %e, "mounting an image's rootfs ahead of its container failed (the container's request tries again)");
                 }
             });
@@ -384,7 +391,16 @@ impl Snapshotter {
             return Ok(());
         };
         let dir = self.meta().snapshot_dir(s.id).join("fs");
-        mount_lazy(&self.mounting, self.mounter.clone(), dir, layer, &s.name).await
+        let ahead = self.resolver.ahead.clone();
+        mount_lazy(
+            &self.mounting,
+            self.mounter.clone(),
+            ahead,
+            dir,
+            layer,
+            &s.name,
+        )
+        .await
     }
 
     pub async fn mounts(&self, key: &str) -> Result<Vec<proto::Mount>> {

@@ -88,6 +88,7 @@ fn snapshotter_over(dir: &Path, registry: Arc<FakeRegistry>) -> (Snapshotter, Ar
         platform: Platform::host(),
         // The stored images' plain zstd layers (100 bytes) just do not fit one pass.
         pass_budget: 100 * crate::fs::ZSTD_EXPANSION - 1,
+        ahead: None,
     };
     let s = Snapshotter::open(resolver, mounter.clone(), Arc::new(NoChunks)).unwrap();
     (s, mounter)
@@ -455,4 +456,59 @@ async fn the_resolver_pulls_labelled_images_metadata_only() {
     let other = sha256(b"another layer").to_string();
     let e = s.resolver.resolve(&chain, &labels(&other)).await;
     assert!(matches!(e, Err(ResolveError::WrongLayer { .. })), "{e:?}");
+}
+
+/// The index an image pins is fetched as soon as the first `Prepare` has pulled the image's
+/// manifest, while containerd goes on, and the image's mount waits for it instead of asking
+/// the registry again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_index_is_fetched_ahead_and_the_rootfs_mount_waits_for_it() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(FakeRegistry::new());
+    let (record, pin) = crate::fs::tests::push_pinned_index(&registry).await;
+    let (mut s, mounter) = snapshotter_over(dir.path(), registry.clone());
+    let chunks = crate::cache::DiskChunks::open(dir.path()).unwrap();
+    let cache = Arc::new(crate::cache::Cache::new(Arc::new(chunks), 8));
+    s.resolver.ahead = Some(Arc::new(super::ahead::Ahead::new(
+        dir.path().to_path_buf(),
+        registry.clone(),
+        cache,
+        Default::default(),
+    )));
+    let layer = &record.layers[0];
+    let labels = HashMap::from([
+        (LABEL_TARGET.to_string(), layer.chain_id.to_string()),
+        (
+            CRI_IMAGE.to_string(),
+            format!("registry.test/{}:v2", crate::fs::tests::REPO),
+        ),
+        (CRI_LAYER.to_string(), layer.digest.to_string()),
+    ]);
+    let before = registry.requests();
+    let held = registry.hold_blob(&pin);
+    let prepared = s.create(Kind::Active, "extract-1", "", labels);
+    let e = tokio::time::timeout(Duration::from_secs(20), prepared)
+        .await
+        .expect("the Prepare answers without waiting for the index")
+        .unwrap_err();
+    assert_eq!(code(e), tonic::Code::AlreadyExists);
+    // The only layer is the rootfs: its mount is due, but the index is still on its way.
+    let early = tokio::time::timeout(Duration::from_millis(300), mounter.mounted.notified());
+    assert!(
+        early.await.is_err(),
+        "the rootfs was mounted before the index fetched ahead was stored"
+    );
+    drop(held);
+    tokio::time::timeout(Duration::from_secs(20), mounter.mounted.notified())
+        .await
+        .expect("the rootfs is mounted once the index is stored");
+    let indexes = crate::layer::IndexStore::new(dir.path());
+    assert!(indexes.has(&layer.digest, Some(&pin)), "index stored");
+    let r = registry.requests();
+    assert_eq!(
+        (r.blobs - before.blobs, r.ranges - before.ranges),
+        (2, 0),
+        "the config and the index, once each: {r:?}"
+    );
 }
