@@ -174,7 +174,7 @@ async fn open_reporting(
 /// profile's replay and recording — or, with no profile to replay, the fetch of the program
 /// the image's config says runs first ([`ImageView::fetch_program`]): the workload's reads
 /// come next. The user and group databases a runtime reads first are fetched either way,
-/// before the replay's requests ([`ImageView::fetch_user_databases`]).
+/// their requests started first, beside the replay's ([`ImageView::fetch_user_databases`]).
 fn start_view(
     ctx: &Context,
     image: &crate::image::ImageRecord,

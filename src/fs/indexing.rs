@@ -107,7 +107,7 @@ pub fn fits_one_pass(layer: &LayerRecord, pass_budget: u64) -> bool {
 
 /// What pins a layer's own TOC: the eStargz TOC digest annotation (on gzip layers) or the
 /// zstd:chunked manifest checksum annotation (on zstd layers).
-fn toc_pin(layer: &LayerRecord) -> Option<Digest> {
+pub fn toc_pin(layer: &LayerRecord) -> Option<Digest> {
     match Compression::of_layer(&layer.media_type)? {
         Compression::Gzip => layer
             .annotations

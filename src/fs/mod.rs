@@ -35,7 +35,7 @@ pub use indexing::*;
 pub use start::StartHints;
 
 /// Layers whose indexes are opened at once.
-const PARALLEL_OPENS: usize = 4;
+pub const PARALLEL_OPENS: usize = 4;
 
 /// Told of every read through [`ImageView::read`]: what a startup profile's recorder
 /// ([`crate::profile::Recorder`]) notes.

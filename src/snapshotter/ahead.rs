@@ -1,7 +1,9 @@
 //! Layer indexes fetched ahead of the mount. When a `Prepare` pulls an image's metadata, the
 //! indexes the image pins (published stratafs indexes, eStargz and zstd:chunked TOCs) are
-//! requested as soon as its manifest is parsed, beside the config, and stored once checked —
-//! exactly as a mount's open of those layers would ([`Layers::store_unbuilt`]). containerd
+//! fetched and stored once checked — exactly as a mount's open of those layers would
+//! ([`Layers::store_unbuilt`]): the first [`PARALLEL_OPENS`] layers' first requests as soon as
+//! the manifest is parsed, beside the config ([`Layers::start_early`]), the rest once the
+//! pull is done, that many layers at a time. containerd
 //! prepares the other layers and starts the container meanwhile; the image's mount, which
 //! waits for these fetches ([`Ahead::wait`]) rather than repeating them, then finds its
 //! indexes on disk.
@@ -13,15 +15,16 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::future::{BoxFuture, FutureExt, Shared};
+use futures_util::StreamExt;
 use oci_spec::image::ImageManifest;
 
 use crate::cache::Cache;
 use crate::config::IndexSettings;
-use crate::fs::Layers;
-use crate::image::ImageRecord;
+use crate::fs::{Layers, PARALLEL_OPENS};
+use crate::image::{ImageRecord, LayerRecord};
 use crate::reference::Reference;
 use crate::registry::Registry;
 
@@ -79,30 +82,41 @@ impl Ahead {
         }
     }
 
-    /// Stores the indexes `image` pins for its lazily servable layers, in the background (all
-    /// layers at once, as the requests started early are). [`Ahead::wait`] waits for them.
+    /// Stores the indexes `image` pins for its lazily servable layers that have none stored, in
+    /// the background, [`PARALLEL_OPENS`] layers at a time (each blob once), as a mount opens
+    /// them: an image of hundreds of layers holds no more indexes in memory at once.
+    /// [`Ahead::wait`] waits for them.
     pub fn start(&self, image: &ImageRecord, fetch: Fetch) {
-        let (image, layers) = (image.clone(), fetch.layers);
+        let (image, layers) = (Arc::new(image.clone()), fetch.layers);
         let name = image.name.clone();
         let work = async move {
             let started = Instant::now();
-            let servable = image
-                .layers
-                .iter()
-                .filter(|l| crate::fs::lazily_servable(l) && !layers.streams(l));
-            let stored = futures_util::future::join_all(servable.map(|layer| {
-                let (image, layers) = (&image, &layers);
-                async move {
-                    match layers.store_unbuilt(image, layer).await {
+            let mut due: Vec<LayerRecord> = Vec::new();
+            for l in &image.layers {
+                let fetches = crate::fs::lazily_servable(l) && !layers.streams(l);
+                if fetches
+                    && !already_stored(&layers, l)
+                    && !due.iter().any(|d| d.digest == l.digest)
+                {
+                    due.push(l.clone());
+                }
+            }
+            let stored: Vec<bool> = futures_util::stream::iter(due)
+                .map(|layer| {
+                    let (image, layers) = (image.clone(), layers.clone());
+                    async move {
+                    match layers.store_unbuilt(&image, &layer).await {
                         Ok(stored) => stored,
                         Err(e) => {
                             tracing::warn!(image = %image.name, layer = %layer.digest, error = %e, "fetching the layer's index ahead of its mount failed (the mount tries again)");
                             false
                         }
                     }
-                }
-            }))
-            .await;
+                    }
+                })
+                .buffer_unordered(PARALLEL_OPENS)
+                .collect()
+                .await;
             layers.clear_early();
             let stored = stored.iter().filter(|s| **s).count();
             tracing::info!(image = %image.name, stored, ms = started.elapsed().as_millis() as u64, "layer indexes fetched ahead of the mount");
@@ -123,11 +137,26 @@ impl Ahead {
         });
     }
 
-    /// Waits for the fetches of `image`'s indexes, if any are under way.
+    /// Waits for the fetches of `image`'s indexes, if any are under way, for at most
+    /// [`WAIT_MAX`] (the registry requests end sooner: they have timeouts of their own).
     pub async fn wait(&self, image: &str) {
         let running = self.running.lock().unwrap().get(image).cloned();
         if let Some(fetches) = running {
-            fetches.await;
+            if tokio::time::timeout(WAIT_MAX, fetches).await.is_err() {
+                tracing::warn!(%image, "the layer indexes fetched ahead are still on their way: mounting without waiting for them");
+            }
         }
     }
+}
+
+/// Longest a mount waits for its image's indexes fetched ahead.
+const WAIT_MAX: Duration = Duration::from_secs(60);
+
+/// Whether an index of `layer` is stored already, its own or one under a pin the image gives:
+/// nothing to fetch (and nothing to read now: a stat each).
+fn already_stored(layers: &Layers, layer: &LayerRecord) -> bool {
+    let (indexes, blob) = (layers.indexes(), &layer.digest);
+    indexes.has(blob, None)
+        || crate::fs::pinned_index(layer).is_some_and(|(pin, _)| indexes.has(blob, Some(&pin)))
+        || crate::fs::toc_pin(layer).is_some_and(|pin| indexes.has(blob, Some(&pin)))
 }

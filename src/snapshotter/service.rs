@@ -92,8 +92,8 @@ impl MountLocks {
 
 /// Makes sure the FUSE mount of lazy layer `layer` (snapshot `name`) at `dir` answers: one
 /// mount at a time per mountpoint (`mounting`), a dead one detached and mounted again, a live
-/// one left alone. A new mount first waits for the image's indexes fetched `ahead`, which it
-/// would otherwise request again.
+/// one left alone. First, before taking the lock (a removal meanwhile need not wait), it waits
+/// for the image's indexes fetched `ahead`, which a new mount would otherwise request again.
 async fn mount_lazy(
     mounting: &MountLocks,
     mounter: Arc<dyn Mounter>,
@@ -102,6 +102,10 @@ async fn mount_lazy(
     layer: LazyLayer,
     name: &str,
 ) -> Result<()> {
+    // Before the lock: a removal of the snapshot meanwhile does not wait for the fetches.
+    if let Some(ahead) = ahead {
+        ahead.wait(&layer.image).await;
+    }
     let lock = mounting.of(&dir);
     let _one = lock.lock().await;
     // The snapshot's directory, not the mountpoint (a dead mount there fails a stat).
@@ -120,9 +124,6 @@ async fn mount_lazy(
             mounter.detach(&dir);
         }
         MountState::None => {}
-    }
-    if let Some(ahead) = ahead {
-        ahead.wait(&layer.image).await;
     }
     let LazyLayer {
         image, chain_id, ..

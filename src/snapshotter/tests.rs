@@ -512,3 +512,58 @@ async fn a_pinned_index_is_fetched_ahead_and_the_rootfs_mount_waits_for_it() {
         "the config and the index, once each: {r:?}"
     );
 }
+
+/// A layer whose image pins no index is left to its mount: fetching ahead never streams it
+/// nor stores anything for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_without_a_pinned_index_is_not_fetched_ahead() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(FakeRegistry::new());
+    let (_, blob) = crate::fs::tests::push(&registry, &crate::fs::tests::files());
+    let (mut s, mounter) = snapshotter_over(dir.path(), registry.clone());
+    let chunks = crate::cache::DiskChunks::open(dir.path()).unwrap();
+    let cache = Arc::new(crate::cache::Cache::new(Arc::new(chunks), 8));
+    s.resolver.ahead = Some(Arc::new(super::ahead::Ahead::new(
+        dir.path().to_path_buf(),
+        registry.clone(),
+        cache,
+        Default::default(),
+    )));
+    let image = format!("registry.test/{}:v1", crate::fs::tests::REPO);
+    let labels = |chain: &str| {
+        HashMap::from([
+            (LABEL_TARGET.to_string(), chain.to_string()),
+            (CRI_IMAGE.to_string(), image.clone()),
+            (CRI_LAYER.to_string(), blob.to_string()),
+        ])
+    };
+    // The one layer's ChainID is known once pulled: the first Prepare pulls.
+    let _ = s
+        .create(Kind::Active, "probe", "", labels("sha256:0"))
+        .await;
+    let record = s
+        .resolver
+        .store
+        .images
+        .get(&image)
+        .unwrap()
+        .expect("pulled");
+    let chain = record.layers[0].chain_id.to_string();
+    let e = s
+        .create(Kind::Active, "extract-1", "", labels(&chain))
+        .await
+        .unwrap_err();
+    assert_eq!(code(e), tonic::Code::AlreadyExists);
+    tokio::time::timeout(Duration::from_secs(20), mounter.mounted.notified())
+        .await
+        .expect("the rootfs is mounted");
+    let r = registry.requests();
+    assert_eq!(
+        (r.blobs, r.ranges),
+        (1, 0),
+        "the config only, no layer data: {r:?}"
+    );
+    let indexes = crate::layer::IndexStore::new(dir.path());
+    assert!(!indexes.has(&blob, None), "nothing stored for the layer");
+}
