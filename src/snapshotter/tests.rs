@@ -94,6 +94,38 @@ fn snapshotter_over(dir: &Path, registry: Arc<FakeRegistry>) -> (Snapshotter, Ar
     (s, mounter)
 }
 
+/// The labels CRI gives a `Prepare` of `layer` of `image`, with the target ChainID if given.
+fn cri_labels(image: &str, layer: &str, target: Option<&str>) -> HashMap<String, String> {
+    let mut labels = HashMap::from([
+        (CRI_IMAGE.to_string(), image.to_string()),
+        (CRI_LAYER.to_string(), layer.to_string()),
+    ]);
+    if let Some(t) = target {
+        labels.insert(LABEL_TARGET.to_string(), t.to_string());
+    }
+    labels
+}
+
+/// The ChainID of the first layer of `image`, which the resolver has pulled.
+fn pulled_chain(s: &Snapshotter, image: &str) -> String {
+    let record = s.resolver.store.images.get(image).unwrap().expect("pulled");
+    record.layers[0].chain_id.to_string()
+}
+
+/// A snapshotter whose resolver pulls from `registry` and fetches pinned indexes ahead.
+fn snapshotter_ahead(dir: &Path, registry: Arc<FakeRegistry>) -> (Snapshotter, Arc<FakeMounter>) {
+    let (mut s, mounter) = snapshotter_over(dir, registry.clone());
+    let chunks = crate::cache::DiskChunks::open(dir).unwrap();
+    let cache = Arc::new(crate::cache::Cache::new(Arc::new(chunks), 8));
+    s.resolver.ahead = Some(Arc::new(super::ahead::Ahead::new(
+        dir.to_path_buf(),
+        registry,
+        cache,
+        Default::default(),
+    )));
+    (s, mounter)
+}
+
 /// Stores an image (no registry involved) with one layer per media type; returns its
 /// ChainIDs.
 fn stored_image(store: &Store, name: &str, media_types: &[&str]) -> Vec<String> {
@@ -417,12 +449,7 @@ async fn the_resolver_pulls_labelled_images_metadata_only() {
     let (_, layer) = crate::fs::tests::push(&registry, &crate::fs::tests::files());
     let (s, _) = snapshotter_over(dir.path(), registry.clone());
     let image = format!("registry.test/{}:v1", crate::fs::tests::REPO);
-    let labels = |digest: &str| {
-        HashMap::from([
-            (CRI_IMAGE.to_string(), image.clone()),
-            (CRI_LAYER.to_string(), digest.to_string()),
-        ])
-    };
+    let labels = |digest: &str| cri_labels(&image, digest, None);
     // The ChainID of a one-layer image is its diff_id: known only after the pull, so the
     // first call names a ChainID the image lacks.
     let e = s
@@ -430,14 +457,7 @@ async fn the_resolver_pulls_labelled_images_metadata_only() {
         .resolve("sha256:0", &labels(layer.as_ref()))
         .await;
     assert!(matches!(e, Err(ResolveError::NoChain { .. })), "{e:?}");
-    let record = s
-        .resolver
-        .store
-        .images
-        .get(&image)
-        .unwrap()
-        .expect("pulled");
-    let chain = record.layers[0].chain_id.to_string();
+    let chain = pulled_chain(&s, &image);
     let (lazy, top) = s
         .resolver
         .resolve(&chain, &labels(layer.as_ref()))
@@ -467,24 +487,10 @@ async fn a_pinned_index_is_fetched_ahead_and_the_rootfs_mount_waits_for_it() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Arc::new(FakeRegistry::new());
     let (record, pin) = crate::fs::tests::push_pinned_index(&registry).await;
-    let (mut s, mounter) = snapshotter_over(dir.path(), registry.clone());
-    let chunks = crate::cache::DiskChunks::open(dir.path()).unwrap();
-    let cache = Arc::new(crate::cache::Cache::new(Arc::new(chunks), 8));
-    s.resolver.ahead = Some(Arc::new(super::ahead::Ahead::new(
-        dir.path().to_path_buf(),
-        registry.clone(),
-        cache,
-        Default::default(),
-    )));
+    let (s, mounter) = snapshotter_ahead(dir.path(), registry.clone());
     let layer = &record.layers[0];
-    let labels = HashMap::from([
-        (LABEL_TARGET.to_string(), layer.chain_id.to_string()),
-        (
-            CRI_IMAGE.to_string(),
-            format!("registry.test/{}:v2", crate::fs::tests::REPO),
-        ),
-        (CRI_LAYER.to_string(), layer.digest.to_string()),
-    ]);
+    let image = format!("registry.test/{}:v2", crate::fs::tests::REPO);
+    let labels = cri_labels(&image, layer.digest.as_ref(), Some(layer.chain_id.as_ref()));
     let before = registry.requests();
     let held = registry.hold_blob(&pin);
     let prepared = s.create(Kind::Active, "extract-1", "", labels);
@@ -521,35 +527,14 @@ async fn a_layer_without_a_pinned_index_is_not_fetched_ahead() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Arc::new(FakeRegistry::new());
     let (_, blob) = crate::fs::tests::push(&registry, &crate::fs::tests::files());
-    let (mut s, mounter) = snapshotter_over(dir.path(), registry.clone());
-    let chunks = crate::cache::DiskChunks::open(dir.path()).unwrap();
-    let cache = Arc::new(crate::cache::Cache::new(Arc::new(chunks), 8));
-    s.resolver.ahead = Some(Arc::new(super::ahead::Ahead::new(
-        dir.path().to_path_buf(),
-        registry.clone(),
-        cache,
-        Default::default(),
-    )));
+    let (s, mounter) = snapshotter_ahead(dir.path(), registry.clone());
     let image = format!("registry.test/{}:v1", crate::fs::tests::REPO);
-    let labels = |chain: &str| {
-        HashMap::from([
-            (LABEL_TARGET.to_string(), chain.to_string()),
-            (CRI_IMAGE.to_string(), image.clone()),
-            (CRI_LAYER.to_string(), blob.to_string()),
-        ])
-    };
+    let labels = |chain: &str| cri_labels(&image, blob.as_ref(), Some(chain));
     // The one layer's ChainID is known once pulled: the first Prepare pulls.
     let _ = s
         .create(Kind::Active, "probe", "", labels("sha256:0"))
         .await;
-    let record = s
-        .resolver
-        .store
-        .images
-        .get(&image)
-        .unwrap()
-        .expect("pulled");
-    let chain = record.layers[0].chain_id.to_string();
+    let chain = pulled_chain(&s, &image);
     let e = s
         .create(Kind::Active, "extract-1", "", labels(&chain))
         .await
