@@ -102,18 +102,7 @@ impl Ahead {
                 }
             }
             let stored: Vec<bool> = futures_util::stream::iter(due)
-                .map(|layer| {
-                    let (image, layers) = (image.clone(), layers.clone());
-                    async move {
-                    match layers.store_unbuilt(&image, &layer).await {
-                        Ok(stored) => stored,
-                        Err(e) => {
-                            tracing::warn!(image = %image.name, layer = %layer.digest, error = %e, "fetching the layer's index ahead of its mount failed (the mount tries again)");
-                            false
-                        }
-                    }
-                    }
-                })
+                .map(|layer| store(layers.clone(), image.clone(), layer))
                 .buffer_unordered(PARALLEL_OPENS)
                 .collect()
                 .await;
@@ -145,6 +134,18 @@ impl Ahead {
             if tokio::time::timeout(WAIT_MAX, fetches).await.is_err() {
                 tracing::warn!(%image, "the layer indexes fetched ahead are still on their way: mounting without waiting for them");
             }
+        }
+    }
+}
+
+/// Stores the index `image` pins for `layer` ([`Layers::store_unbuilt`]); whether it is
+/// stored now. A failure is logged and left to the mount, which tries again.
+async fn store(layers: Arc<Layers>, image: Arc<ImageRecord>, layer: LayerRecord) -> bool {
+    match layers.store_unbuilt(&image, &layer).await {
+        Ok(stored) => stored,
+        Err(e) => {
+            tracing::warn!(image = %image.name, layer = %layer.digest, error = %e, "fetching the layer's index ahead of its mount failed (the mount tries again)");
+            false
         }
     }
 }
