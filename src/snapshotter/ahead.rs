@@ -3,10 +3,9 @@
 //! fetched and stored once checked — exactly as a mount's open of those layers would
 //! ([`Layers::store_unbuilt`]): the first [`PARALLEL_OPENS`] layers' first requests as soon as
 //! the manifest is parsed, beside the config ([`Layers::start_early`]), the rest once the
-//! pull is done, that many layers at a time. containerd
-//! prepares the other layers and starts the container meanwhile; the image's mount, which
-//! waits for these fetches ([`Ahead::wait`]) rather than repeating them, then finds its
-//! indexes on disk.
+//! pull is done, that many layers at a time. containerd prepares the other layers and starts
+//! the container meanwhile; the image's mount, which waits for these fetches
+//! ([`Ahead::wait`]) rather than repeating them, then finds its indexes on disk.
 //!
 //! Nothing here decides what is trusted: the same checks run as in a mount, and a layer whose
 //! index the image does not pin is left to the mount (it is never streamed here). A failed
