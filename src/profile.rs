@@ -443,7 +443,25 @@ pub async fn replay(view: Arc<ImageView>, profile: &Profile, parallel: usize) ->
     report.ranges = profile.ranges.len() - report.ignored;
     let plan = coalesce(plan);
     report.pieces = plan.len();
-    futures_util::stream::iter(plan)
+    // The checkpoint windows the pieces start from, each layer's in one request ahead of
+    // them (claimed now: a piece that starts first waits for that request). Not for a piece
+    // that continues one before it in the plan: that one is usually cached by then, and its
+    // end is the window.
+    let mut ends = std::collections::HashSet::new();
+    let mut starts: Vec<Vec<(u64, u64)>> = vec![Vec::new(); view.readers().len()];
+    for &(layer, offset, len) in &plan {
+        if !ends.contains(&(layer, offset)) {
+            starts[layer].push((offset, len));
+        }
+        ends.insert((layer, offset + len));
+    }
+    let windows = futures_util::future::join_all(
+        view.readers()
+            .iter()
+            .zip(&starts)
+            .map(|(reader, ranges)| reader.prefetch_windows(ranges)),
+    );
+    let pieces = futures_util::stream::iter(plan)
         .for_each_concurrent(parallel.max(1), |(layer, offset, len)| {
             let view = view.clone();
             async move {
@@ -452,8 +470,8 @@ pub async fn replay(view: Arc<ImageView>, profile: &Profile, parallel: usize) ->
                     tracing::warn!(layer = %reader.index().blob, offset, error = %e, "profile replay: fetch failed");
                 }
             }
-        })
-        .await;
+        });
+    futures_util::join!(windows, pieces);
     report.seconds = started.elapsed().as_secs_f64();
     tracing::info!(
         image = %view.name,

@@ -41,12 +41,27 @@ pub enum SourceError {
 /// A boxed future, so the trait stays object safe.
 pub type ReadFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<u8>, SourceError>> + Send + 'a>>;
 
+/// A boxed future of several ranges' bytes.
+pub type RangesFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Vec<Vec<u8>>, SourceError>> + Send + 'a>>;
+
 /// Random access to one blob.
 pub trait BlobSource: Send + Sync {
     /// The blob's size in bytes.
     fn size(&self) -> u64;
     /// Reads exactly `len` bytes at `offset`.
     fn read_range(&self, offset: u64, len: u64) -> ReadFuture<'_>;
+    /// Reads `ranges` (offset, length), each returned in the order asked; a source that can
+    /// (a registry answering several ranges per request) asks for them together.
+    fn read_ranges<'a>(&'a self, ranges: &'a [(u64, u64)]) -> RangesFuture<'a> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(ranges.len());
+            for &(offset, len) in ranges {
+                out.push(self.read_range(offset, len).await?);
+            }
+            Ok(out)
+        })
+    }
 }
 
 fn check_range(digest: &Digest, size: u64, offset: u64, len: u64) -> Result<(), SourceError> {
@@ -126,6 +141,22 @@ impl BlobSource for RegistrySource {
             };
             self.fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
             crate::metrics::metrics().fetched(self.digest.as_ref(), data.len() as u64);
+            Ok(data)
+        })
+    }
+
+    fn read_ranges<'a>(&'a self, ranges: &'a [(u64, u64)]) -> RangesFuture<'a> {
+        Box::pin(async move {
+            for &(offset, len) in ranges {
+                check_range(&self.digest, self.size, offset, len)?;
+            }
+            let data = self
+                .client
+                .read_ranges((&self.reference, &self.digest), ranges)
+                .await?;
+            let bytes = data.iter().map(|d| d.len() as u64).sum();
+            self.fetched.fetch_add(bytes, Ordering::Relaxed);
+            crate::metrics::metrics().fetched(self.digest.as_ref(), bytes);
             Ok(data)
         })
     }
@@ -255,6 +286,38 @@ impl<S: BlobSource> BlobSource for FaultySource<S> {
             self.reads.fetch_add(1, Ordering::Relaxed);
             self.bytes.fetch_add(len, Ordering::Relaxed);
             Ok(data)
+        })
+    }
+
+    /// One read for all of them (as a registry answering several ranges at once), with the
+    /// same faults.
+    fn read_ranges<'a>(&'a self, ranges: &'a [(u64, u64)]) -> RangesFuture<'a> {
+        Box::pin(async move {
+            self.started.fetch_add(1, Ordering::Relaxed);
+            let faults = self.faults.lock().unwrap().clone();
+            if let Some(delay) = faults.delay {
+                tokio::time::sleep(delay).await;
+            }
+            if faults.fail {
+                return Err(SourceError::Injected("source unavailable".into()));
+            }
+            let mut out = Vec::with_capacity(ranges.len());
+            for &(offset, len) in ranges {
+                if faults.truncate_at.is_some_and(|t| offset + len > t) {
+                    return Err(SourceError::Injected("blob truncated".into()));
+                }
+                let mut data = self.inner.read_range(offset, len).await?;
+                if let Some(at) = faults
+                    .flip_byte_at
+                    .filter(|at| (offset..offset + len).contains(at))
+                {
+                    data[(at - offset) as usize] ^= 0xff;
+                }
+                self.bytes.fetch_add(len, Ordering::Relaxed);
+                out.push(data);
+            }
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            Ok(out)
         })
     }
 }

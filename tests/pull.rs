@@ -797,3 +797,45 @@ fn http_proxy_from_the_environment_is_used() {
         "{through:?}"
     );
 }
+
+#[test]
+fn several_ranges_of_a_blob_come_in_one_request() {
+    // The distribution registry answers `multipart/byteranges`: a reader that knows several
+    // ranges it needs (the checkpoint windows of a replay) asks once, and gets each right.
+    let reg = Registry::start(RegistryOpts::default());
+    let blob = bytes(11, 3 << 20);
+    let digest = push_blob(&reg.url(), "multi/app", &blob, &Auth::None);
+    let reference: stratafs::reference::Reference =
+        format!("{}/multi/app:v1", reg.addr()).parse().unwrap();
+    let client = stratafs::registry::RegistryClient::new(
+        Default::default(),
+        std::collections::BTreeMap::new(),
+        true,
+    );
+    // Out of order, one touching another, one inside another: each comes back as asked.
+    let ranges = [
+        (2_000_000u64, 1_400u64),
+        (17, 2_000),
+        (2_017, 500),
+        (1_000_000, 64 << 10),
+        (1_000_100, 10),
+        (3_145_000, 728),
+    ];
+    let mark = reg.log_mark();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let got = rt
+        .block_on(client.read_blob_ranges(&reference, &digest.parse().unwrap(), &ranges))
+        .unwrap();
+    for (&(offset, len), data) in ranges.iter().zip(&got) {
+        assert!(
+            data[..] == blob[offset as usize..(offset + len) as usize],
+            "bytes {offset}+{len} differ"
+        );
+    }
+    let gets: Vec<AccessEntry> = reg
+        .access_log_since(mark)
+        .into_iter()
+        .filter(|e| e.method == "GET" && e.path.ends_with(&digest))
+        .collect();
+    assert_eq!(gets.len(), 1, "one request for the six ranges: {gets:#?}");
+}

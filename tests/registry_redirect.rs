@@ -327,3 +327,44 @@ fn a_lazy_mount_reads_a_redirected_layer_from_the_store_without_sending_credenti
         store.hits()
     );
 }
+
+#[test]
+fn several_ranges_go_in_one_request_unless_the_answer_is_the_whole_blob() {
+    // The store answers a request for several ranges with the whole blob (as object stores
+    // that support one range do): that answer is dropped, the ranges are read one by one,
+    // and the registry is not asked for several ranges at once again.
+    let r = Redirected::new();
+    let digest: oci_spec::image::Digest = r.digest.parse().unwrap();
+    let ranges = [(10u64, 100u64), (300_000, 5_000), (700_000, 20_000)];
+    let read = || {
+        r.rt.block_on(r.client.read_blob_ranges(&r.reference, &digest, &ranges))
+            .unwrap()
+    };
+    let seen = r.store.hits().len();
+    let got = read();
+    for (&(offset, len), data) in ranges.iter().zip(&got) {
+        assert!(
+            data[..] == r.blob[offset as usize..(offset + len) as usize],
+            "bytes {offset}+{len} differ"
+        );
+    }
+    let hits = r.store.hits()[seen..].to_vec();
+    let several: Vec<&Hit> = hits
+        .iter()
+        .filter(|h| h.range.as_deref().is_some_and(|v| v.contains(',')))
+        .collect();
+    assert_eq!(several.len(), 1, "{hits:#?}");
+    assert_eq!(several[0].status, 200, "{hits:#?}");
+    assert_eq!(
+        hits.iter().filter(|h| h.status == 206).count(),
+        3,
+        "then one range each: {hits:#?}"
+    );
+    let seen = r.store.hits().len();
+    assert_eq!(read(), got);
+    let hits = r.store.hits()[seen..].to_vec();
+    assert!(
+        hits.len() == 3 && hits.iter().all(|h| h.status == 206),
+        "remembered: one range each, from the start: {hits:#?}"
+    );
+}

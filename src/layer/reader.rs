@@ -98,6 +98,8 @@ pub struct LayerReader {
     /// until a check that asks the cache (`is_stored`, the completeness check) finds it gone;
     /// meanwhile a read of it simply fetches it again.
     known_cached: Vec<std::sync::atomic::AtomicBool>,
+    /// Checkpoint windows asked for ahead of the fetches that read them ([`windows`]).
+    windows_ahead: windows::Ahead,
 }
 
 /// How a run of spans in flight ends, for the reads waiting for it.
@@ -176,6 +178,7 @@ impl LayerReader {
             known_cached: (0..index.spans.len())
                 .map(|_| std::sync::atomic::AtomicBool::new(false))
                 .collect(),
+            windows_ahead: Default::default(),
             index,
         }
     }
@@ -734,6 +737,7 @@ mod decode;
 mod fetch;
 mod stream;
 mod want;
+mod windows;
 
 pub use stream::{stream_index, StreamSpec};
 #[cfg(test)]

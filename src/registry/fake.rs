@@ -17,6 +17,8 @@ pub struct Requests {
     pub manifests: u64,
     pub blobs: u64,
     pub ranges: u64,
+    /// Of `ranges`, requests for several ranges at once.
+    pub multi: u64,
     /// Bytes returned by range reads.
     pub range_bytes: u64,
 }
@@ -109,6 +111,22 @@ impl FakeRegistry {
     }
 
     /// Requests answered so far.
+    /// A 503 while range reads are still to fail.
+    fn injected_fault(&self, reference: &Reference, digest: &Digest) -> Result<(), RegistryError> {
+        let failing = self
+            .failing_ranges
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        match failing {
+            Ok(_) => Err(RegistryError::Status {
+                host: reference.registry().to_string(),
+                url: format!("/v2/{}/blobs/{digest}", reference.repository()),
+                status: 503,
+                detail: "injected fault".into(),
+            }),
+            Err(_) => Ok(()),
+        }
+    }
+
     pub fn requests(&self) -> Requests {
         *self.requests.lock().unwrap()
     }
@@ -205,22 +223,36 @@ impl Registry for FakeRegistry {
         })
     }
 
+    /// One request for all of them, as a registry answering `multipart/byteranges` does.
+    fn read_ranges<'a>(
+        &'a self,
+        at: At<'a>,
+        ranges: &'a [(u64, u64)],
+    ) -> RegistryFuture<'a, Vec<Vec<u8>>> {
+        Box::pin(async move {
+            let (reference, digest) = at;
+            let _open = self.gate.read().await;
+            self.requests.lock().unwrap().multi += 1;
+            self.injected_fault(reference, digest)?;
+            let data = self.object(reference, digest)?;
+            let mut out = Vec::new();
+            for &(offset, len) in ranges {
+                let end = offset.saturating_add(len).min(data.len() as u64);
+                out.push(data[offset.min(end) as usize..end as usize].to_vec());
+            }
+            let mut requests = self.requests.lock().unwrap();
+            requests.ranges += 1;
+            requests.range_bytes += out.iter().map(|d| d.len() as u64).sum::<u64>();
+            Ok(out)
+        })
+    }
+
     fn read_range<'a>(&'a self, at: At<'a>, offset: u64, len: u64) -> RegistryFuture<'a, Vec<u8>> {
         let (reference, digest) = at;
         Box::pin(async move {
             let _open = self.gate.read().await;
             self.requests.lock().unwrap().ranges += 1;
-            let failing =
-                self.failing_ranges
-                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
-            if failing.is_ok() {
-                return Err(RegistryError::Status {
-                    host: reference.registry().to_string(),
-                    url: format!("/v2/{}/blobs/{digest}", reference.repository()),
-                    status: 503,
-                    detail: "injected fault".into(),
-                });
-            }
+            self.injected_fault(reference, digest)?;
             let data = self.object(reference, digest)?;
             let end = offset.saturating_add(len).min(data.len() as u64);
             let piece = data[offset.min(end) as usize..end as usize].to_vec();

@@ -114,6 +114,21 @@ pub trait Registry: Send + Sync {
     fn fetch_blob<'a>(&'a self, at: At<'a>, cap: Option<u64>) -> RegistryFuture<'a, Vec<u8>>;
     /// `len` bytes at `offset` of blob `at`.
     fn read_range<'a>(&'a self, at: At<'a>, offset: u64, len: u64) -> RegistryFuture<'a, Vec<u8>>;
+    /// Ranges (offset, length) of blob `at`, each returned in the order asked: in one request
+    /// where the registry can answer several ranges at once, else one each (the default).
+    fn read_ranges<'a>(
+        &'a self,
+        at: At<'a>,
+        ranges: &'a [(u64, u64)],
+    ) -> RegistryFuture<'a, Vec<Vec<u8>>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(ranges.len());
+            for &(offset, len) in ranges {
+                out.push(self.read_range(at, offset, len).await?);
+            }
+            Ok(out)
+        })
+    }
     /// The referrers index of manifest `subject` listing artifacts of `artifact_type`, or
     /// `None` when the registry has no referrers API (callers then read the referrers tag).
     /// Nothing in it is vouched for by the image: callers decide whether to trust it.
@@ -143,6 +158,14 @@ impl Registry for RegistryClient {
 
     fn read_range<'a>(&'a self, (r, d): At<'a>, at: u64, len: u64) -> RegistryFuture<'a, Vec<u8>> {
         Box::pin(self.read_blob_range(r, d, at, len))
+    }
+
+    fn read_ranges<'a>(
+        &'a self,
+        (r, d): At<'a>,
+        ranges: &'a [(u64, u64)],
+    ) -> RegistryFuture<'a, Vec<Vec<u8>>> {
+        Box::pin(self.read_blob_ranges(r, d, ranges))
     }
 
     fn referrers<'a>(
@@ -322,6 +345,21 @@ impl RegistryClient {
         let (_, req) = blob_request(reference, digest);
         self.transport
             .get_range(&self.endpoints(reference, true)?, &req, offset, len)
+            .await
+    }
+
+    /// `ranges` (offset, length) of a blob, each returned in the order asked: several per
+    /// request where the registry answers `multipart/byteranges`, else one request each
+    /// (`transport::multirange`).
+    pub async fn read_blob_ranges(
+        &self,
+        reference: &Reference,
+        digest: &Digest,
+        ranges: &[(u64, u64)],
+    ) -> Result<Vec<Vec<u8>>, RegistryError> {
+        let (_, req) = blob_request(reference, digest);
+        self.transport
+            .get_ranges(&self.endpoints(reference, true)?, &req, ranges)
             .await
     }
 

@@ -15,6 +15,8 @@ use super::hosts::{Endpoint, HostConfig, RegistrySettings};
 use super::RegistryError;
 use crate::reference::Reference;
 
+mod multirange;
+
 const USER_AGENT: &str = concat!("stratafs/", env!("CARGO_PKG_VERSION"));
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Most time spent retrying a refused or failed connection: a registry that is not listening
@@ -83,6 +85,9 @@ pub(crate) struct Transport {
     requests: AtomicU64,
     /// Where blobs were redirected to (a CDN or store): range reads go there directly.
     locations: super::location::Locations,
+    /// Endpoints (by host) that did not answer a request for several ranges with them
+    /// ([`multirange`]): their ranges are asked for one request each.
+    single_range_hosts: Mutex<HashSet<String>>,
     /// One token request at a time per (host, scope): concurrent requests that need the same
     /// token wait for the one fetching it (as containerd's authorizer does), so a cold mount
     /// reading many ranges at once asks the token service once.
@@ -97,6 +102,7 @@ impl Transport {
             clients: Mutex::default(),
             auth: AuthCache::default(),
             plain_http_hosts: Mutex::default(),
+            single_range_hosts: Mutex::default(),
             requests: AtomicU64::new(0),
             locations: Default::default(),
             token_flights: Mutex::default(),
@@ -163,7 +169,9 @@ impl Transport {
         let mut body_retries = 2;
         loop {
             let (from, end) = (range.next(), range.offset + range.len);
-            let resp = self.send(ep, req, Some((from, end - 1))).await?;
+            let resp = self
+                .send(ep, req, Some(&format!("bytes={from}-{}", end - 1)))
+                .await?;
             let url = super::location::shown(resp.url());
             if self.locations.learn(&asked, resp.url(), Instant::now()) {
                 tracing::debug!(subject = %req.subject, host = %super::location::host_of(&url), "the registry redirects the blob: its range reads go there for a while");
@@ -277,7 +285,7 @@ impl Transport {
         &self,
         ep: &Endpoint,
         req: &Request<'_>,
-        range: Option<(u64, u64)>,
+        range: Option<&str>,
     ) -> Result<Response, RegistryError> {
         let result = self.send_retrying(ep, req, range).await;
         if let Err(e) = &result {
@@ -290,7 +298,7 @@ impl Transport {
         &self,
         ep: &Endpoint,
         req: &Request<'_>,
-        range: Option<(u64, u64)>,
+        range: Option<&str>,
     ) -> Result<Response, RegistryError> {
         let m = crate::metrics::metrics();
         let counted = |status: &str| m.registry_request(status);
@@ -331,8 +339,8 @@ impl Transport {
             if let Some(accept) = req.accept {
                 builder = builder.header(ACCEPT, accept);
             }
-            if let Some((start, end)) = range {
-                builder = builder.header(reqwest::header::RANGE, format!("bytes={start}-{end}"));
+            if let Some(range) = range {
+                builder = builder.header(reqwest::header::RANGE, range);
             }
             let sent = self.authorization(ep, req, &scope).await?;
             if let Some(auth) = &sent {

@@ -304,14 +304,23 @@ impl LayerReader {
             }
             .into());
         };
-        tracing::debug!(blob = %&blob.digest()[..12], at = cp.window_at, len = cp.window_len, "window");
-        let raw = source
-            .read_range(cp.window_at, cp.window_len)
-            .await
-            .map_err(|source| ReadError::WindowSource {
-                blob: blob.to_string(),
-                source,
-            })?;
+        let ahead = match self.window_ahead(cp.window_at, cp.window_len).await {
+            Some(raw) => Some(raw),
+            None => self.window_together(cp.window_at, cp.window_len).await,
+        };
+        let raw = match ahead {
+            Some(raw) => raw,
+            None => {
+                tracing::debug!(blob = %&blob.digest()[..12], at = cp.window_at, len = cp.window_len, "window");
+                source
+                    .read_range(cp.window_at, cp.window_len)
+                    .await
+                    .map_err(|source| ReadError::WindowSource {
+                        blob: blob.to_string(),
+                        source,
+                    })?
+            }
+        };
         let window = crate::layer::inflate(&raw)
             .ok()
             .filter(|w| w.len() == cp.window_size())

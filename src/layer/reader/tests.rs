@@ -520,3 +520,72 @@ async fn fetches_ahead_start_no_request_while_a_read_waits_for_a_large_one() {
         "no request ahead of reads starts while a large read fetches"
     );
 }
+
+/// The setup's reader with its window file read through a counting source.
+fn counting_windows(
+    dir: &std::path::Path,
+) -> (
+    LayerReader,
+    Arc<FaultySource<FileSource>>,
+    Arc<FaultySource<FileSource>>,
+) {
+    let (reader, source, ..) = setup(dir);
+    let digest = reader.index().windows.clone().unwrap().digest;
+    let windows = Arc::new(FaultySource::new(
+        FileSource::open(dir.join("windows"), digest).unwrap(),
+    ));
+    let reader = reader.with_windows(Some(windows.clone()));
+    (reader, source, windows)
+}
+
+/// Three pieces far apart in the layer, each starting past an anchor (so each needs a window).
+fn pieces_apart(reader: &LayerReader) -> Vec<(u64, u64)> {
+    let spans = &reader.index().spans;
+    [5, 15, 27]
+        .iter()
+        .map(|&k| (spans[k].out_offset + 7, spans[k].out_len))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_windows_of_known_fetches_come_in_one_request_and_the_fetches_use_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reader, source, windows) = counting_windows(dir.path());
+    let pieces = pieces_apart(&reader);
+    // Claimed at once: a fetch started before the request ends waits for it.
+    let ahead = reader.prefetch_windows(&pieces);
+    let fetches = futures_util::future::join_all(
+        pieces
+            .iter()
+            .map(|&(offset, len)| reader.prefetch(offset, len)),
+    );
+    let (_, fetched) = futures_util::join!(ahead, fetches);
+    assert!(fetched.iter().all(Result::is_ok), "{fetched:?}");
+    assert_eq!(windows.counts().0, 1, "the three windows in one request");
+    assert_eq!(source.counts().0, 3, "one request per piece");
+    // The spans decoded with those windows are the layer's bytes (each checked by digest).
+    for &(offset, len) in &pieces {
+        assert!(reader.is_cached(offset, len));
+    }
+    // Asking again for cached spans asks for nothing.
+    reader.prefetch_windows(&pieces).await;
+    assert_eq!(windows.counts().0, 1);
+}
+
+#[tokio::test]
+async fn windows_whose_request_failed_are_read_alone_by_their_fetches() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reader, _, windows) = counting_windows(dir.path());
+    let pieces = pieces_apart(&reader);
+    windows.set_faults(crate::source::Faults {
+        fail: true,
+        ..Default::default()
+    });
+    reader.prefetch_windows(&pieces).await;
+    assert_eq!(windows.started(), 1);
+    windows.set_faults(Default::default());
+    for &(offset, len) in &pieces {
+        reader.prefetch(offset, len).await.unwrap();
+    }
+    assert_eq!(windows.counts().0, 3, "each fetch read its window alone");
+}
