@@ -461,14 +461,20 @@ pub async fn replay(view: Arc<ImageView>, profile: &Profile, parallel: usize) ->
             .zip(&starts)
             .map(|(reader, ranges)| reader.prefetch_windows(ranges)),
     );
-    let pieces = futures_util::stream::iter(plan)
-        .for_each_concurrent(parallel.max(1), |(layer, offset, len)| {
+    let pieces = futures_util::stream::iter(plan::groups(&plan))
+        .for_each_concurrent(parallel.max(1), |group| {
             let view = view.clone();
             async move {
-                let reader = &view.readers()[layer];
-                if let Err(e) = reader.prefetch(offset, len).await {
-                    tracing::warn!(layer = %reader.index().blob, offset, error = %e, "profile replay: fetch failed");
-                }
+                // Started together: small ones share a request (`layer::reader::together`).
+                futures_util::future::join_all(group.iter().map(|&(layer, offset, len)| {
+                    let reader = &view.readers()[layer];
+                    async move {
+                        if let Err(e) = reader.prefetch(offset, len).await {
+                            tracing::warn!(layer = %reader.index().blob, offset, error = %e, "profile replay: fetch failed");
+                        }
+                    }
+                }))
+                .await;
             }
         });
     futures_util::join!(windows, pieces);

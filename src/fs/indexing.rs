@@ -450,7 +450,7 @@ impl Layers {
         match self.fetch_published(image, layer, pin).await {
             Ok(i) => Ok(Some((self.keep(i, Some(pin)).await?, true))),
             Err(e) => {
-                tracing::warn!(image = %image.name, layer = %layer.digest, index = %pin, error = %e, "published index unusable: indexing the layer from its own bytes instead");
+                tracing::warn!(image = %image.name, layer = %layer.digest, index = %pin, error = %e, "published index unusable: the layer is indexed otherwise (its TOC, or its own bytes when it is opened)");
                 Ok(None)
             }
         }

@@ -100,6 +100,8 @@ pub struct LayerReader {
     known_cached: Vec<std::sync::atomic::AtomicBool>,
     /// Checkpoint windows asked for ahead of the fetches that read them ([`windows`]).
     windows_ahead: windows::Ahead,
+    /// Small fetches ahead of reads starting together, to share a request ([`together`]).
+    together: together::Together,
 }
 
 /// How a run of spans in flight ends, for the reads waiting for it.
@@ -179,6 +181,7 @@ impl LayerReader {
                 .map(|_| std::sync::atomic::AtomicBool::new(false))
                 .collect(),
             windows_ahead: Default::default(),
+            together: Default::default(),
             index,
         }
     }
@@ -736,6 +739,7 @@ mod check;
 mod decode;
 mod fetch;
 mod stream;
+mod together;
 mod want;
 mod windows;
 

@@ -12,6 +12,29 @@ const COALESCE_AHEAD: usize = 64;
 /// gzip pieces merge only when they touch).
 const COALESCE_GAP: u64 = 64 << 10;
 
+/// Layer data of a piece small enough to start with the small pieces next to it in the plan.
+const GROUP_PIECE: u64 = 512 << 10;
+/// Pieces started together at most.
+const GROUP_MAX: usize = 8;
+
+/// The plan's pieces as the groups the replay starts together, in plan order: up to
+/// [`GROUP_MAX`] consecutive pieces of at most [`GROUP_PIECE`] each, a larger one alone.
+/// Started together, a group's small fetches of one layer share a request
+/// (`layer::reader::together`); each still waits only for its own bytes' request.
+pub(super) fn groups(plan: &[(usize, u64, u64)]) -> Vec<Vec<(usize, u64, u64)>> {
+    let mut out: Vec<Vec<(usize, u64, u64)>> = Vec::new();
+    for &piece in plan {
+        let small = piece.2 <= GROUP_PIECE;
+        match out.last_mut() {
+            Some(g) if small && g.len() < GROUP_MAX && g.iter().all(|p| p.2 <= GROUP_PIECE) => {
+                g.push(piece)
+            }
+            _ => out.push(vec![piece]),
+        }
+    }
+    out
+}
+
 /// Disjoint byte intervals of one layer.
 #[derive(Debug, Default)]
 pub(super) struct Coverage {

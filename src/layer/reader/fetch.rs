@@ -157,15 +157,17 @@ impl LayerReader {
         let needs = self.checkpoint_of(from).filter(|cp| cp.window_size() > 0);
         let before_cached = needs.is_some() && from > 0 && self.span_cached(from - 1);
         let data = async {
-            self.source
-                .read_range(base, end - base)
-                .await
-                .map_err(|source| {
-                    CacheError::from(ReadError::Source {
-                        blob: blob.to_string(),
-                        source,
-                    })
+            // A small fetch ahead of reads shares its request with those starting with it.
+            let read = match ahead && end - base <= super::together::SMALL {
+                true => self.together.read(&*self.source, base, end - base).await,
+                false => self.source.read_range(base, end - base).await,
+            };
+            read.map_err(|source| {
+                CacheError::from(ReadError::Source {
+                    blob: blob.to_string(),
+                    source,
                 })
+            })
         };
         let before = async {
             if !before_cached {

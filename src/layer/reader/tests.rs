@@ -562,7 +562,7 @@ async fn the_windows_of_known_fetches_come_in_one_request_and_the_fetches_use_th
     let (_, fetched) = futures_util::join!(ahead, fetches);
     assert!(fetched.iter().all(Result::is_ok), "{fetched:?}");
     assert_eq!(windows.counts().0, 1, "the three windows in one request");
-    assert_eq!(source.counts().0, 3, "one request per piece");
+    assert_eq!(source.counts().0, 1, "the pieces, started together, share theirs");
     // The spans decoded with those windows are the layer's bytes (each checked by digest).
     for &(offset, len) in &pieces {
         assert!(reader.is_cached(offset, len));
@@ -588,4 +588,35 @@ async fn windows_whose_request_failed_are_read_alone_by_their_fetches() {
         reader.prefetch(offset, len).await.unwrap();
     }
     assert_eq!(windows.counts().0, 3, "each fetch read its window alone");
+}
+
+#[tokio::test]
+async fn small_fetches_ahead_started_together_share_one_request_and_reads_do_not_wait_to_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reader, source, _) = counting_windows(dir.path());
+    let pieces = pieces_apart(&reader);
+    let fetched = futures_util::future::join_all(
+        pieces
+            .iter()
+            .map(|&(offset, len)| reader.prefetch(offset, len)),
+    )
+    .await;
+    assert!(fetched.iter().all(Result::is_ok), "{fetched:?}");
+    assert_eq!(
+        source.counts().0,
+        1,
+        "three pieces ahead of reads, one request"
+    );
+    for &(offset, len) in &pieces {
+        assert!(reader.is_cached(offset, len));
+    }
+    // Reads a process waits for: each its own request, at once.
+    let dir = tempfile::tempdir().unwrap();
+    let (reader, source, _) = counting_windows(dir.path());
+    let read = futures_util::future::join_all(
+        pieces.iter().map(|&(offset, len)| reader.read(offset, len)),
+    )
+    .await;
+    assert!(read.iter().all(Result::is_ok));
+    assert_eq!(source.counts().0, 3);
 }

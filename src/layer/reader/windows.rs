@@ -90,7 +90,8 @@ impl LayerReader {
     /// the windows other fetches of this layer ask for at the same moment (those started
     /// together, as a walk's or an open's, need theirs together): it waits one turn of the
     /// runtime — no timer — and the first of them to run again requests them all. `None`:
-    /// that request failed (read it alone).
+    /// no other fetch asked for one meanwhile, or that request failed (read it alone: its
+    /// error is then the fetch's own).
     pub(super) async fn window_together(&self, at: u64, len: u64) -> Option<Vec<u8>> {
         let flight = {
             let mut map = self.windows_ahead.flights.lock().unwrap();
@@ -115,6 +116,18 @@ impl LayerReader {
         };
         tokio::task::yield_now().await;
         let batch = std::mem::take(&mut *self.windows_ahead.pending.lock().unwrap());
+        if let [(_, only)] = &batch[..] {
+            if Arc::ptr_eq(only, &flight) {
+                // Alone: read as before (a fetch that shares it meanwhile reads its own).
+                let _ = flight.data.set(None);
+                flight.done.close();
+                let mut map = self.windows_ahead.flights.lock().unwrap();
+                if map.get(&at).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
+                    map.remove(&at);
+                }
+                return None;
+            }
+        }
         if !batch.is_empty() {
             tracing::debug!(blob = %&self.index.blob.digest()[..12], windows = batch.len(), "windows together");
             self.request_windows(&batch).await;
