@@ -562,7 +562,11 @@ async fn the_windows_of_known_fetches_come_in_one_request_and_the_fetches_use_th
     let (_, fetched) = futures_util::join!(ahead, fetches);
     assert!(fetched.iter().all(Result::is_ok), "{fetched:?}");
     assert_eq!(windows.counts().0, 1, "the three windows in one request");
-    assert_eq!(source.counts().0, 1, "the pieces, started together, share theirs");
+    assert_eq!(
+        source.counts().0,
+        1,
+        "the pieces, started together, share theirs"
+    );
     // The spans decoded with those windows are the layer's bytes (each checked by digest).
     for &(offset, len) in &pieces {
         assert!(reader.is_cached(offset, len));
