@@ -257,6 +257,35 @@ impl<S: BlobSource> FaultySource<S> {
             self.bytes.load(Ordering::Relaxed),
         )
     }
+
+    /// What every read goes through first: counted as begun, delayed, failed if told to.
+    async fn begin(&self) -> Result<Faults, SourceError> {
+        self.started.fetch_add(1, Ordering::Relaxed);
+        let faults = self.faults.lock().unwrap().clone();
+        if let Some(delay) = faults.delay {
+            tokio::time::sleep(delay).await;
+        }
+        if faults.fail {
+            return Err(SourceError::Injected("source unavailable".into()));
+        }
+        Ok(faults)
+    }
+
+    /// `len` bytes at `offset` from the inner source, truncated or corrupted as told.
+    async fn range(&self, faults: &Faults, offset: u64, len: u64) -> Result<Vec<u8>, SourceError> {
+        if faults.truncate_at.is_some_and(|t| offset + len > t) {
+            return Err(SourceError::Injected("blob truncated".into()));
+        }
+        let mut data = self.inner.read_range(offset, len).await?;
+        if let Some(at) = faults
+            .flip_byte_at
+            .filter(|at| (offset..offset + len).contains(at))
+        {
+            data[(at - offset) as usize] ^= 0xff;
+        }
+        self.bytes.fetch_add(len, Ordering::Relaxed);
+        Ok(data)
+    }
 }
 
 impl<S: BlobSource> BlobSource for FaultySource<S> {
@@ -266,25 +295,9 @@ impl<S: BlobSource> BlobSource for FaultySource<S> {
 
     fn read_range(&self, offset: u64, len: u64) -> ReadFuture<'_> {
         Box::pin(async move {
-            self.started.fetch_add(1, Ordering::Relaxed);
-            let faults = self.faults.lock().unwrap().clone();
-            if let Some(delay) = faults.delay {
-                tokio::time::sleep(delay).await;
-            }
-            if faults.fail {
-                return Err(SourceError::Injected("source unavailable".into()));
-            }
-            if faults.truncate_at.is_some_and(|t| offset + len > t) {
-                return Err(SourceError::Injected("blob truncated".into()));
-            }
-            let mut data = self.inner.read_range(offset, len).await?;
-            if let Some(at) = faults.flip_byte_at {
-                if (offset..offset + len).contains(&at) {
-                    data[(at - offset) as usize] ^= 0xff;
-                }
-            }
+            let faults = self.begin().await?;
+            let data = self.range(&faults, offset, len).await?;
             self.reads.fetch_add(1, Ordering::Relaxed);
-            self.bytes.fetch_add(len, Ordering::Relaxed);
             Ok(data)
         })
     }
@@ -293,28 +306,10 @@ impl<S: BlobSource> BlobSource for FaultySource<S> {
     /// same faults.
     fn read_ranges<'a>(&'a self, ranges: &'a [(u64, u64)]) -> RangesFuture<'a> {
         Box::pin(async move {
-            self.started.fetch_add(1, Ordering::Relaxed);
-            let faults = self.faults.lock().unwrap().clone();
-            if let Some(delay) = faults.delay {
-                tokio::time::sleep(delay).await;
-            }
-            if faults.fail {
-                return Err(SourceError::Injected("source unavailable".into()));
-            }
+            let faults = self.begin().await?;
             let mut out = Vec::with_capacity(ranges.len());
             for &(offset, len) in ranges {
-                if faults.truncate_at.is_some_and(|t| offset + len > t) {
-                    return Err(SourceError::Injected("blob truncated".into()));
-                }
-                let mut data = self.inner.read_range(offset, len).await?;
-                if let Some(at) = faults
-                    .flip_byte_at
-                    .filter(|at| (offset..offset + len).contains(at))
-                {
-                    data[(at - offset) as usize] ^= 0xff;
-                }
-                self.bytes.fetch_add(len, Ordering::Relaxed);
-                out.push(data);
+                out.push(self.range(&faults, offset, len).await?);
             }
             self.reads.fetch_add(1, Ordering::Relaxed);
             Ok(out)
