@@ -36,6 +36,9 @@ pub enum SourceError {
     },
     #[error("injected fault: {0}")]
     Injected(String),
+    /// The error of a request that several reads shared (each waiting read gets it).
+    #[error("{0}")]
+    Shared(#[source] Arc<SourceError>),
 }
 
 /// A boxed future, so the trait stays object safe.
@@ -51,6 +54,11 @@ pub trait BlobSource: Send + Sync {
     fn size(&self) -> u64;
     /// Reads exactly `len` bytes at `offset`.
     fn read_range(&self, offset: u64, len: u64) -> ReadFuture<'_>;
+    /// Whether [`read_ranges`](Self::read_ranges) asks for several ranges in one request
+    /// (else it reads them one after another, and callers had better not wait for them all).
+    fn ranges_together(&self) -> bool {
+        false
+    }
     /// Reads `ranges` (offset, length), each returned in the order asked; a source that can
     /// (a registry answering several ranges per request) asks for them together.
     fn read_ranges<'a>(&'a self, ranges: &'a [(u64, u64)]) -> RangesFuture<'a> {
@@ -143,6 +151,10 @@ impl BlobSource for RegistrySource {
             crate::metrics::metrics().fetched(self.digest.as_ref(), data.len() as u64);
             Ok(data)
         })
+    }
+
+    fn ranges_together(&self) -> bool {
+        self.client.ranges_together((&self.reference, &self.digest))
     }
 
     fn read_ranges<'a>(&'a self, ranges: &'a [(u64, u64)]) -> RangesFuture<'a> {
@@ -300,6 +312,11 @@ impl<S: BlobSource> BlobSource for FaultySource<S> {
             self.reads.fetch_add(1, Ordering::Relaxed);
             Ok(data)
         })
+    }
+
+    /// As a registry answering several ranges at once.
+    fn ranges_together(&self) -> bool {
+        true
     }
 
     /// One read for all of them (as a registry answering several ranges at once), with the

@@ -18,7 +18,8 @@ const GROUP_PIECE: u64 = 512 << 10;
 const GROUP_MAX: usize = 8;
 
 /// The plan's pieces as the groups the replay starts together, in plan order: up to
-/// [`GROUP_MAX`] consecutive pieces of at most [`GROUP_PIECE`] each, a larger one alone.
+/// [`GROUP_MAX`] consecutive pieces of one layer of at most [`GROUP_PIECE`] each, a larger one
+/// alone.
 /// Started together, a group's small fetches of one layer share a request
 /// (`layer::reader::together`); each still waits only for its own bytes' request.
 pub(super) fn groups(plan: &[(usize, u64, u64)]) -> Vec<Vec<(usize, u64, u64)>> {
@@ -26,7 +27,11 @@ pub(super) fn groups(plan: &[(usize, u64, u64)]) -> Vec<Vec<(usize, u64, u64)>> 
     for &piece in plan {
         let small = piece.2 <= GROUP_PIECE;
         match out.last_mut() {
-            Some(g) if small && g.len() < GROUP_MAX && g.iter().all(|p| p.2 <= GROUP_PIECE) => {
+            Some(g)
+                if small
+                    && g.len() < GROUP_MAX
+                    && g.iter().all(|p| p.0 == piece.0 && p.2 <= GROUP_PIECE) =>
+            {
                 g.push(piece)
             }
             _ => out.push(vec![piece]),

@@ -223,6 +223,10 @@ impl Registry for FakeRegistry {
         })
     }
 
+    fn ranges_together(&self, _: At<'_>) -> bool {
+        true
+    }
+
     /// One request for all of them, as a registry answering `multipart/byteranges` does.
     fn read_ranges<'a>(
         &'a self,

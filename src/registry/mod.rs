@@ -114,6 +114,11 @@ pub trait Registry: Send + Sync {
     fn fetch_blob<'a>(&'a self, at: At<'a>, cap: Option<u64>) -> RegistryFuture<'a, Vec<u8>>;
     /// `len` bytes at `offset` of blob `at`.
     fn read_range<'a>(&'a self, at: At<'a>, offset: u64, len: u64) -> RegistryFuture<'a, Vec<u8>>;
+    /// Whether [`read_ranges`](Self::read_ranges) of blob `at` would ask for several ranges in
+    /// one request (no: one each, the default).
+    fn ranges_together(&self, _at: At<'_>) -> bool {
+        false
+    }
     /// Ranges (offset, length) of blob `at`, each returned in the order asked: in one request
     /// where the registry can answer several ranges at once, else one each (the default).
     fn read_ranges<'a>(
@@ -158,6 +163,12 @@ impl Registry for RegistryClient {
 
     fn read_range<'a>(&'a self, (r, d): At<'a>, at: u64, len: u64) -> RegistryFuture<'a, Vec<u8>> {
         Box::pin(self.read_blob_range(r, d, at, len))
+    }
+
+    fn ranges_together(&self, (r, d): At<'_>) -> bool {
+        let (_, req) = blob_request(r, d);
+        self.endpoints(r, true)
+            .is_ok_and(|endpoints| self.transport.ranges_together(&endpoints, &req))
     }
 
     fn read_ranges<'a>(

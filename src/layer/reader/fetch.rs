@@ -159,7 +159,7 @@ impl LayerReader {
         let data = async {
             // A small fetch ahead of reads shares its request with those starting with it.
             let read = match ahead && end - base <= super::together::SMALL {
-                true => self.together.read(&*self.source, base, end - base).await,
+                true => self.together.read(&self.source, base, end - base).await,
                 false => self.source.read_range(base, end - base).await,
             };
             read.map_err(|source| {
@@ -306,23 +306,22 @@ impl LayerReader {
             }
             .into());
         };
-        let ahead = match self.window_ahead(cp.window_at, cp.window_len).await {
-            Some(raw) => Some(raw),
-            None => self.window_together(cp.window_at, cp.window_len).await,
+        let (at, len) = (cp.window_at, cp.window_len);
+        let ahead = match self.window_ahead(at, len).await {
+            Some(answer) => Some(answer),
+            None => self.window_together(at, len).await,
         };
         let raw = match ahead {
-            Some(raw) => raw,
+            Some(answer) => answer,
             None => {
-                tracing::debug!(blob = %&blob.digest()[..12], at = cp.window_at, len = cp.window_len, "window");
-                source
-                    .read_range(cp.window_at, cp.window_len)
-                    .await
-                    .map_err(|source| ReadError::WindowSource {
-                        blob: blob.to_string(),
-                        source,
-                    })?
+                tracing::debug!(blob = %&blob.digest()[..12], at, len, "window");
+                source.read_range(at, len).await
             }
-        };
+        }
+        .map_err(|source| ReadError::WindowSource {
+            blob: blob.to_string(),
+            source,
+        })?;
         let window = crate::layer::inflate(&raw)
             .ok()
             .filter(|w| w.len() == cp.window_size())

@@ -552,14 +552,19 @@ async fn the_windows_of_known_fetches_come_in_one_request_and_the_fetches_use_th
     let dir = tempfile::tempdir().unwrap();
     let (reader, source, windows) = counting_windows(dir.path());
     let pieces = pieces_apart(&reader);
-    // Claimed at once: a fetch started before the request ends waits for it.
-    let ahead = reader.prefetch_windows(&pieces);
-    let fetches = futures_util::future::join_all(
+    // Claimed and requested at once: a fetch started before the request ends waits for it,
+    // even once the caller has stopped waiting (the request runs on by itself).
+    windows.set_faults(crate::source::Faults {
+        delay: Some(std::time::Duration::from_millis(100)),
+        ..Default::default()
+    });
+    drop(reader.prefetch_windows(&pieces));
+    let fetched = futures_util::future::join_all(
         pieces
             .iter()
             .map(|&(offset, len)| reader.prefetch(offset, len)),
-    );
-    let (_, fetched) = futures_util::join!(ahead, fetches);
+    )
+    .await;
     assert!(fetched.iter().all(Result::is_ok), "{fetched:?}");
     assert_eq!(windows.counts().0, 1, "the three windows in one request");
     assert_eq!(
@@ -577,7 +582,7 @@ async fn the_windows_of_known_fetches_come_in_one_request_and_the_fetches_use_th
 }
 
 #[tokio::test]
-async fn windows_whose_request_failed_are_read_alone_by_their_fetches() {
+async fn windows_whose_request_failed_are_asked_for_again_by_later_fetches() {
     let dir = tempfile::tempdir().unwrap();
     let (reader, _, windows) = counting_windows(dir.path());
     let pieces = pieces_apart(&reader);
@@ -591,7 +596,11 @@ async fn windows_whose_request_failed_are_read_alone_by_their_fetches() {
     for &(offset, len) in &pieces {
         reader.prefetch(offset, len).await.unwrap();
     }
-    assert_eq!(windows.counts().0, 3, "each fetch read its window alone");
+    assert_eq!(
+        windows.counts().0,
+        3,
+        "each fetch asked for its window again"
+    );
 }
 
 #[tokio::test]

@@ -3,17 +3,18 @@
 //! A walk's batch, an open's pieces or a group of a profile's pieces start several fetches of
 //! one layer at once, each a range request of its own — and each request costs the registry
 //! as much as a large one (on the cold-start benchmark's registry, about 4.4 ms of CPU against
-//! about 0.2 ms per further range of one request). A fetch ahead of reads of at most
-//! [`SMALL`] compressed bytes registers its range here and waits one turn of the runtime (no
-//! timer); the first of those registered meanwhile to run again asks for them all with one
-//! [`BlobSource::read_ranges`] (several ranges per request where the registry can), at most
-//! [`BATCH_BYTES`] and [`BATCH_RANGES`] per request. A fetch that finds itself alone sends its
-//! own request, as before. Reads that a process waits for never wait here: their request goes
-//! at once.
+//! about 0.2 ms per further range of one request). Where the layer's source asks for several
+//! ranges in one request ([`BlobSource::ranges_together`]), a fetch ahead of reads of at most
+//! [`SMALL`] compressed bytes registers its range here; the first to register starts a
+//! flusher task that waits one turn of the runtime (no timer) and asks for all those
+//! registered meanwhile with [`BlobSource::read_ranges`], at most [`BATCH_BYTES`] and
+//! [`BATCH_RANGES`] per request (one alone is a plain range read, as before). Reads that a
+//! process waits for never wait here: their request goes at once.
 //!
-//! Nothing is trusted more for it: each fetch checks its bytes against its span digests as
-//! before, and if the shared request fails each reads its range alone (so its error is its
-//! own).
+//! The requests run in tasks of their own, so a fetch that is dropped leaves no other
+//! waiting, and a request that fails gives its error to each fetch in it (none asks again:
+//! the registry client has retried already). Nothing is trusted more for it: each fetch
+//! checks its bytes against its span digests as before.
 
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -26,59 +27,64 @@ const BATCH_BYTES: u64 = 1 << 20;
 /// Ranges per shared request at most.
 const BATCH_RANGES: usize = 32;
 
-/// One range waiting for its share of a request: set once it ends (`None`: it failed).
+/// One range waiting for its share of a request: its answer, once the request ends.
 struct Slot {
-    data: OnceLock<Option<Vec<u8>>>,
+    answer: OnceLock<Result<Vec<u8>, Arc<SourceError>>>,
     done: tokio::sync::Semaphore,
 }
+
+type Registered = (u64, u64, Arc<Slot>);
 
 /// The ranges of one blob registered and not requested yet.
 #[derive(Default)]
 pub(super) struct Together {
-    pending: Mutex<Vec<(u64, u64, Arc<Slot>)>>,
+    pending: Arc<Mutex<Vec<Registered>>>,
 }
 
 impl Together {
     /// `len` bytes at `offset` of `source`, in one request with the other ranges registered
-    /// before the next turn of the runtime; alone, or if that request failed, in its own.
+    /// before the next turn of the runtime (alone where the source asks for one range per
+    /// request).
     pub(super) async fn read(
         &self,
-        source: &dyn BlobSource,
+        source: &Arc<dyn BlobSource>,
         offset: u64,
         len: u64,
     ) -> Result<Vec<u8>, SourceError> {
+        if !source.ranges_together() {
+            return source.read_range(offset, len).await;
+        }
         let slot = Arc::new(Slot {
-            data: OnceLock::new(),
+            answer: OnceLock::new(),
             done: tokio::sync::Semaphore::new(0),
         });
-        self.pending
-            .lock()
-            .unwrap()
-            .push((offset, len, slot.clone()));
-        tokio::task::yield_now().await;
-        let batch = std::mem::take(&mut *self.pending.lock().unwrap());
-        match &batch[..] {
-            [(.., only)] if Arc::ptr_eq(only, &slot) => {
-                return source.read_range(offset, len).await;
+        {
+            let mut pending = self.pending.lock().unwrap();
+            if pending.is_empty() {
+                let (pending, source) = (self.pending.clone(), source.clone());
+                tokio::spawn(async move {
+                    tokio::task::yield_now().await;
+                    let batch = std::mem::take(&mut *pending.lock().unwrap());
+                    let groups = groups(batch);
+                    futures_util::future::join_all(groups.iter().map(|g| request(&*source, g)))
+                        .await;
+                });
             }
-            [] => {}
-            _ => {
-                let groups = groups(batch);
-                futures_util::future::join_all(groups.iter().map(|g| request(source, g))).await;
-            }
+            pending.push((offset, len, slot.clone()));
         }
         let _ = slot.done.acquire().await;
-        match slot.data.get().cloned().flatten() {
-            Some(data) => Ok(data),
-            None => source.read_range(offset, len).await,
+        match slot.answer.get() {
+            Some(Ok(data)) => Ok(data.clone()),
+            Some(Err(e)) => Err(SourceError::Shared(e.clone())),
+            None => unreachable!("a slot is closed once answered"),
         }
     }
 }
 
 /// `batch` cut into requests of at most [`BATCH_BYTES`] and [`BATCH_RANGES`], in blob order.
-fn groups(mut batch: Vec<(u64, u64, Arc<Slot>)>) -> Vec<Vec<(u64, u64, Arc<Slot>)>> {
+fn groups(mut batch: Vec<Registered>) -> Vec<Vec<Registered>> {
     batch.sort_by_key(|(offset, ..)| *offset);
-    let mut out: Vec<Vec<(u64, u64, Arc<Slot>)>> = Vec::new();
+    let mut out: Vec<Vec<Registered>> = Vec::new();
     let mut bytes = 0;
     for item in batch {
         match out.last_mut() {
@@ -95,8 +101,8 @@ fn groups(mut batch: Vec<(u64, u64, Arc<Slot>)>) -> Vec<Vec<(u64, u64, Arc<Slot>
     out
 }
 
-/// One request for `group`'s ranges (a plain range read for one), which it then ends.
-async fn request(source: &dyn BlobSource, group: &[(u64, u64, Arc<Slot>)]) {
+/// One request for `group`'s ranges (a plain range read for one), which then answers each.
+async fn request(source: &dyn BlobSource, group: &[Registered]) {
     let answer = match group {
         [(offset, len, _)] => source.read_range(*offset, *len).await.map(|d| vec![d]),
         _ => {
@@ -104,12 +110,19 @@ async fn request(source: &dyn BlobSource, group: &[(u64, u64, Arc<Slot>)]) {
             source.read_ranges(&ranges).await
         }
     };
-    let mut data = match answer {
-        Ok(data) if data.len() == group.len() => data.into_iter().map(Some).collect(),
-        _ => vec![None; group.len()],
+    let answers: Vec<Result<Vec<u8>, Arc<SourceError>>> = match answer {
+        Ok(data) if data.len() == group.len() => data.into_iter().map(Ok).collect(),
+        Ok(_) => {
+            let e = Arc::new(SourceError::Io {
+                what: "several ranges in one request".into(),
+                source: std::io::Error::other("answered another number of ranges"),
+            });
+            vec![Err(e); group.len()]
+        }
+        Err(e) => vec![Err(Arc::new(e)); group.len()],
     };
-    for ((_, _, slot), data) in group.iter().zip(data.iter_mut()) {
-        let _ = slot.data.set(data.take());
+    for ((_, _, slot), answer) in group.iter().zip(answers) {
+        let _ = slot.answer.set(answer);
         slot.done.close();
     }
 }

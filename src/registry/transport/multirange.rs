@@ -9,11 +9,13 @@
 //! byte against its digest as before.
 //!
 //! Servers that cannot (object stores behind a redirect often cannot) answer with the whole
-//! blob (200), with one range, or with an error. Then the response is dropped unread (a 200's
-//! body costs at most what was in flight), the endpoint is remembered as single-range for the
-//! life of the client, and whatever is still missing is read one range per request through
-//! [`Transport::get_range`], with its retries, mirrors and redirects. So a registry without
-//! the feature costs one wasted request per client, and the answer is never wrong.
+//! blob (200), with one range, with 400, 416 or 501, or with a body larger than asked for.
+//! Then the response is dropped unread (a 200's body costs at most what was in flight), the
+//! endpoint is remembered as single-range for the life of the client, and whatever is still
+//! missing is read one range per request through [`Transport::get_range`] ([`SINGLES`] at a
+//! time), with its retries, mirrors and redirects. So a registry without the feature costs one
+//! wasted request per client, and the answer is never wrong. Any other failure of the request
+//! (after [`Transport::send`]'s retries) is the call's error: it is not retried range by range.
 //!
 //! Bounds: at most [`MAX_PARTS`] ranges and a `Range` header of at most [`MAX_HEADER`] bytes
 //! per request (servers cap header lines: nginx at 8 KiB); a body is read only up to the bytes
@@ -33,6 +35,8 @@ pub(crate) const MAX_PARTS: usize = 64;
 const MAX_HEADER: usize = 3000;
 /// Bytes of delimiters and headers a response may spend per part.
 const PART_OVERHEAD: u64 = 1024;
+/// Ranges read one request each at a time, where several in one request are not answered.
+const SINGLES: usize = 8;
 
 impl Transport {
     /// GETs `ranges` (offset, length) of a blob, each returned in the order asked, in as few
@@ -44,6 +48,7 @@ impl Transport {
         req: &Request<'_>,
         ranges: &[(u64, u64)],
     ) -> Result<Vec<Vec<u8>>, RegistryError> {
+        use futures_util::StreamExt;
         let intervals = merged(ranges);
         let mut got: HashMap<u64, Vec<u8>> = HashMap::new();
         if let (true, Some(ep)) = (intervals.len() > 1, endpoints.first()) {
@@ -53,7 +58,9 @@ impl Transport {
                     groups.iter().map(|g| self.get_group(ep, req, g)),
                 )
                 .await;
-                got.extend(answers.into_iter().flatten());
+                for answer in answers {
+                    got.extend(answer?);
+                }
             }
         }
         let missing: Vec<(u64, u64)> = intervals
@@ -61,14 +68,11 @@ impl Transport {
             .copied()
             .filter(|(s, _)| !got.contains_key(s))
             .collect();
-        let singles = futures_util::future::join_all(
-            missing
-                .iter()
-                .map(|&(s, e)| self.get_range(endpoints, req, s, e - s)),
-        )
-        .await;
-        for ((s, _), data) in missing.iter().zip(singles) {
-            got.insert(*s, data?);
+        let mut singles = futures_util::stream::iter(missing)
+            .map(|(s, e)| async move { (s, self.get_range(endpoints, req, s, e - s).await) })
+            .buffer_unordered(SINGLES);
+        while let Some((s, data)) = singles.next().await {
+            got.insert(s, data?);
         }
         Ok(ranges
             .iter()
@@ -101,24 +105,18 @@ impl Transport {
             .is_none()
     }
 
-    /// One request for the intervals of `group`: those its answer holds, by start.
+    /// One request for the intervals of `group`: those its answer holds, by start (none when
+    /// the endpoint does not answer several ranges at once).
     async fn get_group(
         &self,
         ep: &Endpoint,
         req: &Request<'_>,
         group: &[(u64, u64)],
-    ) -> Vec<(u64, Vec<u8>)> {
+    ) -> Result<Vec<(u64, Vec<u8>)>, RegistryError> {
         let spec: Vec<String> = group
             .iter()
             .map(|(s, e)| format!("{s}-{}", e - 1))
             .collect();
-        let Ok(resp) = self
-            .send(ep, req, Some(&format!("bytes={}", spec.join(","))))
-            .await
-        else {
-            // The ranges one by one will say what is wrong (with their own retries).
-            return Vec::new();
-        };
         let single_range = |why: &str| {
             tracing::info!(host = %ep.host, subject = %req.subject, "{why}: this registry's ranges are read one request each");
             self.single_range_hosts
@@ -126,27 +124,44 @@ impl Transport {
                 .unwrap()
                 .insert(ep.host.clone());
         };
+        let resp = match self
+            .send(ep, req, Some(&format!("bytes={}", spec.join(","))))
+            .await
+        {
+            Ok(resp) => resp,
+            Err(RegistryError::Status { status, .. }) if matches!(status, 400 | 416 | 501) => {
+                single_range(&format!("several ranges in one request answered {status}"));
+                return Ok(Vec::new());
+            }
+            Err(e) => return Err(e),
+        };
         if resp.status() != StatusCode::PARTIAL_CONTENT {
             // Dropped unread: a whole blob is not what was asked for.
             single_range(&format!(
                 "several ranges in one request answered {}",
                 resp.status()
             ));
-            return Vec::new();
+            return Ok(Vec::new());
         }
         let content_type = header(resp.headers(), CONTENT_TYPE.as_str()).unwrap_or_default();
         let content_range = header(resp.headers(), CONTENT_RANGE.as_str());
         let asked: u64 = group.iter().map(|(s, e)| e - s).sum();
         let cap = asked + PART_OVERHEAD * (group.len() as u64 + 1);
-        let Ok(Some(body)) = read_capped(resp, cap).await else {
-            return Vec::new();
+        let body = match read_capped(resp, cap).await {
+            Ok(Some(body)) => body,
+            Ok(None) => {
+                single_range("several ranges in one request answered with more than asked for");
+                return Ok(Vec::new());
+            }
+            // A body cut short: the ranges one by one (each resumes where it breaks).
+            Err(_) => return Ok(Vec::new()),
         };
         let parts = match boundary(&content_type) {
             Some(b) => parts(&body, &b).unwrap_or_default(),
             None => content_range
                 .as_deref()
                 .and_then(|v| range_of(v.as_bytes()))
-                .filter(|(s, e)| e - s + 1 == body.len() as u64)
+                .filter(|(s, end)| end - s == body.len() as u64)
                 .map(|(s, _)| vec![(s, &body[..])])
                 .unwrap_or_default(),
         };
@@ -154,7 +169,7 @@ impl Transport {
             .iter()
             .filter_map(|&(s, e)| {
                 parts.iter().find_map(|&(at, data)| {
-                    let end = at + data.len() as u64;
+                    let end = at.checked_add(data.len() as u64)?;
                     (at <= s && e <= end)
                         .then(|| data[(s - at) as usize..(e - at) as usize].to_vec())
                         .map(|d| (s, d))
@@ -164,7 +179,16 @@ impl Transport {
         if answered.len() < group.len() && parts.len() <= 1 {
             single_range("several ranges in one request answered with one");
         }
-        answered
+        Ok(answered)
+    }
+
+    /// Whether [`get_ranges`](Self::get_ranges) of `req`'s blob would ask for several ranges
+    /// in one request (its first endpoint answers them, and the blob is not read from a
+    /// redirect's location).
+    pub(crate) fn ranges_together(&self, endpoints: &[Endpoint], req: &Request<'_>) -> bool {
+        endpoints
+            .first()
+            .is_some_and(|ep| self.multirange_ok(ep, req))
     }
 }
 
@@ -246,7 +270,7 @@ fn parts<'b>(body: &'b [u8], boundary: &str) -> Option<Vec<(u64, &'b [u8])>> {
                 .then(|| range_of(&line[colon + 1..]))?
         })?;
         let data_at = at + head_len + 4;
-        let len = usize::try_from(end - start + 1).ok()?;
+        let len = usize::try_from(end - start).ok()?;
         let data = body.get(data_at..data_at.checked_add(len)?)?;
         out.push((start, data));
         at = data_at + len;
@@ -257,13 +281,14 @@ fn parts<'b>(body: &'b [u8], boundary: &str) -> Option<Vec<(u64, &'b [u8])>> {
     }
 }
 
-/// `first`, `last` of a `Content-Range` value `bytes first-last/size`.
+/// The bytes `first..end` of a `Content-Range` value `bytes first-last/size` (`end` is
+/// `last + 1`).
 fn range_of(value: &[u8]) -> Option<(u64, u64)> {
     let value = std::str::from_utf8(value).ok()?.trim();
     let (span, _size) = value.strip_prefix("bytes ")?.split_once('/')?;
     let (first, last) = span.trim().split_once('-')?;
     let (first, last): (u64, u64) = (first.parse().ok()?, last.parse().ok()?);
-    (first <= last).then_some((first, last))
+    (first <= last).then_some((first, last.checked_add(1)?))
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -309,6 +334,12 @@ mod tests {
         assert_eq!(parts(&body, "other"), None);
         let backwards = String::from_utf8_lossy(&body).replace("100-104", "104-100");
         assert_eq!(parts(backwards.as_bytes(), "b"), None);
+        // Numbers at the edge of u64 neither overflow nor match.
+        let huge = String::from_utf8_lossy(&body).replace("100-104", "0-18446744073709551615");
+        assert_eq!(parts(huge.as_bytes(), "b"), None);
+        let near = String::from_utf8_lossy(&body)
+            .replace("100-104", "18446744073709551611-18446744073709551615");
+        assert_eq!(parts(near.as_bytes(), "b"), None);
     }
 
     #[test]
