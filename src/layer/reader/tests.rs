@@ -547,18 +547,22 @@ fn pieces_apart(reader: &LayerReader) -> Vec<(u64, u64)> {
         .collect()
 }
 
-#[tokio::test]
-async fn the_windows_of_known_fetches_come_in_one_request_and_the_fetches_use_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let (reader, source, windows) = counting_windows(dir.path());
+/// A source that counts its reads and injects faults.
+type Counted = Arc<FaultySource<FileSource>>;
+
+/// [`counting_windows`] with `faults` on its window file, and its [`pieces_apart`].
+fn windows_faulty(
+    dir: &std::path::Path,
+    faults: crate::source::Faults,
+) -> (LayerReader, Counted, Counted, Vec<(u64, u64)>) {
+    let (reader, source, windows) = counting_windows(dir);
+    windows.set_faults(faults);
     let pieces = pieces_apart(&reader);
-    // Claimed and requested at once: a fetch started before the request ends waits for it,
-    // even once the caller has stopped waiting (the request runs on by itself).
-    windows.set_faults(crate::source::Faults {
-        delay: Some(std::time::Duration::from_millis(100)),
-        ..Default::default()
-    });
-    drop(reader.prefetch_windows(&pieces));
+    (reader, source, windows, pieces)
+}
+
+/// Prefetches `pieces` started together; each must be cached after.
+async fn prefetch_together(reader: &LayerReader, pieces: &[(u64, u64)]) {
     let fetched = futures_util::future::join_all(
         pieces
             .iter()
@@ -566,6 +570,23 @@ async fn the_windows_of_known_fetches_come_in_one_request_and_the_fetches_use_th
     )
     .await;
     assert!(fetched.iter().all(Result::is_ok), "{fetched:?}");
+    for &(offset, len) in pieces {
+        assert!(reader.is_cached(offset, len));
+    }
+}
+
+#[tokio::test]
+async fn the_windows_of_known_fetches_come_in_one_request_and_the_fetches_use_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let delayed = crate::source::Faults {
+        delay: Some(std::time::Duration::from_millis(100)),
+        ..Default::default()
+    };
+    let (reader, source, windows, pieces) = windows_faulty(dir.path(), delayed);
+    // Claimed and requested at once: a fetch started before the request ends waits for it,
+    // even once the caller has stopped waiting (the request runs on by itself).
+    drop(reader.prefetch_windows(&pieces));
+    prefetch_together(&reader, &pieces).await;
     assert_eq!(windows.counts().0, 1, "the three windows in one request");
     assert_eq!(
         source.counts().0,
@@ -584,12 +605,11 @@ async fn the_windows_of_known_fetches_come_in_one_request_and_the_fetches_use_th
 #[tokio::test]
 async fn windows_whose_request_failed_are_asked_for_again_by_later_fetches() {
     let dir = tempfile::tempdir().unwrap();
-    let (reader, _, windows) = counting_windows(dir.path());
-    let pieces = pieces_apart(&reader);
-    windows.set_faults(crate::source::Faults {
+    let failing = crate::source::Faults {
         fail: true,
         ..Default::default()
-    });
+    };
+    let (reader, _, windows, pieces) = windows_faulty(dir.path(), failing);
     reader.prefetch_windows(&pieces).await;
     assert_eq!(windows.started(), 1);
     windows.set_faults(Default::default());
@@ -608,13 +628,7 @@ async fn small_fetches_ahead_started_together_share_one_request_and_reads_do_not
     let dir = tempfile::tempdir().unwrap();
     let (reader, source, _) = counting_windows(dir.path());
     let pieces = pieces_apart(&reader);
-    let fetched = futures_util::future::join_all(
-        pieces
-            .iter()
-            .map(|&(offset, len)| reader.prefetch(offset, len)),
-    )
-    .await;
-    assert!(fetched.iter().all(Result::is_ok), "{fetched:?}");
+    prefetch_together(&reader, &pieces).await;
     assert_eq!(
         source.counts().0,
         1,
