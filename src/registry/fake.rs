@@ -17,8 +17,6 @@ pub struct Requests {
     pub manifests: u64,
     pub blobs: u64,
     pub ranges: u64,
-    /// Of `ranges`, requests for several ranges at once.
-    pub multi: u64,
     /// Bytes returned by range reads.
     pub range_bytes: u64,
 }
@@ -110,7 +108,6 @@ impl FakeRegistry {
             .expect("blobs are held once at a time")
     }
 
-    /// Requests answered so far.
     /// A 503 while range reads are still to fail.
     fn injected_fault(&self, reference: &Reference, digest: &Digest) -> Result<(), RegistryError> {
         let failing = self
@@ -127,6 +124,7 @@ impl FakeRegistry {
         }
     }
 
+    /// Requests answered so far.
     pub fn requests(&self) -> Requests {
         *self.requests.lock().unwrap()
     }
@@ -236,14 +234,12 @@ impl Registry for FakeRegistry {
         Box::pin(async move {
             let (reference, digest) = at;
             let _open = self.gate.read().await;
-            self.requests.lock().unwrap().multi += 1;
             self.injected_fault(reference, digest)?;
             let data = self.object(reference, digest)?;
-            let mut out = Vec::new();
-            for &(offset, len) in ranges {
-                let end = offset.saturating_add(len).min(data.len() as u64);
-                out.push(data[offset.min(end) as usize..end as usize].to_vec());
-            }
+            let out: Vec<Vec<u8>> = ranges
+                .iter()
+                .map(|&(offset, len)| piece(&data, offset, len))
+                .collect();
             let mut requests = self.requests.lock().unwrap();
             requests.ranges += 1;
             requests.range_bytes += out.iter().map(|d| d.len() as u64).sum::<u64>();
@@ -257,11 +253,15 @@ impl Registry for FakeRegistry {
             let _open = self.gate.read().await;
             self.requests.lock().unwrap().ranges += 1;
             self.injected_fault(reference, digest)?;
-            let data = self.object(reference, digest)?;
-            let end = offset.saturating_add(len).min(data.len() as u64);
-            let piece = data[offset.min(end) as usize..end as usize].to_vec();
+            let piece = piece(&self.object(reference, digest)?, offset, len);
             self.requests.lock().unwrap().range_bytes += piece.len() as u64;
             Ok(piece)
         })
     }
+}
+
+/// Bytes `offset..offset + len` of `data`, cut at its end.
+fn piece(data: &[u8], offset: u64, len: u64) -> Vec<u8> {
+    let end = offset.saturating_add(len).min(data.len() as u64);
+    data[offset.min(end) as usize..end as usize].to_vec()
 }

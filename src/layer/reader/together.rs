@@ -27,13 +27,65 @@ const BATCH_BYTES: u64 = 1 << 20;
 /// Ranges per shared request at most.
 const BATCH_RANGES: usize = 32;
 
-/// One range waiting for its share of a request: its answer, once the request ends.
-struct Slot {
+/// The answer to one range of a shared request, once the request ends: its bytes, or the
+/// request's error (each waiter gets it).
+pub(super) struct Answer {
     answer: OnceLock<Result<Vec<u8>, Arc<SourceError>>>,
     done: tokio::sync::Semaphore,
 }
 
-type Registered = (u64, u64, Arc<Slot>);
+impl Default for Answer {
+    fn default() -> Self {
+        Answer {
+            answer: OnceLock::new(),
+            // No permits: waiters wait until it is closed.
+            done: tokio::sync::Semaphore::new(0),
+        }
+    }
+}
+
+impl Answer {
+    /// Sets the answer and wakes every waiter.
+    pub(super) fn set(&self, answer: Result<Vec<u8>, Arc<SourceError>>) {
+        let _ = self.answer.set(answer);
+        self.done.close();
+    }
+
+    /// The answer, once set.
+    pub(super) async fn get(&self) -> Result<Vec<u8>, SourceError> {
+        let _ = self.done.acquire().await;
+        match self.answer.get() {
+            Some(Ok(data)) => Ok(data.clone()),
+            Some(Err(e)) => Err(SourceError::Shared(e.clone())),
+            None => unreachable!("closed only once answered"),
+        }
+    }
+
+    /// Whether it is set.
+    pub(super) fn is_set(&self) -> bool {
+        self.done.is_closed()
+    }
+}
+
+/// Each of `n` ranges' answer from `answer`, the result of one request for all of them.
+pub(super) fn split(
+    answer: Result<Vec<Vec<u8>>, SourceError>,
+    n: usize,
+) -> Vec<Result<Vec<u8>, Arc<SourceError>>> {
+    match answer {
+        Ok(data) if data.len() == n => data.into_iter().map(Ok).collect(),
+        Ok(_) => {
+            let e = Arc::new(SourceError::Io {
+                what: "several ranges in one request".into(),
+                source: std::io::Error::other("answered another number of ranges"),
+            });
+            vec![Err(e); n]
+        }
+        Err(e) => vec![Err(Arc::new(e)); n],
+    }
+}
+
+type Registered = (u64, u64, Arc<Answer>);
 
 /// The ranges of one blob registered and not requested yet.
 #[derive(Default)]
@@ -54,10 +106,7 @@ impl Together {
         if !source.ranges_together() {
             return source.read_range(offset, len).await;
         }
-        let slot = Arc::new(Slot {
-            answer: OnceLock::new(),
-            done: tokio::sync::Semaphore::new(0),
-        });
+        let slot = Arc::new(Answer::default());
         {
             let mut pending = self.pending.lock().unwrap();
             if pending.is_empty() {
@@ -72,12 +121,7 @@ impl Together {
             }
             pending.push((offset, len, slot.clone()));
         }
-        let _ = slot.done.acquire().await;
-        match slot.answer.get() {
-            Some(Ok(data)) => Ok(data.clone()),
-            Some(Err(e)) => Err(SourceError::Shared(e.clone())),
-            None => unreachable!("a slot is closed once answered"),
-        }
+        slot.get().await
     }
 }
 
@@ -110,19 +154,7 @@ async fn request(source: &dyn BlobSource, group: &[Registered]) {
             source.read_ranges(&ranges).await
         }
     };
-    let answers: Vec<Result<Vec<u8>, Arc<SourceError>>> = match answer {
-        Ok(data) if data.len() == group.len() => data.into_iter().map(Ok).collect(),
-        Ok(_) => {
-            let e = Arc::new(SourceError::Io {
-                what: "several ranges in one request".into(),
-                source: std::io::Error::other("answered another number of ranges"),
-            });
-            vec![Err(e); group.len()]
-        }
-        Err(e) => vec![Err(Arc::new(e)); group.len()],
-    };
-    for ((_, _, slot), answer) in group.iter().zip(answers) {
-        let _ = slot.answer.set(answer);
-        slot.done.close();
+    for ((_, _, slot), answer) in group.iter().zip(split(answer, group.len())) {
+        slot.set(answer);
     }
 }

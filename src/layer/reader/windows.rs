@@ -25,13 +25,14 @@
 //! cached meanwhile (no fetch will take them) are dropped when more are asked for.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
+use super::together::{split, Answer};
 use super::LayerReader;
 use crate::source::{BlobSource, SourceError};
 
 /// Compressed window bytes a layer holds ahead at most.
-pub(super) const HELD: u64 = 1 << 20;
+const HELD: u64 = 1 << 20;
 
 /// One window asked for: its answer, once its request ends.
 struct Flight {
@@ -39,8 +40,7 @@ struct Flight {
     /// take the window (`usize::MAX`: asked for by a fetch under way).
     span: usize,
     len: u64,
-    answer: OnceLock<Result<Vec<u8>, Arc<SourceError>>>,
-    done: tokio::sync::Semaphore,
+    answer: Answer,
 }
 
 impl Flight {
@@ -48,19 +48,8 @@ impl Flight {
         Arc::new(Flight {
             span,
             len,
-            answer: OnceLock::new(),
-            done: tokio::sync::Semaphore::new(0),
+            answer: Answer::default(),
         })
-    }
-
-    /// Its answer, once its request has ended.
-    async fn answer(&self) -> Result<Vec<u8>, SourceError> {
-        let _ = self.done.acquire().await;
-        match self.answer.get() {
-            Some(Ok(data)) => Ok(data.clone()),
-            Some(Err(e)) => Err(SourceError::Shared(e.clone())),
-            None => unreachable!("a flight is closed once answered"),
-        }
     }
 }
 
@@ -89,27 +78,14 @@ impl Shared {
         let shared = self.clone();
         tokio::spawn(async move {
             let ranges: Vec<(u64, u64)> = asked.iter().map(|(at, f)| (*at, f.len)).collect();
-            let answer = source.read_ranges(&ranges).await.and_then(|data| {
-                match data.len() == asked.len() {
-                    true => Ok(data),
-                    false => Err(SourceError::Io {
-                        what: "several windows in one request".into(),
-                        source: std::io::Error::other("answered another number of ranges"),
-                    }),
-                }
-            });
-            let failed = answer.as_ref().is_err();
-            let mut data = match answer {
-                Ok(data) => data.into_iter().map(Ok).collect(),
-                Err(e) => vec![Err(Arc::new(e)); asked.len()],
-            };
+            let answers = split(source.read_ranges(&ranges).await, asked.len());
             let mut flights = shared.flights.lock().unwrap();
-            for ((at, flight), answer) in asked.iter().zip(data.drain(..)) {
-                let _ = flight.answer.set(answer);
-                flight.done.close();
-                if failed && flights.get(at).is_some_and(|f| Arc::ptr_eq(f, flight)) {
+            for ((at, flight), answer) in asked.iter().zip(answers) {
+                // A failed one is forgotten: later fetches ask again.
+                if answer.is_err() && flights.get(at).is_some_and(|f| Arc::ptr_eq(f, flight)) {
                     flights.remove(at);
                 }
+                flight.answer.set(answer);
             }
         })
     }
@@ -180,7 +156,7 @@ impl LayerReader {
                 }
             }
         };
-        let answer = flight.answer().await;
+        let answer = flight.answer.get().await;
         let mut flights = shared.flights.lock().unwrap();
         if flights.get(&at).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
             flights.remove(&at);
@@ -215,7 +191,7 @@ impl LayerReader {
         let mut flights = self.windows_ahead.0.flights.lock().unwrap();
         // Windows whose span was cached meanwhile: no fetch will take them.
         flights.retain(|_, f| {
-            !f.done.is_closed()
+            !f.answer.is_set()
                 || (f.span != usize::MAX
                     && !self.known_cached[f.span].load(std::sync::atomic::Ordering::Relaxed))
         });
@@ -250,6 +226,6 @@ impl LayerReader {
             flights.remove(&at);
             found
         };
-        Some(flight.answer().await)
+        Some(flight.answer.get().await)
     }
 }
