@@ -482,6 +482,18 @@ impl Cache {
         })
     }
 
+    /// As [`read_range`](Self::read_range), from memory only (no I/O).
+    pub fn read_memory(&self, digest: &Digest, len: u64, range: Range<usize>) -> Option<Vec<u8>> {
+        let mut memory = self.memory.lock().unwrap();
+        let d = memory.get(digest)?;
+        if d.len() as u64 != len || range.start > range.end || range.end > d.len() {
+            return None;
+        }
+        self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::metrics().cache_hit("memory");
+        Some(d[range].to_vec())
+    }
+
     /// Bytes `range` of the chunk under `digest`, which the caller's index says holds `len`
     /// bytes, when they can be had without fetching or verifying: from memory, or read from
     /// disk if this process has verified that chunk file already (only the range is read; the
@@ -494,13 +506,8 @@ impl Cache {
         len: u64,
         range: Range<usize>,
     ) -> Result<Option<Vec<u8>>, CacheError> {
-        if let Some(d) = self.memory.lock().unwrap().get(digest) {
-            if d.len() as u64 != len || range.start > range.end || range.end > d.len() {
-                return Ok(None);
-            }
-            self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
-            crate::metrics::metrics().cache_hit("memory");
-            return Ok(Some(d[range].to_vec()));
+        if let Some(d) = self.read_memory(digest, len, range.clone()) {
+            return Ok(Some(d));
         }
         let Some(k) = key(digest) else {
             return Ok(None);

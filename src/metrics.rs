@@ -87,6 +87,8 @@ pub struct Metrics {
     /// FUSE operations, and those answered with an error, by operation.
     pub fuse_operations: Family<OpLabels, Counter>,
     pub fuse_errors: Family<OpLabels, Counter>,
+    /// Cached bytes handed to the kernel's page cache beside the reads that asked for others.
+    pub page_cache_pushed_bytes: Counter,
     /// Per layer in use: uncompressed size, bytes cached, whether all of it is cached.
     pub layer_size_bytes: Family<LayerLabels, Gauge>,
     pub layer_cached_bytes: Family<LayerLabels, Gauge>,
@@ -122,6 +124,7 @@ impl Metrics {
             read_duration_seconds: Family::new_with_constructor(read_histogram),
             fuse_operations: Family::default(),
             fuse_errors: Family::default(),
+            page_cache_pushed_bytes: Counter::default(),
             layer_size_bytes: Family::default(),
             layer_cached_bytes: Family::default(),
             layer_complete: Family::default(),
@@ -206,6 +209,11 @@ impl Metrics {
             m.fuse_errors.clone(),
         );
         r.register(
+            "page_cache_pushed_bytes",
+            "Cached bytes handed to the kernel's page cache beside the reads that asked for others",
+            m.page_cache_pushed_bytes.clone(),
+        );
+        r.register(
             "layer_size_bytes",
             "Uncompressed size of a layer in use",
             m.layer_size_bytes.clone(),
@@ -285,6 +293,11 @@ impl Metrics {
             source: tier.to_string(),
         };
         self.cache_hits.get_or_create(&labels).inc();
+    }
+
+    /// Counts bytes handed to the kernel's page cache unasked.
+    pub fn pushed(&self, bytes: u64) {
+        self.page_cache_pushed_bytes.inc_by(bytes);
     }
 
     /// Records one read of a layer and where its bytes came from.

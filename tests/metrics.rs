@@ -72,3 +72,85 @@ fn prometheus_scrapes_a_mounts_metrics() {
     assert!(prometheus.value("stratafs_cache_cap_bytes") > 0.0);
     cli.ok(&["umount", guard.dir.to_str().unwrap()]);
 }
+
+/// The value of counter `name` at `addr` (0 before its first).
+fn counter(addr: &str, name: &str) -> u64 {
+    let prefix = format!("{name} ");
+    scrape(addr)
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+/// Waits until the mount at `addr` has answered `n` RELEASEs (the kernel sends a close's
+/// RELEASE after `close` returns).
+fn released(addr: &str, n: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while fuse_ops(addr, "release") < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{n} RELEASEs not answered in 10 s"
+        );
+        std::thread::yield_now();
+    }
+}
+
+/// A cached file reaches the kernel's page cache at its first open: a small file whose bytes
+/// the daemon holds is handed over whole before the open is answered, and its reads then ask
+/// the daemon nothing. Every byte read back through those pages is the file's.
+#[test]
+fn a_cached_small_file_reaches_the_page_cache_at_its_open() {
+    let reg = Registry::start(RegistryOpts::default());
+    let small = bytes(21, 150_000);
+    let image = ImageBuilder::new()
+        .layer(
+            LayerBuilder::new()
+                .file("small", &small, 0o644)
+                .build(Compression::Gzip),
+        )
+        .build(ManifestFlavour::Oci);
+    reg.push_image("pages/app", "v1", &image, &Auth::None);
+    let reference = format!("{}/pages/app:v1", reg.addr());
+    Stratafs::new().ok(&["index", "push", "--bind", &reference]);
+    let cli = Stratafs::new();
+    let guard = MountGuard::new(Some(cli.root()));
+    let addr = format!("127.0.0.1:{}", free_port());
+    let out = run(
+        cli.command()
+            .args(["mount", "-o", "nobackground", "--metrics-address", &addr])
+            .arg(&reference)
+            .arg(&guard.dir),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(wait_mounted(&guard.dir, Duration::from_secs(5)).is_some());
+    let pushed = || counter(&addr, "stratafs_page_cache_pushed_bytes_total");
+    let path = guard.path("/small");
+
+    // A first read fetches it (nothing cached at its open: nothing handed over).
+    assert!(std::fs::read(&path).unwrap() == small);
+    assert_eq!(pushed(), 0);
+    released(&addr, 1);
+    // Its pages dropped (through an open, which hands it over, and its close), the next open
+    // finds no handle open and all of it cached: the kernel has it before the open returns.
+    let file = std::fs::File::open(&path).unwrap();
+    nix::fcntl::posix_fadvise(
+        &file,
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    )
+    .unwrap();
+    drop(file);
+    released(&addr, 2);
+    let (reads, before) = (fuse_ops(&addr, "read"), pushed());
+    assert!(before >= small.len() as u64, "{before}");
+    assert!(std::fs::read(&path).unwrap() == small);
+    assert_eq!(
+        fuse_ops(&addr, "read"),
+        reads,
+        "reads of the cached file that reached the daemon"
+    );
+    assert_eq!(pushed(), before + small.len() as u64);
+    cli.ok(&["umount", guard.dir.to_str().unwrap()]);
+}

@@ -26,6 +26,7 @@ mod imports;
 mod indexing;
 mod pyc;
 mod pysource;
+mod ready;
 mod start;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -504,8 +505,8 @@ impl ImageView {
     }
 
     /// Tells the startup profile's recorder that all of regular file `node` is read: opened
-    /// for passthrough, its reads will not reach this process (the kernel serves them from a
-    /// local copy). Such a file was fetched whole ahead of its open — by an import's or its
+    /// for passthrough, or handed whole to the kernel's page cache at its open, its reads will
+    /// not reach this process (the kernel serves them from a local copy or its page cache). Such a file was fetched whole ahead of its open — by an import's or its
     /// directory's fetch — and a program that opens a file it was handed whole mostly reads
     /// it whole (a library's pages, a module's bytecode). Not if the startup profile being
     /// replayed covers any of the file: an earlier recording saw which of its bytes are read

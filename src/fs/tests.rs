@@ -19,7 +19,7 @@ use crate::store::Store;
 pub(crate) const REPO: &str = "test/app";
 
 /// `len` incompressible bytes (xorshift from `seed`).
-fn noise(seed: u32, len: usize) -> Vec<u8> {
+pub(super) fn noise(seed: u32, len: usize) -> Vec<u8> {
     let mut x = u64::from(seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)
         .map(|_| {
@@ -34,7 +34,7 @@ fn noise(seed: u32, len: usize) -> Vec<u8> {
 /// An image of one layer of `files` pushed to `registry` and opened lazily: the first open
 /// streams the layer and stores its index; without the chunks, a second view of the same
 /// store reads by range.
-async fn lazy_view(
+pub(super) async fn lazy_view(
     registry: &Arc<FakeRegistry>,
     dir: &std::path::Path,
     files: &[(String, Vec<u8>)],

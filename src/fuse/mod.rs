@@ -2,9 +2,13 @@
 //!
 //! Last stage of the pipeline, and thin: it converts tree nodes to FUSE attributes, answers
 //! metadata (lookup, getattr, readdir(plus), readlink, xattrs, statfs) from memory on the
-//! dispatch threads, and hands every read's `Reply` to a tokio task, so the dispatch loop never
-//! waits for the network. A read that cannot be served within the read timeout gets EIO and
-//! the reason is logged. Files of 1 MiB or more whose bytes are all cached are opened with FUSE
+//! dispatch threads. A read whose bytes are in memory is answered there too, one whose bytes
+//! are cached on disk by a thread of the blocking pool, any other by a tokio task: the dispatch
+//! loop never waits for the disk or the network. A read that cannot be served within the read
+//! timeout gets EIO and the reason is logged. Cached bytes go to the kernel's page cache before
+//! they are asked for (`reads`): the rest of the spans a read touched, and the whole of a
+//! file under 1 MiB at its open, so that a program's faults and reads nearby are answered by
+//! the kernel instead of one small read at a time. Files of 1 MiB or more whose bytes are all cached are opened with FUSE
 //! passthrough to a local copy (kernel ≥ 6.9), so warm reads do not go through the daemon at
 //! all; the copy is made in the background at a file's second open in a mount
 //! ([`ImageView::copy_locally`]), so the opens that come before it read through the daemon.
@@ -30,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
-    BackingId, Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
     ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
@@ -40,6 +44,8 @@ use crate::tree::{FileType, Node, NodeId, ROOT};
 
 mod mounts;
 mod openlog;
+mod opens;
+mod reads;
 mod session;
 mod slot;
 
@@ -47,6 +53,9 @@ pub use mounts::{mount_entries, mount_state, MountEntry, MountState};
 pub use openlog::{OpenLog, OpenMode};
 pub use session::{mount, take_over, unmount, Mounted};
 pub use slot::ViewSlot;
+
+use opens::{first_open, opened, start_open, Opens};
+use reads::{read_async, PageCache, TIMEOUT_MEMORY};
 
 /// The kernel may cache names and attributes for this long: the tree never changes.
 const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -185,10 +194,9 @@ pub struct StrataFs {
     /// handle at once with a smaller read, which then fails at once rather than waiting again.
     /// A new open waits for the registry again.
     timed_out: Arc<Mutex<HashMap<u64, std::time::Instant>>>,
+    /// Cached bytes handed to the kernel's page cache before they are asked for.
+    pages: Arc<PageCache>,
 }
-
-/// How long after a read failed further reads through that handle fail at once.
-const TIMEOUT_MEMORY: Duration = Duration::from_secs(2);
 
 /// Counts a FUSE operation in the metrics.
 fn op(name: &str) {
@@ -198,12 +206,6 @@ fn op(name: &str) {
 /// Counts a FUSE operation answered with an error.
 fn failed(name: &str) {
     crate::metrics::metrics().fuse_error(name);
-}
-
-fn remember_failure(failed: &Mutex<HashMap<u64, std::time::Instant>>, fh: u64) {
-    let mut t = failed.lock().unwrap();
-    t.retain(|_, at| at.elapsed() < TIMEOUT_MEMORY);
-    t.insert(fh, std::time::Instant::now());
 }
 
 impl StrataFs {
@@ -227,6 +229,7 @@ impl StrataFs {
             next_fh: AtomicU64::new(((std::process::id() as u64) << 32) | 1),
             reads: Arc::default(),
             timed_out: Arc::default(),
+            pages: Arc::default(),
         }
     }
 
@@ -394,15 +397,21 @@ impl Filesystem for StrataFs {
                 )
             });
         }
-        if !self.passthrough.load(Ordering::Relaxed) {
+        // A file under 1 MiB is never passthrough; its opens are counted all the same, so that
+        // its first one knows no read of it can be under way.
+        let small = view.tree.node(id).size < PASSTHROUGH_MIN_SIZE;
+        if !small && !self.passthrough.load(Ordering::Relaxed) {
             return reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE);
         }
         {
             let mut opens = self.opens.lock().unwrap();
             if let Some(o) = opens.get_mut(&ino.0) {
                 o.count += 1;
-                if o.backing.is_none() && !o.keep && view.tree.node(id).size >= PASSTHROUGH_MIN_SIZE
-                {
+                if let Some(waiting) = &mut o.waiting {
+                    // Its first open is handing it to the page cache: answered after that.
+                    return waiting.push((reply, fh));
+                }
+                if o.backing.is_none() && !o.keep && !small {
                     // Open already (its close's RELEASE may not have come yet): this open
                     // asks for the local copy as any other does, off the dispatch thread. (An
                     // inherited entry stays in its mode for as long as this process serves.)
@@ -425,35 +434,50 @@ impl Filesystem for StrataFs {
                     count: 1,
                     backing,
                     keep: true,
+                    waiting: None,
                 };
                 o.reply(reply, fh);
                 opens.insert(ino.0, o);
                 return;
             }
         }
+        if small {
+            // No handle of it is open, so no read of it is under way, and a page of it
+            // stored into the page cache cannot wait for one (the kernel holds a page while
+            // a read of it is pending, and a store waits for it uninterruptibly: a serving
+            // process killed meanwhile could not exit, nor the next take over). All cached,
+            // the file goes to the page cache before the open is answered, from the blocking
+            // pool; opens that come meanwhile wait for it too.
+            let room = view.file_ready(id).then(|| self.pages.room()).flatten();
+            let Some(room) = room else {
+                return first_open(&self.opens, &self.log, ino, fh, reply, None);
+            };
+            start_open(&self.opens, &self.log, ino);
+            let (opens, view) = (self.opens.clone(), view.clone());
+            self.runtime.spawn_blocking(move || {
+                room.push_file(&view, ino, id);
+                opened(&opens, ino, fh, reply);
+            });
+            return;
+        }
         // Looking for (or assembling) a local copy reads the disk: not on the dispatch thread.
         let view = view.clone();
         let opens = self.opens.clone();
         let log = self.log.clone();
         self.runtime.spawn(async move {
-            let local = if view.tree.node(id).size < PASSTHROUGH_MIN_SIZE {
-                None
-            } else {
-                match view.local_copy(id) {
-                    Ok(Some(local)) => Some(local),
-                    // Made for later opens, if the file is all cached and opened before.
-                    Ok(None) => {
-                        view.copy_locally(id);
-                        None
-                    }
-                    Err(e) => {
-                        tracing::warn!(path = %view.tree.path(id), error = %e, "no local copy");
-                        None
-                    }
+            let local = match view.local_copy(id) {
+                Ok(Some(local)) => Some(local),
+                // Made for later opens, if the file is all cached and opened before.
+                Ok(None) => {
+                    view.copy_locally(id);
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(path = %view.tree.path(id), error = %e, "no local copy");
+                    None
                 }
             };
-            let mut opens = opens.lock().unwrap();
-            if let Some(o) = opens.get_mut(&ino.0) {
+            if let Some(o) = opens.lock().unwrap().get_mut(&ino.0) {
                 // Opened meanwhile: follow that open's mode.
                 o.count += 1;
                 return o.reply(reply, fh);
@@ -471,23 +495,10 @@ impl Filesystem for StrataFs {
                 // wrapper is dropped.
                 Some((unsafe { reply.wrap_backing(raw) }, raw))
             });
-            let (backing, mode) = match backing {
-                Some((b, raw)) => {
-                    view.note_read_whole(id);
-                    (Some(b), OpenMode::Passthrough(raw))
-                }
-                None => (None, OpenMode::Cached),
-            };
-            if let Some(log) = &log {
-                log.record(ino.0, Some(mode));
+            if backing.is_some() {
+                view.note_read_whole(id);
             }
-            let o = Opens {
-                count: 1,
-                backing,
-                keep: false,
-            };
-            o.reply(reply, fh);
-            opens.insert(ino.0, o);
+            first_open(&opens, &log, ino, fh, reply, backing);
         });
     }
 
@@ -517,33 +528,32 @@ impl Filesystem for StrataFs {
         if recent_timeout {
             return reply.error(Errno::EIO);
         }
+        let len = u64::from(size);
+        // In memory: served here. On disk (verified): served by a thread of the blocking pool,
+        // not an async worker. Else by a task, which may wait for the registry.
+        if let Some(Ok(data)) = view.read_ready(fh.0, id, offset, len, false) {
+            return reply.data(&data);
+        }
         let view = view.clone();
         let timeout = self.options.read_timeout;
         let timed_out = self.timed_out.clone();
-        self.runtime.spawn(async move {
-            let read = view.read_for(fh.0, id, offset, size.into());
-            match tokio::time::timeout(timeout, read).await {
-                Ok(Ok(data)) => reply.data(&data),
-                Ok(Err(e)) => {
-                    tracing::error!(path = %view.tree.path(id), offset, size, error = %e, "read failed");
-                    let errno = errno_of(&e);
-                    failed("read");
-                    if errno == Errno::EIO {
-                        remember_failure(&timed_out, fh.0);
-                    }
-                    reply.error(errno);
+        let runtime = self.runtime.clone();
+        if view.on_disk(id, offset, len) {
+            let view = view.clone();
+            self.runtime.spawn_blocking(move || {
+                if let Some(Ok(data)) = view.read_ready(fh.0, id, offset, len, true) {
+                    return reply.data(&data);
                 }
-                Err(_) => {
-                    tracing::error!(
-                        path = %view.tree.path(id), offset, size,
-                        "read failed: no data within the read timeout of {timeout:?}"
-                    );
-                    remember_failure(&timed_out, fh.0);
-                    failed("read");
-                    reply.error(Errno::EIO);
-                }
-            }
-        });
+                // Gone meanwhile (or unreadable): the full path.
+                runtime.spawn(read_async(
+                    view, fh, id, offset, len, timeout, timed_out, reply,
+                ));
+            });
+            return;
+        }
+        self.runtime.spawn(read_async(
+            view, fh, id, offset, len, timeout, timed_out, reply,
+        ));
     }
 
     /// No file here is a terminal or supports any other ioctl: ENOTTY, as a disk file system
@@ -724,25 +734,6 @@ impl StrataFs {
         let mut out = vec![(".".to_string(), id), ("..".to_string(), n.parent)];
         out.extend(n.children.iter().map(|(name, c)| (name.clone(), *c)));
         Ok((view, out))
-    }
-}
-
-/// The open handles of one inode and, when they are passthrough, their backing file.
-struct Opens {
-    count: u32,
-    backing: Option<BackingId>,
-    /// Inherited from the process that served before: files it opened may still use the
-    /// backing id, and their number is unknown, so it is never closed.
-    keep: bool,
-}
-
-impl Opens {
-    fn reply(&self, reply: ReplyOpen, fh: FileHandle) {
-        match &self.backing {
-            // Passthrough allows no caching flags: the kernel caches the backing file itself.
-            Some(id) => reply.opened_passthrough(fh, FopenFlags::empty(), id),
-            None => reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE),
-        }
     }
 }
 

@@ -166,7 +166,10 @@ fn session(
     // through them: all threads read the shared one, which a holder keeps.
     config.clone_fd = false;
     config.acl = acl;
-    fuser::Session::from_fd(fs, fd, acl, config)
+    let pages = fs.pages.clone();
+    let session = fuser::Session::from_fd(fs, fd, acl, config)?;
+    let _ = pages.notifier.set(session.notifier());
+    Ok(session)
 }
 
 fn start(

@@ -537,61 +537,6 @@ impl LayerReader {
         }
         Ok(out)
     }
-
-    /// Bytes `offset..end` if every span holding them can be read without a fetch or a
-    /// verification ([`Cache::read_range`]: in memory, or on disk and verified by this process
-    /// already): only the bytes asked for are read from disk. `None`: take the full path.
-    fn read_cached(&self, offset: u64, end: u64) -> Result<Option<Vec<u8>>, CacheError> {
-        let mut pieces = Vec::new();
-        let mut pos = offset;
-        while pos < end {
-            let Some(i) = self.index.span_at(pos) else {
-                return Ok(None);
-            };
-            let span = &self.index.spans[i];
-            let to = end.min(span.out_offset + span.out_len);
-            if to <= pos {
-                return Ok(None);
-            }
-            pieces.push((
-                i,
-                (pos - span.out_offset) as usize..(to - span.out_offset) as usize,
-            ));
-            pos = to;
-        }
-        let read = || -> Result<Option<Vec<u8>>, CacheError> {
-            let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
-            for (i, range) in &pieces {
-                let span = &self.index.spans[*i];
-                match self
-                    .cache
-                    .read_range(&span.digest, span.out_len, range.clone())?
-                {
-                    Some(d) => out.extend_from_slice(&d),
-                    None => return Ok(None),
-                }
-            }
-            Ok(Some(out))
-        };
-        // Each piece in memory, or on disk verified by this process (no I/O to tell); anything
-        // else takes the full path, and only disk reads hand this worker's tasks off.
-        let mut disk = false;
-        for (i, _) in &pieces {
-            let span = &self.index.spans[*i];
-            if !self.cache.in_memory(&span.digest) {
-                if !self.cache.verified_on_disk(&span.digest, span.out_len) {
-                    return Ok(None);
-                }
-                disk = true;
-            }
-        }
-        if disk {
-            crate::cache::blocking(read)
-        } else {
-            read()
-        }
-    }
-
     /// Span `i`, fetching it — and the missing spans after it up to `until` — if needed;
     /// `continues` as in [`read_continuing`](Self::read_continuing).
     async fn span(
@@ -738,6 +683,7 @@ pub mod budget;
 mod check;
 mod decode;
 mod fetch;
+mod ready;
 mod stream;
 mod together;
 mod want;

@@ -1,0 +1,107 @@
+//! How each inode is open: all its handles through the daemon, or all passthrough to one
+//! backing file (the kernel wants one mode per inode), recorded for a process taking over.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use fuser::{BackingId, FileHandle, FopenFlags, INodeNo, ReplyOpen};
+
+use super::{OpenLog, OpenMode};
+
+/// Answers the open of an inode with no open handles in this process (unless one came
+/// meanwhile: then this open follows its mode), through the daemon or, with `backing`,
+/// passthrough; the mode is recorded for a process taking over.
+pub(super) fn first_open(
+    opens: &Mutex<HashMap<u64, Opens>>,
+    log: &Option<Arc<OpenLog>>,
+    ino: INodeNo,
+    fh: FileHandle,
+    reply: ReplyOpen,
+    backing: Option<(BackingId, u32)>,
+) {
+    let mut opens = opens.lock().unwrap();
+    if let Some(o) = opens.get_mut(&ino.0) {
+        o.count += 1;
+        return match &mut o.waiting {
+            Some(waiting) => waiting.push((reply, fh)),
+            None => o.reply(reply, fh),
+        };
+    }
+    let (backing, mode) = match backing {
+        Some((b, raw)) => (Some(b), OpenMode::Passthrough(raw)),
+        None => (None, OpenMode::Cached),
+    };
+    if let Some(log) = log {
+        log.record(ino.0, Some(mode));
+    }
+    let o = Opens {
+        count: 1,
+        backing,
+        keep: false,
+        waiting: None,
+    };
+    o.reply(reply, fh);
+    opens.insert(ino.0, o);
+}
+
+/// Records the first open of an inode, through the daemon, whose answer (and those of the
+/// opens that come meanwhile) waits for [`opened`].
+pub(super) fn start_open(
+    opens: &Mutex<HashMap<u64, Opens>>,
+    log: &Option<Arc<OpenLog>>,
+    ino: INodeNo,
+) {
+    let mut opens = opens.lock().unwrap();
+    if let Some(log) = log {
+        log.record(ino.0, Some(OpenMode::Cached));
+    }
+    opens.insert(
+        ino.0,
+        Opens {
+            count: 1,
+            backing: None,
+            keep: false,
+            waiting: Some(Vec::new()),
+        },
+    );
+}
+
+/// Answers the open [`start_open`] recorded, and the opens that waited for it.
+pub(super) fn opened(
+    opens: &Mutex<HashMap<u64, Opens>>,
+    ino: INodeNo,
+    fh: FileHandle,
+    reply: ReplyOpen,
+) {
+    let waiting = opens
+        .lock()
+        .unwrap()
+        .get_mut(&ino.0)
+        .and_then(|o| o.waiting.take())
+        .unwrap_or_default();
+    for (reply, fh) in std::iter::once((reply, fh)).chain(waiting) {
+        reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE);
+    }
+}
+
+/// The open handles of one inode and, when they are passthrough, their backing file.
+pub(super) struct Opens {
+    pub(super) count: u32,
+    pub(super) backing: Option<BackingId>,
+    /// Inherited from the process that served before: files it opened may still use the
+    /// backing id, and their number is unknown, so it is never closed.
+    pub(super) keep: bool,
+    /// While the first open hands the file to the page cache: the opens that came meanwhile,
+    /// answered with it.
+    pub(super) waiting: Option<Vec<(ReplyOpen, FileHandle)>>,
+}
+
+impl Opens {
+    pub(super) fn reply(&self, reply: ReplyOpen, fh: FileHandle) {
+        match &self.backing {
+            // Passthrough allows no caching flags: the kernel caches the backing file itself.
+            Some(id) => reply.opened_passthrough(fh, FopenFlags::empty(), id),
+            None => reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE),
+        }
+    }
+}
