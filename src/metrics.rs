@@ -87,7 +87,7 @@ pub struct Metrics {
     /// FUSE operations, and those answered with an error, by operation.
     pub fuse_operations: Family<OpLabels, Counter>,
     pub fuse_errors: Family<OpLabels, Counter>,
-    /// Cached bytes handed to the kernel's page cache beside the reads that asked for others.
+    /// Cached bytes handed to the kernel's page cache before a read asked for them.
     pub page_cache_pushed_bytes: Counter,
     /// Per layer in use: uncompressed size, bytes cached, whether all of it is cached.
     pub layer_size_bytes: Family<LayerLabels, Gauge>,
@@ -210,7 +210,7 @@ impl Metrics {
         );
         r.register(
             "page_cache_pushed_bytes",
-            "Cached bytes handed to the kernel's page cache beside the reads that asked for others",
+            "Cached bytes handed to the kernel's page cache before a read asked for them (whole files at their first open)",
             m.page_cache_pushed_bytes.clone(),
         );
         r.register(
