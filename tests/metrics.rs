@@ -10,33 +10,13 @@ use common::*;
 
 #[test]
 fn prometheus_scrapes_a_mounts_metrics() {
-    let reg = Registry::start(RegistryOpts::default());
     let data = bytes(9, 300_000);
-    let image = ImageBuilder::new()
-        .layer(
-            LayerBuilder::new()
-                .dir("d", 0o755)
-                .file("d/data", &data, 0o644)
-                .build(Compression::Gzip),
-        )
-        .build(ManifestFlavour::Oci);
-    reg.push_image("metrics/app", "v1", &image, &Auth::None);
-    let reference = format!("{}/metrics/app:v1", reg.addr());
-    // Indexes bound to the image, so the mount reads by range from the first read.
-    Stratafs::new().ok(&["index", "push", "--bind", &reference]);
-    let cli = Stratafs::new();
-    let guard = MountGuard::new(Some(cli.root()));
-    let addr = format!("127.0.0.1:{}", free_port());
-    let out = run(
-        cli.command()
-            .args(["mount", "-o", "nobackground", "--metrics-address", &addr])
-            .arg(&reference)
-            .arg(&guard.dir),
-        Duration::from_secs(60),
-    );
-    assert!(out.status.success(), "{}", show(&out));
+    let layer = LayerBuilder::new()
+        .dir("d", 0o755)
+        .file("d/data", &data, 0o644)
+        .build(Compression::Gzip);
+    let (_reg, image, cli, guard, addr, out) = mounted_with_metrics("metrics/app", layer);
     assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("http://{addr}/metrics")));
-    assert!(wait_mounted(&guard.dir, Duration::from_secs(5)).is_some());
     assert!(std::fs::read(guard.path("/d/data")).unwrap() == data);
 
     let body = scrape(&addr);
@@ -73,6 +53,41 @@ fn prometheus_scrapes_a_mounts_metrics() {
     cli.ok(&["umount", guard.dir.to_str().unwrap()]);
 }
 
+/// A one-layer image of `layer`, pushed to a fresh registry as `REPO:v1` with its indexes
+/// bound (so a mount reads by range from the first read), and mounted without background
+/// fill, its metrics served: the registry, the image, the store's CLI, the mount, the metrics
+/// address and `stratafs mount`'s output.
+fn mounted_with_metrics(
+    repo: &str,
+    layer: Layer,
+) -> (
+    Registry,
+    Image,
+    Stratafs,
+    MountGuard,
+    String,
+    std::process::Output,
+) {
+    let reg = Registry::start(RegistryOpts::default());
+    let image = ImageBuilder::new().layer(layer).build(ManifestFlavour::Oci);
+    reg.push_image(repo, "v1", &image, &Auth::None);
+    let reference = format!("{}/{repo}:v1", reg.addr());
+    Stratafs::new().ok(&["index", "push", "--bind", &reference]);
+    let cli = Stratafs::new();
+    let guard = MountGuard::new(Some(cli.root()));
+    let addr = format!("127.0.0.1:{}", free_port());
+    let out = run(
+        cli.command()
+            .args(["mount", "-o", "nobackground", "--metrics-address", &addr])
+            .arg(&reference)
+            .arg(&guard.dir),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(wait_mounted(&guard.dir, Duration::from_secs(5)).is_some());
+    (reg, image, cli, guard, addr, out)
+}
+
 /// The value of counter `name` at `addr` (0 before its first).
 fn counter(addr: &str, name: &str) -> u64 {
     let prefix = format!("{name} ");
@@ -100,30 +115,11 @@ fn released(addr: &str, n: u64) {
 /// the daemon nothing. Every byte read back through those pages is the file's.
 #[test]
 fn a_cached_small_file_reaches_the_page_cache_at_its_open() {
-    let reg = Registry::start(RegistryOpts::default());
     let small = bytes(21, 150_000);
-    let image = ImageBuilder::new()
-        .layer(
-            LayerBuilder::new()
-                .file("small", &small, 0o644)
-                .build(Compression::Gzip),
-        )
-        .build(ManifestFlavour::Oci);
-    reg.push_image("pages/app", "v1", &image, &Auth::None);
-    let reference = format!("{}/pages/app:v1", reg.addr());
-    Stratafs::new().ok(&["index", "push", "--bind", &reference]);
-    let cli = Stratafs::new();
-    let guard = MountGuard::new(Some(cli.root()));
-    let addr = format!("127.0.0.1:{}", free_port());
-    let out = run(
-        cli.command()
-            .args(["mount", "-o", "nobackground", "--metrics-address", &addr])
-            .arg(&reference)
-            .arg(&guard.dir),
-        Duration::from_secs(60),
-    );
-    assert!(out.status.success(), "{}", show(&out));
-    assert!(wait_mounted(&guard.dir, Duration::from_secs(5)).is_some());
+    let layer = LayerBuilder::new()
+        .file("small", &small, 0o644)
+        .build(Compression::Gzip);
+    let (_reg, _image, cli, guard, addr, _) = mounted_with_metrics("pages/app", layer);
     let pushed = || counter(&addr, "stratafs_page_cache_pushed_bytes_total");
     let path = guard.path("/small");
 

@@ -430,15 +430,7 @@ impl Filesystem for StrataFs {
                     // `BackingId` is dropped, and `keep` entries never are.
                     OpenMode::Passthrough(id) => Some(unsafe { reply.wrap_backing(id) }),
                 };
-                let o = Opens {
-                    count: 1,
-                    backing,
-                    keep: true,
-                    waiting: None,
-                };
-                o.reply(reply, fh);
-                opens.insert(ino.0, o);
-                return;
+                return Opens::first(backing, true).answer(&mut opens, ino, reply, fh);
             }
         }
         if small {

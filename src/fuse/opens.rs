@@ -34,14 +34,7 @@ pub(super) fn first_open(
     if let Some(log) = log {
         log.record(ino.0, Some(mode));
     }
-    let o = Opens {
-        count: 1,
-        backing,
-        keep: false,
-        waiting: None,
-    };
-    o.reply(reply, fh);
-    opens.insert(ino.0, o);
+    Opens::first(backing, false).answer(&mut opens, ino, reply, fh);
 }
 
 /// Records the first open of an inode, through the daemon, whose answer (and those of the
@@ -97,6 +90,29 @@ pub(super) struct Opens {
 }
 
 impl Opens {
+    /// The first open of an inode, answered at once: through the daemon or, with `backing`,
+    /// passthrough; `keep` as the field says.
+    pub(super) fn first(backing: Option<BackingId>, keep: bool) -> Opens {
+        Opens {
+            count: 1,
+            backing,
+            keep,
+            waiting: None,
+        }
+    }
+
+    /// Answers the open this entry records, and keeps it for the inode's later opens.
+    pub(super) fn answer(
+        self,
+        opens: &mut HashMap<u64, Opens>,
+        ino: INodeNo,
+        reply: ReplyOpen,
+        fh: FileHandle,
+    ) {
+        self.reply(reply, fh);
+        opens.insert(ino.0, self);
+    }
+
     pub(super) fn reply(&self, reply: ReplyOpen, fh: FileHandle) {
         match &self.backing {
             // Passthrough allows no caching flags: the kernel caches the backing file itself.
