@@ -9,13 +9,21 @@
 //! at a time. Nothing here fetches; every byte comes from the verified cache.
 
 use super::{FsError, ImageView};
+use crate::layer::reader::{LayerReader, Ready};
 use crate::tree::{FileType, NodeId};
 
 impl ImageView {
+    /// The layer reader of regular file `node`, its data's offset in the layer, and its size.
+    fn file_data(&self, node: NodeId) -> Option<(&LayerReader, usize, u64, u64)> {
+        let n = self.tree.node(node);
+        let (layer, data_offset) = n.data.filter(|_| n.file_type == FileType::File)?;
+        Some((&self.readers[layer], layer, data_offset, n.size))
+    }
+
     /// As [`read_for`](Self::read_for) when the bytes can be served at once, on the calling
-    /// thread ([`crate::layer::reader::LayerReader::read_ready`]: with `disk_ok`, from the disk
-    /// too, so only from a thread that may wait for it); `None` (nothing recorded): call
-    /// `read_for`.
+    /// thread ([`LayerReader::read_ready`]: with `disk_ok`, from the disk too, so only from a
+    /// thread that may wait for it); [`Ready::OnDisk`] or [`Ready::Fetch`] (nothing recorded):
+    /// as they say, the disk from another thread, or `read_for`.
     pub fn read_ready(
         &self,
         handle: u64,
@@ -23,62 +31,38 @@ impl ImageView {
         offset: u64,
         len: u64,
         disk_ok: bool,
-    ) -> Option<Result<Vec<u8>, FsError>> {
-        let n = self.tree.node(node);
-        let (layer, data_offset) = n.data.filter(|_| n.file_type == FileType::File)?;
-        if offset >= n.size {
-            return None;
-        }
-        let len = len.min(n.size - offset);
-        let reader = &self.readers[layer];
-        let data = match reader.read_ready(data_offset + offset, len, disk_ok) {
-            Ok(Some(data)) => data,
-            Ok(None) => return None,
-            Err(e) => return Some(Err(e.into())),
+    ) -> Result<Ready, FsError> {
+        let Some((reader, layer, data_offset, size)) = self.file_data(node) else {
+            return Ok(Ready::Fetch);
         };
-        self.handles.lock().unwrap().insert(handle, offset + len);
-        if let Some(recorder) = self.recorder.get() {
-            recorder.read(layer, reader.index(), data_offset + offset, len);
+        if offset >= size {
+            return Ok(Ready::Fetch);
         }
-        Some(Ok(data))
-    }
-
-    /// Whether the bytes of a read of `node` are all cached, some on disk only (then
-    /// [`read_ready`](Self::read_ready) with `disk_ok` serves them).
-    pub fn on_disk(&self, node: NodeId, offset: u64, len: u64) -> bool {
-        let n = self.tree.node(node);
-        let Some((layer, data_offset)) = n.data.filter(|_| n.file_type == FileType::File) else {
-            return false;
-        };
-        offset < n.size
-            && self.readers[layer].ready_on_disk(data_offset + offset, len.min(n.size - offset))
+        let len = len.min(size - offset);
+        let ready = reader.read_ready(data_offset + offset, len, disk_ok)?;
+        if let Ready::Bytes(_) = ready {
+            self.handles.lock().unwrap().insert(handle, offset + len);
+            if let Some(recorder) = self.recorder.get() {
+                recorder.read(layer, reader.index(), data_offset + offset, len);
+            }
+        }
+        Ok(ready)
     }
 
     /// Whether every byte of file `node` is cached (no I/O to tell); false for an empty file.
     pub fn file_ready(&self, node: NodeId) -> bool {
-        let n = self.tree.node(node);
-        match n
-            .data
-            .filter(|_| n.file_type == FileType::File && n.size > 0)
-        {
-            Some((layer, data_offset)) => self.readers[layer].is_ready(data_offset, n.size),
-            None => false,
-        }
+        self.file_data(node)
+            .is_some_and(|(reader, _, at, size)| size > 0 && reader.is_ready(at, size))
     }
 
     /// All of file `node`, if every byte of it is cached (reading the disk if need be: call it
     /// from a thread that may wait for it).
     pub fn file_bytes_ready(&self, node: NodeId) -> Option<Vec<u8>> {
-        let n = self.tree.node(node);
-        let (layer, data_offset) = n.data.filter(|_| n.file_type == FileType::File)?;
-        let reader = &self.readers[layer];
-        match reader.bytes_ready(data_offset, data_offset + n.size, true) {
-            Ok(found) => found.map(|(bytes, _)| bytes),
-            Err(e) => {
-                tracing::debug!(path = %self.tree.path(node), error = %e, "file not read for the page cache");
-                None
-            }
-        }
+        let (reader, _, at, size) = self.file_data(node)?;
+        reader.bytes_ready(at, at + size).unwrap_or_else(|e| {
+            tracing::debug!(path = %self.tree.path(node), error = %e, "file not read for the page cache");
+            None
+        })
     }
 }
 
@@ -89,6 +73,17 @@ mod tests {
     use crate::registry::fake::FakeRegistry;
 
     use super::super::tests::{lazy_view, noise};
+    use super::super::FsError;
+    use crate::layer::reader::Ready;
+
+    fn bytes(ready: Result<Ready, FsError>) -> Vec<u8> {
+        match ready {
+            Ok(Ready::Bytes(data)) => data,
+            Ok(Ready::OnDisk) => panic!("on disk"),
+            Ok(Ready::Fetch) => panic!("not served at once"),
+            Err(e) => panic!("{e}"),
+        }
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn cached_bytes_are_served_at_once_and_whole_cached_files_handed_over() {
@@ -101,7 +96,7 @@ mod tests {
         let (handle, at, len) = (1, 300_000, 4096);
         let part = &data[at as usize..][..len as usize];
         assert!(
-            view.read_ready(handle, id, at, len, true).is_none(),
+            matches!(view.read_ready(handle, id, at, len, true), Ok(Ready::Fetch)),
             "nothing cached yet"
         );
         assert!(!view.file_ready(id));
@@ -110,12 +105,7 @@ mod tests {
         // Fetched once, then served at once, from memory, as read by the handle.
         assert_eq!(view.read(id, at, len).await.unwrap(), part);
         let fetches = registry.requests().ranges;
-        assert_eq!(
-            view.read_ready(handle, id, at, len, false)
-                .unwrap()
-                .unwrap(),
-            part
-        );
+        assert_eq!(bytes(view.read_ready(handle, id, at, len, false)), part);
         assert_eq!(view.handles.lock().unwrap().get(&handle), Some(&(at + len)));
         assert!(!view.file_ready(id), "a part of it is cached");
 
@@ -125,10 +115,7 @@ mod tests {
         assert_eq!(view.file_bytes_ready(id).unwrap(), data);
         assert!(registry.requests().ranges > fetches);
         let before = registry.requests().ranges;
-        assert_eq!(
-            view.read_ready(2, id, 0, 100, true).unwrap().unwrap(),
-            data[..100]
-        );
+        assert_eq!(bytes(view.read_ready(2, id, 0, 100, true)), data[..100]);
         assert_eq!(registry.requests().ranges, before, "served without a fetch");
     }
 }

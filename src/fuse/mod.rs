@@ -40,6 +40,7 @@ use fuser::{
 };
 
 use crate::fs::{FsError, ImageView};
+use crate::layer::reader::Ready;
 use crate::tree::{FileType, Node, NodeId, ROOT};
 
 mod mounts;
@@ -406,11 +407,6 @@ impl Filesystem for StrataFs {
         {
             let mut opens = self.opens.lock().unwrap();
             if let Some(o) = opens.get_mut(&ino.0) {
-                o.count += 1;
-                if let Some(waiting) = &mut o.waiting {
-                    // Its first open is handing it to the page cache: answered after that.
-                    return waiting.push((reply, fh));
-                }
                 if o.backing.is_none() && !o.keep && !small {
                     // Open already (its close's RELEASE may not have come yet): this open
                     // asks for the local copy as any other does, off the dispatch thread. (An
@@ -418,7 +414,8 @@ impl Filesystem for StrataFs {
                     let view = view.clone();
                     self.runtime.spawn(async move { view.copy_locally(id) });
                 }
-                return o.reply(reply, fh);
+                // (While its first open hands it to the page cache, answered after that.)
+                return o.join(reply, fh);
             }
             if let Some(mode) = self.inherited.lock().unwrap().remove(&ino.0) {
                 // Opened by the process that served before, and maybe still open: the same way
@@ -444,7 +441,9 @@ impl Filesystem for StrataFs {
             let Some(room) = room else {
                 return first_open(&self.opens, &self.log, ino, fh, reply, None);
             };
-            start_open(&self.opens, &self.log, ino);
+            let Some(reply) = start_open(&self.opens, &self.log, ino, fh, reply) else {
+                return;
+            };
             let (opens, view) = (self.opens.clone(), view.clone());
             self.runtime.spawn_blocking(move || {
                 room.push_file(&view, ino, id);
@@ -523,17 +522,19 @@ impl Filesystem for StrataFs {
         let len = u64::from(size);
         // In memory: served here. On disk (verified): served by a thread of the blocking pool,
         // not an async worker. Else by a task, which may wait for the registry.
-        if let Some(Ok(data)) = view.read_ready(fh.0, id, offset, len, false) {
+        // An error here is the full path's to report.
+        let ready = view.read_ready(fh.0, id, offset, len, false);
+        if let Ok(Ready::Bytes(data)) = ready {
             return reply.data(&data);
         }
         let view = view.clone();
         let timeout = self.options.read_timeout;
         let timed_out = self.timed_out.clone();
         let runtime = self.runtime.clone();
-        if view.on_disk(id, offset, len) {
+        if let Ok(Ready::OnDisk) = ready {
             let view = view.clone();
             self.runtime.spawn_blocking(move || {
-                if let Some(Ok(data)) = view.read_ready(fh.0, id, offset, len, true) {
+                if let Ok(Ready::Bytes(data)) = view.read_ready(fh.0, id, offset, len, true) {
                     return reply.data(&data);
                 }
                 // Gone meanwhile (or unreadable): the full path.

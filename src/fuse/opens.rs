@@ -21,11 +21,7 @@ pub(super) fn first_open(
 ) {
     let mut opens = opens.lock().unwrap();
     if let Some(o) = opens.get_mut(&ino.0) {
-        o.count += 1;
-        return match &mut o.waiting {
-            Some(waiting) => waiting.push((reply, fh)),
-            None => o.reply(reply, fh),
-        };
+        return o.join(reply, fh);
     }
     let (backing, mode) = match backing {
         Some((b, raw)) => (Some(b), OpenMode::Passthrough(raw)),
@@ -38,13 +34,21 @@ pub(super) fn first_open(
 }
 
 /// Records the first open of an inode, through the daemon, whose answer (and those of the
-/// opens that come meanwhile) waits for [`opened`].
+/// opens that come meanwhile) waits for [`opened`]; gives `reply` back to be answered then.
+/// `None` if another open of the inode came first: this one follows it (answered, or waiting
+/// with it), and nothing is to be stored.
 pub(super) fn start_open(
     opens: &Mutex<HashMap<u64, Opens>>,
     log: &Option<Arc<OpenLog>>,
     ino: INodeNo,
-) {
+    fh: FileHandle,
+    reply: ReplyOpen,
+) -> Option<ReplyOpen> {
     let mut opens = opens.lock().unwrap();
+    if let Some(o) = opens.get_mut(&ino.0) {
+        o.join(reply, fh);
+        return None;
+    }
     if let Some(log) = log {
         log.record(ino.0, Some(OpenMode::Cached));
     }
@@ -57,6 +61,7 @@ pub(super) fn start_open(
             waiting: Some(Vec::new()),
         },
     );
+    Some(reply)
 }
 
 /// Answers the open [`start_open`] recorded, and the opens that waited for it.
@@ -98,6 +103,16 @@ impl Opens {
             backing,
             keep,
             waiting: None,
+        }
+    }
+
+    /// Another open of the inode: answered in this entry's mode, or, while the first open
+    /// hands the file to the page cache, with it.
+    pub(super) fn join(&mut self, reply: ReplyOpen, fh: FileHandle) {
+        self.count += 1;
+        match &mut self.waiting {
+            Some(waiting) => waiting.push((reply, fh)),
+            None => self.reply(reply, fh),
         }
     }
 

@@ -689,6 +689,7 @@ mod together;
 mod want;
 mod windows;
 
+pub use ready::Ready;
 pub use stream::{stream_index, StreamSpec};
 #[cfg(test)]
 mod tests;

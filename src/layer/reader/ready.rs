@@ -1,8 +1,9 @@
 //! Bytes that need no fetch: the spans of a range that are in memory, or on disk and verified
 //! by this process, read on the calling thread. The async read path takes them first
 //! ([`LayerReader::read_cached`]); the FUSE adapter serves reads from them without a task
-//! ([`LayerReader::read_ready`]) and hands the kernel's page cache the rest of the spans a read
-//! touched ([`LayerReader::bytes_ready`]). A layer found wrong, or one with a published index
+//! ([`LayerReader::read_ready`], which also tells bytes on disk from bytes to fetch) and hands
+//! the kernel's page cache whole cached files at their first open
+//! ([`LayerReader::bytes_ready`]). A layer found wrong, or one with a published index
 //! before its first read (which checks a complete layer against its diff_id), has none.
 
 use std::ops::Range;
@@ -10,6 +11,16 @@ use std::sync::atomic::Ordering;
 
 use super::{LayerReader, WRONG};
 use crate::cache::CacheError;
+
+/// What [`LayerReader::read_ready`] found.
+pub enum Ready {
+    /// The bytes, read on the calling thread.
+    Bytes(Vec<u8>),
+    /// All cached, some on disk only, and the caller may not wait for the disk.
+    OnDisk,
+    /// Not all cached (or the layer may not be served this way): read through the full path.
+    Fetch,
+}
 
 /// A span (by index) and the range of its bytes wanted.
 type Piece = (usize, Range<usize>);
@@ -29,39 +40,32 @@ impl LayerReader {
 
     /// Up to `len` bytes at `offset` if they can be served at once, on the calling thread:
     /// the layer's first read is over (its completeness checked) and every span holding them
-    /// is in memory, or on disk and verified by this process. `None` (nothing done): read them
-    /// with [`read_continuing`](Self::read_continuing). With `disk_ok` false, a span on disk
-    /// is `None` too; with it, the disk is read here, so call it from a thread that may wait
-    /// for the disk (not a FUSE dispatch thread nor an async worker).
-    pub fn read_ready(
-        &self,
-        offset: u64,
-        len: u64,
-        disk_ok: bool,
-    ) -> Result<Option<Vec<u8>>, CacheError> {
+    /// is in memory, or on disk and verified by this process. [`Ready::Fetch`] (nothing done):
+    /// read them with [`read_continuing`](Self::read_continuing). With `disk_ok` false, bytes
+    /// on disk are [`Ready::OnDisk`]; with it, the disk is read here, so call it from a thread
+    /// that may wait for the disk (not a FUSE dispatch thread nor an async worker).
+    pub fn read_ready(&self, offset: u64, len: u64, disk_ok: bool) -> Result<Ready, CacheError> {
         let started = std::time::Instant::now();
         let end = (offset + len).min(self.index.size);
-        let Some((out, disk)) = self.bytes_ready(offset, end, disk_ok)? else {
-            return Ok(None);
+        let (pieces, disk) = match self.ready(offset, end) {
+            Some((_, true)) if !disk_ok => return Ok(Ready::OnDisk),
+            Some(found) => found,
+            None => return Ok(Ready::Fetch),
+        };
+        let Some(out) = self.read_pieces(&pieces, disk)? else {
+            return Ok(Ready::Fetch);
         };
         let source = if disk { "disk" } else { "memory" };
         crate::metrics::metrics().read(source, started.elapsed().as_secs_f64());
-        Ok(Some(out))
+        Ok(Ready::Bytes(out))
     }
 
-    /// Bytes `offset..end` and whether the disk was read, as [`read_ready`](Self::read_ready)
-    /// finds them, but for bytes no read asked for (nothing counted in the metrics).
-    pub fn bytes_ready(
-        &self,
-        offset: u64,
-        end: u64,
-        disk_ok: bool,
-    ) -> Result<Option<(Vec<u8>, bool)>, CacheError> {
+    /// Bytes `offset..end` as [`read_ready`](Self::read_ready) with `disk_ok` finds them, but
+    /// for bytes no read asked for (nothing counted in the metrics); `None` if not all cached.
+    pub fn bytes_ready(&self, offset: u64, end: u64) -> Result<Option<Vec<u8>>, CacheError> {
         match self.ready(offset, end) {
-            Some((pieces, disk)) if disk_ok || !disk => {
-                Ok(self.read_pieces(&pieces, disk)?.map(|out| (out, disk)))
-            }
-            _ => Ok(None),
+            Some((pieces, disk)) => self.read_pieces(&pieces, disk),
+            None => Ok(None),
         }
     }
 
@@ -69,13 +73,6 @@ impl LayerReader {
     pub fn is_ready(&self, offset: u64, len: u64) -> bool {
         self.ready(offset, (offset + len).min(self.index.size))
             .is_some()
-    }
-
-    /// Whether [`read_ready`](Self::read_ready) would serve `offset..offset + len` only with
-    /// `disk_ok`: every span cached, some on disk only (no I/O to tell).
-    pub fn ready_on_disk(&self, offset: u64, len: u64) -> bool {
-        let end = (offset + len).min(self.index.size);
-        self.ready(offset, end).is_some_and(|(_, disk)| disk)
     }
 
     /// The spans (and the range of each) that hold `offset..end`, and whether any is read from
