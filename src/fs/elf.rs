@@ -389,7 +389,10 @@ impl super::ImageView {
             if at >= size || len == 0 {
                 return None;
             }
-            reader.read(offset + at, len.min(size - at)).await.ok()
+            reader
+                .read_exact(offset + at, len.min(size - at))
+                .await
+                .ok()
         };
         let Some(h) = read(0, HEAD).await.and_then(|head| headers(&head)) else {
             return Vec::new();

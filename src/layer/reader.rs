@@ -330,6 +330,15 @@ impl LayerReader {
         self.read_with(offset, len, Want::DemandAlone).await
     }
 
+    /// As [`read`](Self::read), but a miss fetches exactly the spans that hold the bytes —
+    /// no neighbours, no read-ahead — and does not count as a read of the layer (its
+    /// sequential read-ahead and the reads' budget are the reads' own): for a caller that
+    /// reads a file's structure ahead of the program's reads of it (an ELF file's headers and
+    /// dynamic section, whose neighbours in the layer are other files).
+    pub async fn read_exact(&self, offset: u64, len: u64) -> Result<Vec<u8>, CacheError> {
+        self.read_hinted(offset, len, Want::Exact, None, true).await
+    }
+
     /// As [`read`](Self::read) or, with `alone`, [`read_alone`](Self::read_alone), for a caller
     /// that knows whether this read continues its reader's previous one (an open file handle):
     /// a miss reads ahead when it does, whatever other files of the layer are read meanwhile
