@@ -221,7 +221,8 @@ impl ImageView {
     }
 
     /// Reads up to `len` bytes at `offset` of regular file `node`.
-    /// With [`fetch_neighbours`](Self::fetch_neighbours) on, a read that had to fetch then
+    /// With [`fetch_neighbours`](Self::fetch_neighbours) on, a read that had to fetch (but of a
+    /// shared object) then
     /// starts, as its own task and request, a fetch of the layer's bytes after it
     /// ([`LayerReader::fetch_neighbours`]; not once a startup profile is replayed): the read
     /// waits for its own bytes only, and the link carries the neighbours while the workload
@@ -279,15 +280,24 @@ impl ImageView {
             recorder.read(layer, reader.index(), data_offset + offset, len);
         }
         let (at, end) = (data_offset + offset, data_offset + offset + len);
-        // Not while a startup profile is replayed: it knows what comes next.
-        let chained = self.neighbours.load(Ordering::Relaxed)
+        // Not while a startup profile is replayed: it knows what comes next. Nor after a read
+        // of a shared object: its pages are read where its code jumps, not file after file (on
+        // the cold-start benchmark 80% of such neighbours were never read), and the read
+        // fetches its own spans alone.
+        let scattered = is_shared_object(&n.name);
+        let chained = !scattered
+            && self.neighbours.load(Ordering::Relaxed)
             && !self.profiled.load(Ordering::Relaxed)
             && !reader.is_cached(at, len);
         let started = std::time::Instant::now();
         let data = async {
             match continues {
-                Some(continues) => reader.read_continuing(at, len, chained, continues).await,
-                None if chained => reader.read_alone(at, len).await,
+                Some(continues) => {
+                    reader
+                        .read_continuing(at, len, chained || scattered, continues)
+                        .await
+                }
+                None if chained || scattered => reader.read_alone(at, len).await,
                 None => reader.read(at, len).await,
             }
         }
