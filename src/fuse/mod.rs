@@ -5,10 +5,10 @@
 //! dispatch threads. A read whose bytes are in memory is answered there too, one whose bytes
 //! are cached on disk by a thread of the blocking pool, any other by a tokio task: the dispatch
 //! loop never waits for the disk or the network. A read that cannot be served within the read
-//! timeout gets EIO and the reason is logged. Cached bytes go to the kernel's page cache before
-//! they are asked for (`reads`): the rest of the spans a read touched, and the whole of a
-//! file under 1 MiB at its open, so that a program's faults and reads nearby are answered by
-//! the kernel instead of one small read at a time. Files of 1 MiB or more whose bytes are all cached are opened with FUSE
+//! timeout gets EIO and the reason is logged. A file under 1 MiB whose bytes are all cached
+//! goes whole to the kernel's page cache at its first open (`reads`), so that a program's
+//! reads of it are answered by the kernel instead of one small read at a time. Files of 1 MiB
+//! or more whose bytes are all cached are opened with FUSE
 //! passthrough to a local copy (kernel ≥ 6.9), so warm reads do not go through the daemon at
 //! all; the copy is made in the background at a file's second open in a mount
 //! ([`ImageView::copy_locally`]), so the opens that come before it read through the daemon.
@@ -469,9 +469,8 @@ impl Filesystem for StrataFs {
                 }
             };
             if let Some(o) = opens.lock().unwrap().get_mut(&ino.0) {
-                // Opened meanwhile: follow that open's mode.
-                o.count += 1;
-                return o.reply(reply, fh);
+                // Opened meanwhile: follow that open's mode (before opening a backing file).
+                return o.join(reply, fh);
             }
             let backing = local.and_then(|path| {
                 let file = std::fs::File::open(&path)

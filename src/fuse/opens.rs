@@ -52,15 +52,11 @@ pub(super) fn start_open(
     if let Some(log) = log {
         log.record(ino.0, Some(OpenMode::Cached));
     }
-    opens.insert(
-        ino.0,
-        Opens {
-            count: 1,
-            backing: None,
-            keep: false,
-            waiting: Some(Vec::new()),
-        },
-    );
+    let first = Opens {
+        waiting: Some(Vec::new()),
+        ..Opens::first(None, false)
+    };
+    opens.insert(ino.0, first);
     Some(reply)
 }
 

@@ -101,27 +101,19 @@ impl Room {
     /// (it may read the disk), while no handle of the file is open (so no read of it is under
     /// way, whose pages the store would wait for).
     pub(super) fn push_file(&self, view: &ImageView, ino: INodeNo, id: NodeId) {
-        if let Some(bytes) = view.file_bytes_ready(id) {
-            if self.store(view, ino, id, 0, &bytes) {
+        let (Some(notifier), Some(bytes)) = (self.0.notifier.get(), view.file_bytes_ready(id))
+        else {
+            return;
+        };
+        match notifier.store(ino, 0, &bytes) {
+            Ok(()) => {
+                crate::metrics::metrics().pushed(bytes.len() as u64);
                 // Its reads will not reach this process, as a passthrough open's do not.
                 view.note_read_whole(id);
             }
-        }
-    }
-
-    fn store(&self, view: &ImageView, ino: INodeNo, id: NodeId, at: u64, bytes: &[u8]) -> bool {
-        let Some(notifier) = self.0.notifier.get() else {
-            return false;
-        };
-        match notifier.store(ino, at, bytes) {
-            Ok(()) => {
-                crate::metrics::metrics().pushed(bytes.len() as u64);
-                true
-            }
+            // The inode left the kernel's cache (ENOENT), or an old kernel: reads will ask.
             Err(e) => {
-                // The inode left the kernel's cache (ENOENT), or an old kernel: reads will ask.
-                tracing::debug!(path = %view.tree.path(id), error = %e, "page cache not filled");
-                false
+                tracing::debug!(path = %view.tree.path(id), error = %e, "page cache not filled")
             }
         }
     }
