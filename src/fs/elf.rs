@@ -262,6 +262,9 @@ const NEEDED_PARALLEL: usize = 4;
 /// Opens followed at once per mount (an open beyond that follows nothing): with
 /// [`NEEDED_PARALLEL`], at most 32 files' headers (324 KiB each at most) are in memory.
 pub const FOLLOWS: usize = 8;
+/// Extension modules the import walk follows at once per mount, beside the opens' (the
+/// walk's next ones wait for a turn): with [`NEEDED_PARALLEL`], 16 more files' headers.
+pub const WALK_FOLLOWS: usize = 4;
 
 /// A follow of an ELF file's libraries under way: when it ends, or its future is dropped,
 /// opens waiting for it go on.
@@ -281,17 +284,38 @@ impl super::ImageView {
     /// following them (the fetch at mount of what the image runs first, then its `exec`),
     /// waits for that instead: the caller fetches the file's rest after its libraries.
     pub(super) async fn fetch_needed(&self, root: NodeId, limit: u64) {
+        self.follow_needed(root, limit, false).await
+    }
+
+    /// [`fetch_needed`](Self::fetch_needed) of an extension module the import walk fetched
+    /// (`walk`): python's import of it will have the loader open its libraries, so they are
+    /// fetched now rather than when python gets there (on the cold-start benchmark, libcrypto
+    /// behind `_hashlib` and `_ssl`, liblzma, libuuid: a chain of waits at the command's end).
+    /// Such a follow waits for one of [`WALK_FOLLOWS`] turns rather than taking an open's.
+    pub(super) async fn follow_needed(&self, root: NodeId, limit: u64, walk: bool) {
         let n = self.tree.node(root);
         if n.file_type != FileType::File || !may_be_elf(&n.name, n.mode) {
             return;
         }
+        let walk_turn = match walk {
+            true if self.elf_followed.lock().unwrap().contains(&root) => return,
+            true => match self.elf_walk_follows.acquire().await {
+                Ok(turn) => Some(turn),
+                Err(_) => return,
+            },
+            false => None,
+        };
         let started = {
             let mut following = self.elf_following.lock().unwrap();
             match following.get(&root) {
                 Some(done) => Err(done.clone()),
                 None => {
-                    let Ok(turn) = self.elf_follows.try_acquire() else {
-                        return;
+                    let turn = match walk_turn {
+                        Some(turn) => turn,
+                        None => match self.elf_follows.try_acquire() {
+                            Ok(turn) => turn,
+                            Err(_) => return,
+                        },
                     };
                     if !self.claim_elf(root) {
                         return;
@@ -308,7 +332,9 @@ impl super::ImageView {
                 self.follow_libraries(root, limit).await
             }
             // Closed when that follow ends (or is dropped).
-            Err(done) => drop(done.acquire().await),
+            // (The walk's follow does not wait: that open fetches them.)
+            Err(done) if !walk => drop(done.acquire().await),
+            Err(_) => {}
         }
     }
 

@@ -10,6 +10,7 @@
 use super::pyc::{pyc_imports, Import, MAX_PYC};
 use super::pysource::source_imports;
 use crate::tree::{FileType, NodeId, Tree};
+use tracing::Instrument;
 
 /// Where a module's imports are looked up: its package and the packages above it (relative
 /// imports), the directory holding its top package, and the interpreter's library
@@ -380,33 +381,54 @@ impl super::ImageView {
             return;
         }
         let mut queue = std::collections::BinaryHeap::new();
+        // Each file with its place in the walk and whether a guess led to it (a name its
+        // importer reads, or one it may import by name: `Imports::names`, `Imports::dynamic`)
+        // rather than import statements alone.
         for (k, &root) in roots.iter().enumerate() {
             if self.tree.node(root).file_type == FileType::File && self.claim_import(root) {
-                queue.push(Reverse((vec![k as u32], root)));
+                queue.push(Reverse((vec![k as u32], root, false)));
             }
         }
-        let Some(Reverse((_, root))) = queue.peek().cloned() else {
+        let Some(Reverse((_, root, _))) = queue.peek().cloned() else {
             return;
         };
         let mut running = FuturesUnordered::new();
+        // The libraries of the extension modules fetched, followed as an open of each would
+        // (`elf.rs`), beside the walk rather than in its turns.
+        let mut libraries = FuturesUnordered::new();
         let mut files = 0usize;
         loop {
             while running.len() < IMPORT_FETCHES {
-                let Some(Reverse((order, node))) = queue.pop() else {
+                let Some(Reverse((order, node, guessed))) = queue.pop() else {
                     break;
                 };
                 files += 1;
-                running.push(async move { (order, self.fetch_module(node, limit).await) });
+                running.push(async move {
+                    let (found, stated) = self.fetch_module(node, limit).await;
+                    (order, node, guessed, found, stated)
+                });
             }
-            let Some((order, found)) = running.next().await else {
-                break;
-            };
-            for (k, file) in found.into_iter().enumerate() {
-                if self.claim_import(file) {
-                    let mut at = order.clone();
-                    at.push(k as u32);
-                    queue.push(Reverse((at, file)));
+            tokio::select! {
+                Some((order, node, guessed, found, stated)) = running.next(), if !running.is_empty() => {
+                    // An extension module: its libraries too, unless only a guess led here (on
+                    // the cold-start benchmark, `_dbm`'s libdb, 0.9 MB that nothing loads).
+                    let n = self.tree.node(node);
+                    if found.is_empty() && !guessed && limit > 0 && super::elf::may_be_elf(&n.name, n.mode) {
+                        libraries.push(
+                            self.follow_needed(node, limit, true)
+                                .instrument(tracing::debug_span!("needed")),
+                        );
+                    }
+                    for (k, file) in found.into_iter().enumerate() {
+                        if self.claim_import(file) {
+                            let mut at = order.clone();
+                            at.push(k as u32);
+                            queue.push(Reverse((at, file, guessed || k >= stated)));
+                        }
+                    }
                 }
+                Some(()) = libraries.next(), if !libraries.is_empty() => {}
+                else => break,
             }
         }
         tracing::debug!(path = %self.tree.path(root), files, "imports fetched");
@@ -420,11 +442,12 @@ impl super::ImageView {
     }
 
     /// Fetches module file `node` ahead of python's open of it; for bytecode or source, the
-    /// files of the modules it imports (none if a fetch fails: the reads will tell).
-    async fn fetch_module(&self, node: NodeId, limit: u64) -> Vec<NodeId> {
+    /// files of the modules it imports (none if a fetch fails: the reads will tell), and how
+    /// many of the first of them its import statements name (the rest are guesses).
+    async fn fetch_module(&self, node: NodeId, limit: u64) -> (Vec<NodeId>, usize) {
         let n = self.tree.node(node);
         let Some((layer, offset)) = n.data.filter(|_| n.file_type == FileType::File) else {
-            return Vec::new();
+            return (Vec::new(), 0);
         };
         let reader = &self.readers[layer];
         let resolver = self.module_resolver(node).filter(|_| n.size <= MAX_PYC);
@@ -434,36 +457,38 @@ impl super::ImageView {
             n.size.min(limit)
         };
         if len == 0 {
-            return Vec::new();
+            return (Vec::new(), 0);
         }
         // One of IMPORT_FETCHES across the mount, from the fetch to the parse: what the walk
         // holds in memory is bounded too.
         let _turn = self.import_fetches.acquire().await;
         if !reader.is_cached(offset, len) {
             if !reader.index().random_access() {
-                return Vec::new();
+                return (Vec::new(), 0);
             }
             if let Err(e) = reader.prefetch_walk(offset, len).await {
                 tracing::debug!(path = %self.tree.path(node), error = %e, "fetch of an imported module failed");
-                return Vec::new();
+                return (Vec::new(), 0);
             }
         }
         let Some((resolver, source)) = resolver else {
-            return Vec::new();
+            return (Vec::new(), 0);
         };
         // From the cache, just filled (a span evicted meanwhile is fetched again).
         let Ok(bytes) = reader.read(offset, len).await else {
-            return Vec::new();
+            return (Vec::new(), 0);
         };
         if source {
-            return self.source_modules(&resolver, bytes).await;
+            let found = self.source_modules(&resolver, bytes).await;
+            let stated = found.len();
+            return (found, stated);
         }
         let imports = tokio::task::spawn_blocking(move || pyc_imports(&bytes))
             .await
             .unwrap_or_default();
         // What its statements import, then what the names it reads of the packages it
         // imports may import lazily: fetched, then followed in turn.
-        let (found, lazy) = match &imports.statements {
+        let (found, lazy, stated) = match &imports.statements {
             Some(statements) => {
                 let (found, packages) = resolver.imports(statements);
                 let lazy: Vec<NodeId> = resolver
@@ -471,13 +496,20 @@ impl super::ImageView {
                     .into_iter()
                     .filter(|f| !found.contains(f))
                     .collect();
-                (found, lazy)
+                let stated = found.len();
+                (found, lazy, stated)
             }
-            None => (resolver.files(&imports.names), Vec::new()),
+            None => (resolver.files(&imports.names), Vec::new(), 0),
         };
-        let found = [found, lazy].concat();
+        // What it imports by name at run time (`__import__(name)`), after the rest.
+        let dynamic: Vec<NodeId> = resolver
+            .files(&imports.dynamic)
+            .into_iter()
+            .filter(|f| !found.contains(f) && !lazy.contains(f))
+            .collect();
+        let found = [found, lazy, dynamic].concat();
         self.fetch_batch(&found).await;
-        found
+        (found, stated)
     }
 
     /// The files of the modules that Python source `bytes` imports, looked up by `resolver`,

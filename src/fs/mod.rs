@@ -90,6 +90,8 @@ pub struct ImageView {
     profile_coverage: std::sync::OnceLock<Vec<std::collections::BTreeMap<u64, u64>>>,
     /// Opens whose libraries are being followed at once ([`elf::FOLLOWS`]).
     elf_follows: tokio::sync::Semaphore,
+    /// The import walk's follows of extension modules at once ([`elf::WALK_FOLLOWS`]).
+    elf_walk_follows: tokio::sync::Semaphore,
     /// ELF files whose libraries are being followed, each with a semaphore closed when that
     /// ends: another open of such a file waits for it before fetching the file's rest.
     elf_following: std::sync::Mutex<std::collections::HashMap<NodeId, Arc<tokio::sync::Semaphore>>>,
@@ -207,6 +209,7 @@ impl ImageView {
             python_tag: Default::default(),
             profile_coverage: Default::default(),
             elf_follows: tokio::sync::Semaphore::new(elf::FOLLOWS),
+            elf_walk_follows: tokio::sync::Semaphore::new(elf::WALK_FOLLOWS),
             elf_following: Default::default(),
             import_fetches: tokio::sync::Semaphore::new(imports::IMPORT_FETCHES),
         })

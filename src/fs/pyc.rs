@@ -54,6 +54,11 @@ pub struct Imports {
     /// reads of the packages it imports (`np.random` imports `numpy.random` on first use);
     /// without, the best guess at what it imports.
     pub names: Vec<String>,
+    /// With a body that calls `__import__` or `import_module`, the strings of its constants
+    /// (alone or in tuples of strings) that could name a module: what it may import by name
+    /// at run time (`requests.packages` imports `urllib3` and `idna` in a loop over such a
+    /// tuple). Empty otherwise.
+    pub dynamic: Vec<String>,
 }
 
 /// The import statements of `pyc`'s module body, in the order they run (those of its
@@ -69,9 +74,11 @@ pub fn pyc_imports(pyc: &[u8]) -> Imports {
         .code
         .filter(|_| decodable)
         .map(|(start, end)| statements(&pyc[start..end], &top));
+    let dynamic = dynamic_of(&top);
     Imports {
         statements,
         names: names_of(top),
+        dynamic,
     }
 }
 
@@ -179,6 +186,43 @@ fn names_of(top: Top) -> Vec<String> {
         .take(MAX_NAMES)
         .map(|s| s.to_string())
         .collect()
+}
+
+/// [`Imports::dynamic`] of a module body.
+fn dynamic_of(top: &Top) -> Vec<String> {
+    if !top
+        .names
+        .iter()
+        .any(|n| matches!(&**n, "__import__" | "import_module"))
+    {
+        return Vec::new();
+    }
+    let module_name = |s: &str| {
+        !s.is_empty()
+            && s.len() <= MAX_NAME_LEN
+            && s.split('.').all(|part| {
+                part.chars()
+                    .next()
+                    .is_some_and(|c| c == '_' || c.is_ascii_alphabetic())
+                    && part.chars().all(|c| c == '_' || c.is_ascii_alphanumeric())
+            })
+    };
+    let mut out = Vec::new();
+    for c in &top.consts {
+        let strings: &[Obj] = match c {
+            Obj::Tuple(items) => items,
+            single @ Obj::Str(_) => std::slice::from_ref(single),
+            _ => continue,
+        };
+        for s in strings {
+            if let Obj::Str(s) = s {
+                if module_name(s) && out.len() < MAX_NAMES {
+                    out.push(s.to_string());
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The order of a code object's fields.
@@ -459,8 +503,19 @@ mod tests {
                     import(0, "pkg.deep.mod", &["thing"]),
                 ]),
                 names: pyc_names(PYC),
+                dynamic: Vec::new(),
             }
         );
+    }
+
+    #[test]
+    fn names_a_body_imports_by_name_at_run_time() {
+        // `for package in ("urllib3", "idna"): locals()[package] = __import__(package)`, as
+        // requests.packages does, and a docstring that names no module.
+        let imports = pyc_imports(include_bytes!("testdata/dynamic.cpython-311.pyc"));
+        assert_eq!(imports.dynamic, ["urllib3", "idna"]);
+        // A body that calls neither `__import__` nor `import_module`: none.
+        assert!(pyc_imports(PYC).dynamic.is_empty());
     }
 
     #[test]

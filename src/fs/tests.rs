@@ -478,6 +478,91 @@ async fn an_open_of_a_modules_bytecode_fetches_the_modules_it_imports() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_walk_fetches_the_libraries_of_the_extension_modules_it_fetches() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(FakeRegistry::new());
+    let (imported, mut tree) = import_fixture();
+    let elf = |needed: &[&str], seed| {
+        [
+            super::elf::tests::elf(None, needed, None),
+            noise(seed, 200 << 10),
+        ]
+        .concat()
+    };
+    // The extension module the body imports (`from .sub import other`) needs libother,
+    // which needs libdeep; libunused is needed by nothing.
+    let ext = "app/pkg/sub/other.cpython-311-x86_64-linux-gnu.so";
+    let libs = [
+        (
+            "usr/lib/x86_64-linux-gnu/libother.so.1",
+            elf(&["libdeep.so.2"], 1),
+        ),
+        ("usr/lib/x86_64-linux-gnu/libdeep.so.2", elf(&[], 2)),
+        ("usr/lib/x86_64-linux-gnu/libunused.so.1", elf(&[], 3)),
+    ];
+    for (k, path) in imported.iter().enumerate() {
+        let data = match path.as_str() {
+            p if p == ext => elf(&["libother.so.1"], 4),
+            _ => noise(10 + k as u32, 20 << 10),
+        };
+        tree.push((path.clone(), data));
+        tree.push((format!("filler/{k}"), noise(100 + k as u32, 1 << 20)));
+    }
+    for (k, (path, data)) in libs.iter().enumerate() {
+        tree.push((path.to_string(), data.clone()));
+        tree.push((format!("filler/lib{k}"), noise(200 + k as u32, 1 << 20)));
+    }
+    let view = lazy_view(&registry, dir.path(), &tree).await;
+    let root = view
+        .lookup("app/pkg/__pycache__/example.cpython-311.pyc")
+        .unwrap();
+    view.follow_imports(true);
+    view.fetch_imports(root, 8 << 20).await;
+    // Fetched before python imports the module and the loader opens its libraries.
+    assert!(cached(&view, ext));
+    assert!(cached(&view, "usr/lib/x86_64-linux-gnu/libother.so.1"));
+    assert!(cached(&view, "usr/lib/x86_64-linux-gnu/libdeep.so.2"));
+    assert!(!cached(&view, "usr/lib/x86_64-linux-gnu/libunused.so.1"));
+    // Followed once: python's open of the module fetches nothing more.
+    let before = registry.requests();
+    view.prefetch_file(view.lookup(ext).unwrap(), 8 << 20).await;
+    assert_eq!(registry.requests().ranges, before.ranges);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_walk_fetches_what_a_module_imports_by_name_at_run_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(FakeRegistry::new());
+    // `for package in ("urllib3", "idna"): locals()[package] = __import__(package)`
+    // (requests.packages); urllib3 is not in the image.
+    let mut tree = vec![
+        ("app/pkg/__init__.py".to_string(), Vec::new()),
+        (
+            "app/pkg/__pycache__/packages.cpython-311.pyc".to_string(),
+            include_bytes!("testdata/dynamic.cpython-311.pyc").to_vec(),
+        ),
+        ("app/idna/__init__.py".to_string(), Vec::new()),
+    ];
+    tree.push(("filler/0".into(), noise(1, 1 << 20)));
+    tree.push((
+        "app/idna/__pycache__/__init__.cpython-311.pyc".into(),
+        noise(2, 20 << 10),
+    ));
+    tree.push(("filler/1".into(), noise(3, 1 << 20)));
+    let view = lazy_view(&registry, dir.path(), &tree).await;
+    let root = view
+        .lookup("app/pkg/__pycache__/packages.cpython-311.pyc")
+        .unwrap();
+    view.follow_imports(true);
+    view.fetch_imports(root, 8 << 20).await;
+    assert!(cached(
+        &view,
+        "app/idna/__pycache__/__init__.cpython-311.pyc"
+    ));
+    assert!(!cached(&view, "filler/1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_modules_imports_that_lie_side_by_side_come_in_one_request() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Arc::new(FakeRegistry::new());
