@@ -413,7 +413,7 @@ impl super::ImageView {
                     // An extension module: its libraries too, unless only a guess led here (on
                     // the cold-start benchmark, `_dbm`'s libdb, 0.9 MB that nothing loads).
                     let n = self.tree.node(node);
-                    if found.is_empty() && !guessed && limit > 0 && super::elf::may_be_elf(&n.name, n.mode) {
+                    if !guessed && limit > 0 && super::is_shared_object(&n.name) {
                         libraries.push(
                             self.follow_needed(node, limit, true)
                                 .instrument(tracing::debug_span!("needed")),
