@@ -3,8 +3,9 @@
 //! (`etc/ld.so.cache`) for a program, and the libraries it needs (`DT_NEEDED`, searched the way
 //! the loader searches: `DT_RPATH`/`DT_RUNPATH` with `$ORIGIN`, then the system's library
 //! directories), and theirs in turn. The loader walks that chain one file at a time, each a
-//! round trip on a cold mount; an open of the program predicts all of it, so
-//! [`super::ImageView`] fetches the chain ahead, a level at a time.
+//! round trip on a cold mount; an open of the program (or the import walk's fetch of a
+//! Python extension module, `imports.rs`) predicts all of it, so [`super::ImageView`]
+//! fetches the chain ahead, a level at a time.
 //!
 //! An ELF file is untrusted input (any layer may hold any bytes under any name). The parser
 //! reads at most [`HEAD`] bytes of file and program headers (64-bit little-endian ELF only), a

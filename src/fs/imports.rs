@@ -5,7 +5,9 @@
 //! instead of one round trip per module. Python source (`mod.py` without bytecode, a
 //! script) is read the same way ([`super::pysource`]), in an image with a python
 //! ([`interpreter_tag`]); any program's open of a `.py` file starts the walk (a wrong guess
-//! costs bandwidth only, at most [`MAX_FOLLOWED`] files a mount).
+//! costs bandwidth only, at most [`MAX_FOLLOWED`] files a mount). An extension module the
+//! walk fetches has its libraries followed too ([`super::elf`]), unless only a guess (a name
+//! a body reads, one it may import by name) led to it.
 
 use super::pyc::{pyc_imports, Import, MAX_PYC};
 use super::pysource::source_imports;

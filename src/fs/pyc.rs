@@ -2,13 +2,16 @@
 //! [`pyc_imports`] decodes the module body's `import` statements (level, module, names
 //! imported from it) from its instructions, in the order they run, and keeps the names the
 //! body refers to (the attributes it reads of the packages it imports, some of them
-//! submodules imported on first use). For bytecode whose instructions it does not decode
+//! submodules imported on first use), and, for a body that calls `__import__` or
+//! `import_module`, its string constants that could name a module ([`Imports::dynamic`]).
+//! For bytecode whose instructions it does not decode
 //! (CPython 3.13 and later renumbered them) the names are all there is, and
 //! [`super::imports::Resolver`] tries each as a module wherever one could be.
 //!
 //! A `.pyc` is untrusted input (any layer may hold any bytes under that name). The parser
 //! reads at most [`MAX_PYC`] bytes, nests at most [`MAX_DEPTH`] objects deep, keeps at most
-//! [`MAX_NAMES`] strings and [`MAX_IMPORTS`] import statements of the module's own code and
+//! [`MAX_NAMES`] strings (and as many names it may import by name) and [`MAX_IMPORTS`]
+//! import statements of the module's own code and
 //! never allocates more than the input could hold; anything it does not understand ends
 //! the parse with what was found so far. A wrong guess wastes bandwidth, nothing more: every
 //! byte fetched is verified like any read, and the guesses only pick which files are fetched
