@@ -12,7 +12,7 @@
 # veth pair (adding RTT_MS of round trip), `tc tbf` caps both ends at MBIT; every client (ctr,
 # ctr-remote, containerd, stratafs) runs in the other end's network namespace (nsenter --net).
 #
-# Cold runs (median of RUNS; page cache dropped (then the runtime's and stratafs's binaries read back in), fresh containerd root/state and stratafs roots):
+# Cold runs (median of RUNS, in rounds: one run of every client and case per round; page cache dropped (then the runtime's and stratafs's binaries read back in), fresh containerd root/state and stratafs roots):
 # time from the pull's start to the end of `python3 -c 'import numpy, pandas, requests'`, and the
 # bytes the registry served (its access log), for
 #   eager:    ctr images pull --plain-http + ctr run --rm (overlayfs snapshotter), containerd 1.6
@@ -337,133 +337,155 @@ if "$bin" snapshotter --help >/dev/null 2>&1; then snap_ok=1; else log "this str
 
 # Results: T (median s), P (median s of the pull/mount part), L and O (median layer/other bytes),
 # H (median peak RSS bytes of the stratafs process), RC (median CPU s of the registry during the
-# run: it shares the machine's cores with the client), keyed CLIENT:CASE.
+# run: it shares the machine's cores with the client), keyed CLIENT:CASE; CSTART the median
+# `ctr run` of `true`, keyed VARIANT (overlayfs) or snap:CASE.
 declare -A T P L O H RC NOTE CSTART
-record() {   # record KEY: medians of the arrays ts tp bl bo hw
-  local k=$1
-  T[$k]=$(median "${ts[@]}") P[$k]=$(median "${tp[@]}") L[$k]=$(median "${bl[@]}") O[$k]=$(median "${bo[@]}")
-  ((${#hw[@]})) && H[$k]=$(median "${hw[@]}")
-  ((${#rcs[@]})) && RC[$k]=$(median "${rcs[@]}")
+# Each run adds its figures to ACC[KEY/FIELD] (fields t, p, l, o, h, rc, cs; space-separated):
+# the runs of every client and case take turns (round 1 of each, then round 2, …), so a
+# machine that is slower for some minutes slows eager and lazy runs alike.
+declare -A ACC
+acc() {   # acc KEY FIELD VALUE…
+  local k=$1 f=$2; shift 2
+  ACC[$k/$f]+=" $*"
+}
+record() {   # record KEY: the medians of what its runs added
+  local k=$1 f
+  [ -n "${ACC[$k/t]:-}" ] || return 0
+  # shellcheck disable=SC2086 # the accumulated figures are words
+  T[$k]=$(median ${ACC[$k/t]}) P[$k]=$(median ${ACC[$k/p]}) L[$k]=$(median ${ACC[$k/l]}) O[$k]=$(median ${ACC[$k/o]})
+  for f in h rc; do
+    # shellcheck disable=SC2086
+    [ -z "${ACC[$k/$f]:-}" ] || case $f in h) H[$k]=$(median ${ACC[$k/h]}) ;; rc) RC[$k]=$(median ${ACC[$k/rc]}) ;; esac
+  done
   return 0
 }
-# cold_eager VARIANT
+# cold_eager VARIANT RUN: one eager run
 cold_eager() {
-  local v=$1 i m t0 t1 r0 rc l o rcs=() ts=() tp=() bl=() bo=() hw=() cs=()
-  for i in $(seq "$RUNS"); do
-    ctd_start inns
-    cold; m=$(mark); t0=$(now) r0=$(cpu "$reg_pid")
-    ctr_ images pull --plain-http "$shaped_reg/${REF[$v]}" >/dev/null
-    tp+=("$(since "$t0")")
-    ctr_run overlayfs "$shaped_reg/${REF[$v]}"
-    ts+=("$(since "$t0")") rc=$(calc "$(cpu "$reg_pid") - $r0"); rcs+=("$rc")
-    read -r l o <<<"$(served "$m")"; bl+=("$l") bo+=("$o")
-    # containerd's and runc's own cost of starting a container, with the image unpacked:
-    # part of every `ctr run` row, none of `chroot`'s.
-    t1=$(now); RUN_ID=$((RUN_ID + 1))
-    ctr_ run --rm --fifo-dir "$ctd/fifo" --runc-root "$ctd/runc" --snapshotter overlayfs "$shaped_reg/${REF[$v]}" "bench$RUN_ID" true </dev/null
-    cs+=("$(since "$t1")")
-    ctd_stop
-    log "eager $v run $i: ${ts[-1]} s (pull ${tp[-1]} s), layer bytes $l, other $o, registry CPU $rc s"
-  done
-  record "eager:$v"
-  CSTART[$v]=$(median "${cs[@]}")
+  local v=$1 i=$2 m t0 t1 tp ts r0 rc l o cs k=eager:$1
+  ctd_start inns
+  cold; m=$(mark); t0=$(now) r0=$(cpu "$reg_pid")
+  ctr_ images pull --plain-http "$shaped_reg/${REF[$v]}" >/dev/null
+  tp=$(since "$t0")
+  ctr_run overlayfs "$shaped_reg/${REF[$v]}"
+  ts=$(since "$t0") rc=$(calc "$(cpu "$reg_pid") - $r0")
+  read -r l o <<<"$(served "$m")"
+  # containerd's and runc's own cost of starting a container, with the image unpacked:
+  # part of every `ctr run` row, none of `chroot`'s.
+  t1=$(now); RUN_ID=$((RUN_ID + 1))
+  ctr_ run --rm --fifo-dir "$ctd/fifo" --runc-root "$ctd/runc" --snapshotter overlayfs "$shaped_reg/${REF[$v]}" "bench$RUN_ID" true </dev/null
+  cs=$(since "$t1")
+  ctd_stop
+  acc "$k" t "$ts"; acc "$k" p "$tp"; acc "$k" l "$l"; acc "$k" o "$o"; acc "$k" rc "$rc"; acc "$k" cs "$cs"
+  log "eager $v run $i: $ts s (pull $tp s), layer bytes $l, other $o, registry CPU $rc s"
 }
-# cold_mount CASE VARIANT CONFIG (the image: REF[CASE] if set, else REF[VARIANT])
+# cold_mount CASE VARIANT CONFIG RUN: one `stratafs mount` + `chroot` run (the image: REF[CASE]
+# if set, else REF[VARIANT])
 cold_mount() {
-  local c=$1 v=$2 cfg=$3 i m t0 r0 rc l o out dpid dcpu rcs=() ts=() tp=() bl=() bo=() hw=() ref=${REF[$1]:-${REF[$2]}}
-  for i in $(seq "$RUNS"); do
-    discard "$work/sfroot"; mkdir -p "$work/mnt"
-    cold; m=$(mark); t0=$(now) r0=$(cpu "$reg_pid")
-    out=$(inns "$bin" --root "$work/sfroot" --config "$cfg" ${KEEP_LOGS:+--log-level warn,stratafs=debug} mount "$shaped_reg/$ref" "$work/mnt")
-    tp+=("$(since "$t0")")
-    dpid=$(grep -o 'serving pid [0-9]*' <<<"$out" | awk '{print $3}'); daemons+=("$(grep -o 'holder pid [0-9]*' <<<"$out" | awk '{print $3}')")
-    chroot "$work/mnt" "${CMD[@]}"
-    ts+=("$(since "$t0")") rc=$(calc "$(cpu "$reg_pid") - $r0"); rcs+=("$rc")
-    hw+=("$(hwm "$dpid")") dcpu=$(cpu "$dpid")
-    "$bin" --root "$work/sfroot" umount "$work/mnt" >/dev/null
-    read -r l o <<<"$(served "$m")"; bl+=("$l") bo+=("$o")
-    log "mount $c run $i: ${ts[-1]} s (mount ${tp[-1]} s), layer bytes $l, other $o, daemon VmHWM ${hw[-1]}, daemon CPU $dcpu s, registry CPU $rc s"
-    if [ -n "${KEEP_LOGS:-}" ]; then   # where the time went: the registry's log and the daemon's
-      mkdir -p "$KEEP_LOGS/$c-$i"
-      tail -c +$((m + 1)) "$work/registry.log" >"$KEEP_LOGS/$c-$i/registry.log"
-      cp -r "$work/sfroot/logs" "$KEEP_LOGS/$c-$i/" 2>/dev/null || true
-      # the layer indexes and the recorded profile: which spans a fetch took, and which were read
-      cp -r "$work/sfroot/layers" "$work/sfroot/profiles" "$KEEP_LOGS/$c-$i/" 2>/dev/null || true
-    fi
-  done
+  local c=$1 v=$2 cfg=$3 i=$4 m t0 tp ts r0 rc l o out dpid dcpu hw k=mount:$1 ref=${REF[$1]:-${REF[$2]}}
+  discard "$work/sfroot"; mkdir -p "$work/mnt"
+  cold; m=$(mark); t0=$(now) r0=$(cpu "$reg_pid")
+  out=$(inns "$bin" --root "$work/sfroot" --config "$cfg" ${KEEP_LOGS:+--log-level warn,stratafs=debug} mount "$shaped_reg/$ref" "$work/mnt")
+  tp=$(since "$t0")
+  dpid=$(grep -o 'serving pid [0-9]*' <<<"$out" | awk '{print $3}'); daemons+=("$(grep -o 'holder pid [0-9]*' <<<"$out" | awk '{print $3}')")
+  chroot "$work/mnt" "${CMD[@]}"
+  ts=$(since "$t0") rc=$(calc "$(cpu "$reg_pid") - $r0")
+  hw=$(hwm "$dpid") dcpu=$(cpu "$dpid")
+  "$bin" --root "$work/sfroot" umount "$work/mnt" >/dev/null
+  read -r l o <<<"$(served "$m")"
+  acc "$k" t "$ts"; acc "$k" p "$tp"; acc "$k" l "$l"; acc "$k" o "$o"; acc "$k" rc "$rc"; acc "$k" h "$hw"
+  log "mount $c run $i: $ts s (mount $tp s), layer bytes $l, other $o, daemon VmHWM $hw, daemon CPU $dcpu s, registry CPU $rc s"
+  if [ -n "${KEEP_LOGS:-}" ]; then   # where the time went: the registry's log and the daemon's
+    mkdir -p "$KEEP_LOGS/$c-$i"
+    tail -c +$((m + 1)) "$work/registry.log" >"$KEEP_LOGS/$c-$i/registry.log"
+    cp -r "$work/sfroot/logs" "$KEEP_LOGS/$c-$i/" 2>/dev/null || true
+    # the layer indexes and the recorded profile: which spans a fetch took, and which were read
+    cp -r "$work/sfroot/layers" "$work/sfroot/profiles" "$KEEP_LOGS/$c-$i/" 2>/dev/null || true
+  fi
   discard "$work/sfroot"
-  record "mount:$c"
 }
-# cold_snap CASE VARIANT CONFIG
+# cold_snap CASE VARIANT CONFIG RUN: one `ctr-remote images rpull` + `ctr run` run through the
+# stratafs snapshotter; after a failure (NOTE[snap:CASE]) the case's later rounds are skipped
 cold_snap() {
-  local c=$1 v=$2 cfg=$3 i m t0 t1 r0 rc l o rcs=() ts=() tp=() bl=() bo=() hw=() cs=() sock=$work/snap.sock ref=${REF[$1]:-${REF[$2]}}
-  for i in $(seq "$RUNS"); do
-    snap_stop; rm -f "$sock"
-    nsenter --net="/run/netns/$ns" "$bin" --root "$work/snaproot" --config "$cfg" ${KEEP_LOGS:+--log-level warn,stratafs=debug} snapshotter --address "$sock" >"$work/snap.log" 2>&1 &
-    snap_pid=$!
-    for _ in $(seq 300); do [ -S "$sock" ] && break; kill -0 "$snap_pid" 2>/dev/null || break; sleep 0.1; done
-    ctd_start inns "$sock"
-    # containerd answers `snapshots ls` itself: probe the proxy with a real call.
-    if ! { ctr_ snapshots --snapshotter stratafs prepare probe >/dev/null && ctr_ snapshots --snapshotter stratafs rm probe >/dev/null; }; then
-      NOTE[snap:$c]="not available: the snapshotter did not answer (see its log)"
-      tail -5 "$work/snap.log" >&2
-      ctd_stop; snap_stop; return 0
-    fi
-    cold; m=$(mark); t0=$(now) r0=$(cpu "$reg_pid")
-    if ! ctrr_ images rpull --plain-http --snapshotter stratafs "$shaped_reg/$ref" >/dev/null; then
-      NOTE[snap:$c]="failed: rpull (see the snapshotter's log)"; tail -5 "$work/snap.log" >&2; ctd_stop; snap_stop; return 0
-    fi
-    tp+=("$(since "$t0")")
-    if ! ctr_run stratafs "$shaped_reg/$ref"; then
-      NOTE[snap:$c]="failed: ctr run (see the snapshotter's log)"; tail -5 "$work/snap.log" >&2; ctd_stop; snap_stop; return 0
-    fi
-    ts+=("$(since "$t0")") rc=$(calc "$(cpu "$reg_pid") - $r0"); rcs+=("$rc")
-    hw+=("$(hwm "$snap_pid")")
-    # The run's bytes before `true` fetches its own (/usr/bin/true).
-    read -r l o <<<"$(served "$m")"; bl+=("$l") bo+=("$o")
-    # The same start and teardown with the layers now cached: the snapshotter's share of a
-    # `ctr run` beside overlayfs's (the eager runs' `true`).
-    t1=$(now); RUN_ID=$((RUN_ID + 1))
-    ctr_ run --rm --fifo-dir "$ctd/fifo" --runc-root "$ctd/runc" --snapshotter stratafs "$shaped_reg/$ref" "bench$RUN_ID" true </dev/null
-    cs+=("$(since "$t1")")
-    if [ -n "${KEEP_LOGS:-}" ]; then
-      mkdir -p "$KEEP_LOGS/snap-$c-$i"
-      tail -c +$((m + 1)) "$work/registry.log" >"$KEEP_LOGS/snap-$c-$i/registry.log"
-      cp -r "$work/snaproot/logs" "$work/snap.log" "$KEEP_LOGS/snap-$c-$i/" 2>/dev/null || true
-    fi
-    ctd_stop; snap_stop
-    log "snapshotter $c run $i: ${ts[-1]} s (rpull ${tp[-1]} s), layer bytes $l, other $o, VmHWM ${hw[-1]}, then \`ctr run\` of true ${cs[-1]} s, registry CPU $rc s"
-  done
-  record "snap:$c"
-  CSTART[snap:$c]=$(median "${cs[@]}")
+  local c=$1 v=$2 cfg=$3 i=$4 m t0 t1 tp ts r0 rc l o hw cs k=snap:$1 sock=$work/snap.sock ref=${REF[$1]:-${REF[$2]}}
+  [ -z "${NOTE[$k]:-}" ] || return 0
+  snap_stop; rm -f "$sock"
+  nsenter --net="/run/netns/$ns" "$bin" --root "$work/snaproot" --config "$cfg" ${KEEP_LOGS:+--log-level warn,stratafs=debug} snapshotter --address "$sock" >"$work/snap.log" 2>&1 &
+  snap_pid=$!
+  for _ in $(seq 300); do [ -S "$sock" ] && break; kill -0 "$snap_pid" 2>/dev/null || break; sleep 0.1; done
+  ctd_start inns "$sock"
+  # containerd answers `snapshots ls` itself: probe the proxy with a real call.
+  if ! { ctr_ snapshots --snapshotter stratafs prepare probe >/dev/null && ctr_ snapshots --snapshotter stratafs rm probe >/dev/null; }; then
+    NOTE[$k]="not available: the snapshotter did not answer (see its log)"
+    tail -5 "$work/snap.log" >&2
+    ctd_stop; snap_stop; return 0
+  fi
+  cold; m=$(mark); t0=$(now) r0=$(cpu "$reg_pid")
+  if ! ctrr_ images rpull --plain-http --snapshotter stratafs "$shaped_reg/$ref" >/dev/null; then
+    NOTE[$k]="failed: rpull (see the snapshotter's log)"; tail -5 "$work/snap.log" >&2; ctd_stop; snap_stop; return 0
+  fi
+  tp=$(since "$t0")
+  if ! ctr_run stratafs "$shaped_reg/$ref"; then
+    NOTE[$k]="failed: ctr run (see the snapshotter's log)"; tail -5 "$work/snap.log" >&2; ctd_stop; snap_stop; return 0
+  fi
+  ts=$(since "$t0") rc=$(calc "$(cpu "$reg_pid") - $r0")
+  hw=$(hwm "$snap_pid")
+  # The run's bytes before `true` fetches its own (/usr/bin/true).
+  read -r l o <<<"$(served "$m")"
+  # The same start and teardown with the layers now cached: the snapshotter's share of a
+  # `ctr run` beside overlayfs's (the eager runs' `true`).
+  t1=$(now); RUN_ID=$((RUN_ID + 1))
+  ctr_ run --rm --fifo-dir "$ctd/fifo" --runc-root "$ctd/runc" --snapshotter stratafs "$shaped_reg/$ref" "bench$RUN_ID" true </dev/null
+  cs=$(since "$t1")
+  if [ -n "${KEEP_LOGS:-}" ]; then
+    mkdir -p "$KEEP_LOGS/snap-$c-$i"
+    tail -c +$((m + 1)) "$work/registry.log" >"$KEEP_LOGS/snap-$c-$i/registry.log"
+    cp -r "$work/snaproot/logs" "$work/snap.log" "$KEEP_LOGS/snap-$c-$i/" 2>/dev/null || true
+  fi
+  ctd_stop; snap_stop
+  acc "$k" t "$ts"; acc "$k" p "$tp"; acc "$k" l "$l"; acc "$k" o "$o"; acc "$k" rc "$rc"; acc "$k" h "$hw"; acc "$k" cs "$cs"
+  log "snapshotter $c run $i: $ts s (rpull $tp s), layer bytes $l, other $o, VmHWM $hw, then \`ctr run\` of true $cs s, registry CPU $rc s"
 }
 
-log "cold runs through $MBIT Mbit/s + $RTT_MS ms RTT, $RUNS each: variants ${avail[*]}"
+# The cases: "CASE VARIANT CONFIG" per `stratafs mount` case (each with its snapshotter runs).
 cases=()
 for v in "${avail[@]}"; do
-  [ -n "${CASES:-}" ] || cold_eager "$v"
   if [ "$v" = gzip ]; then
-    these=("gzip-noindex gzip $work/sf-noindex.toml" "gzip gzip $work/sf.toml" "gzip-default gzip $work/sf-default.toml")
+    cases+=("gzip-noindex gzip $work/sf-noindex.toml" "gzip gzip $work/sf.toml" "gzip-default gzip $work/sf-default.toml")
   else
-    these=("$v $v $work/sf.toml")
+    cases+=("$v $v $work/sf.toml")
   fi
-  [ -z "${REF[$v-profile]:-}" ] || these+=("$v-profile $v $work/sf.toml")
-  cases+=("${these[@]}")
-  for cs in "${these[@]}"; do
-    read -r c cv cfg <<<"$cs"
-    # CASES="gzip gzip-profile …": only these mount cases (and with SNAPSHOTTER=1 their
-    # snapshotter runs), no eager runs and no table (a look at where the time goes, with
-    # KEEP_LOGS=DIR).
-    if [ -n "${CASES:-}" ]; then
-      if [[ " $CASES " == *" $c "* ]]; then
-        cold_mount "$c" "$cv" "$cfg"
-        [ "${SNAPSHOTTER:-0}" != 1 ] || [ -z "$snap_ok" ] || cold_snap "$c" "$cv" "$cfg"
+  [ -z "${REF[$v-profile]:-}" ] || cases+=("$v-profile $v $work/sf.toml")
+done
+# CASES="gzip gzip-profile …": only these mount cases (and with SNAPSHOTTER=1 their snapshotter
+# runs), no eager runs and no table (a look at where the time goes, with KEEP_LOGS=DIR).
+log "cold runs through $MBIT Mbit/s + $RTT_MS ms RTT, $RUNS each, in rounds: variants ${avail[*]}"
+for i in $(seq "$RUNS"); do
+  for v in "${avail[@]}"; do
+    [ -n "${CASES:-}" ] || cold_eager "$v" "$i"
+    for cs in "${cases[@]}"; do
+      read -r c cv cfg <<<"$cs"
+      [ "$cv" = "$v" ] || continue
+      if [ -n "${CASES:-}" ]; then
+        [[ " $CASES " == *" $c "* ]] || continue
+        cold_mount "$c" "$cv" "$cfg" "$i"
+        [ "${SNAPSHOTTER:-0}" != 1 ] || [ -z "$snap_ok" ] || cold_snap "$c" "$cv" "$cfg" "$i"
+        continue
       fi
-      continue
-    fi
-    cold_mount "$c" "$cv" "$cfg"
-    if [ -n "$snap_ok" ]; then cold_snap "$c" "$cv" "$cfg"; else NOTE[snap:$c]="not available (this build has no \`stratafs snapshotter\`)"; fi
+      cold_mount "$c" "$cv" "$cfg" "$i"
+      if [ -n "$snap_ok" ]; then cold_snap "$c" "$cv" "$cfg" "$i"; else NOTE[snap:$c]="not available (this build has no \`stratafs snapshotter\`)"; fi
+    done
   done
+done
+for v in "${avail[@]}"; do
+  record "eager:$v"
+  # shellcheck disable=SC2086 # the accumulated figures are words
+  [ -z "${ACC[eager:$v/cs]:-}" ] || CSTART[$v]=$(median ${ACC[eager:$v/cs]})
+done
+for cs in "${cases[@]}"; do
+  read -r c _ <<<"$cs"
+  record "mount:$c"; record "snap:$c"
+  # shellcheck disable=SC2086
+  [ -z "${ACC[snap:$c/cs]:-}" ] || CSTART[snap:$c]=$(median ${ACC[snap:$c/cs]})
 done
 
 [ -z "${CASES:-}" ] || exit 0
@@ -656,7 +678,7 @@ for cs in "${cases[@]}"; do read -r c _ <<<"$cs"; [ -z "${H[snap:$c]:-}" ] || hw
   printf 'Image: Debian bookworm minbase + python3, python3-pip (Debian) + numpy 2.3.5, pandas 2.3.3, requests 2.32.5 (PyPI), 3 layers, %s files; layer bytes per variant: %s. ' "$nfiles" "$sizes"
   printf 'First command: `%s`. ' "${COMMAND:-python3 -c '$PYCMD'}"
   printf 'Link: %s Mbit/s (tbf on a veth pair into a network namespace) + %s ms RTT (bench/delayline.py); every client in the namespace. ' "$MBIT" "$RTT_MS"
-  printf 'Cold: median of %s runs, page cache dropped (then the binaries of containerd'"'"'s shim, runc, ctr, ctr-remote and stratafs read back in: a node has those in memory), fresh containerd root and stratafs roots; stratafs with `[mount] background_fetch = %s` (but for the default-options rows). ' "$RUNS" "$BACKGROUND_FETCH"
+  printf 'Cold: median of %s runs, taken in rounds (each round one run of every client and case, so a slower minute of the machine falls on all of them), page cache dropped (then the binaries of containerd'"'"'s shim, runc, ctr, ctr-remote and stratafs read back in: a node has those in memory), fresh containerd root and stratafs roots; stratafs with `[mount] background_fetch = %s` (but for the default-options rows). ' "$RUNS" "$BACKGROUND_FETCH"
   printf '"Link time" = bytes the registry served in that run × 8 / %s Mbit/s + 4 RTTs.\n\n' "$MBIT"
   printf '| image (%s) | client | time to the end of the command | speed-up vs eager, same image | registry served | link time for those bytes | time / link time |\n|---|---|---|---|---|---|---|\n' "$(date +%F)"
   printf '%s\n' "${rows[@]}"
