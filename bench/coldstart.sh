@@ -348,15 +348,13 @@ acc() {   # acc KEY FIELD VALUE…
   local k=$1 f=$2; shift 2
   ACC[$k/$f]+=" $*"
 }
+# shellcheck disable=SC2086 # the accumulated figures are words
 record() {   # record KEY: the medians of what its runs added
-  local k=$1 f
+  local k=$1
   [ -n "${ACC[$k/t]:-}" ] || return 0
-  # shellcheck disable=SC2086 # the accumulated figures are words
   T[$k]=$(median ${ACC[$k/t]}) P[$k]=$(median ${ACC[$k/p]}) L[$k]=$(median ${ACC[$k/l]}) O[$k]=$(median ${ACC[$k/o]})
-  for f in h rc; do
-    # shellcheck disable=SC2086
-    [ -z "${ACC[$k/$f]:-}" ] || case $f in h) H[$k]=$(median ${ACC[$k/h]}) ;; rc) RC[$k]=$(median ${ACC[$k/rc]}) ;; esac
-  done
+  [ -z "${ACC[$k/h]:-}" ] || H[$k]=$(median ${ACC[$k/h]})
+  [ -z "${ACC[$k/rc]:-}" ] || RC[$k]=$(median ${ACC[$k/rc]})
   return 0
 }
 # cold_eager VARIANT RUN: one eager run
