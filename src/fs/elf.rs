@@ -311,12 +311,9 @@ impl super::ImageView {
             match following.get(&root) {
                 Some(done) => Err(done.clone()),
                 None => {
-                    let turn = match walk_turn {
-                        Some(turn) => turn,
-                        None => match self.elf_follows.try_acquire() {
-                            Ok(turn) => turn,
-                            Err(_) => return,
-                        },
+                    let Some(turn) = walk_turn.or_else(|| self.elf_follows.try_acquire().ok())
+                    else {
+                        return;
                     };
                     if !self.claim_elf(root) {
                         return;
