@@ -15,7 +15,7 @@ use tracing::Instrument;
 
 use crate::image::{ImageRecord, LayerRecord};
 use crate::layer::reader::LayerReader;
-use crate::layer::LayerIndex;
+use crate::layer::{is_shared_object, LayerIndex};
 use crate::tree::{FileType, NodeId, Tree};
 
 mod command;
@@ -120,11 +120,6 @@ const OPEN_FETCHES: usize = 8;
 const SIBLINGS_BYTES: u64 = 2 << 20;
 const SIBLING_MAX: u64 = 256 << 10;
 const SIBLING_FETCHES: usize = 2;
-
-/// Whether `name` is a shared object's (`libc.so.6`, `_umath.cpython-311-x86_64-linux-gnu.so`).
-fn is_shared_object(name: &str) -> bool {
-    name.ends_with(".so") || name.contains(".so.")
-}
 
 /// Ranges `(start, end)` of a layer's tar stream merged where they touch — files a tar header
 /// apart (512 bytes, or a few for long names): one request each. Sorted by start.

@@ -61,6 +61,13 @@ pub struct Entry {
     pub xattrs: BTreeMap<String, Vec<u8>>,
 }
 
+/// Whether a file named `name` (its last path component) is a shared object (`libc.so.6`,
+/// `_umath.cpython-311-x86_64-linux-gnu.so`): loaded only when something names it (a
+/// library's `DT_NEEDED`, `dlopen`, an import), never because it lies next to a file read.
+pub fn is_shared_object(name: &str) -> bool {
+    name.ends_with(".so") || name.contains(".so.")
+}
+
 fn is_zero(n: &u32) -> bool {
     *n == 0
 }

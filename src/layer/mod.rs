@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::image::Compression;
-pub use entry::{Entry, Kind};
+pub use entry::{is_shared_object, Entry, Kind};
 pub use index_store::IndexStore;
 
 /// Index format version; indexes of other versions are rebuilt. (4: indexes are stored by what

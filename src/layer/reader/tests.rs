@@ -6,30 +6,38 @@ use crate::source::{FaultySource, FileSource};
 use std::io::Write;
 use want::MIN_MISS_FETCH;
 
-/// A gzip layer holding one 2 MiB file, indexed with 32 KiB spans (anchors every 64 KiB, a
-/// light checkpoint between each two: the layout of indexes built before 2026-12-04, at half
-/// its scale), read through a counting source.
-fn setup(dir: &std::path::Path) -> (LayerReader, Arc<FaultySource<FileSource>>, u64, u64, usize) {
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    let data: Vec<u8> = (0..2usize << 20)
+/// Half random, half text: compressible like real files, with many deflate blocks.
+fn file_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed;
+    (0..len)
         .map(|i| {
             x = x
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
-            // Half random, half text: compressible like real files, with many deflate blocks.
             if i % 2 == 0 {
                 (x >> 56) as u8
             } else {
                 b'a' + (i % 23) as u8
             }
         })
-        .collect();
+        .collect()
+}
+
+/// A gzip layer holding `files` in this order, indexed with 32 KiB spans (anchors every 64
+/// KiB, a light checkpoint between each two: the layout of indexes built before 2026-12-04,
+/// at half its scale), read through a counting source.
+fn gzip_layer(
+    dir: &std::path::Path,
+    files: &[(&str, &[u8])],
+) -> (LayerReader, Arc<FaultySource<FileSource>>) {
     let mut b = ::tar::Builder::new(Vec::new());
-    let mut h = ::tar::Header::new_gnu();
-    h.set_size(data.len() as u64);
-    h.set_mode(0o644);
-    h.set_cksum();
-    b.append_data(&mut h, "big", &data[..]).unwrap();
+    for (name, data) in files {
+        let mut h = ::tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, *data).unwrap();
+    }
     let tar = b.into_inner().unwrap();
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     e.write_all(&tar).unwrap();
@@ -56,13 +64,22 @@ fn setup(dir: &std::path::Path) -> (LayerReader, Arc<FaultySource<FileSource>>, 
     std::fs::write(&path, &blob).unwrap();
     let source = Arc::new(FaultySource::new(FileSource::open(&path, digest).unwrap()));
     let cache = Arc::new(Cache::new(Arc::new(DiskChunks::open(dir).unwrap()), 1024));
+    let reader =
+        LayerReader::new(Arc::new(index), source.clone(), cache).with_windows(Some(windows));
+    (reader, source)
+}
+
+/// A gzip layer holding one 2 MiB file ([`gzip_layer`]): the reader, its source, the file's
+/// offset and size, and the number of spans.
+fn setup(dir: &std::path::Path) -> (LayerReader, Arc<FaultySource<FileSource>>, u64, u64, usize) {
+    let data = file_bytes(2 << 20, 0x2545_f491_4f6c_dd1d);
+    let (reader, source) = gzip_layer(dir, &[("big", &data)]);
+    let index = reader.index();
     let (offset, size, spans) = (
         index.entries[0].offset,
         index.entries[0].size,
         index.spans.len(),
     );
-    let reader =
-        LayerReader::new(Arc::new(index), source.clone(), cache).with_windows(Some(windows));
     (reader, source, offset, size, spans)
 }
 
@@ -422,6 +439,51 @@ async fn sequential_misses_read_ahead_and_random_ones_do_not() {
         "{bytes} bytes"
     );
     assert!(bytes >= 2 * MIN_MISS_FETCH, "{bytes} bytes");
+}
+
+/// The neighbours of a read reach `MIN_MISS_FETCH` compressed bytes into the files after it,
+/// but not into a shared object: nothing loads a library for lying next to a file read.
+#[tokio::test]
+async fn neighbours_stop_before_a_shared_object() {
+    let conf = file_bytes(40 << 10, 1);
+    let big = file_bytes(1 << 20, 2);
+    for (name, reaches) in [
+        ("data.bin", true),
+        ("libx.so.1", false),
+        ("_m.cpython-311-x86_64-linux-gnu.so", false),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (reader, source) = gzip_layer(dir.path(), &[("a.conf", &conf), (name, &big)]);
+        let (a, b) = (&reader.index().entries[0], &reader.index().entries[1]);
+        let (end, next) = (a.offset + a.size, b.offset);
+        reader.read_alone(a.offset, a.size).await.unwrap();
+        let (before, _) = source.counts();
+        reader.fetch_neighbours(end).await.unwrap();
+        let (after, _) = source.counts();
+        assert_eq!(after - before, u64::from(reaches), "{name}: requests");
+        assert_eq!(reader.is_cached(next + (256 << 10), 1), reaches, "{name}");
+    }
+}
+
+/// An open's fetch knows the bytes it wants: right after a read of the span before it (which
+/// makes a read look sequential), it does not read ahead past them; a read there does.
+#[tokio::test]
+async fn an_open_fetch_reads_no_further_than_asked() {
+    for open in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let (reader, _, offset, _, _) = setup(dir.path());
+        reader.read_alone(offset, 100).await.unwrap();
+        let first = reader.index().span_at(offset).unwrap();
+        let next = reader.index().spans[first + 1].out_offset;
+        if open {
+            reader.fetch_for_open(next, 1000).await.unwrap();
+        } else {
+            reader.read_alone(next, 1000).await.unwrap();
+        }
+        assert!(reader.is_cached(next, 1000));
+        let further = reader.index().spans[first + 3].out_offset;
+        assert_eq!(reader.is_cached(further, 1), !open, "open: {open}");
+    }
 }
 
 /// Two files read sequentially at once, each in its own handle: each keeps its read-ahead

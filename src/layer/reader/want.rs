@@ -70,7 +70,8 @@ pub(super) enum Want {
     DemandAlone,
     /// A read as [`Want::Demand`] whose chunks are all verified on load (no range reads).
     Checked,
-    /// The spans after a read ([`super::LayerReader::fetch_neighbours`]): at least [`MIN_MISS_FETCH`].
+    /// The spans after a read ([`super::LayerReader::fetch_neighbours`]), which asks for
+    /// [`MIN_MISS_FETCH`] compressed bytes of them, short of a shared object: exactly those.
     Neighbours,
     /// Files a walk predicts (a module's imports): exactly their spans in a layer indexed as
     /// its tar stream (its spans already hold several small files), at least
@@ -89,11 +90,7 @@ impl Want {
             _ if matches!(self, Want::Background | Want::Exact) => 0,
             IndexFormat::Estargz | IndexFormat::ZstdChunked => MIN_TOC_FETCH,
             IndexFormat::Stream if self == Want::Walk => 0,
-            IndexFormat::Stream
-                if matches!(self, Want::Demand | Want::Checked | Want::Neighbours) =>
-            {
-                MIN_MISS_FETCH
-            }
+            IndexFormat::Stream if matches!(self, Want::Demand | Want::Checked) => MIN_MISS_FETCH,
             IndexFormat::Stream => 0,
         }
     }
