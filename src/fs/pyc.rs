@@ -1,8 +1,9 @@
 //! What a Python module imports, read from its bytecode (`__pycache__/mod.TAG.pyc`):
 //! [`pyc_imports`] decodes the module body's `import` statements (level, module, names
-//! imported from it) from its instructions, in the order they run, and keeps the names the
-//! body refers to (the attributes it reads of the packages it imports, some of them
-//! submodules imported on first use), and, for a body that calls `__import__` or
+//! imported from it) from its instructions, in the order they run (but those of blocks that
+//! never run on import: `if TYPE_CHECKING:`, `if __name__ == "__main__":`), and keeps the
+//! attributes the body reads (of the packages it imports, some of them submodules imported
+//! on first use), and, for a body that calls `__import__` or
 //! `import_module`, its string constants that could name a module ([`Imports::dynamic`]).
 //! For bytecode whose instructions it does not decode
 //! (CPython 3.13 and later renumbered them) the names are all there is, and
@@ -53,9 +54,12 @@ pub struct Imports {
     /// `None` for bytecode whose instructions are not decoded here (CPython 3.13 and later,
     /// or a body whose instructions could not be read).
     pub statements: Option<Vec<Import>>,
-    /// The names its body refers to: with statements, the attributes it
-    /// reads of the packages it imports (`np.random` imports `numpy.random` on first use);
-    /// without, the best guess at what it imports.
+    /// With statements, the attributes its body reads (`np.random` imports `numpy.random`
+    /// on first use), and for a module with a module `__getattr__` (PEP 562: submodules
+    /// imported on first use, listed in constants such as `__all__`) its string constants,
+    /// alone or in tuples; without, the names its body refers to (`co_names`, and the strings of
+    /// its constant tuples of strings, where `from e import f, g` keeps `f` and `g`): the best
+    /// guess at what it imports.
     pub names: Vec<String>,
     /// With a body that calls `__import__` or `import_module`, the strings of its constants
     /// (alone or in tuples of strings) that could name a module: what it may import by name
@@ -66,46 +70,105 @@ pub struct Imports {
 
 /// The import statements of `pyc`'s module body, in the order they run (those of its
 /// functions and classes are left out: they run later, if ever), conditional ones included
-/// (`try: import x`, `if TYPE_CHECKING: …`), and the names the body refers to. Empty for
-/// input that is not CPython 3.8–3.13 bytecode.
+/// (`try: import x`) but for blocks that never run on import ([`Body`]), and the attributes
+/// the body reads (or, undecoded, its names). Empty for input that is not CPython 3.8–3.13
+/// bytecode.
 pub fn pyc_imports(pyc: &[u8]) -> Imports {
     let Some(top) = parse(pyc) else {
         return Imports::default();
     };
-    let decodable = u16::from_le_bytes([pyc[0], pyc[1]]) < 3550;
-    let statements = top
+    let magic = u16::from_le_bytes([pyc[0], pyc[1]]);
+    let body = top
         .code
-        .filter(|_| decodable)
-        .map(|(start, end)| statements(&pyc[start..end], &top));
+        .filter(|_| magic < 3550)
+        .map(|(start, end)| statements(&pyc[start..end], &top, magic));
     let dynamic = dynamic_of(&top);
-    Imports {
-        statements,
-        names: names_of(top),
-        dynamic,
+    match body {
+        Some(body) => {
+            // A module that imports its submodules on first use through a module
+            // `__getattr__` (PEP 562) usually lists them in its constants (`__all__`): any
+            // code may then import one by reading it, a C extension included (pandas'
+            // `tslibs` so import `dateutil.parser` and `dateutil.tz`).
+            let mut names = body.attributes;
+            if top.names.iter().any(|n| &**n == "__getattr__") {
+                let single = top.consts.iter().filter_map(|c| match c {
+                    Obj::Str(s) => Some(s),
+                    _ => None,
+                });
+                names.extend(
+                    single
+                        .chain(constant_strings(&top))
+                        .filter(|s| !s.is_empty() && s.len() <= MAX_NAME_LEN)
+                        .take(MAX_NAMES.saturating_sub(names.len()))
+                        .map(|s| s.to_string()),
+                );
+            }
+            Imports {
+                statements: Some(body.imports),
+                names,
+                dynamic,
+            }
+        }
+        None => Imports {
+            statements: None,
+            names: names_of(top),
+            dynamic,
+        },
     }
 }
 
 /// Instructions of CPython 3.8–3.12 (`Lib/opcode.py`; 3.13 renumbered them).
+const CACHE: u8 = 0;
 const LOAD_CONST: u8 = 100;
+const LOAD_NAME: u8 = 101;
+const LOAD_ATTR: u8 = 106;
+const COMPARE_OP: u8 = 107;
 const IMPORT_NAME: u8 = 108;
+/// `POP_JUMP_IF_FALSE` (3.8–3.10: to an absolute offset, in bytes before 3.10 and in
+/// instructions since; 3.12: forward, in instructions), `POP_JUMP_FORWARD_IF_FALSE` (3.11).
+const POP_JUMP_IF_FALSE: u8 = 114;
 const EXTENDED_ARG: u8 = 144;
+/// `LOAD_METHOD` (3.7–3.11; 3.12 folds it into `LOAD_ATTR`).
+const LOAD_METHOD: u8 = 160;
 
-/// The import statements of a body's instructions `code`: each `IMPORT_NAME` and the two
-/// `LOAD_CONST`s before it (the level, then the names imported from it or `None`).
-fn statements(code: &[u8], top: &Top) -> Vec<Import> {
+/// What a module body's instructions say: its import statements, in the order they run, and
+/// the attributes it reads (`np.random`: perhaps a submodule its package imports lazily, on
+/// first use) — leaving out the blocks that never run on import: `if TYPE_CHECKING:` (only
+/// type checkers take that branch) and `if __name__ == "__main__":` (only a module run as a
+/// script does). In the benchmark image, `heapq`'s `__main__` block imports `doctest` (and
+/// through it `unittest` and `pdb`), and the strings of `Literal[…]` option lists
+/// (`"polynomial"`) named `numpy` submodules nothing imports.
+struct Body {
+    imports: Vec<Import>,
+    attributes: Vec<String>,
+}
+
+/// The [`Body`] of instructions `code` of bytecode with magic number `magic`: each
+/// `IMPORT_NAME` and the two `LOAD_CONST`s before it (the level, then the names imported
+/// from it or `None`), and each `LOAD_ATTR`'s or `LOAD_METHOD`'s name.
+fn statements(code: &[u8], top: &Top, magic: u16) -> Body {
     let mut out = Vec::new();
+    let mut attributes: Vec<String> = Vec::new();
     let mut kept = 0;
-    // The last two instructions (opcode, argument) before the current one.
+    // The last two instructions (opcode, argument) before the current one, and the last
+    // three that are not inline caches (3.11 and later).
     let mut last: [Option<(u8, u32)>; 2] = [None, None];
+    let mut recent: [Option<(u8, u32)>; 3] = [None, None, None];
     let mut ext = 0u32;
-    for unit in code.chunks_exact(2) {
+    // Instructions before this unit index belong to a block that does not run on import.
+    let mut skip_to = 0usize;
+    let name = |i: u32| top.names.get(i as usize).map(|n| &**n);
+    // 3.12's LOAD_ATTR keeps a flag in its argument's low bit.
+    let attr_index = |arg: u32| if magic >= 3500 { arg >> 1 } else { arg };
+    for (k, unit) in code.chunks_exact(2).enumerate() {
         let (op, arg) = (unit[0], ext << 8 | u32::from(unit[1]));
         if op == EXTENDED_ARG {
             ext = arg;
             continue;
         }
         ext = 0;
-        if op == IMPORT_NAME {
+        let running = k >= skip_to;
+        if op == IMPORT_NAME && running {
             let module = top
                 .names
                 .get(arg as usize)
@@ -139,9 +202,54 @@ fn statements(code: &[u8], top: &Top) -> Vec<Import> {
                 }
             }
         }
+        let index = match op {
+            LOAD_ATTR => Some(attr_index(arg)),
+            LOAD_METHOD if magic < 3500 => Some(arg),
+            _ => None,
+        };
+        if let Some(a) = index.filter(|_| running).and_then(name) {
+            if !a.is_empty() && a.len() <= MAX_NAME_LEN && attributes.len() < MAX_NAMES {
+                attributes.push(a.to_string());
+            }
+        }
+        if op == POP_JUMP_IF_FALSE && running && skipped_when_false(&recent, top, magic) {
+            skip_to = match magic {
+                // 3.8 and 3.9: an absolute offset in bytes.
+                ..=3429 => arg as usize / 2,
+                // 3.10: an absolute offset in instructions.
+                3430..=3494 => arg as usize,
+                // 3.11 and 3.12: forward, from the next instruction.
+                _ => k + 1 + arg as usize,
+            };
+        }
         last = [last[1], Some((op, arg))];
+        if op != CACHE {
+            recent = [recent[1], recent[2], Some((op, arg))];
+        }
     }
-    out
+    attributes.sort_unstable();
+    attributes.dedup();
+    Body {
+        imports: out,
+        attributes,
+    }
+}
+
+/// Whether the condition the last instructions `recent` computed, jumped over when false,
+/// guards a block that does not run on import: `TYPE_CHECKING` (a name, or an attribute:
+/// `typing.TYPE_CHECKING`), or `__name__ == "__main__"`.
+fn skipped_when_false(recent: &[Option<(u8, u32)>; 3], top: &Top, magic: u16) -> bool {
+    let name = |i: u32| top.names.get(i as usize).map(|n| &**n);
+    let attr_index = |arg: u32| if magic >= 3500 { arg >> 1 } else { arg };
+    match *recent {
+        [_, _, Some((LOAD_NAME, n))] => name(n) == Some("TYPE_CHECKING"),
+        [_, _, Some((LOAD_ATTR, n))] => name(attr_index(n)) == Some("TYPE_CHECKING"),
+        [Some((LOAD_NAME, n)), Some((LOAD_CONST, c)), Some((COMPARE_OP, _))] => {
+            name(n) == Some("__name__")
+                && matches!(top.consts.get(c as usize), Some(Obj::Str(s)) if &**s == "__main__")
+        }
+        _ => false,
+    }
 }
 
 /// The top-level code object of `pyc`, as far as it parses; `None` for input that is not
@@ -166,25 +274,32 @@ fn parse(pyc: &[u8]) -> Option<Top> {
     p.top
 }
 
+/// The strings of a module body's constant tuples of strings.
+fn constant_strings(top: &Top) -> impl Iterator<Item = &Rc<str>> {
+    top.consts
+        .iter()
+        .filter_map(|c| match c {
+            Obj::Tuple(items)
+                if !items.is_empty() && items.iter().all(|i| matches!(i, Obj::Str(_))) =>
+            {
+                Some(items.iter().filter_map(|i| match i {
+                    Obj::Str(s) => Some(s),
+                    _ => None,
+                }))
+            }
+            _ => None,
+        })
+        .flatten()
+}
+
 /// The names a module's top-level code refers to that may name modules it imports: its
 /// `co_names` (where `import a.b` and `from .c import d` keep `a.b` and `c`, and `a.b`
 /// keeps `b`) and the strings of its constant tuples of strings (where `from e import f, g`
 /// keeps `("f", "g")`).
 fn names_of(top: Top) -> Vec<String> {
-    let tuples = top.consts.iter().filter_map(|c| match c {
-        Obj::Tuple(items)
-            if !items.is_empty() && items.iter().all(|i| matches!(i, Obj::Str(_))) =>
-        {
-            Some(items.iter().filter_map(|i| match i {
-                Obj::Str(s) => Some(s),
-                _ => None,
-            }))
-        }
-        _ => None,
-    });
     top.names
         .iter()
-        .chain(tuples.flatten())
+        .chain(constant_strings(&top))
         .filter(|s| !s.is_empty() && s.len() <= MAX_NAME_LEN)
         .take(MAX_NAMES)
         .map(|s| s.to_string())
@@ -469,9 +584,18 @@ mod tests {
 
     const PYC: &[u8] = include_bytes!("testdata/example.cpython-311.pyc");
 
+    /// [`PYC`] with 3.13's magic (3571): the same layout of code objects, other instruction
+    /// numbers, so its instructions are not decoded.
+    fn newer() -> Vec<u8> {
+        let mut newer = PYC.to_vec();
+        newer[..2].copy_from_slice(&3571u16.to_le_bytes());
+        newer
+    }
+
     #[test]
     fn names_of_the_module_body_not_of_its_functions() {
-        let names = pyc_names(PYC);
+        // Without decoded statements, the names are the body's, constants included.
+        let names = pyc_names(&newer());
         for want in [
             "os",
             "json.decoder",
@@ -523,12 +647,81 @@ mod tests {
 
     #[test]
     fn bytecode_of_a_python_whose_instructions_are_not_known_gives_its_names() {
-        // 3.13's magic (3571): the same layout of code objects, other instruction numbers.
-        let mut newer = PYC.to_vec();
-        newer[..2].copy_from_slice(&3571u16.to_le_bytes());
-        let imports = pyc_imports(&newer);
+        let imports = pyc_imports(&newer());
         assert_eq!(imports.statements, None);
-        assert_eq!(imports.names, pyc_names(PYC));
+        assert!(imports.names.iter().any(|n| n == "sibling"));
+        // Decoded, the same body's statements say what it imports; its names are the
+        // attributes it reads, of which it reads none.
+        let decoded = pyc_imports(PYC);
+        assert!(decoded.statements.is_some());
+        assert!(decoded.names.is_empty(), "{:?}", decoded.names);
+    }
+
+    #[test]
+    fn blocks_that_never_run_on_import_are_left_out() {
+        // `python3.11 -m py_compile` of:
+        //
+        // ```python
+        // import os
+        // import typing
+        // from typing import TYPE_CHECKING, Literal
+        // if TYPE_CHECKING:
+        //     import typed_only
+        // if typing.TYPE_CHECKING:
+        //     from pkg import typed_too
+        // Mode = Literal["linear", "polynomial"]
+        // path = os.path.join("a", "b")
+        // os.environ.get("X")
+        // if __name__ == "__main__":
+        //     import script_only
+        // import after
+        // ```
+        let imports = pyc_imports(include_bytes!("testdata/guarded.cpython-311.pyc"));
+        let modules: Vec<String> = imports
+            .statements
+            .expect("decoded")
+            .into_iter()
+            .map(|i| i.module)
+            .collect();
+        assert_eq!(modules, ["os", "typing", "typing", "after"]);
+        // The attributes it reads, not its constants (`"polynomial"`) nor its globals.
+        for want in ["path", "join", "environ", "get"] {
+            assert!(
+                imports.names.iter().any(|n| n == want),
+                "{want}: {:?}",
+                imports.names
+            );
+        }
+        for not in [
+            "polynomial",
+            "linear",
+            "Mode",
+            "script_only",
+            "typed_only",
+            "after",
+        ] {
+            assert!(
+                !imports.names.iter().any(|n| n == not),
+                "{not}: {:?}",
+                imports.names
+            );
+        }
+    }
+
+    #[test]
+    fn a_module_with_a_module_getattr_names_what_it_lists() {
+        // `python3.11 -m py_compile` of:
+        //
+        // ```python
+        // __all__ = ["alpha", "beta"]
+        // _LAZY = ("gamma", "delta", "epsilon")
+        // def __getattr__(name):
+        //     import importlib
+        //     return importlib.import_module("." + name, __name__)
+        // ```
+        let imports = pyc_imports(include_bytes!("testdata/lazy.cpython-311.pyc"));
+        assert_eq!(imports.statements, Some(Vec::new()));
+        assert_eq!(imports.names, ["alpha", "beta", "gamma", "delta", "epsilon"]);
     }
 
     /// A module body of 1,024 `from S import S, S, …`, its tuple of names one string `s` and
@@ -576,7 +769,10 @@ mod tests {
         assert!(statements.iter().all(|i| i.module == s));
         let names: usize = statements.iter().map(|i| i.names.len()).sum();
         assert_eq!(names, MAX_NAMES, "names kept across the statements");
-        assert_eq!(imports.names.len(), MAX_NAMES);
+        // Not decoded (3.13's magic): the body's names, as many at most.
+        let mut newer = repeated(&s);
+        newer[..2].copy_from_slice(&3571u16.to_le_bytes());
+        assert_eq!(pyc_imports(&newer).names.len(), MAX_NAMES);
         // A name longer than MAX_NAME_LEN is no module's: not kept.
         let long = pyc_imports(&repeated(&"m".repeat(MAX_NAME_LEN + 1)));
         assert_eq!(long.statements, Some(Vec::new()));
