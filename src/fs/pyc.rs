@@ -721,7 +721,10 @@ mod tests {
         // ```
         let imports = pyc_imports(include_bytes!("testdata/lazy.cpython-311.pyc"));
         assert_eq!(imports.statements, Some(Vec::new()));
-        assert_eq!(imports.names, ["alpha", "beta", "gamma", "delta", "epsilon"]);
+        assert_eq!(
+            imports.names,
+            ["alpha", "beta", "gamma", "delta", "epsilon"]
+        );
     }
 
     /// A module body of 1,024 `from S import S, S, …`, its tuple of names one string `s` and
