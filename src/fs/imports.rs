@@ -216,6 +216,22 @@ impl<'a> Resolver<'a> {
         out
     }
 
+    /// The files python opens for `__import__(name)` of each of `names`: absolute imports,
+    /// as statements of level 0 — no name tried as a module of another package (`pandas`
+    /// calls `__import__` on its hard dependencies, and its body's strings then named
+    /// `numpy.testing`, and through it `unittest`, which nothing imports).
+    pub fn imported_by_name(&self, names: &[String]) -> Vec<NodeId> {
+        let statements: Vec<Import> = names
+            .iter()
+            .map(|name| Import {
+                level: 0,
+                module: name.clone(),
+                names: Vec::new(),
+            })
+            .collect();
+        self.imports(&statements).0
+    }
+
     /// Module `name` in directory `dir`: the files python opens for it (its bytecode, else its
     /// source; an extension module) and, for a package, its directory.
     fn module(&self, dir: NodeId, name: &str) -> Option<(Vec<NodeId>, Option<NodeId>)> {
@@ -505,7 +521,7 @@ impl super::ImageView {
         };
         // What it imports by name at run time (`__import__(name)`), after the rest.
         let dynamic: Vec<NodeId> = resolver
-            .files(&imports.dynamic)
+            .imported_by_name(&imports.dynamic)
             .into_iter()
             .filter(|f| !found.contains(f) && !lazy.contains(f))
             .collect();

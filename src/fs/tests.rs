@@ -549,6 +549,17 @@ async fn the_walk_fetches_what_a_module_imports_by_name_at_run_time() {
         noise(2, 20 << 10),
     ));
     tree.push(("filler/1".into(), noise(3, 1 << 20)));
+    // Absolute imports only: not the body's own package's `idna`, nor a module of `idna`
+    // named like another of the strings.
+    let not_imported = [
+        "app/pkg/idna/__pycache__/__init__.cpython-311.pyc",
+        "app/idna/__pycache__/urllib3.cpython-311.pyc",
+    ];
+    tree.push(("app/pkg/idna/__init__.py".into(), Vec::new()));
+    for (k, path) in not_imported.iter().enumerate() {
+        tree.push((path.to_string(), noise(10 + k as u32, 20 << 10)));
+        tree.push((format!("filler/n{k}"), noise(20 + k as u32, 1 << 20)));
+    }
     let view = lazy_view(&registry, dir.path(), &tree).await;
     let root = view
         .lookup("app/pkg/__pycache__/packages.cpython-311.pyc")
@@ -560,6 +571,9 @@ async fn the_walk_fetches_what_a_module_imports_by_name_at_run_time() {
         "app/idna/__pycache__/__init__.cpython-311.pyc"
     ));
     assert!(!cached(&view, "filler/1"));
+    for path in not_imported {
+        assert!(!cached(&view, path), "{path}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
