@@ -157,9 +157,6 @@ fn statements(code: &[u8], top: &Top, magic: u16) -> Body {
     let mut ext = 0u32;
     // Instructions before this unit index belong to a block that does not run on import.
     let mut skip_to = 0usize;
-    let name = |i: u32| top.names.get(i as usize).map(|n| &**n);
-    // 3.12's LOAD_ATTR keeps a flag in its argument's low bit.
-    let attr_index = |arg: u32| if magic >= 3500 { arg >> 1 } else { arg };
     for (k, unit) in code.chunks_exact(2).enumerate() {
         let (op, arg) = (unit[0], ext << 8 | u32::from(unit[1]));
         if op == EXTENDED_ARG {
@@ -203,11 +200,11 @@ fn statements(code: &[u8], top: &Top, magic: u16) -> Body {
             }
         }
         let index = match op {
-            LOAD_ATTR => Some(attr_index(arg)),
+            LOAD_ATTR => Some(attr_index(magic, arg)),
             LOAD_METHOD if magic < 3500 => Some(arg),
             _ => None,
         };
-        if let Some(a) = index.filter(|_| running).and_then(name) {
+        if let Some(a) = index.filter(|_| running).and_then(|i| top.name(i)) {
             if !a.is_empty() && a.len() <= MAX_NAME_LEN && attributes.len() < MAX_NAMES {
                 attributes.push(a.to_string());
             }
@@ -239,16 +236,24 @@ fn statements(code: &[u8], top: &Top, magic: u16) -> Body {
 /// guards a block that does not run on import: `TYPE_CHECKING` (a name, or an attribute:
 /// `typing.TYPE_CHECKING`), or `__name__ == "__main__"`.
 fn skipped_when_false(recent: &[Option<(u8, u32)>; 3], top: &Top, magic: u16) -> bool {
-    let name = |i: u32| top.names.get(i as usize).map(|n| &**n);
-    let attr_index = |arg: u32| if magic >= 3500 { arg >> 1 } else { arg };
     match *recent {
-        [_, _, Some((LOAD_NAME, n))] => name(n) == Some("TYPE_CHECKING"),
-        [_, _, Some((LOAD_ATTR, n))] => name(attr_index(n)) == Some("TYPE_CHECKING"),
+        [_, _, Some((LOAD_NAME, n))] => top.name(n) == Some("TYPE_CHECKING"),
+        [_, _, Some((LOAD_ATTR, n))] => top.name(attr_index(magic, n)) == Some("TYPE_CHECKING"),
         [Some((LOAD_NAME, n)), Some((LOAD_CONST, c)), Some((COMPARE_OP, _))] => {
-            name(n) == Some("__name__")
+            top.name(n) == Some("__name__")
                 && matches!(top.consts.get(c as usize), Some(Obj::Str(s)) if &**s == "__main__")
         }
         _ => false,
+    }
+}
+
+/// The `co_names` index a `LOAD_ATTR` with argument `arg` names (3.12 keeps a flag in its
+/// low bit).
+fn attr_index(magic: u16, arg: u32) -> u32 {
+    if magic >= 3500 {
+        arg >> 1
+    } else {
+        arg
     }
 }
 
@@ -373,6 +378,13 @@ struct Top {
     consts: Vec<Obj>,
     /// Where its instructions (`co_code`, a bytes object) lie in the input.
     code: Option<(usize, usize)>,
+}
+
+impl Top {
+    /// `co_names[i]`, if there is one.
+    fn name(&self, i: u32) -> Option<&str> {
+        self.names.get(i as usize).map(|n| &**n)
+    }
 }
 
 /// Input that ends the parse.

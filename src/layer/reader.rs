@@ -405,15 +405,7 @@ impl LayerReader {
         if spans[j].out_offset >= stop {
             return Ok(());
         }
-        let start = fetch_range(&spans[j].fetch).map_or(0, |r| r.0);
-        let mut last = j;
-        while last + 1 < spans.len()
-            && spans[last + 1].out_offset < stop
-            && fetch_range(&spans[last].fetch)
-                .is_some_and(|(_, e)| e.saturating_sub(start) < want::MIN_MISS_FETCH)
-        {
-            last += 1;
-        }
+        let last = self.reach_last(j, want::MIN_MISS_FETCH, |k| spans[k].out_offset < stop);
         let to = spans[last].out_offset + spans[last].out_len;
         self.cache_range(
             spans[j].out_offset,

@@ -29,10 +29,9 @@ impl LayerReader {
     }
 
     /// Where a fetch of span `i` should reach to, at least: far enough that it carries
-    /// `MIN_TOC_FETCH` compressed bytes for a TOC-indexed layer, and `MIN_MISS_FETCH` for
-    /// a fetch of a stream-indexed one's [neighbours](Self::fetch_neighbours) (0: no minimum),
-    /// but, in a TOC-indexed layer, not over a span that would take it past [`max_padded`] of
-    /// that minimum.
+    /// `MIN_TOC_FETCH` compressed bytes for a TOC-indexed layer, and `MIN_MISS_FETCH` for a
+    /// read of a stream-indexed one (0: no minimum), but, in a TOC-indexed layer, not over a
+    /// span that would take it past [`max_padded`] of that minimum.
     pub(super) fn min_fetch_end(&self, i: usize, want: Want) -> u64 {
         let spans = &self.index.spans;
         let min = want.min_reach(self.index.format);
@@ -42,23 +41,31 @@ impl LayerReader {
         let Some((start, _)) = fetch_range(&spans[i].fetch) else {
             return 0;
         };
-        let reach =
-            |k: usize| fetch_range(&spans[k].fetch).map(|(_, end)| end.saturating_sub(start));
         // In a layer indexed by its TOC a span is a file's chunk: one that would take the
         // fetch past the most padding may make it is a large file's, rarely read next.
         let most = match self.index.format {
             crate::layer::IndexFormat::Stream => u64::MAX,
             _ => max_padded(min),
         };
+        let j = self.reach_last(i, min, |k| {
+            fetch_range(&spans[k].fetch).is_some_and(|(_, end)| end.saturating_sub(start) <= most)
+        });
+        spans[j].out_offset + 1
+    }
+
+    /// The last span of a fetch from span `i` that carries at least `min` compressed bytes:
+    /// the next span comes along while the fetch is short of them and `may_take` allows it.
+    pub(super) fn reach_last(&self, i: usize, min: u64, may_take: impl Fn(usize) -> bool) -> usize {
+        let spans = &self.index.spans;
+        let start = fetch_range(&spans[i].fetch).map_or(0, |r| r.0);
         let mut j = i;
-        // The next span comes along while the fetch is short of the minimum.
         while j + 1 < spans.len()
-            && reach(j).is_some_and(|r| r < min)
-            && reach(j + 1).is_some_and(|r| r <= most)
+            && fetch_range(&spans[j].fetch).is_some_and(|(_, end)| end.saturating_sub(start) < min)
+            && may_take(j + 1)
         {
             j += 1;
         }
-        spans[j].out_offset + 1
+        j
     }
 
     /// The last span of the run of uncached, fetchable spans starting at `i` that a read
