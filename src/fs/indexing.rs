@@ -388,26 +388,22 @@ impl Layers {
         layer: &LayerRecord,
     ) -> Result<Option<(LayerIndex, bool)>, FsError> {
         let blob = &layer.digest;
-        // Whatever is stored must also describe the layer as this image's config and manifest
-        // do (diff_id, size): a stored index never speaks for a layer record it does not fit.
-        let stored = |pin: Option<&Digest>| -> Result<Option<LayerIndex>, FsError> {
-            Ok(self
-                .indexes
-                .get(blob, pin)?
-                .filter(|i| i.diff_id == layer.diff_id && i.blob_size == layer.size))
-        };
         // The layer's own index comes with its window file; one whose file went missing is
         // built again (below) rather than read with windows from nowhere.
-        if let Some(i) = stored(None)?.filter(|i| self.indexes.has_windows(i)) {
+        if let Some(i) = self
+            .stored(layer, None)
+            .await?
+            .filter(|i| self.indexes.has_windows(i))
+        {
             return Ok(Some((i, false)));
         }
         let pinned = pinned_index(layer).filter(|_| self.settings.published);
         if let Some((pin, true)) = &pinned {
-            if let Some(found) = self.published_index(image, layer, pin, &stored).await? {
+            if let Some(found) = self.published_index(image, layer, pin).await? {
                 return Ok(Some(found));
             }
         }
-        if let Some((built, i)) = self.toc_index(image, layer, &stored).await? {
+        if let Some((built, i)) = self.toc_index(image, layer).await? {
             return Ok(Some((i, built)));
         }
         if let Some((pin, false)) = &pinned {
@@ -415,12 +411,28 @@ impl Layers {
                 tracing::warn!(image = %image.name, layer = %blob, "ignoring the referrer index adopted earlier: [index] unbound_referrers is off");
             } else {
                 tracing::warn!(image = %image.name, layer = %blob, index = %pin, "serving with a referrer index the image does not pin (unbound_referrers): until the layer is complete, whoever could push it decides what the files contain");
-                if let Some(found) = self.published_index(image, layer, pin, &stored).await? {
+                if let Some(found) = self.published_index(image, layer, pin).await? {
                     return Ok(Some(found));
                 }
             }
         }
         Ok(None)
+    }
+
+    /// The index of `layer` stored under `pin` (`None`: the one built here), if it describes
+    /// the layer as this image's config and manifest do (diff_id, size): a stored index never
+    /// speaks for a layer record it does not fit. Read and parsed on the blocking pool (a few
+    /// MB of JSON): a mount's layers are read side by side, and no runtime thread waits.
+    async fn stored(
+        &self,
+        layer: &LayerRecord,
+        pin: Option<&Digest>,
+    ) -> Result<Option<LayerIndex>, FsError> {
+        let (store, blob, pin) = (self.indexes.clone(), layer.digest.clone(), pin.cloned());
+        let index = tokio::task::spawn_blocking(move || store.get(&blob, pin.as_ref()))
+            .await
+            .expect("index store task")?;
+        Ok(index.filter(|i| i.diff_id == layer.diff_id && i.blob_size == layer.size))
     }
 
     /// Whether opening `layer` streams its whole blob: no index of it is stored and the image
@@ -445,9 +457,8 @@ impl Layers {
         image: &ImageRecord,
         layer: &LayerRecord,
         pin: &Digest,
-        stored: &impl Fn(Option<&Digest>) -> Result<Option<LayerIndex>, FsError>,
     ) -> Result<Option<(LayerIndex, bool)>, FsError> {
-        if let Some(i) = stored(Some(pin))? {
+        if let Some(i) = self.stored(layer, Some(pin)).await? {
             return Ok(Some((i, false)));
         }
         match self.fetch_published(image, layer, pin).await {
@@ -465,11 +476,10 @@ impl Layers {
         &self,
         image: &ImageRecord,
         layer: &LayerRecord,
-        stored: &impl Fn(Option<&Digest>) -> Result<Option<LayerIndex>, FsError>,
     ) -> Result<Option<(bool, LayerIndex)>, FsError> {
         let pin = toc_pin(layer);
         let Some(pin) = pin else { return Ok(None) };
-        if let Some(i) = stored(Some(&pin))? {
+        if let Some(i) = self.stored(layer, Some(&pin)).await? {
             return Ok(Some((false, i)));
         }
         let from_toc = match self.estargz(image, layer).await? {
@@ -511,21 +521,7 @@ impl Layers {
         let expected = layer.clone();
         let pin_owned = pin.clone();
         let parsed = tokio::task::spawn_blocking(move || -> Result<LayerIndex, String> {
-            let mut json = Vec::new();
-            std::io::Read::read_to_end(
-                &mut std::io::Read::take(
-                    flate2::read::GzDecoder::new(&blob[..]),
-                    limits.max_toc_bytes + 1,
-                ),
-                &mut json,
-            )
-            .map_err(|e| format!("decompressing: {e}"))?;
-            if json.len() as u64 > limits.max_toc_bytes {
-                return Err(format!(
-                    "larger than the {}-byte limit ([index] max_toc_bytes)",
-                    limits.max_toc_bytes
-                ));
-            }
+            let json = crate::layer::packed::unpack(&blob, limits.max_toc_bytes)?;
             let mut index: LayerIndex = serde_json::from_slice(&json).map_err(|e| e.to_string())?;
             drop(json);
             check_published(&index, &expected, &limits)?;
