@@ -117,17 +117,24 @@ impl Tree {
     /// number, type, size, ownership, mode, times, link count and extended attributes. Two
     /// trees with the same fingerprint answer every lookup and getattr alike, so a process may
     /// take over a mount served from the other (inode numbers are what the kernel holds).
+    /// (A mount's takeover compares fingerprints written by other versions: the bytes hashed
+    /// never change.)
     pub fn fingerprint(&self) -> String {
         use sha2::{Digest as _, Sha256};
+        use std::fmt::Write as _;
         let mut h = Sha256::new();
+        // One line per node, written into one buffer rather than a string allocated each.
+        let mut line = String::with_capacity(256);
         for id in self.walk() {
             let n = &self.nodes[id];
-            let kind = format!("{:?}", n.file_type);
-            h.update(format!(
-                "{}\0{}\0{}\0{kind}\0{} {} {} {} {} {} {}\0",
+            line.clear();
+            let _ = write!(
+                line,
+                "{}\0{}\0{}\0{:?}\0{} {} {} {} {} {} {}\0",
                 n.name,
                 n.ino,
                 self.nodes[n.parent].ino,
+                n.file_type,
                 n.size,
                 n.mode,
                 n.uid,
@@ -135,9 +142,12 @@ impl Tree {
                 n.mtime,
                 n.mtime_nsec,
                 n.nlink
-            ));
+            );
+            h.update(line.as_bytes());
             for (k, v) in &n.xattrs {
-                h.update(format!("{k}\0{}\0", v.len()));
+                line.clear();
+                let _ = write!(line, "{k}\0{}\0", v.len());
+                h.update(line.as_bytes());
                 h.update(v);
             }
         }
@@ -491,5 +501,33 @@ mod tests {
         )][..]])
         .unwrap_err();
         assert!(err.to_string().contains("missing"), "{err}");
+    }
+
+    /// The fingerprint is what a process taking over a mount compares with the one the mount's
+    /// record holds, written by whichever version served it before: its bytes never change.
+    #[test]
+    fn the_fingerprint_is_the_same_across_versions() {
+        let mut x = e("etc/conf", Kind::File);
+        x.xattrs.insert("user.k".into(), b"v1".to_vec());
+        x.mtime = 1_700_000_000;
+        x.mtime_nsec = 7;
+        x.uid = 1000;
+        let l0 = [
+            e("bin", Kind::Dir),
+            e("bin/a", Kind::File),
+            e(
+                "bin/b",
+                Kind::Hardlink {
+                    target: "bin/a".into(),
+                },
+            ),
+            e("bin/sh", Kind::Symlink { target: "a".into() }),
+            x,
+        ];
+        let t = Tree::build([&l0[..]]).unwrap();
+        assert_eq!(
+            t.fingerprint(),
+            "82a297f9bfe8bcc5c744c0a0f3498efe324597e8dee3a94d836a44ab0c6baea6"
+        );
     }
 }

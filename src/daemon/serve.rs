@@ -298,6 +298,11 @@ pub async fn serve(
         tracing::info!(image = %image.name, "{streaming} of {count} layers have no usable index: mounting at once; requests wait while they stream");
         (fuse::ViewSlot::opening(), None)
     };
+    // The tree's fingerprint, for the mount's record: computed while the kernel mounts
+    // (a hash of every node, some milliseconds), not after it answers.
+    let fingerprint = slot
+        .view()
+        .map(|v| tokio::task::spawn_blocking(move || v.tree.fingerprint()));
     let metrics = serve_metrics(&ctx, args, slot.clone())?;
     let root = ctx.store.root().to_path_buf();
     let log_path = super::backing_log_path(&root, mountpoint);
@@ -342,10 +347,10 @@ pub async fn serve(
         holder: Some(link.holder),
         passthrough: mounted.passthrough,
         // Empty while the layers stream: no inode but the root's has been handed out yet.
-        tree: slot
-            .view()
-            .map(|v| v.tree.fingerprint())
-            .unwrap_or_default(),
+        tree: match fingerprint {
+            Some(f) => f.await.expect("fingerprint task"),
+            None => String::new(),
+        },
         served: Some((image.clone(), count)),
     };
     let metrics = metrics
