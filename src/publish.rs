@@ -21,8 +21,6 @@
 //! the manifest itself is annotated with the profile's digest, and
 //! [`crate::profile::pinned_profile`] fetches it for a cold mount.
 
-use std::io::{Read, Write};
-
 use oci_spec::image::Digest;
 use serde_json::{json, Value};
 
@@ -34,8 +32,11 @@ use crate::store::{Store, StoreError};
 
 /// The `artifactType` of a stratafs index artifact.
 pub const ARTIFACT_TYPE: &str = "application/vnd.stratafs.index.v1";
-/// Media type of one layer's index (gzip-compressed JSON).
-pub const LAYER_INDEX_TYPE: &str = "application/vnd.stratafs.layer-index.v1+gzip";
+/// Media type of one layer's index (zstd-compressed JSON, [`crate::layer::packed`]).
+pub const LAYER_INDEX_TYPE: &str = "application/vnd.stratafs.layer-index.v1+zstd";
+/// Media type of one layer's index as published before 2026-12-07 (gzip-compressed JSON):
+/// still read.
+pub const LAYER_INDEX_GZIP_TYPE: &str = "application/vnd.stratafs.layer-index.v1+gzip";
 /// Media type of a gzip index's window file (its checkpoint windows, see `layer::gzip`).
 pub const WINDOWS_TYPE: &str = "application/vnd.stratafs.layer-index-windows.v1";
 /// Annotation naming the layer blob an index describes.
@@ -111,7 +112,8 @@ pub async fn push_indexes(
     for published in indexes {
         let index = &published.0;
         layers.extend(push_windows(client, &reference, image, published).await?);
-        let blob = gzip(&serde_json::to_vec(index).expect("index serializes"));
+        let blob =
+            crate::layer::packed::pack(&serde_json::to_vec(index).expect("index serializes"));
         let digest = client.push_blob(&reference, &blob).await?;
         layers.push(json!({
             "mediaType": LAYER_INDEX_TYPE,
@@ -202,7 +204,8 @@ pub async fn bind_indexes(
     for published in indexes {
         let index = &published.0;
         push_windows(client, &reference, image, published).await?;
-        let blob = gzip(&serde_json::to_vec(index).expect("index serializes"));
+        let blob =
+            crate::layer::packed::pack(&serde_json::to_vec(index).expect("index serializes"));
         let digest = client.push_blob(&reference, &blob).await?;
         for desc in layers
             .iter_mut()
@@ -401,7 +404,8 @@ pub async fn adopt_referrer_indexes(
             .flatten()
             .find(|d| {
                 d["annotations"][LAYER_ANNOTATION] == layer.digest.as_ref()
-                    && d["mediaType"] == LAYER_INDEX_TYPE
+                    && (d["mediaType"] == LAYER_INDEX_TYPE
+                        || d["mediaType"] == LAYER_INDEX_GZIP_TYPE)
             })
         else {
             continue;
@@ -410,11 +414,13 @@ pub async fn adopt_referrer_indexes(
         let blob = client
             .fetch_blob((&reference, &pin), Some(crate::registry::MAX_INDEX_BLOB))
             .await?;
-        let mut json = Vec::new();
-        flate2::read::GzDecoder::new(&blob[..])
-            .take(limits.max_toc_bytes + 1)
-            .read_to_end(&mut json)
-            .map_err(|e| invalid(image, &e.to_string()))?;
+        let json = match crate::layer::packed::unpack(&blob, limits.max_toc_bytes) {
+            Ok(json) => json,
+            Err(e) => {
+                tracing::warn!(layer = %layer.digest, error = %e, "referrer index unreadable; ignored");
+                continue;
+            }
+        };
         let index: LayerIndex = match serde_json::from_slice(&json) {
             Ok(i) => i,
             Err(e) => {
@@ -422,12 +428,7 @@ pub async fn adopt_referrer_indexes(
                 continue;
             }
         };
-        let fits = if json.len() as u64 > limits.max_toc_bytes {
-            Err("larger than [index] max_toc_bytes".to_string())
-        } else {
-            crate::fs::check_published(&index, layer, limits)
-        };
-        if let Err(e) = fits {
+        if let Err(e) = crate::fs::check_published(&index, layer, limits) {
             tracing::warn!(layer = %layer.digest, error = %e, "referrer index unusable; ignored");
             continue;
         }
@@ -483,10 +484,4 @@ fn invalid(image: &ImageRecord, detail: &str) -> PublishError {
         image: image.name.clone(),
         detail: detail.to_string(),
     }
-}
-
-fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    e.write_all(data).expect("in-memory write");
-    e.finish().expect("in-memory write")
 }

@@ -22,6 +22,7 @@ mod entry;
 pub mod estargz;
 pub mod gzip;
 mod index_store;
+pub mod packed;
 pub mod reader;
 mod sparse;
 pub mod tar;
