@@ -91,9 +91,12 @@ impl Tree {
                     _ => {}
                 }
             }
+            // A layer lists a directory's entries together: the directory of the entry before
+            // is looked up once, not again from the root for each of them.
+            let mut last_dir: Option<(&str, NodeId)> = None;
             for e in entries {
                 if !matches!(e.kind, Kind::Whiteout | Kind::Opaque) {
-                    tree.add(e, layer)?;
+                    tree.add(e, layer, &mut last_dir)?;
                 }
             }
         }
@@ -195,7 +198,14 @@ impl Tree {
         out
     }
 
-    fn add(&mut self, e: &Entry, layer: usize) -> Result<(), TreeError> {
+    /// Adds `e` of layer `layer`; `last_dir` is the directory (path, node) the entry before
+    /// went into, kept while it stays live.
+    fn add<'e>(
+        &mut self,
+        e: &'e Entry,
+        layer: usize,
+        last_dir: &mut Option<(&'e str, NodeId)>,
+    ) -> Result<(), TreeError> {
         let err = |detail: String| TreeError { layer, detail };
         if e.path.is_empty() {
             if e.kind == Kind::Dir {
@@ -207,7 +217,17 @@ impl Tree {
             return Ok(());
         }
         let (parent_path, name) = e.path.rsplit_once('/').unwrap_or(("", &e.path));
-        let parent = self.ensure_dir(parent_path);
+        let parent = match *last_dir {
+            Some((path, id))
+                if path == parent_path
+                    && !self.nodes[id].removed
+                    && self.nodes[id].file_type == FileType::Dir =>
+            {
+                id
+            }
+            _ => self.ensure_dir(parent_path),
+        };
+        *last_dir = Some((parent_path, parent));
         if let Some(existing) = self.child(parent, name) {
             if e.kind == Kind::Dir && self.nodes[existing].file_type == FileType::Dir {
                 let n = &mut self.nodes[existing];
