@@ -550,4 +550,23 @@ mod tests {
             "82a297f9bfe8bcc5c744c0a0f3498efe324597e8dee3a94d836a44ab0c6baea6"
         );
     }
+
+    /// An entry that replaces the directory the entries before it went into: later entries
+    /// under that path go into a new directory, never into the one it replaced.
+    #[test]
+    fn entries_after_a_replaced_directory_go_into_a_new_one() {
+        let l0 = [
+            e("a", Kind::Dir),
+            e("a/b", Kind::Dir),
+            e("a/b/x", Kind::File),
+            e("a/b", Kind::File),
+            e("a/b/c", Kind::File),
+            e("a/d", Kind::File),
+        ];
+        let t = Tree::build([&l0[..]]).unwrap();
+        assert_eq!(names(&t, "a"), ["b", "d"]);
+        assert_eq!(names(&t, "a/b"), ["c"]);
+        assert_eq!(t.node(t.lookup("a/b").unwrap()).file_type, FileType::Dir);
+        assert!(t.lookup("a/b/x").is_none());
+    }
 }
