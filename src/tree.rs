@@ -489,9 +489,9 @@ mod tests {
         assert_eq!(t.path(t.lookup("opq/new").unwrap()), "opq/new");
     }
 
-    #[test]
-    fn hardlinks_share_inodes_and_dirs_count_subdirs() {
-        let l0 = [
+    /// `bin/`, `bin/a` and `bin/b`, a hard link to `bin/a`.
+    fn linked() -> [Entry; 3] {
+        [
             e("bin", Kind::Dir),
             e("bin/a", Kind::File),
             e(
@@ -500,6 +500,16 @@ mod tests {
                     target: "bin/a".into(),
                 },
             ),
+        ]
+    }
+
+    #[test]
+    fn hardlinks_share_inodes_and_dirs_count_subdirs() {
+        let [bin, a, b] = linked();
+        let l0 = [
+            bin,
+            a,
+            b,
             e("bin/sub", Kind::Dir),
             e("implicit/deep/file", Kind::File),
         ];
@@ -532,15 +542,11 @@ mod tests {
         x.mtime = 1_700_000_000;
         x.mtime_nsec = 7;
         x.uid = 1000;
+        let [bin, a, b] = linked();
         let l0 = [
-            e("bin", Kind::Dir),
-            e("bin/a", Kind::File),
-            e(
-                "bin/b",
-                Kind::Hardlink {
-                    target: "bin/a".into(),
-                },
-            ),
+            bin,
+            a,
+            b,
             e("bin/sh", Kind::Symlink { target: "a".into() }),
             x,
         ];
@@ -555,14 +561,12 @@ mod tests {
     /// under that path go into a new directory, never into the one it replaced.
     #[test]
     fn entries_after_a_replaced_directory_go_into_a_new_one() {
-        let l0 = [
-            e("a", Kind::Dir),
-            e("a/b", Kind::Dir),
-            e("a/b/x", Kind::File),
-            e("a/b", Kind::File),
-            e("a/b/c", Kind::File),
-            e("a/d", Kind::File),
-        ];
+        // Directories end in `/`.
+        let l0 =
+            ["a/", "a/b/", "a/b/x", "a/b", "a/b/c", "a/d"].map(|p| match p.strip_suffix('/') {
+                Some(dir) => e(dir, Kind::Dir),
+                None => e(p, Kind::File),
+            });
         let t = Tree::build([&l0[..]]).unwrap();
         assert_eq!(names(&t, "a"), ["b", "d"]);
         assert_eq!(names(&t, "a/b"), ["c"]);
