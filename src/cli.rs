@@ -257,11 +257,16 @@ pub enum ProfileCommand {
         image: ImageArgs,
     },
     /// Publish the recorded profile bound to the image: push the image again with its
-    /// manifest pinning the profile by digest, so cold mounts of it replay the profile.
+    /// manifest pinning the profile by digest, so cold mounts of it replay the profile, and
+    /// the indexes of its gzip layers with single-block spans where the profile reads (its
+    /// replay then fetches only those blocks; each layer is streamed once to build them).
     Push {
         /// Tag for the bound image (default: the reference's tag).
         #[arg(long)]
         tag: Option<String>,
+        /// Leave the layers' indexes as the image pins them (publish the profile only).
+        #[arg(long)]
+        keep_indexes: bool,
         #[command(flatten)]
         image: ImageArgs,
     },

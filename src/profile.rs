@@ -1,10 +1,10 @@
 //! Startup profiles: which parts of an image a workload read first, in order, so that the next
 //! cold start can fetch them all, in parallel, before the workload asks.
 //!
-//! - **Record.** A mount's [`Recorder`] notes each span of a layer the first time a read
-//!   touches it (reads through the mounted tree only — not background fill or replay), from
+//! - **Record.** A mount's [`Recorder`] notes each [`RECORD_UNIT`] of a layer the first time
+//!   a read touches it (reads through the mounted tree only — not background fill or replay), from
 //!   the first read until the workload goes quiet, for at most [`RECORD_FOR`] and
-//!   [`MAX_RANGES`] ranges. Contiguous spans of one layer are one range.
+//!   [`MAX_RANGES`] ranges. Contiguous units of one layer are one range.
 //! - **Store.** Profiles live beside the layer indexes, in `<root>/profiles/`, one per image
 //!   rootfs (keyed by the image's top ChainID, which names its layers and their order, not by
 //!   a manifest digest that annotations change). A later recording merges in: the ranges not
@@ -23,9 +23,8 @@
 //! that: ranges outside the image's layers are dropped with a warning, and replay never
 //! fetches more than the image's layers hold.
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use oci_spec::image::Digest;
@@ -34,20 +33,20 @@ use serde::{Deserialize, Serialize};
 use crate::fs::ImageView;
 use crate::layer::LayerIndex;
 use plan::{coalesce, Coverage};
+pub use record::{Recorder, RECORD_UNIT};
 
 mod plan;
+mod record;
 
 /// Version of the profile format.
 pub const PROFILE_VERSION: u32 = 1;
 /// Manifest annotation naming the bound profile blob.
 pub const PROFILE_ANNOTATION: &str = "io.stratafs.profile.digest";
-/// Media type of a profile blob (JSON).
-pub const PROFILE_MEDIA_TYPE: &str = "application/vnd.stratafs.profile.v1+json";
+/// Media type of a profile blob as published (zstd-compressed JSON, [`Profile::packed`];
+/// plain JSON, as published before 2026-12-07 and as stored here, is read too).
+pub const PROFILE_MEDIA_TYPE: &str = "application/vnd.stratafs.profile.v1+zstd";
 /// Most ranges a profile may hold (recorded or fetched).
 pub const MAX_RANGES: usize = 100_000;
-/// How many of the latest ranges a span read may continue (the kernel's read-ahead of a file
-/// reads its pages a little out of order, several files at once).
-const RECENT_RANGES: usize = 8;
 /// Largest profile blob read from a registry or from disk.
 pub const MAX_PROFILE_BYTES: u64 = 16 << 20;
 /// How long after its first read a mount records.
@@ -97,7 +96,8 @@ pub struct ProfileRange {
 }
 
 impl Profile {
-    /// Parses a profile from `bytes` (from `what`, for messages), within the bounds above.
+    /// Parses a profile from `bytes` (from `what`, for messages), JSON or packed JSON
+    /// ([`Profile::packed`]), within the bounds above.
     pub fn parse(bytes: &[u8], what: &str) -> Result<Profile, ProfileError> {
         let invalid = |detail: String| ProfileError::Invalid {
             what: what.to_string(),
@@ -109,6 +109,16 @@ impl Profile {
                 bytes.len()
             )));
         }
+        let unpacked;
+        let json = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+        let bytes = if json {
+            bytes
+        } else {
+            let limit = format!("{MAX_PROFILE_BYTES} bytes of profile");
+            unpacked = crate::layer::packed::unpack_within(bytes, MAX_PROFILE_BYTES, &limit)
+                .map_err(|e| invalid(format!("not a profile: {e}")))?;
+            &unpacked[..]
+        };
         let profile: Profile =
             serde_json::from_slice(bytes).map_err(|e| invalid(format!("not a profile: {e}")))?;
         if profile.version != PROFILE_VERSION {
@@ -124,6 +134,21 @@ impl Profile {
             )));
         }
         Ok(profile)
+    }
+
+    /// The uncompressed ranges this profile names in the layer whose blob is `layer`.
+    pub fn ranges_of(&self, layer: &Digest) -> Vec<(u64, u64)> {
+        self.ranges
+            .iter()
+            .filter(|r| r.layer == layer.as_ref())
+            .map(|r| (r.offset, r.offset.saturating_add(r.len)))
+            .collect()
+    }
+
+    /// The profile as published: its JSON, zstd-compressed (a range repeats its layer's
+    /// digest, which compresses away).
+    pub fn packed(&self) -> Vec<u8> {
+        crate::layer::packed::pack(&serde_json::to_vec(self).expect("profile serializes"))
     }
 
     /// Uncompressed bytes the ranges name (saturating: a hostile profile may name absurd ones).
@@ -252,103 +277,6 @@ impl ProfileStore {
     }
 }
 
-/// Notes the spans a mount's workload reads first (see the module docs).
-#[derive(Debug, Default)]
-pub struct Recorder {
-    state: Mutex<RecorderState>,
-}
-
-#[derive(Debug, Default)]
-struct RecorderState {
-    /// (layer position in the view, span) already noted.
-    seen: HashSet<(usize, usize)>,
-    /// Ranges noted since the last [`Recorder::take`].
-    pending: Vec<ProfileRange>,
-    noted: usize,
-    first: Option<Instant>,
-    last: Option<Instant>,
-}
-
-impl Recorder {
-    pub fn new() -> Recorder {
-        Recorder::default()
-    }
-
-    /// Notes a read of `len` bytes at `offset` of the layer at `layer` in the view, indexed
-    /// by `index`.
-    pub fn record(&self, layer: usize, index: &LayerIndex, offset: u64, len: u64) {
-        let mut s = self.state.lock().expect("recorder lock");
-        let now = Instant::now();
-        let first = *s.first.get_or_insert(now);
-        if now.duration_since(first) > RECORD_FOR || s.noted >= MAX_RANGES {
-            return;
-        }
-        let end = offset.saturating_add(len.max(1)).min(index.size);
-        let mut pos = offset;
-        while pos < end {
-            let Some(i) = index.span_at(pos) else {
-                break;
-            };
-            let span = &index.spans[i];
-            pos = span.out_offset + span.out_len;
-            if !s.seen.insert((layer, i)) {
-                continue;
-            }
-            s.last = Some(now);
-            let blob = index.blob.to_string();
-            // A span that continues one of the latest ranges extends it (the kernel's
-            // read-ahead reads a file's pages slightly out of order), and a range it then
-            // reaches joins it: a file read front to back stays one range.
-            let recent = s.pending.len().saturating_sub(RECENT_RANGES);
-            let continued = (recent..s.pending.len()).rev().find(|&k| {
-                let r = &s.pending[k];
-                r.layer == blob && r.offset + r.len == span.out_offset
-            });
-            match continued {
-                Some(k) => {
-                    s.pending[k].len += span.out_len;
-                    let end = s.pending[k].offset + s.pending[k].len;
-                    if let Some(j) = (k + 1..s.pending.len())
-                        .find(|&j| s.pending[j].layer == blob && s.pending[j].offset == end)
-                    {
-                        let joined = s.pending.remove(j);
-                        s.pending[k].len += joined.len;
-                    }
-                }
-                None => {
-                    s.pending.push(ProfileRange {
-                        layer: blob,
-                        offset: span.out_offset,
-                        len: span.out_len,
-                    });
-                    s.noted += 1;
-                }
-            }
-        }
-    }
-
-    /// The ranges noted since the last call, once no new span was read for `quiet` (or the
-    /// recording is over); `None` while the workload is still reading new spans.
-    pub fn take_when_quiet(&self, quiet: Duration) -> Option<Vec<ProfileRange>> {
-        let mut s = self.state.lock().expect("recorder lock");
-        if s.pending.is_empty() || s.last.is_some_and(|l| l.elapsed() < quiet) {
-            return None;
-        }
-        Some(std::mem::take(&mut s.pending))
-    }
-
-    /// Whatever was noted and not yet taken.
-    pub fn take(&self) -> Vec<ProfileRange> {
-        std::mem::take(&mut self.state.lock().expect("recorder lock").pending)
-    }
-
-    /// Whether recording is over (its time is up or it is full).
-    pub fn finished(&self) -> bool {
-        let s = self.state.lock().expect("recorder lock");
-        s.first.is_some_and(|f| f.elapsed() > RECORD_FOR) || s.noted >= MAX_RANGES
-    }
-}
-
 /// What a replay did.
 #[derive(Debug, Default)]
 pub struct ReplayReport {
@@ -358,12 +286,6 @@ pub struct ReplayReport {
     /// Pieces fetched (ranges split at [`REPLAY_PIECE`], continuing ones merged).
     pub pieces: usize,
     pub seconds: f64,
-}
-
-impl crate::fs::ReadObserver for Recorder {
-    fn read(&self, layer: usize, index: &LayerIndex, offset: u64, len: u64) {
-        self.record(layer, index, offset, len);
-    }
 }
 
 /// The startup profile `image`'s manifest pins, fetched (digest-checked, at most
@@ -419,7 +341,10 @@ pub async fn replay(view: Arc<ImageView>, profile: &Profile, parallel: usize) ->
                     continue; // served from the cache only: nothing to fetch ahead
                 }
                 let end = r.offset + r.len.min(index.size - r.offset);
-                for (s, e) in covered[i].add(r.offset, end) {
+                // Whole spans of this index: the plan's pieces then start and end where
+                // spans do, whatever unit the profile was recorded in.
+                let (start, end) = spans_around(index, r.offset, end);
+                for (s, e) in covered[i].add(start, end) {
                     let mut at = s;
                     while at < e {
                         let len = REPLAY_PIECE.min(e - at);
@@ -487,6 +412,17 @@ pub async fn replay(view: Arc<ImageView>, profile: &Profile, parallel: usize) ->
         "profile replayed"
     );
     report
+}
+
+/// `start..end` of `index`'s layer widened to the spans that hold it.
+fn spans_around(index: &LayerIndex, start: u64, end: u64) -> (u64, u64) {
+    let first = index
+        .span_at(start)
+        .map_or(start, |i| index.spans[i].out_offset);
+    let last = index
+        .span_at(end.saturating_sub(1).max(start))
+        .map_or(end, |i| index.spans[i].out_offset + index.spans[i].out_len);
+    (first.min(start), last.max(end))
 }
 
 /// What a mount does with profiles (`[mount] profile_*` in the config).
@@ -667,7 +603,7 @@ impl Session {
     }
 }
 
-/// How long without a newly read span before the recording so far is saved.
+/// How long without a newly read unit before the recording so far is saved.
 const QUIET: Duration = Duration::from_secs(2);
 
 fn save(profiles: &ProfileStore, chain: &Digest, ranges: &[ProfileRange]) {
@@ -695,44 +631,72 @@ mod tests {
         }
     }
 
-    #[test]
-    fn reads_a_little_out_of_order_are_recorded_as_one_range_per_file() {
+    /// An uncompressed layer of `spans` spans of `len` bytes.
+    pub(super) fn layer_of(spans: u64, len: u64) -> crate::layer::LayerIndex {
         use crate::layer::{Fetch, LayerIndex, Span};
         let d = crate::digest::sha256(b"layer");
         let span = |k: u64| Span {
-            out_offset: k * 100,
-            out_len: 100,
+            out_offset: k * len,
+            out_len: len,
             digest: d.clone(),
             fetch: Fetch::Range {
-                in_start: k * 100,
-                in_end: k * 100 + 100,
+                in_start: k * len,
+                in_end: k * len + len,
             },
         };
-        let index = LayerIndex {
+        LayerIndex {
             version: crate::layer::INDEX_VERSION,
             blob: d.clone(),
             diff_id: d.clone(),
             compression: crate::image::Compression::None,
-            blob_size: 2000,
-            size: 2000,
+            blob_size: spans * len,
+            size: spans * len,
             entries: Vec::new(),
-            spans: (0..20).map(span).collect(),
+            spans: (0..spans).map(span).collect(),
             checkpoints: Vec::new(),
             format: Default::default(),
             prefetch_end: None,
             windows: None,
             published: None,
-        };
-        let rec = Recorder::new();
-        // File A (spans 0-5) read with its read-ahead ahead of it, file B (10-13) meanwhile,
-        // then the gaps of A filled; a span read twice counts once.
-        for k in [0, 1, 3, 10, 11, 2, 4, 12, 5, 13, 1] {
-            rec.record(0, &index, k * 100 + 7, 10);
         }
-        assert_eq!(
-            rec.take(),
-            vec![r(d.as_ref(), 0, 600), r(d.as_ref(), 1000, 400)]
+    }
+
+    #[test]
+    fn a_replay_widens_ranges_to_the_spans_of_its_index() {
+        let index = layer_of(10, 100);
+        assert_eq!(spans_around(&index, 150, 160), (100, 200));
+        assert_eq!(spans_around(&index, 100, 200), (100, 200));
+        assert_eq!(spans_around(&index, 99, 301), (0, 400));
+        // Past the end (clamped by the caller, but harmless): kept as it is.
+        assert_eq!(spans_around(&index, 950, 1200), (900, 1200));
+    }
+
+    #[test]
+    fn published_profiles_are_packed_and_plain_json_is_read_too() {
+        let p = Profile {
+            version: PROFILE_VERSION,
+            ranges: (0..200)
+                .map(|k| r(crate::digest::sha256(b"l").as_ref(), k * 65536, 16384))
+                .collect(),
+        };
+        let json = serde_json::to_vec(&p).unwrap();
+        let packed = p.packed();
+        assert!(
+            packed.len() * 10 < json.len(),
+            "{} of {}",
+            packed.len(),
+            json.len()
         );
+        assert_eq!(Profile::parse(&packed, "x").unwrap(), p);
+        assert_eq!(Profile::parse(&json, "x").unwrap(), p);
+        let spaced = [b"\n  ".as_slice(), &json].concat();
+        assert_eq!(Profile::parse(&spaced, "x").unwrap(), p);
+        let e = Profile::parse(b"garbage", "x").unwrap_err().to_string();
+        assert!(e.contains("not a profile"), "{e}");
+        // Packed JSON past the limit is refused while it is unpacked.
+        let big = crate::layer::packed::pack(&vec![b' '; (MAX_PROFILE_BYTES + 1) as usize]);
+        let e = Profile::parse(&big, "x").unwrap_err().to_string();
+        assert!(e.contains("limit"), "{e}");
     }
 
     #[test]

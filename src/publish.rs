@@ -195,8 +195,23 @@ pub async fn bind_indexes(
     indexes: &[Publishable],
     tag: &str,
 ) -> Result<Digest, PublishError> {
-    let reference = reference_of(image)?;
     let mut manifest = stored_manifest(store, image)?;
+    if pin_indexes(client, image, &mut manifest, indexes).await? == 0 {
+        return Err(invalid(image, "no layer of the image has an index to bind"));
+    }
+    push_again(client, store, image, &manifest, tag).await
+}
+
+/// Pushes each of `indexes` (its window file first) and annotates the descriptors of the
+/// layers it describes in `manifest` (the image's, edited) with its digest. Returns how many
+/// descriptors it annotated.
+async fn pin_indexes(
+    client: &RegistryClient,
+    image: &ImageRecord,
+    manifest: &mut Value,
+    indexes: &[Publishable],
+) -> Result<usize, PublishError> {
+    let reference = reference_of(image)?;
     let layers = manifest["layers"]
         .as_array_mut()
         .ok_or_else(|| invalid(image, "stored manifest has no layers"))?;
@@ -218,15 +233,14 @@ pub async fn bind_indexes(
             bound += 1;
         }
     }
-    if bound == 0 {
-        return Err(invalid(image, "no layer of the image has an index to bind"));
-    }
-    push_again(client, store, image, &manifest, tag).await
+    Ok(bound)
 }
 
-/// Publishes `profile` bound to the image: pushes it as a blob, then the image's manifest
-/// (and index) again with the manifest annotated [`PROFILE_ANNOTATION`] = its digest, under
-/// `tag`. Returns the digest the tag now names.
+/// Publishes `profile` bound to the image: pushes it as a blob (zstd-compressed JSON,
+/// [`crate::layer::packed`]), then the image's manifest (and index) again with the manifest
+/// annotated [`PROFILE_ANNOTATION`] = its digest and, for each of `indexes` (built for the
+/// profile: [`crate::fs::Layers::shaped_for_profile`]), its layer's descriptor pinning that
+/// index instead of the one it pinned, under `tag`. Returns the digest the tag now names.
 ///
 /// [`PROFILE_ANNOTATION`]: crate::profile::PROFILE_ANNOTATION
 pub async fn bind_profile(
@@ -234,11 +248,13 @@ pub async fn bind_profile(
     store: &Store,
     image: &ImageRecord,
     profile: &crate::profile::Profile,
+    indexes: &[Publishable],
     tag: &str,
 ) -> Result<Digest, PublishError> {
     let reference = reference_of(image)?;
     let mut manifest = stored_manifest(store, image)?;
-    let blob = serde_json::to_vec(profile).expect("profile serializes");
+    pin_indexes(client, image, &mut manifest, indexes).await?;
+    let blob = profile.packed();
     let digest = client.push_blob(&reference, &blob).await?;
     if !manifest["annotations"].is_object() {
         manifest["annotations"] = json!({});

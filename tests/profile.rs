@@ -118,6 +118,92 @@ fn a_recorded_profile_is_pushed_and_replayed_by_a_cold_mount_before_the_workload
     cold.ok(&["umount", guard.dir.to_str().unwrap()]);
 }
 
+/// A workload that reads 4 KiB here and there in three files.
+fn scattered_workload(guard: &MountGuard) {
+    use std::os::unix::fs::FileExt;
+    for i in READ {
+        let file = std::fs::File::open(guard.path(&format!("/data/f{i:02}"))).unwrap();
+        let want = bytes(100 + i as u64, FILE);
+        for at in [0, 300_000, 600_000, 900_000] {
+            let mut got = vec![0; 4096];
+            file.read_exact_at(&mut got, at as u64).unwrap();
+            assert!(got == want[at..at + 4096], "data/f{i:02} differs at {at}");
+        }
+    }
+}
+
+#[test]
+fn profile_push_shapes_the_indexes_so_that_a_replay_fetches_blocks_not_whole_spans() {
+    let reg = Registry::start(RegistryOpts::default());
+    let image = image();
+    let layer = image.layers[0].digest.clone();
+    reg.push_image("profile/shaped", "v1", &image, &Auth::None);
+    let reference = format!("{}/profile/shaped:v1", reg.addr());
+    Stratafs::new().ok(&["index", "push", "--bind", &reference]);
+
+    let recorder = Stratafs::new();
+    let guard = MountGuard::lazy(&recorder, &reference, "info");
+    scattered_workload(&guard);
+    recorder.ok(&["umount", guard.dir.to_str().unwrap()]);
+    let out = recorder.ok(&["profile", "push", "--tag", "shaped", &reference]);
+    assert!(
+        out.contains("the indexes of 1 layers with spans shaped to it"),
+        "{out}"
+    );
+    let out = recorder.ok(&[
+        "profile",
+        "push",
+        "--keep-indexes",
+        "--tag",
+        "coarse",
+        &reference,
+    ]);
+    assert!(!out.contains("spans shaped"), "{out}");
+
+    // Both pin the same profile; only `shaped` pins another index than the one bound.
+    let pins = |tag: &str| {
+        let m = reg.get_manifest("profile/shaped", tag, &Auth::None);
+        let m: serde_json::Value = serde_json::from_slice(&m.body).unwrap();
+        let index = m["layers"][0]["annotations"]["io.stratafs.index.digest"].to_string();
+        (
+            index,
+            m["annotations"]["io.stratafs.profile.digest"].to_string(),
+        )
+    };
+    let (bound, none) = pins("v1");
+    let (coarse, profile) = pins("coarse");
+    let (shaped, same) = pins("shaped");
+    assert_eq!((coarse.as_str(), none.as_str()), (bound.as_str(), "null"));
+    assert_ne!(shaped, bound);
+    assert_eq!(same, profile);
+
+    // A cold mount of each, on a fresh store: the replay fetches all the workload reads.
+    let replayed = |tag: &str| {
+        let cold = Stratafs::new();
+        let mark = reg.log_mark();
+        let at = format!("{}/profile/shaped:{tag}", reg.addr());
+        let guard = MountGuard::lazy(&cold, &at, "info");
+        cold.wait_for_mount_log("profile replayed");
+        let (replayed, before) = (reg.blob_bytes_since(mark, &layer), reg.log_mark());
+        scattered_workload(&guard);
+        assert_eq!(
+            reg.blob_bytes_since(before, &layer),
+            0,
+            "{tag}: the workload's reads were fetched again: {:#?}",
+            reg.access_log_since(before)
+        );
+        cold.ok(&["umount", guard.dir.to_str().unwrap()]);
+        replayed
+    };
+    let (coarse, shaped) = (replayed("coarse"), replayed("shaped"));
+    // The layer's deflate blocks here hold about 16 KiB of output; spans are 64 KiB and
+    // more, and where the profile reads, shaped spans 32 KiB and more.
+    assert!(
+        shaped > 0 && shaped * 4 < coarse * 3,
+        "shaped spans: {shaped} bytes replayed, coarse: {coarse}"
+    );
+}
+
 #[test]
 fn a_hostile_profile_wastes_nothing_and_changes_no_byte() {
     let reg = Registry::start(RegistryOpts::default());

@@ -654,12 +654,53 @@ impl Layers {
         Ok(indexes)
     }
 
+    /// The index of `layer` to publish with a startup profile (`stratafs profile push`), with
+    /// its window file: built here by streaming the layer (verified against its digest and
+    /// diff_id), with spans of single deflate blocks where `fine` — the profile's ranges of
+    /// this layer, uncompressed — reads ([`crate::layer::SpanPlan`]), so that the profile's
+    /// replay fetches the blocks it reads rather than whole spans. Not stored: the layer keeps
+    /// the index it is served with here. `None` for a layer that is not gzip or is read
+    /// through its own TOC (eStargz): its spans are the TOC's; and where `fine` names no byte
+    /// of the layer.
+    pub async fn shaped_for_profile(
+        &self,
+        image: &ImageRecord,
+        layer: &LayerRecord,
+        fine: Vec<(u64, u64)>,
+    ) -> Result<Option<(LayerIndex, Option<Vec<u8>>)>, FsError> {
+        if Compression::of_layer(&layer.media_type) != Some(Compression::Gzip) {
+            return Ok(None);
+        }
+        let (current, _) = self.index(image, layer).await?;
+        let fine: Vec<(u64, u64)> = fine.into_iter().filter(|r| r.0 < current.size).collect();
+        if current.format != IndexFormat::Stream || fine.is_empty() {
+            return Ok(None);
+        }
+        let plan = crate::layer::SpanPlan {
+            span: self.span,
+            fine,
+        };
+        let index = self.stream_with(image, layer, plan).await?;
+        let windows = self.indexes.windows_bytes(&index)?;
+        Ok(Some((index, windows)))
+    }
+
     /// Streams the blob once and returns its index (verified against the blob digest and
     /// diff_id), caching every span; stores nothing.
     async fn stream(
         &self,
         image: &ImageRecord,
         layer: &LayerRecord,
+    ) -> Result<LayerIndex, FsError> {
+        self.stream_with(image, layer, self.span.into()).await
+    }
+
+    /// [`Self::stream`] with spans ended as `plan` says.
+    async fn stream_with(
+        &self,
+        image: &ImageRecord,
+        layer: &LayerRecord,
+        plan: crate::layer::SpanPlan,
     ) -> Result<LayerIndex, FsError> {
         let compression =
             Compression::of_layer(&layer.media_type).ok_or_else(|| FsError::Unsupported {
@@ -672,7 +713,7 @@ impl Layers {
             blob: layer.digest.clone(),
             diff_id: layer.diff_id.clone(),
             blob_size: layer.size,
-            span: self.span,
+            span: plan,
             limits: self.limits(),
             windows: Some(self.indexes.clone()),
         };

@@ -243,6 +243,10 @@ pub struct GzipIndexer<R, F> {
     out_total: u64,
     span: u64,
     every: u64,
+    /// Output ranges where every block boundary ends a span (sorted, merged), and the first
+    /// of them that may still matter ([`super::SpanPlan`]).
+    fine: Vec<(u64, u64)>,
+    fine_at: usize,
     /// Output offset of the last anchor.
     anchor: u64,
     pub checkpoints: Vec<Checkpoint>,
@@ -281,6 +285,8 @@ impl<R: Read, F: FnMut(SpanOut<'_>) -> io::Result<()>> GzipIndexer<R, F> {
             out_total: 0,
             span: span.max(WINDOW as u64),
             every: span.max(CHECKPOINT_EVERY),
+            fine: Vec::new(),
+            fine_at: 0,
             anchor: 0,
             checkpoints: Vec::new(),
             span_hasher: None,
@@ -294,6 +300,31 @@ impl<R: Read, F: FnMut(SpanOut<'_>) -> io::Result<()>> GzipIndexer<R, F> {
             pending_pos: 0,
             on_span,
         }
+    }
+
+    /// Also ends a span at every deflate block boundary at least [`WINDOW`] after the last
+    /// checkpoint that comes within the span size of one of the `fine` output ranges, each
+    /// such checkpoint an anchor ([`super::SpanPlan`]).
+    pub fn with_fine(mut self, fine: &[(u64, u64)]) -> Self {
+        let mut ranges: Vec<(u64, u64)> = fine.iter().copied().filter(|(s, e)| s < e).collect();
+        ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+        for (s, e) in ranges {
+            match merged.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        self.fine = merged;
+        self
+    }
+
+    /// Whether a fine range meets `from..to` (calls come with `from` never decreasing).
+    fn fine_within(&mut self, from: u64, to: u64) -> bool {
+        while self.fine.get(self.fine_at).is_some_and(|&(_, e)| e <= from) {
+            self.fine_at += 1;
+        }
+        self.fine.get(self.fine_at).is_some_and(|&(s, _)| s < to)
     }
 
     /// (sha256 of the output, output size); call after reading to EOF.
@@ -344,15 +375,17 @@ impl<R: Read, F: FnMut(SpanOut<'_>) -> io::Result<()>> GzipIndexer<R, F> {
         }
     }
 
-    /// Ends the current span (if any) here and starts a checkpoint.
-    fn checkpoint(&mut self, bits: u8, window: &[u8]) -> io::Result<()> {
+    /// Ends the current span (if any) here and starts a checkpoint (an anchor if `anchor`,
+    /// or if the last one is [`Self::every`] away).
+    fn checkpoint(&mut self, bits: u8, window: &[u8], anchor: bool) -> io::Result<()> {
         self.finish_span(self.abs)?;
         let mut h = Sha256::new();
         if bits > 0 {
             h.update([self.buf[self.pos - 1]]);
         }
         self.span_hasher = Some(h);
-        let light = !window.is_empty()
+        let light = !anchor
+            && !window.is_empty()
             && !self.checkpoints.is_empty()
             && self.out_total - self.anchor < self.every;
         if !light {
@@ -468,7 +501,7 @@ impl<R: Read, F: FnMut(SpanOut<'_>) -> io::Result<()>> GzipIndexer<R, F> {
                 self.inflater.reset();
                 self.members += 1;
                 if self.checkpoints.is_empty() || self.since_checkpoint() >= self.span {
-                    self.checkpoint(0, &[])?;
+                    self.checkpoint(0, &[], false)?;
                 }
                 self.state = State::Deflate;
             }
@@ -516,9 +549,15 @@ impl<R: Read, F: FnMut(SpanOut<'_>) -> io::Result<()>> GzipIndexer<R, F> {
                     z::Z_OK | z::Z_BUF_ERROR => {
                         let dt = self.inflater.data_type();
                         let boundary = dt & 128 != 0 && dt & 64 == 0;
-                        if boundary && self.since_checkpoint() >= self.span {
+                        let since = self.since_checkpoint();
+                        let fine = boundary
+                            && since >= WINDOW as u64
+                            && since < self.span
+                            && !self.fine.is_empty()
+                            && self.fine_within(self.out_total - since, self.out_total + self.span);
+                        if boundary && (since >= self.span || fine) {
                             let window = self.window();
-                            self.checkpoint((dt & 7) as u8, &window)?;
+                            self.checkpoint((dt & 7) as u8, &window, fine)?;
                         }
                     }
                     rc => return Err(corrupt(format!("invalid deflate data ({rc})"))),

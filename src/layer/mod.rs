@@ -65,6 +65,27 @@ pub const DEFAULT_SPAN: u64 = 64 << 10;
 /// at a light checkpoint starts at that anchor).
 pub const MAX_LIGHT_DISTANCE: u64 = 1 << 20;
 
+/// Where a streaming pass ends spans: at the first boundary (a deflate block's, for gzip)
+/// `span` bytes of output after the last; and, in a gzip layer, at every deflate block boundary
+/// at least [`gzip::WINDOW`] after the last that comes within `span` of a `fine` range, each
+/// such checkpoint with its own window. `fine` are uncompressed byte ranges (sorted or not,
+/// overlapping or not): where a startup profile reads, so that its replay fetches single
+/// blocks rather than whole spans (`stratafs profile push`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SpanPlan {
+    pub span: u64,
+    pub fine: Vec<(u64, u64)>,
+}
+
+impl From<u64> for SpanPlan {
+    fn from(span: u64) -> SpanPlan {
+        SpanPlan {
+            span,
+            fine: Vec::new(),
+        }
+    }
+}
+
 /// Uncompressed bytes per span of a zstd layer at least (its spans are only cached).
 const ZSTD_SPAN: u64 = 256 << 10;
 /// Largest compressed checkpoint window an index may declare (a deflated 32 KiB window is
@@ -373,12 +394,13 @@ pub fn build_index(
     blob_digest: &Digest,
     diff_id: &Digest,
     blob_size: u64,
-    span: u64,
+    span: impl Into<SpanPlan>,
     on_span: &mut (dyn FnMut(&Digest, &[u8]) -> io::Result<()> + Send),
     windows: &mut dyn io::Write,
     limits: &Limits,
 ) -> Result<LayerIndex, LayerError> {
     let limit = blob_size.saturating_mul(1100).max(1 << 30);
+    let plan = span.into();
     let mut hashed = HashingReader::new(blob);
     let mut windows = HashingWriter {
         inner: windows,
@@ -402,7 +424,7 @@ pub fn build_index(
         let decoded = decode_stream(
             &mut hashed,
             compression,
-            span,
+            &plan,
             (limit, limits.max_entries),
             &mut spans,
             &mut windows,
@@ -494,16 +516,17 @@ type Decoded = (Vec<Entry>, [u8; 32], u64, Vec<gzip::Checkpoint>);
 fn decode_stream(
     blob: impl Read,
     compression: Compression,
-    span: u64,
+    plan: &SpanPlan,
     (limit, max_entries): (u64, usize),
     spans: &mut Vec<Span>,
     windows: &mut dyn io::Write,
     emit: &mut dyn FnMut(&[u8]) -> io::Result<()>,
 ) -> Result<Decoded, String> {
     let placeholder = || crate::digest::sha256(b"");
+    let span = plan.span;
     match compression {
         Compression::Gzip => {
-            let mut indexer = gzip::GzipIndexer::new(blob, span, |s: gzip::SpanOut<'_>| {
+            let indexer = gzip::GzipIndexer::new(blob, span, |s: gzip::SpanOut<'_>| {
                 windows.write_all(s.window)?;
                 emit(s.data)?;
                 spans.push(Span {
@@ -519,6 +542,7 @@ fn decode_stream(
                 });
                 Ok(())
             });
+            let mut indexer = indexer.with_fine(&plan.fine);
             let entries = tar::read_entries(&mut indexer, limit, max_entries)?;
             io::copy(&mut indexer, &mut io::sink()).map_err(|e| e.to_string())?;
             let checkpoints = std::mem::take(&mut indexer.checkpoints);

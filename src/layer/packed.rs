@@ -27,8 +27,14 @@ pub fn pack(json: &[u8]) -> Vec<u8> {
 }
 
 /// The JSON of packed index `blob` (zstd or gzip, told by its first bytes), at most `max`
-/// bytes of it; the error says what is wrong.
+/// bytes of it (`[index] max_toc_bytes`); the error says what is wrong.
 pub fn unpack(blob: &[u8], max: u64) -> Result<Vec<u8>, String> {
+    unpack_within(blob, max, "[index] max_toc_bytes")
+}
+
+/// [`unpack`] for any packed JSON (a startup profile's too), whose limit `max` the error
+/// calls `limit`.
+pub fn unpack_within(blob: &[u8], max: u64, limit: &str) -> Result<Vec<u8>, String> {
     let mut json = Vec::new();
     let read = if blob.starts_with(&ZSTD_MAGIC) {
         let mut d = zstd::stream::read::Decoder::new(blob).map_err(|e| e.to_string())?;
@@ -44,9 +50,7 @@ pub fn unpack(blob: &[u8], max: u64) -> Result<Vec<u8>, String> {
     };
     read.map_err(|e| format!("decompressing: {e}"))?;
     if json.len() as u64 > max {
-        return Err(format!(
-            "larger than the {max}-byte limit ([index] max_toc_bytes)"
-        ));
+        return Err(format!("larger than the {max}-byte limit ({limit})"));
     }
     Ok(json)
 }

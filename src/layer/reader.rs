@@ -709,7 +709,11 @@ impl LayerReader {
             blob: index.blob.clone(),
             diff_id: index.diff_id.clone(),
             blob_size: index.blob_size,
-            span: index.spans.first().map_or(DEFAULT_SPAN, |s| s.out_len),
+            span: index
+                .spans
+                .first()
+                .map_or(DEFAULT_SPAN, |s| s.out_len)
+                .into(),
             limits: Limits {
                 max_entries: Limits::default().max_entries.max(index.entries.len()),
                 ..Limits::default()

@@ -57,7 +57,7 @@ fn index_with_windows(
     blob: &[u8],
     tar: &[u8],
     c: Compression,
-    span: u64,
+    span: impl Into<SpanPlan>,
 ) -> (LayerIndex, Chunks, Vec<u8>) {
     let (mut chunks, mut windows) = (Vec::new(), Vec::new());
     let idx = build_index(
@@ -284,6 +284,63 @@ fn gzip_checkpoints_between_anchors_are_light() {
     bad.windows = None;
     let err = bad.validate(1000).unwrap_err();
     assert!(err.contains("no anchor within"), "{err}");
+}
+
+#[test]
+fn spans_are_single_blocks_where_the_plan_is_fine() {
+    let tar = sample_tar_with(60, 2);
+    let blob = gzip(&tar);
+    let size = tar.len() as u64;
+    let (coarse, _, _) = index_with_windows(&blob, &tar, Compression::Gzip, DEFAULT_SPAN);
+    // Two ranges (unsorted, one overlapping another), and a one-byte one.
+    let fine = vec![
+        (size / 2, size / 2 + 300_000),
+        (size / 5, size / 5 + 1),
+        (size / 2 + 100, size / 2 + 200),
+    ];
+    let plan = SpanPlan {
+        span: DEFAULT_SPAN,
+        fine: fine.clone(),
+    };
+    let (idx, chunks, windows) = index_with_windows(&blob, &tar, Compression::Gzip, plan);
+    idx.validate(1000).unwrap();
+    assert_eq!(chunks.len(), idx.spans.len());
+    assert_eq!((idx.size, &idx.entries), (coarse.size, &coarse.entries));
+    // Spans of two blocks (about 125 KB of output here) elsewhere, of one where fine.
+    assert!(
+        idx.spans.len() >= coarse.spans.len() + 4,
+        "{} against {}",
+        idx.spans.len(),
+        coarse.spans.len()
+    );
+    // Every checkpoint is an anchor, with its window in the file.
+    assert!(idx.checkpoints.iter().all(|c| !c.light));
+    let windowed: u64 = idx.checkpoints.iter().map(|c| c.window_len).sum();
+    assert_eq!(windowed, windows.len() as u64);
+    let near = |s: &Span, by: u64| {
+        fine.iter()
+            .any(|&(a, b)| s.out_offset < b + by && s.out_offset + s.out_len + by > a)
+    };
+    let last = idx.spans.len() - 1;
+    for (k, s) in idx.spans.iter().enumerate() {
+        if near(s, 0) {
+            // Cut at the first block boundary a window's length in: one block here.
+            assert!(
+                s.out_len < DEFAULT_SPAN,
+                "span at {} of {}",
+                s.out_offset,
+                s.out_len
+            );
+        } else if !near(s, DEFAULT_SPAN) && k != last {
+            assert!(
+                s.out_len >= DEFAULT_SPAN,
+                "span at {} of {}",
+                s.out_offset,
+                s.out_len
+            );
+        }
+    }
+    check_all_spans(&idx, &blob, &tar);
 }
 
 #[test]

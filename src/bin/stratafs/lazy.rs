@@ -154,14 +154,44 @@ async fn recorded_profile(t: &Target) -> Result<(ImageRecord, stratafs::profile:
     Ok((image, profile))
 }
 
-pub async fn profile_push(t: &Target, tag: Option<&str>) -> Result<()> {
+/// Publishes the recorded profile bound to the image and, unless `keep_indexes`, the indexes
+/// of its gzip layers again with single-block spans where the profile reads (each layer
+/// streamed once to build them).
+pub async fn profile_push(t: &Target, tag: Option<&str>, keep_indexes: bool) -> Result<()> {
     let (image, profile) = recorded_profile(t).await?;
     let (parsed, tag) = stratafs::publish::bound_tag(&image, tag)?;
-    let digest =
-        stratafs::publish::bind_profile(&t.ctx.client, &t.ctx.store, &image, &profile, &tag)
-            .await?;
+    let mut indexes = Vec::new();
+    if !keep_indexes {
+        let shaped: Vec<_> = image
+            .layers
+            .iter()
+            .map(|l| (l, profile.ranges_of(&l.digest)))
+            .filter(|(_, fine)| !fine.is_empty())
+            .collect();
+        let size = shaped.iter().map(|(l, _)| l.size).sum();
+        let progress = t.progress(&format!("indexing {} for its profile", image.name), size);
+        for (layer, fine) in shaped {
+            if let Some(published) = t.ctx.layers.shaped_for_profile(&image, layer, fine).await? {
+                indexes.push(published);
+            }
+        }
+        progress.finish(&format!("{} indexes shaped to the profile", indexes.len()));
+    }
+    let digest = stratafs::publish::bind_profile(
+        &t.ctx.client,
+        &t.ctx.store,
+        &image,
+        &profile,
+        &indexes,
+        &tag,
+    )
+    .await?;
+    let reindexed = match indexes.len() {
+        0 => String::new(),
+        n => format!(" and the indexes of {n} layers with spans shaped to it"),
+    };
     println!(
-        "pushed {}:{tag} as {digest}: {} with its profile ({} ranges, {}) pinned by its manifest",
+        "pushed {}:{tag} as {digest}: {} with its profile ({} ranges, {}){reindexed} pinned by its manifest",
         parsed.name(),
         image.name,
         profile.ranges.len(),

@@ -193,8 +193,17 @@ async fn run(mut cli: Cli) -> Result<()> {
         Command::Profile(ProfileCommand::Show { json, image }) => {
             lazy::profile_show(&target(image, store, &config)?, json).await?
         }
-        Command::Profile(ProfileCommand::Push { tag, image }) => {
-            lazy::profile_push(&target(image, store, &config)?, tag.as_deref()).await?
+        Command::Profile(ProfileCommand::Push {
+            tag,
+            keep_indexes,
+            image,
+        }) => {
+            lazy::profile_push(
+                &target(image, store, &config)?,
+                tag.as_deref(),
+                keep_indexes,
+            )
+            .await?
         }
         Command::Cache(CacheCommand::Stats { json, watch }) => {
             lazy::cache_stats(&lazy::Context::new(store, &config, false)?, json, watch)?;

@@ -21,7 +21,7 @@ pub struct StreamSpec {
     pub blob: oci_spec::image::Digest,
     pub diff_id: oci_spec::image::Digest,
     pub blob_size: u64,
-    pub span: u64,
+    pub span: crate::layer::SpanPlan,
     pub limits: Limits,
     /// Where to keep the window file of a gzip layer (`None`: not kept, as when a layer
     /// without random access is streamed again only to refill the cache).
@@ -60,7 +60,7 @@ pub async fn stream_index(
             &spec.blob,
             &spec.diff_id,
             spec.blob_size,
-            spec.span,
+            spec.span.clone(),
             &mut |digest, data| {
                 if cache.contains(digest) {
                     return Ok(());
