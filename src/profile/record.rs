@@ -10,10 +10,11 @@ use crate::layer::LayerIndex;
 use super::{ProfileRange, MAX_RANGES, RECORD_FOR};
 
 /// What a recording notes a read by: the aligned units of this many uncompressed bytes it
-/// touches (the kernel's readahead on a mount, `fuse::KERNEL_READAHEAD`), not the spans of the
-/// index the recording mount has. A replay fetches the spans of its own index that hold them,
-/// so a profile serves any index of the layer — and one published with spans shaped to the
-/// profile (`stratafs profile push`) fetches only the deflate blocks the workload read.
+/// touches (the kernel's readahead on a mount, `fuse::KERNEL_READAHEAD`), cut at the edges of
+/// the spans it touches — not whole spans of the index the recording mount has, where those
+/// are larger. A replay fetches the spans of its own index that hold them, so a profile
+/// serves any index of the layer — and one published with spans shaped to the profile
+/// (`stratafs profile push`) fetches only the deflate blocks the workload read.
 pub const RECORD_UNIT: u64 = 16 << 10;
 /// How many of the latest ranges a unit read may continue (the kernel's read-ahead of a file
 /// reads its pages a little out of order, several files at once).
@@ -36,6 +37,35 @@ struct RecorderState {
     last: Option<Instant>,
 }
 
+/// The parts of `offset..end` of `index`'s layer a read notes: the [`RECORD_UNIT`]s it
+/// touches, each cut to the spans of `index` the read touches — a span smaller than a unit
+/// (an eStargz chunk of a small file) is noted alone, not with the neighbours its unit holds.
+fn units(index: &LayerIndex, offset: u64, end: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut at = offset;
+    while at < end {
+        let (lo, hi) = match index.span_at(at) {
+            Some(i) => {
+                let s = &index.spans[i];
+                (s.out_offset, (s.out_offset + s.out_len).max(at + 1))
+            }
+            None => (0, index.size.max(end)),
+        };
+        let stop = hi.min(end);
+        let mut unit = at / RECORD_UNIT;
+        while unit * RECORD_UNIT < stop {
+            let from = (unit * RECORD_UNIT).max(lo);
+            let to = ((unit + 1) * RECORD_UNIT).min(hi).min(index.size);
+            if from < to {
+                out.push((from, to));
+            }
+            unit += 1;
+        }
+        at = hi;
+    }
+    out
+}
+
 impl Recorder {
     pub fn new() -> Recorder {
         Recorder::default()
@@ -51,13 +81,7 @@ impl Recorder {
             return;
         }
         let end = offset.saturating_add(len.max(1)).min(index.size);
-        let mut unit = offset / RECORD_UNIT;
-        while unit * RECORD_UNIT < end {
-            let (start, stop) = (
-                unit * RECORD_UNIT,
-                ((unit + 1) * RECORD_UNIT).min(index.size),
-            );
-            unit += 1;
+        for (start, stop) in units(index, offset, end) {
             if !s.seen.insert((layer, start)) {
                 continue;
             }
@@ -144,5 +168,13 @@ mod tests {
         rec.record(0, &index, 16 * U - 1, 2);
         rec.record(0, &index, 19 * U + 5, 10 * U);
         assert_eq!(rec.take(), vec![r(&d, 15 * U, 2 * U), r(&d, 19 * U, U)]);
+
+        // Spans smaller than a unit (an eStargz chunk per small file): only the spans read.
+        let index = layer_of(50, 100);
+        let rec = Recorder::new();
+        rec.record(0, &index, 150, 10);
+        rec.record(0, &index, 1250, 100);
+        rec.record(0, &index, 1210, 5);
+        assert_eq!(rec.take(), vec![r(&d, 100, 100), r(&d, 1200, 200)]);
     }
 }
