@@ -31,6 +31,27 @@ fn image() -> Image {
         .build(ManifestFlavour::Oci)
 }
 
+/// A registry with [`image`] pushed as `repo:v1` and its index bound by `index push --bind`:
+/// the registry, the reference, and the layer's digest.
+fn published(repo: &str) -> (Registry, String, String) {
+    let reg = Registry::start(RegistryOpts::default());
+    let image = image();
+    reg.push_image(repo, "v1", &image, &Auth::None);
+    let reference = format!("{}/{repo}:v1", reg.addr());
+    Stratafs::new().ok(&["index", "push", "--bind", &reference]);
+    (reg, reference, image.layers[0].digest.clone())
+}
+
+/// A fresh store whose mount of `reference` ran `work` and was unmounted: it recorded what
+/// `work` read first.
+fn recorded(reference: &str, work: fn(&MountGuard)) -> Stratafs {
+    let recorder = Stratafs::new();
+    let guard = MountGuard::lazy(&recorder, reference, "info");
+    work(&guard);
+    recorder.ok(&["umount", guard.dir.to_str().unwrap()]);
+    recorder
+}
+
 /// The workload: three files far apart in the layer.
 const READ: [usize; 3] = [2, 7, 10];
 
@@ -43,18 +64,10 @@ fn workload(guard: &MountGuard) {
 
 #[test]
 fn a_recorded_profile_is_pushed_and_replayed_by_a_cold_mount_before_the_workload_reads() {
-    let reg = Registry::start(RegistryOpts::default());
-    let image = image();
-    let layer = image.layers[0].digest.clone();
-    reg.push_image("profile/app", "v1", &image, &Auth::None);
-    let reference = format!("{}/profile/app:v1", reg.addr());
-    Stratafs::new().ok(&["index", "push", "--bind", &reference]);
+    let (reg, reference, layer) = published("profile/app");
 
-    // Record: a mount notes the spans its workload reads first, saved at unmount.
-    let recorder = Stratafs::new();
-    let guard = MountGuard::lazy(&recorder, &reference, "info");
-    workload(&guard);
-    recorder.ok(&["umount", guard.dir.to_str().unwrap()]);
+    // Record: a mount notes the units its workload reads first, saved at unmount.
+    let recorder = recorded(&reference, workload);
     let profile: serde_json::Value =
         serde_json::from_str(&recorder.ok(&["profile", "show", "--json", &reference])).unwrap();
     let ranges = profile["ranges"].as_array().unwrap();
@@ -134,17 +147,8 @@ fn scattered_workload(guard: &MountGuard) {
 
 #[test]
 fn profile_push_shapes_the_indexes_so_that_a_replay_fetches_blocks_not_whole_spans() {
-    let reg = Registry::start(RegistryOpts::default());
-    let image = image();
-    let layer = image.layers[0].digest.clone();
-    reg.push_image("profile/shaped", "v1", &image, &Auth::None);
-    let reference = format!("{}/profile/shaped:v1", reg.addr());
-    Stratafs::new().ok(&["index", "push", "--bind", &reference]);
-
-    let recorder = Stratafs::new();
-    let guard = MountGuard::lazy(&recorder, &reference, "info");
-    scattered_workload(&guard);
-    recorder.ok(&["umount", guard.dir.to_str().unwrap()]);
+    let (reg, reference, layer) = published("profile/shaped");
+    let recorder = recorded(&reference, scattered_workload);
     let out = recorder.ok(&["profile", "push", "--tag", "shaped", &reference]);
     assert!(
         out.contains("the indexes of 1 layers with spans shaped to it"),
@@ -206,12 +210,7 @@ fn profile_push_shapes_the_indexes_so_that_a_replay_fetches_blocks_not_whole_spa
 
 #[test]
 fn a_hostile_profile_wastes_nothing_and_changes_no_byte() {
-    let reg = Registry::start(RegistryOpts::default());
-    let image = image();
-    let layer = image.layers[0].digest.clone();
-    reg.push_image("profile/hostile", "v1", &image, &Auth::None);
-    let reference = format!("{}/profile/hostile:v1", reg.addr());
-    Stratafs::new().ok(&["index", "push", "--bind", &reference]);
+    let (reg, reference, layer) = published("profile/hostile");
 
     // A publisher's profile naming another layer, and absurd offsets and sizes.
     let publisher = Stratafs::new();
@@ -280,10 +279,7 @@ fn mount_filled(cli: &Stratafs, reference: &str) -> (MountGuard, String) {
 
 #[test]
 fn a_file_opened_again_while_open_gets_its_local_copy_and_then_passes_through() {
-    let reg = Registry::start(RegistryOpts::default());
-    reg.push_image("profile/held", "v1", &image(), &Auth::None);
-    let reference = format!("{}/profile/held:v1", reg.addr());
-    Stratafs::new().ok(&["index", "push", "--bind", &reference]);
+    let (_reg, reference, _) = published("profile/held");
     let cli = Stratafs::new();
     let (guard, metrics) = mount_filled(&cli, &reference);
     let dir = guard.dir.to_str().unwrap();
@@ -308,11 +304,7 @@ fn a_file_opened_again_while_open_gets_its_local_copy_and_then_passes_through() 
 #[test]
 fn a_file_read_by_passthrough_keeps_the_part_an_earlier_recording_saw_read() {
     use std::io::Read;
-    let reg = Registry::start(RegistryOpts::default());
-    let image = image();
-    reg.push_image("profile/pass", "v1", &image, &Auth::None);
-    let reference = format!("{}/profile/pass:v1", reg.addr());
-    Stratafs::new().ok(&["index", "push", "--bind", &reference]);
+    let (_reg, reference, _) = published("profile/pass");
     let cli = Stratafs::new();
     let ranges = || -> Vec<u64> {
         let shown: serde_json::Value =
