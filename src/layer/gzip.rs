@@ -243,8 +243,8 @@ pub struct GzipIndexer<R, F> {
     out_total: u64,
     span: u64,
     every: u64,
-    /// Output ranges where every block boundary ends a span (sorted, merged), and the first
-    /// of them that may still matter ([`super::SpanPlan`]).
+    /// Output ranges where every block boundary ends a span (non-empty, sorted by start),
+    /// and the first of them that may still matter ([`super::SpanPlan`]).
     fine: Vec<(u64, u64)>,
     fine_at: usize,
     /// Output offset of the last anchor.
@@ -306,20 +306,14 @@ impl<R: Read, F: FnMut(SpanOut<'_>) -> io::Result<()>> GzipIndexer<R, F> {
     /// checkpoint that comes within the span size of one of the `fine` output ranges, each
     /// such checkpoint an anchor ([`super::SpanPlan`]).
     pub fn with_fine(mut self, fine: &[(u64, u64)]) -> Self {
-        let mut ranges: Vec<(u64, u64)> = fine.iter().copied().filter(|(s, e)| s < e).collect();
-        ranges.sort_unstable();
-        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
-        for (s, e) in ranges {
-            match merged.last_mut() {
-                Some(last) if s <= last.1 => last.1 = last.1.max(e),
-                _ => merged.push((s, e)),
-            }
-        }
-        self.fine = merged;
+        self.fine = fine.iter().copied().filter(|(s, e)| s < e).collect();
+        self.fine.sort_unstable();
         self
     }
 
-    /// Whether a fine range meets `from..to` (calls come with `from` never decreasing).
+    /// Whether a fine range meets `from..to` (calls come with `from` never decreasing). The
+    /// ranges skipped end by an earlier `from`; the one the cursor stops at starts first of
+    /// those left, so if it starts at `to` or after, so do all the others.
     fn fine_within(&mut self, from: u64, to: u64) -> bool {
         while self.fine.get(self.fine_at).is_some_and(|&(_, e)| e <= from) {
             self.fine_at += 1;
@@ -553,7 +547,6 @@ impl<R: Read, F: FnMut(SpanOut<'_>) -> io::Result<()>> GzipIndexer<R, F> {
                         let fine = boundary
                             && since >= WINDOW as u64
                             && since < self.span
-                            && !self.fine.is_empty()
                             && self.fine_within(self.out_total - since, self.out_total + self.span);
                         if boundary && (since >= self.span || fine) {
                             let window = self.window();

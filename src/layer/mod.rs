@@ -526,7 +526,7 @@ fn decode_stream(
     let span = plan.span;
     match compression {
         Compression::Gzip => {
-            let indexer = gzip::GzipIndexer::new(blob, span, |s: gzip::SpanOut<'_>| {
+            let mut indexer = gzip::GzipIndexer::new(blob, span, |s: gzip::SpanOut<'_>| {
                 windows.write_all(s.window)?;
                 emit(s.data)?;
                 spans.push(Span {
@@ -541,8 +541,8 @@ fn decode_stream(
                     },
                 });
                 Ok(())
-            });
-            let mut indexer = indexer.with_fine(&plan.fine);
+            })
+            .with_fine(&plan.fine);
             let entries = tar::read_entries(&mut indexer, limit, max_entries)?;
             io::copy(&mut indexer, &mut io::sink()).map_err(|e| e.to_string())?;
             let checkpoints = std::mem::take(&mut indexer.checkpoints);
