@@ -322,6 +322,11 @@ for v in gzip estargz; do
   "$bin" --root "$work/recroot" profile show "$local_reg/${REF[$v]}" >&2
   "$bin" --root "$work/recroot" profile push --tag "$v-profile" "$local_reg/${REF[$v]}" >/dev/null
   REF[$v-profile]=bench/py:$v-profile
+  if [ "$v" = gzip ]; then
+    # The same profile without its pack: the replay fetches its spans from the layers.
+    "$bin" --root "$work/recroot" profile push --no-pack --tag "$v-ranges" "$local_reg/${REF[$v]}" >/dev/null
+    REF[$v-ranges]=bench/py:$v-ranges
+  fi
   discard "$work/recroot"
 done
 
@@ -453,6 +458,7 @@ for v in "${avail[@]}"; do
     cases+=("$v $v $work/sf.toml")
   fi
   [ -z "${REF[$v-profile]:-}" ] || cases+=("$v-profile $v $work/sf.toml")
+  [ -z "${REF[$v-ranges]:-}" ] || cases+=("$v-ranges $v $work/sf.toml")
 done
 # CASES="gzip gzip-profile …": only these mount cases (and with SNAPSHOTTER=1 their snapshotter
 # runs), no eager runs and no table (a look at where the time goes, with KEEP_LOGS=DIR).
@@ -581,6 +587,7 @@ label() {
     gzip) echo "gzip + published stratafs index" ;;
     gzip-default) echo "gzip + published index, default options (background fill on)" ;;
     gzip-profile) echo "gzip + published index + recorded profile" ;;
+    gzip-ranges) echo "gzip + published index + recorded profile without its pack (spans from the layers)" ;;
     estargz) echo "eStargz (ctr-remote convert)" ;;
     estargz-profile) echo "eStargz + recorded profile" ;;
     zstd) echo "zstd (skopeo)" ;;

@@ -259,7 +259,9 @@ pub enum ProfileCommand {
     /// Publish the recorded profile bound to the image: push the image again with its
     /// manifest pinning the profile by digest, so cold mounts of it replay the profile, and
     /// the indexes of its gzip layers with single-block spans where the profile reads (its
-    /// replay then fetches only those blocks; each layer is streamed once to build them).
+    /// replay then fetches only those blocks; each layer is streamed once to build them), and
+    /// the pack: the spans the replay fetches, compressed again with zstd in one blob, which
+    /// a cold mount fetches instead of their ranges of the layers.
     Push {
         /// Tag for the bound image (default: the reference's tag).
         #[arg(long)]
@@ -267,6 +269,9 @@ pub enum ProfileCommand {
         /// Leave the layers' indexes as the image pins them (publish the profile only).
         #[arg(long)]
         keep_indexes: bool,
+        /// Publish no pack: a cold mount fetches the profile's spans from the layers.
+        #[arg(long)]
+        no_pack: bool,
         #[command(flatten)]
         image: ImageArgs,
     },

@@ -32,9 +32,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::fs::ImageView;
 use crate::layer::LayerIndex;
-use plan::{coalesce, Coverage};
+use crate::source::BlobSource;
+#[cfg(test)]
+use plan::spans_around;
+use plan::{coalesce, Coverage, Planned};
 pub use record::{Recorder, RECORD_UNIT};
 
+pub mod pack;
 mod plan;
 mod record;
 
@@ -72,6 +76,8 @@ pub enum ProfileError {
     NotRecorded(String),
     #[error("{0} has no layers")]
     NoLayers(String),
+    #[error("{image}: packing the profile's spans: {detail}")]
+    Pack { image: String, detail: String },
     #[error("storing profile {path}")]
     Store {
         path: PathBuf,
@@ -85,6 +91,9 @@ pub enum ProfileError {
 pub struct Profile {
     pub version: u32,
     pub ranges: Vec<ProfileRange>,
+    /// The spans the ranges replay, packed (`profile push`); only in a published profile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pack: Option<pack::Pack>,
 }
 
 /// Uncompressed bytes `offset..offset + len` of the layer whose blob digest is `layer`.
@@ -119,7 +128,7 @@ impl Profile {
                 .map_err(|e| invalid(format!("not a profile: {e}")))?;
             &unpacked[..]
         };
-        let profile: Profile =
+        let mut profile: Profile =
             serde_json::from_slice(bytes).map_err(|e| invalid(format!("not a profile: {e}")))?;
         if profile.version != PROFILE_VERSION {
             return Err(invalid(format!(
@@ -132,6 +141,11 @@ impl Profile {
                 "{} ranges, more than the {MAX_RANGES} allowed",
                 profile.ranges.len()
             )));
+        }
+        if let Some(Err(e)) = profile.pack.as_ref().map(pack::Pack::validate) {
+            // The ranges are still good: replayed from the layers.
+            tracing::warn!(profile = what, "profile pack ignored: {e}");
+            profile.pack = None;
         }
         Ok(profile)
     }
@@ -261,12 +275,14 @@ impl ProfileStore {
             Ok(None) => Profile {
                 version: PROFILE_VERSION,
                 ranges: Vec::new(),
+                pack: None,
             },
             Err(e @ ProfileError::Invalid { .. }) => {
                 tracing::warn!(error = %e, "replacing a damaged profile");
                 Profile {
                     version: PROFILE_VERSION,
                     ranges: Vec::new(),
+                    pack: None,
                 }
             }
             Err(e) => return Err(e),
@@ -285,6 +301,8 @@ pub struct ReplayReport {
     pub ignored: usize,
     /// Pieces fetched (ranges split at [`REPLAY_PIECE`], continuing ones merged).
     pub pieces: usize,
+    /// What the profile's pack did, if it has one and it was fetched.
+    pub pack: Option<pack::PackReport>,
     pub seconds: f64,
 }
 
@@ -319,43 +337,26 @@ pub async fn pinned_profile(
 }
 
 /// Reads `profile`'s ranges of `view`'s layers in profile order, `parallel` at a time, so
-/// their spans are cached before the workload reads them.
-pub async fn replay(view: Arc<ImageView>, profile: &Profile, parallel: usize) -> ReplayReport {
+/// their spans are cached before the workload reads them: first from the profile's pack, if
+/// it has one and `pack` is where to read it ([`pack::replay`]), then what the pack did not
+/// hold from the layers.
+pub async fn replay(
+    view: Arc<ImageView>,
+    profile: &Profile,
+    parallel: usize,
+    pack: Option<Arc<dyn BlobSource>>,
+) -> ReplayReport {
     use futures_util::StreamExt;
     let started = Instant::now();
     view.set_profiled();
     let mut report = ReplayReport::default();
-    // Each byte of a layer is planned once (overlapping ranges add only what they add), so
-    // the plan never exceeds the layers, whatever the profile says.
-    let mut covered: Vec<Coverage> = view.readers().iter().map(|_| Coverage::default()).collect();
-    let mut plan = Vec::new();
-    for r in &profile.ranges {
-        let at = view
-            .readers()
-            .iter()
-            .position(|reader| reader.index().blob.as_ref() == r.layer);
-        match at {
-            Some(i) if r.len > 0 && r.offset < view.readers()[i].index().size => {
-                let index = view.readers()[i].index();
-                if !index.random_access() {
-                    continue; // served from the cache only: nothing to fetch ahead
-                }
-                let end = r.offset + r.len.min(index.size - r.offset);
-                // Whole spans of this index: the plan's pieces then start and end where
-                // spans do, whatever unit the profile was recorded in.
-                let (start, end) = spans_around(index, r.offset, end);
-                for (s, e) in covered[i].add(start, end) {
-                    let mut at = s;
-                    while at < e {
-                        let len = REPLAY_PIECE.min(e - at);
-                        plan.push((i, at, len));
-                        at += len;
-                    }
-                }
-            }
-            _ => report.ignored += 1,
-        }
-    }
+    let indexes: Vec<&LayerIndex> = view.readers().iter().map(|r| r.index()).collect();
+    let Planned {
+        pieces: plan,
+        covered,
+        ignored,
+    } = plan::plan(&indexes, profile);
+    report.ignored = ignored;
     // A file the profile covers any of is not recorded whole when opened for passthrough.
     view.set_profile_coverage(covered.into_iter().map(Coverage::into_intervals).collect());
     if report.ignored > 0 {
@@ -366,6 +367,15 @@ pub async fn replay(view: Arc<ImageView>, profile: &Profile, parallel: usize) ->
         );
     }
     report.ranges = profile.ranges.len() - report.ignored;
+    let plan = match (&profile.pack, pack) {
+        (Some(p), Some(source)) => {
+            report.pack = Some(pack::replay(&view, p, source, &plan).await);
+            plan.into_iter()
+                .filter(|&(l, o, n)| !view.readers()[l].is_cached(o, n))
+                .collect()
+        }
+        _ => plan,
+    };
     let plan = coalesce(plan);
     report.pieces = plan.len();
     // The checkpoint windows the pieces start from, each layer's in one request ahead of
@@ -404,25 +414,38 @@ pub async fn replay(view: Arc<ImageView>, profile: &Profile, parallel: usize) ->
         });
     futures_util::join!(windows, pieces);
     report.seconds = started.elapsed().as_secs_f64();
+    let (pack_frames, pack_bytes, pack_spans) = report
+        .pack
+        .as_ref()
+        .map_or((0, 0, 0), |p| (p.frames, p.bytes, p.delivered));
     tracing::info!(
         image = %view.name,
         ranges = report.ranges,
         pieces = report.pieces,
+        pack_frames,
+        pack_bytes,
+        pack_spans,
         seconds = report.seconds,
         "profile replayed"
     );
     report
 }
 
-/// `start..end` of `index`'s layer widened to the spans that hold it.
-fn spans_around(index: &LayerIndex, start: u64, end: u64) -> (u64, u64) {
-    let first = index
-        .span_at(start)
-        .map_or(start, |i| index.spans[i].out_offset);
-    let last = index
-        .span_at(end.saturating_sub(1).max(start))
-        .map_or(end, |i| index.spans[i].out_offset + index.spans[i].out_len);
-    (first.min(start), last.max(end))
+/// Where `pack` is read from: the image's repository in the registry it was pulled from.
+fn pack_source(
+    client: &Arc<dyn crate::registry::Registry>,
+    image: &crate::image::ImageRecord,
+    pack: &pack::Pack,
+) -> Option<Arc<dyn BlobSource>> {
+    let reference: crate::reference::Reference = image.name.parse().ok()?;
+    let digest = crate::digest::parse(&pack.digest).ok()?;
+    Some(Arc::new(crate::source::RegistrySource::new(
+        client.clone(),
+        reference,
+        digest,
+        pack.size,
+        Default::default(),
+    )))
 }
 
 /// What a mount does with profiles (`[mount] profile_*` in the config).
@@ -540,7 +563,8 @@ impl Session {
                     }
                     return;
                 };
-                replay(view, &p, parallel).await;
+                let pack = p.pack.as_ref().and_then(|pack| pack_source(&client, &image, pack));
+                replay(view, &p, parallel, pack).await;
                 if pinned {
                     // Kept here after the replay (which must not wait for a file write).
                     let keep = move || profiles.merge_in(&chain, &p.ranges);
@@ -678,6 +702,7 @@ mod tests {
             ranges: (0..200)
                 .map(|k| r(crate::digest::sha256(b"l").as_ref(), k * 65536, 16384))
                 .collect(),
+            pack: None,
         };
         let json = serde_json::to_vec(&p).unwrap();
         let packed = p.packed();
@@ -704,6 +729,7 @@ mod tests {
         let mut p = Profile {
             version: PROFILE_VERSION,
             ranges: vec![r("a", 100, 100), r("b", 0, 50)],
+            pack: None,
         };
         p.merge(&[r("a", 50, 200), r("b", 0, 50), r("c", 5, 5)]);
         assert_eq!(
@@ -730,6 +756,7 @@ mod tests {
         let many = serde_json::to_vec(&Profile {
             version: PROFILE_VERSION,
             ranges: vec![r("a", 0, 1); MAX_RANGES + 1],
+            pack: None,
         })
         .unwrap();
         let e = Profile::parse(&many, "x").unwrap_err().to_string();

@@ -240,7 +240,8 @@ async fn pin_indexes(
 /// [`crate::layer::packed`]), then the image's manifest (and index) again with the manifest
 /// annotated [`PROFILE_ANNOTATION`] = its digest and, for each of `indexes` (built for the
 /// profile: [`crate::fs::Layers::shaped_for_profile`]), its layer's descriptor pinning that
-/// index instead of the one it pinned, under `tag`. Returns the digest the tag now names.
+/// index instead of the one it pinned, under `tag`; `pack`, the blob the profile's pack names,
+/// is pushed first. Returns the digest the tag now names.
 ///
 /// [`PROFILE_ANNOTATION`]: crate::profile::PROFILE_ANNOTATION
 pub async fn bind_profile(
@@ -249,11 +250,15 @@ pub async fn bind_profile(
     image: &ImageRecord,
     profile: &crate::profile::Profile,
     indexes: &[Publishable],
+    pack: Option<&[u8]>,
     tag: &str,
 ) -> Result<Digest, PublishError> {
     let reference = reference_of(image)?;
     let mut manifest = stored_manifest(store, image)?;
     pin_indexes(client, image, &mut manifest, indexes).await?;
+    if let Some(pack) = pack {
+        client.push_blob(&reference, pack).await?;
+    }
     let blob = profile.packed();
     let digest = client.push_blob(&reference, &blob).await?;
     if !manifest["annotations"].is_object() {

@@ -34,8 +34,12 @@ fn image() -> Image {
 /// A registry with [`image`] pushed as `repo:v1` and its index bound by `index push --bind`:
 /// the registry, the reference, and the layer's digest.
 fn published(repo: &str) -> (Registry, String, String) {
+    publish(repo, image())
+}
+
+/// As [`published`], with `image`.
+fn publish(repo: &str, image: Image) -> (Registry, String, String) {
     let reg = Registry::start(RegistryOpts::default());
-    let image = image();
     reg.push_image(repo, "v1", &image, &Auth::None);
     let reference = format!("{}/{repo}:v1", reg.addr());
     Stratafs::new().ok(&["index", "push", "--bind", &reference]);
@@ -103,8 +107,9 @@ fn a_recorded_profile_is_pushed_and_replayed_by_a_cold_mount_before_the_workload
         "{offsets:?}"
     );
 
-    let out = recorder.ok(&["profile", "push", &reference]);
-    assert!(out.contains("profile"), "{out}");
+    // The replay from the layers' ranges (a pack, which replaces them, is tested below).
+    let out = recorder.ok(&["profile", "push", "--no-pack", &reference]);
+    assert!(out.contains("profile") && !out.contains("pack"), "{out}");
 
     // A cold mount on a fresh store finds the bound profile and fetches its ranges at once,
     // before the workload reads anything.
@@ -149,7 +154,14 @@ fn scattered_workload(guard: &MountGuard) {
 fn profile_push_shapes_the_indexes_so_that_a_replay_fetches_blocks_not_whole_spans() {
     let (reg, reference, layer) = published("profile/shaped");
     let recorder = recorded(&reference, scattered_workload);
-    let out = recorder.ok(&["profile", "push", "--tag", "shaped", &reference]);
+    let out = recorder.ok(&[
+        "profile",
+        "push",
+        "--no-pack",
+        "--tag",
+        "shaped",
+        &reference,
+    ]);
     assert!(
         out.contains("the indexes of 1 layers with spans shaped to it"),
         "{out}"
@@ -158,6 +170,7 @@ fn profile_push_shapes_the_indexes_so_that_a_replay_fetches_blocks_not_whole_spa
         "profile",
         "push",
         "--keep-indexes",
+        "--no-pack",
         "--tag",
         "coarse",
         &reference,
@@ -243,6 +256,199 @@ fn a_hostile_profile_wastes_nothing_and_changes_no_byte() {
         "a hostile profile fetched"
     );
     workload(&guard);
+    cold.ok(&["umount", guard.dir.to_str().unwrap()]);
+}
+
+/// `len` bytes of text: numbered lines of words (they compress, as most of an image does).
+fn text(seed: u64, len: usize) -> Vec<u8> {
+    const WORDS: [&str; 10] = [
+        "import", "numpy", "def", "return", "self", "value", "class", "lambda", "None", "print",
+    ];
+    let mut out = Vec::with_capacity(len + 128);
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut line = 0u64;
+    while out.len() < len {
+        line += 1;
+        out.extend_from_slice(format!("{line:06}").as_bytes());
+        for _ in 0..8 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            out.push(b' ');
+            out.extend_from_slice(WORDS[(x % 10) as usize].as_bytes());
+        }
+        out.push(b'\n');
+    }
+    out.truncate(len);
+    out
+}
+
+/// One gzip layer of twelve 1 MiB text files.
+fn text_image() -> Image {
+    let mut b = LayerBuilder::new().dir("data", 0o755);
+    for i in 0..FILES {
+        b = b.file(&format!("data/f{i:02}"), &text(100 + i as u64, FILE), 0o644);
+    }
+    ImageBuilder::new()
+        .layer(b.build(Compression::Gzip))
+        .build(ManifestFlavour::Oci)
+}
+
+/// [`workload`] over [`text_image`].
+fn text_workload(guard: &MountGuard) {
+    for i in READ {
+        let got = std::fs::read(guard.path(&format!("/data/f{i:02}"))).unwrap();
+        assert!(got == text(100 + i as u64, FILE), "data/f{i:02} differs");
+    }
+}
+
+/// The pack named by the profile that `repo:tag`'s manifest pins (`null` if none).
+fn pack_of(reg: &Registry, repo: &str, tag: &str) -> serde_json::Value {
+    let m = reg.get_manifest(repo, tag, &Auth::None);
+    let m: serde_json::Value = serde_json::from_slice(&m.body).unwrap();
+    let digest = m["annotations"]["io.stratafs.profile.digest"]
+        .as_str()
+        .expect("a pinned profile")
+        .to_string();
+    let blob = common::push::get_blob(&reg.url(), repo, &digest, None, &Auth::None)
+        .expect_status(200, "profile blob")
+        .body;
+    let profile: serde_json::Value =
+        serde_json::from_slice(&zstd::decode_all(&blob[..]).unwrap()).unwrap();
+    profile["pack"].clone()
+}
+
+/// A cold mount of `reference` on a fresh store, once its replay ended: the mount, its
+/// store, and the registry's log mark from before the mount.
+fn replayed(reg: &Registry, reference: &str) -> (MountGuard, Stratafs, usize) {
+    let cold = Stratafs::new();
+    let mark = reg.log_mark();
+    let guard = MountGuard::lazy(&cold, reference, "info");
+    cold.wait_for_mount_log("profile replayed");
+    (guard, cold, mark)
+}
+
+#[test]
+fn a_published_pack_carries_the_replay_in_fewer_bytes_than_the_layer_ranges() {
+    let (reg, reference, layer) = publish("profile/pack", text_image());
+    let recorder = recorded(&reference, text_workload);
+    let out = recorder.ok(&["profile", "push", "--tag", "packed", &reference]);
+    assert!(out.contains("its pack ("), "{out}");
+    recorder.ok(&[
+        "profile",
+        "push",
+        "--no-pack",
+        "--tag",
+        "ranges",
+        &reference,
+    ]);
+    let pack = pack_of(&reg, "profile/pack", "packed");
+    let (digest, size) = (
+        pack["digest"].as_str().unwrap(),
+        pack["size"].as_u64().unwrap(),
+    );
+    assert!(
+        pack["frames"].as_array().is_some_and(|f| !f.is_empty()),
+        "{pack}"
+    );
+    assert_eq!(
+        pack_of(&reg, "profile/pack", "ranges"),
+        serde_json::Value::Null
+    );
+
+    // Without the pack: the replay fetches the profile's spans from the layer.
+    let at = |tag: &str| format!("{}/profile/pack:{tag}", reg.addr());
+    let (guard, cold, mark) = replayed(&reg, &at("ranges"));
+    let ranges = reg.blob_bytes_since(mark, &layer);
+    cold.ok(&["umount", guard.dir.to_str().unwrap()]);
+
+    // With it: the pack, fetched once and whole, and not one byte of the layer; then the
+    // workload reads every byte it reads from the cache, verified.
+    let (guard, cold, mark) = replayed(&reg, &at("packed"));
+    assert_eq!(reg.blob_bytes_since(mark, digest), size);
+    assert_eq!(
+        reg.blob_bytes_since(mark, &layer),
+        0,
+        "the replay fetched from the layer: {:#?}",
+        reg.access_log_since(mark)
+    );
+    let log = cold.mount_logs();
+    assert!(
+        log.contains("profile replayed") && !log.contains("pack_spans=0"),
+        "{log}"
+    );
+    let before = reg.log_mark();
+    text_workload(&guard);
+    assert!(
+        reg.access_log_since(before)
+            .iter()
+            .all(|e| !e.path.contains("/blobs/")),
+        "the workload's reads were fetched: {:#?}",
+        reg.access_log_since(before)
+    );
+    cold.ok(&["umount", guard.dir.to_str().unwrap()]);
+    // zstd at level 19 against the layer's gzip, for the same spans.
+    assert!(
+        ranges > 0 && size * 10 < ranges * 9,
+        "pack {size} bytes, the layer's ranges {ranges}"
+    );
+}
+
+#[test]
+fn a_pack_whose_bytes_do_not_verify_changes_no_byte() {
+    let (reg, reference, layer) = publish("profile/badpack", text_image());
+    let publisher = recorded(&reference, text_workload);
+    publisher.ok(&["profile", "push", &reference]);
+    // The same spans, but zeros: frames that decode, to bytes of the wrong digest.
+    let mut pack = pack_of(&reg, "profile/badpack", "v1");
+    let mut blob = Vec::new();
+    for frame in pack["frames"].as_array_mut().unwrap() {
+        let out: u64 = frame["spans"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s[2].as_u64().unwrap())
+            .sum();
+        let z = zstd::bulk::compress(&vec![0u8; out as usize], 19).unwrap();
+        frame["len"] = z.len().into();
+        blob.extend_from_slice(&z);
+    }
+    pack["size"] = blob.len().into();
+    pack["digest"] =
+        common::push::push_blob(&reg.url(), "profile/badpack", &blob, &Auth::None).into();
+    // A hostile publisher pins, in a manifest of its own, the profile with that pack.
+    let m = reg.get_manifest("profile/badpack", "v1", &Auth::None);
+    let mut manifest: serde_json::Value = serde_json::from_slice(&m.body).unwrap();
+    let pinned = manifest["annotations"]["io.stratafs.profile.digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let profile =
+        common::push::get_blob(&reg.url(), "profile/badpack", &pinned, None, &Auth::None).body;
+    let mut profile: serde_json::Value =
+        serde_json::from_slice(&zstd::decode_all(&profile[..]).unwrap()).unwrap();
+    profile["pack"] = pack.clone();
+    let profile = zstd::encode_all(profile.to_string().as_bytes(), 3).unwrap();
+    manifest["annotations"]["io.stratafs.profile.digest"] =
+        common::push::push_blob(&reg.url(), "profile/badpack", &profile, &Auth::None).into();
+    let media_type = manifest["mediaType"].as_str().unwrap().to_string();
+    common::push::push_manifest(
+        &reg.url(),
+        "profile/badpack",
+        "bad",
+        &media_type,
+        manifest.to_string().as_bytes(),
+        &Auth::None,
+    );
+    assert_eq!(pack_of(&reg, "profile/badpack", "bad"), pack);
+
+    let at = format!("{}/profile/badpack:bad", reg.addr());
+    let (guard, cold, mark) = replayed(&reg, &at);
+    let log = cold.mount_logs();
+    assert!(log.contains("profile pack: spans not used"), "{log}");
+    // The spans came from the layer instead, and every byte read is the image's.
+    assert!(reg.blob_bytes_since(mark, &layer) > 0);
+    text_workload(&guard);
     cold.ok(&["umount", guard.dir.to_str().unwrap()]);
 }
 

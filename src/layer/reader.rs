@@ -736,6 +736,7 @@ impl LayerReader {
 pub mod budget;
 mod check;
 mod decode;
+mod deliver;
 mod fetch;
 mod ready;
 mod stream;
@@ -743,6 +744,8 @@ mod together;
 mod want;
 mod windows;
 
+pub(crate) use decode::LowerPriority;
+pub use deliver::Delivery;
 pub use ready::Ready;
 pub use stream::{stream_index, StreamSpec};
 #[cfg(test)]

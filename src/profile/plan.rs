@@ -2,7 +2,8 @@
 //! fetched (each byte once, whatever a hostile profile repeats), and which pieces go in one
 //! request.
 
-use super::REPLAY_PIECE;
+use super::{Profile, REPLAY_PIECE};
+use crate::layer::LayerIndex;
 
 /// How many pieces further on in the plan a piece that continues another in its layer may be
 /// to be fetched with it ([`coalesce`]).
@@ -16,6 +17,91 @@ const COALESCE_GAP: u64 = 64 << 10;
 const GROUP_PIECE: u64 = 512 << 10;
 /// Pieces started together at most.
 const GROUP_MAX: usize = 8;
+
+/// A profile's ranges as the pieces a replay fetches.
+pub(super) struct Planned {
+    /// `(layer, offset, len)` in profile order: whole spans of each layer's index, each byte
+    /// once, in pieces of at most [`REPLAY_PIECE`].
+    pub pieces: Vec<(usize, u64, u64)>,
+    /// Per layer, the bytes the pieces cover.
+    pub covered: Vec<Coverage>,
+    /// Ranges that describe none of the layers (another layer's, past the end, empty).
+    pub ignored: usize,
+}
+
+/// Plans `profile`'s ranges over the layers `indexes` describe (in the view's order). Each
+/// byte of a layer is planned once (overlapping ranges add only what they add), so the plan
+/// never exceeds the layers, whatever the profile says; a layer without random access (only
+/// cached) plans nothing.
+pub(super) fn plan(indexes: &[&LayerIndex], profile: &Profile) -> Planned {
+    let mut covered: Vec<Coverage> = indexes.iter().map(|_| Coverage::default()).collect();
+    let mut pieces = Vec::new();
+    let mut ignored = 0;
+    for r in &profile.ranges {
+        let at = indexes
+            .iter()
+            .position(|index| index.blob.as_ref() == r.layer);
+        match at {
+            Some(i) if r.len > 0 && r.offset < indexes[i].size => {
+                let index = indexes[i];
+                if !index.random_access() {
+                    continue; // served from the cache only: nothing to fetch ahead
+                }
+                let end = r.offset + r.len.min(index.size - r.offset);
+                // Whole spans of this index: the plan's pieces then start and end where
+                // spans do, whatever unit the profile was recorded in.
+                let (start, end) = spans_around(index, r.offset, end);
+                for (s, e) in covered[i].add(start, end) {
+                    let mut at = s;
+                    while at < e {
+                        let len = REPLAY_PIECE.min(e - at);
+                        pieces.push((i, at, len));
+                        at += len;
+                    }
+                }
+            }
+            _ => ignored += 1,
+        }
+    }
+    Planned {
+        pieces,
+        covered,
+        ignored,
+    }
+}
+
+/// The spans that hold `pieces` (as [`plan`] makes them), each once, in the pieces' order:
+/// `(layer, span)`.
+pub(super) fn spans_of(
+    indexes: &[&LayerIndex],
+    pieces: &[(usize, u64, u64)],
+) -> Vec<(usize, usize)> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for &(layer, offset, len) in pieces {
+        let index = indexes[layer];
+        let mut at = offset;
+        while at < offset + len {
+            let Some(i) = index.span_at(at) else { break };
+            if seen.insert((layer, i)) {
+                out.push((layer, i));
+            }
+            at = index.spans[i].out_offset + index.spans[i].out_len;
+        }
+    }
+    out
+}
+
+/// `start..end` of `index`'s layer widened to the spans that hold it.
+pub(super) fn spans_around(index: &LayerIndex, start: u64, end: u64) -> (u64, u64) {
+    let first = index
+        .span_at(start)
+        .map_or(start, |i| index.spans[i].out_offset);
+    let last = index
+        .span_at(end.saturating_sub(1).max(start))
+        .map_or(end, |i| index.spans[i].out_offset + index.spans[i].out_len);
+    (first.min(start), last.max(end))
+}
 
 /// The plan's pieces as the groups the replay starts together, in plan order: up to
 /// [`GROUP_MAX`] consecutive pieces of one layer of at most [`GROUP_PIECE`] each, a larger one
@@ -175,6 +261,7 @@ mod tests {
         let mut p = Profile {
             version: PROFILE_VERSION,
             ranges: Vec::new(),
+            pack: None,
         };
         p.merge(&vec![r("a", 0, u64::MAX); 100_000]);
         assert_eq!(p.ranges, vec![r("a", 0, u64::MAX)]);

@@ -156,9 +156,14 @@ async fn recorded_profile(t: &Target) -> Result<(ImageRecord, stratafs::profile:
 
 /// Publishes the recorded profile bound to the image and, unless `keep_indexes`, the indexes
 /// of its gzip layers again with single-block spans where the profile reads (each layer
-/// streamed once to build them).
-pub async fn profile_push(t: &Target, tag: Option<&str>, keep_indexes: bool) -> Result<()> {
-    let (image, profile) = recorded_profile(t).await?;
+/// streamed once to build them); with `pack`, its pack too.
+pub async fn profile_push(
+    t: &Target,
+    tag: Option<&str>,
+    keep_indexes: bool,
+    pack: bool,
+) -> Result<()> {
+    let (image, mut profile) = recorded_profile(t).await?;
     let (parsed, tag) = stratafs::publish::bound_tag(&image, tag)?;
     let mut indexes = Vec::new();
     if !keep_indexes {
@@ -177,12 +182,35 @@ pub async fn profile_push(t: &Target, tag: Option<&str>, keep_indexes: bool) -> 
         }
         progress.finish(&format!("{} indexes shaped to the profile", indexes.len()));
     }
+    let mut packed = None;
+    profile.pack = None;
+    if pack {
+        let spinner = crate::output::spinner();
+        if let Some(s) = &spinner {
+            s.set_message(format!("packing the spans of {}'s profile", image.name));
+        }
+        let built =
+            stratafs::profile::pack::pack_for(&t.ctx.layers, &image, &profile, &indexes).await?;
+        if let Some(s) = spinner {
+            s.finish_and_clear();
+        }
+        if let Some((blob, p)) = built {
+            crate::output::note(&format!(
+                "packed the profile's spans: {} in {} frames",
+                human_size(p.size),
+                p.frames.len()
+            ));
+            profile.pack = Some(p);
+            packed = Some(blob);
+        }
+    }
     let digest = stratafs::publish::bind_profile(
         &t.ctx.client,
         &t.ctx.store,
         &image,
         &profile,
         &indexes,
+        packed.as_deref(),
         &tag,
     )
     .await?;
@@ -190,8 +218,12 @@ pub async fn profile_push(t: &Target, tag: Option<&str>, keep_indexes: bool) -> 
         0 => String::new(),
         n => format!(" and the indexes of {n} layers with spans shaped to it"),
     };
+    let pack = match &profile.pack {
+        Some(p) => format!(", its pack ({})", human_size(p.size)),
+        None => String::new(),
+    };
     println!(
-        "pushed {}:{tag} as {digest}: {} with its profile ({} ranges, {}){reindexed} pinned by its manifest",
+        "pushed {}:{tag} as {digest}: {} with its profile ({} ranges, {}){pack}{reindexed} pinned by its manifest",
         parsed.name(),
         image.name,
         profile.ranges.len(),

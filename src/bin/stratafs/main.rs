@@ -196,12 +196,14 @@ async fn run(mut cli: Cli) -> Result<()> {
         Command::Profile(ProfileCommand::Push {
             tag,
             keep_indexes,
+            no_pack,
             image,
         }) => {
             lazy::profile_push(
                 &target(image, store, &config)?,
                 tag.as_deref(),
                 keep_indexes,
+                !no_pack,
             )
             .await?
         }

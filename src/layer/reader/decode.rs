@@ -11,7 +11,7 @@ use crate::layer::{gzip, Fetch, LayerIndex};
 /// for. Pool threads are reused (tokio runs its async workers on them too), so a thread must
 /// never stay lowered: nothing is lowered unless this process has shown, once, on a thread of
 /// its own, that it can raise a priority back (CAP_SYS_NICE or RLIMIT_NICE; root has them).
-pub(super) struct LowerPriority(Option<(libc::id_t, libc::c_int)>);
+pub(crate) struct LowerPriority(Option<(libc::id_t, libc::c_int)>);
 
 /// This thread's id and nice value, if they can be had.
 fn thread_priority() -> Option<(libc::id_t, libc::c_int)> {
@@ -44,7 +44,7 @@ fn can_restore() -> bool {
 }
 
 impl LowerPriority {
-    pub(super) fn new() -> LowerPriority {
+    pub(crate) fn new() -> LowerPriority {
         let lowered = thread_priority()
             .filter(|&(tid, nice)| nice < 10 && can_restore() && set_priority(tid, 10));
         LowerPriority(lowered)
