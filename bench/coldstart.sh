@@ -684,7 +684,8 @@ for cs in "${cases[@]}"; do read -r c _ <<<"$cs"; [ -z "${H[snap:$c]:-}" ] || hw
   printf 'First command: `%s`. ' "${COMMAND:-python3 -c '$PYCMD'}"
   printf 'Link: %s Mbit/s (tbf on a veth pair into a network namespace) + %s ms RTT (bench/delayline.py); every client in the namespace. ' "$MBIT" "$RTT_MS"
   printf 'Cold: median of %s runs, taken in rounds (each round one run of every client and case, so a slower minute of the machine falls on all of them), page cache dropped (then the binaries of containerd'"'"'s shim, runc, ctr, ctr-remote and stratafs read back in: a node has those in memory), fresh containerd root and stratafs roots; stratafs with `[mount] background_fetch = %s` (but for the default-options rows). ' "$RUNS" "$BACKGROUND_FETCH"
-  printf '"Link time" = bytes the registry served in that run × 8 / %s Mbit/s + 4 RTTs.\n\n' "$MBIT"
+  printf '"Link time" = bytes the registry served in that run × 8 / %s Mbit/s + 4 RTTs; "other" bytes are manifests, configs, published indexes and their checkpoint windows, the startup profile and its pack (the spans its replay fetches, zstd-compressed again: `stratafs profile push`). ' "$MBIT"
+  printf 'The profile rows replay the profile with its pack, but for the one that says otherwise.\n\n'
   printf '| image (%s) | client | time to the end of the command | speed-up vs eager, same image | registry served | link time for those bytes | time / link time |\n|---|---|---|---|---|---|---|\n' "$(date +%F)"
   printf '%s\n' "${rows[@]}"
   printf '\n| target | result | |\n|---|---|---|\n'

@@ -414,10 +414,10 @@ pub async fn replay(
         });
     futures_util::join!(windows, pieces);
     report.seconds = started.elapsed().as_secs_f64();
-    let (pack_frames, pack_bytes, pack_spans) = report
-        .pack
-        .as_ref()
-        .map_or((0, 0, 0), |p| (p.frames, p.bytes, p.delivered));
+    let (pack_frames, pack_bytes, pack_spans, pack_skipped) =
+        report.pack.as_ref().map_or((0, 0, 0, 0), |p| {
+            (p.frames, p.bytes, p.delivered, p.skipped)
+        });
     tracing::info!(
         image = %view.name,
         ranges = report.ranges,
@@ -425,6 +425,7 @@ pub async fn replay(
         pack_frames,
         pack_bytes,
         pack_spans,
+        pack_skipped,
         seconds = report.seconds,
         "profile replayed"
     );

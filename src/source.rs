@@ -44,6 +44,9 @@ pub enum SourceError {
 /// A boxed future, so the trait stays object safe.
 pub type ReadFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<u8>, SourceError>> + Send + 'a>>;
 
+/// A boxed future of bytes handed on as they arrive.
+pub type SinkFuture<'a> = Pin<Box<dyn Future<Output = Result<(), SourceError>> + Send + 'a>>;
+
 /// A boxed future of several ranges' bytes.
 pub type RangesFuture<'a> =
     Pin<Box<dyn Future<Output = Result<Vec<Vec<u8>>, SourceError>> + Send + 'a>>;
@@ -54,6 +57,19 @@ pub trait BlobSource: Send + Sync {
     fn size(&self) -> u64;
     /// Reads exactly `len` bytes at `offset`.
     fn read_range(&self, offset: u64, len: u64) -> ReadFuture<'_>;
+    /// As [`read_range`](Self::read_range), but handing the bytes to `sink` in order as they
+    /// arrive (the default: all at once).
+    fn read_range_to<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+        sink: crate::registry::Sink<'a>,
+    ) -> SinkFuture<'a> {
+        Box::pin(async move {
+            sink(&self.read_range(offset, len).await?);
+            Ok(())
+        })
+    }
     /// Whether [`read_ranges`](Self::read_ranges) asks for several ranges in one request
     /// (else it reads them one after another, and callers had better not wait for them all).
     fn ranges_together(&self) -> bool {
@@ -150,6 +166,27 @@ impl BlobSource for RegistrySource {
             self.fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
             crate::metrics::metrics().fetched(self.digest.as_ref(), data.len() as u64);
             Ok(data)
+        })
+    }
+
+    fn read_range_to<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+        sink: crate::registry::Sink<'a>,
+    ) -> SinkFuture<'a> {
+        Box::pin(async move {
+            check_range(&self.digest, self.size, offset, len)?;
+            let counted = |bytes: &[u8]| {
+                self.fetched
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                crate::metrics::metrics().fetched(self.digest.as_ref(), bytes.len() as u64);
+                sink(bytes)
+            };
+            self.client
+                .read_range_to((&self.reference, &self.digest), offset, len, &counted)
+                .await?;
+            Ok(())
         })
     }
 

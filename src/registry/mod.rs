@@ -99,6 +99,9 @@ pub struct Fetched {
 pub type RegistryFuture<'a, T> =
     Pin<Box<dyn Future<Output = Result<T, RegistryError>> + Send + 'a>>;
 
+/// Where a streamed read hands its bytes, in order, as they arrive.
+pub type Sink<'a> = &'a (dyn Fn(&[u8]) + Send + Sync);
+
 /// A blob or manifest of a repository: a reference naming the repository, and the digest.
 pub type At<'a> = (&'a Reference, &'a Digest);
 
@@ -114,6 +117,20 @@ pub trait Registry: Send + Sync {
     fn fetch_blob<'a>(&'a self, at: At<'a>, cap: Option<u64>) -> RegistryFuture<'a, Vec<u8>>;
     /// `len` bytes at `offset` of blob `at`.
     fn read_range<'a>(&'a self, at: At<'a>, offset: u64, len: u64) -> RegistryFuture<'a, Vec<u8>>;
+    /// As [`read_range`](Self::read_range), but handing the bytes to `sink` in order as they
+    /// arrive (the default: all at once when they are all in).
+    fn read_range_to<'a>(
+        &'a self,
+        at: At<'a>,
+        offset: u64,
+        len: u64,
+        sink: Sink<'a>,
+    ) -> RegistryFuture<'a, ()> {
+        Box::pin(async move {
+            sink(&self.read_range(at, offset, len).await?);
+            Ok(())
+        })
+    }
     /// Whether [`read_ranges`](Self::read_ranges) of blob `at` would ask for several ranges in
     /// one request (no: one each, the default).
     fn ranges_together(&self, _at: At<'_>) -> bool {
@@ -159,6 +176,16 @@ impl Registry for RegistryClient {
     fn fetch_blob<'a>(&'a self, (r, d): At<'a>, cap: Option<u64>) -> RegistryFuture<'a, Vec<u8>> {
         let cap = cap.unwrap_or(self.settings.max_manifest_bytes);
         Box::pin(self.fetch_blob_capped(r, d, cap))
+    }
+
+    fn read_range_to<'a>(
+        &'a self,
+        (r, d): At<'a>,
+        at: u64,
+        len: u64,
+        sink: Sink<'a>,
+    ) -> RegistryFuture<'a, ()> {
+        Box::pin(self.read_blob_range_to(r, d, at, len, sink))
     }
 
     fn read_range<'a>(&'a self, (r, d): At<'a>, at: u64, len: u64) -> RegistryFuture<'a, Vec<u8>> {
@@ -356,6 +383,24 @@ impl RegistryClient {
         let (_, req) = blob_request(reference, digest);
         self.transport
             .get_range(&self.endpoints(reference, true)?, &req, offset, len)
+            .await
+    }
+
+    /// Bytes `offset..offset + len` of a blob, handed to `sink` in order as they arrive.
+    pub async fn read_blob_range_to(
+        &self,
+        reference: &Reference,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+        sink: Sink<'_>,
+    ) -> Result<(), RegistryError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let (_, req) = blob_request(reference, digest);
+        self.transport
+            .get_range_to(&self.endpoints(reference, true)?, &req, offset, len, sink)
             .await
     }
 

@@ -142,16 +142,38 @@ impl Transport {
             offset,
             len,
             data: Mutex::new(Vec::with_capacity(len.min(64 << 20) as usize)),
+            sink: None,
+            passed: Mutex::new(0),
         };
         first_endpoint(endpoints, |ep| self.get_range_from(ep, req, &range)).await?;
         Ok(range.data.into_inner().unwrap())
+    }
+
+    /// As [`get_range`](Self::get_range), but handing the bytes to `sink` as they arrive, in
+    /// order, each once (a body cut short is asked for again from where it broke).
+    pub(crate) async fn get_range_to(
+        &self,
+        endpoints: &[Endpoint],
+        req: &Request<'_>,
+        offset: u64,
+        len: u64,
+        sink: super::Sink<'_>,
+    ) -> Result<(), RegistryError> {
+        let range = RangeRead {
+            offset,
+            len,
+            data: Mutex::new(Vec::new()),
+            sink: Some(sink),
+            passed: Mutex::new(0),
+        };
+        first_endpoint(endpoints, |ep| self.get_range_from(ep, req, &range)).await
     }
 
     async fn get_range_from(
         &self,
         ep: &Endpoint,
         req: &Request<'_>,
-        range: &RangeRead,
+        range: &RangeRead<'_>,
     ) -> Result<(), RegistryError> {
         // A mirror serves many registries' repositories: each its own key.
         let asked = match ep.is_mirror {
@@ -205,7 +227,7 @@ impl Transport {
 
     /// Reads what is left of `range` from `location`, where the registry redirected its blob:
     /// whether it is complete. No registry credentials go there (the signed URL is its own).
-    async fn get_range_at(&self, ep: &Endpoint, location: &str, range: &RangeRead) -> bool {
+    async fn get_range_at(&self, ep: &Endpoint, location: &str, range: &RangeRead<'_>) -> bool {
         let Ok(client) = self.client(&ep.host) else {
             return false;
         };
@@ -693,16 +715,26 @@ async fn read_capped(mut resp: Response, cap: u64) -> Result<Option<Vec<u8>>, re
 
 /// A range of a blob being read, and its bytes received so far, across the requests (and
 /// endpoints) that carry it.
-struct RangeRead {
+struct RangeRead<'s> {
     offset: u64,
     len: u64,
     data: Mutex<Vec<u8>>,
+    /// Where the bytes go as they arrive, if not into `data`; `passed` of them so far.
+    sink: Option<super::Sink<'s>>,
+    passed: Mutex<u64>,
 }
 
-impl RangeRead {
+impl RangeRead<'_> {
     /// The blob offset of the next byte wanted.
     fn next(&self) -> u64 {
-        self.offset + self.data.lock().unwrap().len() as u64
+        self.offset + self.got()
+    }
+
+    fn got(&self) -> u64 {
+        match self.sink {
+            Some(_) => *self.passed.lock().unwrap(),
+            None => self.data.lock().unwrap().len() as u64,
+        }
     }
 
     /// Appends the body's bytes, after skipping `skip` (for servers that ignore Range), until
@@ -715,10 +747,15 @@ impl RangeRead {
                 chunk = &chunk[n as usize..];
                 skip -= n;
             }
-            let mut data = self.data.lock().unwrap();
-            let left = self.len - data.len() as u64;
+            let left = self.len - self.got();
             let take = left.min(chunk.len() as u64) as usize;
-            data.extend_from_slice(&chunk[..take]);
+            match self.sink {
+                Some(sink) => {
+                    sink(&chunk[..take]);
+                    *self.passed.lock().unwrap() += take as u64;
+                }
+                None => self.data.lock().unwrap().extend_from_slice(&chunk[..take]),
+            }
             if take as u64 == left {
                 break;
             }

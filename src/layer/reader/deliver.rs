@@ -87,15 +87,6 @@ impl LayerReader {
         Ok(true)
     }
 
-    /// Waits for room for `bytes` more in flight in the mount's budget of fetches no read
-    /// waits for ([`budget`]); the room is given back when the permit is dropped.
-    pub async fn room_ahead(&self, bytes: u64) -> tokio::sync::OwnedSemaphorePermit {
-        let room = self.budgets.ahead.take(bytes).await;
-        // A read waiting for a large chunk gets the link first.
-        self.budgets.foreground.no_large_read().await;
-        room
-    }
-
     /// Compressed bytes of the layer's blob that hold `offset..offset + len`.
     pub fn compressed_size(&self, offset: u64, len: u64) -> u64 {
         budget::compressed_size(&self.index, offset, len)
