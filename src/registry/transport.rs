@@ -16,6 +16,9 @@ use super::RegistryError;
 use crate::reference::Reference;
 
 mod multirange;
+mod range;
+
+use range::RangeRead;
 
 const USER_AGENT: &str = concat!("stratafs/", env!("CARGO_PKG_VERSION"));
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -711,57 +714,6 @@ async fn read_capped(mut resp: Response, cap: u64) -> Result<Option<Vec<u8>>, re
         data.extend_from_slice(&chunk);
     }
     Ok(Some(data))
-}
-
-/// A range of a blob being read, and its bytes received so far, across the requests (and
-/// endpoints) that carry it.
-struct RangeRead<'s> {
-    offset: u64,
-    len: u64,
-    data: Mutex<Vec<u8>>,
-    /// Where the bytes go as they arrive, if not into `data`; `passed` of them so far.
-    sink: Option<super::Sink<'s>>,
-    passed: Mutex<u64>,
-}
-
-impl RangeRead<'_> {
-    /// The blob offset of the next byte wanted.
-    fn next(&self) -> u64 {
-        self.offset + self.got()
-    }
-
-    fn got(&self) -> u64 {
-        match self.sink {
-            Some(_) => *self.passed.lock().unwrap(),
-            None => self.data.lock().unwrap().len() as u64,
-        }
-    }
-
-    /// Appends the body's bytes, after skipping `skip` (for servers that ignore Range), until
-    /// the range is complete or the body ends.
-    async fn read_body(&self, mut resp: Response, mut skip: u64) -> Result<(), reqwest::Error> {
-        while let Some(chunk) = resp.chunk().await? {
-            let mut chunk = &chunk[..];
-            if skip > 0 {
-                let n = skip.min(chunk.len() as u64);
-                chunk = &chunk[n as usize..];
-                skip -= n;
-            }
-            let left = self.len - self.got();
-            let take = left.min(chunk.len() as u64) as usize;
-            match self.sink {
-                Some(sink) => {
-                    sink(&chunk[..take]);
-                    *self.passed.lock().unwrap() += take as u64;
-                }
-                None => self.data.lock().unwrap().extend_from_slice(&chunk[..take]),
-            }
-            if take as u64 == left {
-                break;
-            }
-        }
-        Ok(())
-    }
 }
 
 /// An error for an unexpected status, with the registry's own error message when it sent one.
