@@ -137,6 +137,12 @@ impl RegistrySource {
         self.early = Some(early);
         self
     }
+
+    /// Counts `n` bytes read of this blob (here and in the metrics).
+    fn count(&self, n: usize) {
+        self.fetched.fetch_add(n as u64, Ordering::Relaxed);
+        crate::metrics::metrics().fetched(self.digest.as_ref(), n as u64);
+    }
 }
 
 impl BlobSource for RegistrySource {
@@ -163,8 +169,7 @@ impl BlobSource for RegistrySource {
                         .await?
                 }
             };
-            self.fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
-            crate::metrics::metrics().fetched(self.digest.as_ref(), data.len() as u64);
+            self.count(data.len());
             Ok(data)
         })
     }
@@ -178,9 +183,7 @@ impl BlobSource for RegistrySource {
         Box::pin(async move {
             check_range(&self.digest, self.size, offset, len)?;
             let counted = |bytes: &[u8]| {
-                self.fetched
-                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                crate::metrics::metrics().fetched(self.digest.as_ref(), bytes.len() as u64);
+                self.count(bytes.len());
                 sink(bytes)
             };
             self.client
@@ -203,9 +206,7 @@ impl BlobSource for RegistrySource {
                 .client
                 .read_ranges((&self.reference, &self.digest), ranges)
                 .await?;
-            let bytes = data.iter().map(|d| d.len() as u64).sum();
-            self.fetched.fetch_add(bytes, Ordering::Relaxed);
-            crate::metrics::metrics().fetched(self.digest.as_ref(), bytes);
+            self.count(data.iter().map(Vec::len).sum());
             Ok(data)
         })
     }
