@@ -2,9 +2,11 @@
 //! what its workload reads first; `profile push` binds the profile to the image; a cold mount
 //! on a fresh store replays it — the registry serves the profile's ranges before the workload
 //! reads anything, and the workload's reads then need no request; a hostile profile is ignored
-//! with a clear log line and never changes a byte served; a later mount's file read by
-//! passthrough (its reads unseen) adds to the merged profile only if no recording saw any of
-//! it read.
+//! with a clear log line and never changes a byte served; a profile's pack carries its whole
+//! replay in fewer bytes than the layer's ranges, and a hostile pack (bytes that do not verify,
+//! frames that do not decode, a pack larger than what it replaces) changes no byte served and
+//! is logged; a later mount's file read by passthrough (its reads unseen) adds to the merged
+//! profile only if no recording saw any of it read.
 
 mod common;
 
@@ -394,62 +396,101 @@ fn a_published_pack_carries_the_replay_in_fewer_bytes_than_the_layer_ranges() {
     );
 }
 
-#[test]
-fn a_pack_whose_bytes_do_not_verify_changes_no_byte() {
-    let (reg, reference, layer) = publish("profile/badpack", text_image());
-    let publisher = recorded(&reference, text_workload);
-    publisher.ok(&["profile", "push", &reference]);
-    // The same spans, but zeros: frames that decode, to bytes of the wrong digest.
-    let mut pack = pack_of(&reg, "profile/badpack", "v1");
+/// A hostile pack's frame: its bytes, for the bytes of spans it declares.
+type FrameBytes = fn(u64) -> Vec<u8>;
+
+/// Pins, under `repo:tag` (a manifest of a hostile publisher's own), the profile `repo:v1`
+/// pins with its pack's frames replaced by `frame(bytes of spans)`; returns that pack.
+fn hostile_pack(
+    reg: &Registry,
+    repo: &str,
+    tag: &str,
+    frame: fn(u64) -> Vec<u8>,
+) -> serde_json::Value {
+    let mut pack = pack_of(reg, repo, "v1");
     let mut blob = Vec::new();
-    for frame in pack["frames"].as_array_mut().unwrap() {
-        let out: u64 = frame["spans"]
+    for f in pack["frames"].as_array_mut().unwrap() {
+        let out: u64 = f["spans"]
             .as_array()
             .unwrap()
             .iter()
             .map(|s| s[2].as_u64().unwrap())
             .sum();
-        let z = zstd::bulk::compress(&vec![0u8; out as usize], 19).unwrap();
-        frame["len"] = z.len().into();
-        blob.extend_from_slice(&z);
+        let bytes = frame(out);
+        f["len"] = bytes.len().into();
+        blob.extend_from_slice(&bytes);
     }
     pack["size"] = blob.len().into();
-    pack["digest"] =
-        common::push::push_blob(&reg.url(), "profile/badpack", &blob, &Auth::None).into();
-    // A hostile publisher pins, in a manifest of its own, the profile with that pack.
-    let m = reg.get_manifest("profile/badpack", "v1", &Auth::None);
+    pack["digest"] = common::push::push_blob(&reg.url(), repo, &blob, &Auth::None).into();
+    let m = reg.get_manifest(repo, "v1", &Auth::None);
     let mut manifest: serde_json::Value = serde_json::from_slice(&m.body).unwrap();
     let pinned = manifest["annotations"]["io.stratafs.profile.digest"]
         .as_str()
         .unwrap()
         .to_string();
-    let profile =
-        common::push::get_blob(&reg.url(), "profile/badpack", &pinned, None, &Auth::None).body;
+    let profile = common::push::get_blob(&reg.url(), repo, &pinned, None, &Auth::None).body;
     let mut profile: serde_json::Value =
         serde_json::from_slice(&zstd::decode_all(&profile[..]).unwrap()).unwrap();
     profile["pack"] = pack.clone();
     let profile = zstd::encode_all(profile.to_string().as_bytes(), 3).unwrap();
     manifest["annotations"]["io.stratafs.profile.digest"] =
-        common::push::push_blob(&reg.url(), "profile/badpack", &profile, &Auth::None).into();
+        common::push::push_blob(&reg.url(), repo, &profile, &Auth::None).into();
     let media_type = manifest["mediaType"].as_str().unwrap().to_string();
     common::push::push_manifest(
         &reg.url(),
-        "profile/badpack",
-        "bad",
+        repo,
+        tag,
         &media_type,
         manifest.to_string().as_bytes(),
         &Auth::None,
     );
-    assert_eq!(pack_of(&reg, "profile/badpack", "bad"), pack);
+    assert_eq!(pack_of(reg, repo, tag), pack);
+    pack
+}
 
-    let at = format!("{}/profile/badpack:bad", reg.addr());
-    let (guard, cold, mark) = replayed(&reg, &at);
-    let log = cold.mount_logs();
-    assert!(log.contains("profile pack: spans not used"), "{log}");
-    // The spans came from the layer instead, and every byte read is the image's.
-    assert!(reg.blob_bytes_since(mark, &layer) > 0);
-    text_workload(&guard);
-    cold.ok(&["umount", guard.dir.to_str().unwrap()]);
+#[test]
+fn a_pack_whose_bytes_do_not_verify_changes_no_byte() {
+    let (reg, reference, layer) = publish("profile/badpack", text_image());
+    let publisher = recorded(&reference, text_workload);
+    publisher.ok(&["profile", "push", &reference]);
+    // The same spans, but zeros: frames that decode, to bytes of the wrong digest; frames
+    // that are not zstd at all; and a pack larger than the layer bytes it would replace.
+    let cases: [(&str, FrameBytes, &str); 3] = [
+        (
+            "zeros",
+            |out| zstd::bulk::compress(&vec![0u8; out as usize], 19).unwrap(),
+            "profile pack: spans not used",
+        ),
+        (
+            "garbage",
+            |out| bytes(7, (out / 16) as usize),
+            "profile pack: frame unusable",
+        ),
+        (
+            "big",
+            |out| bytes(7, out as usize),
+            "profile pack not used: a pack of",
+        ),
+    ];
+    for (tag, frame, says) in cases {
+        let pack = hostile_pack(&reg, "profile/badpack", tag, frame);
+        let at = format!("{}/profile/badpack:{tag}", reg.addr());
+        let (guard, cold, mark) = replayed(&reg, &at);
+        let log = cold.mount_logs();
+        assert!(log.contains(says), "{tag}: {log}");
+        if tag == "big" {
+            let digest = pack["digest"].as_str().unwrap();
+            assert_eq!(
+                reg.blob_bytes_since(mark, digest),
+                0,
+                "the big pack was fetched"
+            );
+        }
+        // The spans came from the layer instead, and every byte read is the image's.
+        assert!(reg.blob_bytes_since(mark, &layer) > 0, "{tag}");
+        text_workload(&guard);
+        cold.ok(&["umount", guard.dir.to_str().unwrap()]);
+    }
 }
 
 /// Returns once the mount whose metrics are at `addr` has had every open file released (a

@@ -374,6 +374,8 @@ pub async fn replay(
                     tracing::warn!(pack = %pack.digest, frame = k, error = %e, "profile pack: frame unusable; its spans are fetched from the layers");
                     report.failed += 1;
                     unpacker = None;
+                    // Reads waiting for its spans fetch them now, not when its bytes end.
+                    claims[k].release();
                 }
                 if in_frame == frame.len {
                     let (delivered, skipped, refused) = claims[k].release();

@@ -188,11 +188,14 @@ impl<'a> FrameClaim<'a> {
         Ok(outcome == Some(true))
     }
 
-    /// Releases the claims (the frame is decoded, or will not be): spans delivered, skipped
-    /// and refused.
+    /// Releases the claims and makes no more (the frame is decoded, or will not be): spans
+    /// delivered, skipped and refused.
     pub(super) fn release(&self) -> (usize, usize, usize) {
         let mut st = self.state.lock().unwrap();
         st.guards.clear();
+        st.held.fill(false);
+        // Nothing more of this frame is claimed.
+        st.next = self.spans.len();
         st.counts
     }
 }
