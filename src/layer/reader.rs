@@ -745,7 +745,7 @@ mod want;
 mod windows;
 
 pub(crate) use decode::LowerPriority;
-pub use deliver::Delivery;
+pub use deliver::Claim;
 pub use ready::Ready;
 pub use stream::{stream_index, StreamSpec};
 #[cfg(test)]

@@ -286,11 +286,10 @@ pub async fn replay(
         .iter()
         .map(|&(l, o, n)| readers[l].compressed_size(o, n))
         .sum();
-    if pack.size > replaced || source.size() != pack.size {
+    if pack.size > replaced {
         let why = format!(
-            "a pack of {} bytes (blob of {}) for {replaced} bytes of layers",
-            pack.size,
-            source.size()
+            "a pack of {} bytes for {replaced} bytes of layers",
+            pack.size
         );
         tracing::warn!(image = %view.name, pack = %pack.digest, "profile pack not used: {why}");
         report.unused = Some(why);
@@ -391,6 +390,14 @@ pub async fn replay(
         }
     };
     futures_util::join!(producer, consumer);
+    // A layer the pack completed gets the whole-layer check a fetch that completes one runs.
+    if report.delivered > 0 {
+        for reader in readers {
+            if let Err(e) = reader.check_delivered().await {
+                tracing::warn!(layer = %reader.index().blob, error = %e, "profile pack: the layer's check failed");
+            }
+        }
+    }
     if report.refused > 0 {
         tracing::warn!(image = %view.name, pack = %pack.digest, refused = report.refused, "profile pack: spans not used (of no layer here, or not verified)");
     }

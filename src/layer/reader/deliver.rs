@@ -10,18 +10,9 @@ use std::sync::Arc;
 use super::{budget, LayerReader, RunGuard, RunSignal};
 use crate::cache::CacheError;
 
-/// Spans of one layer claimed for a delivery, released (their waiters woken) when dropped.
-pub struct Delivery<'a> {
-    _runs: Vec<RunGuard<'a>>,
-    claimed: Vec<usize>,
-}
-
-impl Delivery<'_> {
-    /// Whether span `i` was claimed (it was missing and no run was fetching it).
-    pub fn holds(&self, i: usize) -> bool {
-        self.claimed.binary_search(&i).is_ok()
-    }
-}
+/// A span of one layer claimed for a delivery: a read of it waits until this is dropped
+/// (then finds it cached, or fetches it).
+pub struct Claim<'a>(#[allow(dead_code)] RunGuard<'a>);
 
 impl LayerReader {
     /// The span that starts at `offset` and holds exactly `len` bytes, if the index has one.
@@ -31,43 +22,45 @@ impl LayerReader {
         (span.out_offset == offset && span.out_len == len).then_some(i)
     }
 
-    /// Claims those of `spans` (indexes of this layer's spans, any order) that are neither
-    /// cached nor being fetched, for bytes that will be [delivered](Self::deliver): until the
-    /// claim is dropped, a read of one of them waits for it.
-    pub fn claim_delivery(&self, spans: &[usize]) -> Delivery<'_> {
-        let mut wanted: Vec<usize> = spans
+    /// Claims those of `spans` (indexes of this layer's spans) that are neither cached nor
+    /// being fetched, each on its own, for bytes that will be [delivered](Self::deliver):
+    /// until a span's claim is dropped, a read of it waits for it.
+    pub fn claim_delivery(&self, spans: &[usize]) -> Vec<(usize, Claim<'_>)> {
+        let wanted: Vec<usize> = spans
             .iter()
             .copied()
             .filter(|&i| i < self.index.spans.len() && !self.span_cached(i))
             .collect();
-        wanted.sort_unstable();
-        wanted.dedup();
         let mut inflight = self.inflight.lock().unwrap();
-        wanted.retain(|i| !inflight.contains_key(i));
-        // One run per stretch of consecutive spans, as a fetch's run would be.
-        let mut runs = Vec::new();
-        let mut at = 0;
-        while at < wanted.len() {
-            let mut end = at;
-            while end + 1 < wanted.len() && wanted[end + 1] == wanted[end] + 1 {
-                end += 1;
+        let mut claims = Vec::with_capacity(wanted.len());
+        for i in wanted {
+            if inflight.contains_key(&i) {
+                continue;
             }
             let done = RunSignal::new();
-            for &j in &wanted[at..=end] {
-                inflight.insert(j, done.clone());
-            }
+            inflight.insert(i, done.clone());
             crate::metrics::metrics().fetches_in_flight.inc();
-            runs.push(RunGuard {
-                reader: self,
-                spans: wanted[at]..=wanted[end],
-                done,
-            });
-            at = end + 1;
+            claims.push((
+                i,
+                Claim(RunGuard {
+                    reader: self,
+                    spans: i..=i,
+                    done,
+                }),
+            ));
         }
-        Delivery {
-            _runs: runs,
-            claimed: wanted,
-        }
+        claims
+    }
+
+    /// Whether span `i` is cached (memory or disk).
+    pub fn has_span(&self, i: usize) -> bool {
+        i < self.index.spans.len() && self.span_cached(i)
+    }
+
+    /// The whole-layer check a fetch that completes the layer runs (`check`), for a layer
+    /// that deliveries may have completed.
+    pub async fn check_delivered(&self) -> Result<(), CacheError> {
+        self.check_complete().await
     }
 
     /// Caches `data` as span `i` if it is exactly that span's bytes (length and digest);

@@ -73,11 +73,13 @@ pub(super) struct FrameClaim<'a> {
 
 #[derive(Default)]
 struct Claimed<'a> {
-    /// The first span not yet considered.
+    /// The first span not yet considered (claimed, or decoded).
     next: usize,
-    held: Vec<bool>,
-    guards: Vec<crate::layer::reader::Delivery<'a>>,
-    /// Spans delivered, skipped (not held) and refused (not verified, or of no layer here).
+    /// The claims held, by the span's place in the frame: each released as soon as that span
+    /// is decoded (its waiters then find it cached, or fetch it).
+    held: std::collections::HashMap<usize, crate::layer::reader::Claim<'a>>,
+    /// Spans delivered, skipped (cached already) and refused (not verified, or of no layer
+    /// here).
     counts: (usize, usize, usize),
 }
 
@@ -105,15 +107,11 @@ impl<'a> FrameClaim<'a> {
                 Some(*at)
             })
             .collect();
-        let state = Claimed {
-            held: vec![false; spans.len()],
-            ..Default::default()
-        };
         FrameClaim {
             spans,
             ends,
             len: frame.len,
-            state: std::sync::Mutex::new(state),
+            state: Default::default(),
         }
     }
 
@@ -146,39 +144,42 @@ impl<'a> FrameClaim<'a> {
             wanted[r].push(i);
         }
         for (r, w) in wanted.iter().enumerate().filter(|(_, w)| !w.is_empty()) {
-            let d = readers[r].claim_delivery(w);
+            let mut claimed: std::collections::HashMap<usize, _> =
+                readers[r].claim_delivery(w).into_iter().collect();
             for s in from..to {
                 if let Some((rr, i)) = self.spans[s] {
-                    if rr == r && d.holds(i) {
-                        st.held[s] = true;
+                    if rr == r {
+                        if let Some(c) = claimed.remove(&i) {
+                            st.held.insert(s, c);
+                        }
                     }
                 }
             }
-            st.guards.push(d);
         }
         st.next = to;
     }
 
-    /// Caches the frame's span `s` if a chunk claimed it and its bytes verify.
+    /// Caches the frame's span `s` if its bytes verify and it is not cached already (claimed
+    /// or not: a span decoded before the stream's guess claimed it is as good), then releases
+    /// its claim.
     pub(super) fn deliver(
         &self,
         readers: &[LayerReader],
         s: usize,
         bytes: Vec<u8>,
     ) -> Result<bool, crate::cache::CacheError> {
-        let held = self
-            .state
-            .lock()
-            .unwrap()
-            .held
-            .get(s)
-            .copied()
-            .unwrap_or(false);
+        let claim = {
+            let mut st = self.state.lock().unwrap();
+            // Decoded: never claimed from now on.
+            st.next = st.next.max(s + 1);
+            st.held.remove(&s)
+        };
         let outcome = match self.spans[s] {
             None => Some(false),
-            Some(_) if !held => None,
+            Some((r, i)) if claim.is_none() && readers[r].has_span(i) => None,
             Some((r, i)) => Some(readers[r].deliver(i, bytes)?),
         };
+        drop(claim);
         let mut st = self.state.lock().unwrap();
         match outcome {
             Some(true) => st.counts.0 += 1,
@@ -192,8 +193,7 @@ impl<'a> FrameClaim<'a> {
     /// delivered, skipped and refused.
     pub(super) fn release(&self) -> (usize, usize, usize) {
         let mut st = self.state.lock().unwrap();
-        st.guards.clear();
-        st.held.fill(false);
+        st.held.clear();
         // Nothing more of this frame is claimed.
         st.next = self.spans.len();
         st.counts
