@@ -126,11 +126,11 @@ impl Pack {
 /// Packs spans `spans` — `(reader, span)` in replay order, the readers' layers those of
 /// `readers` — read through those readers (from the cache, else the registry) into frames of
 /// zstd at `level`. Returns the blob and its [`Pack`]; `None` if no span fits a frame.
-pub async fn build(
+async fn build(
     readers: &[LayerReader],
     spans: &[(usize, usize)],
     level: i32,
-) -> Result<Option<(Vec<u8>, Pack)>, crate::cache::CacheError> {
+) -> Result<Option<(Vec<u8>, Pack)>, String> {
     use futures_util::StreamExt;
     let mut frames: Vec<Vec<(usize, usize)>> = Vec::new();
     let mut filled = 0u64;
@@ -165,7 +165,8 @@ pub async fn build(
         .collect::<Vec<_>>()
         .await
         .into_iter()
-        .collect::<Result<_, _>>()?;
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
         let spans: Vec<(u32, u64, u64)> = f
             .iter()
             .map(|&(r, i)| {
@@ -227,18 +228,15 @@ pub async fn pack_for(
     build(&readers, &spans, LEVEL).await.map_err(|e| failed(&e))
 }
 
+/// Appends a frame's compressed bytes, `done`, to `blob`, and describes it.
 fn finish_frame(
     blob: &mut Vec<u8>,
     spans: Vec<(u32, u64, u64)>,
     done: Result<std::io::Result<Vec<u8>>, tokio::task::JoinError>,
-) -> Result<Frame, crate::cache::CacheError> {
+) -> Result<Frame, String> {
     let compressed = done
-        .map_err(std::io::Error::other)
-        .and_then(|r| r)
-        .map_err(|e| crate::cache::CacheError::Io {
-            digest: crate::digest::sha256(b""),
-            source: e,
-        })?;
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("compressing a frame: {e}"))?;
     blob.extend_from_slice(&compressed);
     Ok(Frame {
         len: compressed.len() as u64,
@@ -364,7 +362,8 @@ pub async fn replay(
                     });
                     failed = fed.err();
                 }
-                if in_frame == frame.len {
+                let ended = in_frame == frame.len;
+                if ended {
                     if let Some(Err(e)) = unpacker.take().map(Unpacker::finish) {
                         failed = failed.or(Some(e));
                     }
@@ -376,7 +375,7 @@ pub async fn replay(
                     // Reads waiting for its spans fetch them now, not when its bytes end.
                     claims[k].release();
                 }
-                if in_frame == frame.len {
+                if ended {
                     let (delivered, skipped, refused) = claims[k].release();
                     report.frames += 1;
                     report.delivered += delivered;

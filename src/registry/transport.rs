@@ -141,15 +141,9 @@ impl Transport {
         offset: u64,
         len: u64,
     ) -> Result<Vec<u8>, RegistryError> {
-        let range = RangeRead {
-            offset,
-            len,
-            data: Mutex::new(Vec::with_capacity(len.min(64 << 20) as usize)),
-            sink: None,
-            passed: Mutex::new(0),
-        };
+        let range = RangeRead::new(offset, len, None);
         first_endpoint(endpoints, |ep| self.get_range_from(ep, req, &range)).await?;
-        Ok(range.data.into_inner().unwrap())
+        Ok(range.into_data())
     }
 
     /// As [`get_range`](Self::get_range), but handing the bytes to `sink` as they arrive, in
@@ -162,13 +156,7 @@ impl Transport {
         len: u64,
         sink: super::Sink<'_>,
     ) -> Result<(), RegistryError> {
-        let range = RangeRead {
-            offset,
-            len,
-            data: Mutex::new(Vec::new()),
-            sink: Some(sink),
-            passed: Mutex::new(0),
-        };
+        let range = RangeRead::new(offset, len, Some(sink));
         first_endpoint(endpoints, |ep| self.get_range_from(ep, req, &range)).await
     }
 
