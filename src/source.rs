@@ -66,7 +66,7 @@ pub trait BlobSource: Send + Sync {
         sink: crate::registry::Sink<'a>,
     ) -> SinkFuture<'a> {
         Box::pin(async move {
-            sink(&self.read_range(offset, len).await?);
+            sink(&self.read_range(offset, len).await?).await;
             Ok(())
         })
     }

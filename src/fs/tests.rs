@@ -34,7 +34,7 @@ pub(super) fn noise(seed: u32, len: usize) -> Vec<u8> {
 /// An image of one layer of `files` pushed to `registry` and opened lazily: the first open
 /// streams the layer and stores its index; without the chunks, a second view of the same
 /// store reads by range.
-pub(super) async fn lazy_view(
+pub(crate) async fn lazy_view(
     registry: &Arc<FakeRegistry>,
     dir: &std::path::Path,
     files: &[(String, Vec<u8>)],
@@ -165,7 +165,10 @@ async fn pull(registry: &FakeRegistry, root: &std::path::Path) -> ImageRecord {
 }
 
 /// Pulls `REPO:v1` and opens it, its layers read from `registry`.
-async fn open(registry: Arc<FakeRegistry>, root: &std::path::Path) -> Result<ImageView, FsError> {
+pub(crate) async fn open(
+    registry: Arc<FakeRegistry>,
+    root: &std::path::Path,
+) -> Result<ImageView, FsError> {
     let record = pull(&registry, root).await;
     let chunks = Arc::new(DiskChunks::open(root).unwrap());
     let layers = Layers::new(root, registry, Arc::new(Cache::new(chunks, 8)));

@@ -17,8 +17,10 @@
 //! decoding may not exceed), none larger than [`MAX_SPAN`], and may ask for a window of at
 //! most [`WINDOW`]; a pack has at most
 //! [`MAX_FRAMES`] frames of at most [`MAX_FRAME_SPANS`] spans; a replay reads the pack as one
-//! stream (its bytes queued until decoded: at most the pack, which is at most the layer bytes
-//! it replaces) and decodes one frame at a time, holding at most one span of it.
+//! stream, at most 1 MiB of it queued for the decoder (then the stream waits), and decodes one
+//! frame at a time, holding at most one span of it. A read never waits on the pack for long:
+//! once the stream brings nothing for [`STALL`], the reads waiting for spans it was to bring
+//! fetch them from the layers.
 
 use std::sync::Arc;
 
@@ -40,6 +42,13 @@ pub const MAX_SPAN: u64 = 4 << 20;
 /// in 4 MiB frames 25.6 MB: what a frame's size saves is not its window.
 pub const WINDOW: u64 = 1 << WINDOW_LOG;
 const WINDOW_LOG: u32 = 22;
+/// Bytes of the pack's stream per piece queued for its decoder.
+const PIECE: usize = 64 << 10;
+/// Pieces queued for the decoder at most: the stream waits for it beyond.
+const QUEUED: usize = 16;
+/// How long the stream may bring nothing before the reads waiting for spans it was to bring
+/// fetch them from the layers.
+pub const STALL: std::time::Duration = std::time::Duration::from_secs(1);
 /// Most frames in a pack.
 pub const MAX_FRAMES: usize = 1 << 16;
 /// Most spans in one frame.
@@ -307,16 +316,26 @@ pub async fn replay(
         .filter(|&k| claims[k].any_missing(readers))
         .collect();
     let runs = runs_of(&pack.frames, &order);
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Result<Vec<u8>, String>>();
+    // The stream's bytes wait here to be decoded: at most QUEUED pieces of PIECE bytes, then
+    // the stream waits (a decoder slower than the link holds the download back).
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, String>>(QUEUED);
     let producer = {
         let source = source.clone();
         async move {
-            let sink = |bytes: &[u8]| {
-                let _ = tx.send(Ok(bytes.to_vec()));
+            let sink = |bytes: &[u8]| -> futures_util::future::BoxFuture<'static, ()> {
+                let (tx, pieces) = (tx.clone(), bytes.chunks(PIECE).map(<[u8]>::to_vec));
+                let pieces: Vec<Vec<u8>> = pieces.collect();
+                Box::pin(async move {
+                    for piece in pieces {
+                        if tx.send(Ok(piece)).await.is_err() {
+                            return;
+                        }
+                    }
+                })
             };
             for (start, end) in runs {
                 if let Err(e) = source.read_range_to(start, end - start, &sink).await {
-                    let _ = tx.send(Err(e.to_string()));
+                    let _ = tx.send(Err(e.to_string())).await;
                     return;
                 }
             }
@@ -329,7 +348,26 @@ pub async fn replay(
         // (`None` once it failed).
         let (mut idx, mut in_frame) = (0, 0u64);
         let mut unpacker = order.first().map(|&k| Unpacker::new(&pack.frames[k]));
-        while let Some(message) = rx.recv().await {
+        let mut stalled = false;
+        loop {
+            let message = match tokio::time::timeout(STALL, rx.recv()).await {
+                Ok(Some(message)) => message,
+                Ok(None) => break,
+                Err(_) => {
+                    if !stalled {
+                        // Reads of the spans claimed ahead fetch them from the layers now;
+                        // the stream goes on, and what it brings that is still missing is
+                        // cached all the same.
+                        tracing::info!(pack = %pack.digest, after = report.bytes, "profile pack: its stream stalled; the spans claimed ahead of it are fetched from the layers");
+                        for &k in &order[idx..] {
+                            claims[k].let_go();
+                        }
+                        stalled = true;
+                    }
+                    continue;
+                }
+            };
+            stalled = false;
             let bytes = match message {
                 Ok(bytes) => bytes,
                 Err(e) => {

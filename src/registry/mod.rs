@@ -99,8 +99,10 @@ pub struct Fetched {
 pub type RegistryFuture<'a, T> =
     Pin<Box<dyn Future<Output = Result<T, RegistryError>> + Send + 'a>>;
 
-/// Where a streamed read hands its bytes, in order, as they arrive.
-pub type Sink<'a> = &'a (dyn Fn(&[u8]) + Send + Sync);
+/// Where a streamed read hands its bytes, in order, as they arrive. The read goes on once the
+/// future the sink returns for them ends: a sink with no room for more holds the read back.
+pub type Sink<'a> =
+    &'a (dyn Fn(&[u8]) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync);
 
 /// A blob or manifest of a repository: a reference naming the repository, and the digest.
 pub type At<'a> = (&'a Reference, &'a Digest);
@@ -127,7 +129,7 @@ pub trait Registry: Send + Sync {
         sink: Sink<'a>,
     ) -> RegistryFuture<'a, ()> {
         Box::pin(async move {
-            sink(&self.read_range(at, offset, len).await?);
+            sink(&self.read_range(at, offset, len).await?).await;
             Ok(())
         })
     }

@@ -190,7 +190,22 @@ impl Transport {
                 tracing::debug!(subject = %req.subject, host = %super::location::host_of(&url), "the registry redirects the blob: its range reads go there for a while");
             }
             let skip = if resp.status() == StatusCode::PARTIAL_CONTENT {
-                0
+                // A range that starts elsewhere than asked (a resumed read's above all) would
+                // shift every byte after it.
+                match starts_at(&resp) {
+                    Some(start) if start != from => {
+                        return Err(RegistryError::Status {
+                            host: ep.host.clone(),
+                            url,
+                            status: 206,
+                            detail: format!(
+                                "{}: asked for bytes from {from}, answered bytes from {start}",
+                                req.subject
+                            ),
+                        })
+                    }
+                    _ => 0,
+                }
             } else {
                 from
             };
@@ -242,15 +257,6 @@ impl Transport {
         m.registry_request(resp.status().as_str());
         // A 206 must be the range asked for (one that is not would fail every read of the
         // blob until the location went stale).
-        let starts_at = |r: &Response| {
-            header(r.headers(), reqwest::header::CONTENT_RANGE.as_str()).and_then(|v| {
-                v.strip_prefix("bytes ")?
-                    .split('-')
-                    .next()?
-                    .parse::<u64>()
-                    .ok()
-            })
-        };
         let skip = match resp.status() {
             StatusCode::PARTIAL_CONTENT if starts_at(&resp) == Some(from) => 0,
             StatusCode::OK => from,
@@ -744,4 +750,15 @@ async fn status_error(ep: &Endpoint, url: &str, resp: Response) -> RegistryError
         status,
         detail,
     }
+}
+
+/// Where the range a 206 answer's `Content-Range` gives starts, if it gives one.
+fn starts_at(r: &Response) -> Option<u64> {
+    header(r.headers(), reqwest::header::CONTENT_RANGE.as_str()).and_then(|v| {
+        v.strip_prefix("bytes ")?
+            .split('-')
+            .next()?
+            .parse::<u64>()
+            .ok()
+    })
 }

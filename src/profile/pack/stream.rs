@@ -189,6 +189,13 @@ impl<'a> FrameClaim<'a> {
         Ok(outcome == Some(true))
     }
 
+    /// Releases the claims held (the stream stalled): reads waiting for those spans fetch them
+    /// from the layers. Those spans are not claimed again; the stream's copy of any still
+    /// missing when it is decoded is cached all the same.
+    pub(super) fn let_go(&self) {
+        self.state.lock().unwrap().held.clear();
+    }
+
     /// Releases the claims and makes no more (the frame is decoded, or will not be): spans
     /// delivered, skipped and refused.
     pub(super) fn release(&self) -> (usize, usize, usize) {

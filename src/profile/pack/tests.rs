@@ -146,3 +146,150 @@ fn hostile_packs_are_refused_with_a_reason() {
         "frames",
     );
 }
+
+/// A pack blob served from memory, its stream in pieces of 4 KiB up to `stall_at` bytes of
+/// the blob and then nothing more (the stream stays open), once `stalled` is notified.
+struct Served {
+    data: Vec<u8>,
+    stall_at: u64,
+    stalled: Arc<tokio::sync::Notify>,
+}
+
+impl BlobSource for Served {
+    fn size(&self) -> u64 {
+        self.data.len() as u64
+    }
+
+    fn read_range(&self, offset: u64, len: u64) -> crate::source::ReadFuture<'_> {
+        let bytes = self.data[offset as usize..(offset + len) as usize].to_vec();
+        Box::pin(async move { Ok(bytes) })
+    }
+
+    fn read_range_to<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+        sink: crate::registry::Sink<'a>,
+    ) -> crate::source::SinkFuture<'a> {
+        Box::pin(async move {
+            for at in (offset..offset + len).step_by(4096) {
+                if at >= self.stall_at {
+                    // The replay claims spans ahead of the stream the moment it starts it:
+                    // once, before the stream's first turn comes back here.
+                    tokio::task::yield_now().await;
+                    self.stalled.notify_one();
+                    std::future::pending::<()>().await;
+                }
+                let end = (at + 4096).min(offset + len) as usize;
+                sink(&self.data[at as usize..end]).await;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Files of compressible text, several gzip spans each.
+fn text_files() -> Vec<(String, Vec<u8>)> {
+    (0..3u32)
+        .map(|k| {
+            let words = ["layer", "span", "frame", "pack", "stream", "claim", "read"];
+            let text: Vec<u8> = (0..60_000u32)
+                .flat_map(|i| {
+                    let w = words[((i * 7 + k) ^ (i >> 5)) as usize % words.len()];
+                    format!("{w} {} ", i % 97).into_bytes()
+                })
+                .collect();
+            (format!("usr/share/doc/f{k}.txt"), text)
+        })
+        .collect()
+}
+
+/// A cold view of an image of [`text_files`] (its index stored, no chunk cached), the pack of
+/// all its layer's spans, and those spans as a replay plans them.
+async fn cold_view_and_pack(
+    registry: &Arc<crate::registry::fake::FakeRegistry>,
+    dir: &std::path::Path,
+) -> (ImageView, Vec<u8>, Pack, Vec<(usize, u64, u64)>) {
+    let view = crate::fs::tests::lazy_view(registry, dir, &text_files()).await;
+    let readers = view.readers();
+    let spans: Vec<(usize, usize)> = (0..readers[0].index().spans.len())
+        .map(|i| (0, i))
+        .collect();
+    assert!(spans.len() > 4, "{} spans", spans.len());
+    let (blob, pack) = build(readers, &spans, LEVEL).await.unwrap().unwrap();
+    let planned = spans
+        .iter()
+        .map(|&(r, i)| {
+            let s = &readers[r].index().spans[i];
+            (r, s.out_offset, s.out_len)
+        })
+        .collect();
+    // Building it read every span: the same store without its chunks is cold again.
+    drop(view);
+    std::fs::remove_dir_all(crate::store::Layout::new(dir).chunks()).unwrap();
+    let view = crate::fs::tests::open(registry.clone(), dir).await.unwrap();
+    (view, blob, pack, planned)
+}
+
+/// The file at `path` of `view`, read through its layer reader.
+async fn read_file(view: &ImageView, path: &str) -> Vec<u8> {
+    let n = view.tree.node(view.lookup(path).unwrap());
+    let (layer, offset) = n.data.unwrap();
+    view.readers()[layer]
+        .read_exact(offset, n.size)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_pack_caches_every_span_it_holds_and_the_layer_is_not_read() {
+    let registry = Arc::new(crate::registry::fake::FakeRegistry::new());
+    let dir = tempfile::tempdir().unwrap();
+    let (view, blob, pack, planned) = cold_view_and_pack(&registry, dir.path()).await;
+    let before = registry.requests();
+    let source = Arc::new(Served {
+        data: blob,
+        stall_at: u64::MAX,
+        stalled: Default::default(),
+    });
+    let report = replay(&view, &pack, source, &planned).await;
+    assert_eq!(report.delivered, planned.len(), "{report:?}");
+    assert_eq!((report.refused, report.failed, report.skipped), (0, 0, 0));
+    assert_eq!(report.bytes, pack.size);
+    for (path, data) in text_files() {
+        assert!(read_file(&view, &path).await == data, "{path}");
+    }
+    // Every byte came from the pack: not one range of the layer was read.
+    assert_eq!(registry.requests().ranges, before.ranges);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_of_a_span_claimed_for_a_stalled_pack_fetches_it_from_the_layer() {
+    let registry = Arc::new(crate::registry::fake::FakeRegistry::new());
+    let dir = tempfile::tempdir().unwrap();
+    let (view, blob, pack, planned) = cold_view_and_pack(&registry, dir.path()).await;
+    let view = Arc::new(view);
+    let stalled = Arc::new(tokio::sync::Notify::new());
+    // The stream brings nothing at all, and never ends.
+    let source = Arc::new(Served {
+        data: blob,
+        stall_at: 0,
+        stalled: stalled.clone(),
+    });
+    let replaying = {
+        let view = view.clone();
+        tokio::spawn(async move { replay(&view, &pack, source, &planned).await })
+    };
+    tokio::time::timeout(STALL * 20, stalled.notified())
+        .await
+        .expect("the pack's stream started");
+    // The pack's first spans are claimed: a read of one waits for the stream until it has
+    // stalled for STALL, then fetches its span from the layer.
+    let (path, data) = text_files().remove(0);
+    let before = registry.requests().ranges;
+    let read = tokio::time::timeout(STALL * 20, read_file(&view, &path)).await;
+    assert!(read.expect("the read waited for the stalled pack") == data);
+    assert!(registry.requests().ranges > before);
+    assert!(!replaying.is_finished());
+    replaying.abort();
+}

@@ -58,7 +58,7 @@ impl<'s> RangeRead<'s> {
             let left = self.len - self.got.load(Ordering::Relaxed);
             let take = left.min(chunk.len() as u64) as usize;
             match self.sink {
-                Some(sink) => sink(&chunk[..take]),
+                Some(sink) => sink(&chunk[..take]).await,
                 None => self.data.lock().unwrap().extend_from_slice(&chunk[..take]),
             }
             self.got.fetch_add(take as u64, Ordering::Relaxed);
