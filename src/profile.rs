@@ -270,6 +270,21 @@ impl ProfileStore {
         chain: &Digest,
         ranges: &[ProfileRange],
     ) -> Result<Profile, ProfileError> {
+        self.merge(chain, ranges, None)
+    }
+
+    /// Merges the profile an image pins, `pinned`, into `chain`'s: its ranges, and its pack
+    /// (which then names the pack of the stored profile); returns it.
+    pub fn keep_pinned(&self, chain: &Digest, pinned: &Profile) -> Result<Profile, ProfileError> {
+        self.merge(chain, &pinned.ranges, pinned.pack.as_ref())
+    }
+
+    fn merge(
+        &self,
+        chain: &Digest,
+        ranges: &[ProfileRange],
+        pack: Option<&pack::Pack>,
+    ) -> Result<Profile, ProfileError> {
         let mut profile = match self.get(chain) {
             Ok(Some(p)) => p,
             Ok(None) => Profile {
@@ -288,6 +303,9 @@ impl ProfileStore {
             Err(e) => return Err(e),
         };
         profile.merge(ranges);
+        if let Some(pack) = pack {
+            profile.pack = Some(pack.clone());
+        }
         self.put(chain, &profile)?;
         Ok(profile)
     }
@@ -567,8 +585,10 @@ impl Session {
                 let pack = p.pack.as_ref().and_then(|pack| pack_source(&client, &image, pack));
                 replay(view, &p, parallel, pack).await;
                 if pinned {
-                    // Kept here after the replay (which must not wait for a file write).
-                    let keep = move || profiles.merge_in(&chain, &p.ranges);
+                    // Kept here after the replay (which must not wait for a file write), with
+                    // its pack: a later cold mount of this store (its cache pruned) replays
+                    // the stored profile, and reads the pack again for what it holds.
+                    let keep = move || profiles.keep_pinned(&chain, &p);
                     if let Ok(Err(e)) = tokio::task::spawn_blocking(keep).await {
                         tracing::warn!(error = %e, "cannot keep the image's profile");
                     }

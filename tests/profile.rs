@@ -389,6 +389,22 @@ fn a_published_pack_carries_the_replay_in_fewer_bytes_than_the_layer_ranges() {
         reg.access_log_since(before)
     );
     cold.ok(&["umount", guard.dir.to_str().unwrap()]);
+    // The same store, its cache emptied, replays the profile it kept from that mount: with
+    // the pack again, not the layer's ranges.
+    cold.ok(&["cache", "prune", "--max-size", "0"]);
+    let mark = reg.log_mark();
+    let replays = cold.mount_logs().matches("profile replayed").count();
+    let guard = MountGuard::lazy(&cold, &at("packed"), "info");
+    cold.wait_for_mount_logs("profile replayed", replays + 1);
+    assert_eq!(reg.blob_bytes_since(mark, digest), size);
+    assert_eq!(
+        reg.blob_bytes_since(mark, &layer),
+        0,
+        "the stored profile's replay fetched from the layer: {:#?}",
+        reg.access_log_since(mark)
+    );
+    text_workload(&guard);
+    cold.ok(&["umount", guard.dir.to_str().unwrap()]);
     // zstd at level 19 against the layer's gzip, for the same spans.
     assert!(
         ranges > 0 && size * 10 < ranges * 9,

@@ -41,8 +41,13 @@ impl Stratafs {
 
     /// Waits until a mount daemon of this store has logged `line` (panics after 30 s).
     pub fn wait_for_mount_log(&self, line: &str) {
+        self.wait_for_mount_logs(line, 1);
+    }
+
+    /// Waits until the mount logs of this store hold `line` `n` times.
+    pub fn wait_for_mount_logs(&self, line: &str, n: usize) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while !self.mount_logs().contains(line) {
+        while self.mount_logs().matches(line).count() < n {
             assert!(
                 std::time::Instant::now() < deadline,
                 "no {line:?} in the mount logs: {}",
