@@ -273,10 +273,16 @@ impl ProfileStore {
         self.merge(chain, ranges, None)
     }
 
-    /// Merges the profile an image pins, `pinned`, into `chain`'s: its ranges, and its pack
-    /// (which then names the pack of the stored profile); returns it.
-    pub fn keep_pinned(&self, chain: &Digest, pinned: &Profile) -> Result<Profile, ProfileError> {
-        self.merge(chain, &pinned.ranges, pinned.pack.as_ref())
+    /// Merges the profile an image pins, `pinned`, into `chain`'s: its ranges, and with
+    /// `with_pack` its pack (which then names the stored profile's); returns it.
+    pub fn keep_pinned(
+        &self,
+        chain: &Digest,
+        pinned: &Profile,
+        with_pack: bool,
+    ) -> Result<Profile, ProfileError> {
+        let pack = pinned.pack.as_ref().filter(|_| with_pack);
+        self.merge(chain, &pinned.ranges, pack)
     }
 
     fn merge(
@@ -285,6 +291,10 @@ impl ProfileStore {
         ranges: &[ProfileRange],
         pack: Option<&pack::Pack>,
     ) -> Result<Profile, ProfileError> {
+        // One read-merge-write at a time in this process (a mount's recorder and the keeping of
+        // its pinned profile may merge into the same file at once).
+        static MERGING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = MERGING.lock().unwrap_or_else(|e| e.into_inner());
         let mut profile = match self.get(chain) {
             Ok(Some(p)) => p,
             Ok(None) => Profile {
@@ -583,12 +593,14 @@ impl Session {
                     return;
                 };
                 let pack = p.pack.as_ref().and_then(|pack| pack_source(&client, &image, pack));
-                replay(view, &p, parallel, pack).await;
+                let report = replay(view, &p, parallel, pack).await;
                 if pinned {
                     // Kept here after the replay (which must not wait for a file write), with
-                    // its pack: a later cold mount of this store (its cache pruned) replays
-                    // the stored profile, and reads the pack again for what it holds.
-                    let keep = move || profiles.keep_pinned(&chain, &p);
+                    // its pack if the pack served this replay: a later cold mount of this
+                    // store (its cache pruned) replays the stored profile, and reads the pack
+                    // again for what it holds.
+                    let served = report.pack.is_some_and(|r| r.delivered > 0);
+                    let keep = move || profiles.keep_pinned(&chain, &p, served);
                     if let Ok(Err(e)) = tokio::task::spawn_blocking(keep).await {
                         tracing::warn!(error = %e, "cannot keep the image's profile");
                     }

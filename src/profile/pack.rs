@@ -18,9 +18,11 @@
 //! most [`WINDOW`]; a pack has at most
 //! [`MAX_FRAMES`] frames of at most [`MAX_FRAME_SPANS`] spans; a replay reads the pack as one
 //! stream, at most 1 MiB of it queued for the decoder (then the stream waits), and decodes one
-//! frame at a time, holding at most one span of it. A read never waits on the pack for long:
+//! frame at a time, holding at most one span of it. A read does not wait on a stalled pack:
 //! once the stream brings nothing for [`STALL`], the reads waiting for spans it was to bring
-//! fetch them from the layers.
+//! fetch them from the layers, and once it brings nothing for [`ABANDON`] it is dropped and the
+//! replay goes on from the layers. (A stream that keeps bringing a few bytes a second is cut
+//! by the registry client's request timeout.)
 
 use std::sync::Arc;
 
@@ -49,6 +51,9 @@ const QUEUED: usize = 16;
 /// How long the stream may bring nothing before the reads waiting for spans it was to bring
 /// fetch them from the layers.
 pub const STALL: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long the stream may bring nothing before it is abandoned (and the replay goes on from
+/// the layers).
+pub const ABANDON: std::time::Duration = std::time::Duration::from_secs(5);
 /// Most frames in a pack.
 pub const MAX_FRAMES: usize = 1 << 16;
 /// Most spans in one frame.
@@ -318,7 +323,7 @@ pub async fn replay(
     let runs = runs_of(&pack.frames, &order);
     // The stream's bytes wait here to be decoded: at most QUEUED pieces of PIECE bytes, then
     // the stream waits (a decoder slower than the link holds the download back).
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, String>>(QUEUED);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, String>>(QUEUED);
     let producer = {
         let source = source.clone();
         async move {
@@ -342,32 +347,39 @@ pub async fn replay(
         }
     };
     let consumer = async {
+        // Dropped when the consumer ends: a producer still sending then stops.
+        let mut rx = rx;
         let mut ahead = Ahead::default();
         ahead.claim(readers, &claims, &order, &pack.frames, LOOKAHEAD);
         // The frame being decoded (its place in `order`), its bytes so far, its decoder
         // (`None` once it failed).
         let (mut idx, mut in_frame) = (0, 0u64);
         let mut unpacker = order.first().map(|&k| Unpacker::new(&pack.frames[k]));
-        let mut stalled = false;
+        // How long the stream has brought nothing.
+        let mut quiet = std::time::Duration::ZERO;
         loop {
             let message = match tokio::time::timeout(STALL, rx.recv()).await {
                 Ok(Some(message)) => message,
                 Ok(None) => break,
                 Err(_) => {
-                    if !stalled {
+                    quiet += STALL;
+                    if quiet == STALL {
                         // Reads of the spans claimed ahead fetch them from the layers now;
-                        // the stream goes on, and what it brings that is still missing is
-                        // cached all the same.
+                        // what the stream brings that is still missing is cached all the same.
                         tracing::info!(pack = %pack.digest, after = report.bytes, "profile pack: its stream stalled; the spans claimed ahead of it are fetched from the layers");
                         for &k in &order[idx..] {
                             claims[k].let_go();
                         }
-                        stalled = true;
+                    }
+                    if quiet >= ABANDON {
+                        tracing::warn!(pack = %pack.digest, after = report.bytes, "profile pack: its stream brought nothing for {} s; abandoned, the rest of its spans are fetched from the layers", ABANDON.as_secs());
+                        report.failed += 1;
+                        break;
                     }
                     continue;
                 }
             };
-            stalled = false;
+            quiet = std::time::Duration::ZERO;
             let bytes = match message {
                 Ok(bytes) => bytes,
                 Err(e) => {
@@ -426,7 +438,21 @@ pub async fn replay(
             }
         }
     };
-    futures_util::join!(producer, consumer);
+    {
+        use futures_util::future::{select, Either};
+        let (producer, consumer) = (std::pin::pin!(producer), std::pin::pin!(consumer));
+        match select(producer, consumer).await {
+            // Every byte is in: decode what is queued.
+            Either::Left(((), consumer)) => consumer.await,
+            // The consumer gave up (the stream failed or stalled): the producer, and its
+            // request, are dropped.
+            Either::Right(((), _)) => {}
+        }
+    }
+    // Claims of frames not decoded (a stream that ended early) are let go before the checks.
+    for claim in &claims {
+        claim.let_go();
+    }
     // A layer the pack completed gets the whole-layer check a fetch that completes one runs.
     if report.delivered > 0 {
         for reader in readers {

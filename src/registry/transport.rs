@@ -191,9 +191,11 @@ impl Transport {
             }
             let skip = if resp.status() == StatusCode::PARTIAL_CONTENT {
                 // A range that starts elsewhere than asked (a resumed read's above all) would
-                // shift every byte after it.
+                // shift every byte after it: one that starts before is skipped to the byte
+                // asked for, one that starts after is an error.
                 match starts_at(&resp) {
-                    Some(start) if start != from => {
+                    Some(start) if start < from => from - start,
+                    Some(start) if start > from => {
                         return Err(RegistryError::Status {
                             host: ep.host.clone(),
                             url,

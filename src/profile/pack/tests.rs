@@ -287,9 +287,16 @@ async fn a_read_of_a_span_claimed_for_a_stalled_pack_fetches_it_from_the_layer()
     // stalled for STALL, then fetches its span from the layer.
     let (path, data) = text_files().remove(0);
     let before = registry.requests().ranges;
+    let started = std::time::Instant::now();
     let read = tokio::time::timeout(STALL * 20, read_file(&view, &path)).await;
     assert!(read.expect("the read waited for the stalled pack") == data);
+    // It waited for the claim (the stall's clock started just before the read did).
+    assert!(started.elapsed() >= STALL / 2, "{:?}", started.elapsed());
     assert!(registry.requests().ranges > before);
-    assert!(!replaying.is_finished());
-    replaying.abort();
+    // The stream, still bringing nothing, is then abandoned: the replay ends.
+    let report = tokio::time::timeout(ABANDON * 4, replaying)
+        .await
+        .expect("the stalled pack was abandoned")
+        .unwrap();
+    assert_eq!((report.bytes, report.delivered, report.failed), (0, 0, 1));
 }
