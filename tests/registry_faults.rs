@@ -304,6 +304,19 @@ async fn loopback_registries_fall_back_to_plain_http_once() {
 
 #[tokio::test]
 async fn a_range_cut_short_is_asked_for_again_from_where_it_broke() {
+    let (blob, got, ranges) = read_resumed_from(400).await;
+    // Every byte once, in order: the second request asked for the rest only.
+    assert_eq!(got.unwrap(), blob);
+    assert_eq!(ranges, ["bytes=0-999", "bytes=400-999"]);
+}
+
+/// A blob of 1000 bytes whose range reads are answered 206, the first promising the whole
+/// range but cut short after 400 bytes and the next (the rest, asked for again) from byte
+/// `resumed_at`, as its Content-Range says: the blob, what reading all of it gave, and the
+/// Range headers asked.
+async fn read_resumed_from(
+    resumed_at: usize,
+) -> (Vec<u8>, Result<Vec<u8>, RegistryError>, Vec<String>) {
     let blob: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
     let ranges = Arc::new(Mutex::new(Vec::new()));
     let (b, seen) = (blob.clone(), ranges.clone());
@@ -315,15 +328,10 @@ async fn a_range_cut_short_is_asked_for_again_from_where_it_broke() {
             .map(|h| h.value.to_string())
             .unwrap_or_default();
         seen.lock().unwrap().push(range.clone());
-        let (from, to) = range
-            .trim_start_matches("bytes=")
-            .split_once('-')
-            .map(|(a, z)| (a.parse::<usize>().unwrap(), z.parse::<usize>().unwrap()))
-            .unwrap();
-        // The first answer promises the whole range but its body stops after 400 bytes.
-        let body = match n {
-            0 => b[from..from + 400].to_vec(),
-            _ => b[from..=to].to_vec(),
+        let to: usize = range.split_once('-').unwrap().1.parse().unwrap();
+        let (from, body) = match n {
+            0 => (0, b[..400].to_vec()),
+            _ => (resumed_at, b[resumed_at..=to].to_vec()),
         };
         let header = |k: &str, v: String| tiny_http::Header::from_bytes(k, v).unwrap();
         Some(
@@ -344,100 +352,20 @@ async fn a_range_cut_short_is_asked_for_again_from_where_it_broke() {
     let digest: oci_spec::image::Digest = format!("sha256:{}", "a".repeat(64)).parse().unwrap();
     let got = c
         .read_blob_range(&fake.reference("app:v1"), &digest, 0, 1000)
-        .await
-        .unwrap();
-    // Every byte once, in order: the second request asked for the rest only.
-    assert_eq!(got, blob);
-    assert_eq!(
-        *ranges.lock().unwrap(),
-        ["bytes=0-999".to_string(), "bytes=400-999".to_string()]
-    );
+        .await;
+    let asked = ranges.lock().unwrap().clone();
+    (blob, got, asked)
 }
 
 #[tokio::test]
 async fn a_resumed_range_answered_from_an_earlier_offset_is_skipped_to_the_byte_asked_for() {
-    let blob: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
-    let b = blob.clone();
-    let fake = Fake::start(move |req, n| {
-        let range = req
-            .headers()
-            .iter()
-            .find(|h| h.field.equiv("Range"))
-            .map(|h| h.value.to_string())
-            .unwrap_or_default();
-        let to: usize = range.split_once('-').unwrap().1.parse().unwrap();
-        // The first answer stops after 400 bytes; the second, asked for the rest, answers
-        // from byte 100, saying so in its Content-Range.
-        let from = if n == 0 { 0 } else { 100 };
-        let body = match n {
-            0 => b[..400].to_vec(),
-            _ => b[from..=to].to_vec(),
-        };
-        let header = |k: &str, v: String| tiny_http::Header::from_bytes(k, v).unwrap();
-        Some(
-            tiny_http::Response::new(
-                tiny_http::StatusCode(206),
-                vec![
-                    header("Content-Range", format!("bytes {from}-{to}/{}", b.len())),
-                    header("Connection", "close".into()),
-                ],
-                std::io::Cursor::new(body),
-                Some(to + 1 - from),
-                None,
-            )
-            .boxed(),
-        )
-    });
-    let c = client(fast());
-    let digest: oci_spec::image::Digest = format!("sha256:{}", "a".repeat(64)).parse().unwrap();
-    let got = c
-        .read_blob_range(&fake.reference("app:v1"), &digest, 0, 1000)
-        .await
-        .unwrap();
-    assert_eq!(got, blob);
+    let (blob, got, _) = read_resumed_from(100).await;
+    assert_eq!(got.unwrap(), blob);
 }
 
 #[tokio::test]
 async fn a_resumed_range_answered_from_a_later_offset_is_an_error_not_shifted_bytes() {
-    let blob: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
-    let b = blob.clone();
-    let fake = Fake::start(move |req, n| {
-        let range = req
-            .headers()
-            .iter()
-            .find(|h| h.field.equiv("Range"))
-            .map(|h| h.value.to_string())
-            .unwrap_or_default();
-        let to: usize = range.split_once('-').unwrap().1.parse().unwrap();
-        // The first answer stops after 400 bytes; the second, asked for the rest, answers
-        // from byte 500, saying so in its Content-Range.
-        let from = if n == 0 { 0 } else { 500 };
-        let body = match n {
-            0 => b[..400].to_vec(),
-            _ => b[from..=to].to_vec(),
-        };
-        let header = |k: &str, v: String| tiny_http::Header::from_bytes(k, v).unwrap();
-        Some(
-            tiny_http::Response::new(
-                tiny_http::StatusCode(206),
-                vec![
-                    header("Content-Range", format!("bytes {from}-{to}/{}", b.len())),
-                    header("Connection", "close".into()),
-                ],
-                std::io::Cursor::new(body),
-                Some(to + 1 - from),
-                None,
-            )
-            .boxed(),
-        )
-    });
-    let c = client(fast());
-    let digest: oci_spec::image::Digest = format!("sha256:{}", "a".repeat(64)).parse().unwrap();
-    let e = c
-        .read_blob_range(&fake.reference("app:v1"), &digest, 0, 1000)
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = read_resumed_from(500).await.1.unwrap_err().to_string();
     assert!(
         e.contains("asked for bytes from 400, answered bytes from 500"),
         "{e}"
