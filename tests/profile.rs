@@ -417,12 +417,7 @@ type FrameBytes = fn(u64) -> Vec<u8>;
 
 /// Pins, under `repo:tag` (a manifest of a hostile publisher's own), the profile `repo:v1`
 /// pins with its pack's frames replaced by `frame(bytes of spans)`; returns that pack.
-fn hostile_pack(
-    reg: &Registry,
-    repo: &str,
-    tag: &str,
-    frame: fn(u64) -> Vec<u8>,
-) -> serde_json::Value {
+fn hostile_pack(reg: &Registry, repo: &str, tag: &str, frame: FrameBytes) -> serde_json::Value {
     let mut pack = pack_of(reg, repo, "v1");
     let mut blob = Vec::new();
     for f in pack["frames"].as_array_mut().unwrap() {

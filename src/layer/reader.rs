@@ -259,7 +259,7 @@ impl LayerReader {
     }
 
     /// Whether span `i` is cached (memory or disk): from memory once it was seen cached.
-    fn span_cached(&self, i: usize) -> bool {
+    pub(crate) fn span_cached(&self, i: usize) -> bool {
         if self.known_cached[i].load(Ordering::Relaxed) {
             return true;
         }

@@ -324,25 +324,22 @@ pub async fn replay(
     // The stream's bytes wait here to be decoded: at most QUEUED pieces of PIECE bytes, then
     // the stream waits (a decoder slower than the link holds the download back).
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, String>>(QUEUED);
-    let producer = {
-        let source = source.clone();
-        async move {
-            let sink = |bytes: &[u8]| -> futures_util::future::BoxFuture<'static, ()> {
-                let (tx, pieces) = (tx.clone(), bytes.chunks(PIECE).map(<[u8]>::to_vec));
-                let pieces: Vec<Vec<u8>> = pieces.collect();
-                Box::pin(async move {
-                    for piece in pieces {
-                        if tx.send(Ok(piece)).await.is_err() {
-                            return;
-                        }
+    let producer = async move {
+        let sink = |bytes: &[u8]| -> futures_util::future::BoxFuture<'static, ()> {
+            let (tx, pieces) = (tx.clone(), bytes.chunks(PIECE).map(<[u8]>::to_vec));
+            let pieces: Vec<Vec<u8>> = pieces.collect();
+            Box::pin(async move {
+                for piece in pieces {
+                    if tx.send(Ok(piece)).await.is_err() {
+                        return;
                     }
-                })
-            };
-            for (start, end) in runs {
-                if let Err(e) = source.read_range_to(start, end - start, &sink).await {
-                    let _ = tx.send(Err(e.to_string())).await;
-                    return;
                 }
+            })
+        };
+        for (start, end) in runs {
+            if let Err(e) = source.read_range_to(start, end - start, &sink).await {
+                let _ = tx.send(Err(e.to_string())).await;
+                return;
             }
         }
     };
@@ -456,7 +453,7 @@ pub async fn replay(
     // A layer the pack completed gets the whole-layer check a fetch that completes one runs.
     if report.delivered > 0 {
         for reader in readers {
-            if let Err(e) = reader.check_delivered().await {
+            if let Err(e) = reader.check_complete().await {
                 tracing::warn!(layer = %reader.index().blob, error = %e, "profile pack: the layer's check failed");
             }
         }

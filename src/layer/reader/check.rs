@@ -18,7 +18,7 @@ impl LayerReader {
     /// and every entry (path, type, mode, ids, size, data offset, link target, device numbers,
     /// xattrs, times) compared with the index: an index that arranges the layer's real bytes
     /// into other files is caught too.
-    pub(super) async fn check_complete(&self) -> Result<(), CacheError> {
+    pub(crate) async fn check_complete(&self) -> Result<(), CacheError> {
         let index = &self.index;
         if index.format != IndexFormat::Stream
             || self.completeness.load(Ordering::Relaxed) != UNCHECKED

@@ -52,17 +52,6 @@ impl LayerReader {
         claims
     }
 
-    /// Whether span `i` is cached (memory or disk).
-    pub fn has_span(&self, i: usize) -> bool {
-        i < self.index.spans.len() && self.span_cached(i)
-    }
-
-    /// The whole-layer check a fetch that completes the layer runs (`check`), for a layer
-    /// that deliveries may have completed.
-    pub async fn check_delivered(&self) -> Result<(), CacheError> {
-        self.check_complete().await
-    }
-
     /// Caches `data` as span `i` if it is exactly that span's bytes (length and digest);
     /// returns whether it was. The caller runs this where blocking is allowed (it writes the
     /// chunk to disk).

@@ -176,7 +176,7 @@ impl<'a> FrameClaim<'a> {
         };
         let outcome = match self.spans[s] {
             None => Some(false),
-            Some((r, i)) if claim.is_none() && readers[r].has_span(i) => None,
+            Some((r, i)) if claim.is_none() && readers[r].span_cached(i) => None,
             Some((r, i)) => Some(readers[r].deliver(i, bytes)?),
         };
         drop(claim);
