@@ -112,23 +112,46 @@ fn released(addr: &str, n: u64) {
 
 /// A cached file reaches the kernel's page cache at its first open: a small file whose bytes
 /// the daemon holds is handed over whole before the open is answered, and its reads then ask
-/// the daemon nothing. Every byte read back through those pages is the file's.
+/// the daemon nothing. It is handed over once per kernel inode: later opens are answered at
+/// once; pages the kernel drops while it keeps the inode are read through the daemon; once
+/// the kernel forgets the inode, the next open hands the file over again. Every byte read
+/// back is the file's.
 #[test]
-fn a_cached_small_file_reaches_the_page_cache_at_its_open() {
+fn a_cached_small_file_reaches_the_page_cache_once_per_kernel_inode() {
     let small = bytes(21, 150_000);
     let layer = LayerBuilder::new()
         .file("small", &small, 0o644)
         .build(Compression::Gzip);
     let (_reg, _image, cli, guard, addr, _) = mounted_with_metrics("pages/app", layer);
     let pushed = || counter(&addr, "stratafs_page_cache_pushed_bytes_total");
+    let reads = || fuse_ops(&addr, "read");
     let path = guard.path("/small");
 
     // A first read fetches it (nothing cached at its open: nothing handed over).
     assert!(std::fs::read(&path).unwrap() == small);
     assert_eq!(pushed(), 0);
     released(&addr, 1);
-    // Its pages dropped (through an open, which hands it over, and its close), the next open
-    // finds no handle open and all of it cached: the kernel has it before the open returns.
+    // The next open finds no handle open and all of it cached: the kernel has it before the
+    // open returns.
+    let before = reads();
+    assert!(std::fs::read(&path).unwrap() == small);
+    assert_eq!(pushed(), small.len() as u64);
+    assert_eq!(
+        reads(),
+        before,
+        "reads of the handed-over file that reached the daemon"
+    );
+    released(&addr, 2);
+    // Opened again, its pages still there: not handed over again, and read from them.
+    assert!(std::fs::read(&path).unwrap() == small);
+    assert_eq!(pushed(), small.len() as u64, "handed over again");
+    assert_eq!(
+        reads(),
+        before,
+        "reads of the cached pages that reached the daemon"
+    );
+    released(&addr, 3);
+    // Its pages dropped while the kernel keeps the inode: read through the daemon.
     let file = std::fs::File::open(&path).unwrap();
     nix::fcntl::posix_fadvise(
         &file,
@@ -138,15 +161,33 @@ fn a_cached_small_file_reaches_the_page_cache_at_its_open() {
     )
     .unwrap();
     drop(file);
-    released(&addr, 2);
-    let (reads, before) = (fuse_ops(&addr, "read"), pushed());
-    assert!(before >= small.len() as u64, "{before}");
+    released(&addr, 4);
     assert!(std::fs::read(&path).unwrap() == small);
-    assert_eq!(
-        fuse_ops(&addr, "read"),
-        reads,
-        "reads of the cached file that reached the daemon"
+    assert!(
+        reads() > before,
+        "the dropped pages were not read through the daemon"
     );
-    assert_eq!(pushed(), before + small.len() as u64);
+    assert_eq!(pushed(), small.len() as u64);
+    released(&addr, 5);
+    // The kernel forgets the inode (unused dentries and inodes dropped): the next open hands
+    // the file over again.
+    let forgets = fuse_ops(&addr, "forget");
+    std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while fuse_ops(&addr, "forget") == forgets {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no FORGET answered in 10 s after the kernel dropped its inodes"
+        );
+        std::thread::yield_now();
+    }
+    let before = reads();
+    assert!(std::fs::read(&path).unwrap() == small);
+    assert_eq!(pushed(), 2 * small.len() as u64);
+    assert_eq!(
+        reads(),
+        before,
+        "reads of the file handed over again that reached the daemon"
+    );
     cli.ok(&["umount", guard.dir.to_str().unwrap()]);
 }

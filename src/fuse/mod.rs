@@ -318,6 +318,13 @@ impl Filesystem for StrataFs {
         Ok(())
     }
 
+    /// The tree's inodes never go away; the kernel forgetting one drops its pages, which a
+    /// first open then stores again.
+    fn forget(&self, _req: &Request, ino: INodeNo, _nlookup: u64) {
+        op("forget");
+        self.pages.forgot(ino);
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         op("lookup");
         let (view, parent) = match self.node(parent) {
@@ -431,6 +438,10 @@ impl Filesystem for StrataFs {
             }
         }
         if small {
+            if self.pages.stored(ino) {
+                // In the page cache since its first open: nothing to hand over again.
+                return first_open(&self.opens, &self.log, ino, fh, reply, None);
+            }
             // No handle of it is open, so no read of it is under way, and a page of it
             // stored into the page cache cannot wait for one (the kernel holds a page while
             // a read of it is pending, and a store waits for it uninterruptibly: a serving

@@ -6,8 +6,14 @@
 //! open: the kernel holds a page while a read of it is pending, and a store into it waits for
 //! that read uninterruptibly, so a store beside reads under way could keep a killed serving
 //! process from exiting, and with it the next from taking the mount over.
+//!
+//! A file is stored once per kernel inode: later opens are answered at once (a python import
+//! run again opens the same 650 files; each store read the file and copied it into the
+//! kernel again, 100 µs an open). When the kernel drops the inode (FUSE_FORGET) its pages go
+//! with it, and the next first open stores the file again; pages the kernel evicts while it
+//! keeps the inode are read through the daemon, as any read is.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -70,6 +76,9 @@ pub(super) struct PageCache {
     /// Set once the session exists.
     pub(super) notifier: OnceLock<fuser::Notifier>,
     in_flight: AtomicUsize,
+    /// Inodes whose file was stored and that the kernel has not forgotten since: at most one
+    /// entry per inode of the tree.
+    stored: Mutex<HashSet<u64>>,
 }
 
 /// Stores under way at most, per connection.
@@ -94,6 +103,17 @@ impl PageCache {
         }
         Some(Room(self.clone()))
     }
+
+    /// Whether the file of `ino` is in the kernel's page cache from a store since the kernel
+    /// last forgot the inode.
+    pub(super) fn stored(&self, ino: INodeNo) -> bool {
+        self.stored.lock().unwrap().contains(&ino.0)
+    }
+
+    /// The kernel forgot `ino` (and its pages): its next first open stores it again.
+    pub(super) fn forgot(&self, ino: INodeNo) {
+        self.stored.lock().unwrap().remove(&ino.0);
+    }
 }
 
 impl Room {
@@ -107,6 +127,7 @@ impl Room {
         };
         match notifier.store(ino, 0, &bytes) {
             Ok(()) => {
+                self.0.stored.lock().unwrap().insert(ino.0);
                 crate::metrics::metrics().pushed(bytes.len() as u64);
                 // Its reads will not reach this process, as a passthrough open's do not.
                 view.note_read_whole(id);
