@@ -144,14 +144,23 @@ pub fn is_python(program: &str) -> bool {
 }
 
 impl super::ImageView {
+    /// Whether an open of `opened` by `pid` leaves [`follow_command`](Self::follow_command)
+    /// nothing to do: no process, not a module, or the process's command line read already
+    /// (or as many as a mount reads).
+    pub(super) fn command_followed(&self, opened: NodeId, pid: u32) -> bool {
+        pid == 0 || !self.follows_imports_of(opened) || {
+            let seen = self.command_pids.lock().unwrap();
+            seen.len() >= MAX_PROCESSES || seen.contains(&pid)
+        }
+    }
+
     /// On an open of `opened` by process `pid`: the first time for that process and a module's
     /// bytecode or source, the modules its python command line names (or its script's statements
     /// import) are walked as an open of each would walk them (`imports.rs`), in one walk, in
     /// the order written.
     pub async fn follow_command(&self, opened: NodeId, pid: u32, limit: u64) {
         if self.profiled.load(std::sync::atomic::Ordering::Relaxed)
-            || pid == 0
-            || !self.follows_imports_of(opened)
+            || self.command_followed(opened, pid)
         {
             return;
         }

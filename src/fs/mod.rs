@@ -83,6 +83,9 @@ pub struct ImageView {
     /// Processes whose command line an open has read (`command.rs`): each once per mount, at
     /// most [`command::MAX_PROCESSES`].
     command_pids: std::sync::Mutex<std::collections::HashSet<u32>>,
+    /// Files an open's [`ImageView::prefetch_file`] went all the way through for: at most one
+    /// entry per file of the tree.
+    opens_done: std::sync::Mutex<std::collections::HashSet<NodeId>>,
     /// The bytecode tag of the image's python, once looked for (`imports.rs`).
     python_tag: std::sync::OnceLock<Option<String>>,
     /// Per layer, the bytes a replayed startup profile covers (start → end, disjoint):
@@ -201,6 +204,7 @@ impl ImageView {
             copy_asked: Default::default(),
             copying: Default::default(),
             command_pids: Default::default(),
+            opens_done: Default::default(),
             python_tag: Default::default(),
             profile_coverage: Default::default(),
             elf_follows: tokio::sync::Semaphore::new(elf::FOLLOWS),
@@ -383,6 +387,28 @@ impl ImageView {
                 .instrument(tracing::debug_span!("siblings"))
                 .await;
         }
+        self.opens_done.lock().unwrap().insert(node);
+    }
+
+    /// Whether an open of `node` by process `pid` has nothing to start ahead of its reads:
+    /// [`prefetch_file`](Self::prefetch_file) has nothing to do (a startup profile is replayed,
+    /// the file's layer is not read by range, or an open of the file went all the way through
+    /// and all of it is still cached: its libraries, imports and directory are claimed once
+    /// per mount) and neither has [`follow_command`](Self::follow_command). Cheap, on every
+    /// open: a program run again in a mount then wakes no task per open (34 of the 76 µs a
+    /// warm python import's opens took).
+    pub fn open_is_idle(&self, node: NodeId, pid: u32, limit: u64) -> bool {
+        if self.profiled.load(Ordering::Relaxed) {
+            return true;
+        }
+        let own = match self.open_fetch(node, limit) {
+            None => true,
+            Some((layer, offset, len)) => {
+                self.opens_done.lock().unwrap().contains(&node)
+                    && self.readers[layer].is_cached(offset, len)
+            }
+        };
+        own && self.command_followed(node, pid)
     }
 
     /// Whether the files an open of `node` leads to are named by the file itself — a module's

@@ -301,6 +301,46 @@ async fn an_open_fetches_the_small_files_of_its_directory_ahead_once() {
     assert_eq!(registry.requests().ranges, after.ranges);
 }
 
+/// An open starts no task once there is nothing for it to do: an open of its file went all
+/// the way through and the file is still cached, and for a module, its process's command line
+/// was read; with a replayed profile, never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_is_idle_once_an_open_of_its_file_went_through_and_its_process_was_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(FakeRegistry::new());
+    let module = "usr/lib/python3.11/__pycache__/m.cpython-311.pyc";
+    let files = vec![
+        (module.to_string(), noise(1, 20 << 10)),
+        ("usr/share/data".to_string(), noise(2, 300 << 10)),
+        ("usr/share/read".to_string(), noise(3, 300 << 10)),
+    ];
+    let view = Arc::new(lazy_view(&registry, dir.path(), &files).await);
+    view.follow_imports(true);
+    let limit = 8 << 20;
+    let node = |path: &str| view.lookup(path).unwrap();
+    let (m, data, read) = (node(module), node("usr/share/data"), node("usr/share/read"));
+
+    assert!(!view.open_is_idle(data, 0, limit), "nothing fetched yet");
+    view.prefetch_file(data, limit).await;
+    assert!(cached(&view, "usr/share/data"));
+    assert!(view.open_is_idle(data, 0, limit));
+    // Cached by a read, never opened through: an open still has its part to play.
+    view.read(read, 0, 300 << 10).await.unwrap();
+    assert!(cached(&view, "usr/share/read"));
+    assert!(!view.open_is_idle(read, 0, limit));
+
+    // A module: idle for a process once that process's command line was read.
+    view.prefetch_file(m, limit).await;
+    assert!(view.open_is_idle(m, 0, limit));
+    let pid = std::process::id();
+    assert!(!view.open_is_idle(m, pid, limit));
+    view.follow_command(m, pid, limit).await;
+    assert!(view.open_is_idle(m, pid, limit));
+
+    view.set_profiled();
+    assert!(view.open_is_idle(read, pid + 1, limit));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_of_bytecode_whose_imports_are_followed_fetches_no_siblings() {
     let dir = tempfile::tempdir().unwrap();

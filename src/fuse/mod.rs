@@ -396,7 +396,9 @@ impl Filesystem for StrataFs {
             return reply.error(Errno::EROFS);
         }
         let fh = FileHandle(self.next_fh.fetch_add(1, Ordering::Relaxed));
-        if self.options.open_prefetch > 0 {
+        if self.options.open_prefetch > 0
+            && !view.open_is_idle(id, req.pid(), self.options.open_prefetch)
+        {
             let (view, limit, pid) = (view.clone(), self.options.open_prefetch, req.pid());
             self.runtime.spawn(async move {
                 futures_util::join!(
