@@ -172,7 +172,8 @@ fn a_cached_small_file_reaches_the_page_cache_once_per_kernel_inode() {
     // The kernel forgets the inode (unused dentries and inodes dropped): the next open hands
     // the file over again.
     let forgets = fuse_ops(&addr, "forget");
-    std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+    std::fs::write("/proc/sys/vm/drop_caches", "2")
+        .expect("dropping the kernel's dentries and inodes (root and a writable /proc/sys)");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while fuse_ops(&addr, "forget") == forgets {
         assert!(

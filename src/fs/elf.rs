@@ -283,8 +283,9 @@ impl super::ImageView {
     /// bytes of each file the loader will open for it (as an open would), and follows theirs,
     /// each file once per mount, [`NEEDED_PARALLEL`] at a time. If another open of `root` is
     /// following them (the fetch at mount of what the image runs first, then its `exec`),
-    /// waits for that instead: the caller fetches the file's rest after its libraries.
-    pub(super) async fn fetch_needed(&self, root: NodeId, limit: u64) {
+    /// waits for that instead: the caller fetches the file's rest after its libraries. False
+    /// if it had no turn ([`FOLLOWS`] follows under way): a later open of `root` tries again.
+    pub(super) async fn fetch_needed(&self, root: NodeId, limit: u64) -> bool {
         self.follow_needed(root, limit, false).await
     }
 
@@ -293,16 +294,16 @@ impl super::ImageView {
     /// fetched now rather than when python gets there (on the cold-start benchmark, libcrypto
     /// behind `_hashlib` and `_ssl`, liblzma, libuuid: a chain of waits at the command's end).
     /// Such a follow waits for one of [`WALK_FOLLOWS`] turns rather than taking an open's.
-    pub(super) async fn follow_needed(&self, root: NodeId, limit: u64, walk: bool) {
+    pub(super) async fn follow_needed(&self, root: NodeId, limit: u64, walk: bool) -> bool {
         let n = self.tree.node(root);
         if n.file_type != FileType::File || !may_be_elf(&n.name, n.mode) {
-            return;
+            return true;
         }
         let walk_turn = match walk {
-            true if self.elf_followed.lock().unwrap().contains(&root) => return,
+            true if self.elf_followed.lock().unwrap().contains(&root) => return true,
             true => match self.elf_walk_follows.acquire().await {
                 Ok(turn) => Some(turn),
-                Err(_) => return,
+                Err(_) => return true,
             },
             false => None,
         };
@@ -313,10 +314,10 @@ impl super::ImageView {
                 None => {
                     let Some(turn) = walk_turn.or_else(|| self.elf_follows.try_acquire().ok())
                     else {
-                        return;
+                        return false;
                     };
                     if !self.claim_elf(root) {
-                        return;
+                        return true;
                     }
                     let done = Arc::new(tokio::sync::Semaphore::new(0));
                     following.insert(root, done.clone());
@@ -334,6 +335,7 @@ impl super::ImageView {
             Err(done) if !walk => drop(done.acquire().await),
             Err(_) => {}
         }
+        true
     }
 
     async fn follow_libraries(&self, root: NodeId, limit: u64) {

@@ -445,7 +445,7 @@ impl super::ImageView {
                         }
                     }
                 }
-                Some(()) = libraries.next(), if !libraries.is_empty() => {}
+                Some(_) = libraries.next(), if !libraries.is_empty() => {}
                 else => break,
             }
         }

@@ -354,7 +354,7 @@ impl ImageView {
         let needed = self
             .fetch_needed(node, limit)
             .instrument(tracing::debug_span!("needed"));
-        if !reader.is_cached(offset, len) {
+        let followed = if !reader.is_cached(offset, len) {
             // At most OPEN_FETCHES files at once: an open while they run fetches nothing
             // ahead (its reads fetch), so a walk opening thousands of files queues no work.
             let Ok(_permit) = self.open_fetches.try_acquire() else {
@@ -366,35 +366,40 @@ impl ImageView {
                 let first = self
                     .prefetch_own(node, layer, offset, OPEN_PIECE, OPEN_PIECE)
                     .instrument(tracing::debug_span!("open"));
-                futures_util::join!(first, needed);
+                let ((), followed) = futures_util::join!(first, needed);
                 self.prefetch_own(node, layer, offset, len, limit)
                     .instrument(tracing::debug_span!("open"))
                     .await;
+                followed
             } else {
                 let own = self
                     .prefetch_own(node, layer, offset, len, limit)
                     .instrument(tracing::debug_span!("open"));
-                futures_util::join!(own, needed);
+                futures_util::join!(own, needed).1
             }
         } else {
-            needed.await;
-        }
+            needed.await
+        };
         self.fetch_imports(node, limit)
             .instrument(tracing::debug_span!("imports"))
             .await;
-        if !self.names_what_follows(node) {
-            self.prefetch_siblings(node)
+        let siblings = self.names_what_follows(node)
+            || self
+                .prefetch_siblings(node)
                 .instrument(tracing::debug_span!("siblings"))
                 .await;
+        // Done unless a step had no turn (a later open then takes it).
+        if followed && siblings {
+            self.opens_done.lock().unwrap().insert(node);
         }
-        self.opens_done.lock().unwrap().insert(node);
     }
 
     /// Whether an open of `node` by process `pid` has nothing to start ahead of its reads:
     /// [`prefetch_file`](Self::prefetch_file) has nothing to do (a startup profile is replayed,
     /// the file's layer is not read by range, or an open of the file went all the way through
-    /// and all of it is still cached: its libraries, imports and directory are claimed once
-    /// per mount) and neither has [`follow_command`](Self::follow_command). Cheap, on every
+    /// — no step of it left for want of a turn — and all of it is still cached: its libraries,
+    /// imports and directory are claimed once per mount) and neither has
+    /// [`follow_command`](Self::follow_command). Cheap, on every
     /// open: a program run again in a mount then wakes no task per open (34 of the 76 µs a
     /// warm python import's opens took).
     pub fn open_is_idle(&self, node: NodeId, pid: u32, limit: u64) -> bool {
@@ -452,17 +457,19 @@ impl ImageView {
     /// Once per directory: fetches the missing small files of `node`'s directory that lie in
     /// its layer ([`SIBLINGS_BYTES`]), but its shared objects, nearest to it first, files that
     /// touch in one request.
-    async fn prefetch_siblings(&self, node: NodeId) {
+    /// False if it had no turn ([`SIBLING_FETCHES`] directories under way): a later open of
+    /// `node` tries again.
+    async fn prefetch_siblings(&self, node: NodeId) -> bool {
         let n = self.tree.node(node);
         let Some((layer, offset)) = n.data else {
-            return;
+            return true;
         };
         // A few directories at once; a directory is done once one of its opens got to it.
         let Ok(_permit) = self.sibling_fetches.try_acquire() else {
-            return;
+            return false;
         };
         if !self.dirs_fetched.lock().unwrap().insert((n.parent, layer)) {
-            return;
+            return true;
         }
         let reader = &self.readers[layer];
         let mut files: Vec<(u64, u64)> = self
@@ -497,9 +504,10 @@ impl ImageView {
         for (s, e) in merged {
             if let Err(e) = reader.prefetch(s, e - s).await {
                 tracing::debug!(path = %self.tree.path(node), error = %e, "fetch of a file's siblings failed");
-                return;
+                return true;
             }
         }
+        true
     }
 
     /// From now on, reads that miss fetch their neighbours next: for a mount, whose workload

@@ -309,9 +309,15 @@ async fn an_open_is_idle_once_an_open_of_its_file_went_through_and_its_process_w
     let dir = tempfile::tempdir().unwrap();
     let registry = Arc::new(FakeRegistry::new());
     let module = "usr/lib/python3.11/__pycache__/m.cpython-311.pyc";
+    // Apart in the layer (fillers elsewhere), so that only a directory fetch brings
+    // `usr/share/small` along with `usr/share/data`.
     let files = vec![
+        ("usr/share/small".to_string(), noise(4, 10 << 10)),
+        ("filler/a".to_string(), noise(5, 1 << 20)),
         (module.to_string(), noise(1, 20 << 10)),
+        ("filler/b".to_string(), noise(6, 1 << 20)),
         ("usr/share/data".to_string(), noise(2, 300 << 10)),
+        ("filler/c".to_string(), noise(7, 1 << 20)),
         ("usr/share/read".to_string(), noise(3, 300 << 10)),
     ];
     let view = Arc::new(lazy_view(&registry, dir.path(), &files).await);
@@ -321,8 +327,21 @@ async fn an_open_is_idle_once_an_open_of_its_file_went_through_and_its_process_w
     let (m, data, read) = (node(module), node("usr/share/data"), node("usr/share/read"));
 
     assert!(!view.open_is_idle(data, 0, limit), "nothing fetched yet");
+    // An open whose directory fetch had no turn is not done: the next open takes it.
+    let turns = view
+        .sibling_fetches
+        .try_acquire_many(super::SIBLING_FETCHES as u32)
+        .unwrap();
     view.prefetch_file(data, limit).await;
     assert!(cached(&view, "usr/share/data"));
+    assert!(!cached(&view, "usr/share/small"));
+    assert!(
+        !view.open_is_idle(data, 0, limit),
+        "its directory is still to fetch"
+    );
+    drop(turns);
+    view.prefetch_file(data, limit).await;
+    assert!(cached(&view, "usr/share/small"));
     assert!(view.open_is_idle(data, 0, limit));
     // Cached by a read, never opened through: an open still has its part to play.
     view.read(read, 0, 300 << 10).await.unwrap();
@@ -545,7 +564,7 @@ async fn a_second_open_of_a_program_waits_for_the_first_to_follow_its_libraries(
         }
         drop(held);
     };
-    let ((), followed, ()) = tokio::join!(view.fetch_needed(prog, 8 << 20), second, third);
+    let (_, followed, ()) = tokio::join!(view.fetch_needed(prog, 8 << 20), second, third);
     assert!(
         followed,
         "the second open went on before the libraries were in"

@@ -321,8 +321,8 @@ impl Filesystem for StrataFs {
     /// The tree's inodes never go away; the kernel forgetting one drops its pages, which a
     /// first open then stores again.
     fn forget(&self, _req: &Request, ino: INodeNo, _nlookup: u64) {
-        op("forget");
         self.pages.forgot(ino);
+        op("forget");
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {

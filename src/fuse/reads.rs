@@ -9,7 +9,7 @@
 //!
 //! A file is stored once per kernel inode: later opens are answered at once (a python import
 //! run again opens the same 650 files; each store read the file and copied it into the
-//! kernel again, 100 µs an open). When the kernel drops the inode (FUSE_FORGET) its pages go
+//! kernel again, ~60 µs an open). When the kernel drops the inode (FUSE_FORGET) its pages go
 //! with it, and the next first open stores the file again; pages the kernel evicts while it
 //! keeps the inode are read through the daemon, as any read is.
 
