@@ -336,7 +336,7 @@ pub const IMPORT_FETCHES: usize = 8;
 /// its bytecode is parsed, files that touch in the layer in one request: a package's modules
 /// lie side by side, and where each file is its own chunk (eStargz, zstd:chunked) one request
 /// per file made the walk wait for round trips, not for the link.
-const BATCH_FILE_MAX: u64 = 256 << 10;
+pub(super) const BATCH_FILE_MAX: u64 = 256 << 10;
 /// Requests of one module's batch in flight at once.
 const BATCH_PARALLEL: usize = 4;
 
@@ -547,7 +547,7 @@ impl super::ImageView {
 
     /// Fetches the small files among `files` that the walk has not claimed yet and that are
     /// not cached, those of a layer that touch in one request ([`BATCH_FILE_MAX`]).
-    async fn fetch_batch(&self, files: &[NodeId]) {
+    pub(super) async fn fetch_batch(&self, files: &[NodeId]) {
         use futures_util::StreamExt;
         let mut runs: std::collections::BTreeMap<usize, Vec<(u64, u64)>> = Default::default();
         {

@@ -27,6 +27,7 @@ mod indexing;
 mod pyc;
 mod pysource;
 mod ready;
+mod runtime;
 mod start;
 #[cfg(test)]
 pub(crate) mod tests;

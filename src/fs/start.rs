@@ -51,6 +51,9 @@ pub struct StartHints {
     /// The command line: the `Entrypoint`'s words then the `Cmd`'s, the program first (none
     /// past an argument longer than [`MAX_ARG`], at most [`MAX_ARGS`]).
     pub args: Vec<String>,
+    /// The locale the config's environment sets for character handling: `LC_ALL`, else
+    /// `LC_CTYPE`, else `LANG` (at most [`MAX_NAME`] bytes).
+    pub locale: Option<String>,
 }
 
 impl StartHints {
@@ -87,7 +90,21 @@ impl StartHints {
             .rev()
             .find_map(|e| e.strip_prefix("PATH="))
             .unwrap_or(DEFAULT_PATH);
+        let var = |name: &str| {
+            let prefix = format!("{name}=");
+            c.env()
+                .iter()
+                .flatten()
+                .rev()
+                .find_map(|e| e.strip_prefix(prefix.as_str()))
+                .filter(|v| !v.is_empty() && v.len() <= MAX_NAME)
+                .map(str::to_string)
+        };
+        let locale = var("LC_ALL")
+            .or_else(|| var("LC_CTYPE"))
+            .or_else(|| var("LANG"));
         StartHints {
+            locale,
             program,
             path: path
                 .split(':')
@@ -139,6 +156,16 @@ impl super::ImageView {
                 return;
             };
             tracing::debug!(path = %self.tree.path(node), "fetching the image's program ahead of its start");
+            let args: Vec<&str> = hints.args.iter().map(String::as_str).collect();
+            let python_at = match is_python(&self.tree.node(node).name) {
+                true => Some(0),
+                false => args
+                    .iter()
+                    .skip(1)
+                    .position(|a| is_python(a))
+                    .map(|k| k + 1),
+            };
+            let runs_python = python_at.is_some();
             // The script's first bytes come with its own fetch (one flight); its interpreter
             // is fetched beside the rest of it, not after, and a python script's imports too.
             let interpreters = async {
@@ -157,25 +184,30 @@ impl super::ImageView {
                         self.walk_start(hints, command, Some(node), limit).await;
                     }
                 };
-                futures_util::join!(fetch, imports);
+                // Python's own start, unless the program is python or runs it (below).
+                let runtime = async {
+                    if python && !runs_python {
+                        self.fetch_runtime(hints, true, limit).await;
+                    }
+                };
+                futures_util::join!(fetch, imports, runtime);
             };
             // A python program, or one that runs python with the rest of its command line
             // (an entrypoint script's `exec "$@"`, `env`, `tini --`): what that imports.
             let imports = async {
-                let args: Vec<&str> = hints.args.iter().map(String::as_str).collect();
-                let at = match is_python(&self.tree.node(node).name) {
-                    true => Some(0),
-                    false => args
-                        .iter()
-                        .skip(1)
-                        .position(|a| is_python(a))
-                        .map(|k| k + 1),
-                };
-                if let Some(command) = at.and_then(|k| python_command(&args[k..])) {
+                if let Some(command) = python_at.and_then(|k| python_command(&args[k..])) {
                     self.walk_start(hints, command, None, limit).await;
                 }
             };
-            futures_util::join!(self.prefetch_file(node, limit), interpreters, imports);
+            // What the program reads as it starts that none of its files names (`runtime.rs`):
+            // the C library's locale data and time zone, and python's start-up modules.
+            let runtime = self.fetch_runtime(hints, runs_python, limit);
+            futures_util::join!(
+                self.prefetch_file(node, limit),
+                interpreters,
+                imports,
+                runtime
+            );
         };
         program.await;
         tracing::debug!("fetched what the image runs first");
@@ -184,7 +216,7 @@ impl super::ImageView {
     /// Walks the imports of python `command` (`imports.rs`) as it would run in a container of
     /// the image: `-c` code's and a script's from the working directory; `script` is the
     /// script's file if known.
-    async fn walk_start(
+    pub(super) async fn walk_start(
         &self,
         hints: &StartHints,
         command: PythonCommand,

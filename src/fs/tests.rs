@@ -473,6 +473,7 @@ async fn a_mount_fetches_what_the_config_runs_first_and_the_user_databases() {
         path: vec!["/nowhere".into(), "/usr/bin".into()],
         working_dir: "/srv".into(),
         args: vec![program.to_string()],
+        locale: None,
     };
 
     // A bare name found on the PATH: the program and what the loader opens for it.

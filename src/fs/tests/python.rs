@@ -142,6 +142,7 @@ async fn a_mount_walks_the_imports_of_the_python_command_its_config_runs() {
         path: vec!["/usr/bin".into()],
         working_dir: working_dir.into(),
         args: args.iter().map(|a| a.to_string()).collect(),
+        locale: None,
     };
     let cases: [(&[&str], &str, Vec<String>); 5] = [
         // `python3 main.py` from the working directory: its imports and its module's.
@@ -185,5 +186,126 @@ async fn a_mount_walks_the_imports_of_the_python_command_its_config_runs() {
                 assert!(!cached(&path), "{args:?}: {path} fetched");
             }
         }
+    }
+}
+
+/// What python and the C library read as they start, before the program's first line: the
+/// locale's data, the conversion-module cache and the time zone; `encodings` with its codec,
+/// the `.pth` files of the site directories and what their import lines name, `sitecustomize`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mount_fetches_what_python_and_the_c_library_read_as_they_start() {
+    let registry = Arc::new(FakeRegistry::new());
+    let lib = "usr/lib/python3.11";
+    let extra: Vec<(String, Vec<u8>)> = vec![
+        (format!("{lib}/encodings/__init__.py"), Vec::new()),
+        (
+            format!("{lib}/encodings/__pycache__/__init__.cpython-311.pyc"),
+            noise(40, 8 << 10),
+        ),
+        (
+            format!("{lib}/encodings/__pycache__/aliases.cpython-311.pyc"),
+            noise(41, 8 << 10),
+        ),
+        (
+            format!("{lib}/encodings/__pycache__/utf_8.cpython-311.pyc"),
+            noise(42, 8 << 10),
+        ),
+        (
+            format!("{lib}/encodings/__pycache__/cp1252.cpython-311.pyc"),
+            noise(43, 8 << 10),
+        ),
+        (
+            "usr/lib/python3/dist-packages/hack.pth".into(),
+            b"import os; on = True; on and __import__('_hack').shim()\n/a/path\n".to_vec(),
+        ),
+        (
+            "usr/lib/python3/dist-packages/_hack/__init__.py".into(),
+            b"import sys\n".to_vec(),
+        ),
+        (format!("{lib}/sitecustomize.py"), b"x = 1\n".to_vec()),
+        (
+            "usr/lib/locale/C.utf8/LC_CTYPE".into(),
+            noise(44, 300 << 10),
+        ),
+        (
+            "usr/lib/locale/en_US.utf8/LC_CTYPE".into(),
+            noise(45, 300 << 10),
+        ),
+        (
+            "usr/lib/locale/en_US.utf8/LC_MESSAGES/SYS_LC_MESSAGES".into(),
+            b"messages".to_vec(),
+        ),
+        (
+            "usr/lib/locale/de_DE.utf8/LC_CTYPE".into(),
+            noise(46, 300 << 10),
+        ),
+        (
+            "usr/lib/x86_64-linux-gnu/gconv/gconv-modules.cache".into(),
+            noise(47, 20 << 10),
+        ),
+        ("usr/share/zoneinfo/Etc/UTC".into(), b"TZif2".to_vec()),
+        (
+            "etc/localtime".into(),
+            b"-> /usr/share/zoneinfo/Etc/UTC".to_vec(),
+        ),
+    ];
+    let mut files = fixture();
+    for (k, file) in extra.into_iter().enumerate() {
+        files.push(file);
+        files.push((format!("filler/x{k:02}"), noise(200 + k as u32, 1 << 20)));
+    }
+    let started = [
+        format!("{lib}/encodings/__pycache__/__init__.cpython-311.pyc"),
+        format!("{lib}/encodings/__pycache__/aliases.cpython-311.pyc"),
+        format!("{lib}/encodings/__pycache__/utf_8.cpython-311.pyc"),
+        "usr/lib/python3/dist-packages/hack.pth".into(),
+        "usr/lib/python3/dist-packages/_hack/__init__.py".into(),
+        format!("{lib}/sitecustomize.py"),
+        "usr/lib/locale/C.utf8/LC_CTYPE".into(),
+    ];
+    let c_library = [
+        "usr/lib/locale/en_US.utf8/LC_CTYPE",
+        "usr/lib/locale/en_US.utf8/LC_MESSAGES/SYS_LC_MESSAGES",
+        "usr/lib/x86_64-linux-gnu/gconv/gconv-modules.cache",
+        "usr/share/zoneinfo/Etc/UTC",
+    ];
+    let hints = |args: &[&str]| StartHints {
+        program: Some(args[0].to_string()),
+        path: vec!["/usr/bin".into()],
+        working_dir: "/".into(),
+        args: args.iter().map(|a| a.to_string()).collect(),
+        locale: Some("en_US.UTF-8".into()),
+    };
+    // python: its start, the C library's files for the config's locale, the command's imports.
+    let dir = tempfile::tempdir().unwrap();
+    let view = lazy_view(&registry, dir.path(), &files).await;
+    view.follow_imports(true);
+    view.fetch_program(&hints(&["python3", "-c", "import pkg"]), 8 << 20)
+        .await;
+    let cached = |path: &str| cached(&view, path);
+    for path in started.iter().map(String::as_str).chain(c_library) {
+        assert!(cached(path), "{path} not fetched at mount");
+    }
+    assert!(cached(&init("pkg")));
+    for path in [
+        format!("{lib}/encodings/__pycache__/cp1252.cpython-311.pyc"),
+        "usr/lib/locale/de_DE.utf8/LC_CTYPE".into(),
+        init("other"),
+    ] {
+        assert!(!cached(&path), "{path} fetched");
+    }
+    // Another program: the C library's files only.
+    let dir = tempfile::tempdir().unwrap();
+    let view = lazy_view(&registry, dir.path(), &files).await;
+    view.follow_imports(true);
+    view.fetch_program(&hints(&["env"]), 8 << 20).await;
+    let cached = |path: &str| super::cached(&view, path);
+    let program = "usr/bin/env";
+    assert!(cached(program));
+    for path in c_library {
+        assert!(cached(path), "{path} not fetched for {program}");
+    }
+    for path in &started {
+        assert!(!cached(path), "{path} fetched for {program}");
     }
 }
