@@ -175,6 +175,20 @@ fn cri_pulls_and_runs_pods_lazily_through_the_snapshotter() {
             layer.digest
         );
     }
+    // From the manifest CRI resolved the tag to (its label), not whatever the tag names now:
+    // the bound one `index push --bind` tagged.
+    let manifest = reg.get_manifest("k8s/app", "v1", &Auth::None);
+    assert_eq!(manifest.status, 200);
+    let pinned = format!(
+        "app:v1@{} layer={}",
+        sha256_digest(&manifest.body),
+        app.layers[0].digest
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("lazy layer") && l.contains(&pinned)),
+        "the app's pull was not pinned to its manifest ({pinned}):\n{log}"
+    );
 
     // One endpoint covers the snapshotter and its mounts.
     let prometheus = Prometheus::start(&metrics_addr);

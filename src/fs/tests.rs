@@ -157,7 +157,7 @@ pub(crate) fn files() -> Vec<(&'static str, Vec<u8>)> {
 }
 
 /// Pulls `REPO:v1` from `registry` into a store at `root`.
-async fn pull(registry: &FakeRegistry, root: &std::path::Path) -> ImageRecord {
+pub(crate) async fn pull(registry: &FakeRegistry, root: &std::path::Path) -> ImageRecord {
     let store = Store::open(root).unwrap();
     let reference: Reference = format!("registry.test/{REPO}:v1").parse().unwrap();
     crate::pull::pull(registry, &store, &reference, &Platform::host(), &|_| {})

@@ -2,7 +2,8 @@
 //! stratafs can serve it lazily.
 //!
 //! The layer is found, in order, from the labels of the clients that pass them — the CRI plugin
-//! (`containerd.io/snapshot/cri.image-ref`, `…/cri.layer-digest`) and `ctr-remote images rpull`
+//! (`containerd.io/snapshot/cri.image-ref`, `…/cri.layer-digest`, and `…/cri.manifest-digest`,
+//! to which the pull of a tag is pinned) and `ctr-remote images rpull`
 //! (`containerd.io/snapshot/remote/stargz.reference`, `…/stargz.digest`) — pulling the image's
 //! metadata into the store if it is not there (no layer data), or else from the images already
 //! in the store (`stratafs pull` done beforehand), by ChainID. Lazily servable: gzip (with or
@@ -25,6 +26,9 @@ use super::meta::LazyLayer;
 pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
 pub const CRI_IMAGE: &str = "containerd.io/snapshot/cri.image-ref";
 pub const CRI_LAYER: &str = "containerd.io/snapshot/cri.layer-digest";
+/// The manifest containerd resolved the image to (CRI): the one pulled, whatever the tag names
+/// by the time the `Prepare` comes.
+pub const CRI_MANIFEST: &str = "containerd.io/snapshot/cri.manifest-digest";
 const STARGZ_IMAGE: &str = "containerd.io/snapshot/remote/stargz.reference";
 const STARGZ_LAYER: &str = "containerd.io/snapshot/remote/stargz.digest";
 
@@ -52,6 +56,12 @@ pub enum ResolveError {
     NoChain { image: String },
     #[error("labels name layer {labelled}, but {image} has {actual} at this ChainID")]
     WrongLayer {
+        labelled: String,
+        image: String,
+        actual: String,
+    },
+    #[error("labels name manifest {labelled}, but {image} resolves to {actual} for this platform")]
+    WrongManifest {
         labelled: String,
         image: String,
         actual: String,
@@ -90,8 +100,19 @@ impl Resolver {
     ) -> Result<(LazyLayer, bool), ResolveError> {
         let reference = labels.get(CRI_IMAGE).or_else(|| labels.get(STARGZ_IMAGE));
         let digest = labels.get(CRI_LAYER).or_else(|| labels.get(STARGZ_LAYER));
+        // Only beside CRI's own image label: a manifest of the image it names.
+        let manifest = labels
+            .get(CRI_IMAGE)
+            .and_then(|_| labels.get(CRI_MANIFEST))
+            .and_then(|d| match crate::digest::parse(d) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    tracing::debug!(label = %d, error = %e, "ignoring a manifest digest label that is not a digest");
+                    None
+                }
+            });
         let image = match reference {
-            Some(r) => self.image_named(r, target).await?,
+            Some(r) => self.image_named(r, manifest, target).await?,
             None => self
                 .stored_with_chain(target)?
                 .ok_or(ResolveError::NoImage)?,
@@ -141,21 +162,31 @@ impl Resolver {
     }
 
     /// The image `reference` from the store, pulled (metadata only) if missing or if the stored
-    /// record predates a tag move and lacks `target`.
+    /// record predates a tag move and lacks `target`. With `manifest` (the manifest containerd
+    /// resolved a tag to, from CRI's label) the tag's pull is pinned to it (`name:tag@digest`):
+    /// the tag may have moved since containerd resolved it.
     async fn image_named(
         &self,
         reference: &str,
+        manifest: Option<oci_spec::image::Digest>,
         target: &str,
     ) -> Result<ImageRecord, ResolveError> {
-        let parsed: Reference = reference
-            .parse()
-            .map_err(|source| ResolveError::BadReference {
-                reference: reference.to_string(),
-                source,
-            })?;
-        let has_target = |r: &ImageRecord| r.layers.iter().any(|l| l.chain_id.as_ref() == target);
+        let bad = |source| ResolveError::BadReference {
+            reference: reference.to_string(),
+            source,
+        };
+        let mut parsed: Reference = reference.parse().map_err(bad)?;
+        if let (None, Some(d)) = (parsed.digest(), &manifest) {
+            parsed = format!("{parsed}@{d}").parse().map_err(bad)?;
+        }
+        // A reference pinned by digest already may name an index: its platform's manifest must
+        // be the labelled one.
+        let fits = |r: &ImageRecord| {
+            r.layers.iter().any(|l| l.chain_id.as_ref() == target)
+                && manifest.as_ref().is_none_or(|d| &r.manifest.digest == d)
+        };
         if let Ok(Some(r)) = self.store.images.get(&parsed.to_string()) {
-            if has_target(&r) {
+            if fits(&r) {
                 return Ok(r);
             }
         }
@@ -207,6 +238,13 @@ impl Resolver {
                 .flatten()
                 .unwrap_or(image),
         };
+        if let Some(d) = manifest.filter(|d| d != &image.manifest.digest) {
+            return Err(ResolveError::WrongManifest {
+                labelled: d.to_string(),
+                image: image.name.clone(),
+                actual: image.manifest.digest.to_string(),
+            });
+        }
         if let (Some(ahead), Some(f)) = (&self.ahead, fetch) {
             ahead.start(&image, f);
         }

@@ -11,7 +11,7 @@ use chrono::Utc;
 use tonic::Status;
 
 use super::meta::Kind;
-use super::resolve::{ResolveError, Resolver, CRI_IMAGE, CRI_LAYER, LABEL_TARGET};
+use super::resolve::{ResolveError, Resolver, CRI_IMAGE, CRI_LAYER, CRI_MANIFEST, LABEL_TARGET};
 use super::service::Snapshotter;
 use super::{Mounter, MounterError, SnapshotterError};
 use crate::cache::ChunkStore;
@@ -476,6 +476,49 @@ async fn the_resolver_pulls_labelled_images_metadata_only() {
     let other = sha256(b"another layer").to_string();
     let e = s.resolver.resolve(&chain, &labels(&other)).await;
     assert!(matches!(e, Err(ResolveError::WrongLayer { .. })), "{e:?}");
+}
+
+/// CRI names the manifest it resolved the tag to: the pull is pinned to it, so a tag moved in
+/// between (a new image pushed under it) still gives the layers containerd unpacks, and a
+/// stored record of what the tag names now is not taken for it.
+#[tokio::test]
+async fn a_cri_prepare_pulls_the_manifest_containerd_resolved_not_what_the_tag_names_now() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(FakeRegistry::new());
+    let (_, layer) = crate::fs::tests::push(&registry, &crate::fs::tests::files());
+    let scratch = tempfile::tempdir().unwrap();
+    let resolved = crate::fs::tests::pull(&registry, scratch.path()).await;
+    let chain = resolved.layers[0].chain_id.to_string();
+    // The tag moves on to another image.
+    let (_, moved) = crate::fs::tests::push(&registry, &[("other", b"moved on".to_vec())]);
+    assert_ne!(moved, layer);
+    let (s, _) = snapshotter_over(dir.path(), registry.clone());
+    let image = format!("registry.test/{}:v1", crate::fs::tests::REPO);
+    // Without the manifest's label: what the tag names now lacks the layer.
+    let unpinned = cri_labels(&image, layer.as_ref(), None);
+    let e = s.resolver.resolve(&chain, &unpinned).await;
+    assert!(matches!(e, Err(ResolveError::NoChain { .. })), "{e:?}");
+    assert!(s.resolver.store.images.get(&image).unwrap().is_some());
+    // With it: that manifest, stored under the tag pinned to it.
+    let mut pinned = unpinned.clone();
+    pinned.insert(CRI_MANIFEST.into(), resolved.manifest.digest.to_string());
+    let (lazy, top) = s.resolver.resolve(&chain, &pinned).await.unwrap();
+    let name = format!("{image}@{}", resolved.manifest.digest);
+    assert_eq!(
+        (lazy.image.as_str(), lazy.digest.as_str(), top),
+        (name.as_str(), layer.as_ref(), true)
+    );
+    let record = s.resolver.store.images.get(&name).unwrap().unwrap();
+    assert_eq!(record.manifest.digest, resolved.manifest.digest);
+    // Found in the store the next time: no second pull.
+    let before = registry.requests();
+    s.resolver.resolve(&chain, &pinned).await.unwrap();
+    assert_eq!(registry.requests().manifests, before.manifests);
+    // A label that is no digest is ignored.
+    let mut bad = unpinned;
+    bad.insert(CRI_MANIFEST.into(), "not a digest".into());
+    let e = s.resolver.resolve(&chain, &bad).await;
+    assert!(matches!(e, Err(ResolveError::NoChain { .. })), "{e:?}");
 }
 
 /// The index an image pins is fetched as soon as the first `Prepare` has pulled the image's
