@@ -78,6 +78,17 @@ impl<'a> Resolver<'a> {
         }
     }
 
+    /// For the modules python imports as it starts, before `sys.path` has its first entry
+    /// (the script's directory or the working directory): the library directories only.
+    pub fn library(tree: &'a Tree, tag: String) -> Resolver<'a> {
+        let mut r = Resolver::at(tree, crate::tree::ROOT, tag);
+        if r.roots.first() == Some(&crate::tree::ROOT) {
+            r.roots.remove(0);
+        }
+        r.packages = 0;
+        r
+    }
+
     /// For a script or `-c` code (python's `__main__`): no relative imports, and absolute ones
     /// looked up from its directory first, as `sys.path` starts there, even if that
     /// directory is a package.

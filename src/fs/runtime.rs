@@ -3,9 +3,10 @@
 //! files of `usr/lib/locale/<name>` with the codeset as the C library normalizes it,
 //! `C.UTF-8` → `C.utf8`), its alias file and conversion-module cache (`gconv-modules.cache`),
 //! and the time zone (`etc/localtime`); and for a python interpreter, the modules python
-//! imports before the program's first line — `encodings` with its aliases and UTF-8 codec (in
-//! the C locale python takes `C.UTF-8`, whose data comes too), the site directories' `.pth`
-//! files and the modules their import lines name, `sitecustomize` and `usercustomize`.
+//! imports before the program's first line — `encodings` with its aliases and UTF-8 codec
+//! (with a config that sets no locale, `C.UTF-8`'s data too: python takes it in the C locale),
+//! the site directories' `.pth` files and the modules their import lines name,
+//! `sitecustomize` and `usercustomize`, looked up in the library directories only.
 //! Between the program's own pages each of these is a round trip the process waits for in
 //! turn: on the cold-start benchmark, about 0.3 s of python's start over a 20 ms link.
 //! [`super::ImageView::fetch_program`] fetches them beside the program.
@@ -17,7 +18,6 @@
 //! [`MAX_PTH_FILES`] `.pth` files of at most [`PTH_MAX`] bytes each, at most
 //! [`MAX_PTH_MODULES`] module names from them, of at most 255 bytes each.
 
-use super::command::PythonCommand;
 use super::start::StartHints;
 use crate::tree::{FileType, NodeId, Tree};
 
@@ -32,9 +32,23 @@ pub const PTH_MAX: u64 = 64 << 10;
 /// Most module names taken from `.pth` files.
 pub const MAX_PTH_MODULES: usize = 32;
 
-/// The modules every python 3 imports as it starts (the others it needs then are frozen into
-/// the interpreter), before the site directories' and the `customize` modules.
+/// The modules every python 3 imports as it starts, before the site directories' and the
+/// `customize` modules (since 3.11 the others it needs then are frozen into the interpreter).
 const PYTHON_START: [&str; 3] = ["encodings", "encodings.aliases", "encodings.utf_8"];
+/// What python before 3.11 imports as it starts beside [`PYTHON_START`] (since 3.11 frozen
+/// into the interpreter).
+const UNFROZEN_BEFORE_311: [&str; 10] = [
+    "site",
+    "os",
+    "codecs",
+    "io",
+    "abc",
+    "stat",
+    "posixpath",
+    "genericpath",
+    "_collections_abc",
+    "_sitebuiltins",
+];
 /// The modules `site` imports after the `.pth` files' (either may be missing).
 const SITE_CUSTOMIZE: [&str; 2] = ["sitecustomize", "usercustomize"];
 
@@ -70,50 +84,55 @@ pub fn locale_dir(name: &str) -> Option<String> {
     Some(out)
 }
 
-/// The C library's files a program of `hints` reads as it starts (those the image has): the
-/// locale's data (and `C.UTF-8`'s for `python`), the locale alias file, the conversion-module
-/// caches and the time zone. At most [`MAX_RUNTIME_FILES`], symbolic links followed.
+/// The C library's files a program of `hints` reads as it starts (those the image has), the
+/// ones read first first: the locale's character data (`C.UTF-8`'s for `python` when the
+/// config sets no other locale: python takes it in the C locale), the conversion-module
+/// caches, the time zone, then the locale's other files and the alias file. At most
+/// [`MAX_RUNTIME_FILES`], symbolic links followed.
 pub fn c_runtime_files(tree: &Tree, hints: &StartHints, python: bool) -> Vec<NodeId> {
-    let mut names: Vec<String> = hints.locale.iter().filter_map(|l| locale_dir(l)).collect();
-    if python {
-        names.push("C.utf8".to_string());
-    }
+    let locale = hints
+        .locale
+        .as_deref()
+        .and_then(locale_dir)
+        .or_else(|| python.then(|| "C.utf8".to_string()));
     let mut paths = Vec::new();
-    let mut dirs = std::collections::HashSet::new();
-    for name in names.iter().filter(|n| dirs.insert(n.to_string())) {
-        let Some(dir) = super::elf::follow(tree, &format!("usr/lib/locale/{name}")) else {
-            continue;
-        };
-        for (file, &child) in &tree.node(dir).children {
-            match &tree.node(child).file_type {
-                FileType::File => paths.push(format!("usr/lib/locale/{name}/{file}")),
-                // LC_MESSAGES/SYS_LC_MESSAGES
-                FileType::Dir => paths.extend(
-                    tree.node(child)
-                        .children
-                        .keys()
-                        .map(|f| format!("usr/lib/locale/{name}/{file}/{f}")),
-                ),
-                _ => {}
-            }
-        }
-    }
-    if !names.is_empty() {
-        paths.push("usr/lib/locale/locale-archive".into());
-        paths.push("usr/share/locale/locale.alias".into());
+    if let Some(name) = &locale {
+        paths.push(format!("usr/lib/locale/{name}/LC_CTYPE"));
     }
     // The conversion modules' cache, where the C library's build puts it.
     for lib in ["usr/lib", "usr/lib64", "lib", "lib64"] {
         paths.push(format!("{lib}/gconv/gconv-modules.cache"));
         if let Some(dir) = tree.lookup(lib) {
-            for (sub, &child) in &tree.node(dir).children {
-                if tree.node(child).file_type == FileType::Dir && sub.contains("-linux-") {
-                    paths.push(format!("{lib}/{sub}/gconv/gconv-modules.cache"));
-                }
+            let triplets = tree.node(dir).children.iter().filter(|(sub, &child)| {
+                tree.node(child).file_type == FileType::Dir && sub.contains("-linux-")
+            });
+            for (sub, _) in triplets.take(MAX_RUNTIME_FILES) {
+                paths.push(format!("{lib}/{sub}/gconv/gconv-modules.cache"));
             }
         }
     }
     paths.push("etc/localtime".into());
+    if let Some(name) = &locale {
+        if let Some(dir) = super::elf::follow(tree, &format!("usr/lib/locale/{name}")) {
+            let files = tree.node(dir).children.iter().take(MAX_RUNTIME_FILES);
+            for (file, &child) in files {
+                match &tree.node(child).file_type {
+                    FileType::File => paths.push(format!("usr/lib/locale/{name}/{file}")),
+                    // LC_MESSAGES/SYS_LC_MESSAGES
+                    FileType::Dir => paths.extend(
+                        tree.node(child)
+                            .children
+                            .keys()
+                            .take(MAX_RUNTIME_FILES)
+                            .map(|f| format!("usr/lib/locale/{name}/{file}/{f}")),
+                    ),
+                    _ => {}
+                }
+            }
+        }
+        paths.push("usr/lib/locale/locale-archive".into());
+        paths.push("usr/share/locale/locale.alias".into());
+    }
     let mut seen = std::collections::HashSet::new();
     paths
         .iter()
@@ -160,6 +179,13 @@ pub fn pth_files(tree: &Tree, tag: &str) -> Vec<NodeId> {
         .collect()
 }
 
+/// What follows `import` in a statement that is one (`importlib = …` is not).
+fn import_names(statement: &str) -> Option<&str> {
+    statement
+        .strip_prefix("import")
+        .filter(|rest| rest.starts_with([' ', '\t']))
+}
+
 /// The modules a `.pth` file's import lines name: `site` runs each line that starts with
 /// `import` — its `import` statements, and literal `__import__('name')` calls in it.
 pub fn pth_modules(text: &[u8]) -> Vec<String> {
@@ -174,19 +200,17 @@ pub fn pth_modules(text: &[u8]) -> Vec<String> {
             })
     };
     let mut out = Vec::new();
-    let text = String::from_utf8_lossy(&text[..text.len().min(PTH_MAX as usize)]);
-    for line in text.lines() {
-        if !(line.starts_with("import ") || line.starts_with("import\t")) {
-            continue;
+    let mut push = |module: &str| {
+        if out.len() < MAX_PTH_MODULES && valid(module) {
+            out.push(module.to_string());
         }
+    };
+    let import = import_names;
+    let text = String::from_utf8_lossy(&text[..text.len().min(PTH_MAX as usize)]);
+    for line in text.lines().filter(|l| import(l).is_some()) {
         for statement in line.split(';').map(str::trim) {
-            if let Some(names) = statement.strip_prefix("import") {
-                for name in names.split(',') {
-                    let module = name.split_whitespace().next().unwrap_or("");
-                    if valid(module) {
-                        out.push(module.to_string());
-                    }
-                }
+            for name in import(statement).into_iter().flat_map(|n| n.split(',')) {
+                push(name.split_whitespace().next().unwrap_or(""));
             }
         }
         let mut rest = line;
@@ -197,66 +221,93 @@ pub fn pth_modules(text: &[u8]) -> Vec<String> {
                 continue;
             };
             if let Some(end) = quoted[1..].find(quote) {
-                let module = &quoted[1..1 + end];
-                if valid(module) {
-                    out.push(module.to_string());
-                }
+                push(&quoted[1..1 + end]);
             }
         }
     }
-    out.truncate(MAX_PTH_MODULES);
     out
 }
 
 impl super::ImageView {
     /// Fetches what the program `hints` name reads as it starts beyond its own files and
-    /// libraries ([`c_runtime_files`]), and for `python` (the program is a python
-    /// interpreter) the modules python imports before the program's first line, theirs
-    /// followed as imports are.
+    /// libraries: the C library's files ([`c_runtime_files`]), and for `python` (the program
+    /// is a python interpreter) [`fetch_python_start`](Self::fetch_python_start).
     pub(super) async fn fetch_runtime(&self, hints: &StartHints, python: bool, limit: u64) {
-        let files = c_runtime_files(&self.tree, hints, python);
-        // Small ones that touch in one request, larger ones (a locale's `LC_CTYPE`) each in
-        // one, all at once.
-        let c_runtime = async {
-            let large = files.iter().filter_map(|&f| {
-                let n = self.tree.node(f);
-                let (layer, offset) = n.data?;
-                let reader = &self.readers[layer];
-                (n.size > super::imports::BATCH_FILE_MAX && reader.index().random_access())
-                    .then(|| reader.fetch_for_open(offset, n.size))
-            });
-            let (_, fetched) = futures_util::join!(
-                self.fetch_batch(&files),
-                futures_util::future::join_all(large)
-            );
-            for e in fetched.into_iter().filter_map(Result::err) {
-                tracing::debug!(error = %e, "fetch of a start-up file failed");
+        let python_start = async {
+            if python {
+                self.fetch_python_start(limit).await;
             }
         };
-        let python_start = async {
-            if !python {
-                return;
-            }
-            let Some(tag) = self.python_tag().map(str::to_string) else {
-                return;
-            };
+        futures_util::join!(self.fetch_c_runtime(hints, python), python_start);
+    }
+
+    /// Fetches [`c_runtime_files`]: the small ones that touch in one request, larger ones (a
+    /// locale's `LC_CTYPE`) each in one, all at once.
+    async fn fetch_c_runtime(&self, hints: &StartHints, python: bool) {
+        let files = c_runtime_files(&self.tree, hints, python);
+        let large = files.iter().filter_map(|&f| {
+            let n = self.tree.node(f);
+            let (layer, offset) = n.data?;
+            let reader = &self.readers[layer];
+            (n.size > super::imports::BATCH_FILE_MAX && reader.index().random_access())
+                .then(|| reader.fetch_for_open(offset, n.size))
+        });
+        let (_, fetched) = futures_util::join!(
+            self.fetch_batch(&files),
+            futures_util::future::join_all(large)
+        );
+        for e in fetched.into_iter().filter_map(Result::err) {
+            tracing::debug!(error = %e, "fetch of a start-up file failed");
+        }
+    }
+
+    /// Fetches the modules python imports before the program's first line, theirs followed
+    /// as imports are (with `follow_imports`), looked up in the library directories only
+    /// (`sys.path` gets its first entry, the script's or working directory, after them):
+    /// `encodings` and its codec at once; beside them the site directories' `.pth` files,
+    /// then the modules their import lines name, `sitecustomize` and `usercustomize`.
+    pub(super) async fn fetch_python_start(&self, limit: u64) {
+        if !self.imports.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let Some(tag) = self.python_tag().map(str::to_string) else {
+            return;
+        };
+        let resolver = super::imports::Resolver::library(&self.tree, tag.clone());
+        let encodings = async {
             let mut names: Vec<String> = PYTHON_START.iter().map(|s| s.to_string()).collect();
+            // Before 3.11 the modules `site` needs were not frozen into the interpreter.
+            let minor = tag
+                .strip_prefix("cpython-3")
+                .and_then(|m| m.parse::<u32>().ok());
+            if minor.is_some_and(|m| m < 11) {
+                names.extend(UNFROZEN_BEFORE_311.iter().map(|s| s.to_string()));
+            }
+            self.walk_imports(&resolver.files(&names), limit).await;
+        };
+        let site = async {
             let pth = pth_files(&self.tree, &tag);
             self.fetch_batch(&pth).await;
+            let mut names = Vec::new();
             for file in pth {
-                let Some((layer, offset)) = self.tree.node(file).data else {
+                let n = self.tree.node(file);
+                let Some((layer, offset)) = n.data else {
                     continue;
                 };
-                let size = self.tree.node(file).size;
-                if let Ok(text) = self.readers[layer].read(offset, size).await {
+                // Only what the batch brought: a file it left out is not read here.
+                let reader = &self.readers[layer];
+                if !reader.is_cached(offset, n.size) {
+                    continue;
+                }
+                if let Ok(text) = reader.read(offset, n.size).await {
                     names.extend(pth_modules(&text));
                 }
             }
+            names.truncate(MAX_PTH_MODULES);
             names.extend(SITE_CUSTOMIZE.iter().map(|s| s.to_string()));
-            self.walk_start(hints, PythonCommand::Modules(names), None, limit)
-                .await;
+            self.walk_imports(&resolver.files(&names), limit).await;
         };
-        futures_util::join!(c_runtime, python_start);
+        futures_util::join!(encodings, site);
     }
 }
 
@@ -288,9 +339,12 @@ mod tests {
             "# import commented\n",
             "  import indented\n",
             "x = __import__('ignored')\n",
+            "importlib = True and __import__('importlib.util')\n",
         )
         .as_bytes();
         assert_eq!(pth_modules(pth), ["os", "_distutils_hack", "a.b", "d"]);
+        let many = format!("import {}\n", vec!["a"; 1000].join(","));
+        assert_eq!(pth_modules(many.as_bytes()).len(), MAX_PTH_MODULES);
         assert!(pth_modules(b"import ../x; __import__('a b')\n").is_empty());
     }
 }

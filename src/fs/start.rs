@@ -187,7 +187,7 @@ impl super::ImageView {
                 // Python's own start, unless the program is python or runs it (below).
                 let runtime = async {
                     if python && !runs_python {
-                        self.fetch_runtime(hints, true, limit).await;
+                        self.fetch_python_start(limit).await;
                     }
                 };
                 futures_util::join!(fetch, imports, runtime);

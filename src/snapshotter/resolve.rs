@@ -163,8 +163,9 @@ impl Resolver {
 
     /// The image `reference` from the store, pulled (metadata only) if missing or if the stored
     /// record predates a tag move and lacks `target`. With `manifest` (the manifest containerd
-    /// resolved a tag to, from CRI's label) the tag's pull is pinned to it (`name:tag@digest`):
-    /// the tag may have moved since containerd resolved it.
+    /// resolved the name to, from CRI's label) a record stored under the name is taken only if
+    /// it is that manifest's, and the pull is pinned to it (`name:tag@digest`): the tag may
+    /// have moved since containerd resolved it.
     async fn image_named(
         &self,
         reference: &str,
@@ -175,15 +176,26 @@ impl Resolver {
             reference: reference.to_string(),
             source,
         };
-        let mut parsed: Reference = reference.parse().map_err(bad)?;
-        if let (None, Some(d)) = (parsed.digest(), &manifest) {
-            parsed = format!("{parsed}@{d}").parse().map_err(bad)?;
-        }
-        // A reference pinned by digest already may name an index: its platform's manifest must
-        // be the labelled one.
+        let named: Reference = reference.parse().map_err(bad)?;
         let fits = |r: &ImageRecord| {
             r.layers.iter().any(|l| l.chain_id.as_ref() == target)
                 && manifest.as_ref().is_none_or(|d| &r.manifest.digest == d)
+        };
+        // The image as named (`stratafs pull` beforehand stores it so), if it is the labelled
+        // manifest: a manifest is known by its digest.
+        if let Ok(Some(r)) = self.store.images.get(&named.to_string()) {
+            if fits(&r) {
+                return Ok(r);
+            }
+        }
+        // Else pinned to the labelled manifest, which is what containerd unpacks: the tag's,
+        // or for a name pinned to an index, its manifest for this platform.
+        let parsed: Reference = match &manifest {
+            Some(d) => {
+                let tag = named.tag().map(|t| format!(":{t}")).unwrap_or_default();
+                format!("{}{tag}@{d}", named.name()).parse().map_err(bad)?
+            }
+            None => named,
         };
         if let Ok(Some(r)) = self.store.images.get(&parsed.to_string()) {
             if fits(&r) {
@@ -220,6 +232,18 @@ impl Resolver {
                 });
             }
         };
+        // Pinned to a manifest, the pull gives that manifest or fails; unless the label named
+        // an index (containerd labels the manifest it unpacks).
+        if let Some(d) = manifest.filter(|d| d != &image.manifest.digest) {
+            if let Some(f) = fetch {
+                f.abandon();
+            }
+            return Err(ResolveError::WrongManifest {
+                labelled: d.to_string(),
+                image: image.name.clone(),
+                actual: image.manifest.digest.to_string(),
+            });
+        }
         let adopted = crate::publish::adopt_if_opted_in(
             self.client.as_ref(),
             &self.store,
@@ -238,13 +262,6 @@ impl Resolver {
                 .flatten()
                 .unwrap_or(image),
         };
-        if let Some(d) = manifest.filter(|d| d != &image.manifest.digest) {
-            return Err(ResolveError::WrongManifest {
-                labelled: d.to_string(),
-                image: image.name.clone(),
-                actual: image.manifest.digest.to_string(),
-            });
-        }
         if let (Some(ahead), Some(f)) = (&self.ahead, fetch) {
             ahead.start(&image, f);
         }

@@ -486,8 +486,9 @@ async fn a_cri_prepare_pulls_the_manifest_containerd_resolved_not_what_the_tag_n
     let dir = tempfile::tempdir().unwrap();
     let registry = Arc::new(FakeRegistry::new());
     let (_, layer) = crate::fs::tests::push(&registry, &crate::fs::tests::files());
-    let scratch = tempfile::tempdir().unwrap();
-    let resolved = crate::fs::tests::pull(&registry, scratch.path()).await;
+    // A store that pulled the image by its tag before the tag moved.
+    let earlier = tempfile::tempdir().unwrap();
+    let resolved = crate::fs::tests::pull(&registry, earlier.path()).await;
     let chain = resolved.layers[0].chain_id.to_string();
     // The tag moves on to another image.
     let (_, moved) = crate::fs::tests::push(&registry, &[("other", b"moved on".to_vec())]);
@@ -513,6 +514,12 @@ async fn a_cri_prepare_pulls_the_manifest_containerd_resolved_not_what_the_tag_n
     // Found in the store the next time: no second pull.
     let before = registry.requests();
     s.resolver.resolve(&chain, &pinned).await.unwrap();
+    assert_eq!(registry.requests().manifests, before.manifests);
+    // A record stored under the tag that is the labelled manifest's is taken as it is.
+    let (s2, _) = snapshotter_over(earlier.path(), registry.clone());
+    let before = registry.requests();
+    let (lazy, _) = s2.resolver.resolve(&chain, &pinned).await.unwrap();
+    assert_eq!(lazy.image, image);
     assert_eq!(registry.requests().manifests, before.manifests);
     // A label that is no digest is ignored.
     let mut bad = unpinned;

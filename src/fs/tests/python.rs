@@ -223,6 +223,8 @@ async fn a_mount_fetches_what_python_and_the_c_library_read_as_they_start() {
             b"import sys\n".to_vec(),
         ),
         (format!("{lib}/sitecustomize.py"), b"x = 1\n".to_vec()),
+        // The working directory is not on `sys.path` yet when python imports these.
+        ("app/sitecustomize.py".into(), b"x = 2\n".to_vec()),
         (
             "usr/lib/locale/C.utf8/LC_CTYPE".into(),
             noise(44, 300 << 10),
@@ -261,51 +263,60 @@ async fn a_mount_fetches_what_python_and_the_c_library_read_as_they_start() {
         "usr/lib/python3/dist-packages/hack.pth".into(),
         "usr/lib/python3/dist-packages/_hack/__init__.py".into(),
         format!("{lib}/sitecustomize.py"),
-        "usr/lib/locale/C.utf8/LC_CTYPE".into(),
     ];
     let c_library = [
-        "usr/lib/locale/en_US.utf8/LC_CTYPE",
-        "usr/lib/locale/en_US.utf8/LC_MESSAGES/SYS_LC_MESSAGES",
         "usr/lib/x86_64-linux-gnu/gconv/gconv-modules.cache",
         "usr/share/zoneinfo/Etc/UTC",
     ];
-    let hints = |args: &[&str]| StartHints {
+    let en_us = [
+        "usr/lib/locale/en_US.utf8/LC_CTYPE",
+        "usr/lib/locale/en_US.utf8/LC_MESSAGES/SYS_LC_MESSAGES",
+    ];
+    let c_utf8 = "usr/lib/locale/C.utf8/LC_CTYPE";
+    let hints = |args: &[&str], locale: Option<&str>| StartHints {
         program: Some(args[0].to_string()),
         path: vec!["/usr/bin".into()],
-        working_dir: "/".into(),
+        working_dir: "/app".into(),
         args: args.iter().map(|a| a.to_string()).collect(),
-        locale: Some("en_US.UTF-8".into()),
+        locale: locale.map(str::to_string),
     };
-    // python: its start, the C library's files for the config's locale, the command's imports.
+    // python with no locale set: its start, the C library's files with `C.UTF-8`'s data (python
+    // takes it in the C locale), the command's imports.
     let dir = tempfile::tempdir().unwrap();
     let view = lazy_view(&registry, dir.path(), &files).await;
     view.follow_imports(true);
-    view.fetch_program(&hints(&["python3", "-c", "import pkg"]), 8 << 20)
+    view.fetch_program(&hints(&["python3", "-c", "import pkg"], None), 8 << 20)
         .await;
     let cached = |path: &str| cached(&view, path);
     for path in started.iter().map(String::as_str).chain(c_library) {
         assert!(cached(path), "{path} not fetched at mount");
     }
-    assert!(cached(&init("pkg")));
+    assert!(cached(c_utf8) && cached(&init("pkg")));
     for path in [
         format!("{lib}/encodings/__pycache__/cp1252.cpython-311.pyc"),
         "usr/lib/locale/de_DE.utf8/LC_CTYPE".into(),
+        "app/sitecustomize.py".into(),
         init("other"),
     ] {
         assert!(!cached(&path), "{path} fetched");
     }
-    // Another program: the C library's files only.
+    for path in en_us {
+        assert!(!cached(path), "{path} fetched with no locale set");
+    }
+    // Another program, the config's locale set: the C library's files for it, nothing of
+    // python's.
     let dir = tempfile::tempdir().unwrap();
     let view = lazy_view(&registry, dir.path(), &files).await;
     view.follow_imports(true);
-    view.fetch_program(&hints(&["env"]), 8 << 20).await;
+    view.fetch_program(&hints(&["env"], Some("en_US.UTF-8")), 8 << 20)
+        .await;
     let cached = |path: &str| super::cached(&view, path);
     let program = "usr/bin/env";
     assert!(cached(program));
-    for path in c_library {
+    for path in c_library.into_iter().chain(en_us) {
         assert!(cached(path), "{path} not fetched for {program}");
     }
-    for path in &started {
+    for path in started.iter().map(String::as_str).chain([c_utf8]) {
         assert!(!cached(path), "{path} fetched for {program}");
     }
 }
