@@ -412,7 +412,7 @@ cold_snap() {
   local c=$1 v=$2 cfg=$3 i=$4 m t0 t1 tp ts r0 rc l o hw cs k=snap:$1 sock=$work/snap.sock ref=${REF[$1]:-${REF[$2]}}
   [ -z "${NOTE[$k]:-}" ] || return 0
   snap_stop; rm -f "$sock"
-  nsenter --net="/run/netns/$ns" "$bin" --root "$work/snaproot" --config "$cfg" ${KEEP_LOGS:+--log-level warn,stratafs=debug} snapshotter --address "$sock" --containerd-address "$ctd/containerd.sock" >"$work/snap.log" 2>&1 &
+  nsenter --net="/run/netns/$ns" "$bin" --root "$work/snaproot" --config "$cfg" ${KEEP_LOGS:+--log-level warn,stratafs=debug} snapshotter --address "$sock" >"$work/snap.log" 2>&1 &
   snap_pid=$!
   for _ in $(seq 300); do [ -S "$sock" ] && break; kill -0 "$snap_pid" 2>/dev/null || break; sleep 0.1; done
   ctd_start inns "$sock"

@@ -114,10 +114,6 @@ pub enum Command {
         /// at this address, e.g. 127.0.0.1:9111.
         #[arg(long, value_name = "ADDR")]
         metrics_address: Option<String>,
-        /// containerd's socket: a lazy pull reads the image's manifest and config from its
-        /// content store instead of the registry when it can tell which they are.
-        #[arg(long, default_value = "/run/containerd/containerd.sock")]
-        containerd_address: PathBuf,
     },
     /// Layer indexes.
     #[command(subcommand)]

@@ -122,8 +122,6 @@ pub struct SnapshotterArgs {
     pub plain_http: bool,
     /// Serve Prometheus metrics (the snapshotter's and its mounts') at this address.
     pub metrics_address: Option<String>,
-    /// containerd's socket, for its content store ([`super::content`]).
-    pub containerd_address: PathBuf,
 }
 
 /// Why the snapshotter could not start or stopped serving.
@@ -187,7 +185,6 @@ pub async fn run(
             ctx.layers.cache().clone(),
             ctx.config.index.clone(),
         ))),
-        content: Some(super::content::ContentStore::new(&args.containerd_address)),
     };
     let snapshotter =
         Arc::new(Snapshotter::open(resolver, mounter, ctx.chunks.clone()).map_err(RunError::Open)?);

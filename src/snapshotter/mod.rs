@@ -25,7 +25,6 @@
 //! (no `protoc` needed); see docs/snapshotter.md for why.
 
 pub mod ahead;
-pub mod content;
 pub mod daemons;
 pub mod filter;
 mod grpc;

@@ -31,8 +31,6 @@ pub const CRI_LAYER: &str = "containerd.io/snapshot/cri.layer-digest";
 pub const CRI_MANIFEST: &str = "containerd.io/snapshot/cri.manifest-digest";
 const STARGZ_IMAGE: &str = "containerd.io/snapshot/remote/stargz.reference";
 const STARGZ_LAYER: &str = "containerd.io/snapshot/remote/stargz.digest";
-/// ctr-remote's: the layers from this one to the image's top, comma-separated.
-const STARGZ_LAYERS: &str = "containerd.io/snapshot/remote/stargz.layers";
 
 /// Finds the layers behind ChainIDs.
 pub struct Resolver {
@@ -47,10 +45,6 @@ pub struct Resolver {
     /// Fetches the layers' pinned indexes into the store from the moment a pulled manifest is
     /// parsed, for the image's mount to find ([`Ahead`]); `None` leaves them to the mount.
     pub ahead: Option<Arc<Ahead>>,
-    /// containerd's content store, which has the image's manifest and config by the time
-    /// containerd asks for a layer: read there instead of the registry when the labels tell
-    /// which manifest it is ([`super::content`]); `None` always asks the registry.
-    pub content: Option<super::content::ContentStore>,
 }
 
 /// Why a layer is not served lazily (containerd then applies it itself).
@@ -98,13 +92,11 @@ pub enum ResolveError {
 
 impl Resolver {
     /// The lazily servable layer whose chain is `target`, and whether that chain is the image's
-    /// whole rootfs (its top layer); or why there is none. `namespace`: containerd's, where
-    /// its content store has the image's metadata.
+    /// whole rootfs (its top layer); or why there is none.
     pub async fn resolve(
         &self,
         target: &str,
         labels: &HashMap<String, String>,
-        namespace: Option<&str>,
     ) -> Result<(LazyLayer, bool), ResolveError> {
         let reference = labels.get(CRI_IMAGE).or_else(|| labels.get(STARGZ_IMAGE));
         let digest = labels.get(CRI_LAYER).or_else(|| labels.get(STARGZ_LAYER));
@@ -120,14 +112,7 @@ impl Resolver {
                 }
             });
         let image = match reference {
-            Some(r) => {
-                let layers: Vec<String> = labels
-                    .get(STARGZ_LAYERS)
-                    .map(|l| l.split(',').map(str::to_string).collect())
-                    .unwrap_or_default();
-                let local = Local { namespace, layers };
-                self.image_named(r, manifest, target, local).await?
-            }
+            Some(r) => self.image_named(r, manifest, target).await?,
             None => self
                 .stored_with_chain(target)?
                 .ok_or(ResolveError::NoImage)?,
@@ -186,7 +171,6 @@ impl Resolver {
         reference: &str,
         manifest: Option<oci_spec::image::Digest>,
         target: &str,
-        local: Local<'_>,
     ) -> Result<ImageRecord, ResolveError> {
         let bad = |source| ResolveError::BadReference {
             reference: reference.to_string(),
@@ -224,37 +208,8 @@ impl Resolver {
                 f.manifest_known(&parsed, manifest);
             }
         };
-        // The manifest and config from containerd's content store when it can tell which.
-        let found = match (&self.content, local.namespace) {
-            (Some(content), Some(namespace)) => {
-                let wanted = match &manifest {
-                    Some(d) => Some(super::content::Wanted::Manifest(d.clone())),
-                    None if !local.layers.is_empty() => Some(super::content::Wanted::Layers {
-                        reference: &parsed,
-                        layers: local.layers,
-                    }),
-                    None => None,
-                };
-                match wanted {
-                    Some(w) => content.find(namespace, w).await,
-                    None => None,
-                }
-            }
-            _ => None,
-        };
-        let preloaded = found.map(|found| {
-            tracing::info!(%reference, manifest = %found.manifest.digest, "image metadata from containerd's content store");
-            super::content::Preloaded {
-                inner: self.client.as_ref(),
-                found,
-            }
-        });
-        let client: &dyn Registry = match &preloaded {
-            Some(p) => p,
-            None => self.client.as_ref(),
-        };
         let pulled = crate::pull::pull_with(
-            client,
+            self.client.as_ref(),
             &self.store,
             &parsed,
             &self.platform,
@@ -319,11 +274,4 @@ impl Resolver {
             .into_iter()
             .find(|i| i.layers.iter().any(|l| l.chain_id.as_ref() == target)))
     }
-}
-
-/// Where containerd keeps what it fetched of the image: its namespace, and the layers
-/// ctr-remote's labels name (from this one to the top).
-struct Local<'a> {
-    namespace: Option<&'a str>,
-    layers: Vec<String>,
 }

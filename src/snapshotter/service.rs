@@ -206,9 +206,7 @@ impl Snapshotter {
         }
         if kind == Kind::Active {
             if let Some(target) = labels.get(LABEL_TARGET) {
-                // containerd's keys are NAMESPACE/N/KEY.
-                let namespace = key.split_once('/').map(|(ns, _)| ns);
-                if self.try_lazy(target, parent, &labels, namespace).await? {
+                if self.try_lazy(target, parent, &labels).await? {
                     return Err(SnapshotterError::AlreadyExists(target.clone()));
                 }
             }
@@ -268,7 +266,6 @@ impl Snapshotter {
         target: &str,
         parent: &str,
         labels: &HashMap<String, String>,
-        namespace: Option<&str>,
     ) -> Result<bool> {
         {
             let meta = self.meta();
@@ -284,7 +281,7 @@ impl Snapshotter {
                 return Ok(false);
             }
         }
-        let (layer, top) = match self.resolver.resolve(target, labels, namespace).await {
+        let (layer, top) = match self.resolver.resolve(target, labels).await {
             Ok(resolved) => resolved,
             Err(reason) => {
                 tracing::info!(%target, %reason, "not lazy: containerd applies this layer");

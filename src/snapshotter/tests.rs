@@ -89,7 +89,6 @@ fn snapshotter_over(dir: &Path, registry: Arc<FakeRegistry>) -> (Snapshotter, Ar
         // The stored images' plain zstd layers (100 bytes) just do not fit one pass.
         pass_budget: 100 * crate::fs::ZSTD_EXPANSION - 1,
         ahead: None,
-        content: None,
     };
     let s = Snapshotter::open(resolver, mounter.clone(), Arc::new(NoChunks)).unwrap();
     (s, mounter)
@@ -430,17 +429,13 @@ async fn plain_zstd_is_lazy_when_it_fits_one_pass() {
     let no_labels = HashMap::new();
     let e = s
         .resolver
-        .resolve(&chains[0], &no_labels, None)
+        .resolve(&chains[0], &no_labels)
         .await
         .unwrap_err();
     assert!(matches!(e, ResolveError::TooLarge { size: 100, .. }), "{e}");
     assert!(e.to_string().contains("[cache] max_size"), "{e}");
     s.resolver.pass_budget = 100 * crate::fs::ZSTD_EXPANSION;
-    let (lazy, top) = s
-        .resolver
-        .resolve(&chains[0], &no_labels, None)
-        .await
-        .unwrap();
+    let (lazy, top) = s.resolver.resolve(&chains[0], &no_labels).await.unwrap();
     assert_eq!((lazy.chain_id.as_str(), top), (chains[0].as_str(), true));
 }
 
@@ -459,13 +454,13 @@ async fn the_resolver_pulls_labelled_images_metadata_only() {
     // first call names a ChainID the image lacks.
     let e = s
         .resolver
-        .resolve("sha256:0", &labels(layer.as_ref()), None)
+        .resolve("sha256:0", &labels(layer.as_ref()))
         .await;
     assert!(matches!(e, Err(ResolveError::NoChain { .. })), "{e:?}");
     let chain = pulled_chain(&s, &image);
     let (lazy, top) = s
         .resolver
-        .resolve(&chain, &labels(layer.as_ref()), None)
+        .resolve(&chain, &labels(layer.as_ref()))
         .await
         .unwrap();
     assert_eq!(
@@ -479,7 +474,7 @@ async fn the_resolver_pulls_labelled_images_metadata_only() {
         "the config only, no layer data: {r:?}"
     );
     let other = sha256(b"another layer").to_string();
-    let e = s.resolver.resolve(&chain, &labels(&other), None).await;
+    let e = s.resolver.resolve(&chain, &labels(&other)).await;
     assert!(matches!(e, Err(ResolveError::WrongLayer { .. })), "{e:?}");
 }
 
@@ -502,13 +497,13 @@ async fn a_cri_prepare_pulls_the_manifest_containerd_resolved_not_what_the_tag_n
     let image = format!("registry.test/{}:v1", crate::fs::tests::REPO);
     // Without the manifest's label: what the tag names now lacks the layer.
     let unpinned = cri_labels(&image, layer.as_ref(), None);
-    let e = s.resolver.resolve(&chain, &unpinned, None).await;
+    let e = s.resolver.resolve(&chain, &unpinned).await;
     assert!(matches!(e, Err(ResolveError::NoChain { .. })), "{e:?}");
     assert!(s.resolver.store.images.get(&image).unwrap().is_some());
     // With it: that manifest, stored under the tag pinned to it.
     let mut pinned = unpinned.clone();
     pinned.insert(CRI_MANIFEST.into(), resolved.manifest.digest.to_string());
-    let (lazy, top) = s.resolver.resolve(&chain, &pinned, None).await.unwrap();
+    let (lazy, top) = s.resolver.resolve(&chain, &pinned).await.unwrap();
     let name = format!("{image}@{}", resolved.manifest.digest);
     assert_eq!(
         (lazy.image.as_str(), lazy.digest.as_str(), top),
@@ -518,18 +513,18 @@ async fn a_cri_prepare_pulls_the_manifest_containerd_resolved_not_what_the_tag_n
     assert_eq!(record.manifest.digest, resolved.manifest.digest);
     // Found in the store the next time: no second pull.
     let before = registry.requests();
-    s.resolver.resolve(&chain, &pinned, None).await.unwrap();
+    s.resolver.resolve(&chain, &pinned).await.unwrap();
     assert_eq!(registry.requests().manifests, before.manifests);
     // A record stored under the tag that is the labelled manifest's is taken as it is.
     let (s2, _) = snapshotter_over(earlier.path(), registry.clone());
     let before = registry.requests();
-    let (lazy, _) = s2.resolver.resolve(&chain, &pinned, None).await.unwrap();
+    let (lazy, _) = s2.resolver.resolve(&chain, &pinned).await.unwrap();
     assert_eq!(lazy.image, image);
     assert_eq!(registry.requests().manifests, before.manifests);
     // A label that is no digest is ignored.
     let mut bad = unpinned;
     bad.insert(CRI_MANIFEST.into(), "not a digest".into());
-    let e = s.resolver.resolve(&chain, &bad, None).await;
+    let e = s.resolver.resolve(&chain, &bad).await;
     assert!(matches!(e, Err(ResolveError::NoChain { .. })), "{e:?}");
 }
 
@@ -607,5 +602,3 @@ async fn a_layer_without_a_pinned_index_is_not_fetched_ahead() {
     let indexes = crate::layer::IndexStore::new(dir.path());
     assert!(!indexes.has(&blob, None), "nothing stored for the layer");
 }
-
-mod content;

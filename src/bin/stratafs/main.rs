@@ -168,7 +168,6 @@ async fn run(mut cli: Cli) -> Result<()> {
             address,
             registry,
             metrics_address,
-            containerd_address,
         } => {
             let ctx = lazy::Context::new(store, &config, registry.plain_http)?;
             let args = stratafs::snapshotter::daemons::SnapshotterArgs {
@@ -176,7 +175,6 @@ async fn run(mut cli: Cli) -> Result<()> {
                 platform: registry.platform,
                 plain_http: registry.plain_http,
                 metrics_address,
-                containerd_address,
             };
             stratafs::snapshotter::daemons::run(ctx, cli.config.as_deref(), &cli.log_level, args)
                 .await?;
