@@ -89,6 +89,15 @@ impl<'a> Resolver<'a> {
         r
     }
 
+    /// The directories looked in that are site directories (`site-packages`,
+    /// `dist-packages`; no package's name has a `-`), in lookup order.
+    pub fn site_dirs(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.roots.iter().copied().filter(|&d| {
+            let name = self.tree.node(d).name.as_str();
+            name == "site-packages" || name == "dist-packages"
+        })
+    }
+
     /// For a script or `-c` code (python's `__main__`): no relative imports, and absolute ones
     /// looked up from its directory first, as `sys.path` starts there, even if that
     /// directory is a package.

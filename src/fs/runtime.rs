@@ -145,24 +145,11 @@ pub fn c_runtime_files(tree: &Tree, hints: &StartHints, python: bool) -> Vec<Nod
         .collect()
 }
 
-/// The `.pth` files of python's site directories (sorted by name within each, as `site`
-/// reads them), at most [`MAX_PTH_FILES`].
-pub fn pth_files(tree: &Tree, tag: &str) -> Vec<NodeId> {
-    let Some(minor) = tag.strip_prefix("cpython-3") else {
-        return Vec::new();
-    };
-    let version = format!("python3.{minor}");
-    let mut dirs = Vec::new();
-    for prefix in ["usr/local/lib", "usr/lib"] {
-        for sub in ["site-packages", "dist-packages"] {
-            dirs.push(format!("{prefix}/{version}/{sub}"));
-        }
-    }
-    dirs.push("usr/lib/python3/dist-packages".into());
-    let mut seen = std::collections::HashSet::new();
-    dirs.iter()
-        .filter_map(|d| tree.lookup(d))
-        .filter(|&d| seen.insert(d))
+/// The `.pth` files of python's site directories (those among `resolver`'s library
+/// directories; sorted by name within each, as `site` reads them), at most [`MAX_PTH_FILES`].
+pub fn pth_files(tree: &Tree, resolver: &super::imports::Resolver<'_>) -> Vec<NodeId> {
+    resolver
+        .site_dirs()
         .flat_map(|d| {
             tree.node(d)
                 .children
@@ -286,7 +273,7 @@ impl super::ImageView {
             self.walk_imports(&resolver.files(&names), limit).await;
         };
         let site = async {
-            let pth = pth_files(&self.tree, &tag);
+            let pth = pth_files(&self.tree, &resolver);
             self.fetch_batch(&pth).await;
             let mut names = Vec::new();
             for file in pth {

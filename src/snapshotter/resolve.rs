@@ -193,15 +193,17 @@ impl Resolver {
         let parsed: Reference = match &manifest {
             Some(d) => {
                 let tag = named.tag().map(|t| format!(":{t}")).unwrap_or_default();
-                format!("{}{tag}@{d}", named.name()).parse().map_err(bad)?
+                let pinned: Reference =
+                    format!("{}{tag}@{d}", named.name()).parse().map_err(bad)?;
+                if let Ok(Some(r)) = self.store.images.get(&pinned.to_string()) {
+                    if fits(&r) {
+                        return Ok(r);
+                    }
+                }
+                pinned
             }
             None => named,
         };
-        if let Ok(Some(r)) = self.store.images.get(&parsed.to_string()) {
-            if fits(&r) {
-                return Ok(r);
-            }
-        }
         let fetch = self.ahead.as_ref().map(|a| a.fetch());
         let manifest_known = |manifest: &oci_spec::image::ImageManifest| {
             if let Some(f) = &fetch {
