@@ -124,22 +124,24 @@ impl StartHints {
 
 impl super::ImageView {
     /// Fetches the user and group databases a runtime reads before the container's program
-    /// starts (each whole, up to 1 MiB, in its own request), with a startup profile or
-    /// without: a profile recorded by `stratafs mount` and `chroot` has no runtime's reads,
-    /// and these are the first reads of a container's start, which a replay under way would
-    /// otherwise keep waiting. Failures are left to the reads.
+    /// starts (each whole, up to 1 MiB, both at once), with a startup profile or without: a
+    /// profile recorded by `stratafs mount` and `chroot` has no runtime's reads, and these
+    /// are the first reads of a container's start (`ctr run` reads `/etc/group` in a
+    /// temporary mount of the rootfs before it creates the container), which a replay or the
+    /// program's fetch under way would otherwise keep waiting. Failures are left to the reads.
     pub async fn fetch_user_databases(&self) {
-        for path in ["etc/passwd", "etc/group"] {
+        let fetches = ["etc/passwd", "etc/group"].map(|path| async move {
             let Some(node) = super::elf::follow(&self.tree, path) else {
-                continue;
+                return;
             };
             let Some((layer, offset, len)) = self.open_fetch(node, USER_DB_MAX) else {
-                continue;
+                return;
             };
             if let Err(e) = self.readers[layer].fetch_for_open(offset, len).await {
                 tracing::debug!(%path, error = %e, "fetch ahead of the container's start failed");
             }
-        }
+        });
+        futures_util::future::join_all(fetches).await;
     }
 
     /// Fetches the program a container of the image runs first ([`StartHints`]; the module's

@@ -510,6 +510,90 @@ async fn a_mount_fetches_what_the_config_runs_first_and_the_user_databases() {
     assert!(!cached("usr/bin/other"));
 }
 
+/// Answers no range read until two have been asked for (or 5 s have passed, noting that it
+/// waited in vain): fetches made one after another are caught.
+struct TwoAtOnce {
+    inner: Arc<FakeRegistry>,
+    asked: tokio::sync::watch::Sender<usize>,
+    in_vain: std::sync::atomic::AtomicBool,
+}
+
+impl crate::registry::Registry for TwoAtOnce {
+    fn resolve<'a>(
+        &'a self,
+        reference: &'a Reference,
+    ) -> crate::registry::RegistryFuture<'a, crate::registry::Fetched> {
+        self.inner.resolve(reference)
+    }
+    fn fetch_manifest<'a>(
+        &'a self,
+        at: crate::registry::At<'a>,
+    ) -> crate::registry::RegistryFuture<'a, crate::registry::Fetched> {
+        self.inner.fetch_manifest(at)
+    }
+    fn fetch_blob<'a>(
+        &'a self,
+        at: crate::registry::At<'a>,
+        cap: Option<u64>,
+    ) -> crate::registry::RegistryFuture<'a, Vec<u8>> {
+        self.inner.fetch_blob(at, cap)
+    }
+    fn read_range<'a>(
+        &'a self,
+        at: crate::registry::At<'a>,
+        offset: u64,
+        len: u64,
+    ) -> crate::registry::RegistryFuture<'a, Vec<u8>> {
+        Box::pin(async move {
+            self.asked.send_modify(|n| *n += 1);
+            let mut asked = self.asked.subscribe();
+            let two = asked.wait_for(|n| *n >= 2);
+            if tokio::time::timeout(std::time::Duration::from_secs(5), two)
+                .await
+                .is_err()
+            {
+                self.in_vain
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            self.inner.read_range(at, offset, len).await
+        })
+    }
+    fn referrers<'a>(
+        &'a self,
+        subject: crate::registry::At<'a>,
+        kind: &'a str,
+    ) -> crate::registry::RegistryFuture<'a, Option<Vec<u8>>> {
+        self.inner.referrers(subject, kind)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_user_databases_are_fetched_both_at_once() {
+    // `ctr run` reads /etc/group before the container exists: its fetch must not wait for
+    // /etc/passwd's.
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(FakeRegistry::new());
+    drop(lazy_view(&registry, dir.path(), &start_fixture()).await);
+    let client = Arc::new(TwoAtOnce {
+        inner: registry.clone(),
+        asked: tokio::sync::watch::channel(0).0,
+        in_vain: Default::default(),
+    });
+    let record = pull(&registry, dir.path()).await;
+    let chunks = Arc::new(DiskChunks::open(dir.path()).unwrap());
+    let layers = Layers::new(dir.path(), client.clone(), Arc::new(Cache::new(chunks, 8)));
+    let view = ImageView::open(&layers, &record).await.unwrap();
+    view.fetch_user_databases().await;
+    for path in ["etc/passwd", "etc/group"] {
+        assert!(cached(&view, path), "{path}");
+    }
+    assert_eq!(*client.asked.borrow(), 2);
+    assert!(
+        !client.in_vain.load(std::sync::atomic::Ordering::SeqCst),
+        "one database's fetch waited for the other's"
+    );
+}
+
 /// A program, its loader and library, others on the `PATH`, a script run through `env`,
 /// and the user and group databases, each between incompressible fillers.
 fn start_fixture() -> Vec<(String, Vec<u8>)> {
