@@ -673,3 +673,50 @@ fn rmi_collects_the_files_of_layers_no_image_has() {
     assert!(files().is_empty(), "{:?}", files());
     assert_eq!(windows(), 0, "no index names the window file");
 }
+
+/// A mount's serving process that has not spoken to the registry (its image pulled and its
+/// layers cached by another process) readies its way there ahead of reads: one token for the
+/// repository and four connections kept alive, by HEAD requests of the manifest.
+#[test]
+fn a_mount_of_an_image_pulled_earlier_readies_its_token_and_connections() {
+    let tokens = TokenServer::start(TokenServerOpts::default());
+    let reg = Registry::start(RegistryOpts {
+        token: Some(tokens.auth_config()),
+        ..Default::default()
+    });
+    let (image, expected) = tricky_image(ManifestFlavour::Oci);
+    let push = Auth::Bearer(tokens.push_pull_token("lazy/warm"));
+    reg.push_image("lazy/warm", "v1", &image, &push);
+    let reference = format!("{}/lazy/warm:v1", reg.addr());
+    let cli = Stratafs::new();
+    cli.ok(&["index", "build", &reference]);
+
+    let (before, mark) = (tokens.token_requests(), reg.log_mark());
+    let guard = mount::MountGuard::new(Some(cli.root()));
+    cli.ok(&["mount", &reference, guard.dir.to_str().unwrap()]);
+    let heads = |log: &[AccessEntry]| {
+        log.iter()
+            .filter(|e| {
+                e.method == "HEAD"
+                    && e.status == 200
+                    && e.path.ends_with(&image.manifest_digest)
+                    && e.user_agent.starts_with("stratafs/")
+            })
+            .count()
+    };
+    let log = reg.wait_access_log(mark, std::time::Duration::from_secs(20), |l| heads(l) >= 4);
+    assert_eq!(heads(&log), 4, "{log:#?}");
+    assert_eq!(
+        tokens.token_requests() - before,
+        1,
+        "one token for the four: {:?}",
+        &tokens.requests()[before..]
+    );
+    for (path, content) in &expected {
+        assert!(
+            std::fs::read(guard.path(path)).unwrap() == *content,
+            "{path}"
+        );
+    }
+    cli.ok(&["umount", guard.dir.to_str().unwrap()]);
+}

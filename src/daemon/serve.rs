@@ -235,6 +235,9 @@ fn start_fetch(
     }))
 }
 
+/// Connections a serving process opens to its registry ahead of its first reads.
+const WARM_CONNECTIONS: usize = 4;
+
 fn profile_settings(ctx: &Context) -> crate::profile::MountProfile {
     let m = &ctx.config.mount;
     crate::profile::MountProfile {
@@ -264,6 +267,18 @@ pub async fn serve(
     let started = Instant::now();
     let (image, count) = open_image(&ctx, args).await?;
     let resolved = started.elapsed();
+    // An image pulled earlier: this process has not spoken to its registry yet. Its client,
+    // authentication and first connections are readied while the layers open.
+    if ctx.client.requests_sent() == 0 {
+        if let Ok(reference) = image.name.parse::<crate::reference::Reference>() {
+            let (client, digest) = (ctx.client.clone(), image.manifest.digest.clone());
+            tokio::spawn(async move {
+                let (c, r) = (client.clone(), reference.clone());
+                let _ = tokio::task::spawn_blocking(move || c.ready_clients(&r)).await;
+                client.warm_up(&reference, &digest, WARM_CONNECTIONS).await
+            });
+        }
+    }
     let mounted_chain = image
         .layers
         .get(count.wrapping_sub(1))

@@ -338,6 +338,52 @@ impl RegistryClient {
         })
     }
 
+    /// Builds the HTTP clients of the hosts a request for `reference` may go to (mirrors, then
+    /// the origin), if not built yet. Blocking: each reads the system's TLS roots (the bundle
+    /// and every file of `/etc/ssl/certs`) and a host's own CA files; meant for a blocking
+    /// thread ahead of the first request, which would otherwise build its client on the
+    /// runtime's worker.
+    pub fn ready_clients(&self, reference: &Reference) {
+        for ep in self.endpoints(reference, true).unwrap_or_default() {
+            if let Err(e) = self.transport.client_for(&ep.host) {
+                tracing::debug!(host = %ep.host, error = %e, "building the registry's http client ahead of requests failed");
+            }
+        }
+    }
+
+    /// Readies this process's way to the registry of `reference` before reads need it: the
+    /// HTTP client (with its TLS roots: [`ready_clients`](Self::ready_clients) first, on a
+    /// blocking thread), the answer to the registry's authentication challenge
+    /// (a token to pull from the repository, credentials from a helper), and `connections`
+    /// connections kept alive for the requests that follow — by as many HEAD requests of
+    /// manifest `digest` at once (a HEAD counts against no pull limit). A process that serves a
+    /// mount of an image pulled earlier (the snapshotter's, a second `mount`) otherwise pays
+    /// all of that on its first reads, each connection a round trip (and TLS's) before its
+    /// first request. Failures are logged and left to the requests that follow.
+    pub async fn warm_up(&self, reference: &Reference, digest: &Digest, connections: usize) {
+        let Ok(endpoints) = self.endpoints(reference, true) else {
+            return;
+        };
+        let mut req = transport::Request::get(
+            reference,
+            format!("manifests/{digest}"),
+            Some(media::MANIFEST_ACCEPT),
+            subject(reference, &format!("manifest {digest}"), false),
+        );
+        req.method = reqwest::Method::HEAD;
+        // Once: a registry that cannot be reached is the reads' to report.
+        req.retry = false;
+        let head = || {
+            transport::first_endpoint(&endpoints, |ep| async {
+                self.transport.send(ep, &req, None).await.map(drop)
+            })
+        };
+        let answered = futures_util::future::join_all((0..connections).map(|_| head())).await;
+        if let Some(Err(e)) = answered.into_iter().find(Result::is_err) {
+            tracing::debug!(%reference, error = %e, "readying the registry's connections ahead of reads failed");
+        }
+    }
+
     /// Fetches a small blob (a config) by digest, capped and verified.
     pub async fn fetch_blob(
         &self,

@@ -37,6 +37,8 @@ pub(crate) struct Request<'a> {
     pub subject: String,
     pub method: reqwest::Method,
     pub body: Option<(Vec<u8>, String)>,
+    /// Whether a failed connection or a server error is tried again (as it is by default).
+    pub retry: bool,
 }
 
 impl<'a> Request<'a> {
@@ -54,6 +56,7 @@ impl<'a> Request<'a> {
             subject,
             method: reqwest::Method::GET,
             body: None,
+            retry: true,
         }
     }
 
@@ -332,7 +335,7 @@ impl Transport {
         let scope = format!("repository:{repo}:{actions}");
         let started = Instant::now();
         let deadline = started + Duration::from_secs(self.settings.retry_max_elapsed_secs);
-        let retry = !ep.is_mirror;
+        let retry = !ep.is_mirror && req.retry;
         let mut attempt = 1;
         let mut backoff = Duration::from_millis(100);
         // Each is done at most once per request: answer a 401 challenge, renew a token on 403.
@@ -618,6 +621,11 @@ impl Transport {
         let (token, ttl) = parsed.into_token(realm)?;
         self.auth.set_token(&ep.host, scope, token.clone(), ttl);
         Ok(token)
+    }
+
+    /// Builds the HTTP client for `host` now if it is not built yet ([`Self::client`]).
+    pub(crate) fn client_for(&self, host: &str) -> Result<(), RegistryError> {
+        self.client(host).map(drop)
     }
 
     /// The HTTP client for `host`, built once with that host's TLS settings.
