@@ -235,7 +235,25 @@ fn start_fetch(
     }))
 }
 
-/// Connections a serving process opens to its registry ahead of its first reads.
+/// Readies, in the background while the layers open, what this process's first reads from
+/// `image`'s registry would otherwise wait for ([`RegistryClient::warm_up`]).
+///
+/// [`RegistryClient::warm_up`]: crate::registry::RegistryClient::warm_up
+fn warm_up(ctx: &Context, image: &crate::image::ImageRecord) {
+    let Ok(reference) = image.name.parse::<crate::reference::Reference>() else {
+        return;
+    };
+    let (client, digest) = (ctx.client.clone(), image.manifest.digest.clone());
+    tokio::spawn(async move {
+        // Loading TLS roots reads files: off the runtime's workers.
+        let (c, r) = (client.clone(), reference.clone());
+        let _ = tokio::task::spawn_blocking(move || c.ready_clients(&r)).await;
+        client.warm_up(&reference, &digest, WARM_CONNECTIONS).await
+    });
+}
+
+/// Connections a serving process opens to its registry ahead of its first reads (over HTTP/2
+/// the first one carries them all).
 const WARM_CONNECTIONS: usize = 4;
 
 fn profile_settings(ctx: &Context) -> crate::profile::MountProfile {
@@ -267,17 +285,9 @@ pub async fn serve(
     let started = Instant::now();
     let (image, count) = open_image(&ctx, args).await?;
     let resolved = started.elapsed();
-    // An image pulled earlier: this process has not spoken to its registry yet. Its client,
-    // authentication and first connections are readied while the layers open.
+    // An image pulled earlier: this process has not spoken to its registry yet.
     if ctx.client.requests_sent() == 0 {
-        if let Ok(reference) = image.name.parse::<crate::reference::Reference>() {
-            let (client, digest) = (ctx.client.clone(), image.manifest.digest.clone());
-            tokio::spawn(async move {
-                let (c, r) = (client.clone(), reference.clone());
-                let _ = tokio::task::spawn_blocking(move || c.ready_clients(&r)).await;
-                client.warm_up(&reference, &digest, WARM_CONNECTIONS).await
-            });
-        }
+        warm_up(&ctx, &image);
     }
     let mounted_chain = image
         .layers
@@ -506,6 +516,7 @@ pub async fn take_over(
     let Some((image, count)) = record.served.clone() else {
         cannot("its record does not say which image it serves".into())
     };
+    warm_up(&ctx, &image);
     let view = Arc::new(ImageView::open_chain(&ctx.layers, &image, count).await?);
     view.fetch_neighbours();
     view.follow_imports(ctx.config.mount.follow_imports);

@@ -353,13 +353,17 @@ impl RegistryClient {
 
     /// Readies this process's way to the registry of `reference` before reads need it: the
     /// HTTP client (with its TLS roots: [`ready_clients`](Self::ready_clients) first, on a
-    /// blocking thread), the answer to the registry's authentication challenge
-    /// (a token to pull from the repository, credentials from a helper), and `connections`
-    /// connections kept alive for the requests that follow — by as many HEAD requests of
-    /// manifest `digest` at once (a HEAD counts against no pull limit). A process that serves a
-    /// mount of an image pulled earlier (the snapshotter's, a second `mount`) otherwise pays
-    /// all of that on its first reads, each connection a round trip (and TLS's) before its
-    /// first request. Failures are logged and left to the requests that follow.
+    /// blocking thread), the answer to the registry's authentication challenge (a token to
+    /// pull from the repository, credentials from a helper) and, over HTTP/1.1, `connections`
+    /// connections kept alive for the requests that follow (over HTTP/2 one carries them all)
+    /// — by a HEAD request of manifest `digest` (a HEAD counts against no pull limit) and,
+    /// once it is answered, `connections - 1` more at once. A process that serves a mount of an
+    /// image pulled earlier (the snapshotter's, a second `mount`, a takeover) otherwise pays
+    /// all of that on its first reads. Nothing is tried again, counted as a registry error or
+    /// logged above debug: a registry that cannot be reached (a host whose cache holds the
+    /// whole image) is the reads' to report, if they need it. Not covered: a token service's
+    /// own client (built when the challenge names it) and blob locations a registry redirects
+    /// to (a CDN's connections are opened by the reads).
     pub async fn warm_up(&self, reference: &Reference, digest: &Digest, connections: usize) {
         let Ok(endpoints) = self.endpoints(reference, true) else {
             return;
@@ -371,16 +375,18 @@ impl RegistryClient {
             subject(reference, &format!("manifest {digest}"), false),
         );
         req.method = reqwest::Method::HEAD;
-        // Once: a registry that cannot be reached is the reads' to report.
         req.retry = false;
-        let head = || {
-            transport::first_endpoint(&endpoints, |ep| async {
-                self.transport.send(ep, &req, None).await.map(drop)
-            })
-        };
-        let answered = futures_util::future::join_all((0..connections).map(|_| head())).await;
-        if let Some(Err(e)) = answered.into_iter().find(Result::is_err) {
-            tracing::debug!(%reference, error = %e, "readying the registry's connections ahead of reads failed");
+        let head = || self.transport.head_quietly(&endpoints, &req);
+        if let Err(e) = head().await {
+            return tracing::debug!(%reference, error = %e, "readying the registry ahead of reads failed");
+        }
+        let more = (1..connections).map(|_| head());
+        for e in futures_util::future::join_all(more)
+            .await
+            .into_iter()
+            .filter_map(Result::err)
+        {
+            tracing::debug!(%reference, error = %e, "opening a connection to the registry ahead of reads failed");
         }
     }
 

@@ -318,6 +318,24 @@ impl Transport {
         result
     }
 
+    /// Sends `req` to the first of `endpoints` that answers it with success, as
+    /// [`send`](Self::send) does, but uncounted in the registry errors and with failures left
+    /// to the caller (no warning when a mirror fails).
+    pub(crate) async fn head_quietly(
+        &self,
+        endpoints: &[Endpoint],
+        req: &Request<'_>,
+    ) -> Result<(), RegistryError> {
+        let mut last = None;
+        for ep in endpoints {
+            match self.send_retrying(ep, req, None).await {
+                Ok(_) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| RegistryError::Config("no endpoints".into())))
+    }
+
     async fn send_retrying(
         &self,
         ep: &Endpoint,
@@ -652,11 +670,10 @@ impl Transport {
         let client = builder
             .build()
             .map_err(|e| RegistryError::Config(format!("http client for {host}: {e}")))?;
-        self.clients
-            .lock()
-            .unwrap()
-            .insert(host.to_string(), client.clone());
-        Ok(client)
+        // Built twice at once (a request beside `ready_clients`): the first one kept is the
+        // one every request uses, so connections opened through it are reused.
+        let mut clients = self.clients.lock().unwrap();
+        Ok(clients.entry(host.to_string()).or_insert(client).clone())
     }
 }
 
