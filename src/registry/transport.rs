@@ -646,11 +646,26 @@ impl Transport {
         self.client(host).map(drop)
     }
 
-    /// The HTTP client for `host`, built once with that host's TLS settings.
+    /// The HTTP client for `host`, built once with that host's TLS settings. Building it reads
+    /// files (the system's TLS roots, the host's CA files): on a worker of a multi-threaded
+    /// runtime the worker's other tasks move to another thread meanwhile.
     fn client(&self, host: &str) -> Result<Client, RegistryError> {
         if let Some(c) = self.clients.lock().unwrap().get(host) {
             return Ok(c.clone());
         }
+        let multi_threaded = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let client = match multi_threaded {
+            true => tokio::task::block_in_place(|| self.build_client(host))?,
+            false => self.build_client(host)?,
+        };
+        // Built twice at once (a request beside `ready_clients`): the first one kept is the
+        // one every request uses, so connections opened through it are reused.
+        let mut clients = self.clients.lock().unwrap();
+        Ok(clients.entry(host.to_string()).or_insert(client).clone())
+    }
+
+    fn build_client(&self, host: &str) -> Result<Client, RegistryError> {
         let config = self.hosts.get(host).cloned().unwrap_or_default();
         let mut builder = Client::builder()
             .user_agent(USER_AGENT)
@@ -667,13 +682,9 @@ impl Transport {
                 builder = builder.add_root_certificate(cert);
             }
         }
-        let client = builder
+        builder
             .build()
-            .map_err(|e| RegistryError::Config(format!("http client for {host}: {e}")))?;
-        // Built twice at once (a request beside `ready_clients`): the first one kept is the
-        // one every request uses, so connections opened through it are reused.
-        let mut clients = self.clients.lock().unwrap();
-        Ok(clients.entry(host.to_string()).or_insert(client).clone())
+            .map_err(|e| RegistryError::Config(format!("http client for {host}: {e}")))
     }
 }
 
