@@ -192,11 +192,13 @@ pub fn pth_modules(text: &[u8]) -> Vec<String> {
             out.push(module.to_string());
         }
     };
-    let import = import_names;
     let text = String::from_utf8_lossy(&text[..text.len().min(PTH_MAX as usize)]);
-    for line in text.lines().filter(|l| import(l).is_some()) {
+    for line in text.lines().filter(|l| import_names(l).is_some()) {
         for statement in line.split(';').map(str::trim) {
-            for name in import(statement).into_iter().flat_map(|n| n.split(',')) {
+            for name in import_names(statement)
+                .into_iter()
+                .flat_map(|n| n.split(','))
+            {
                 push(name.split_whitespace().next().unwrap_or(""));
             }
         }

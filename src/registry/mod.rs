@@ -341,8 +341,7 @@ impl RegistryClient {
     /// Builds the HTTP clients of the hosts a request for `reference` may go to (mirrors, then
     /// the origin), if not built yet. Blocking: each reads the system's TLS roots (the bundle
     /// and every file of `/etc/ssl/certs`) and a host's own CA files; meant for a blocking
-    /// thread ahead of the first request, which would otherwise build its client on the
-    /// runtime's worker.
+    /// thread ahead of the first request, which would otherwise wait for it.
     pub fn ready_clients(&self, reference: &Reference) {
         for ep in self.endpoints(reference, true).unwrap_or_default() {
             if let Err(e) = self.transport.client_for(&ep.host) {
@@ -376,7 +375,7 @@ impl RegistryClient {
         );
         req.method = reqwest::Method::HEAD;
         req.retry = false;
-        let head = || self.transport.head_quietly(&endpoints, &req);
+        let head = || self.transport.send_quietly(&endpoints, &req);
         if let Err(e) = head().await {
             return tracing::debug!(%reference, error = %e, "readying the registry ahead of reads failed");
         }

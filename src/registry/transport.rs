@@ -321,7 +321,7 @@ impl Transport {
     /// Sends `req` to the first of `endpoints` that answers it with success, as
     /// [`send`](Self::send) does, but uncounted in the registry errors and with failures left
     /// to the caller (no warning when a mirror fails).
-    pub(crate) async fn head_quietly(
+    pub(crate) async fn send_quietly(
         &self,
         endpoints: &[Endpoint],
         req: &Request<'_>,
